@@ -1,0 +1,316 @@
+/*
+ * kvferry — a transfer engine for disaggregated LLM inference.
+ *
+ * This is the only public header. Every function returns 0 (or a non-negative count where
+ * documented) on success and a negative error code on failure: -errno for system errors, or
+ * -KVF_E* for kvferry's own errors (see KVF_ERRNO_MAP). A failing call also sets a thread-local
+ * message naming the value that was wrong, read with kvf_last_error().
+ *
+ * Threading: every function is safe to call from any thread unless its comment says otherwise.
+ */
+#ifndef KVFERRY_H
+#define KVFERRY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVF_VERSION_MAJOR 0
+#define KVF_VERSION_MINOR 1
+#define KVF_VERSION_PATCH 0
+#define KVF_VERSION_STRING "0.1.0"
+
+/* ---------------------------------------------------------------------------------------------
+ * Errors
+ * ------------------------------------------------------------------------------------------- */
+
+/* kvferry's own codes start here, well above every errno value, so that one negative int can
+ * carry either a system error or a kvferry error. */
+#define KVF_ERRNO_OFFSET 1000
+
+/* XX(name, value offset, message). The single table behind the enum, kvf_strerror() and
+ * kvf_err_name(). Values are never reused or renumbered: they cross the wire and the Python API. */
+#define KVF_ERRNO_MAP(XX)                                                                         \
+    XX(EINVAL, 1, "invalid argument")                                                             \
+    XX(ENOTFOUND, 2, "not found")                                                                 \
+    XX(ETIMEDOUT, 3, "timed out")                                                                 \
+    XX(EEXIST, 4, "already exists")                                                               \
+    XX(ERANGE, 5, "out of range")                                                                 \
+    XX(ENOTREG, 6, "memory not registered")                                                       \
+    XX(EPEERGONE, 7, "peer gone")                                                                 \
+    XX(EAUTH, 8, "authentication failed")                                                         \
+    XX(EPROTO, 9, "protocol error")                                                               \
+    XX(ENOTSUP, 10, "not supported")                                                              \
+    XX(EBUSY, 11, "resource busy")                                                                \
+    XX(ECANCELED, 12, "canceled")                                                                 \
+    XX(ECASMISMATCH, 13, "compare-and-swap mismatch")                                             \
+    XX(ESTALE, 14, "stale region information")                                                    \
+    XX(ETOOBIG, 15, "value or frame too large")                                                   \
+    XX(EBADVALUE, 16, "value is not of the expected form")                                        \
+    XX(ESTOREDOWN, 17, "config store unreachable")                                                \
+    XX(ECLOSED, 18, "object is shutting down")                                                    \
+    XX(ENOMEM, 19, "out of memory")
+
+/** kvferry error codes. Functions return their negation (-KVF_ETIMEDOUT). */
+typedef enum {
+    KVF_OK = 0,
+#define KVF__ERR_ENUM(name, off, msg) KVF_##name = KVF_ERRNO_OFFSET + (off),
+    KVF_ERRNO_MAP(KVF__ERR_ENUM)
+#undef KVF__ERR_ENUM
+} kvf_errno_t;
+
+/**
+ * kvf_strerror - human-readable text for an error code.
+ * @err: a return value of a kvferry call; negative or positive, -errno or -KVF_E*.
+ * Returns a static string (never NULL); "success" for 0, "unknown error" for codes not in any
+ * table. Thread-safe.
+ */
+const char *kvf_strerror(int err);
+
+/**
+ * kvf_err_name - the symbolic name of an error code ("KVF_ETIMEDOUT", "ECONNREFUSED").
+ * @err: negative or positive code.
+ * Returns a static string (never NULL); "KVF_OK" for 0, "UNKNOWN" otherwise.
+ */
+const char *kvf_err_name(int err);
+
+/**
+ * kvf_last_error - detail of the last failure on this thread.
+ * Returns the message set by the most recent failing kvferry call made by the calling thread,
+ * e.g. "store url tcp://192.168.1.1000:8000: 192.168.1.1000 is not a valid IPv4 address".
+ * Successful calls do not clear it. The pointer stays valid until the next kvferry call on this
+ * thread. Never NULL; "" when nothing has failed yet.
+ */
+const char *kvf_last_error(void);
+
+/** kvf_last_error_clear - reset this thread's last-error message to "". */
+void kvf_last_error_clear(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Logging
+ * ------------------------------------------------------------------------------------------- */
+
+/** Log levels, the seed's numbering. The default is KVF_LOG_WARN. */
+typedef enum {
+    KVF_LOG_DEBUG = 0,
+    KVF_LOG_INFO = 1,
+    KVF_LOG_WARN = 2,
+    KVF_LOG_ERROR = 3,
+} kvf_log_level_t;
+
+/**
+ * kvf_log_set_level - set the process-wide log level.
+ * @level: 0 debug, 1 info, 2 warn, 3 error. Messages below it are not formatted at all.
+ * The initial level comes from the environment variable KVFERRY_LOG_LEVEL (a digit 0..3, or
+ * debug/info/warn/error), else warn.
+ * Returns 0, or -KVF_EINVAL for a level outside 0..3.
+ */
+int kvf_log_set_level(int level);
+
+/** kvf_log_get_level - the current process-wide log level (0..3). */
+int kvf_log_get_level(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Config store: server
+ *
+ * The built-in store (URL scheme tcp://) is an in-memory key-value store with get-with-wait,
+ * compare-and-swap, atomic add, prefix list, prefix watch and leases. Its wire protocol is in
+ * docs/protocol.md.
+ * ------------------------------------------------------------------------------------------- */
+
+/** Limits of the built-in store. Requests beyond them are refused with -KVF_ETOOBIG. */
+#define KVF_STORE_MAX_KEY_LEN 1024u          /* bytes; keys are non-empty */
+#define KVF_STORE_MAX_VALUE_LEN (16u << 20)  /* bytes; values may be empty */
+#define KVF_STORE_MAX_LIST_KEYS 100000u      /* key/value pairs in one list answer */
+#define KVF_STORE_MAX_FRAME_LEN (64u << 20)  /* bytes of one frame body */
+#define KVF_STORE_MAX_CLIENTS 4096u          /* connections served at once */
+#define KVF_STORE_MAX_WATCHES_PER_CLIENT 1024u
+#define KVF_STORE_MAX_WAITERS_PER_CLIENT 1024u /* get-with-wait requests pending per connection */
+#define KVF_STORE_MAX_LEASE_TTL_MS (24u * 3600u * 1000u)
+
+typedef struct kvf_store_server kvf_store_server_t;
+
+/**
+ * kvf_store_server_start - start a built-in config store in this process.
+ * @listen_url: "tcp://host:port" to listen on; port 0 picks a free port (see
+ *              kvf_store_server_url()). Host "0.0.0.0" or "[::]" listens on every address.
+ * @out:        receives the server handle.
+ * The server runs on its own thread with a single-threaded epoll loop. It holds everything in
+ * memory; stopping it loses all keys (clients re-publish theirs when they reconnect).
+ * Returns 0, -KVF_EINVAL for a malformed URL (the message names it), or -errno from bind/listen
+ * (e.g. -EADDRINUSE).
+ */
+int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out);
+
+/**
+ * kvf_store_server_url - the URL the server actually listens on ("tcp://127.0.0.1:40123"),
+ * with the chosen port when it was started with port 0. Valid until kvf_store_server_stop().
+ */
+const char *kvf_store_server_url(const kvf_store_server_t *srv);
+
+/**
+ * kvf_store_server_stop - stop the server, close every client connection and free it.
+ * Clients blocked in a request get an error at once. NULL is a no-op.
+ */
+void kvf_store_server_stop(kvf_store_server_t *srv);
+
+/**
+ * kvf_store_server_wait - block until the server stops after kvf_store_server_shutdown().
+ * Used by `kvferry store`, whose signal handler calls kvf_store_server_shutdown(). The handle
+ * must still be freed with kvf_store_server_stop().
+ * Returns 0 after a clean shutdown, or a negative code if the event loop failed.
+ */
+int kvf_store_server_wait(kvf_store_server_t *srv);
+
+/**
+ * kvf_store_server_shutdown - ask the server to stop; async-signal-safe (it writes an eventfd),
+ * so it may be called from a SIGINT/SIGTERM handler. kvf_store_server_wait() then returns.
+ */
+void kvf_store_server_shutdown(kvf_store_server_t *srv);
+
+/* ---------------------------------------------------------------------------------------------
+ * Config store: client
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct kvf_store kvf_store_t;
+
+/** Options for kvf_store_open(). Fill with kvf_store_opts_init(), then change fields. */
+typedef struct {
+    size_t size;              /* sizeof(kvf_store_opts_t), set by kvf_store_opts_init() */
+    uint32_t connect_timeout_ms; /* how long kvf_store_open() waits for the store to answer;
+                                    0 = fail at once if it cannot connect. Default 10000. */
+    uint32_t request_timeout_ms; /* bound on every request (a get-with-wait adds its own wait);
+                                    also how long a request waits for a reconnection. Default 5000 */
+} kvf_store_opts_t;
+
+/** kvf_store_opts_init - fill @opts with the defaults and set its size field. */
+void kvf_store_opts_init(kvf_store_opts_t *opts);
+
+/**
+ * kvf_store_open - connect to a config store.
+ * @url:  "tcp://host:port" (built-in store). Other schemes return -KVF_ENOTSUP for now.
+ * @opts: NULL for the defaults.
+ * @out:  receives the client handle.
+ * Retries with backoff until the store answers or connect_timeout_ms passes, so a node started
+ * before its store simply waits for it. Afterwards the client reconnects on its own; leases it
+ * granted are re-established and keys set under them re-published after the store restarts.
+ * Returns 0, -KVF_EINVAL for a malformed URL (at once, naming the bad part), or
+ * -KVF_ESTOREDOWN when the store did not answer in time.
+ */
+int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **out);
+
+/** kvf_store_close - disconnect and free; leases granted through it are revoked (best effort).
+ *  Pending requests on other threads fail with -KVF_ECLOSED. NULL is a no-op. */
+void kvf_store_close(kvf_store_t *st);
+
+/** kvf_store_url - the URL this client was opened with. */
+const char *kvf_store_url(const kvf_store_t *st);
+
+/**
+ * kvf_store_set - set @key to @val.
+ * @key:   NUL-terminated, 1..KVF_STORE_MAX_KEY_LEN bytes.
+ * @val:   @len bytes (may be binary; @len 0 is an empty value).
+ * @lease: 0, or a lease from kvf_store_lease_grant(): the key is deleted when the lease ends.
+ * Returns 0 or a negative code (-KVF_ENOTFOUND when @lease does not exist).
+ */
+int kvf_store_set(kvf_store_t *st, const char *key, const void *val, size_t len, uint64_t lease);
+
+/**
+ * kvf_store_get - read @key, waiting for it to appear for up to @wait_ms.
+ * @wait_ms: 0 = answer at once.
+ * @val:     receives a malloc'ed copy of the value, NUL-terminated for convenience (the NUL is not
+ *           counted in @len); free it with free().
+ * Returns 0, -KVF_ENOTFOUND (wait_ms 0 and absent), -KVF_ETIMEDOUT (still absent after
+ * wait_ms), or another negative code.
+ */
+int kvf_store_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **val, size_t *len);
+
+/** kvf_store_del - delete @key. Returns 0, or -KVF_ENOTFOUND when it did not exist. */
+int kvf_store_del(kvf_store_t *st, const char *key);
+
+/**
+ * kvf_store_cas - compare-and-swap.
+ * @expected: the value @key must hold for the swap to happen, or NULL to require that @key is
+ *            absent.
+ * @val/@len: the new value. @lease as in kvf_store_set().
+ * Returns 0 when swapped, -KVF_ECASMISMATCH when the current value differs.
+ */
+int kvf_store_cas(kvf_store_t *st, const char *key, const void *expected, size_t expected_len,
+                  const void *val, size_t len, uint64_t lease);
+
+/**
+ * kvf_store_add - atomically add @delta to the 64-bit counter at @key (absent counts as 0).
+ * The value is kept as decimal text, so kvf_store_get() and `kvferry kv get` read it.
+ * @result: receives the new value (may be NULL).
+ * Returns 0, -KVF_EBADVALUE when the value is not a decimal integer, -KVF_ERANGE on overflow.
+ */
+int kvf_store_add(kvf_store_t *st, const char *key, int64_t delta, int64_t *result);
+
+/** One key/value pair of a list answer or a watch event. */
+typedef struct {
+    char *key;      /* NUL-terminated */
+    void *val;      /* NUL-terminated for convenience; NULL in delete events */
+    size_t val_len;
+} kvf_store_kv_t;
+
+/**
+ * kvf_store_list - every key starting with @prefix ("" = all), in byte order, with its value.
+ * @out/@count: receive an array; free it with kvf_store_kv_free().
+ */
+int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, size_t *count);
+
+/** kvf_store_kv_free - free an array returned by kvf_store_list(). */
+void kvf_store_kv_free(kvf_store_kv_t *kvs, size_t count);
+
+/** Watch event types. */
+typedef enum { KVF_STORE_EVENT_PUT = 1, KVF_STORE_EVENT_DELETE = 2 } kvf_store_event_type_t;
+
+/**
+ * Watch callback. Runs on the client's I/O thread: it must not block and must not call
+ * kvf_store_* functions on the same client (they would wait on the thread that runs it).
+ * @kv is valid only during the call.
+ */
+typedef void (*kvf_store_watch_cb)(void *arg, kvf_store_event_type_t type,
+                                   const kvf_store_kv_t *kv);
+
+/**
+ * kvf_store_watch - call @cb for every put and delete of a key starting with @prefix, from now
+ * on, until kvf_store_unwatch(). Watches survive reconnects (events during an outage are lost;
+ * re-list after a reconnect if they matter).
+ * @watch_id: receives a handle for kvf_store_unwatch().
+ */
+int kvf_store_watch(kvf_store_t *st, const char *prefix, kvf_store_watch_cb cb, void *arg,
+                    uint64_t *watch_id);
+
+/** kvf_store_unwatch - stop a watch; no callback for it runs after this returns (unless it is
+ *  called from that callback). Returns -KVF_ENOTFOUND for an unknown id. */
+int kvf_store_unwatch(kvf_store_t *st, uint64_t watch_id);
+
+/**
+ * kvf_store_lease_grant - create a lease of @ttl_ms (1..KVF_STORE_MAX_LEASE_TTL_MS).
+ * The client keeps it alive in the background (every ttl/3) until kvf_store_lease_revoke() or
+ * kvf_store_close(); when the client dies, the lease expires and its keys vanish.
+ * @lease: receives the lease id to pass to kvf_store_set(). The id stays valid across
+ *         reconnects: the client re-grants the lease and re-publishes its keys if the store lost them.
+ */
+int kvf_store_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease);
+
+/**
+ * kvf_store_lease_keepalive_stop - stop refreshing @lease without revoking it, so that it
+ * expires after its TTL as if this process had died. Meant for tests and for handing over.
+ */
+int kvf_store_lease_keepalive_stop(kvf_store_t *st, uint64_t lease);
+
+/** kvf_store_lease_revoke - end @lease now; its keys are deleted (watchers see the deletes). */
+int kvf_store_lease_revoke(kvf_store_t *st, uint64_t lease);
+
+/** kvf_store_ping - one round trip to the store. Returns 0 or a negative code. */
+int kvf_store_ping(kvf_store_t *st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVFERRY_H */

@@ -1,0 +1,27 @@
+#!/bin/sh
+# Install the Debian packages kvferry needs to build, test and demo, only those missing.
+# Idempotent and silent when everything is present. Runs apt-get update first when a package is
+# missing (a fresh machine has no package lists).
+set -eu
+
+PKGS="build-essential cmake pkg-config libcmocka-dev libjansson-dev \
+python3 python3-dev python3-pytest python3-numpy iproute2 procps"
+
+missing=""
+for p in $PKGS; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $p"
+    fi
+done
+[ -z "$missing" ] && exit 0
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "deps: need root or sudo to install:$missing" >&2; exit 1; }
+    SUDO="sudo"
+fi
+echo "deps: installing$missing"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null

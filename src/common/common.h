@@ -1,0 +1,60 @@
+/*
+ * Private helpers shared by every part of kvferry: error reporting, logging and time.
+ * Not installed; nothing here is API.
+ */
+#ifndef KVF_COMMON_H
+#define KVF_COMMON_H
+
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "kvferry.h"
+
+#define KVF__ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#define KVF__PRINTF(f, a) __attribute__((format(printf, f, a)))
+
+/*
+ * kvf__err - record a detailed message in this thread's last-error slot and return @code, so a
+ * failing path reads `return kvf__err(-KVF_EINVAL, "session id %s: ...", sid);`.
+ * The message is also logged at debug level.
+ */
+int kvf__err(int code, const char *fmt, ...) KVF__PRINTF(2, 3);
+
+/* Prefix the current last-error message with "<prefix>: ", keeping @code. Used by callers that
+ * add context ("store tcp://h:p: ") to an error a lower layer already described. */
+int kvf__err_wrap(int code, const char *fmt, ...) KVF__PRINTF(2, 3);
+
+/* Logging. The level test happens before any argument is evaluated, so a debug line costs one
+ * relaxed load when debug is off. @subsys names the part of kvferry ("store", "tcp", ...). */
+extern _Atomic int kvf__log_level;
+
+void kvf__log_write(int level, const char *subsys, const char *fmt, ...) KVF__PRINTF(3, 4);
+
+#define KVF_LOG(level, subsys, ...)                                                               \
+    do {                                                                                          \
+        if ((level) >= atomic_load_explicit(&kvf__log_level, memory_order_relaxed))               \
+            kvf__log_write((level), (subsys), __VA_ARGS__);                                       \
+    } while (0)
+
+#define KVF_DEBUG(subsys, ...) KVF_LOG(KVF_LOG_DEBUG, subsys, __VA_ARGS__)
+#define KVF_INFO(subsys, ...) KVF_LOG(KVF_LOG_INFO, subsys, __VA_ARGS__)
+#define KVF_WARN(subsys, ...) KVF_LOG(KVF_LOG_WARN, subsys, __VA_ARGS__)
+#define KVF_ERROR(subsys, ...) KVF_LOG(KVF_LOG_ERROR, subsys, __VA_ARGS__)
+
+/* Parse a log level: "0".."3" or debug/info/warn/warning/error (any case). -1 if invalid. */
+int kvf__log_level_parse(const char *s);
+
+/* Monotonic clock. */
+uint64_t kvf__now_ns(void);
+uint64_t kvf__now_ms(void);
+
+/* Absolute CLOCK_MONOTONIC deadline @ms from now, for pthread_cond_timedwait on a condition
+ * variable created with kvf__cond_init_monotonic(). */
+struct timespec;
+void kvf__deadline_ts(struct timespec *ts, uint64_t deadline_ms);
+
+#include <pthread.h>
+int kvf__cond_init_monotonic(pthread_cond_t *cond);
+
+#endif /* KVF_COMMON_H */

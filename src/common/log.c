@@ -1,0 +1,80 @@
+/* Process-wide logging to stderr: one line per message with time, level, thread and subsystem. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <strings.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common.h"
+
+_Atomic int kvf__log_level = KVF_LOG_WARN;
+
+static const char *const level_names[] = {"DEBUG", "INFO", "WARN", "ERROR"};
+
+int kvf__log_level_parse(const char *s)
+{
+    static const struct {
+        const char *name;
+        int level;
+    } names[] = {{"debug", 0}, {"info", 1}, {"warn", 2}, {"warning", 2}, {"error", 3}};
+    if (!s)
+        return -1;
+    if (s[0] >= '0' && s[0] <= '3' && s[1] == '\0')
+        return s[0] - '0';
+    for (size_t i = 0; i < KVF__ARRAY_SIZE(names); i++)
+        if (strcasecmp(s, names[i].name) == 0)
+            return names[i].level;
+    return -1;
+}
+
+/* Read KVFERRY_LOG_LEVEL when the library is loaded, before any thread of ours exists. */
+__attribute__((constructor)) static void log_init_from_env(void)
+{
+    const char *env = getenv("KVFERRY_LOG_LEVEL");
+    if (!env || !*env)
+        return;
+    int level = kvf__log_level_parse(env);
+    if (level < 0) {
+        fprintf(stderr, "kvferry: ignoring KVFERRY_LOG_LEVEL=%s (want 0..3 or debug/info/warn/error)\n",
+                env);
+        return;
+    }
+    atomic_store(&kvf__log_level, level);
+}
+
+int kvf_log_set_level(int level)
+{
+    if (level < KVF_LOG_DEBUG || level > KVF_LOG_ERROR)
+        return kvf__err(-KVF_EINVAL, "log level %d: want 0 (debug), 1 (info), 2 (warn) or 3 (error)",
+                        level);
+    atomic_store(&kvf__log_level, level);
+    return 0;
+}
+
+int kvf_log_get_level(void)
+{
+    return atomic_load(&kvf__log_level);
+}
+
+void kvf__log_write(int level, const char *subsys, const char *fmt, ...)
+{
+    char msg[2048];
+    struct timespec ts;
+    struct tm tm;
+    va_list ap;
+
+    if (level < KVF_LOG_DEBUG)
+        level = KVF_LOG_DEBUG;
+    if (level > KVF_LOG_ERROR)
+        level = KVF_LOG_ERROR;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    clock_gettime(CLOCK_REALTIME, &ts);
+    localtime_r(&ts.tv_sec, &tm);
+    /* One fprintf per line so that lines from different threads do not interleave. */
+    fprintf(stderr, "%04d-%02d-%02d %02d:%02d:%02d.%06ld %-5s [%ld] %s: %s\n", tm.tm_year + 1900,
+            tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000,
+            level_names[level], (long)syscall(SYS_gettid), subsys, msg);
+}

@@ -1,0 +1,2 @@
+/* placeholder: being written */
+typedef int kvf__placeholder_t;

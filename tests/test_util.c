@@ -1,0 +1,135 @@
+#include "test_util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+void kvf_test_skip(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "SKIP: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    exit(KVF_TEST_SKIP_CODE);
+}
+
+uint64_t kvf_test_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+kvf_store_server_t *kvf_test_store_start(void)
+{
+    kvf_store_server_t *srv = NULL;
+    int rc = kvf_store_server_start("tcp://127.0.0.1:0", &srv);
+    if (rc < 0)
+        fail_msg("kvf_store_server_start: %s: %s", kvf_err_name(rc), kvf_last_error());
+    return srv;
+}
+
+const char *kvf_test_cli_path(void)
+{
+    const char *p = getenv("KVFERRY_BIN");
+    if (!p || !*p)
+        fail_msg("KVFERRY_BIN is not set (run the tests through ctest)");
+    return p;
+}
+
+pid_t kvf_test_spawn(char *const argv[], const char *logfile)
+{
+    pid_t pid = fork();
+    if (pid < 0)
+        fail_msg("fork: %s", strerror(errno));
+    if (pid == 0) {
+        if (logfile) {
+            int fd = open(logfile, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            if (fd >= 0) {
+                dup2(fd, 1);
+                dup2(fd, 2);
+                close(fd);
+            }
+        }
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+int kvf_test_reap(pid_t pid, unsigned timeout_ms)
+{
+    uint64_t deadline = kvf_test_now_ms() + timeout_ms;
+    int status;
+    for (;;) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid)
+            break;
+        if (r < 0 && errno != EINTR)
+            return -1;
+        if (kvf_test_now_ms() >= deadline) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            return -1;
+        }
+        /* Polling the child's state: there is no portable fd for a child's exit before
+         * pidfd_open, and 5 ms granularity is plenty for a test timeout. */
+        struct timespec ts = {0, 5 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    if (WIFEXITED(status))
+        return WEXITSTATUS(status);
+    return -1;
+}
+
+int kvf_test_run(char *const argv[], char *out, size_t outlen, unsigned timeout_ms)
+{
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC) < 0)
+        fail_msg("pipe: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0)
+        fail_msg("fork: %s", strerror(errno));
+    if (pid == 0) {
+        dup2(pfd[1], 1);
+        dup2(pfd[1], 2);
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    close(pfd[1]);
+    size_t used = 0;
+    uint64_t deadline = kvf_test_now_ms() + timeout_ms;
+    for (;;) {
+        uint64_t now = kvf_test_now_ms();
+        if (now >= deadline)
+            break;
+        struct pollfd p = {.fd = pfd[0], .events = POLLIN};
+        int n = poll(&p, 1, (int)(deadline - now));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        char tmp[4096];
+        ssize_t r = read(pfd[0], tmp, sizeof(tmp));
+        if (r <= 0)
+            break;
+        size_t take = (size_t)r;
+        if (outlen && used + take > outlen - 1)
+            take = outlen - 1 - used;
+        memcpy(out + used, tmp, take);
+        used += take;
+    }
+    if (outlen)
+        out[used] = '\0';
+    close(pfd[0]);
+    uint64_t now = kvf_test_now_ms();
+    return kvf_test_reap(pid, now >= deadline ? 0 : (unsigned)(deadline - now));
+}

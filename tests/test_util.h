@@ -1,0 +1,81 @@
+/*
+ * Shared test helpers. Every test executable is run by CTest once per test case, with the case's
+ * name as argv[1] (see tests/CMakeLists.txt); KVF_TEST_MAIN runs just that case.
+ */
+#ifndef KVF_TEST_UTIL_H
+#define KVF_TEST_UTIL_H
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/types.h>
+
+#include <cmocka.h>
+
+#include "kvferry.h"
+
+/* Exit code CTest reads as "skipped" (SKIP_RETURN_CODE). */
+#define KVF_TEST_SKIP_CODE 77
+
+#define KVF_TEST_MAIN(tests)                                                                      \
+    int main(int argc, char **argv)                                                               \
+    {                                                                                             \
+        if (argc > 1)                                                                             \
+            cmocka_set_test_filter(argv[1]);                                                      \
+        return cmocka_run_group_tests(tests, NULL, NULL);                                         \
+    }
+
+/* Assert that a kvferry call succeeded; on failure print the code's name and the last error. */
+#define assert_kvf_ok(expr)                                                                       \
+    do {                                                                                          \
+        int kvf_rc_ = (expr);                                                                     \
+        if (kvf_rc_ < 0)                                                                          \
+            fail_msg("%s = %d (%s): %s", #expr, kvf_rc_, kvf_err_name(kvf_rc_), kvf_last_error()); \
+    } while (0)
+
+/* Assert that a kvferry call failed with @code; print both names otherwise. */
+#define assert_kvf_err(expr, code)                                                                \
+    do {                                                                                          \
+        int kvf_rc_ = (expr);                                                                     \
+        int kvf_want_ = (code);                                                                   \
+        if (kvf_rc_ != kvf_want_)                                                                 \
+            fail_msg("%s = %d (%s), want %d (%s); last error: %s", #expr, kvf_rc_,               \
+                     kvf_err_name(kvf_rc_), kvf_want_, kvf_err_name(kvf_want_), kvf_last_error()); \
+    } while (0)
+
+/* Assert that the last error message contains @needle. */
+#define assert_last_error_contains(needle)                                                        \
+    do {                                                                                          \
+        if (!strstr(kvf_last_error(), (needle)))                                                  \
+            fail_msg("last error \"%s\" does not contain \"%s\"", kvf_last_error(), (needle));    \
+    } while (0)
+
+/* Skip the whole test executable: print why and exit with the skip code. */
+void kvf_test_skip(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+
+/* Monotonic milliseconds. */
+uint64_t kvf_test_now_ms(void);
+
+/* Start an in-process store on 127.0.0.1 with a free port. */
+kvf_store_server_t *kvf_test_store_start(void);
+
+/* Path of the `kvferry` binary under test (from $KVFERRY_BIN). */
+const char *kvf_test_cli_path(void);
+
+/*
+ * Run a command, capture its stdout+stderr into @out (NUL-terminated, truncated to @outlen - 1),
+ * and return its exit status (0..255), or -1 if it was killed or could not start. The child is
+ * killed after @timeout_ms and always reaped.
+ */
+int kvf_test_run(char *const argv[], char *out, size_t outlen, unsigned timeout_ms);
+
+/* Start a command in the background with stdout/stderr to @logfile (may be NULL); returns its pid. */
+pid_t kvf_test_spawn(char *const argv[], const char *logfile);
+
+/* Wait up to @timeout_ms for @pid to exit; returns its exit status, or -1 after killing it
+ * (SIGKILL) on timeout. Always reaps. */
+int kvf_test_reap(pid_t pid, unsigned timeout_ms);
+
+#endif /* KVF_TEST_UTIL_H */

@@ -1,0 +1,1 @@
+typedef int kvf__placeholder_t;
