@@ -1,3 +1,245 @@
+/* Error codes, their names and texts, and the thread-local last-error message. */
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <string.h>
+
 #include "test_util.h"
-static void placeholder(void **state) { (void)state; fail_msg("not written yet"); }
-int main(int argc, char **argv) { (void)argc; (void)argv; const struct CMUnitTest tests[] = { cmocka_unit_test(placeholder) }; return cmocka_run_group_tests(tests, NULL, NULL); }
+
+#include "common/common.h"
+
+/* Built from the same X-macro as the enum, so a new entry is tested without editing this file. */
+static const struct {
+    int code;
+    const char *name;
+    const char *msg;
+} kvf_errors[] = {
+#define ERR_ROW(name, off, msg) {KVF_##name, "KVF_" #name, msg},
+    KVF_ERRNO_MAP(ERR_ROW)
+#undef ERR_ROW
+};
+
+static void every_kvf_code_has_name_and_message(void **state)
+{
+    (void)state;
+    assert_true(KVF__ARRAY_SIZE(kvf_errors) > 0);
+    for (size_t i = 0; i < KVF__ARRAY_SIZE(kvf_errors); i++) {
+        int code = kvf_errors[i].code;
+        print_message("%s\n", kvf_errors[i].name);
+        assert_true(code > KVF_ERRNO_OFFSET);
+        /* Functions return the negation; positive codes are accepted too. */
+        assert_string_equal(kvf_err_name(-code), kvf_errors[i].name);
+        assert_string_equal(kvf_err_name(code), kvf_errors[i].name);
+        assert_string_equal(kvf_strerror(-code), kvf_errors[i].msg);
+        assert_string_equal(kvf_strerror(code), kvf_errors[i].msg);
+        assert_true(strlen(kvf_strerror(-code)) > 0);
+        assert_string_not_equal(kvf_strerror(-code), "unknown error");
+    }
+}
+
+static void kvf_codes_names_and_messages_are_distinct(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < KVF__ARRAY_SIZE(kvf_errors); i++) {
+        for (size_t j = i + 1; j < KVF__ARRAY_SIZE(kvf_errors); j++) {
+            assert_int_not_equal(kvf_errors[i].code, kvf_errors[j].code);
+            assert_string_not_equal(kvf_err_name(-kvf_errors[i].code),
+                                    kvf_err_name(-kvf_errors[j].code));
+            assert_string_not_equal(kvf_strerror(-kvf_errors[i].code),
+                                    kvf_strerror(-kvf_errors[j].code));
+        }
+    }
+}
+
+static void known_values(void **state)
+{
+    (void)state;
+    assert_int_equal(KVF_EINVAL, KVF_ERRNO_OFFSET + 1);
+    assert_string_equal(kvf_err_name(-KVF_EINVAL), "KVF_EINVAL");
+    assert_string_equal(kvf_strerror(-KVF_EINVAL), "invalid argument");
+    assert_string_equal(kvf_err_name(-KVF_ETIMEDOUT), "KVF_ETIMEDOUT");
+    assert_string_equal(kvf_strerror(-KVF_ETIMEDOUT), "timed out");
+}
+
+static void system_errno_codes(void **state)
+{
+    static const struct {
+        int err;
+        const char *name;
+    } cases[] = {
+        {ECONNREFUSED, "ECONNREFUSED"}, {ENOENT, "ENOENT"},   {EAGAIN, "EAGAIN"},
+        {ETIMEDOUT, "ETIMEDOUT"},       {EPIPE, "EPIPE"},     {ECONNRESET, "ECONNRESET"},
+        {EADDRINUSE, "EADDRINUSE"},     {ENOMEM, "ENOMEM"},   {EPERM, "EPERM"},
+    };
+    (void)state;
+    for (size_t i = 0; i < KVF__ARRAY_SIZE(cases); i++) {
+        print_message("%s\n", cases[i].name);
+        assert_string_equal(kvf_err_name(-cases[i].err), cases[i].name);
+        assert_string_equal(kvf_err_name(cases[i].err), cases[i].name);
+        /* The test never calls setlocale(), so strerror() is the untranslated text too. */
+        assert_string_equal(kvf_strerror(-cases[i].err), strerror(cases[i].err));
+        assert_string_equal(kvf_strerror(cases[i].err), strerror(cases[i].err));
+    }
+    assert_string_equal(kvf_strerror(-ECONNREFUSED), "Connection refused");
+    /* -ETIMEDOUT and -KVF_ETIMEDOUT are different codes with different names. */
+    assert_string_not_equal(kvf_err_name(-ETIMEDOUT), kvf_err_name(-KVF_ETIMEDOUT));
+}
+
+static void zero_is_success(void **state)
+{
+    (void)state;
+    assert_string_equal(kvf_err_name(0), "KVF_OK");
+    assert_string_equal(kvf_strerror(0), "success");
+}
+
+static void unknown_codes(void **state)
+{
+    static const int codes[] = {
+        999,                    /* below the offset, but no errno has it */
+        KVF_ERRNO_OFFSET,       /* offset 0 is not a code */
+        KVF_ERRNO_OFFSET + 500, /* past the table */
+        123456,
+    };
+    (void)state;
+    for (size_t i = 0; i < KVF__ARRAY_SIZE(codes); i++) {
+        print_message("%d\n", codes[i]);
+        assert_string_equal(kvf_err_name(-codes[i]), "UNKNOWN");
+        assert_string_equal(kvf_err_name(codes[i]), "UNKNOWN");
+        assert_string_equal(kvf_strerror(-codes[i]), "unknown error");
+        assert_string_equal(kvf_strerror(codes[i]), "unknown error");
+    }
+}
+
+static void last_error_set_by_failing_call(void **state)
+{
+    (void)state;
+    kvf_last_error_clear();
+    assert_string_equal(kvf_last_error(), "");
+    assert_kvf_err(kvf_log_set_level(7), -KVF_EINVAL);
+    assert_last_error_contains("log level 7");
+}
+
+static void last_error_survives_success(void **state)
+{
+    (void)state;
+    kvf_last_error_clear();
+    assert_kvf_err(kvf_log_set_level(7), -KVF_EINVAL);
+    assert_kvf_ok(kvf_log_set_level(kvf_log_get_level()));
+    assert_last_error_contains("log level 7");
+}
+
+static void last_error_clear(void **state)
+{
+    (void)state;
+    assert_kvf_err(kvf_log_set_level(7), -KVF_EINVAL);
+    assert_string_not_equal(kvf_last_error(), "");
+    kvf_last_error_clear();
+    assert_non_null(kvf_last_error());
+    assert_string_equal(kvf_last_error(), "");
+}
+
+struct thread_result {
+    char initial[64];  /* kvf_last_error() when the thread starts */
+    int rc;            /* of its own failing call */
+    char after[1024];  /* kvf_last_error() after that call */
+};
+
+static void *other_thread(void *arg)
+{
+    struct thread_result *r = arg;
+    snprintf(r->initial, sizeof(r->initial), "%s", kvf_last_error());
+    r->rc = kvf_log_set_level(-5);
+    snprintf(r->after, sizeof(r->after), "%s", kvf_last_error());
+    return NULL;
+}
+
+static void last_error_is_thread_local(void **state)
+{
+    struct thread_result r;
+    pthread_t t;
+    (void)state;
+    memset(&r, 0, sizeof(r));
+    kvf_last_error_clear();
+    assert_kvf_err(kvf_log_set_level(7), -KVF_EINVAL);
+
+    assert_int_equal(pthread_create(&t, NULL, other_thread, &r), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+
+    /* The new thread did not see this thread's message... */
+    assert_string_equal(r.initial, "");
+    /* ...got its own... */
+    assert_int_equal(r.rc, -KVF_EINVAL);
+    assert_non_null(strstr(r.after, "log level -5"));
+    assert_null(strstr(r.after, "log level 7"));
+    /* ...and left this thread's alone. */
+    assert_last_error_contains("log level 7");
+    assert_null(strstr(kvf_last_error(), "-5"));
+}
+
+/* The private helpers every failing path uses. */
+static void int_min_is_unknown(void **state)
+{
+    (void)state;
+    /* -INT_MIN does not exist: the lookup must not negate it. */
+    assert_string_equal(kvf_err_name(INT_MIN), "UNKNOWN");
+    assert_string_equal(kvf_strerror(INT_MIN), "unknown error");
+}
+
+static void err_may_quote_the_last_error(void **state)
+{
+    (void)state;
+    kvf__err(-KVF_EINVAL, "inner");
+    assert_int_equal(kvf__err(-KVF_EPROTO, "outer: %s", kvf_last_error()), -KVF_EPROTO);
+    assert_string_equal(kvf_last_error(), "outer: inner");
+}
+
+static void err_and_wrap(void **state)
+{
+    (void)state;
+    kvf_last_error_clear();
+    assert_int_equal(kvf__err(-KVF_ENOTFOUND, "key %s", "a/b"), -KVF_ENOTFOUND);
+    assert_string_equal(kvf_last_error(), "key a/b");
+    assert_int_equal(kvf__err_wrap(-KVF_ENOTFOUND, "store %s", "tcp://h:1"), -KVF_ENOTFOUND);
+    assert_string_equal(kvf_last_error(), "store tcp://h:1: key a/b");
+
+    /* Wrapping with no message below uses the code's text. */
+    kvf_last_error_clear();
+    assert_int_equal(kvf__err_wrap(-ECONNREFUSED, "connect to %s", "h:1"), -ECONNREFUSED);
+    assert_string_equal(kvf_last_error(), "connect to h:1: Connection refused");
+}
+
+static void long_message_is_cut_not_overrun(void **state)
+{
+    char big[4096];
+    (void)state;
+    memset(big, 'x', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    assert_int_equal(kvf__err(-KVF_EINVAL, "value %s", big), -KVF_EINVAL);
+    size_t n = strlen(kvf_last_error());
+    assert_true(n > 0 && n < sizeof(big));
+    assert_memory_equal(kvf_last_error(), "value xxx", 9);
+
+    /* The wrapped prefix, which names the value, survives; the tail is what gets cut. */
+    assert_int_equal(kvf__err_wrap(-KVF_EINVAL, "ctx"), -KVF_EINVAL);
+    assert_memory_equal(kvf_last_error(), "ctx: value xxx", 14);
+    assert_int_equal(strlen(kvf_last_error()), n);
+}
+
+static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(every_kvf_code_has_name_and_message),
+    cmocka_unit_test(kvf_codes_names_and_messages_are_distinct),
+    cmocka_unit_test(known_values),
+    cmocka_unit_test(system_errno_codes),
+    cmocka_unit_test(zero_is_success),
+    cmocka_unit_test(unknown_codes),
+    cmocka_unit_test(last_error_set_by_failing_call),
+    cmocka_unit_test(last_error_survives_success),
+    cmocka_unit_test(last_error_clear),
+    cmocka_unit_test(last_error_is_thread_local),
+    cmocka_unit_test(int_min_is_unknown),
+    cmocka_unit_test(err_may_quote_the_last_error),
+    cmocka_unit_test(err_and_wrap),
+    cmocka_unit_test(long_message_is_cut_not_overrun),
+};
+
+KVF_TEST_MAIN(tests)

@@ -1,5 +1,6 @@
 /* Error codes, names and the thread-local last-error message. */
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -11,6 +12,8 @@ static _Thread_local char last_error[LAST_ERROR_MAX];
 
 const char *kvf_strerror(int err)
 {
+    if (err == INT_MIN)
+        return "unknown error";
     if (err < 0)
         err = -err;
     if (err == 0)
@@ -34,6 +37,8 @@ const char *kvf_strerror(int err)
 
 const char *kvf_err_name(int err)
 {
+    if (err == INT_MIN)
+        return "UNKNOWN";
     if (err < 0)
         err = -err;
     if (err == 0)
@@ -67,10 +72,13 @@ void kvf_last_error_clear(void)
 
 int kvf__err(int code, const char *fmt, ...)
 {
+    /* Format into a copy first: the arguments may point into last_error itself. */
+    char msg[LAST_ERROR_MAX];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(last_error, sizeof(last_error), fmt, ap);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    memcpy(last_error, msg, sizeof(msg));
     KVF_DEBUG("error", "%s (%s)", last_error, kvf_err_name(code));
     return code;
 }
