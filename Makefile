@@ -1,4 +1,5 @@
 # The front door. Every target that builds first installs missing Debian packages (make deps).
+MAKEFLAGS += --no-print-directory
 BUILD     ?= build
 ASAN_BUILD ?= build-asan
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)

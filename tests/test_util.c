@@ -133,3 +133,65 @@ int kvf_test_run(char *const argv[], char *out, size_t outlen, unsigned timeout_
     uint64_t now = kvf_test_now_ms();
     return kvf_test_reap(pid, now >= deadline ? 0 : (unsigned)(deadline - now));
 }
+
+pid_t kvf_test_spawn_pipe(char *const argv[], int *fd)
+{
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC) < 0)
+        fail_msg("pipe: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0)
+        fail_msg("fork: %s", strerror(errno));
+    if (pid == 0) {
+        dup2(pfd[1], 1);
+        dup2(pfd[1], 2);
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    close(pfd[1]);
+    *fd = pfd[0];
+    return pid;
+}
+
+int kvf_test_read_line(int fd, char *buf, size_t len, unsigned timeout_ms)
+{
+    uint64_t deadline = kvf_test_now_ms() + timeout_ms;
+    size_t used = 0;
+    while (used + 1 < len) {
+        uint64_t now = kvf_test_now_ms();
+        if (now >= deadline)
+            return -1;
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int n = poll(&p, 1, (int)(deadline - now));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        char ch;
+        if (read(fd, &ch, 1) != 1)
+            return -1;
+        if (ch == '\n')
+            break;
+        buf[used++] = ch;
+    }
+    buf[used] = '\0';
+    return (int)used;
+}
+
+pid_t kvf_test_store_process(char *url, size_t len)
+{
+    char *argv[] = {(char *)kvf_test_cli_path(), "store", "--listen", "tcp://127.0.0.1:0", NULL};
+    int fd;
+    pid_t pid = kvf_test_spawn_pipe(argv, &fd);
+    char line[256];
+    const char *tag = "listening on ";
+    if (kvf_test_read_line(fd, line, sizeof(line), 10000) < 0 || !strstr(line, tag)) {
+        kill(pid, SIGKILL);
+        kvf_test_reap(pid, 1000);
+        close(fd);
+        fail_msg("kvferry store did not report its address");
+    }
+    snprintf(url, len, "%s", strstr(line, tag) + strlen(tag));
+    close(fd);
+    return pid;
+}

@@ -74,6 +74,18 @@ int kvf_test_run(char *const argv[], char *out, size_t outlen, unsigned timeout_
 /* Start a command in the background with stdout/stderr to @logfile (may be NULL); returns its pid. */
 pid_t kvf_test_spawn(char *const argv[], const char *logfile);
 
+/* Start a command in the background with stdout and stderr on a pipe; *@fd receives the read
+ * end (close it when done). Returns the pid. */
+pid_t kvf_test_spawn_pipe(char *const argv[], int *fd);
+
+/* Read one line (without its newline) from @fd into @buf within @timeout_ms. Returns its length,
+ * or -1 on timeout or end of file. Reads one byte at a time so nothing past the line is lost. */
+int kvf_test_read_line(int fd, char *buf, size_t len, unsigned timeout_ms);
+
+/* Start `kvferry store --listen tcp://127.0.0.1:0` and return its pid; *url receives the URL it
+ * printed (at least 64 bytes). */
+pid_t kvf_test_store_process(char *url, size_t len);
+
 /* Wait up to @timeout_ms for @pid to exit; returns its exit status, or -1 after killing it
  * (SIGKILL) on timeout. Always reaps. */
 int kvf_test_reap(pid_t pid, unsigned timeout_ms);
