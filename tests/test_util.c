@@ -92,33 +92,22 @@ int kvf_test_reap(pid_t pid, unsigned timeout_ms)
 
 int kvf_test_run(char *const argv[], char *out, size_t outlen, unsigned timeout_ms)
 {
-    int pfd[2];
-    if (pipe2(pfd, O_CLOEXEC) < 0)
-        fail_msg("pipe: %s", strerror(errno));
-    pid_t pid = fork();
-    if (pid < 0)
-        fail_msg("fork: %s", strerror(errno));
-    if (pid == 0) {
-        dup2(pfd[1], 1);
-        dup2(pfd[1], 2);
-        execvp(argv[0], argv);
-        _exit(127);
-    }
-    close(pfd[1]);
+    int fd;
+    pid_t pid = kvf_test_spawn_pipe(argv, &fd);
     size_t used = 0;
     uint64_t deadline = kvf_test_now_ms() + timeout_ms;
     for (;;) {
         uint64_t now = kvf_test_now_ms();
         if (now >= deadline)
             break;
-        struct pollfd p = {.fd = pfd[0], .events = POLLIN};
+        struct pollfd p = {.fd = fd, .events = POLLIN};
         int n = poll(&p, 1, (int)(deadline - now));
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
             break;
         char tmp[4096];
-        ssize_t r = read(pfd[0], tmp, sizeof(tmp));
+        ssize_t r = read(fd, tmp, sizeof(tmp));
         if (r <= 0)
             break;
         size_t take = (size_t)r;
@@ -129,7 +118,7 @@ int kvf_test_run(char *const argv[], char *out, size_t outlen, unsigned timeout_
     }
     if (outlen)
         out[used] = '\0';
-    close(pfd[0]);
+    close(fd);
     uint64_t now = kvf_test_now_ms();
     return kvf_test_reap(pid, now >= deadline ? 0 : (unsigned)(deadline - now));
 }
