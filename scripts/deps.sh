@@ -4,8 +4,7 @@
 # missing (a fresh machine has no package lists).
 set -eu
 
-PKGS="build-essential cmake pkg-config libcmocka-dev libjansson-dev \
-python3 python3-dev python3-pytest python3-numpy iproute2 procps"
+PKGS="build-essential cmake pkg-config libcmocka-dev libjansson-dev"
 
 missing=""
 for p in $PKGS; do
