@@ -10,7 +10,12 @@
  *  - A connection is only closed ("killed") at a safe point: while reading its own input, in the
  *    timer pass, or while flushing output. Handlers that append answers or events to other
  *    connections never close anything, because they may be iterating a list (watches, waiters)
- *    that closing would change. The output cap is therefore enforced when flushing.
+ *    that closing would change. Such an append that would take the connection's unsent output
+ *    past KVF_STORE_MAX_OUTPUT_BYTES is dropped and flags the connection ("overflow"); the flush
+ *    pass closes it.
+ *  - Output bounds: a connection's own requests stop being executed (and read) while more than
+ *    SRV_OUT_PAUSE_READ of its output is unsent; they resume from the flush path as it drains.
+ *    So unsent output is at most KVF_STORE_MAX_OUTPUT_BYTES, plus one answer.
  *  - A killed connection's fd is closed and its waiters and watches are detached at once, but its
  *    memory lives until the end of the loop iteration ("zombie"), because later events returned
  *    by the same epoll_wait() may still point at it.
@@ -23,6 +28,7 @@
 #include <netinet/tcp.h>
 #include <pthread.h>
 #include <search.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -39,6 +45,7 @@
 #include "common/url.h"
 #include "common/wire.h"
 #include "store/proto.h"
+#include "store/server_internal.h"
 
 #define SRV_LOG "store"
 
@@ -53,9 +60,10 @@
 #define SRV_IN_KEEP (64u << 10)
 /* Output buffers larger than this are released once drained. */
 #define SRV_OUT_KEEP (1u << 20)
-/* Stop reading requests from a client while this much of its output is unsent: a client that
- * pipelines requests without reading answers is slowed down instead of growing the server.
- * Watch events can still push it up to KVF_STORE_MAX_OUTPUT_BYTES. */
+/* Stop executing (and reading) requests from a client while more than this much of its output is
+ * unsent: a client that pipelines requests without reading answers is slowed down instead of
+ * growing the server. Checked before each request, so one answer may go past it. Watch events and
+ * woken get-with-wait answers can still push it up to KVF_STORE_MAX_OUTPUT_BYTES. */
 #define SRV_OUT_PAUSE_READ (8u << 20)
 /* Fairness: at most this many recv() calls for one connection per loop iteration. */
 #define SRV_READS_PER_EVENT 16
@@ -171,6 +179,8 @@ struct srv_conn {
     int fd;
     bool dead;
     bool dirty;      /* on the server's dirty list: has output to flush */
+    bool overflow;   /* an event or woken answer was dropped: over the output cap; close it */
+    bool held;       /* conn_parse stopped on SRV_OUT_PAUSE_READ; resume when output drains */
     uint32_t events; /* current epoll interest */
     char peer[KVF_HOST_MAX + 8];
 
@@ -219,6 +229,8 @@ struct kvf_store_server {
     struct srv_link dirty;
     struct srv_link watches; /* every watch of every connection */
     unsigned nconns;
+    bool stopping; /* closing every connection: held requests are not resumed */
+    _Atomic unsigned nwaiters; /* get-with-wait requests parked, all connections */
 
     bool accept_paused;
     uint64_t accept_resume_ms;
@@ -372,6 +384,34 @@ static void conn_mark_dirty(struct kvf_store_server *srv, struct srv_conn *c)
     link_add_tail(&srv->dirty, &c->dirty_link);
 }
 
+static size_t conn_pending_out(const struct srv_conn *c)
+{
+    return c->out.len - c->out_off;
+}
+
+/* Output pause: while true, @c's requests are neither executed nor read. */
+static bool conn_paused(const struct srv_conn *c)
+{
+    return conn_pending_out(c) > SRV_OUT_PAUSE_READ;
+}
+
+/* For a frame of @frame_len bytes that @c did not just ask for (a watch event, the answer to a
+ * parked get-with-wait): true if it fits under KVF_STORE_MAX_OUTPUT_BYTES. Otherwise latch
+ * c->overflow, for the flush pass to close @c (never closed here, see the top of the file), and
+ * the caller appends nothing. */
+static bool conn_room_for(struct kvf_store_server *srv, struct srv_conn *c, size_t frame_len)
+{
+    if (c->overflow || c->dead)
+        return false;
+    if (frame_len > KVF_STORE_MAX_OUTPUT_BYTES ||
+        conn_pending_out(c) > KVF_STORE_MAX_OUTPUT_BYTES - frame_len) {
+        c->overflow = true;
+        conn_mark_dirty(srv, c);
+        return false;
+    }
+    return true;
+}
+
 /* Start a frame in @c's output; returns the header's offset for frame_end(). An allocation
  * failure latches c->out.oom, which the flush turns into closing the connection. */
 static size_t frame_begin(struct srv_conn *c, uint8_t op, uint16_t status, uint32_t req_id)
@@ -465,6 +505,7 @@ static void waiter_free(struct kvf_store_server *srv, struct srv_waiter *w, bool
     link_del(&w->key_link);
     link_del(&w->conn_link);
     w->conn->nwaiters--;
+    atomic_fetch_sub(&srv->nwaiters, 1u);
     timer_disarm(srv, &w->timer);
     free(w);
     if (free_empty_key && link_empty(&wk->waiters)) {
@@ -484,7 +525,10 @@ static void waiters_wake(struct kvf_store_server *srv, const struct srv_entry *e
     tdelete(wk, &srv->waitkey_root, srv_key_cmp);
     while (!link_empty(&wk->waiters)) {
         struct srv_waiter *w = SRV_CONTAINER(wk->waiters.next, struct srv_waiter, key_link);
-        reply_blob(srv, w->conn, KVF_STORE_OP_GET, w->req_id, e->val, e->vlen);
+        /* Triggered by another client: capped here (an overflowing waiter's connection is
+         * closed by the flush pass, so the dropped answer is never missed silently). */
+        if (conn_room_for(srv, w->conn, (size_t)KVF_STORE_HDR_LEN + 4 + e->vlen))
+            reply_blob(srv, w->conn, KVF_STORE_OP_GET, w->req_id, e->val, e->vlen);
         waiter_free(srv, w, false);
     }
     free(wk);
@@ -508,6 +552,8 @@ static void watches_notify(struct kvf_store_server *srv, uint8_t type, const uin
         if (w->plen > klen || (w->plen && memcmp(w->prefix, key, w->plen) != 0))
             continue;
         struct srv_conn *c = w->conn;
+        if (!conn_room_for(srv, c, (size_t)KVF_STORE_HDR_LEN + 8 + 1 + 4 + klen + 4 + vlen))
+            continue;
         size_t off = frame_begin(c, KVF_STORE_OP_EVENT, KVF_STORE_ST_OK, 0);
         kvf__buf_put_u64(&c->out, w->id);
         kvf__buf_put_u8(&c->out, type);
@@ -812,6 +858,7 @@ static int waiter_add(struct kvf_store_server *srv, struct srv_conn *c, uint32_t
     link_add_tail(&wk->waiters, &w->key_link);
     link_add_tail(&c->waiters, &w->conn_link);
     c->nwaiters++;
+    atomic_fetch_add(&srv->nwaiters, 1u);
     return 0;
 
 out_free_waitkey:
@@ -1198,17 +1245,12 @@ static void zombies_free(struct kvf_store_server *srv)
     }
 }
 
-static size_t conn_pending_out(const struct srv_conn *c)
-{
-    return c->out.len - c->out_off;
-}
-
 /* Set @c's epoll interest from its state: read unless too much output is waiting, write while
  * any is. The partial-frame timer only runs while we read: a frame we stopped reading is our
  * doing, not the client's. */
 static void conn_update_events(struct kvf_store_server *srv, struct srv_conn *c)
 {
-    bool reading = conn_pending_out(c) <= SRV_OUT_PAUSE_READ;
+    bool reading = !conn_paused(c);
     uint32_t want = (reading ? EPOLLIN : 0u) | (conn_pending_out(c) ? EPOLLOUT : 0u);
     if (want != c->events) {
         struct epoll_event ev = {.events = want, .data.ptr = c};
@@ -1226,6 +1268,8 @@ static void conn_update_events(struct kvf_store_server *srv, struct srv_conn *c)
 }
 
 /* Send as much pending output as the socket takes now. */
+static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c);
+
 static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
 {
     while (c->out_off < c->out.len) {
@@ -1255,6 +1299,14 @@ static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
         kvf__buf_consume(&c->out, c->out_off);
         c->out_off = 0;
     }
+    /* Resume the requests held by the output pause. A safe point: we are flushing @c. Their
+     * answers mark @c dirty again, so the flush pass of this iteration sends them. */
+    if (c->held && !conn_paused(c) && !srv->stopping) {
+        c->held = false;
+        conn_parse(srv, c);
+        if (c->dead)
+            return;
+    }
     conn_update_events(srv, c);
 }
 
@@ -1267,6 +1319,11 @@ static void dirty_flush(struct kvf_store_server *srv)
         c->dirty = false;
         if (c->out.oom) {
             conn_close_warn(srv, c, "out of memory for its output");
+            continue;
+        }
+        if (c->overflow) {
+            conn_close_warn(srv, c, "unread output (%zu bytes) plus a watch event or wait answer "
+                            "would exceed %u", conn_pending_out(c), KVF_STORE_MAX_OUTPUT_BYTES);
             continue;
         }
         if (conn_pending_out(c) > KVF_STORE_MAX_OUTPUT_BYTES) {
@@ -1312,14 +1369,20 @@ static void conn_dispatch(struct kvf_store_server *srv, struct srv_conn *c, cons
     srv_ops[rq.op](srv, c, &rq, &rd);
 }
 
-/* Run every complete frame in @c's input, then size the buffer for the partial frame left. */
+/* Run the complete frames in @c's input, then size the buffer for what is left. Stops early,
+ * setting c->held, while @c's unsent output is above SRV_OUT_PAUSE_READ; conn_flush() resumes. */
 static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c)
 {
     size_t pos = 0;
     bool completed = false;
     char why[128];
 
+    c->held = false;
     while (c->in_len - pos >= KVF_STORE_HDR_LEN) {
+        if (conn_paused(c)) {
+            c->held = true;
+            break;
+        }
         const uint8_t *h = c->in + pos;
         if (header_problem(h, why, sizeof(why))) {
             conn_close_warn(srv, c, "%s", why);
@@ -1337,14 +1400,20 @@ static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c)
         c->in_len -= pos;
     }
 
-    /* The partial-frame clock starts when the first byte of a frame arrives. */
-    if (c->in_len == 0)
+    /* The partial-frame clock starts when the first byte of a frame arrives. It does not run
+     * while held: input we do not look at is our doing, not a stalled client. */
+    if (c->in_len == 0 || c->held)
         timer_disarm(srv, &c->partial);
     else if ((completed || !timer_armed(&c->partial)) &&
              timer_arm(srv, &c->partial, srv->now_ms + srv->partial_timeout_ms) < 0) {
         conn_close_warn(srv, c, "out of memory");
         return;
     }
+
+    /* Held: the frames left are kept as they are (their headers are not validated yet, so their
+     * lengths cannot size anything); nothing is read until they have run. */
+    if (c->held)
+        return;
 
     /* The header of a partial frame is validated above, so its length can be trusted now. */
     size_t need = SRV_IN_MIN;
@@ -1371,8 +1440,12 @@ static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
         }
         c->in_cap = SRV_IN_MIN;
     }
-    for (int i = 0; i < SRV_READS_PER_EVENT && !c->dead; i++) {
+    /* While paused (or holding requests) nothing is read: the input stays bounded by one buffer,
+     * and the socket's own buffers push back on the client. */
+    for (int i = 0; i < SRV_READS_PER_EVENT && !c->dead && !c->held && !conn_paused(c); i++) {
         size_t room = c->in_cap - c->in_len;
+        if (room == 0)
+            break;
         ssize_t n = recv(c->fd, c->in + c->in_len, room, MSG_DONTWAIT);
         if (n > 0) {
             c->in_len += (size_t)n;
@@ -1562,6 +1635,7 @@ static int loop_timeout(struct kvf_store_server *srv)
  * take without blocking, then close every connection. */
 static void conns_close_all(struct kvf_store_server *srv)
 {
+    srv->stopping = true;
     for (struct srv_link *l = srv->conns.next; l != &srv->conns; l = l->next) {
         struct srv_conn *c = SRV_CONTAINER(l, struct srv_conn, link);
         while (!link_empty(&c->waiters)) {
@@ -1864,4 +1938,9 @@ void kvf_store_server_stop(kvf_store_server_t *srv)
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mu);
     free(srv);
+}
+
+unsigned kvf__store_server_waiters(const kvf_store_server_t *srv)
+{
+    return srv ? atomic_load(&srv->nwaiters) : 0u;
 }
