@@ -121,7 +121,10 @@ int kvf_log_get_level(void);
  * docs/protocol.md.
  * ------------------------------------------------------------------------------------------- */
 
-/** Limits of the built-in store. Requests beyond them are refused with -KVF_ETOOBIG. */
+/* Limits of the built-in store. A key, value, frame or list answer beyond its limit is refused
+ * with -KVF_ETOOBIG; a connection beyond KVF_STORE_MAX_CLIENTS is closed at once (the client
+ * sees -KVF_ESTOREDOWN); watches or waiters beyond their per-connection limit get -KVF_EBUSY; a
+ * lease TTL outside 1..KVF_STORE_MAX_LEASE_TTL_MS gets -KVF_EINVAL. */
 #define KVF_STORE_MAX_KEY_LEN 1024u          /* bytes; keys are non-empty */
 #define KVF_STORE_MAX_VALUE_LEN (16u << 20)  /* bytes; values may be empty */
 #define KVF_STORE_MAX_LIST_KEYS 100000u      /* key/value pairs in one list answer */
@@ -183,7 +186,12 @@ typedef struct {
     uint32_t connect_timeout_ms; /* how long kvf_store_open() waits for the store to answer;
                                     0 = fail at once if it cannot connect. Default 10000. */
     uint32_t request_timeout_ms; /* bound on every request (a get-with-wait adds its own wait);
-                                    also how long a request waits for a reconnection. Default 5000 */
+                                    also how long a request waits for a reconnection, and how long
+                                    the store may leave a lease keep-alive (or the probe sent
+                                    after a request timed out) unanswered before the client drops
+                                    the connection as dead and reconnects (TCP_USER_TIMEOUT and
+                                    TCP keep-alives are set from it too, at least 1 s). Default
+                                    5000 */
 } kvf_store_opts_t;
 
 /** kvf_store_opts_init - fill @opts with the defaults and set its size field. */
@@ -220,7 +228,7 @@ int kvf_store_set(kvf_store_t *st, const char *key, const void *val, size_t len,
 
 /**
  * kvf_store_get - read @key, waiting for it to appear for up to @wait_ms.
- * @wait_ms: 0 = answer at once.
+ * @wait_ms: 0 = answer at once; at most one hour (3,600,000), larger is -KVF_EINVAL.
  * @val:     receives a malloc'ed copy of the value, NUL-terminated for convenience (the NUL is not
  *           counted in @len); free it with free().
  * Returns 0, -KVF_ENOTFOUND (wait_ms 0 and absent), -KVF_ETIMEDOUT (still absent after
@@ -304,7 +312,14 @@ int kvf_store_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease);
  */
 int kvf_store_lease_keepalive_stop(kvf_store_t *st, uint64_t lease);
 
-/** kvf_store_lease_revoke - end @lease now; its keys are deleted (watchers see the deletes). */
+/**
+ * kvf_store_lease_revoke - end @lease now; its keys are deleted (watchers see the deletes).
+ * In every case the client stops keeping @lease alive and forgets it (later uses of the id get
+ * -KVF_ENOTFOUND). Returns 0 when the store revoked it (or had already lost it, keys included);
+ * -KVF_ESTOREDOWN when the revoke could not be done on the store (not connected, or the
+ * connection the lease lived on was lost), or -KVF_ETIMEDOUT when the store did not answer in
+ * time: the lease then simply expires on the store after its TTL, and its keys with it.
+ */
 int kvf_store_lease_revoke(kvf_store_t *st, uint64_t lease);
 
 /** kvf_store_ping - one round trip to the store. Returns 0 or a negative code. */

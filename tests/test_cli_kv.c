@@ -3,7 +3,10 @@
 
 #include <signal.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
+
+#include "store/server_internal.h"
 
 static char out[65536];
 
@@ -31,6 +34,11 @@ static void cli_kv_round_trip(void **state)
     assert_string_equal(out, "cluster/a\thello world\ncluster/b\t2\n");
     assert_int_equal(kv(url, "add", "cluster/b", "-5", NULL), 0);
     assert_string_equal(out, "-3\n");
+    /* A delta that does not fit in 64 bits is a usage error, not a silently clamped add. */
+    assert_int_equal(kv(url, "add", "cluster/b", "99999999999999999999", NULL), 2);
+    assert_non_null(strstr(out, "99999999999999999999"));
+    assert_int_equal(kv(url, "get", "cluster/b", NULL, NULL), 0);
+    assert_string_equal(out, "-3\n");
     assert_int_equal(kv(url, "del", "cluster/a", NULL, NULL), 0);
     assert_int_equal(kv(url, "get", "cluster/a", NULL, NULL), 1);
     assert_non_null(strstr(out, "not found"));
@@ -44,22 +52,29 @@ static void cli_kv_round_trip(void **state)
 static void cli_kv_get_waits_for_key(void **state)
 {
     (void)state;
-    char url[128];
-    pid_t store = kvf_test_store_process(url, sizeof(url));
-    /* A get with a wait, started before the key exists, returns the value once it is set. */
-    char *argv[] = {(char *)kvf_test_cli_path(), "kv", "--store-url", url, "get", "late", "5000",
-                    NULL};
+    /* In-process store, so the test can see when the getter's request is parked on it. */
+    kvf_store_server_t *srv = kvf_test_store_start();
+    const char *url = kvf_store_server_url(srv);
+    char *argv[] = {(char *)kvf_test_cli_path(), "kv", "--store-url", (char *)url, "get", "late",
+                    "5000", NULL};
     int fd;
     pid_t getter = kvf_test_spawn_pipe(argv, &fd);
-    /* The getter may not have reached the store yet; either way it must see the value. */
+    /* Polling a condition (bounded), not sleeping a fixed time: the key is set only once the
+     * getter is really waiting for it, so the test fails if get-with-wait does not wait. */
+    uint64_t deadline = kvf_test_now_ms() + 5000;
+    while (kvf__store_server_waiters(srv) != 1 && kvf_test_now_ms() < deadline) {
+        struct timespec ts = {0, 2 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    assert_int_equal(kvf__store_server_waiters(srv), 1);
     assert_int_equal(kv(url, "set", "late", "arrived", NULL), 0);
     char line[128];
     assert_true(kvf_test_read_line(fd, line, sizeof(line), 6000) >= 0);
     assert_string_equal(line, "arrived");
     assert_int_equal(kvf_test_reap(getter, 5000), 0);
+    assert_int_equal(kvf__store_server_waiters(srv), 0);
     close(fd);
-    kill(store, SIGTERM);
-    assert_int_equal(kvf_test_reap(store, 5000), 0);
+    kvf_store_server_stop(srv);
 }
 
 static void cli_kv_bad_url_fails_at_once(void **state)

@@ -1,5 +1,7 @@
 /* `kvferry kv`: an operator's client for the config store, like etcdctl or redis-cli. */
+#include <errno.h>
 #include <getopt.h>
+#include <limits.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,9 +100,11 @@ static int run_sub(kvf_store_t *st, const char *sub, int n, char **a)
         if (want_args(sub, n, 2, 2) < 0)
             return 2;
         char *end;
+        errno = 0;
         long long delta = strtoll(a[1], &end, 10);
-        if (!a[1][0] || *end) {
-            fprintf(stderr, "kvferry kv add: DELTA %s: want a whole number\n", a[1]);
+        if (!a[1][0] || *end || errno == ERANGE) {
+            fprintf(stderr, "kvferry kv add: DELTA %s: want a whole number from %lld to %lld\n",
+                    a[1], LLONG_MIN, LLONG_MAX);
             return 2;
         }
         int64_t result;
