@@ -17,7 +17,13 @@
  * client ids; the lease and watch tables map them to the current server ids, and after every
  * reconnect the I/O thread re-grants the leases, re-publishes the keys set under them and
  * re-registers the watches before user requests flow again (the connection is "restoring" until
- * those answers are in).
+ * those answers are in). A lease re-granted on a live connection (the store lost it) likewise
+ * holds user requests back until its keys are re-published.
+ *
+ * A store that vanished without closing the connection is noticed by the kernel (TCP keep-alives
+ * and TCP_USER_TIMEOUT) and by the I/O thread: an internal request (keep-alive, re-grant, or the
+ * PING probe sent when a caller's request timed out) left unanswered for request_timeout_ms
+ * drops the connection, and the client reconnects.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -51,6 +57,8 @@
 #define CLI_ATTEMPT_MAX_MS 2000u
 /* kvf_store_close() revokes live leases within this time, all together. */
 #define CLI_CLOSE_REVOKE_MS 500u
+/* Floor of TCP_USER_TIMEOUT (otherwise request_timeout_ms), see cli_set_dead_peer_opts(). */
+#define CLI_TCP_USER_TIMEOUT_MIN_MS 1000u
 /* After a failed re-grant, the next attempt waits this long. */
 #define CLI_REGRANT_RETRY_MS 1000u
 #define CLI_REQ_BUCKETS 64u
@@ -97,6 +105,8 @@ typedef struct cli_lease {
     uint32_t ttl_ms;
     cli_lease_state_t state;
     uint64_t due_ms; /* next keep-alive (LIVE) or re-grant attempt (NEED_GRANT) */
+    bool lost;       /* the store answered a keep-alive "not found": it has no keys of this lease
+                        until a re-grant succeeds */
     cli_key_t *keys;
 } cli_lease_t;
 
@@ -113,6 +123,10 @@ typedef struct cli_watch {
 
 typedef struct cli_req {
     struct cli_req *next; /* hash chain in kvf_store.reqs */
+    /* CLI_OWNER_IO only: list of internal requests in flight, oldest first (they all have the
+     * same deadline, request_timeout_ms after sent_ms), so that an unanswered one is noticed. */
+    struct cli_req *io_prev, *io_next;
+    uint64_t sent_ms;
     uint32_t id;
     uint8_t op;
     cli_owner_t owner;
@@ -170,6 +184,12 @@ struct kvf_store {
     uint64_t next_watch_cid;
     uint64_t cb_watch_cid; /* the watch whose callback runs right now; 0 if none */
     char last_conn_err[CLI_MSG_MAX];
+    /* Dead-peer detection. Internal requests (keep-alives, re-grants, probes...) in flight,
+     * oldest first; one unanswered for request_timeout_ms means the store is gone even if the
+     * connection looks fine (a host that vanished without FIN or RST). */
+    cli_req_t *io_head, *io_tail;
+    uint64_t last_io_ms; /* last time input arrived or queued output drained (I/O thread) */
+    bool probe_wanted;   /* a caller's request timed out: the I/O thread sends a PING probe */
 
     /* I/O thread only. */
     kvf_buf_t rx;
@@ -469,13 +489,35 @@ static void cli_submit_locked(kvf_store_t *st, cli_req_t *rq, kvf_buf_t *frame)
     cli_send_locked(st, frame->data, frame->len);
 }
 
-/* Send a request owned by the I/O thread, whose answer nobody waits for. Consumes @frame. */
+/* Send a request owned by the I/O thread, whose answer nobody waits for. Consumes @frame.
+ * It joins the list of internal requests that must be answered within request_timeout_ms. */
 static void cli_send_internal_locked(kvf_store_t *st, cli_req_t *rq, kvf_buf_t *frame)
 {
     cli_submit_locked(st, rq, frame);
     if (rq->restore)
         st->restore_pending++;
+    rq->sent_ms = kvf__now_ms();
+    rq->io_next = NULL;
+    rq->io_prev = st->io_tail;
+    if (st->io_tail)
+        st->io_tail->io_next = rq;
+    else
+        st->io_head = rq;
+    st->io_tail = rq;
     kvf__buf_free(frame);
+}
+
+static void cli_io_unlink_locked(kvf_store_t *st, cli_req_t *rq)
+{
+    if (rq->io_prev)
+        rq->io_prev->io_next = rq->io_next;
+    else if (st->io_head == rq)
+        st->io_head = rq->io_next;
+    if (rq->io_next)
+        rq->io_next->io_prev = rq->io_prev;
+    else if (st->io_tail == rq)
+        st->io_tail = rq->io_prev;
+    rq->io_prev = rq->io_next = NULL;
 }
 
 /* Fire-and-forget request with a u64 body: used for revoking or unwatching server ids that
@@ -514,6 +556,12 @@ static void cli_send_grant_locked(kvf_store_t *st, cli_lease_t *l, bool restore)
     rq->restore = restore;
     l->state = CLI_LEASE_REGRANTING;
     cli_send_internal_locked(st, rq, &f);
+    /* A re-grant on a live connection holds user requests back, as after a reconnect, until it
+     * is answered and the keys are re-published: otherwise a user's set or delete of one of
+     * those keys, sent after the grant but before its answer, would be overwritten by the
+     * re-published old value. */
+    if (restore && st->state == CLI_READY)
+        st->state = CLI_RESTORING;
 }
 
 static void cli_send_keepalive_locked(kvf_store_t *st, cli_lease_t *l)
@@ -580,6 +628,7 @@ static void cli_conn_up_locked(kvf_store_t *st, int fd)
     st->broken = false;
     st->conn_gen++;
     st->restore_pending = 0;
+    st->last_io_ms = kvf__now_ms();
     for (cli_lease_t *l = st->leases; l; l = l->next)
         if (l->state == CLI_LEASE_NEED_GRANT)
             cli_send_grant_locked(st, l, true);
@@ -601,6 +650,8 @@ static void cli_conn_down_locked(kvf_store_t *st, int err, const char *why)
     st->state = CLI_DOWN;
     st->broken = false;
     st->restore_pending = 0;
+    st->io_head = st->io_tail = NULL; /* freed with the table below */
+    st->probe_wanted = false;
     st->out.len = 0;
     st->out_off = 0;
     if (st->out.cap > CLI_BUF_KEEP_MAX)
@@ -644,6 +695,32 @@ static void cli_conn_down_locked(kvf_store_t *st, int err, const char *why)
         pp = &l->next;
     }
     pthread_cond_broadcast(&st->cond);
+}
+
+/*
+ * Let the kernel notice a store host that vanished without FIN or RST: data unacknowledged for
+ * request_timeout_ms (at least CLI_TCP_USER_TIMEOUT_MIN_MS, so that one lost segment on a slow
+ * link does not kill the connection) aborts it, and an idle connection is probed with TCP
+ * keep-alives after about the same time. Requests and keep-alives left unanswered on a
+ * connection the kernel still thinks fine are caught by cli_check_alive_locked(). Failures are
+ * not fatal: these only speed up detection.
+ */
+static void cli_set_dead_peer_opts(const kvf_store_t *st, int fd)
+{
+    uint32_t rt = st->opts.request_timeout_ms;
+    int one = 1;
+    unsigned user_timeout = rt > CLI_TCP_USER_TIMEOUT_MIN_MS ? rt : CLI_TCP_USER_TIMEOUT_MIN_MS;
+    int idle = (int)(user_timeout / 1000 > 0 ? (user_timeout / 1000 < 3600 ? user_timeout / 1000
+                                                                          : 3600)
+                                             : 1);
+    int intvl = 1, cnt = 3;
+    if (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0 ||
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle)) < 0 ||
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl)) < 0 ||
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt)) < 0 ||
+        setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof(user_timeout)) < 0)
+        KVF_DEBUG("store", "%s: setting TCP keep-alive options: %s", st->url,
+                  kvf_strerror(-errno));
 }
 
 /* Connect to one resolved address within @deadline_ms. Returns the socket or a negative code;
@@ -704,6 +781,7 @@ static int cli_connect_addr(kvf_store_t *st, const struct addrinfo *ai, uint64_t
     /* Requests are small and latency-bound: never let Nagle hold one back. */
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    cli_set_dead_peer_opts(st, fd);
     return fd;
 
 out_close:
@@ -935,6 +1013,7 @@ static void cli_apply_answer_locked(kvf_store_t *st, cli_req_t *rq)
                 bool regrant = l->state == CLI_LEASE_REGRANTING;
                 l->sid = rq->u64;
                 l->state = CLI_LEASE_LIVE;
+                l->lost = false;
                 l->due_ms = kvf__now_ms() + cli_keepalive_interval(l);
                 if (regrant) {
                     KVF_INFO("store", "%s: lease %" PRIu64 " re-granted", st->url, l->cid);
@@ -961,6 +1040,7 @@ static void cli_apply_answer_locked(kvf_store_t *st, cli_req_t *rq)
             l->state = CLI_LEASE_NEED_GRANT;
             l->sid = 0;
             l->due_ms = 0;
+            l->lost = true;
             cli_wake(st); /* the timer pass re-grants it */
         } else if (rq->err < 0) {
             KVF_DEBUG("store", "%s: keep-alive of lease %" PRIu64 ": %s", st->url, rq->lease_cid,
@@ -1002,6 +1082,8 @@ static void cli_complete_locked(kvf_store_t *st, cli_req_t *rq)
         rq->done = true;
         pthread_cond_signal(&rq->cond);
     } else {
+        if (rq->owner == CLI_OWNER_IO)
+            cli_io_unlink_locked(st, rq);
         cli_req_free(rq);
     }
 }
@@ -1165,6 +1247,7 @@ static int cli_read_input(kvf_store_t *st, char *why, size_t whylen)
             return -KVF_ESTOREDOWN;
         }
         st->rx.len += (size_t)n;
+        st->last_io_ms = kvf__now_ms();
         int rc = cli_process_input(st, why, whylen);
         if (rc < 0)
             return rc;
@@ -1195,6 +1278,7 @@ static void cli_flush_locked(kvf_store_t *st)
     if (st->out_off == st->out.len) {
         st->out.len = 0;
         st->out_off = 0;
+        st->last_io_ms = kvf__now_ms();
         if (st->out.cap > CLI_BUF_KEEP_MAX)
             kvf__buf_free(&st->out);
     } else if (st->out_off > st->out.len / 2) {
@@ -1203,7 +1287,47 @@ static void cli_flush_locked(kvf_store_t *st)
     }
 }
 
-/* Send due keep-alives and re-grants. Returns the poll timeout until the next one (-1: none). */
+/* A PING whose only purpose is to learn whether the store still answers. */
+static void cli_send_probe_locked(kvf_store_t *st)
+{
+    kvf_buf_t f;
+    cli_req_t *rq = cli_req_new(KVF_STORE_OP_PING, CLI_OWNER_IO);
+    cli_frame_begin(&f, KVF_STORE_OP_PING);
+    if (!rq || cli_frame_end(&f) < 0) {
+        kvf__buf_free(&f);
+        free(rq);
+        return; /* the next timed-out request asks again */
+    }
+    cli_send_internal_locked(st, rq, &f);
+}
+
+/* Drop the connection when the oldest internal request has gone unanswered for
+ * request_timeout_ms. Time spent with output still queued does not count (the kernel's
+ * TCP_USER_TIMEOUT covers a peer that stops acknowledging), nor does time before the last input
+ * (a large answer may still be arriving). Returns the ms until the check is due, or UINT64_MAX. */
+static uint64_t cli_check_alive_locked(kvf_store_t *st, uint64_t now)
+{
+    if (st->probe_wanted) {
+        st->probe_wanted = false;
+        if (!st->io_head)
+            cli_send_probe_locked(st); /* otherwise the request in flight serves as the probe */
+    }
+    cli_req_t *rq = st->io_head;
+    if (!rq || st->broken || st->out_off < st->out.len)
+        return UINT64_MAX;
+    uint64_t since = rq->sent_ms > st->last_io_ms ? rq->sent_ms : st->last_io_ms;
+    uint64_t due = since + st->opts.request_timeout_ms;
+    if (now < due)
+        return due - now;
+    char why[CLI_MSG_MAX];
+    snprintf(why, sizeof(why), "no answer to an internal request (opcode %u) within %u ms",
+             rq->op, st->opts.request_timeout_ms);
+    cli_mark_broken_locked(st, why);
+    return UINT64_MAX;
+}
+
+/* Send due keep-alives and re-grants, and check that the store still answers. Returns the poll
+ * timeout until the next timer (-1: none). */
 static int cli_run_timers_locked(kvf_store_t *st)
 {
     if (st->state == CLI_DOWN)
@@ -1215,7 +1339,7 @@ static int cli_run_timers_locked(kvf_store_t *st)
             continue;
         if (now >= l->due_ms) {
             if (l->state == CLI_LEASE_NEED_GRANT) {
-                cli_send_grant_locked(st, l, false);
+                cli_send_grant_locked(st, l, true);
                 continue;
             }
             cli_send_keepalive_locked(st, l);
@@ -1224,6 +1348,9 @@ static int cli_run_timers_locked(kvf_store_t *st)
         if (l->due_ms - now < next)
             next = l->due_ms - now;
     }
+    uint64_t alive = cli_check_alive_locked(st, now);
+    if (alive < next)
+        next = alive;
     if (next == UINT64_MAX)
         return -1;
     return next > INT_MAX ? INT_MAX : (int)next;
@@ -1373,8 +1500,14 @@ static int cli_call(kvf_store_t *st, cli_req_t **rqp, kvf_buf_t *frame, uint64_t
             goto out_unlock;
         }
         if (st->state == CLI_READY && !st->broken) {
-            if (rq->sid_gen && rq->sid_gen != st->conn_gen)
-                goto out_unlock; /* the server id died with its connection: nothing to do */
+            if (rq->sid_gen && rq->sid_gen != st->conn_gen) {
+                /* The server id is meaningless on this connection: it cannot be sent. */
+                rc = kvf__err(-KVF_ESTOREDOWN,
+                              "store %s: %s: the connection it was granted on was lost before "
+                              "the request could be sent",
+                              st->url, what);
+                goto out_unlock;
+            }
             if (!rq->lease_cid || rq->op == KVF_STORE_OP_LEASE_GRANT)
                 break;
             cli_lease_t *l = cli_lease_find_locked(st, rq->lease_cid);
@@ -1417,6 +1550,9 @@ static int cli_call(kvf_store_t *st, cli_req_t **rqp, kvf_buf_t *frame, uint64_t
         if (pthread_cond_timedwait(&rq->cond, &st->mu, &ts) == ETIMEDOUT && !rq->done) {
             rq->owner = CLI_OWNER_ABANDONED;
             cli_drop_entries_locked(st, rq);
+            /* The store may be gone without the connection knowing: have it probed. */
+            st->probe_wanted = true;
+            cli_wake(st);
             *rqp = NULL;
             rc = kvf__err(-KVF_ETIMEDOUT, "store %s: %s: timed out after %" PRIu64 " ms", st->url,
                           what, timeout_ms);
@@ -1707,7 +1843,8 @@ static void cli_revoke_all(kvf_store_t *st)
         cli_lease_t *l;
         for (l = st->leases; l && l->state != CLI_LEASE_LIVE; l = l->next)
             ;
-        if (!l || st->state != CLI_READY) {
+        /* While a re-grant is being restored, cli_call() waits for it (within the deadline). */
+        if (!l || st->state == CLI_DOWN) {
             pthread_mutex_unlock(&st->mu);
             return;
         }
@@ -2103,6 +2240,8 @@ int kvf_store_lease_revoke(kvf_store_t *st, uint64_t lease)
         return rc;
     snprintf(what, sizeof(what), "lease revoke %" PRIu64, lease);
 
+    /* Whatever happens below, the lease is no longer kept alive nor re-granted: it ends either
+     * now on the store, or when its TTL runs out there. */
     pthread_mutex_lock(&st->mu);
     cli_lease_t *l = cli_lease_find_locked(st, lease);
     if (!l || l->state == CLI_LEASE_GRANTING) {
@@ -2111,12 +2250,35 @@ int kvf_store_lease_revoke(kvf_store_t *st, uint64_t lease)
     }
     /* A server id is only meaningful on the connection that obtained it; remember which. */
     bool on_store = (l->state == CLI_LEASE_LIVE || l->state == CLI_LEASE_STOPPED) &&
-                    st->state != CLI_DOWN;
+                    st->state != CLI_DOWN && !st->broken;
+    /* The store told us it no longer has the lease (and so none of its keys), and no re-grant
+     * has been answered since: a re-grant in flight finds no entry and revokes what it got. */
+    bool gone = !on_store && l->lost;
     uint64_t sid = l->sid, gen = st->conn_gen;
+    uint32_t ttl = l->ttl_ms;
+    char conn_err[CLI_MSG_MAX];
+    snprintf(conn_err, sizeof(conn_err), "%s",
+             st->state == CLI_DOWN ? (st->last_conn_err[0] ? st->last_conn_err : "connection lost")
+                                   : "");
+    bool down = st->state == CLI_DOWN || st->broken;
     cli_lease_free(cli_lease_unlink_locked(st, lease));
     pthread_mutex_unlock(&st->mu);
-    if (!on_store)
+    if (gone)
         return 0;
+    if (!on_store) {
+        if (down)
+            return kvf__err(-KVF_ESTOREDOWN,
+                            "store %s: %s: not connected to the store (%s), so it could not be "
+                            "revoked there; it is no longer kept alive and expires on the store "
+                            "within its TTL of %u ms, deleting its keys then",
+                            st->url, what, conn_err[0] ? conn_err : "connection lost", ttl);
+        return kvf__err(-KVF_ESTOREDOWN,
+                        "store %s: %s: the connection it was granted on was lost and it was not "
+                        "re-granted yet, so it could not be revoked on the store; it is no "
+                        "longer kept alive and expires there within its TTL of %u ms, deleting "
+                        "its keys then",
+                        st->url, what, ttl);
+    }
 
     cli_req_t *rq = cli_req_new(KVF_STORE_OP_LEASE_REVOKE, CLI_OWNER_CALLER);
     if (!rq)
@@ -2127,6 +2289,14 @@ int kvf_store_lease_revoke(kvf_store_t *st, uint64_t lease)
     }
     rq->sid_gen = gen;
     rc = cli_call(st, &rq, &f, st->opts.request_timeout_ms, true, what);
+    if (rc < 0 && rc != -KVF_ENOTFOUND) { /* ENOTFOUND: it already expired, keys and all */
+        char cause[CLI_MSG_MAX * 2];
+        snprintf(cause, sizeof(cause), "%s", kvf_last_error());
+        rc = kvf__err(rc == -KVF_ETIMEDOUT ? rc : -KVF_ESTOREDOWN,
+                      "%s; the lease is no longer kept alive and, unless the store did revoke "
+                      "it, expires there within its TTL of %u ms, deleting its keys then",
+                      cause, ttl);
+    }
 out_free:
     kvf__buf_free(&f);
     cli_req_free(rq);
