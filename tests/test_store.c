@@ -1417,14 +1417,8 @@ static void thousand_clients(void **state)
 {
     fx_t *fx = *state;
     /* Each client holds a socket and an eventfd, the server one socket per client. */
-    const rlim_t need = 3 * MANY_CLIENTS + 200;
+    kvf_test_need_fds("thousand_clients", 3 * MANY_CLIENTS + 200);
     struct rlimit rl;
-    assert_int_equal(getrlimit(RLIMIT_NOFILE, &rl), 0);
-    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < need)
-        kvf_test_skip("thousand_clients needs %lu file descriptors; the hard limit is %lu",
-                      (unsigned long)need, (unsigned long)rl.rlim_max);
-    rl.rlim_cur = rl.rlim_max;
-    assert_int_equal(setrlimit(RLIMIT_NOFILE, &rl), 0);
     /* Two threads per client: its I/O thread and the one that drives it. */
     const rlim_t need_threads = 2 * MANY_CLIENTS + 100;
     assert_int_equal(getrlimit(RLIMIT_NPROC, &rl), 0);

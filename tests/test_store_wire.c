@@ -1152,17 +1152,8 @@ static void test_max_clients(void **state)
 {
     fx_t *fx = *state;
     const unsigned n = KVF_STORE_MAX_CLIENTS;
-    struct rlimit rl;
     /* Client and server ends of every connection live in this process. */
-    const rlim_t need = 2 * (rlim_t)n + 64;
-    assert_int_equal(getrlimit(RLIMIT_NOFILE, &rl), 0);
-    if (rl.rlim_cur < need) {
-        if (rl.rlim_max < need)
-            kvf_test_skip("RLIMIT_NOFILE hard limit %llu < %llu", (unsigned long long)rl.rlim_max,
-                          (unsigned long long)need);
-        rl.rlim_cur = need;
-        assert_int_equal(setrlimit(RLIMIT_NOFILE, &rl), 0);
-    }
+    kvf_test_need_fds("test_max_clients", 2 * (unsigned long)n + 64);
     uint16_t port = url_port(kvf_store_server_url(fx->srv));
     int *fds = malloc(n * sizeof(*fds));
     assert_non_null(fds);

@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -19,6 +20,19 @@ void kvf_test_skip(const char *fmt, ...)
     fprintf(stderr, "\n");
     va_end(ap);
     exit(KVF_TEST_SKIP_CODE);
+}
+
+void kvf_test_need_fds(const char *what, unsigned long need)
+{
+    struct rlimit rl;
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &rl), 0);
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur >= need)
+        return;
+    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < need)
+        kvf_test_skip("%s needs %lu file descriptors; the hard limit is %lu", what, need,
+                      (unsigned long)rl.rlim_max);
+    rl.rlim_cur = need;
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &rl), 0);
 }
 
 uint64_t kvf_test_now_ms(void)

@@ -55,6 +55,10 @@
 /* Skip the whole test executable: print why and exit with the skip code. */
 void kvf_test_skip(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 
+/* Make sure this process may hold @need file descriptors: raise the soft RLIMIT_NOFILE (up to
+ * the hard limit) or skip the test, naming @what, when the hard limit is lower. */
+void kvf_test_need_fds(const char *what, unsigned long need);
+
 /* Monotonic milliseconds. */
 uint64_t kvf_test_now_ms(void);
 

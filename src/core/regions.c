@@ -52,6 +52,7 @@ struct region {
     bool drained;
 };
 
+/* addr must stay the first member: upper_bound() reads it at offset 0. */
 struct slot {
     uint64_t addr;
     uint64_t len;
@@ -102,14 +103,19 @@ static inline bool span_contains(uint64_t r_addr, uint64_t r_len, uint64_t addr,
     return addr >= r_addr && addr - r_addr < r_len && len <= r_len - (addr - r_addr);
 }
 
-/* Index of the first slot that starts after @addr (0..n); the slot before it, if any, is the
- * only one that can contain @addr. */
-static inline size_t slots_upper_bound(const struct slot *s, size_t n, uint64_t addr)
+/* Index of the first element that starts after @addr (0..n) in an array sorted by start, whose
+ * elements are @stride bytes and begin with their uint64_t start; the element before it, if any,
+ * is the only one that can contain @addr. One search serves the table's slots and the
+ * kvf_region_t arrays that kvf__regions_check() gets from peers. */
+static inline size_t upper_bound(const void *base, size_t n, size_t stride, uint64_t addr)
 {
+    const unsigned char *b = base;
     size_t lo = 0, hi = n;
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
-        if (s[mid].addr <= addr)
+        uint64_t start;
+        memcpy(&start, b + mid * stride, sizeof(start));
+        if (start <= addr)
             lo = mid + 1;
         else
             hi = mid;
@@ -117,17 +123,14 @@ static inline size_t slots_upper_bound(const struct slot *s, size_t n, uint64_t 
     return lo;
 }
 
-static size_t regions_upper_bound(const kvf_region_t *s, size_t n, uint64_t addr)
+static inline size_t slots_upper_bound(const struct slot *s, size_t n, uint64_t addr)
 {
-    size_t lo = 0, hi = n;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (s[mid].addr <= addr)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
+    return upper_bound(s, n, sizeof(*s), addr);
+}
+
+static inline size_t regions_upper_bound(const kvf_region_t *s, size_t n, uint64_t addr)
+{
+    return upper_bound(s, n, sizeof(*s), addr);
 }
 
 /*
