@@ -325,6 +325,155 @@ int kvf_store_lease_revoke(kvf_store_t *st, uint64_t lease);
 /** kvf_store_ping - one round trip to the store. Returns 0 or a negative code. */
 int kvf_store_ping(kvf_store_t *st);
 
+/* ---------------------------------------------------------------------------------------------
+ * Transfer engine
+ *
+ * An engine is a node of the cluster, named by its session id "ip:port" (the port it listens
+ * on). A Decode node registers memory; a Prefill node writes into it (or reads from it) by
+ * naming the Decode's session id and an address inside one of its registered regions. Engines
+ * find each other through the config store: each publishes its record and its regions under
+ * kvferry/v1/<namespace>/ bound to a lease, so a dead engine's records vanish.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct kvf_engine kvf_engine_t;
+
+/** Roles, the seed's plus Both. The role is published and shown; it does not restrict which
+ *  operations an engine may perform (a Decode may read from a Prefill, too). */
+typedef enum {
+    KVF_ROLE_PREFILL = 0,
+    KVF_ROLE_DECODE = 1,
+    KVF_ROLE_BOTH = 2,
+} kvf_role_t;
+
+/**
+ * kvf_role_parse - "Prefill", "Decode" or "Both" (any case) to a role.
+ * Returns 0, or -KVF_EINVAL naming @s.
+ */
+int kvf_role_parse(const char *s, kvf_role_t *out);
+
+/** kvf_role_name - "Prefill", "Decode", "Both", or "?" for other values. */
+const char *kvf_role_name(kvf_role_t role);
+
+/** Data-path transports. AUTO picks the best the peer supports (today: tcp). */
+typedef enum {
+    KVF_TRANSPORT_AUTO = 0,
+    KVF_TRANSPORT_TCP = 1,
+} kvf_transport_kind_t;
+
+/** Engine configuration. Fill with kvf_config_init(), then change fields. */
+typedef struct {
+    size_t size;                 /* sizeof(kvf_config_t), set by kvf_config_init() */
+    uint32_t init_timeout_ms;    /* how long create waits for the store, and the first transfer
+                                    to a peer waits for the peer to appear. Default 10000. */
+    uint32_t op_timeout_ms;      /* bound on every transfer call. Default 30000. */
+    uint32_t lease_ttl_ms;       /* lease of the engine's store records. Default 5000. */
+    uint32_t tcp_conns_per_peer; /* TCP connections to each peer, 1..16. Default 2. */
+    uint32_t tcp_chunk_bytes;    /* larger elements are split into chunks of this size, spread
+                                    over the connections; 64 KiB..64 MiB. Default 4 MiB. */
+    kvf_transport_kind_t transport; /* default AUTO; KVFERRY_TRANSPORT=tcp|auto overrides */
+    const char *ns;              /* store namespace, [A-Za-z0-9_.-]{1,64}; default "default".
+                                    Engines see only peers of the same namespace. */
+} kvf_config_t;
+
+/** kvf_config_init - fill @cfg with the defaults and set its size field. */
+void kvf_config_init(kvf_config_t *cfg);
+
+/**
+ * kvf_engine_create - start an engine: listen, connect to the store, publish the session record.
+ * @store_url:  the config store, e.g. "tcp://127.0.0.1:8000" (waited for up to init_timeout_ms).
+ * @session_id: "ip:port" this engine listens on and is known by; port 0 picks a free port (read
+ *              the result with kvf_engine_session_id()). The ip must be an address of this host.
+ * @role:       KVF_ROLE_PREFILL, KVF_ROLE_DECODE or KVF_ROLE_BOTH.
+ * @device_id:  the seed's npu id; on CPU hosts it selects the NUMA node of memory kvferry
+ *              allocates and is otherwise only published. Must be >= 0.
+ * @cfg:        NULL for the defaults.
+ * @out:        receives the engine.
+ * The engine is ready when this returns: its record is published and peers can reach it.
+ * A session id whose port is held by a live engine is refused with -EADDRINUSE and a message
+ * naming it; a record left by a dead engine is taken over.
+ * Returns 0, -KVF_EINVAL (bad argument, named), -KVF_ESTOREDOWN, or -errno from bind/listen.
+ */
+int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t role,
+                      int device_id, const kvf_config_t *cfg, kvf_engine_t **out);
+
+/**
+ * kvf_engine_destroy - withdraw the engine's records, close its connections and free it.
+ * Transfers still running on other threads fail with -KVF_ECLOSED; it waits for them to return.
+ * NULL is a no-op.
+ */
+void kvf_engine_destroy(kvf_engine_t *e);
+
+/** kvf_engine_session_id - this engine's session id, with the chosen port when created with 0. */
+const char *kvf_engine_session_id(const kvf_engine_t *e);
+
+/** kvf_engine_port - the port this engine listens on (the seed's get_rpc_port). */
+uint16_t kvf_engine_port(const kvf_engine_t *e);
+
+/**
+ * kvf_mem_register - make [addr, addr+len) writable and readable by peers.
+ * Exact byte bounds. Zero length, or overlap with a registered region, is refused with
+ * -KVF_EINVAL naming both ranges; registering the same range twice gives -KVF_EEXIST.
+ * The pages are touched once so that the first transfer does not pay for page faults.
+ * Peers see the region within milliseconds (it is published to the store).
+ */
+int kvf_mem_register(kvf_engine_t *e, void *addr, size_t len);
+
+/** kvf_mem_register_batch - register @n ranges: all of them, or none on error. */
+int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *lens, size_t n);
+
+/**
+ * kvf_mem_unregister - withdraw the region that starts at @addr.
+ * New transfers touching it fail with -KVF_ENOTREG at once; transfers already writing into it
+ * are waited for (up to op_timeout_ms; then -KVF_ETIMEDOUT and the memory must stay valid until
+ * they end). Returns -KVF_ENOTREG when no region starts at @addr.
+ */
+int kvf_mem_unregister(kvf_engine_t *e, void *addr);
+
+/** Transfer direction, seen from the calling engine. */
+typedef enum {
+    KVF_OP_WRITE = 0, /* local memory -> peer's registered memory */
+    KVF_OP_READ = 1,  /* peer's registered memory -> local memory */
+} kvf_op_t;
+
+/** One element of a batch. */
+typedef struct {
+    kvf_op_t op;
+    void *local;     /* source of a write, destination of a read (need not be registered) */
+    uint64_t remote; /* address inside one of the peer's registered regions */
+    size_t len;      /* bytes, > 0 */
+} kvf_xfer_t;
+
+/**
+ * kvf_transfer_sync - run a batch of elements against @peer and wait for all of them.
+ * @peer: the peer's session id. If it has not appeared in the store yet, waits for it up to
+ *        init_timeout_ms, then fails with -KVF_ENOTFOUND naming it.
+ * Returns 0 only when every byte is in place: for writes, in the peer's memory; for reads, in
+ * local memory. On failure returns the first error (-KVF_ENOTREG for a range outside the peer's
+ * regions, -KVF_EPEERGONE, -KVF_ETIMEDOUT after op_timeout_ms, ...) with a message naming the
+ * element; other elements may or may not have been transferred.
+ * Thread-safe: many threads may transfer through one engine at once.
+ */
+int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfers, size_t n);
+
+/** kvf_write - one-element kvf_transfer_sync() writing @len bytes from @local to @remote. */
+int kvf_write(kvf_engine_t *e, const char *peer, const void *local, uint64_t remote, size_t len);
+
+/** kvf_read - one-element kvf_transfer_sync() reading @len bytes at @remote into @local. */
+int kvf_read(kvf_engine_t *e, const char *peer, void *local, uint64_t remote, size_t len);
+
+/** A registered region as seen by peers. */
+typedef struct {
+    uint64_t addr;
+    uint64_t len;
+} kvf_region_info_t;
+
+/**
+ * kvf_peer_regions - the regions @peer has published, sorted by address (fetched fresh from the
+ * store, waiting up to init_timeout_ms for the peer to appear).
+ * @out/@n: receive a malloc'ed array; free() it. @n may be 0.
+ */
+int kvf_peer_regions(kvf_engine_t *e, const char *peer, kvf_region_info_t **out, size_t *n);
+
 #ifdef __cplusplus
 }
 #endif

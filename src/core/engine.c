@@ -1,0 +1,806 @@
+/*
+ * The transfer engine: one node of the cluster. It owns the listening transport, the region
+ * table, the peer cache and the store client, and publishes two keys bound to its lease:
+ *
+ *   kvferry/v1/<ns>/sessions/<sid>  the session record (JSON: role, device, pid, transports)
+ *   kvferry/v1/<ns>/regions/<sid>   its registered regions (JSON, with the table generation)
+ *
+ * A session id is "ip:port" and is also the address peers connect to, so a peer needs the store
+ * only to learn that a session exists and which regions it has; transfers between peers that
+ * already know each other go on while the store is down.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "common/common.h"
+#include "common/url.h"
+#include "core/regions.h"
+#include "transport/transport.h"
+
+#define ENG_LOG "engine"
+#define ENG_SID_MAX (KVF_HOST_MAX + 8)
+#define ENG_NS_MAX 64
+#define ENG_KEY_MAX (ENG_SID_MAX + ENG_NS_MAX + 64)
+/* Elements in one batch: a batch is described in memory the caller owns, but the engine and the
+ * transport walk it several times; a bound keeps a mistaken count from running for hours. */
+#define ENG_MAX_BATCH (1u << 20)
+#define ENG_MAX_CONNS_PER_PEER 16u
+#define ENG_MIN_CHUNK (64u << 10)
+#define ENG_MAX_CHUNK (64u << 20)
+#define ENG_RECORD_VERSION 1
+
+typedef struct eng_peer {
+    struct eng_peer *next;
+    char sid[ENG_SID_MAX];
+    kvf_tpeer_t *tp;
+    /* The peer's published regions, refreshed from the store on a miss. */
+    pthread_mutex_t lock;
+    kvf_region_t *regions;
+    size_t nregions;
+    uint64_t gen;
+} eng_peer_t;
+
+struct kvf_engine {
+    char sid[ENG_SID_MAX];
+    char ns[ENG_NS_MAX + 1];
+    char session_key[ENG_KEY_MAX];
+    char regions_key[ENG_KEY_MAX];
+    kvf_role_t role;
+    int device_id;
+    kvf_config_t cfg;
+
+    kvf_store_t *store;
+    uint64_t lease;
+    kvf_region_table_t *regions;
+    const struct kvf_transport_ops *tops;
+    kvf_transport_t *transport;
+
+    /* Serialises region publication so that an older snapshot never overwrites a newer one. */
+    pthread_mutex_t publish_lock;
+
+    pthread_mutex_t peers_lock;
+    eng_peer_t *peers;
+
+    /* Transfers in progress, so that destroy can wait for them to leave. */
+    pthread_mutex_t busy_lock;
+    pthread_cond_t busy_cond;
+    unsigned busy;
+    bool closing;
+};
+
+/* ---- small public helpers ------------------------------------------------------------------- */
+
+static const char *const role_names[] = {"Prefill", "Decode", "Both"};
+
+int kvf_role_parse(const char *s, kvf_role_t *out)
+{
+    if (!out)
+        return kvf__err(-KVF_EINVAL, "role: the output pointer is NULL");
+    for (size_t i = 0; s && i < KVF__ARRAY_SIZE(role_names); i++) {
+        if (strcasecmp(s, role_names[i]) == 0) {
+            *out = (kvf_role_t)i;
+            return 0;
+        }
+    }
+    return kvf__err(-KVF_EINVAL, "role %s%s%s: want Prefill, Decode or Both", s ? "\"" : "",
+                    s ? s : "(null)", s ? "\"" : "");
+}
+
+const char *kvf_role_name(kvf_role_t role)
+{
+    return (unsigned)role < KVF__ARRAY_SIZE(role_names) ? role_names[role] : "?";
+}
+
+void kvf_config_init(kvf_config_t *cfg)
+{
+    memset(cfg, 0, sizeof(*cfg));
+    cfg->size = sizeof(*cfg);
+    cfg->init_timeout_ms = 10000;
+    cfg->op_timeout_ms = 30000;
+    cfg->lease_ttl_ms = 5000;
+    cfg->tcp_conns_per_peer = 2;
+    cfg->tcp_chunk_bytes = 4u << 20;
+    cfg->transport = KVF_TRANSPORT_AUTO;
+    cfg->ns = "default";
+}
+
+const char *kvf_engine_session_id(const kvf_engine_t *e)
+{
+    return e ? e->sid : "";
+}
+
+uint16_t kvf_engine_port(const kvf_engine_t *e)
+{
+    return e ? e->tops->port(e->transport) : 0;
+}
+
+/* ---- configuration -------------------------------------------------------------------------- */
+
+static int check_ns(const char *ns)
+{
+    size_t n = ns ? strlen(ns) : 0;
+    if (n == 0 || n > ENG_NS_MAX)
+        return kvf__err(-KVF_EINVAL, "namespace \"%s\": want 1..%d characters", ns ? ns : "",
+                        ENG_NS_MAX);
+    for (size_t i = 0; i < n; i++) {
+        char c = ns[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '.' || c == '-'))
+            return kvf__err(-KVF_EINVAL, "namespace \"%s\": only letters, digits, '_', '.', '-'",
+                            ns);
+    }
+    return 0;
+}
+
+/* Copy the caller's config over the defaults, check it, and apply KVFERRY_TRANSPORT. */
+static int config_load(const kvf_config_t *in, kvf_config_t *c)
+{
+    kvf_config_init(c);
+    if (in) {
+        if (in->size < sizeof(in->size) || in->size > sizeof(*c))
+            return kvf__err(-KVF_EINVAL,
+                            "config.size is %zu; fill the config with kvf_config_init()",
+                            in->size);
+        memcpy(c, in, in->size);
+        c->size = sizeof(*c);
+    }
+    const char *env = getenv("KVFERRY_TRANSPORT");
+    if (env && *env) {
+        if (!strcasecmp(env, "tcp"))
+            c->transport = KVF_TRANSPORT_TCP;
+        else if (!strcasecmp(env, "auto"))
+            c->transport = KVF_TRANSPORT_AUTO;
+        else
+            return kvf__err(-KVF_EINVAL, "KVFERRY_TRANSPORT=%s: want tcp or auto", env);
+    }
+    if (c->transport != KVF_TRANSPORT_AUTO && c->transport != KVF_TRANSPORT_TCP)
+        return kvf__err(-KVF_EINVAL, "config.transport %d: want KVF_TRANSPORT_AUTO or _TCP",
+                        (int)c->transport);
+    if (c->init_timeout_ms == 0 || c->op_timeout_ms == 0 || c->lease_ttl_ms == 0)
+        return kvf__err(-KVF_EINVAL, "config: init_timeout_ms (%u), op_timeout_ms (%u) and "
+                                     "lease_ttl_ms (%u) must be > 0",
+                        c->init_timeout_ms, c->op_timeout_ms, c->lease_ttl_ms);
+    if (c->lease_ttl_ms > KVF_STORE_MAX_LEASE_TTL_MS)
+        return kvf__err(-KVF_EINVAL, "config.lease_ttl_ms %u exceeds %u", c->lease_ttl_ms,
+                        KVF_STORE_MAX_LEASE_TTL_MS);
+    if (c->tcp_conns_per_peer < 1 || c->tcp_conns_per_peer > ENG_MAX_CONNS_PER_PEER)
+        return kvf__err(-KVF_EINVAL, "config.tcp_conns_per_peer %u: want 1..%u",
+                        c->tcp_conns_per_peer, ENG_MAX_CONNS_PER_PEER);
+    if (c->tcp_chunk_bytes < ENG_MIN_CHUNK || c->tcp_chunk_bytes > ENG_MAX_CHUNK)
+        return kvf__err(-KVF_EINVAL, "config.tcp_chunk_bytes %u: want %u..%u", c->tcp_chunk_bytes,
+                        ENG_MIN_CHUNK, ENG_MAX_CHUNK);
+    if (!c->ns)
+        c->ns = "default";
+    return check_ns(c->ns);
+}
+
+/* ---- store records -------------------------------------------------------------------------- */
+
+static void make_key(char *buf, size_t len, const char *ns, const char *kind, const char *sid)
+{
+    snprintf(buf, len, "kvferry/v1/%s/%s/%s", ns, kind, sid);
+}
+
+/* Set @key to the JSON text of @doc under the engine's lease; steals the reference to @doc. */
+static int store_put_json(kvf_engine_t *e, const char *key, json_t *doc)
+{
+    if (!doc)
+        return kvf__err(-KVF_ENOMEM, "engine %s: out of memory building %s", e->sid, key);
+    char *text = json_dumps(doc, JSON_COMPACT);
+    json_decref(doc);
+    if (!text)
+        return kvf__err(-KVF_ENOMEM, "engine %s: out of memory encoding %s", e->sid, key);
+    int rc = kvf_store_set(e->store, key, text, strlen(text), e->lease);
+    free(text);
+    return rc;
+}
+
+static json_t *hex_u64(uint64_t v)
+{
+    char buf[24];
+    snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
+    return json_string(buf);
+}
+
+static int publish_session(kvf_engine_t *e)
+{
+    char host[256] = "";
+    gethostname(host, sizeof(host) - 1);
+    json_t *doc = json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:[s]}", "version",
+                            ENG_RECORD_VERSION, "session", e->sid, "role", kvf_role_name(e->role),
+                            "device_id", e->device_id, "pid", (int)getpid(), "hostname", host,
+                            "kvferry", KVF_VERSION_STRING, "transports", e->tops->name);
+    return store_put_json(e, e->session_key, doc);
+}
+
+/* Publish the current region table. Holding publish_lock across snapshot and set keeps the
+ * published generation monotonic when several threads register at once. */
+static int publish_regions(kvf_engine_t *e)
+{
+    kvf_region_t *rs;
+    size_t n;
+    uint64_t gen;
+    int rc;
+
+    pthread_mutex_lock(&e->publish_lock);
+    rc = kvf__regions_snapshot(e->regions, &rs, &n, &gen);
+    if (rc < 0)
+        goto out_unlock;
+    json_t *list = json_array();
+    for (size_t i = 0; list && i < n; i++) {
+        json_t *r = json_pack("{s:o, s:I, s:I}", "addr", hex_u64(rs[i].addr), "len",
+                              (json_int_t)rs[i].len, "gen", (json_int_t)rs[i].gen);
+        if (!r || json_array_append_new(list, r) < 0) {
+            json_decref(list);
+            list = NULL;
+        }
+    }
+    free(rs);
+    json_t *doc = list ? json_pack("{s:I, s:o}", "gen", (json_int_t)gen, "regions", list) : NULL;
+    rc = store_put_json(e, e->regions_key, doc);
+    if (rc < 0)
+        kvf__err_wrap(rc, "engine %s: publishing its regions", e->sid);
+out_unlock:
+    pthread_mutex_unlock(&e->publish_lock);
+    return rc;
+}
+
+/* Parse a regions record into a sorted array. Untrusted input (anyone may write the store):
+ * malformed records are refused, never half-used. */
+static int parse_regions(const char *sid, const void *text, size_t len, kvf_region_t **out,
+                         size_t *n, uint64_t *gen)
+{
+    json_error_t jerr;
+    json_t *doc = json_loadb(text, len, 0, &jerr);
+    json_t *list = doc ? json_object_get(doc, "regions") : NULL;
+    json_t *g = doc ? json_object_get(doc, "gen") : NULL;
+    kvf_region_t *rs = NULL;
+    size_t count, i;
+    int rc = 0;
+
+    if (!doc || !json_is_array(list) || !json_is_integer(g)) {
+        rc = kvf__err(-KVF_EPROTO, "peer %s: malformed regions record%s%s", sid,
+                      doc ? "" : ": ", doc ? "" : jerr.text);
+        goto out;
+    }
+    count = json_array_size(list);
+    rs = calloc(count ? count : 1, sizeof(*rs));
+    if (!rs) {
+        rc = kvf__err(-KVF_ENOMEM, "peer %s: out of memory for %zu regions", sid, count);
+        goto out;
+    }
+    for (i = 0; i < count; i++) {
+        json_t *r = json_array_get(list, i);
+        json_t *a = json_object_get(r, "addr");
+        json_t *l = json_object_get(r, "len");
+        char *end;
+        const char *as = json_string_value(a);
+        errno = 0;
+        unsigned long long addr = as ? strtoull(as, &end, 16) : 0;
+        if (!as || *end || errno || !json_is_integer(l) || json_integer_value(l) <= 0 ||
+            (i > 0 && addr < rs[i - 1].addr + rs[i - 1].len)) {
+            rc = kvf__err(-KVF_EPROTO, "peer %s: malformed region %zu in its regions record",
+                          sid, i);
+            goto out;
+        }
+        rs[i].addr = addr;
+        rs[i].len = (uint64_t)json_integer_value(l);
+        json_t *rg = json_object_get(r, "gen");
+        rs[i].gen = json_is_integer(rg) ? (uint64_t)json_integer_value(rg) : 0;
+    }
+    *out = rs;
+    *n = count;
+    *gen = (uint64_t)json_integer_value(g);
+    rs = NULL;
+out:
+    free(rs);
+    json_decref(doc);
+    return rc;
+}
+
+/* Fetch @sid's regions from the store, waiting up to @wait_ms for the record to appear. */
+static int fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kvf_region_t **out,
+                         size_t *n, uint64_t *gen)
+{
+    char key[ENG_KEY_MAX];
+    void *val;
+    size_t len;
+
+    make_key(key, sizeof(key), e->ns, "regions", sid);
+    int rc = kvf_store_get(e->store, key, wait_ms, &val, &len);
+    if (rc == -KVF_ETIMEDOUT || rc == -KVF_ENOTFOUND)
+        return kvf__err(-KVF_ENOTFOUND,
+                        "peer session %s did not appear in the store %s within %u ms "
+                        "(is it running, with the same --store-url?)",
+                        sid, kvf_store_url(e->store), wait_ms);
+    if (rc < 0)
+        return kvf__err_wrap(rc, "looking up peer session %s", sid);
+    rc = parse_regions(sid, val, len, out, n, gen);
+    free(val);
+    return rc;
+}
+
+/* ---- peers ---------------------------------------------------------------------------------- */
+
+static void peer_free(kvf_engine_t *e, eng_peer_t *p)
+{
+    if (p->tp)
+        e->tops->peer_close(p->tp);
+    pthread_mutex_destroy(&p->lock);
+    free(p->regions);
+    free(p);
+}
+
+static eng_peer_t *peer_find_locked(kvf_engine_t *e, const char *sid)
+{
+    for (eng_peer_t *p = e->peers; p; p = p->next)
+        if (!strcmp(p->sid, sid))
+            return p;
+    return NULL;
+}
+
+/*
+ * The cached peer for @sid, or a new one after its regions record appeared in the store (waiting
+ * up to init_timeout_ms). The lookup runs without peers_lock so that a slow peer does not hold up
+ * transfers to others; if two threads race, the first insert wins and the other is discarded.
+ */
+static int peer_get(kvf_engine_t *e, const char *sid, eng_peer_t **out)
+{
+    kvf_hostport_t addr;
+    eng_peer_t *p;
+    int rc;
+
+    pthread_mutex_lock(&e->peers_lock);
+    p = peer_find_locked(e, sid);
+    pthread_mutex_unlock(&e->peers_lock);
+    if (p) {
+        *out = p;
+        return 0;
+    }
+    rc = kvf__session_id_parse(sid, &addr);
+    if (rc < 0)
+        return rc;
+    if (addr.port == 0)
+        return kvf__err(-KVF_EINVAL, "peer session id %s: port 0 names no peer", sid);
+    p = calloc(1, sizeof(*p));
+    if (!p)
+        return kvf__err(-KVF_ENOMEM, "peer %s: out of memory", sid);
+    snprintf(p->sid, sizeof(p->sid), "%s", sid);
+    pthread_mutex_init(&p->lock, NULL);
+    rc = fetch_regions(e, sid, e->cfg.init_timeout_ms, &p->regions, &p->nregions, &p->gen);
+    if (rc < 0)
+        goto out_free;
+    rc = e->tops->peer_open(e->transport, sid, &addr, &p->tp);
+    if (rc < 0)
+        goto out_free;
+
+    pthread_mutex_lock(&e->peers_lock);
+    eng_peer_t *other = peer_find_locked(e, sid);
+    if (!other) {
+        p->next = e->peers;
+        e->peers = p;
+    }
+    pthread_mutex_unlock(&e->peers_lock);
+    if (other) {
+        peer_free(e, p);
+        p = other;
+    }
+    KVF_DEBUG(ENG_LOG, "engine %s: peer %s found with %zu regions", e->sid, sid, p->nregions);
+    *out = p;
+    return 0;
+
+out_free:
+    peer_free(e, p);
+    return rc;
+}
+
+/* Re-read the peer's regions from the store (no wait: it exists, or existed). */
+static int peer_refresh(kvf_engine_t *e, eng_peer_t *p)
+{
+    kvf_region_t *rs;
+    size_t n;
+    uint64_t gen;
+    int rc = fetch_regions(e, p->sid, 0, &rs, &n, &gen);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&p->lock);
+    free(p->regions);
+    p->regions = rs;
+    p->nregions = n;
+    p->gen = gen;
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+
+/* The sender's fast-fail: every element must lie inside one of the peer's published regions.
+ * Returns 0 or -KVF_ENOTREG naming the first element that does not. */
+static int peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n)
+{
+    int rc = 0;
+    pthread_mutex_lock(&p->lock);
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        rc = kvf__regions_check(p->regions, p->nregions, x[i].remote, x[i].len);
+        if (rc < 0)
+            kvf__err_wrap(rc, "element %zu (%s)", i, x[i].op == KVF_OP_WRITE ? "write" : "read");
+    }
+    pthread_mutex_unlock(&p->lock);
+    return rc;
+}
+
+/* ---- create / destroy ----------------------------------------------------------------------- */
+
+int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t role,
+                      int device_id, const kvf_config_t *cfg, kvf_engine_t **out)
+{
+    kvf_hostport_t listen;
+    kvf_store_url_t surl;
+    kvf_engine_t *e;
+    int rc;
+
+    if (!out)
+        return kvf__err(-KVF_EINVAL, "engine create: the output pointer is NULL");
+    *out = NULL;
+    if (!store_url)
+        return kvf__err(-KVF_EINVAL, "engine create: the store URL is NULL");
+    rc = kvf__store_url_parse(store_url, 0, &surl);
+    if (rc < 0)
+        return rc;
+    if (!session_id)
+        return kvf__err(-KVF_EINVAL, "engine create: the session id is NULL");
+    rc = kvf__session_id_parse(session_id, &listen);
+    if (rc < 0)
+        return rc;
+    if ((unsigned)role > KVF_ROLE_BOTH)
+        return kvf__err(-KVF_EINVAL, "engine create: role %d: want Prefill (0), Decode (1) or "
+                                     "Both (2)",
+                        (int)role);
+    if (device_id < 0)
+        return kvf__err(-KVF_EINVAL, "engine create: device id %d: want >= 0", device_id);
+
+    e = calloc(1, sizeof(*e));
+    if (!e)
+        return kvf__err(-KVF_ENOMEM, "engine create: out of memory");
+    rc = config_load(cfg, &e->cfg);
+    if (rc < 0)
+        goto out_free;
+    snprintf(e->ns, sizeof(e->ns), "%s", e->cfg.ns);
+    e->cfg.ns = e->ns;
+    e->role = role;
+    e->device_id = device_id;
+    e->tops = &kvf__tcp_ops;
+    pthread_mutex_init(&e->publish_lock, NULL);
+    pthread_mutex_init(&e->peers_lock, NULL);
+    pthread_mutex_init(&e->busy_lock, NULL);
+    rc = kvf__cond_init_monotonic(&e->busy_cond);
+    if (rc < 0)
+        goto out_destroy_locks;
+    KVF_DEBUG(ENG_LOG, "device id %d: host memory (no device memory kinds are built)", device_id);
+
+    rc = kvf__regions_create(&e->regions);
+    if (rc < 0)
+        goto out_destroy_cond;
+
+    /* Listen first: the port is the session's identity, and holding it proves that no live
+     * engine on this host owns the session id, so a record left in the store is a dead one's. */
+    kvf_transport_params_t tp = {
+        .local_sid = session_id,
+        .listen = listen,
+        .regions = e->regions,
+        .conns_per_peer = e->cfg.tcp_conns_per_peer,
+        .chunk_bytes = e->cfg.tcp_chunk_bytes,
+        .connect_timeout_ms = e->cfg.init_timeout_ms,
+    };
+    rc = e->tops->create(&tp, &e->transport);
+    if (rc == -EADDRINUSE) {
+        rc = kvf__err(rc, "session id %s is already in use: another engine or process holds "
+                          "port %u on this host",
+                      session_id, listen.port);
+        goto out_regions;
+    }
+    if (rc == -EADDRNOTAVAIL) {
+        rc = kvf__err(rc, "session id %s: %s is not an address of this host", session_id,
+                      listen.host);
+        goto out_regions;
+    }
+    if (rc < 0)
+        goto out_regions;
+    listen.port = e->tops->port(e->transport);
+    kvf__hostport_format(&listen, e->sid, sizeof(e->sid));
+    make_key(e->session_key, sizeof(e->session_key), e->ns, "sessions", e->sid);
+    make_key(e->regions_key, sizeof(e->regions_key), e->ns, "regions", e->sid);
+
+    kvf_store_opts_t so;
+    kvf_store_opts_init(&so);
+    so.connect_timeout_ms = e->cfg.init_timeout_ms;
+    rc = kvf_store_open(store_url, &so, &e->store);
+    if (rc < 0)
+        goto out_transport;
+    rc = kvf_store_lease_grant(e->store, e->cfg.lease_ttl_ms, &e->lease);
+    if (rc < 0)
+        goto out_store;
+
+    void *old;
+    size_t old_len;
+    if (kvf_store_get(e->store, e->session_key, 0, &old, &old_len) == 0) {
+        KVF_INFO(ENG_LOG, "session %s: taking over the record of an engine that is gone", e->sid);
+        free(old);
+    }
+    /* Regions first: a peer that sees the session record can then always find its regions. */
+    rc = publish_regions(e);
+    if (rc < 0)
+        goto out_store;
+    rc = publish_session(e);
+    if (rc < 0)
+        goto out_store;
+    KVF_INFO(ENG_LOG, "engine %s (%s) ready, store %s", e->sid, kvf_role_name(role), store_url);
+    *out = e;
+    return 0;
+
+out_store:
+    kvf__err_wrap(rc, "engine %s: store %s", e->sid, store_url);
+    kvf_store_close(e->store);
+out_transport:
+    e->tops->destroy(e->transport);
+out_regions:
+    kvf__regions_destroy(e->regions);
+out_destroy_cond:
+    pthread_cond_destroy(&e->busy_cond);
+out_destroy_locks:
+    pthread_mutex_destroy(&e->busy_lock);
+    pthread_mutex_destroy(&e->peers_lock);
+    pthread_mutex_destroy(&e->publish_lock);
+out_free:
+    free(e);
+    return rc;
+}
+
+void kvf_engine_destroy(kvf_engine_t *e)
+{
+    if (!e)
+        return;
+    /* New transfers are refused from here on; running ones are bounded by op_timeout_ms. */
+    pthread_mutex_lock(&e->busy_lock);
+    e->closing = true;
+    while (e->busy)
+        pthread_cond_wait(&e->busy_cond, &e->busy_lock);
+    pthread_mutex_unlock(&e->busy_lock);
+
+    /* Closing the store client revokes the lease, which withdraws both records at once instead
+     * of letting them linger for a TTL. Best effort and bounded: with the store down they
+     * expire on their own. */
+    kvf_store_close(e->store);
+
+    for (eng_peer_t *p = e->peers, *next; p; p = next) {
+        next = p->next;
+        peer_free(e, p);
+    }
+    e->tops->destroy(e->transport);
+    kvf__regions_destroy(e->regions);
+    pthread_cond_destroy(&e->busy_cond);
+    pthread_mutex_destroy(&e->busy_lock);
+    pthread_mutex_destroy(&e->peers_lock);
+    pthread_mutex_destroy(&e->publish_lock);
+    KVF_INFO(ENG_LOG, "engine %s destroyed", e->sid);
+    free(e);
+}
+
+/* ---- registration --------------------------------------------------------------------------- */
+
+/* Fault the pages in now, so that the first transfer into them runs at memory speed instead of
+ * page-fault speed. MADV_POPULATE_WRITE (Linux 5.14) does it without touching the contents;
+ * older kernels get a read-modify-write of one byte per page, atomic so that it cannot undo a
+ * concurrent write by the application. */
+static void prefault(void *addr, size_t len)
+{
+    long psz = sysconf(_SC_PAGESIZE);
+    uintptr_t page = (uintptr_t)(psz > 0 ? psz : 4096);
+    uintptr_t start = (uintptr_t)addr & ~(page - 1);
+    uintptr_t end = (uintptr_t)addr + len;
+#ifdef MADV_POPULATE_WRITE
+    if (madvise((void *)start, end - start, MADV_POPULATE_WRITE) == 0)
+        return;
+#endif
+    for (uintptr_t p = (uintptr_t)addr; p < end; p = (p & ~(page - 1)) + page)
+        __atomic_fetch_add((unsigned char *)p, 0, __ATOMIC_RELAXED);
+}
+
+int kvf_mem_register(kvf_engine_t *e, void *addr, size_t len)
+{
+    if (!e)
+        return kvf__err(-KVF_EINVAL, "register: the engine is NULL");
+    return kvf_mem_register_batch(e, &addr, &len, 1);
+}
+
+int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *lens, size_t n)
+{
+    uint64_t *a, *l;
+    int rc;
+
+    if (!e)
+        return kvf__err(-KVF_EINVAL, "register: the engine is NULL");
+    if (n == 0 || !addrs || !lens)
+        return kvf__err(-KVF_EINVAL, "register: %s", n ? "NULL address or length array"
+                                                      : "empty batch");
+    for (size_t i = 0; i < n; i++)
+        if (!addrs[i])
+            return kvf__err(-KVF_EINVAL, "register: element %zu: address is NULL", i);
+    a = malloc(n * sizeof(*a));
+    l = malloc(n * sizeof(*l));
+    if (!a || !l) {
+        rc = kvf__err(-KVF_ENOMEM, "register: out of memory for %zu ranges", n);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        a[i] = (uintptr_t)addrs[i];
+        l[i] = lens[i];
+    }
+    rc = kvf__regions_add_batch(e->regions, a, l, n);
+    if (rc < 0)
+        goto out;
+    for (size_t i = 0; i < n; i++)
+        prefault(addrs[i], lens[i]);
+    rc = publish_regions(e);
+    if (rc < 0) {
+        /* Peers could not learn of the ranges: undo, so that the caller's view and theirs agree. */
+        for (size_t i = 0; i < n; i++)
+            kvf__regions_remove(e->regions, a[i], 0);
+        goto out;
+    }
+    KVF_DEBUG(ENG_LOG, "engine %s: registered %zu range(s), first [%p, +%zu)", e->sid, n,
+              addrs[0], lens[0]);
+out:
+    free(a);
+    free(l);
+    return rc;
+}
+
+int kvf_mem_unregister(kvf_engine_t *e, void *addr)
+{
+    if (!e)
+        return kvf__err(-KVF_EINVAL, "unregister: the engine is NULL");
+    int rc = kvf__regions_remove(e->regions, (uintptr_t)addr, e->cfg.op_timeout_ms);
+    /* Publish even after a drain timeout: the region is gone for new requests either way. */
+    if (rc == 0 || rc == -KVF_ETIMEDOUT) {
+        int prc = publish_regions(e);
+        if (rc == 0)
+            rc = prc;
+    }
+    return rc;
+}
+
+/* ---- transfers ------------------------------------------------------------------------------ */
+
+static int busy_enter(kvf_engine_t *e)
+{
+    pthread_mutex_lock(&e->busy_lock);
+    bool closing = e->closing;
+    if (!closing)
+        e->busy++;
+    pthread_mutex_unlock(&e->busy_lock);
+    return closing ? kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid) : 0;
+}
+
+static void busy_leave(kvf_engine_t *e)
+{
+    pthread_mutex_lock(&e->busy_lock);
+    if (--e->busy == 0)
+        pthread_cond_broadcast(&e->busy_cond);
+    pthread_mutex_unlock(&e->busy_lock);
+}
+
+static int check_xfers(const char *peer, const kvf_xfer_t *x, size_t n)
+{
+    if (!x || n == 0)
+        return kvf__err(-KVF_EINVAL, "transfer to %s: %s", peer, x ? "empty batch" : "NULL batch");
+    if (n > ENG_MAX_BATCH)
+        return kvf__err(-KVF_EINVAL, "transfer to %s: %zu elements exceed %u", peer, n,
+                        ENG_MAX_BATCH);
+    for (size_t i = 0; i < n; i++) {
+        if (x[i].op != KVF_OP_WRITE && x[i].op != KVF_OP_READ)
+            return kvf__err(-KVF_EINVAL, "transfer to %s: element %zu: op %d is neither write "
+                                         "nor read",
+                            peer, i, (int)x[i].op);
+        if (x[i].len == 0)
+            return kvf__err(-KVF_EINVAL, "transfer to %s: element %zu: length is 0", peer, i);
+        if (!x[i].local)
+            return kvf__err(-KVF_EINVAL, "transfer to %s: element %zu: local address is NULL",
+                            peer, i);
+        if (x[i].remote + x[i].len < x[i].remote)
+            return kvf__err(-KVF_EINVAL, "transfer to %s: element %zu: [0x%" PRIx64 ", +%zu) "
+                                         "wraps around the address space",
+                            peer, i, x[i].remote, x[i].len);
+    }
+    return 0;
+}
+
+int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n)
+{
+    eng_peer_t *p;
+    int rc;
+
+    if (!e)
+        return kvf__err(-KVF_EINVAL, "transfer: the engine is NULL");
+    if (!peer)
+        return kvf__err(-KVF_EINVAL, "transfer: the peer session id is NULL");
+    rc = check_xfers(peer, x, n);
+    if (rc < 0)
+        return rc;
+    rc = busy_enter(e);
+    if (rc < 0)
+        return rc;
+    uint64_t deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
+
+    rc = peer_get(e, peer, &p);
+    if (rc < 0)
+        goto out;
+    /* A miss in the cached regions may only mean the cache is old: refresh once and re-check. */
+    rc = peer_check(p, x, n);
+    if (rc == -KVF_ENOTREG && peer_refresh(e, p) == 0)
+        rc = peer_check(p, x, n);
+    if (rc < 0) {
+        kvf__err_wrap(rc, "transfer to %s", peer);
+        goto out;
+    }
+    rc = e->tops->transfer(p->tp, x, n, deadline);
+    /* The target's check is authoritative. If it refused a range our cache allowed, the peer
+     * re-registered since we looked: refresh, and retry once if the range is still published. */
+    if (rc == -KVF_ENOTREG && kvf__now_ms() < deadline && peer_refresh(e, p) == 0 &&
+        peer_check(p, x, n) == 0)
+        rc = e->tops->transfer(p->tp, x, n, deadline);
+    if (rc < 0)
+        kvf__err_wrap(rc, "transfer to %s", peer);
+out:
+    busy_leave(e);
+    return rc;
+}
+
+int kvf_write(kvf_engine_t *e, const char *peer, const void *local, uint64_t remote, size_t len)
+{
+    kvf_xfer_t x = {.op = KVF_OP_WRITE, .local = (void *)local, .remote = remote, .len = len};
+    return kvf_transfer_sync(e, peer, &x, 1);
+}
+
+int kvf_read(kvf_engine_t *e, const char *peer, void *local, uint64_t remote, size_t len)
+{
+    kvf_xfer_t x = {.op = KVF_OP_READ, .local = local, .remote = remote, .len = len};
+    return kvf_transfer_sync(e, peer, &x, 1);
+}
+
+int kvf_peer_regions(kvf_engine_t *e, const char *peer, kvf_region_info_t **out, size_t *n)
+{
+    kvf_region_t *rs;
+    size_t count;
+    uint64_t gen;
+
+    if (!e || !peer || !out || !n)
+        return kvf__err(-KVF_EINVAL, "peer regions: NULL argument");
+    int rc = busy_enter(e);
+    if (rc < 0)
+        return rc;
+    rc = fetch_regions(e, peer, e->cfg.init_timeout_ms, &rs, &count, &gen);
+    if (rc < 0)
+        goto out;
+    kvf_region_info_t *info = calloc(count ? count : 1, sizeof(*info));
+    if (!info) {
+        free(rs);
+        rc = kvf__err(-KVF_ENOMEM, "peer %s: out of memory", peer);
+        goto out;
+    }
+    for (size_t i = 0; i < count; i++)
+        info[i] = (kvf_region_info_t){.addr = rs[i].addr, .len = rs[i].len};
+    free(rs);
+    *out = info;
+    *n = count;
+out:
+    busy_leave(e);
+    return rc;
+}

@@ -1,0 +1,582 @@
+/*
+ * The transfer engine as a user drives it: create/destroy and the session record, registration,
+ * writes and reads between engines (bytes compared after every transfer), errors with the value
+ * named, a killed peer, a store that goes away.
+ */
+#include "test_util.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CHILD_ARG "--decode-child"
+
+typedef struct {
+    kvf_store_server_t *srv;
+    const char *url;
+    kvf_engine_t *dec; /* the target: registers memory */
+    kvf_engine_t *pre; /* the sender */
+} fx_t;
+
+static kvf_config_t quick_config(void)
+{
+    kvf_config_t c;
+    kvf_config_init(&c);
+    c.init_timeout_ms = 3000;
+    c.op_timeout_ms = 10000;
+    return c;
+}
+
+static kvf_engine_t *engine(const char *url, kvf_role_t role, const kvf_config_t *c)
+{
+    kvf_engine_t *e = NULL;
+    assert_kvf_ok(kvf_engine_create(url, "127.0.0.1:0", role, 0, c, &e));
+    return e;
+}
+
+static int fx_setup(void **state)
+{
+    fx_t *fx = calloc(1, sizeof(*fx));
+    fx->srv = kvf_test_store_start();
+    fx->url = kvf_store_server_url(fx->srv);
+    kvf_config_t c = quick_config();
+    fx->dec = engine(fx->url, KVF_ROLE_DECODE, &c);
+    fx->pre = engine(fx->url, KVF_ROLE_PREFILL, &c);
+    *state = fx;
+    return 0;
+}
+
+static int fx_teardown(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_destroy(fx->pre);
+    kvf_engine_destroy(fx->dec);
+    kvf_store_server_stop(fx->srv);
+    free(fx);
+    return 0;
+}
+
+static void fill(uint8_t *p, size_t n, uint32_t seed)
+{
+    uint32_t x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        p[i] = (uint8_t)x;
+    }
+}
+
+static uint8_t *alloc_filled(size_t n, uint32_t seed)
+{
+    uint8_t *p = malloc(n);
+    assert_non_null(p);
+    fill(p, n, seed);
+    return p;
+}
+
+/* ---- lifecycle ----------------------------------------------------------------------------- */
+
+static void create_publishes_session_record(void **state)
+{
+    fx_t *fx = *state;
+    const char *sid = kvf_engine_session_id(fx->dec);
+    char want[64];
+    snprintf(want, sizeof(want), "127.0.0.1:%u", kvf_engine_port(fx->dec));
+    assert_string_equal(sid, want);
+    assert_true(kvf_engine_port(fx->dec) != 0);
+
+    kvf_store_t *st;
+    assert_kvf_ok(kvf_store_open(fx->url, NULL, &st));
+    char key[128];
+    snprintf(key, sizeof(key), "kvferry/v1/default/sessions/%s", sid);
+    void *val;
+    size_t len;
+    assert_kvf_ok(kvf_store_get(st, key, 0, &val, &len));
+    assert_non_null(strstr(val, "\"role\":\"Decode\""));
+    assert_non_null(strstr(val, sid));
+    free(val);
+
+    /* Destroy withdraws the record at once. */
+    kvf_engine_destroy(fx->dec);
+    fx->dec = NULL;
+    assert_kvf_err(kvf_store_get(st, key, 0, &val, &len), -KVF_ENOTFOUND);
+    kvf_store_close(st);
+}
+
+static void session_in_use_refused(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_t *e = NULL;
+    const char *sid = kvf_engine_session_id(fx->dec);
+    assert_kvf_err(kvf_engine_create(fx->url, sid, KVF_ROLE_DECODE, 0, NULL, &e), -EADDRINUSE);
+    assert_null(e);
+    assert_last_error_contains(sid);
+    assert_last_error_contains("already in use");
+}
+
+/* A port nobody listens on right now. */
+static uint16_t free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t l = sizeof(a);
+    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &l), 0);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+static void dead_record_taken_over(void **state)
+{
+    fx_t *fx = *state;
+    char sid[64], key[128];
+    snprintf(sid, sizeof(sid), "127.0.0.1:%u", free_port());
+    snprintf(key, sizeof(key), "kvferry/v1/default/sessions/%s", sid);
+    kvf_store_t *st;
+    assert_kvf_ok(kvf_store_open(fx->url, NULL, &st));
+    const char *stale = "{\"session\":\"stale\",\"pid\":1}";
+    assert_kvf_ok(kvf_store_set(st, key, stale, strlen(stale), 0));
+
+    kvf_engine_t *e = NULL;
+    assert_kvf_ok(kvf_engine_create(fx->url, sid, KVF_ROLE_DECODE, 0, NULL, &e));
+    assert_string_equal(kvf_engine_session_id(e), sid);
+    void *val;
+    size_t len;
+    assert_kvf_ok(kvf_store_get(st, key, 0, &val, &len));
+    char pid[32];
+    snprintf(pid, sizeof(pid), "\"pid\":%d", (int)getpid());
+    assert_non_null(strstr(val, pid));
+    free(val);
+    kvf_engine_destroy(e);
+    kvf_store_close(st);
+}
+
+static void create_bad_arguments(void **state)
+{
+    (void)state;
+    kvf_engine_t *e = NULL;
+    uint64_t t0 = kvf_test_now_ms();
+    assert_kvf_err(kvf_engine_create("tcp://192.168.1.1000:8000", "127.0.0.1:0",
+                                     KVF_ROLE_PREFILL, 0, NULL, &e),
+                   -KVF_EINVAL);
+    assert_last_error_contains("192.168.1.1000 is not a valid IPv4 address");
+    assert_kvf_err(kvf_engine_create("tcp://127.0.0.1:1", "127.0.0.1:50x", KVF_ROLE_PREFILL, 0,
+                                     NULL, &e),
+                   -KVF_EINVAL);
+    assert_last_error_contains("127.0.0.1:50x");
+    assert_kvf_err(kvf_engine_create("tcp://127.0.0.1:1", "127.0.0.1:0", (kvf_role_t)7, 0, NULL,
+                                     &e),
+                   -KVF_EINVAL);
+    assert_last_error_contains("role 7");
+    assert_kvf_err(kvf_engine_create("tcp://127.0.0.1:1", "127.0.0.1:0", KVF_ROLE_DECODE, -1,
+                                     NULL, &e),
+                   -KVF_EINVAL);
+    assert_last_error_contains("device id -1");
+    assert_true(kvf_test_now_ms() - t0 < 500);
+    assert_null(e);
+
+    kvf_role_t r;
+    assert_kvf_ok(kvf_role_parse("decode", &r));
+    assert_int_equal(r, KVF_ROLE_DECODE);
+    assert_kvf_err(kvf_role_parse("Bogus", &r), -KVF_EINVAL);
+    assert_last_error_contains("Bogus");
+}
+
+static void create_store_unreachable(void **state)
+{
+    (void)state;
+    kvf_config_t c = quick_config();
+    c.init_timeout_ms = 300;
+    kvf_engine_t *e = NULL;
+    uint64_t t0 = kvf_test_now_ms();
+    assert_kvf_err(kvf_engine_create("tcp://127.0.0.1:1", "127.0.0.1:0", KVF_ROLE_PREFILL, 0, &c,
+                                     &e),
+                   -KVF_ESTOREDOWN);
+    uint64_t took = kvf_test_now_ms() - t0;
+    assert_true(took >= 300 && took < 3000);
+    assert_last_error_contains("tcp://127.0.0.1:1");
+}
+
+/* ---- registration -------------------------------------------------------------------------- */
+
+static void register_errors_name_ranges(void **state)
+{
+    fx_t *fx = *state;
+    uint8_t *buf = malloc(8192);
+    assert_kvf_ok(kvf_mem_register(fx->dec, buf, 4096));
+    assert_kvf_err(kvf_mem_register(fx->dec, buf + 2048, 4096), -KVF_EINVAL);
+    char a[32], b[32];
+    snprintf(a, sizeof(a), "%p", (void *)(buf + 2048));
+    snprintf(b, sizeof(b), "%p", (void *)buf);
+    assert_last_error_contains(a);
+    assert_last_error_contains(b);
+    assert_kvf_err(kvf_mem_register(fx->dec, buf + 4096, 0), -KVF_EINVAL);
+    assert_kvf_err(kvf_mem_register(fx->dec, buf, 4096), -KVF_EEXIST);
+    assert_kvf_err(kvf_mem_unregister(fx->dec, buf + 1), -KVF_ENOTREG);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, buf));
+    free(buf);
+}
+
+static void peer_sees_regions_at_once(void **state)
+{
+    fx_t *fx = *state;
+    uint8_t *a = malloc(4096), *b = malloc(100);
+    void *addrs[] = {a, b};
+    size_t lens[] = {4096, 100};
+    assert_kvf_ok(kvf_mem_register_batch(fx->dec, addrs, lens, 2));
+    kvf_region_info_t *rs;
+    size_t n;
+    assert_kvf_ok(kvf_peer_regions(fx->pre, kvf_engine_session_id(fx->dec), &rs, &n));
+    assert_int_equal(n, 2);
+    size_t ia = (uintptr_t)a < (uintptr_t)b ? 0 : 1;
+    assert_int_equal(rs[ia].addr, (uintptr_t)a);
+    assert_int_equal(rs[ia].len, 4096);
+    assert_int_equal(rs[1 - ia].addr, (uintptr_t)b);
+    assert_int_equal(rs[1 - ia].len, 100);
+    free(rs);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, a));
+    assert_kvf_ok(kvf_peer_regions(fx->pre, kvf_engine_session_id(fx->dec), &rs, &n));
+    assert_int_equal(n, 1);
+    assert_int_equal(rs[0].addr, (uintptr_t)b);
+    free(rs);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, b));
+    free(a);
+    free(b);
+}
+
+/* ---- transfers ----------------------------------------------------------------------------- */
+
+static void write_read_size(fx_t *fx, size_t n, uint32_t seed)
+{
+    const char *peer = kvf_engine_session_id(fx->dec);
+    uint8_t *dst = calloc(1, n), *src = alloc_filled(n, seed), *back = calloc(1, n);
+    assert_kvf_ok(kvf_mem_register(fx->dec, dst, n));
+    assert_kvf_ok(kvf_write(fx->pre, peer, src, (uintptr_t)dst, n));
+    assert_memory_equal(dst, src, n);
+    assert_kvf_ok(kvf_read(fx->pre, peer, back, (uintptr_t)dst, n));
+    assert_memory_equal(back, src, n);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
+    free(dst);
+    free(src);
+    free(back);
+}
+
+static void write_read_sizes(void **state)
+{
+    fx_t *fx = *state;
+    write_read_size(fx, 1, 1);
+    write_read_size(fx, 4096, 2);
+    write_read_size(fx, (1u << 20) + 1, 3);
+    write_read_size(fx, 64u << 20, 4);
+}
+
+static void batch_of_1000_mixed(void **state)
+{
+    fx_t *fx = *state;
+    const char *peer = kvf_engine_session_id(fx->dec);
+    enum { N = 1000 };
+    size_t off[N + 1];
+    kvf_xfer_t x[N];
+    off[0] = 0;
+    for (int i = 0; i < N; i++)
+        off[i + 1] = off[i] + 1 + (size_t)((i * 7919) % 20000);
+    size_t total = off[N];
+    uint8_t *dst = calloc(1, total), *src = alloc_filled(total, 9), *back = calloc(1, total);
+    assert_kvf_ok(kvf_mem_register(fx->dec, dst, total));
+    /* Even elements written, then everything read back; odd ones pre-filled on the target. */
+    for (int i = 0; i < N; i++)
+        if (i % 2)
+            memcpy(dst + off[i], src + off[i], off[i + 1] - off[i]);
+    for (int i = 0; i < N; i++)
+        x[i] = (kvf_xfer_t){.op = i % 2 ? KVF_OP_READ : KVF_OP_WRITE,
+                            .local = i % 2 ? back + off[i] : src + off[i],
+                            .remote = (uintptr_t)(dst + off[i]),
+                            .len = off[i + 1] - off[i]};
+    assert_kvf_ok(kvf_transfer_sync(fx->pre, peer, x, N));
+    for (int i = 0; i < N; i++)
+        if (i % 2 == 0)
+            memcpy(back + off[i], dst + off[i], off[i + 1] - off[i]);
+    assert_memory_equal(back, src, total);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
+    free(dst);
+    free(src);
+    free(back);
+}
+
+typedef struct {
+    kvf_engine_t *e;
+    const char *peer;
+    uint8_t *src;
+    uint64_t dst;
+    size_t len;
+    int rc;
+} writer_t;
+
+static void *writer_main(void *p)
+{
+    writer_t *w = p;
+    for (int i = 0; i < 20 && w->rc == 0; i++)
+        w->rc = kvf_write(w->e, w->peer, w->src, w->dst, w->len);
+    return NULL;
+}
+
+static void four_threads_one_peer(void **state)
+{
+    fx_t *fx = *state;
+    enum { T = 4 };
+    const size_t each = 3u << 20;
+    uint8_t *dst = calloc(1, T * each);
+    assert_kvf_ok(kvf_mem_register(fx->dec, dst, T * each));
+    pthread_t th[T];
+    writer_t w[T];
+    for (int i = 0; i < T; i++) {
+        w[i] = (writer_t){fx->pre, kvf_engine_session_id(fx->dec), alloc_filled(each, 20 + i),
+                          (uintptr_t)(dst + i * each), each, 0};
+        assert_int_equal(pthread_create(&th[i], NULL, writer_main, &w[i]), 0);
+    }
+    for (int i = 0; i < T; i++) {
+        pthread_join(th[i], NULL);
+        assert_kvf_ok(w[i].rc);
+        assert_memory_equal(dst + i * each, w[i].src, each);
+        free(w[i].src);
+    }
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
+    free(dst);
+}
+
+static void write_past_region_refused(void **state)
+{
+    fx_t *fx = *state;
+    const char *peer = kvf_engine_session_id(fx->dec);
+    uint8_t *dst = calloc(1, 8192), *src = alloc_filled(4097, 5);
+    assert_kvf_ok(kvf_mem_register(fx->dec, dst, 4096));
+    assert_kvf_err(kvf_write(fx->pre, peer, src, (uintptr_t)dst, 4097), -KVF_ENOTREG);
+    assert_last_error_contains(peer);
+    assert_last_error_contains("1 byte");
+    for (size_t i = 0; i < 8192; i++)
+        assert_int_equal(dst[i], 0);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
+    free(dst);
+    free(src);
+}
+
+static void write_after_unregister_fails(void **state)
+{
+    fx_t *fx = *state;
+    const char *peer = kvf_engine_session_id(fx->dec);
+    uint8_t *dst = calloc(1, 4096), *src = alloc_filled(4096, 6);
+    assert_kvf_ok(kvf_mem_register(fx->dec, dst, 4096));
+    assert_kvf_ok(kvf_write(fx->pre, peer, src, (uintptr_t)dst, 4096));
+    memset(dst, 0, 4096);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
+    assert_kvf_err(kvf_write(fx->pre, peer, src, (uintptr_t)dst, 4096), -KVF_ENOTREG);
+    for (size_t i = 0; i < 4096; i++)
+        assert_int_equal(dst[i], 0);
+    free(dst);
+    free(src);
+}
+
+static void unknown_session_fails_after_init_timeout(void **state)
+{
+    fx_t *fx = *state;
+    kvf_config_t c = quick_config();
+    c.init_timeout_ms = 400;
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, &c);
+    uint8_t b[16] = {0};
+    uint64_t t0 = kvf_test_now_ms();
+    assert_kvf_err(kvf_write(e, "127.0.0.1:9", b, 0x1000, sizeof(b)), -KVF_ENOTFOUND);
+    uint64_t took = kvf_test_now_ms() - t0;
+    assert_true(took >= 400 && took < 2000);
+    assert_last_error_contains("127.0.0.1:9");
+    kvf_engine_destroy(e);
+}
+
+static void bad_transfer_arguments(void **state)
+{
+    fx_t *fx = *state;
+    const char *peer = kvf_engine_session_id(fx->dec);
+    uint8_t b[16];
+    assert_kvf_err(kvf_write(fx->pre, peer, b, 0x1000, 0), -KVF_EINVAL);
+    assert_last_error_contains("length is 0");
+    assert_kvf_err(kvf_write(fx->pre, peer, NULL, 0x1000, 16), -KVF_EINVAL);
+    assert_kvf_err(kvf_transfer_sync(fx->pre, peer, NULL, 0), -KVF_EINVAL);
+    assert_kvf_err(kvf_write(fx->pre, "not a session", b, 0x1000, 16), -KVF_EINVAL);
+    assert_last_error_contains("not a session");
+    /* An address the peer never registered: refused before anything is sent. */
+    assert_kvf_err(kvf_write(fx->pre, peer, b, 0x1000, 16), -KVF_ENOTREG);
+    assert_last_error_contains("0x1000");
+}
+
+static void store_down_transfers_continue(void **state)
+{
+    fx_t *fx = *state;
+    const char *peer = kvf_engine_session_id(fx->dec);
+    uint8_t *dst = calloc(1, 1 << 20), *src = alloc_filled(1 << 20, 7);
+    assert_kvf_ok(kvf_mem_register(fx->dec, dst, 1 << 20));
+    assert_kvf_ok(kvf_write(fx->pre, peer, src, (uintptr_t)dst, 1 << 20));
+    kvf_store_server_stop(fx->srv);
+    fx->srv = NULL;
+    fill(src, 1 << 20, 8);
+    assert_kvf_ok(kvf_write(fx->pre, peer, src, (uintptr_t)dst, 1 << 20));
+    assert_memory_equal(dst, src, 1 << 20);
+    /* Unregister still works locally; its publication fails while the store is down. */
+    int rc = kvf_mem_unregister(fx->dec, dst);
+    assert_true(rc == 0 || rc == -KVF_ESTOREDOWN || rc == -KVF_ETIMEDOUT);
+    free(dst);
+    free(src);
+}
+
+/* ---- a peer in another process, killed mid-transfer ----------------------------------------- */
+
+/* Child mode: a Decode engine with @size registered bytes; prints "ready <sid> <addr>" and serves
+ * until SIGTERM. */
+static int decode_child(const char *url, const char *sid, size_t size)
+{
+    sigset_t term;
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    /* Blocked before any engine thread exists, so every thread inherits the mask and sigwait()
+     * below is the only taker. */
+    pthread_sigmask(SIG_BLOCK, &term, NULL);
+    kvf_engine_t *e;
+    if (kvf_engine_create(url, sid, KVF_ROLE_DECODE, 0, NULL, &e) < 0) {
+        printf("error %s\n", kvf_last_error());
+        return 1;
+    }
+    uint8_t *buf = calloc(1, size);
+    if (kvf_mem_register(e, buf, size) < 0) {
+        printf("error %s\n", kvf_last_error());
+        return 1;
+    }
+    printf("ready %s %p\n", kvf_engine_session_id(e), (void *)buf);
+    fflush(stdout);
+    int sig;
+    sigwait(&term, &sig);
+    kvf_engine_destroy(e);
+    free(buf);
+    return 0;
+}
+
+static pid_t start_decode_child(const char *url, const char *sid, size_t size, int *out_fd,
+                                char *got_sid, uint64_t *addr)
+{
+    char path[4096], sz[32];
+    ssize_t n = readlink("/proc/self/exe", path, sizeof(path) - 1);
+    assert_true(n > 0);
+    path[n] = '\0';
+    snprintf(sz, sizeof(sz), "%zu", size);
+    char *argv[] = {path, CHILD_ARG, (char *)url, (char *)sid, sz, NULL};
+    pid_t pid = kvf_test_spawn_pipe(argv, out_fd);
+    char line[512], *end;
+    assert_true(kvf_test_read_line(*out_fd, line, sizeof(line), 10000) > 0);
+    if (strncmp(line, "ready ", 6) != 0)
+        fail_msg("decode child: %s", line);
+    char *sp = strchr(line + 6, ' ');
+    assert_non_null(sp);
+    *sp = '\0';
+    strcpy(got_sid, line + 6);
+    *addr = strtoull(sp + 1, &end, 16);
+    return pid;
+}
+
+typedef struct {
+    kvf_engine_t *e;
+    const char *peer;
+    uint8_t *src;
+    uint64_t dst;
+    size_t len;
+    _Atomic int done_ok;
+    int rc;
+    uint64_t fail_ms; /* how long the failing call took */
+} killer_t;
+
+static void *keep_writing(void *p)
+{
+    killer_t *k = p;
+    for (int i = 0; i < 1000; i++) {
+        uint64_t t0 = kvf_test_now_ms();
+        k->rc = kvf_write(k->e, k->peer, k->src, k->dst, k->len);
+        if (k->rc < 0) {
+            k->fail_ms = kvf_test_now_ms() - t0;
+            return NULL;
+        }
+        k->done_ok++;
+    }
+    return NULL;
+}
+
+static void killed_peer_fails_then_restart_works(void **state)
+{
+    fx_t *fx = *state;
+    const size_t size = 64u << 20;
+    char sid[128];
+    uint64_t addr;
+    int fd;
+    pid_t child = start_decode_child(fx->url, "127.0.0.1:0", size, &fd, sid, &addr);
+
+    killer_t k = {.e = fx->pre, .peer = sid, .src = alloc_filled(size, 11), .dst = addr,
+                  .len = size};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, keep_writing, &k), 0);
+    /* Kill once one 64 MiB write has landed, so the next is (about to be) in flight. */
+    uint64_t deadline = kvf_test_now_ms() + 20000;
+    while (k.done_ok == 0 && k.rc == 0 && kvf_test_now_ms() < deadline) {
+        struct timespec ts = {0, 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    assert_kvf_ok(k.rc);
+    kill(child, SIGKILL);
+    kvf_test_reap(child, 5000);
+    close(fd);
+    pthread_join(th, NULL);
+    /* The failing call ended well within the operation timeout (10 s), with a clear error. */
+    assert_true(k.rc == -KVF_EPEERGONE || k.rc == -KVF_ETIMEDOUT || k.rc == -ECONNREFUSED);
+    assert_true(k.fail_ms < 10000 + 1000);
+
+    /* A Decode restarted with the same session id is written to by the same engine. */
+    char sid2[128];
+    child = start_decode_child(fx->url, sid, size, &fd, sid2, &addr);
+    assert_string_equal(sid2, sid);
+    assert_kvf_ok(kvf_write(fx->pre, sid, k.src, addr, 4096));
+    kill(child, SIGTERM);
+    assert_int_equal(kvf_test_reap(child, 10000), 0);
+    close(fd);
+    free(k.src);
+}
+
+static const struct CMUnitTest tests[] = {
+    cmocka_unit_test_setup_teardown(create_publishes_session_record, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(session_in_use_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(dead_record_taken_over, fx_setup, fx_teardown),
+    cmocka_unit_test(create_bad_arguments),
+    cmocka_unit_test(create_store_unreachable),
+    cmocka_unit_test_setup_teardown(register_errors_name_ranges, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(peer_sees_regions_at_once, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(write_read_sizes, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(batch_of_1000_mixed, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(four_threads_one_peer, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(write_past_region_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(write_after_unregister_fails, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(unknown_session_fails_after_init_timeout, fx_setup,
+                                    fx_teardown),
+    cmocka_unit_test_setup_teardown(bad_transfer_arguments, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(store_down_transfers_continue, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(killed_peer_fails_then_restart_works, fx_setup, fx_teardown),
+};
+
+int main(int argc, char **argv)
+{
+    if (argc == 5 && strcmp(argv[1], CHILD_ARG) == 0)
+        return decode_child(argv[2], argv[3], strtoull(argv[4], NULL, 10));
+    signal(SIGPIPE, SIG_IGN);
+    if (argc > 1)
+        cmocka_set_test_filter(argv[1]);
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

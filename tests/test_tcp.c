@@ -1,0 +1,1035 @@
+/*
+ * The TCP transport: two transports in one process on 127.0.0.1, each with its own region
+ * table, plus raw-socket clients and servers that speak the wire protocol of docs/protocol.md
+ * ("Transfer protocol") by hand to send what a well-behaved peer never would.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/common.h"
+#include "common/wire.h"
+#include "core/regions.h"
+#include "test_util.h"
+#include "transport/transport.h"
+
+/* The wire format, written out independently of tcp.c from the specification. */
+#define W_MAGIC     0x5446564Bu
+#define W_HDR       40
+#define W_HELLO     1
+#define W_WRITE     2
+#define W_READ      3
+#define W_RESP      4
+#define W_MAX_CHUNK (64u << 20)
+
+#define MiB (1u << 20)
+
+static const struct kvf_transport_ops *ops = &kvf__tcp_ops;
+
+/* ---------------------------------------------------------------------------------------------
+ * Helpers
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    kvf_region_table_t *rt;
+    kvf_transport_t *t;
+    uint16_t port;
+} node_t;
+
+static void node_listen(node_t *n, uint16_t port, uint32_t conns, uint32_t chunk)
+{
+    kvf_transport_params_t p;
+    memset(&p, 0, sizeof(p));
+    p.local_sid = "127.0.0.1:0";
+    snprintf(p.listen.host, sizeof(p.listen.host), "127.0.0.1");
+    p.listen.kind = KVF_HOST_IPV4;
+    p.listen.port = port;
+    p.regions = n->rt;
+    p.conns_per_peer = conns;
+    p.chunk_bytes = chunk;
+    p.connect_timeout_ms = 2000;
+    assert_kvf_ok(ops->create(&p, &n->t));
+    n->port = ops->port(n->t);
+    assert_true(n->port != 0);
+}
+
+static void node_start(node_t *n, uint32_t conns, uint32_t chunk)
+{
+    assert_kvf_ok(kvf__regions_create(&n->rt));
+    node_listen(n, 0, conns, chunk);
+}
+
+static void node_stop(node_t *n)
+{
+    if (n->t)
+        ops->destroy(n->t);
+    n->t = NULL;
+    kvf__regions_destroy(n->rt);
+    n->rt = NULL;
+}
+
+static kvf_tpeer_t *peer_to(node_t *from, uint16_t port)
+{
+    kvf_hostport_t hp;
+    memset(&hp, 0, sizeof(hp));
+    snprintf(hp.host, sizeof(hp.host), "127.0.0.1");
+    hp.kind = KVF_HOST_IPV4;
+    hp.port = port;
+    char sid[32];
+    snprintf(sid, sizeof(sid), "127.0.0.1:%u", (unsigned)port);
+    kvf_tpeer_t *p = NULL;
+    assert_kvf_ok(ops->peer_open(from->t, sid, &hp, &p));
+    return p;
+}
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n);
+    assert_non_null(p);
+    return p;
+}
+
+/* A reproducible pseudo-random pattern, 8 bytes per step. */
+static void fill(uint8_t *p, size_t n, uint64_t seed)
+{
+    uint64_t x = seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        memcpy(p + i, &x, 8);
+    }
+    for (; i < n; i++)
+        p[i] = (uint8_t)(x >> (8 * (i & 7)));
+}
+
+static void assert_bytes_eq(const uint8_t *a, const uint8_t *b, size_t n)
+{
+    if (memcmp(a, b, n) != 0) {
+        size_t i = 0;
+        while (a[i] == b[i])
+            i++;
+        fail_msg("buffers of %zu bytes differ first at offset %zu (0x%02x vs 0x%02x)", n, i, a[i],
+                 b[i]);
+    }
+}
+
+static void assert_all(const uint8_t *p, size_t n, uint8_t v)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i] != v)
+            fail_msg("byte %zu of %zu is 0x%02x, want 0x%02x", i, n, p[i], v);
+}
+
+static uint64_t dl(uint64_t ms)
+{
+    return kvf__now_ms() + ms;
+}
+
+static int xfer1(kvf_tpeer_t *p, kvf_op_t op, void *local, const void *remote, size_t len,
+                 uint64_t timeout_ms)
+{
+    kvf_xfer_t x = {.op = op, .local = local, .remote = (uint64_t)(uintptr_t)remote, .len = len};
+    return ops->transfer(p, &x, 1, dl(timeout_ms));
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Raw protocol helpers
+ * ------------------------------------------------------------------------------------------- */
+
+static void w_hdr(uint8_t *b, uint32_t magic, uint8_t version, uint8_t type, uint32_t status,
+                  uint64_t req, uint64_t addr, uint64_t len)
+{
+    kvf__put_le32(b, magic);
+    b[4] = version;
+    b[5] = type;
+    kvf__put_le16(b + 6, 0);
+    kvf__put_le32(b + 8, status);
+    kvf__put_le32(b + 12, 0);
+    kvf__put_le64(b + 16, req);
+    kvf__put_le64(b + 24, addr);
+    kvf__put_le64(b + 32, len);
+}
+
+static void set_rcvtimeo(int fd, unsigned ms)
+{
+    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+}
+
+static int raw_connect(uint16_t port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in a = {
+        .sin_family = AF_INET, .sin_port = htons(port), .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    set_rcvtimeo(fd, 5000);
+    return fd;
+}
+
+static void send_all(int fd, const void *b, size_t n)
+{
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = send(fd, (const uint8_t *)b + done, n - done, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            fail_msg("send: %s", strerror(errno));
+        done += (size_t)w;
+    }
+}
+
+/* Receive exactly @n bytes; false on end of stream or error (including the 5 s timeout). */
+static bool recv_all(int fd, void *b, size_t n)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = recv(fd, (uint8_t *)b + got, n - got, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return false;
+        got += (size_t)r;
+    }
+    return true;
+}
+
+/* Read a RESP: returns its status; @msg receives an error message (NUL-terminated). */
+static uint32_t raw_resp(int fd, uint64_t want_req, char *msg, size_t msglen)
+{
+    uint8_t h[W_HDR];
+    assert_true(recv_all(fd, h, sizeof(h)));
+    assert_int_equal(kvf__get_le32(h), W_MAGIC);
+    assert_int_equal(h[5], W_RESP);
+    assert_int_equal(kvf__get_le64(h + 16), want_req);
+    uint32_t status = kvf__get_le32(h + 8);
+    uint64_t len = kvf__get_le64(h + 32);
+    if (status != 0) {
+        assert_true(len < msglen);
+        assert_true(recv_all(fd, msg, (size_t)len));
+        msg[len] = '\0';
+    } else if (msg) {
+        msg[0] = '\0';
+    }
+    if (status == 0)
+        assert_int_equal(len, 0);
+    return status;
+}
+
+static void raw_hello(int fd)
+{
+    uint8_t f[W_HDR + 7];
+    w_hdr(f, W_MAGIC, 1, W_HELLO, 0, 1, 0, 7);
+    memcpy(f + W_HDR, "rawtest", 7);
+    send_all(fd, f, sizeof(f));
+    assert_int_equal(raw_resp(fd, 1, NULL, 0), 0);
+}
+
+/* The target must close the connection: end of stream or a reset, within 5 s. */
+static void raw_expect_closed(int fd)
+{
+    uint8_t b[256];
+    for (int i = 0; i < 100000; i++) {
+        ssize_t r = recv(fd, b, sizeof(b), 0);
+        if (r == 0 || (r < 0 && errno == ECONNRESET))
+            return;
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            fail_msg("connection not closed by the target: %s", strerror(errno));
+    }
+    fail_msg("connection not closed by the target");
+}
+
+/* A raw listener on 127.0.0.1 driven by a script in its own thread; the test steps it along
+ * through a pipe. */
+typedef enum {
+    RAW_STALL,     /* answer HELLO, then never read again */
+    RAW_READ_HALF, /* answer a READ with half its payload, stall, then send the rest on "go" */
+    RAW_READ_LATE, /* answer a READ only after "go", then answer a second READ at once */
+} raw_mode_t;
+
+typedef struct {
+    raw_mode_t mode;
+    int lfd;
+    uint16_t port;
+    int ctl[2]; /* test -> listener: one byte per step */
+    pthread_t th;
+    uint64_t req_len; /* READ length the test asks for */
+} rawsrv_t;
+
+static bool rawsrv_step(rawsrv_t *r)
+{
+    struct pollfd pf = {.fd = r->ctl[0], .events = POLLIN};
+    char c;
+    return poll(&pf, 1, 20000) == 1 && read(r->ctl[0], &c, 1) == 1;
+}
+
+static void rawsrv_go(rawsrv_t *r)
+{
+    char c = 1;
+    assert_int_equal(write(r->ctl[1], &c, 1), 1);
+}
+
+/* Serve HELLO; returns false when the client misbehaved. */
+static bool rawsrv_hello(int fd)
+{
+    uint8_t h[W_HDR + 1024];
+    if (!recv_all(fd, h, W_HDR))
+        return false;
+    uint64_t len = kvf__get_le64(h + 32);
+    if (h[5] != W_HELLO || len > 1024 || !recv_all(fd, h + W_HDR, (size_t)len))
+        return false;
+    uint8_t resp[W_HDR];
+    w_hdr(resp, W_MAGIC, 1, W_RESP, 0, kvf__get_le64(h + 16), 0, 0);
+    return send(fd, resp, sizeof(resp), MSG_NOSIGNAL) == (ssize_t)sizeof(resp);
+}
+
+static bool rawsrv_read_req(int fd, uint64_t *req, uint64_t *len)
+{
+    uint8_t h[W_HDR];
+    if (!recv_all(fd, h, sizeof(h)) || h[5] != W_READ)
+        return false;
+    *req = kvf__get_le64(h + 16);
+    *len = kvf__get_le64(h + 32);
+    return true;
+}
+
+/* Send @n bytes of value @v after an optional RESP header; errors are ignored (the client may
+ * have cut the connection, which is the point of some tests). */
+static void rawsrv_send_fill(int fd, const uint8_t *hdr, uint8_t v, size_t n)
+{
+    if (hdr && send(fd, hdr, W_HDR, MSG_NOSIGNAL) != W_HDR)
+        return;
+    uint8_t *b = xmalloc(n);
+    memset(b, v, n);
+    size_t done = 0;
+    while (done < n) {
+        ssize_t w = send(fd, b + done, n - done, MSG_NOSIGNAL);
+        if (w <= 0)
+            break;
+        done += (size_t)w;
+    }
+    free(b);
+}
+
+static void *rawsrv_main(void *arg)
+{
+    rawsrv_t *r = arg;
+    struct pollfd pf = {.fd = r->lfd, .events = POLLIN};
+    if (poll(&pf, 1, 20000) != 1)
+        return NULL;
+    int fd = accept(r->lfd, NULL, NULL);
+    if (fd < 0)
+        return NULL;
+    set_rcvtimeo(fd, 5000);
+    uint64_t req, len;
+    uint8_t h[W_HDR];
+    if (!rawsrv_hello(fd))
+        goto out;
+    switch (r->mode) {
+    case RAW_STALL:
+        break;
+    case RAW_READ_HALF:
+        if (!rawsrv_read_req(fd, &req, &len))
+            goto out;
+        w_hdr(h, W_MAGIC, 1, W_RESP, 0, req, 0, len);
+        rawsrv_send_fill(fd, h, 0x22, (size_t)len / 2);
+        if (!rawsrv_step(r))
+            goto out;
+        rawsrv_send_fill(fd, NULL, 0x33, (size_t)(len - len / 2));
+        break;
+    case RAW_READ_LATE:
+        if (!rawsrv_read_req(fd, &req, &len) || !rawsrv_step(r))
+            goto out;
+        w_hdr(h, W_MAGIC, 1, W_RESP, 0, req, 0, len);
+        rawsrv_send_fill(fd, h, 0x33, (size_t)len);
+        if (!rawsrv_read_req(fd, &req, &len))
+            goto out;
+        w_hdr(h, W_MAGIC, 1, W_RESP, 0, req, 0, len);
+        rawsrv_send_fill(fd, h, 0x44, (size_t)len);
+        break;
+    }
+    rawsrv_step(r); /* hold the connection open until the test is done with it */
+out:
+    close(fd);
+    return NULL;
+}
+
+static void rawsrv_start(rawsrv_t *r, raw_mode_t mode)
+{
+    memset(r, 0, sizeof(*r));
+    r->mode = mode;
+    r->lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(r->lfd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(bind(r->lfd, (struct sockaddr *)&a, sizeof(a)), 0);
+    assert_int_equal(listen(r->lfd, 4), 0);
+    socklen_t sl = sizeof(a);
+    assert_int_equal(getsockname(r->lfd, (struct sockaddr *)&a, &sl), 0);
+    r->port = ntohs(a.sin_port);
+    assert_int_equal(pipe(r->ctl), 0);
+    assert_int_equal(pthread_create(&r->th, NULL, rawsrv_main, r), 0);
+}
+
+static void rawsrv_stop(rawsrv_t *r)
+{
+    /* Enough steps for any script; the thread only reads what it needs. */
+    for (int i = 0; i < 3; i++)
+        rawsrv_go(r);
+    pthread_join(r->th, NULL);
+    close(r->ctl[0]);
+    close(r->ctl[1]);
+    close(r->lfd);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Data tests
+ * ------------------------------------------------------------------------------------------- */
+
+/* Sizes 1 B .. 64 MiB: write, compare, read back, compare. */
+static void test_sizes(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    node_start(&a, 2, 4 * MiB);
+    node_start(&b, 2, 4 * MiB);
+    const size_t max = 64 * MiB;
+    uint8_t *dst = xmalloc(max + 64), *src = xmalloc(max), *back = xmalloc(max);
+    memset(dst, 0, max + 64);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)dst, max, NULL));
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+
+    const size_t sizes[] = {1, 4096, MiB + 1, 64 * MiB};
+    for (size_t i = 0; i < KVF__ARRAY_SIZE(sizes); i++) {
+        size_t n = sizes[i];
+        fill(src, n, i + 1);
+        assert_kvf_ok(xfer1(p, KVF_OP_WRITE, src, dst, n, 15000));
+        assert_bytes_eq(dst, src, n);
+        memset(back, 0, n);
+        assert_kvf_ok(xfer1(p, KVF_OP_READ, back, dst, n, 15000));
+        assert_bytes_eq(back, src, n);
+    }
+    /* Nothing past the region was touched. */
+    assert_all(dst + max, 64, 0);
+
+    ops->peer_close(p);
+    node_stop(&a);
+    node_stop(&b);
+    free(dst);
+    free(src);
+    free(back);
+}
+
+/* 1,000 elements of mixed sizes in one batch, writes then reads, then a mixed batch. */
+static void test_batch_mixed(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    node_start(&a, 2, 256 * 1024);
+    node_start(&b, 2, 256 * 1024);
+    enum { N = 1000 };
+    static kvf_xfer_t x[N];
+    size_t off[N + 1];
+    off[0] = 0;
+    for (int i = 0; i < N; i++) {
+        size_t len = (size_t)((i * 7919u) % 70000u) + 1;
+        if (i % 100 == 0)
+            len = MiB + (size_t)i; /* a few that are chunked */
+        off[i + 1] = off[i] + len;
+    }
+    size_t total = off[N];
+    uint8_t *dst = xmalloc(total), *src = xmalloc(total), *back = xmalloc(total);
+    memset(dst, 0, total);
+    fill(src, total, 77);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)dst, total, NULL));
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+
+    for (int i = 0; i < N; i++)
+        x[i] = (kvf_xfer_t){KVF_OP_WRITE, src + off[i], (uint64_t)(uintptr_t)(dst + off[i]),
+                            off[i + 1] - off[i]};
+    assert_kvf_ok(ops->transfer(p, x, N, dl(20000)));
+    assert_bytes_eq(dst, src, total);
+
+    memset(back, 0, total);
+    for (int i = 0; i < N; i++) {
+        x[i].op = KVF_OP_READ;
+        x[i].local = back + off[i];
+    }
+    assert_kvf_ok(ops->transfer(p, x, N, dl(20000)));
+    assert_bytes_eq(back, src, total);
+
+    /* Mixed: even elements write new bytes, odd ones read what is there. */
+    fill(src, total, 78);
+    memset(back, 0, total);
+    for (int i = 0; i < N; i++) {
+        bool w = i % 2 == 0;
+        x[i].op = w ? KVF_OP_WRITE : KVF_OP_READ;
+        x[i].local = (w ? src : back) + off[i];
+    }
+    assert_kvf_ok(ops->transfer(p, x, N, dl(20000)));
+    for (int i = 0; i < N; i++) {
+        size_t len = off[i + 1] - off[i];
+        if (i % 2 == 0)
+            assert_bytes_eq(dst + off[i], src + off[i], len);
+        else
+            assert_bytes_eq(back + off[i], dst + off[i], len);
+    }
+
+    ops->peer_close(p);
+    node_stop(&a);
+    node_stop(&b);
+    free(dst);
+    free(src);
+    free(back);
+}
+
+/* One element of 10 MiB + 3 split into 1 MiB chunks over two connections. */
+static void test_chunked_two_conns(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    node_start(&a, 2, MiB);
+    node_start(&b, 2, MiB);
+    const size_t n = 10 * MiB + 3;
+    uint8_t *dst = xmalloc(n), *src = xmalloc(n), *back = xmalloc(n);
+    memset(dst, 0, n);
+    fill(src, n, 5);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)dst, n, NULL));
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+    for (int round = 0; round < 3; round++) {
+        fill(src, n, 5 + (uint64_t)round);
+        assert_kvf_ok(xfer1(p, KVF_OP_WRITE, src, dst, n, 15000));
+        assert_bytes_eq(dst, src, n);
+        memset(back, 0, n);
+        assert_kvf_ok(xfer1(p, KVF_OP_READ, back, dst, n, 15000));
+        assert_bytes_eq(back, src, n);
+    }
+    ops->peer_close(p);
+    node_stop(&a);
+    node_stop(&b);
+    free(dst);
+    free(src);
+    free(back);
+}
+
+typedef struct {
+    kvf_tpeer_t *p;
+    uint8_t *dst;
+    size_t len;
+    unsigned id;
+    int rc;
+    char err[512];
+} writer_t;
+
+static void *writer_main(void *arg)
+{
+    writer_t *w = arg;
+    uint8_t *src = malloc(w->len);
+    w->rc = -ENOMEM;
+    if (!src)
+        return NULL;
+    for (unsigned r = 0; r < 8; r++) {
+        fill(src, w->len, w->id * 100 + r);
+        w->rc = xfer1(w->p, KVF_OP_WRITE, src, w->dst, w->len, 15000);
+        if (w->rc) {
+            snprintf(w->err, sizeof(w->err), "%s", kvf_last_error());
+            break;
+        }
+        if (memcmp(w->dst, src, w->len) != 0) {
+            w->rc = -KVF_EPROTO;
+            snprintf(w->err, sizeof(w->err), "thread %u round %u: bytes differ", w->id, r);
+            break;
+        }
+    }
+    free(src);
+    return NULL;
+}
+
+/* Four threads write disjoint ranges through one peer handle at once. */
+static void test_threads(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    node_start(&a, 2, MiB);
+    node_start(&b, 2, MiB);
+    enum { T = 4 };
+    const size_t each = 3 * MiB + 17;
+    uint8_t *dst = xmalloc(each * T);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)dst, each * T, NULL));
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+    writer_t w[T];
+    pthread_t th[T];
+    for (unsigned i = 0; i < T; i++) {
+        w[i] = (writer_t){.p = p, .dst = dst + i * each, .len = each, .id = i};
+        assert_int_equal(pthread_create(&th[i], NULL, writer_main, &w[i]), 0);
+    }
+    for (unsigned i = 0; i < T; i++)
+        pthread_join(th[i], NULL);
+    for (unsigned i = 0; i < T; i++)
+        if (w[i].rc)
+            fail_msg("writer %u: %d (%s): %s", i, w[i].rc, kvf_err_name(w[i].rc), w[i].err);
+    ops->peer_close(p);
+    node_stop(&a);
+    node_stop(&b);
+    free(dst);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The target's bounds check
+ * ------------------------------------------------------------------------------------------- */
+
+/* A write that ends 1 byte past a registered region: refused by the target, message passed on,
+ * destination unchanged; the connection stays usable. */
+static void test_write_past_region(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    node_start(&a, 1, MiB);
+    node_start(&b, 1, MiB);
+    uint8_t *mem = xmalloc(8192), *src = xmalloc(8192);
+    memset(mem, 0xAA, 8192);
+    fill(src, 8192, 9);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)mem, 4096, NULL));
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+
+    assert_kvf_err(xfer1(p, KVF_OP_WRITE, src, mem, 4097, 5000), -KVF_ENOTREG);
+    assert_last_error_contains("element 0");
+    assert_last_error_contains("runs 1 byte past the end of registered region");
+    assert_all(mem, 8192, 0xAA);
+
+    /* A read that runs past the end is refused as well. */
+    assert_kvf_err(xfer1(p, KVF_OP_READ, src, mem + 4000, 200, 5000), -KVF_ENOTREG);
+    assert_last_error_contains("past the end");
+
+    /* Same connection, still in step. */
+    assert_kvf_ok(xfer1(p, KVF_OP_WRITE, src, mem, 4096, 5000));
+    assert_bytes_eq(mem, src, 4096);
+    assert_all(mem + 4096, 4096, 0xAA);
+
+    ops->peer_close(p);
+    node_stop(&a);
+    node_stop(&b);
+    free(mem);
+    free(src);
+}
+
+/* The same from a raw client that skips every sender-side check. */
+static void test_raw_write_outside(void **state)
+{
+    (void)state;
+    node_t b = {0};
+    node_start(&b, 1, MiB);
+    uint8_t *mem = xmalloc(8192);
+    memset(mem, 0xAA, 8192);
+    uint64_t base = (uint64_t)(uintptr_t)mem;
+    assert_kvf_ok(kvf__regions_add(b.rt, base, 4096, NULL));
+
+    int fd = raw_connect(b.port);
+    raw_hello(fd);
+    uint8_t f[W_HDR + 4097];
+    char msg[2048];
+    memset(f + W_HDR, 0x55, 4097);
+
+    /* 1 byte past the end. */
+    w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 2, base, 4097);
+    send_all(fd, f, W_HDR + 4097);
+    assert_int_equal(raw_resp(fd, 2, msg, sizeof(msg)), KVF_ENOTREG);
+    if (!strstr(msg, "runs 1 byte past the end"))
+        fail_msg("message \"%s\"", msg);
+    /* Entirely outside every region (just past it). */
+    w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 3, base + 4096, 16);
+    send_all(fd, f, W_HDR + 16);
+    assert_int_equal(raw_resp(fd, 3, msg, sizeof(msg)), KVF_ENOTREG);
+    /* Length 0 is invalid, answered, not fatal. */
+    w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 4, base, 0);
+    send_all(fd, f, W_HDR);
+    assert_int_equal(raw_resp(fd, 4, msg, sizeof(msg)), KVF_EINVAL);
+    /* A READ outside. */
+    w_hdr(f, W_MAGIC, 1, W_READ, 0, 5, base + 100, 4000);
+    send_all(fd, f, W_HDR);
+    assert_int_equal(raw_resp(fd, 5, msg, sizeof(msg)), KVF_ENOTREG);
+    assert_all(mem, 8192, 0xAA);
+
+    /* The stream is still in step: a good write lands. */
+    w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 6, base + 10, 100);
+    send_all(fd, f, W_HDR + 100);
+    assert_int_equal(raw_resp(fd, 6, msg, sizeof(msg)), 0);
+    assert_all(mem, 10, 0xAA);
+    assert_all(mem + 10, 100, 0x55);
+    assert_all(mem + 110, 8192 - 110, 0xAA);
+
+    close(fd);
+    node_stop(&b);
+    free(mem);
+}
+
+/* Malformed frames close only their own connection; a good peer keeps transferring. */
+static void test_malformed_frames(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    node_start(&a, 1, MiB);
+    node_start(&b, 1, MiB);
+    uint8_t *mem = xmalloc(4096), *src = xmalloc(4096);
+    uint64_t base = (uint64_t)(uintptr_t)mem;
+    assert_kvf_ok(kvf__regions_add(b.rt, base, 4096, NULL));
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+    int good = raw_connect(b.port);
+    raw_hello(good);
+
+    enum {
+        BAD_MAGIC,
+        BAD_VERSION,
+        TOO_LONG,
+        NO_HELLO,
+        BAD_TYPE,
+        BAD_STATUS,
+        BAD_FLAGS,
+        HELLO_TOO_LONG,
+        TRUNC_HEADER,
+        TRUNC_PAYLOAD,
+        NCASES
+    };
+    for (int c = 0; c < NCASES; c++) {
+        int fd = raw_connect(b.port);
+        uint8_t f[W_HDR];
+        if (c != NO_HELLO && c != HELLO_TOO_LONG)
+            raw_hello(fd);
+        switch (c) {
+        case BAD_MAGIC:
+            w_hdr(f, 0x50545448, 1, W_WRITE, 0, 2, base, 16);
+            break;
+        case BAD_VERSION:
+            w_hdr(f, W_MAGIC, 2, W_WRITE, 0, 2, base, 16);
+            break;
+        case TOO_LONG:
+            w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 2, base, (uint64_t)W_MAX_CHUNK + 1);
+            break;
+        case NO_HELLO:
+            w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 2, base, 16);
+            break;
+        case BAD_TYPE:
+            w_hdr(f, W_MAGIC, 1, W_RESP, 0, 2, base, 0);
+            break;
+        case BAD_STATUS:
+            w_hdr(f, W_MAGIC, 1, W_READ, 7, 2, base, 16);
+            break;
+        case BAD_FLAGS:
+            w_hdr(f, W_MAGIC, 1, W_READ, 0, 2, base, 16);
+            kvf__put_le16(f + 6, 1);
+            break;
+        case HELLO_TOO_LONG:
+            w_hdr(f, W_MAGIC, 1, W_HELLO, 0, 1, 0, 1025);
+            break;
+        case TRUNC_HEADER:
+            w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 2, base, 16);
+            break;
+        case TRUNC_PAYLOAD:
+            w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 2, base, 64);
+            break;
+        }
+        if (c == TRUNC_HEADER) {
+            send_all(fd, f, 20);
+            shutdown(fd, SHUT_WR);
+        } else if (c == TRUNC_PAYLOAD) {
+            send_all(fd, f, W_HDR);
+            send_all(fd, src, 10);
+            shutdown(fd, SHUT_WR);
+        } else {
+            send_all(fd, f, W_HDR);
+        }
+        raw_expect_closed(fd);
+        close(fd);
+
+        fill(src, 4096, (uint64_t)c);
+        assert_kvf_ok(xfer1(p, KVF_OP_WRITE, src, mem, 4096, 5000));
+        assert_bytes_eq(mem, src, 4096);
+    }
+
+    /* The raw connection opened before all this is still served. */
+    uint8_t f[W_HDR + 8];
+    w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 9, base, 8);
+    memset(f + W_HDR, 0x5A, 8);
+    send_all(good, f, sizeof(f));
+    assert_int_equal(raw_resp(good, 9, NULL, 0), 0);
+    assert_all(mem, 8, 0x5A);
+    close(good);
+
+    ops->peer_close(p);
+    node_stop(&a);
+    node_stop(&b);
+    free(mem);
+    free(src);
+}
+
+/* After unregistering, writes are refused. */
+static void test_unregister(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    node_start(&a, 2, MiB);
+    node_start(&b, 2, MiB);
+    uint8_t *mem = xmalloc(MiB), *src = xmalloc(MiB);
+    fill(src, MiB, 3);
+    memset(mem, 0, MiB);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)mem, MiB, NULL));
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+    assert_kvf_ok(xfer1(p, KVF_OP_WRITE, src, mem, MiB, 5000));
+    assert_bytes_eq(mem, src, MiB);
+    assert_kvf_ok(kvf__regions_remove(b.rt, (uint64_t)(uintptr_t)mem, 1000));
+    memset(mem, 0, MiB);
+    assert_kvf_err(xfer1(p, KVF_OP_WRITE, src, mem, MiB, 5000), -KVF_ENOTREG);
+    assert_last_error_contains("starts outside every registered region");
+    assert_all(mem, MiB, 0);
+    ops->peer_close(p);
+    node_stop(&a);
+    node_stop(&b);
+    free(mem);
+    free(src);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Failures: dead, restarted and stalled peers
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    kvf_tpeer_t *p;
+    uint8_t *src, *dst;
+    size_t len;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    unsigned done; /* transfers completed */
+    int rc;
+    uint64_t fail_ms;
+} looper_t;
+
+static void *looper_main(void *arg)
+{
+    looper_t *l = arg;
+    for (unsigned i = 0; i < 2000; i++) {
+        int rc = xfer1(l->p, KVF_OP_WRITE, l->src, l->dst, l->len, 15000);
+        pthread_mutex_lock(&l->mu);
+        if (rc) {
+            l->rc = rc;
+            l->fail_ms = kvf__now_ms();
+        } else {
+            l->done++;
+        }
+        pthread_cond_broadcast(&l->cv);
+        pthread_mutex_unlock(&l->mu);
+        if (rc)
+            break;
+    }
+    return NULL;
+}
+
+/* The target's transport is destroyed while 64 MiB writes are running: the writer fails fast
+ * with -KVF_EPEERGONE (or -KVF_ETIMEDOUT); a new transport on the same port is then reached
+ * through the same peer handle. */
+static void test_peer_destroyed_mid_transfer(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    node_start(&a, 2, 4 * MiB);
+    node_start(&b, 2, 4 * MiB);
+    const size_t n = 64 * MiB;
+    looper_t l = {.len = n};
+    l.src = xmalloc(n);
+    l.dst = xmalloc(n);
+    fill(l.src, n, 1);
+    memset(l.dst, 0, n);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)l.dst, n, NULL));
+    l.p = peer_to(&a, b.port);
+    pthread_mutex_init(&l.mu, NULL);
+    kvf__cond_init_monotonic(&l.cv);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, looper_main, &l), 0);
+
+    /* Wait for a first complete transfer, so that the next one is running. */
+    struct timespec ts;
+    kvf__deadline_ts(&ts, dl(15000));
+    pthread_mutex_lock(&l.mu);
+    while (l.done < 1 && l.rc == 0)
+        if (pthread_cond_timedwait(&l.cv, &l.mu, &ts) == ETIMEDOUT)
+            break;
+    unsigned done = l.done;
+    int early = l.rc;
+    pthread_mutex_unlock(&l.mu);
+    assert_int_equal(early, 0);
+    assert_true(done >= 1);
+
+    uint64_t t0 = kvf__now_ms();
+    ops->destroy(b.t);
+    b.t = NULL;
+    pthread_join(th, NULL);
+    if (l.rc != -KVF_EPEERGONE && l.rc != -KVF_ETIMEDOUT)
+        fail_msg("writer ended with %d (%s)", l.rc, kvf_err_name(l.rc));
+    uint64_t took = l.fail_ms > t0 ? l.fail_ms - t0 : 0;
+    if (took > 5000)
+        fail_msg("writer took %" PRIu64 " ms to fail after the peer went away", took);
+
+    /* Restart on the same port with the same regions; the same handle reconnects. */
+    uint16_t port = b.port;
+    node_listen(&b, port, 2, 4 * MiB);
+    assert_int_equal(b.port, port);
+    fill(l.src, n, 2);
+    assert_kvf_ok(xfer1(l.p, KVF_OP_WRITE, l.src, l.dst, n, 15000));
+    assert_bytes_eq(l.dst, l.src, n);
+
+    ops->peer_close(l.p);
+    pthread_mutex_destroy(&l.mu);
+    pthread_cond_destroy(&l.cv);
+    node_stop(&a);
+    node_stop(&b);
+    free(l.src);
+    free(l.dst);
+}
+
+/* A peer that answers HELLO and then never reads: -KVF_ETIMEDOUT, not before the deadline and
+ * within 1 s after it. */
+static void test_stalled_peer(void **state)
+{
+    (void)state;
+    node_t a = {0};
+    node_start(&a, 1, 4 * MiB);
+    rawsrv_t r;
+    rawsrv_start(&r, RAW_STALL);
+    kvf_tpeer_t *p = peer_to(&a, r.port);
+    const size_t n = 64 * MiB;
+    uint8_t *src = xmalloc(n);
+    memset(src, 1, n);
+    uint64_t deadline = dl(1000);
+    kvf_xfer_t x = {KVF_OP_WRITE, src, 0x10000, n};
+    assert_kvf_err(ops->transfer(p, &x, 1, deadline), -KVF_ETIMEDOUT);
+    uint64_t now = kvf__now_ms();
+    if (now < deadline || now > deadline + 1000)
+        fail_msg("returned %" PRId64 " ms after the deadline", (int64_t)(now - deadline));
+
+    /* A small write that fits in the socket buffers times out waiting for its answer. */
+    deadline = dl(300);
+    x.len = 100;
+    int rc = ops->transfer(p, &x, 1, deadline);
+    now = kvf__now_ms();
+    /* The first timeout broke the connection; reconnecting to the raw listener (which accepts
+     * only once) either times out or fails: either way within the bound. */
+    if (rc != -KVF_ETIMEDOUT && rc != -KVF_EPEERGONE)
+        fail_msg("second transfer: %d (%s): %s", rc, kvf_err_name(rc), kvf_last_error());
+    assert_true(now <= deadline + 1000);
+
+    ops->peer_close(p);
+    rawsrv_stop(&r);
+    node_stop(&a);
+    free(src);
+}
+
+/* A read whose answer stops half-way: -KVF_ETIMEDOUT, and the rest of the answer, sent after
+ * transfer() returned, never lands in the buffer. */
+static void test_read_timeout_mid_answer(void **state)
+{
+    (void)state;
+    node_t a = {0};
+    node_start(&a, 1, 4 * MiB);
+    rawsrv_t r;
+    rawsrv_start(&r, RAW_READ_HALF);
+    kvf_tpeer_t *p = peer_to(&a, r.port);
+    const size_t n = MiB;
+    uint8_t *buf = xmalloc(n);
+    memset(buf, 0x11, n);
+    uint64_t deadline = dl(500);
+    kvf_xfer_t x = {KVF_OP_READ, buf, 0x10000, n};
+    assert_kvf_err(ops->transfer(p, &x, 1, deadline), -KVF_ETIMEDOUT);
+    assert_true(kvf__now_ms() >= deadline);
+    rawsrv_go(&r); /* the listener now sends the second half */
+    rawsrv_stop(&r);
+    for (size_t i = 0; i < n; i++)
+        if (buf[i] != 0x11 && buf[i] != 0x22)
+            fail_msg("byte %zu is 0x%02x after the read returned", i, buf[i]);
+    ops->peer_close(p);
+    node_stop(&a);
+    free(buf);
+}
+
+/* A read answered only after its deadline: the late answer is dropped and the connection keeps
+ * serving the next request. */
+static void test_read_timeout_late_answer(void **state)
+{
+    (void)state;
+    node_t a = {0};
+    node_start(&a, 1, 4 * MiB);
+    rawsrv_t r;
+    rawsrv_start(&r, RAW_READ_LATE);
+    kvf_tpeer_t *p = peer_to(&a, r.port);
+    const size_t n = 256 * 1024;
+    uint8_t *buf = xmalloc(n), *buf2 = xmalloc(n);
+    memset(buf, 0x11, n);
+    memset(buf2, 0x11, n);
+    kvf_xfer_t x = {KVF_OP_READ, buf, 0x10000, n};
+    assert_kvf_err(ops->transfer(p, &x, 1, dl(300)), -KVF_ETIMEDOUT);
+    rawsrv_go(&r); /* the late answer (0x33) goes out now */
+    x.local = buf2;
+    assert_kvf_ok(ops->transfer(p, &x, 1, dl(5000)));
+    assert_all(buf2, n, 0x44);
+    assert_all(buf, n, 0x11);
+    ops->peer_close(p);
+    rawsrv_stop(&r);
+    node_stop(&a);
+    free(buf);
+    free(buf2);
+}
+
+/* Nobody listens: a clear error at once, not a hang. */
+static void test_connect_refused(void **state)
+{
+    (void)state;
+    node_t a = {0};
+    node_start(&a, 2, MiB);
+    /* A port that was just free: bound, never listened on, closed. */
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sa);
+    assert_int_equal(bind(s, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    assert_int_equal(getsockname(s, (struct sockaddr *)&sa, &sl), 0);
+    close(s);
+    kvf_tpeer_t *p = peer_to(&a, ntohs(sa.sin_port));
+    uint8_t b[16] = {0};
+    uint64_t t0 = kvf__now_ms();
+    assert_kvf_err(xfer1(p, KVF_OP_WRITE, b, (void *)0x10000, sizeof(b), 5000), -KVF_EPEERGONE);
+    assert_last_error_contains("Connection refused");
+    assert_true(kvf__now_ms() - t0 < 2000);
+    ops->peer_close(p);
+    node_stop(&a);
+}
+
+static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(test_sizes),
+    cmocka_unit_test(test_batch_mixed),
+    cmocka_unit_test(test_chunked_two_conns),
+    cmocka_unit_test(test_threads),
+    cmocka_unit_test(test_write_past_region),
+    cmocka_unit_test(test_raw_write_outside),
+    cmocka_unit_test(test_malformed_frames),
+    cmocka_unit_test(test_unregister),
+    cmocka_unit_test(test_peer_destroyed_mid_transfer),
+    cmocka_unit_test(test_stalled_peer),
+    cmocka_unit_test(test_read_timeout_mid_answer),
+    cmocka_unit_test(test_read_timeout_late_answer),
+    cmocka_unit_test(test_connect_refused),
+};
+
+KVF_TEST_MAIN(tests)
