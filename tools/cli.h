@@ -2,12 +2,23 @@
 #ifndef KVF_CLI_H
 #define KVF_CLI_H
 
+#include <inttypes.h>
 #include <stdint.h>
 
 /* Each subcommand gets argv starting at its own name and returns the process exit code:
  * 0 success, 1 failure (a message on stderr), 2 usage error. */
 int kvf_cli_store(int argc, char **argv);
 int kvf_cli_kv(int argc, char **argv);
+int kvf_cli_transfer(int argc, char **argv);
+int kvf_cli_demo(int argc, char **argv);
+
+/* Lines `kvferry transfer` prints and `kvferry demo` (and the tests) read. */
+#define KVF_CLI_DECODE_READY_FMT "decode session %s ready"
+#define KVF_CLI_PREFILL_READY_FMT "prefill session %s ready"
+/* round, slices, bytes */
+#define KVF_CLI_DECODE_VERIFIED_FMT "round %" PRIu64 ": verified %u slices, %zu bytes"
+/* round, bytes, milliseconds, GB/s (1 GB = 1e9 bytes) */
+#define KVF_CLI_PREFILL_ROUND_FMT "round %" PRIu64 ": wrote %zu bytes in %.3f ms, %.2f GB/s"
 
 /* Print "kvferry <cmd>: <message>: <last error>" to stderr for a failed kvferry call. */
 void kvf_cli_fail(const char *cmd, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -15,6 +15,8 @@ static const struct {
 } commands[] = {
     {"store", kvf_cli_store, "run a built-in config store (tcp://)"},
     {"kv", kvf_cli_kv, "read and write keys in a config store (get, set, del, list, add)"},
+    {"transfer", kvf_cli_transfer, "the seed's tool: a Prefill writes into a Decode's buffer"},
+    {"demo", kvf_cli_demo, "a store, a Decode and a Prefill on 127.0.0.1: transfer and verify"},
 };
 
 static void usage(FILE *f)
