@@ -31,10 +31,11 @@ test-asan: deps
 demo: build
 	./scripts/demo.sh $(BUILD)
 
-# Config-store operations per second beside a raw TCP ping-pong measured in the same run.
-# (Transfer benchmarks join it with the engine.)
+# Each figure beside a baseline measured in the same run: store operations against a raw TCP
+# ping-pong, TCP writes of 1 and 4 MiB blocks against a raw TCP stream.
 bench: build
 	$(BUILD)/bench_store --clients 8 --seconds 2
+	$(BUILD)/bench_transfer --block-size 1M --block-size 4M --total 1G --reps 5
 
 install: build
 	cmake --install $(BUILD)
