@@ -949,7 +949,11 @@ static void tcp_conn_break_locked(struct tcp_conn *c, uint64_t gen, int code, co
     if (c->fd >= 0)
         shutdown(c->fd, SHUT_RDWR);
     char msg[TCP_ERRMSG_LEN];
-    snprintf(msg, sizeof(msg), "connection %u to %s broke: %s", c->idx, c->peer->addr_str, why);
+    /* A long reason is cut; the start names the connection and the peer. */
+    if (snprintf(msg, sizeof(msg), "connection %u to %s broke: %s", c->idx, c->peer->addr_str,
+                 why) >= (int)sizeof(msg))
+        KVF_DEBUG(TCP_LOG, "connection %u: break reason cut to %zu bytes", c->idx,
+                  sizeof(msg) - 1);
     for (unsigned i = 0; i < KVF_TCP_MAX_INFLIGHT; i++)
         if (c->slots[i].req_id && (int)i != c->rx_active)
             tcp_slot_fail(c, i, code, msg);
