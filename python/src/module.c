@@ -1,0 +1,217 @@
+/*
+ * The module kvferry._kvferry: the seed's module functions (create_config_store, set_log_level,
+ * set_conf_store_tls, get_last_err_msg), the error helpers, and the types. The package
+ * kvferry/__init__.py re-exports all of it.
+ */
+#include <stdarg.h>
+
+#include "kvferry_py.h"
+
+PyObject *kvfpy_Error;
+
+/* Config stores started by create_config_store(): a list of StoreServer objects that lives as
+ * long as the module, as the seed's in-process store lives as long as its process. */
+static PyObject *config_stores;
+
+PyObject *kvfpy_raise(int rc)
+{
+    const char *detail = kvf_last_error();
+    PyObject *msg = PyUnicode_FromFormat("%s (%s, %d)%s%s", kvf_strerror(rc), kvf_err_name(rc), rc,
+                                         *detail ? ": " : "", detail);
+    if (!msg)
+        return NULL;
+    PyObject *exc = PyObject_CallOneArg(kvfpy_Error, msg);
+    Py_DECREF(msg);
+    if (!exc)
+        return NULL;
+    PyObject *code = PyLong_FromLong(rc);
+    if (!code || PyObject_SetAttrString(exc, "code", code) < 0) {
+        Py_XDECREF(code);
+        Py_DECREF(exc);
+        return NULL;
+    }
+    Py_DECREF(code);
+    PyErr_SetObject(kvfpy_Error, exc);
+    Py_DECREF(exc);
+    return NULL;
+}
+
+PyObject *kvfpy_fail(int rc, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    return PyLong_FromLong(kvf__err(rc, "%s", buf));
+}
+
+static PyObject *mod_create_config_store(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static const char *const kwlist[] = {"store_url", NULL};
+    PyObject *url_o, *srv = NULL;
+    const char *url;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:create_config_store", (char **)kwlist,
+                                     &url_o) ||
+        kvfpy_str(url_o, "store_url", &url) < 0)
+        return NULL;
+    int rc = kvfpy_store_server_start(url, &srv);
+    if (rc == KVFPY_PYERR)
+        return NULL;
+    if (rc < 0)
+        return PyLong_FromLong(rc);
+    rc = PyList_Append(config_stores, srv);
+    Py_DECREF(srv);
+    if (rc < 0)
+        return NULL;
+    return PyLong_FromLong(0);
+}
+
+static PyObject *mod_set_log_level(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static const char *const kwlist[] = {"level", NULL};
+    PyObject *lv_o;
+    int level;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:set_log_level", (char **)kwlist, &lv_o) ||
+        kvfpy_int(lv_o, "level", &level) < 0)
+        return NULL;
+    return PyLong_FromLong(kvf_log_set_level(level));
+}
+
+static PyObject *mod_set_conf_store_tls(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static const char *const kwlist[] = {"enable", "tls_info", NULL};
+    PyObject *en_o, *info_o = Py_None;
+    const char *info;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:set_conf_store_tls", (char **)kwlist, &en_o,
+                                     &info_o))
+        return NULL;
+    if (info_o != Py_None && kvfpy_str(info_o, "tls_info", &info) < 0)
+        return NULL;
+    int enable = PyObject_IsTrue(en_o);
+    if (enable < 0)
+        return NULL;
+    /* Turning TLS off is what the store connections already are, so it is honestly a success;
+     * turning it on is refused rather than pretended. */
+    if (!enable)
+        return PyLong_FromLong(0);
+    return kvfpy_fail(-KVF_ENOTSUP, "TLS for the config store is not supported yet");
+}
+
+static PyObject *mod_get_last_err_msg(PyObject *mod, PyObject *unused)
+{
+    return PyUnicode_FromString(kvf_last_error());
+}
+
+static PyObject *mod_strerror(PyObject *mod, PyObject *arg)
+{
+    int code;
+    if (kvfpy_int(arg, "code", &code) < 0)
+        return NULL;
+    return PyUnicode_FromString(kvf_strerror(code));
+}
+
+static PyObject *mod_err_name(PyObject *mod, PyObject *arg)
+{
+    int code;
+    if (kvfpy_int(arg, "code", &code) < 0)
+        return NULL;
+    return PyUnicode_FromString(kvf_err_name(code));
+}
+
+#define KW    (METH_VARARGS | METH_KEYWORDS)
+#define FN(f) ((PyCFunction)(void (*)(void))(f))
+
+static PyMethodDef module_methods[] = {
+    {"create_config_store", FN(mod_create_config_store), KW,
+     "create_config_store(store_url) -> int\n\n"
+     "Start the built-in config store in this process, listening on store_url "
+     "(\"tcp://ip:port\"); it runs until the process exits. Returns 0 or a negative code."},
+    {"set_log_level", FN(mod_set_log_level), KW,
+     "set_log_level(level) -> int\n\n"
+     "Process-wide log level: 0 debug, 1 info, 2 warn, 3 error. Returns 0 or a negative code."},
+    {"set_conf_store_tls", FN(mod_set_conf_store_tls), KW,
+     "set_conf_store_tls(enable, tls_info) -> int\n\n"
+     "TLS for the config store. Not implemented yet: enable=True returns -KVF_ENOTSUP (with a "
+     "message in get_last_err_msg()); enable=False returns 0 (connections are plain TCP)."},
+    {"get_last_err_msg", FN(mod_get_last_err_msg), METH_NOARGS,
+     "get_last_err_msg() -> str\n\n"
+     "Detail of the last failure of a kvferry call on this thread (\"\" if none)."},
+    {"strerror", FN(mod_strerror), METH_O,
+     "strerror(code) -> str\n\nText of a return code (\"not found\")."},
+    {"err_name", FN(mod_err_name), METH_O,
+     "err_name(code) -> str\n\nSymbolic name of a return code (\"KVF_ENOTFOUND\")."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "kvferry._kvferry",
+    .m_doc = "kvferry's C extension; import it as `kvferry`.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+static int add_type(PyObject *m, PyTypeObject *t, const char *name)
+{
+    if (PyType_Ready(t) < 0)
+        return -1;
+    Py_INCREF(t);
+    if (PyModule_AddObject(m, name, (PyObject *)t) < 0) {
+        Py_DECREF(t);
+        return -1;
+    }
+    return 0;
+}
+
+PyMODINIT_FUNC PyInit__kvferry(void)
+{
+    PyObject *m = PyModule_Create(&module_def);
+    if (!m)
+        return NULL;
+    if (add_type(m, &kvfpy_EngineType, "TransferEngine") < 0 ||
+        add_type(m, &kvfpy_StoreType, "Store") < 0 ||
+        add_type(m, &kvfpy_StoreServerType, "StoreServer") < 0)
+        goto out_err;
+
+    kvfpy_Error = PyErr_NewExceptionWithDoc(
+        "kvferry.Error",
+        "A kvferry call failed. .code is the negative return code; the message includes "
+        "get_last_err_msg().",
+        PyExc_RuntimeError, NULL);
+    if (!kvfpy_Error)
+        goto out_err;
+    Py_INCREF(kvfpy_Error);
+    if (PyModule_AddObject(m, "Error", kvfpy_Error) < 0) {
+        Py_DECREF(kvfpy_Error);
+        goto out_err;
+    }
+
+    config_stores = PyList_New(0);
+    if (!config_stores)
+        goto out_err;
+    Py_INCREF(config_stores);
+    if (PyModule_AddObject(m, "_config_stores", config_stores) < 0) {
+        Py_DECREF(config_stores);
+        goto out_err;
+    }
+
+    if (PyModule_AddStringConstant(m, "__version__", KVF_VERSION_STRING) < 0 ||
+        PyModule_AddIntConstant(m, "KVF_OK", 0) < 0 ||
+        PyModule_AddIntConstant(m, "KVF_ERRNO_OFFSET", KVF_ERRNO_OFFSET) < 0)
+        goto out_err;
+#define ADD_ERR(name, off, msg)                                                                    \
+    if (PyModule_AddIntConstant(m, "KVF_" #name, KVF_##name) < 0)                                  \
+        goto out_err;
+    KVF_ERRNO_MAP(ADD_ERR)
+#undef ADD_ERR
+    return m;
+
+out_err:
+    Py_DECREF(m);
+    return NULL;
+}

@@ -1,0 +1,81 @@
+"""The seed's flow: examples/test_transfer_engine.py as a Decode and a Prefill process, with
+torch tensors, started in either order. The Prefill starts the config store in its process."""
+
+import sys
+
+import pytest
+
+from conftest import EXAMPLE, free_port, wait_port
+
+
+@pytest.fixture(autouse=True)
+def torch_required():
+    """The example runs on torch tensors; without torch each test is skipped, saying why."""
+    pytest.importorskip("torch", reason="torch is not installed for this interpreter "
+                                        "(apt-get install python3-torch)")
+
+ITERATIONS = 2
+TIMEOUT_S = 90
+
+
+def run_seed_flow(procs, decode_first):
+    store_port, decode_port, prefill_port = free_port(), free_port(), free_port()
+    store_url = f"tcp://127.0.0.1:{store_port}"
+    decode_sid = f"127.0.0.1:{decode_port}"
+    common = ["--store-url", store_url, "--log-level", "2", "--iterations", str(ITERATIONS)]
+    decode_args = [EXAMPLE, "--role", "Decode", "--src-session-id", decode_sid,
+                   "--npu-id", "0"] + common
+    prefill_args = [EXAMPLE, "--role", "Prefill", "--src-session-id",
+                    f"127.0.0.1:{prefill_port}", "--npu-id", "1",
+                    "--dst-session-id", decode_sid] + common
+
+    if decode_first:
+        decode = procs.start("decode", decode_args)
+        assert wait_port(decode_port, 30), "the Decode never listened:\n" + procs.output("decode")
+        prefill = procs.start("prefill", prefill_args)
+    else:
+        prefill = procs.start("prefill", prefill_args)
+        assert wait_port(store_port, 30), \
+            "the Prefill never started the store:\n" + procs.output("prefill")
+        decode = procs.start("decode", decode_args)
+
+    rc_p = procs.wait(prefill, TIMEOUT_S)
+    rc_d = procs.wait(decode, TIMEOUT_S)
+    out_p, out_d = procs.output("prefill"), procs.output("decode")
+    sys.stdout.write("---- decode ----\n" + out_d + "---- prefill ----\n" + out_p)
+    assert rc_d == 0, f"decode exit status {rc_d}"
+    assert rc_p == 0, f"prefill exit status {rc_p}"
+
+    assert "register success." in out_d
+    assert f"config store created at {store_url}" in out_p
+    assert out_p.count("write success peer_address=") == 10 * ITERATIONS
+    assert out_d.count("-----------------begin read buffer info----------------") == ITERATIONS
+    for i in range(10):
+        assert out_d.count(f"get buffer success {i}, sum=") == ITERATIONS
+    for r in range(ITERATIONS):
+        assert f"verify round {r}: OK (10/10 slices match, 48000000 bytes)" in out_d
+        assert f"decode read finish, round {r} verified" in out_p
+    assert "MISMATCH" not in out_d
+
+
+def test_seed_flow_decode_first(procs):
+    run_seed_flow(procs, decode_first=True)
+
+
+def test_seed_flow_prefill_first(procs):
+    run_seed_flow(procs, decode_first=False)
+
+
+def test_seed_typo_store_url_fails_fast(procs):
+    """The seed's README has tcp://192.168.1.1000:8000 in its Prefill command: a clear error,
+    at once, never a hang."""
+    p = procs.start("prefill", [EXAMPLE, "--role", "Prefill", "--src-session-id",
+                                f"127.0.0.1:{free_port()}", "--store-url",
+                                "tcp://192.168.1.1000:8000", "--dst-session-id",
+                                "127.0.0.1:50051", "--log-level", "3"])
+    rc = procs.wait(p, 20)
+    out = procs.output("prefill")
+    sys.stdout.write(out)
+    assert rc == 1, f"exit status {rc}"
+    assert "TransferEngine initialization failed" in out
+    assert "192.168.1.1000" in out
