@@ -35,7 +35,8 @@ demo: build
 # ping-pong, TCP writes of 1 and 4 MiB blocks against a raw TCP stream.
 bench: build
 	$(BUILD)/bench_store --clients 8 --seconds 2
-	$(BUILD)/bench_transfer --block-size 1M --block-size 4M --total 1G --reps 5
+	$(BUILD)/bench_transfer --block-size 1M --block-size 4M --total 1G --reps 5 --batch 1
+	$(BUILD)/bench_transfer --block-size 1M --block-size 4M --total 1G --reps 5 --batch 16
 
 install: build
 	cmake --install $(BUILD)
