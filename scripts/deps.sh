@@ -4,7 +4,7 @@
 # missing (a fresh machine has no package lists).
 set -eu
 
-PKGS="build-essential cmake pkg-config libcmocka-dev libjansson-dev python3-dev python3-numpy python3-pytest python3-torch python3-setuptools"
+PKGS="build-essential cmake pkg-config iproute2 libcmocka-dev libjansson-dev python3-dev python3-numpy python3-pytest python3-torch python3-setuptools"
 
 missing=""
 for p in $PKGS; do
