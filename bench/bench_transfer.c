@@ -200,10 +200,15 @@ int main(int argc, char **argv)
 
     kvf_store_server_t *srv;
     kvf_engine_t *dec, *pre;
+    /* Forced tcp: two engines of one process would otherwise take the loop path (memcpy), and
+     * this benchmark is about the TCP transport (bench_shm covers shm). */
+    kvf_config_t cfg;
+    kvf_config_init(&cfg);
+    cfg.transport = KVF_TRANSPORT_TCP;
     if (kvf_store_server_start("tcp://127.0.0.1:0", &srv) < 0 ||
-        kvf_engine_create(kvf_store_server_url(srv), "127.0.0.1:0", KVF_ROLE_DECODE, 0, NULL,
+        kvf_engine_create(kvf_store_server_url(srv), "127.0.0.1:0", KVF_ROLE_DECODE, 0, &cfg,
                           &dec) < 0 ||
-        kvf_engine_create(kvf_store_server_url(srv), "127.0.0.1:0", KVF_ROLE_PREFILL, 0, NULL,
+        kvf_engine_create(kvf_store_server_url(srv), "127.0.0.1:0", KVF_ROLE_PREFILL, 0, &cfg,
                           &pre) < 0 ||
         kvf_mem_register(dec, dst, BUF_BYTES) < 0) {
         fprintf(stderr, "bench_transfer: %s\n", kvf_last_error());

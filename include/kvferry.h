@@ -356,8 +356,11 @@ const char *kvf_role_name(kvf_role_t role);
 
 /** Data-path transports. AUTO picks the best the peer supports (today: tcp). */
 typedef enum {
-    KVF_TRANSPORT_AUTO = 0,
-    KVF_TRANSPORT_TCP = 1,
+    KVF_TRANSPORT_AUTO = 0, /* loop (same process) → shm (same host) → tcp, per peer */
+    KVF_TRANSPORT_TCP = 1,  /* tcp only; the engine also stops offering shm to its peers */
+    KVF_TRANSPORT_SHM = 2,  /* same-host shm (process_vm_writev/readv) only, also to engines of
+                               this process; a peer shm cannot reach fails with -KVF_ENOTSUP
+                               and the reason */
 } kvf_transport_kind_t;
 
 /** Engine configuration. Fill with kvf_config_init(), then change fields. */
@@ -370,7 +373,7 @@ typedef struct {
     uint32_t tcp_conns_per_peer; /* TCP connections to each peer, 1..16. Default 2. */
     uint32_t tcp_chunk_bytes;    /* larger elements are split into chunks of this size, spread
                                     over the connections; 64 KiB..64 MiB. Default 4 MiB. */
-    kvf_transport_kind_t transport; /* default AUTO; KVFERRY_TRANSPORT=tcp|auto overrides */
+    kvf_transport_kind_t transport; /* default AUTO; KVFERRY_TRANSPORT=auto|tcp|shm overrides */
     const char *ns;              /* store namespace, [A-Za-z0-9_.-]{1,64}; default "default".
                                     Engines see only peers of the same namespace. */
 } kvf_config_t;
@@ -398,10 +401,20 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
 
 /**
  * kvf_engine_destroy - withdraw the engine's records, close its connections and free it.
- * Transfers still running on other threads fail with -KVF_ECLOSED; it waits for them to return.
- * NULL is a no-op.
+ * Calls that start on other threads once destroy has begun fail with -KVF_ECLOSED; a transfer
+ * still waiting for its peer to appear gives up with -KVF_ECLOSED within 200 ms; transfers
+ * already moving data are waited for (each is bounded by op_timeout_ms). No other call on @e
+ * may start after it returns. NULL is a no-op.
  */
 void kvf_engine_destroy(kvf_engine_t *e);
+
+/**
+ * kvf_engine_shutdown - the first half of kvf_engine_destroy(), for wrappers that must wait for
+ * their own callers before freeing: from now on calls fail with -KVF_ECLOSED and a transfer
+ * waiting for its peer to appear gives up within 200 ms. Frees nothing; kvf_engine_destroy()
+ * must still be called. Idempotent; NULL is a no-op.
+ */
+void kvf_engine_shutdown(kvf_engine_t *e);
 
 /** kvf_engine_session_id - this engine's session id, with the chosen port when created with 0. */
 const char *kvf_engine_session_id(const kvf_engine_t *e);
@@ -413,7 +426,8 @@ uint16_t kvf_engine_port(const kvf_engine_t *e);
  * kvf_mem_register - make [addr, addr+len) writable and readable by peers.
  * Exact byte bounds. Zero length, or overlap with a registered region, is refused with
  * -KVF_EINVAL naming both ranges; registering the same range twice gives -KVF_EEXIST.
- * The pages are touched once so that the first transfer does not pay for page faults.
+ * The pages are faulted in (MADV_POPULATE_WRITE, or _READ for read-only memory; the contents are
+ * never touched) so that the first transfer does not pay for page faults.
  * Peers see the region within milliseconds (it is published to the store).
  */
 int kvf_mem_register(kvf_engine_t *e, void *addr, size_t len);
@@ -425,7 +439,10 @@ int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *le
  * kvf_mem_unregister - withdraw the region that starts at @addr.
  * New transfers touching it fail with -KVF_ENOTREG at once; transfers already writing into it
  * are waited for (up to op_timeout_ms; then -KVF_ETIMEDOUT and the memory must stay valid until
- * they end). Returns -KVF_ENOTREG when no region starts at @addr.
+ * they end). Over TCP a sender must keep a minimum rate, so no request holds a region for
+ * longer than about 9 s. If publishing the change to the store fails, the call still succeeds
+ * (this engine refuses the range; the next publication tells peers) and a warning is logged.
+ * Returns -KVF_ENOTREG when no region starts at @addr.
  */
 int kvf_mem_unregister(kvf_engine_t *e, void *addr);
 
@@ -466,6 +483,15 @@ typedef struct {
     uint64_t addr;
     uint64_t len;
 } kvf_region_info_t;
+
+/**
+ * kvf_engine_peer_transport - the path this engine uses to @peer: "loop" (an engine of this
+ * process: memcpy), "shm" (same host: process_vm_writev/readv) or "tcp". Chosen at the first
+ * transfer to the peer and again after the peer process went away.
+ * @name: receives a static string.
+ * Returns 0, or -KVF_ENOTFOUND when no transfer to @peer has been made yet.
+ */
+int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **name);
 
 /**
  * kvf_peer_regions - the regions @peer has published, sorted by address (fetched fresh from the

@@ -81,15 +81,16 @@ static void node_stop(node_t *n)
 
 static kvf_tpeer_t *peer_to(node_t *from, uint16_t port)
 {
-    kvf_hostport_t hp;
-    memset(&hp, 0, sizeof(hp));
-    snprintf(hp.host, sizeof(hp.host), "127.0.0.1");
-    hp.kind = KVF_HOST_IPV4;
-    hp.port = port;
+    kvf_tpeer_desc_t d;
+    memset(&d, 0, sizeof(d));
+    snprintf(d.addr.host, sizeof(d.addr.host), "127.0.0.1");
+    d.addr.kind = KVF_HOST_IPV4;
+    d.addr.port = port;
     char sid[32];
     snprintf(sid, sizeof(sid), "127.0.0.1:%u", (unsigned)port);
+    d.sid = sid;
     kvf_tpeer_t *p = NULL;
-    assert_kvf_ok(ops->peer_open(from->t, sid, &hp, &p));
+    assert_kvf_ok(ops->peer_open(from->t, &d, &p));
     return p;
 }
 
@@ -1016,6 +1017,67 @@ static void test_connect_refused(void **state)
     node_stop(&a);
 }
 
+/* A client that trickles a WRITE payload (each byte restarts the no-progress timer) is cut off
+ * once the frame falls below the minimum rate, so it cannot pin the region for ever. */
+static void test_trickling_writer_cut_off(void **state)
+{
+    (void)state;
+    node_t b = {0};
+    node_start(&b, 1, MiB);
+    uint8_t *mem = xmalloc(MiB);
+    uint64_t base = (uint64_t)(uintptr_t)mem;
+    assert_kvf_ok(kvf__regions_add(b.rt, base, MiB, NULL));
+
+    int fd = raw_connect(b.port);
+    raw_hello(fd);
+    uint8_t h[W_HDR];
+    w_hdr(h, W_MAGIC, 1, W_WRITE, 0, 2, base, MiB);
+    uint64_t t0 = kvf_test_now_ms();
+    send_all(fd, h, sizeof(h));
+    bool closed = false;
+    /* One byte per 100 ms: the sending pace is the scenario. Bounded at 15 s. */
+    for (int i = 0; i < 150 && !closed; i++) {
+        uint8_t byte = 0x55;
+        if (send(fd, &byte, 1, MSG_NOSIGNAL) != 1)
+            break;
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        if (poll(&pfd, 1, 100) > 0) {
+            uint8_t junk[64];
+            ssize_t r = recv(fd, junk, sizeof(junk), MSG_DONTWAIT);
+            closed = r == 0 || (r < 0 && errno == ECONNRESET);
+        }
+    }
+    uint64_t took = kvf_test_now_ms() - t0;
+    if (!closed)
+        raw_expect_closed(fd);
+    /* 1 MiB at 10 MB/s after a 2 s allowance: about 2.1 s, checked once a second. */
+    assert_true(took >= 2000);
+    assert_true(took < 5000);
+    /* The reference was released with the connection: unregister does not wait. */
+    assert_kvf_ok(kvf__regions_remove(b.rt, base, 0));
+    close(fd);
+    node_stop(&b);
+    free(mem);
+}
+
+/* A connection that never says HELLO is closed after KVF_TCP_HELLO_TIMEOUT_MS (5 s), so idle
+ * sockets cannot fill the target's connection limit. */
+static void test_no_hello_cut_off(void **state)
+{
+    (void)state;
+    node_t b = {0};
+    node_start(&b, 1, MiB);
+    int fd = raw_connect(b.port);
+    set_rcvtimeo(fd, 9000);
+    uint64_t t0 = kvf_test_now_ms();
+    raw_expect_closed(fd);
+    uint64_t took = kvf_test_now_ms() - t0;
+    assert_true(took >= 4900);
+    assert_true(took < 8000);
+    close(fd);
+    node_stop(&b);
+}
+
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_sizes),
     cmocka_unit_test(test_batch_mixed),
@@ -1030,6 +1092,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_read_timeout_mid_answer),
     cmocka_unit_test(test_read_timeout_late_answer),
     cmocka_unit_test(test_connect_refused),
+    cmocka_unit_test(test_trickling_writer_cut_off),
+    cmocka_unit_test(test_no_hello_cut_off),
 };
 
 KVF_TEST_MAIN(tests)

@@ -78,7 +78,7 @@ static void usage(FILE *f)
             "usage: kvferry transfer --role Prefill|Decode --store-url tcp://IP:PORT\n"
             "                        [--src-session-id IP:PORT] [--dst-session-id IP:PORT]\n"
             "                        [--npu-id N] [--log-level 0..3] [--iterations N]\n"
-            "                        [--timeout SEC] [--transport tcp|auto]\n\n"
+            "                        [--timeout SEC] [--transport auto|tcp|shm]\n\n"
             "The seed's test_transfer_engine.py. The Decode registers a (10, 50, 40, 20, 60)\n"
             "float16 buffer (48,000,000 bytes) and checks every round it receives; the Prefill\n"
             "fills its own buffer with random values and writes the 10 slices into the Decode's.\n"
@@ -96,7 +96,8 @@ static void usage(FILE *f)
             "  --iterations N        rounds to run, then exit 0; 0 (default) runs forever\n"
             "  --timeout SEC         bound on starting up, on each transfer and on each wait for\n"
             "                        the other side, 1..%u, default 30\n"
-            "  --transport T         tcp or auto (default)\n\n"
+            "  --transport T         auto (default: shm to a peer on this host, else tcp), tcp,\n"
+            "                        or shm (fails when the peer is not reachable by shm)\n\n"
             "Exit status: 0 every round done (and, on the Decode, verified), 1 failure (a\n"
             "message says why), 2 usage error.\n",
             XFER_MAX_TIMEOUT_S);
@@ -296,10 +297,13 @@ static int parse_args(int argc, char **argv, xfer_args_t *a, bool *done)
         case 'T':
             if (!strcasecmp(optarg, "tcp")) {
                 a->transport = KVF_TRANSPORT_TCP;
+            } else if (!strcasecmp(optarg, "shm")) {
+                a->transport = KVF_TRANSPORT_SHM;
             } else if (!strcasecmp(optarg, "auto")) {
                 a->transport = KVF_TRANSPORT_AUTO;
             } else {
-                fprintf(stderr, "kvferry " CMD ": --transport %s: want tcp or auto\n", optarg);
+                fprintf(stderr, "kvferry " CMD ": --transport %s: want auto, tcp or shm\n",
+                        optarg);
                 return 2;
             }
             break;
@@ -830,6 +834,9 @@ static int run_prefill(const xfer_args_t *a, kvf_engine_t *e, kvf_store_t *st, c
             kvf_cli_fail(CMD, rc, "round %" PRIu64 ": write to %s", round, a->dst_sid);
             goto out_unregister;
         }
+        const char *via;
+        if (round == 1 && kvf_engine_peer_transport(e, a->dst_sid, &via) == 0)
+            printf("transport to %s: %s\n", a->dst_sid, via);
         for (unsigned i = 0; i < XFER_SLICES; i++)
             printf("set buffer success %u, sum=%.4f\n", i,
                    sum_halves((char *)buf + (size_t)i * XFER_SLICE_BYTES, XFER_SLICE_BYTES));

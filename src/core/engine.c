@@ -2,8 +2,15 @@
  * The transfer engine: one node of the cluster. It owns the listening transport, the region
  * table, the peer cache and the store client, and publishes two keys bound to its lease:
  *
- *   kvferry/v1/<ns>/sessions/<sid>  the session record (JSON: role, device, pid, transports)
+ *   kvferry/v1/<ns>/sessions/<sid>  the session record (JSON: role, device, pid, boot id,
+ *                                   network namespace, transports offered, the shm word's
+ *                                   address and nonce)
  *   kvferry/v1/<ns>/regions/<sid>   its registered regions (JSON, with the table generation)
+ *
+ * Each peer is reached by one of three paths, chosen on first use (loop → shm → tcp, or forced
+ * by config.transport / KVFERRY_TRANSPORT): "loop" when the peer is an engine of this process
+ * (memcpy under the target's own region references), "shm" when it is on this host and its
+ * memory is reachable with process_vm_writev, "tcp" otherwise.
  *
  * A session id is "ip:port" and is also the address peers connect to, so a peer needs the store
  * only to learn that a session exists and which regions it has; transfers between peers that
@@ -18,7 +25,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <stdatomic.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include "common/common.h"
@@ -38,10 +47,21 @@
 #define ENG_MAX_CHUNK (64u << 20)
 #define ENG_RECORD_VERSION 1
 
+typedef enum { ENG_VIA_TCP, ENG_VIA_SHM, ENG_VIA_LOOP } eng_via_t;
+static const char *const via_names[] = {"tcp", "shm", "loop"};
+
 typedef struct eng_peer {
     struct eng_peer *next;
     char sid[ENG_SID_MAX];
+    /* The path to the peer. Transfers hold @sel shared while they use @via/@tops/@tp; choosing
+     * the path again (after the peer process went away, see @reselect) holds it exclusive, so
+     * a handle is never closed under a running transfer. */
+    pthread_rwlock_t sel;
+    eng_via_t via;
+    const struct kvf_transport_ops *tops; /* NULL for loop */
     kvf_tpeer_t *tp;
+    atomic_bool reselect;
+    bool fallback_logged; /* the info line about not using shm, once per peer */
     /* The peer's published regions, refreshed from the store on a miss. */
     pthread_mutex_t lock;
     kvf_region_t *regions;
@@ -61,8 +81,14 @@ struct kvf_engine {
     kvf_store_t *store;
     uint64_t lease;
     kvf_region_table_t *regions;
-    const struct kvf_transport_ops *tops;
+    const struct kvf_transport_ops *tops; /* tcp: listens, serves, and reaches remote peers */
     kvf_transport_t *transport;
+    const struct kvf_transport_ops *shm_ops;
+    kvf_transport_t *shm;
+    /* Read by same-host senders with process_vm_readv (see transport.h): its generation is
+     * stored, under publish_lock, only after the regions record of that generation is set. */
+    kvf_shm_word_t shm_word;
+    struct kvf_engine *all_next; /* in eng_all */
 
     /* Serialises region publication so that an older snapshot never overwrites a newer one. */
     pthread_mutex_t publish_lock;
@@ -76,6 +102,21 @@ struct kvf_engine {
     unsigned busy;
     bool closing;
 };
+
+/* Every engine of this process, so that a transfer to one of them takes the loop path: a
+ * memcpy under the target's own region references (the same authoritative check and unregister
+ * drain as a remote target's). Destroy unlinks under the write lock, which waits for loop
+ * transfers into the engine to leave. */
+static pthread_rwlock_t eng_all_lock = PTHREAD_RWLOCK_INITIALIZER;
+static kvf_engine_t *eng_all;
+
+static kvf_engine_t *eng_all_find_locked(const char *sid)
+{
+    for (kvf_engine_t *x = eng_all; x; x = x->all_next)
+        if (!strcmp(x->sid, sid))
+            return x;
+    return NULL;
+}
 
 /* ---- small public helpers ------------------------------------------------------------------- */
 
@@ -157,13 +198,16 @@ static int config_load(const kvf_config_t *in, kvf_config_t *c)
     if (env && *env) {
         if (!strcasecmp(env, "tcp"))
             c->transport = KVF_TRANSPORT_TCP;
+        else if (!strcasecmp(env, "shm"))
+            c->transport = KVF_TRANSPORT_SHM;
         else if (!strcasecmp(env, "auto"))
             c->transport = KVF_TRANSPORT_AUTO;
         else
-            return kvf__err(-KVF_EINVAL, "KVFERRY_TRANSPORT=%s: want tcp or auto", env);
+            return kvf__err(-KVF_EINVAL, "KVFERRY_TRANSPORT=%s: want auto, tcp or shm", env);
     }
-    if (c->transport != KVF_TRANSPORT_AUTO && c->transport != KVF_TRANSPORT_TCP)
-        return kvf__err(-KVF_EINVAL, "config.transport %d: want KVF_TRANSPORT_AUTO or _TCP",
+    if (c->transport != KVF_TRANSPORT_AUTO && c->transport != KVF_TRANSPORT_TCP &&
+        c->transport != KVF_TRANSPORT_SHM)
+        return kvf__err(-KVF_EINVAL, "config.transport %d: want KVF_TRANSPORT_AUTO, _TCP or _SHM",
                         (int)c->transport);
     if (c->init_timeout_ms == 0 || c->op_timeout_ms == 0 || c->lease_ttl_ms == 0)
         return kvf__err(-KVF_EINVAL, "config: init_timeout_ms (%u), op_timeout_ms (%u) and "
@@ -211,15 +255,62 @@ static json_t *hex_u64(uint64_t v)
     return json_string(buf);
 }
 
+/* The session record. An engine forced to tcp does not offer shm: it asked that nobody reach
+ * into its memory from outside the tcp target's checks. */
 static int publish_session(kvf_engine_t *e)
 {
     char host[256] = "";
     gethostname(host, sizeof(host) - 1);
-    json_t *doc = json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:[s]}", "version",
-                            ENG_RECORD_VERSION, "session", e->sid, "role", kvf_role_name(e->role),
-                            "device_id", e->device_id, "pid", (int)getpid(), "hostname", host,
-                            "kvferry", KVF_VERSION_STRING, "transports", e->tops->name);
+    json_t *tr = e->cfg.transport == KVF_TRANSPORT_TCP
+                     ? json_pack("[s]", e->tops->name)
+                     : json_pack("[s,s]", e->shm_ops->name, e->tops->name);
+    json_t *doc = json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:o, s:o}",
+                            "version", ENG_RECORD_VERSION, "session", e->sid, "role",
+                            kvf_role_name(e->role), "device_id", e->device_id, "pid",
+                            (int)getpid(), "hostname", host, "kvferry", KVF_VERSION_STRING,
+                            "transports", tr, "boot_id", kvf__host_boot_id(), "net_ns",
+                            kvf__host_net_ns(), "shm_word", hex_u64((uintptr_t)&e->shm_word),
+                            "shm_nonce", hex_u64(e->shm_word.nonce));
     return store_put_json(e, e->session_key, doc);
+}
+
+/* Parse a session record into what a transport needs. Untrusted input: anything missing or
+ * malformed is left empty, which only means shm is not offered (tcp needs the sid alone). */
+static void parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d)
+{
+    json_t *doc = json_loadb(text, len, 0, NULL);
+    if (!doc)
+        return;
+    json_t *pid = json_object_get(doc, "pid");
+    if (json_is_integer(pid) && json_integer_value(pid) > 0 && json_integer_value(pid) < INT32_MAX)
+        d->pid = (int32_t)json_integer_value(pid);
+    const char *boot = json_string_value(json_object_get(doc, "boot_id"));
+    if (boot && strlen(boot) < sizeof(d->boot_id))
+        snprintf(d->boot_id, sizeof(d->boot_id), "%s", boot);
+    const char *net = json_string_value(json_object_get(doc, "net_ns"));
+    if (net && strlen(net) < sizeof(d->net_ns))
+        snprintf(d->net_ns, sizeof(d->net_ns), "%s", net);
+    json_t *tr = json_object_get(doc, "transports"), *t;
+    size_t i;
+    json_array_foreach(tr, i, t)
+    {
+        if (json_is_string(t) && !strcmp(json_string_value(t), "shm"))
+            d->offers_shm = true;
+    }
+    const char *w = json_string_value(json_object_get(doc, "shm_word"));
+    const char *nonce = json_string_value(json_object_get(doc, "shm_nonce"));
+    char *end;
+    if (w && nonce) {
+        errno = 0;
+        uint64_t wa = strtoull(w, &end, 16);
+        bool ok = !*end && !errno;
+        uint64_t nv = strtoull(nonce, &end, 16);
+        if (ok && !*end && !errno) {
+            d->shm_word_addr = wa;
+            d->shm_nonce = nv;
+        }
+    }
+    json_decref(doc);
 }
 
 /* Publish the current region table. Holding publish_lock across snapshot and set keeps the
@@ -249,6 +340,11 @@ static int publish_regions(kvf_engine_t *e)
     rc = store_put_json(e, e->regions_key, doc);
     if (rc < 0)
         kvf__err_wrap(rc, "engine %s: publishing its regions", e->sid);
+    /* Only now may shm senders learn the generation: one that sees it refreshes from the store
+     * and finds this list (or a newer one). If the store set failed the word still moves, so
+     * shm senders fail closed (their refresh finds an older list) instead of writing into a
+     * region unregistered locally but not yet unpublished. */
+    __atomic_store_n(&e->shm_word.gen, gen, __ATOMIC_RELEASE);
 out_unlock:
     pthread_mutex_unlock(&e->publish_lock);
     return rc;
@@ -286,8 +382,10 @@ static int parse_regions(const char *sid, const void *text, size_t len, kvf_regi
         const char *as = json_string_value(a);
         errno = 0;
         unsigned long long addr = as ? strtoull(as, &end, 16) : 0;
+        /* Sorted, non-overlapping, and no range wrapping past 2^64 (checked by subtraction). */
         if (!as || *end || errno || !json_is_integer(l) || json_integer_value(l) <= 0 ||
-            (i > 0 && addr < rs[i - 1].addr + rs[i - 1].len)) {
+            (uint64_t)json_integer_value(l) - 1 > UINT64_MAX - addr ||
+            (i > 0 && (addr < rs[i - 1].addr || addr - rs[i - 1].addr < rs[i - 1].len))) {
             rc = kvf__err(-KVF_EPROTO, "peer %s: malformed region %zu in its regions record",
                           sid, i);
             goto out;
@@ -307,6 +405,38 @@ out:
     return rc;
 }
 
+static bool engine_closing(kvf_engine_t *e)
+{
+    pthread_mutex_lock(&e->busy_lock);
+    bool closing = e->closing;
+    pthread_mutex_unlock(&e->busy_lock);
+    return closing;
+}
+
+/* Slice of a long get-with-wait: destroy sets `closing`, and a caller waiting for a peer to
+ * appear notices within this instead of holding destroy up for the whole init timeout. */
+#define ENG_WAIT_SLICE_MS 200u
+
+/* kvf_store_get() waiting up to @wait_ms, given up early (-KVF_ECLOSED) when the engine is
+ * being destroyed. */
+static int store_get_wait(kvf_engine_t *e, const char *key, uint32_t wait_ms, void **val,
+                          size_t *len)
+{
+    uint64_t deadline = kvf__now_ms() + wait_ms;
+    for (;;) {
+        uint64_t now = kvf__now_ms();
+        uint32_t slice = 0;
+        if (now < deadline)
+            slice = deadline - now < ENG_WAIT_SLICE_MS ? (uint32_t)(deadline - now)
+                                                       : ENG_WAIT_SLICE_MS;
+        int rc = kvf_store_get(e->store, key, slice, val, len);
+        if (rc != -KVF_ETIMEDOUT || kvf__now_ms() >= deadline)
+            return rc;
+        if (engine_closing(e))
+            return kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid);
+    }
+}
+
 /* Fetch @sid's regions from the store, waiting up to @wait_ms for the record to appear. */
 static int fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kvf_region_t **out,
                          size_t *n, uint64_t *gen)
@@ -316,7 +446,7 @@ static int fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kvf
     size_t len;
 
     make_key(key, sizeof(key), e->ns, "regions", sid);
-    int rc = kvf_store_get(e->store, key, wait_ms, &val, &len);
+    int rc = store_get_wait(e, key, wait_ms, &val, &len);
     if (rc == -KVF_ETIMEDOUT || rc == -KVF_ENOTFOUND)
         return kvf__err(-KVF_ENOTFOUND,
                         "peer session %s did not appear in the store %s within %u ms "
@@ -331,10 +461,11 @@ static int fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kvf
 
 /* ---- peers ---------------------------------------------------------------------------------- */
 
-static void peer_free(kvf_engine_t *e, eng_peer_t *p)
+static void peer_free(eng_peer_t *p)
 {
     if (p->tp)
-        e->tops->peer_close(p->tp);
+        p->tops->peer_close(p->tp);
+    pthread_rwlock_destroy(&p->sel);
     pthread_mutex_destroy(&p->lock);
     free(p->regions);
     free(p);
@@ -346,6 +477,80 @@ static eng_peer_t *peer_find_locked(kvf_engine_t *e, const char *sid)
         if (!strcmp(p->sid, sid))
             return p;
     return NULL;
+}
+
+/* What the peer's session record says about reaching it. The record is published right after
+ * the regions record, so it may lag by a moment: wait for it up to @wait_ms. A peer without one
+ * (or with a malformed one) is still reachable over tcp. */
+static void fetch_session(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kvf_tpeer_desc_t *d)
+{
+    char key[ENG_KEY_MAX];
+    void *val;
+    size_t len;
+
+    make_key(key, sizeof(key), e->ns, "sessions", sid);
+    if (store_get_wait(e, key, wait_ms, &val, &len) == 0) {
+        parse_session(val, len, d);
+        free(val);
+    }
+}
+
+/*
+ * Choose the path to @p and open it: loop for an engine of this process (unless tcp or shm is
+ * forced), else shm if the peer is reachable that way, else tcp. Forced shm to a peer shm cannot
+ * reach is an error naming the reason; in auto mode the reason is logged once at info level.
+ * Called with @p->sel held exclusive (or before @p is shared).
+ */
+static int peer_select(kvf_engine_t *e, eng_peer_t *p)
+{
+    kvf_transport_kind_t want = e->cfg.transport;
+    kvf_tpeer_desc_t d;
+    int rc;
+
+    if (p->tp)
+        p->tops->peer_close(p->tp);
+    p->tp = NULL;
+    p->tops = NULL;
+    memset(&d, 0, sizeof(d));
+    d.sid = p->sid;
+    rc = kvf__session_id_parse(p->sid, &d.addr);
+    if (rc < 0)
+        return rc;
+
+    if (want == KVF_TRANSPORT_AUTO) {
+        pthread_rwlock_rdlock(&eng_all_lock);
+        bool local = eng_all_find_locked(p->sid) != NULL;
+        pthread_rwlock_unlock(&eng_all_lock);
+        if (local) {
+            p->via = ENG_VIA_LOOP;
+            return 0;
+        }
+    }
+    if (want != KVF_TRANSPORT_TCP) {
+        fetch_session(e, p->sid, e->cfg.init_timeout_ms, &d);
+        rc = e->shm_ops->peer_open(e->shm, &d, &p->tp);
+        if (rc == 0) {
+            p->via = ENG_VIA_SHM;
+            p->tops = e->shm_ops;
+            return 0;
+        }
+        if (rc != -KVF_ENOTSUP)
+            return rc;
+        if (want == KVF_TRANSPORT_SHM)
+            return kvf__err_wrap(rc, "transport shm is forced (config.transport or "
+                                     "KVFERRY_TRANSPORT) but cannot reach peer %s",
+                                 p->sid);
+        if (!p->fallback_logged)
+            KVF_INFO(ENG_LOG, "engine %s: peer %s over tcp, not shm: %s", e->sid, p->sid,
+                     kvf_last_error());
+        p->fallback_logged = true;
+    }
+    rc = e->tops->peer_open(e->transport, &d, &p->tp);
+    if (rc < 0)
+        return rc;
+    p->via = ENG_VIA_TCP;
+    p->tops = e->tops;
+    return 0;
 }
 
 /*
@@ -376,10 +581,17 @@ static int peer_get(kvf_engine_t *e, const char *sid, eng_peer_t **out)
         return kvf__err(-KVF_ENOMEM, "peer %s: out of memory", sid);
     snprintf(p->sid, sizeof(p->sid), "%s", sid);
     pthread_mutex_init(&p->lock, NULL);
+    /* Writer preference: a re-selection must not starve behind a stream of transfers. */
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&p->sel, &ra);
+    pthread_rwlockattr_destroy(&ra);
+    atomic_init(&p->reselect, false);
     rc = fetch_regions(e, sid, e->cfg.init_timeout_ms, &p->regions, &p->nregions, &p->gen);
     if (rc < 0)
         goto out_free;
-    rc = e->tops->peer_open(e->transport, sid, &addr, &p->tp);
+    rc = peer_select(e, p);
     if (rc < 0)
         goto out_free;
 
@@ -391,19 +603,21 @@ static int peer_get(kvf_engine_t *e, const char *sid, eng_peer_t **out)
     }
     pthread_mutex_unlock(&e->peers_lock);
     if (other) {
-        peer_free(e, p);
+        peer_free(p);
         p = other;
     }
-    KVF_DEBUG(ENG_LOG, "engine %s: peer %s found with %zu regions", e->sid, sid, p->nregions);
+    KVF_DEBUG(ENG_LOG, "engine %s: peer %s found with %zu regions, via %s", e->sid, sid,
+              p->nregions, via_names[p->via]);
     *out = p;
     return 0;
 
 out_free:
-    peer_free(e, p);
+    peer_free(p);
     return rc;
 }
 
-/* Re-read the peer's regions from the store (no wait: it exists, or existed). */
+/* Re-read the peer's regions from the store (no wait: it exists, or existed). A list older than
+ * the cached one (two refreshes racing) is dropped, so the cache never goes back in time. */
 static int peer_refresh(kvf_engine_t *e, eng_peer_t *p)
 {
     kvf_region_t *rs;
@@ -413,12 +627,36 @@ static int peer_refresh(kvf_engine_t *e, eng_peer_t *p)
     if (rc < 0)
         return rc;
     pthread_mutex_lock(&p->lock);
-    free(p->regions);
-    p->regions = rs;
-    p->nregions = n;
-    p->gen = gen;
+    if (gen >= p->gen) {
+        free(p->regions);
+        p->regions = rs;
+        p->nregions = n;
+        p->gen = gen;
+        rs = NULL;
+    }
     pthread_mutex_unlock(&p->lock);
+    free(rs);
     return 0;
+}
+
+/* The peer process went away (or restarted under the same session id): forget its regions and
+ * choose its path again, once, by whichever transfer comes first. */
+static int peer_reselect(kvf_engine_t *e, eng_peer_t *p)
+{
+    int rc = 0;
+    pthread_rwlock_wrlock(&p->sel);
+    if (atomic_load(&p->reselect)) {
+        pthread_mutex_lock(&p->lock);
+        p->gen = 0;
+        pthread_mutex_unlock(&p->lock);
+        rc = peer_refresh(e, p);
+        if (rc == 0)
+            rc = peer_select(e, p);
+        if (rc == 0)
+            atomic_store(&p->reselect, false);
+    }
+    pthread_rwlock_unlock(&p->sel);
+    return rc;
 }
 
 /* The sender's fast-fail: every element must lie inside one of the peer's published regions.
@@ -434,6 +672,80 @@ static int peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n)
     }
     pthread_mutex_unlock(&p->lock);
     return rc;
+}
+
+/*
+ * For shm the sender's check is the only one, so make the cached list current first: read the
+ * target's live generation and refresh if the cache is older. Once a target's unregister has
+ * returned, its word carries the new generation and the store the list without the region.
+ */
+static int peer_make_current(kvf_engine_t *e, eng_peer_t *p)
+{
+    uint64_t live;
+    int rc = p->tops->regions_gen(p->tp, &live);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&p->lock);
+    bool stale = live > p->gen;
+    pthread_mutex_unlock(&p->lock);
+    if (!stale)
+        return 0;
+    rc = peer_refresh(e, p);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&p->lock);
+    uint64_t have = p->gen;
+    pthread_mutex_unlock(&p->lock);
+    if (live > have)
+        return kvf__err(-KVF_ESTALE, "peer %s: its regions record in the store (generation %" PRIu64
+                                     ") is older than its live generation %" PRIu64
+                                     "; refusing to write unchecked",
+                        p->sid, have, live);
+    return 0;
+}
+
+/* The loop path: memcpy to or from an engine of this process, each element under a reference
+ * on the target's region, taken from its own table (authoritative, and unregister drains it). */
+static int loop_transfer(const char *sid, const kvf_xfer_t *x, size_t n)
+{
+    int rc = 0;
+    pthread_rwlock_rdlock(&eng_all_lock);
+    kvf_engine_t *t = eng_all_find_locked(sid);
+    if (!t)
+        rc = kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", sid);
+    for (size_t i = 0; t && i < n && rc == 0; i++) {
+        kvf_region_ref_t ref;
+        rc = kvf__regions_acquire(t->regions, x[i].remote, x[i].len, &ref);
+        if (rc < 0) {
+            kvf__err_wrap(rc, "element %zu (%s)", i, x[i].op == KVF_OP_WRITE ? "write" : "read");
+            break;
+        }
+        void *remote = (void *)(uintptr_t)x[i].remote;
+        /* memmove: in one address space the caller may name overlapping ranges. */
+        if (x[i].op == KVF_OP_WRITE)
+            memmove(remote, x[i].local, x[i].len);
+        else
+            memmove(x[i].local, remote, x[i].len);
+        kvf__regions_release(t->regions, &ref);
+    }
+    pthread_rwlock_unlock(&eng_all_lock);
+    return rc;
+}
+
+int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **name)
+{
+    if (!e || !peer || !name)
+        return kvf__err(-KVF_EINVAL, "peer transport: NULL argument");
+    pthread_mutex_lock(&e->peers_lock);
+    eng_peer_t *p = peer_find_locked(e, peer);
+    if (p) {
+        pthread_rwlock_rdlock(&p->sel);
+        *name = via_names[p->via];
+        pthread_rwlock_unlock(&p->sel);
+    }
+    pthread_mutex_unlock(&e->peers_lock);
+    return p ? 0 : kvf__err(-KVF_ENOTFOUND, "engine %s has not transferred to peer %s", e->sid,
+                            peer);
 }
 
 /* ---- create / destroy ----------------------------------------------------------------------- */
@@ -477,6 +789,13 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     e->role = role;
     e->device_id = device_id;
     e->tops = &kvf__tcp_ops;
+    e->shm_ops = &kvf__shm_ops;
+    /* The nonce tells this engine's word apart from whatever another process (a restart, a
+     * reused pid) keeps at the same address. */
+    e->shm_word.magic = KVF_SHM_WORD_MAGIC;
+    if (getrandom(&e->shm_word.nonce, sizeof(e->shm_word.nonce), GRND_NONBLOCK) !=
+        (ssize_t)sizeof(e->shm_word.nonce))
+        e->shm_word.nonce = kvf__now_ms() ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)e;
     pthread_mutex_init(&e->publish_lock, NULL);
     pthread_mutex_init(&e->peers_lock, NULL);
     pthread_mutex_init(&e->busy_lock, NULL);
@@ -513,6 +832,9 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     }
     if (rc < 0)
         goto out_regions;
+    rc = e->shm_ops->create(&tp, &e->shm);
+    if (rc < 0)
+        goto out_transport;
     listen.port = e->tops->port(e->transport);
     kvf__hostport_format(&listen, e->sid, sizeof(e->sid));
     make_key(e->session_key, sizeof(e->session_key), e->ns, "sessions", e->sid);
@@ -541,6 +863,10 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     rc = publish_session(e);
     if (rc < 0)
         goto out_store;
+    pthread_rwlock_wrlock(&eng_all_lock);
+    e->all_next = eng_all;
+    eng_all = e;
+    pthread_rwlock_unlock(&eng_all_lock);
     KVF_INFO(ENG_LOG, "engine %s (%s) ready, store %s", e->sid, kvf_role_name(role), store_url);
     *out = e;
     return 0;
@@ -549,6 +875,8 @@ out_store:
     kvf__err_wrap(rc, "engine %s: store %s", e->sid, store_url);
     kvf_store_close(e->store);
 out_transport:
+    if (e->shm)
+        e->shm_ops->destroy(e->shm);
     e->tops->destroy(e->transport);
 out_regions:
     kvf__regions_destroy(e->regions);
@@ -563,13 +891,33 @@ out_free:
     return rc;
 }
 
+void kvf_engine_shutdown(kvf_engine_t *e)
+{
+    if (!e)
+        return;
+    pthread_mutex_lock(&e->busy_lock);
+    e->closing = true;
+    pthread_mutex_unlock(&e->busy_lock);
+}
+
 void kvf_engine_destroy(kvf_engine_t *e)
 {
     if (!e)
         return;
-    /* New transfers are refused from here on; running ones are bounded by op_timeout_ms. */
+    /* Unlinked first: this waits for loop transfers from other engines of this process into
+     * this one to leave, and no new one can find it. */
+    pthread_rwlock_wrlock(&eng_all_lock);
+    for (kvf_engine_t **pp = &eng_all; *pp; pp = &(*pp)->all_next) {
+        if (*pp == e) {
+            *pp = e->all_next;
+            break;
+        }
+    }
+    pthread_rwlock_unlock(&eng_all_lock);
+    /* New calls are refused from here on; running transfers are bounded by op_timeout_ms, and
+     * those waiting for a peer notice `closing` within ENG_WAIT_SLICE_MS. */
+    kvf_engine_shutdown(e);
     pthread_mutex_lock(&e->busy_lock);
-    e->closing = true;
     while (e->busy)
         pthread_cond_wait(&e->busy_cond, &e->busy_lock);
     pthread_mutex_unlock(&e->busy_lock);
@@ -581,8 +929,9 @@ void kvf_engine_destroy(kvf_engine_t *e)
 
     for (eng_peer_t *p = e->peers, *next; p; p = next) {
         next = p->next;
-        peer_free(e, p);
+        peer_free(p);
     }
+    e->shm_ops->destroy(e->shm);
     e->tops->destroy(e->transport);
     kvf__regions_destroy(e->regions);
     pthread_cond_destroy(&e->busy_cond);
@@ -593,24 +942,48 @@ void kvf_engine_destroy(kvf_engine_t *e)
     free(e);
 }
 
+/* ---- in-flight calls ------------------------------------------------------------------------ */
+
+static int busy_enter(kvf_engine_t *e)
+{
+    pthread_mutex_lock(&e->busy_lock);
+    bool closing = e->closing;
+    if (!closing)
+        e->busy++;
+    pthread_mutex_unlock(&e->busy_lock);
+    return closing ? kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid) : 0;
+}
+
+static void busy_leave(kvf_engine_t *e)
+{
+    pthread_mutex_lock(&e->busy_lock);
+    if (--e->busy == 0)
+        pthread_cond_broadcast(&e->busy_cond);
+    pthread_mutex_unlock(&e->busy_lock);
+}
+
 /* ---- registration --------------------------------------------------------------------------- */
 
 /* Fault the pages in now, so that the first transfer into them runs at memory speed instead of
- * page-fault speed. MADV_POPULATE_WRITE (Linux 5.14) does it without touching the contents;
- * older kernels get a read-modify-write of one byte per page, atomic so that it cannot undo a
- * concurrent write by the application. */
+ * page-fault speed. MADV_POPULATE_WRITE (Linux 5.14) does it without touching the contents; for
+ * read-only memory (a source that peers only read) MADV_POPULATE_READ does what can be done.
+ * Nothing here ever stores to the range: it may be read-only, and a store could race with the
+ * application's own writes. Where neither advice exists the first transfer pays the faults. */
 static void prefault(void *addr, size_t len)
 {
     long psz = sysconf(_SC_PAGESIZE);
     uintptr_t page = (uintptr_t)(psz > 0 ? psz : 4096);
     uintptr_t start = (uintptr_t)addr & ~(page - 1);
     uintptr_t end = (uintptr_t)addr + len;
-#ifdef MADV_POPULATE_WRITE
-    if (madvise((void *)start, end - start, MADV_POPULATE_WRITE) == 0)
+#if defined(MADV_POPULATE_WRITE) && defined(MADV_POPULATE_READ)
+    if (madvise((void *)start, end - start, MADV_POPULATE_WRITE) == 0 ||
+        madvise((void *)start, end - start, MADV_POPULATE_READ) == 0)
         return;
+    KVF_DEBUG(ENG_LOG, "prefault [%p, +%zu): %s", addr, len, strerror(errno));
+#else
+    (void)start;
+    (void)end;
 #endif
-    for (uintptr_t p = (uintptr_t)addr; p < end; p = (p & ~(page - 1)) + page)
-        __atomic_fetch_add((unsigned char *)p, 0, __ATOMIC_RELAXED);
 }
 
 int kvf_mem_register(kvf_engine_t *e, void *addr, size_t len)
@@ -633,6 +1006,9 @@ int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *le
     for (size_t i = 0; i < n; i++)
         if (!addrs[i])
             return kvf__err(-KVF_EINVAL, "register: element %zu: address is NULL", i);
+    rc = busy_enter(e);
+    if (rc < 0)
+        return rc;
     a = malloc(n * sizeof(*a));
     l = malloc(n * sizeof(*l));
     if (!a || !l) {
@@ -652,7 +1028,7 @@ int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *le
     if (rc < 0) {
         /* Peers could not learn of the ranges: undo, so that the caller's view and theirs agree. */
         for (size_t i = 0; i < n; i++)
-            kvf__regions_remove(e->regions, a[i], 0);
+            kvf__regions_remove(e->regions, a[i], e->cfg.op_timeout_ms);
         goto out;
     }
     KVF_DEBUG(ENG_LOG, "engine %s: registered %zu range(s), first [%p, +%zu)", e->sid, n,
@@ -660,6 +1036,7 @@ int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *le
 out:
     free(a);
     free(l);
+    busy_leave(e);
     return rc;
 }
 
@@ -667,35 +1044,27 @@ int kvf_mem_unregister(kvf_engine_t *e, void *addr)
 {
     if (!e)
         return kvf__err(-KVF_EINVAL, "unregister: the engine is NULL");
-    int rc = kvf__regions_remove(e->regions, (uintptr_t)addr, e->cfg.op_timeout_ms);
-    /* Publish even after a drain timeout: the region is gone for new requests either way. */
+    int rc = busy_enter(e);
+    if (rc < 0)
+        return rc;
+    rc = kvf__regions_remove(e->regions, (uintptr_t)addr, e->cfg.op_timeout_ms);
+    /* Publish even after a drain timeout: the region is gone for new requests either way. A
+     * failed publication does not fail the call: the target's own table already refuses the
+     * range, and the next successful publication carries the change. */
     if (rc == 0 || rc == -KVF_ETIMEDOUT) {
-        int prc = publish_regions(e);
-        if (rc == 0)
-            rc = prc;
+        char msg[512];
+        snprintf(msg, sizeof(msg), "%s", kvf_last_error());
+        if (publish_regions(e) < 0) {
+            KVF_WARN(ENG_LOG, "engine %s: unregistered %p, but publishing the change failed: %s",
+                     e->sid, addr, kvf_last_error());
+            kvf__err(rc, "%s", msg);
+        }
     }
+    busy_leave(e);
     return rc;
 }
 
 /* ---- transfers ------------------------------------------------------------------------------ */
-
-static int busy_enter(kvf_engine_t *e)
-{
-    pthread_mutex_lock(&e->busy_lock);
-    bool closing = e->closing;
-    if (!closing)
-        e->busy++;
-    pthread_mutex_unlock(&e->busy_lock);
-    return closing ? kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid) : 0;
-}
-
-static void busy_leave(kvf_engine_t *e)
-{
-    pthread_mutex_lock(&e->busy_lock);
-    if (--e->busy == 0)
-        pthread_cond_broadcast(&e->busy_cond);
-    pthread_mutex_unlock(&e->busy_lock);
-}
 
 static int check_xfers(const char *peer, const kvf_xfer_t *x, size_t n)
 {
@@ -742,20 +1111,44 @@ int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, si
     rc = peer_get(e, peer, &p);
     if (rc < 0)
         goto out;
+    if (atomic_load(&p->reselect)) {
+        rc = peer_reselect(e, p);
+        if (rc < 0) {
+            kvf__err_wrap(rc, "transfer to %s", peer);
+            goto out;
+        }
+    }
+    pthread_rwlock_rdlock(&p->sel);
+    if (p->via == ENG_VIA_LOOP) {
+        rc = loop_transfer(p->sid, x, n);
+        goto out_sel;
+    }
+    if (p->via == ENG_VIA_SHM) {
+        rc = peer_make_current(e, p);
+        if (rc == 0)
+            rc = peer_check(p, x, n);
+        if (rc == 0)
+            rc = p->tops->transfer(p->tp, x, n, deadline);
+        goto out_sel;
+    }
     /* A miss in the cached regions may only mean the cache is old: refresh once and re-check. */
     rc = peer_check(p, x, n);
     if (rc == -KVF_ENOTREG && peer_refresh(e, p) == 0)
         rc = peer_check(p, x, n);
-    if (rc < 0) {
-        kvf__err_wrap(rc, "transfer to %s", peer);
-        goto out;
-    }
-    rc = e->tops->transfer(p->tp, x, n, deadline);
+    if (rc < 0)
+        goto out_sel;
+    rc = p->tops->transfer(p->tp, x, n, deadline);
     /* The target's check is authoritative. If it refused a range our cache allowed, the peer
      * re-registered since we looked: refresh, and retry once if the range is still published. */
     if (rc == -KVF_ENOTREG && kvf__now_ms() < deadline && peer_refresh(e, p) == 0 &&
         peer_check(p, x, n) == 0)
-        rc = e->tops->transfer(p->tp, x, n, deadline);
+        rc = p->tops->transfer(p->tp, x, n, deadline);
+out_sel:
+    pthread_rwlock_unlock(&p->sel);
+    /* The process behind the peer is gone: the next transfer looks it up again, since it may
+     * have restarted under the same session id (another pid, other memory, maybe another host). */
+    if (rc == -KVF_EPEERGONE)
+        atomic_store(&p->reselect, true);
     if (rc < 0)
         kvf__err_wrap(rc, "transfer to %s", peer);
 out:

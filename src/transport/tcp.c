@@ -80,6 +80,15 @@
  * that stops in the middle of a frame is disconnected after this (its region reference is
  * released). */
 #define KVF_TCP_STALL_TIMEOUT_MS 30000u
+/* A frame's payload must also arrive at no less than KVF_TCP_MIN_RATE_BYTES_PER_MS after a base
+ * allowance, so that a client cannot hold a region reference for ever by trickling bytes (which
+ * restarts the stall timer): with the largest frame a reference is held at most
+ * 2 s + 64 MiB / 10 MB/s, about 8.7 s, well under the operation timeout an unregister waits. */
+#define KVF_TCP_FRAME_BASE_MS         2000u
+#define KVF_TCP_MIN_RATE_BYTES_PER_MS 10000u
+/* A new connection must complete its HELLO within this, so idle sockets cannot fill
+ * KVF_TCP_MAX_CONNS and lock real peers out. */
+#define KVF_TCP_HELLO_TIMEOUT_MS 5000u
 /* Connections an initiator may open to one peer. */
 #define KVF_TCP_MAX_CONNS_PER_PEER 64u
 
@@ -408,16 +417,31 @@ static const char *tcp_op_name(uint8_t op)
 /*
  * Receive exactly @len bytes on a serving socket (SO_RCVTIMEO = TCP_SERVER_SLICE_MS).
  * @idle_ok: the connection may sit idle before the first byte (waiting for a header).
+ * @deadline_ms: absolute kvf__now_ms() bound on the whole receive, 0 for none (checked every
+ *               TCP_SERVER_SLICE_MS).
  * Returns 0; 1 for an orderly end of stream before the first byte when @idle_ok; -EPIPE when the
  * stream ends in the middle; -KVF_ETIMEDOUT when a started transfer stalls; -KVF_ECLOSED when the
  * transport is stopping; -errno.
  */
-static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_ok, size_t *got_out)
+/* When a frame of @len payload bytes, starting now, must be complete. */
+static uint64_t tcp_frame_deadline(uint64_t len)
+{
+    return kvf__now_ms() + KVF_TCP_FRAME_BASE_MS + len / KVF_TCP_MIN_RATE_BYTES_PER_MS;
+}
+
+static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_ok,
+                        uint64_t deadline_ms, size_t *got_out)
 {
     size_t got = 0;
     uint64_t last = kvf__now_ms();
     int rc = 0;
     while (got < len) {
+        /* Checked before every receive, not only after an idle slice: a trickling client makes
+         * each slice return a few bytes. */
+        if (deadline_ms && kvf__now_ms() >= deadline_ms) {
+            rc = -KVF_ETIMEDOUT;
+            break;
+        }
         ssize_t r = recv(sc->fd, (uint8_t *)buf + got, len - got, MSG_WAITALL);
         if (r > 0) {
             got += (size_t)r;
@@ -453,6 +477,7 @@ static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_o
 /* Read and throw away @len bytes so that the stream stays in step after a refused WRITE. */
 static int tcp_srv_drain(struct tcp_sconn *sc, uint64_t len)
 {
+    uint64_t deadline = tcp_frame_deadline(len);
     if (!sc->scratch) {
         sc->scratch = malloc(TCP_SCRATCH_LEN);
         if (!sc->scratch)
@@ -460,7 +485,7 @@ static int tcp_srv_drain(struct tcp_sconn *sc, uint64_t len)
     }
     while (len > 0) {
         size_t n = len < TCP_SCRATCH_LEN ? (size_t)len : TCP_SCRATCH_LEN;
-        int rc = tcp_srv_recv(sc, sc->scratch, n, false, NULL);
+        int rc = tcp_srv_recv(sc, sc->scratch, n, false, deadline, NULL);
         if (rc)
             return rc;
         len -= n;
@@ -514,7 +539,8 @@ static const char *tcp_io_reason(int rc, char *buf, size_t len)
     if (rc == -EPIPE)
         return "connection closed in the middle of a frame";
     if (rc == -KVF_ETIMEDOUT)
-        return "frame stalled for KVF_TCP_STALL_TIMEOUT_MS";
+        return "frame too slow (no progress for KVF_TCP_STALL_TIMEOUT_MS, below the minimum "
+               "rate, or no hello within KVF_TCP_HELLO_TIMEOUT_MS)";
     snprintf(buf, len, "%s", kvf_strerror(rc));
     return buf;
 }
@@ -527,12 +553,14 @@ static void *tcp_sconn_main(void *arg)
     char why[160];
     const char *reason = NULL;
     bool hello_done = false;
+    uint64_t hello_deadline = kvf__now_ms() + KVF_TCP_HELLO_TIMEOUT_MS;
     int rc;
 
     for (;;) {
         size_t got = 0;
         tcp_hdr_t h;
-        rc = tcp_srv_recv(sc, hbuf, sizeof(hbuf), true, &got);
+        /* Before the HELLO an idle connection has a deadline; afterwards it may idle for ever. */
+        rc = tcp_srv_recv(sc, hbuf, sizeof(hbuf), true, hello_done ? 0 : hello_deadline, &got);
         if (rc == 1 || rc == -KVF_ECLOSED) {
             KVF_DEBUG(TCP_LOG, "connection from %s closed", sc->addr);
             break;
@@ -554,7 +582,7 @@ static void *tcp_sconn_main(void *arg)
 
         if (h.type == KVF_TCP_HELLO) {
             char sid[KVF_TCP_MAX_MSG + 1];
-            rc = tcp_srv_recv(sc, sid, (size_t)h.len, false, NULL);
+            rc = tcp_srv_recv(sc, sid, (size_t)h.len, false, hello_deadline, NULL);
             if (rc) {
                 reason = tcp_io_reason(rc, why, sizeof(why));
                 break;
@@ -576,7 +604,8 @@ static void *tcp_sconn_main(void *arg)
             if (arc == 0) {
                 /* Straight into the registered memory: the region reference keeps it registered
                  * until the last byte is in. */
-                rc = tcp_srv_recv(sc, (void *)(uintptr_t)h.addr, (size_t)h.len, false, NULL);
+                rc = tcp_srv_recv(sc, (void *)(uintptr_t)h.addr, (size_t)h.len, false,
+                                  tcp_frame_deadline(h.len), NULL);
                 kvf__regions_release(t->regions, &ref);
                 if (rc == 0) {
                     uint8_t resp[KVF_TCP_HDR_LEN];
@@ -1318,10 +1347,11 @@ static void tcp_conn_fini(struct tcp_conn *c)
     free(c->scratch);
 }
 
-static int tcp_peer_open(kvf_transport_t *tt, const char *peer_sid, const kvf_hostport_t *addr,
-                         kvf_tpeer_t **out)
+static int tcp_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpeer_t **out)
 {
     struct tcp_transport *t = tcp_of(tt);
+    const char *peer_sid = d ? d->sid : NULL;
+    const kvf_hostport_t *addr = d ? &d->addr : NULL;
     int rc;
     if (!t || !addr || !out)
         return kvf__err(-KVF_EINVAL, "tcp peer open: missing argument");
@@ -1692,4 +1722,5 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .peer_open = tcp_peer_open,
     .peer_close = tcp_peer_close,
     .transfer = tcp_transfer,
+    .regions_gen = kvf__transport_enotsup_gen,
 };

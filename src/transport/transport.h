@@ -12,6 +12,7 @@
 #ifndef KVF_TRANSPORT_H
 #define KVF_TRANSPORT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -21,6 +22,33 @@
 
 typedef struct kvf_transport kvf_transport_t; /* one per engine and transport kind */
 typedef struct kvf_tpeer kvf_tpeer_t;         /* a transport's connections to one peer */
+
+/* What the core knows about a peer when it opens a transport handle to it, from the peer's
+ * session record. Same-host transports need the host identity; tcp only the address. */
+typedef struct {
+    const char *sid;         /* the peer's session id, for logs */
+    kvf_hostport_t addr;     /* where it listens */
+    int32_t pid;             /* its process id; 0 = not published */
+    char boot_id[40];        /* /proc/sys/kernel/random/boot_id of its host; "" = not published */
+    char net_ns[40];         /* its network namespace, "net:[inode]"; "" = not published */
+    bool offers_shm;         /* "shm" is among the transports it offers */
+    uint64_t shm_word_addr;  /* address of its kvf_shm_word_t, 0 = not published */
+    uint64_t shm_nonce;      /* the nonce that word must hold: tells a restarted or reused pid */
+} kvf_tpeer_desc_t;
+
+/*
+ * The word a target engine keeps in its own memory for same-host senders, published in its
+ * session record (see docs/protocol.md). A sender reads it with process_vm_readv before every
+ * transfer: a magic and nonce that do not match mean the pid now belongs to another process;
+ * a @gen newer than the sender's cached region list means the target (un)registered since.
+ * The target stores @gen only after the region list of that generation is in the store.
+ */
+#define KVF_SHM_WORD_MAGIC 0x31776d6873667663ull /* "cvfshmw1" little-endian */
+typedef struct {
+    uint64_t magic;
+    uint64_t nonce;
+    uint64_t gen; /* written with an atomic release store, 8-byte aligned */
+} kvf_shm_word_t;
 
 typedef struct {
     const char *local_sid;          /* for logs and the hello */
@@ -45,10 +73,11 @@ struct kvf_transport_ops {
      * off before it returns, so the region table may be destroyed afterwards. */
     void (*destroy)(kvf_transport_t *t);
 
-    /* A handle for talking to @peer_sid at @addr. May connect lazily; a peer that restarted at
-     * the same address is reconnected on the next transfer. */
-    int (*peer_open)(kvf_transport_t *t, const char *peer_sid, const kvf_hostport_t *addr,
-                     kvf_tpeer_t **out);
+    /* A handle for talking to the peer @d describes. May connect lazily; a peer that restarted
+     * at the same address is reconnected on the next transfer. A transport that cannot reach
+     * this peer at all (shm: another host, pid not visible, probe refused) fails with
+     * -KVF_ENOTSUP and a message saying why, so the core can fall back or report it. */
+    int (*peer_open)(kvf_transport_t *t, const kvf_tpeer_desc_t *d, kvf_tpeer_t **out);
     /* Close a peer handle; no transfer may be running on it. */
     void (*peer_close)(kvf_tpeer_t *p);
 
@@ -63,8 +92,30 @@ struct kvf_transport_ops {
      * Thread-safe: many threads may call it on the same peer at once.
      */
     int (*transfer)(kvf_tpeer_t *p, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms);
+
+    /*
+     * For transports where the target's CPU takes no part (shm), the sender's check against the
+     * target's regions is the only one, so it must use a current list: this reads the target's
+     * live region generation (@gen), which the core compares with its cached list before every
+     * transfer. Transports whose target checks each request itself return -KVF_ENOTSUP.
+     * Errors: -KVF_EPEERGONE when the peer process is gone (or its pid now names another).
+     */
+    int (*regions_gen)(kvf_tpeer_t *p, uint64_t *gen);
 };
 
+/* A stub for ops a transport does not have. */
+int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen);
+
 extern const struct kvf_transport_ops kvf__tcp_ops;
+/* Same-host peers: process_vm_writev/readv into the target's registered memory (shm.c). */
+extern const struct kvf_transport_ops kvf__shm_ops;
+
+/* This host's boot id (36 characters + NUL), read once; "" if it cannot be read. */
+const char *kvf__host_boot_id(void);
+/* This process's network namespace as "net:[inode]", read once; "" if it cannot be read.
+ * Engines in different network namespaces are treated as different hosts (that is how the
+ * tests build "two hosts" on one machine, and how containers with their own network usually
+ * look), even when their memory would be reachable. */
+const char *kvf__host_net_ns(void);
 
 #endif /* KVF_TRANSPORT_H */

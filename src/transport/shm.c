@@ -1,0 +1,341 @@
+/*
+ * The shm transport: peers on the same host. The sender copies straight between its memory and
+ * the target process's registered memory with process_vm_writev / process_vm_readv: one copy,
+ * done by the kernel on the sender's thread, with nothing running in the target.
+ *
+ * Because the target's CPU takes no part, there is no target-side bounds check. The sender's
+ * check against the target's published regions is therefore the authoritative one, and it must
+ * be made against a current list. The target keeps a small kvf_shm_word_t in its own memory
+ * (magic, nonce, region generation; its address and the nonce are in the session record) and
+ * stores the generation there only after the region list of that generation is in the store.
+ * Before every transfer the core asks this transport for the live generation (one
+ * process_vm_readv of 24 bytes) and refreshes its cached list if it is older. So once
+ * kvf_mem_unregister() has returned on the target, no transfer that starts afterwards can reach
+ * the region. The window that remains: a transfer that read the word before the unregister
+ * published may still be copying while, or just after, unregister returns (the kernel copy is
+ * not fenced against the target's unregister as the tcp target's region reference is). Reading
+ * the word also proves, each time, that the pid still belongs to the engine we validated: a
+ * restarted or reused pid has no matching magic and nonce at that address.
+ *
+ * Opening a peer is the handshake: same boot id and network namespace, the pid visible from here (kill(pid, 0)), and a
+ * probe read of the word that must succeed and match. Any failure is -KVF_ENOTSUP with the
+ * reason, which the core logs once and answers by falling back to tcp (or reports, when shm
+ * was forced).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "common/common.h"
+#include "transport/transport.h"
+
+#define SHM_LOG "shm"
+/* The kernel's UIO_MAXIOV: iovecs per side of one process_vm_* call. */
+#define SHM_IOV_MAX 1024
+/* Elements described on the stack; longer runs use a heap array of SHM_IOV_MAX. */
+#define SHM_IOV_STACK 16
+#define SHM_SID_MAX (KVF_HOST_MAX + 8)
+/* Test hook: when set (non-empty, not "0"), every probe fails, so a same-host pair must fall
+ * back to tcp. Documented in docs/architecture.md. */
+#define SHM_PROBE_FAIL_ENV "KVFERRY_SHM_PROBE_FAIL"
+
+struct shm_transport {
+    char local_sid[SHM_SID_MAX];
+};
+
+struct shm_peer {
+    char sid[SHM_SID_MAX];
+    pid_t pid;
+    uint64_t word_addr;
+    uint64_t nonce;
+};
+
+static struct shm_transport *shm_of(kvf_transport_t *t)
+{
+    return (struct shm_transport *)(void *)t;
+}
+
+static struct shm_peer *shm_peer_of(kvf_tpeer_t *p)
+{
+    return (struct shm_peer *)(void *)p;
+}
+
+/* ---- host identity (shared with the core) ------------------------------------------------- */
+
+static char shm_boot_id[40];
+static pthread_once_t shm_boot_once = PTHREAD_ONCE_INIT;
+
+static void shm_boot_id_read(void)
+{
+    int fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t n = read(fd, shm_boot_id, sizeof(shm_boot_id) - 1);
+    close(fd);
+    if (n <= 0) {
+        shm_boot_id[0] = '\0';
+        return;
+    }
+    shm_boot_id[n] = '\0';
+    shm_boot_id[strcspn(shm_boot_id, "\n")] = '\0';
+}
+
+const char *kvf__host_boot_id(void)
+{
+    pthread_once(&shm_boot_once, shm_boot_id_read);
+    return shm_boot_id;
+}
+
+static char shm_net_ns[40];
+static pthread_once_t shm_net_once = PTHREAD_ONCE_INIT;
+
+static void shm_net_ns_read(void)
+{
+    ssize_t n = readlink("/proc/self/ns/net", shm_net_ns, sizeof(shm_net_ns) - 1);
+    shm_net_ns[n > 0 ? n : 0] = '\0';
+}
+
+const char *kvf__host_net_ns(void)
+{
+    pthread_once(&shm_net_once, shm_net_ns_read);
+    return shm_net_ns;
+}
+
+int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen)
+{
+    (void)p;
+    (void)gen;
+    return -KVF_ENOTSUP;
+}
+
+/* ---- transport ------------------------------------------------------------------------------ */
+
+static int shm_create(const kvf_transport_params_t *p, kvf_transport_t **out)
+{
+    struct shm_transport *t = calloc(1, sizeof(*t));
+    if (!t)
+        return kvf__err(-KVF_ENOMEM, "shm transport: out of memory");
+    snprintf(t->local_sid, sizeof(t->local_sid), "%s", p && p->local_sid ? p->local_sid : "");
+    *out = (kvf_transport_t *)(void *)t;
+    return 0;
+}
+
+/* Nothing listens: a same-host sender needs only the pid and word from the session record. */
+static uint16_t shm_port(const kvf_transport_t *t)
+{
+    (void)t;
+    return 0;
+}
+
+static void shm_destroy(kvf_transport_t *t)
+{
+    free(shm_of(t));
+}
+
+/* Read the peer's word. Returns 0, or -errno of process_vm_readv (-ESRCH: no such process). */
+static int shm_word_read(pid_t pid, uint64_t addr, kvf_shm_word_t *w)
+{
+    struct iovec l = {.iov_base = w, .iov_len = sizeof(*w)};
+    struct iovec r = {.iov_base = (void *)(uintptr_t)addr, .iov_len = sizeof(*w)};
+    for (;;) {
+        ssize_t n = process_vm_readv(pid, &l, 1, &r, 1, 0);
+        if (n == (ssize_t)sizeof(*w))
+            return 0;
+        if (n >= 0)
+            return -EFAULT;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
+static const char *shm_probe_fail_hook(void)
+{
+    const char *v = getenv(SHM_PROBE_FAIL_ENV);
+    return v && *v && strcmp(v, "0") != 0 ? v : NULL;
+}
+
+static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpeer_t **out)
+{
+    const char *sid = d && d->sid ? d->sid : "?";
+    const char *boot = kvf__host_boot_id();
+    kvf_shm_word_t w;
+    int rc;
+
+    if (!tt || !d || !out)
+        return kvf__err(-KVF_EINVAL, "shm peer open: missing argument");
+    if (!d->offers_shm)
+        return kvf__err(-KVF_ENOTSUP, "peer %s does not offer shm (it runs with transport tcp)",
+                        sid);
+    if (!*boot)
+        return kvf__err(-KVF_ENOTSUP, "this host's boot id cannot be read");
+    if (strcmp(boot, d->boot_id) != 0)
+        return kvf__err(-KVF_ENOTSUP, "peer %s is on another host (boot id %s, ours %s)", sid,
+                        d->boot_id[0] ? d->boot_id : "unpublished", boot);
+    if (strcmp(kvf__host_net_ns(), d->net_ns) != 0)
+        return kvf__err(-KVF_ENOTSUP, "peer %s is in another network namespace (%s, ours %s): "
+                                      "treated as another host",
+                        sid, d->net_ns[0] ? d->net_ns : "unpublished", kvf__host_net_ns());
+    if (d->pid <= 0 || d->shm_word_addr == 0)
+        return kvf__err(-KVF_ENOTSUP, "peer %s published no pid or shm word", sid);
+    /* EPERM means the pid exists but belongs to someone we may not signal, and so (under the
+     * same credential rules) may not write either. */
+    if (kill(d->pid, 0) < 0)
+        return kvf__err(-KVF_ENOTSUP, "peer %s: pid %d is %s", sid, (int)d->pid,
+                        errno == EPERM ? "not ours to access (another user)"
+                                       : "not visible from here (another pid namespace, or gone)");
+    if (shm_probe_fail_hook())
+        return kvf__err(-KVF_ENOTSUP, "peer %s: probe refused by the test hook %s", sid,
+                        SHM_PROBE_FAIL_ENV);
+    rc = shm_word_read(d->pid, d->shm_word_addr, &w);
+    if (rc == -EPERM)
+        return kvf__err(-KVF_ENOTSUP, "peer %s: process_vm_readv of pid %d not permitted "
+                                      "(ptrace access: same user, Yama ptrace_scope, or "
+                                      "CAP_SYS_PTRACE)",
+                        sid, (int)d->pid);
+    if (rc < 0)
+        return kvf__err(-KVF_ENOTSUP, "peer %s: probe of pid %d failed: %s", sid, (int)d->pid,
+                        strerror(-rc));
+    if (w.magic != KVF_SHM_WORD_MAGIC || w.nonce != d->shm_nonce)
+        return kvf__err(-KVF_ENOTSUP, "peer %s: pid %d here is another process (different pid "
+                                      "namespace?)",
+                        sid, (int)d->pid);
+
+    struct shm_peer *p = calloc(1, sizeof(*p));
+    if (!p)
+        return kvf__err(-KVF_ENOMEM, "shm peer open %s: out of memory", sid);
+    snprintf(p->sid, sizeof(p->sid), "%s", sid);
+    p->pid = d->pid;
+    p->word_addr = d->shm_word_addr;
+    p->nonce = d->shm_nonce;
+    KVF_DEBUG(SHM_LOG, "%s: peer %s reachable by shm (pid %d)", shm_of(tt)->local_sid, sid,
+              (int)d->pid);
+    *out = (kvf_tpeer_t *)(void *)p;
+    return 0;
+}
+
+static void shm_peer_close(kvf_tpeer_t *p)
+{
+    free(shm_peer_of(p));
+}
+
+static int shm_regions_gen(kvf_tpeer_t *pp, uint64_t *gen)
+{
+    struct shm_peer *p = shm_peer_of(pp);
+    kvf_shm_word_t w;
+    int rc = shm_word_read(p->pid, p->word_addr, &w);
+    if (rc == -ESRCH)
+        return kvf__err(-KVF_EPEERGONE, "peer %s: process %d is gone", p->sid, (int)p->pid);
+    if (rc < 0 || w.magic != KVF_SHM_WORD_MAGIC || w.nonce != p->nonce)
+        return kvf__err(-KVF_EPEERGONE, "peer %s: pid %d no longer holds its engine (%s)",
+                        p->sid, (int)p->pid, rc < 0 ? strerror(-rc) : "word mismatch");
+    *gen = w.gen;
+    return 0;
+}
+
+/* Map a failed process_vm_* call to the transport's error contract. */
+static int shm_io_error(struct shm_peer *p, int err, bool write, size_t elem, const kvf_xfer_t *x)
+{
+    const char *op = write ? "write" : "read";
+    if (err == ESRCH)
+        return kvf__err(-KVF_EPEERGONE, "shm %s to %s: process %d is gone (element %zu)", op,
+                        p->sid, (int)p->pid, elem);
+    if (err == EFAULT)
+        return kvf__err(-EFAULT, "shm %s to %s: element %zu [0x%" PRIx64 ", +%zu) is not mapped "
+                                 "in pid %d (freed without unregistering?) or the local buffer "
+                                 "%p is invalid",
+                        op, p->sid, elem, x->remote, x->len, (int)p->pid, x->local);
+    return kvf__err(-err, "shm %s to %s: element %zu: process_vm_%sv: %s", op, p->sid, elem,
+                    write ? "write" : "read", strerror(err));
+}
+
+/*
+ * Move elements [@i, @end) (all of one op) with as few syscalls as possible: up to SHM_IOV_MAX
+ * element pairs per call (local and remote pieces of an element have equal lengths, so the two
+ * iovec arrays stay in step). The kernel may stop short (at a fault, or at MAX_RW_COUNT bytes
+ * per call): the loop resumes from the byte it reached.
+ */
+static int shm_run(struct shm_peer *p, const kvf_xfer_t *x, size_t i, size_t end, bool write,
+                   uint64_t deadline_ms, struct iovec *liov, struct iovec *riov, size_t cap)
+{
+    size_t off = 0; /* bytes of element i already moved */
+    while (i < end) {
+        size_t cnt = 0;
+        for (size_t j = i; j < end && cnt < cap; j++, cnt++) {
+            size_t skip = j == i ? off : 0;
+            liov[cnt].iov_base = (uint8_t *)x[j].local + skip;
+            riov[cnt].iov_base = (void *)(uintptr_t)(x[j].remote + skip);
+            liov[cnt].iov_len = riov[cnt].iov_len = x[j].len - skip;
+        }
+        ssize_t n = write ? process_vm_writev(p->pid, liov, cnt, riov, cnt, 0)
+                          : process_vm_readv(p->pid, liov, cnt, riov, cnt, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return shm_io_error(p, n < 0 ? errno : EFAULT, write, i, &x[i]);
+        size_t moved = (size_t)n;
+        while (moved > 0) {
+            size_t left = x[i].len - off;
+            if (moved < left) {
+                off += moved;
+                break;
+            }
+            moved -= left;
+            off = 0;
+            i++;
+        }
+        if (i < end && kvf__now_ms() >= deadline_ms)
+            return kvf__err(-KVF_ETIMEDOUT, "shm %s to %s: deadline reached at element %zu",
+                            write ? "write" : "read", p->sid, i);
+    }
+    return 0;
+}
+
+static int shm_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms)
+{
+    struct shm_peer *p = shm_peer_of(pp);
+    struct iovec sl[SHM_IOV_STACK], sr[SHM_IOV_STACK];
+    struct iovec *liov = sl, *riov = sr, *heap = NULL;
+    size_t cap = SHM_IOV_STACK;
+    int rc = 0;
+
+    /* Small batches (the latency path) stay off the heap. */
+    if (n > SHM_IOV_STACK) {
+        cap = n < SHM_IOV_MAX ? n : SHM_IOV_MAX;
+        heap = malloc(2 * cap * sizeof(*heap));
+        if (!heap)
+            return kvf__err(-KVF_ENOMEM, "shm transfer to %s: out of memory for %zu iovecs",
+                            p->sid, 2 * cap);
+        liov = heap;
+        riov = heap + cap;
+    }
+    /* Runs of consecutive elements with the same op go in one call each, in batch order. */
+    for (size_t i = 0; i < n && rc == 0;) {
+        size_t end = i + 1;
+        while (end < n && x[end].op == x[i].op)
+            end++;
+        rc = shm_run(p, x, i, end, x[i].op == KVF_OP_WRITE, deadline_ms, liov, riov, cap);
+        i = end;
+    }
+    free(heap);
+    return rc;
+}
+
+const struct kvf_transport_ops kvf__shm_ops = {
+    .size = sizeof(struct kvf_transport_ops),
+    .name = "shm",
+    .create = shm_create,
+    .port = shm_port,
+    .destroy = shm_destroy,
+    .peer_open = shm_peer_open,
+    .peer_close = shm_peer_close,
+    .transfer = shm_transfer,
+    .regions_gen = shm_regions_gen,
+};

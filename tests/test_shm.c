@@ -1,0 +1,587 @@
+/*
+ * The shm transport and the choice of transport. Engines of one process take the loop path, so
+ * the data tests run the Decode in a child process (this binary re-executed with --shm-child)
+ * to exercise real process_vm_writev/readv. The child answers commands on stdin, so the test can
+ * check the bytes in the target's memory with a checksum computed there, not only by reading
+ * them back through the same transport.
+ */
+#include "test_util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define CHILD_ARG "--shm-child"
+
+/* ---- helpers ------------------------------------------------------------------------------- */
+
+static kvf_config_t quick_config(kvf_transport_kind_t tr)
+{
+    kvf_config_t c;
+    kvf_config_init(&c);
+    c.init_timeout_ms = 3000;
+    c.op_timeout_ms = 10000;
+    c.transport = tr;
+    return c;
+}
+
+static kvf_engine_t *engine(const char *url, kvf_role_t role, kvf_transport_kind_t tr)
+{
+    kvf_config_t c = quick_config(tr);
+    kvf_engine_t *e = NULL;
+    assert_kvf_ok(kvf_engine_create(url, "127.0.0.1:0", role, 0, &c, &e));
+    return e;
+}
+
+static void fill(uint8_t *p, size_t n, uint32_t seed)
+{
+    uint32_t x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        p[i] = (uint8_t)x;
+    }
+}
+
+static uint8_t *alloc_filled(size_t n, uint32_t seed)
+{
+    uint8_t *p = malloc(n);
+    assert_non_null(p);
+    fill(p, n, seed);
+    return p;
+}
+
+static uint64_t fnv(const uint8_t *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static void assert_via(kvf_engine_t *e, const char *peer, const char *want)
+{
+    const char *got = NULL;
+    assert_kvf_ok(kvf_engine_peer_transport(e, peer, &got));
+    assert_string_equal(got, want);
+}
+
+/* ---- the child Decode ---------------------------------------------------------------------- */
+
+/* Registers @size bytes (page-aligned, zeroed), prints "ready <sid> <addr>", then serves
+ * commands: "sum OFF LEN" → "sum <fnv hex>", "unreg" → "ok <rc>", "quit" (or end of input). */
+static int child_main(const char *url, size_t size, const char *sid)
+{
+    kvf_engine_t *e;
+    kvf_config_t c = quick_config(KVF_TRANSPORT_AUTO);
+    if (kvf_engine_create(url, sid, KVF_ROLE_DECODE, 0, &c, &e) < 0) {
+        printf("error %s\n", kvf_last_error());
+        return 1;
+    }
+    uint8_t *buf = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (buf == MAP_FAILED || kvf_mem_register(e, buf, size) < 0) {
+        printf("error %s\n", kvf_last_error());
+        return 1;
+    }
+    printf("ready %s %p\n", kvf_engine_session_id(e), (void *)buf);
+    fflush(stdout);
+    char line[256];
+    while (fgets(line, sizeof(line), stdin)) {
+        unsigned long long off, len;
+        if (sscanf(line, "sum %llu %llu", &off, &len) == 2 && off + len <= size)
+            printf("sum %016" PRIx64 "\n", fnv(buf + off, len));
+        else if (!strncmp(line, "unreg", 5))
+            printf("ok %d\n", kvf_mem_unregister(e, buf));
+        else if (!strncmp(line, "quit", 4))
+            break;
+        else
+            printf("error bad command %s", line);
+        fflush(stdout);
+    }
+    kvf_engine_destroy(e);
+    munmap(buf, size);
+    return 0;
+}
+
+typedef struct {
+    pid_t pid;
+    int in, out; /* write commands to in, read answers from out */
+    char sid[512];
+    uint64_t addr;
+} child_t;
+
+/* Start the child Decode, inside network namespace @netns when not NULL (listening on @sid). */
+static void child_start_in(const char *netns, const char *sid, const char *url, size_t size,
+                           child_t *c)
+{
+    char path[4096], sz[32];
+    ssize_t n = readlink("/proc/self/exe", path, sizeof(path) - 1);
+    assert_true(n > 0);
+    path[n] = '\0';
+    snprintf(sz, sizeof(sz), "%zu", size);
+    int to[2], from[2];
+    assert_int_equal(pipe2(to, O_CLOEXEC), 0);
+    assert_int_equal(pipe2(from, O_CLOEXEC), 0);
+    c->pid = fork();
+    assert_true(c->pid >= 0);
+    if (c->pid == 0) {
+        dup2(to[0], 0);
+        dup2(from[1], 1);
+        char *argv[] = {path, CHILD_ARG, (char *)url, sz, (char *)sid, NULL};
+        char *nargv[] = {"ip", "netns", "exec", (char *)netns, path, CHILD_ARG, (char *)url, sz,
+                         (char *)sid, NULL};
+        if (netns)
+            execvp("ip", nargv);
+        else
+            execv(path, argv);
+        _exit(127);
+    }
+    close(to[0]);
+    close(from[1]);
+    c->in = to[1];
+    c->out = from[0];
+    char line[512], *end;
+    assert_true(kvf_test_read_line(c->out, line, sizeof(line), 10000) > 0);
+    if (strncmp(line, "ready ", 6) != 0)
+        fail_msg("shm child: %s", line);
+    char *sp = strchr(line + 6, ' ');
+    assert_non_null(sp);
+    *sp = '\0';
+    snprintf(c->sid, sizeof(c->sid), "%s", line + 6);
+    c->addr = strtoull(sp + 1, &end, 16);
+}
+
+static void child_start(const char *url, size_t size, child_t *c)
+{
+    child_start_in(NULL, "127.0.0.1:0", url, size, c);
+}
+
+static void child_cmd(child_t *c, const char *cmd, char *ans, size_t len)
+{
+    assert_int_equal(write(c->in, cmd, strlen(cmd)), (ssize_t)strlen(cmd));
+    assert_true(kvf_test_read_line(c->out, ans, len, 10000) > 0);
+}
+
+/* The checksum of the child's bytes [off, off+len). */
+static uint64_t child_sum(child_t *c, size_t off, size_t len)
+{
+    char cmd[96], ans[128];
+    snprintf(cmd, sizeof(cmd), "sum %zu %zu\n", off, len);
+    child_cmd(c, cmd, ans, sizeof(ans));
+    if (strncmp(ans, "sum ", 4) != 0)
+        fail_msg("shm child: %s", ans);
+    return strtoull(ans + 4, NULL, 16);
+}
+
+static void child_stop(child_t *c)
+{
+    if (c->pid > 0) {
+        (void)!write(c->in, "quit\n", 5);
+        assert_int_equal(kvf_test_reap(c->pid, 10000), 0);
+    }
+    close(c->in);
+    close(c->out);
+    c->pid = 0;
+}
+
+typedef struct {
+    kvf_store_server_t *srv;
+    const char *url;
+} fx_t;
+
+static int fx_setup(void **state)
+{
+    fx_t *fx = calloc(1, sizeof(*fx));
+    fx->srv = kvf_test_store_start();
+    fx->url = kvf_store_server_url(fx->srv);
+    *state = fx;
+    return 0;
+}
+
+static int fx_teardown(void **state)
+{
+    fx_t *fx = *state;
+    kvf_store_server_stop(fx->srv);
+    free(fx);
+    return 0;
+}
+
+/* Write @n bytes at offset @off of the child's region, check them there, read them back. */
+static void write_check_read(kvf_engine_t *e, child_t *c, size_t off, size_t n, uint32_t seed)
+{
+    uint8_t *src = alloc_filled(n, seed), *back = calloc(1, n);
+    assert_non_null(back);
+    assert_kvf_ok(kvf_write(e, c->sid, src, c->addr + off, n));
+    assert_int_equal(child_sum(c, off, n), fnv(src, n));
+    assert_kvf_ok(kvf_read(e, c->sid, back, c->addr + off, n));
+    assert_memory_equal(back, src, n);
+    free(src);
+    free(back);
+}
+
+/* ---- two processes: real process_vm_writev ------------------------------------------------- */
+
+static void two_process_sizes(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, (64u << 20) + 4096, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    assert_kvf_err(kvf_engine_peer_transport(e, c.sid, &(const char *){NULL}), -KVF_ENOTFOUND);
+    write_check_read(e, &c, 7, 1, 1);
+    assert_via(e, c.sid, "shm"); /* a same-host pair picks shm on its own */
+    write_check_read(e, &c, 4096, 4096, 2);
+    write_check_read(e, &c, 3, (1u << 20) + 1, 3);
+    write_check_read(e, &c, 0, 64u << 20, 4);
+    write_check_read(e, &c, 4096, 64u << 20, 5); /* exactly to the region's last byte */
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+static void two_process_batches(void **state)
+{
+    fx_t *fx = *state;
+    enum { W = 3000, M = 1000 }; /* W > IOV_MAX: several syscalls for one batch */
+    size_t off[W + 1];
+    off[0] = 0;
+    for (int i = 0; i < W; i++)
+        off[i + 1] = off[i] + 1 + (size_t)((i * 7919) % 9000);
+    size_t total = off[W];
+    child_t c;
+    child_start(fx->url, total, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *a = alloc_filled(total, 10), *b = alloc_filled(total, 11), *back = calloc(1, total);
+    kvf_xfer_t *x = calloc(W, sizeof(*x));
+
+    /* 3,000 writes in reverse order (no two neighbours adjacent in the call's iovecs). */
+    for (int i = 0; i < W; i++) {
+        int k = W - 1 - i;
+        x[i] = (kvf_xfer_t){.op = KVF_OP_WRITE, .local = a + off[k],
+                            .remote = c.addr + off[k], .len = off[k + 1] - off[k]};
+    }
+    assert_kvf_ok(kvf_transfer_sync(e, c.sid, x, W));
+    assert_via(e, c.sid, "shm");
+    assert_int_equal(child_sum(&c, 0, total), fnv(a, total));
+
+    /* 1,000 mixed: even elements write b, odd ones read back a; alternating ops. */
+    for (int i = 0; i < M; i++)
+        x[i] = (kvf_xfer_t){.op = i % 2 ? KVF_OP_READ : KVF_OP_WRITE,
+                            .local = i % 2 ? back + off[i] : b + off[i],
+                            .remote = c.addr + off[i],
+                            .len = off[i + 1] - off[i]};
+    assert_kvf_ok(kvf_transfer_sync(e, c.sid, x, M));
+    uint8_t *want = malloc(total);
+    memcpy(want, a, total);
+    for (int i = 0; i < M; i += 2)
+        memcpy(want + off[i], b + off[i], off[i + 1] - off[i]);
+    for (int i = 1; i < M; i += 2)
+        assert_memory_equal(back + off[i], a + off[i], off[i + 1] - off[i]);
+    assert_int_equal(child_sum(&c, 0, total), fnv(want, total));
+
+    free(want);
+    free(x);
+    free(a);
+    free(b);
+    free(back);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+static void forced_tcp_by_config(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, 1u << 20, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_TCP);
+    write_check_read(e, &c, 0, 1u << 20, 20);
+    assert_via(e, c.sid, "tcp");
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+static void forced_tcp_by_env(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, 1u << 20, &c);
+    setenv("KVFERRY_TRANSPORT", "tcp", 1);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    unsetenv("KVFERRY_TRANSPORT");
+    write_check_read(e, &c, 5, 4096, 21);
+    assert_via(e, c.sid, "tcp");
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+static void probe_refused_falls_back_to_tcp(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, 4u << 20, &c);
+    setenv("KVFERRY_SHM_PROBE_FAIL", "1", 1);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    write_check_read(e, &c, 1, (4u << 20) - 1, 22);
+    assert_via(e, c.sid, "tcp");
+
+    /* Forced shm to the same peer: a clear error, nothing written. */
+    kvf_engine_t *f = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_SHM);
+    uint64_t before = child_sum(&c, 0, 4096);
+    uint8_t *src = alloc_filled(4096, 23);
+    assert_kvf_err(kvf_write(f, c.sid, src, c.addr, 4096), -KVF_ENOTSUP);
+    assert_last_error_contains("shm is forced");
+    assert_last_error_contains("probe refused");
+    assert_int_equal(child_sum(&c, 0, 4096), before);
+    unsetenv("KVFERRY_SHM_PROBE_FAIL");
+    free(src);
+    kvf_engine_destroy(f);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+static void write_past_region_refused(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, 8192, &c); /* the mapping is 8192 bytes: a write past would fit */
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *src = alloc_filled(8193, 30);
+    uint64_t zero = child_sum(&c, 0, 8192);
+    assert_kvf_err(kvf_write(e, c.sid, src, c.addr, 8193), -KVF_ENOTREG);
+    assert_last_error_contains(c.sid);
+    assert_last_error_contains("1 byte");
+    assert_kvf_err(kvf_write(e, c.sid, src, c.addr + 8192, 1), -KVF_ENOTREG);
+    assert_kvf_err(kvf_write(e, c.sid, src, c.addr - 1, 2), -KVF_ENOTREG);
+    assert_int_equal(child_sum(&c, 0, 8192), zero);
+    /* The exact region still works, and the peer was reached by shm. */
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 8192));
+    assert_via(e, c.sid, "shm");
+    assert_int_equal(child_sum(&c, 0, 8192), fnv(src, 8192));
+    free(src);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+static void write_after_unregister_refused(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, 4096, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *src = alloc_filled(4096, 40), *other = alloc_filled(4096, 41);
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
+    assert_via(e, c.sid, "shm");
+    char ans[64];
+    child_cmd(&c, "unreg\n", ans, sizeof(ans));
+    assert_string_equal(ans, "ok 0");
+    /* No wait: the unregister has returned in the target, so this write must see it. */
+    assert_kvf_err(kvf_write(e, c.sid, other, c.addr, 4096), -KVF_ENOTREG);
+    assert_kvf_err(kvf_read(e, c.sid, other, c.addr, 1), -KVF_ENOTREG);
+    assert_int_equal(child_sum(&c, 0, 4096), fnv(src, 4096));
+    free(src);
+    free(other);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+static void killed_peer_clear_error(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, 1u << 20, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *src = alloc_filled(1u << 20, 50);
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 1u << 20));
+    assert_via(e, c.sid, "shm");
+    kill(c.pid, SIGKILL);
+    kvf_test_reap(c.pid, 5000);
+    c.pid = 0;
+    uint64_t t0 = kvf_test_now_ms();
+    int rc = kvf_write(e, c.sid, src, c.addr, 1u << 20);
+    assert_true(rc == -KVF_EPEERGONE || rc == -ECONNREFUSED);
+    assert_last_error_contains(c.sid);
+    assert_true(kvf_test_now_ms() - t0 < 5000);
+    free(src);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+/* ---- one process: loop, and forced shm to ourselves ---------------------------------------- */
+
+static void one_process_loop_and_self(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_t *dec = engine(fx->url, KVF_ROLE_DECODE, KVF_TRANSPORT_AUTO);
+    kvf_engine_t *pre = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    const char *peer = kvf_engine_session_id(dec);
+    size_t n = (1u << 20) + 1;
+    uint8_t *dst = calloc(1, n), *src = alloc_filled(n, 60);
+    assert_kvf_ok(kvf_mem_register(dec, dst, n));
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)dst, n));
+    assert_memory_equal(dst, src, n);
+    assert_via(pre, peer, "loop");
+    assert_kvf_err(kvf_write(pre, peer, src, (uintptr_t)dst, n + 1), -KVF_ENOTREG);
+    /* An engine writing into its own memory. */
+    assert_kvf_ok(kvf_write(dec, peer, src + 1, (uintptr_t)dst, n - 1));
+    assert_memory_equal(dst, src + 1, n - 1);
+    assert_via(dec, peer, "loop");
+    assert_kvf_ok(kvf_mem_unregister(dec, dst));
+    assert_kvf_err(kvf_write(pre, peer, src, (uintptr_t)dst, 1), -KVF_ENOTREG);
+    free(dst);
+    free(src);
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+}
+
+static void one_process_forced_shm(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_t *dec = engine(fx->url, KVF_ROLE_DECODE, KVF_TRANSPORT_AUTO);
+    kvf_engine_t *pre = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_SHM);
+    const char *peer = kvf_engine_session_id(dec);
+    size_t n = 4u << 20;
+    uint8_t *dst = calloc(1, n), *src = alloc_filled(n, 70), *back = calloc(1, n);
+    assert_kvf_ok(kvf_mem_register(dec, dst, n));
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)dst, n));
+    assert_via(pre, peer, "shm");
+    assert_memory_equal(dst, src, n);
+    assert_kvf_ok(kvf_read(pre, peer, back, (uintptr_t)dst + 1, n - 1));
+    assert_memory_equal(back, src + 1, n - 1);
+    memset(dst, 0, n);
+    assert_kvf_ok(kvf_mem_unregister(dec, dst));
+    assert_kvf_err(kvf_write(pre, peer, src, (uintptr_t)dst, n), -KVF_ENOTREG);
+    for (size_t i = 0; i < n; i += 4096)
+        assert_int_equal(dst[i], 0);
+    free(dst);
+    free(src);
+    free(back);
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+}
+
+static void bad_transport_env_refused(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_t *e = NULL;
+    setenv("KVFERRY_TRANSPORT", "rdma", 1);
+    assert_kvf_err(kvf_engine_create(fx->url, "127.0.0.1:0", KVF_ROLE_PREFILL, 0, NULL, &e),
+                   -KVF_EINVAL);
+    assert_last_error_contains("KVFERRY_TRANSPORT=rdma");
+    unsetenv("KVFERRY_TRANSPORT");
+    assert_null(e);
+}
+
+/* ---- two "hosts": engines in two network namespaces -------------------------------------- */
+
+static char ns_a[32], ns_b[32], veth_a[16], veth_b[16];
+
+static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int sh(const char *fmt, ...)
+{
+    char cmd[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof(cmd), fmt, ap);
+    va_end(ap);
+    int st = system(cmd);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+static int netns_teardown(void **state)
+{
+    (void)state;
+    if (ns_a[0])
+        sh("ip netns del %s 2>/dev/null", ns_a);
+    if (ns_b[0])
+        sh("ip netns del %s 2>/dev/null", ns_b);
+    return 0;
+}
+
+/* Two namespaces joined by a veth pair, 10.213.7.1 (A, this process) and 10.213.7.2 (B, the
+ * child): same boot id and pid namespace, but another network namespace counts as another host,
+ * so the pair must choose tcp. Only these private addresses, inside our own namespaces, are
+ * contacted. */
+static void two_hosts_netns_pick_tcp(void **state)
+{
+    (void)state;
+    snprintf(ns_a, sizeof(ns_a), "kvfshmA%d", (int)getpid());
+    snprintf(ns_b, sizeof(ns_b), "kvfshmB%d", (int)getpid());
+    snprintf(veth_a, sizeof(veth_a), "kvfa%d", (int)getpid() % 1000000);
+    snprintf(veth_b, sizeof(veth_b), "kvfb%d", (int)getpid() % 1000000);
+    if (sh("ip netns add %s 2>/dev/null", ns_a) != 0) {
+        ns_a[0] = '\0';
+        kvf_test_skip("network namespaces cannot be created here (`ip netns add` failed; it "
+                      "needs root and iproute2): two-hosts test skipped");
+    }
+    if (sh("ip netns add %s", ns_b) || sh("ip link add %s type veth peer name %s", veth_a, veth_b) ||
+        sh("ip link set %s netns %s", veth_a, ns_a) || sh("ip link set %s netns %s", veth_b, ns_b) ||
+        sh("ip -n %s addr add 10.213.7.1/24 dev %s", ns_a, veth_a) ||
+        sh("ip -n %s addr add 10.213.7.2/24 dev %s", ns_b, veth_b) ||
+        sh("ip -n %s link set %s up", ns_a, veth_a) || sh("ip -n %s link set %s up", ns_b, veth_b) ||
+        sh("ip -n %s link set lo up", ns_a) || sh("ip -n %s link set lo up", ns_b))
+        fail_msg("setting up namespaces %s and %s failed", ns_a, ns_b);
+    char path[64];
+    snprintf(path, sizeof(path), "/run/netns/%s", ns_a);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    assert_true(fd >= 0);
+    /* Before any thread exists, so the store's and the engine's threads are in A too. */
+    assert_int_equal(setns(fd, CLONE_NEWNET), 0);
+    close(fd);
+
+    kvf_store_server_t *srv;
+    assert_kvf_ok(kvf_store_server_start("tcp://10.213.7.1:0", &srv));
+    const char *url = kvf_store_server_url(srv);
+    child_t c;
+    child_start_in(ns_b, "10.213.7.2:0", url, 1u << 20, &c);
+    kvf_config_t cfg = quick_config(KVF_TRANSPORT_AUTO);
+    kvf_engine_t *e = NULL;
+    assert_kvf_ok(kvf_engine_create(url, "10.213.7.1:0", KVF_ROLE_PREFILL, 0, &cfg, &e));
+    write_check_read(e, &c, 3, (1u << 20) - 3, 80);
+    assert_via(e, c.sid, "tcp");
+    /* Forced shm names the reason. */
+    kvf_engine_t *f = NULL;
+    cfg.transport = KVF_TRANSPORT_SHM;
+    assert_kvf_ok(kvf_engine_create(url, "10.213.7.1:0", KVF_ROLE_PREFILL, 0, &cfg, &f));
+    uint8_t b[8] = {0};
+    assert_kvf_err(kvf_write(f, c.sid, b, c.addr, sizeof(b)), -KVF_ENOTSUP);
+    assert_last_error_contains("network namespace");
+    kvf_engine_destroy(f);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+    kvf_store_server_stop(srv);
+}
+
+static const struct CMUnitTest tests[] = {
+    cmocka_unit_test_setup_teardown(two_process_sizes, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(two_process_batches, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(forced_tcp_by_config, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(forced_tcp_by_env, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(probe_refused_falls_back_to_tcp, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(write_past_region_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(write_after_unregister_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(killed_peer_clear_error, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(one_process_loop_and_self, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(one_process_forced_shm, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(bad_transport_env_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_teardown(two_hosts_netns_pick_tcp, netns_teardown),
+};
+
+int main(int argc, char **argv)
+{
+    if (argc == 5 && strcmp(argv[1], CHILD_ARG) == 0)
+        return child_main(argv[2], strtoull(argv[3], NULL, 10), argv[4]);
+    signal(SIGPIPE, SIG_IGN);
+    /* The suite chooses transports itself; an inherited setting would change what it tests. */
+    unsetenv("KVFERRY_TRANSPORT");
+    unsetenv("KVFERRY_SHM_PROBE_FAIL");
+    if (argc > 1)
+        cmocka_set_test_filter(argv[1]);
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
