@@ -45,6 +45,11 @@ static void engine_leave(EngineObject *self)
     kvfpy_guard_leave(&self->guard);
 }
 
+static void engine_shutdown(void *e)
+{
+    kvf_engine_shutdown(e);
+}
+
 /* Destroy the C engine (if any) without the GIL, then drop the pins: only once the engine has
  * stopped serving may the registered memory go. */
 static void engine_close(EngineObject *self)
@@ -52,7 +57,7 @@ static void engine_close(EngineObject *self)
     kvf_engine_t *e;
 
     Py_BEGIN_ALLOW_THREADS
-    e = kvfpy_guard_take(&self->guard);
+    e = kvfpy_guard_take(&self->guard, engine_shutdown);
     kvf_engine_destroy(e);
     Py_END_ALLOW_THREADS
     if (e && self->pins)

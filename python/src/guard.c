@@ -61,7 +61,7 @@ void kvfpy_guard_fill(kvfpy_guard_t *g, void *handle)
     pthread_mutex_unlock(&g->lock);
 }
 
-void *kvfpy_guard_take(kvfpy_guard_t *g)
+void *kvfpy_guard_take(kvfpy_guard_t *g, void (*shutdown)(void *h))
 {
     void *h;
 
@@ -70,6 +70,10 @@ void *kvfpy_guard_take(kvfpy_guard_t *g)
     if (h) {
         /* busy keeps new callers out while the slot still holds the handle. */
         g->busy = 1;
+        /* Callers already inside may be waiting for something slow (a peer that has not
+         * appeared): tell the handle to release them, so the wait below is short. */
+        if (shutdown)
+            shutdown(h);
         while (g->users)
             pthread_cond_wait(&g->idle, &g->lock);
         g->handle = NULL;

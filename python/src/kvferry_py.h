@@ -51,7 +51,9 @@ int kvfpy_guard_reserve(kvfpy_guard_t *g);
 void kvfpy_guard_fill(kvfpy_guard_t *g, void *handle);
 /* Detach the handle and wait for its users to leave. Call without the GIL. NULL when there was
  * nothing to take (never set, already taken, or another thread is taking it). */
-void *kvfpy_guard_take(kvfpy_guard_t *g);
+/* @shutdown (may be NULL) is called with the handle, under the guard, before waiting: it should
+ * make calls in flight return soon. */
+void *kvfpy_guard_take(kvfpy_guard_t *g, void (*shutdown)(void *h));
 /* Whether a handle was ever taken, for messages ("destroyed" rather than "not initialized"). */
 int kvfpy_guard_was_closed(kvfpy_guard_t *g);
 

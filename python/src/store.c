@@ -27,7 +27,7 @@ static PyObject *Store_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static void store_close(StoreObject *self)
 {
     Py_BEGIN_ALLOW_THREADS
-    kvf_store_close(kvfpy_guard_take(&self->guard));
+    kvf_store_close(kvfpy_guard_take(&self->guard, NULL));
     Py_END_ALLOW_THREADS
 }
 
