@@ -42,6 +42,7 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/net.h"
 #include "common/url.h"
 #include "common/wire.h"
 #include "store/proto.h"
@@ -1724,50 +1725,10 @@ static uint64_t random_u64(void)
 /* Bind and listen on @hp. Returns the listening fd or -errno (last-error set). */
 static int listen_on(const char *url, const kvf_hostport_t *hp)
 {
-    struct addrinfo hints, *res = NULL;
-    char port[8];
-    int rc, err = EADDRNOTAVAIL;
-
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV | (hp->kind != KVF_HOST_NAME ? AI_NUMERICHOST : 0);
-    snprintf(port, sizeof(port), "%u", (unsigned)hp->port);
-    rc = getaddrinfo(hp->host, port, &hints, &res);
-    if (rc == EAI_SYSTEM)
-        return kvf__err(-errno, "store listen %s: resolving %s: %s", url, hp->host,
-                        strerror(errno));
-    if (rc)
-        return kvf__err(-KVF_EINVAL, "store listen %s: resolving %s: %s", url, hp->host,
-                        gai_strerror(rc));
-
-    /* A name such as "localhost" may give ::1 first; bind IPv4 first so that clients given either
-     * the name or 127.0.0.1 reach the server. */
-    int fd = -1;
-    for (int pass = 0; pass < 2 && fd < 0; pass++) {
-        for (struct addrinfo *ai = res; ai && fd < 0; ai = ai->ai_next) {
-            if ((ai->ai_family == AF_INET) != (pass == 0))
-                continue;
-            int s = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                           ai->ai_protocol);
-            if (s < 0) {
-                err = errno;
-                continue;
-            }
-            int one = 1;
-            /* A restarted server must be able to bind while old connections sit in TIME_WAIT. */
-            setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-            if (bind(s, ai->ai_addr, ai->ai_addrlen) < 0 || listen(s, 1024) < 0) {
-                err = errno;
-                close(s);
-                continue;
-            }
-            fd = s;
-        }
-    }
-    freeaddrinfo(res);
+    const char *why;
+    int fd = kvf__tcp_listen(hp, &why);
     if (fd < 0)
-        return kvf__err(-err, "store listen %s: %s", url, strerror(err));
+        return kvf__err(fd, "store listen %s: %s", url, why);
     return fd;
 }
 

@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/net.h"
 #include "common/url.h"
 #include "common/wire.h"
 #include "core/regions.h"
@@ -764,48 +765,13 @@ static void *tcp_accept_main(void *arg)
 
 static int tcp_listen(struct tcp_transport *t, const kvf_hostport_t *hp)
 {
-    struct addrinfo hints, *res = NULL;
-    char port[8];
-    int err = EADDRNOTAVAIL, fd = -1;
-
-    memset(&hints, 0, sizeof(hints));
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV | (hp->kind != KVF_HOST_NAME ? AI_NUMERICHOST : 0);
-    snprintf(port, sizeof(port), "%u", (unsigned)hp->port);
-    int g = getaddrinfo(hp->host, port, &hints, &res);
-    if (g)
-        return kvf__err(g == EAI_SYSTEM ? -errno : -KVF_EINVAL, "tcp listen on %s: resolving: %s",
-                        t->listen_str, g == EAI_SYSTEM ? strerror(errno) : gai_strerror(g));
-    /* IPv4 first, so that a name such as "localhost" is reachable as 127.0.0.1 as well. */
-    for (int pass = 0; pass < 2 && fd < 0; pass++) {
-        for (struct addrinfo *ai = res; ai && fd < 0; ai = ai->ai_next) {
-            if ((ai->ai_family == AF_INET) != (pass == 0))
-                continue;
-            int s = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                           ai->ai_protocol);
-            if (s < 0) {
-                err = errno;
-                continue;
-            }
-            int one = 1;
-            /* A restarted engine must be able to bind while old connections sit in TIME_WAIT. */
-            setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-            if (bind(s, ai->ai_addr, ai->ai_addrlen) < 0 || listen(s, 1024) < 0) {
-                err = errno;
-                close(s);
-                continue;
-            }
-            fd = s;
-        }
-    }
-    freeaddrinfo(res);
-    if (fd < 0) {
-        if (err == EADDRINUSE)
-            return kvf__err(-err, "session id %s is already in use (tcp listen on %s: %s)",
-                            t->local_sid, t->listen_str, strerror(err));
-        return kvf__err(-err, "tcp listen on %s: %s", t->listen_str, strerror(err));
-    }
+    const char *why;
+    int fd = kvf__tcp_listen(hp, &why);
+    if (fd == -EADDRINUSE)
+        return kvf__err(fd, "session id %s is already in use (tcp listen on %s: %s)",
+                        t->local_sid, t->listen_str, why);
+    if (fd < 0)
+        return kvf__err(fd, "tcp listen on %s: %s", t->listen_str, why);
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
     if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
