@@ -376,6 +376,9 @@ typedef struct {
     kvf_transport_kind_t transport; /* default AUTO; KVFERRY_TRANSPORT=auto|tcp|shm overrides */
     const char *ns;              /* store namespace, [A-Za-z0-9_.-]{1,64}; default "default".
                                     Engines see only peers of the same namespace. */
+    uint32_t mem_huge_pages;     /* 1: kvf_mem_alloc() tries huge pages (MFD_HUGETLB, 2 MiB)
+                                    first and falls back to normal pages, saying so at info
+                                    level. Default 0. */
 } kvf_config_t;
 
 /** kvf_config_init - fill @cfg with the defaults and set its size field. */
@@ -445,6 +448,33 @@ int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *le
  * Returns -KVF_ENOTREG when no region starts at @addr.
  */
 int kvf_mem_unregister(kvf_engine_t *e, void *addr);
+
+/**
+ * kvf_mem_alloc - allocate @len bytes that peers can write into, already registered.
+ * The memory is a memfd (memfd_create) mapped shared, page-aligned, zeroed and faulted in. With
+ * config.mem_huge_pages it is backed by huge pages when the host has them, else by normal pages.
+ * It is registered exactly [*@out, *@out + @len), like kvf_mem_register(); do not unregister it
+ * yourself, free it with kvf_mem_free().
+ * Same-host (shm) senders fetch the memfd once, over this engine's Unix socket (see
+ * docs/protocol.md), map it and write into it with a plain memcpy instead of
+ * process_vm_writev: for such a write, kvf_transfer_sync() returning 0 means the bytes are in
+ * this memory. Every write is still checked against this engine's published regions.
+ * @out: receives the address.
+ * Returns 0; -KVF_EINVAL for @len 0 or a NULL argument (named); -errno from memfd_create,
+ * ftruncate or mmap (e.g. -ENOMEM); errors of kvf_mem_register().
+ */
+int kvf_mem_alloc(kvf_engine_t *e, size_t len, void **out);
+
+/**
+ * kvf_mem_free - unregister and free memory from kvf_mem_alloc().
+ * Unregisters first, as kvf_mem_unregister(): new transfers into it fail with -KVF_ENOTREG
+ * (shm senders drop their mapping when they next see the region list change), transfers already
+ * in it are waited for. Then the memory is unmapped.
+ * Returns 0; -KVF_EINVAL when @ptr is not an address kvf_mem_alloc() returned on @e (or was
+ * freed); -KVF_ETIMEDOUT when transfers did not leave in op_timeout_ms: the memory then stays
+ * mapped (unregistered) until kvf_engine_destroy().
+ */
+int kvf_mem_free(kvf_engine_t *e, void *ptr);
 
 /** Transfer direction, seen from the calling engine. */
 typedef enum {

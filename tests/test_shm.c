@@ -10,7 +10,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
@@ -76,9 +78,11 @@ static void assert_via(kvf_engine_t *e, const char *peer, const char *want)
 
 /* ---- the child Decode ---------------------------------------------------------------------- */
 
-/* Registers @size bytes (page-aligned, zeroed), prints "ready <sid> <addr>", then serves
- * commands: "sum OFF LEN" → "sum <fnv hex>", "unreg" → "ok <rc>", "quit" (or end of input). */
-static int child_main(const char *url, size_t size, const char *sid)
+/* Registers @size bytes (page-aligned, zeroed; from kvf_mem_alloc when @memfd, which also
+ * registers @size bytes of ordinary memory beside it), prints "ready <sid> <addr> [<plain>]",
+ * then serves commands: "sum OFF LEN" → "sum <fnv hex>" ("psum" for the ordinary memory),
+ * "unreg" → "ok <rc>", "free" → "ok <rc>" (kvf_mem_free), "quit" (or end of input). */
+static int child_main(const char *url, size_t size, const char *sid, bool memfd)
 {
     kvf_engine_t *e;
     kvf_config_t c = quick_config(KVF_TRANSPORT_AUTO);
@@ -86,28 +90,47 @@ static int child_main(const char *url, size_t size, const char *sid)
         printf("error %s\n", kvf_last_error());
         return 1;
     }
-    uint8_t *buf = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (buf == MAP_FAILED || kvf_mem_register(e, buf, size) < 0) {
-        printf("error %s\n", kvf_last_error());
-        return 1;
+    uint8_t *buf = NULL, *plain = NULL;
+    if (memfd) {
+        void *m = NULL;
+        plain = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (kvf_mem_alloc(e, size, &m) < 0 || plain == MAP_FAILED ||
+            kvf_mem_register(e, plain, size) < 0) {
+            printf("error %s\n", kvf_last_error());
+            return 1;
+        }
+        buf = m;
+    } else {
+        buf = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (buf == MAP_FAILED || kvf_mem_register(e, buf, size) < 0) {
+            printf("error %s\n", kvf_last_error());
+            return 1;
+        }
     }
-    printf("ready %s %p\n", kvf_engine_session_id(e), (void *)buf);
+    if (memfd)
+        printf("ready %s %p %p\n", kvf_engine_session_id(e), (void *)buf, (void *)plain);
+    else
+        printf("ready %s %p\n", kvf_engine_session_id(e), (void *)buf);
     fflush(stdout);
     char line[256];
     while (fgets(line, sizeof(line), stdin)) {
         unsigned long long off, len;
         if (sscanf(line, "sum %llu %llu", &off, &len) == 2 && off + len <= size)
             printf("sum %016" PRIx64 "\n", fnv(buf + off, len));
+        else if (sscanf(line, "psum %llu %llu", &off, &len) == 2 && plain && off + len <= size)
+            printf("sum %016" PRIx64 "\n", fnv(plain + off, len));
         else if (!strncmp(line, "unreg", 5))
             printf("ok %d\n", kvf_mem_unregister(e, buf));
+        else if (!strncmp(line, "free", 4) && memfd)
+            printf("ok %d\n", kvf_mem_free(e, buf));
         else if (!strncmp(line, "quit", 4))
             break;
         else
             printf("error bad command %s", line);
         fflush(stdout);
     }
-    kvf_engine_destroy(e);
-    munmap(buf, size);
+    kvf_engine_destroy(e); /* frees kvf_mem_alloc memory not yet freed */
+    munmap(memfd ? plain : buf, size);
     return 0;
 }
 
@@ -116,11 +139,12 @@ typedef struct {
     int in, out; /* write commands to in, read answers from out */
     char sid[512];
     uint64_t addr;
+    uint64_t plain; /* memfd mode: the ordinary registered memory beside it */
 } child_t;
 
 /* Start the child Decode, inside network namespace @netns when not NULL (listening on @sid). */
-static void child_start_in(const char *netns, const char *sid, const char *url, size_t size,
-                           child_t *c)
+static void child_start_mode(const char *netns, const char *sid, const char *url, size_t size,
+                             bool memfd, child_t *c)
 {
     char path[4096], sz[32];
     ssize_t n = readlink("/proc/self/exe", path, sizeof(path) - 1);
@@ -135,7 +159,8 @@ static void child_start_in(const char *netns, const char *sid, const char *url, 
     if (c->pid == 0) {
         dup2(to[0], 0);
         dup2(from[1], 1);
-        char *argv[] = {path, CHILD_ARG, (char *)url, sz, (char *)sid, NULL};
+        char *argv[] = {path, CHILD_ARG, (char *)url, sz, (char *)sid, memfd ? "memfd" : NULL,
+                        NULL};
         char *nargv[] = {"ip", "netns", "exec", (char *)netns, path, CHILD_ARG, (char *)url, sz,
                          (char *)sid, NULL};
         if (netns)
@@ -157,11 +182,38 @@ static void child_start_in(const char *netns, const char *sid, const char *url, 
     *sp = '\0';
     snprintf(c->sid, sizeof(c->sid), "%s", line + 6);
     c->addr = strtoull(sp + 1, &end, 16);
+    c->plain = *end == ' ' ? strtoull(end + 1, NULL, 16) : 0;
+}
+
+static void child_start_in(const char *netns, const char *sid, const char *url, size_t size,
+                           child_t *c)
+{
+    child_start_mode(netns, sid, url, size, false, c);
 }
 
 static void child_start(const char *url, size_t size, child_t *c)
 {
     child_start_in(NULL, "127.0.0.1:0", url, size, c);
+}
+
+/* The child Decode's memory comes from kvf_mem_alloc (a memfd). */
+static void child_start_memfd(const char *url, size_t size, child_t *c)
+{
+    child_start_mode(NULL, "127.0.0.1:0", url, size, true, c);
+}
+
+/* How many memfd mappings of kvferry's this process has (/proc/self/maps names them
+ * "/memfd:kvferry (deleted)"): proves a write went through a mapping, and that it went away. */
+static int memfd_mappings(void)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    char line[1024];
+    int n = 0;
+    assert_non_null(f);
+    while (fgets(line, sizeof(line), f))
+        n += strstr(line, "/memfd:kvferry") != NULL;
+    fclose(f);
+    return n;
 }
 
 static void child_cmd(child_t *c, const char *cmd, char *ans, size_t len)
@@ -171,14 +223,19 @@ static void child_cmd(child_t *c, const char *cmd, char *ans, size_t len)
 }
 
 /* The checksum of the child's bytes [off, off+len). */
-static uint64_t child_sum(child_t *c, size_t off, size_t len)
+static uint64_t child_sum_of(child_t *c, const char *what, size_t off, size_t len)
 {
     char cmd[96], ans[128];
-    snprintf(cmd, sizeof(cmd), "sum %zu %zu\n", off, len);
+    snprintf(cmd, sizeof(cmd), "%s %zu %zu\n", what, off, len);
     child_cmd(c, cmd, ans, sizeof(ans));
     if (strncmp(ans, "sum ", 4) != 0)
         fail_msg("shm child: %s", ans);
     return strtoull(ans + 4, NULL, 16);
+}
+
+static uint64_t child_sum(child_t *c, size_t off, size_t len)
+{
+    return child_sum_of(c, "sum", off, len);
 }
 
 static void child_stop(child_t *c)
@@ -478,6 +535,230 @@ static void bad_transport_env_refused(void **state)
     assert_null(e);
 }
 
+/* ---- kvf_mem_alloc memory: the memfd mapped by the sender ----------------------------------- */
+
+/* The checksum of @n zero bytes. */
+static uint64_t fnv_zero(size_t n)
+{
+    uint8_t *z = calloc(1, n);
+    assert_non_null(z);
+    uint64_t h = fnv(z, n);
+    free(z);
+    return h;
+}
+
+static void memfd_write_sizes(void **state)
+{
+    fx_t *fx = *state;
+    static const size_t sizes[] = {4096, (16u << 20) + 3};
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    for (size_t k = 0; k < 2; k++) {
+        size_t n = sizes[k];
+        child_t c;
+        child_start_memfd(fx->url, n, &c);
+        int before = memfd_mappings();
+        /* The whole allocation, then a piece at an odd offset, each checked in the child and
+         * read back byte for byte. */
+        write_check_read(e, &c, 0, n, 90 + (uint32_t)k);
+        assert_via(e, c.sid, "shm");
+        assert_int_equal(memfd_mappings(), before + 1); /* written through the mapping */
+        write_check_read(e, &c, 1, n - 1, 92 + (uint32_t)k);
+        write_check_read(e, &c, n / 2, n - n / 2, 94 + (uint32_t)k);
+        /* The bounds are the allocation's exact length, not the mapping's page-rounded one. */
+        uint8_t *src = alloc_filled(n + 1, 96);
+        uint64_t sum = child_sum(&c, 0, n);
+        assert_kvf_err(kvf_write(e, c.sid, src, c.addr, n + 1), -KVF_ENOTREG);
+        /* The page-rounded tail of the mapping (16 MiB + 3) is not registered; at 4 KiB the
+         * next byte may be the child's ordinary region, which is a legal target. */
+        if (c.plain != c.addr + n)
+            assert_kvf_err(kvf_write(e, c.sid, src, c.addr + n, 1), -KVF_ENOTREG);
+        assert_int_equal(child_sum(&c, 0, n), sum);
+        assert_int_equal(child_sum_of(&c, "psum", 0, n), fnv_zero(n));
+        free(src);
+        child_stop(&c);
+    }
+    kvf_engine_destroy(e);
+    assert_int_equal(memfd_mappings(), 0); /* the peer handles unmapped on destroy */
+}
+
+/* One batch across kvf_mem_alloc memory (memcpy through the mapping) and ordinary registered
+ * memory (process_vm_writev), interleaved, then read back the same way. */
+static void memfd_batch_mixed(void **state)
+{
+    fx_t *fx = *state;
+    enum { W = 64 };
+    size_t n = 1u << 20, piece = n / (W / 2);
+    child_t c;
+    child_start_memfd(fx->url, n, &c);
+    assert_true(c.plain != 0);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *src = alloc_filled(2 * n, 97), *back = calloc(1, 2 * n);
+    kvf_xfer_t x[W];
+    for (int i = 0; i < W; i++) {
+        size_t off = (size_t)(i / 2) * piece;
+        x[i] = (kvf_xfer_t){.op = KVF_OP_WRITE, .local = src + (i % 2) * n + off,
+                            .remote = (i % 2 ? c.plain : c.addr) + off, .len = piece};
+    }
+    assert_kvf_ok(kvf_transfer_sync(e, c.sid, x, W));
+    assert_int_equal(memfd_mappings(), 1);
+    assert_int_equal(child_sum(&c, 0, n), fnv(src, n));
+    assert_int_equal(child_sum_of(&c, "psum", 0, n), fnv(src + n, n));
+    for (int i = 0; i < W; i++) {
+        x[i].op = KVF_OP_READ;
+        x[i].local = back + ((uint8_t *)x[i].local - src);
+    }
+    assert_kvf_ok(kvf_transfer_sync(e, c.sid, x, W));
+    assert_memory_equal(back, src, 2 * n);
+    free(src);
+    free(back);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+typedef struct {
+    kvf_engine_t *e;
+    const char *sid;
+    const uint8_t *src;
+    uint64_t remote;
+    size_t len;
+    int rc;
+} memfd_writer_t;
+
+static void *memfd_writer(void *arg)
+{
+    memfd_writer_t *w = arg;
+    w->rc = kvf_write(w->e, w->sid, w->src, w->remote, w->len);
+    return NULL;
+}
+
+/* Four threads make their first writes into one region at once: it is asked for and mapped
+ * once, and every byte arrives. */
+static void memfd_concurrent_first_writes(void **state)
+{
+    fx_t *fx = *state;
+    enum { T = 4 };
+    size_t n = 4u << 20, q = n / T;
+    child_t c;
+    child_start_memfd(fx->url, n, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *src = alloc_filled(n, 100);
+    /* The peer is looked up first, so the threads race on the region, not on the lookup. */
+    assert_kvf_ok(kvf_read(e, c.sid, src, c.addr, 1));
+    fill(src, n, 100);
+    pthread_t th[T];
+    memfd_writer_t w[T];
+    for (int i = 0; i < T; i++) {
+        w[i] = (memfd_writer_t){.e = e, .sid = c.sid, .src = src + (size_t)i * q,
+                                .remote = c.addr + (size_t)i * q, .len = q, .rc = 1};
+        assert_int_equal(pthread_create(&th[i], NULL, memfd_writer, &w[i]), 0);
+    }
+    for (int i = 0; i < T; i++) {
+        pthread_join(th[i], NULL);
+        assert_kvf_ok(w[i].rc);
+    }
+    assert_int_equal(memfd_mappings(), 1);
+    assert_int_equal(child_sum(&c, 0, n), fnv(src, n));
+    free(src);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+static void memfd_write_after_free_refused(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start_memfd(fx->url, 1u << 20, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *src = alloc_filled(1u << 20, 98);
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 1u << 20));
+    assert_via(e, c.sid, "shm");
+    assert_int_equal(memfd_mappings(), 1);
+    char ans[64];
+    child_cmd(&c, "free\n", ans, sizeof(ans));
+    assert_string_equal(ans, "ok 0");
+    /* No wait: kvf_mem_free has returned in the target, so the sender sees the generation
+     * move, refuses, and drops its mapping. */
+    int rc = kvf_write(e, c.sid, src, c.addr, 1u << 20);
+    assert_true(rc == -KVF_ENOTREG || rc == -KVF_ESTALE);
+    assert_last_error_contains(c.sid);
+    assert_kvf_err(kvf_read(e, c.sid, src, c.addr, 1), -KVF_ENOTREG);
+    assert_int_equal(memfd_mappings(), 0);
+    /* The child is alive and answers. */
+    child_cmd(&c, "unreg\n", ans, sizeof(ans));
+    assert_string_equal(ans, "ok -1006"); /* -KVF_ENOTREG: nothing is registered any more */
+    free(src);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+static void mem_alloc_arguments(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_DECODE, KVF_TRANSPORT_AUTO);
+    void *p = (void *)1;
+    assert_kvf_err(kvf_mem_alloc(e, 0, &p), -KVF_EINVAL);
+    assert_last_error_contains("length is 0");
+    assert_null(p);
+    assert_kvf_err(kvf_mem_alloc(e, 4096, NULL), -KVF_EINVAL);
+    assert_last_error_contains("output pointer is NULL");
+    assert_kvf_err(kvf_mem_alloc(NULL, 4096, &p), -KVF_EINVAL);
+    assert_last_error_contains("engine is NULL");
+    assert_kvf_err(kvf_mem_alloc(e, SIZE_MAX, &p), -KVF_EINVAL);
+    assert_last_error_contains("larger than any memory");
+    assert_kvf_err(kvf_mem_free(e, NULL), -KVF_EINVAL);
+    assert_last_error_contains("pointer is NULL");
+    uint8_t other[16];
+    assert_kvf_err(kvf_mem_free(e, other), -KVF_EINVAL);
+    assert_last_error_contains("not returned by kvf_mem_alloc");
+
+    /* A good one: page-aligned, zeroed, registered with its exact length, freed once. */
+    assert_kvf_ok(kvf_mem_alloc(e, 5000, &p));
+    assert_int_equal((uintptr_t)p % 4096, 0);
+    for (size_t i = 0; i < 5000; i++)
+        assert_int_equal(((uint8_t *)p)[i], 0);
+    assert_kvf_err(kvf_mem_register(e, p, 5000), -KVF_EEXIST);
+    kvf_region_info_t *ri;
+    size_t nr;
+    assert_kvf_ok(kvf_peer_regions(e, kvf_engine_session_id(e), &ri, &nr));
+    assert_int_equal(nr, 1);
+    assert_int_equal(ri[0].addr, (uintptr_t)p);
+    assert_int_equal(ri[0].len, 5000);
+    free(ri);
+    assert_kvf_ok(kvf_mem_free(e, p));
+    assert_kvf_err(kvf_mem_free(e, p), -KVF_EINVAL);
+    assert_last_error_contains("already freed");
+    assert_kvf_ok(kvf_peer_regions(e, kvf_engine_session_id(e), &ri, &nr));
+    assert_int_equal(nr, 0);
+    free(ri);
+    /* Not freed: destroy frees it. */
+    assert_kvf_ok(kvf_mem_alloc(e, 1, &p));
+    kvf_engine_destroy(e);
+}
+
+static void mem_alloc_huge_pages_or_fallback(void **state)
+{
+    fx_t *fx = *state;
+    kvf_config_t cfg = quick_config(KVF_TRANSPORT_AUTO);
+    cfg.mem_huge_pages = 1;
+    kvf_engine_t *dec = NULL;
+    assert_kvf_ok(kvf_engine_create(fx->url, "127.0.0.1:0", KVF_ROLE_DECODE, 0, &cfg, &dec));
+    kvf_engine_t *pre = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    void *p;
+    size_t n = (3u << 20) + 1;
+    /* Huge pages when the host has some reserved, normal pages otherwise: it works either way. */
+    assert_kvf_ok(kvf_mem_alloc(dec, n, &p));
+    uint8_t *src = alloc_filled(n, 99);
+    assert_kvf_ok(kvf_write(pre, kvf_engine_session_id(dec), src, (uintptr_t)p, n));
+    assert_via(pre, kvf_engine_session_id(dec), "loop");
+    assert_memory_equal(p, src, n);
+    assert_kvf_ok(kvf_mem_free(dec, p));
+    assert_kvf_err(kvf_write(pre, kvf_engine_session_id(dec), src, (uintptr_t)p, 1),
+                   -KVF_ENOTREG);
+    free(src);
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+}
+
 /* ---- two "hosts": engines in two network namespaces -------------------------------------- */
 
 static char ns_a[32], ns_b[32], veth_a[16], veth_b[16];
@@ -570,13 +851,20 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(one_process_loop_and_self, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(one_process_forced_shm, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(bad_transport_env_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(memfd_write_sizes, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(memfd_batch_mixed, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(memfd_concurrent_first_writes, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(memfd_write_after_free_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(mem_alloc_arguments, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(mem_alloc_huge_pages_or_fallback, fx_setup, fx_teardown),
     cmocka_unit_test_teardown(two_hosts_netns_pick_tcp, netns_teardown),
 };
 
 int main(int argc, char **argv)
 {
-    if (argc == 5 && strcmp(argv[1], CHILD_ARG) == 0)
-        return child_main(argv[2], strtoull(argv[3], NULL, 10), argv[4]);
+    if ((argc == 5 || argc == 6) && strcmp(argv[1], CHILD_ARG) == 0)
+        return child_main(argv[2], strtoull(argv[3], NULL, 10), argv[4],
+                          argc == 6 && !strcmp(argv[5], "memfd"));
     signal(SIGPIPE, SIG_IGN);
     /* The suite chooses transports itself; an inherited setting would change what it tests. */
     unsetenv("KVFERRY_TRANSPORT");

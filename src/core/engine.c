@@ -46,6 +46,9 @@
 #define ENG_MIN_CHUNK (64u << 10)
 #define ENG_MAX_CHUNK (64u << 20)
 #define ENG_RECORD_VERSION 1
+/* The huge page size kvf_mem_alloc() rounds to when asked for huge pages (the x86-64 and arm64
+ * default); where the default differs, the huge mapping fails and normal pages are used. */
+#define ENG_HUGE_PAGE (2u << 20)
 
 typedef enum { ENG_VIA_TCP, ENG_VIA_SHM, ENG_VIA_LOOP } eng_via_t;
 static const char *const via_names[] = {"tcp", "shm", "loop"};
@@ -101,7 +104,24 @@ struct kvf_engine {
     pthread_cond_t busy_cond;
     unsigned busy;
     bool closing;
+
+    /* Memory from kvf_mem_alloc(), freed by kvf_mem_free() or destroy. */
+    pthread_mutex_t mem_lock;
+    struct eng_mem *mems;
 };
+
+/* One kvf_mem_alloc() allocation: a memfd mapped MAP_SHARED at @addr. @len is what the caller
+ * asked for and what is registered; @map_len is rounded up to the page size. @kept: its
+ * unregister timed out in kvf_mem_free(), so it stays mapped until destroy. */
+typedef struct eng_mem {
+    struct eng_mem *next;
+    void *addr;
+    size_t len;
+    size_t map_len;
+    int fd;
+    bool huge;
+    bool kept;
+} eng_mem_t;
 
 /* Every engine of this process, so that a transfer to one of them takes the loop path: a
  * memcpy under the target's own region references (the same authoritative check and unregister
@@ -264,13 +284,14 @@ static int publish_session(kvf_engine_t *e)
     json_t *tr = e->cfg.transport == KVF_TRANSPORT_TCP
                      ? json_pack("[s]", e->tops->name)
                      : json_pack("[s,s]", e->shm_ops->name, e->tops->name);
-    json_t *doc = json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:o, s:o}",
+    json_t *doc = json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:o, s:o, s:s}",
                             "version", ENG_RECORD_VERSION, "session", e->sid, "role",
                             kvf_role_name(e->role), "device_id", e->device_id, "pid",
                             (int)getpid(), "hostname", host, "kvferry", KVF_VERSION_STRING,
                             "transports", tr, "boot_id", kvf__host_boot_id(), "net_ns",
                             kvf__host_net_ns(), "shm_word", hex_u64((uintptr_t)&e->shm_word),
-                            "shm_nonce", hex_u64(e->shm_word.nonce));
+                            "shm_nonce", hex_u64(e->shm_word.nonce), "memfd_socket",
+                            kvf__shm_memfd_sock(e->shm));
     return store_put_json(e, e->session_key, doc);
 }
 
@@ -297,6 +318,9 @@ static void parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d)
         if (json_is_string(t) && !strcmp(json_string_value(t), "shm"))
             d->offers_shm = true;
     }
+    const char *sock = json_string_value(json_object_get(doc, "memfd_socket"));
+    if (sock && strlen(sock) < sizeof(d->memfd_sock))
+        snprintf(d->memfd_sock, sizeof(d->memfd_sock), "%s", sock);
     const char *w = json_string_value(json_object_get(doc, "shm_word"));
     const char *nonce = json_string_value(json_object_get(doc, "shm_nonce"));
     char *end;
@@ -532,6 +556,9 @@ static int peer_select(kvf_engine_t *e, eng_peer_t *p)
         if (rc == 0) {
             p->via = ENG_VIA_SHM;
             p->tops = e->shm_ops;
+            pthread_mutex_lock(&p->lock);
+            p->tops->regions_changed(p->tp, p->regions, p->nregions);
+            pthread_mutex_unlock(&p->lock);
             return 0;
         }
         if (rc != -KVF_ENOTSUP)
@@ -633,6 +660,8 @@ static int peer_refresh(kvf_engine_t *e, eng_peer_t *p)
         p->nregions = n;
         p->gen = gen;
         rs = NULL;
+        if (p->tp)
+            p->tops->regions_changed(p->tp, p->regions, p->nregions);
     }
     pthread_mutex_unlock(&p->lock);
     free(rs);
@@ -799,6 +828,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     pthread_mutex_init(&e->publish_lock, NULL);
     pthread_mutex_init(&e->peers_lock, NULL);
     pthread_mutex_init(&e->busy_lock, NULL);
+    pthread_mutex_init(&e->mem_lock, NULL);
     rc = kvf__cond_init_monotonic(&e->busy_cond);
     if (rc < 0)
         goto out_destroy_locks;
@@ -832,13 +862,19 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     }
     if (rc < 0)
         goto out_regions;
-    rc = e->shm_ops->create(&tp, &e->shm);
-    if (rc < 0)
-        goto out_transport;
     listen.port = e->tops->port(e->transport);
     kvf__hostport_format(&listen, e->sid, sizeof(e->sid));
     make_key(e->session_key, sizeof(e->session_key), e->ns, "sessions", e->sid);
     make_key(e->regions_key, sizeof(e->regions_key), e->ns, "regions", e->sid);
+    /* The memfd socket is named after the session (unique on the host while the port is held);
+     * an engine forced to tcp offers no shm and so serves no memfds. */
+    char sock[ENG_KEY_MAX];
+    snprintf(sock, sizeof(sock), "kvferry/%s/%s", e->ns, e->sid);
+    tp.local_sid = e->sid;
+    tp.memfd_sock = e->cfg.transport == KVF_TRANSPORT_TCP ? NULL : sock;
+    rc = e->shm_ops->create(&tp, &e->shm);
+    if (rc < 0)
+        goto out_transport;
 
     kvf_store_opts_t so;
     kvf_store_opts_init(&so);
@@ -883,6 +919,7 @@ out_regions:
 out_destroy_cond:
     pthread_cond_destroy(&e->busy_cond);
 out_destroy_locks:
+    pthread_mutex_destroy(&e->mem_lock);
     pthread_mutex_destroy(&e->busy_lock);
     pthread_mutex_destroy(&e->peers_lock);
     pthread_mutex_destroy(&e->publish_lock);
@@ -934,6 +971,14 @@ void kvf_engine_destroy(kvf_engine_t *e)
     e->shm_ops->destroy(e->shm);
     e->tops->destroy(e->transport);
     kvf__regions_destroy(e->regions);
+    /* Nothing serves or transfers any more: what kvf_mem_alloc() handed out goes now. */
+    for (eng_mem_t *m = e->mems, *next; m; m = next) {
+        next = m->next;
+        munmap(m->addr, m->map_len);
+        close(m->fd);
+        free(m);
+    }
+    pthread_mutex_destroy(&e->mem_lock);
     pthread_cond_destroy(&e->busy_cond);
     pthread_mutex_destroy(&e->busy_lock);
     pthread_mutex_destroy(&e->peers_lock);
@@ -1060,6 +1105,171 @@ int kvf_mem_unregister(kvf_engine_t *e, void *addr)
             kvf__err(rc, "%s", msg);
         }
     }
+    busy_leave(e);
+    return rc;
+}
+
+/* ---- kvf_mem_alloc memory ------------------------------------------------------------------- */
+
+/* A memfd of @map_len bytes mapped shared, huge pages when @huge. The huge attempt faults the
+ * pages in here: with no huge pages left, a later first touch would be SIGBUS, while
+ * MADV_POPULATE_WRITE fails cleanly. Returns 0 or -errno of the step that failed. */
+static int mem_map(size_t map_len, bool huge, eng_mem_t *m)
+{
+    unsigned flags = MFD_CLOEXEC;
+    int rc;
+    if (huge) {
+#if defined(MFD_HUGETLB) && defined(MADV_POPULATE_WRITE)
+        flags |= MFD_HUGETLB;
+#else
+        return -ENOTSUP;
+#endif
+    }
+    m->fd = memfd_create("kvferry", flags);
+    if (m->fd < 0)
+        return -errno;
+    if (ftruncate(m->fd, (off_t)map_len) < 0) {
+        rc = -errno;
+        goto out_close;
+    }
+    m->addr = mmap(NULL, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, m->fd, 0);
+    if (m->addr == MAP_FAILED) {
+        rc = -errno;
+        goto out_close;
+    }
+#ifdef MADV_POPULATE_WRITE
+    if (huge && madvise(m->addr, map_len, MADV_POPULATE_WRITE) < 0) {
+        rc = -errno;
+        munmap(m->addr, map_len);
+        goto out_close;
+    }
+#endif
+    m->map_len = map_len;
+    m->huge = huge;
+    return 0;
+out_close:
+    close(m->fd);
+    m->fd = -1;
+    return rc;
+}
+
+int kvf_mem_alloc(kvf_engine_t *e, size_t len, void **out)
+{
+    long psz = sysconf(_SC_PAGESIZE);
+    size_t page = psz > 0 ? (size_t)psz : 4096;
+    eng_mem_t *m;
+    int rc;
+
+    if (!e)
+        return kvf__err(-KVF_EINVAL, "mem alloc: the engine is NULL");
+    if (!out)
+        return kvf__err(-KVF_EINVAL, "mem alloc: the output pointer is NULL");
+    *out = NULL;
+    if (len == 0)
+        return kvf__err(-KVF_EINVAL, "mem alloc: length is 0; want at least 1 byte");
+    if (len > (SIZE_MAX >> 2))
+        return kvf__err(-KVF_EINVAL, "mem alloc: length %zu is larger than any memory", len);
+    rc = busy_enter(e);
+    if (rc < 0)
+        return rc;
+    m = calloc(1, sizeof(*m));
+    if (!m) {
+        rc = kvf__err(-KVF_ENOMEM, "mem alloc: out of memory");
+        goto out;
+    }
+    m->len = len;
+    rc = -ENOTSUP;
+    if (e->cfg.mem_huge_pages) {
+        rc = mem_map((len + ENG_HUGE_PAGE - 1) & ~(size_t)(ENG_HUGE_PAGE - 1), true, m);
+        if (rc < 0)
+            KVF_INFO(ENG_LOG, "engine %s: mem alloc of %zu bytes: no huge pages (%s), using "
+                              "normal pages",
+                     e->sid, len, strerror(-rc));
+    }
+    if (rc < 0)
+        rc = mem_map((len + page - 1) & ~(page - 1), false, m);
+    if (rc < 0) {
+        rc = kvf__err(rc, "mem alloc of %zu bytes: memfd: %s", len, strerror(-rc));
+        goto out_free;
+    }
+    /* Exported before it is registered: the memfd socket answers only for registered regions,
+     * and a sender asking as soon as the region is published must get the fd. */
+    rc = kvf__shm_export(e->shm, m->addr, len, m->fd);
+    if (rc < 0)
+        goto out_unmap;
+    rc = kvf_mem_register(e, m->addr, len); /* faults the pages in */
+    if (rc < 0)
+        goto out_unexport;
+    pthread_mutex_lock(&e->mem_lock);
+    m->next = e->mems;
+    e->mems = m;
+    pthread_mutex_unlock(&e->mem_lock);
+    KVF_DEBUG(ENG_LOG, "engine %s: mem alloc [%p, +%zu), %s pages", e->sid, m->addr, len,
+              m->huge ? "huge" : "normal");
+    *out = m->addr;
+    goto out;
+
+out_unexport:
+    kvf__shm_unexport(e->shm, m->addr);
+out_unmap:
+    munmap(m->addr, m->map_len);
+    close(m->fd);
+out_free:
+    free(m);
+out:
+    busy_leave(e);
+    return rc;
+}
+
+int kvf_mem_free(kvf_engine_t *e, void *ptr)
+{
+    eng_mem_t *m = NULL;
+    int rc;
+
+    if (!e)
+        return kvf__err(-KVF_EINVAL, "mem free: the engine is NULL");
+    if (!ptr)
+        return kvf__err(-KVF_EINVAL, "mem free: the pointer is NULL");
+    rc = busy_enter(e);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&e->mem_lock);
+    for (eng_mem_t **pp = &e->mems; *pp; pp = &(*pp)->next) {
+        if ((*pp)->addr == ptr && !(*pp)->kept) {
+            m = *pp;
+            *pp = m->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&e->mem_lock);
+    if (!m) {
+        rc = kvf__err(-KVF_EINVAL, "mem free: %p was not returned by kvf_mem_alloc() on engine "
+                                   "%s (or is already freed)",
+                      ptr, e->sid);
+        goto out;
+    }
+    /* Unregister first: from its return no new transfer can reach the memory (shm senders see
+     * the generation move and unmap), and the memfd socket no longer hands the fd out. */
+    rc = kvf_mem_unregister(e, ptr);
+    if (rc == -KVF_ETIMEDOUT) {
+        /* Transfers still write into it: it must stay mapped, so it is kept until destroy. */
+        m->kept = true;
+        pthread_mutex_lock(&e->mem_lock);
+        m->next = e->mems;
+        e->mems = m;
+        pthread_mutex_unlock(&e->mem_lock);
+        kvf__err(rc, "mem free %p: transfers into it did not end within %u ms; it stays "
+                     "allocated until kvf_engine_destroy()",
+                 ptr, e->cfg.op_timeout_ms);
+        goto out;
+    }
+    /* -KVF_ENOTREG: the caller unregistered it already; freeing is still right. */
+    rc = 0;
+    kvf__shm_unexport(e->shm, ptr);
+    munmap(m->addr, m->map_len);
+    close(m->fd);
+    free(m);
+out:
     busy_leave(e);
     return rc;
 }

@@ -1689,4 +1689,5 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .peer_close = tcp_peer_close,
     .transfer = tcp_transfer,
     .regions_gen = kvf__transport_enotsup_gen,
+    .regions_changed = kvf__transport_nop_regions,
 };

@@ -23,6 +23,9 @@
 typedef struct kvf_transport kvf_transport_t; /* one per engine and transport kind */
 typedef struct kvf_tpeer kvf_tpeer_t;         /* a transport's connections to one peer */
 
+/* Bytes of an abstract Unix socket name (sun_path less its leading NUL), with a NUL here. */
+#define KVF_SHM_SOCK_MAX 100
+
 /* What the core knows about a peer when it opens a transport handle to it, from the peer's
  * session record. Same-host transports need the host identity; tcp only the address. */
 typedef struct {
@@ -34,6 +37,9 @@ typedef struct {
     bool offers_shm;         /* "shm" is among the transports it offers */
     uint64_t shm_word_addr;  /* address of its kvf_shm_word_t, 0 = not published */
     uint64_t shm_nonce;      /* the nonce that word must hold: tells a restarted or reused pid */
+    char memfd_sock[KVF_SHM_SOCK_MAX]; /* abstract Unix socket that hands out the fds of its
+                                          kvf_mem_alloc memory, without the leading NUL;
+                                          "" = not offered */
 } kvf_tpeer_desc_t;
 
 /*
@@ -57,6 +63,8 @@ typedef struct {
     uint32_t conns_per_peer;        /* connections opened to each peer */
     uint32_t chunk_bytes;           /* elements longer than this are split */
     uint32_t connect_timeout_ms;    /* bound on connecting + hello to a peer */
+    const char *memfd_sock;         /* shm: serve kvf_mem_alloc fds on this abstract socket name;
+                                       NULL = do not (the engine does not offer shm) */
 } kvf_transport_params_t;
 
 struct kvf_transport_ops {
@@ -101,10 +109,31 @@ struct kvf_transport_ops {
      * Errors: -KVF_EPEERGONE when the peer process is gone (or its pid now names another).
      */
     int (*regions_gen)(kvf_tpeer_t *p, uint64_t *gen);
+
+    /*
+     * The core's cached list of the peer's regions was replaced by @rs (sorted, @n entries; not
+     * kept after the call). shm uses it to drop mappings of kvf_mem_alloc memory whose region
+     * (address, length, generation) is no longer published. Called with the core's peer lock
+     * held; must not call back into the core. Transports with nothing to drop ignore it.
+     */
+    void (*regions_changed)(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n);
 };
 
-/* A stub for ops a transport does not have. */
+/* Stubs for ops a transport does not have. */
 int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen);
+void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n);
+
+/*
+ * Memory from kvf_mem_alloc(), served to same-host senders by the shm transport (shm.c): once
+ * exported, a sender that asks over the engine's memfd socket for an address inside
+ * [@addr, @addr+@len) receives @fd (SCM_RIGHTS) and maps it. The fd stays owned by the caller.
+ * kvf__shm_export returns 0 or -KVF_ENOMEM; kvf__shm_unexport removes the entry starting at
+ * @addr (no-op if none), after which no sender receives the fd any more. @t may be NULL (no-op).
+ */
+int kvf__shm_export(kvf_transport_t *t, void *addr, size_t len, int fd);
+void kvf__shm_unexport(kvf_transport_t *t, void *addr);
+/* The abstract socket name the shm transport serves memfds on, "" when it does not. */
+const char *kvf__shm_memfd_sock(const kvf_transport_t *t);
 
 extern const struct kvf_transport_ops kvf__tcp_ops;
 /* Same-host peers: process_vm_writev/readv into the target's registered memory (shm.c). */
