@@ -633,6 +633,69 @@ static PyObject *Engine_repr(EngineObject *self)
 #define KW    (METH_VARARGS | METH_KEYWORDS)
 #define FN(f) ((PyCFunction)(void (*)(void))(f))
 
+static PyObject *Engine_mem_alloc(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static const char *const kwlist[] = {"length", NULL};
+    PyObject *len_o;
+    uint64_t len;
+    void *ptr = NULL;
+    int rc;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:mem_alloc", (char **)kwlist, &len_o) ||
+        kvfpy_u64(len_o, "length", &len) < 0)
+        return NULL;
+    kvf_engine_t *e = engine_enter(self, "mem_alloc", &rc);
+    if (!e)
+        return kvfpy_raise(rc);
+    Py_BEGIN_ALLOW_THREADS
+    rc = kvf_mem_alloc(e, (size_t)len, &ptr);
+    Py_END_ALLOW_THREADS
+    engine_leave(self);
+    if (rc < 0)
+        return kvfpy_raise(rc);
+    return PyLong_FromVoidPtr(ptr);
+}
+
+static PyObject *Engine_mem_free(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static const char *const kwlist[] = {"address", NULL};
+    PyObject *addr_o;
+    uint64_t addr;
+    int rc;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:mem_free", (char **)kwlist, &addr_o) ||
+        kvfpy_u64(addr_o, "address", &addr) < 0)
+        return NULL;
+    kvf_engine_t *e = engine_enter(self, "mem_free", &rc);
+    if (!e)
+        return PyLong_FromLong(rc);
+    Py_BEGIN_ALLOW_THREADS
+    rc = kvf_mem_free(e, (void *)(uintptr_t)addr);
+    Py_END_ALLOW_THREADS
+    engine_leave(self);
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *Engine_peer_transport(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static const char *const kwlist[] = {"session", NULL};
+    PyObject *sess_o;
+    const char *sess, *name = NULL;
+    int rc;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:peer_transport", (char **)kwlist, &sess_o) ||
+        kvfpy_str(sess_o, "session", &sess) < 0)
+        return NULL;
+    kvf_engine_t *e = engine_enter(self, "peer_transport", &rc);
+    if (!e)
+        return kvfpy_raise(rc);
+    rc = kvf_engine_peer_transport(e, sess, &name);
+    engine_leave(self);
+    if (rc < 0)
+        return kvfpy_raise(rc);
+    return PyUnicode_FromString(name);
+}
+
 static PyMethodDef Engine_methods[] = {
     {"initialize", FN(Engine_initialize), KW,
      "initialize(store_url, session_id, role, device_id=0) -> int\n\n"
@@ -677,6 +740,18 @@ static PyMethodDef Engine_methods[] = {
      "peer_regions(session) -> list of (addr, length)\n\n"
      "The regions the peer has registered, sorted by address (waiting up to init_timeout_ms "
      "for the peer to appear). Raises kvferry.Error on failure."},
+    {"mem_alloc", FN(Engine_mem_alloc), KW,
+     "mem_alloc(length) -> int\n\n"
+     "Allocate length bytes of shared memory (memfd), registered with this engine, so that "
+     "same-host peers write into it with a plain copy. Returns its address; raises "
+     "kvferry.Error on failure. Free it with mem_free()."},
+    {"mem_free", FN(Engine_mem_free), KW,
+     "mem_free(address) -> int\n\n"
+     "Unregister and free memory from mem_alloc(). Returns 0 or a negative code."},
+    {"peer_transport", FN(Engine_peer_transport), KW,
+     "peer_transport(session) -> str\n\n"
+     "How transfers to the peer travel: \"loop\", \"shm\" or \"tcp\" (known after the first "
+     "transfer). Raises kvferry.Error for a peer not used yet."},
     {"__enter__", FN(Engine_enter), METH_NOARGS, NULL},
     {"__exit__", FN(Engine_exit), METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},

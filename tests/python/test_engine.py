@@ -351,3 +351,26 @@ def test_torch_tensors(pair):
     assert torch.equal(back, src2[2])
     with pytest.raises(ValueError, match="not contiguous"):
         p.transfer_sync_write(d.session_id, src.transpose(1, 2), dst.data_ptr())
+
+
+def test_mem_alloc_written_by_peer_and_freed(pair):
+    """mem_alloc memory is registered: a peer writes into it, the bytes are there, and after
+    mem_free a write into it is refused. peer_transport says how the bytes travelled."""
+    d, p = pair
+    n = MiB + 3
+    addr = d.mem_alloc(n)
+    assert isinstance(addr, int) and addr != 0
+    view = (ctypes.c_ubyte * n).from_address(addr)
+    assert bytes(view[:16]) == bytes(16)  # zeroed
+    src = rand_bytes(n, 7)
+    assert p.transfer_sync_write(d.session_id, src, addr, n) == 0, kvferry.get_last_err_msg()
+    assert np.array_equal(np.frombuffer(view, dtype=np.uint8), src)
+    assert p.peer_transport(d.session_id) in ("loop", "shm", "tcp")
+    del view
+    assert d.mem_free(addr) == 0
+    assert p.transfer_sync_write(d.session_id, src, addr, n) < 0
+    assert d.mem_free(addr) < 0  # not mem_alloc memory any more
+    with pytest.raises(kvferry.Error):
+        d.mem_alloc(0)
+    with pytest.raises(kvferry.Error):
+        p.peer_transport("127.0.0.1:9")
