@@ -615,6 +615,49 @@ static void memfd_batch_mixed(void **state)
     child_stop(&c);
 }
 
+/* Threads of this process (/proc/self/task). */
+static int task_count(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    int n = -1;
+    while (f && fgets(line, sizeof(line), f))
+        if (!strncmp(line, "Threads:", 8))
+            n = atoi(line + 8);
+    if (f)
+        fclose(f);
+    return n;
+}
+
+/* With KVFERRY_SHM_COPY_THREADS=2, an element of 32 MiB + 5 through the memfd mapping is split
+ * over the copy pool (one worker, started on that copy), written and read back exactly, also at
+ * an odd offset; an element just below the threshold (8 MiB) is copied without the pool. */
+static void memfd_copy_threads(void **state)
+{
+    fx_t *fx = *state;
+    size_t n = (32u << 20) + 5, below = (8u << 20) - 1;
+    child_t c;
+    child_start_memfd(fx->url, n, &c);
+    int base = task_count();
+    setenv("KVFERRY_SHM_COPY_THREADS", "2", 1);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    unsetenv("KVFERRY_SHM_COPY_THREADS");
+    write_check_read(e, &c, 3, below, 110);
+    assert_via(e, c.sid, "shm");
+    assert_int_equal(memfd_mappings(), 1);
+    int before = task_count();
+    write_check_read(e, &c, 7, below, 111);
+    assert_int_equal(task_count(), before); /* below the threshold: no copy thread */
+    write_check_read(e, &c, 0, n, 112);
+    assert_int_equal(task_count(), before + 1); /* the one worker, started lazily */
+    write_check_read(e, &c, 1, n - 1, 113);
+    assert_int_equal(task_count(), before + 1); /* persistent: not one per copy */
+    assert_int_equal(child_sum_of(&c, "psum", 0, n), fnv_zero(n));
+    kvf_engine_destroy(e);
+    assert_int_equal(task_count(), base); /* the worker was joined with the transport */
+    child_stop(&c);
+}
+
 typedef struct {
     kvf_engine_t *e;
     const char *sid;
@@ -854,6 +897,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(memfd_write_sizes, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_batch_mixed, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_concurrent_first_writes, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(memfd_copy_threads, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_write_after_free_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(mem_alloc_arguments, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(mem_alloc_huge_pages_or_fallback, fx_setup, fx_teardown),
@@ -869,6 +913,7 @@ int main(int argc, char **argv)
     /* The suite chooses transports itself; an inherited setting would change what it tests. */
     unsetenv("KVFERRY_TRANSPORT");
     unsetenv("KVFERRY_SHM_PROBE_FAIL");
+    unsetenv("KVFERRY_SHM_COPY_THREADS");
     if (argc > 1)
         cmocka_set_test_filter(argv[1]);
     return cmocka_run_group_tests(tests, NULL, NULL);
