@@ -379,6 +379,18 @@ typedef struct {
     uint32_t mem_huge_pages;     /* 1: kvf_mem_alloc() tries huge pages (MFD_HUGETLB, 2 MiB)
                                     first and falls back to normal pages, saying so at info
                                     level. Default 0. */
+    uint32_t max_batches;        /* asynchronous batches submitted and not yet complete, per
+                                    engine; 1..1048576. Default 4096. */
+    uint32_t submit_blocks;      /* what kvf_transfer_submit() does when max_batches are in
+                                    flight: 0 (default) fail at once with -KVF_EBUSY; 1 wait for
+                                    one to complete, up to op_timeout_ms, then -KVF_EBUSY. */
+    uint32_t async_threads;      /* threads that run asynchronous batches, 1..64. Default 4.
+                                    Each runs one batch at a time; a batch's chunks are
+                                    pipelined over the peer's connections all the same. */
+    uint32_t notify_queue_max;   /* notifications this engine keeps for kvf_notify_poll(); 1..
+                                    1048576, default 65536. When it is full a sender's
+                                    notification waits up to 2 s for room, then its batch fails
+                                    with -KVF_EBUSY. */
 } kvf_config_t;
 
 /** kvf_config_init - fill @cfg with the defaults and set its size field. */
@@ -507,6 +519,151 @@ int kvf_write(kvf_engine_t *e, const char *peer, const void *local, uint64_t rem
 
 /** kvf_read - one-element kvf_transfer_sync() reading @len bytes at @remote into @local. */
 int kvf_read(kvf_engine_t *e, const char *peer, void *local, uint64_t remote, size_t len);
+
+/* ---------------------------------------------------------------------------------------------
+ * Asynchronous batches and notifications
+ *
+ * A batch may carry a notification: up to KVF_NOTIFY_MAX bytes that the target engine can read
+ * (kvf_notify_poll/kvf_notify_wait) only after every byte of that batch is in its memory, on
+ * every transport. It is sent after the batch's last element completed, so a batch that fails,
+ * is cancelled, or whose sender dies part way never yields one. Notifications from one engine to
+ * one peer arrive in the order their batches were submitted (kvf_transfer_submit) or started
+ * (kvf_transfer_sync_notify), whichever order the batches complete in.
+ * ------------------------------------------------------------------------------------------- */
+
+/** Largest notification message, in bytes. */
+#define KVF_NOTIFY_MAX 4096
+/** Bytes of a session id with its NUL ("ip:port", the ip possibly a host name). */
+#define KVF_SESSION_ID_MAX 264
+
+/** An asynchronous batch: from kvf_transfer_submit(), freed with kvf_batch_free(). */
+typedef struct kvf_batch kvf_batch_t;
+
+/** What kvf_batch_status() and kvf_batch_wait() return besides a negative error. */
+enum {
+    KVF_BATCH_PENDING = 0, /* queued or running */
+    KVF_BATCH_DONE = 1,    /* every element complete (and its notification delivered) */
+};
+
+/** An element's status in kvf_batch_status(): 0 done, this while it is not finished, or a
+ *  negative error (-KVF_ECANCELED for an element never started: cancelled, or an earlier
+ *  element of its batch failed). */
+#define KVF_XFER_PENDING 1
+
+/**
+ * kvf_transfer_sync_notify - kvf_transfer_sync(), then deliver @msg to @peer once every byte is
+ * in place. @n may be 0 to send the notification alone (still in order with earlier batches).
+ * @msg: 0..KVF_NOTIFY_MAX bytes (NULL with @msg_len 0 sends an empty notification).
+ * Returns 0 when the data is in place and the peer has queued the notification; on any error
+ * no notification is delivered. -KVF_ETOOBIG for @msg_len over KVF_NOTIFY_MAX; -KVF_EBUSY when
+ * the peer's notification queue stayed full.
+ */
+int kvf_transfer_sync_notify(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfers, size_t n,
+                             const void *msg, size_t msg_len);
+
+/** kvf_notify_send - a notification alone: kvf_transfer_sync_notify() with no elements. */
+int kvf_notify_send(kvf_engine_t *e, const char *peer, const void *msg, size_t msg_len);
+
+/**
+ * kvf_transfer_submit - start a batch in the background and return at once.
+ * The element array is copied; the memory the elements name must stay valid (and the local
+ * memory of writes unchanged) until the batch is complete. Elements run in order on the
+ * engine's async threads, bounded by op_timeout_ms from when the batch starts running; the
+ * peer is looked up as by kvf_transfer_sync() (waiting up to init_timeout_ms for it to appear).
+ * @msg/@msg_len: an optional notification (@msg NULL: none), as kvf_transfer_sync_notify().
+ * @out: receives the batch.
+ * Returns 0; -KVF_EINVAL for a bad element (named, as kvf_transfer_sync()); -KVF_ETOOBIG for a
+ * message over KVF_NOTIFY_MAX; -KVF_EBUSY when config.max_batches are in flight (at once, or after
+ * op_timeout_ms with config.submit_blocks); -KVF_ECLOSED while the engine is being destroyed.
+ */
+int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfers, size_t n,
+                        const void *msg, size_t msg_len, kvf_batch_t **out);
+
+/**
+ * kvf_batch_status - poll a batch.
+ * @elem_status: NULL, or room for @n statuses: entry i receives element i's status (0 done,
+ *               KVF_XFER_PENDING, or a negative error); @n may be less than the batch's size.
+ * Returns KVF_BATCH_PENDING, KVF_BATCH_DONE, or the batch's first error (negative), with its
+ * message available from kvf_last_error(). Never blocks.
+ */
+int kvf_batch_status(kvf_batch_t *b, int *elem_status, size_t n);
+
+/**
+ * kvf_batch_wait - wait up to @timeout_ms (negative: until it completes, which op_timeout_ms
+ * bounds) for @b to complete.
+ * Returns as kvf_batch_status(): KVF_BATCH_PENDING when the time ran out first.
+ */
+int kvf_batch_wait(kvf_batch_t *b, int timeout_ms);
+
+/**
+ * kvf_batch_cancel - stop a batch: elements (and, over tcp, chunks of elements) not yet started
+ * are not sent; elements already started complete or fail as they would have. A queued batch
+ * completes at once. The batch then fails with -KVF_ECANCELED unless everything was already
+ * done, and delivers no notification. Returns 0 (also when the batch is already complete).
+ */
+int kvf_batch_cancel(kvf_batch_t *b);
+
+/** kvf_batch_size - the number of elements of @b. */
+size_t kvf_batch_size(const kvf_batch_t *b);
+
+/**
+ * kvf_batch_free - free a batch. A batch still pending is cancelled and waited for first (no
+ * element touches its memory after this returns). May be called after kvf_engine_destroy(),
+ * which completes every batch of the engine. NULL is a no-op.
+ */
+void kvf_batch_free(kvf_batch_t *b);
+
+/** A notification as received. */
+typedef struct {
+    char sender[KVF_SESSION_ID_MAX]; /* the sending engine's session id */
+    size_t len;                      /* bytes of msg */
+    unsigned char msg[KVF_NOTIFY_MAX];
+} kvf_notify_t;
+
+/**
+ * kvf_notify_poll - take up to @max queued notifications, oldest first, without waiting.
+ * Returns the number taken (0 if none), or a negative error.
+ */
+int kvf_notify_poll(kvf_engine_t *e, kvf_notify_t *out, size_t max);
+
+/**
+ * kvf_notify_wait - as kvf_notify_poll(), waiting up to @timeout_ms (negative: for ever, until
+ * kvf_engine_shutdown()) for the first one. Returns the number taken, 0 when the time ran out,
+ * -KVF_ECLOSED when the engine is being destroyed.
+ */
+int kvf_notify_wait(kvf_engine_t *e, kvf_notify_t *out, size_t max, int timeout_ms);
+
+/* ---------------------------------------------------------------------------------------------
+ * Peers
+ * ------------------------------------------------------------------------------------------- */
+
+/**
+ * kvf_peer_wait - wait up to @timeout_ms for @peer's session record to be in the store (that is,
+ * for an engine with that session id to be up, in this engine's namespace).
+ * Returns 0; -KVF_ETIMEDOUT naming the peer; -KVF_EINVAL for a malformed session id;
+ * -KVF_ECLOSED when the engine is being destroyed.
+ */
+int kvf_peer_wait(kvf_engine_t *e, const char *peer, uint32_t timeout_ms);
+
+typedef enum {
+    KVF_PEER_JOINED = 1, /* a session record appeared */
+    KVF_PEER_LEFT = 2,   /* it was withdrawn, or its lease expired (the engine died) */
+} kvf_peer_event_type_t;
+
+typedef struct {
+    kvf_peer_event_type_t type;
+    char sid[KVF_SESSION_ID_MAX];
+} kvf_peer_event_t;
+
+/**
+ * kvf_peer_events - take up to @max peer events, waiting up to @timeout_ms (negative: for ever)
+ * for the first. The first call subscribes (a watch on the store's session records) and reports
+ * every peer already present as KVF_PEER_JOINED; later calls report changes since the previous
+ * call. This engine itself is never reported. Events that arrive while the store connection is
+ * down are lost; at most 4096 are kept (the oldest are dropped, with a warning).
+ * Returns the number taken, 0 when the time ran out, or a negative error.
+ */
+int kvf_peer_events(kvf_engine_t *e, kvf_peer_event_t *out, size_t max, int timeout_ms);
 
 /** A registered region as seen by peers. */
 typedef struct {
