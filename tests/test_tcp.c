@@ -143,7 +143,7 @@ static int xfer1(kvf_tpeer_t *p, kvf_op_t op, void *local, const void *remote, s
                  uint64_t timeout_ms)
 {
     kvf_xfer_t x = {.op = op, .local = local, .remote = (uint64_t)(uintptr_t)remote, .len = len};
-    return ops->transfer(p, &x, 1, dl(timeout_ms));
+    return ops->transfer(p, &x, 1, dl(timeout_ms), NULL);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ static void test_batch_mixed(void **state)
     for (int i = 0; i < N; i++)
         x[i] = (kvf_xfer_t){KVF_OP_WRITE, src + off[i], (uint64_t)(uintptr_t)(dst + off[i]),
                             off[i + 1] - off[i]};
-    assert_kvf_ok(ops->transfer(p, x, N, dl(20000)));
+    assert_kvf_ok(ops->transfer(p, x, N, dl(20000), NULL));
     assert_bytes_eq(dst, src, total);
 
     memset(back, 0, total);
@@ -472,7 +472,7 @@ static void test_batch_mixed(void **state)
         x[i].op = KVF_OP_READ;
         x[i].local = back + off[i];
     }
-    assert_kvf_ok(ops->transfer(p, x, N, dl(20000)));
+    assert_kvf_ok(ops->transfer(p, x, N, dl(20000), NULL));
     assert_bytes_eq(back, src, total);
 
     /* Mixed: even elements write new bytes, odd ones read what is there. */
@@ -483,7 +483,7 @@ static void test_batch_mixed(void **state)
         x[i].op = w ? KVF_OP_WRITE : KVF_OP_READ;
         x[i].local = (w ? src : back) + off[i];
     }
-    assert_kvf_ok(ops->transfer(p, x, N, dl(20000)));
+    assert_kvf_ok(ops->transfer(p, x, N, dl(20000), NULL));
     for (int i = 0; i < N; i++) {
         size_t len = off[i + 1] - off[i];
         if (i % 2 == 0)
@@ -917,7 +917,7 @@ static void test_stalled_peer(void **state)
     memset(src, 1, n);
     uint64_t deadline = dl(1000);
     kvf_xfer_t x = {KVF_OP_WRITE, src, 0x10000, n};
-    assert_kvf_err(ops->transfer(p, &x, 1, deadline), -KVF_ETIMEDOUT);
+    assert_kvf_err(ops->transfer(p, &x, 1, deadline, NULL), -KVF_ETIMEDOUT);
     uint64_t now = kvf__now_ms();
     if (now < deadline || now > deadline + 1000)
         fail_msg("returned %" PRId64 " ms after the deadline", (int64_t)(now - deadline));
@@ -925,7 +925,7 @@ static void test_stalled_peer(void **state)
     /* A small write that fits in the socket buffers times out waiting for its answer. */
     deadline = dl(300);
     x.len = 100;
-    int rc = ops->transfer(p, &x, 1, deadline);
+    int rc = ops->transfer(p, &x, 1, deadline, NULL);
     now = kvf__now_ms();
     /* The first timeout broke the connection; reconnecting to the raw listener (which accepts
      * only once) either times out or fails: either way within the bound. */
@@ -954,7 +954,7 @@ static void test_read_timeout_mid_answer(void **state)
     memset(buf, 0x11, n);
     uint64_t deadline = dl(500);
     kvf_xfer_t x = {KVF_OP_READ, buf, 0x10000, n};
-    assert_kvf_err(ops->transfer(p, &x, 1, deadline), -KVF_ETIMEDOUT);
+    assert_kvf_err(ops->transfer(p, &x, 1, deadline, NULL), -KVF_ETIMEDOUT);
     assert_true(kvf__now_ms() >= deadline);
     rawsrv_go(&r); /* the listener now sends the second half */
     rawsrv_stop(&r);
@@ -981,10 +981,10 @@ static void test_read_timeout_late_answer(void **state)
     memset(buf, 0x11, n);
     memset(buf2, 0x11, n);
     kvf_xfer_t x = {KVF_OP_READ, buf, 0x10000, n};
-    assert_kvf_err(ops->transfer(p, &x, 1, dl(300)), -KVF_ETIMEDOUT);
+    assert_kvf_err(ops->transfer(p, &x, 1, dl(300), NULL), -KVF_ETIMEDOUT);
     rawsrv_go(&r); /* the late answer (0x33) goes out now */
     x.local = buf2;
-    assert_kvf_ok(ops->transfer(p, &x, 1, dl(5000)));
+    assert_kvf_ok(ops->transfer(p, &x, 1, dl(5000), NULL));
     assert_all(buf2, n, 0x44);
     assert_all(buf, n, 0x11);
     ops->peer_close(p);

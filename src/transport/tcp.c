@@ -65,6 +65,7 @@
 #define KVF_TCP_WRITE 2
 #define KVF_TCP_READ  3
 #define KVF_TCP_RESP  4
+#define KVF_TCP_NOTIFY 5
 
 /* Largest `len` of one WRITE or READ (and of a READ's answer). Longer elements are split. */
 #define KVF_TCP_MAX_CHUNK (64u << 20)
@@ -306,12 +307,15 @@ struct tcp_sconn {
     pthread_t thread;
     atomic_bool done;
     char addr[TCP_ADDR_LEN];
+    char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO gave it: the sender of its notifications */
     uint8_t *scratch; /* drain buffer for refused writes, allocated on first use */
 };
 
 /* A batch: the completion shared by every chunk one transfer() call posts. */
 struct tcp_batch {
     const kvf_xfer_t *x;
+    int *status;        /* per element (kvf_xfer_ctl_t), or NULL; under peer->mu */
+    uint32_t *left;     /* per element, chunks not yet answered, when status is kept */
     size_t outstanding; /* posted chunks not yet answered or failed; under peer->mu */
     _Atomic int rc;     /* first error; written under peer->mu, read anywhere */
     bool waiting;       /* the owner sleeps on cv */
@@ -385,6 +389,8 @@ struct tcp_transport {
     uint32_t conns_per_peer;
     uint32_t chunk;
     uint32_t connect_timeout_ms;
+    kvf_notify_cb notify_cb;
+    void *notify_arg;
     int listen_fd;
     int wake_fd; /* eventfd: wakes the accept thread for shutdown */
     uint16_t port;
@@ -408,7 +414,7 @@ static struct tcp_peer *tcp_peer_of(kvf_tpeer_t *p)
 
 static const char *tcp_op_name(uint8_t op)
 {
-    return op == KVF_TCP_READ ? "read" : "write";
+    return op == KVF_TCP_READ ? "read" : op == KVF_TCP_NOTIFY ? "notification" : "write";
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -516,7 +522,7 @@ static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why,
 {
     if (!tcp_hdr_common_ok(h, why, whylen))
         return why;
-    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_READ)
+    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_NOTIFY || h->type == KVF_TCP_RESP)
         snprintf(why, whylen, "bad frame type %u", (unsigned)h->type);
     else if (!hello_done && h->type != KVF_TCP_HELLO)
         snprintf(why, whylen, "first frame is type %u, not HELLO", (unsigned)h->type);
@@ -527,6 +533,9 @@ static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why,
     else if (h->type == KVF_TCP_HELLO && h->len > KVF_TCP_MAX_MSG)
         snprintf(why, whylen, "HELLO length %" PRIu64 " over KVF_TCP_MAX_MSG (%u)", h->len,
                  KVF_TCP_MAX_MSG);
+    else if (h->type == KVF_TCP_NOTIFY && h->len > KVF_NOTIFY_MAX)
+        snprintf(why, whylen, "NOTIFY length %" PRIu64 " over KVF_NOTIFY_MAX (%u)", h->len,
+                 KVF_NOTIFY_MAX);
     else if (h->len > KVF_TCP_MAX_CHUNK)
         snprintf(why, whylen, "length %" PRIu64 " over KVF_TCP_MAX_CHUNK (%u)", h->len,
                  KVF_TCP_MAX_CHUNK);
@@ -594,11 +603,33 @@ static void *tcp_sconn_main(void *arg)
                     sid[i] = '?';
             sid[h.len] = '\0';
             KVF_DEBUG(TCP_LOG, "hello from %s at %s", sid, sc->addr);
+            /* A longer one is no session id; it is kept cut (for the log) all the same. */
+            size_t keep = strnlen(sid, sizeof(sc->peer_sid) - 1);
+            memcpy(sc->peer_sid, sid, keep);
+            sc->peer_sid[keep] = '\0';
             hello_done = true;
             uint8_t resp[KVF_TCP_HDR_LEN];
             tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
             struct iovec iov = {resp, sizeof(resp)};
             rc = tcp_srv_send(sc, &iov, 1);
+        } else if (h.type == KVF_TCP_NOTIFY) {
+            /* The sender sends it only once every request of its batch has been answered, so
+             * that batch's data is in place before the notification is queued. */
+            uint8_t nbuf[KVF_NOTIFY_MAX];
+            rc = tcp_srv_recv(sc, nbuf, (size_t)h.len, false, tcp_frame_deadline(h.len), NULL);
+            if (rc == 0) {
+                int nrc = t->notify_cb
+                              ? t->notify_cb(t->notify_arg, sc->peer_sid, nbuf, (size_t)h.len)
+                              : kvf__err(-KVF_ENOTSUP, "%s takes no notifications", t->local_sid);
+                if (nrc == 0) {
+                    uint8_t resp[KVF_TCP_HDR_LEN];
+                    tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
+                    struct iovec iov = {resp, sizeof(resp)};
+                    rc = tcp_srv_send(sc, &iov, 1);
+                } else {
+                    rc = tcp_srv_send_error(sc, &h, nrc);
+                }
+            }
         } else if (h.type == KVF_TCP_WRITE) {
             kvf_region_ref_t ref = {0};
             int arc = kvf__regions_acquire(t->regions, h.addr, h.len, &ref);
@@ -807,6 +838,8 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     if (t->chunk > KVF_TCP_MAX_CHUNK)
         t->chunk = KVF_TCP_MAX_CHUNK;
     t->connect_timeout_ms = p->connect_timeout_ms ? p->connect_timeout_ms : TCP_DEFAULT_CONNECT_MS;
+    t->notify_cb = p->notify_cb;
+    t->notify_arg = p->notify_arg;
     atomic_init(&t->stopping, false);
 
     rc = -pthread_mutex_init(&t->mu, NULL);
@@ -817,6 +850,13 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     rc = tcp_listen(t, &p->listen);
     if (rc)
         goto out_mutex;
+    /* A session id created with port 0 is known to peers by the port chosen here: that is
+     * the name the hello (and so a notification's sender) must carry. */
+    kvf_hostport_t me;
+    if (kvf__session_id_parse(t->local_sid, &me) == 0 && me.port == 0) {
+        me.port = t->port;
+        kvf__hostport_format(&me, t->local_sid, sizeof(t->local_sid));
+    }
     t->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (t->wake_fd < 0) {
         rc = kvf__err(-errno, "tcp create: eventfd: %s", strerror(errno));
@@ -897,6 +937,8 @@ static void tcp_slot_finish(struct tcp_conn *c, unsigned idx)
 {
     struct tcp_slot *s = &c->slots[idx];
     struct tcp_batch *b = s->batch;
+    if (b->left && --b->left[s->elem] == 0 && b->status[s->elem] == KVF_XFER_PENDING)
+        b->status[s->elem] = 0;
     s->req_id = 0;
     s->batch = NULL;
     c->free_slots[c->nfree++] = (uint16_t)idx;
@@ -913,6 +955,8 @@ static void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char
     const kvf_xfer_t *x = &s->batch->x[s->elem];
     tcp_batch_fail(s->batch, code, "tcp %s to %s, element %zu [0x%" PRIx64 ", +%zu): %s",
                    tcp_op_name(s->op), c->peer->sid, s->elem, x->remote, x->len, why);
+    if (s->batch->status && s->batch->status[s->elem] >= 0)
+        s->batch->status[s->elem] = code;
     tcp_slot_finish(c, idx);
 }
 
@@ -1469,13 +1513,12 @@ static bool tcp_wait(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t deadline_
  * Returns 0 when the frame was sent (its completion comes later), or a negative code with the
  * batch's error recorded; a request that was registered is then failed or finished already.
  */
-static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, size_t elem, uint64_t off,
-                    uint64_t len, uint64_t deadline_ms)
+static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t elem,
+                    uint64_t off, uint64_t len, uint64_t deadline_ms)
 {
     const kvf_xfer_t *x = &b->x[elem];
     unsigned ci = atomic_fetch_add_explicit(&p->rr, 1, memory_order_relaxed) % p->nconns;
     struct tcp_conn *c = &p->conns[ci];
-    uint8_t op = x->op == KVF_OP_READ ? KVF_TCP_READ : KVF_TCP_WRITE;
     int rc = 0;
 
     pthread_mutex_lock(&p->mu);
@@ -1544,7 +1587,7 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, size_t elem, uint64
         pthread_mutex_unlock(&c->send_mu);
         return -KVF_EPEERGONE;
     }
-    rc = tcp_sendv(c->fd, iov, op == KVF_TCP_WRITE ? 2 : 1, deadline_ms, 0);
+    rc = tcp_sendv(c->fd, iov, op == KVF_TCP_READ ? 1 : 2, deadline_ms, 0);
     pthread_mutex_unlock(&c->send_mu);
     if (rc == 0)
         return 0;
@@ -1565,6 +1608,8 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, size_t elem, uint64
     }
     tcp_conn_break_locked(c, gen, -KVF_EPEERGONE, why);
 out_unlock:
+    if (rc && b->status && b->status[elem] >= 0)
+        b->status[elem] = rc;
     pthread_mutex_unlock(&p->mu);
     return rc;
 }
@@ -1598,16 +1643,69 @@ static void tcp_batch_abort(struct tcp_peer *p, struct tcp_batch *b)
                 }
                 c->waiters--;
             }
-            if (c->slots[i].req_id && c->slots[i].batch == b)
+            if (c->slots[i].req_id && c->slots[i].batch == b) {
+                if (b->status && b->status[c->slots[i].elem] >= 0)
+                    b->status[c->slots[i].elem] = -KVF_ETIMEDOUT;
                 tcp_slot_finish(c, i);
+            }
         }
     }
 }
 
-static int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms)
+/* Enter a batch on @p: refused once the peer handle is closing. */
+static int tcp_batch_begin(struct tcp_peer *p, struct tcp_batch *b, const kvf_xfer_t *x)
+{
+    memset(b, 0, sizeof(*b));
+    b->x = x;
+    atomic_init(&b->rc, 0);
+    int rc = kvf__cond_init_monotonic(&b->cv);
+    if (rc)
+        return kvf__err(rc, "tcp transfer: condition variable: %s", kvf_strerror(rc));
+    pthread_mutex_lock(&p->mu);
+    if (p->closing) {
+        pthread_mutex_unlock(&p->mu);
+        pthread_cond_destroy(&b->cv);
+        return kvf__err(-KVF_ECLOSED, "tcp transfer to %s: transport is closing", p->sid);
+    }
+    p->active++;
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+/* Wait for every posted request of @b (giving up on them at @deadline_ms), leave the peer, and
+ * return the batch's result. */
+static int tcp_batch_end(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadline_ms)
+{
+    pthread_mutex_lock(&p->mu);
+    b->waiting = true;
+    while (b->outstanding > 0) {
+        if (!tcp_wait(&b->cv, &p->mu, deadline_ms)) {
+            tcp_batch_fail(b, -KVF_ETIMEDOUT,
+                           "tcp transfer to %s: timed out with %zu "
+                           "request(s) unanswered",
+                           p->sid, b->outstanding);
+            tcp_batch_abort(p, b);
+            break;
+        }
+    }
+    b->waiting = false;
+    if (--p->active == 0 && p->closing)
+        pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    pthread_cond_destroy(&b->cv);
+
+    int rc = atomic_load(&b->rc);
+    if (rc)
+        return kvf__err(rc, "%s", b->msg);
+    return 0;
+}
+
+static int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                        const kvf_xfer_ctl_t *ctl)
 {
     struct tcp_peer *p = tcp_peer_of(pp);
     struct tcp_batch b;
+    uint32_t *left = NULL;
     int rc;
 
     if (!p || (n && !x))
@@ -1627,56 +1725,69 @@ static int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
     }
     if (n == 0)
         return 0;
-
-    memset(&b, 0, sizeof(b));
-    b.x = x;
-    atomic_init(&b.rc, 0);
-    rc = kvf__cond_init_monotonic(&b.cv);
-    if (rc)
-        return kvf__err(rc, "tcp transfer: condition variable: %s", kvf_strerror(rc));
-
-    pthread_mutex_lock(&p->mu);
-    if (p->closing) {
-        pthread_mutex_unlock(&p->mu);
-        pthread_cond_destroy(&b.cv);
-        return kvf__err(-KVF_ECLOSED, "tcp transfer to %s: transport is closing", p->sid);
+    if (ctl && ctl->status) {
+        /* An element is done when its last chunk is answered. */
+        left = malloc(n * sizeof(*left));
+        if (!left)
+            return kvf__err(-KVF_ENOMEM, "tcp transfer to %s: out of memory for %zu elements",
+                            p->sid, n);
+        for (size_t i = 0; i < n; i++)
+            left[i] = (uint32_t)((x[i].len + p->chunk - 1) / p->chunk);
     }
-    p->active++;
-    pthread_mutex_unlock(&p->mu);
+    rc = tcp_batch_begin(p, &b, x);
+    if (rc) {
+        free(left);
+        return rc;
+    }
+    b.status = left ? ctl->status : NULL;
+    b.left = left;
 
-    /* Post every chunk, sending each from this thread; stop at the first error. */
+    /* Post every chunk, sending each from this thread; stop at the first error, or when the
+     * caller cancels (what was sent is still waited for). */
+    const atomic_bool *cancel = ctl ? ctl->cancel : NULL;
     for (size_t i = 0; i < n && !atomic_load_explicit(&b.rc, memory_order_relaxed); i++) {
+        uint8_t op = x[i].op == KVF_OP_READ ? KVF_TCP_READ : KVF_TCP_WRITE;
         for (uint64_t off = 0; off < x[i].len; off += p->chunk) {
+            if (cancel && atomic_load_explicit(cancel, memory_order_relaxed)) {
+                pthread_mutex_lock(&p->mu);
+                tcp_batch_fail(&b, -KVF_ECANCELED,
+                               "tcp transfer to %s: cancelled at element %zu (offset %" PRIu64
+                               ")",
+                               p->sid, i, off);
+                pthread_mutex_unlock(&p->mu);
+                break;
+            }
             uint64_t len = x[i].len - off < p->chunk ? x[i].len - off : p->chunk;
-            if (tcp_post(p, &b, i, off, len, deadline_ms))
+            if (tcp_post(p, &b, op, i, off, len, deadline_ms))
                 break;
             if (atomic_load_explicit(&b.rc, memory_order_relaxed))
                 break;
         }
     }
+    rc = tcp_batch_end(p, &b, deadline_ms);
+    free(left);
+    return rc;
+}
 
-    pthread_mutex_lock(&p->mu);
-    b.waiting = true;
-    while (b.outstanding > 0) {
-        if (!tcp_wait(&b.cv, &p->mu, deadline_ms)) {
-            tcp_batch_fail(&b, -KVF_ETIMEDOUT,
-                           "tcp transfer to %s: timed out with %zu "
-                           "request(s) unanswered",
-                           p->sid, b.outstanding);
-            tcp_batch_abort(p, &b);
-            break;
-        }
-    }
-    b.waiting = false;
-    if (--p->active == 0 && p->closing)
-        pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
-    pthread_cond_destroy(&b.cv);
+static int tcp_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t deadline_ms)
+{
+    struct tcp_peer *p = tcp_peer_of(pp);
+    struct tcp_batch b;
+    static const uint8_t empty[1];
 
-    rc = atomic_load(&b.rc);
+    if (!p || (len && !msg))
+        return kvf__err(-KVF_EINVAL, "tcp notify: missing argument");
+    if (len > KVF_NOTIFY_MAX)
+        return kvf__err(-KVF_ETOOBIG, "tcp notify to %s: %zu bytes over KVF_NOTIFY_MAX (%u)",
+                        p->sid, len, KVF_NOTIFY_MAX);
+    /* The frame travels like a one-chunk write to address 0: header, then the message. */
+    const kvf_xfer_t x = {.op = KVF_OP_WRITE, .local = len ? (void *)msg : (void *)empty,
+                          .remote = 0, .len = len};
+    int rc = tcp_batch_begin(p, &b, &x);
     if (rc)
-        return kvf__err(rc, "%s", b.msg);
-    return 0;
+        return rc;
+    tcp_post(p, &b, KVF_TCP_NOTIFY, 0, 0, len, deadline_ms);
+    return tcp_batch_end(p, &b, deadline_ms);
 }
 
 const struct kvf_transport_ops kvf__tcp_ops = {
@@ -1688,6 +1799,7 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .peer_open = tcp_peer_open,
     .peer_close = tcp_peer_close,
     .transfer = tcp_transfer,
+    .notify = tcp_notify,
     .regions_gen = kvf__transport_enotsup_gen,
     .regions_changed = kvf__transport_nop_regions,
 };
