@@ -125,8 +125,10 @@ static void order_settle(kvf_engine_t *e, eng_order_t *o, uint64_t seq)
         size_t k = 0;
         while (k < o->nlater && o->later[k] == o->done + 1)
             o->done = o->later[k++];
-        memmove(o->later, o->later + k, (o->nlater - k) * sizeof(*o->later));
-        o->nlater -= k;
+        if (k) {
+            memmove(o->later, o->later + k, (o->nlater - k) * sizeof(*o->later));
+            o->nlater -= k;
+        }
         pthread_cond_broadcast(&a->order_cond);
     } else {
         if (o->nlater == o->cap) {

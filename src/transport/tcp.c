@@ -66,11 +66,18 @@
 #define KVF_TCP_READ  3
 #define KVF_TCP_RESP  4
 #define KVF_TCP_NOTIFY 5
+#define KVF_TCP_WRITEV 6
 
 /* Largest `len` of one WRITE or READ (and of a READ's answer). Longer elements are split. */
 #define KVF_TCP_MAX_CHUNK (64u << 20)
 /* Largest HELLO payload (session id) and error-message payload of a RESP. */
 #define KVF_TCP_MAX_MSG 1024u
+/* Segments of one WRITEV: a gathered write of several small elements (addr = the count, len =
+ * their total bytes, at most KVF_TCP_MAX_CHUNK). */
+#define KVF_TCP_MAX_SEGS 256u
+#define KVF_TCP_SEG_LEN  16u
+/* Elements up to this size are gathered into WRITEVs by the initiator. */
+#define TCP_GATHER_ELEM_MAX (256u << 10)
 /* Requests one initiator keeps outstanding on one connection (a power of two: the slot index
  * is the low bits of req_id). A target needs no such limit: it serves one request at a time and
  * TCP flow control holds back the rest. */
@@ -309,6 +316,9 @@ struct tcp_sconn {
     char addr[TCP_ADDR_LEN];
     char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO gave it: the sender of its notifications */
     uint8_t *scratch; /* drain buffer for refused writes, allocated on first use */
+    uint8_t *segs;    /* a WRITEV's segment table, allocated on first use */
+    kvf_region_ref_t *refs; /* and the region references of its segments */
+    struct iovec *iov;
 };
 
 /* A batch: the completion shared by every chunk one transfer() call posts. */
@@ -328,6 +338,8 @@ struct tcp_slot {
     uint64_t req_id;
     struct tcp_batch *batch;
     size_t elem;
+    uint32_t nelem;    /* elements elem.. it carries: 1, or more for a WRITEV */
+    uint32_t refused;  /* a refused WRITEV: the segment the target named, else UINT32_MAX */
     uint8_t *local;
     uint64_t remote;
     uint64_t len;
@@ -417,6 +429,9 @@ static const char *tcp_op_name(uint8_t op)
     return op == KVF_TCP_READ ? "read" : op == KVF_TCP_NOTIFY ? "notification" : "write";
 }
 
+/* The iovecs of a WRITEV frame: header, segment table, then each element's bytes. */
+#define TCP_WRITEV_IOV (2 + KVF_TCP_MAX_SEGS)
+
 /* ---------------------------------------------------------------------------------------------
  * Target side: serving one connection
  * ------------------------------------------------------------------------------------------- */
@@ -436,22 +451,25 @@ static uint64_t tcp_frame_deadline(uint64_t len)
     return kvf__now_ms() + KVF_TCP_FRAME_BASE_MS + len / KVF_TCP_MIN_RATE_BYTES_PER_MS;
 }
 
-static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_ok,
-                        uint64_t deadline_ms, size_t *got_out)
+static int tcp_srv_recvv(struct tcp_sconn *sc, struct iovec *iov, int cnt, bool idle_ok,
+                         uint64_t deadline_ms, size_t *got_out)
 {
     size_t got = 0;
     uint64_t last = kvf__now_ms();
     int rc = 0;
-    while (got < len) {
+    tcp_iov_advance(&iov, &cnt, 0);
+    while (cnt > 0) {
         /* Checked before every receive, not only after an idle slice: a trickling client makes
          * each slice return a few bytes. */
         if (deadline_ms && kvf__now_ms() >= deadline_ms) {
             rc = -KVF_ETIMEDOUT;
             break;
         }
-        ssize_t r = recv(sc->fd, (uint8_t *)buf + got, len - got, MSG_WAITALL);
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
+        ssize_t r = recvmsg(sc->fd, &mh, MSG_WAITALL);
         if (r > 0) {
             got += (size_t)r;
+            tcp_iov_advance(&iov, &cnt, (size_t)r);
             last = kvf__now_ms();
             continue;
         }
@@ -481,7 +499,13 @@ static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_o
     return rc;
 }
 
-/* Read and throw away @len bytes so that the stream stays in step after a refused WRITE. */
+static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_ok,
+                        uint64_t deadline_ms, size_t *got_out)
+{
+    struct iovec iov = {buf, len};
+    return tcp_srv_recvv(sc, &iov, 1, idle_ok, deadline_ms, got_out);
+}
+
 static int tcp_srv_drain(struct tcp_sconn *sc, uint64_t len)
 {
     uint64_t deadline = tcp_frame_deadline(len);
@@ -522,7 +546,7 @@ static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why,
 {
     if (!tcp_hdr_common_ok(h, why, whylen))
         return why;
-    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_NOTIFY || h->type == KVF_TCP_RESP)
+    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_WRITEV || h->type == KVF_TCP_RESP)
         snprintf(why, whylen, "bad frame type %u", (unsigned)h->type);
     else if (!hello_done && h->type != KVF_TCP_HELLO)
         snprintf(why, whylen, "first frame is type %u, not HELLO", (unsigned)h->type);
@@ -533,6 +557,9 @@ static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why,
     else if (h->type == KVF_TCP_HELLO && h->len > KVF_TCP_MAX_MSG)
         snprintf(why, whylen, "HELLO length %" PRIu64 " over KVF_TCP_MAX_MSG (%u)", h->len,
                  KVF_TCP_MAX_MSG);
+    else if (h->type == KVF_TCP_WRITEV && (h->addr == 0 || h->addr > KVF_TCP_MAX_SEGS))
+        snprintf(why, whylen, "WRITEV of %" PRIu64 " segments: want 1..KVF_TCP_MAX_SEGS (%u)",
+                 h->addr, KVF_TCP_MAX_SEGS);
     else if (h->type == KVF_TCP_NOTIFY && h->len > KVF_NOTIFY_MAX)
         snprintf(why, whylen, "NOTIFY length %" PRIu64 " over KVF_NOTIFY_MAX (%u)", h->len,
                  KVF_NOTIFY_MAX);
@@ -542,6 +569,81 @@ static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why,
     else
         return NULL;
     return why;
+}
+
+/*
+ * Serve a WRITEV: its segment table, then each segment's bytes straight into the region it lies
+ * in, under references on all of them. Either every segment is inside a registered region and
+ * all are written, or none is: the payload is drained and the answer names the first refused
+ * segment in `addr`. Returns 0, a negative I/O code, or 1 with @why set when the frame is
+ * malformed (the connection is then closed).
+ */
+static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, size_t whylen)
+{
+    struct tcp_transport *t = sc->t;
+    unsigned n = (unsigned)h->addr;
+    if (!sc->segs) {
+        sc->segs = malloc(KVF_TCP_MAX_SEGS * KVF_TCP_SEG_LEN);
+        sc->refs = calloc(KVF_TCP_MAX_SEGS, sizeof(*sc->refs));
+        sc->iov = malloc(KVF_TCP_MAX_SEGS * sizeof(*sc->iov));
+        if (!sc->segs || !sc->refs || !sc->iov)
+            return -ENOMEM;
+    }
+    uint64_t deadline = tcp_frame_deadline(h->len);
+    int rc = tcp_srv_recv(sc, sc->segs, (size_t)n * KVF_TCP_SEG_LEN, false, deadline, NULL);
+    if (rc)
+        return rc;
+    uint64_t total = 0;
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t addr = kvf__get_le64(sc->segs + (size_t)i * KVF_TCP_SEG_LEN);
+        uint64_t len = kvf__get_le64(sc->segs + (size_t)i * KVF_TCP_SEG_LEN + 8);
+        if (len == 0 || len > h->len - total) {
+            snprintf(why, whylen,
+                     "WRITEV segment %u: length %" PRIu64 " where %" PRIu64 " of the frame's %" PRIu64
+                     " bytes are left",
+                     i, len, h->len - total, h->len);
+            return 1;
+        }
+        total += len;
+        sc->iov[i].iov_base = (void *)(uintptr_t)addr;
+        sc->iov[i].iov_len = (size_t)len;
+    }
+    if (total != h->len) {
+        snprintf(why, whylen, "WRITEV segments total %" PRIu64 " bytes, the frame says %" PRIu64,
+                 total, h->len);
+        return 1;
+    }
+    unsigned k = 0;
+    int arc = 0;
+    for (; k < n; k++) {
+        arc = kvf__regions_acquire(t->regions, (uintptr_t)sc->iov[k].iov_base, sc->iov[k].iov_len,
+                                   &sc->refs[k]);
+        if (arc)
+            break;
+    }
+    if (arc) {
+        for (unsigned j = 0; j < k; j++)
+            kvf__regions_release(t->regions, &sc->refs[j]);
+        KVF_DEBUG(TCP_LOG, "gathered write from %s refused at segment %u: %s", sc->addr, k,
+                  kvf_last_error());
+        rc = tcp_srv_drain(sc, h->len);
+        if (rc == 0) {
+            tcp_hdr_t e = *h;
+            e.addr = k;
+            rc = tcp_srv_send_error(sc, &e, arc);
+        }
+        return rc;
+    }
+    rc = tcp_srv_recvv(sc, sc->iov, (int)n, false, deadline, NULL);
+    for (unsigned j = 0; j < n; j++)
+        kvf__regions_release(t->regions, &sc->refs[j]);
+    if (rc == 0) {
+        uint8_t resp[KVF_TCP_HDR_LEN];
+        tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h->req_id, n, 0);
+        struct iovec iov = {resp, sizeof(resp)};
+        rc = tcp_srv_send(sc, &iov, 1);
+    }
+    return rc;
 }
 
 static const char *tcp_io_reason(int rc, char *buf, size_t len)
@@ -612,6 +714,12 @@ static void *tcp_sconn_main(void *arg)
             tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
             struct iovec iov = {resp, sizeof(resp)};
             rc = tcp_srv_send(sc, &iov, 1);
+        } else if (h.type == KVF_TCP_WRITEV) {
+            rc = tcp_srv_writev(sc, &h, why, sizeof(why));
+            if (rc == 1) {
+                reason = why;
+                break;
+            }
         } else if (h.type == KVF_TCP_NOTIFY) {
             /* The sender sends it only once every request of its batch has been answered, so
              * that batch's data is in place before the notification is queued. */
@@ -681,6 +789,12 @@ static void *tcp_sconn_main(void *arg)
     shutdown(sc->fd, SHUT_RDWR);
     free(sc->scratch);
     sc->scratch = NULL;
+    free(sc->segs);
+    free(sc->refs);
+    free(sc->iov);
+    sc->segs = NULL;
+    sc->refs = NULL;
+    sc->iov = NULL;
     atomic_store(&sc->done, true);
     return NULL;
 }
@@ -937,8 +1051,9 @@ static void tcp_slot_finish(struct tcp_conn *c, unsigned idx)
 {
     struct tcp_slot *s = &c->slots[idx];
     struct tcp_batch *b = s->batch;
-    if (b->left && --b->left[s->elem] == 0 && b->status[s->elem] == KVF_XFER_PENDING)
-        b->status[s->elem] = 0;
+    for (size_t k = s->elem; b->left && k < s->elem + s->nelem; k++)
+        if (--b->left[k] == 0 && b->status[k] == KVF_XFER_PENDING)
+            b->status[k] = 0;
     s->req_id = 0;
     s->batch = NULL;
     c->free_slots[c->nfree++] = (uint16_t)idx;
@@ -952,11 +1067,16 @@ static void tcp_slot_finish(struct tcp_conn *c, unsigned idx)
 static void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char *why)
 {
     struct tcp_slot *s = &c->slots[idx];
-    const kvf_xfer_t *x = &s->batch->x[s->elem];
-    tcp_batch_fail(s->batch, code, "tcp %s to %s, element %zu [0x%" PRIx64 ", +%zu): %s",
-                   tcp_op_name(s->op), c->peer->sid, s->elem, x->remote, x->len, why);
-    if (s->batch->status && s->batch->status[s->elem] >= 0)
-        s->batch->status[s->elem] = code;
+    struct tcp_batch *b = s->batch;
+    /* A refused WRITEV wrote none of its elements: the one the target named failed, the others
+     * never started. Any other failure applies to all the slot carries. */
+    size_t bad = s->refused < s->nelem ? s->elem + s->refused : s->elem;
+    const kvf_xfer_t *x = &b->x[bad];
+    tcp_batch_fail(b, code, "tcp %s to %s, element %zu [0x%" PRIx64 ", +%zu): %s",
+                   tcp_op_name(s->op), c->peer->sid, bad, x->remote, x->len, why);
+    for (size_t k = s->elem; b->status && k < s->elem + s->nelem; k++)
+        if (b->status[k] >= 0)
+            b->status[k] = s->refused < s->nelem && k != bad ? -KVF_ECANCELED : code;
     tcp_slot_finish(c, idx);
 }
 
@@ -1074,6 +1194,8 @@ static void *tcp_rx_main(void *arg)
             pthread_mutex_lock(&p->mu);
             if (s->req_id == h.req_id) {
                 char m2[TCP_ERRMSG_LEN];
+                if (s->op == KVF_TCP_WRITEV && h.addr < s->nelem)
+                    s->refused = (uint32_t)h.addr;
                 snprintf(m2, sizeof(m2), "refused by the target: %s", msg);
                 tcp_slot_fail(c, idx, code, m2);
             }
@@ -1514,7 +1636,7 @@ static bool tcp_wait(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t deadline_
  * batch's error recorded; a request that was registered is then failed or finished already.
  */
 static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t elem,
-                    uint64_t off, uint64_t len, uint64_t deadline_ms)
+                    uint32_t nelem, uint64_t off, uint64_t len, uint64_t deadline_ms)
 {
     const kvf_xfer_t *x = &b->x[elem];
     unsigned ci = atomic_fetch_add_explicit(&p->rr, 1, memory_order_relaxed) % p->nconns;
@@ -1560,6 +1682,8 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
     s->req_id = req_id;
     s->batch = b;
     s->elem = elem;
+    s->nelem = nelem;
+    s->refused = UINT32_MAX;
     s->op = op;
     s->local = (uint8_t *)x->local + off;
     s->remote = x->remote + off;
@@ -1569,8 +1693,22 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
     pthread_mutex_unlock(&p->mu);
 
     uint8_t hdr[KVF_TCP_HDR_LEN];
-    tcp_hdr_encode(hdr, op, 0, req_id, s->remote, len);
-    struct iovec iov[2] = {{hdr, sizeof(hdr)}, {s->local, (size_t)len}};
+    uint8_t segs[KVF_TCP_MAX_SEGS * KVF_TCP_SEG_LEN];
+    struct iovec iov[TCP_WRITEV_IOV];
+    int niov = op == KVF_TCP_READ ? 1 : 2;
+    iov[0] = (struct iovec){hdr, sizeof(hdr)};
+    if (op == KVF_TCP_WRITEV) {
+        tcp_hdr_encode(hdr, op, 0, req_id, nelem, len);
+        iov[1] = (struct iovec){segs, (size_t)nelem * KVF_TCP_SEG_LEN};
+        for (uint32_t k = 0; k < nelem; k++) {
+            kvf__put_le64(segs + (size_t)k * KVF_TCP_SEG_LEN, x[k].remote);
+            kvf__put_le64(segs + (size_t)k * KVF_TCP_SEG_LEN + 8, x[k].len);
+            iov[niov++] = (struct iovec){x[k].local, x[k].len};
+        }
+    } else {
+        tcp_hdr_encode(hdr, op, 0, req_id, s->remote, len);
+        iov[1] = (struct iovec){s->local, (size_t)len};
+    }
 
     int lrc = tcp_send_lock(c, deadline_ms);
     if (lrc) {
@@ -1587,7 +1725,7 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
         pthread_mutex_unlock(&c->send_mu);
         return -KVF_EPEERGONE;
     }
-    rc = tcp_sendv(c->fd, iov, op == KVF_TCP_READ ? 1 : 2, deadline_ms, 0);
+    rc = tcp_sendv(c->fd, iov, niov, deadline_ms, 0);
     pthread_mutex_unlock(&c->send_mu);
     if (rc == 0)
         return 0;
@@ -1742,13 +1880,32 @@ static int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
     b.status = left ? ctl->status : NULL;
     b.left = left;
 
-    /* Post every chunk, sending each from this thread; stop at the first error, or when the
-     * caller cancels (what was sent is still waited for). */
+    /* Post every request, sending each from this thread; stop at the first error, or when the
+     * caller cancels (what was sent is still waited for). Runs of small writes go as one WRITEV
+     * each (one frame, one answer); other elements as chunks of at most p->chunk bytes. */
     const atomic_bool *cancel = ctl ? ctl->cancel : NULL;
-    for (size_t i = 0; i < n && !atomic_load_explicit(&b.rc, memory_order_relaxed); i++) {
+    for (size_t i = 0; i < n && !atomic_load_explicit(&b.rc, memory_order_relaxed);) {
+        if (cancel && atomic_load_explicit(cancel, memory_order_relaxed)) {
+            pthread_mutex_lock(&p->mu);
+            tcp_batch_fail(&b, -KVF_ECANCELED, "tcp transfer to %s: cancelled at element %zu",
+                           p->sid, i);
+            pthread_mutex_unlock(&p->mu);
+            break;
+        }
+        size_t j = i;
+        uint64_t total = 0;
+        while (j < n && j - i < KVF_TCP_MAX_SEGS && x[j].op == KVF_OP_WRITE &&
+               x[j].len <= TCP_GATHER_ELEM_MAX && total + x[j].len <= p->chunk)
+            total += x[j++].len;
+        if (j - i >= 2) {
+            if (tcp_post(p, &b, KVF_TCP_WRITEV, i, (uint32_t)(j - i), 0, total, deadline_ms))
+                break;
+            i = j;
+            continue;
+        }
         uint8_t op = x[i].op == KVF_OP_READ ? KVF_TCP_READ : KVF_TCP_WRITE;
         for (uint64_t off = 0; off < x[i].len; off += p->chunk) {
-            if (cancel && atomic_load_explicit(cancel, memory_order_relaxed)) {
+            if (off && cancel && atomic_load_explicit(cancel, memory_order_relaxed)) {
                 pthread_mutex_lock(&p->mu);
                 tcp_batch_fail(&b, -KVF_ECANCELED,
                                "tcp transfer to %s: cancelled at element %zu (offset %" PRIu64
@@ -1758,11 +1915,12 @@ static int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
                 break;
             }
             uint64_t len = x[i].len - off < p->chunk ? x[i].len - off : p->chunk;
-            if (tcp_post(p, &b, op, i, off, len, deadline_ms))
+            if (tcp_post(p, &b, op, i, 1, off, len, deadline_ms))
                 break;
             if (atomic_load_explicit(&b.rc, memory_order_relaxed))
                 break;
         }
+        i++;
     }
     rc = tcp_batch_end(p, &b, deadline_ms);
     free(left);
@@ -1786,7 +1944,7 @@ static int tcp_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t dea
     int rc = tcp_batch_begin(p, &b, &x);
     if (rc)
         return rc;
-    tcp_post(p, &b, KVF_TCP_NOTIFY, 0, 0, len, deadline_ms);
+    tcp_post(p, &b, KVF_TCP_NOTIFY, 0, 1, 0, len, deadline_ms);
     return tcp_batch_end(p, &b, deadline_ms);
 }
 
