@@ -952,6 +952,7 @@ static void send_rounds(kvf_engine_t *pre, const char *peer, uint64_t base, int 
     assert_string_equal(line, want);
     if (last < MIN_ROUNDS)
         fail_msg("only %u rounds in %u ms", last, ROUNDS_BUDGET_MS);
+    print_message("%u rounds verified (%s)\n", last, async ? "submit" : "sync_notify");
     free(src);
 }
 
@@ -1140,10 +1141,10 @@ static void notify_order_child(void **state)
     child_t *c = child_spawn(args);
     child_ready(c);
     order_send(pre, c->sid, c->addr, src, off);
-    char line[512], note[64];
+    char line[512], note[KVF_SESSION_ID_MAX + 64];
     for (int i = 0; i < nwant; i++) {
         child_line(c, line, sizeof(line), 20000, "note");
-        snprintf(note, sizeof(note), "note %s %s", kvf_engine_session_id(pre), want[i]);
+        snprintf(note, sizeof(note), "note %s %.31s", kvf_engine_session_id(pre), want[i]);
         if (strcmp(line, note) != 0)
             fail_msg("notification %d: \"%s\", want \"%s\"", i, line, note);
     }
