@@ -723,6 +723,117 @@ static void cancel_after_done_keeps_done(void **state)
     free(src);
 }
 
+/*
+ * Cancel while running: elements not yet started are not sent, the batch fails with
+ * -KVF_ECANCELED (unless it had already finished) and delivers no notification. Every element
+ * reported done (status 0) has its bytes in place whatever happened to the others.
+ */
+static void cancel_running_batch(void **state)
+{
+    fx_t *fx = *state;
+    const char *peer = kvf_engine_session_id(fx->dec);
+    enum { N = 64 };
+    const size_t len = 4 * MIB;
+    uint8_t *dst = map_zeroed(N * len), *src = malloc(N * len);
+    assert_non_null(src);
+    kvf_xfer_t x[N];
+    for (int i = 0; i < N; i++) {
+        pat_fill(src + i * len, len, 700 + (uint64_t)i);
+        x[i] = (kvf_xfer_t){KVF_OP_WRITE, src + i * len, (uintptr_t)(dst + i * len), len};
+    }
+    assert_kvf_ok(kvf_mem_register(fx->dec, dst, N * len));
+    kvf_batch_t *b;
+    assert_kvf_ok(kvf_transfer_submit(fx->pre, peer, x, N, "cancelled while running", 23, &b));
+    /* Cancel once the first bytes have landed (bounded poll). */
+    volatile uint8_t *first = dst;
+    uint64_t deadline = kvf_test_now_ms() + 10000;
+    while (*first == 0 && kvf_batch_status(b, NULL, 0) == KVF_BATCH_PENDING) {
+        assert_true(kvf_test_now_ms() < deadline);
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+    assert_kvf_ok(kvf_batch_cancel(b));
+    int rc = kvf_batch_wait(b, 15000);
+    int st[N];
+    int rc2 = kvf_batch_status(b, st, N);
+    assert_int_equal(rc2, rc);
+    int done = 0, cancelled = 0;
+    for (int i = 0; i < N; i++) {
+        if (st[i] == 0) {
+            assert_pattern(dst + i * len, len, 700 + (uint64_t)i);
+            done++;
+        } else if (st[i] == -KVF_ECANCELED) {
+            cancelled++;
+        } else {
+            fail_msg("element %d: %d (%s)", i, st[i], kvf_err_name(st[i]));
+        }
+    }
+    print_message("cancel while running: %s, %d elements done, %d cancelled\n",
+                  rc == KVF_BATCH_DONE ? "done first" : kvf_err_name(rc), done, cancelled);
+    kvf_notify_t *n = malloc(sizeof(*n));
+    char text[64];
+    assert_kvf_ok(kvf_notify_send(fx->pre, peer, "after", 5));
+    assert_int_equal(kvf_notify_wait(fx->dec, n, 1, 5000), 1);
+    if (rc == KVF_BATCH_DONE) {
+        assert_int_equal(done, N);
+        assert_string_equal(note_text(n, text, sizeof(text)), "cancelled while running");
+        assert_int_equal(kvf_notify_wait(fx->dec, n, 1, 5000), 1);
+    } else {
+        /* Possibly with every element done: the notification had not gone yet, and now never
+         * will. */
+        assert_kvf_err(rc, -KVF_ECANCELED);
+    }
+    assert_string_equal(note_text(n, text, sizeof(text)), "after");
+    kvf_batch_free(b);
+    free(n);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
+    munmap(dst, N * len);
+    free(src);
+}
+
+/* The target process dies while a batch with a notification is writing into it: the batch fails
+ * (or had finished) within the operation timeout; it never stays pending. */
+static void batch_fails_when_target_dies(void **state)
+{
+    fx_t *fx = *state;
+    enum { N = 64 };
+    const size_t len = 4 * MIB;
+    char size[32];
+    snprintf(size, sizeof(size), "%zu", N * len);
+    char *args[] = {"notes", (char *)fx->url, size, "1000000", NULL};
+    child_t *c = child_spawn(args);
+    child_ready(c);
+    uint8_t *src = malloc(N * len);
+    assert_non_null(src);
+    pat_fill(src, N * len, 800);
+    kvf_xfer_t x[N];
+    for (int i = 0; i < N; i++)
+        x[i] = (kvf_xfer_t){KVF_OP_WRITE, src + i * len, c->addr + i * len, len};
+    /* A first batch opens the path, so the second is moving data when the target dies. */
+    kvf_batch_t *b;
+    assert_kvf_ok(kvf_transfer_submit(fx->pre, c->sid, x, 1, NULL, 0, &b));
+    batch_done(b, 10000);
+    kvf_batch_free(b);
+    assert_kvf_ok(kvf_transfer_submit(fx->pre, c->sid, x, N, "never", 5, &b));
+    char sid[KVF_SESSION_ID_MAX];
+    snprintf(sid, sizeof(sid), "%s", c->sid);
+    child_kill(c);
+    uint64_t t0 = kvf_test_now_ms();
+    int rc = kvf_batch_wait(b, 15000);
+    uint64_t took = kvf_test_now_ms() - t0;
+    print_message("batch to a dead target: %d (%s) after %llu ms: %s\n", rc,
+                  rc < 0 ? kvf_err_name(rc) : "", (unsigned long long)took,
+                  rc < 0 ? kvf_last_error() : "");
+    if (rc == KVF_BATCH_PENDING)
+        fail_msg("batch still pending 15 s after its target died");
+    /* op_timeout_ms is 10 s; a dead peer is noticed by the broken connection well before. */
+    assert_true(took < 10000 + 1000);
+    if (rc < 0)
+        assert_last_error_contains(sid);
+    kvf_batch_free(b);
+    free(src);
+}
+
 /* ---- 5. a failed element fails only its batch ----------------------------------------------- */
 
 static void failed_element_fails_only_its_batch(void **state)
@@ -1812,6 +1923,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(batch_wait_timeout_honoured, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(cancel_pending_batch, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(cancel_after_done_keeps_done, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(cancel_running_batch, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(batch_fails_when_target_dies, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(failed_element_fails_only_its_batch, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_after_data_sync_in_process, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_after_data_async_in_process, fx_setup, fx_teardown),
