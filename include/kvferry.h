@@ -386,7 +386,9 @@ typedef struct {
                                     one to complete, up to op_timeout_ms, then -KVF_EBUSY. */
     uint32_t async_threads;      /* threads that run asynchronous batches, 1..64. Default 4.
                                     Each runs one batch at a time; a batch's chunks are
-                                    pipelined over the peer's connections all the same. */
+                                    pipelined over the peer's connections all the same. While
+                                    batches wait for a peer that has not appeared, more threads
+                                    are started (up to 64) so others are not held up. */
     uint32_t notify_queue_max;   /* notifications this engine keeps for kvf_notify_poll(); 1..
                                     1048576, default 65536. When it is full a sender's
                                     notification waits up to 2 s for room, then its batch fails

@@ -549,6 +549,44 @@ static void max_batches_busy_at_once(void **state)
     munmap(dst, 4096);
 }
 
+/* Batches waiting for a peer that has not appeared take no thread away from batches to live
+ * peers: with every configured thread waiting, a batch to a live peer still completes at once,
+ * long before the absent peer's init timeout. */
+static void live_peer_not_behind_absent_peer(void **state)
+{
+    fx_t *fx = *state;
+    kvf_config_t c = pending_config();
+    c.async_threads = 2;
+    kvf_engine_t *pre = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_PREFILL, &c);
+    char absent[64];
+    absent_sid(absent, sizeof(absent));
+    uint8_t src[4096];
+    pat_fill(src, sizeof(src), 6);
+    uint8_t *dst = map_zeroed(4096);
+    assert_kvf_ok(kvf_mem_register(fx->dec, dst, 4096));
+    const char *peer = kvf_engine_session_id(fx->dec);
+
+    enum { WAITING = 6 };
+    kvf_batch_t *b[WAITING], *live = NULL;
+    submit_pending(pre, absent, src, b, WAITING);
+    kvf_xfer_t x = {KVF_OP_WRITE, src, (uintptr_t)dst, sizeof(src)};
+    uint64_t t0 = kvf_test_now_ms();
+    assert_kvf_ok(kvf_transfer_submit(pre, peer, &x, 1, NULL, 0, &live));
+    batch_done(live, 4000);
+    uint64_t took = kvf_test_now_ms() - t0;
+    if (took >= 4000)
+        fail_msg("a batch to a live peer took %" PRIu64 " ms behind batches waiting for %s", took,
+                 absent);
+    assert_memory_equal(dst, src, sizeof(src));
+    for (int i = 0; i < WAITING; i++) {
+        assert_int_equal(kvf_batch_status(b[i], NULL, 0), KVF_BATCH_PENDING);
+        kvf_batch_free(b[i]);
+    }
+    kvf_batch_free(live);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
+    munmap(dst, 4096);
+}
+
 typedef struct {
     kvf_engine_t *e;
     const char *peer;
@@ -2014,6 +2052,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(thousand_batches_in_flight, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(max_batches_busy_at_once, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(max_batches_submit_blocks, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(live_peer_not_behind_absent_peer, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(batch_wait_timeout_honoured, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(cancel_pending_batch, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(cancel_after_done_keeps_done, fx_setup, fx_teardown),

@@ -17,8 +17,8 @@
  * skipped because its batch failed or was cancelled). Several threads run batches at once, so
  * a later batch that finishes first waits for its turn.
  *
- * Lock order: batch->mu before async.lock; async.lock before order_lock; nlock and plock are
- * leaves except for the engine's busy_lock (closing), taken inside them.
+ * Lock order: batch->mu before async.lock; async.lock before order_lock; the engine's
+ * busy_lock (closing) is taken inside async.lock, nlock and plock, never the other way round.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -55,7 +55,8 @@ struct kvf_batch {
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    bool done; /* under mu */
+    bool settled; /* result recorded, about to leave the engine's count; under mu */
+    bool done;    /* under mu */
     int rc;
     char err[ERRMSG_MAX];
 };
@@ -256,11 +257,13 @@ static void batch_destroy(kvf_batch_t *b)
     free(b);
 }
 
-/* Record the result, wake waiters, and count the batch out of the engine. After this the
- * caller must not touch @b (its owner may free it at once). */
+/* Count the batch out of the engine, then record the result and wake its waiters: whoever sees
+ * it complete also finds its place free for the next submit. The engine is not touched once the
+ * count is down (destroy waits for it to reach 0), and the batch not once it is marked done (its
+ * owner may free it at once). */
 static void batch_complete(kvf_batch_t *b, int rc, const char *err)
 {
-    kvf_engine_t *e = b->e;
+    eng_async_t *a = &b->e->async;
     for (size_t i = 0; i < b->n; i++)
         if (b->status[i] == KVF_XFER_PENDING)
             b->status[i] = rc == 0 ? 0 : -KVF_ECANCELED;
@@ -268,17 +271,20 @@ static void batch_complete(kvf_batch_t *b, int rc, const char *err)
     b->rc = rc;
     if (rc < 0)
         snprintf(b->err, sizeof(b->err), "%s", err);
-    b->done = true;
-    pthread_cond_broadcast(&b->cv);
+    b->settled = true;
     pthread_mutex_unlock(&b->mu);
 
-    eng_async_t *a = &e->async;
     pthread_mutex_lock(&a->lock);
     a->inflight--;
     pthread_cond_signal(&a->room);
     if (a->inflight == 0)
         pthread_cond_broadcast(&a->idle);
     pthread_mutex_unlock(&a->lock);
+
+    pthread_mutex_lock(&b->mu);
+    b->done = true;
+    pthread_cond_broadcast(&b->cv);
+    pthread_mutex_unlock(&b->mu);
 }
 
 /* A batch that never ran (cancelled in the queue, or the engine is closing). */
@@ -290,6 +296,36 @@ static void batch_drop(kvf_batch_t *b, int rc, const char *why)
     snprintf(err, sizeof(err), "batch of %zu element(s) to %s: %s", b->n, b->peer, why);
     kvf__err(rc, "%s", err);
     batch_complete(b, rc, err);
+}
+
+static int thread_add(kvf_engine_t *e);
+
+/*
+ * A batch to a peer that has not appeared yet waits for it (up to init_timeout_ms) on its thread.
+ * So that batches to live peers do not queue behind it, a thread that starts such a wait adds a
+ * thread when none would be left to run the queue (up to ENG_MAX_ASYNC_THREADS in all).
+ */
+static bool peer_wait_begin(kvf_batch_t *b)
+{
+    kvf_engine_t *e = b->e;
+    if (kvf__eng_peer_known(e, b->peer))
+        return false;
+    eng_async_t *a = &e->async;
+    pthread_mutex_lock(&a->lock);
+    a->waiting_peer++;
+    if (a->waiting_peer >= a->nthreads && a->head && !a->stopping &&
+        a->nthreads < ENG_MAX_ASYNC_THREADS && thread_add(e) == 0)
+        KVF_DEBUG(BATCH_LOG, "engine %s: %u async threads (%u waiting for peers)", e->sid,
+                  a->nthreads, a->waiting_peer);
+    pthread_mutex_unlock(&a->lock);
+    return true;
+}
+
+static void peer_wait_end(kvf_engine_t *e)
+{
+    pthread_mutex_lock(&e->async.lock);
+    e->async.waiting_peer--;
+    pthread_mutex_unlock(&e->async.lock);
 }
 
 static void batch_run(kvf_batch_t *b)
@@ -304,8 +340,12 @@ static void batch_run(kvf_batch_t *b)
     kvf_xfer_ctl_t ctl = {.status = b->status, .cancel = &b->cancel};
     if (atomic_load(&b->cancel))
         rc = kvf__err(-KVF_ECANCELED, "batch to %s cancelled before it started", b->peer);
-    else if (b->n)
+    else if (b->n) {
+        bool waits = peer_wait_begin(b);
         rc = kvf__eng_transfer(e, b->peer, b->x, b->n, deadline, &ctl);
+        if (waits)
+            peer_wait_end(e);
+    }
     if (b->has_msg)
         rc = notify_in_order(e, b->order, b->seq, rc, &b->cancel, b->peer, b->msg, b->msg_len,
                              deadline);
@@ -341,31 +381,39 @@ static void *batch_thread(void *arg)
     return NULL;
 }
 
+/* One more async thread. Under async.lock. */
+static int thread_add(kvf_engine_t *e)
+{
+    eng_async_t *a = &e->async;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 256u << 10);
+    int rc = pthread_create(&a->threads[a->nthreads], &attr, batch_thread, e);
+    pthread_attr_destroy(&attr);
+    if (rc)
+        return kvf__err(-rc, "engine %s: async thread: %s", e->sid, strerror(rc));
+    a->nthreads++;
+    return 0;
+}
+
 /* Start the threads on the first submit (an engine that never submits has none). Under
  * async.lock. */
 static int threads_start(kvf_engine_t *e)
 {
     eng_async_t *a = &e->async;
-    unsigned want = e->cfg.async_threads;
-    a->threads = calloc(want, sizeof(*a->threads));
+    a->threads = calloc(ENG_MAX_ASYNC_THREADS, sizeof(*a->threads));
     if (!a->threads)
         return kvf__err(-KVF_ENOMEM, "engine %s: out of memory for async threads", e->sid);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, 256u << 10);
-    for (unsigned i = 0; i < want; i++) {
-        int rc = pthread_create(&a->threads[i], &attr, batch_thread, e);
-        if (rc) {
-            pthread_attr_destroy(&attr);
-            if (a->nthreads > 0)
-                return 0; /* run with fewer */
+    for (unsigned i = 0; i < e->cfg.async_threads; i++) {
+        int rc = thread_add(e);
+        if (rc && a->nthreads == 0) {
             free(a->threads);
             a->threads = NULL;
-            return kvf__err(-rc, "engine %s: async thread: %s", e->sid, strerror(rc));
+            return rc;
         }
-        a->nthreads++;
+        if (rc)
+            break; /* run with fewer */
     }
-    pthread_attr_destroy(&attr);
     return 0;
 }
 
@@ -437,7 +485,7 @@ int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, 
     eng_async_t *a = &e->async;
     uint64_t deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
     pthread_mutex_lock(&a->lock);
-    while (!a->stopping && a->inflight >= e->cfg.max_batches) {
+    while (!a->stopping && !kvf__eng_closing(e) && a->inflight >= e->cfg.max_batches) {
         if (!e->cfg.submit_blocks || !timed_wait(&a->room, &a->lock, deadline)) {
             pthread_mutex_unlock(&a->lock);
             batch_destroy(b);
@@ -448,7 +496,7 @@ int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, 
                             e->cfg.submit_blocks ? ", still after op_timeout_ms" : "");
         }
     }
-    if (a->stopping) {
+    if (a->stopping || kvf__eng_closing(e)) {
         pthread_mutex_unlock(&a->lock);
         batch_destroy(b);
         return kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid);
@@ -511,12 +559,13 @@ int kvf_batch_cancel(kvf_batch_t *b)
     if (!b)
         return kvf__err(-KVF_EINVAL, "batch cancel: the batch is NULL");
     pthread_mutex_lock(&b->mu);
-    if (b->done) {
+    if (b->settled) {
         pthread_mutex_unlock(&b->mu);
         return 0;
     }
     atomic_store(&b->cancel, true);
-    /* Not done, so the engine is still there (destroy waits for every batch). */
+    /* Not settled, so the engine is still there (destroy waits for every batch to leave its
+     * count, which batch_complete() does only after settling under this lock). */
     eng_async_t *a = &b->e->async;
     bool unlinked = false;
     pthread_mutex_lock(&a->lock);
@@ -847,6 +896,9 @@ int kvf__async_init(kvf_engine_t *e)
 void kvf__async_wake(kvf_engine_t *e)
 {
     eng_async_t *a = &e->async;
+    pthread_mutex_lock(&a->lock);
+    pthread_cond_broadcast(&a->room);
+    pthread_mutex_unlock(&a->lock);
     pthread_mutex_lock(&a->nlock);
     pthread_cond_broadcast(&a->ncond);
     pthread_cond_broadcast(&a->nroom);

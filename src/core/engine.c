@@ -730,6 +730,14 @@ static int loop_transfer(const char *sid, const kvf_xfer_t *x, size_t n,
     return rc;
 }
 
+bool kvf__eng_peer_known(kvf_engine_t *e, const char *sid)
+{
+    pthread_mutex_lock(&e->peers_lock);
+    bool known = peer_find_locked(e, sid) != NULL;
+    pthread_mutex_unlock(&e->peers_lock);
+    return known;
+}
+
 int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **name)
 {
     if (!e || !peer || !name)

@@ -93,7 +93,8 @@ typedef struct {
     unsigned inflight;    /* submitted and not complete */
     bool stopping;
     unsigned nthreads;
-    pthread_t *threads;
+    unsigned waiting_peer; /* threads whose batch waits for its peer to appear */
+    pthread_t *threads;    /* room for ENG_MAX_ASYNC_THREADS */
 
     pthread_mutex_t order_lock;
     pthread_cond_t order_cond;
@@ -157,6 +158,9 @@ struct kvf_engine {
     eng_async_t async; /* batches, notifications, peer events (batch.c) */
 };
 
+
+/* Whether @sid is in the peer cache (a transfer to it will not wait for it to appear). */
+bool kvf__eng_peer_known(kvf_engine_t *e, const char *sid);
 
 /* Names of eng_via_t values. */
 extern const char *const kvf__eng_via_names[];
