@@ -31,6 +31,9 @@
 #define W_WRITE     2
 #define W_READ      3
 #define W_RESP      4
+#define W_NOTIFY    5
+#define W_WRITEV    6
+#define W_SEG       16
 #define W_MAX_CHUNK (64u << 20)
 
 #define MiB (1u << 20)
@@ -143,7 +146,7 @@ static int xfer1(kvf_tpeer_t *p, kvf_op_t op, void *local, const void *remote, s
                  uint64_t timeout_ms)
 {
     kvf_xfer_t x = {.op = op, .local = local, .remote = (uint64_t)(uintptr_t)remote, .len = len};
-    return ops->transfer(p, &x, 1, dl(timeout_ms));
+    return ops->transfer(p, &x, 1, dl(timeout_ms), NULL);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -464,7 +467,7 @@ static void test_batch_mixed(void **state)
     for (int i = 0; i < N; i++)
         x[i] = (kvf_xfer_t){KVF_OP_WRITE, src + off[i], (uint64_t)(uintptr_t)(dst + off[i]),
                             off[i + 1] - off[i]};
-    assert_kvf_ok(ops->transfer(p, x, N, dl(20000)));
+    assert_kvf_ok(ops->transfer(p, x, N, dl(20000), NULL));
     assert_bytes_eq(dst, src, total);
 
     memset(back, 0, total);
@@ -472,7 +475,7 @@ static void test_batch_mixed(void **state)
         x[i].op = KVF_OP_READ;
         x[i].local = back + off[i];
     }
-    assert_kvf_ok(ops->transfer(p, x, N, dl(20000)));
+    assert_kvf_ok(ops->transfer(p, x, N, dl(20000), NULL));
     assert_bytes_eq(back, src, total);
 
     /* Mixed: even elements write new bytes, odd ones read what is there. */
@@ -483,7 +486,7 @@ static void test_batch_mixed(void **state)
         x[i].op = w ? KVF_OP_WRITE : KVF_OP_READ;
         x[i].local = (w ? src : back) + off[i];
     }
-    assert_kvf_ok(ops->transfer(p, x, N, dl(20000)));
+    assert_kvf_ok(ops->transfer(p, x, N, dl(20000), NULL));
     for (int i = 0; i < N; i++) {
         size_t len = off[i + 1] - off[i];
         if (i % 2 == 0)
@@ -678,6 +681,217 @@ static void test_raw_write_outside(void **state)
     close(fd);
     node_stop(&b);
     free(mem);
+}
+
+/* Small writes travel gathered (WRITEV). A segment outside the target's regions refuses that whole
+ * frame: nothing of it is written, the element named by the target fails, the others of the frame
+ * never started; the transport's caller learns all that from the per-element status. */
+static void test_gather_refused_segment(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    node_start(&a, 1, MiB);
+    node_start(&b, 1, MiB);
+    enum { N = 10, LEN = 1000 };
+    uint8_t *mem = xmalloc(N * LEN), *src = xmalloc(N * LEN);
+    memset(mem, 0xAA, N * LEN);
+    fill(src, N * LEN, 21);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)mem, N * LEN, NULL));
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+
+    kvf_xfer_t x[N];
+    int st[N];
+    for (int i = 0; i < N; i++) {
+        x[i] = (kvf_xfer_t){KVF_OP_WRITE, src + i * LEN, (uint64_t)(uintptr_t)(mem + i * LEN), LEN};
+        st[i] = KVF_XFER_PENDING;
+    }
+    x[6].remote += N * LEN; /* past the region */
+    kvf_xfer_ctl_t ctl = {.status = st, .cancel = NULL};
+    assert_kvf_err(ops->transfer(p, x, N, dl(5000), &ctl), -KVF_ENOTREG);
+    assert_last_error_contains("element 6");
+    for (int i = 0; i < N; i++)
+        assert_int_equal(st[i], i == 6 ? -KVF_ENOTREG : -KVF_ECANCELED);
+    assert_all(mem, N * LEN, 0xAA);
+
+    /* Fixed, the same batch lands whole, and every status says done. */
+    x[6].remote -= N * LEN;
+    for (int i = 0; i < N; i++)
+        st[i] = KVF_XFER_PENDING;
+    assert_kvf_ok(ops->transfer(p, x, N, dl(5000), &ctl));
+    for (int i = 0; i < N; i++)
+        assert_int_equal(st[i], 0);
+    assert_bytes_eq(mem, src, N * LEN);
+
+    /* Cancelled before it starts: nothing is sent. */
+    atomic_bool cancel;
+    atomic_init(&cancel, true);
+    memset(mem, 0xAA, N * LEN);
+    for (int i = 0; i < N; i++)
+        st[i] = KVF_XFER_PENDING;
+    ctl.cancel = &cancel;
+    assert_kvf_err(ops->transfer(p, x, N, dl(5000), &ctl), -KVF_ECANCELED);
+    for (int i = 0; i < N; i++)
+        assert_int_equal(st[i], KVF_XFER_PENDING);
+    assert_all(mem, N * LEN, 0xAA);
+
+    ops->peer_close(p);
+    node_stop(&a);
+    node_stop(&b);
+    free(mem);
+    free(src);
+}
+
+/* WRITEV and NOTIFY from a raw client: a refused segment is named in the answer's addr and the
+ * stream stays in step; malformed frames close only their own connection. */
+static void test_raw_writev_and_notify(void **state)
+{
+    (void)state;
+    node_t b = {0};
+    node_start(&b, 1, MiB);
+    uint8_t *mem = xmalloc(8192);
+    memset(mem, 0xAA, 8192);
+    uint64_t base = (uint64_t)(uintptr_t)mem;
+    assert_kvf_ok(kvf__regions_add(b.rt, base, 4096, NULL));
+
+    int fd = raw_connect(b.port);
+    raw_hello(fd);
+    uint8_t f[W_HDR + 3 * W_SEG + 300];
+    char msg[2048];
+    /* Three segments: 100 bytes at +0, 100 at +1000, 100 at +4000 (past the end). */
+    uint64_t at[3] = {base, base + 1000, base + 4000};
+    w_hdr(f, W_MAGIC, 1, W_WRITEV, 0, 2, 3, 300);
+    for (int i = 0; i < 3; i++) {
+        kvf__put_le64(f + W_HDR + i * W_SEG, at[i]);
+        kvf__put_le64(f + W_HDR + i * W_SEG + 8, 100);
+    }
+    memset(f + W_HDR + 3 * W_SEG, 0x55, 300);
+    send_all(fd, f, sizeof(f));
+    uint8_t h[W_HDR];
+    assert_true(recv_all(fd, h, sizeof(h)));
+    assert_int_equal(kvf__get_le32(h + 8), KVF_ENOTREG);
+    assert_int_equal(kvf__get_le64(h + 24), 2); /* the refused segment */
+    uint64_t mlen = kvf__get_le64(h + 32);
+    assert_true(mlen < sizeof(msg) && recv_all(fd, msg, (size_t)mlen));
+    assert_all(mem, 8192, 0xAA);
+
+    /* In step: the first two segments alone land. */
+    w_hdr(f, W_MAGIC, 1, W_WRITEV, 0, 3, 2, 200);
+    memmove(f + W_HDR + 2 * W_SEG, f + W_HDR + 3 * W_SEG, 200);
+    send_all(fd, f, W_HDR + 2 * W_SEG + 200);
+    assert_int_equal(raw_resp(fd, 3, msg, sizeof(msg)), 0);
+    assert_all(mem, 100, 0x55);
+    assert_all(mem + 100, 900, 0xAA);
+    assert_all(mem + 1000, 100, 0x55);
+    assert_all(mem + 1100, 8192 - 1100, 0xAA);
+
+    /* A notification to a transport that takes none is answered, not fatal. */
+    w_hdr(f, W_MAGIC, 1, W_NOTIFY, 0, 4, 0, 5);
+    memcpy(f + W_HDR, "hello", 5);
+    send_all(fd, f, W_HDR + 5);
+    assert_int_equal(raw_resp(fd, 4, msg, sizeof(msg)), KVF_ENOTSUP);
+    close(fd);
+
+    enum { ZERO_SEGS, MANY_SEGS, SUM_SHORT, SEG_ZERO_LEN, NOTIFY_TOO_LONG, NCASES };
+    for (int c = 0; c < NCASES; c++) {
+        fd = raw_connect(b.port);
+        raw_hello(fd);
+        size_t n = W_HDR;
+        switch (c) {
+        case ZERO_SEGS:
+            w_hdr(f, W_MAGIC, 1, W_WRITEV, 0, 2, 0, 100);
+            break;
+        case MANY_SEGS:
+            w_hdr(f, W_MAGIC, 1, W_WRITEV, 0, 2, 257, 257 * 16);
+            break;
+        case SUM_SHORT: /* segments of 100 + 100 in a frame that says 300 */
+        case SEG_ZERO_LEN:
+            w_hdr(f, W_MAGIC, 1, W_WRITEV, 0, 2, 2, c == SUM_SHORT ? 300 : 100);
+            kvf__put_le64(f + W_HDR, base);
+            kvf__put_le64(f + W_HDR + 8, c == SUM_SHORT ? 100 : 0);
+            kvf__put_le64(f + W_HDR + W_SEG, base + 200);
+            kvf__put_le64(f + W_HDR + W_SEG + 8, 100);
+            n += 2 * W_SEG;
+            break;
+        case NOTIFY_TOO_LONG:
+            w_hdr(f, W_MAGIC, 1, W_NOTIFY, 0, 2, 0, 4097);
+            break;
+        }
+        send_all(fd, f, n);
+        raw_expect_closed(fd);
+        close(fd);
+    }
+    assert_all(mem, 100, 0x55);
+    assert_all(mem + 1100, 8192 - 1100, 0xAA);
+    node_stop(&b);
+    free(mem);
+}
+
+/* What a notify callback saw. */
+typedef struct {
+    pthread_mutex_t mu;
+    char sender[KVF_SESSION_ID_MAX];
+    char msg[KVF_NOTIFY_MAX + 1];
+    size_t len;
+    int calls;
+    int answer;
+} notes_t;
+
+static int notes_cb(void *arg, const char *sender, const void *msg, size_t len)
+{
+    notes_t *nt = arg;
+    pthread_mutex_lock(&nt->mu);
+    snprintf(nt->sender, sizeof(nt->sender), "%s", sender);
+    memcpy(nt->msg, msg, len);
+    nt->len = len;
+    nt->calls++;
+    int rc = nt->answer;
+    pthread_mutex_unlock(&nt->mu);
+    return rc ? kvf__err(rc, "queue full (test)") : 0;
+}
+
+/* The notify op: the target's callback gets the message and the sender's session id with its
+ * real port; its refusal comes back as the op's error with the target's message. */
+static void test_notify_op(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    notes_t nt = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    node_start(&a, 1, MiB);
+    assert_kvf_ok(kvf__regions_create(&b.rt));
+    kvf_transport_params_t pb;
+    memset(&pb, 0, sizeof(pb));
+    pb.local_sid = "127.0.0.1:0";
+    snprintf(pb.listen.host, sizeof(pb.listen.host), "127.0.0.1");
+    pb.listen.kind = KVF_HOST_IPV4;
+    pb.regions = b.rt;
+    pb.notify_cb = notes_cb;
+    pb.notify_arg = &nt;
+    assert_kvf_ok(ops->create(&pb, &b.t));
+    b.port = ops->port(b.t);
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+
+    char big[KVF_NOTIFY_MAX];
+    fill((uint8_t *)big, sizeof(big), 5);
+    assert_kvf_ok(ops->notify(p, big, sizeof(big), dl(5000)));
+    char want[32];
+    snprintf(want, sizeof(want), "127.0.0.1:%u", (unsigned)a.port);
+    assert_string_equal(nt.sender, want);
+    assert_int_equal(nt.len, KVF_NOTIFY_MAX);
+    assert_memory_equal(nt.msg, big, sizeof(big));
+
+    assert_kvf_ok(ops->notify(p, NULL, 0, dl(5000)));
+    assert_int_equal(nt.len, 0);
+    assert_int_equal(nt.calls, 2);
+
+    nt.answer = -KVF_EBUSY;
+    assert_kvf_err(ops->notify(p, "x", 1, dl(5000)), -KVF_EBUSY);
+    assert_last_error_contains("queue full (test)");
+    assert_kvf_err(ops->notify(p, big, KVF_NOTIFY_MAX + 1, dl(5000)), -KVF_ETOOBIG);
+    assert_int_equal(nt.calls, 3);
+
+    ops->peer_close(p);
+    node_stop(&a);
+    node_stop(&b);
 }
 
 /* Malformed frames close only their own connection; a good peer keeps transferring. */
@@ -917,7 +1131,7 @@ static void test_stalled_peer(void **state)
     memset(src, 1, n);
     uint64_t deadline = dl(1000);
     kvf_xfer_t x = {KVF_OP_WRITE, src, 0x10000, n};
-    assert_kvf_err(ops->transfer(p, &x, 1, deadline), -KVF_ETIMEDOUT);
+    assert_kvf_err(ops->transfer(p, &x, 1, deadline, NULL), -KVF_ETIMEDOUT);
     uint64_t now = kvf__now_ms();
     if (now < deadline || now > deadline + 1000)
         fail_msg("returned %" PRId64 " ms after the deadline", (int64_t)(now - deadline));
@@ -925,7 +1139,7 @@ static void test_stalled_peer(void **state)
     /* A small write that fits in the socket buffers times out waiting for its answer. */
     deadline = dl(300);
     x.len = 100;
-    int rc = ops->transfer(p, &x, 1, deadline);
+    int rc = ops->transfer(p, &x, 1, deadline, NULL);
     now = kvf__now_ms();
     /* The first timeout broke the connection; reconnecting to the raw listener (which accepts
      * only once) either times out or fails: either way within the bound. */
@@ -954,7 +1168,7 @@ static void test_read_timeout_mid_answer(void **state)
     memset(buf, 0x11, n);
     uint64_t deadline = dl(500);
     kvf_xfer_t x = {KVF_OP_READ, buf, 0x10000, n};
-    assert_kvf_err(ops->transfer(p, &x, 1, deadline), -KVF_ETIMEDOUT);
+    assert_kvf_err(ops->transfer(p, &x, 1, deadline, NULL), -KVF_ETIMEDOUT);
     assert_true(kvf__now_ms() >= deadline);
     rawsrv_go(&r); /* the listener now sends the second half */
     rawsrv_stop(&r);
@@ -981,10 +1195,10 @@ static void test_read_timeout_late_answer(void **state)
     memset(buf, 0x11, n);
     memset(buf2, 0x11, n);
     kvf_xfer_t x = {KVF_OP_READ, buf, 0x10000, n};
-    assert_kvf_err(ops->transfer(p, &x, 1, dl(300)), -KVF_ETIMEDOUT);
+    assert_kvf_err(ops->transfer(p, &x, 1, dl(300), NULL), -KVF_ETIMEDOUT);
     rawsrv_go(&r); /* the late answer (0x33) goes out now */
     x.local = buf2;
-    assert_kvf_ok(ops->transfer(p, &x, 1, dl(5000)));
+    assert_kvf_ok(ops->transfer(p, &x, 1, dl(5000), NULL));
     assert_all(buf2, n, 0x44);
     assert_all(buf, n, 0x11);
     ops->peer_close(p);
@@ -1086,6 +1300,9 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_write_past_region),
     cmocka_unit_test(test_raw_write_outside),
     cmocka_unit_test(test_malformed_frames),
+    cmocka_unit_test(test_gather_refused_segment),
+    cmocka_unit_test(test_raw_writev_and_notify),
+    cmocka_unit_test(test_notify_op),
     cmocka_unit_test(test_unregister),
     cmocka_unit_test(test_peer_destroyed_mid_transfer),
     cmocka_unit_test(test_stalled_peer),

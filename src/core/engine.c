@@ -34,81 +34,9 @@
 #include "common/url.h"
 #include "core/regions.h"
 #include "transport/transport.h"
+#include "core/engine_internal.h"
 
-#define ENG_LOG "engine"
-#define ENG_SID_MAX (KVF_HOST_MAX + 8)
-#define ENG_NS_MAX 64
-#define ENG_KEY_MAX (ENG_SID_MAX + ENG_NS_MAX + 64)
-/* Elements in one batch: a batch is described in memory the caller owns, but the engine and the
- * transport walk it several times; a bound keeps a mistaken count from running for hours. */
-#define ENG_MAX_BATCH (1u << 20)
-#define ENG_MAX_CONNS_PER_PEER 16u
-#define ENG_MIN_CHUNK (64u << 10)
-#define ENG_MAX_CHUNK (64u << 20)
-#define ENG_RECORD_VERSION 1
-/* The huge page size kvf_mem_alloc() rounds to when asked for huge pages (the x86-64 and arm64
- * default); where the default differs, the huge mapping fails and normal pages are used. */
-#define ENG_HUGE_PAGE (2u << 20)
-
-typedef enum { ENG_VIA_TCP, ENG_VIA_SHM, ENG_VIA_LOOP } eng_via_t;
-static const char *const via_names[] = {"tcp", "shm", "loop"};
-
-typedef struct eng_peer {
-    struct eng_peer *next;
-    char sid[ENG_SID_MAX];
-    /* The path to the peer. Transfers hold @sel shared while they use @via/@tops/@tp; choosing
-     * the path again (after the peer process went away, see @reselect) holds it exclusive, so
-     * a handle is never closed under a running transfer. */
-    pthread_rwlock_t sel;
-    eng_via_t via;
-    const struct kvf_transport_ops *tops; /* NULL for loop */
-    kvf_tpeer_t *tp;
-    atomic_bool reselect;
-    bool fallback_logged; /* the info line about not using shm, once per peer */
-    /* The peer's published regions, refreshed from the store on a miss. */
-    pthread_mutex_t lock;
-    kvf_region_t *regions;
-    size_t nregions;
-    uint64_t gen;
-} eng_peer_t;
-
-struct kvf_engine {
-    char sid[ENG_SID_MAX];
-    char ns[ENG_NS_MAX + 1];
-    char session_key[ENG_KEY_MAX];
-    char regions_key[ENG_KEY_MAX];
-    kvf_role_t role;
-    int device_id;
-    kvf_config_t cfg;
-
-    kvf_store_t *store;
-    uint64_t lease;
-    kvf_region_table_t *regions;
-    const struct kvf_transport_ops *tops; /* tcp: listens, serves, and reaches remote peers */
-    kvf_transport_t *transport;
-    const struct kvf_transport_ops *shm_ops;
-    kvf_transport_t *shm;
-    /* Read by same-host senders with process_vm_readv (see transport.h): its generation is
-     * stored, under publish_lock, only after the regions record of that generation is set. */
-    kvf_shm_word_t shm_word;
-    struct kvf_engine *all_next; /* in eng_all */
-
-    /* Serialises region publication so that an older snapshot never overwrites a newer one. */
-    pthread_mutex_t publish_lock;
-
-    pthread_mutex_t peers_lock;
-    eng_peer_t *peers;
-
-    /* Transfers in progress, so that destroy can wait for them to leave. */
-    pthread_mutex_t busy_lock;
-    pthread_cond_t busy_cond;
-    unsigned busy;
-    bool closing;
-
-    /* Memory from kvf_mem_alloc(), freed by kvf_mem_free() or destroy. */
-    pthread_mutex_t mem_lock;
-    struct eng_mem *mems;
-};
+const char *const kvf__eng_via_names[] = {"tcp", "shm", "loop"};
 
 /* One kvf_mem_alloc() allocation: a memfd mapped MAP_SHARED at @addr. @len is what the caller
  * asked for and what is registered; @map_len is rounded up to the page size. @kept: its
@@ -172,6 +100,10 @@ void kvf_config_init(kvf_config_t *cfg)
     cfg->tcp_chunk_bytes = 4u << 20;
     cfg->transport = KVF_TRANSPORT_AUTO;
     cfg->ns = "default";
+    cfg->max_batches = 4096;
+    cfg->submit_blocks = 0;
+    cfg->async_threads = 4;
+    cfg->notify_queue_max = 65536;
 }
 
 const char *kvf_engine_session_id(const kvf_engine_t *e)
@@ -242,6 +174,17 @@ static int config_load(const kvf_config_t *in, kvf_config_t *c)
     if (c->tcp_chunk_bytes < ENG_MIN_CHUNK || c->tcp_chunk_bytes > ENG_MAX_CHUNK)
         return kvf__err(-KVF_EINVAL, "config.tcp_chunk_bytes %u: want %u..%u", c->tcp_chunk_bytes,
                         ENG_MIN_CHUNK, ENG_MAX_CHUNK);
+    if (c->max_batches < 1 || c->max_batches > ENG_MAX_BATCHES)
+        return kvf__err(-KVF_EINVAL, "config.max_batches %u: want 1..%u", c->max_batches,
+                        ENG_MAX_BATCHES);
+    if (c->submit_blocks > 1)
+        return kvf__err(-KVF_EINVAL, "config.submit_blocks %u: want 0 or 1", c->submit_blocks);
+    if (c->async_threads < 1 || c->async_threads > ENG_MAX_ASYNC_THREADS)
+        return kvf__err(-KVF_EINVAL, "config.async_threads %u: want 1..%u", c->async_threads,
+                        ENG_MAX_ASYNC_THREADS);
+    if (c->notify_queue_max < 1 || c->notify_queue_max > ENG_MAX_NOTIFY_QUEUE)
+        return kvf__err(-KVF_EINVAL, "config.notify_queue_max %u: want 1..%u",
+                        c->notify_queue_max, ENG_MAX_NOTIFY_QUEUE);
     if (!c->ns)
         c->ns = "default";
     return check_ns(c->ns);
@@ -249,7 +192,7 @@ static int config_load(const kvf_config_t *in, kvf_config_t *c)
 
 /* ---- store records -------------------------------------------------------------------------- */
 
-static void make_key(char *buf, size_t len, const char *ns, const char *kind, const char *sid)
+void kvf__eng_make_key(char *buf, size_t len, const char *ns, const char *kind, const char *sid)
 {
     snprintf(buf, len, "kvferry/v1/%s/%s/%s", ns, kind, sid);
 }
@@ -429,7 +372,7 @@ out:
     return rc;
 }
 
-static bool engine_closing(kvf_engine_t *e)
+bool kvf__eng_closing(kvf_engine_t *e)
 {
     pthread_mutex_lock(&e->busy_lock);
     bool closing = e->closing;
@@ -441,10 +384,10 @@ static bool engine_closing(kvf_engine_t *e)
  * appear notices within this instead of holding destroy up for the whole init timeout. */
 #define ENG_WAIT_SLICE_MS 200u
 
-/* kvf_store_get() waiting up to @wait_ms, given up early (-KVF_ECLOSED) when the engine is
- * being destroyed. */
-static int store_get_wait(kvf_engine_t *e, const char *key, uint32_t wait_ms, void **val,
-                          size_t *len)
+_Thread_local const atomic_bool *kvf__eng_cancel_flag;
+
+int kvf__eng_store_get_wait(kvf_engine_t *e, const char *key, uint32_t wait_ms, void **val,
+                            size_t *len)
 {
     uint64_t deadline = kvf__now_ms() + wait_ms;
     for (;;) {
@@ -456,8 +399,10 @@ static int store_get_wait(kvf_engine_t *e, const char *key, uint32_t wait_ms, vo
         int rc = kvf_store_get(e->store, key, slice, val, len);
         if (rc != -KVF_ETIMEDOUT || kvf__now_ms() >= deadline)
             return rc;
-        if (engine_closing(e))
+        if (kvf__eng_closing(e))
             return kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid);
+        if (kvf__eng_cancel_flag && atomic_load(kvf__eng_cancel_flag))
+            return kvf__err(-KVF_ECANCELED, "cancelled while waiting for %s", key);
     }
 }
 
@@ -469,8 +414,8 @@ static int fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kvf
     void *val;
     size_t len;
 
-    make_key(key, sizeof(key), e->ns, "regions", sid);
-    int rc = store_get_wait(e, key, wait_ms, &val, &len);
+    kvf__eng_make_key(key, sizeof(key), e->ns, "regions", sid);
+    int rc = kvf__eng_store_get_wait(e, key, wait_ms, &val, &len);
     if (rc == -KVF_ETIMEDOUT || rc == -KVF_ENOTFOUND)
         return kvf__err(-KVF_ENOTFOUND,
                         "peer session %s did not appear in the store %s within %u ms "
@@ -485,10 +430,12 @@ static int fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kvf
 
 /* ---- peers ---------------------------------------------------------------------------------- */
 
-static void peer_free(eng_peer_t *p)
+static void peer_free(eng_peer_t *p, kvf_engine_t *e)
 {
     if (p->tp)
         p->tops->peer_close(p->tp);
+    if (p->ntp)
+        e->tops->peer_close(p->ntp);
     pthread_rwlock_destroy(&p->sel);
     pthread_mutex_destroy(&p->lock);
     free(p->regions);
@@ -512,8 +459,8 @@ static void fetch_session(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kv
     void *val;
     size_t len;
 
-    make_key(key, sizeof(key), e->ns, "sessions", sid);
-    if (store_get_wait(e, key, wait_ms, &val, &len) == 0) {
+    kvf__eng_make_key(key, sizeof(key), e->ns, "sessions", sid);
+    if (kvf__eng_store_get_wait(e, key, wait_ms, &val, &len) == 0) {
         parse_session(val, len, d);
         free(val);
     }
@@ -533,7 +480,10 @@ static int peer_select(kvf_engine_t *e, eng_peer_t *p)
 
     if (p->tp)
         p->tops->peer_close(p->tp);
+    if (p->ntp)
+        e->tops->peer_close(p->ntp);
     p->tp = NULL;
+    p->ntp = NULL;
     p->tops = NULL;
     memset(&d, 0, sizeof(d));
     d.sid = p->sid;
@@ -554,6 +504,14 @@ static int peer_select(kvf_engine_t *e, eng_peer_t *p)
         fetch_session(e, p->sid, e->cfg.init_timeout_ms, &d);
         rc = e->shm_ops->peer_open(e->shm, &d, &p->tp);
         if (rc == 0) {
+            /* shm has no channel of its own for notifications; a tcp handle carries them (it
+             * connects on first use). */
+            rc = e->tops->peer_open(e->transport, &d, &p->ntp);
+            if (rc < 0) {
+                e->shm_ops->peer_close(p->tp);
+                p->tp = NULL;
+                return rc;
+            }
             p->via = ENG_VIA_SHM;
             p->tops = e->shm_ops;
             pthread_mutex_lock(&p->lock);
@@ -630,16 +588,16 @@ static int peer_get(kvf_engine_t *e, const char *sid, eng_peer_t **out)
     }
     pthread_mutex_unlock(&e->peers_lock);
     if (other) {
-        peer_free(p);
+        peer_free(p, e);
         p = other;
     }
     KVF_DEBUG(ENG_LOG, "engine %s: peer %s found with %zu regions, via %s", e->sid, sid,
-              p->nregions, via_names[p->via]);
+              p->nregions, kvf__eng_via_names[p->via]);
     *out = p;
     return 0;
 
 out_free:
-    peer_free(p);
+    peer_free(p, e);
     return rc;
 }
 
@@ -690,14 +648,16 @@ static int peer_reselect(kvf_engine_t *e, eng_peer_t *p)
 
 /* The sender's fast-fail: every element must lie inside one of the peer's published regions.
  * Returns 0 or -KVF_ENOTREG naming the first element that does not. */
-static int peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n)
+static int peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad)
 {
     int rc = 0;
     pthread_mutex_lock(&p->lock);
     for (size_t i = 0; i < n && rc == 0; i++) {
         rc = kvf__regions_check(p->regions, p->nregions, x[i].remote, x[i].len);
-        if (rc < 0)
+        if (rc < 0) {
             kvf__err_wrap(rc, "element %zu (%s)", i, x[i].op == KVF_OP_WRITE ? "write" : "read");
+            *bad = i;
+        }
     }
     pthread_mutex_unlock(&p->lock);
     return rc;
@@ -735,7 +695,8 @@ static int peer_make_current(kvf_engine_t *e, eng_peer_t *p)
 
 /* The loop path: memcpy to or from an engine of this process, each element under a reference
  * on the target's region, taken from its own table (authoritative, and unregister drains it). */
-static int loop_transfer(const char *sid, const kvf_xfer_t *x, size_t n)
+static int loop_transfer(const char *sid, const kvf_xfer_t *x, size_t n,
+                         const kvf_xfer_ctl_t *ctl)
 {
     int rc = 0;
     pthread_rwlock_rdlock(&eng_all_lock);
@@ -744,9 +705,15 @@ static int loop_transfer(const char *sid, const kvf_xfer_t *x, size_t n)
         rc = kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", sid);
     for (size_t i = 0; t && i < n && rc == 0; i++) {
         kvf_region_ref_t ref;
+        if (ctl && ctl->cancel && atomic_load(ctl->cancel)) {
+            rc = kvf__err(-KVF_ECANCELED, "cancelled before element %zu", i);
+            break;
+        }
         rc = kvf__regions_acquire(t->regions, x[i].remote, x[i].len, &ref);
         if (rc < 0) {
             kvf__err_wrap(rc, "element %zu (%s)", i, x[i].op == KVF_OP_WRITE ? "write" : "read");
+            if (ctl && ctl->status)
+                ctl->status[i] = rc;
             break;
         }
         void *remote = (void *)(uintptr_t)x[i].remote;
@@ -756,6 +723,8 @@ static int loop_transfer(const char *sid, const kvf_xfer_t *x, size_t n)
         else
             memmove(x[i].local, remote, x[i].len);
         kvf__regions_release(t->regions, &ref);
+        if (ctl && ctl->status)
+            ctl->status[i] = 0;
     }
     pthread_rwlock_unlock(&eng_all_lock);
     return rc;
@@ -769,7 +738,7 @@ int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **na
     eng_peer_t *p = peer_find_locked(e, peer);
     if (p) {
         pthread_rwlock_rdlock(&p->sel);
-        *name = via_names[p->via];
+        *name = kvf__eng_via_names[p->via];
         pthread_rwlock_unlock(&p->sel);
     }
     pthread_mutex_unlock(&e->peers_lock);
@@ -834,9 +803,12 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         goto out_destroy_locks;
     KVF_DEBUG(ENG_LOG, "device id %d: host memory (no device memory kinds are built)", device_id);
 
-    rc = kvf__regions_create(&e->regions);
+    rc = kvf__async_init(e);
     if (rc < 0)
         goto out_destroy_cond;
+    rc = kvf__regions_create(&e->regions);
+    if (rc < 0)
+        goto out_async;
 
     /* Listen first: the port is the session's identity, and holding it proves that no live
      * engine on this host owns the session id, so a record left in the store is a dead one's. */
@@ -847,6 +819,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .conns_per_peer = e->cfg.tcp_conns_per_peer,
         .chunk_bytes = e->cfg.tcp_chunk_bytes,
         .connect_timeout_ms = e->cfg.init_timeout_ms,
+        .notify_cb = kvf__notify_deliver,
+        .notify_arg = e,
     };
     rc = e->tops->create(&tp, &e->transport);
     if (rc == -EADDRINUSE) {
@@ -864,8 +838,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         goto out_regions;
     listen.port = e->tops->port(e->transport);
     kvf__hostport_format(&listen, e->sid, sizeof(e->sid));
-    make_key(e->session_key, sizeof(e->session_key), e->ns, "sessions", e->sid);
-    make_key(e->regions_key, sizeof(e->regions_key), e->ns, "regions", e->sid);
+    kvf__eng_make_key(e->session_key, sizeof(e->session_key), e->ns, "sessions", e->sid);
+    kvf__eng_make_key(e->regions_key, sizeof(e->regions_key), e->ns, "regions", e->sid);
     /* The memfd socket is named after the session (unique on the host while the port is held);
      * an engine forced to tcp offers no shm and so serves no memfds. */
     char sock[ENG_KEY_MAX];
@@ -916,6 +890,8 @@ out_transport:
     e->tops->destroy(e->transport);
 out_regions:
     kvf__regions_destroy(e->regions);
+out_async:
+    kvf__async_fini(e);
 out_destroy_cond:
     pthread_cond_destroy(&e->busy_cond);
 out_destroy_locks:
@@ -935,6 +911,7 @@ void kvf_engine_shutdown(kvf_engine_t *e)
     pthread_mutex_lock(&e->busy_lock);
     e->closing = true;
     pthread_mutex_unlock(&e->busy_lock);
+    kvf__async_wake(e);
 }
 
 void kvf_engine_destroy(kvf_engine_t *e)
@@ -954,6 +931,8 @@ void kvf_engine_destroy(kvf_engine_t *e)
     /* New calls are refused from here on; running transfers are bounded by op_timeout_ms, and
      * those waiting for a peer notice `closing` within ENG_WAIT_SLICE_MS. */
     kvf_engine_shutdown(e);
+    /* Queued batches fail with -KVF_ECLOSED; running ones end within op_timeout_ms. */
+    kvf__async_stop(e);
     pthread_mutex_lock(&e->busy_lock);
     while (e->busy)
         pthread_cond_wait(&e->busy_cond, &e->busy_lock);
@@ -966,11 +945,13 @@ void kvf_engine_destroy(kvf_engine_t *e)
 
     for (eng_peer_t *p = e->peers, *next; p; p = next) {
         next = p->next;
-        peer_free(p);
+        peer_free(p, e);
     }
     e->shm_ops->destroy(e->shm);
     e->tops->destroy(e->transport);
     kvf__regions_destroy(e->regions);
+    /* No transport delivers notifications and no batch is left. */
+    kvf__async_fini(e);
     /* Nothing serves or transfers any more: what kvf_mem_alloc() handed out goes now. */
     for (eng_mem_t *m = e->mems, *next; m; m = next) {
         next = m->next;
@@ -989,7 +970,7 @@ void kvf_engine_destroy(kvf_engine_t *e)
 
 /* ---- in-flight calls ------------------------------------------------------------------------ */
 
-static int busy_enter(kvf_engine_t *e)
+int kvf__eng_busy_enter(kvf_engine_t *e)
 {
     pthread_mutex_lock(&e->busy_lock);
     bool closing = e->closing;
@@ -999,7 +980,7 @@ static int busy_enter(kvf_engine_t *e)
     return closing ? kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid) : 0;
 }
 
-static void busy_leave(kvf_engine_t *e)
+void kvf__eng_busy_leave(kvf_engine_t *e)
 {
     pthread_mutex_lock(&e->busy_lock);
     if (--e->busy == 0)
@@ -1051,7 +1032,7 @@ int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *le
     for (size_t i = 0; i < n; i++)
         if (!addrs[i])
             return kvf__err(-KVF_EINVAL, "register: element %zu: address is NULL", i);
-    rc = busy_enter(e);
+    rc = kvf__eng_busy_enter(e);
     if (rc < 0)
         return rc;
     a = malloc(n * sizeof(*a));
@@ -1081,7 +1062,7 @@ int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *le
 out:
     free(a);
     free(l);
-    busy_leave(e);
+    kvf__eng_busy_leave(e);
     return rc;
 }
 
@@ -1089,7 +1070,7 @@ int kvf_mem_unregister(kvf_engine_t *e, void *addr)
 {
     if (!e)
         return kvf__err(-KVF_EINVAL, "unregister: the engine is NULL");
-    int rc = busy_enter(e);
+    int rc = kvf__eng_busy_enter(e);
     if (rc < 0)
         return rc;
     rc = kvf__regions_remove(e->regions, (uintptr_t)addr, e->cfg.op_timeout_ms);
@@ -1105,7 +1086,7 @@ int kvf_mem_unregister(kvf_engine_t *e, void *addr)
             kvf__err(rc, "%s", msg);
         }
     }
-    busy_leave(e);
+    kvf__eng_busy_leave(e);
     return rc;
 }
 
@@ -1169,7 +1150,7 @@ int kvf_mem_alloc(kvf_engine_t *e, size_t len, void **out)
         return kvf__err(-KVF_EINVAL, "mem alloc: length is 0; want at least 1 byte");
     if (len > (SIZE_MAX >> 2))
         return kvf__err(-KVF_EINVAL, "mem alloc: length %zu is larger than any memory", len);
-    rc = busy_enter(e);
+    rc = kvf__eng_busy_enter(e);
     if (rc < 0)
         return rc;
     m = calloc(1, sizeof(*m));
@@ -1217,7 +1198,7 @@ out_unmap:
 out_free:
     free(m);
 out:
-    busy_leave(e);
+    kvf__eng_busy_leave(e);
     return rc;
 }
 
@@ -1230,7 +1211,7 @@ int kvf_mem_free(kvf_engine_t *e, void *ptr)
         return kvf__err(-KVF_EINVAL, "mem free: the engine is NULL");
     if (!ptr)
         return kvf__err(-KVF_EINVAL, "mem free: the pointer is NULL");
-    rc = busy_enter(e);
+    rc = kvf__eng_busy_enter(e);
     if (rc < 0)
         return rc;
     pthread_mutex_lock(&e->mem_lock);
@@ -1270,13 +1251,13 @@ int kvf_mem_free(kvf_engine_t *e, void *ptr)
     close(m->fd);
     free(m);
 out:
-    busy_leave(e);
+    kvf__eng_busy_leave(e);
     return rc;
 }
 
 /* ---- transfers ------------------------------------------------------------------------------ */
 
-static int check_xfers(const char *peer, const kvf_xfer_t *x, size_t n)
+int kvf__eng_check_xfers(const char *peer, const kvf_xfer_t *x, size_t n)
 {
     if (!x || n == 0)
         return kvf__err(-KVF_EINVAL, "transfer to %s: %s", peer, x ? "empty batch" : "NULL batch");
@@ -1301,59 +1282,73 @@ static int check_xfers(const char *peer, const kvf_xfer_t *x, size_t n)
     return 0;
 }
 
-int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n)
+/* Forget element results before running the batch again. */
+static void status_reset(const kvf_xfer_ctl_t *ctl, size_t n)
 {
-    eng_peer_t *p;
+    if (ctl && ctl->status)
+        for (size_t i = 0; i < n; i++)
+            ctl->status[i] = KVF_XFER_PENDING;
+}
+
+/* The element the sender's own check refused: its status says so; the others never started. */
+static void status_refused(const kvf_xfer_ctl_t *ctl, int rc, size_t bad)
+{
+    if (ctl && ctl->status)
+        ctl->status[bad] = rc;
+}
+
+/* Peer path already held (@p->sel shared): run the batch. */
+static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, size_t n,
+                         uint64_t deadline, const kvf_xfer_ctl_t *ctl)
+{
+    size_t bad = 0;
     int rc;
-
-    if (!e)
-        return kvf__err(-KVF_EINVAL, "transfer: the engine is NULL");
-    if (!peer)
-        return kvf__err(-KVF_EINVAL, "transfer: the peer session id is NULL");
-    rc = check_xfers(peer, x, n);
-    if (rc < 0)
-        return rc;
-    rc = busy_enter(e);
-    if (rc < 0)
-        return rc;
-    uint64_t deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
-
-    rc = peer_get(e, peer, &p);
-    if (rc < 0)
-        goto out;
-    if (atomic_load(&p->reselect)) {
-        rc = peer_reselect(e, p);
-        if (rc < 0) {
-            kvf__err_wrap(rc, "transfer to %s", peer);
-            goto out;
-        }
-    }
-    pthread_rwlock_rdlock(&p->sel);
-    if (p->via == ENG_VIA_LOOP) {
-        rc = loop_transfer(p->sid, x, n);
-        goto out_sel;
-    }
+    if (p->via == ENG_VIA_LOOP)
+        return loop_transfer(p->sid, x, n, ctl);
     if (p->via == ENG_VIA_SHM) {
         rc = peer_make_current(e, p);
+        if (rc == 0) {
+            rc = peer_check(p, x, n, &bad);
+            if (rc < 0)
+                status_refused(ctl, rc, bad);
+        }
         if (rc == 0)
-            rc = peer_check(p, x, n);
-        if (rc == 0)
-            rc = p->tops->transfer(p->tp, x, n, deadline);
-        goto out_sel;
+            rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
+        return rc;
     }
     /* A miss in the cached regions may only mean the cache is old: refresh once and re-check. */
-    rc = peer_check(p, x, n);
+    rc = peer_check(p, x, n, &bad);
     if (rc == -KVF_ENOTREG && peer_refresh(e, p) == 0)
-        rc = peer_check(p, x, n);
-    if (rc < 0)
-        goto out_sel;
-    rc = p->tops->transfer(p->tp, x, n, deadline);
+        rc = peer_check(p, x, n, &bad);
+    if (rc < 0) {
+        status_refused(ctl, rc, bad);
+        return rc;
+    }
+    rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
     /* The target's check is authoritative. If it refused a range our cache allowed, the peer
      * re-registered since we looked: refresh, and retry once if the range is still published. */
     if (rc == -KVF_ENOTREG && kvf__now_ms() < deadline && peer_refresh(e, p) == 0 &&
-        peer_check(p, x, n) == 0)
-        rc = p->tops->transfer(p->tp, x, n, deadline);
-out_sel:
+        peer_check(p, x, n, &bad) == 0) {
+        status_reset(ctl, n);
+        rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
+    }
+    return rc;
+}
+
+int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
+                      uint64_t deadline, const kvf_xfer_ctl_t *ctl)
+{
+    eng_peer_t *p;
+    int rc = peer_get(e, peer, &p);
+    if (rc < 0)
+        return rc;
+    if (atomic_load(&p->reselect)) {
+        rc = peer_reselect(e, p);
+        if (rc < 0)
+            return kvf__err_wrap(rc, "transfer to %s", peer);
+    }
+    pthread_rwlock_rdlock(&p->sel);
+    rc = peer_transfer(e, p, x, n, deadline, ctl);
     pthread_rwlock_unlock(&p->sel);
     /* The process behind the peer is gone: the next transfer looks it up again, since it may
      * have restarted under the same session id (another pid, other memory, maybe another host). */
@@ -1361,8 +1356,53 @@ out_sel:
         atomic_store(&p->reselect, true);
     if (rc < 0)
         kvf__err_wrap(rc, "transfer to %s", peer);
-out:
-    busy_leave(e);
+    return rc;
+}
+
+int kvf__eng_notify(kvf_engine_t *e, const char *peer, const void *msg, size_t len,
+                    uint64_t deadline)
+{
+    eng_peer_t *p;
+    int rc = peer_get(e, peer, &p);
+    if (rc < 0)
+        return rc;
+    if (atomic_load(&p->reselect)) {
+        rc = peer_reselect(e, p);
+        if (rc < 0)
+            return kvf__err_wrap(rc, "notification to %s", peer);
+    }
+    pthread_rwlock_rdlock(&p->sel);
+    if (p->via == ENG_VIA_LOOP) {
+        pthread_rwlock_rdlock(&eng_all_lock);
+        kvf_engine_t *t = eng_all_find_locked(p->sid);
+        rc = t ? kvf__notify_deliver(t, e->sid, msg, len)
+               : kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", p->sid);
+        pthread_rwlock_unlock(&eng_all_lock);
+    } else {
+        rc = e->tops->notify(p->ntp ? p->ntp : p->tp, msg, len, deadline);
+    }
+    pthread_rwlock_unlock(&p->sel);
+    if (rc == -KVF_EPEERGONE)
+        atomic_store(&p->reselect, true);
+    if (rc < 0)
+        kvf__err_wrap(rc, "notification to %s", peer);
+    return rc;
+}
+
+int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n)
+{
+    if (!e)
+        return kvf__err(-KVF_EINVAL, "transfer: the engine is NULL");
+    if (!peer)
+        return kvf__err(-KVF_EINVAL, "transfer: the peer session id is NULL");
+    int rc = kvf__eng_check_xfers(peer, x, n);
+    if (rc < 0)
+        return rc;
+    rc = kvf__eng_busy_enter(e);
+    if (rc < 0)
+        return rc;
+    rc = kvf__eng_transfer(e, peer, x, n, kvf__now_ms() + e->cfg.op_timeout_ms, NULL);
+    kvf__eng_busy_leave(e);
     return rc;
 }
 
@@ -1386,7 +1426,7 @@ int kvf_peer_regions(kvf_engine_t *e, const char *peer, kvf_region_info_t **out,
 
     if (!e || !peer || !out || !n)
         return kvf__err(-KVF_EINVAL, "peer regions: NULL argument");
-    int rc = busy_enter(e);
+    int rc = kvf__eng_busy_enter(e);
     if (rc < 0)
         return rc;
     rc = fetch_regions(e, peer, e->cfg.init_timeout_ms, &rs, &count, &gen);
@@ -1404,6 +1444,6 @@ int kvf_peer_regions(kvf_engine_t *e, const char *peer, kvf_region_info_t **out,
     *out = info;
     *n = count;
 out:
-    busy_leave(e);
+    kvf__eng_busy_leave(e);
     return rc;
 }

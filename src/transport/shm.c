@@ -219,6 +219,16 @@ int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen)
     return -KVF_ENOTSUP;
 }
 
+int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len,
+                                  uint64_t deadline_ms)
+{
+    (void)p;
+    (void)msg;
+    (void)len;
+    (void)deadline_ms;
+    return -KVF_ENOTSUP;
+}
+
 void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n)
 {
     (void)p;
@@ -911,7 +921,8 @@ static int shm_io_error(struct shm_peer *p, int err, bool write, size_t elem, co
  * per call): the loop resumes from the byte it reached.
  */
 static int shm_run(struct shm_peer *p, const kvf_xfer_t *x, size_t i, size_t end, bool write,
-                   uint64_t deadline_ms, struct iovec *liov, struct iovec *riov, size_t cap)
+                   uint64_t deadline_ms, struct iovec *liov, struct iovec *riov, size_t cap,
+                   int *status)
 {
     size_t off = 0; /* bytes of element i already moved */
     while (i < end) {
@@ -926,8 +937,12 @@ static int shm_run(struct shm_peer *p, const kvf_xfer_t *x, size_t i, size_t end
                           : process_vm_readv(p->pid, liov, cnt, riov, cnt, 0);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0)
-            return shm_io_error(p, n < 0 ? errno : EFAULT, write, i, &x[i]);
+        if (n <= 0) {
+            int rc = shm_io_error(p, n < 0 ? errno : EFAULT, write, i, &x[i]);
+            if (status)
+                status[i] = rc;
+            return rc;
+        }
         size_t moved = (size_t)n;
         while (moved > 0) {
             size_t left = x[i].len - off;
@@ -937,17 +952,29 @@ static int shm_run(struct shm_peer *p, const kvf_xfer_t *x, size_t i, size_t end
             }
             moved -= left;
             off = 0;
+            if (status)
+                status[i] = 0;
             i++;
         }
-        if (i < end && kvf__now_ms() >= deadline_ms)
+        if (i < end && kvf__now_ms() >= deadline_ms) {
+            if (status)
+                status[i] = -KVF_ETIMEDOUT;
             return kvf__err(-KVF_ETIMEDOUT, "shm %s to %s: deadline reached at element %zu",
                             write ? "write" : "read", p->sid, i);
+        }
     }
     return 0;
 }
 
-static int shm_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms)
+static bool shm_cancelled(const kvf_xfer_ctl_t *ctl)
 {
+    return ctl && ctl->cancel && atomic_load_explicit(ctl->cancel, memory_order_relaxed);
+}
+
+static int shm_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                        const kvf_xfer_ctl_t *ctl)
+{
+    int *status = ctl ? ctl->status : NULL;
     struct shm_peer *p = shm_peer_of(pp);
     struct iovec sl[SHM_IOV_STACK], sr[SHM_IOV_STACK];
     struct iovec *liov = sl, *riov = sr, *heap = NULL;
@@ -972,19 +999,27 @@ static int shm_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
      * the same op go in one process_vm call each, in batch order. */
     pthread_rwlock_rdlock(&p->map_lock);
     for (size_t i = 0; i < n && rc == 0;) {
+        if (shm_cancelled(ctl)) {
+            rc = kvf__err(-KVF_ECANCELED, "shm transfer to %s: cancelled before element %zu",
+                          p->sid, i);
+            break;
+        }
         uint8_t *m = shm_mapped(p, &x[i]);
         if (m) {
             if (x[i].op == KVF_OP_WRITE)
                 shm_copy(p->t, m, x[i].local, x[i].len);
             else
                 shm_copy(p->t, x[i].local, m, x[i].len);
+            if (status)
+                status[i] = 0;
             i++;
             continue;
         }
         size_t end = i + 1;
         while (end < n && x[end].op == x[i].op && !shm_mapped(p, &x[end]))
             end++;
-        rc = shm_run(p, x, i, end, x[i].op == KVF_OP_WRITE, deadline_ms, liov, riov, cap);
+        rc = shm_run(p, x, i, end, x[i].op == KVF_OP_WRITE, deadline_ms, liov, riov, cap,
+                     status);
         i = end;
     }
     pthread_rwlock_unlock(&p->map_lock);
@@ -1004,6 +1039,7 @@ const struct kvf_transport_ops kvf__shm_ops = {
     .peer_open = shm_peer_open,
     .peer_close = shm_peer_close,
     .transfer = shm_transfer,
+    .notify = kvf__transport_enotsup_notify,
     .regions_gen = shm_regions_gen,
     .regions_changed = shm_regions_changed,
 };

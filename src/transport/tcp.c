@@ -65,11 +65,19 @@
 #define KVF_TCP_WRITE 2
 #define KVF_TCP_READ  3
 #define KVF_TCP_RESP  4
+#define KVF_TCP_NOTIFY 5
+#define KVF_TCP_WRITEV 6
 
 /* Largest `len` of one WRITE or READ (and of a READ's answer). Longer elements are split. */
 #define KVF_TCP_MAX_CHUNK (64u << 20)
 /* Largest HELLO payload (session id) and error-message payload of a RESP. */
 #define KVF_TCP_MAX_MSG 1024u
+/* Segments of one WRITEV: a gathered write of several small elements (addr = the count, len =
+ * their total bytes, at most KVF_TCP_MAX_CHUNK). */
+#define KVF_TCP_MAX_SEGS 256u
+#define KVF_TCP_SEG_LEN  16u
+/* Elements up to this size are gathered into WRITEVs by the initiator. */
+#define TCP_GATHER_ELEM_MAX (256u << 10)
 /* Requests one initiator keeps outstanding on one connection (a power of two: the slot index
  * is the low bits of req_id). A target needs no such limit: it serves one request at a time and
  * TCP flow control holds back the rest. */
@@ -306,12 +314,18 @@ struct tcp_sconn {
     pthread_t thread;
     atomic_bool done;
     char addr[TCP_ADDR_LEN];
+    char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO gave it: the sender of its notifications */
     uint8_t *scratch; /* drain buffer for refused writes, allocated on first use */
+    uint8_t *segs;    /* a WRITEV's segment table, allocated on first use */
+    kvf_region_ref_t *refs; /* and the region references of its segments */
+    struct iovec *iov;
 };
 
 /* A batch: the completion shared by every chunk one transfer() call posts. */
 struct tcp_batch {
     const kvf_xfer_t *x;
+    int *status;        /* per element (kvf_xfer_ctl_t), or NULL; under peer->mu */
+    uint32_t *left;     /* per element, chunks not yet answered, when status is kept */
     size_t outstanding; /* posted chunks not yet answered or failed; under peer->mu */
     _Atomic int rc;     /* first error; written under peer->mu, read anywhere */
     bool waiting;       /* the owner sleeps on cv */
@@ -324,6 +338,8 @@ struct tcp_slot {
     uint64_t req_id;
     struct tcp_batch *batch;
     size_t elem;
+    uint32_t nelem;    /* elements elem.. it carries: 1, or more for a WRITEV */
+    uint32_t refused;  /* a refused WRITEV: the segment the target named, else UINT32_MAX */
     uint8_t *local;
     uint64_t remote;
     uint64_t len;
@@ -385,6 +401,8 @@ struct tcp_transport {
     uint32_t conns_per_peer;
     uint32_t chunk;
     uint32_t connect_timeout_ms;
+    kvf_notify_cb notify_cb;
+    void *notify_arg;
     int listen_fd;
     int wake_fd; /* eventfd: wakes the accept thread for shutdown */
     uint16_t port;
@@ -408,8 +426,11 @@ static struct tcp_peer *tcp_peer_of(kvf_tpeer_t *p)
 
 static const char *tcp_op_name(uint8_t op)
 {
-    return op == KVF_TCP_READ ? "read" : "write";
+    return op == KVF_TCP_READ ? "read" : op == KVF_TCP_NOTIFY ? "notification" : "write";
 }
+
+/* The iovecs of a WRITEV frame: header, segment table, then each element's bytes. */
+#define TCP_WRITEV_IOV (2 + KVF_TCP_MAX_SEGS)
 
 /* ---------------------------------------------------------------------------------------------
  * Target side: serving one connection
@@ -430,22 +451,25 @@ static uint64_t tcp_frame_deadline(uint64_t len)
     return kvf__now_ms() + KVF_TCP_FRAME_BASE_MS + len / KVF_TCP_MIN_RATE_BYTES_PER_MS;
 }
 
-static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_ok,
-                        uint64_t deadline_ms, size_t *got_out)
+static int tcp_srv_recvv(struct tcp_sconn *sc, struct iovec *iov, int cnt, bool idle_ok,
+                         uint64_t deadline_ms, size_t *got_out)
 {
     size_t got = 0;
     uint64_t last = kvf__now_ms();
     int rc = 0;
-    while (got < len) {
+    tcp_iov_advance(&iov, &cnt, 0);
+    while (cnt > 0) {
         /* Checked before every receive, not only after an idle slice: a trickling client makes
          * each slice return a few bytes. */
         if (deadline_ms && kvf__now_ms() >= deadline_ms) {
             rc = -KVF_ETIMEDOUT;
             break;
         }
-        ssize_t r = recv(sc->fd, (uint8_t *)buf + got, len - got, MSG_WAITALL);
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
+        ssize_t r = recvmsg(sc->fd, &mh, MSG_WAITALL);
         if (r > 0) {
             got += (size_t)r;
+            tcp_iov_advance(&iov, &cnt, (size_t)r);
             last = kvf__now_ms();
             continue;
         }
@@ -475,7 +499,13 @@ static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_o
     return rc;
 }
 
-/* Read and throw away @len bytes so that the stream stays in step after a refused WRITE. */
+static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_ok,
+                        uint64_t deadline_ms, size_t *got_out)
+{
+    struct iovec iov = {buf, len};
+    return tcp_srv_recvv(sc, &iov, 1, idle_ok, deadline_ms, got_out);
+}
+
 static int tcp_srv_drain(struct tcp_sconn *sc, uint64_t len)
 {
     uint64_t deadline = tcp_frame_deadline(len);
@@ -516,7 +546,7 @@ static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why,
 {
     if (!tcp_hdr_common_ok(h, why, whylen))
         return why;
-    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_READ)
+    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_WRITEV || h->type == KVF_TCP_RESP)
         snprintf(why, whylen, "bad frame type %u", (unsigned)h->type);
     else if (!hello_done && h->type != KVF_TCP_HELLO)
         snprintf(why, whylen, "first frame is type %u, not HELLO", (unsigned)h->type);
@@ -527,12 +557,93 @@ static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why,
     else if (h->type == KVF_TCP_HELLO && h->len > KVF_TCP_MAX_MSG)
         snprintf(why, whylen, "HELLO length %" PRIu64 " over KVF_TCP_MAX_MSG (%u)", h->len,
                  KVF_TCP_MAX_MSG);
+    else if (h->type == KVF_TCP_WRITEV && (h->addr == 0 || h->addr > KVF_TCP_MAX_SEGS))
+        snprintf(why, whylen, "WRITEV of %" PRIu64 " segments: want 1..KVF_TCP_MAX_SEGS (%u)",
+                 h->addr, KVF_TCP_MAX_SEGS);
+    else if (h->type == KVF_TCP_NOTIFY && h->len > KVF_NOTIFY_MAX)
+        snprintf(why, whylen, "NOTIFY length %" PRIu64 " over KVF_NOTIFY_MAX (%u)", h->len,
+                 KVF_NOTIFY_MAX);
     else if (h->len > KVF_TCP_MAX_CHUNK)
         snprintf(why, whylen, "length %" PRIu64 " over KVF_TCP_MAX_CHUNK (%u)", h->len,
                  KVF_TCP_MAX_CHUNK);
     else
         return NULL;
     return why;
+}
+
+/*
+ * Serve a WRITEV: its segment table, then each segment's bytes straight into the region it lies
+ * in, under references on all of them. Either every segment is inside a registered region and
+ * all are written, or none is: the payload is drained and the answer names the first refused
+ * segment in `addr`. Returns 0, a negative I/O code, or 1 with @why set when the frame is
+ * malformed (the connection is then closed).
+ */
+static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, size_t whylen)
+{
+    struct tcp_transport *t = sc->t;
+    unsigned n = (unsigned)h->addr;
+    if (!sc->segs) {
+        sc->segs = malloc(KVF_TCP_MAX_SEGS * KVF_TCP_SEG_LEN);
+        sc->refs = calloc(KVF_TCP_MAX_SEGS, sizeof(*sc->refs));
+        sc->iov = malloc(KVF_TCP_MAX_SEGS * sizeof(*sc->iov));
+        if (!sc->segs || !sc->refs || !sc->iov)
+            return -ENOMEM;
+    }
+    uint64_t deadline = tcp_frame_deadline(h->len);
+    int rc = tcp_srv_recv(sc, sc->segs, (size_t)n * KVF_TCP_SEG_LEN, false, deadline, NULL);
+    if (rc)
+        return rc;
+    uint64_t total = 0;
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t addr = kvf__get_le64(sc->segs + (size_t)i * KVF_TCP_SEG_LEN);
+        uint64_t len = kvf__get_le64(sc->segs + (size_t)i * KVF_TCP_SEG_LEN + 8);
+        if (len == 0 || len > h->len - total) {
+            snprintf(why, whylen,
+                     "WRITEV segment %u: length %" PRIu64 " where %" PRIu64 " of the frame's %" PRIu64
+                     " bytes are left",
+                     i, len, h->len - total, h->len);
+            return 1;
+        }
+        total += len;
+        sc->iov[i].iov_base = (void *)(uintptr_t)addr;
+        sc->iov[i].iov_len = (size_t)len;
+    }
+    if (total != h->len) {
+        snprintf(why, whylen, "WRITEV segments total %" PRIu64 " bytes, the frame says %" PRIu64,
+                 total, h->len);
+        return 1;
+    }
+    unsigned k = 0;
+    int arc = 0;
+    for (; k < n; k++) {
+        arc = kvf__regions_acquire(t->regions, (uintptr_t)sc->iov[k].iov_base, sc->iov[k].iov_len,
+                                   &sc->refs[k]);
+        if (arc)
+            break;
+    }
+    if (arc) {
+        for (unsigned j = 0; j < k; j++)
+            kvf__regions_release(t->regions, &sc->refs[j]);
+        KVF_DEBUG(TCP_LOG, "gathered write from %s refused at segment %u: %s", sc->addr, k,
+                  kvf_last_error());
+        rc = tcp_srv_drain(sc, h->len);
+        if (rc == 0) {
+            tcp_hdr_t e = *h;
+            e.addr = k;
+            rc = tcp_srv_send_error(sc, &e, arc);
+        }
+        return rc;
+    }
+    rc = tcp_srv_recvv(sc, sc->iov, (int)n, false, deadline, NULL);
+    for (unsigned j = 0; j < n; j++)
+        kvf__regions_release(t->regions, &sc->refs[j]);
+    if (rc == 0) {
+        uint8_t resp[KVF_TCP_HDR_LEN];
+        tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h->req_id, n, 0);
+        struct iovec iov = {resp, sizeof(resp)};
+        rc = tcp_srv_send(sc, &iov, 1);
+    }
+    return rc;
 }
 
 static const char *tcp_io_reason(int rc, char *buf, size_t len)
@@ -594,11 +705,39 @@ static void *tcp_sconn_main(void *arg)
                     sid[i] = '?';
             sid[h.len] = '\0';
             KVF_DEBUG(TCP_LOG, "hello from %s at %s", sid, sc->addr);
+            /* A longer one is no session id; it is kept cut (for the log) all the same. */
+            size_t keep = strnlen(sid, sizeof(sc->peer_sid) - 1);
+            memcpy(sc->peer_sid, sid, keep);
+            sc->peer_sid[keep] = '\0';
             hello_done = true;
             uint8_t resp[KVF_TCP_HDR_LEN];
             tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
             struct iovec iov = {resp, sizeof(resp)};
             rc = tcp_srv_send(sc, &iov, 1);
+        } else if (h.type == KVF_TCP_WRITEV) {
+            rc = tcp_srv_writev(sc, &h, why, sizeof(why));
+            if (rc == 1) {
+                reason = why;
+                break;
+            }
+        } else if (h.type == KVF_TCP_NOTIFY) {
+            /* The sender sends it only once every request of its batch has been answered, so
+             * that batch's data is in place before the notification is queued. */
+            uint8_t nbuf[KVF_NOTIFY_MAX];
+            rc = tcp_srv_recv(sc, nbuf, (size_t)h.len, false, tcp_frame_deadline(h.len), NULL);
+            if (rc == 0) {
+                int nrc = t->notify_cb
+                              ? t->notify_cb(t->notify_arg, sc->peer_sid, nbuf, (size_t)h.len)
+                              : kvf__err(-KVF_ENOTSUP, "%s takes no notifications", t->local_sid);
+                if (nrc == 0) {
+                    uint8_t resp[KVF_TCP_HDR_LEN];
+                    tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
+                    struct iovec iov = {resp, sizeof(resp)};
+                    rc = tcp_srv_send(sc, &iov, 1);
+                } else {
+                    rc = tcp_srv_send_error(sc, &h, nrc);
+                }
+            }
         } else if (h.type == KVF_TCP_WRITE) {
             kvf_region_ref_t ref = {0};
             int arc = kvf__regions_acquire(t->regions, h.addr, h.len, &ref);
@@ -650,6 +789,12 @@ static void *tcp_sconn_main(void *arg)
     shutdown(sc->fd, SHUT_RDWR);
     free(sc->scratch);
     sc->scratch = NULL;
+    free(sc->segs);
+    free(sc->refs);
+    free(sc->iov);
+    sc->segs = NULL;
+    sc->refs = NULL;
+    sc->iov = NULL;
     atomic_store(&sc->done, true);
     return NULL;
 }
@@ -807,6 +952,8 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     if (t->chunk > KVF_TCP_MAX_CHUNK)
         t->chunk = KVF_TCP_MAX_CHUNK;
     t->connect_timeout_ms = p->connect_timeout_ms ? p->connect_timeout_ms : TCP_DEFAULT_CONNECT_MS;
+    t->notify_cb = p->notify_cb;
+    t->notify_arg = p->notify_arg;
     atomic_init(&t->stopping, false);
 
     rc = -pthread_mutex_init(&t->mu, NULL);
@@ -817,6 +964,13 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     rc = tcp_listen(t, &p->listen);
     if (rc)
         goto out_mutex;
+    /* A session id created with port 0 is known to peers by the port chosen here: that is
+     * the name the hello (and so a notification's sender) must carry. */
+    kvf_hostport_t me;
+    if (kvf__session_id_parse(t->local_sid, &me) == 0 && me.port == 0) {
+        me.port = t->port;
+        kvf__hostport_format(&me, t->local_sid, sizeof(t->local_sid));
+    }
     t->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (t->wake_fd < 0) {
         rc = kvf__err(-errno, "tcp create: eventfd: %s", strerror(errno));
@@ -897,6 +1051,9 @@ static void tcp_slot_finish(struct tcp_conn *c, unsigned idx)
 {
     struct tcp_slot *s = &c->slots[idx];
     struct tcp_batch *b = s->batch;
+    for (size_t k = s->elem; b->left && k < s->elem + s->nelem; k++)
+        if (--b->left[k] == 0 && b->status[k] == KVF_XFER_PENDING)
+            b->status[k] = 0;
     s->req_id = 0;
     s->batch = NULL;
     c->free_slots[c->nfree++] = (uint16_t)idx;
@@ -910,9 +1067,16 @@ static void tcp_slot_finish(struct tcp_conn *c, unsigned idx)
 static void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char *why)
 {
     struct tcp_slot *s = &c->slots[idx];
-    const kvf_xfer_t *x = &s->batch->x[s->elem];
-    tcp_batch_fail(s->batch, code, "tcp %s to %s, element %zu [0x%" PRIx64 ", +%zu): %s",
-                   tcp_op_name(s->op), c->peer->sid, s->elem, x->remote, x->len, why);
+    struct tcp_batch *b = s->batch;
+    /* A refused WRITEV wrote none of its elements: the one the target named failed, the others
+     * never started. Any other failure applies to all the slot carries. */
+    size_t bad = s->refused < s->nelem ? s->elem + s->refused : s->elem;
+    const kvf_xfer_t *x = &b->x[bad];
+    tcp_batch_fail(b, code, "tcp %s to %s, element %zu [0x%" PRIx64 ", +%zu): %s",
+                   tcp_op_name(s->op), c->peer->sid, bad, x->remote, x->len, why);
+    for (size_t k = s->elem; b->status && k < s->elem + s->nelem; k++)
+        if (b->status[k] >= 0)
+            b->status[k] = s->refused < s->nelem && k != bad ? -KVF_ECANCELED : code;
     tcp_slot_finish(c, idx);
 }
 
@@ -1030,6 +1194,8 @@ static void *tcp_rx_main(void *arg)
             pthread_mutex_lock(&p->mu);
             if (s->req_id == h.req_id) {
                 char m2[TCP_ERRMSG_LEN];
+                if (s->op == KVF_TCP_WRITEV && h.addr < s->nelem)
+                    s->refused = (uint32_t)h.addr;
                 snprintf(m2, sizeof(m2), "refused by the target: %s", msg);
                 tcp_slot_fail(c, idx, code, m2);
             }
@@ -1469,13 +1635,12 @@ static bool tcp_wait(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t deadline_
  * Returns 0 when the frame was sent (its completion comes later), or a negative code with the
  * batch's error recorded; a request that was registered is then failed or finished already.
  */
-static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, size_t elem, uint64_t off,
-                    uint64_t len, uint64_t deadline_ms)
+static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t elem,
+                    uint32_t nelem, uint64_t off, uint64_t len, uint64_t deadline_ms)
 {
     const kvf_xfer_t *x = &b->x[elem];
     unsigned ci = atomic_fetch_add_explicit(&p->rr, 1, memory_order_relaxed) % p->nconns;
     struct tcp_conn *c = &p->conns[ci];
-    uint8_t op = x->op == KVF_OP_READ ? KVF_TCP_READ : KVF_TCP_WRITE;
     int rc = 0;
 
     pthread_mutex_lock(&p->mu);
@@ -1517,6 +1682,8 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, size_t elem, uint64
     s->req_id = req_id;
     s->batch = b;
     s->elem = elem;
+    s->nelem = nelem;
+    s->refused = UINT32_MAX;
     s->op = op;
     s->local = (uint8_t *)x->local + off;
     s->remote = x->remote + off;
@@ -1526,8 +1693,22 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, size_t elem, uint64
     pthread_mutex_unlock(&p->mu);
 
     uint8_t hdr[KVF_TCP_HDR_LEN];
-    tcp_hdr_encode(hdr, op, 0, req_id, s->remote, len);
-    struct iovec iov[2] = {{hdr, sizeof(hdr)}, {s->local, (size_t)len}};
+    uint8_t segs[KVF_TCP_MAX_SEGS * KVF_TCP_SEG_LEN];
+    struct iovec iov[TCP_WRITEV_IOV];
+    int niov = op == KVF_TCP_READ ? 1 : 2;
+    iov[0] = (struct iovec){hdr, sizeof(hdr)};
+    if (op == KVF_TCP_WRITEV) {
+        tcp_hdr_encode(hdr, op, 0, req_id, nelem, len);
+        iov[1] = (struct iovec){segs, (size_t)nelem * KVF_TCP_SEG_LEN};
+        for (uint32_t k = 0; k < nelem; k++) {
+            kvf__put_le64(segs + (size_t)k * KVF_TCP_SEG_LEN, x[k].remote);
+            kvf__put_le64(segs + (size_t)k * KVF_TCP_SEG_LEN + 8, x[k].len);
+            iov[niov++] = (struct iovec){x[k].local, x[k].len};
+        }
+    } else {
+        tcp_hdr_encode(hdr, op, 0, req_id, s->remote, len);
+        iov[1] = (struct iovec){s->local, (size_t)len};
+    }
 
     int lrc = tcp_send_lock(c, deadline_ms);
     if (lrc) {
@@ -1544,7 +1725,7 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, size_t elem, uint64
         pthread_mutex_unlock(&c->send_mu);
         return -KVF_EPEERGONE;
     }
-    rc = tcp_sendv(c->fd, iov, op == KVF_TCP_WRITE ? 2 : 1, deadline_ms, 0);
+    rc = tcp_sendv(c->fd, iov, niov, deadline_ms, 0);
     pthread_mutex_unlock(&c->send_mu);
     if (rc == 0)
         return 0;
@@ -1565,6 +1746,8 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, size_t elem, uint64
     }
     tcp_conn_break_locked(c, gen, -KVF_EPEERGONE, why);
 out_unlock:
+    if (rc && b->status && b->status[elem] >= 0)
+        b->status[elem] = rc;
     pthread_mutex_unlock(&p->mu);
     return rc;
 }
@@ -1598,16 +1781,69 @@ static void tcp_batch_abort(struct tcp_peer *p, struct tcp_batch *b)
                 }
                 c->waiters--;
             }
-            if (c->slots[i].req_id && c->slots[i].batch == b)
+            if (c->slots[i].req_id && c->slots[i].batch == b) {
+                if (b->status && b->status[c->slots[i].elem] >= 0)
+                    b->status[c->slots[i].elem] = -KVF_ETIMEDOUT;
                 tcp_slot_finish(c, i);
+            }
         }
     }
 }
 
-static int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms)
+/* Enter a batch on @p: refused once the peer handle is closing. */
+static int tcp_batch_begin(struct tcp_peer *p, struct tcp_batch *b, const kvf_xfer_t *x)
+{
+    memset(b, 0, sizeof(*b));
+    b->x = x;
+    atomic_init(&b->rc, 0);
+    int rc = kvf__cond_init_monotonic(&b->cv);
+    if (rc)
+        return kvf__err(rc, "tcp transfer: condition variable: %s", kvf_strerror(rc));
+    pthread_mutex_lock(&p->mu);
+    if (p->closing) {
+        pthread_mutex_unlock(&p->mu);
+        pthread_cond_destroy(&b->cv);
+        return kvf__err(-KVF_ECLOSED, "tcp transfer to %s: transport is closing", p->sid);
+    }
+    p->active++;
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+/* Wait for every posted request of @b (giving up on them at @deadline_ms), leave the peer, and
+ * return the batch's result. */
+static int tcp_batch_end(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadline_ms)
+{
+    pthread_mutex_lock(&p->mu);
+    b->waiting = true;
+    while (b->outstanding > 0) {
+        if (!tcp_wait(&b->cv, &p->mu, deadline_ms)) {
+            tcp_batch_fail(b, -KVF_ETIMEDOUT,
+                           "tcp transfer to %s: timed out with %zu "
+                           "request(s) unanswered",
+                           p->sid, b->outstanding);
+            tcp_batch_abort(p, b);
+            break;
+        }
+    }
+    b->waiting = false;
+    if (--p->active == 0 && p->closing)
+        pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    pthread_cond_destroy(&b->cv);
+
+    int rc = atomic_load(&b->rc);
+    if (rc)
+        return kvf__err(rc, "%s", b->msg);
+    return 0;
+}
+
+static int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                        const kvf_xfer_ctl_t *ctl)
 {
     struct tcp_peer *p = tcp_peer_of(pp);
     struct tcp_batch b;
+    uint32_t *left = NULL;
     int rc;
 
     if (!p || (n && !x))
@@ -1627,56 +1863,89 @@ static int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
     }
     if (n == 0)
         return 0;
-
-    memset(&b, 0, sizeof(b));
-    b.x = x;
-    atomic_init(&b.rc, 0);
-    rc = kvf__cond_init_monotonic(&b.cv);
-    if (rc)
-        return kvf__err(rc, "tcp transfer: condition variable: %s", kvf_strerror(rc));
-
-    pthread_mutex_lock(&p->mu);
-    if (p->closing) {
-        pthread_mutex_unlock(&p->mu);
-        pthread_cond_destroy(&b.cv);
-        return kvf__err(-KVF_ECLOSED, "tcp transfer to %s: transport is closing", p->sid);
+    if (ctl && ctl->status) {
+        /* An element is done when its last chunk is answered. */
+        left = malloc(n * sizeof(*left));
+        if (!left)
+            return kvf__err(-KVF_ENOMEM, "tcp transfer to %s: out of memory for %zu elements",
+                            p->sid, n);
+        for (size_t i = 0; i < n; i++)
+            left[i] = (uint32_t)((x[i].len + p->chunk - 1) / p->chunk);
     }
-    p->active++;
-    pthread_mutex_unlock(&p->mu);
+    rc = tcp_batch_begin(p, &b, x);
+    if (rc) {
+        free(left);
+        return rc;
+    }
+    b.status = left ? ctl->status : NULL;
+    b.left = left;
 
-    /* Post every chunk, sending each from this thread; stop at the first error. */
-    for (size_t i = 0; i < n && !atomic_load_explicit(&b.rc, memory_order_relaxed); i++) {
+    /* Post every request, sending each from this thread; stop at the first error, or when the
+     * caller cancels (what was sent is still waited for). Runs of small writes go as one WRITEV
+     * each (one frame, one answer); other elements as chunks of at most p->chunk bytes. */
+    const atomic_bool *cancel = ctl ? ctl->cancel : NULL;
+    for (size_t i = 0; i < n && !atomic_load_explicit(&b.rc, memory_order_relaxed);) {
+        if (cancel && atomic_load_explicit(cancel, memory_order_relaxed)) {
+            pthread_mutex_lock(&p->mu);
+            tcp_batch_fail(&b, -KVF_ECANCELED, "tcp transfer to %s: cancelled at element %zu",
+                           p->sid, i);
+            pthread_mutex_unlock(&p->mu);
+            break;
+        }
+        size_t j = i;
+        uint64_t total = 0;
+        while (j < n && j - i < KVF_TCP_MAX_SEGS && x[j].op == KVF_OP_WRITE &&
+               x[j].len <= TCP_GATHER_ELEM_MAX && total + x[j].len <= p->chunk)
+            total += x[j++].len;
+        if (j - i >= 2) {
+            if (tcp_post(p, &b, KVF_TCP_WRITEV, i, (uint32_t)(j - i), 0, total, deadline_ms))
+                break;
+            i = j;
+            continue;
+        }
+        uint8_t op = x[i].op == KVF_OP_READ ? KVF_TCP_READ : KVF_TCP_WRITE;
         for (uint64_t off = 0; off < x[i].len; off += p->chunk) {
+            if (off && cancel && atomic_load_explicit(cancel, memory_order_relaxed)) {
+                pthread_mutex_lock(&p->mu);
+                tcp_batch_fail(&b, -KVF_ECANCELED,
+                               "tcp transfer to %s: cancelled at element %zu (offset %" PRIu64
+                               ")",
+                               p->sid, i, off);
+                pthread_mutex_unlock(&p->mu);
+                break;
+            }
             uint64_t len = x[i].len - off < p->chunk ? x[i].len - off : p->chunk;
-            if (tcp_post(p, &b, i, off, len, deadline_ms))
+            if (tcp_post(p, &b, op, i, 1, off, len, deadline_ms))
                 break;
             if (atomic_load_explicit(&b.rc, memory_order_relaxed))
                 break;
         }
+        i++;
     }
+    rc = tcp_batch_end(p, &b, deadline_ms);
+    free(left);
+    return rc;
+}
 
-    pthread_mutex_lock(&p->mu);
-    b.waiting = true;
-    while (b.outstanding > 0) {
-        if (!tcp_wait(&b.cv, &p->mu, deadline_ms)) {
-            tcp_batch_fail(&b, -KVF_ETIMEDOUT,
-                           "tcp transfer to %s: timed out with %zu "
-                           "request(s) unanswered",
-                           p->sid, b.outstanding);
-            tcp_batch_abort(p, &b);
-            break;
-        }
-    }
-    b.waiting = false;
-    if (--p->active == 0 && p->closing)
-        pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
-    pthread_cond_destroy(&b.cv);
+static int tcp_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t deadline_ms)
+{
+    struct tcp_peer *p = tcp_peer_of(pp);
+    struct tcp_batch b;
+    static const uint8_t empty[1];
 
-    rc = atomic_load(&b.rc);
+    if (!p || (len && !msg))
+        return kvf__err(-KVF_EINVAL, "tcp notify: missing argument");
+    if (len > KVF_NOTIFY_MAX)
+        return kvf__err(-KVF_ETOOBIG, "tcp notify to %s: %zu bytes over KVF_NOTIFY_MAX (%u)",
+                        p->sid, len, KVF_NOTIFY_MAX);
+    /* The frame travels like a one-chunk write to address 0: header, then the message. */
+    const kvf_xfer_t x = {.op = KVF_OP_WRITE, .local = len ? (void *)msg : (void *)empty,
+                          .remote = 0, .len = len};
+    int rc = tcp_batch_begin(p, &b, &x);
     if (rc)
-        return kvf__err(rc, "%s", b.msg);
-    return 0;
+        return rc;
+    tcp_post(p, &b, KVF_TCP_NOTIFY, 0, 1, 0, len, deadline_ms);
+    return tcp_batch_end(p, &b, deadline_ms);
 }
 
 const struct kvf_transport_ops kvf__tcp_ops = {
@@ -1688,6 +1957,7 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .peer_open = tcp_peer_open,
     .peer_close = tcp_peer_close,
     .transfer = tcp_transfer,
+    .notify = tcp_notify,
     .regions_gen = kvf__transport_enotsup_gen,
     .regions_changed = kvf__transport_nop_regions,
 };

@@ -12,6 +12,7 @@
 #ifndef KVF_TRANSPORT_H
 #define KVF_TRANSPORT_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -56,8 +57,31 @@ typedef struct {
     uint64_t gen; /* written with an atomic release store, 8-byte aligned */
 } kvf_shm_word_t;
 
+/*
+ * Called by a transport when a peer's notification arrived (tcp: a NOTIFY frame, after every
+ * request that peer sent on that connection before it). @sender is the session id the peer gave
+ * in its hello. Returns 0 once queued, or a negative code (e.g. -KVF_EBUSY with the last-error
+ * message set) that is answered to the sender. May block briefly (a full queue).
+ */
+typedef int (*kvf_notify_cb)(void *arg, const char *sender, const void *msg, size_t len);
+
+/*
+ * Per-call controls of transfer(), both optional.
+ * @status: NULL, or one entry per element, which the caller sets to KVF_XFER_PENDING first. The
+ *          transport sets entry i to 0 when element i is entirely in place, or to a negative code
+ *          when it failed; it leaves the entries of elements it never finished (not started:
+ *          cancelled or stopped after an error) as they were.
+ * @cancel: NULL, or a flag; once it is true, no further element (tcp: chunk) is started and
+ *          transfer() returns -KVF_ECANCELED after what was started has ended.
+ */
 typedef struct {
-    const char *local_sid;          /* for logs and the hello */
+    int *status;
+    const atomic_bool *cancel;
+} kvf_xfer_ctl_t;
+
+typedef struct {
+    const char *local_sid;          /* for logs and the hello; tcp replaces a port 0 in it with
+                                       the port it listens on */
     kvf_hostport_t listen;          /* address to listen on; port 0 = any free port */
     kvf_region_table_t *regions;    /* the engine's regions, checked for every incoming request */
     uint32_t conns_per_peer;        /* connections opened to each peer */
@@ -65,6 +89,8 @@ typedef struct {
     uint32_t connect_timeout_ms;    /* bound on connecting + hello to a peer */
     const char *memfd_sock;         /* shm: serve kvf_mem_alloc fds on this abstract socket name;
                                        NULL = do not (the engine does not offer shm) */
+    kvf_notify_cb notify_cb;        /* tcp: where incoming notifications go; NULL = refuse them */
+    void *notify_arg;
 } kvf_transport_params_t;
 
 struct kvf_transport_ops {
@@ -98,8 +124,19 @@ struct kvf_transport_ops {
      * Before it returns, nothing will touch the elements' local memory any more (a late answer to
      * a timed-out read must not land in a buffer the caller reuses).
      * Thread-safe: many threads may call it on the same peer at once.
+     * @ctl: NULL, or per-element status and a cancel flag (see kvf_xfer_ctl_t).
      */
-    int (*transfer)(kvf_tpeer_t *p, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms);
+    int (*transfer)(kvf_tpeer_t *p, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                    const kvf_xfer_ctl_t *ctl);
+
+    /*
+     * Deliver a notification of @len (<= KVF_NOTIFY_MAX) bytes to the peer and wait until it
+     * has queued it, or @deadline_ms. Requests this thread completed on the peer before the
+     * call are complete at the target before it reads the notification. Errors as transfer(),
+     * plus what the target answered (-KVF_EBUSY: its queue stayed full). Transports without a
+     * control channel (shm) return -KVF_ENOTSUP; the core then notifies over tcp.
+     */
+    int (*notify)(kvf_tpeer_t *p, const void *msg, size_t len, uint64_t deadline_ms);
 
     /*
      * For transports where the target's CPU takes no part (shm), the sender's check against the
@@ -121,6 +158,8 @@ struct kvf_transport_ops {
 
 /* Stubs for ops a transport does not have. */
 int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen);
+int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len,
+                                  uint64_t deadline_ms);
 void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n);
 
 /*
