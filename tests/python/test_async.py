@@ -791,3 +791,19 @@ def test_wait_for_peer(store):
         holder["p"].destroy()
     finally:
         d.destroy()
+
+
+def test_config_keywords_reach_the_c_library(store):
+    for kw, text in [({"max_batches": 0}, "max_batches"), ({"async_threads": 65}, "async_threads"),
+                     ({"notify_queue_max": 0}, "notify_queue_max")]:
+        e = kvferry.TransferEngine(init_timeout_ms=INIT_TIMEOUT_MS, **kw)
+        rc = e.initialize(store.url, "127.0.0.1:0", "Both")
+        assert rc == -kvferry.KVF_EINVAL, (kw, rc)
+        assert text in err(), err()
+    e = make_engine(store.url, "Both", max_batches=1, async_threads=1, notify_queue_max=1,
+                    submit_blocks=False)
+    try:
+        assert e.transfer_submit_write(MISSING, b"x" * 16, 4096) >= 1
+        assert e.transfer_submit_write(MISSING, b"x" * 16, 4096) == -kvferry.KVF_EBUSY
+    finally:
+        e.destroy()
