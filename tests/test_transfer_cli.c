@@ -10,6 +10,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -294,44 +295,190 @@ static void transfer_seed_order_prefill_hosts_store(void **state)
     assert_non_null(strstr(out_b.text, "serving it in this process"));
 }
 
-/* A round record whose checksums do not match the Decode's buffer (no Prefill wrote to it here)
- * makes the Decode fail, naming the slice; a record that is not what it should be is refused. */
+/* A stand-in Prefill in this process: an engine that sends the Decode slice notifications by
+ * hand, so a case can send what a real Prefill never would. */
+static kvf_engine_t *fake_prefill(const char *url)
+{
+    kvf_config_t c;
+    kvf_config_init(&c);
+    c.init_timeout_ms = 10000;
+    c.op_timeout_ms = 10000;
+    kvf_engine_t *e = NULL;
+    assert_kvf_ok(kvf_engine_create(url, "127.0.0.1:0", KVF_ROLE_PREFILL, 0, &c, &e));
+    return e;
+}
+
+static int slice_note(char *buf, size_t len, unsigned round, unsigned slice, uint64_t checksum)
+{
+    return snprintf(buf, len,
+                    "{\"round\":%u,\"slice\":%u,\"slices\":10,\"bytes\":4800000,"
+                    "\"hash\":\"fnv1a64w\",\"checksum\":\"%016llx\"}",
+                    round, slice, (unsigned long long)checksum);
+}
+
+/* The tool's checksum: FNV-1a 64 over 8-byte little-endian words (then the tail bytes). */
+static uint64_t checksum_words(const void *buf, size_t n)
+{
+    const unsigned char *p = buf;
+    uint64_t h = 0xcbf29ce484222325ull;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, sizeof(w));
+        h = (h ^ w) * 0x100000001b3ull;
+    }
+    for (; i < n; i++)
+        h = (h ^ p[i]) * 0x100000001b3ull;
+    return h;
+}
+
+/* A slice notification whose checksum does not match the Decode's buffer (nothing was written
+ * to it) makes the Decode fail, naming the slice; a notification that is not what it should be
+ * is refused. No store key is involved: the notification alone drives the Decode. */
 static void decode_detects_mismatch(void **state)
 {
     (void)state;
-    char url[128], line[512], sid[256], key[512];
+    char url[128], line[512], sid[256], msg[256];
     pid_t store = store_process(url, sizeof(url));
-    kvf_store_t *st;
-    assert_kvf_ok(kvf_store_open(url, NULL, &st));
+    kvf_engine_t *fake = fake_prefill(url);
 
     int dfd;
     pid_t decode = transfer("Decode", "127.0.0.1:0", url, NULL, "1", &dfd);
     wait_line(dfd, &out_a, "decode session ", line, sizeof(line));
     ready_sid(line, "decode", sid, sizeof(sid));
-    snprintf(key, sizeof(key), "kvferry/v1/default/transfer/%s/round", sid);
-    const char *rec = "{\"round\":1,\"prefill\":\"test\",\"bytes\":48000000,\"slices\":10,"
-                      "\"hash\":\"fnv1a64w\",\"checksums\":[\"0000000000000000\","
-                      "\"0000000000000000\",\"0000000000000000\",\"0000000000000000\","
-                      "\"0000000000000000\",\"0000000000000000\",\"0000000000000000\","
-                      "\"0000000000000000\",\"0000000000000000\",\"0000000000000000\"]}";
-    assert_kvf_ok(kvf_store_set(st, key, rec, strlen(rec), 0));
+    int len = slice_note(msg, sizeof(msg), 1, 0, 0);
+    assert_kvf_ok(kvf_notify_send(fake, sid, msg, (size_t)len));
     drain(dfd, &out_a);
     assert_int_equal(reap(decode, 10000), 1);
     if (!strstr(out_a.text, "round 1: slice 0 (bytes 0..4799999) differs"))
         fail_msg("no mismatch reported for slice 0:\n%s", out_a.text);
+    /* The sum line of the slice is printed as its notification arrives: zeros here. */
+    assert_non_null(strstr(out_a.text, "get buffer success 0, sum=0.0000"));
+    assert_null(strstr(out_a.text, "get buffer success 1,"));
 
     decode = transfer("Decode", "127.0.0.1:0", url, NULL, "1", &dfd);
     out_a.used = 0;
     wait_line(dfd, &out_a, "decode session ", line, sizeof(line));
     ready_sid(line, "decode", sid, sizeof(sid));
-    snprintf(key, sizeof(key), "kvferry/v1/default/transfer/%s/round", sid);
-    rec = "{\"round\":1,\"bytes\":1,\"slices\":10}";
-    assert_kvf_ok(kvf_store_set(st, key, rec, strlen(rec), 0));
+    const char *bad = "{\"round\":1,\"bytes\":1,\"slices\":10}";
+    assert_kvf_ok(kvf_notify_send(fake, sid, bad, strlen(bad)));
     drain(dfd, &out_a);
     assert_int_equal(reap(decode, 10000), 1);
-    if (!strstr(out_a.text, "bad round record"))
-        fail_msg("malformed record not refused:\n%s", out_a.text);
+    if (!strstr(out_a.text, "bad slice notification"))
+        fail_msg("malformed notification not refused:\n%s", out_a.text);
+    assert_non_null(strstr(out_a.text, kvf_engine_session_id(fake)));
 
+    /* Slices out of order: slice 2 where slice 1 is due. */
+    decode = transfer("Decode", "127.0.0.1:0", url, NULL, "1", &dfd);
+    out_a.used = 0;
+    wait_line(dfd, &out_a, "decode session ", line, sizeof(line));
+    ready_sid(line, "decode", sid, sizeof(sid));
+    static uint8_t zeros[4800000];
+    len = slice_note(msg, sizeof(msg), 1, 0, checksum_words(zeros, sizeof(zeros)));
+    assert_kvf_ok(kvf_notify_send(fake, sid, msg, (size_t)len));
+    len = slice_note(msg, sizeof(msg), 1, 2, checksum_words(zeros, sizeof(zeros)));
+    assert_kvf_ok(kvf_notify_send(fake, sid, msg, (size_t)len));
+    drain(dfd, &out_a);
+    assert_int_equal(reap(decode, 10000), 1);
+    if (!strstr(out_a.text, "slice 2 of round 1") || !strstr(out_a.text, "want slice 1"))
+        fail_msg("slice out of order not refused:\n%s", out_a.text);
+
+    kvf_engine_destroy(fake);
+    kill(store, SIGTERM);
+    assert_int_equal(reap(store, 5000), 0);
+}
+
+/* The Decode is driven by notifications alone: a stand-in Prefill writes each slice with its
+ * notification (kvf_transfer_sync_notify), the Decode prints that slice's sum from the bytes in
+ * place when the notification arrived, and acknowledges the round with a notification back. */
+static void decode_driven_by_notifications(void **state)
+{
+    (void)state;
+    char url[128], line[512], sid[256], msg[256];
+    pid_t store = store_process(url, sizeof(url));
+    kvf_engine_t *fake = fake_prefill(url);
+    int dfd;
+    pid_t decode = transfer("Decode", "127.0.0.1:0", url, NULL, "1", &dfd);
+    wait_line(dfd, &out_a, "decode session ", line, sizeof(line));
+    ready_sid(line, "decode", sid, sizeof(sid));
+    kvf_region_info_t *regs;
+    size_t n;
+    assert_kvf_ok(kvf_peer_regions(fake, sid, &regs, &n));
+    assert_int_equal(n, 1);
+    assert_int_equal(regs[0].len, 48000000);
+    uint64_t remote = regs[0].addr;
+    free(regs);
+
+    /* Slice i holds 2,400,000 float16 values of 1.0 (even i) or 0.5 (odd i). */
+    uint16_t *slice = malloc(4800000);
+    for (unsigned i = 0; i < 10; i++) {
+        uint16_t h = i % 2 ? 0x3800 : 0x3c00;
+        for (size_t k = 0; k < 2400000; k++)
+            slice[k] = h;
+        int len = slice_note(msg, sizeof(msg), 7, i, checksum_words(slice, 4800000));
+        kvf_xfer_t x = {KVF_OP_WRITE, slice, remote + (uint64_t)i * 4800000u, 4800000};
+        assert_kvf_ok(kvf_transfer_sync_notify(fake, sid, &x, 1, msg, (size_t)len));
+        char want[64];
+        snprintf(want, sizeof(want), "get buffer success %u, sum=%s", i,
+                 i % 2 ? "1200000.0000" : "2400000.0000");
+        /* The Decode answers each slice as it arrives, before the next one is sent. */
+        wait_line(dfd, &out_a, "get buffer success", line, sizeof(line));
+        assert_string_equal(line, want);
+    }
+    free(slice);
+    kvf_notify_t *note = malloc(sizeof(*note));
+    assert_int_equal(kvf_notify_wait(fake, note, 1, 20000), 1);
+    assert_int_equal(note->len, strlen("{\"ack\":7}"));
+    assert_memory_equal(note->msg, "{\"ack\":7}", note->len);
+    assert_string_equal(note->sender, sid);
+    free(note);
+    drain(dfd, &out_a);
+    assert_int_equal(reap(decode, 10000), 0);
+    assert_non_null(strstr(out_a.text, "round 7: verified 10 slices, 48000000 bytes"));
+    assert_non_null(strstr(out_a.text, "decode done: 1 rounds verified"));
+    kvf_engine_destroy(fake);
+    kill(store, SIGTERM);
+    assert_int_equal(reap(store, 5000), 0);
+}
+
+/* Counts every store change under a prefix. */
+static atomic_int store_events;
+
+static void count_event(void *arg, kvf_store_event_type_t type, const kvf_store_kv_t *kv)
+{
+    (void)arg;
+    (void)type;
+    (void)kv;
+    atomic_fetch_add(&store_events, 1);
+}
+
+/* The two real nodes coordinate without the store: not one key under the tool's old round/ack
+ * prefix is written during a whole run, yet both rounds are verified slice by slice. */
+static void transfer_coordinates_without_store_keys(void **state)
+{
+    (void)state;
+    char url[128], line[512], sid[256];
+    pid_t store = store_process(url, sizeof(url));
+    kvf_store_t *st;
+    assert_kvf_ok(kvf_store_open(url, NULL, &st));
+    uint64_t watch;
+    atomic_store(&store_events, 0);
+    assert_kvf_ok(kvf_store_watch(st, "kvferry/v1/default/transfer/", count_event, NULL, &watch));
+    int dfd, pfd;
+    pid_t decode = transfer("Decode", "127.0.0.1:0", url, NULL, "2", &dfd);
+    wait_line(dfd, &out_a, "decode session ", line, sizeof(line));
+    ready_sid(line, "decode", sid, sizeof(sid));
+    pid_t prefill = transfer("Prefill", "127.0.0.1:0", url, sid, "2", &pfd);
+    check_two_rounds(decode, dfd, prefill, pfd);
+    /* A store round trip after the run: any event of the run was delivered before its answer. */
+    assert_kvf_ok(kvf_store_ping(st));
+    kvf_store_kv_t *kvs;
+    size_t nkv;
+    assert_kvf_ok(kvf_store_list(st, "kvferry/v1/default/transfer/", &kvs, &nkv));
+    kvf_store_kv_free(kvs, nkv);
+    assert_int_equal(nkv, 0);
+    assert_int_equal(atomic_load(&store_events), 0);
+    assert_kvf_ok(kvf_store_unwatch(st, watch));
     kvf_store_close(st);
     kill(store, SIGTERM);
     assert_int_equal(reap(store, 5000), 0);
@@ -482,6 +629,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_teardown(transfer_prefill_first_own_store, reap_children),
     cmocka_unit_test_teardown(transfer_seed_order_prefill_hosts_store, reap_children),
     cmocka_unit_test_teardown(decode_detects_mismatch, reap_children),
+    cmocka_unit_test_teardown(decode_driven_by_notifications, reap_children),
+    cmocka_unit_test_teardown(transfer_coordinates_without_store_keys, reap_children),
     cmocka_unit_test_teardown(demo_verifies, reap_children),
     cmocka_unit_test_teardown(bad_role, reap_children),
     cmocka_unit_test_teardown(bad_src_session_id, reap_children),

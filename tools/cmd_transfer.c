@@ -5,18 +5,20 @@
  * 48,000,000 bytes, and waits. A Prefill node fills its own buffer with random float16 values and
  * writes it, slice by slice, into the Decode's registered buffer, whose address it learns from
  * the Decode's published regions (on CPU hosts the seed's "same virtual address on both sides"
- * assumption does not hold). The two then meet in the config store, so the Decode knows when a
- * round has landed and can check it:
+ * assumption does not hold). The config store only introduces the two; rounds are coordinated
+ * with notifications (kvf_notify_*), which the engine delivers only after every byte of their
+ * batch is in the target's memory, so nobody polls:
  *
- *   kvferry/v1/default/transfer/<decode sid>/round  set by the Prefill after its write returned:
- *       {"round": r, "prefill": sid, "bytes": B, "slices": 10, "hash": "fnv1a64w",
- *        "checksums": ["<16 hex digits>", ...]}
- *   kvferry/v1/default/transfer/<decode sid>/ack    set by the Decode to "r" once it checked
- *       round r, so the Prefill may overwrite the buffer with round r + 1.
+ *   Prefill -> Decode, one per slice, carried by the batch that writes that slice:
+ *       {"round": r, "slice": i, "slices": 10, "bytes": 4800000, "hash": "fnv1a64w",
+ *        "checksum": "<16 hex digits>"}
+ *     The Decode sums and checks slice i the moment this arrives.
+ *   Decode -> Prefill, once it has checked all 10 slices of round r:  {"ack": r}
+ *     The Prefill overwrites the Decode's buffer with round r + 1 only after it.
  *
- * Each side deletes the key it waits on before the other side can set it again (the Decode its
- * stale round record before it registers, the round record after checking it; the Prefill the
- * previous ack before it publishes the next round), so a get-with-wait never returns an old value.
+ * Notifications from one engine to one peer arrive in the order their batches were submitted,
+ * so the Decode sees slices 0..9 of a round in order; a batch that fails, or whose sender dies
+ * part way, never notifies.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -54,7 +56,7 @@
 
 #define XFER_SID_MAX (KVF_HOST_MAX + 8)
 #define XFER_KEY_MAX (XFER_SID_MAX + 64)
-#define XFER_MAX_TIMEOUT_S 3600u /* kvf_store_get() waits at most an hour */
+#define XFER_MAX_TIMEOUT_S 3600u /* an hour, the longest wait the store allows */
 #define XFER_HASH_NAME "fnv1a64w"
 /* Bound on the Prefill's wait for the Decode's engine to withdraw its records before the store
  * this process hosts goes away with it. */
@@ -469,18 +471,6 @@ static int store_connect(const xfer_args_t *a, kvf_store_t **st, kvf_store_serve
     return 0;
 }
 
-static void transfer_key(char *buf, size_t len, const char *decode_sid, const char *leaf)
-{
-    snprintf(buf, len, "kvferry/v1/default/transfer/%s/%s", decode_sid, leaf);
-}
-
-/* Delete @key; absent is fine. */
-static int store_del_quiet(kvf_store_t *st, const char *key)
-{
-    int rc = kvf_store_del(st, key);
-    return rc == -KVF_ENOTFOUND ? 0 : rc;
-}
-
 typedef struct {
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -529,150 +519,207 @@ static void wait_key_gone(kvf_store_t *st, const char *key, uint32_t ms)
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Decode
+ * Notifications: the slice announcement and the round acknowledgement
  * ------------------------------------------------------------------------------------------- */
 
-/* Parse a round record. Returns 0 or -1 with a message in @err. Store values are input from
- * another process: every field is checked. */
-static int parse_round(const char *val, size_t len, uint64_t *round, uint64_t sums[XFER_SLICES],
-                       char *prefill, size_t prefill_len, char *err, size_t errlen)
+/* A slice notification, parsed. */
+typedef struct {
+    uint64_t round;
+    unsigned slice;
+    uint64_t checksum;
+} slice_note_t;
+
+static int format_slice_note(char *buf, size_t len, uint64_t round, unsigned slice,
+                             uint64_t checksum)
+{
+    return snprintf(buf, len,
+                    "{\"round\":%" PRIu64 ",\"slice\":%u,\"slices\":%u,\"bytes\":%u,"
+                    "\"hash\":\"" XFER_HASH_NAME "\",\"checksum\":\"%016" PRIx64 "\"}",
+                    round, slice, XFER_SLICES, XFER_SLICE_BYTES, checksum);
+}
+
+/* Parse a slice notification. Returns 0 or -1 with a message in @err. Notifications are input
+ * from another process: every field is checked. */
+static int parse_slice_note(const unsigned char *msg, size_t len, slice_note_t *s, char *err,
+                            size_t errlen)
 {
     json_error_t je;
-    json_t *root = json_loadb(val, len, 0, &je);
+    json_t *root = json_loadb((const char *)msg, len, 0, &je);
     int rc = -1;
     if (!root) {
         snprintf(err, errlen, "not JSON: %.100s", je.text);
         return -1;
     }
     json_t *r = json_object_get(root, "round");
-    json_t *bytes = json_object_get(root, "bytes");
+    json_t *slice = json_object_get(root, "slice");
     json_t *slices = json_object_get(root, "slices");
+    json_t *bytes = json_object_get(root, "bytes");
     json_t *hash = json_object_get(root, "hash");
-    json_t *sums_j = json_object_get(root, "checksums");
-    json_t *from = json_object_get(root, "prefill");
+    json_t *sum = json_object_get(root, "checksum");
     if (!json_is_integer(r) || json_integer_value(r) < 1) {
         snprintf(err, errlen, "\"round\" is not a positive integer");
         goto out;
     }
-    if (!json_is_integer(bytes) || json_integer_value(bytes) != (json_int_t)XFER_BYTES ||
+    if (!json_is_integer(slice) || json_integer_value(slice) < 0 ||
+        json_integer_value(slice) >= (json_int_t)XFER_SLICES) {
+        snprintf(err, errlen, "\"slice\" is not an integer in 0..%u", XFER_SLICES - 1);
+        goto out;
+    }
+    if (!json_is_integer(bytes) || json_integer_value(bytes) != (json_int_t)XFER_SLICE_BYTES ||
         !json_is_integer(slices) || json_integer_value(slices) != (json_int_t)XFER_SLICES) {
-        snprintf(err, errlen, "want \"bytes\": %zu and \"slices\": %u", XFER_BYTES, XFER_SLICES);
+        snprintf(err, errlen, "want \"bytes\": %u and \"slices\": %u", XFER_SLICE_BYTES,
+                 XFER_SLICES);
         goto out;
     }
     if (!json_is_string(hash) || strcmp(json_string_value(hash), XFER_HASH_NAME) != 0) {
         snprintf(err, errlen, "want \"hash\": \"%s\"", XFER_HASH_NAME);
         goto out;
     }
-    if (!json_is_array(sums_j) || json_array_size(sums_j) != XFER_SLICES) {
-        snprintf(err, errlen, "\"checksums\" is not an array of %u", XFER_SLICES);
+    const char *hex = json_string_value(sum);
+    if (!hex || strlen(hex) != 16 || strspn(hex, "0123456789abcdef") != 16) {
+        snprintf(err, errlen, "\"checksum\" is not 16 lowercase hex digits");
         goto out;
     }
-    for (size_t i = 0; i < XFER_SLICES; i++) {
-        const char *s = json_string_value(json_array_get(sums_j, i));
-        if (!s || strlen(s) != 16 || strspn(s, "0123456789abcdef") != 16) {
-            snprintf(err, errlen, "checksum %zu is not 16 lowercase hex digits", i);
-            goto out;
-        }
-        sums[i] = strtoull(s, NULL, 16);
-    }
-    snprintf(prefill, prefill_len, "%s", json_is_string(from) ? json_string_value(from) : "?");
-    *round = (uint64_t)json_integer_value(r);
+    s->round = (uint64_t)json_integer_value(r);
+    s->slice = (unsigned)json_integer_value(slice);
+    s->checksum = strtoull(hex, NULL, 16);
     rc = 0;
 out:
     json_decref(root);
     return rc;
 }
 
-/* Wait for the next round record. Returns 0, or an exit code. */
-static int decode_wait_round(const xfer_args_t *a, kvf_store_t *st, const char *key, void **val,
-                             size_t *len)
+/* Parse an acknowledgement {"ack": r}. Returns 0 or -1. */
+static int parse_ack(const unsigned char *msg, size_t len, uint64_t *round)
+{
+    json_t *root = json_loadb((const char *)msg, len, 0, NULL);
+    json_t *r = json_object_get(root, "ack");
+    int rc = -1;
+    if (json_is_integer(r) && json_integer_value(r) >= 1) {
+        *round = (uint64_t)json_integer_value(r);
+        rc = 0;
+    }
+    json_decref(root);
+    return rc;
+}
+
+/* The first @max bytes of a notification, for a message: printable ASCII, others as '.'. */
+static const char *note_excerpt(const kvf_notify_t *n, char *buf, size_t max)
+{
+    size_t k = n->len < max - 1 ? n->len : max - 1;
+    for (size_t i = 0; i < k; i++)
+        buf[i] = n->msg[i] >= 0x20 && n->msg[i] < 0x7f ? (char)n->msg[i] : '.';
+    buf[k] = '\0';
+    return buf;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Decode
+ * ------------------------------------------------------------------------------------------- */
+
+/*
+ * Wait for the next notification. In forever mode (--iterations 0) the Decode waits for a
+ * Prefill as long as it takes, like the seed; within a round, or with --iterations, a silence
+ * longer than --timeout is an error. Returns 0 or an exit code.
+ */
+static int decode_wait_note(const xfer_args_t *a, kvf_engine_t *e, kvf_notify_t *note,
+                            uint64_t round, unsigned next, const char *from)
 {
     for (;;) {
-        int rc = kvf_store_get(st, key, a->timeout_ms, val, len);
-        if (rc == 0)
+        int n = kvf_notify_wait(e, note, 1, (int)a->timeout_ms);
+        if (n == 1)
             return 0;
-        /* Forever mode (--iterations 0) waits for a Prefill as long as it takes, like the seed. */
-        if (rc == -KVF_ETIMEDOUT && a->iterations == 0)
+        if (n < 0) {
+            kvf_cli_fail(CMD, n, "waiting for the Prefill's notifications");
+            return 1;
+        }
+        if (next == 0 && a->iterations == 0)
             continue;
-        if (rc == -KVF_ETIMEDOUT)
-            fprintf(stderr, "kvferry " CMD ": no Prefill wrote to this Decode within %u s "
-                            "(waited for %s)\n", a->timeout_ms / 1000u, key);
+        if (next == 0)
+            fprintf(stderr, "kvferry " CMD ": no Prefill wrote to this Decode within %u s\n",
+                    a->timeout_ms / 1000u);
         else
-            kvf_cli_fail(CMD, rc, "waiting for the Prefill's round record %s", key);
+            fprintf(stderr, "kvferry " CMD ": round %" PRIu64 ": slice %u from %s did not "
+                            "arrive within %u s\n", round, next, from, a->timeout_ms / 1000u);
         return 1;
     }
 }
 
-static int run_decode(const xfer_args_t *a, kvf_engine_t *e, kvf_store_t *st, const char *sid)
+static int run_decode(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
 {
-    char round_key[XFER_KEY_MAX], ack_key[XFER_KEY_MAX];
     int code = 1, rc;
 
-    transfer_key(round_key, sizeof(round_key), sid, "round");
-    transfer_key(ack_key, sizeof(ack_key), sid, "ack");
-    /* A record left by an earlier Decode with this session id must not pass for a new round.
-     * Deleted before registering: no Prefill can write, so none can publish, before that. */
-    if ((rc = store_del_quiet(st, round_key)) < 0 || (rc = store_del_quiet(st, ack_key)) < 0) {
-        kvf_cli_fail(CMD, rc, "clearing %s", round_key);
-        return 1;
-    }
-
     void *buf = buffer_alloc();
-    if (!buf) {
+    kvf_notify_t *note = malloc(sizeof(*note));
+    if (!buf || !note) {
         fprintf(stderr, "kvferry " CMD ": cannot allocate %zu bytes: %s\n", XFER_BYTES,
                 strerror(errno));
-        return 1;
+        goto out_free;
     }
     rc = kvf_mem_register(e, buf, XFER_BYTES);
     if (rc < 0) {
         kvf_cli_fail(CMD, rc, "register %zu bytes at %p", XFER_BYTES, buf);
-        goto out_unmap;
+        goto out_free;
     }
     printf("register success: %zu bytes at %p, %u slices of %u bytes (float16 (10, 50, 40, 20, "
            "60))\n", XFER_BYTES, buf, XFER_SLICES, XFER_SLICE_BYTES);
     printf(KVF_CLI_DECODE_READY_FMT "\n", sid);
 
+    /* Each slice is checked the moment its notification arrives: the engine delivers it only
+     * once every byte of that slice is in this buffer, and the Prefill writes the next round
+     * only after this Decode's acknowledgement. */
+    char from[KVF_SESSION_ID_MAX] = "";
+    uint64_t round = 0;
+    unsigned next = 0; /* the slice expected next; 0 between rounds */
     for (uint64_t done = 0; a->iterations == 0 || done < a->iterations;) {
-        void *val;
-        size_t len;
-        uint64_t round, want[XFER_SLICES];
-        char from[XFER_SID_MAX], err[160];
+        slice_note_t s;
+        char err[160], excerpt[64];
 
-        if (decode_wait_round(a, st, round_key, &val, &len) != 0)
+        if (decode_wait_note(a, e, note, round, next, from) != 0)
             goto out_unregister;
-        rc = parse_round(val, len, &round, want, from, sizeof(from), err, sizeof(err));
-        free(val);
-        if (rc < 0) {
-            fprintf(stderr, "kvferry " CMD ": bad round record at %s: %s\n", round_key, err);
+        if (parse_slice_note(note->msg, note->len, &s, err, sizeof(err)) < 0) {
+            fprintf(stderr, "kvferry " CMD ": bad slice notification from %s (\"%s\"): %s\n",
+                    note->sender, note_excerpt(note, excerpt, sizeof(excerpt)), err);
             goto out_unregister;
         }
-        printf("round %" PRIu64 ": %zu bytes from %s\n", round, XFER_BYTES, from);
-        bool ok = true;
-        for (unsigned i = 0; i < XFER_SLICES; i++) {
-            const char *slice = (const char *)buf + (size_t)i * XFER_SLICE_BYTES;
-            printf("get buffer success %u, sum=%.4f\n", i, sum_halves(slice, XFER_SLICE_BYTES));
-            uint64_t got = checksum_words(slice, XFER_SLICE_BYTES);
-            if (got != want[i]) {
-                fprintf(stderr, "kvferry " CMD ": round %" PRIu64 ": slice %u (bytes %zu..%zu) "
-                                "differs from what the Prefill sent: checksum %016" PRIx64
-                                ", want %016" PRIx64 "\n", round, i,
-                        (size_t)i * XFER_SLICE_BYTES, (size_t)(i + 1) * XFER_SLICE_BYTES - 1,
-                        got, want[i]);
-                ok = false;
-            }
-        }
-        if (!ok)
+        if (s.slice == 0) {
+            /* A new round; one left incomplete means its Prefill went away (a batch that
+             * fails never notifies), and a restarted one begins again. */
+            if (next != 0)
+                fprintf(stderr, "kvferry " CMD ": round %" PRIu64 " from %s stopped after %u of "
+                                "%u slices; round %" PRIu64 " from %s begins\n", round, from,
+                        next, XFER_SLICES, s.round, note->sender);
+            round = s.round;
+            snprintf(from, sizeof(from), "%s", note->sender);
+            printf("round %" PRIu64 ": %zu bytes from %s\n", round, XFER_BYTES, from);
+        } else if (s.slice != next || s.round != round || strcmp(note->sender, from) != 0) {
+            fprintf(stderr, "kvferry " CMD ": slice %u of round %" PRIu64 " from %s arrived, "
+                            "want slice %u of round %" PRIu64 " from %s\n", s.slice, s.round,
+                    note->sender, next, round, from);
             goto out_unregister;
+        }
+        const char *slice = (const char *)buf + (size_t)s.slice * XFER_SLICE_BYTES;
+        printf("get buffer success %u, sum=%.4f\n", s.slice, sum_halves(slice, XFER_SLICE_BYTES));
+        uint64_t got = checksum_words(slice, XFER_SLICE_BYTES);
+        if (got != s.checksum) {
+            fprintf(stderr, "kvferry " CMD ": round %" PRIu64 ": slice %u (bytes %zu..%zu) "
+                            "differs from what the Prefill sent: checksum %016" PRIx64
+                            ", want %016" PRIx64 "\n", round, s.slice,
+                    (size_t)s.slice * XFER_SLICE_BYTES,
+                    (size_t)(s.slice + 1) * XFER_SLICE_BYTES - 1, got, s.checksum);
+            goto out_unregister;
+        }
+        if (++next < XFER_SLICES)
+            continue;
+        next = 0;
         done++;
         printf(KVF_CLI_DECODE_VERIFIED_FMT "\n", round, XFER_SLICES, XFER_BYTES);
 
-        /* Round record first, then the ack: the Prefill publishes its next round only after
-         * the ack, so that record cannot be the one deleted here. */
-        char ack[24];
-        snprintf(ack, sizeof(ack), "%" PRIu64, round);
-        if ((rc = kvf_store_del(st, round_key)) < 0 ||
-            (rc = kvf_store_set(st, ack_key, ack, strlen(ack), 0)) < 0) {
-            kvf_cli_fail(CMD, rc, "acknowledging round %" PRIu64 " at %s", round, ack_key);
+        char ack[48];
+        int len = snprintf(ack, sizeof(ack), "{\"ack\":%" PRIu64 "}", round);
+        rc = kvf_notify_send(e, from, ack, (size_t)len);
+        if (rc < 0) {
+            kvf_cli_fail(CMD, rc, "acknowledging round %" PRIu64 " to %s", round, from);
             goto out_unregister;
         }
     }
@@ -684,8 +731,10 @@ out_unregister:
         kvf_cli_fail(CMD, rc, "unregister %p", buf);
         code = 1;
     }
-out_unmap:
-    munmap(buf, XFER_BYTES);
+out_free:
+    free(note);
+    if (buf)
+        munmap(buf, XFER_BYTES);
     return code;
 }
 
@@ -735,75 +784,113 @@ static int find_decode_buffer(const xfer_args_t *a, kvf_engine_t *e, uint64_t *a
     }
 }
 
-static int publish_round(kvf_store_t *st, const char *key, const char *sid, uint64_t round,
-                         const uint64_t sums[XFER_SLICES])
-{
-    json_t *arr = json_array();
-    for (unsigned i = 0; i < XFER_SLICES; i++) {
-        char hex[17];
-        snprintf(hex, sizeof(hex), "%016" PRIx64, sums[i]);
-        json_array_append_new(arr, json_string(hex));
-    }
-    json_t *root = json_pack("{s:I, s:s, s:I, s:I, s:s, s:o}", "round", (json_int_t)round,
-                             "prefill", sid, "bytes", (json_int_t)XFER_BYTES, "slices",
-                             (json_int_t)XFER_SLICES, "hash", XFER_HASH_NAME, "checksums", arr);
-    char *text = root ? json_dumps(root, JSON_COMPACT) : NULL;
-    json_decref(root);
-    if (!text)
-        return -KVF_ENOMEM;
-    int rc = kvf_store_set(st, key, text, strlen(text), 0);
-    free(text);
-    return rc;
-}
-
-/* Wait for the Decode's ack of @round. Returns 0 or an exit code. */
-static int prefill_wait_ack(const xfer_args_t *a, kvf_store_t *st, const char *key,
+/* Wait for the Decode's acknowledgement of @round. Returns 0 or an exit code. */
+static int prefill_wait_ack(const xfer_args_t *a, kvf_engine_t *e, kvf_notify_t *note,
                             uint64_t round)
 {
-    void *val;
-    size_t len;
-    int rc = kvf_store_get(st, key, a->timeout_ms, &val, &len);
-    if (rc == -KVF_ETIMEDOUT) {
-        fprintf(stderr, "kvferry " CMD ": Decode %s did not confirm round %" PRIu64 " within %u s "
-                        "(waited for %s)\n", a->dst_sid, round, a->timeout_ms / 1000u, key);
-        return 1;
+    uint64_t deadline = kvf__now_ms() + a->timeout_ms;
+    for (;;) {
+        uint64_t now = kvf__now_ms();
+        int n = now < deadline ? kvf_notify_wait(e, note, 1, (int)(deadline - now)) : 0;
+        if (n < 0) {
+            kvf_cli_fail(CMD, n, "waiting for Decode %s to confirm round %" PRIu64, a->dst_sid,
+                         round);
+            return 1;
+        }
+        if (n == 0) {
+            fprintf(stderr, "kvferry " CMD ": Decode %s did not confirm round %" PRIu64
+                            " within %u s\n", a->dst_sid, round, a->timeout_ms / 1000u);
+            return 1;
+        }
+        uint64_t acked;
+        char excerpt[64];
+        if (parse_ack(note->msg, note->len, &acked) < 0) {
+            /* Not the Decode's: nothing else is expected here, but nothing else should stop
+             * the transfer either. */
+            fprintf(stderr, "kvferry " CMD ": ignoring notification \"%s\" from %s\n",
+                    note_excerpt(note, excerpt, sizeof(excerpt)), note->sender);
+            continue;
+        }
+        if (acked != round) {
+            fprintf(stderr, "kvferry " CMD ": Decode %s acknowledged round %" PRIu64
+                            ", want round %" PRIu64 "\n", note->sender, acked, round);
+            return 1;
+        }
+        return 0;
     }
-    if (rc < 0) {
-        kvf_cli_fail(CMD, rc, "waiting for the Decode's ack at %s", key);
-        return 1;
-    }
-    char want[24];
-    snprintf(want, sizeof(want), "%" PRIu64, round);
-    bool ok = len == strlen(want) && !memcmp(val, want, len);
-    if (!ok)
-        fprintf(stderr, "kvferry " CMD ": Decode %s acknowledged \"%.*s\", want round %s\n",
-                a->dst_sid, (int)(len > 32 ? 32 : len), (const char *)val, want);
-    free(val);
-    return ok ? 0 : 1;
 }
 
-static int run_prefill(const xfer_args_t *a, kvf_engine_t *e, kvf_store_t *st, const char *sid)
+/* Cancel (if still running) and free @n batches. */
+static void batches_free(kvf_batch_t **b, size_t n)
 {
-    char round_key[XFER_KEY_MAX], ack_key[XFER_KEY_MAX];
+    for (size_t i = 0; i < n; i++)
+        kvf_batch_free(b[i]);
+}
+
+/*
+ * Write one round: each slice is its own batch carrying that slice's notification, so the
+ * Decode can check slice i while later ones are still on their way. All ten are submitted at
+ * once and run on the engine's async threads; notifications keep submission order. Returns 0,
+ * or an exit code after a message.
+ */
+static int prefill_write_round(const xfer_args_t *a, kvf_engine_t *e, void *buf, uint64_t remote,
+                               uint64_t round)
+{
+    kvf_batch_t *b[XFER_SLICES];
+    size_t nb = 0;
+    int rc;
+
+    for (unsigned i = 0; i < XFER_SLICES; i++) {
+        size_t off = (size_t)i * XFER_SLICE_BYTES;
+        kvf_xfer_t x = {.op = KVF_OP_WRITE,
+                        .local = (char *)buf + off,
+                        .remote = remote + off,
+                        .len = XFER_SLICE_BYTES};
+        char msg[256];
+        int len = format_slice_note(msg, sizeof(msg), round, i,
+                                    checksum_words((char *)buf + off, XFER_SLICE_BYTES));
+        rc = kvf_transfer_submit(e, a->dst_sid, &x, 1, msg, (size_t)len, &b[nb]);
+        if (rc < 0) {
+            kvf_cli_fail(CMD, rc, "round %" PRIu64 ": slice %u: write to %s", round, i,
+                         a->dst_sid);
+            goto out_free;
+        }
+        nb++;
+    }
+    for (unsigned i = 0; i < XFER_SLICES; i++) {
+        rc = kvf_batch_wait(b[i], -1); /* bounded by op_timeout_ms (--timeout) */
+        if (rc != KVF_BATCH_DONE) {
+            kvf_cli_fail(CMD, rc < 0 ? rc : -KVF_ETIMEDOUT, "round %" PRIu64 ": slice %u: "
+                         "write to %s", round, i, a->dst_sid);
+            goto out_free;
+        }
+    }
+    rc = 0;
+out_free:
+    batches_free(b, nb);
+    return rc < 0 ? 1 : 0;
+}
+
+static int run_prefill(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
+{
     uint64_t seed, remote;
     int code = 1, rc;
 
-    transfer_key(round_key, sizeof(round_key), a->dst_sid, "round");
-    transfer_key(ack_key, sizeof(ack_key), a->dst_sid, "ack");
     if (getrandom(&seed, sizeof(seed), 0) != (ssize_t)sizeof(seed))
         seed = kvf__now_ns() ^ ((uint64_t)getpid() << 32);
 
     void *buf = buffer_alloc();
-    if (!buf) {
+    kvf_notify_t *note = malloc(sizeof(*note));
+    if (!buf || !note) {
         fprintf(stderr, "kvferry " CMD ": cannot allocate %zu bytes: %s\n", XFER_BYTES,
                 strerror(errno));
-        return 1;
+        goto out_free;
     }
     /* Registered like the seed's Prefill does; the engine also needs no more for a write. */
     rc = kvf_mem_register(e, buf, XFER_BYTES);
     if (rc < 0) {
         kvf_cli_fail(CMD, rc, "register %zu bytes at %p", XFER_BYTES, buf);
-        goto out_unmap;
+        goto out_free;
     }
     printf("register success: %zu bytes at %p\n", XFER_BYTES, buf);
     printf(KVF_CLI_PREFILL_READY_FMT "\n", sid);
@@ -815,25 +902,11 @@ static int run_prefill(const xfer_args_t *a, kvf_engine_t *e, kvf_store_t *st, c
     uint64_t total_bytes = 0;
     double total_ms = 0;
     for (uint64_t round = 1; a->iterations == 0 || round <= a->iterations; round++) {
-        uint64_t sums[XFER_SLICES];
-        kvf_xfer_t x[XFER_SLICES];
-
         fill_random_halves(buf, XFER_BYTES, &seed);
-        for (unsigned i = 0; i < XFER_SLICES; i++) {
-            size_t off = (size_t)i * XFER_SLICE_BYTES;
-            sums[i] = checksum_words((char *)buf + off, XFER_SLICE_BYTES);
-            x[i] = (kvf_xfer_t){.op = KVF_OP_WRITE,
-                                .local = (char *)buf + off,
-                                .remote = remote + off,
-                                .len = XFER_SLICE_BYTES};
-        }
         uint64_t t0 = kvf__now_ns();
-        rc = kvf_transfer_sync(e, a->dst_sid, x, XFER_SLICES);
-        double ms = ms_since(t0);
-        if (rc < 0) {
-            kvf_cli_fail(CMD, rc, "round %" PRIu64 ": write to %s", round, a->dst_sid);
+        if (prefill_write_round(a, e, buf, remote, round) != 0)
             goto out_unregister;
-        }
+        double ms = ms_since(t0);
         const char *via;
         if (round == 1 && kvf_engine_peer_transport(e, a->dst_sid, &via) == 0)
             printf("transport to %s: %s\n", a->dst_sid, via);
@@ -845,14 +918,9 @@ static int run_prefill(const xfer_args_t *a, kvf_engine_t *e, kvf_store_t *st, c
         total_bytes += XFER_BYTES;
         total_ms += ms;
 
-        /* The previous ack goes before this round is announced, so the wait below cannot be
-         * answered by it. */
-        if ((rc = store_del_quiet(st, ack_key)) < 0 ||
-            (rc = publish_round(st, round_key, sid, round, sums)) < 0) {
-            kvf_cli_fail(CMD, rc, "publishing round %" PRIu64 " at %s", round, round_key);
-            goto out_unregister;
-        }
-        if (prefill_wait_ack(a, st, ack_key, round) != 0)
+        /* The Decode checks each slice as its notification arrives; its buffer may be
+         * overwritten only once it confirmed the whole round. */
+        if (prefill_wait_ack(a, e, note, round) != 0)
             goto out_unregister;
     }
     printf("prefill done: %" PRIu64 " rounds, %" PRIu64 " bytes in %.3f ms, %.2f GB/s\n",
@@ -865,8 +933,10 @@ out_unregister:
         kvf_cli_fail(CMD, rc, "unregister %p", buf);
         code = 1;
     }
-out_unmap:
-    munmap(buf, XFER_BYTES);
+out_free:
+    free(note);
+    if (buf)
+        munmap(buf, XFER_BYTES);
     return code;
 }
 
@@ -901,12 +971,11 @@ int kvf_cli_transfer(int argc, char **argv)
         code = 1;
         goto out_store;
     }
-    /* The engine's own spelling of its id, with the chosen port: the Prefill names it and the
-     * store keys below are built from it. */
+    /* The engine's own spelling of its id, with the chosen port: the Prefill names it. */
     char sid[XFER_SID_MAX];
     snprintf(sid, sizeof(sid), "%s", kvf_engine_session_id(e));
 
-    code = a.role == KVF_ROLE_DECODE ? run_decode(&a, e, st, sid) : run_prefill(&a, e, st, sid);
+    code = a.role == KVF_ROLE_DECODE ? run_decode(&a, e, sid) : run_prefill(&a, e, sid);
 
     kvf_engine_destroy(e);
 out_store:

@@ -61,10 +61,10 @@
 #define KVF_TCP_VERSION 1
 #define KVF_TCP_HDR_LEN 40
 
-#define KVF_TCP_HELLO 1
-#define KVF_TCP_WRITE 2
-#define KVF_TCP_READ  3
-#define KVF_TCP_RESP  4
+#define KVF_TCP_HELLO  1
+#define KVF_TCP_WRITE  2
+#define KVF_TCP_READ   3
+#define KVF_TCP_RESP   4
 #define KVF_TCP_NOTIFY 5
 #define KVF_TCP_WRITEV 6
 
@@ -256,12 +256,28 @@ static int tcp_sendv(int fd, struct iovec *iov, int cnt, uint64_t deadline_ms, u
 }
 
 /* Receive exactly @len bytes on a blocking socket without a receive timeout (the initiator's
- * receiver: it is woken by shutdown()). Returns 0, -EPIPE at end of stream, or -errno. */
-static int tcp_recv_full(int fd, void *buf, size_t len)
+ * reader: the receiver thread is woken by shutdown()). @deadline_ms: 0 for none, else the
+ * receive gives up then (a caller reading its own answer). Returns 0, -EPIPE at end of stream,
+ * -KVF_ETIMEDOUT at the deadline, or -errno. */
+static int tcp_recv_full(int fd, void *buf, size_t len, uint64_t deadline_ms)
 {
     size_t got = 0;
     while (got < len) {
-        ssize_t r = recv(fd, (uint8_t *)buf + got, len - got, MSG_WAITALL);
+        int flags = MSG_WAITALL;
+        if (deadline_ms) {
+            uint64_t now = kvf__now_ms();
+            if (now >= deadline_ms)
+                return -KVF_ETIMEDOUT;
+            uint64_t left = deadline_ms - now;
+            struct pollfd pf = {fd, POLLIN, 0};
+            int pr = poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left);
+            if (pr < 0 && errno != EINTR)
+                return -errno;
+            if (pr <= 0)
+                continue;
+            flags = MSG_DONTWAIT;
+        }
+        ssize_t r = recv(fd, (uint8_t *)buf + got, len - got, flags);
         if (r > 0) {
             got += (size_t)r;
         } else if (r == 0) {
@@ -315,9 +331,9 @@ struct tcp_sconn {
     atomic_bool done;
     char addr[TCP_ADDR_LEN];
     char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO gave it: the sender of its notifications */
-    uint8_t *scratch; /* drain buffer for refused writes, allocated on first use */
-    uint8_t *segs;    /* a WRITEV's segment table, allocated on first use */
-    kvf_region_ref_t *refs; /* and the region references of its segments */
+    uint8_t *scratch;                  /* drain buffer for refused writes, allocated on first use */
+    uint8_t *segs;                     /* a WRITEV's segment table, allocated on first use */
+    kvf_region_ref_t *refs;            /* and the region references of its segments */
     struct iovec *iov;
 };
 
@@ -338,13 +354,22 @@ struct tcp_slot {
     uint64_t req_id;
     struct tcp_batch *batch;
     size_t elem;
-    uint32_t nelem;    /* elements elem.. it carries: 1, or more for a WRITEV */
-    uint32_t refused;  /* a refused WRITEV: the segment the target named, else UINT32_MAX */
+    uint32_t nelem;   /* elements elem.. it carries: 1, or more for a WRITEV */
+    uint32_t refused; /* a refused WRITEV: the segment the target named, else UINT32_MAX */
     uint8_t *local;
     uint64_t remote;
     uint64_t len;
     uint8_t op;
 };
+
+/* Who reads a connection's answers. Normally its receiver thread; but a caller whose whole batch
+ * is one request reads its own answer (saving the receiver's wake-up of the caller, the larger
+ * part of small-transfer latency), and hands the role on if other requests are still pending. */
+typedef enum {
+    TCP_READER_NONE,   /* nothing to read: the receiver only watches for the peer closing */
+    TCP_READER_RX,     /* the receiver thread */
+    TCP_READER_INLINE, /* the caller that owns inline_b */
+} tcp_reader_t;
 
 typedef enum {
     TCP_CONN_DOWN,       /* no socket */
@@ -365,10 +390,14 @@ struct tcp_conn {
     uint64_t seq;
     bool rx_started;
     pthread_t rx_thread;
-    uint64_t rx_gen;   /* the generation the receiver serves; set before it starts */
-    int rx_active;     /* slot the receiver is filling without the lock (READ answer), or -1 */
-    unsigned waiters;  /* threads sleeping on cv */
-    pthread_cond_t cv; /* state changes, freed slots, rx_active cleared */
+    uint64_t rx_gen; /* the generation the receiver serves; set before it starts */
+    int rx_active;   /* slot the reader is filling without the lock (READ answer), or -1 */
+    tcp_reader_t reader;
+    struct tcp_batch *inline_b; /* the batch whose caller reads, when reader is INLINE */
+    bool inline_active;         /* that caller is reading without the lock: fd must stay open */
+    int wake_fd;                /* eventfd: wakes the receiver thread (role change, break) */
+    unsigned waiters;           /* threads sleeping on cv */
+    pthread_cond_t cv;          /* state changes, freed slots, rx_active cleared */
     pthread_mutex_t send_mu;
     uint8_t *scratch; /* receiver's drain buffer */
     unsigned nfree;
@@ -599,8 +628,8 @@ static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, s
         uint64_t len = kvf__get_le64(sc->segs + (size_t)i * KVF_TCP_SEG_LEN + 8);
         if (len == 0 || len > h->len - total) {
             snprintf(why, whylen,
-                     "WRITEV segment %u: length %" PRIu64 " where %" PRIu64 " of the frame's %" PRIu64
-                     " bytes are left",
+                     "WRITEV segment %u: length %" PRIu64 " where %" PRIu64
+                     " of the frame's %" PRIu64 " bytes are left",
                      i, len, h->len - total, h->len);
             return 1;
         }
@@ -913,8 +942,8 @@ static int tcp_listen(struct tcp_transport *t, const kvf_hostport_t *hp)
     const char *why;
     int fd = kvf__tcp_listen(hp, &why);
     if (fd == -EADDRINUSE)
-        return kvf__err(fd, "session id %s is already in use (tcp listen on %s: %s)",
-                        t->local_sid, t->listen_str, why);
+        return kvf__err(fd, "session id %s is already in use (tcp listen on %s: %s)", t->local_sid,
+                        t->listen_str, why);
     if (fd < 0)
         return kvf__err(fd, "tcp listen on %s: %s", t->listen_str, why);
     struct sockaddr_storage ss;
@@ -1080,6 +1109,20 @@ static void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char
     tcp_slot_finish(c, idx);
 }
 
+/* Wake the receiver thread (after a role change or a break). */
+static void tcp_rx_wake(struct tcp_conn *c)
+{
+    uint64_t one = 1;
+    if (c->wake_fd >= 0 && write(c->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        KVF_DEBUG(TCP_LOG, "connection %u: waking the receiver: %s", c->idx, strerror(errno));
+}
+
+/* Requests registered on @c and not yet answered or failed. Under peer->mu. */
+static unsigned tcp_conn_busy(const struct tcp_conn *c)
+{
+    return KVF_TCP_MAX_INFLIGHT - c->nfree;
+}
+
 /*
  * Mark the connection broken (if @gen is still current), shut its socket down so that its
  * receiver and any sender return, and fail every request on it except the one the receiver is
@@ -1102,17 +1145,17 @@ static void tcp_conn_break_locked(struct tcp_conn *c, uint64_t gen, int code, co
             KVF_INFO(TCP_LOG, "connection %u to %s closed while idle: %s", c->idx, c->peer->sid,
                      why);
         else
-            KVF_WARN(TCP_LOG, "connection %u to %s broke with %u request(s) in flight: %s",
-                     c->idx, c->peer->sid, pending, why);
+            KVF_WARN(TCP_LOG, "connection %u to %s broke with %u request(s) in flight: %s", c->idx,
+                     c->peer->sid, pending, why);
     }
     if (c->fd >= 0)
         shutdown(c->fd, SHUT_RDWR);
+    tcp_rx_wake(c);
     char msg[TCP_ERRMSG_LEN];
     /* A long reason is cut; the start names the connection and the peer. */
     if (snprintf(msg, sizeof(msg), "connection %u to %s broke: %s", c->idx, c->peer->addr_str,
                  why) >= (int)sizeof(msg))
-        KVF_DEBUG(TCP_LOG, "connection %u: break reason cut to %zu bytes", c->idx,
-                  sizeof(msg) - 1);
+        KVF_DEBUG(TCP_LOG, "connection %u: break reason cut to %zu bytes", c->idx, sizeof(msg) - 1);
     for (unsigned i = 0; i < KVF_TCP_MAX_INFLIGHT; i++)
         if (c->slots[i].req_id && (int)i != c->rx_active)
             tcp_slot_fail(c, i, code, msg);
@@ -1128,7 +1171,7 @@ static int tcp_rx_drain(struct tcp_conn *c, uint64_t len)
 {
     while (len > 0) {
         size_t n = len < TCP_SCRATCH_LEN ? (size_t)len : TCP_SCRATCH_LEN;
-        int rc = tcp_recv_full(c->fd, c->scratch, n);
+        int rc = tcp_recv_full(c->fd, c->scratch, n, 0);
         if (rc)
             return rc;
         len -= n;
@@ -1136,120 +1179,169 @@ static int tcp_rx_drain(struct tcp_conn *c, uint64_t len)
     return 0;
 }
 
+/*
+ * Read and handle one frame on @c (an answer): complete or fail its request, or drop it when its
+ * request was given up. Called by whichever thread holds the connection's reader role, without
+ * peer->mu. A caller reading for itself passes its batch as @self and its deadline: the answer
+ * to its own request is received no later than that (the receiver thread passes NULL and 0;
+ * other requests' answers are bounded by their owners, whose timeout cuts the connection).
+ * Returns 0, or -1 with @why set when the connection must be broken.
+ */
+static int tcp_rx_one(struct tcp_conn *c, char *why, size_t whylen, const struct tcp_batch *self,
+                      uint64_t deadline_ms)
+{
+    struct tcp_peer *p = c->peer;
+    uint8_t hbuf[KVF_TCP_HDR_LEN];
+    char msg[KVF_TCP_MAX_MSG + 1];
+    int rc;
+
+    tcp_hdr_t h;
+    rc = tcp_recv_full(c->fd, hbuf, sizeof(hbuf), deadline_ms);
+    if (rc) {
+        snprintf(why, whylen, "%s",
+                 rc == -EPIPE ? "connection closed by the peer" : kvf_strerror(rc));
+        return -1;
+    }
+    tcp_hdr_decode(hbuf, &h);
+    if (!tcp_hdr_common_ok(&h, msg, sizeof(msg)) || h.type != KVF_TCP_RESP) {
+        if (h.type != KVF_TCP_RESP && h.magic == KVF_TCP_MAGIC)
+            snprintf(msg, sizeof(msg), "frame type %u where an answer was expected",
+                     (unsigned)h.type);
+        snprintf(why, whylen, "bad frame from the peer: %s", msg);
+        return -1;
+    }
+    if (h.status != 0 && h.len > KVF_TCP_MAX_MSG) {
+        snprintf(why, whylen,
+                 "bad frame from the peer: error message of %" PRIu64 " bytes over KVF_TCP_MAX_MSG",
+                 h.len);
+        return -1;
+    }
+    if (h.len > KVF_TCP_MAX_CHUNK) {
+        snprintf(why, whylen, "bad frame from the peer: length %" PRIu64 " over KVF_TCP_MAX_CHUNK",
+                 h.len);
+        return -1;
+    }
+
+    unsigned idx = (unsigned)(h.req_id & (KVF_TCP_MAX_INFLIGHT - 1));
+    struct tcp_slot *s = &c->slots[idx];
+
+    if (h.status != 0) {
+        /* The message first, without the lock; then find the request again (it may have
+         * been given up meanwhile: its req_id is then free or different). */
+        rc = tcp_recv_full(c->fd, msg, (size_t)h.len, deadline_ms);
+        if (rc) {
+            snprintf(why, whylen, "%s", kvf_strerror(rc));
+            return -1;
+        }
+        msg[h.len] = '\0';
+        for (size_t i = 0; i < h.len; i++)
+            if ((unsigned char)msg[i] < 0x20 || msg[i] == 0x7f)
+                msg[i] = '?';
+        int code = h.status < 65536 ? -(int)h.status : -KVF_EPROTO;
+        pthread_mutex_lock(&p->mu);
+        if (s->req_id == h.req_id) {
+            char m2[TCP_ERRMSG_LEN];
+            if (s->op == KVF_TCP_WRITEV && h.addr < s->nelem)
+                s->refused = (uint32_t)h.addr;
+            snprintf(m2, sizeof(m2), "refused by the target: %s", msg);
+            tcp_slot_fail(c, idx, code, m2);
+        }
+        pthread_mutex_unlock(&p->mu);
+        return 0;
+    }
+
+    pthread_mutex_lock(&p->mu);
+    if (s->req_id != h.req_id) {
+        pthread_mutex_unlock(&p->mu);
+        rc = tcp_rx_drain(c, h.len);
+        if (rc) {
+            snprintf(why, whylen, "%s", kvf_strerror(rc));
+            return -1;
+        }
+        return 0;
+    }
+    uint8_t op = s->op;
+    uint64_t want = op == KVF_TCP_READ ? s->len : 0;
+    if (h.len != want) {
+        pthread_mutex_unlock(&p->mu);
+        snprintf(why, whylen,
+                 "bad frame from the peer: answer of %" PRIu64 " bytes to a %s of %" PRIu64, h.len,
+                 tcp_op_name(op), want);
+        return -1;
+    }
+    if (want == 0) {
+        tcp_slot_finish(c, idx);
+        pthread_mutex_unlock(&p->mu);
+        return 0;
+    }
+    /* A READ answer goes straight into the caller's buffer, outside the lock. rx_active tells
+     * a caller that gives up on this request to cut the connection and wait for us, rather
+     * than return while we may still write into its memory. */
+    c->rx_active = (int)idx;
+    uint8_t *dst = s->local;
+    uint64_t dl = s->batch == self ? deadline_ms : 0;
+    pthread_mutex_unlock(&p->mu);
+    rc = tcp_recv_full(c->fd, dst, (size_t)want, dl);
+    pthread_mutex_lock(&p->mu);
+    c->rx_active = -1;
+    if (rc) {
+        snprintf(why, whylen, "%s in the middle of a read answer",
+                 rc == -EPIPE           ? "connection closed"
+                 : rc == -KVF_ETIMEDOUT ? "timed out"
+                                        : kvf_strerror(rc));
+        tcp_slot_fail(c, idx, rc == -KVF_ETIMEDOUT ? rc : -KVF_EPEERGONE, why);
+    } else {
+        tcp_slot_finish(c, idx);
+    }
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&p->mu);
+    if (rc)
+        return -1;
+    return 0;
+}
+
+/*
+ * The receiver thread of one connection. While it holds the reader role it reads answers; when
+ * nothing is pending it only watches the socket for the peer closing it (so an idle connection
+ * to a peer that went away is marked broken, and the next transfer reconnects), and its eventfd
+ * for role changes. It ends when the connection breaks or is replaced.
+ */
 static void *tcp_rx_main(void *arg)
 {
     struct tcp_conn *c = arg;
     struct tcp_peer *p = c->peer;
     const uint64_t gen = c->rx_gen;
-    uint8_t hbuf[KVF_TCP_HDR_LEN];
+    const int fd = c->fd, wfd = c->wake_fd; /* both stay open until this thread is joined */
     char why[TCP_ERRMSG_LEN];
-    char msg[KVF_TCP_MAX_MSG + 1];
-    int rc;
-
-    for (;;) {
-        tcp_hdr_t h;
-        rc = tcp_recv_full(c->fd, hbuf, sizeof(hbuf));
-        if (rc) {
-            snprintf(why, sizeof(why), "%s",
-                     rc == -EPIPE ? "connection closed by the peer" : kvf_strerror(rc));
-            break;
-        }
-        tcp_hdr_decode(hbuf, &h);
-        if (!tcp_hdr_common_ok(&h, msg, sizeof(msg)) || h.type != KVF_TCP_RESP) {
-            if (h.type != KVF_TCP_RESP && h.magic == KVF_TCP_MAGIC)
-                snprintf(msg, sizeof(msg), "frame type %u where an answer was expected",
-                         (unsigned)h.type);
-            snprintf(why, sizeof(why), "bad frame from the peer: %s", msg);
-            break;
-        }
-        if (h.status != 0 && h.len > KVF_TCP_MAX_MSG) {
-            snprintf(why, sizeof(why),
-                     "bad frame from the peer: error message of %" PRIu64
-                     " bytes over KVF_TCP_MAX_MSG",
-                     h.len);
-            break;
-        }
-        if (h.len > KVF_TCP_MAX_CHUNK) {
-            snprintf(why, sizeof(why),
-                     "bad frame from the peer: length %" PRIu64 " over KVF_TCP_MAX_CHUNK", h.len);
-            break;
-        }
-
-        unsigned idx = (unsigned)(h.req_id & (KVF_TCP_MAX_INFLIGHT - 1));
-        struct tcp_slot *s = &c->slots[idx];
-
-        if (h.status != 0) {
-            /* The message first, without the lock; then find the request again (it may have
-             * been given up meanwhile: its req_id is then free or different). */
-            rc = tcp_recv_full(c->fd, msg, (size_t)h.len);
-            if (rc) {
-                snprintf(why, sizeof(why), "%s", kvf_strerror(rc));
-                break;
-            }
-            msg[h.len] = '\0';
-            for (size_t i = 0; i < h.len; i++)
-                if ((unsigned char)msg[i] < 0x20 || msg[i] == 0x7f)
-                    msg[i] = '?';
-            int code = h.status < 65536 ? -(int)h.status : -KVF_EPROTO;
-            pthread_mutex_lock(&p->mu);
-            if (s->req_id == h.req_id) {
-                char m2[TCP_ERRMSG_LEN];
-                if (s->op == KVF_TCP_WRITEV && h.addr < s->nelem)
-                    s->refused = (uint32_t)h.addr;
-                snprintf(m2, sizeof(m2), "refused by the target: %s", msg);
-                tcp_slot_fail(c, idx, code, m2);
-            }
-            pthread_mutex_unlock(&p->mu);
-            continue;
-        }
-
-        pthread_mutex_lock(&p->mu);
-        if (s->req_id != h.req_id) {
-            pthread_mutex_unlock(&p->mu);
-            rc = tcp_rx_drain(c, h.len);
-            if (rc) {
-                snprintf(why, sizeof(why), "%s", kvf_strerror(rc));
-                break;
-            }
-            continue;
-        }
-        uint8_t op = s->op;
-        uint64_t want = op == KVF_TCP_READ ? s->len : 0;
-        if (h.len != want) {
-            pthread_mutex_unlock(&p->mu);
-            snprintf(why, sizeof(why),
-                     "bad frame from the peer: answer of %" PRIu64 " bytes to a %s of %" PRIu64,
-                     h.len, tcp_op_name(op), want);
-            break;
-        }
-        if (want == 0) {
-            tcp_slot_finish(c, idx);
-            pthread_mutex_unlock(&p->mu);
-            continue;
-        }
-        /* A READ answer goes straight into the caller's buffer, outside the lock. rx_active tells
-         * a caller that gives up on this request to cut the connection and wait for us, rather
-         * than return while we may still write into its memory. */
-        c->rx_active = (int)idx;
-        uint8_t *dst = s->local;
-        pthread_mutex_unlock(&p->mu);
-        rc = tcp_recv_full(c->fd, dst, (size_t)want);
-        pthread_mutex_lock(&p->mu);
-        c->rx_active = -1;
-        if (rc) {
-            snprintf(why, sizeof(why), "%s in the middle of a read answer",
-                     rc == -EPIPE ? "connection closed" : kvf_strerror(rc));
-            tcp_slot_fail(c, idx, -KVF_EPEERGONE, why);
-        } else {
-            tcp_slot_finish(c, idx);
-        }
-        pthread_cond_broadcast(&c->cv);
-        pthread_mutex_unlock(&p->mu);
-        if (rc)
-            break;
-    }
 
     pthread_mutex_lock(&p->mu);
+    for (;;) {
+        if (c->gen != gen || c->state != TCP_CONN_UP) {
+            pthread_mutex_unlock(&p->mu);
+            return NULL;
+        }
+        if (c->reader == TCP_READER_RX) {
+            pthread_mutex_unlock(&p->mu);
+            int rc = tcp_rx_one(c, why, sizeof(why), NULL, 0);
+            pthread_mutex_lock(&p->mu);
+            if (rc)
+                break;
+            if (c->reader == TCP_READER_RX && tcp_conn_busy(c) == 0)
+                c->reader = TCP_READER_NONE;
+            continue;
+        }
+        bool watch = c->reader == TCP_READER_NONE;
+        pthread_mutex_unlock(&p->mu);
+        struct pollfd pf[2] = {{wfd, POLLIN, 0}, {fd, POLLRDHUP, 0}};
+        int pr = poll(pf, watch ? 2 : 1, -1);
+        uint64_t v;
+        if (pr > 0 && (pf[0].revents & POLLIN) && read(wfd, &v, sizeof(v)) < 0)
+            v = 0;
+        pthread_mutex_lock(&p->mu);
+        /* The peer closed, reset, or sent something unasked: read what is there. */
+        if (watch && pr > 0 && pf[1].revents && c->reader == TCP_READER_NONE)
+            c->reader = TCP_READER_RX;
+    }
     tcp_conn_break_locked(c, gen, p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -1362,11 +1454,21 @@ static int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
         pthread_join(c->rx_thread, NULL);
     pthread_mutex_lock(&c->send_mu);
     pthread_mutex_lock(&p->mu);
+    /* A caller reading its own answer uses the fd without the lock; the break that got us here
+     * shut the socket down, so it is on its way out. */
+    while (c->inline_active)
+        pthread_cond_wait(&c->cv, &p->mu);
     if (c->fd >= 0) {
         close(c->fd);
         c->fd = -1;
         c->gen++;
     }
+    if (c->wake_fd >= 0) {
+        close(c->wake_fd);
+        c->wake_fd = -1;
+    }
+    c->reader = TCP_READER_NONE;
+    c->inline_b = NULL;
     pthread_mutex_unlock(&p->mu);
     pthread_mutex_unlock(&c->send_mu);
 
@@ -1414,16 +1516,27 @@ static int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
         rc = -KVF_ECLOSED;
     }
     if (rc == 0) {
+        c->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (c->wake_fd < 0) {
+            snprintf(why, sizeof(why), "eventfd: %s", strerror(errno));
+            rc = -errno;
+        }
+    }
+    if (rc == 0) {
         c->fd = fd;
         c->gen++;
         c->rx_gen = c->gen;
         c->rx_active = -1;
+        c->reader = TCP_READER_NONE;
+        c->inline_b = NULL;
         int prc = pthread_create(&c->rx_thread, NULL, tcp_rx_main, c);
         if (prc) {
             snprintf(why, sizeof(why), "receiver thread: %s", strerror(prc));
             rc = -prc;
             c->fd = -1;
             c->gen++;
+            close(c->wake_fd);
+            c->wake_fd = -1;
         } else {
             c->rx_started = true;
         }
@@ -1449,6 +1562,7 @@ static int tcp_conn_init(struct tcp_peer *p, struct tcp_conn *c, unsigned idx)
     c->peer = p;
     c->idx = idx;
     c->fd = -1;
+    c->wake_fd = -1;
     c->rx_active = -1;
     c->state = TCP_CONN_DOWN;
     for (unsigned i = 0; i < KVF_TCP_MAX_INFLIGHT; i++)
@@ -1552,6 +1666,10 @@ static void tcp_peer_shut(struct tcp_peer *p)
             close(c->fd);
             c->fd = -1;
         }
+        if (c->wake_fd >= 0) {
+            close(c->wake_fd);
+            c->wake_fd = -1;
+        }
     }
 }
 
@@ -1636,7 +1754,7 @@ static bool tcp_wait(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t deadline_
  * batch's error recorded; a request that was registered is then failed or finished already.
  */
 static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t elem,
-                    uint32_t nelem, uint64_t off, uint64_t len, uint64_t deadline_ms)
+                    uint32_t nelem, uint64_t off, uint64_t len, bool only, uint64_t deadline_ms)
 {
     const kvf_xfer_t *x = &b->x[elem];
     unsigned ci = atomic_fetch_add_explicit(&p->rr, 1, memory_order_relaxed) % p->nconns;
@@ -1685,6 +1803,17 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
     s->nelem = nelem;
     s->refused = UINT32_MAX;
     s->op = op;
+    /* Someone must read the answer: the caller itself when this is its batch's only request and
+     * nobody reads this connection now, else the receiver thread. */
+    if (c->reader == TCP_READER_NONE) {
+        if (only) {
+            c->reader = TCP_READER_INLINE;
+            c->inline_b = b;
+        } else {
+            c->reader = TCP_READER_RX;
+            tcp_rx_wake(c);
+        }
+    }
     s->local = (uint8_t *)x->local + off;
     s->remote = x->remote + off;
     s->len = len;
@@ -1790,6 +1919,63 @@ static void tcp_batch_abort(struct tcp_peer *p, struct tcp_batch *b)
     }
 }
 
+/* The connection whose answers @b's caller reads itself, or NULL. Under peer->mu. */
+static struct tcp_conn *tcp_inline_conn(struct tcp_peer *p, const struct tcp_batch *b)
+{
+    for (unsigned i = 0; i < p->nconns; i++)
+        if (p->conns[i].reader == TCP_READER_INLINE && p->conns[i].inline_b == b)
+            return &p->conns[i];
+    return NULL;
+}
+
+/* Give the reader role up: to the receiver thread if requests are still pending, else to
+ * nobody. Under peer->mu. */
+static void tcp_inline_release(struct tcp_conn *c, const struct tcp_batch *b)
+{
+    if (c->reader != TCP_READER_INLINE || c->inline_b != b)
+        return;
+    c->inline_b = NULL;
+    if (c->state == TCP_CONN_UP && tcp_conn_busy(c) > 0) {
+        c->reader = TCP_READER_RX;
+        tcp_rx_wake(c);
+    } else {
+        c->reader = TCP_READER_NONE;
+    }
+}
+
+/*
+ * Read answers on @c in the caller's thread until @b is complete, the connection breaks, or
+ * @deadline_ms; then give the role up. Answers to other callers' requests that arrive first are
+ * handled as the receiver would. Called and returns with peer->mu held.
+ */
+static void tcp_read_inline(struct tcp_conn *c, struct tcp_batch *b, uint64_t deadline_ms)
+{
+    struct tcp_peer *p = c->peer;
+    const uint64_t gen = c->gen;
+    char why[TCP_ERRMSG_LEN];
+    while (b->outstanding > 0 && c->reader == TCP_READER_INLINE && c->inline_b == b &&
+           c->gen == gen && c->state == TCP_CONN_UP) {
+        int fd = c->fd;
+        c->inline_active = true;
+        pthread_mutex_unlock(&p->mu);
+        uint64_t now = kvf__now_ms();
+        uint64_t left = deadline_ms > now ? deadline_ms - now : 0;
+        struct pollfd pf = {fd, POLLIN, 0};
+        int pr = poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left);
+        int rc = pr > 0 ? tcp_rx_one(c, why, sizeof(why), b, deadline_ms) : 0;
+        pthread_mutex_lock(&p->mu);
+        c->inline_active = false;
+        pthread_cond_broadcast(&c->cv);
+        if (rc) {
+            tcp_conn_break_locked(c, gen, p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
+            break;
+        }
+        if (pr == 0)
+            break; /* the deadline: the caller gives up */
+    }
+    tcp_inline_release(c, b);
+}
+
 /* Enter a batch on @p: refused once the peer handle is closing. */
 static int tcp_batch_begin(struct tcp_peer *p, struct tcp_batch *b, const kvf_xfer_t *x)
 {
@@ -1817,6 +2003,11 @@ static int tcp_batch_end(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadl
     pthread_mutex_lock(&p->mu);
     b->waiting = true;
     while (b->outstanding > 0) {
+        struct tcp_conn *ic = tcp_inline_conn(p, b);
+        if (ic) {
+            tcp_read_inline(ic, b, deadline_ms);
+            continue;
+        }
         if (!tcp_wait(&b->cv, &p->mu, deadline_ms)) {
             tcp_batch_fail(b, -KVF_ETIMEDOUT,
                            "tcp transfer to %s: timed out with %zu "
@@ -1827,6 +2018,10 @@ static int tcp_batch_end(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadl
         }
     }
     b->waiting = false;
+    /* A request that failed before its answer could be read leaves the role with us. */
+    struct tcp_conn *ic = tcp_inline_conn(p, b);
+    if (ic)
+        tcp_inline_release(ic, b);
     if (--p->active == 0 && p->closing)
         pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
@@ -1898,7 +2093,8 @@ static int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
                x[j].len <= TCP_GATHER_ELEM_MAX && total + x[j].len <= p->chunk)
             total += x[j++].len;
         if (j - i >= 2) {
-            if (tcp_post(p, &b, KVF_TCP_WRITEV, i, (uint32_t)(j - i), 0, total, deadline_ms))
+            if (tcp_post(p, &b, KVF_TCP_WRITEV, i, (uint32_t)(j - i), 0, total, j - i == n,
+                         deadline_ms))
                 break;
             i = j;
             continue;
@@ -1908,14 +2104,13 @@ static int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
             if (off && cancel && atomic_load_explicit(cancel, memory_order_relaxed)) {
                 pthread_mutex_lock(&p->mu);
                 tcp_batch_fail(&b, -KVF_ECANCELED,
-                               "tcp transfer to %s: cancelled at element %zu (offset %" PRIu64
-                               ")",
+                               "tcp transfer to %s: cancelled at element %zu (offset %" PRIu64 ")",
                                p->sid, i, off);
                 pthread_mutex_unlock(&p->mu);
                 break;
             }
             uint64_t len = x[i].len - off < p->chunk ? x[i].len - off : p->chunk;
-            if (tcp_post(p, &b, op, i, 1, off, len, deadline_ms))
+            if (tcp_post(p, &b, op, i, 1, off, len, n == 1 && len == x[i].len, deadline_ms))
                 break;
             if (atomic_load_explicit(&b.rc, memory_order_relaxed))
                 break;
@@ -1939,12 +2134,12 @@ static int tcp_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t dea
         return kvf__err(-KVF_ETOOBIG, "tcp notify to %s: %zu bytes over KVF_NOTIFY_MAX (%u)",
                         p->sid, len, KVF_NOTIFY_MAX);
     /* The frame travels like a one-chunk write to address 0: header, then the message. */
-    const kvf_xfer_t x = {.op = KVF_OP_WRITE, .local = len ? (void *)msg : (void *)empty,
-                          .remote = 0, .len = len};
+    const kvf_xfer_t x = {
+        .op = KVF_OP_WRITE, .local = len ? (void *)msg : (void *)empty, .remote = 0, .len = len};
     int rc = tcp_batch_begin(p, &b, &x);
     if (rc)
         return rc;
-    tcp_post(p, &b, KVF_TCP_NOTIFY, 0, 1, 0, len, deadline_ms);
+    tcp_post(p, &b, KVF_TCP_NOTIFY, 0, 1, 0, len, true, deadline_ms);
     return tcp_batch_end(p, &b, deadline_ms);
 }
 
