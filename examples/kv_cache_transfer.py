@@ -312,7 +312,8 @@ def run_prefill(args, torch):
         print(f"prefill: per-request latency submit->complete over {len(latencies)} requests: "
               f"p50 {percentile(latencies, 50) * 1e3:.2f} ms, "
               f"p99 {percentile(latencies, 99) * 1e3:.2f} ms; "
-              f"{total_bytes / elapsed / 1e9:.2f} GB/s overall")
+              f"{total_bytes / elapsed / 1e9:.2f} GB/s end to end (one request at a time, "
+              f"with block allocation round trips and compute)")
         print(f"SUMMARY role=prefill requests={len(latencies)} failed={failed} "
               f"bytes={total_bytes} transport={transport} "
               f"p50_ms={percentile(latencies, 50) * 1e3:.2f} "
