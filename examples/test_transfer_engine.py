@@ -18,10 +18,14 @@ Differences from the seed, all because this runs on CPU hosts and must end on it
   names this host and nothing answers there yet; otherwise it uses the store that is running.
   The Decode waits up to a minute for the store to appear, so either may be started first.
 - The seed assumes the Decode's tensor sits at the same virtual address as the Prefill's; here
-  the Prefill asks for the Decode's registered regions (peer_regions) instead.
-- Completion and checking go through the config store (kvferry.Store): the Prefill publishes a
-  CRC-32 and the sum of every slice after writing them, the Decode compares, answers, and both
-  exit after --iterations rounds (exit status 0 when every slice matched).
+  the Decode tells the Prefill its tensor's address, and the Prefill checks it against the
+  Decode's registered regions (peer_regions).
+- Completion goes by notifications, both ways, not by polling the tensor: the Prefill writes
+  each slice with transfer_sync_write(..., notify=...) carrying the slice's number, CRC-32 and
+  sum; a notification is delivered only once the slice's bytes are in the Decode's tensor, so the
+  Decode prints and checks each slice's sum the moment its notification arrives. After the 10
+  slices of a round it answers with a notification of its own; both exit after --iterations
+  rounds (exit status 0 when every slice matched).
 """
 
 import argparse
@@ -30,7 +34,6 @@ import json
 import socket
 import sys
 import time
-import uuid
 import zlib
 from urllib.parse import urlsplit
 
@@ -38,28 +41,30 @@ import kvferry
 from kvferry import TransferEngine, create_config_store, set_conf_store_tls, set_log_level
 
 SHAPE = (10, 50, 40, 20, 60)
-STORE_WAIT_MS = 60000  # how long one node waits for the other (store key or store)
-KEY_PREFIX = "kvferry-example"
+STORE_WAIT_MS = 60000  # how long one node waits for the other (the store, the peer, a notification)
 
 
-def keys(session, token=""):
-    base = f"{KEY_PREFIX}/{session}"
-    return {
-        "ready": f"{base}/ready",
-        "round": lambda r: f"{base}/{token}/round/{r}",
-        "ack": lambda r: f"{base}/{token}/ack/{r}",
-    }
+def notify(engine, peer, **msg):
+    """A JSON notification to peer; 0 or a negative code."""
+    return engine.send_notification(peer, json.dumps(msg).encode())
 
 
-def slice_checks(total_buffer):
-    """Per-slice (crc32, sum) of a tensor's bytes: the CRC is exact, the sum is for people."""
+def next_notification(engine, timeout_s):
+    """The next notification as (sender, decoded JSON), or (None, None) after timeout_s."""
+    end = time.monotonic() + timeout_s
+    while not engine.pending and time.monotonic() < end:
+        engine.pending += engine.wait_notification(max(0.0, end - time.monotonic()))
+    if not engine.pending:
+        return None, None
+    sender, raw = engine.pending.pop(0)
+    return sender, json.loads(raw)
+
+
+def slice_check(t):
+    """(crc32, sum) of one slice's bytes: the CRC is exact, the sum is for people."""
     import torch
 
-    out = []
-    for i in range(total_buffer.shape[0]):
-        t = total_buffer[i]
-        out.append({"crc": zlib.crc32(t.numpy()), "sum": float(torch.sum(t))})
-    return out
+    return zlib.crc32(t.numpy()), float(torch.sum(t))
 
 
 def store_is_local(store_url):
@@ -107,18 +112,20 @@ def initialize(engine, args, session_id):
     return True
 
 
+class Engine(TransferEngine):
+    """A TransferEngine with a list of notifications taken but not yet handled."""
+
+    pending = None
+
+
 def run_decode_role(args, session_id):
     import torch
 
     # The Decode waits for the Prefill to bring the store up, so it may be started first.
-    engine = TransferEngine(init_timeout_ms=STORE_WAIT_MS)
+    engine = Engine(init_timeout_ms=STORE_WAIT_MS)
+    engine.pending = []
     if not initialize(engine, args, session_id):
         return 1
-    session_id = engine.session_id
-    store = kvferry.Store(args.store_url)
-    token = uuid.uuid4().hex
-    k = keys(session_id, token)
-    store.delete(k["ready"])  # a previous run's, if any
 
     total_buffer = torch.zeros(SHAPE, dtype=torch.float16)
     total_bytes = total_buffer.element_size() * total_buffer.numel()
@@ -128,32 +135,46 @@ def run_decode_role(args, session_id):
         return 1
     print(f"register address={hex(total_buffer.data_ptr())}")
     print("register success.")
-    store.set(k["ready"], json.dumps({"token": token, "addr": total_buffer.data_ptr(),
-                                      "nbytes": total_bytes}))
+
+    # The Prefill says hello (it knows our session id; we do not know its own) and is told where
+    # the tensor is.
+    sender, msg = next_notification(engine, STORE_WAIT_MS / 1000)
+    if msg is None or msg.get("type") != "hello":
+        print(f"no hello from a Prefill within {STORE_WAIT_MS} ms: {msg}")
+        return 1
+    prefill = sender
+    ret = notify(engine, prefill, type="ready", addr=total_buffer.data_ptr(), nbytes=total_bytes)
+    if ret != 0:
+        print(f"notify {prefill} failed: {ret}: {kvferry.get_last_err_msg()}")
+        return 1
 
     failures = 0
     for r in range(args.iterations):
-        published = store.get(k["round"](r), wait_ms=STORE_WAIT_MS)
-        if published is None:
-            print(f"round {r}: the Prefill did not report within {STORE_WAIT_MS} ms")
-            return 1
-        expected = json.loads(published)
-        print("-----------------begin read buffer info----------------")
-        got = slice_checks(total_buffer)
         bad = 0
-        for i, (g, e) in enumerate(zip(got, expected)):
-            print(f"get buffer success {i}, sum={g['sum']}")
-            if g["crc"] != e["crc"] or g["sum"] != e["sum"]:
+        for n in range(SHAPE[0]):
+            sender, msg = next_notification(engine, STORE_WAIT_MS / 1000)
+            if msg is None:
+                print(f"round {r}: the Prefill sent no slice within {STORE_WAIT_MS} ms")
+                return 1
+            i = msg["slice"]
+            if n == 0:
+                print("-----------------begin read buffer info----------------")
+            # The notification arrives only after the slice's bytes are in place: read it now.
+            crc, total = slice_check(total_buffer[i])
+            print(f"notification from {sender}: round {msg['round']} slice {i}")
+            print(f"get buffer success {i}, sum={total}")
+            if crc != msg["crc"] or total != msg["sum"]:
                 bad += 1
-                print(f"  MISMATCH slice {i}: crc {g['crc']:#010x} sum {g['sum']}, the Prefill "
-                      f"wrote crc {e['crc']:#010x} sum {e['sum']}")
+                print(f"  MISMATCH slice {i}: crc {crc:#010x} sum {total}, the Prefill "
+                      f"wrote crc {msg['crc']:#010x} sum {msg['sum']}")
         print(f"verify round {r}: {'OK' if bad == 0 else 'FAILED'} "
-              f"({len(got) - bad}/{len(got)} slices match, {total_bytes} bytes)")
+              f"({SHAPE[0] - bad}/{SHAPE[0]} slices match, {total_bytes} bytes)")
         failures += bad
-        if r == args.iterations - 1:
-            engine.destroy()  # withdraw the session before telling the Prefill it may exit
-        store.set(k["ack"](r), "ok" if bad == 0 else "failed")
-    store.close()
+        ret = notify(engine, prefill, type="ack", round=r, ok=bad == 0)
+        if ret != 0:
+            print(f"notify {prefill} failed: {ret}: {kvferry.get_last_err_msg()}")
+            return 1
+    engine.destroy()
     return 0 if failures == 0 else 1
 
 
@@ -163,7 +184,8 @@ def run_prefill_role(args, session_id):
     maybe_create_config_store(args.store_url)
     total_buffer = torch.randn(SHAPE, dtype=torch.float16)
 
-    engine = TransferEngine()
+    engine = Engine()
+    engine.pending = []
     if not initialize(engine, args, session_id):
         return 1
     ret = engine.register_memory(total_buffer.data_ptr(),
@@ -173,14 +195,21 @@ def run_prefill_role(args, session_id):
         return 1
     print("register success.")
 
-    # Where to write: the Decode's registered tensor, as the Decode published it.
-    store = kvferry.Store(args.store_url)
-    ready = store.get(keys(args.dst_session_id)["ready"], wait_ms=STORE_WAIT_MS)
-    if ready is None:
-        print(f"Decode {args.dst_session_id} did not register within {STORE_WAIT_MS} ms")
+    # Where to write: the Decode's registered tensor, as the Decode tells us.
+    ret = engine.wait_for_peer(args.dst_session_id, STORE_WAIT_MS / 1000)
+    if ret != 0:
+        print(f"Decode {args.dst_session_id} did not come up within {STORE_WAIT_MS} ms: {ret}: "
+              f"{kvferry.get_last_err_msg()}")
         return 1
-    ready = json.loads(ready)
-    k = keys(args.dst_session_id, ready["token"])
+    engine.get_peer_events(0)  # subscribe, to see the Decode leave at the end
+    ret = notify(engine, args.dst_session_id, type="hello")
+    if ret != 0:
+        print(f"notify {args.dst_session_id} failed: {ret}: {kvferry.get_last_err_msg()}")
+        return 1
+    _, ready = next_notification(engine, STORE_WAIT_MS / 1000)
+    if ready is None or ready.get("type") != "ready":
+        print(f"Decode {args.dst_session_id} did not answer within {STORE_WAIT_MS} ms: {ready}")
+        return 1
     regions = engine.peer_regions(args.dst_session_id)
     need = total_buffer.element_size() * total_buffer.numel()
     region = next(((a, n) for a, n in regions if a <= ready["addr"] and
@@ -201,22 +230,27 @@ def run_prefill_role(args, session_id):
             total_bytes = total_buffer[i].element_size() * total_buffer[i].numel()
             print(f"total_bytes={total_bytes}")
             peer_address = peer_base + i * total_bytes
+            crc, total = slice_check(total_buffer[i])
+            note = json.dumps({"round": r, "slice": i, "crc": crc, "sum": total}).encode()
             ret = engine.transfer_sync_write(args.dst_session_id, total_buffer[i].data_ptr(),
-                                             peer_address, total_bytes)
+                                             peer_address, total_bytes, notify=note)
             if ret != 0:
                 print(f"write failed peer_address={hex(peer_address)}: {ret}: "
                       f"{kvferry.get_last_err_msg()}")
                 return 1
             print(f"write success peer_address={hex(peer_address)}")
-        store.set(k["round"](r), json.dumps(slice_checks(total_buffer)))
         print("wait decode read finish")
-        ack = store.get(k["ack"](r), wait_ms=STORE_WAIT_MS)
-        if ack != b"ok":
+        _, ack = next_notification(engine, STORE_WAIT_MS / 1000)
+        if ack is None or ack.get("type") != "ack" or ack.get("round") != r or not ack["ok"]:
             print(f"round {r}: the Decode reported {ack!r}")
             return 1
         print(f"decode read finish, round {r} verified")
+    # This process may hold the store: let the Decode withdraw its session before it goes.
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        if ("left", args.dst_session_id) in engine.get_peer_events(0.5):
+            break
     engine.destroy()
-    store.close()
     return 0
 
 

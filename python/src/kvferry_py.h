@@ -57,6 +57,46 @@ void *kvfpy_guard_take(kvfpy_guard_t *g, void (*shutdown)(void *h));
 /* Whether a handle was ever taken, for messages ("destroyed" rather than "not initialized"). */
 int kvfpy_guard_was_closed(kvfpy_guard_t *g);
 
+/* ---- asynchronous batch ids (batches.c) --------------------------------------------------- */
+
+/*
+ * One asynchronous batch as Python sees it: an id that names a kvf_batch_t, and the objects that
+ * keep the batch's local memory and notification alive until kvf_batch_free() has returned.
+ */
+typedef struct kvfpy_batch {
+    struct kvfpy_batch *next; /* hash chain; reused for lists of entries to free */
+    uint64_t id;
+    kvf_batch_t *b;
+    unsigned users; /* callers using b without the table's lock */
+    int released;   /* unlinked from the table: freed when users reaches 0 */
+    PyObject *pins; /* touched only with the GIL held */
+} kvfpy_batch_t;
+
+/* id -> batch, with its own mutex: callers hold no GIL while the batches they use run. */
+typedef struct {
+    pthread_mutex_t lock;
+    kvfpy_batch_t **buckets;
+    size_t nbuckets; /* a power of two, or 0 before the first add */
+    size_t count;
+    uint64_t next_id; /* ids start at 1 and are never reused by an engine object */
+} kvfpy_batches_t;
+
+int kvfpy_batches_init(kvfpy_batches_t *t);
+/* Frees the table itself; entries must have been drained. */
+void kvfpy_batches_fini(kvfpy_batches_t *t);
+/* Add @b with @pins (the reference is stolen on success). The new id (>= 1), or -1 (no memory). */
+int64_t kvfpy_batches_add(kvfpy_batches_t *t, kvf_batch_t *b, PyObject *pins);
+/* The entry of @id with one more user, or NULL when the id is unknown or released. */
+kvfpy_batch_t *kvfpy_batches_get(kvfpy_batches_t *t, uint64_t id);
+/* One user less; with @release the id is unlinked (if it still was not). Returns the entry when
+ * it is now unused and unlinked: the caller frees it (kvf_batch_free, then the pins). */
+kvfpy_batch_t *kvfpy_batches_put(kvfpy_batches_t *t, kvfpy_batch_t *x, int release);
+/* Unlink every entry. Returns those nobody uses, chained by ->next, for the caller to free; the
+ * others are freed by their last user. */
+kvfpy_batch_t *kvfpy_batches_drain(kvfpy_batches_t *t);
+/* Ids not yet released. */
+size_t kvfpy_batches_count(kvfpy_batches_t *t);
+
 /* ---- argument conversion (args.c) --------------------------------------------------------- */
 
 /* Flags for kvfpy_span_get(). */

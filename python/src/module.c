@@ -202,7 +202,11 @@ PyMODINIT_FUNC PyInit__kvferry(void)
 
     if (PyModule_AddStringConstant(m, "__version__", KVF_VERSION_STRING) < 0 ||
         PyModule_AddIntConstant(m, "KVF_OK", 0) < 0 ||
-        PyModule_AddIntConstant(m, "KVF_ERRNO_OFFSET", KVF_ERRNO_OFFSET) < 0)
+        PyModule_AddIntConstant(m, "KVF_ERRNO_OFFSET", KVF_ERRNO_OFFSET) < 0 ||
+        PyModule_AddIntConstant(m, "KVF_NOTIFY_MAX", KVF_NOTIFY_MAX) < 0 ||
+        PyModule_AddIntConstant(m, "KVF_BATCH_PENDING", KVF_BATCH_PENDING) < 0 ||
+        PyModule_AddIntConstant(m, "KVF_BATCH_DONE", KVF_BATCH_DONE) < 0 ||
+        PyModule_AddIntConstant(m, "KVF_XFER_PENDING", KVF_XFER_PENDING) < 0)
         goto out_err;
 #define ADD_ERR(name, off, msg)                                                                    \
     if (PyModule_AddIntConstant(m, "KVF_" #name, KVF_##name) < 0)                                  \

@@ -1,6 +1,9 @@
 """The seed's flow: examples/test_transfer_engine.py as a Decode and a Prefill process, with
-torch tensors, started in either order. The Prefill starts the config store in its process."""
+torch tensors, started in either order. The Prefill starts the config store in its process; the
+Prefill writes each slice with a notification and the Decode checks each slice as its
+notification arrives."""
 
+import re
 import sys
 
 import pytest
@@ -52,6 +55,14 @@ def run_seed_flow(procs, decode_first):
     assert out_d.count("-----------------begin read buffer info----------------") == ITERATIONS
     for i in range(10):
         assert out_d.count(f"get buffer success {i}, sum=") == ITERATIONS
+    # Each slice is read when its notification arrives, from the Prefill's session.
+    prefill_sid = re.search(r"session (127\.0\.0\.1:\d+)", out_p).group(1)
+    for r in range(ITERATIONS):
+        for i in range(10):
+            line = f"notification from {prefill_sid}: round {r} slice {i}\n"
+            assert line in out_d, line
+            after = out_d[out_d.index(line) + len(line):]
+            assert after.startswith(f"get buffer success {i}, sum="), after[:80]
     for r in range(ITERATIONS):
         assert f"verify round {r}: OK (10/10 slices match, 48000000 bytes)" in out_d
         assert f"decode read finish, round {r} verified" in out_p
