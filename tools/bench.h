@@ -105,6 +105,10 @@ extern const bench_method_t bench_tcp_pingpong;
 /* `kvferry bench store` (argv starts at "store"). */
 int kvf_cli_bench_store(int argc, char **argv);
 
+/* Parse a size "4096", "64K", "1M", "1G" (binary multiples; "KiB" and "KB" read as "K") of 1 to
+ * @max bytes; returns 0 or -1 after printing a usage error naming @flag and @s. */
+int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t max, size_t *out);
+
 /* Anonymous memory, faulted in; NULL on failure. Free with munmap(). */
 void *bench_map(size_t len);
 

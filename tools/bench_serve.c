@@ -90,7 +90,7 @@ typedef struct {
     const char *store_url;
     const char *session_id;
     const char *ns;
-    uint64_t size;
+    size_t size;
     bool alloc;
     kvf_transport_kind_t transport;
 } serve_args_t;
@@ -228,7 +228,7 @@ static int serve_parse(int argc, char **argv, serve_args_t *a, bool *done)
             a->ns = optarg;
             break;
         case 'z':
-            if (kvf_cli_parse_u64(CMD, "--size", optarg, 4096, 1ull << 36, &a->size) < 0)
+            if (bench_parse_size(CMD, "--size", optarg, 1ull << 36, &a->size) < 0)
                 return 2;
             break;
         case 'm':
@@ -319,7 +319,7 @@ int bench_serve_main(int argc, char **argv)
         rc = buf ? kvf_mem_register(e, buf, a.size) : -errno;
     }
     if (rc < 0) {
-        kvf_cli_fail("bench", rc, "target: cannot %s %" PRIu64 " bytes",
+        kvf_cli_fail("bench", rc, "target: cannot %s %zu bytes",
                      a.alloc ? "kvf_mem_alloc" : "map and register", a.size);
         goto out_free;
     }
@@ -351,7 +351,7 @@ int bench_serve_main(int argc, char **argv)
         kvf_cli_fail("bench", rc, "target: cannot publish %s", key);
         goto out_free;
     }
-    printf(BENCH_READY_FMT ": %" PRIu64 " bytes of %s memory\n", sid, a.size,
+    printf(BENCH_READY_FMT ": %zu bytes of %s memory\n", sid, a.size,
            a.alloc ? "kvf_mem_alloc" : "registered");
     fflush(stdout);
     status = serve_loop(st, a.ns, sid, buf, a.size);

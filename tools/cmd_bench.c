@@ -148,8 +148,7 @@ static void usage(FILE *f)
         BENCH_MAX_BLOCKS, BENCH_MAX_THREADS, BENCH_ITER_CAP_S);
 }
 
-/* "4096", "64K", "1M", "1G" (binary multiples). */
-static int parse_size(const char *flag, const char *s, uint64_t max, size_t *out)
+int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t max, size_t *out)
 {
     char *end;
     errno = 0;
@@ -169,9 +168,8 @@ static int parse_size(const char *flag, const char *s, uint64_t max, size_t *out
     }
     if (end == s || *end || errno || s[0] == '-' || v == 0 || v > (max >> shift)) {
         fprintf(stderr,
-                "kvferry " CMD ": %s %s: want a size like 4096, 64K, 1M or 1G (1 byte to %llu "
-                "MiB)\n",
-                flag, s, (unsigned long long)(max >> 20));
+                "kvferry %s: %s %s: want a size like 4096, 64K, 1M or 1G (1 byte to %llu MiB)\n",
+                cmd, flag, s, (unsigned long long)(max >> 20));
         return -1;
     }
     *out = (size_t)(v << shift);
@@ -259,7 +257,7 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
                             BENCH_MAX_SIZES);
                     bad = -1;
                 } else {
-                    bad = parse_size("--block-size", tok, 1ull << 30, &a->sizes[a->nsizes++]);
+                    bad = bench_parse_size(CMD, "--block-size", tok, 1ull << 30, &a->sizes[a->nsizes++]);
                 }
             }
             free(list);
@@ -313,7 +311,7 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
             a->baseline = true;
             break;
         case 'W':
-            if (parse_size("--working-set", optarg, 4ull << 30, &a->working_set) < 0)
+            if (bench_parse_size(CMD, "--working-set", optarg, 4ull << 30, &a->working_set) < 0)
                 return 2;
             break;
         case 'g':
