@@ -78,7 +78,7 @@ typedef struct {
     double seconds, gbps, ops_per_s, calls_per_s;
     double p50_us, p99_us, max_us, mean_us, first_us;
     int rc;
-    char err[256];
+    char err[320]; /* "thread N: " and the worker's message */
 } bench_stats_t;
 
 typedef struct {
