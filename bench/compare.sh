@@ -12,15 +12,17 @@
 # bench/results/bench.png (gnuplot). A missing or failing external tool is reported as "n/a" with
 # the reason and does not stop the run.
 #
-# Environment: KVF_BENCH_DURATION seconds per kvferry run and per baseline (default 1.5);
-# KVF_BENCH_UCX_PORT first port for ucx_perftest and iperf3 (default 13337).
+# Each kvferry run and each of its baselines is repeated KVF_BENCH_REPS times (default 3),
+# alternating, KVF_BENCH_DURATION seconds each (default 0.5); figures are the median repetition.
+# KVF_BENCH_UCX_PORT is the first port for ucx_perftest and iperf3 (default 13337).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 BUILD=${1:-build}
 KVF="$BUILD/kvferry"
 OUT=bench/results
-DUR=${KVF_BENCH_DURATION:-1.5}
+DUR=${KVF_BENCH_DURATION:-0.5}
+REPS=${KVF_BENCH_REPS:-3}
 PORT=${KVF_BENCH_UCX_PORT:-13337}
 START=$(date +%s)
 
@@ -50,7 +52,7 @@ kvf() { # name, then `kvferry bench` flags
     local name=$1
     shift
     echo "== kvferry bench $*"
-    if ! timeout 240 "$KVF" bench --quiet --baseline --duration "$DUR" --json "$OUT/kvferry-$name.json" "$@"; then
+    if ! timeout 240 "$KVF" bench --quiet --baseline --reps "$REPS" --duration "$DUR" --json "$OUT/kvferry-$name.json" "$@"; then
         echo "compare: kvferry bench $* failed" >&2
         exit 1
     fi

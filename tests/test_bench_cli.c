@@ -168,7 +168,8 @@ static void baseline_tcp(void **state)
 {
     (void)state;
     int rc = bench("--transport", "tcp", "--block-size", "4K", "--iterations", "50",
-                   "--working-set", "1M", "--baseline", "--quiet", "--json", json_path, NULL);
+                   "--working-set", "1M", "--baseline", "--reps", "2", "--quiet", "--json",
+                   json_path, NULL);
     if (rc != 0)
         fail_msg("exit %d; output:\n%s", rc, out);
     assert_non_null(strstr(out, "raw TCP send/recv"));
@@ -179,6 +180,9 @@ static void baseline_tcp(void **state)
     assert_true(num(r, "ratio") > 0);
     assert_true(num(r, "p50_ratio") > 0);
     assert_int_equal(json_array_size(json_object_get(r, "baselines")), 2);
+    /* Two repetitions each, alternating; the figures are the median one's. */
+    assert_int_equal((int)num(r, "reps"), 2);
+    assert_int_equal(json_array_size(json_object_get(r, "gbps_reps")), 2);
     json_decref(root);
 }
 
@@ -219,6 +223,7 @@ static void bad_flags(void **state)
     expect_usage_error("--op", "copy", "--op copy");
     expect_usage_error("--memory", "gpu", "--memory gpu");
     expect_usage_error("--workload", "llama", "--workload llama");
+    expect_usage_error("--reps", "0", "--reps 0");
     expect_usage_error("--target", "127.0.0.1:1", "--target needs --store-url");
     int rc = bench("--workload", "kv", "--block-size", "4K", NULL);
     assert_int_equal(rc, 2);

@@ -43,6 +43,7 @@
 #define BENCH_ITER_CAP_S 300.0         /* bound on an --iterations run without --duration */
 #define BENCH_CALL_CAP 1000000000ull   /* bound on calls in a --duration run */
 #define BENCH_MAX_THREADS 64u
+#define BENCH_MAX_REPS 21u
 #define BENCH_MAX_LOCAL (16ull << 30)  /* bytes of the local (and target) buffer */
 #define BENCH_VERIFY_BLOCKS 16u        /* blocks checked per thread after each run */
 #define BENCH_START_TIMEOUT_MS 30000u  /* the target process reporting ready */
@@ -58,7 +59,7 @@ typedef struct {
     kvf_op_t op;
     size_t sizes[BENCH_MAX_SIZES];
     size_t nsizes;
-    uint64_t batch, threads, iterations;
+    uint64_t batch, threads, iterations, reps;
     double duration; /* 0 = not given */
     bool alloc;      /* target memory from kvf_mem_alloc */
     bool kv;
@@ -111,7 +112,7 @@ static void usage(FILE *f)
         "usage: kvferry bench [--transport auto|tcp|shm] [--op write|read]\n"
         "                     [--block-size SIZE[,SIZE...]] [--batch N] [--threads N]\n"
         "                     [--duration SEC | --iterations N] [--memory alloc|registered]\n"
-        "                     [--workload kv] [--baseline] [--working-set SIZE]\n"
+        "                     [--workload kv] [--baseline] [--reps N] [--working-set SIZE]\n"
         "                     [--target SESSION --store-url URL] [--json FILE] [--quiet]\n"
         "       kvferry bench --serve --store-url URL [--session-id IP:PORT] [--size SIZE]\n"
         "                     [--memory alloc|registered] [--transport T] [--ns NAME]\n"
@@ -136,6 +137,8 @@ static void usage(FILE *f)
         "  --baseline          also move the same blocks without kvferry, in this run: raw TCP\n"
         "                      send/recv (and a ping-pong for calls up to 64 KiB) for tcp;\n"
         "                      memcpy and process_vm_writev/readv for shm. Local target only\n"
+        "  --reps N            repeat each run N times (1..%u, default 1), alternating with\n"
+        "                      the baselines; figures are from the median repetition\n"
         "  --working-set S     bytes each thread cycles through, default 64M (at least one call)\n"
         "  --target SESSION    bench against a target started with `kvferry bench --serve`\n"
         "  --store-url URL     the store of --target (default: one in this process)\n"
@@ -145,7 +148,7 @@ static void usage(FILE *f)
         "  --quiet             no progress line\n"
         "  --log-level N       0 debug, 1 info, 2 warn (default), 3 error\n\n"
         "Exit status: 0 all runs done and verified, 1 failure (a message says why), 2 usage.\n",
-        BENCH_MAX_BLOCKS, BENCH_MAX_THREADS, BENCH_ITER_CAP_S);
+        BENCH_MAX_BLOCKS, BENCH_MAX_THREADS, BENCH_ITER_CAP_S, BENCH_MAX_REPS);
 }
 
 int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t max, size_t *out)
@@ -211,6 +214,7 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
         {"workload", required_argument, NULL, 'w'},
         {"baseline", no_argument, NULL, 'B'},
         {"working-set", required_argument, NULL, 'W'},
+        {"reps", required_argument, NULL, 'R'},
         {"target", required_argument, NULL, 'g'},
         {"store-url", required_argument, NULL, 'u'},
         {"session-id", required_argument, NULL, 's'},
@@ -228,6 +232,7 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
     a->op = KVF_OP_WRITE;
     a->batch = 1;
     a->threads = 1;
+    a->reps = 1;
     a->alloc = true;
     a->working_set = 64u << 20;
     a->ns = "default";
@@ -312,6 +317,10 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
             break;
         case 'W':
             if (bench_parse_size(CMD, "--working-set", optarg, 4ull << 30, &a->working_set) < 0)
+                return 2;
+            break;
+        case 'R':
+            if (kvf_cli_parse_u64(CMD, "--reps", optarg, 1, BENCH_MAX_REPS, &a->reps) < 0)
                 return 2;
             break;
         case 'g':
@@ -1021,57 +1030,95 @@ static int write_json(const bench_t *b, int argc, char **argv, bool ok)
  * Runs
  * ------------------------------------------------------------------------------------------- */
 
-/* One layout: kvferry, verification, then the baselines. Returns 0 or 1. */
+/* The repetition of method @m with the median GB/s. */
+static bench_stats_t *median_rep(bench_stats_t (*all)[3], unsigned reps, size_t m)
+{
+    unsigned idx[BENCH_MAX_REPS];
+    for (unsigned i = 0; i < reps; i++)
+        idx[i] = i;
+    for (unsigned i = 1; i < reps; i++)
+        for (unsigned j = i; j > 0 && all[idx[j]][m].gbps < all[idx[j - 1]][m].gbps; j--) {
+            unsigned t = idx[j];
+            idx[j] = idx[j - 1];
+            idx[j - 1] = t;
+        }
+    return &all[idx[reps / 2]][m];
+}
+
+/* One layout: REPS times kvferry then its baselines, verification after the last kvferry
+ * repetition. Returns 0 or 1. */
 static int bench_layout(bench_t *b, const bench_layout_t *l)
 {
-    bench_stats_t s, bs[3];
-    const bench_method_t *base[3];
+    bench_stats_t s, bs[2], all[BENCH_MAX_REPS][3];
+    const bench_method_t *base[2];
     size_t nbase = 0;
-    char what[96], block[32], err[512];
+    unsigned reps = (unsigned)b->a.reps;
+    char what[128], block[32], err[512];
+    int checked = 0;
+    bool shm = false, latency = false;
 
     if (b->a.kv)
         snprintf(block, sizeof(block), "kv workload");
     else
         size_name(l->len[0], block, sizeof(block));
-    snprintf(what, sizeof(what), "kvferry %s x %zu, %" PRIu64 " thread%s", block, l->n,
-             b->a.threads, b->a.threads > 1 ? "s" : "");
-    run_method(b, l, &bench_kvferry, what, &s);
-    if (!b->transport_used && kvf_engine_peer_transport(b->e, b->peer, &b->transport_used) < 0)
-        b->transport_used = "?";
-    if (s.rc) {
-        fprintf(stderr, "kvferry " CMD ": %s: %s\n", what, s.err);
-        return 1;
-    }
-    int checked = verify_run(b, l, err, sizeof(err));
-    if (checked < 0) {
-        fprintf(stderr, "kvferry " CMD ": verification failed after %s: %s\n", what, err);
-        return 1;
-    }
-    print_run(b, l, &s);
-    fflush(stdout);
-
-    bool shm = !strcmp(b->transport_used, "shm");
-    bool latency = false;
-    if (b->a.baseline) {
-        if (shm) {
-            base[nbase++] = &bench_memcpy;
-            base[nbase++] = b->a.op == KVF_OP_WRITE ? &bench_pvm_write : &bench_pvm_read;
-        } else {
-            base[nbase++] = &bench_raw_tcp;
-            if (l->bytes <= BENCH_PINGPONG_MAX)
-                base[nbase++] = &bench_tcp_pingpong;
-        }
-        latency = !shm && l->bytes <= BENCH_PINGPONG_MAX;
-    }
-    for (size_t i = 0; i < nbase; i++) {
-        snprintf(what, sizeof(what), "%s %s x %zu", base[i]->label, block, l->n);
-        run_method(b, l, base[i], what, &bs[i]);
-        if (bs[i].rc) {
-            fprintf(stderr, "kvferry " CMD ": baseline %s: %s\n", base[i]->label, bs[i].err);
+    /* Repetitions alternate kvferry and its baselines, so that a burst of load from elsewhere
+     * on the machine hits both alike; each method's figures are from its median repetition. */
+    for (unsigned rep = 0; rep < reps; rep++) {
+        snprintf(what, sizeof(what), "kvferry %s x %zu, %" PRIu64 " thread%s, rep %u/%u", block,
+                 l->n, b->a.threads, b->a.threads > 1 ? "s" : "", rep + 1, reps);
+        run_method(b, l, &bench_kvferry, what, &all[rep][0]);
+        if (!b->transport_used &&
+            kvf_engine_peer_transport(b->e, b->peer, &b->transport_used) < 0)
+            b->transport_used = "?";
+        if (all[rep][0].rc) {
+            fprintf(stderr, "kvferry " CMD ": %s: %s\n", what, all[rep][0].err);
             return 1;
         }
-        print_baseline(&s, &bs[i], latency && base[i] == &bench_tcp_pingpong);
+        /* Before any baseline writes into the target (process_vm_writev does). */
+        if (rep + 1 == reps) {
+            checked = verify_run(b, l, err, sizeof(err));
+            if (checked < 0) {
+                fprintf(stderr, "kvferry " CMD ": verification failed after %s: %s\n", what,
+                        err);
+                return 1;
+            }
+        }
+        if (rep == 0 && b->a.baseline) {
+            shm = !strcmp(b->transport_used, "shm");
+            if (shm) {
+                base[nbase++] = &bench_memcpy;
+                base[nbase++] = b->a.op == KVF_OP_WRITE ? &bench_pvm_write : &bench_pvm_read;
+            } else {
+                base[nbase++] = &bench_raw_tcp;
+                if (l->bytes <= BENCH_PINGPONG_MAX)
+                    base[nbase++] = &bench_tcp_pingpong;
+            }
+            latency = !shm && l->bytes <= BENCH_PINGPONG_MAX;
+        }
+        for (size_t i = 0; i < nbase; i++) {
+            snprintf(what, sizeof(what), "%s %s x %zu, rep %u/%u", base[i]->label, block, l->n,
+                     rep + 1, reps);
+            run_method(b, l, base[i], what, &all[rep][1 + i]);
+            if (all[rep][1 + i].rc) {
+                fprintf(stderr, "kvferry " CMD ": baseline %s: %s\n", base[i]->label,
+                        all[rep][1 + i].err);
+                return 1;
+            }
+        }
     }
+    json_t *reps_json[3];
+    for (size_t m = 0; m < 1 + nbase; m++) {
+        bench_stats_t *pick = median_rep(all, reps, m);
+        bench_stats_t *dst = m == 0 ? &s : &bs[m - 1];
+        *dst = *pick;
+        dst->first_us = all[0][m].first_us;
+        reps_json[m] = json_array();
+        for (unsigned rep = 0; rep < reps; rep++)
+            json_array_append_new(reps_json[m], json_real(all[rep][m].gbps));
+    }
+    print_run(b, l, &s);
+    for (size_t i = 0; i < nbase; i++)
+        print_baseline(&s, &bs[i], latency && base[i] == &bench_tcp_pingpong);
     fflush(stdout);
 
     /* The primary baseline: what the transport is held against in DESIGN.md §4. */
@@ -1094,9 +1141,12 @@ static int bench_layout(bench_t *b, const bench_layout_t *l)
         s.ops_per_s, "calls_per_s", s.calls_per_s, "p50_us", s.p50_us, "p99_us", s.p99_us,
         "max_us", s.max_us, "mean_us", s.mean_us, "first_transfer_us", s.first_us,
         "latency_samples", (json_int_t)s.samples, "verified", 1, "verified_blocks", checked);
+    json_object_set_new(run, "reps", json_integer((json_int_t)reps));
+    json_object_set_new(run, "gbps_reps", reps_json[0]);
     json_t *bl = json_array();
     for (size_t i = 0; i < nbase; i++) {
         json_t *j = stats_json(&bs[i]);
+        json_object_set_new(j, "gbps_reps", reps_json[1 + i]);
         json_object_set_new(j, "ratio", json_real(bs[i].gbps > 0 ? s.gbps / bs[i].gbps : 0));
         json_object_set_new(j, "p50_ratio",
                             json_real(bs[i].p50_us > 0 ? s.p50_us / bs[i].p50_us : 0));
