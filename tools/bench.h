@@ -109,6 +109,16 @@ int kvf_cli_bench_store(int argc, char **argv);
  * @max bytes; returns 0 or -1 after printing a usage error naming @flag and @s. */
 int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t max, size_t *out);
 
+/* --transport auto|tcp|shm and --memory alloc|registered; 0, or -1 after a usage error. */
+int bench_parse_transport(const char *cmd, const char *s, kvf_transport_kind_t *out);
+int bench_parse_memory(const char *cmd, const char *s, bool *alloc);
+
+/* Send or receive exactly @len bytes on a blocking socket, retrying on EINTR. bench_send_all
+ * returns 0 or -1; bench_recv_all 1 after @len bytes, 0 at end of stream before the first byte,
+ * -1 otherwise. */
+int bench_send_all(int fd, const void *p, size_t len);
+int bench_recv_all(int fd, void *p, size_t len);
+
 /* Anonymous memory, faulted in; NULL on failure. Free with munmap(). */
 void *bench_map(size_t len);
 

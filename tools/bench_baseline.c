@@ -77,8 +77,9 @@ const bench_method_t bench_pvm_read = {
 
 /* ---- raw TCP ------------------------------------------------------------------------------- */
 
-static int full_send(int fd, const uint8_t *p, size_t len)
+int bench_send_all(int fd, const void *buf, size_t len)
 {
+    const uint8_t *p = buf;
     while (len) {
         ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
         if (n < 0 && errno == EINTR)
@@ -91,9 +92,9 @@ static int full_send(int fd, const uint8_t *p, size_t len)
     return 0;
 }
 
-/* Returns 1 after a whole block, 0 at end of stream before its first byte, -1 otherwise. */
-static int full_recv(int fd, uint8_t *p, size_t len)
+int bench_recv_all(int fd, void *buf, size_t len)
 {
+    uint8_t *p = buf;
     size_t got = 0;
     while (got < len) {
         ssize_t n = recv(fd, p + got, len - got, 0);
@@ -118,7 +119,7 @@ static void *tcp_receiver(void *arg)
     for (size_t c = 0;; c++) {
         size_t base = (c % l->copies) * l->span;
         for (size_t i = 0; i < l->n; i++) {
-            int r = full_recv(w->rx_fd, w->scratch + base + l->off[i], l->len[i]);
+            int r = bench_recv_all(w->rx_fd, w->scratch + base + l->off[i], l->len[i]);
             if (r == 0 && i == 0)
                 return NULL;
             if (r <= 0) {
@@ -127,7 +128,7 @@ static void *tcp_receiver(void *arg)
             }
             w->rx_bytes += l->len[i];
         }
-        if (w->pingpong && full_send(w->rx_fd, (const uint8_t *)&ack, sizeof(ack)) < 0) {
+        if (w->pingpong && bench_send_all(w->rx_fd, &ack, sizeof(ack)) < 0) {
             w->rx_failed = 1;
             return NULL;
         }
@@ -185,14 +186,14 @@ static int tcp_call(bench_worker_t *w, size_t base)
 {
     const bench_layout_t *l = w->lay;
     for (size_t i = 0; i < l->n; i++) {
-        if (full_send(w->fd, w->local + base + l->off[i], l->len[i]) < 0) {
+        if (bench_send_all(w->fd, w->local + base + l->off[i], l->len[i]) < 0) {
             snprintf(w->err, sizeof(w->err), "send: %s", strerror(errno));
             return -1;
         }
     }
     if (w->pingpong) {
         uint64_t ack;
-        if (full_recv(w->fd, (uint8_t *)&ack, sizeof(ack)) != 1) {
+        if (bench_recv_all(w->fd, &ack, sizeof(ack)) != 1) {
             snprintf(w->err, sizeof(w->err), "receiving the ack: %s", strerror(errno));
             return -1;
         }

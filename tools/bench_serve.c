@@ -232,26 +232,12 @@ static int serve_parse(int argc, char **argv, serve_args_t *a, bool *done)
                 return 2;
             break;
         case 'm':
-            if (!strcasecmp(optarg, "alloc") || !strcasecmp(optarg, "registered")) {
-                a->alloc = !strcasecmp(optarg, "alloc");
-            } else {
-                fprintf(stderr, "kvferry " CMD ": --memory %s: want alloc or registered\n",
-                        optarg);
+            if (bench_parse_memory(CMD, optarg, &a->alloc) < 0)
                 return 2;
-            }
             break;
         case 'T':
-            if (!strcasecmp(optarg, "tcp"))
-                a->transport = KVF_TRANSPORT_TCP;
-            else if (!strcasecmp(optarg, "shm"))
-                a->transport = KVF_TRANSPORT_SHM;
-            else if (!strcasecmp(optarg, "auto"))
-                a->transport = KVF_TRANSPORT_AUTO;
-            else {
-                fprintf(stderr, "kvferry " CMD ": --transport %s: want auto, tcp or shm\n",
-                        optarg);
+            if (bench_parse_transport(CMD, optarg, &a->transport) < 0)
                 return 2;
-            }
             break;
         case 'v':
             if (kvf_cli_set_log_level(CMD, optarg) < 0)

@@ -179,7 +179,7 @@ int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t 
     return 0;
 }
 
-static int parse_transport(const char *s, kvf_transport_kind_t *out)
+int bench_parse_transport(const char *cmd, const char *s, kvf_transport_kind_t *out)
 {
     if (!strcasecmp(s, "tcp"))
         *out = KVF_TRANSPORT_TCP;
@@ -188,9 +188,19 @@ static int parse_transport(const char *s, kvf_transport_kind_t *out)
     else if (!strcasecmp(s, "auto"))
         *out = KVF_TRANSPORT_AUTO;
     else {
-        fprintf(stderr, "kvferry " CMD ": --transport %s: want auto, tcp or shm\n", s);
+        fprintf(stderr, "kvferry %s: --transport %s: want auto, tcp or shm\n", cmd, s);
         return -1;
     }
+    return 0;
+}
+
+int bench_parse_memory(const char *cmd, const char *s, bool *alloc)
+{
+    if (strcasecmp(s, "alloc") && strcasecmp(s, "registered")) {
+        fprintf(stderr, "kvferry %s: --memory %s: want alloc or registered\n", cmd, s);
+        return -1;
+    }
+    *alloc = !strcasecmp(s, "alloc");
     return 0;
 }
 
@@ -241,7 +251,7 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
         case 'T':
-            if (parse_transport(optarg, &a->transport) < 0)
+            if (bench_parse_transport(CMD, optarg, &a->transport) < 0)
                 return 2;
             break;
         case 'o':
@@ -296,13 +306,8 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
                 return 2;
             break;
         case 'm':
-            if (!strcasecmp(optarg, "alloc") || !strcasecmp(optarg, "registered")) {
-                a->alloc = !strcasecmp(optarg, "alloc");
-            } else {
-                fprintf(stderr, "kvferry " CMD ": --memory %s: want alloc or registered\n",
-                        optarg);
+            if (bench_parse_memory(CMD, optarg, &a->alloc) < 0)
                 return 2;
-            }
             break;
         case 'w':
             if (strcasecmp(optarg, "kv")) {

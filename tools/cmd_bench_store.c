@@ -126,27 +126,12 @@ out:
 
 /* ---- raw ping-pong: 48-byte request, 24-byte answer, one at a time ------------------------- */
 
-static int full_io(int fd, void *buf, size_t len, bool writing)
-{
-    char *p = buf;
-    while (len) {
-        ssize_t n = writing ? send(fd, p, len, MSG_NOSIGNAL) : recv(fd, p, len, 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return -1;
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
 static void *echo_server(void *p)
 {
     int fd = *(int *)p;
     char req[48], ans[24] = {0};
-    while (full_io(fd, req, sizeof(req), false) == 0)
-        if (full_io(fd, ans, sizeof(ans), true) < 0)
+    while (bench_recv_all(fd, req, sizeof(req)) == 1)
+        if (bench_send_all(fd, ans, sizeof(ans)) < 0)
             break;
     return NULL;
 }
@@ -175,7 +160,7 @@ static double raw_pingpong_per_s(double seconds)
     char req[48] = {0}, ans[24];
     uint64_t n = 0, t0 = kvf__now_ns(), end = t0 + (uint64_t)(seconds * 1e9);
     while (kvf__now_ns() < end) {
-        if (full_io(c, req, sizeof(req), true) < 0 || full_io(c, ans, sizeof(ans), false) < 0)
+        if (bench_send_all(c, req, sizeof(req)) < 0 || bench_recv_all(c, ans, sizeof(ans)) != 1)
             break;
         n++;
     }
