@@ -86,7 +86,8 @@ static void check_runs(json_t *root, size_t want_runs, const char *transport)
     assert_string_equal(json_string_value(json_object_get(root, "transport")), transport);
     size_t i;
     json_t *r;
-    json_array_foreach(runs, i, r) {
+    json_array_foreach(runs, i, r)
+    {
         assert_string_equal(json_string_value(json_object_get(r, "transport")), transport);
         assert_non_null(json_string_value(json_object_get(r, "op")));
         assert_true(num(r, "block_size") > 0);
@@ -103,9 +104,9 @@ static void check_runs(json_t *root, size_t want_runs, const char *transport)
 
 static void json_run(const char *transport)
 {
-    int rc = bench("--transport", transport, "--block-size", "4K,64K", "--batch", "2",
-                   "--threads", "2", "--iterations", "20", "--working-set", "1M", "--quiet",
-                   "--json", json_path, NULL);
+    int rc =
+        bench("--transport", transport, "--block-size", "4K,64K", "--batch", "2", "--threads", "2",
+              "--iterations", "20", "--working-set", "1M", "--quiet", "--json", json_path, NULL);
     if (rc != 0)
         fail_msg("exit %d; output:\n%s", rc, out);
     assert_non_null(strstr(out, "GB/s"));
@@ -167,9 +168,9 @@ static void kv_workload(void **state)
 static void baseline_tcp(void **state)
 {
     (void)state;
-    int rc = bench("--transport", "tcp", "--block-size", "4K", "--iterations", "50",
-                   "--working-set", "1M", "--baseline", "--reps", "2", "--quiet", "--json",
-                   json_path, NULL);
+    int rc =
+        bench("--transport", "tcp", "--block-size", "4K", "--iterations", "50", "--working-set",
+              "1M", "--baseline", "--reps", "2", "--quiet", "--json", json_path, NULL);
     if (rc != 0)
         fail_msg("exit %d; output:\n%s", rc, out);
     assert_non_null(strstr(out, "raw TCP send/recv"));
@@ -189,9 +190,9 @@ static void baseline_tcp(void **state)
 static void baseline_shm(void **state)
 {
     (void)state;
-    int rc = bench("--transport", "shm", "--memory", "registered", "--block-size", "64K",
-                   "--iterations", "50", "--working-set", "1M", "--baseline", "--quiet", "--json",
-                   json_path, NULL);
+    int rc =
+        bench("--transport", "shm", "--memory", "registered", "--block-size", "64K", "--iterations",
+              "50", "--working-set", "1M", "--baseline", "--quiet", "--json", json_path, NULL);
     if (rc != 0)
         fail_msg("exit %d; output:\n%s", rc, out);
     json_t *root = load_json();
@@ -260,8 +261,16 @@ static void remote_target(void **state)
     (void)state;
     char url[128], line[512], sid[300];
     kids[nkids++] = kvf_test_store_process(url, sizeof(url));
-    char *argv[] = {(char *)kvf_test_cli_path(), "bench", "--serve", "--store-url", url,
-                    "--size", "4M", "--memory", "registered", NULL};
+    char *argv[] = {(char *)kvf_test_cli_path(),
+                    "bench",
+                    "--serve",
+                    "--store-url",
+                    url,
+                    "--size",
+                    "4M",
+                    "--memory",
+                    "registered",
+                    NULL};
     int fd;
     pid_t serve = kvf_test_spawn_pipe(argv, &fd);
     kids[nkids++] = serve;
@@ -286,8 +295,18 @@ static void remote_target(void **state)
 static void store_bench(void **state)
 {
     (void)state;
-    char *argv[] = {(char *)kvf_test_cli_path(), "bench", "store", "--seconds", "0.2",
-                    "--clients", "3", "--rounds", "20", "--json", json_path, NULL};
+    char *argv[] = {(char *)kvf_test_cli_path(),
+                    "bench",
+                    "store",
+                    "--seconds",
+                    "0.2",
+                    "--clients",
+                    "3",
+                    "--rounds",
+                    "20",
+                    "--json",
+                    json_path,
+                    NULL};
     int rc = kvf_test_run(argv, out, sizeof(out), RUN_MS);
     if (rc != 0 || !strstr(out, "ops/s") || !strstr(out, "wake-up"))
         fail_msg("exit %d; output:\n%s", rc, out);

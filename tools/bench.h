@@ -33,8 +33,8 @@
  * byte of the first block it is asked to verify or to fill, so that tests can see verification
  * fail. Documented in docs/performance.md. */
 #define BENCH_CORRUPT_ENV "KVFERRY_BENCH_TEST_CORRUPT"
-#define BENCH_LAT_MAX (1u << 20) /* latency samples kept per thread */
-#define BENCH_MAX_BLOCKS 1024u   /* blocks in one call */
+#define BENCH_LAT_MAX     (1u << 20) /* latency samples kept per thread */
+#define BENCH_MAX_BLOCKS  1024u      /* blocks in one call */
 
 /* The blocks of one call: offsets relative to a base, in a span of bytes; a thread's slice holds
  * `copies` spans, and consecutive calls move consecutive spans, round-robin. */
@@ -53,10 +53,10 @@ typedef struct bench_worker bench_worker_t;
 typedef struct {
     const char *name;  /* JSON name: "kvferry", "memcpy", "process_vm_writev", "raw_tcp", ... */
     const char *label; /* for the table */
-    int (*start)(bench_worker_t *w);              /* per thread, untimed; may be NULL */
-    int (*call)(bench_worker_t *w, size_t base);  /* move the layout at @base of the slice */
-    int (*finish)(bench_worker_t *w);             /* per thread, timed (drain); may be NULL */
-    void (*cleanup)(bench_worker_t *w);           /* per thread, untimed; may be NULL */
+    int (*start)(bench_worker_t *w);             /* per thread, untimed; may be NULL */
+    int (*call)(bench_worker_t *w, size_t base); /* move the layout at @base of the slice */
+    int (*finish)(bench_worker_t *w);            /* per thread, timed (drain); may be NULL */
+    void (*cleanup)(bench_worker_t *w);          /* per thread, untimed; may be NULL */
 } bench_method_t;
 
 /* What a method needs to know; one per thread. */
@@ -74,14 +74,14 @@ struct bench_worker {
     /* Per-method state. */
     kvf_xfer_t x[BENCH_MAX_BLOCKS];
     struct iovec liov[BENCH_MAX_BLOCKS], riov[BENCH_MAX_BLOCKS];
-    int fd;            /* raw TCP: sending end */
-    int rx_fd;         /* raw TCP: receiving end, read by rx_thread */
+    int fd;    /* raw TCP: sending end */
+    int rx_fd; /* raw TCP: receiving end, read by rx_thread */
     pthread_t rx_thread;
     bool rx_started;
     bool pingpong;
     uint64_t rx_bytes; /* raw TCP: bytes the receiver got */
     int rx_failed;
-    char err[256];     /* why the method failed */
+    char err[256]; /* why the method failed */
 };
 
 /* The data pattern: the byte at offset @o of the target buffer, for @seed. Both sides compute it
@@ -89,8 +89,8 @@ struct bench_worker {
 void bench_pattern_fill(uint8_t *p, uint64_t off, size_t len, uint64_t seed);
 /* Returns -1 if the pattern holds, else the index of the first wrong byte, with the byte found
  * and the byte wanted in @got and @want. */
-ssize_t bench_pattern_check(const uint8_t *p, uint64_t off, size_t len, uint64_t seed,
-                            uint8_t *got, uint8_t *want);
+ssize_t bench_pattern_check(const uint8_t *p, uint64_t off, size_t len, uint64_t seed, uint8_t *got,
+                            uint8_t *want);
 
 /* `kvferry bench --serve ...` (argv starts at "bench"). */
 int bench_serve_main(int argc, char **argv);

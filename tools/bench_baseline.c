@@ -48,8 +48,8 @@ static int pvm_call(bench_worker_t *w, size_t base)
     for (size_t i = 0; i < l->n; i++) {
         size_t o = base + l->off[i];
         w->liov[i] = (struct iovec){.iov_base = w->local + o, .iov_len = l->len[i]};
-        w->riov[i] = (struct iovec){.iov_base = (void *)(uintptr_t)(w->remote + o),
-                                    .iov_len = l->len[i]};
+        w->riov[i] =
+            (struct iovec){.iov_base = (void *)(uintptr_t)(w->remote + o), .iov_len = l->len[i]};
     }
     ssize_t n = w->op == KVF_OP_WRITE
                     ? process_vm_writev(w->target_pid, w->liov, l->n, w->riov, l->n, 0)

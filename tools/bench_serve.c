@@ -27,7 +27,7 @@
 #include "bench.h"
 #include "cli.h"
 
-#define CMD "bench --serve"
+#define CMD           "bench --serve"
 #define SERVE_POLL_MS 250u /* how often the request wait looks at the stop flag */
 
 static volatile sig_atomic_t stop_requested;
@@ -65,8 +65,8 @@ void bench_pattern_fill(uint8_t *p, uint64_t off, size_t len, uint64_t seed)
         p[i] = pattern_byte(seed, off + i);
 }
 
-ssize_t bench_pattern_check(const uint8_t *p, uint64_t off, size_t len, uint64_t seed,
-                            uint8_t *got, uint8_t *want)
+ssize_t bench_pattern_check(const uint8_t *p, uint64_t off, size_t len, uint64_t seed, uint8_t *got,
+                            uint8_t *want)
 {
     for (size_t i = 0; i < len; i++) {
         uint8_t w = pattern_byte(seed, off + i);
@@ -81,8 +81,8 @@ ssize_t bench_pattern_check(const uint8_t *p, uint64_t off, size_t len, uint64_t
 
 void *bench_map(size_t len)
 {
-    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
-                   -1, 0);
+    void *p =
+        mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     return p == MAP_FAILED ? NULL : p;
 }
 
@@ -97,12 +97,13 @@ typedef struct {
 
 static void serve_usage(FILE *f)
 {
-    fprintf(f, "usage: kvferry bench --serve --store-url tcp://IP:PORT [--session-id IP:PORT]\n"
-               "                     [--size BYTES] [--memory alloc|registered]\n"
-               "                     [--transport auto|tcp|shm] [--ns NAME] [--log-level N]\n\n"
-               "The target of `kvferry bench --target SESSION`: registers --size bytes (default\n"
-               "1G) and serves until SIGINT or SIGTERM. Prints \"" BENCH_READY_FMT "\".\n",
-               "IP:PORT");
+    fprintf(f,
+            "usage: kvferry bench --serve --store-url tcp://IP:PORT [--session-id IP:PORT]\n"
+            "                     [--size BYTES] [--memory alloc|registered]\n"
+            "                     [--transport auto|tcp|shm] [--ns NAME] [--log-level N]\n\n"
+            "The target of `kvferry bench --target SESSION`: registers --size bytes (default\n"
+            "1G) and serves until SIGINT or SIGTERM. Prints \"" BENCH_READY_FMT "\".\n",
+            "IP:PORT");
 }
 
 /* Answer one request; fills @err (empty when all went well). */
@@ -123,7 +124,8 @@ static void serve_request(uint8_t *buf, size_t len, const char *req, bool corrup
         snprintf(err, errlen, "malformed request: %.100s", req);
         goto out;
     }
-    json_array_foreach(blocks, i, b) {
+    json_array_foreach(blocks, i, b)
+    {
         json_int_t t = json_integer_value(json_array_get(b, 0));
         json_int_t k = json_integer_value(json_array_get(b, 1));
         json_int_t off = json_integer_value(json_array_get(b, 2));
@@ -175,8 +177,8 @@ static int serve_loop(kvf_store_t *st, const char *ns, const char *sid, uint8_t 
         serve_request(buf, len, val, corrupt, err, sizeof(err));
         free(val);
         kvf_store_del(st, key);
-        json_t *ans = err[0] ? json_pack("{s:b,s:s}", "ok", 0, "error", err)
-                             : json_pack("{s:b}", "ok", 1);
+        json_t *ans =
+            err[0] ? json_pack("{s:b,s:s}", "ok", 0, "error", err) : json_pack("{s:b}", "ok", 1);
         char *text = json_dumps(ans, JSON_COMPACT);
         json_decref(ans);
         snprintf(sub, sizeof(sub), "ans/%" PRIu64, n);

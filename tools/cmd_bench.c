@@ -38,21 +38,21 @@
 #include "common/common.h"
 #include "common/url.h"
 
-#define CMD "bench"
-#define BENCH_MAX_SIZES 16
-#define BENCH_ITER_CAP_S 300.0         /* bound on an --iterations run without --duration */
-#define BENCH_CALL_CAP 1000000000ull   /* bound on calls in a --duration run */
-#define BENCH_MAX_THREADS 64u
-#define BENCH_MAX_REPS 21u
-#define BENCH_MAX_LOCAL (16ull << 30)  /* bytes of the local (and target) buffer */
-#define BENCH_VERIFY_BLOCKS 16u        /* blocks checked per thread after each run */
-#define BENCH_START_TIMEOUT_MS 30000u  /* the target process reporting ready */
-#define BENCH_ANSWER_TIMEOUT_MS 60000u /* the target answering a verification request */
-#define BENCH_PINGPONG_MAX (64u << 10) /* calls up to this size also get a ping-pong baseline */
-#define BENCH_KV_LAYERS 61u            /* DeepSeek-R1 */
-#define BENCH_KV_BIG (128u << 10)
-#define BENCH_KV_SMALL (16u << 10)
-#define BENCH_PAGE 4096u
+#define CMD                     "bench"
+#define BENCH_MAX_SIZES         16
+#define BENCH_ITER_CAP_S        300.0         /* bound on an --iterations run without --duration */
+#define BENCH_CALL_CAP          1000000000ull /* bound on calls in a --duration run */
+#define BENCH_MAX_THREADS       64u
+#define BENCH_MAX_REPS          21u
+#define BENCH_MAX_LOCAL         (16ull << 30) /* bytes of the local (and target) buffer */
+#define BENCH_VERIFY_BLOCKS     16u           /* blocks checked per thread after each run */
+#define BENCH_START_TIMEOUT_MS  30000u        /* the target process reporting ready */
+#define BENCH_ANSWER_TIMEOUT_MS 60000u        /* the target answering a verification request */
+#define BENCH_PINGPONG_MAX      (64u << 10) /* calls up to this size also get a ping-pong baseline */
+#define BENCH_KV_LAYERS         61u         /* DeepSeek-R1 */
+#define BENCH_KV_BIG            (128u << 10)
+#define BENCH_KV_SMALL          (16u << 10)
+#define BENCH_PAGE              4096u
 
 typedef struct {
     kvf_transport_kind_t transport;
@@ -159,10 +159,21 @@ int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t 
     unsigned shift = 0;
     if (end != s && *end) {
         switch (*end) {
-        case 'k': case 'K': shift = 10; break;
-        case 'm': case 'M': shift = 20; break;
-        case 'g': case 'G': shift = 30; break;
-        default: end = (char *)s; break;
+        case 'k':
+        case 'K':
+            shift = 10;
+            break;
+        case 'm':
+        case 'M':
+            shift = 20;
+            break;
+        case 'g':
+        case 'G':
+            shift = 30;
+            break;
+        default:
+            end = (char *)s;
+            break;
         }
         if (end != s && end[1] != '\0' && strcasecmp(end + 1, "iB") && strcasecmp(end + 1, "B"))
             end = (char *)s;
@@ -272,7 +283,8 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
                             BENCH_MAX_SIZES);
                     bad = -1;
                 } else {
-                    bad = bench_parse_size(CMD, "--block-size", tok, 1ull << 30, &a->sizes[a->nsizes++]);
+                    bad = bench_parse_size(CMD, "--block-size", tok, 1ull << 30,
+                                           &a->sizes[a->nsizes++]);
                 }
             }
             free(list);
@@ -286,8 +298,7 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
             batch_given = true;
             break;
         case 't':
-            if (kvf_cli_parse_u64(CMD, "--threads", optarg, 1, BENCH_MAX_THREADS, &a->threads) <
-                0)
+            if (kvf_cli_parse_u64(CMD, "--threads", optarg, 1, BENCH_MAX_THREADS, &a->threads) < 0)
                 return 2;
             break;
         case 'd': {
@@ -460,8 +471,8 @@ static int kvf_call(bench_worker_t *w, size_t base)
     const bench_layout_t *l = w->lay;
     for (size_t i = 0; i < l->n; i++) {
         size_t o = base + l->off[i];
-        w->x[i] = (kvf_xfer_t){.op = w->op, .local = w->local + o, .remote = w->remote + o,
-                               .len = l->len[i]};
+        w->x[i] = (kvf_xfer_t){
+            .op = w->op, .local = w->local + o, .remote = w->remote + o, .len = l->len[i]};
     }
     int rc = kvf_transfer_sync(w->engine, w->peer, w->x, l->n);
     if (rc < 0)
@@ -507,8 +518,8 @@ static void *bench_thread_main(void *arg)
 
     uint64_t start = kvf__now_ns(), prev = start, deadline = start + t->limit_ns, i = 0;
     t->t_start = start;
-    while (rc == 0 && !atomic_load_explicit(t->failed, memory_order_relaxed) &&
-           i < t->iterations && prev < deadline) {
+    while (rc == 0 && !atomic_load_explicit(t->failed, memory_order_relaxed) && i < t->iterations &&
+           prev < deadline) {
         rc = w->m->call(w, ((i + 1) % l->copies) * l->span);
         uint64_t now = kvf__now_ns(), d = now - prev;
         prev = now;
@@ -587,10 +598,18 @@ static void run_method(bench_t *b, const bench_layout_t *l, const bench_method_t
     for (unsigned i = 0; i < n; i++) {
         bench_thread_t *t = &th[i];
         t->w = (bench_worker_t){
-            .lay = l, .m = m, .idx = i, .op = b->a.op, .local = b->local + i * b->slice,
+            .lay = l,
+            .m = m,
+            .idx = i,
+            .op = b->a.op,
+            .local = b->local + i * b->slice,
             .scratch = b->scratch ? b->scratch + i * b->slice : NULL,
-            .remote = b->target_addr + i * b->slice, .engine = b->e, .peer = b->peer,
-            .target_pid = b->target_pid, .fd = -1, .rx_fd = -1,
+            .remote = b->target_addr + i * b->slice,
+            .engine = b->e,
+            .peer = b->peer,
+            .target_pid = b->target_pid,
+            .fd = -1,
+            .rx_fd = -1,
         };
         t->go = &go;
         t->failed = &failed;
@@ -758,7 +777,8 @@ static int target_spawn(bench_t *b, size_t size)
     char *end = strstr(line, " ready");
     if (rc < 0 || strncmp(line, prefix, strlen(prefix)) || !end ||
         (size_t)(end - line) - strlen(prefix) >= sizeof(b->peer)) {
-        fprintf(stderr, "kvferry " CMD ": the target process did not report ready within %u s%s%s\n",
+        fprintf(stderr,
+                "kvferry " CMD ": the target process did not report ready within %u s%s%s\n",
                 BENCH_START_TIMEOUT_MS / 1000u, used ? "; it said: " : "", line);
         return -1;
     }
@@ -831,8 +851,8 @@ static int target_request(bench_t *b, const char *cmd, uint64_t seed, json_t *bl
     bench_key(b, "seq", key, sizeof(key));
     int rc = kvf_store_add(b->st, key, 1, &n);
     if (rc == 0) {
-        json_t *req = json_pack("{s:s,s:I,s:O}", "cmd", cmd, "seed", (json_int_t)seed, "blocks",
-                                blocks);
+        json_t *req =
+            json_pack("{s:s,s:I,s:O}", "cmd", cmd, "seed", (json_int_t)seed, "blocks", blocks);
         char *text = json_dumps(req, JSON_COMPACT);
         json_decref(req);
         snprintf(sub, sizeof(sub), "req/%" PRId64, n);
@@ -855,9 +875,10 @@ static int target_request(bench_t *b, const char *cmd, uint64_t seed, json_t *bl
     free(val);
     int ok = json_is_true(json_object_get(ans, "ok"));
     if (!ok)
-        snprintf(err, errlen, "%s", json_string_value(json_object_get(ans, "error"))
-                                       ? json_string_value(json_object_get(ans, "error"))
-                                       : "the target sent a malformed answer");
+        snprintf(err, errlen, "%s",
+                 json_string_value(json_object_get(ans, "error"))
+                     ? json_string_value(json_object_get(ans, "error"))
+                     : "the target sent a malformed answer");
     json_decref(ans);
     return ok ? 0 : -1;
 }
@@ -899,7 +920,8 @@ static int verify_run(bench_t *b, const bench_layout_t *l, char *err, size_t err
         for (size_t i = 0; i < l->n; i++) {
             if (b->a.op == KVF_OP_WRITE)
                 bench_pattern_fill(local + l->off[i], t * b->slice + l->off[i], l->len[i], seed);
-            x[i] = (kvf_xfer_t){.op = b->a.op, .local = local + l->off[i],
+            x[i] = (kvf_xfer_t){.op = b->a.op,
+                                .local = local + l->off[i],
                                 .remote = b->target_addr + t * b->slice + l->off[i],
                                 .len = l->len[i]};
         }
@@ -919,7 +941,8 @@ static int verify_run(bench_t *b, const bench_layout_t *l, char *err, size_t err
     } else {
         size_t idx;
         json_t *blk;
-        json_array_foreach(blocks, idx, blk) {
+        json_array_foreach(blocks, idx, blk)
+        {
             json_int_t t = json_integer_value(json_array_get(blk, 0));
             json_int_t i = json_integer_value(json_array_get(blk, 1));
             uint64_t off = (uint64_t)json_integer_value(json_array_get(blk, 2));
@@ -948,11 +971,11 @@ out:
 
 static json_t *stats_json(const bench_stats_t *s)
 {
-    return json_pack("{s:s,s:s,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f}", "name", s->name,
-                     "label", s->label, "calls", (json_int_t)s->calls, "seconds", s->seconds,
-                     "gbps", s->gbps, "ops_per_s", s->ops_per_s, "calls_per_s", s->calls_per_s,
-                     "p50_us", s->p50_us, "p99_us", s->p99_us, "max_us", s->max_us, "mean_us",
-                     s->mean_us, "first_transfer_us", s->first_us);
+    return json_pack("{s:s,s:s,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f}", "name", s->name, "label",
+                     s->label, "calls", (json_int_t)s->calls, "seconds", s->seconds, "gbps",
+                     s->gbps, "ops_per_s", s->ops_per_s, "calls_per_s", s->calls_per_s, "p50_us",
+                     s->p50_us, "p99_us", s->p99_us, "max_us", s->max_us, "mean_us", s->mean_us,
+                     "first_transfer_us", s->first_us);
 }
 
 static void print_header(void)
@@ -969,8 +992,8 @@ static void print_run(const bench_t *b, const bench_layout_t *l, const bench_sta
     else
         size_name(l->len[0], block, sizeof(block));
     printf("%-9s %-5s %-9s %5zu %3" PRIu64 " %8.2f %11.0f %9.1f %9.1f %9.1f %10.1f\n",
-           b->transport_used, b->a.op == KVF_OP_WRITE ? "write" : "read", block, l->n,
-           b->a.threads, s->gbps, s->ops_per_s, s->p50_us, s->p99_us, s->max_us, s->first_us);
+           b->transport_used, b->a.op == KVF_OP_WRITE ? "write" : "read", block, l->n, b->a.threads,
+           s->gbps, s->ops_per_s, s->p50_us, s->p99_us, s->max_us, s->first_us);
 }
 
 static void print_baseline(const bench_stats_t *kvf, const bench_stats_t *s, bool latency)
@@ -1000,8 +1023,8 @@ static json_t *machine_json(void)
         fclose(f);
     uname(&u);
     gethostname(host, sizeof(host) - 1);
-    return json_pack("{s:i,s:s,s:s,s:s,s:I}", "cores", (int)sysconf(_SC_NPROCESSORS_ONLN),
-                     "kernel", u.release, "cpu_model", model, "hostname", host, "memory_bytes",
+    return json_pack("{s:i,s:s,s:s,s:s,s:I}", "cores", (int)sysconf(_SC_NPROCESSORS_ONLN), "kernel",
+                     u.release, "cpu_model", model, "hostname", host, "memory_bytes",
                      (json_int_t)sysconf(_SC_PHYS_PAGES) * (json_int_t)sysconf(_SC_PAGESIZE));
 }
 
@@ -1016,8 +1039,8 @@ static int write_json(const bench_t *b, int argc, char **argv, bool ok)
     strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&now, &tm));
     json_t *root = json_pack(
         "{s:s,s:s,s:s,s:o,s:O,s:s,s:s,s:s,s:s,s:b,s:o,s:O}", "tool", "kvferry bench", "version",
-        KVF_VERSION_STRING, "time", when, "machine", machine_json(), "command", cmd,
-        "transport", b->transport_used ? b->transport_used : "none", "transport_requested",
+        KVF_VERSION_STRING, "time", when, "machine", machine_json(), "command", cmd, "transport",
+        b->transport_used ? b->transport_used : "none", "transport_requested",
         transport_name(b->a.transport), "target", b->a.target ? b->a.target : "local",
         "target_memory", b->target_memory, "verified", ok, "runs_count",
         json_integer((json_int_t)json_array_size(b->runs)), "runs", b->runs);
@@ -1072,8 +1095,7 @@ static int bench_layout(bench_t *b, const bench_layout_t *l)
         snprintf(what, sizeof(what), "kvferry %s x %zu, %" PRIu64 " thread%s, rep %u/%u", block,
                  l->n, b->a.threads, b->a.threads > 1 ? "s" : "", rep + 1, reps);
         run_method(b, l, &bench_kvferry, what, &all[rep][0]);
-        if (!b->transport_used &&
-            kvf_engine_peer_transport(b->e, b->peer, &b->transport_used) < 0)
+        if (!b->transport_used && kvf_engine_peer_transport(b->e, b->peer, &b->transport_used) < 0)
             b->transport_used = "?";
         if (all[rep][0].rc) {
             fprintf(stderr, "kvferry " CMD ": %s: %s\n", what, all[rep][0].err);
@@ -1083,8 +1105,7 @@ static int bench_layout(bench_t *b, const bench_layout_t *l)
         if (rep + 1 == reps) {
             checked = verify_run(b, l, err, sizeof(err));
             if (checked < 0) {
-                fprintf(stderr, "kvferry " CMD ": verification failed after %s: %s\n", what,
-                        err);
+                fprintf(stderr, "kvferry " CMD ": verification failed after %s: %s\n", what, err);
                 return 1;
             }
         }
@@ -1137,15 +1158,15 @@ static int bench_layout(bench_t *b, const bench_layout_t *l)
     json_t *run = json_pack(
         "{s:s,s:s,s:s,s:s,s:s,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,"
         "s:I,s:b,s:i}",
-        "transport", b->transport_used, "transport_requested", transport_name(b->a.transport),
-        "op", b->a.op == KVF_OP_WRITE ? "write" : "read", "memory", b->target_memory, "workload",
+        "transport", b->transport_used, "transport_requested", transport_name(b->a.transport), "op",
+        b->a.op == KVF_OP_WRITE ? "write" : "read", "memory", b->target_memory, "workload",
         b->a.kv ? "kv" : "blocks", "block_size", (json_int_t)(l->bytes / l->n), "batch",
         (json_int_t)l->n, "blocks", (json_int_t)l->n, "bytes_per_call", (json_int_t)l->bytes,
         "threads", (json_int_t)b->a.threads, "calls", (json_int_t)s.calls, "bytes",
         (json_int_t)(s.calls * l->bytes), "seconds", s.seconds, "gbps", s.gbps, "ops_per_s",
-        s.ops_per_s, "calls_per_s", s.calls_per_s, "p50_us", s.p50_us, "p99_us", s.p99_us,
-        "max_us", s.max_us, "mean_us", s.mean_us, "first_transfer_us", s.first_us,
-        "latency_samples", (json_int_t)s.samples, "verified", 1, "verified_blocks", checked);
+        s.ops_per_s, "calls_per_s", s.calls_per_s, "p50_us", s.p50_us, "p99_us", s.p99_us, "max_us",
+        s.max_us, "mean_us", s.mean_us, "first_transfer_us", s.first_us, "latency_samples",
+        (json_int_t)s.samples, "verified", 1, "verified_blocks", checked);
     json_object_set_new(run, "reps", json_integer((json_int_t)reps));
     json_object_set_new(run, "gbps_reps", reps_json[0]);
     json_t *bl = json_array();
@@ -1160,14 +1181,13 @@ static int bench_layout(bench_t *b, const bench_layout_t *l)
     json_object_set_new(run, "baselines", bl);
     json_object_set_new(run, "baseline", primary ? json_string(primary->name) : json_null());
     json_object_set_new(run, "base_gbps", primary ? json_real(primary->gbps) : json_null());
-    json_object_set_new(run, "ratio", primary && primary->gbps > 0
-                                          ? json_real(s.gbps / primary->gbps)
-                                          : json_null());
+    json_object_set_new(run, "ratio",
+                        primary && primary->gbps > 0 ? json_real(s.gbps / primary->gbps)
+                                                     : json_null());
     json_object_set_new(run, "latency_baseline", lat ? json_string(lat->name) : json_null());
     json_object_set_new(run, "base_p50_us", lat ? json_real(lat->p50_us) : json_null());
-    json_object_set_new(run, "p50_ratio", lat && lat->p50_us > 0
-                                              ? json_real(s.p50_us / lat->p50_us)
-                                              : json_null());
+    json_object_set_new(run, "p50_ratio",
+                        lat && lat->p50_us > 0 ? json_real(s.p50_us / lat->p50_us) : json_null());
     json_array_append_new(b->runs, run);
     return 0;
 }
@@ -1204,8 +1224,9 @@ static int bench_setup(bench_t *b, size_t need)
     if (target_info(b) < 0)
         return -1;
     if (b->target_len < need) {
-        fprintf(stderr, "kvferry " CMD ": the target %s has %" PRIu64 " bytes; this run needs %zu "
-                        "(%" PRIu64 " threads x %zu); start it with --size %zu or more\n",
+        fprintf(stderr,
+                "kvferry " CMD ": the target %s has %" PRIu64 " bytes; this run needs %zu "
+                "(%" PRIu64 " threads x %zu); start it with --size %zu or more\n",
                 b->peer, b->target_len, need, b->a.threads, b->slice, need);
         return -1;
     }
@@ -1274,8 +1295,9 @@ int kvf_cli_bench(int argc, char **argv)
             b->slice = layout_slice(&layouts[i]);
     }
     if (b->slice > BENCH_MAX_LOCAL / b->a.threads) {
-        fprintf(stderr, "kvferry " CMD ": --block-size x --batch x --threads needs %zu MiB per "
-                        "thread; at most %llu MiB in all\n",
+        fprintf(stderr,
+                "kvferry " CMD ": --block-size x --batch x --threads needs %zu MiB per "
+                "thread; at most %llu MiB in all\n",
                 b->slice >> 20, (unsigned long long)(BENCH_MAX_LOCAL >> 20));
         return 2;
     }
@@ -1302,8 +1324,10 @@ int kvf_cli_bench(int argc, char **argv)
     for (size_t i = 0; i < nlay && status == 0; i++)
         status = bench_layout(b, &layouts[i]);
     if (status == 0 && b->tty)
-        fprintf(stderr, "all runs verified (a sample of every run's blocks compared at the "
-                        "%s)\n", b->a.op == KVF_OP_WRITE ? "target" : "initiator");
+        fprintf(stderr,
+                "all runs verified (a sample of every run's blocks compared at the "
+                "%s)\n",
+                b->a.op == KVF_OP_WRITE ? "target" : "initiator");
     if (b->a.json_path && write_json(b, argc, argv, status == 0) < 0 && status == 0)
         status = 1;
     bench_teardown(b);

@@ -29,7 +29,7 @@
 #include "cli.h"
 #include "common/common.h"
 
-#define CMD "bench store"
+#define CMD          "bench store"
 #define WAKE_WAIT_MS 5000u
 /* The store says nothing when a get-with-wait has been registered, so the setter gives the
  * waiter's request this long to reach the store before it sets the key. */
@@ -101,8 +101,8 @@ static double run_clients(const char *url, int n, store_op_t op, double seconds)
         goto out;
     uint64_t t0 = kvf__now_ns();
     for (; started < n; started++) {
-        c[started] = (client_t){.url = url, .id = started, .op = op,
-                                .deadline_ns = t0 + (uint64_t)(seconds * 1e9)};
+        c[started] = (client_t){
+            .url = url, .id = started, .op = op, .deadline_ns = t0 + (uint64_t)(seconds * 1e9)};
         if (pthread_create(&th[started], NULL, client_main, &c[started]) != 0)
             break;
     }
@@ -313,9 +313,12 @@ static void usage(FILE *f)
 int kvf_cli_bench_store(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"clients", required_argument, NULL, 'c'}, {"seconds", required_argument, NULL, 's'},
-        {"rounds", required_argument, NULL, 'r'},  {"store-url", required_argument, NULL, 'u'},
-        {"json", required_argument, NULL, 'j'},    {"help", no_argument, NULL, 'h'},
+        {"clients", required_argument, NULL, 'c'},
+        {"seconds", required_argument, NULL, 's'},
+        {"rounds", required_argument, NULL, 'r'},
+        {"store-url", required_argument, NULL, 'u'},
+        {"json", required_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     uint64_t clients = 8, rounds = 200;
@@ -394,12 +397,12 @@ int kvf_cli_bench_store(int argc, char **argv)
            rounds, p50, p99, max);
     status = 0;
     if (json_path) {
-        json_t *root = json_pack(
-            "{s:s,s:s,s:f,s:I,s:f,s:f,s:f,s:f,s:f,s:{s:I,s:f,s:f,s:f}}", "tool",
-            "kvferry bench store", "version", KVF_VERSION_STRING, "seconds", seconds, "clients",
-            (json_int_t)clients, "raw_pingpong_per_s", raw, "set_per_s_1", set1, "get_per_s_1",
-            get1, "set_per_s_n", setn, "get_per_s_n", getn, "wake", "rounds",
-            (json_int_t)rounds, "p50_us", p50, "p99_us", p99, "max_us", max);
+        json_t *root =
+            json_pack("{s:s,s:s,s:f,s:I,s:f,s:f,s:f,s:f,s:f,s:{s:I,s:f,s:f,s:f}}", "tool",
+                      "kvferry bench store", "version", KVF_VERSION_STRING, "seconds", seconds,
+                      "clients", (json_int_t)clients, "raw_pingpong_per_s", raw, "set_per_s_1",
+                      set1, "get_per_s_1", get1, "set_per_s_n", setn, "get_per_s_n", getn, "wake",
+                      "rounds", (json_int_t)rounds, "p50_us", p50, "p99_us", p99, "max_us", max);
         if (json_dump_file(root, json_path, JSON_INDENT(2)) < 0) {
             fprintf(stderr, "kvferry " CMD ": cannot write %s: %s\n", json_path, strerror(errno));
             status = 1;
