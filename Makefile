@@ -31,14 +31,11 @@ test-asan: deps
 demo: build
 	./scripts/demo.sh $(BUILD)
 
-# Each figure beside a baseline measured in the same run: store operations against a raw TCP
-# ping-pong, TCP writes of 1 and 4 MiB blocks against a raw TCP stream, shm writes of 16 and 64 MiB
-# against a raw process_vm_writev.
+# kvferry beside its baselines on this machine, all measured in the same run: raw TCP, memcpy,
+# process_vm_writev, iperf3 and UCX's ucx_perftest (missing Debian tools are installed). Prints
+# the ratio table, writes bench/results/*.json and bench/results/bench.png. A few minutes.
 bench: build
-	$(BUILD)/bench_store --clients 8 --seconds 2
-	$(BUILD)/bench_transfer --block-size 1M --block-size 4M --total 1G --reps 5 --batch 1
-	$(BUILD)/bench_transfer --block-size 1M --block-size 4M --total 1G --reps 5 --batch 16
-	$(BUILD)/bench_shm --reps 15
+	./bench/compare.sh $(BUILD)
 
 install: build
 	cmake --install $(BUILD)

@@ -17,6 +17,7 @@ static const struct {
     {"kv", kvf_cli_kv, "read and write keys in a config store (get, set, del, list, add)"},
     {"transfer", kvf_cli_transfer, "the seed's tool: a Prefill writes into a Decode's buffer"},
     {"demo", kvf_cli_demo, "a store, a Decode and a Prefill on 127.0.0.1: transfer and verify"},
+    {"bench", kvf_cli_bench, "throughput and latency beside same-run baselines; `bench store`"},
 };
 
 static void usage(FILE *f)

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# kvferry beside its baselines, in one go on this machine (`make bench`).
+#
+#   bench/compare.sh [BUILD_DIR]        (default: build; BUILD_DIR/kvferry must exist)
+#
+# Runs, each bounded by `timeout`: `kvferry bench --baseline` over tcp and shm (64 KiB to 64 MiB
+# blocks, the kv workload, 4 KiB latency; its baselines are raw TCP send/recv and ping-pong,
+# memcpy with one and two threads, process_vm_writev, all in the same process run); iperf3 on
+# loopback for reference; UCX's ucx_perftest (the engine NIXL uses) over tcp (ucp_am_bw,
+# ucp_put_bw) and shared memory (posix, ucp_am_bw); `kvferry bench store`. Writes
+# bench/results/*.json, prints the ratio table (bench/report.py) and draws
+# bench/results/bench.png (gnuplot). A missing or failing external tool is reported as "n/a" with
+# the reason and does not stop the run.
+#
+# Each kvferry run and each of its baselines is repeated KVF_BENCH_REPS times (default 3),
+# alternating, KVF_BENCH_DURATION seconds each (default 0.5); figures are the median repetition.
+# KVF_BENCH_UCX_PORT is the first port for ucx_perftest and iperf3 (default 13337).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+BUILD=${1:-build}
+KVF="$BUILD/kvferry"
+OUT=bench/results
+DUR=${KVF_BENCH_DURATION:-0.5}
+REPS=${KVF_BENCH_REPS:-3}
+PORT=${KVF_BENCH_UCX_PORT:-13337}
+START=$(date +%s)
+
+[ -x "$KVF" ] || { echo "compare: $KVF not built (run make build)" >&2; exit 1; }
+mkdir -p "$OUT"
+rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/*.dat "$OUT"/bench.png
+
+# --- Debian packages, only those missing ---------------------------------------------------------
+missing=""
+for p in ucx-utils iperf3 gnuplot-nox; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "compare: installing$missing"
+    # shellcheck disable=SC2086
+    if ! { DEBIAN_FRONTEND=noninteractive $SUDO apt-get update -qq &&
+           DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+               $missing; } >"$OUT/apt.log" 2>&1; then
+        echo "compare: apt-get failed (see $OUT/apt.log); the tools it did not install are n/a" >&2
+    fi
+fi
+
+# --- kvferry and its same-run baselines ----------------------------------------------------------
+kvf() { # name, then `kvferry bench` flags
+    local name=$1
+    shift
+    echo "== kvferry bench $*"
+    if ! timeout 240 "$KVF" bench --quiet --baseline --reps "$REPS" --duration "$DUR" --json "$OUT/kvferry-$name.json" "$@"; then
+        echo "compare: kvferry bench $* failed" >&2
+        exit 1
+    fi
+}
+kvf tcp            --transport tcp --block-size 64K,1M,4M,64M
+kvf tcp-batch16    --transport tcp --block-size 1M,4M --batch 16
+kvf tcp-4k         --transport tcp --block-size 4K
+kvf tcp-kv         --transport tcp --workload kv
+kvf shm            --transport shm --block-size 64K,1M,4M,16M,64M
+kvf shm-registered --transport shm --memory registered --block-size 16M,64M
+kvf shm-2threads   --transport shm --threads 2 --block-size 16M
+kvf shm-4k         --transport shm --block-size 4K
+kvf shm-kv         --transport shm --workload kv
+echo "== kvferry bench store"
+timeout 120 "$KVF" bench store --clients 8 --seconds 1 --json "$OUT/store.json"
+
+# --- external references -------------------------------------------------------------------------
+wait_listen() { # port: up to 5 s for a listener
+    for _ in $(seq 50); do
+        ss -Hltn "sport = :$1" 2>/dev/null | grep -q . && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+stop_pid() { # pid: TERM, then KILL after 3 s, and reap
+    local pid=$1
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 30); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# One JSON object per line: {"tool", "test", "tls", "size", "gbps"} or {..., "na": reason}.
+EXT="$OUT/external.jsonl"
+: >"$EXT"
+na() { printf '{"tool":"%s","test":"%s","tls":"%s","size":%s,"na":"%s"}\n' "$1" "$2" "$3" "$4" "$5" >>"$EXT"; }
+
+if command -v iperf3 >/dev/null; then
+    echo "== iperf3 on loopback, 3 s"
+    iperf3 -s -1 -p "$PORT" >"$OUT/iperf3-server.log" 2>&1 &
+    spid=$!
+    if wait_listen "$PORT" &&
+       timeout 30 iperf3 -c 127.0.0.1 -p "$PORT" -t 3 -J >"$OUT/iperf3.json" 2>"$OUT/iperf3.log"; then
+        python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("{\"tool\":\"iperf3\",\"test\":\"stream\",\"tls\":\"tcp\",\"size\":0,\"gbps\":%.4f}" % (d["end"]["sum_received"]["bits_per_second"]/8e9))' "$OUT/iperf3.json" >>"$EXT"
+    else
+        na iperf3 stream tcp 0 "iperf3 failed, see $OUT/iperf3.log"
+    fi
+    stop_pid "$spid"
+else
+    na iperf3 stream tcp 0 "iperf3 is not installed"
+fi
+
+# ucx_perftest prints bandwidth in MB/s of 2^20 bytes; "Final:" columns: iterations, latency
+# p50/avg/overall (us), bandwidth avg/overall (MB/s), message rate avg/overall.
+ucx() { # tls test size
+    local tls=$1 test=$2 size=$3 port=$((PORT + 1))
+    local iters=$(( (1536 << 20) / size ))
+    [ "$iters" -gt 20000 ] && iters=20000
+    # UCX's put over tcp moves well under 1 GB/s here: a quarter of the bytes keeps it short.
+    [ "$test" = ucp_put_bw ] && iters=$((iters / 4))
+    [ "$iters" -lt 20 ] && iters=20
+    local log="$OUT/ucx-$tls-$test-$size.log"
+    if ! command -v ucx_perftest >/dev/null; then
+        na ucx "$test" "$tls" "$size" "ucx_perftest is not installed (Debian ucx-utils)"
+        return
+    fi
+    UCX_TLS=$tls timeout 60 ucx_perftest -p "$port" >"$log.server" 2>&1 &
+    local spid=$!
+    if ! wait_listen "$port"; then
+        na ucx "$test" "$tls" "$size" "the ucx_perftest server did not listen"
+        stop_pid "$spid"
+        return
+    fi
+    if UCX_TLS=$tls timeout 60 ucx_perftest 127.0.0.1 -p "$port" -t "$test" -s "$size" -n "$iters" >"$log" 2>&1 &&
+       grep -q '^Final:' "$log"; then
+        awk -v t="$test" -v tls="$tls" -v s="$size" '/^Final:/ {
+            printf "{\"tool\":\"ucx\",\"test\":\"%s\",\"tls\":\"%s\",\"size\":%s,\"gbps\":%.4f,\"p50_us\":%s}\n",
+                   t, tls, s, $7 * 1048576 / 1e9, $3 }' "$log" >>"$EXT"
+    else
+        local why
+        why=$(grep -m1 -iE 'error|unsupported|not supported|fail' "$log" | tr -d '"\\' | cut -c1-120 || true)
+        na ucx "$test" "$tls" "$size" "${why:-ucx_perftest gave no Final line, see $log}"
+    fi
+    stop_pid "$spid"
+}
+echo "== ucx_perftest over tcp and posix shared memory"
+for size in 65536 1048576 4194304 67108864; do
+    ucx tcp ucp_am_bw "$size"
+    ucx tcp ucp_put_bw "$size"
+    ucx posix ucp_am_bw "$size"
+done
+ucx posix ucp_am_bw 16777216
+
+# --- report --------------------------------------------------------------------------------------
+python3 bench/report.py "$OUT"
+if command -v gnuplot >/dev/null; then
+    if timeout 60 gnuplot "$OUT/bench.gp" >"$OUT/gnuplot.log" 2>&1; then
+        echo "plot: $OUT/bench.png"
+    else
+        echo "compare: gnuplot failed (see $OUT/gnuplot.log); no plot" >&2
+    fi
+else
+    echo "compare: gnuplot is not installed; no plot" >&2
+fi
+echo "compare: done in $(( $(date +%s) - START )) s; results in $OUT/"

@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""The ratio table and the plot data of bench/compare.sh.
+
+    bench/report.py RESULTS_DIR
+
+Reads RESULTS_DIR/kvferry-*.json (`kvferry bench --baseline --json`), external.jsonl (iperf3 and
+ucx_perftest, one object per line) and store.json (`kvferry bench store --json`). Prints each
+kvferry figure beside its baseline with the ratio and the DESIGN.md section 4 target, and writes
+summary.json (the same rows), bench.dat and bench.gp (gnuplot: GB/s against block size, the
+baselines as lines). Python standard library only.
+"""
+import json
+import os
+import sys
+
+KIB, MIB = 1 << 10, 1 << 20
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def size_name(n):
+    if n >= MIB and n % MIB == 0:
+        return "%d MiB" % (n // MIB)
+    if n >= KIB and n % KIB == 0:
+        return "%d KiB" % (n // KIB)
+    return "%d B" % n
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else "bench/results"
+    kvf = {}
+    for name in sorted(os.listdir(out)):
+        if name.startswith("kvferry-") and name.endswith(".json"):
+            d = load(os.path.join(out, name))
+            if d:
+                kvf[name[len("kvferry-"):-len(".json")]] = d
+    ext = []
+    if os.path.exists(os.path.join(out, "external.jsonl")):
+        with open(os.path.join(out, "external.jsonl")) as f:
+            ext = [json.loads(line) for line in f if line.strip()]
+    store = load(os.path.join(out, "store.json"))
+
+    def runs(name):
+        return kvf.get(name, {}).get("runs", [])
+
+    def base(run, bname):
+        for b in run.get("baselines", []):
+            if b["name"] == bname:
+                return b
+        return None
+
+    def ucx(test, tls, size):
+        for e in ext:
+            if e["tool"] == "ucx" and e["test"] == test and e["tls"] == tls and e["size"] == size:
+                return e
+        return None
+
+    rows = []  # what, kvferry, baseline name, baseline value, ratio, target, met
+
+    def row(what, value, bname, bvalue, unit, target=None, met=None, ratio=None):
+        if ratio is None and isinstance(value, float) and isinstance(bvalue, float) and bvalue > 0:
+            ratio = value / bvalue
+        rows.append({"what": what, "kvferry": value, "baseline": bname, "base": bvalue,
+                     "unit": unit, "ratio": ratio, "target": target or "",
+                     "met": None if met is None or ratio is None else met(ratio)})
+
+    def bw_rows(kind, label, name, bnames, targets):
+        for r in runs(name):
+            what = "%s %s x%d%s" % (label, size_name(r["block_size"]) if r["workload"] != "kv"
+                                    else "kv workload", r["batch"],
+                                    ", %d threads" % r["threads"] if r["threads"] > 1 else "")
+            for bname, blabel in bnames:
+                b = base(r, bname)
+                if not b:
+                    continue
+                t = targets(r, bname)
+                row(what, r["gbps"], blabel, b["gbps"], "GB/s", t[0] if t else None,
+                    t[1] if t else None)
+            if kind == "tcp" and r["workload"] != "kv" and r["batch"] == 1:
+                u = ucx("ucp_am_bw", "tcp", r["block_size"])
+                ut = MIB <= r["block_size"] <= 4 * MIB
+                if u and "gbps" in u:
+                    row(what, r["gbps"], "UCX ucp_am_bw tcp", u["gbps"], "GB/s",
+                        ">= 1.0" if ut else None, (lambda x: x >= 1.0) if ut else None)
+                elif u:
+                    row(what, r["gbps"], "UCX ucp_am_bw tcp: n/a (%s)" % u["na"], None, "GB/s")
+                p = ucx("ucp_put_bw", "tcp", r["block_size"])
+                if p and "gbps" in p:
+                    row(what, r["gbps"], "UCX ucp_put_bw tcp", p["gbps"], "GB/s")
+            if kind == "shm" and r["workload"] != "kv" and r["batch"] == 1 and r["threads"] == 1:
+                u = ucx("ucp_am_bw", "posix", r["block_size"])
+                if u and "gbps" in u:
+                    row(what, r["gbps"], "UCX ucp_am_bw posix", u["gbps"], "GB/s")
+                elif u:
+                    row(what, r["gbps"], "UCX ucp_am_bw posix: n/a (%s)" % u["na"], None, "GB/s")
+
+    def tcp_targets(r, bname):
+        if r["workload"] == "kv":
+            return ("time <= 1.25x (ratio >= 0.8)", lambda x: x >= 0.8)
+        if MIB <= r["block_size"] <= 4 * MIB:
+            return (">= 0.9", lambda x: x >= 0.9)
+        return None
+
+    def shm_targets(r, bname):
+        if r["workload"] == "kv" and bname == "memcpy":
+            return ("time <= 1.25x (ratio >= 0.8)", lambda x: x >= 0.8)
+        if r["block_size"] == 16 * MIB and r["threads"] == 1:
+            if r["memory"] == "alloc" and bname == "memcpy":
+                return (">= 0.85", lambda x: x >= 0.85)
+            if r["memory"] == "registered" and bname.startswith("process_vm"):
+                return (">= 0.9", lambda x: x >= 0.9)
+        return None
+
+    raw = [("raw_tcp", "raw TCP send/recv")]
+    bw_rows("tcp", "tcp write", "tcp", raw, tcp_targets)
+    bw_rows("tcp", "tcp write", "tcp-batch16", raw, tcp_targets)
+    bw_rows("tcp", "tcp write", "tcp-kv", raw, tcp_targets)
+    shm_b = [("memcpy", "memcpy"), ("process_vm_writev", "process_vm_writev")]
+    bw_rows("shm", "shm write into kvf_mem_alloc", "shm", shm_b, shm_targets)
+    bw_rows("shm", "shm write into registered", "shm-registered", shm_b, shm_targets)
+    bw_rows("shm", "shm write into kvf_mem_alloc", "shm-2threads",
+            [("memcpy", "two-thread memcpy")], shm_targets)
+    bw_rows("shm", "shm write into kvf_mem_alloc", "shm-kv", shm_b, shm_targets)
+
+    for r in runs("tcp-4k"):
+        b = base(r, "tcp_pingpong")
+        if b:
+            row("tcp 4 KiB write latency p50", r["p50_us"], "raw TCP ping-pong p50", b["p50_us"],
+                "us", "<= 1.3", lambda x: x <= 1.3)
+    for r in runs("shm-4k"):
+        b = base(r, "process_vm_writev")
+        row("shm 4 KiB write latency p50", r["p50_us"],
+            "process_vm_writev p50" if b else "", b["p50_us"] if b else None, "us",
+            "<= 5 us", lambda x: r["p50_us"] <= 5.0)
+    for e in ext:
+        if e["tool"] == "iperf3":
+            one = [r for r in runs("tcp") if r["block_size"] == MIB]
+            if "gbps" in e and one:
+                row("tcp write 1 MiB x1", one[0]["gbps"], "iperf3 (defaults)", e["gbps"], "GB/s")
+            elif "na" in e:
+                row("iperf3", None, "n/a (%s)" % e["na"], None, "GB/s")
+    if store:
+        for key, what in (("set_per_s_1", "store set, 1 client"),
+                          ("get_per_s_1", "store get, 1 client")):
+            row(what, store[key], "raw TCP ping-pong", store["raw_pingpong_per_s"], "ops/s",
+                ">= 20k ops/s", lambda x, v=store[key]: v >= 20000)
+        n = store["clients"]
+        row("store set, %d clients" % n, store["set_per_s_n"], "", None, "ops/s")
+        row("store get, %d clients" % n, store["get_per_s_n"], "", None, "ops/s")
+        row("store get-with-wait wake-up p50", store["wake"]["p50_us"], "", None, "us")
+
+    def fmt(v, unit):
+        if v is None:
+            return "n/a"
+        if unit == "ops/s":
+            return "%.0f" % v
+        if unit == "us":
+            return "%.1f us" % v
+        return "%.2f" % v
+
+    machine = next(iter(kvf.values()), {}).get("machine", {})
+    print()
+    print("kvferry beside its baselines, same run; %s, %s cores, kernel %s; GB/s = 10^9 B/s"
+          % (machine.get("cpu_model", "?"), machine.get("cores", "?"), machine.get("kernel", "?")))
+    print()
+    print("| What | kvferry | Baseline | Baseline value | Ratio | Target | Met |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        unit = "" if r["unit"] == "us" else " " + r["unit"]
+        print("| %s | %s%s | %s | %s | %s | %s | %s |" % (
+            r["what"], fmt(r["kvferry"], r["unit"]), unit if r["kvferry"] is not None else "",
+            r["baseline"], fmt(r["base"], r["unit"]) if r["baseline"] else "",
+            "%.2f" % r["ratio"] if r["ratio"] is not None else "", r["target"], met))
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({"machine": machine, "rows": rows}, f, indent=2)
+
+    # Plot data: one block per series, "size gbps" lines, gnuplot's index separates them.
+    series = []
+
+    def add(title, points, style):
+        pts = sorted(p for p in points if p[1] is not None)
+        if pts:
+            series.append((title, pts, style))
+
+    def kvf_points(name, bname=None):
+        pts = []
+        for r in runs(name):
+            if r["workload"] == "kv" or r["batch"] != 1 or r["threads"] != 1:
+                continue
+            b = base(r, bname) if bname else r
+            if b:
+                pts.append((r["block_size"], b["gbps"]))
+        return pts
+
+    add("kvferry tcp", kvf_points("tcp"), "linespoints lw 3 pt 7")
+    add("kvferry shm, kvf_mem_alloc", kvf_points("shm"), "linespoints lw 3 pt 5")
+    add("kvferry shm, registered", kvf_points("shm-registered"), "linespoints lw 3 pt 9")
+    add("raw TCP send/recv", kvf_points("tcp", "raw_tcp"), "lines lw 2 dt 2")
+    add("memcpy (1 thread)", kvf_points("shm", "memcpy"), "lines lw 2 dt 2")
+    add("process_vm_writev", kvf_points("shm", "process_vm_writev"), "lines lw 2 dt 2")
+    for test, tls, title in (("ucp_am_bw", "tcp", "UCX am_bw tcp"),
+                             ("ucp_put_bw", "tcp", "UCX put_bw tcp"),
+                             ("ucp_am_bw", "posix", "UCX am_bw posix")):
+        add(title, [(e["size"], e["gbps"]) for e in ext
+                    if e["tool"] == "ucx" and e["test"] == test and e["tls"] == tls
+                    and "gbps" in e], "lines lw 2 dt 4")
+    iperf = [e["gbps"] for e in ext if e["tool"] == "iperf3" and "gbps" in e]
+    with open(os.path.join(out, "bench.dat"), "w") as f:
+        for title, pts, _ in series:
+            f.write("# %s\n" % title)
+            for s, g in pts:
+                f.write("%d %.4f\n" % (s, g))
+            f.write("\n\n")
+    plots = ['"bench.dat" index %d using 1:2 with %s title "%s"' % (i, style, title)
+             for i, (title, _, style) in enumerate(series)]
+    if iperf:
+        plots.append('%.4f with lines lw 1 dt 3 lc rgb "gray40" title "iperf3 (defaults)"'
+                     % iperf[0])
+    with open(os.path.join(out, "bench.gp"), "w") as f:
+        f.write('cd "%s"\n' % os.path.abspath(out))
+        f.write('set terminal pngcairo noenhanced size 1100,700 font ",11"\n')
+        f.write('set output "bench.png"\n')
+        f.write('set title "kvferry write bandwidth vs same-run baselines (%s, %s cores)"\n'
+                % (machine.get("cpu_model", "?"), machine.get("cores", "?")))
+        f.write('set logscale x 2\nset xlabel "block size (bytes), one block per call"\n')
+        f.write('set ylabel "GB/s (1 GB = 1e9 B)"\nset grid\nset key outside right top\n')
+        f.write('set xtics ("64K" 65536, "1M" 1048576, "4M" 4194304, "16M" 16777216, '
+                '"64M" 67108864)\nset yrange [0:*]\n')
+        f.write("plot " + ", \\\n     ".join(plots) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+/*
+ * `kvferry bench`: the parts shared by its files.
+ *
+ *   cmd_bench.c        flags, the local target process, the runs, the table and the JSON
+ *   bench_serve.c      `kvferry bench --serve`: the target, and the data pattern both sides use
+ *   bench_baseline.c   the baselines: memcpy, process_vm_writev/readv, raw TCP stream, ping-pong
+ *   cmd_bench_store.c  `kvferry bench store`
+ *
+ * A run moves a *layout* (the blocks of one kvf_transfer_sync call, at offsets inside a
+ * thread's slice) over and over; every method (kvferry or a baseline) is a `call` that moves one
+ * layout at a given base offset, timed by the same harness.
+ */
+#ifndef KVF_CLI_BENCH_H
+#define KVF_CLI_BENCH_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "kvferry.h"
+
+/* Store keys, under kvferry/v1/<ns>/bench/<target session id>/: "info" (the target's buffer),
+ * "seq" (a counter that numbers requests), "req/<n>" and "ans/<n>" (a request and its answer). */
+#define BENCH_KEY_FMT "kvferry/v1/%s/bench/%s/%s"
+#define BENCH_KEY_MAX 512
+/* The line a target prints once it is ready: its session id. */
+#define BENCH_READY_FMT "bench target %s ready"
+/* Environment variable read by a target, a test hook only: when set to 1, the target flips one
+ * byte of the first block it is asked to verify or to fill, so that tests can see verification
+ * fail. Documented in docs/performance.md. */
+#define BENCH_CORRUPT_ENV "KVFERRY_BENCH_TEST_CORRUPT"
+#define BENCH_LAT_MAX     (1u << 20) /* latency samples kept per thread */
+#define BENCH_MAX_BLOCKS  1024u      /* blocks in one call */
+
+/* The blocks of one call: offsets relative to a base, in a span of bytes; a thread's slice holds
+ * `copies` spans, and consecutive calls move consecutive spans, round-robin. */
+typedef struct {
+    size_t n;
+    size_t off[BENCH_MAX_BLOCKS];
+    size_t len[BENCH_MAX_BLOCKS];
+    size_t bytes;  /* sum of len */
+    size_t span;   /* bytes from the first block's start to the last one's end, page-rounded */
+    size_t copies; /* spans in a slice */
+} bench_layout_t;
+
+typedef struct bench_worker bench_worker_t;
+
+/* One way of moving a layout: kvferry, or a baseline. */
+typedef struct {
+    const char *name;  /* JSON name: "kvferry", "memcpy", "process_vm_writev", "raw_tcp", ... */
+    const char *label; /* for the table */
+    int (*start)(bench_worker_t *w);             /* per thread, untimed; may be NULL */
+    int (*call)(bench_worker_t *w, size_t base); /* move the layout at @base of the slice */
+    int (*finish)(bench_worker_t *w);            /* per thread, timed (drain); may be NULL */
+    void (*cleanup)(bench_worker_t *w);          /* per thread, untimed; may be NULL */
+} bench_method_t;
+
+/* What a method needs to know; one per thread. */
+struct bench_worker {
+    const bench_layout_t *lay;
+    const bench_method_t *m;
+    unsigned idx;
+    kvf_op_t op;
+    uint8_t *local;   /* this thread's slice of the initiator's buffer */
+    uint8_t *scratch; /* this thread's slice of a second local buffer (memcpy / TCP receiver) */
+    uint64_t remote;  /* the target address of this thread's slice */
+    kvf_engine_t *engine;
+    const char *peer;
+    pid_t target_pid;
+    /* Per-method state. */
+    kvf_xfer_t x[BENCH_MAX_BLOCKS];
+    struct iovec liov[BENCH_MAX_BLOCKS], riov[BENCH_MAX_BLOCKS];
+    int fd;    /* raw TCP: sending end */
+    int rx_fd; /* raw TCP: receiving end, read by rx_thread */
+    pthread_t rx_thread;
+    bool rx_started;
+    bool pingpong;
+    uint64_t rx_bytes; /* raw TCP: bytes the receiver got */
+    int rx_failed;
+    char err[256]; /* why the method failed */
+};
+
+/* The data pattern: the byte at offset @o of the target buffer, for @seed. Both sides compute it
+ * from the target offset, so a block that lands in the wrong place fails the check too. */
+void bench_pattern_fill(uint8_t *p, uint64_t off, size_t len, uint64_t seed);
+/* Returns -1 if the pattern holds, else the index of the first wrong byte, with the byte found
+ * and the byte wanted in @got and @want. */
+ssize_t bench_pattern_check(const uint8_t *p, uint64_t off, size_t len, uint64_t seed, uint8_t *got,
+                            uint8_t *want);
+
+/* `kvferry bench --serve ...` (argv starts at "bench"). */
+int bench_serve_main(int argc, char **argv);
+
+/* The baselines (bench_baseline.c). */
+extern const bench_method_t bench_memcpy;
+extern const bench_method_t bench_pvm_write; /* process_vm_readv for --op read: */
+extern const bench_method_t bench_pvm_read;
+extern const bench_method_t bench_raw_tcp;
+extern const bench_method_t bench_tcp_pingpong;
+
+/* `kvferry bench store` (argv starts at "store"). */
+int kvf_cli_bench_store(int argc, char **argv);
+
+/* Parse a size "4096", "64K", "1M", "1G" (binary multiples; "KiB" and "KB" read as "K") of 1 to
+ * @max bytes; returns 0 or -1 after printing a usage error naming @flag and @s. */
+int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t max, size_t *out);
+
+/* --transport auto|tcp|shm and --memory alloc|registered; 0, or -1 after a usage error. */
+int bench_parse_transport(const char *cmd, const char *s, kvf_transport_kind_t *out);
+int bench_parse_memory(const char *cmd, const char *s, bool *alloc);
+
+/* Send or receive exactly @len bytes on a blocking socket, retrying on EINTR. bench_send_all
+ * returns 0 or -1; bench_recv_all 1 after @len bytes, 0 at end of stream before the first byte,
+ * -1 otherwise. */
+int bench_send_all(int fd, const void *p, size_t len);
+int bench_recv_all(int fd, void *p, size_t len);
+
+/* Anonymous memory, faulted in; NULL on failure. Free with munmap(). */
+void *bench_map(size_t len);
+
+#endif /* KVF_CLI_BENCH_H */

@@ -1,0 +1,359 @@
+/*
+ * `kvferry bench --serve`: the target of a benchmark. It registers a buffer (kvf_mem_alloc
+ * memory, or ordinary memory registered with kvf_mem_register), publishes where it is, and then
+ * answers the initiator's verification requests through the config store until SIGINT or SIGTERM:
+ *
+ *   kvferry/v1/<ns>/bench/<sid>/info     {"addr": A, "len": L, "pid": P, "memory": "alloc"}
+ *   kvferry/v1/<ns>/bench/<sid>/seq      counter; an initiator takes the next request number n
+ *   kvferry/v1/<ns>/bench/<sid>/req/<n>  {"cmd": "verify"|"fill", "seed": S,
+ *                                         "blocks": [[thread, block, offset, len], ...]}
+ *   kvferry/v1/<ns>/bench/<sid>/ans/<n>  {"ok": true} or {"ok": false, "error": "..."}
+ *
+ * "verify" compares the given ranges of the buffer with the pattern for S (after a write), "fill"
+ * writes the pattern there (before a read). The target handles requests in number order.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "bench.h"
+#include "cli.h"
+
+#define CMD           "bench --serve"
+#define SERVE_POLL_MS 250u /* how often the request wait looks at the stop flag */
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
+
+static uint64_t pattern_word(uint64_t seed, uint64_t widx)
+{
+    uint64_t z = seed * 0x9e3779b97f4a7c15ull + widx * 0xd1b54a32d192ed03ull + 1;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint8_t pattern_byte(uint64_t seed, uint64_t o)
+{
+    return (uint8_t)(pattern_word(seed, o >> 3) >> ((o & 7u) * 8u));
+}
+
+void bench_pattern_fill(uint8_t *p, uint64_t off, size_t len, uint64_t seed)
+{
+    size_t i = 0;
+    for (; i < len && ((off + i) & 7u); i++)
+        p[i] = pattern_byte(seed, off + i);
+    for (; i + 8 <= len; i += 8) {
+        uint64_t w = pattern_word(seed, (off + i) >> 3);
+        for (unsigned k = 0; k < 8; k++)
+            p[i + k] = (uint8_t)(w >> (8 * k));
+    }
+    for (; i < len; i++)
+        p[i] = pattern_byte(seed, off + i);
+}
+
+ssize_t bench_pattern_check(const uint8_t *p, uint64_t off, size_t len, uint64_t seed, uint8_t *got,
+                            uint8_t *want)
+{
+    for (size_t i = 0; i < len; i++) {
+        uint8_t w = pattern_byte(seed, off + i);
+        if (p[i] != w) {
+            *got = p[i];
+            *want = w;
+            return (ssize_t)i;
+        }
+    }
+    return -1;
+}
+
+void *bench_map(size_t len)
+{
+    void *p =
+        mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+typedef struct {
+    const char *store_url;
+    const char *session_id;
+    const char *ns;
+    size_t size;
+    bool alloc;
+    kvf_transport_kind_t transport;
+} serve_args_t;
+
+static void serve_usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kvferry bench --serve --store-url tcp://IP:PORT [--session-id IP:PORT]\n"
+            "                     [--size BYTES] [--memory alloc|registered]\n"
+            "                     [--transport auto|tcp|shm] [--ns NAME] [--log-level N]\n\n"
+            "The target of `kvferry bench --target SESSION`: registers --size bytes (default\n"
+            "1G) and serves until SIGINT or SIGTERM. Prints \"" BENCH_READY_FMT "\".\n",
+            "IP:PORT");
+}
+
+/* Answer one request; fills @err (empty when all went well). */
+static void serve_request(uint8_t *buf, size_t len, const char *req, bool corrupt, char *err,
+                          size_t errlen)
+{
+    json_error_t jerr;
+    json_t *root = json_loads(req, 0, &jerr);
+    const char *cmd = json_string_value(json_object_get(root, "cmd"));
+    json_t *blocks = json_object_get(root, "blocks");
+    uint64_t seed = (uint64_t)json_integer_value(json_object_get(root, "seed"));
+    size_t i;
+    json_t *b;
+
+    err[0] = '\0';
+    if (!root || !cmd || !json_is_array(blocks) ||
+        (strcmp(cmd, "verify") != 0 && strcmp(cmd, "fill") != 0)) {
+        snprintf(err, errlen, "malformed request: %.100s", req);
+        goto out;
+    }
+    json_array_foreach(blocks, i, b)
+    {
+        json_int_t t = json_integer_value(json_array_get(b, 0));
+        json_int_t k = json_integer_value(json_array_get(b, 1));
+        json_int_t off = json_integer_value(json_array_get(b, 2));
+        json_int_t n = json_integer_value(json_array_get(b, 3));
+        if (off < 0 || n <= 0 || (uint64_t)off > len || (uint64_t)n > len - (uint64_t)off) {
+            snprintf(err, errlen, "block [%lld, +%lld) is outside the %zu-byte buffer",
+                     (long long)off, (long long)n, len);
+            goto out;
+        }
+        uint8_t *p = buf + off;
+        if (!strcmp(cmd, "fill")) {
+            bench_pattern_fill(p, (uint64_t)off, (size_t)n, seed);
+            if (corrupt && i == 0)
+                p[0] ^= 0xffu;
+            continue;
+        }
+        if (corrupt && i == 0)
+            p[0] ^= 0xffu;
+        uint8_t got, want;
+        ssize_t bad = bench_pattern_check(p, (uint64_t)off, (size_t)n, seed, &got, &want);
+        if (bad >= 0) {
+            snprintf(err, errlen,
+                     "thread %lld block %lld (target offset %lld, %lld bytes): byte %zd is "
+                     "0x%02x, want 0x%02x",
+                     (long long)t, (long long)k, (long long)off, (long long)n, bad, got, want);
+            goto out;
+        }
+    }
+out:
+    json_decref(root);
+}
+
+static int serve_loop(kvf_store_t *st, const char *ns, const char *sid, uint8_t *buf, size_t len)
+{
+    bool corrupt = getenv(BENCH_CORRUPT_ENV) && !strcmp(getenv(BENCH_CORRUPT_ENV), "1");
+    char key[BENCH_KEY_MAX], sub[64], err[512];
+    for (uint64_t n = 1; !stop_requested;) {
+        void *val;
+        size_t vlen;
+        snprintf(sub, sizeof(sub), "req/%" PRIu64, n);
+        snprintf(key, sizeof(key), BENCH_KEY_FMT, ns, sid, sub);
+        int rc = kvf_store_get(st, key, SERVE_POLL_MS, &val, &vlen);
+        if (rc == -KVF_ETIMEDOUT)
+            continue;
+        if (rc < 0) {
+            kvf_cli_fail("bench", rc, "target: waiting for request %" PRIu64, n);
+            return 1;
+        }
+        serve_request(buf, len, val, corrupt, err, sizeof(err));
+        free(val);
+        kvf_store_del(st, key);
+        json_t *ans =
+            err[0] ? json_pack("{s:b,s:s}", "ok", 0, "error", err) : json_pack("{s:b}", "ok", 1);
+        char *text = json_dumps(ans, JSON_COMPACT);
+        json_decref(ans);
+        snprintf(sub, sizeof(sub), "ans/%" PRIu64, n);
+        snprintf(key, sizeof(key), BENCH_KEY_FMT, ns, sid, sub);
+        rc = text ? kvf_store_set(st, key, text, strlen(text), 0) : -KVF_ENOMEM;
+        free(text);
+        if (rc < 0) {
+            kvf_cli_fail("bench", rc, "target: answering request %" PRIu64, n);
+            return 1;
+        }
+        n++;
+    }
+    return 0;
+}
+
+static int serve_parse(int argc, char **argv, serve_args_t *a, bool *done)
+{
+    static const struct option opts[] = {
+        {"serve", no_argument, NULL, 'S'},
+        {"store-url", required_argument, NULL, 'u'},
+        {"session-id", required_argument, NULL, 's'},
+        {"ns", required_argument, NULL, 'N'},
+        {"size", required_argument, NULL, 'z'},
+        {"memory", required_argument, NULL, 'm'},
+        {"transport", required_argument, NULL, 'T'},
+        {"log-level", required_argument, NULL, 'v'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    int c;
+    memset(a, 0, sizeof(*a));
+    a->session_id = "127.0.0.1:0";
+    a->ns = "default";
+    a->size = 1ull << 30;
+    a->alloc = true;
+    *done = false;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'S':
+            break;
+        case 'u':
+            a->store_url = optarg;
+            break;
+        case 's':
+            a->session_id = optarg;
+            break;
+        case 'N':
+            a->ns = optarg;
+            break;
+        case 'z':
+            if (bench_parse_size(CMD, "--size", optarg, 1ull << 36, &a->size) < 0)
+                return 2;
+            break;
+        case 'm':
+            if (bench_parse_memory(CMD, optarg, &a->alloc) < 0)
+                return 2;
+            break;
+        case 'T':
+            if (bench_parse_transport(CMD, optarg, &a->transport) < 0)
+                return 2;
+            break;
+        case 'v':
+            if (kvf_cli_set_log_level(CMD, optarg) < 0)
+                return 2;
+            break;
+        case 'h':
+            serve_usage(stdout);
+            *done = true;
+            return 0;
+        default:
+            fprintf(stderr, "(see kvferry " CMD " --help)\n");
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        fprintf(stderr, "kvferry " CMD ": unexpected argument \"%s\"\n", argv[optind]);
+        return 2;
+    }
+    if (!a->store_url) {
+        fprintf(stderr, "kvferry " CMD ": --store-url is required\n");
+        return 2;
+    }
+    return 0;
+}
+
+int bench_serve_main(int argc, char **argv)
+{
+    serve_args_t a;
+    bool done;
+    int rc = serve_parse(argc, argv, &a, &done);
+    if (rc || done)
+        return rc;
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    int status = 1;
+    kvf_config_t cfg;
+    kvf_engine_t *e = NULL;
+    kvf_store_t *st = NULL;
+    uint8_t *buf = NULL;
+    uint64_t lease = 0;
+    char key[BENCH_KEY_MAX];
+
+    kvf_config_init(&cfg);
+    cfg.transport = a.transport;
+    cfg.ns = a.ns;
+    rc = kvf_engine_create(a.store_url, a.session_id, KVF_ROLE_DECODE, 0, &cfg, &e);
+    if (rc < 0) {
+        kvf_cli_fail("bench", rc, "target: cannot start an engine at %s", a.session_id);
+        return 1;
+    }
+    const char *sid = kvf_engine_session_id(e);
+    if (a.alloc) {
+        void *p;
+        rc = kvf_mem_alloc(e, a.size, &p);
+        buf = p;
+    } else {
+        buf = bench_map(a.size);
+        rc = buf ? kvf_mem_register(e, buf, a.size) : -errno;
+    }
+    if (rc < 0) {
+        kvf_cli_fail("bench", rc, "target: cannot %s %zu bytes",
+                     a.alloc ? "kvf_mem_alloc" : "map and register", a.size);
+        goto out_free;
+    }
+    rc = kvf_store_open(a.store_url, NULL, &st);
+    if (rc == 0)
+        rc = kvf_store_lease_grant(st, 5000, &lease);
+    if (rc < 0) {
+        kvf_cli_fail("bench", rc, "target: cannot use the store at %s", a.store_url);
+        goto out_free;
+    }
+    /* Requests and answers of an earlier target with this session id would be taken for ours. */
+    kvf_store_kv_t *old = NULL;
+    size_t nold = 0;
+    snprintf(key, sizeof(key), BENCH_KEY_FMT "/", a.ns, sid, "");
+    if (kvf_store_list(st, key, &old, &nold) == 0) {
+        for (size_t i = 0; i < nold; i++)
+            kvf_store_del(st, old[i].key);
+        kvf_store_kv_free(old, nold);
+    }
+    json_t *info = json_pack("{s:I,s:I,s:i,s:s}", "addr", (json_int_t)(uintptr_t)buf, "len",
+                             (json_int_t)a.size, "pid", (int)getpid(), "memory",
+                             a.alloc ? "alloc" : "registered");
+    char *text = json_dumps(info, JSON_COMPACT);
+    json_decref(info);
+    snprintf(key, sizeof(key), BENCH_KEY_FMT, a.ns, sid, "info");
+    rc = text ? kvf_store_set(st, key, text, strlen(text), lease) : -KVF_ENOMEM;
+    free(text);
+    if (rc < 0) {
+        kvf_cli_fail("bench", rc, "target: cannot publish %s", key);
+        goto out_free;
+    }
+    printf(BENCH_READY_FMT ": %zu bytes of %s memory\n", sid, a.size,
+           a.alloc ? "kvf_mem_alloc" : "registered");
+    fflush(stdout);
+    status = serve_loop(st, a.ns, sid, buf, a.size);
+    kvf_store_del(st, key);
+
+out_free:
+    if (lease)
+        kvf_store_lease_revoke(st, lease);
+    kvf_store_close(st);
+    if (buf && a.alloc)
+        kvf_mem_free(e, buf);
+    /* Registered memory is unmapped only once no engine can write into it. */
+    kvf_engine_destroy(e);
+    if (buf && !a.alloc)
+        munmap(buf, a.size);
+    return status;
+}
