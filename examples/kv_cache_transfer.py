@@ -17,7 +17,7 @@ Coordination is by notifications, in both directions, and nothing else:
   layer, with bytes derived from req
   batch_transfer_async_write: only those blocks,
   one element per layer per block per part
-  (61 x 2 = 122 elements, 8,650,752 bytes for
+  (61 x 2 = 122 elements, 8,994,816 bytes for
   one block), notify={"type":"done", req,
   blocks, t_submit}                           -->  the notification arrives only when every
                                                    byte of the batch is in place: verifies the
