@@ -71,8 +71,8 @@
 /* Threads that share one large copy, the caller included: KVFERRY_SHM_COPY_THREADS=N (1 turns
  * the pool off), else min(SHM_COPY_DEFAULT_MAX, online CPUs) when at least
  * SHM_COPY_DEFAULT_MIN_CPUS are online, else 1. On a quiet 2-CPU host two copiers measured
- * 1.3x (16 MiB) to 1.9x (64 MiB) one memcpy in `kvferry bench --baseline`, and about 1.0x when the host was busy,
- * so the pool is on from 2 CPUs. */
+ * 1.3x (16 MiB) to 1.9x (64 MiB) one memcpy (`kvferry bench --baseline`), and about 1.0x when
+ * the host was busy, so the pool is on from 2 CPUs. */
 #define SHM_COPY_THREADS_ENV "KVFERRY_SHM_COPY_THREADS"
 #define SHM_COPY_DEFAULT_MAX 4
 #define SHM_COPY_DEFAULT_MIN_CPUS 2
