@@ -59,6 +59,7 @@ kvf() { # name, then `kvferry bench` flags
 }
 kvf tcp            --transport tcp --block-size 64K,1M,4M,64M
 kvf tcp-batch16    --transport tcp --block-size 1M,4M --batch 16
+kvf tcp-window8    --transport tcp --block-size 64K,1M,4M,64M --window 8
 kvf tcp-4k         --transport tcp --block-size 4K
 kvf tcp-kv         --transport tcp --workload kv
 kvf shm            --transport shm --block-size 64K,1M,4M,16M,64M

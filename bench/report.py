@@ -72,9 +72,11 @@ def main():
 
     def bw_rows(kind, label, name, bnames, targets):
         for r in runs(name):
-            what = "%s %s x%d%s" % (label, size_name(r["block_size"]) if r["workload"] != "kv"
-                                    else "kv workload", r["batch"],
-                                    ", %d threads" % r["threads"] if r["threads"] > 1 else "")
+            what = "%s %s x%d%s%s" % (label, size_name(r["block_size"]) if r["workload"] != "kv"
+                                      else "kv workload", r["batch"],
+                                      ", %d in flight" % r["window"]
+                                      if r.get("window", 1) > 1 else "",
+                                      ", %d threads" % r["threads"] if r["threads"] > 1 else "")
             for bname, blabel in bnames:
                 b = base(r, bname)
                 if not b:
@@ -120,6 +122,7 @@ def main():
     raw = [("raw_tcp", "raw TCP send/recv")]
     bw_rows("tcp", "tcp write", "tcp", raw, tcp_targets)
     bw_rows("tcp", "tcp write", "tcp-batch16", raw, tcp_targets)
+    bw_rows("tcp", "tcp write", "tcp-window8", raw, tcp_targets)
     bw_rows("tcp", "tcp write", "tcp-kv", raw, tcp_targets)
     shm_b = [("memcpy", "memcpy"), ("process_vm_writev", "process_vm_writev")]
     bw_rows("shm", "shm write into kvf_mem_alloc", "shm", shm_b, shm_targets)
@@ -200,6 +203,7 @@ def main():
         return pts
 
     add("kvferry tcp", kvf_points("tcp"), "linespoints lw 3 pt 7")
+    add("kvferry tcp, 8 in flight", kvf_points("tcp-window8"), "linespoints lw 3 pt 13")
     add("kvferry shm, kvf_mem_alloc", kvf_points("shm"), "linespoints lw 3 pt 5")
     add("kvferry shm, registered", kvf_points("shm-registered"), "linespoints lw 3 pt 9")
     add("raw TCP send/recv", kvf_points("tcp", "raw_tcp"), "lines lw 2 dt 2")

@@ -225,10 +225,30 @@ static void bad_flags(void **state)
     expect_usage_error("--memory", "gpu", "--memory gpu");
     expect_usage_error("--workload", "llama", "--workload llama");
     expect_usage_error("--reps", "0", "--reps 0");
+    expect_usage_error("--window", "0", "--window 0");
+    expect_usage_error("--window", "65", "--window 65");
     expect_usage_error("--target", "127.0.0.1:1", "--target needs --store-url");
     int rc = bench("--workload", "kv", "--block-size", "4K", NULL);
     assert_int_equal(rc, 2);
     assert_non_null(strstr(out, "--workload kv"));
+}
+
+/* --window: calls as asynchronous batches, several in flight per thread; the run completes,
+ * every figure is sane, the data is verified, and the JSON says how many were in flight. */
+static void window_async(void **state)
+{
+    (void)state;
+    int rc = bench("--transport", "tcp", "--block-size", "64K", "--batch", "2", "--window", "4",
+                   "--threads", "2", "--iterations", "30", "--working-set", "1M", "--quiet",
+                   "--json", json_path, NULL);
+    if (rc != 0)
+        fail_msg("exit %d; output:\n%s", rc, out);
+    json_t *root = load_json();
+    check_runs(root, 1, "tcp");
+    json_t *r0 = json_array_get(json_object_get(root, "runs"), 0);
+    assert_int_equal((int)num(r0, "window"), 4);
+    assert_int_equal((int)num(r0, "calls"), 2 * 30);
+    json_decref(root);
 }
 
 /* The test hook makes the target flip the first byte of the first block it verifies (after a
@@ -328,6 +348,7 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(baseline_tcp, setup, teardown),
         cmocka_unit_test_setup_teardown(baseline_shm, setup, teardown),
         cmocka_unit_test_setup_teardown(bad_flags, setup, teardown),
+        cmocka_unit_test_setup_teardown(window_async, setup, teardown),
         cmocka_unit_test_setup_teardown(verify_catches_corrupt_write, setup, teardown),
         cmocka_unit_test_setup_teardown(verify_catches_corrupt_read, setup, teardown),
         cmocka_unit_test_setup_teardown(remote_target, setup, teardown),

@@ -35,6 +35,7 @@
 #define BENCH_CORRUPT_ENV "KVFERRY_BENCH_TEST_CORRUPT"
 #define BENCH_LAT_MAX     (1u << 20) /* latency samples kept per thread */
 #define BENCH_MAX_BLOCKS  1024u      /* blocks in one call */
+#define BENCH_MAX_WINDOW  64u        /* --window: asynchronous batches in flight per thread */
 
 /* The blocks of one call: offsets relative to a base, in a span of bytes; a thread's slice holds
  * `copies` spans, and consecutive calls move consecutive spans, round-robin. */
@@ -81,6 +82,10 @@ struct bench_worker {
     bool pingpong;
     uint64_t rx_bytes; /* raw TCP: bytes the receiver got */
     int rx_failed;
+    /* kvferry with --window N > 1: asynchronous batches in flight, oldest first. */
+    unsigned window, inflight, head;
+    bool warmed;
+    kvf_batch_t *ring[BENCH_MAX_WINDOW];
     char err[256]; /* why the method failed */
 };
 

@@ -59,7 +59,7 @@ typedef struct {
     kvf_op_t op;
     size_t sizes[BENCH_MAX_SIZES];
     size_t nsizes;
-    uint64_t batch, threads, iterations, reps;
+    uint64_t batch, threads, iterations, reps, window;
     double duration; /* 0 = not given */
     bool alloc;      /* target memory from kvf_mem_alloc */
     bool kv;
@@ -110,7 +110,8 @@ static void usage(FILE *f)
     fprintf(
         f,
         "usage: kvferry bench [--transport auto|tcp|shm] [--op write|read]\n"
-        "                     [--block-size SIZE[,SIZE...]] [--batch N] [--threads N]\n"
+        "                     [--block-size SIZE[,SIZE...]] [--batch N] [--window N]\n"
+        "                     [--threads N]\n"
         "                     [--duration SEC | --iterations N] [--memory alloc|registered]\n"
         "                     [--workload kv] [--baseline] [--reps N] [--working-set SIZE]\n"
         "                     [--target SESSION --store-url URL] [--json FILE] [--quiet]\n"
@@ -126,6 +127,9 @@ static void usage(FILE *f)
         "  --block-size S      bytes per block, K/M/G suffixes (binary), a comma list or the\n"
         "                      flag repeated; one run each. Default 64K,1M,4M\n"
         "  --batch N           blocks per kvf_transfer_sync call, 1..%u, default 1\n"
+        "  --window N          keep N calls in flight per thread as asynchronous batches\n"
+        "                      (kvf_transfer_submit), 1..%u; default 1: kvf_transfer_sync.\n"
+        "                      Latencies are then the intervals between completions\n"
         "  --threads N         initiator threads, each with its own slice, 1..%u, default 1\n"
         "  --duration SEC      seconds per run (default 2), 0.01..3600\n"
         "  --iterations N      calls per thread per run instead (bounded by --duration, else\n"
@@ -148,7 +152,7 @@ static void usage(FILE *f)
         "  --quiet             no progress line\n"
         "  --log-level N       0 debug, 1 info, 2 warn (default), 3 error\n\n"
         "Exit status: 0 all runs done and verified, 1 failure (a message says why), 2 usage.\n",
-        BENCH_MAX_BLOCKS, BENCH_MAX_THREADS, BENCH_ITER_CAP_S, BENCH_MAX_REPS);
+        BENCH_MAX_BLOCKS, BENCH_MAX_WINDOW, BENCH_MAX_THREADS, BENCH_ITER_CAP_S, BENCH_MAX_REPS);
 }
 
 int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t max, size_t *out)
@@ -228,6 +232,7 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
         {"op", required_argument, NULL, 'o'},
         {"block-size", required_argument, NULL, 'b'},
         {"batch", required_argument, NULL, 'n'},
+        {"window", required_argument, NULL, 'x'},
         {"threads", required_argument, NULL, 't'},
         {"duration", required_argument, NULL, 'd'},
         {"iterations", required_argument, NULL, 'i'},
@@ -252,6 +257,7 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
     memset(a, 0, sizeof(*a));
     a->op = KVF_OP_WRITE;
     a->batch = 1;
+    a->window = 1;
     a->threads = 1;
     a->reps = 1;
     a->alloc = true;
@@ -299,6 +305,10 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
             break;
         case 't':
             if (kvf_cli_parse_u64(CMD, "--threads", optarg, 1, BENCH_MAX_THREADS, &a->threads) < 0)
+                return 2;
+            break;
+        case 'x':
+            if (kvf_cli_parse_u64(CMD, "--window", optarg, 1, BENCH_MAX_WINDOW, &a->window) < 0)
                 return 2;
             break;
         case 'd': {
@@ -487,6 +497,79 @@ static const bench_method_t bench_kvferry = {
     .call = kvf_call,
 };
 
+/* --window N: the same calls as asynchronous batches, N in flight per thread. A call submits
+ * one and, with N already in flight, first waits for the oldest; so the timed figures count
+ * completed transfers, and finish() waits for the rest. The first (untimed) call completes
+ * before it returns, so first_transfer_us means the same as without a window. */
+static int kvf_async_wait_oldest(bench_worker_t *w)
+{
+    kvf_batch_t *bt = w->ring[w->head];
+    w->head = (w->head + 1) % w->window;
+    w->inflight--;
+    int rc = kvf_batch_wait(bt, -1);
+    if (rc != KVF_BATCH_DONE)
+        snprintf(w->err, sizeof(w->err), "batch: %s (%s)", kvf_last_error(),
+                 rc < 0 ? kvf_err_name(rc) : "still pending");
+    kvf_batch_free(bt);
+    return rc == KVF_BATCH_DONE ? 0 : rc < 0 ? rc : -KVF_ETIMEDOUT;
+}
+
+static int kvf_async_finish(bench_worker_t *w)
+{
+    int rc = 0;
+    while (w->inflight > 0) {
+        int r = kvf_async_wait_oldest(w);
+        if (rc == 0)
+            rc = r;
+    }
+    return rc;
+}
+
+static int kvf_async_call(bench_worker_t *w, size_t base)
+{
+    const bench_layout_t *l = w->lay;
+    for (size_t i = 0; i < l->n; i++) {
+        size_t o = base + l->off[i];
+        w->x[i] = (kvf_xfer_t){
+            .op = w->op, .local = w->local + o, .remote = w->remote + o, .len = l->len[i]};
+    }
+    if (w->inflight == w->window) {
+        int rc = kvf_async_wait_oldest(w);
+        if (rc < 0)
+            return rc;
+    }
+    kvf_batch_t *bt;
+    int rc = kvf_transfer_submit(w->engine, w->peer, w->x, l->n, NULL, 0, &bt);
+    if (rc < 0) {
+        snprintf(w->err, sizeof(w->err), "kvf_transfer_submit: %s (%s)", kvf_last_error(),
+                 kvf_err_name(rc));
+        return rc;
+    }
+    w->ring[(w->head + w->inflight++) % w->window] = bt;
+    if (!w->warmed) {
+        w->warmed = true;
+        return kvf_async_finish(w);
+    }
+    return 0;
+}
+
+static void kvf_async_cleanup(bench_worker_t *w)
+{
+    while (w->inflight > 0) {
+        kvf_batch_free(w->ring[w->head]);
+        w->head = (w->head + 1) % w->window;
+        w->inflight--;
+    }
+}
+
+static const bench_method_t bench_kvferry_async = {
+    .name = "kvferry",
+    .label = "kvferry",
+    .call = kvf_async_call,
+    .finish = kvf_async_finish,
+    .cleanup = kvf_async_cleanup,
+};
+
 typedef struct {
     bench_worker_t w;
     pthread_barrier_t *go;
@@ -606,6 +689,7 @@ static void run_method(bench_t *b, const bench_layout_t *l, const bench_method_t
             .scratch = b->scratch ? b->scratch + i * b->slice : NULL,
             .remote = b->target_addr + i * b->slice,
             .engine = b->e,
+            .window = (unsigned)b->a.window,
             .peer = b->peer,
             .target_pid = b->target_pid,
             .fd = -1,
@@ -1094,7 +1178,8 @@ static int bench_layout(bench_t *b, const bench_layout_t *l)
     for (unsigned rep = 0; rep < reps; rep++) {
         snprintf(what, sizeof(what), "kvferry %s x %zu, %" PRIu64 " thread%s, rep %u/%u", block,
                  l->n, b->a.threads, b->a.threads > 1 ? "s" : "", rep + 1, reps);
-        run_method(b, l, &bench_kvferry, what, &all[rep][0]);
+        run_method(b, l, b->a.window > 1 ? &bench_kvferry_async : &bench_kvferry, what,
+                   &all[rep][0]);
         if (!b->transport_used && kvf_engine_peer_transport(b->e, b->peer, &b->transport_used) < 0)
             b->transport_used = "?";
         if (all[rep][0].rc) {
@@ -1168,6 +1253,7 @@ static int bench_layout(bench_t *b, const bench_layout_t *l)
         s.max_us, "mean_us", s.mean_us, "first_transfer_us", s.first_us, "latency_samples",
         (json_int_t)s.samples, "verified", 1, "verified_blocks", checked);
     json_object_set_new(run, "reps", json_integer((json_int_t)reps));
+    json_object_set_new(run, "window", json_integer((json_int_t)b->a.window));
     json_object_set_new(run, "gbps_reps", reps_json[0]);
     json_t *bl = json_array();
     for (size_t i = 0; i < nbase; i++) {
