@@ -114,8 +114,7 @@ int kvf_cli_bench_store(int argc, char **argv);
  * @max bytes; returns 0 or -1 after printing a usage error naming @flag and @s. */
 int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t max, size_t *out);
 
-/* --transport auto|tcp|shm and --memory alloc|registered; 0, or -1 after a usage error. */
-int bench_parse_transport(const char *cmd, const char *s, kvf_transport_kind_t *out);
+/* --memory alloc|registered; 0, or -1 after a usage error. */
 int bench_parse_memory(const char *cmd, const char *s, bool *alloc);
 
 /* Send or receive exactly @len bytes on a blocking socket, retrying on EINTR. bench_send_all

@@ -238,7 +238,7 @@ static int serve_parse(int argc, char **argv, serve_args_t *a, bool *done)
                 return 2;
             break;
         case 'T':
-            if (bench_parse_transport(CMD, optarg, &a->transport) < 0)
+            if (kvf_cli_parse_transport(CMD, optarg, &a->transport) < 0)
                 return 2;
             break;
         case 'v':

@@ -5,6 +5,8 @@
 #include <inttypes.h>
 #include <stdint.h>
 
+#include "kvferry.h"
+
 /* Each subcommand gets argv starting at its own name and returns the process exit code:
  * 0 success, 1 failure (a message on stderr), 2 usage error. */
 int kvf_cli_store(int argc, char **argv);
@@ -31,5 +33,8 @@ int kvf_cli_parse_u64(const char *cmd, const char *flag, const char *s, uint64_t
 
 /* Apply --log-level: returns 0 or -1 after printing a usage error. */
 int kvf_cli_set_log_level(const char *cmd, const char *s);
+
+/* Parse --transport auto|tcp|shm; returns 0 or -1 after printing a usage error naming @s. */
+int kvf_cli_parse_transport(const char *cmd, const char *s, kvf_transport_kind_t *out);
 
 #endif /* KVF_CLI_H */

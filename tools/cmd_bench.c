@@ -194,21 +194,6 @@ int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t 
     return 0;
 }
 
-int bench_parse_transport(const char *cmd, const char *s, kvf_transport_kind_t *out)
-{
-    if (!strcasecmp(s, "tcp"))
-        *out = KVF_TRANSPORT_TCP;
-    else if (!strcasecmp(s, "shm"))
-        *out = KVF_TRANSPORT_SHM;
-    else if (!strcasecmp(s, "auto"))
-        *out = KVF_TRANSPORT_AUTO;
-    else {
-        fprintf(stderr, "kvferry %s: --transport %s: want auto, tcp or shm\n", cmd, s);
-        return -1;
-    }
-    return 0;
-}
-
 int bench_parse_memory(const char *cmd, const char *s, bool *alloc)
 {
     if (strcasecmp(s, "alloc") && strcasecmp(s, "registered")) {
@@ -268,7 +253,7 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (c) {
         case 'T':
-            if (bench_parse_transport(CMD, optarg, &a->transport) < 0)
+            if (kvf_cli_parse_transport(CMD, optarg, &a->transport) < 0)
                 return 2;
             break;
         case 'o':

@@ -297,17 +297,8 @@ static int parse_args(int argc, char **argv, xfer_args_t *a, bool *done)
             a->timeout_ms = (uint32_t)v * 1000u;
             break;
         case 'T':
-            if (!strcasecmp(optarg, "tcp")) {
-                a->transport = KVF_TRANSPORT_TCP;
-            } else if (!strcasecmp(optarg, "shm")) {
-                a->transport = KVF_TRANSPORT_SHM;
-            } else if (!strcasecmp(optarg, "auto")) {
-                a->transport = KVF_TRANSPORT_AUTO;
-            } else {
-                fprintf(stderr, "kvferry " CMD ": --transport %s: want auto, tcp or shm\n",
-                        optarg);
+            if (kvf_cli_parse_transport(CMD, optarg, &a->transport) < 0)
                 return 2;
-            }
             break;
         case 'h':
             usage(stdout);

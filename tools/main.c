@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "cli.h"
 #include "kvferry.h"
@@ -52,6 +53,21 @@ int kvf_cli_parse_u64(const char *cmd, const char *flag, const char *s, uint64_t
         return -1;
     }
     *out = v;
+    return 0;
+}
+
+int kvf_cli_parse_transport(const char *cmd, const char *s, kvf_transport_kind_t *out)
+{
+    if (!strcasecmp(s, "tcp"))
+        *out = KVF_TRANSPORT_TCP;
+    else if (!strcasecmp(s, "shm"))
+        *out = KVF_TRANSPORT_SHM;
+    else if (!strcasecmp(s, "auto"))
+        *out = KVF_TRANSPORT_AUTO;
+    else {
+        fprintf(stderr, "kvferry %s: --transport %s: want auto, tcp or shm\n", cmd, s);
+        return -1;
+    }
     return 0;
 }
 
