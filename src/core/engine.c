@@ -1343,8 +1343,9 @@ static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, si
     return rc;
 }
 
-int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
-                      uint64_t deadline, const kvf_xfer_ctl_t *ctl)
+/* The peer, looked up (waiting for it to appear) and its path chosen again if its process went
+ * away, with its path held shared (@p->sel) on success. @what names the operation for errors. */
+static int peer_enter(kvf_engine_t *e, const char *peer, const char *what, eng_peer_t **out)
 {
     eng_peer_t *p;
     int rc = peer_get(e, peer, &p);
@@ -1353,33 +1354,43 @@ int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, si
     if (atomic_load(&p->reselect)) {
         rc = peer_reselect(e, p);
         if (rc < 0)
-            return kvf__err_wrap(rc, "transfer to %s", peer);
+            return kvf__err_wrap(rc, "%s to %s", what, peer);
     }
     pthread_rwlock_rdlock(&p->sel);
-    rc = peer_transfer(e, p, x, n, deadline, ctl);
+    *out = p;
+    return 0;
+}
+
+/* Leave what peer_enter() entered. The process behind the peer is gone: the next call looks it
+ * up again, since it may have restarted under the same session id (another pid, other memory,
+ * maybe another host). */
+static int peer_leave(eng_peer_t *p, int rc, const char *what)
+{
     pthread_rwlock_unlock(&p->sel);
-    /* The process behind the peer is gone: the next transfer looks it up again, since it may
-     * have restarted under the same session id (another pid, other memory, maybe another host). */
     if (rc == -KVF_EPEERGONE)
         atomic_store(&p->reselect, true);
     if (rc < 0)
-        kvf__err_wrap(rc, "transfer to %s", peer);
+        kvf__err_wrap(rc, "%s to %s", what, p->sid);
     return rc;
+}
+
+int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
+                      uint64_t deadline, const kvf_xfer_ctl_t *ctl)
+{
+    eng_peer_t *p;
+    int rc = peer_enter(e, peer, "transfer", &p);
+    if (rc < 0)
+        return rc;
+    return peer_leave(p, peer_transfer(e, p, x, n, deadline, ctl), "transfer");
 }
 
 int kvf__eng_notify(kvf_engine_t *e, const char *peer, const void *msg, size_t len,
                     uint64_t deadline)
 {
     eng_peer_t *p;
-    int rc = peer_get(e, peer, &p);
+    int rc = peer_enter(e, peer, "notification", &p);
     if (rc < 0)
         return rc;
-    if (atomic_load(&p->reselect)) {
-        rc = peer_reselect(e, p);
-        if (rc < 0)
-            return kvf__err_wrap(rc, "notification to %s", peer);
-    }
-    pthread_rwlock_rdlock(&p->sel);
     if (p->via == ENG_VIA_LOOP) {
         pthread_rwlock_rdlock(&eng_all_lock);
         kvf_engine_t *t = eng_all_find_locked(p->sid);
@@ -1389,12 +1400,7 @@ int kvf__eng_notify(kvf_engine_t *e, const char *peer, const void *msg, size_t l
     } else {
         rc = e->tops->notify(p->ntp ? p->ntp : p->tp, msg, len, deadline);
     }
-    pthread_rwlock_unlock(&p->sel);
-    if (rc == -KVF_EPEERGONE)
-        atomic_store(&p->reselect, true);
-    if (rc < 0)
-        kvf__err_wrap(rc, "notification to %s", peer);
-    return rc;
+    return peer_leave(p, rc, "notification");
 }
 
 int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n)
