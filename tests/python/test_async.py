@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kvferry
-from conftest import INIT_TIMEOUT_MS, make_engine
+from conftest import INIT_TIMEOUT_MS, make_engine, max_stall_while
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -52,30 +52,6 @@ def take_notifications(engine, count, timeout=10.0):
     while len(got) < count and time.monotonic() < end:
         got += engine.wait_notification(max(0.0, end - time.monotonic()))
     return got
-
-
-def max_stall_while(fn):
-    """Call fn() while a ticker thread runs Python code; return (fn's result, the longest time
-    the ticker could not run during the call). A call holding the GIL stalls the ticker."""
-    ticks = []
-    stop = threading.Event()
-
-    def ticker():
-        while not stop.is_set():
-            ticks.append(time.monotonic())
-            sum(range(100))
-
-    t = threading.Thread(target=ticker)
-    t.start()
-    while not ticks:
-        time.sleep(0.001)
-    start = time.monotonic()
-    result = fn()
-    end = time.monotonic()
-    stop.set()
-    t.join()
-    inside = [start] + [x for x in ticks if start <= x <= end] + [end]
-    return result, max(b - a for a, b in zip(inside, inside[1:]))
 
 
 # ---- batches ---------------------------------------------------------------------------------

@@ -7,34 +7,9 @@ import time
 import numpy as np
 
 import kvferry
-from conftest import make_engine
+from conftest import make_engine, max_stall_while
 
 MiB = 1 << 20
-
-
-def max_stall_while(fn):
-    """Call fn() on this thread while a ticker thread runs Python code; return (fn's result, the
-    longest the ticker could not run during the call). A call that holds the GIL stalls the
-    ticker for as long as it runs."""
-    ticks = []
-    stop = threading.Event()
-
-    def ticker():
-        while not stop.is_set():
-            ticks.append(time.monotonic())
-            sum(range(100))
-
-    t = threading.Thread(target=ticker)
-    t.start()
-    while not ticks:
-        time.sleep(0.001)
-    start = time.monotonic()
-    result = fn()
-    end = time.monotonic()
-    stop.set()
-    t.join()
-    inside = [start] + [x for x in ticks if start <= x <= end] + [end]
-    return result, max(b - a for a, b in zip(inside, inside[1:]))
 
 
 def test_two_threads_transfer_at_once_through_one_engine(pair):
