@@ -5,7 +5,7 @@ ASAN_BUILD ?= build-asan
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?=
 
-.PHONY: all deps build test test-asan demo bench install clean
+.PHONY: all deps build test test-asan demo bench fuzz install clean
 
 all: build
 
@@ -37,8 +37,26 @@ demo: build
 bench: build
 	./bench/compare.sh $(BUILD)
 
+# Coverage-guided fuzzing of every parser of untrusted bytes (tests/fuzz) with libFuzzer and
+# ASan+UBSan, FUZZ_SECONDS per target, starting from the targets' seeds. A crashing input is
+# written to $(FUZZ_BUILD)/corpus/crash-*; replay it with build/tests/<target> FILE.
+FUZZ_BUILD   ?= build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := fuzz_tcp fuzz_store fuzz_records
+fuzz: build
+	@./scripts/deps.sh clang libclang-rt-14-dev
+	CC=clang cmake -S . -B $(FUZZ_BUILD) -DKVF_FUZZ=ON -DKVF_BUILD_PYTHON=OFF \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo $(CMAKE_FLAGS)
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target $(FUZZ_TARGETS)
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t && \
+	  $(BUILD)/tests/$$t --write-seeds $(FUZZ_BUILD)/corpus/$$t >/dev/null && \
+	  (cd $(FUZZ_BUILD)/corpus && ../tests/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=8192 \
+	     -print_final_stats=1 $$t) || exit 1; \
+	done
+
 install: build
 	cmake --install $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)

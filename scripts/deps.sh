@@ -5,6 +5,9 @@
 set -eu
 
 PKGS="build-essential cmake pkg-config iproute2 libcmocka-dev libjansson-dev python3-dev python3-numpy python3-pytest python3-torch python3-setuptools"
+# Extra packages for one target (make fuzz: clang and its libFuzzer runtime), named on the
+# command line.
+PKGS="$PKGS $*"
 
 missing=""
 for p in $PKGS; do

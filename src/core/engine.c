@@ -240,7 +240,7 @@ static int publish_session(kvf_engine_t *e)
 
 /* Parse a session record into what a transport needs. Untrusted input: anything missing or
  * malformed is left empty, which only means shm is not offered (tcp needs the sid alone). */
-static void parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d)
+void kvf__eng_parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d)
 {
     json_t *doc = json_loadb(text, len, 0, NULL);
     if (!doc)
@@ -319,8 +319,8 @@ out_unlock:
 
 /* Parse a regions record into a sorted array. Untrusted input (anyone may write the store):
  * malformed records are refused, never half-used. */
-static int parse_regions(const char *sid, const void *text, size_t len, kvf_region_t **out,
-                         size_t *n, uint64_t *gen)
+int kvf__eng_parse_regions(const char *sid, const void *text, size_t len, kvf_region_t **out,
+                           size_t *n, uint64_t *gen)
 {
     json_error_t jerr;
     json_t *doc = json_loadb(text, len, 0, &jerr);
@@ -423,7 +423,7 @@ static int fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kvf
                         sid, kvf_store_url(e->store), wait_ms);
     if (rc < 0)
         return kvf__err_wrap(rc, "looking up peer session %s", sid);
-    rc = parse_regions(sid, val, len, out, n, gen);
+    rc = kvf__eng_parse_regions(sid, val, len, out, n, gen);
     free(val);
     return rc;
 }
@@ -461,7 +461,7 @@ static void fetch_session(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kv
 
     kvf__eng_make_key(key, sizeof(key), e->ns, "sessions", sid);
     if (kvf__eng_store_get_wait(e, key, wait_ms, &val, &len) == 0) {
-        parse_session(val, len, d);
+        kvf__eng_parse_session(val, len, d);
         free(val);
     }
 }

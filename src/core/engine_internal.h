@@ -191,6 +191,13 @@ int kvf__eng_store_get_wait(kvf_engine_t *e, const char *key, uint32_t wait_ms, 
 /* The flag kvf__eng_store_get_wait() checks on this thread (an async batch's cancel), or NULL. */
 extern _Thread_local const atomic_bool *kvf__eng_cancel_flag;
 
+/* Peers' records as read from the store (untrusted: fuzzed by tests/fuzz/fuzz_records.c).
+ * parse_session fills what it understands of @d and ignores the rest; parse_regions returns
+ * 0 with a sorted, non-overlapping, non-wrapping list (malloc'ed, @n may be 0) or -KVF_EPROTO. */
+void kvf__eng_parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d);
+int kvf__eng_parse_regions(const char *sid, const void *text, size_t len, kvf_region_t **out,
+                           size_t *n, uint64_t *gen);
+
 /* "kvferry/v1/<ns>/<kind>/<sid>" */
 void kvf__eng_make_key(char *buf, size_t len, const char *ns, const char *kind, const char *sid);
 

@@ -1,0 +1,214 @@
+/*
+ * Fuzz target: the tcp transport's target side (src/transport/tcp.c), through a real loopback
+ * connection. Each input is sent after a valid HELLO, then the client's write side is shut; the
+ * answers are read until the target closes. Invariants: nothing outside the registered region
+ * changes (it sits between two guard areas), and the target keeps serving (a clean write lands
+ * and is answered at the end).
+ */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include "common/common.h"
+#include "common/wire.h"
+#include "core/regions.h"
+#include "fuzz.h"
+#include "transport/transport.h"
+
+#define HDR     40
+#define REGION  (64u << 10)
+#define GUARD   (64u << 10)
+#define FILLER  0xA5
+/* Where the region is mapped when the address is free, so that a saved input (a libFuzzer
+ * corpus) means the same thing in another process. */
+#define FIXED_AT 0x7e0000000000ull
+
+static kvf_region_table_t *rt;
+static kvf_transport_t *tt;
+static uint16_t port;
+static uint8_t *mem; /* GUARD | REGION | GUARD */
+static uint64_t base;
+static atomic_uint notes;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+static int on_notify(void *arg, const char *sender, const void *msg, size_t len)
+{
+    (void)arg;
+    (void)sender;
+    (void)msg;
+    KVF_FUZZ_CHECK(len <= KVF_NOTIFY_MAX, "notification of %zu bytes delivered", len);
+    atomic_fetch_add(&notes, 1);
+    return 0;
+}
+
+static void setup(void)
+{
+    size_t total = GUARD + REGION + GUARD;
+    mem = mmap((void *)(uintptr_t)FIXED_AT, total, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (mem == MAP_FAILED)
+        mem = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    KVF_FUZZ_CHECK(mem != MAP_FAILED, "mmap");
+    memset(mem, FILLER, total);
+    base = (uint64_t)(uintptr_t)(mem + GUARD);
+    KVF_FUZZ_CHECK(kvf__regions_create(&rt) == 0, "region table");
+    KVF_FUZZ_CHECK(kvf__regions_add(rt, base, REGION, NULL) == 0, "register");
+    kvf_log_set_level(KVF_LOG_ERROR); /* every refused frame would log a warning */
+    kvf_transport_params_t p;
+    memset(&p, 0, sizeof(p));
+    p.local_sid = "127.0.0.1:0";
+    snprintf(p.listen.host, sizeof(p.listen.host), "127.0.0.1");
+    p.listen.kind = KVF_HOST_IPV4;
+    p.regions = rt;
+    p.conns_per_peer = 1;
+    p.chunk_bytes = 1u << 20;
+    p.connect_timeout_ms = 2000;
+    p.notify_cb = on_notify;
+    KVF_FUZZ_CHECK(kvf__tcp_ops.create(&p, &tt) == 0, "tcp create: %s", kvf_last_error());
+    port = kvf__tcp_ops.port(tt);
+}
+
+static void hdr(uint8_t *b, uint8_t type, uint64_t req, uint64_t addr, uint64_t len)
+{
+    memset(b, 0, HDR);
+    kvf__put_le32(b, 0x5446564Bu);
+    b[4] = 1;
+    b[5] = type;
+    kvf__put_le64(b + 16, req);
+    kvf__put_le64(b + 24, addr);
+    kvf__put_le64(b + 32, len);
+}
+
+static int dial(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    KVF_FUZZ_CHECK(fd >= 0, "socket");
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    KVF_FUZZ_CHECK(connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0, "connect");
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    uint8_t h[HDR + 4];
+    hdr(h, 1, 1, 0, 4);
+    memcpy(h + HDR, "fuzz", 4);
+    KVF_FUZZ_CHECK(send(fd, h, sizeof(h), MSG_NOSIGNAL) == (ssize_t)sizeof(h), "hello");
+    uint8_t r[HDR];
+    size_t got = 0;
+    while (got < HDR) {
+        ssize_t n = recv(fd, r + got, HDR - got, 0);
+        KVF_FUZZ_CHECK(n > 0, "no answer to the hello");
+        got += (size_t)n;
+    }
+    KVF_FUZZ_CHECK(r[5] == 4 && kvf__get_le32(r + 8) == 0, "hello refused");
+    return fd;
+}
+
+static void guards_intact(void)
+{
+    for (size_t i = 0; i < GUARD; i++) {
+        KVF_FUZZ_CHECK(mem[i] == FILLER, "byte %zu below the region changed", GUARD - i);
+        KVF_FUZZ_CHECK(mem[GUARD + REGION + i] == FILLER, "byte %zu past the region changed", i);
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    pthread_once(&once, setup);
+    int fd = dial();
+    size_t off = 0;
+    while (off < size) {
+        ssize_t n = send(fd, data + off, size - off, MSG_NOSIGNAL);
+        if (n <= 0)
+            break; /* the target closed on a bad frame: fine */
+        off += (size_t)n;
+    }
+    shutdown(fd, SHUT_WR);
+    uint8_t sink[16384];
+    for (;;) {
+        ssize_t n = recv(fd, sink, sizeof(sink), 0);
+        if (n <= 0)
+            break;
+    }
+    close(fd);
+    guards_intact();
+    return 0;
+}
+
+void kvf_fuzz_seeds(kvf_fuzz_add_fn add)
+{
+    pthread_once(&once, setup);
+    uint8_t b[4 * HDR + 4096];
+    /* a WRITE inside the region */
+    hdr(b, 2, 2, base + 10, 100);
+    memset(b + HDR, 0x11, 100);
+    add(b, HDR + 100);
+    /* a WRITE one byte too long: refused, drained */
+    hdr(b, 2, 2, base + REGION - 99, 100);
+    add(b, HDR + 100);
+    /* a READ */
+    hdr(b, 3, 3, base + 200, 300);
+    add(b, HDR);
+    /* a NOTIFY */
+    hdr(b, 5, 4, 0, 5);
+    memcpy(b + HDR, "hello", 5);
+    add(b, HDR + 5);
+    /* a WRITEV of two segments */
+    hdr(b, 6, 5, 2, 150);
+    kvf__put_le64(b + HDR, base + 1000);
+    kvf__put_le64(b + HDR + 8, 100);
+    kvf__put_le64(b + HDR + 16, base + 3000);
+    kvf__put_le64(b + HDR + 24, 50);
+    memset(b + HDR + 32, 0x22, 150);
+    add(b, HDR + 32 + 150);
+    /* a WRITEV whose second segment is outside */
+    kvf__put_le64(b + HDR + 16, base + REGION - 10);
+    add(b, HDR + 32 + 150);
+    /* pipelined: WRITE, READ, NOTIFY */
+    size_t n = 0;
+    hdr(b, 2, 6, base, 16);
+    memset(b + HDR, 0x33, 16);
+    n = HDR + 16;
+    hdr(b + n, 3, 7, base, 16);
+    n += HDR;
+    hdr(b + n, 5, 8, 0, 1);
+    b[n + HDR] = 'x';
+    n += HDR + 1;
+    add(b, n);
+}
+
+int kvf_fuzz_final(void)
+{
+    pthread_once(&once, setup);
+    int fd = dial();
+    uint8_t b[HDR + 64];
+    hdr(b, 2, 9, base + 64, 64);
+    memset(b + HDR, 0x5A, 64);
+    send(fd, b, sizeof(b), MSG_NOSIGNAL);
+    uint8_t r[HDR];
+    size_t got = 0;
+    while (got < HDR) {
+        ssize_t n = recv(fd, r + got, HDR - got, 0);
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(fd);
+    guards_intact();
+    bool ok = got == HDR && kvf__get_le32(r + 8) == 0 && mem[GUARD + 64] == 0x5A &&
+              mem[GUARD + 127] == 0x5A;
+    printf("fuzz_tcp: %u notifications delivered; target %s\n", atomic_load(&notes),
+           ok ? "still serves" : "STOPPED SERVING");
+    kvf__tcp_ops.destroy(tt);
+    kvf__regions_destroy(rt);
+    return ok ? 0 : 1;
+}
