@@ -303,7 +303,8 @@ static int thread_add(kvf_engine_t *e);
 /*
  * A batch to a peer that has not appeared yet waits for it (up to init_timeout_ms) on its thread.
  * So that batches to live peers do not queue behind it, a thread that starts such a wait adds a
- * thread when none would be left to run the queue (up to ENG_MAX_ASYNC_THREADS in all).
+ * thread when none would be left to run the queue, and so does a submit that finds every thread
+ * waiting (up to ENG_MAX_ASYNC_THREADS in all).
  */
 static bool peer_wait_begin(kvf_batch_t *b)
 {
@@ -518,6 +519,9 @@ int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, 
     else
         a->head = b;
     a->tail = b;
+    /* Every thread waits for a peer that has not appeared: one more for this batch. */
+    if (a->waiting_peer >= a->nthreads && a->nthreads < ENG_MAX_ASYNC_THREADS)
+        thread_add(e);
     pthread_cond_signal(&a->work);
     pthread_mutex_unlock(&a->lock);
     *out = b;
