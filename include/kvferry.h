@@ -583,8 +583,9 @@ int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfe
 
 /**
  * kvf_batch_status - poll a batch.
- * @elem_status: NULL, or room for @n statuses: entry i receives element i's status (0 done,
- *               KVF_XFER_PENDING, or a negative error); @n may be less than the batch's size.
+ * @elem_status: NULL, or room for @n statuses: entry i receives element i's status (0 done, or a
+ *               negative error) once the batch is complete, KVF_XFER_PENDING for every entry
+ *               while it is pending; @n may be less than the batch's size.
  * Returns KVF_BATCH_PENDING, KVF_BATCH_DONE, or the batch's first error (negative), with its
  * message available from kvf_last_error(). Never blocks.
  */

@@ -43,7 +43,7 @@ struct kvf_batch {
     struct kvf_batch *next; /* in the queue, under async.lock */
     bool running;           /* taken by a thread; under async.lock */
     char peer[KVF_SESSION_ID_MAX];
-    kvf_xfer_t *x;
+    kvf_xfer_t *x; /* x, status and msg live in the same allocation, after the struct */
     size_t n;
     int *status;
     bool has_msg;
@@ -251,9 +251,6 @@ static void batch_destroy(kvf_batch_t *b)
 {
     pthread_cond_destroy(&b->cv);
     pthread_mutex_destroy(&b->mu);
-    free(b->x);
-    free(b->status);
-    free(b->msg);
     free(b);
 }
 
@@ -418,44 +415,36 @@ static int threads_start(kvf_engine_t *e)
     return 0;
 }
 
+/* One allocation holds the batch, its copy of the elements, their statuses and the message
+ * (n <= ENG_MAX_BATCH, checked by the caller, so the size cannot overflow). */
 static int batch_new(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
                      const void *msg, size_t msg_len, kvf_batch_t **out)
 {
-    kvf_batch_t *b = calloc(1, sizeof(*b));
+    size_t size = sizeof(kvf_batch_t) + n * sizeof(kvf_xfer_t) + n * sizeof(int) + msg_len;
+    kvf_batch_t *b = calloc(1, size);
     if (!b)
-        return kvf__err(-KVF_ENOMEM, "submit to %s: out of memory", peer);
+        return kvf__err(-KVF_ENOMEM, "submit to %s: out of memory for %zu elements", peer, n);
+    int rc = kvf__cond_init_monotonic(&b->cv);
+    if (rc) {
+        free(b);
+        return kvf__err(rc, "submit to %s: condition variable: %s", peer, kvf_strerror(rc));
+    }
+    pthread_mutex_init(&b->mu, NULL);
     b->e = e;
     snprintf(b->peer, sizeof(b->peer), "%s", peer);
     b->n = n;
-    b->x = malloc((n ? n : 1) * sizeof(*b->x));
-    b->status = malloc((n ? n : 1) * sizeof(*b->status));
+    b->x = (kvf_xfer_t *)(b + 1);
+    b->status = (int *)(b->x + n);
+    b->msg = (unsigned char *)(b->status + n);
     b->has_msg = msg != NULL;
     b->msg_len = msg_len;
-    b->msg = malloc(msg_len ? msg_len : 1);
     atomic_init(&b->cancel, false);
-    if (!b->x || !b->status || !b->msg) {
-        free(b->x);
-        free(b->status);
-        free(b->msg);
-        free(b);
-        return kvf__err(-KVF_ENOMEM, "submit to %s: out of memory for %zu elements", peer, n);
-    }
     if (n)
         memcpy(b->x, x, n * sizeof(*x));
     for (size_t i = 0; i < n; i++)
         b->status[i] = KVF_XFER_PENDING;
     if (msg_len)
         memcpy(b->msg, msg, msg_len);
-    pthread_mutex_init(&b->mu, NULL);
-    int rc = kvf__cond_init_monotonic(&b->cv);
-    if (rc) {
-        pthread_mutex_destroy(&b->mu);
-        free(b->x);
-        free(b->status);
-        free(b->msg);
-        free(b);
-        return kvf__err(rc, "submit to %s: condition variable: %s", peer, kvf_strerror(rc));
-    }
     *out = b;
     return 0;
 }

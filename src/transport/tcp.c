@@ -11,11 +11,12 @@
  * for the next header (so unregistering a region is never held up by an idle connection).
  *
  * Initiator side. A peer handle owns conns_per_peer connections, opened lazily. The thread that
- * calls transfer() sends its own chunks (header and payload in one sendmsg() straight from the
- * caller's memory) and then sleeps on its batch's condition variable; one receiver thread per
- * connection reads the answers and completes requests by req_id, receiving a READ's payload
- * straight into the caller's buffer. Requests are posted as "chunk + completion (batch)" so an
- * asynchronous submit only needs a different waiter.
+ * calls transfer() sends its own requests (header and payload in one sendmsg() straight from the
+ * caller's memory; runs of small writes gathered into one WRITEV) and then waits for the
+ * answers. Whoever holds a connection's reader role reads them and completes requests by req_id,
+ * receiving a READ's payload straight into the caller's buffer: normally the connection's
+ * receiver thread, which wakes the waiting callers; but a caller whose whole batch is one request
+ * reads its own answer (see tcp_reader_t), which saves a wake-up on small transfers.
  *
  * Locking on the initiator side. peer->mu protects every connection's state, its in-flight
  * slot table and every batch's counters. conn->send_mu serialises frames on one socket and is
@@ -263,28 +264,26 @@ static int tcp_recv_full(int fd, void *buf, size_t len, uint64_t deadline_ms)
 {
     size_t got = 0;
     while (got < len) {
-        int flags = MSG_WAITALL;
-        if (deadline_ms) {
-            uint64_t now = kvf__now_ms();
-            if (now >= deadline_ms)
-                return -KVF_ETIMEDOUT;
-            uint64_t left = deadline_ms - now;
-            struct pollfd pf = {fd, POLLIN, 0};
-            int pr = poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left);
-            if (pr < 0 && errno != EINTR)
-                return -errno;
-            if (pr <= 0)
-                continue;
-            flags = MSG_DONTWAIT;
-        }
-        ssize_t r = recv(fd, (uint8_t *)buf + got, len - got, flags);
+        /* With a deadline, take what is there and sleep in poll() only when nothing is. */
+        ssize_t r =
+            recv(fd, (uint8_t *)buf + got, len - got, deadline_ms ? MSG_DONTWAIT : MSG_WAITALL);
         if (r > 0) {
             got += (size_t)r;
-        } else if (r == 0) {
-            return -EPIPE;
-        } else if (errno != EINTR && errno != EAGAIN) {
-            return -errno;
+            continue;
         }
+        if (r == 0)
+            return -EPIPE;
+        if (errno == EINTR || (errno == EAGAIN && !deadline_ms))
+            continue;
+        if (errno != EAGAIN)
+            return -errno;
+        uint64_t now = kvf__now_ms();
+        if (now >= deadline_ms)
+            return -KVF_ETIMEDOUT;
+        uint64_t left = deadline_ms - now;
+        struct pollfd pf = {fd, POLLIN, 0};
+        if (poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left) < 0 && errno != EINTR)
+            return -errno;
     }
     return 0;
 }
