@@ -18,6 +18,13 @@
 extern "C" {
 #endif
 
+/* The library is built with hidden visibility: only what this header declares is exported. */
+#if defined(__GNUC__) || defined(__clang__)
+#define KVF_API __attribute__((visibility("default")))
+#else
+#define KVF_API
+#endif
+
 #define KVF_VERSION_MAJOR 0
 #define KVF_VERSION_MINOR 1
 #define KVF_VERSION_PATCH 0
@@ -68,14 +75,14 @@ typedef enum {
  * Returns a static string (never NULL); "success" for 0, "unknown error" for codes not in any
  * table. Thread-safe.
  */
-const char *kvf_strerror(int err);
+KVF_API const char *kvf_strerror(int err);
 
 /**
  * kvf_err_name - the symbolic name of an error code ("KVF_ETIMEDOUT", "ECONNREFUSED").
  * @err: negative or positive code.
  * Returns a static string (never NULL); "KVF_OK" for 0, "UNKNOWN" otherwise.
  */
-const char *kvf_err_name(int err);
+KVF_API const char *kvf_err_name(int err);
 
 /**
  * kvf_last_error - detail of the last failure on this thread.
@@ -84,10 +91,10 @@ const char *kvf_err_name(int err);
  * Successful calls do not clear it. The pointer stays valid until the next kvferry call on this
  * thread. Never NULL; "" when nothing has failed yet.
  */
-const char *kvf_last_error(void);
+KVF_API const char *kvf_last_error(void);
 
 /** kvf_last_error_clear - reset this thread's last-error message to "". */
-void kvf_last_error_clear(void);
+KVF_API void kvf_last_error_clear(void);
 
 /* ---------------------------------------------------------------------------------------------
  * Logging
@@ -108,10 +115,10 @@ typedef enum {
  * debug/info/warn/error), else warn.
  * Returns 0, or -KVF_EINVAL for a level outside 0..3.
  */
-int kvf_log_set_level(int level);
+KVF_API int kvf_log_set_level(int level);
 
 /** kvf_log_get_level - the current process-wide log level (0..3). */
-int kvf_log_get_level(void);
+KVF_API int kvf_log_get_level(void);
 
 /* ---------------------------------------------------------------------------------------------
  * Config store: server
@@ -146,19 +153,19 @@ typedef struct kvf_store_server kvf_store_server_t;
  * Returns 0, -KVF_EINVAL for a malformed URL (the message names it), or -errno from bind/listen
  * (e.g. -EADDRINUSE).
  */
-int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out);
+KVF_API int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out);
 
 /**
  * kvf_store_server_url - the URL the server actually listens on ("tcp://127.0.0.1:40123"),
  * with the chosen port when it was started with port 0. Valid until kvf_store_server_stop().
  */
-const char *kvf_store_server_url(const kvf_store_server_t *srv);
+KVF_API const char *kvf_store_server_url(const kvf_store_server_t *srv);
 
 /**
  * kvf_store_server_stop - stop the server, close every client connection and free it.
  * Clients blocked in a request get an error at once. NULL is a no-op.
  */
-void kvf_store_server_stop(kvf_store_server_t *srv);
+KVF_API void kvf_store_server_stop(kvf_store_server_t *srv);
 
 /**
  * kvf_store_server_wait - block until the server stops after kvf_store_server_shutdown().
@@ -166,13 +173,13 @@ void kvf_store_server_stop(kvf_store_server_t *srv);
  * must still be freed with kvf_store_server_stop().
  * Returns 0 after a clean shutdown, or a negative code if the event loop failed.
  */
-int kvf_store_server_wait(kvf_store_server_t *srv);
+KVF_API int kvf_store_server_wait(kvf_store_server_t *srv);
 
 /**
  * kvf_store_server_shutdown - ask the server to stop; async-signal-safe (it writes an eventfd),
  * so it may be called from a SIGINT/SIGTERM handler. kvf_store_server_wait() then returns.
  */
-void kvf_store_server_shutdown(kvf_store_server_t *srv);
+KVF_API void kvf_store_server_shutdown(kvf_store_server_t *srv);
 
 /* ---------------------------------------------------------------------------------------------
  * Config store: client
@@ -195,7 +202,7 @@ typedef struct {
 } kvf_store_opts_t;
 
 /** kvf_store_opts_init - fill @opts with the defaults and set its size field. */
-void kvf_store_opts_init(kvf_store_opts_t *opts);
+KVF_API void kvf_store_opts_init(kvf_store_opts_t *opts);
 
 /**
  * kvf_store_open - connect to a config store.
@@ -208,14 +215,14 @@ void kvf_store_opts_init(kvf_store_opts_t *opts);
  * Returns 0, -KVF_EINVAL for a malformed URL (at once, naming the bad part), or
  * -KVF_ESTOREDOWN when the store did not answer in time.
  */
-int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **out);
+KVF_API int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **out);
 
 /** kvf_store_close - disconnect and free; leases granted through it are revoked (best effort).
  *  Pending requests on other threads fail with -KVF_ECLOSED. NULL is a no-op. */
-void kvf_store_close(kvf_store_t *st);
+KVF_API void kvf_store_close(kvf_store_t *st);
 
 /** kvf_store_url - the URL this client was opened with. */
-const char *kvf_store_url(const kvf_store_t *st);
+KVF_API const char *kvf_store_url(const kvf_store_t *st);
 
 /**
  * kvf_store_set - set @key to @val.
@@ -224,7 +231,8 @@ const char *kvf_store_url(const kvf_store_t *st);
  * @lease: 0, or a lease from kvf_store_lease_grant(): the key is deleted when the lease ends.
  * Returns 0 or a negative code (-KVF_ENOTFOUND when @lease does not exist).
  */
-int kvf_store_set(kvf_store_t *st, const char *key, const void *val, size_t len, uint64_t lease);
+KVF_API int kvf_store_set(kvf_store_t *st, const char *key, const void *val, size_t len,
+                          uint64_t lease);
 
 /**
  * kvf_store_get - read @key, waiting for it to appear for up to @wait_ms.
@@ -234,10 +242,11 @@ int kvf_store_set(kvf_store_t *st, const char *key, const void *val, size_t len,
  * Returns 0, -KVF_ENOTFOUND (wait_ms 0 and absent), -KVF_ETIMEDOUT (still absent after
  * wait_ms), or another negative code.
  */
-int kvf_store_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **val, size_t *len);
+KVF_API int kvf_store_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **val,
+                          size_t *len);
 
 /** kvf_store_del - delete @key. Returns 0, or -KVF_ENOTFOUND when it did not exist. */
-int kvf_store_del(kvf_store_t *st, const char *key);
+KVF_API int kvf_store_del(kvf_store_t *st, const char *key);
 
 /**
  * kvf_store_cas - compare-and-swap.
@@ -246,8 +255,8 @@ int kvf_store_del(kvf_store_t *st, const char *key);
  * @val/@len: the new value. @lease as in kvf_store_set().
  * Returns 0 when swapped, -KVF_ECASMISMATCH when the current value differs.
  */
-int kvf_store_cas(kvf_store_t *st, const char *key, const void *expected, size_t expected_len,
-                  const void *val, size_t len, uint64_t lease);
+KVF_API int kvf_store_cas(kvf_store_t *st, const char *key, const void *expected,
+                          size_t expected_len, const void *val, size_t len, uint64_t lease);
 
 /**
  * kvf_store_add - atomically add @delta to the 64-bit counter at @key (absent counts as 0).
@@ -255,7 +264,7 @@ int kvf_store_cas(kvf_store_t *st, const char *key, const void *expected, size_t
  * @result: receives the new value (may be NULL).
  * Returns 0, -KVF_EBADVALUE when the value is not a decimal integer, -KVF_ERANGE on overflow.
  */
-int kvf_store_add(kvf_store_t *st, const char *key, int64_t delta, int64_t *result);
+KVF_API int kvf_store_add(kvf_store_t *st, const char *key, int64_t delta, int64_t *result);
 
 /** One key/value pair of a list answer or a watch event. */
 typedef struct {
@@ -268,10 +277,11 @@ typedef struct {
  * kvf_store_list - every key starting with @prefix ("" = all), in byte order, with its value.
  * @out/@count: receive an array; free it with kvf_store_kv_free().
  */
-int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, size_t *count);
+KVF_API int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out,
+                           size_t *count);
 
 /** kvf_store_kv_free - free an array returned by kvf_store_list(). */
-void kvf_store_kv_free(kvf_store_kv_t *kvs, size_t count);
+KVF_API void kvf_store_kv_free(kvf_store_kv_t *kvs, size_t count);
 
 /** Watch event types. */
 typedef enum { KVF_STORE_EVENT_PUT = 1, KVF_STORE_EVENT_DELETE = 2 } kvf_store_event_type_t;
@@ -290,12 +300,12 @@ typedef void (*kvf_store_watch_cb)(void *arg, kvf_store_event_type_t type,
  * re-list after a reconnect if they matter).
  * @watch_id: receives a handle for kvf_store_unwatch().
  */
-int kvf_store_watch(kvf_store_t *st, const char *prefix, kvf_store_watch_cb cb, void *arg,
-                    uint64_t *watch_id);
+KVF_API int kvf_store_watch(kvf_store_t *st, const char *prefix, kvf_store_watch_cb cb, void *arg,
+                            uint64_t *watch_id);
 
 /** kvf_store_unwatch - stop a watch; no callback for it runs after this returns (unless it is
  *  called from that callback). Returns -KVF_ENOTFOUND for an unknown id. */
-int kvf_store_unwatch(kvf_store_t *st, uint64_t watch_id);
+KVF_API int kvf_store_unwatch(kvf_store_t *st, uint64_t watch_id);
 
 /**
  * kvf_store_lease_grant - create a lease of @ttl_ms (1..KVF_STORE_MAX_LEASE_TTL_MS).
@@ -304,13 +314,13 @@ int kvf_store_unwatch(kvf_store_t *st, uint64_t watch_id);
  * @lease: receives the lease id to pass to kvf_store_set(). The id stays valid across
  *         reconnects: the client re-grants the lease and re-publishes its keys if the store lost them.
  */
-int kvf_store_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease);
+KVF_API int kvf_store_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease);
 
 /**
  * kvf_store_lease_keepalive_stop - stop refreshing @lease without revoking it, so that it
  * expires after its TTL as if this process had died. Meant for tests and for handing over.
  */
-int kvf_store_lease_keepalive_stop(kvf_store_t *st, uint64_t lease);
+KVF_API int kvf_store_lease_keepalive_stop(kvf_store_t *st, uint64_t lease);
 
 /**
  * kvf_store_lease_revoke - end @lease now; its keys are deleted (watchers see the deletes).
@@ -320,10 +330,10 @@ int kvf_store_lease_keepalive_stop(kvf_store_t *st, uint64_t lease);
  * connection the lease lived on was lost), or -KVF_ETIMEDOUT when the store did not answer in
  * time: the lease then simply expires on the store after its TTL, and its keys with it.
  */
-int kvf_store_lease_revoke(kvf_store_t *st, uint64_t lease);
+KVF_API int kvf_store_lease_revoke(kvf_store_t *st, uint64_t lease);
 
 /** kvf_store_ping - one round trip to the store. Returns 0 or a negative code. */
-int kvf_store_ping(kvf_store_t *st);
+KVF_API int kvf_store_ping(kvf_store_t *st);
 
 /* ---------------------------------------------------------------------------------------------
  * Transfer engine
@@ -349,10 +359,10 @@ typedef enum {
  * kvf_role_parse - "Prefill", "Decode" or "Both" (any case) to a role.
  * Returns 0, or -KVF_EINVAL naming @s.
  */
-int kvf_role_parse(const char *s, kvf_role_t *out);
+KVF_API int kvf_role_parse(const char *s, kvf_role_t *out);
 
 /** kvf_role_name - "Prefill", "Decode", "Both", or "?" for other values. */
-const char *kvf_role_name(kvf_role_t role);
+KVF_API const char *kvf_role_name(kvf_role_t role);
 
 /** Data-path transports. AUTO picks the best the peer supports (today: tcp). */
 typedef enum {
@@ -396,7 +406,7 @@ typedef struct {
 } kvf_config_t;
 
 /** kvf_config_init - fill @cfg with the defaults and set its size field. */
-void kvf_config_init(kvf_config_t *cfg);
+KVF_API void kvf_config_init(kvf_config_t *cfg);
 
 /**
  * kvf_engine_create - start an engine: listen, connect to the store, publish the session record.
@@ -413,8 +423,8 @@ void kvf_config_init(kvf_config_t *cfg);
  * naming it; a record left by a dead engine is taken over.
  * Returns 0, -KVF_EINVAL (bad argument, named), -KVF_ESTOREDOWN, or -errno from bind/listen.
  */
-int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t role,
-                      int device_id, const kvf_config_t *cfg, kvf_engine_t **out);
+KVF_API int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t role,
+                              int device_id, const kvf_config_t *cfg, kvf_engine_t **out);
 
 /**
  * kvf_engine_destroy - withdraw the engine's records, close its connections and free it.
@@ -423,7 +433,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
  * already moving data are waited for (each is bounded by op_timeout_ms). No other call on @e
  * may start after it returns. NULL is a no-op.
  */
-void kvf_engine_destroy(kvf_engine_t *e);
+KVF_API void kvf_engine_destroy(kvf_engine_t *e);
 
 /**
  * kvf_engine_shutdown - the first half of kvf_engine_destroy(), for wrappers that must wait for
@@ -431,13 +441,13 @@ void kvf_engine_destroy(kvf_engine_t *e);
  * waiting for its peer to appear gives up within 200 ms. Frees nothing; kvf_engine_destroy()
  * must still be called. Idempotent; NULL is a no-op.
  */
-void kvf_engine_shutdown(kvf_engine_t *e);
+KVF_API void kvf_engine_shutdown(kvf_engine_t *e);
 
 /** kvf_engine_session_id - this engine's session id, with the chosen port when created with 0. */
-const char *kvf_engine_session_id(const kvf_engine_t *e);
+KVF_API const char *kvf_engine_session_id(const kvf_engine_t *e);
 
 /** kvf_engine_port - the port this engine listens on (the seed's get_rpc_port). */
-uint16_t kvf_engine_port(const kvf_engine_t *e);
+KVF_API uint16_t kvf_engine_port(const kvf_engine_t *e);
 
 /**
  * kvf_mem_register - make [addr, addr+len) writable and readable by peers.
@@ -447,10 +457,11 @@ uint16_t kvf_engine_port(const kvf_engine_t *e);
  * never touched) so that the first transfer does not pay for page faults.
  * Peers see the region within milliseconds (it is published to the store).
  */
-int kvf_mem_register(kvf_engine_t *e, void *addr, size_t len);
+KVF_API int kvf_mem_register(kvf_engine_t *e, void *addr, size_t len);
 
 /** kvf_mem_register_batch - register @n ranges: all of them, or none on error. */
-int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *lens, size_t n);
+KVF_API int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *lens,
+                                   size_t n);
 
 /**
  * kvf_mem_unregister - withdraw the region that starts at @addr.
@@ -461,7 +472,7 @@ int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *le
  * (this engine refuses the range; the next publication tells peers) and a warning is logged.
  * Returns -KVF_ENOTREG when no region starts at @addr.
  */
-int kvf_mem_unregister(kvf_engine_t *e, void *addr);
+KVF_API int kvf_mem_unregister(kvf_engine_t *e, void *addr);
 
 /**
  * kvf_mem_alloc - allocate @len bytes that peers can write into, already registered.
@@ -477,7 +488,7 @@ int kvf_mem_unregister(kvf_engine_t *e, void *addr);
  * Returns 0; -KVF_EINVAL for @len 0 or a NULL argument (named); -errno from memfd_create,
  * ftruncate or mmap (e.g. -ENOMEM); errors of kvf_mem_register().
  */
-int kvf_mem_alloc(kvf_engine_t *e, size_t len, void **out);
+KVF_API int kvf_mem_alloc(kvf_engine_t *e, size_t len, void **out);
 
 /**
  * kvf_mem_free - unregister and free memory from kvf_mem_alloc().
@@ -488,7 +499,7 @@ int kvf_mem_alloc(kvf_engine_t *e, size_t len, void **out);
  * freed); -KVF_ETIMEDOUT when transfers did not leave in op_timeout_ms: the memory then stays
  * mapped (unregistered) until kvf_engine_destroy().
  */
-int kvf_mem_free(kvf_engine_t *e, void *ptr);
+KVF_API int kvf_mem_free(kvf_engine_t *e, void *ptr);
 
 /** Transfer direction, seen from the calling engine. */
 typedef enum {
@@ -514,13 +525,14 @@ typedef struct {
  * element; other elements may or may not have been transferred.
  * Thread-safe: many threads may transfer through one engine at once.
  */
-int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfers, size_t n);
+KVF_API int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfers, size_t n);
 
 /** kvf_write - one-element kvf_transfer_sync() writing @len bytes from @local to @remote. */
-int kvf_write(kvf_engine_t *e, const char *peer, const void *local, uint64_t remote, size_t len);
+KVF_API int kvf_write(kvf_engine_t *e, const char *peer, const void *local, uint64_t remote,
+                      size_t len);
 
 /** kvf_read - one-element kvf_transfer_sync() reading @len bytes at @remote into @local. */
-int kvf_read(kvf_engine_t *e, const char *peer, void *local, uint64_t remote, size_t len);
+KVF_API int kvf_read(kvf_engine_t *e, const char *peer, void *local, uint64_t remote, size_t len);
 
 /* ---------------------------------------------------------------------------------------------
  * Asynchronous batches and notifications
@@ -560,11 +572,11 @@ enum {
  * no notification is delivered. -KVF_ETOOBIG for @msg_len over KVF_NOTIFY_MAX; -KVF_EBUSY when
  * the peer's notification queue stayed full.
  */
-int kvf_transfer_sync_notify(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfers, size_t n,
-                             const void *msg, size_t msg_len);
+KVF_API int kvf_transfer_sync_notify(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfers,
+                                     size_t n, const void *msg, size_t msg_len);
 
 /** kvf_notify_send - a notification alone: kvf_transfer_sync_notify() with no elements. */
-int kvf_notify_send(kvf_engine_t *e, const char *peer, const void *msg, size_t msg_len);
+KVF_API int kvf_notify_send(kvf_engine_t *e, const char *peer, const void *msg, size_t msg_len);
 
 /**
  * kvf_transfer_submit - start a batch in the background and return at once.
@@ -578,8 +590,8 @@ int kvf_notify_send(kvf_engine_t *e, const char *peer, const void *msg, size_t m
  * message over KVF_NOTIFY_MAX; -KVF_EBUSY when config.max_batches are in flight (at once, or after
  * op_timeout_ms with config.submit_blocks); -KVF_ECLOSED while the engine is being destroyed.
  */
-int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfers, size_t n,
-                        const void *msg, size_t msg_len, kvf_batch_t **out);
+KVF_API int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfers,
+                                size_t n, const void *msg, size_t msg_len, kvf_batch_t **out);
 
 /**
  * kvf_batch_status - poll a batch.
@@ -589,14 +601,14 @@ int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfe
  * Returns KVF_BATCH_PENDING, KVF_BATCH_DONE, or the batch's first error (negative), with its
  * message available from kvf_last_error(). Never blocks.
  */
-int kvf_batch_status(kvf_batch_t *b, int *elem_status, size_t n);
+KVF_API int kvf_batch_status(kvf_batch_t *b, int *elem_status, size_t n);
 
 /**
  * kvf_batch_wait - wait up to @timeout_ms (negative: until it completes, which op_timeout_ms
  * bounds) for @b to complete.
  * Returns as kvf_batch_status(): KVF_BATCH_PENDING when the time ran out first.
  */
-int kvf_batch_wait(kvf_batch_t *b, int timeout_ms);
+KVF_API int kvf_batch_wait(kvf_batch_t *b, int timeout_ms);
 
 /**
  * kvf_batch_cancel - stop a batch: elements (and, over tcp, chunks of elements) not yet started
@@ -604,17 +616,17 @@ int kvf_batch_wait(kvf_batch_t *b, int timeout_ms);
  * completes at once. The batch then fails with -KVF_ECANCELED unless everything was already
  * done, and delivers no notification. Returns 0 (also when the batch is already complete).
  */
-int kvf_batch_cancel(kvf_batch_t *b);
+KVF_API int kvf_batch_cancel(kvf_batch_t *b);
 
 /** kvf_batch_size - the number of elements of @b. */
-size_t kvf_batch_size(const kvf_batch_t *b);
+KVF_API size_t kvf_batch_size(const kvf_batch_t *b);
 
 /**
  * kvf_batch_free - free a batch. A batch still pending is cancelled and waited for first (no
  * element touches its memory after this returns). May be called after kvf_engine_destroy(),
  * which completes every batch of the engine. NULL is a no-op.
  */
-void kvf_batch_free(kvf_batch_t *b);
+KVF_API void kvf_batch_free(kvf_batch_t *b);
 
 /** A notification as received. */
 typedef struct {
@@ -627,14 +639,14 @@ typedef struct {
  * kvf_notify_poll - take up to @max queued notifications, oldest first, without waiting.
  * Returns the number taken (0 if none), or a negative error.
  */
-int kvf_notify_poll(kvf_engine_t *e, kvf_notify_t *out, size_t max);
+KVF_API int kvf_notify_poll(kvf_engine_t *e, kvf_notify_t *out, size_t max);
 
 /**
  * kvf_notify_wait - as kvf_notify_poll(), waiting up to @timeout_ms (negative: for ever, until
  * kvf_engine_shutdown()) for the first one. Returns the number taken, 0 when the time ran out,
  * -KVF_ECLOSED when the engine is being destroyed.
  */
-int kvf_notify_wait(kvf_engine_t *e, kvf_notify_t *out, size_t max, int timeout_ms);
+KVF_API int kvf_notify_wait(kvf_engine_t *e, kvf_notify_t *out, size_t max, int timeout_ms);
 
 /* ---------------------------------------------------------------------------------------------
  * Peers
@@ -646,7 +658,7 @@ int kvf_notify_wait(kvf_engine_t *e, kvf_notify_t *out, size_t max, int timeout_
  * Returns 0; -KVF_ETIMEDOUT naming the peer; -KVF_EINVAL for a malformed session id;
  * -KVF_ECLOSED when the engine is being destroyed.
  */
-int kvf_peer_wait(kvf_engine_t *e, const char *peer, uint32_t timeout_ms);
+KVF_API int kvf_peer_wait(kvf_engine_t *e, const char *peer, uint32_t timeout_ms);
 
 typedef enum {
     KVF_PEER_JOINED = 1, /* a session record appeared */
@@ -666,7 +678,7 @@ typedef struct {
  * down are lost; at most 4096 are kept (the oldest are dropped, with a warning).
  * Returns the number taken, 0 when the time ran out, or a negative error.
  */
-int kvf_peer_events(kvf_engine_t *e, kvf_peer_event_t *out, size_t max, int timeout_ms);
+KVF_API int kvf_peer_events(kvf_engine_t *e, kvf_peer_event_t *out, size_t max, int timeout_ms);
 
 /** A registered region as seen by peers. */
 typedef struct {
@@ -681,14 +693,14 @@ typedef struct {
  * @name: receives a static string.
  * Returns 0, or -KVF_ENOTFOUND when no transfer to @peer has been made yet.
  */
-int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **name);
+KVF_API int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **name);
 
 /**
  * kvf_peer_regions - the regions @peer has published, sorted by address (fetched fresh from the
  * store, waiting up to init_timeout_ms for the peer to appear).
  * @out/@n: receive a malloc'ed array; free() it. @n may be 0.
  */
-int kvf_peer_regions(kvf_engine_t *e, const char *peer, kvf_region_info_t **out, size_t *n);
+KVF_API int kvf_peer_regions(kvf_engine_t *e, const char *peer, kvf_region_info_t **out, size_t *n);
 
 #ifdef __cplusplus
 }

@@ -14,7 +14,8 @@
 #include "test_util.h"
 
 #include "common/common.h"
-#include "core/regions.h"
+#include "common/thread.h"
+#include "common/regions.h"
 
 /* ----------------------------------------------------------------------------------------------
  * Helpers

@@ -19,8 +19,9 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/thread.h"
 #include "common/wire.h"
-#include "core/regions.h"
+#include "common/regions.h"
 #include "test_util.h"
 #include "transport/transport.h"
 

@@ -28,6 +28,7 @@
 #include "bench.h"
 #include "cli.h"
 #include "common/common.h"
+#include "common/thread.h"
 
 #define CMD          "bench store"
 #define WAKE_WAIT_MS 5000u

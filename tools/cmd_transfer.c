@@ -43,6 +43,7 @@
 
 #include "cli.h"
 #include "common/common.h"
+#include "common/thread.h"
 #include "common/url.h"
 #include "kvferry.h"
 
@@ -54,8 +55,7 @@
 #define XFER_SLICE_BYTES (XFER_SLICE_ELEMS * 2u)
 #define XFER_BYTES ((size_t)XFER_SLICES * XFER_SLICE_BYTES)
 
-#define XFER_SID_MAX (KVF_HOST_MAX + 8)
-#define XFER_KEY_MAX (XFER_SID_MAX + 64)
+#define XFER_KEY_MAX (KVF_SESSION_ID_MAX + 64)
 #define XFER_MAX_TIMEOUT_S 3600u /* an hour, the longest wait the store allows */
 #define XFER_HASH_NAME "fnv1a64w"
 /* Bound on the Prefill's wait for the Decode's engine to withdraw its records before the store
@@ -66,8 +66,8 @@ typedef struct {
     kvf_role_t role;
     const char *store_url;
     kvf_store_url_t store;
-    char src_sid[XFER_SID_MAX];
-    char dst_sid[XFER_SID_MAX]; /* "" for the Decode */
+    char src_sid[KVF_SESSION_ID_MAX];
+    char dst_sid[KVF_SESSION_ID_MAX]; /* "" for the Decode */
     int npu_id;
     uint64_t iterations; /* 0 = forever */
     uint32_t timeout_ms;
@@ -967,7 +967,7 @@ int kvf_cli_transfer(int argc, char **argv)
         goto out_store;
     }
     /* The engine's own spelling of its id, with the chosen port: the Prefill names it. */
-    char sid[XFER_SID_MAX];
+    char sid[KVF_SESSION_ID_MAX];
     snprintf(sid, sizeof(sid), "%s", kvf_engine_session_id(e));
 
     code = a.role == KVF_ROLE_DECODE ? run_decode(&a, e, sid) : run_prefill(&a, e, sid);

@@ -1,5 +1,6 @@
 /*
- * Private helpers shared by every part of kvferry: error reporting, logging and time.
+ * Private helpers shared by every part of kvferry: error reporting, logging, the clock and
+ * printable text (threads and deadline waits: thread.h).
  * Not installed; nothing here is API.
  */
 #ifndef KVF_COMMON_H
@@ -7,6 +8,7 @@
 
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "kvferry.h"
@@ -49,12 +51,11 @@ int kvf__log_level_parse(const char *s);
 uint64_t kvf__now_ns(void);
 uint64_t kvf__now_ms(void);
 
-/* Absolute CLOCK_MONOTONIC deadline @ms from now, for pthread_cond_timedwait on a condition
- * variable created with kvf__cond_init_monotonic(). */
-struct timespec;
-void kvf__deadline_ts(struct timespec *ts, uint64_t deadline_ms);
-
-#include <pthread.h>
-int kvf__cond_init_monotonic(pthread_cond_t *cond);
+/*
+ * kvf__printable - copy up to @len bytes of @src (network or user input) into @dst as text safe
+ * for a log line or an error message: bytes outside printable ASCII become '?'. At most
+ * @dstlen - 1 bytes are written, then a NUL. Returns @dst.
+ */
+char *kvf__printable(char *dst, size_t dstlen, const void *src, size_t len);
 
 #endif /* KVF_COMMON_H */

@@ -1,12 +1,11 @@
 /* Process-wide logging to stderr: one line per message with time, level, thread and subsystem. */
 #include <stdio.h>
-#include <stdlib.h>
 #include <strings.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
-#include "common.h"
+#include "common/common.h"
 
 _Atomic int kvf__log_level = KVF_LOG_WARN;
 
@@ -26,35 +25,6 @@ int kvf__log_level_parse(const char *s)
         if (strcasecmp(s, names[i].name) == 0)
             return names[i].level;
     return -1;
-}
-
-/* Read KVFERRY_LOG_LEVEL when the library is loaded, before any thread of ours exists. */
-__attribute__((constructor)) static void log_init_from_env(void)
-{
-    const char *env = getenv("KVFERRY_LOG_LEVEL");
-    if (!env || !*env)
-        return;
-    int level = kvf__log_level_parse(env);
-    if (level < 0) {
-        fprintf(stderr, "kvferry: ignoring KVFERRY_LOG_LEVEL=%s (want 0..3 or debug/info/warn/error)\n",
-                env);
-        return;
-    }
-    atomic_store(&kvf__log_level, level);
-}
-
-int kvf_log_set_level(int level)
-{
-    if (level < KVF_LOG_DEBUG || level > KVF_LOG_ERROR)
-        return kvf__err(-KVF_EINVAL, "log level %d: want 0 (debug), 1 (info), 2 (warn) or 3 (error)",
-                        level);
-    atomic_store(&kvf__log_level, level);
-    return 0;
-}
-
-int kvf_log_get_level(void)
-{
-    return atomic_load(&kvf__log_level);
 }
 
 void kvf__log_write(int level, const char *subsys, const char *fmt, ...)

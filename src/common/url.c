@@ -7,8 +7,11 @@
 #include <string.h>
 #include <strings.h>
 
-#include "common.h"
-#include "url.h"
+#include "common/common.h"
+#include "common/url.h"
+
+/* A session id is host:port text: the longest host, a colon, brackets and five digits. */
+_Static_assert(KVF_SESSION_ID_MAX == KVF_HOST_MAX + 8, "KVF_SESSION_ID_MAX is host:port text");
 
 /* Bytes of the user's input quoted in the "store url <input>: " prefix; the tail of a longer
  * input is replaced by "..." so that the part naming the bad value still fits the message. */

@@ -54,7 +54,7 @@ int kvf__session_id_parse(const char *sid, kvf_hostport_t *out);
 
 /*
  * kvf__hostport_format - write "host:port" or "[v6]:port" into @buf (at least
- * KVF_HOST_MAX + 8 bytes). Returns @buf.
+ * KVF_SESSION_ID_MAX bytes). Returns @buf.
  */
 char *kvf__hostport_format(const kvf_hostport_t *hp, char *buf, size_t len);
 

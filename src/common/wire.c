@@ -1,7 +1,7 @@
 /* Growable output buffer and bounds-checked input cursor (see wire.h). */
 #include <stdlib.h>
 
-#include "wire.h"
+#include "common/wire.h"
 
 void kvf__buf_init(kvf_buf_t *b)
 {

@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "common/common.h"
+#include "common/thread.h"
 #include "common/url.h"
 #include "core/engine_internal.h"
 
@@ -62,21 +63,6 @@ struct kvf_batch {
 };
 
 /* ---- waiting -------------------------------------------------------------------------------- */
-
-/* Wait on @cv until @deadline_ms (UINT64_MAX: no deadline). Returns false once it has passed. */
-static bool timed_wait(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t deadline_ms)
-{
-    if (deadline_ms == UINT64_MAX) {
-        pthread_cond_wait(cv, mu);
-        return true;
-    }
-    if (kvf__now_ms() >= deadline_ms)
-        return false;
-    struct timespec ts;
-    kvf__deadline_ts(&ts, deadline_ms);
-    pthread_cond_timedwait(cv, mu, &ts);
-    return true;
-}
 
 static uint64_t deadline_of(int timeout_ms)
 {
@@ -164,7 +150,7 @@ static int order_wait_turn(kvf_engine_t *e, eng_order_t *o, uint64_t seq, uint64
     int rc = 0;
     pthread_mutex_lock(&a->order_lock);
     while (o->done + 1 != seq) {
-        if (!timed_wait(&a->order_cond, &a->order_lock, deadline_ms)) {
+        if (!kvf__cond_wait_until(&a->order_cond, &a->order_lock, deadline_ms)) {
             rc = kvf__err(-KVF_ETIMEDOUT, "notification to %s: an earlier notification to it "
                                           "was still pending at the deadline",
                           o->sid);
@@ -383,13 +369,10 @@ static void *batch_thread(void *arg)
 static int thread_add(kvf_engine_t *e)
 {
     eng_async_t *a = &e->async;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, 256u << 10);
-    int rc = pthread_create(&a->threads[a->nthreads], &attr, batch_thread, e);
-    pthread_attr_destroy(&attr);
+    int rc = kvf__thread_start(&a->threads[a->nthreads], "kvf-batch", KVF_THREAD_SMALL_STACK,
+                               batch_thread, e);
     if (rc)
-        return kvf__err(-rc, "engine %s: async thread: %s", e->sid, strerror(rc));
+        return kvf__err(rc, "engine %s: async thread: %s", e->sid, strerror(-rc));
     a->nthreads++;
     return 0;
 }
@@ -476,7 +459,7 @@ int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, 
     uint64_t deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
     pthread_mutex_lock(&a->lock);
     while (!a->stopping && !kvf__eng_closing(e) && a->inflight >= e->cfg.max_batches) {
-        if (!e->cfg.submit_blocks || !timed_wait(&a->room, &a->lock, deadline)) {
+        if (!e->cfg.submit_blocks || !kvf__cond_wait_until(&a->room, &a->lock, deadline)) {
             pthread_mutex_unlock(&a->lock);
             batch_destroy(b);
             return kvf__err(-KVF_EBUSY,
@@ -541,7 +524,7 @@ int kvf_batch_wait(kvf_batch_t *b, int timeout_ms)
         return kvf__err(-KVF_EINVAL, "batch wait: the batch is NULL");
     uint64_t deadline = deadline_of(timeout_ms);
     pthread_mutex_lock(&b->mu);
-    while (!b->done && timed_wait(&b->cv, &b->mu, deadline))
+    while (!b->done && kvf__cond_wait_until(&b->cv, &b->mu, deadline))
         ;
     pthread_mutex_unlock(&b->mu);
     return kvf_batch_status(b, NULL, 0);
@@ -614,7 +597,7 @@ int kvf__notify_deliver(void *engine, const char *sender, const void *msg, size_
     uint64_t deadline = kvf__now_ms() + NOTIFY_ROOM_WAIT_MS;
     pthread_mutex_lock(&a->nlock);
     while (a->ncount >= e->cfg.notify_queue_max) {
-        if (kvf__eng_closing(e) || !timed_wait(&a->nroom, &a->nlock, deadline)) {
+        if (kvf__eng_closing(e) || !kvf__cond_wait_until(&a->nroom, &a->nlock, deadline)) {
             pthread_mutex_unlock(&a->nlock);
             free(nt);
             if (kvf__eng_closing(e))
@@ -686,7 +669,7 @@ int kvf_notify_wait(kvf_engine_t *e, kvf_notify_t *out, size_t max, int timeout_
             rc = kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid);
             break;
         }
-        if (!timed_wait(&a->ncond, &a->nlock, deadline))
+        if (!kvf__cond_wait_until(&a->ncond, &a->nlock, deadline))
             break;
     }
     pthread_mutex_unlock(&a->nlock);
@@ -851,7 +834,7 @@ int kvf_peer_events(kvf_engine_t *e, kvf_peer_event_t *out, size_t max, int time
             rc = kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid);
             break;
         }
-        if (!timed_wait(&a->pcond, &a->plock, deadline))
+        if (!kvf__cond_wait_until(&a->pcond, &a->plock, deadline))
             break;
     }
     pthread_mutex_unlock(&a->plock);

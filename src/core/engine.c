@@ -31,8 +31,10 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/host.h"
+#include "common/thread.h"
 #include "common/url.h"
-#include "core/regions.h"
+#include "common/regions.h"
 #include "transport/transport.h"
 #include "core/engine_internal.h"
 

@@ -13,14 +13,13 @@
 #include <stdint.h>
 
 #include "common/url.h"
-#include "core/regions.h"
+#include "common/regions.h"
 #include "kvferry.h"
 #include "transport/transport.h"
 
 #define ENG_LOG "engine"
-#define ENG_SID_MAX (KVF_HOST_MAX + 8)
 #define ENG_NS_MAX 64
-#define ENG_KEY_MAX (ENG_SID_MAX + ENG_NS_MAX + 64)
+#define ENG_KEY_MAX (KVF_SESSION_ID_MAX + ENG_NS_MAX + 64)
 /* Elements in one batch: a batch is described in memory the caller owns, but the engine and the
  * transport walk it several times; a bound keeps a mistaken count from running for hours. */
 #define ENG_MAX_BATCH (1u << 20)
@@ -39,7 +38,7 @@ typedef enum { ENG_VIA_TCP, ENG_VIA_SHM, ENG_VIA_LOOP } eng_via_t;
 
 typedef struct eng_peer {
     struct eng_peer *next;
-    char sid[ENG_SID_MAX];
+    char sid[KVF_SESSION_ID_MAX];
     /* The path to the peer. Transfers hold @sel shared while they use @via/@tops/@tp; choosing
      * the path again (after the peer process went away, see @reselect) holds it exclusive, so
      * a handle is never closed under a running transfer. */
@@ -64,7 +63,7 @@ typedef struct eng_order {
     uint64_t done;     /* every number up to this one is settled (sent or skipped) */
     uint64_t *later;   /* numbers above done + 1 already settled, sorted */
     size_t nlater, cap;
-    char sid[ENG_SID_MAX];
+    char sid[KVF_SESSION_ID_MAX];
 } eng_order_t;
 
 /* A notification received, waiting for kvf_notify_poll(). */
@@ -119,7 +118,7 @@ typedef struct {
 } eng_async_t;
 
 struct kvf_engine {
-    char sid[ENG_SID_MAX];
+    char sid[KVF_SESSION_ID_MAX];
     char ns[ENG_NS_MAX + 1];
     char session_key[ENG_KEY_MAX];
     char regions_key[ENG_KEY_MAX];

@@ -44,6 +44,7 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/thread.h"
 #include "common/url.h"
 #include "common/wire.h"
 #include "store/proto.h"
@@ -203,9 +204,8 @@ struct kvf_store {
 /* A key or prefix as shown in messages: at most 64 bytes, non-printable bytes as '?'. */
 static const char *cli_show(char *buf, size_t n, const char *s, size_t len)
 {
-    size_t max = n - 4, o = 0;
-    for (size_t i = 0; i < len && o < max && i < 64; i++)
-        buf[o++] = (s[i] >= 0x20 && s[i] < 0x7f) ? s[i] : '?';
+    size_t max = n - 4 < 64 ? n - 4 : 64;
+    size_t o = strlen(kvf__printable(buf, max + 1, s, len));
     if (o < len) {
         memcpy(buf + o, "...", 3);
         o += 3;
@@ -728,7 +728,7 @@ static void cli_set_dead_peer_opts(const kvf_store_t *st, int fd)
 static int cli_connect_addr(kvf_store_t *st, const struct addrinfo *ai, uint64_t deadline_ms,
                             bool interruptible, char *why, size_t whylen)
 {
-    char hp[KVF_HOST_MAX + 8];
+    char hp[KVF_SESSION_ID_MAX];
     kvf__hostport_format(&st->addr.hosts[0], hp, sizeof(hp));
     int rc = -KVF_ESTOREDOWN;
     int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -889,10 +889,7 @@ static int cli_decode_answer(cli_req_t *rq, uint16_t status, const uint8_t *body
                      rq->op);
             return -KVF_EPROTO;
         }
-        size_t o = 0;
-        for (size_t i = 0; i < len && o + 1 < sizeof(rq->msg); i++)
-            rq->msg[o++] = (p[i] >= 0x20 && p[i] < 0x7f) ? (char)p[i] : '?';
-        rq->msg[o] = '\0';
+        kvf__printable(rq->msg, sizeof(rq->msg), p, len);
         rq->err = kvf__store_status_to_err(status);
         return 0;
     }
@@ -1796,11 +1793,7 @@ int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **
     pthread_mutex_unlock(&st->mu);
 
     /* The I/O thread takes no signals: they belong to the application's threads. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    rc = -pthread_create(&st->io, NULL, cli_io_main, st);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    rc = kvf__thread_start(&st->io, "kvf-store-io", 0, cli_io_main, st);
     if (rc < 0) {
         rc = kvf__err(rc, "store %s: cannot start the I/O thread: %s", url, kvf_strerror(rc));
         pthread_mutex_lock(&st->mu);

@@ -42,6 +42,7 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/thread.h"
 #include "common/net.h"
 #include "common/url.h"
 #include "common/wire.h"
@@ -183,7 +184,7 @@ struct srv_conn {
     bool overflow;   /* an event or woken answer was dropped: over the output cap; close it */
     bool held;       /* conn_parse stopped on SRV_OUT_PAUSE_READ; resume when output drains */
     uint32_t events; /* current epoll interest */
-    char peer[KVF_HOST_MAX + 8];
+    char peer[KVF_SESSION_ID_MAX];
 
     uint8_t *in; /* received bytes not yet consumed: complete frames, then at most one partial */
     size_t in_len, in_cap;
@@ -1569,7 +1570,7 @@ static void accept_all(struct kvf_store_server *srv)
             /* One warning per second at most: a flood of refusals must not flood the log. */
             srv->refused_since_log++;
             if (srv->now_ms >= srv->refused_log_ms + 1000) {
-                char peer[KVF_HOST_MAX + 8];
+                char peer[KVF_SESSION_ID_MAX];
                 sockaddr_format(&ss, peer, sizeof(peer));
                 KVF_WARN(SRV_LOG, "refusing connection from %s: %u clients connected (%u refused)",
                          peer, KVF_STORE_MAX_CLIENTS, srv->refused_since_log);
@@ -1736,7 +1737,7 @@ static int url_from_socket(struct kvf_store_server *srv, const char *url)
 {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
-    char hp[KVF_HOST_MAX + 8];
+    char hp[KVF_SESSION_ID_MAX];
 
     if (getsockname(srv->listen_fd, (struct sockaddr *)&ss, &sl) < 0)
         return kvf__err(-errno, "store listen %s: getsockname: %s", url, strerror(errno));
@@ -1755,7 +1756,6 @@ int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out)
 {
     kvf_store_url_t u;
     struct kvf_store_server *srv;
-    sigset_t all, old;
     int rc;
 
     if (!out)
@@ -1822,10 +1822,7 @@ int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out)
 
     /* The loop thread blocks every signal, so that SIGINT/SIGTERM reach the application's
      * handler (which may call kvf_store_server_shutdown()) on its own threads. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    rc = -pthread_create(&srv->thread, NULL, loop_main, srv);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    rc = kvf__thread_start(&srv->thread, "kvf-store-srv", 0, loop_main, srv);
     if (rc < 0) {
         rc = kvf__err(rc, "store listen %s: pthread_create: %s", listen_url, strerror(-rc));
         goto out_destroy_cond;

@@ -54,6 +54,8 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/host.h"
+#include "common/thread.h"
 #include "transport/transport.h"
 
 #define SHM_LOG "shm"
@@ -61,7 +63,6 @@
 #define SHM_IOV_MAX 1024
 /* Elements described on the stack; longer runs use a heap array of SHM_IOV_MAX. */
 #define SHM_IOV_STACK 16
-#define SHM_SID_MAX (KVF_HOST_MAX + 8)
 /* Test hook: when set (non-empty, not "0"), every probe fails, so a same-host pair must fall
  * back to tcp. Documented in docs/architecture.md. */
 #define SHM_PROBE_FAIL_ENV "KVFERRY_SHM_PROBE_FAIL"
@@ -104,7 +105,7 @@ typedef struct {
 } shm_export_t;
 
 struct shm_transport {
-    char local_sid[SHM_SID_MAX];
+    char local_sid[KVF_SESSION_ID_MAX];
     kvf_region_table_t *regions;
     /* kvf_mem_alloc memory, by address. Held while an fd is being sent, so the engine's close
      * after kvf__shm_unexport() never races with a send. */
@@ -146,7 +147,7 @@ typedef struct {
 
 struct shm_peer {
     struct shm_transport *t; /* for the copy pool */
-    char sid[SHM_SID_MAX];
+    char sid[KVF_SESSION_ID_MAX];
     pid_t pid;
     uint64_t word_addr;
     uint64_t nonce;
@@ -169,71 +170,6 @@ static struct shm_transport *shm_of(kvf_transport_t *t)
 static struct shm_peer *shm_peer_of(kvf_tpeer_t *p)
 {
     return (struct shm_peer *)(void *)p;
-}
-
-/* ---- host identity (shared with the core) ------------------------------------------------- */
-
-static char shm_boot_id[40];
-static pthread_once_t shm_boot_once = PTHREAD_ONCE_INIT;
-
-static void shm_boot_id_read(void)
-{
-    int fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return;
-    ssize_t n = read(fd, shm_boot_id, sizeof(shm_boot_id) - 1);
-    close(fd);
-    if (n <= 0) {
-        shm_boot_id[0] = '\0';
-        return;
-    }
-    shm_boot_id[n] = '\0';
-    shm_boot_id[strcspn(shm_boot_id, "\n")] = '\0';
-}
-
-const char *kvf__host_boot_id(void)
-{
-    pthread_once(&shm_boot_once, shm_boot_id_read);
-    return shm_boot_id;
-}
-
-static char shm_net_ns[40];
-static pthread_once_t shm_net_once = PTHREAD_ONCE_INIT;
-
-static void shm_net_ns_read(void)
-{
-    ssize_t n = readlink("/proc/self/ns/net", shm_net_ns, sizeof(shm_net_ns) - 1);
-    shm_net_ns[n > 0 ? n : 0] = '\0';
-}
-
-const char *kvf__host_net_ns(void)
-{
-    pthread_once(&shm_net_once, shm_net_ns_read);
-    return shm_net_ns;
-}
-
-int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen)
-{
-    (void)p;
-    (void)gen;
-    return -KVF_ENOTSUP;
-}
-
-int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len,
-                                  uint64_t deadline_ms)
-{
-    (void)p;
-    (void)msg;
-    (void)len;
-    (void)deadline_ms;
-    return -KVF_ENOTSUP;
-}
-
-void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n)
-{
-    (void)p;
-    (void)rs;
-    (void)n;
 }
 
 /* ---- the memfd socket: target side ------------------------------------------------------- */
@@ -405,7 +341,8 @@ static void shm_fd_listen(struct shm_transport *t, const char *name)
     t->wake = eventfd(0, EFD_CLOEXEC);
     if (t->lfd < 0 || t->wake < 0 ||
         bind(t->lfd, (struct sockaddr *)&sa, shm_sock_addr(name, &sa)) < 0 ||
-        listen(t->lfd, 64) < 0 || pthread_create(&t->thread, NULL, shm_fd_serve, t) != 0) {
+        listen(t->lfd, 64) < 0 ||
+        kvf__thread_start(&t->thread, "kvf-shm-fd", 0, shm_fd_serve, t) != 0) {
         KVF_WARN(SHM_LOG, "%s: cannot serve memfds on @%s (%s): kvf_mem_alloc memory is written "
                           "with process_vm_writev",
                  t->local_sid, name, strerror(errno));
@@ -484,15 +421,11 @@ static unsigned shm_pool_start(struct shm_transport *t)
 {
     pthread_mutex_lock(&t->pool_lock);
     while (!t->pool_failed && t->nworkers + 1 < t->copy_threads) {
-        sigset_t all, old;
-        sigfillset(&all);
-        pthread_sigmask(SIG_SETMASK, &all, &old);
-        int rc = pthread_create(&t->workers[t->nworkers], NULL, shm_copy_worker, t);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        int rc = kvf__thread_start(&t->workers[t->nworkers], "kvf-shm-copy", 0, shm_copy_worker, t);
         if (rc != 0) {
             t->pool_failed = true;
             KVF_WARN(SHM_LOG, "%s: copy thread: pthread_create: %s (copying with %u threads)",
-                     t->local_sid, strerror(rc), t->nworkers + 1);
+                     t->local_sid, strerror(-rc), t->nworkers + 1);
             break;
         }
         t->nworkers++;

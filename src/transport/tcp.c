@@ -46,10 +46,11 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/thread.h"
 #include "common/net.h"
 #include "common/url.h"
 #include "common/wire.h"
-#include "core/regions.h"
+#include "common/regions.h"
 #include "transport/transport.h"
 
 #define TCP_LOG "tcp"
@@ -112,7 +113,7 @@
 /* Size of the buffer a refused WRITE's payload (or an unwanted answer) is drained into. */
 #define TCP_SCRATCH_LEN (64u << 10)
 #define TCP_ERRMSG_LEN  (KVF_TCP_MAX_MSG + 512)
-#define TCP_ADDR_LEN    (KVF_HOST_MAX + 8)
+#define TCP_ADDR_LEN    KVF_SESSION_ID_MAX
 
 _Static_assert((1u << TCP_SLOT_BITS) == KVF_TCP_MAX_INFLIGHT, "slot index bits");
 
@@ -728,10 +729,7 @@ static void *tcp_sconn_main(void *arg)
                 break;
             }
             /* The session id is for the log only; keep it printable. */
-            for (size_t i = 0; i < h.len; i++)
-                if (sid[i] < 0x20 || sid[i] > 0x7e)
-                    sid[i] = '?';
-            sid[h.len] = '\0';
+            kvf__printable(sid, (size_t)h.len + 1, sid, (size_t)h.len);
             KVF_DEBUG(TCP_LOG, "hello from %s at %s", sid, sc->addr);
             /* A longer one is no session id; it is kept cut (for the log) all the same. */
             size_t keep = strnlen(sid, sizeof(sc->peer_sid) - 1);
@@ -888,14 +886,11 @@ static void tcp_accept_one(struct tcp_transport *t)
                  KVF_TCP_MAX_CONNS);
         goto out_free;
     }
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setstacksize(&attr, 256u << 10);
-    int rc = pthread_create(&sc->thread, &attr, tcp_sconn_main, sc);
-    pthread_attr_destroy(&attr);
+    int rc = kvf__thread_start(&sc->thread, "kvf-tcp-serve", KVF_THREAD_SMALL_STACK,
+                               tcp_sconn_main, sc);
     if (rc) {
         pthread_mutex_unlock(&t->mu);
-        KVF_WARN(TCP_LOG, "refusing connection from %s: thread: %s", addr, strerror(rc));
+        KVF_WARN(TCP_LOG, "refusing connection from %s: thread: %s", addr, strerror(-rc));
         goto out_free;
     }
     sc->next = t->sconns;
@@ -1004,7 +999,7 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
         rc = kvf__err(-errno, "tcp create: eventfd: %s", strerror(errno));
         goto out_listen;
     }
-    rc = -pthread_create(&t->accept_thread, NULL, tcp_accept_main, t);
+    rc = kvf__thread_start(&t->accept_thread, "kvf-tcp-accept", 0, tcp_accept_main, t);
     if (rc) {
         rc = kvf__err(rc, "tcp create: accept thread: %s", strerror(-rc));
         goto out_wake;
@@ -1232,10 +1227,7 @@ static int tcp_rx_one(struct tcp_conn *c, char *why, size_t whylen, const struct
             snprintf(why, whylen, "%s", kvf_strerror(rc));
             return -1;
         }
-        msg[h.len] = '\0';
-        for (size_t i = 0; i < h.len; i++)
-            if ((unsigned char)msg[i] < 0x20 || msg[i] == 0x7f)
-                msg[i] = '?';
+        kvf__printable(msg, (size_t)h.len + 1, msg, (size_t)h.len);
         int code = h.status < 65536 ? -(int)h.status : -KVF_EPROTO;
         pthread_mutex_lock(&p->mu);
         if (s->req_id == h.req_id) {
@@ -1528,10 +1520,11 @@ static int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
         c->rx_active = -1;
         c->reader = TCP_READER_NONE;
         c->inline_b = NULL;
-        int prc = pthread_create(&c->rx_thread, NULL, tcp_rx_main, c);
+        int prc = kvf__thread_start(&c->rx_thread, "kvf-tcp-rx", KVF_THREAD_SMALL_STACK,
+                                    tcp_rx_main, c);
         if (prc) {
-            snprintf(why, sizeof(why), "receiver thread: %s", strerror(prc));
-            rc = -prc;
+            snprintf(why, sizeof(why), "receiver thread: %s", strerror(-prc));
+            rc = prc;
             c->fd = -1;
             c->gen++;
             close(c->wake_fd);
@@ -1735,17 +1728,6 @@ static int tcp_send_lock(struct tcp_conn *c, uint64_t deadline_ms)
 #endif
 }
 
-/* Wait on @cv (under peer->mu) until @deadline_ms. Returns false at the deadline. */
-static bool tcp_wait(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t deadline_ms)
-{
-    if (kvf__now_ms() >= deadline_ms)
-        return false;
-    struct timespec ts;
-    kvf__deadline_ts(&ts, deadline_ms);
-    pthread_cond_timedwait(cv, mu, &ts);
-    return true;
-}
-
 /*
  * Post one chunk: find a usable connection and a free slot on it, register the request in the
  * slot (so the receiver can complete it), and send its frame from the caller's memory.
@@ -1781,7 +1763,7 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
         }
         /* Connecting by another thread, or every slot in use: wait for a change. */
         c->waiters++;
-        bool more = tcp_wait(&c->cv, &p->mu, deadline_ms);
+        bool more = kvf__cond_wait_until(&c->cv, &p->mu, deadline_ms);
         c->waiters--;
         if (!more) {
             tcp_batch_fail(b, -KVF_ETIMEDOUT,
@@ -2007,7 +1989,7 @@ static int tcp_batch_end(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadl
             tcp_read_inline(ic, b, deadline_ms);
             continue;
         }
-        if (!tcp_wait(&b->cv, &p->mu, deadline_ms)) {
+        if (!kvf__cond_wait_until(&b->cv, &p->mu, deadline_ms)) {
             tcp_batch_fail(b, -KVF_ETIMEDOUT,
                            "tcp transfer to %s: timed out with %zu "
                            "request(s) unanswered",

@@ -18,7 +18,8 @@
 #include <stdint.h>
 
 #include "common/url.h"
-#include "core/regions.h"
+#include "common/host.h"
+#include "common/regions.h"
 #include "kvferry.h"
 
 typedef struct kvf_transport kvf_transport_t; /* one per engine and transport kind */
@@ -33,8 +34,10 @@ typedef struct {
     const char *sid;         /* the peer's session id, for logs */
     kvf_hostport_t addr;     /* where it listens */
     int32_t pid;             /* its process id; 0 = not published */
-    char boot_id[40];        /* /proc/sys/kernel/random/boot_id of its host; "" = not published */
-    char net_ns[40];         /* its network namespace, "net:[inode]"; "" = not published */
+    char boot_id[KVF_HOST_ID_MAX]; /* /proc/sys/kernel/random/boot_id of its host;
+                                      "" = not published */
+    char net_ns[KVF_HOST_ID_MAX];  /* its network namespace, "net:[inode]"; "" = not
+                                      published */
     bool offers_shm;         /* "shm" is among the transports it offers */
     uint64_t shm_word_addr;  /* address of its kvf_shm_word_t, 0 = not published */
     uint64_t shm_nonce;      /* the nonce that word must hold: tells a restarted or reused pid */
@@ -177,13 +180,5 @@ const char *kvf__shm_memfd_sock(const kvf_transport_t *t);
 extern const struct kvf_transport_ops kvf__tcp_ops;
 /* Same-host peers: process_vm_writev/readv into the target's registered memory (shm.c). */
 extern const struct kvf_transport_ops kvf__shm_ops;
-
-/* This host's boot id (36 characters + NUL), read once; "" if it cannot be read. */
-const char *kvf__host_boot_id(void);
-/* This process's network namespace as "net:[inode]", read once; "" if it cannot be read.
- * Engines in different network namespaces are treated as different hosts (that is how the
- * tests build "two hosts" on one machine, and how containers with their own network usually
- * look), even when their memory would be reachable. */
-const char *kvf__host_net_ns(void);
 
 #endif /* KVF_TRANSPORT_H */

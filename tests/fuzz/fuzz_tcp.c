@@ -20,7 +20,7 @@
 
 #include "common/common.h"
 #include "common/wire.h"
-#include "core/regions.h"
+#include "common/regions.h"
 #include "fuzz.h"
 #include "transport/transport.h"
 

@@ -12,8 +12,8 @@
  * reference is held. kvf__regions_acquire() and kvf__regions_release() are the hot path: they take
  * a shared lock and touch one atomic counter, and never allocate.
  */
-#ifndef KVF_CORE_REGIONS_H
-#define KVF_CORE_REGIONS_H
+#ifndef KVF_COMMON_REGIONS_H
+#define KVF_COMMON_REGIONS_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -106,4 +106,4 @@ int kvf__regions_snapshot(kvf_region_table_t *t, kvf_region_t **out, size_t *n,
  */
 int kvf__regions_check(const kvf_region_t *sorted, size_t n, uint64_t addr, uint64_t len);
 
-#endif /* KVF_CORE_REGIONS_H */
+#endif /* KVF_COMMON_REGIONS_H */

@@ -23,7 +23,8 @@
 #include <time.h>
 
 #include "common/common.h"
-#include "core/regions.h"
+#include "common/thread.h"
+#include "common/regions.h"
 
 #define SUBSYS "regions"
 
