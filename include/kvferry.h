@@ -364,7 +364,7 @@ KVF_API int kvf_role_parse(const char *s, kvf_role_t *out);
 /** kvf_role_name - "Prefill", "Decode", "Both", or "?" for other values. */
 KVF_API const char *kvf_role_name(kvf_role_t role);
 
-/** Data-path transports. AUTO picks the best the peer supports (today: tcp). */
+/** Data-path transports. AUTO picks, per peer, the first path that can reach it. */
 typedef enum {
     KVF_TRANSPORT_AUTO = 0, /* loop (same process) → shm (same host) → tcp, per peer */
     KVF_TRANSPORT_TCP = 1,  /* tcp only; the engine also stops offering shm to its peers */
@@ -414,8 +414,9 @@ KVF_API void kvf_config_init(kvf_config_t *cfg);
  * @session_id: "ip:port" this engine listens on and is known by; port 0 picks a free port (read
  *              the result with kvf_engine_session_id()). The ip must be an address of this host.
  * @role:       KVF_ROLE_PREFILL, KVF_ROLE_DECODE or KVF_ROLE_BOTH.
- * @device_id:  the seed's npu id; on CPU hosts it selects the NUMA node of memory kvferry
- *              allocates and is otherwise only published. Must be >= 0.
+ * @device_id:  the seed's npu id (MemFabric's device number). On CPU hosts every buffer is host
+ *              memory and the id selects nothing: it is only published in the session record
+ *              (a device memory kind, when one is built, will use it). Must be >= 0.
  * @cfg:        NULL for the defaults.
  * @out:        receives the engine.
  * The engine is ready when this returns: its record is published and peers can reach it.
