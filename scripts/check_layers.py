@@ -155,7 +155,7 @@ def strongly_connected(graph):
     return out
 
 
-def check_objects(build_dir):
+def check_objects(src_dir, build_dir):
     errors = []
     objs = {}
     for d in OBJECT_DIRS:
@@ -167,7 +167,9 @@ def check_objects(build_dir):
                     src = source_of(base, path)
                     if d.startswith("python/"):
                         src = "python/" + src
-                    objs[src] = object_symbols(path)
+                    # An object left by a source file since deleted is not part of the build.
+                    if os.path.isfile(os.path.join(src_dir, src)):
+                        objs[src] = object_symbols(path)
     if not objs:
         return ["%s: no object files of the library; build first" % build_dir]
     definer = {}
@@ -213,7 +215,7 @@ def main(argv):
         return 2
     errors = check_sources(argv[1])
     if len(argv) == 3:
-        errors += check_objects(argv[2])
+        errors += check_objects(argv[1], argv[2])
     for e in errors:
         print("check_layers: " + e)
     if errors:
