@@ -47,29 +47,8 @@
 #include "common/thread.h"
 #include "common/url.h"
 #include "common/wire.h"
+#include "store/limits.h"
 #include "store/proto.h"
-
-#define CLI_DEFAULT_CONNECT_TIMEOUT_MS 10000u
-#define CLI_DEFAULT_REQUEST_TIMEOUT_MS 5000u
-/* Reconnect backoff: the first attempt after a loss is immediate, then 50 ms doubling to 1 s. */
-#define CLI_BACKOFF_MIN_MS 50u
-#define CLI_BACKOFF_MAX_MS 1000u
-/* Bound on one connection attempt, so a black-holed address cannot stall the I/O thread. */
-#define CLI_ATTEMPT_MAX_MS 2000u
-/* kvf_store_close() revokes live leases within this time, all together. */
-#define CLI_CLOSE_REVOKE_MS 500u
-/* Floor of TCP_USER_TIMEOUT (otherwise request_timeout_ms), see cli_set_dead_peer_opts(). */
-#define CLI_TCP_USER_TIMEOUT_MIN_MS 1000u
-/* After a failed re-grant, the next attempt waits this long. */
-#define CLI_REGRANT_RETRY_MS 1000u
-#define CLI_REQ_BUCKETS 64u
-#define CLI_MSG_MAX 256
-#define CLI_WHAT_MAX 192
-#define CLI_READ_CHUNK (64u << 10)
-/* Input/output buffers larger than this are freed once empty rather than kept for reuse. */
-#define CLI_BUF_KEEP_MAX (1u << 20)
-/* Reads per wake-up before the I/O thread looks at its timers and output again. */
-#define CLI_READ_ROUNDS 16
 
 typedef enum {
     CLI_DOWN,      /* no connection; the I/O thread is reconnecting */

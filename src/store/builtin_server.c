@@ -46,36 +46,11 @@
 #include "common/net.h"
 #include "common/url.h"
 #include "common/wire.h"
+#include "store/limits.h"
 #include "store/proto.h"
 #include "store/server_internal.h"
 
 #define SRV_LOG "store"
-
-/* Environment variable that overrides KVF_STORE_PARTIAL_FRAME_TIMEOUT_MS, read at server start
- * (tests use a short value). */
-#define SRV_PARTIAL_TIMEOUT_ENV "KVFERRY_STORE_PARTIAL_FRAME_TIMEOUT_MS"
-#define SRV_PARTIAL_TIMEOUT_MAX_MS (24u * 3600u * 1000u)
-
-/* Input buffer: small by default so that thousands of idle clients cost little; grown to the
- * size of one validated frame when needed, and shrunk back afterwards. */
-#define SRV_IN_MIN 4096u
-#define SRV_IN_KEEP (64u << 10)
-/* Output buffers larger than this are released once drained. */
-#define SRV_OUT_KEEP (1u << 20)
-/* Stop executing (and reading) requests from a client while more than this much of its output is
- * unsent: a client that pipelines requests without reading answers is slowed down instead of
- * growing the server. Checked before each request, so one answer may go past it. Watch events and
- * woken get-with-wait answers can still push it up to KVF_STORE_MAX_OUTPUT_BYTES. */
-#define SRV_OUT_PAUSE_READ (8u << 20)
-/* Fairness: at most this many recv() calls for one connection per loop iteration. */
-#define SRV_READS_PER_EVENT 16
-#define SRV_ACCEPTS_PER_EVENT 64
-#define SRV_EPOLL_EVENTS 64
-/* After accept() runs out of fds or memory, stop accepting for this long instead of spinning on
- * a listening socket that stays readable. */
-#define SRV_ACCEPT_PAUSE_MS 100u
-/* Error-answer messages are short; longer ones are truncated. */
-#define SRV_ERRMSG_MAX 256
 
 #define SRV_CONTAINER(ptr, type, member) ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
 
