@@ -1,37 +1,15 @@
 /*
- * The built-in config store server (tcp://): an in-memory key-value map served by one thread
- * running a single-threaded, level-triggered epoll loop. The wire protocol is in proto.h and
- * docs/protocol.md.
- *
- * Everything below the public functions runs on the loop thread only, so nothing needs a lock.
- * Three rules keep the loop safe:
- *  - Every byte from a socket is untrusted. A frame header is validated before anything is
- *    allocated for its body; a violation closes that one connection.
- *  - A connection is only closed ("killed") at a safe point: while reading its own input, in the
- *    timer pass, or while flushing output. Handlers that append answers or events to other
- *    connections never close anything, because they may be iterating a list (watches, waiters)
- *    that closing would change. Such an append that would take the connection's unsent output
- *    past KVF_STORE_MAX_OUTPUT_BYTES is dropped and flags the connection ("overflow"); the flush
- *    pass closes it.
- *  - Output bounds: a connection's own requests stop being executed (and read) while more than
- *    SRV_OUT_PAUSE_READ of its output is unsent; they resume from the flush path as it drains.
- *    So unsent output is at most KVF_STORE_MAX_OUTPUT_BYTES, plus one answer.
- *  - A killed connection's fd is closed and its waiters and watches are detached at once, but its
- *    memory lives until the end of the loop iteration ("zombie"), because later events returned
- *    by the same epoll_wait() may still point at it.
+ * The built-in config store server (tcp://): op handlers, connections, the loop, start and stop.
+ * The structures and the files below this one are described in server.h.
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <inttypes.h>
-#include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
 #include <search.h>
 #include <stdatomic.h>
-#include <signal.h>
-#include <stdbool.h>
-#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,620 +19,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "common/common.h"
-#include "common/thread.h"
 #include "common/net.h"
-#include "common/url.h"
-#include "common/wire.h"
-#include "store/limits.h"
-#include "store/proto.h"
+#include "common/thread.h"
+#include "store/server.h"
 #include "store/server_internal.h"
-
-#define SRV_LOG "store"
-
-#define SRV_CONTAINER(ptr, type, member) ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
-
-/* ---- intrusive doubly-linked lists ----------------------------------------------------------- */
-
-struct srv_link {
-    struct srv_link *prev, *next;
-};
-
-static void link_init(struct srv_link *h)
-{
-    h->prev = h->next = h;
-}
-
-static bool link_empty(const struct srv_link *h)
-{
-    return h->next == h;
-}
-
-static void link_add_tail(struct srv_link *h, struct srv_link *n)
-{
-    n->prev = h->prev;
-    n->next = h;
-    h->prev->next = n;
-    h->prev = n;
-}
-
-static void link_del(struct srv_link *n)
-{
-    n->prev->next = n->next;
-    n->next->prev = n->prev;
-    n->prev = n->next = n;
-}
-
-/* ---- data structures ------------------------------------------------------------------------- */
-
-/* A key as the tsearch() comparators see it. It is the first member of every struct kept in a
- * key-ordered tree, so a pointer to such a struct is also a pointer to its srv_keyref. */
-struct srv_keyref {
-    const uint8_t *key;
-    uint32_t klen;
-};
-
-enum srv_timer_kind {
-    SRV_TIMER_WAITER,  /* get-with-wait deadline */
-    SRV_TIMER_LEASE,   /* lease expiry */
-    SRV_TIMER_PARTIAL, /* partial-frame timeout of a connection */
-};
-
-#define SRV_TIMER_IDLE SIZE_MAX
-
-/* An entry of the deadline min-heap, embedded in the object it times. */
-struct srv_timer {
-    uint64_t deadline_ms;
-    size_t idx; /* position in the heap, SRV_TIMER_IDLE when not armed */
-    enum srv_timer_kind kind;
-};
-
-struct srv_lease {
-    uint64_t id; /* first member: the lease tree compares ids */
-    uint32_t ttl_ms;
-    struct srv_timer timer;
-    struct srv_link keys; /* srv_entry.lease_link */
-};
-
-struct srv_entry {
-    struct srv_keyref k; /* first member, see srv_keyref */
-    uint8_t *val;        /* NULL when vlen is 0 */
-    uint32_t vlen;
-    struct srv_lease *lease;
-    struct srv_link lease_link;
-    uint8_t key[];
-};
-
-struct srv_conn;
-
-/* The get-with-wait requests pending on one absent key. */
-struct srv_waitkey {
-    struct srv_keyref k; /* first member, see srv_keyref */
-    struct srv_link waiters; /* srv_waiter.key_link */
-    uint8_t key[];
-};
-
-struct srv_waiter {
-    struct srv_conn *conn;
-    uint32_t req_id;
-    struct srv_timer timer;
-    struct srv_waitkey *wk;
-    struct srv_link key_link;
-    struct srv_link conn_link;
-};
-
-struct srv_watch {
-    uint64_t id;
-    struct srv_conn *conn;
-    struct srv_link all_link;  /* kvf_store_server.watches */
-    struct srv_link conn_link; /* srv_conn.watches */
-    uint32_t plen;
-    uint8_t prefix[];
-};
-
-struct srv_conn {
-    int fd;
-    bool dead;
-    bool dirty;      /* on the server's dirty list: has output to flush */
-    bool overflow;   /* an event or woken answer was dropped: over the output cap; close it */
-    bool held;       /* conn_parse stopped on SRV_OUT_PAUSE_READ; resume when output drains */
-    uint32_t events; /* current epoll interest */
-    char peer[KVF_SESSION_ID_MAX];
-
-    uint8_t *in; /* received bytes not yet consumed: complete frames, then at most one partial */
-    size_t in_len, in_cap;
-    kvf_buf_t out; /* answers and events; bytes [out_off, out.len) are unsent */
-    size_t out_off;
-    struct srv_timer partial;
-
-    struct srv_link waiters; /* srv_waiter.conn_link */
-    unsigned nwaiters;
-    struct srv_link watches; /* srv_watch.conn_link */
-    unsigned nwatches;
-    uint64_t last_watch_id;
-
-    struct srv_link link;       /* kvf_store_server.conns, or .zombies once dead */
-    struct srv_link dirty_link; /* kvf_store_server.dirty */
-};
-
-struct kvf_store_server {
-    char url[KVF_HOST_MAX + 16];
-    int listen_fd;
-    int epfd;
-    int evfd; /* written by kvf_store_server_shutdown() */
-    pthread_t thread;
-
-    pthread_mutex_t mu; /* guards done and loop_rc, for kvf_store_server_wait() */
-    pthread_cond_t cond;
-    bool done;
-    int loop_rc;
-
-    /* Loop-thread state from here on. */
-    uint64_t now_ms; /* refreshed after every epoll_wait() */
-    uint64_t partial_timeout_ms;
-
-    void *kv_root;      /* tsearch tree of srv_entry, byte order of keys */
-    void *waitkey_root; /* tsearch tree of srv_waitkey */
-    void *lease_root;   /* tsearch tree of srv_lease, by id */
-    uint64_t next_lease_id;
-
-    struct srv_timer **heap;
-    size_t heap_len, heap_cap;
-
-    struct srv_link conns;
-    struct srv_link zombies;
-    struct srv_link dirty;
-    struct srv_link watches; /* every watch of every connection */
-    unsigned nconns;
-    bool stopping; /* closing every connection: held requests are not resumed */
-    _Atomic unsigned nwaiters; /* get-with-wait requests parked, all connections */
-
-    bool accept_paused;
-    uint64_t accept_resume_ms;
-    uint64_t refused_log_ms; /* rate limit for "too many clients" warnings */
-    unsigned refused_since_log;
-};
-
-/* The request being answered. */
-struct srv_req {
-    uint8_t op;
-    uint32_t req_id;
-};
-
-static const char *srv_op_name(unsigned op)
-{
-    static const char *const names[] = {
-        [KVF_STORE_OP_PING] = "ping",
-        [KVF_STORE_OP_SET] = "set",
-        [KVF_STORE_OP_GET] = "get",
-        [KVF_STORE_OP_DEL] = "del",
-        [KVF_STORE_OP_CAS] = "cas",
-        [KVF_STORE_OP_ADD] = "add",
-        [KVF_STORE_OP_LIST] = "list",
-        [KVF_STORE_OP_WATCH] = "watch",
-        [KVF_STORE_OP_UNWATCH] = "unwatch",
-        [KVF_STORE_OP_LEASE_GRANT] = "lease_grant",
-        [KVF_STORE_OP_LEASE_KEEPALIVE] = "lease_keepalive",
-        [KVF_STORE_OP_LEASE_REVOKE] = "lease_revoke",
-    };
-    if (op < KVF__ARRAY_SIZE(names) && names[op])
-        return names[op];
-    return "?";
-}
-
-/* ---- comparators ----------------------------------------------------------------------------- */
-
-static int srv_key_cmp(const void *a, const void *b)
-{
-    const struct srv_keyref *x = a, *y = b;
-    uint32_t n = x->klen < y->klen ? x->klen : y->klen;
-    int c = n ? memcmp(x->key, y->key, n) : 0;
-    if (c)
-        return c;
-    return (x->klen > y->klen) - (x->klen < y->klen);
-}
-
-static int srv_lease_cmp(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return (x > y) - (x < y);
-}
-
-/* ---- timers: a binary min-heap of deadlines -------------------------------------------------- */
-
-static void timer_init(struct srv_timer *t, enum srv_timer_kind kind)
-{
-    t->deadline_ms = 0;
-    t->idx = SRV_TIMER_IDLE;
-    t->kind = kind;
-}
-
-static bool timer_armed(const struct srv_timer *t)
-{
-    return t->idx != SRV_TIMER_IDLE;
-}
-
-static void heap_place(struct kvf_store_server *srv, size_t i, struct srv_timer *t)
-{
-    srv->heap[i] = t;
-    t->idx = i;
-}
-
-static void heap_sift_up(struct kvf_store_server *srv, size_t i)
-{
-    struct srv_timer *t = srv->heap[i];
-    while (i > 0) {
-        size_t parent = (i - 1) / 2;
-        if (srv->heap[parent]->deadline_ms <= t->deadline_ms)
-            break;
-        heap_place(srv, i, srv->heap[parent]);
-        i = parent;
-    }
-    heap_place(srv, i, t);
-}
-
-static void heap_sift_down(struct kvf_store_server *srv, size_t i)
-{
-    struct srv_timer *t = srv->heap[i];
-    for (;;) {
-        size_t child = 2 * i + 1;
-        if (child >= srv->heap_len)
-            break;
-        if (child + 1 < srv->heap_len &&
-            srv->heap[child + 1]->deadline_ms < srv->heap[child]->deadline_ms)
-            child++;
-        if (srv->heap[child]->deadline_ms >= t->deadline_ms)
-            break;
-        heap_place(srv, i, srv->heap[child]);
-        i = child;
-    }
-    heap_place(srv, i, t);
-}
-
-/* Arm @t for @deadline_ms, or move its deadline if it is armed. Returns 0 or -ENOMEM. */
-static int timer_arm(struct kvf_store_server *srv, struct srv_timer *t, uint64_t deadline_ms)
-{
-    if (timer_armed(t)) {
-        uint64_t old = t->deadline_ms;
-        t->deadline_ms = deadline_ms;
-        if (deadline_ms < old)
-            heap_sift_up(srv, t->idx);
-        else
-            heap_sift_down(srv, t->idx);
-        return 0;
-    }
-    if (srv->heap_len == srv->heap_cap) {
-        size_t cap = srv->heap_cap ? srv->heap_cap * 2 : 64;
-        struct srv_timer **h = realloc(srv->heap, cap * sizeof(*h));
-        if (!h)
-            return -ENOMEM;
-        srv->heap = h;
-        srv->heap_cap = cap;
-    }
-    t->deadline_ms = deadline_ms;
-    heap_place(srv, srv->heap_len++, t);
-    heap_sift_up(srv, t->idx);
-    return 0;
-}
-
-static void timer_disarm(struct kvf_store_server *srv, struct srv_timer *t)
-{
-    if (!timer_armed(t))
-        return;
-    size_t i = t->idx;
-    struct srv_timer *last = srv->heap[--srv->heap_len];
-    t->idx = SRV_TIMER_IDLE;
-    if (last == t)
-        return;
-    heap_place(srv, i, last);
-    heap_sift_up(srv, i);
-    heap_sift_down(srv, last->idx);
-}
-
-/* ---- output: frames appended to a connection's buffer ---------------------------------------- */
-
-static void conn_mark_dirty(struct kvf_store_server *srv, struct srv_conn *c)
-{
-    if (c->dirty || c->dead)
-        return;
-    c->dirty = true;
-    link_add_tail(&srv->dirty, &c->dirty_link);
-}
-
-static size_t conn_pending_out(const struct srv_conn *c)
-{
-    return c->out.len - c->out_off;
-}
-
-/* Output pause: while true, @c's requests are neither executed nor read. */
-static bool conn_paused(const struct srv_conn *c)
-{
-    return conn_pending_out(c) > SRV_OUT_PAUSE_READ;
-}
-
-/* For a frame of @frame_len bytes that @c did not just ask for (a watch event, the answer to a
- * parked get-with-wait): true if it fits under KVF_STORE_MAX_OUTPUT_BYTES. Otherwise latch
- * c->overflow, for the flush pass to close @c (never closed here, see the top of the file), and
- * the caller appends nothing. */
-static bool conn_room_for(struct kvf_store_server *srv, struct srv_conn *c, size_t frame_len)
-{
-    if (c->overflow || c->dead)
-        return false;
-    if (frame_len > KVF_STORE_MAX_OUTPUT_BYTES ||
-        conn_pending_out(c) > KVF_STORE_MAX_OUTPUT_BYTES - frame_len) {
-        c->overflow = true;
-        conn_mark_dirty(srv, c);
-        return false;
-    }
-    return true;
-}
-
-/* Start a frame in @c's output; returns the header's offset for frame_end(). An allocation
- * failure latches c->out.oom, which the flush turns into closing the connection. */
-static size_t frame_begin(struct srv_conn *c, uint8_t op, uint16_t status, uint32_t req_id)
-{
-    size_t off = c->out.len;
-    uint8_t *h = kvf__buf_reserve(&c->out, KVF_STORE_HDR_LEN);
-    if (!h)
-        return off;
-    kvf__put_le32(h, KVF_STORE_MAGIC);
-    h[4] = KVF_STORE_PROTO_VERSION;
-    h[5] = op;
-    kvf__put_le16(h + 6, status);
-    kvf__put_le32(h + 8, req_id);
-    kvf__put_le32(h + 12, 0);
-    c->out.len += KVF_STORE_HDR_LEN;
-    return off;
-}
-
-static void frame_end(struct kvf_store_server *srv, struct srv_conn *c, size_t off)
-{
-    if (!c->out.oom)
-        kvf__put_le32(c->out.data + off + 12,
-                      (uint32_t)(c->out.len - off - KVF_STORE_HDR_LEN));
-    conn_mark_dirty(srv, c);
-}
-
-static void reply_empty(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq)
-{
-    frame_end(srv, c, frame_begin(c, rq->op, KVF_STORE_ST_OK, rq->req_id));
-}
-
-static void reply_u64(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
-                      uint64_t v)
-{
-    size_t off = frame_begin(c, rq->op, KVF_STORE_ST_OK, rq->req_id);
-    kvf__buf_put_u64(&c->out, v);
-    frame_end(srv, c, off);
-}
-
-static void reply_blob(struct kvf_store_server *srv, struct srv_conn *c, uint8_t op,
-                       uint32_t req_id, const void *p, size_t n)
-{
-    size_t off = frame_begin(c, op, KVF_STORE_ST_OK, req_id);
-    kvf__buf_put_blob(&c->out, p, n);
-    frame_end(srv, c, off);
-}
-
-static void reply_errv(struct kvf_store_server *srv, struct srv_conn *c, uint8_t op,
-                       uint32_t req_id, uint16_t status, const char *fmt, va_list ap)
-{
-    char msg[SRV_ERRMSG_MAX];
-    int n = vsnprintf(msg, sizeof(msg), fmt, ap);
-    size_t len = n < 0 ? 0 : (size_t)n >= sizeof(msg) ? sizeof(msg) - 1 : (size_t)n;
-    KVF_DEBUG(SRV_LOG, "%s: %s req %" PRIu32 ": status %u: %.*s", c->peer, srv_op_name(op), req_id,
-              (unsigned)status, (int)len, msg);
-    size_t off = frame_begin(c, op, status, req_id);
-    kvf__buf_put_blob(&c->out, msg, len);
-    frame_end(srv, c, off);
-}
-
-/* Answer @rq with a non-zero @status and a message body. */
-static void reply_err(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
-                      uint16_t status, const char *fmt, ...) KVF__PRINTF(5, 6);
-static void reply_err(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
-                      uint16_t status, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    reply_errv(srv, c, rq->op, rq->req_id, status, fmt, ap);
-    va_end(ap);
-}
-
-static void reply_err_to(struct kvf_store_server *srv, struct srv_conn *c, uint8_t op,
-                         uint32_t req_id, uint16_t status, const char *fmt, ...) KVF__PRINTF(6, 7);
-static void reply_err_to(struct kvf_store_server *srv, struct srv_conn *c, uint8_t op,
-                         uint32_t req_id, uint16_t status, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    reply_errv(srv, c, op, req_id, status, fmt, ap);
-    va_end(ap);
-}
-
-/* ---- waiters and watches --------------------------------------------------------------------- */
-
-/* Unlink @w from its key and connection and free it. When it was the key's last waiter and
- * @free_empty_key is set, the waitkey is removed from the tree and freed too. */
-static void waiter_free(struct kvf_store_server *srv, struct srv_waiter *w, bool free_empty_key)
-{
-    struct srv_waitkey *wk = w->wk;
-    link_del(&w->key_link);
-    link_del(&w->conn_link);
-    w->conn->nwaiters--;
-    atomic_fetch_sub(&srv->nwaiters, 1u);
-    timer_disarm(srv, &w->timer);
-    free(w);
-    if (free_empty_key && link_empty(&wk->waiters)) {
-        tdelete(wk, &srv->waitkey_root, srv_key_cmp);
-        free(wk);
-    }
-}
-
-/* Answer every get-with-wait pending on @e's key with its new value. */
-static void waiters_wake(struct kvf_store_server *srv, const struct srv_entry *e)
-{
-    void **slot = tfind(&e->k, &srv->waitkey_root, srv_key_cmp);
-    if (!slot)
-        return;
-    struct srv_waitkey *wk = *slot;
-    /* Take the key out of the tree first: waiter_free() must not free it while we iterate. */
-    tdelete(wk, &srv->waitkey_root, srv_key_cmp);
-    while (!link_empty(&wk->waiters)) {
-        struct srv_waiter *w = SRV_CONTAINER(wk->waiters.next, struct srv_waiter, key_link);
-        /* Triggered by another client: capped here (an overflowing waiter's connection is
-         * closed by the flush pass, so the dropped answer is never missed silently). */
-        if (conn_room_for(srv, w->conn, (size_t)KVF_STORE_HDR_LEN + 4 + e->vlen))
-            reply_blob(srv, w->conn, KVF_STORE_OP_GET, w->req_id, e->val, e->vlen);
-        waiter_free(srv, w, false);
-    }
-    free(wk);
-}
-
-static void watch_free(struct srv_watch *w)
-{
-    link_del(&w->all_link);
-    link_del(&w->conn_link);
-    w->conn->nwatches--;
-    free(w);
-}
-
-/* Send an EVENT frame to every watch whose prefix matches @key. Scans the watch list: there are
- * few watches per session, and matching is a memcmp. */
-static void watches_notify(struct kvf_store_server *srv, uint8_t type, const uint8_t *key,
-                           uint32_t klen, const uint8_t *val, uint32_t vlen)
-{
-    for (struct srv_link *l = srv->watches.next; l != &srv->watches; l = l->next) {
-        struct srv_watch *w = SRV_CONTAINER(l, struct srv_watch, all_link);
-        if (w->plen > klen || (w->plen && memcmp(w->prefix, key, w->plen) != 0))
-            continue;
-        struct srv_conn *c = w->conn;
-        if (!conn_room_for(srv, c, (size_t)KVF_STORE_HDR_LEN + 8 + 1 + 4 + klen + 4 + vlen))
-            continue;
-        size_t off = frame_begin(c, KVF_STORE_OP_EVENT, KVF_STORE_ST_OK, 0);
-        kvf__buf_put_u64(&c->out, w->id);
-        kvf__buf_put_u8(&c->out, type);
-        kvf__buf_put_blob(&c->out, key, klen);
-        kvf__buf_put_blob(&c->out, val, vlen);
-        frame_end(srv, c, off);
-    }
-}
-
-/* ---- the key-value map ----------------------------------------------------------------------- */
-
-static struct srv_entry *kv_find(struct kvf_store_server *srv, const uint8_t *key, uint32_t klen)
-{
-    struct srv_keyref probe = {key, klen};
-    void **slot = tfind(&probe, &srv->kv_root, srv_key_cmp);
-    return slot ? *slot : NULL;
-}
-
-static void entry_set_lease(struct srv_entry *e, struct srv_lease *lease)
-{
-    if (e->lease == lease)
-        return;
-    if (e->lease)
-        link_del(&e->lease_link);
-    e->lease = lease;
-    if (lease)
-        link_add_tail(&lease->keys, &e->lease_link);
-}
-
-/*
- * Store @val under @key, then wake its waiters and notify watches. With @set_lease the key is
- * bound to @lease (NULL detaches it from any lease); without, an existing binding is kept (ADD).
- * Returns 0 or -ENOMEM, in which case nothing changed.
- */
-static int kv_put(struct kvf_store_server *srv, const uint8_t *key, uint32_t klen,
-                  const uint8_t *val, uint32_t vlen, bool set_lease, struct srv_lease *lease)
-{
-    uint8_t *copy = NULL;
-    if (vlen) {
-        copy = malloc(vlen);
-        if (!copy)
-            return -ENOMEM;
-        memcpy(copy, val, vlen);
-    }
-    struct srv_entry *e = kv_find(srv, key, klen);
-    if (e) {
-        free(e->val);
-    } else {
-        e = malloc(sizeof(*e) + klen);
-        if (!e) {
-            free(copy);
-            return -ENOMEM;
-        }
-        memcpy(e->key, key, klen);
-        e->k.key = e->key;
-        e->k.klen = klen;
-        e->lease = NULL;
-        link_init(&e->lease_link);
-        if (!tsearch(e, &srv->kv_root, srv_key_cmp)) {
-            free(e);
-            free(copy);
-            return -ENOMEM;
-        }
-    }
-    e->val = copy;
-    e->vlen = vlen;
-    if (set_lease)
-        entry_set_lease(e, lease);
-    waiters_wake(srv, e);
-    watches_notify(srv, KVF_STORE_EVENT_PUT, e->key, e->k.klen, e->val, e->vlen);
-    return 0;
-}
-
-/* Remove @e, notify watches of the delete and free it. */
-static void kv_delete(struct kvf_store_server *srv, struct srv_entry *e)
-{
-    tdelete(e, &srv->kv_root, srv_key_cmp);
-    entry_set_lease(e, NULL);
-    watches_notify(srv, KVF_STORE_EVENT_DELETE, e->key, e->k.klen, NULL, 0);
-    free(e->val);
-    free(e);
-}
-
-static void entry_free(void *p)
-{
-    struct srv_entry *e = p;
-    free(e->val);
-    free(e);
-}
-
-/* ---- leases ---------------------------------------------------------------------------------- */
-
-/* End @lease (expiry or revoke): delete its keys, with delete events, and free it. */
-static void lease_end(struct kvf_store_server *srv, struct srv_lease *lease)
-{
-    timer_disarm(srv, &lease->timer);
-    tdelete(&lease->id, &srv->lease_root, srv_lease_cmp);
-    while (!link_empty(&lease->keys))
-        kv_delete(srv, SRV_CONTAINER(lease->keys.next, struct srv_entry, lease_link));
-    free(lease);
-}
-
-/* The live lease @id, or NULL. A lease past its deadline whose timer has not run yet (it is due
- * in this same loop iteration) is ended here, so that it is never found alive after its TTL. */
-static struct srv_lease *lease_find(struct kvf_store_server *srv, uint64_t id)
-{
-    if (id == 0)
-        return NULL;
-    void **slot = tfind(&id, &srv->lease_root, srv_lease_cmp);
-    if (!slot)
-        return NULL;
-    struct srv_lease *lease = *slot;
-    if (lease->timer.deadline_ms <= srv->now_ms) {
-        KVF_DEBUG(SRV_LOG, "lease %" PRIu64 " expired", lease->id);
-        lease_end(srv, lease);
-        return NULL;
-    }
-    return lease;
-}
-
-static void lease_free(void *p)
-{
-    free(p);
-}
 
 /* ---- request decoding helpers ---------------------------------------------------------------- */
 
@@ -674,13 +42,14 @@ static bool decode_done(struct kvf_store_server *srv, struct srv_conn *c, const 
                         const kvf_rd_t *rd)
 {
     if (rd->bad) {
-        reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST, "malformed %s request body",
-                  srv_op_name(rq->op));
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST, "malformed %s request body",
+                           kvf__srv_op_name(rq->op));
         return false;
     }
     if (rd->left) {
-        reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST, "%zu unexpected bytes after the %s request",
-                  rd->left, srv_op_name(rq->op));
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST,
+                           "%zu unexpected bytes after the %s request", rd->left,
+                           kvf__srv_op_name(rq->op));
         return false;
     }
     return true;
@@ -690,34 +59,34 @@ static bool check_key(struct kvf_store_server *srv, struct srv_conn *c, const st
                       uint32_t klen)
 {
     if (klen == 0) {
-        reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST, "key is empty");
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST, "key is empty");
         return false;
     }
     if (klen > KVF_STORE_MAX_KEY_LEN) {
-        reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "key of %" PRIu32 " bytes exceeds %u", klen,
-                  KVF_STORE_MAX_KEY_LEN);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "key of %" PRIu32 " bytes exceeds %u",
+                           klen, KVF_STORE_MAX_KEY_LEN);
         return false;
     }
     return true;
 }
 
-static bool check_prefix(struct kvf_store_server *srv, struct srv_conn *c,
-                         const struct srv_req *rq, uint32_t plen)
+static bool check_prefix(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                         uint32_t plen)
 {
     if (plen > KVF_STORE_MAX_KEY_LEN) {
-        reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "prefix of %" PRIu32 " bytes exceeds %u", plen,
-                  KVF_STORE_MAX_KEY_LEN);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG,
+                           "prefix of %" PRIu32 " bytes exceeds %u", plen, KVF_STORE_MAX_KEY_LEN);
         return false;
     }
     return true;
 }
 
-static bool check_value(struct kvf_store_server *srv, struct srv_conn *c,
-                        const struct srv_req *rq, uint32_t vlen)
+static bool check_value(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                        uint32_t vlen)
 {
     if (vlen > KVF_STORE_MAX_VALUE_LEN) {
-        reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "value of %" PRIu32 " bytes exceeds %u", vlen,
-                  KVF_STORE_MAX_VALUE_LEN);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG,
+                           "value of %" PRIu32 " bytes exceeds %u", vlen, KVF_STORE_MAX_VALUE_LEN);
         return false;
     }
     return true;
@@ -730,9 +99,10 @@ static bool resolve_lease(struct kvf_store_server *srv, struct srv_conn *c,
     *out = NULL;
     if (id == 0)
         return true;
-    *out = lease_find(srv, id);
+    *out = kvf__srv_lease_find(srv, id);
     if (!*out) {
-        reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found", id);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found",
+                           id);
         return false;
     }
     return true;
@@ -740,8 +110,8 @@ static bool resolve_lease(struct kvf_store_server *srv, struct srv_conn *c,
 
 static void reply_oom(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq)
 {
-    KVF_WARN(SRV_LOG, "%s: %s: out of memory", c->peer, srv_op_name(rq->op));
-    reply_err(srv, c, rq, KVF_STORE_ST_BUSY, "store server out of memory");
+    KVF_WARN(SRV_LOG, "%s: %s: out of memory", c->peer, kvf__srv_op_name(rq->op));
+    kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BUSY, "store server out of memory");
 }
 
 /* Strict decimal int64: an optional '-', then one or more digits; nothing else. */
@@ -776,7 +146,7 @@ static void op_ping(struct kvf_store_server *srv, struct srv_conn *c, const stru
                     kvf_rd_t *rd)
 {
     if (decode_done(srv, c, rq, rd))
-        reply_empty(srv, c, rq);
+        kvf__srv_reply_empty(srv, c, rq);
 }
 
 static void op_set(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
@@ -793,58 +163,11 @@ static void op_set(struct kvf_store_server *srv, struct srv_conn *c, const struc
     if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen) ||
         !check_value(srv, c, rq, vlen) || !resolve_lease(srv, c, rq, lease_id, &lease))
         return;
-    if (kv_put(srv, key, klen, val, vlen, true, lease) < 0) {
+    if (kvf__srv_kv_put(srv, key, klen, val, vlen, true, lease) < 0) {
         reply_oom(srv, c, rq);
         return;
     }
-    reply_empty(srv, c, rq);
-}
-
-/* Register a get-with-wait of @c for @key until @deadline_ms. Returns 0 or -ENOMEM. */
-static int waiter_add(struct kvf_store_server *srv, struct srv_conn *c, uint32_t req_id,
-                      const uint8_t *key, uint32_t klen, uint64_t deadline_ms)
-{
-    struct srv_keyref probe = {key, klen};
-    struct srv_waitkey *wk = NULL;
-    void **slot;
-    int rc = -ENOMEM;
-
-    struct srv_waiter *w = calloc(1, sizeof(*w));
-    if (!w)
-        return rc;
-    timer_init(&w->timer, SRV_TIMER_WAITER);
-    if (timer_arm(srv, &w->timer, deadline_ms) < 0)
-        goto out_free_waiter;
-    slot = tfind(&probe, &srv->waitkey_root, srv_key_cmp);
-    if (slot) {
-        wk = *slot;
-    } else {
-        wk = malloc(sizeof(*wk) + klen);
-        if (!wk)
-            goto out_disarm;
-        memcpy(wk->key, key, klen);
-        wk->k.key = wk->key;
-        wk->k.klen = klen;
-        link_init(&wk->waiters);
-        if (!tsearch(wk, &srv->waitkey_root, srv_key_cmp))
-            goto out_free_waitkey;
-    }
-    w->conn = c;
-    w->req_id = req_id;
-    w->wk = wk;
-    link_add_tail(&wk->waiters, &w->key_link);
-    link_add_tail(&c->waiters, &w->conn_link);
-    c->nwaiters++;
-    atomic_fetch_add(&srv->nwaiters, 1u);
-    return 0;
-
-out_free_waitkey:
-    free(wk);
-out_disarm:
-    timer_disarm(srv, &w->timer);
-out_free_waiter:
-    free(w);
-    return rc;
+    kvf__srv_reply_empty(srv, c, rq);
 }
 
 static void op_get(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
@@ -857,24 +180,25 @@ static void op_get(struct kvf_store_server *srv, struct srv_conn *c, const struc
     kvf__rd_u32(rd, &wait_ms);
     if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen))
         return;
-    struct srv_entry *e = kv_find(srv, key, klen);
+    struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
     if (e) {
-        reply_blob(srv, c, rq->op, rq->req_id, e->val, e->vlen);
+        kvf__srv_reply_blob(srv, c, rq->op, rq->req_id, e->val, e->vlen);
         return;
     }
     if (wait_ms == 0) {
-        reply_err(srv, c, rq, KVF_STORE_ST_NOT_FOUND, "key not found");
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_NOT_FOUND, "key not found");
         return;
     }
     if (c->nwaiters >= KVF_STORE_MAX_WAITERS_PER_CLIENT) {
-        reply_err(srv, c, rq, KVF_STORE_ST_BUSY, "%u get-with-wait requests already pending",
-                  KVF_STORE_MAX_WAITERS_PER_CLIENT);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BUSY,
+                           "%u get-with-wait requests already pending",
+                           KVF_STORE_MAX_WAITERS_PER_CLIENT);
         return;
     }
     if (wait_ms > KVF_STORE_MAX_WAIT_MS)
         wait_ms = KVF_STORE_MAX_WAIT_MS;
-    /* The answer comes later: from kv_put() via waiters_wake(), or from the timer. */
-    if (waiter_add(srv, c, rq->req_id, key, klen, srv->now_ms + wait_ms) < 0)
+    /* The answer comes later: from kvf__srv_kv_put() via waiters_wake(), or from the timer. */
+    if (kvf__srv_waiter_add(srv, c, rq->req_id, key, klen, srv->now_ms + wait_ms) < 0)
         reply_oom(srv, c, rq);
 }
 
@@ -887,13 +211,13 @@ static void op_del(struct kvf_store_server *srv, struct srv_conn *c, const struc
     rd_blob32(rd, &key, &klen);
     if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen))
         return;
-    struct srv_entry *e = kv_find(srv, key, klen);
+    struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
     if (!e) {
-        reply_err(srv, c, rq, KVF_STORE_ST_NOT_FOUND, "key not found");
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_NOT_FOUND, "key not found");
         return;
     }
-    kv_delete(srv, e);
-    reply_empty(srv, c, rq);
+    kvf__srv_kv_delete(srv, e);
+    kvf__srv_reply_empty(srv, c, rq);
 }
 
 static void op_cas(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
@@ -913,30 +237,31 @@ static void op_cas(struct kvf_store_server *srv, struct srv_conn *c, const struc
     if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen))
         return;
     if (expect_present > 1 || (!expect_present && elen)) {
-        reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST,
-                  "expect_present must be 0 (with an empty expected value) or 1");
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST,
+                           "expect_present must be 0 (with an empty expected value) or 1");
         return;
     }
     if (!check_value(srv, c, rq, vlen) || !resolve_lease(srv, c, rq, lease_id, &lease))
         return;
-    struct srv_entry *e = kv_find(srv, key, klen);
+    struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
     if (!expect_present && e) {
-        reply_err(srv, c, rq, KVF_STORE_ST_CAS_MISMATCH, "key exists");
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_CAS_MISMATCH, "key exists");
         return;
     }
     if (expect_present && !e) {
-        reply_err(srv, c, rq, KVF_STORE_ST_CAS_MISMATCH, "key is absent");
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_CAS_MISMATCH, "key is absent");
         return;
     }
     if (expect_present && (e->vlen != elen || (elen && memcmp(e->val, expected, elen) != 0))) {
-        reply_err(srv, c, rq, KVF_STORE_ST_CAS_MISMATCH, "value differs from the expected one");
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_CAS_MISMATCH,
+                           "value differs from the expected one");
         return;
     }
-    if (kv_put(srv, key, klen, val, vlen, true, lease) < 0) {
+    if (kvf__srv_kv_put(srv, key, klen, val, vlen, true, lease) < 0) {
         reply_oom(srv, c, rq);
         return;
     }
-    reply_empty(srv, c, rq);
+    kvf__srv_reply_empty(srv, c, rq);
 }
 
 static void op_add(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
@@ -953,24 +278,24 @@ static void op_add(struct kvf_store_server *srv, struct srv_conn *c, const struc
     if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen))
         return;
     memcpy(&delta, &udelta, sizeof(delta)); /* two's complement on the wire and in the host */
-    struct srv_entry *e = kv_find(srv, key, klen);
+    struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
     if (e && !parse_i64(e->val, e->vlen, &cur)) {
-        reply_err(srv, c, rq, KVF_STORE_ST_BAD_VALUE,
-                  "value of %" PRIu32 " bytes is not a decimal int64", e->vlen);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_VALUE,
+                           "value of %" PRIu32 " bytes is not a decimal int64", e->vlen);
         return;
     }
     if (__builtin_add_overflow(cur, delta, &sum)) {
-        reply_err(srv, c, rq, KVF_STORE_ST_OUT_OF_RANGE,
-                  "%" PRId64 " + %" PRId64 " overflows int64", cur, delta);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_OUT_OF_RANGE,
+                           "%" PRId64 " + %" PRId64 " overflows int64", cur, delta);
         return;
     }
     int n = snprintf(text, sizeof(text), "%" PRId64, sum);
     /* ADD has no lease field: an existing key keeps its lease, a new one has none. */
-    if (kv_put(srv, key, klen, (const uint8_t *)text, (uint32_t)n, false, NULL) < 0) {
+    if (kvf__srv_kv_put(srv, key, klen, (const uint8_t *)text, (uint32_t)n, false, NULL) < 0) {
         reply_oom(srv, c, rq);
         return;
     }
-    reply_u64(srv, c, rq, (uint64_t)sum);
+    kvf__srv_reply_u64(srv, c, rq, (uint64_t)sum);
 }
 
 /* LIST walks the whole tree (twalk_r cannot start at the prefix); it is the one op allowed to
@@ -980,7 +305,7 @@ struct list_walk {
     const uint8_t *prefix;
     uint32_t plen;
     size_t count;
-    size_t bytes; /* body bytes of the answer */
+    size_t bytes;   /* body bytes of the answer */
     kvf_buf_t *out; /* NULL in the sizing pass */
 };
 
@@ -1012,21 +337,21 @@ static void op_list(struct kvf_store_server *srv, struct srv_conn *c, const stru
     lw.bytes = 4;
     twalk_r(srv->kv_root, list_visit, &lw);
     if (lw.count > KVF_STORE_MAX_LIST_KEYS) {
-        reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "%zu keys match, more than %u", lw.count,
-                  KVF_STORE_MAX_LIST_KEYS);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "%zu keys match, more than %u",
+                           lw.count, KVF_STORE_MAX_LIST_KEYS);
         return;
     }
     if (lw.bytes > KVF_STORE_MAX_FRAME_LEN) {
-        reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "answer of %zu bytes exceeds %u", lw.bytes,
-                  KVF_STORE_MAX_FRAME_LEN);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "answer of %zu bytes exceeds %u",
+                           lw.bytes, KVF_STORE_MAX_FRAME_LEN);
         return;
     }
-    size_t off = frame_begin(c, rq->op, KVF_STORE_ST_OK, rq->req_id);
+    size_t off = kvf__srv_frame_begin(c, rq->op, KVF_STORE_ST_OK, rq->req_id);
     kvf__buf_put_u32(&c->out, (uint32_t)lw.count);
     lw.count = 0;
     lw.out = &c->out;
     twalk_r(srv->kv_root, list_visit, &lw);
-    frame_end(srv, c, off);
+    kvf__srv_frame_end(srv, c, off);
 }
 
 static void op_watch(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
@@ -1039,8 +364,9 @@ static void op_watch(struct kvf_store_server *srv, struct srv_conn *c, const str
     if (!decode_done(srv, c, rq, rd) || !check_prefix(srv, c, rq, plen))
         return;
     if (c->nwatches >= KVF_STORE_MAX_WATCHES_PER_CLIENT) {
-        reply_err(srv, c, rq, KVF_STORE_ST_BUSY, "%u watches already active on this connection",
-                  KVF_STORE_MAX_WATCHES_PER_CLIENT);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BUSY,
+                           "%u watches already active on this connection",
+                           KVF_STORE_MAX_WATCHES_PER_CLIENT);
         return;
     }
     struct srv_watch *w = malloc(sizeof(*w) + plen);
@@ -1056,7 +382,7 @@ static void op_watch(struct kvf_store_server *srv, struct srv_conn *c, const str
     link_add_tail(&srv->watches, &w->all_link);
     link_add_tail(&c->watches, &w->conn_link);
     c->nwatches++;
-    reply_u64(srv, c, rq, w->id);
+    kvf__srv_reply_u64(srv, c, rq, w->id);
 }
 
 static void op_unwatch(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
@@ -1070,12 +396,12 @@ static void op_unwatch(struct kvf_store_server *srv, struct srv_conn *c, const s
     for (struct srv_link *l = c->watches.next; l != &c->watches; l = l->next) {
         struct srv_watch *w = SRV_CONTAINER(l, struct srv_watch, conn_link);
         if (w->id == id) {
-            watch_free(w);
-            reply_empty(srv, c, rq);
+            kvf__srv_watch_free(w);
+            kvf__srv_reply_empty(srv, c, rq);
             return;
         }
     }
-    reply_err(srv, c, rq, KVF_STORE_ST_NOT_FOUND, "watch %" PRIu64 " not found", id);
+    kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_NOT_FOUND, "watch %" PRIu64 " not found", id);
 }
 
 static void op_lease_grant(struct kvf_store_server *srv, struct srv_conn *c,
@@ -1087,8 +413,9 @@ static void op_lease_grant(struct kvf_store_server *srv, struct srv_conn *c,
     if (!decode_done(srv, c, rq, rd))
         return;
     if (ttl_ms < 1 || ttl_ms > KVF_STORE_MAX_LEASE_TTL_MS) {
-        reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST, "lease ttl %" PRIu32 " ms is not in 1..%u",
-                  ttl_ms, KVF_STORE_MAX_LEASE_TTL_MS);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST,
+                           "lease ttl %" PRIu32 " ms is not in 1..%u", ttl_ms,
+                           KVF_STORE_MAX_LEASE_TTL_MS);
         return;
     }
     struct srv_lease *lease = malloc(sizeof(*lease));
@@ -1102,15 +429,15 @@ static void op_lease_grant(struct kvf_store_server *srv, struct srv_conn *c,
     lease->ttl_ms = ttl_ms;
     link_init(&lease->keys);
     timer_init(&lease->timer, SRV_TIMER_LEASE);
-    if (timer_arm(srv, &lease->timer, srv->now_ms + ttl_ms) < 0)
+    if (kvf__srv_timer_arm(srv, &lease->timer, srv->now_ms + ttl_ms) < 0)
         goto out_free_lease;
-    if (!tsearch(lease, &srv->lease_root, srv_lease_cmp))
+    if (!tsearch(lease, &srv->lease_root, kvf__srv_lease_cmp))
         goto out_disarm;
-    reply_u64(srv, c, rq, lease->id);
+    kvf__srv_reply_u64(srv, c, rq, lease->id);
     return;
 
 out_disarm:
-    timer_disarm(srv, &lease->timer);
+    kvf__srv_timer_disarm(srv, &lease->timer);
 out_free_lease:
     free(lease);
 out_oom:
@@ -1125,14 +452,15 @@ static void op_lease_keepalive(struct kvf_store_server *srv, struct srv_conn *c,
     kvf__rd_u64(rd, &id);
     if (!decode_done(srv, c, rq, rd))
         return;
-    struct srv_lease *lease = lease_find(srv, id);
+    struct srv_lease *lease = kvf__srv_lease_find(srv, id);
     if (!lease) {
-        reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found", id);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found",
+                           id);
         return;
     }
     /* Moving an armed timer cannot fail. */
-    timer_arm(srv, &lease->timer, srv->now_ms + lease->ttl_ms);
-    reply_empty(srv, c, rq);
+    kvf__srv_timer_arm(srv, &lease->timer, srv->now_ms + lease->ttl_ms);
+    kvf__srv_reply_empty(srv, c, rq);
 }
 
 static void op_lease_revoke(struct kvf_store_server *srv, struct srv_conn *c,
@@ -1143,19 +471,17 @@ static void op_lease_revoke(struct kvf_store_server *srv, struct srv_conn *c,
     kvf__rd_u64(rd, &id);
     if (!decode_done(srv, c, rq, rd))
         return;
-    struct srv_lease *lease = lease_find(srv, id);
+    struct srv_lease *lease = kvf__srv_lease_find(srv, id);
     if (!lease) {
-        reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found", id);
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found",
+                           id);
         return;
     }
-    lease_end(srv, lease);
-    reply_empty(srv, c, rq);
+    kvf__srv_lease_end(srv, lease);
+    kvf__srv_reply_empty(srv, c, rq);
 }
 
-typedef void (*srv_op_fn)(struct kvf_store_server *, struct srv_conn *, const struct srv_req *,
-                          kvf_rd_t *);
-
-static const srv_op_fn srv_ops[] = {
+const srv_op_fn kvf__srv_ops[] = {
     [KVF_STORE_OP_PING] = op_ping,
     [KVF_STORE_OP_SET] = op_set,
     [KVF_STORE_OP_GET] = op_get,
@@ -1173,16 +499,17 @@ static const srv_op_fn srv_ops[] = {
 /* ---- connections ----------------------------------------------------------------------------- */
 
 /* Close @c now: its fd, waiters and watches go at once; its memory at the end of the loop
- * iteration (see the comment at the top of the file). */
-static void conn_kill(struct kvf_store_server *srv, struct srv_conn *c)
+ * iteration (see the comment at the top of server.h). */
+void kvf__srv_conn_kill(struct kvf_store_server *srv, struct srv_conn *c)
 {
     if (c->dead)
         return;
     while (!link_empty(&c->waiters))
-        waiter_free(srv, SRV_CONTAINER(c->waiters.next, struct srv_waiter, conn_link), true);
+        kvf__srv_waiter_free(srv, SRV_CONTAINER(c->waiters.next, struct srv_waiter, conn_link),
+                             true);
     while (!link_empty(&c->watches))
-        watch_free(SRV_CONTAINER(c->watches.next, struct srv_watch, conn_link));
-    timer_disarm(srv, &c->partial);
+        kvf__srv_watch_free(SRV_CONTAINER(c->watches.next, struct srv_watch, conn_link));
+    kvf__srv_timer_disarm(srv, &c->partial);
     if (c->dirty) {
         link_del(&c->dirty_link);
         c->dirty = false;
@@ -1198,9 +525,8 @@ static void conn_kill(struct kvf_store_server *srv, struct srv_conn *c)
 
 /* Log why @c is being closed (warn level: a client broke a rule or a resource ran out) and close
  * it. Reasons are built from numbers and fixed text only, never from received bytes. */
-static void conn_close_warn(struct kvf_store_server *srv, struct srv_conn *c, const char *fmt,
-                            ...) KVF__PRINTF(3, 4);
-static void conn_close_warn(struct kvf_store_server *srv, struct srv_conn *c, const char *fmt, ...)
+void kvf__srv_conn_close_warn(struct kvf_store_server *srv, struct srv_conn *c, const char *fmt,
+                              ...)
 {
     char reason[SRV_ERRMSG_MAX];
     va_list ap;
@@ -1208,10 +534,10 @@ static void conn_close_warn(struct kvf_store_server *srv, struct srv_conn *c, co
     vsnprintf(reason, sizeof(reason), fmt, ap);
     va_end(ap);
     KVF_WARN(SRV_LOG, "closing connection from %s: %s", c->peer, reason);
-    conn_kill(srv, c);
+    kvf__srv_conn_kill(srv, c);
 }
 
-static void zombies_free(struct kvf_store_server *srv)
+void kvf__srv_zombies_free(struct kvf_store_server *srv)
 {
     while (!link_empty(&srv->zombies)) {
         struct srv_conn *c = SRV_CONTAINER(srv->zombies.next, struct srv_conn, link);
@@ -1232,16 +558,16 @@ static void conn_update_events(struct kvf_store_server *srv, struct srv_conn *c)
     if (want != c->events) {
         struct epoll_event ev = {.events = want, .data.ptr = c};
         if (epoll_ctl(srv->epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) {
-            conn_close_warn(srv, c, "epoll_ctl: %s", strerror(errno));
+            kvf__srv_conn_close_warn(srv, c, "epoll_ctl: %s", strerror(errno));
             return;
         }
         c->events = want;
     }
     if (!reading)
-        timer_disarm(srv, &c->partial);
+        kvf__srv_timer_disarm(srv, &c->partial);
     else if (c->in_len && !timer_armed(&c->partial) &&
-             timer_arm(srv, &c->partial, srv->now_ms + srv->partial_timeout_ms) < 0)
-        conn_close_warn(srv, c, "out of memory");
+             kvf__srv_timer_arm(srv, &c->partial, srv->now_ms + srv->partial_timeout_ms) < 0)
+        kvf__srv_conn_close_warn(srv, c, "out of memory");
 }
 
 /* Send as much pending output as the socket takes now. */
@@ -1263,7 +589,7 @@ static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
         /* The peer went away; that is routine, not worth a warning. */
         KVF_DEBUG(SRV_LOG, "closing connection from %s: send: %s", c->peer,
                   n < 0 ? strerror(errno) : "no progress");
-        conn_kill(srv, c);
+        kvf__srv_conn_kill(srv, c);
         return;
     }
     if (c->out_off == c->out.len) {
@@ -1288,24 +614,26 @@ static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
 }
 
 /* Flush every connection that got output in this iteration, closing those that overflowed. */
-static void dirty_flush(struct kvf_store_server *srv)
+void kvf__srv_dirty_flush(struct kvf_store_server *srv)
 {
     while (!link_empty(&srv->dirty)) {
         struct srv_conn *c = SRV_CONTAINER(srv->dirty.next, struct srv_conn, dirty_link);
         link_del(&c->dirty_link);
         c->dirty = false;
         if (c->out.oom) {
-            conn_close_warn(srv, c, "out of memory for its output");
+            kvf__srv_conn_close_warn(srv, c, "out of memory for its output");
             continue;
         }
         if (c->overflow) {
-            conn_close_warn(srv, c, "unread output (%zu bytes) plus a watch event or wait answer "
-                            "would exceed %u", conn_pending_out(c), KVF_STORE_MAX_OUTPUT_BYTES);
+            kvf__srv_conn_close_warn(srv, c,
+                                     "unread output (%zu bytes) plus a watch event or wait answer "
+                                     "would exceed %u",
+                                     conn_pending_out(c), KVF_STORE_MAX_OUTPUT_BYTES);
             continue;
         }
         if (conn_pending_out(c) > KVF_STORE_MAX_OUTPUT_BYTES) {
-            conn_close_warn(srv, c, "%zu bytes of unread output exceed %u", conn_pending_out(c),
-                            KVF_STORE_MAX_OUTPUT_BYTES);
+            kvf__srv_conn_close_warn(srv, c, "%zu bytes of unread output exceed %u",
+                                     conn_pending_out(c), KVF_STORE_MAX_OUTPUT_BYTES);
             continue;
         }
         conn_flush(srv, c);
@@ -1326,7 +654,7 @@ static const char *header_problem(const uint8_t *h, char *why, size_t whylen)
     else if (version != KVF_STORE_PROTO_VERSION)
         snprintf(why, whylen, "unsupported protocol version %u (want %u)", (unsigned)version,
                  KVF_STORE_PROTO_VERSION);
-    else if (op >= KVF__ARRAY_SIZE(srv_ops) || !srv_ops[op])
+    else if (op >= KVF__ARRAY_SIZE(kvf__srv_ops) || !kvf__srv_ops[op])
         snprintf(why, whylen, "unknown opcode %u", (unsigned)op);
     else if (status != 0)
         snprintf(why, whylen, "status %u in a request", (unsigned)status);
@@ -1343,7 +671,7 @@ static void conn_dispatch(struct kvf_store_server *srv, struct srv_conn *c, cons
     struct srv_req rq = {.op = h[5], .req_id = kvf__get_le32(h + 8)};
     kvf_rd_t rd;
     kvf__rd_init(&rd, h + KVF_STORE_HDR_LEN, kvf__get_le32(h + 12));
-    srv_ops[rq.op](srv, c, &rq, &rd);
+    kvf__srv_ops[rq.op](srv, c, &rq, &rd);
 }
 
 /* Run the complete frames in @c's input, then size the buffer for what is left. Stops early,
@@ -1362,7 +690,7 @@ static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c)
         }
         const uint8_t *h = c->in + pos;
         if (header_problem(h, why, sizeof(why))) {
-            conn_close_warn(srv, c, "%s", why);
+            kvf__srv_conn_close_warn(srv, c, "%s", why);
             return;
         }
         size_t frame_len = KVF_STORE_HDR_LEN + (size_t)kvf__get_le32(h + 12);
@@ -1380,10 +708,10 @@ static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c)
     /* The partial-frame clock starts when the first byte of a frame arrives. It does not run
      * while held: input we do not look at is our doing, not a stalled client. */
     if (c->in_len == 0 || c->held)
-        timer_disarm(srv, &c->partial);
+        kvf__srv_timer_disarm(srv, &c->partial);
     else if ((completed || !timer_armed(&c->partial)) &&
-             timer_arm(srv, &c->partial, srv->now_ms + srv->partial_timeout_ms) < 0) {
-        conn_close_warn(srv, c, "out of memory");
+             kvf__srv_timer_arm(srv, &c->partial, srv->now_ms + srv->partial_timeout_ms) < 0) {
+        kvf__srv_conn_close_warn(srv, c, "out of memory");
         return;
     }
 
@@ -1402,7 +730,7 @@ static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c)
             c->in = p;
             c->in_cap = need;
         } else if (c->in_cap < need) {
-            conn_close_warn(srv, c, "out of memory for a frame of %zu bytes", need);
+            kvf__srv_conn_close_warn(srv, c, "out of memory for a frame of %zu bytes", need);
         }
     }
 }
@@ -1412,7 +740,7 @@ static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
     if (!c->in) {
         c->in = malloc(SRV_IN_MIN);
         if (!c->in) {
-            conn_close_warn(srv, c, "out of memory");
+            kvf__srv_conn_close_warn(srv, c, "out of memory");
             return;
         }
         c->in_cap = SRV_IN_MIN;
@@ -1446,12 +774,12 @@ static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
         } else {
             KVF_DEBUG(SRV_LOG, "closing connection from %s: recv: %s", c->peer, strerror(errno));
         }
-        conn_kill(srv, c);
+        kvf__srv_conn_kill(srv, c);
         return;
     }
 }
 
-static void conn_on_events(struct kvf_store_server *srv, struct srv_conn *c, uint32_t events)
+void kvf__srv_conn_on_events(struct kvf_store_server *srv, struct srv_conn *c, uint32_t events)
 {
     if (c->dead)
         return;
@@ -1461,7 +789,7 @@ static void conn_on_events(struct kvf_store_server *srv, struct srv_conn *c, uin
         conn_flush(srv, c);
 }
 
-static void sockaddr_format(const struct sockaddr_storage *ss, char *buf, size_t len)
+void kvf__srv_sockaddr_format(const struct sockaddr_storage *ss, char *buf, size_t len)
 {
     kvf_hostport_t hp;
     memset(&hp, 0, sizeof(hp));
@@ -1495,7 +823,7 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
         return;
     }
     c->fd = fd;
-    sockaddr_format(ss, c->peer, sizeof(c->peer));
+    kvf__srv_sockaddr_format(ss, c->peer, sizeof(c->peer));
     kvf__buf_init(&c->out);
     timer_init(&c->partial, SRV_TIMER_PARTIAL);
     link_init(&c->waiters);
@@ -1514,7 +842,7 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
     KVF_DEBUG(SRV_LOG, "connection from %s", c->peer);
 }
 
-static void accept_pause(struct kvf_store_server *srv, bool pause)
+void kvf__srv_accept_pause(struct kvf_store_server *srv, bool pause)
 {
     struct epoll_event ev = {.events = pause ? 0u : EPOLLIN, .data.ptr = &srv->listen_fd};
     epoll_ctl(srv->epfd, EPOLL_CTL_MOD, srv->listen_fd, &ev);
@@ -1522,7 +850,7 @@ static void accept_pause(struct kvf_store_server *srv, bool pause)
     srv->accept_resume_ms = srv->now_ms + SRV_ACCEPT_PAUSE_MS;
 }
 
-static void accept_all(struct kvf_store_server *srv)
+void kvf__srv_accept_all(struct kvf_store_server *srv)
 {
     for (int i = 0; i < SRV_ACCEPTS_PER_EVENT; i++) {
         struct sockaddr_storage ss;
@@ -1534,7 +862,7 @@ static void accept_all(struct kvf_store_server *srv)
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
                 KVF_WARN(SRV_LOG, "accept: %s; not accepting for %u ms", strerror(errno),
                          SRV_ACCEPT_PAUSE_MS);
-                accept_pause(srv, true);
+                kvf__srv_accept_pause(srv, true);
                 return;
             }
             /* EINTR, ECONNABORTED and the network errors Linux passes on from a dead pending
@@ -1546,7 +874,7 @@ static void accept_all(struct kvf_store_server *srv)
             srv->refused_since_log++;
             if (srv->now_ms >= srv->refused_log_ms + 1000) {
                 char peer[KVF_SESSION_ID_MAX];
-                sockaddr_format(&ss, peer, sizeof(peer));
+                kvf__srv_sockaddr_format(&ss, peer, sizeof(peer));
                 KVF_WARN(SRV_LOG, "refusing connection from %s: %u clients connected (%u refused)",
                          peer, KVF_STORE_MAX_CLIENTS, srv->refused_since_log);
                 srv->refused_log_ms = srv->now_ms;
@@ -1565,31 +893,32 @@ static void timers_run(struct kvf_store_server *srv)
 {
     while (srv->heap_len && srv->heap[0]->deadline_ms <= srv->now_ms) {
         struct srv_timer *t = srv->heap[0];
-        timer_disarm(srv, t);
+        kvf__srv_timer_disarm(srv, t);
         switch (t->kind) {
         case SRV_TIMER_WAITER: {
             struct srv_waiter *w = SRV_CONTAINER(t, struct srv_waiter, timer);
-            reply_err_to(srv, w->conn, KVF_STORE_OP_GET, w->req_id, KVF_STORE_ST_TIMEOUT,
-                         "key still absent after the wait");
-            waiter_free(srv, w, true);
+            kvf__srv_reply_err_to(srv, w->conn, KVF_STORE_OP_GET, w->req_id, KVF_STORE_ST_TIMEOUT,
+                                  "key still absent after the wait");
+            kvf__srv_waiter_free(srv, w, true);
             break;
         }
         case SRV_TIMER_LEASE: {
             struct srv_lease *lease = SRV_CONTAINER(t, struct srv_lease, timer);
             KVF_DEBUG(SRV_LOG, "lease %" PRIu64 " expired", lease->id);
-            lease_end(srv, lease);
+            kvf__srv_lease_end(srv, lease);
             break;
         }
         case SRV_TIMER_PARTIAL: {
             struct srv_conn *c = SRV_CONTAINER(t, struct srv_conn, partial);
-            conn_close_warn(srv, c, "partial frame (%zu bytes) not completed within %" PRIu64 " ms",
-                            c->in_len, srv->partial_timeout_ms);
+            kvf__srv_conn_close_warn(
+                srv, c, "partial frame (%zu bytes) not completed within %" PRIu64 " ms", c->in_len,
+                srv->partial_timeout_ms);
             break;
         }
         }
     }
     if (srv->accept_paused && srv->accept_resume_ms <= srv->now_ms)
-        accept_pause(srv, false);
+        kvf__srv_accept_pause(srv, false);
 }
 
 /* epoll_wait() timeout: until the nearest deadline, or forever. */
@@ -1617,15 +946,15 @@ static void conns_close_all(struct kvf_store_server *srv)
         struct srv_conn *c = SRV_CONTAINER(l, struct srv_conn, link);
         while (!link_empty(&c->waiters)) {
             struct srv_waiter *w = SRV_CONTAINER(c->waiters.next, struct srv_waiter, conn_link);
-            reply_err_to(srv, c, KVF_STORE_OP_GET, w->req_id, KVF_STORE_ST_SHUTTING_DOWN,
-                         "store server is shutting down");
-            waiter_free(srv, w, true);
+            kvf__srv_reply_err_to(srv, c, KVF_STORE_OP_GET, w->req_id, KVF_STORE_ST_SHUTTING_DOWN,
+                                  "store server is shutting down");
+            kvf__srv_waiter_free(srv, w, true);
         }
     }
-    dirty_flush(srv);
+    kvf__srv_dirty_flush(srv);
     while (!link_empty(&srv->conns))
-        conn_kill(srv, SRV_CONTAINER(srv->conns.next, struct srv_conn, link));
-    zombies_free(srv);
+        kvf__srv_conn_kill(srv, SRV_CONTAINER(srv->conns.next, struct srv_conn, link));
+    kvf__srv_zombies_free(srv);
 }
 
 static void *loop_main(void *arg)
@@ -1648,15 +977,15 @@ static void *loop_main(void *arg)
         for (int i = 0; i < n; i++) {
             void *tag = evs[i].data.ptr;
             if (tag == &srv->listen_fd)
-                accept_all(srv);
+                kvf__srv_accept_all(srv);
             else if (tag == &srv->evfd)
                 stop = true;
             else
-                conn_on_events(srv, tag, evs[i].events);
+                kvf__srv_conn_on_events(srv, tag, evs[i].events);
         }
         timers_run(srv);
-        dirty_flush(srv);
-        zombies_free(srv);
+        kvf__srv_dirty_flush(srv);
+        kvf__srv_zombies_free(srv);
     }
     conns_close_all(srv);
     KVF_INFO(SRV_LOG, "%s stopped", srv->url);
@@ -1716,7 +1045,7 @@ static int url_from_socket(struct kvf_store_server *srv, const char *url)
 
     if (getsockname(srv->listen_fd, (struct sockaddr *)&ss, &sl) < 0)
         return kvf__err(-errno, "store listen %s: getsockname: %s", url, strerror(errno));
-    sockaddr_format(&ss, hp, sizeof(hp));
+    kvf__srv_sockaddr_format(&ss, hp, sizeof(hp));
     snprintf(srv->url, sizeof(srv->url), "tcp://%s", hp);
     return 0;
 }
@@ -1742,8 +1071,8 @@ int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out)
     if (rc < 0)
         return rc;
     if (u.scheme != KVF_STORE_SCHEME_TCP)
-        return kvf__err(-KVF_EINVAL,
-                        "store listen %s: the built-in store serves tcp:// URLs only", listen_url);
+        return kvf__err(-KVF_EINVAL, "store listen %s: the built-in store serves tcp:// URLs only",
+                        listen_url);
 
     srv = calloc(1, sizeof(*srv));
     if (!srv)
@@ -1861,8 +1190,8 @@ void kvf_store_server_stop(kvf_store_server_t *srv)
 
     /* The loop closed every connection (and with them every waiter and watch) before exiting;
      * what is left is the data. */
-    tdestroy(srv->kv_root, entry_free);
-    tdestroy(srv->lease_root, lease_free);
+    tdestroy(srv->kv_root, kvf__srv_entry_free);
+    tdestroy(srv->lease_root, kvf__srv_lease_free);
     tdestroy(srv->waitkey_root, free); /* empty: waiters went with their connections */
     free(srv->heap);
     close(srv->evfd);
