@@ -23,19 +23,13 @@
 #include <stdint.h>
 
 #include "kvferry.h"
+/* The protocol's own limits (partial-frame timeout, output bound, longest wait) are there, with
+ * the store's other defaults and limits; the public ones are in kvferry.h. */
+#include "store/limits.h"
 
 #define KVF_STORE_MAGIC 0x5346564Bu /* bytes 'K' 'V' 'F' 'S' */
 #define KVF_STORE_PROTO_VERSION 1u
 #define KVF_STORE_HDR_LEN 16u
-
-/* A partial frame that has not completed within this time closes its connection, so a client
- * that sends half a frame and stalls cannot pin server memory forever. */
-#define KVF_STORE_PARTIAL_FRAME_TIMEOUT_MS 30000u
-/* A connection whose unsent output (answers and watch events it is not reading) grows past this
- * is closed: a slow consumer must not grow the server without bound. */
-#define KVF_STORE_MAX_OUTPUT_BYTES (256u << 20)
-/* Longest get-with-wait accepted. */
-#define KVF_STORE_MAX_WAIT_MS (3600u * 1000u)
 
 enum kvf_store_op {
     /* body: empty.  answer: empty. */

@@ -1,5 +1,5 @@
 /*
- * Internals of the built-in config store server (builtin_server.c) for tests and the library's
+ * Internals of the built-in config store server (server.c) for tests and the library's
  * own code. Not part of the public API.
  */
 #ifndef KVF_STORE_SERVER_INTERNAL_H

@@ -1,0 +1,336 @@
+/*
+ * Internals of the built-in config store server (tcp://), shared by its files; not part of the
+ * API. The server is an in-memory key-value map served by one thread running a single-threaded,
+ * level-triggered epoll loop. The wire protocol is in proto.h and docs/protocol.md.
+ *
+ * Everything but the public functions runs on the loop thread only, so nothing needs a lock.
+ * Three rules keep the loop safe:
+ *  - Every byte from a socket is untrusted. A frame header is validated before anything is
+ *    allocated for its body; a violation closes that one connection.
+ *  - A connection is only closed ("killed") at a safe point: while reading its own input, in the
+ *    timer pass, or while flushing output. Handlers that append answers or events to other
+ *    connections never close anything, because they may be iterating a list (watches, waiters)
+ *    that closing would change. Such an append that would take the connection's unsent output
+ *    past KVF_STORE_MAX_OUTPUT_BYTES is dropped and flags the connection ("overflow"); the flush
+ *    pass closes it.
+ *  - Output bounds: a connection's own requests stop being executed (and read) while more than
+ *    SRV_OUT_PAUSE_READ of its output is unsent; they resume from the flush path as it drains.
+ *    So unsent output is at most KVF_STORE_MAX_OUTPUT_BYTES, plus one answer.
+ *  - A killed connection's fd is closed and its waiters and watches are detached at once, but its
+ *    memory lives until the end of the loop iteration ("zombie"), because later events returned
+ *    by the same epoll_wait() may still point at it.
+ *
+ * The server is layered in files, each calling only the ones below it:
+ *
+ *   server.c        the loop thread; start, stop and the public kvf_store_server_* functions
+ *   server_conn.c   connections: accept, read, parse and dispatch, flush, close
+ *   server_ops.c    one handler per opcode: decode the request, act, answer
+ *   server_kv.c     the data: key-value map, leases, get-with-wait waiters, watches
+ *   server_reply.c  frames appended to a connection's output (answers and events)
+ *   server_timer.c  the min-heap of deadlines (waiters, leases, partial frames)
+ *
+ * The defaults and limits are in limits.h.
+ */
+#ifndef KVF_STORE_SERVER_H
+#define KVF_STORE_SERVER_H
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "common/common.h"
+#include "common/url.h"
+#include "common/wire.h"
+#include "store/limits.h"
+#include "store/proto.h"
+
+#define SRV_LOG "store"
+
+#define SRV_CONTAINER(ptr, type, member) ((type *)(void *)((char *)(ptr)-offsetof(type, member)))
+
+/* ---- intrusive doubly-linked lists ----------------------------------------------------------- */
+
+struct srv_link {
+    struct srv_link *prev, *next;
+};
+
+static inline void link_init(struct srv_link *h)
+{
+    h->prev = h->next = h;
+}
+
+static inline bool link_empty(const struct srv_link *h)
+{
+    return h->next == h;
+}
+
+static inline void link_add_tail(struct srv_link *h, struct srv_link *n)
+{
+    n->prev = h->prev;
+    n->next = h;
+    h->prev->next = n;
+    h->prev = n;
+}
+
+static inline void link_del(struct srv_link *n)
+{
+    n->prev->next = n->next;
+    n->next->prev = n->prev;
+    n->prev = n->next = n;
+}
+
+/* ---- data structures ------------------------------------------------------------------------- */
+
+/* A key as the tsearch() comparators see it. It is the first member of every struct kept in a
+ * key-ordered tree, so a pointer to such a struct is also a pointer to its srv_keyref. */
+struct srv_keyref {
+    const uint8_t *key;
+    uint32_t klen;
+};
+
+enum srv_timer_kind {
+    SRV_TIMER_WAITER,  /* get-with-wait deadline */
+    SRV_TIMER_LEASE,   /* lease expiry */
+    SRV_TIMER_PARTIAL, /* partial-frame timeout of a connection */
+};
+
+#define SRV_TIMER_IDLE SIZE_MAX
+
+/* An entry of the deadline min-heap, embedded in the object it times. */
+struct srv_timer {
+    uint64_t deadline_ms;
+    size_t idx; /* position in the heap, SRV_TIMER_IDLE when not armed */
+    enum srv_timer_kind kind;
+};
+
+struct srv_lease {
+    uint64_t id; /* first member: the lease tree compares ids */
+    uint32_t ttl_ms;
+    struct srv_timer timer;
+    struct srv_link keys; /* srv_entry.lease_link */
+};
+
+struct srv_entry {
+    struct srv_keyref k; /* first member, see srv_keyref */
+    uint8_t *val;        /* NULL when vlen is 0 */
+    uint32_t vlen;
+    struct srv_lease *lease;
+    struct srv_link lease_link;
+    uint8_t key[];
+};
+
+struct srv_conn;
+
+/* The get-with-wait requests pending on one absent key. */
+struct srv_waitkey {
+    struct srv_keyref k;     /* first member, see srv_keyref */
+    struct srv_link waiters; /* srv_waiter.key_link */
+    uint8_t key[];
+};
+
+struct srv_waiter {
+    struct srv_conn *conn;
+    uint32_t req_id;
+    struct srv_timer timer;
+    struct srv_waitkey *wk;
+    struct srv_link key_link;
+    struct srv_link conn_link;
+};
+
+struct srv_watch {
+    uint64_t id;
+    struct srv_conn *conn;
+    struct srv_link all_link;  /* kvf_store_server.watches */
+    struct srv_link conn_link; /* srv_conn.watches */
+    uint32_t plen;
+    uint8_t prefix[];
+};
+
+struct srv_conn {
+    int fd;
+    bool dead;
+    bool dirty;      /* on the server's dirty list: has output to flush */
+    bool overflow;   /* an event or woken answer was dropped: over the output cap; close it */
+    bool held;       /* conn_parse stopped on SRV_OUT_PAUSE_READ; resume when output drains */
+    uint32_t events; /* current epoll interest */
+    char peer[KVF_SESSION_ID_MAX];
+
+    uint8_t *in; /* received bytes not yet consumed: complete frames, then at most one partial */
+    size_t in_len, in_cap;
+    kvf_buf_t out; /* answers and events; bytes [out_off, out.len) are unsent */
+    size_t out_off;
+    struct srv_timer partial;
+
+    struct srv_link waiters; /* srv_waiter.conn_link */
+    unsigned nwaiters;
+    struct srv_link watches; /* srv_watch.conn_link */
+    unsigned nwatches;
+    uint64_t last_watch_id;
+
+    struct srv_link link;       /* kvf_store_server.conns, or .zombies once dead */
+    struct srv_link dirty_link; /* kvf_store_server.dirty */
+};
+
+struct kvf_store_server {
+    char url[KVF_HOST_MAX + 16];
+    int listen_fd;
+    int epfd;
+    int evfd; /* written by kvf_store_server_shutdown() */
+    pthread_t thread;
+
+    pthread_mutex_t mu; /* guards done and loop_rc, for kvf_store_server_wait() */
+    pthread_cond_t cond;
+    bool done;
+    int loop_rc;
+
+    /* Loop-thread state from here on. */
+    uint64_t now_ms; /* refreshed after every epoll_wait() */
+    uint64_t partial_timeout_ms;
+
+    void *kv_root;      /* tsearch tree of srv_entry, byte order of keys */
+    void *waitkey_root; /* tsearch tree of srv_waitkey */
+    void *lease_root;   /* tsearch tree of srv_lease, by id */
+    uint64_t next_lease_id;
+
+    struct srv_timer **heap;
+    size_t heap_len, heap_cap;
+
+    struct srv_link conns;
+    struct srv_link zombies;
+    struct srv_link dirty;
+    struct srv_link watches; /* every watch of every connection */
+    unsigned nconns;
+    bool stopping;             /* closing every connection: held requests are not resumed */
+    _Atomic unsigned nwaiters; /* get-with-wait requests parked, all connections */
+
+    bool accept_paused;
+    uint64_t accept_resume_ms;
+    uint64_t refused_log_ms; /* rate limit for "too many clients" warnings */
+    unsigned refused_since_log;
+};
+
+/* The request being answered. */
+struct srv_req {
+    uint8_t op;
+    uint32_t req_id;
+};
+
+/* ---- timers (server_timer.c) ---------------------------------------------------------------- */
+
+static inline void timer_init(struct srv_timer *t, enum srv_timer_kind kind)
+{
+    t->deadline_ms = 0;
+    t->idx = SRV_TIMER_IDLE;
+    t->kind = kind;
+}
+
+static inline bool timer_armed(const struct srv_timer *t)
+{
+    return t->idx != SRV_TIMER_IDLE;
+}
+
+/* Arm @t to fire at @deadline_ms, or move its deadline if it is armed. Returns 0, or -ENOMEM when
+ * the heap cannot grow (only possible when @t was not armed). */
+int kvf__srv_timer_arm(struct kvf_store_server *srv, struct srv_timer *t, uint64_t deadline_ms);
+/* Take @t out of the heap; nothing when it is not armed. */
+void kvf__srv_timer_disarm(struct kvf_store_server *srv, struct srv_timer *t);
+
+/* ---- output (server_reply.c) ---------------------------------------------------------------- */
+
+static inline size_t conn_pending_out(const struct srv_conn *c)
+{
+    return c->out.len - c->out_off;
+}
+
+/* Output pause: while true, @c's requests are neither executed nor read. */
+static inline bool conn_paused(const struct srv_conn *c)
+{
+    return conn_pending_out(c) > SRV_OUT_PAUSE_READ;
+}
+
+/* The name of opcode @op for messages ("?" when unknown). */
+const char *kvf__srv_op_name(unsigned op);
+/* Put @c on the list of connections the loop flushes at the end of this iteration. */
+void kvf__srv_conn_mark_dirty(struct kvf_store_server *srv, struct srv_conn *c);
+/* Whether an unrequested frame of @frame_len bytes (event, woken answer) may be appended to @c;
+ * when not, @c is flagged to be closed by the flush pass and nothing may be appended. */
+bool kvf__srv_conn_room_for(struct kvf_store_server *srv, struct srv_conn *c, size_t frame_len);
+/* Begin a frame in @c's output; returns its offset, to pass to kvf__srv_frame_end() once the body
+ * is appended to c->out. */
+size_t kvf__srv_frame_begin(struct srv_conn *c, uint8_t op, uint16_t status, uint32_t req_id);
+/* Finish the frame begun at @off (fill in its body length) and mark @c dirty. */
+void kvf__srv_frame_end(struct kvf_store_server *srv, struct srv_conn *c, size_t off);
+/* Answer @rq with status OK and an empty body, one u64, or one blob. */
+void kvf__srv_reply_empty(struct kvf_store_server *srv, struct srv_conn *c,
+                          const struct srv_req *rq);
+void kvf__srv_reply_u64(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                        uint64_t v);
+void kvf__srv_reply_blob(struct kvf_store_server *srv, struct srv_conn *c, uint8_t op,
+                         uint32_t req_id, const void *p, size_t n);
+/* Answer @rq, or request @req_id of opcode @op, with a non-zero @status and a formatted message. */
+void kvf__srv_reply_err(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                        uint16_t status, const char *fmt, ...) KVF__PRINTF(5, 6);
+void kvf__srv_reply_err_to(struct kvf_store_server *srv, struct srv_conn *c, uint8_t op,
+                           uint32_t req_id, uint16_t status, const char *fmt, ...)
+    KVF__PRINTF(6, 7);
+
+/* ---- the data (server_kv.c) ----------------------------------------------------------------- */
+
+/* Orders leases by id, for the lease tree (tsearch). */
+int kvf__srv_lease_cmp(const void *a, const void *b);
+/* Park a get-with-wait of @c (request @req_id) on @key until @deadline_ms. Returns 0 or -ENOMEM. */
+int kvf__srv_waiter_add(struct kvf_store_server *srv, struct srv_conn *c, uint32_t req_id,
+                        const uint8_t *key, uint32_t klen, uint64_t deadline_ms);
+/* Drop waiter @w without answering it; with @free_empty_key also its key's entry once empty. */
+void kvf__srv_waiter_free(struct kvf_store_server *srv, struct srv_waiter *w, bool free_empty_key);
+/* Drop watch @w from the server's and its connection's lists and free it. */
+void kvf__srv_watch_free(struct srv_watch *w);
+/* The entry of @key, or NULL. */
+struct srv_entry *kvf__srv_kv_find(struct kvf_store_server *srv, const uint8_t *key, uint32_t klen);
+/* Set @key to @val (waking its waiters, notifying watches); see the definition for @set_lease.
+ * Returns 0 or -ENOMEM. */
+int kvf__srv_kv_put(struct kvf_store_server *srv, const uint8_t *key, uint32_t klen,
+                    const uint8_t *val, uint32_t vlen, bool set_lease, struct srv_lease *lease);
+/* Delete entry @e, notifying watches. */
+void kvf__srv_kv_delete(struct kvf_store_server *srv, struct srv_entry *e);
+/* tdestroy() callbacks for the key-value and lease trees at server stop. */
+void kvf__srv_entry_free(void *p);
+void kvf__srv_lease_free(void *p);
+/* End @lease now: delete its keys (with events) and free it. */
+void kvf__srv_lease_end(struct kvf_store_server *srv, struct srv_lease *lease);
+/* The live lease @id, or NULL (ending it first if its TTL has passed). */
+struct srv_lease *kvf__srv_lease_find(struct kvf_store_server *srv, uint64_t id);
+
+/* ---- op handlers (server_ops.c) ------------------------------------------------------------- */
+
+/* Handles request @rq of @c, whose body @rd reads; always answers, or parks the request. */
+typedef void (*srv_op_fn)(struct kvf_store_server *, struct srv_conn *, const struct srv_req *,
+                          kvf_rd_t *);
+/* The handler of each opcode, NULL for an opcode that is not a request. */
+extern const srv_op_fn kvf__srv_ops[KVF_STORE_OP_LEASE_REVOKE + 1];
+
+/* ---- connections (server_conn.c) ------------------------------------------------------------ */
+
+/* Close @c at once (fd, waiters, watches); its memory goes in kvf__srv_zombies_free(). */
+void kvf__srv_conn_kill(struct kvf_store_server *srv, struct srv_conn *c);
+/* Log at warn level why @c is closed (numbers and fixed text only), then close it. */
+void kvf__srv_conn_close_warn(struct kvf_store_server *srv, struct srv_conn *c, const char *fmt,
+                              ...) KVF__PRINTF(3, 4);
+/* Free the memory of the connections closed in this loop iteration. */
+void kvf__srv_zombies_free(struct kvf_store_server *srv);
+/* Flush every connection with new output, closing those over their output limit. */
+void kvf__srv_dirty_flush(struct kvf_store_server *srv);
+/* Handle the epoll @events of connection @c: read and run its requests, flush its output. */
+void kvf__srv_conn_on_events(struct kvf_store_server *srv, struct srv_conn *c, uint32_t events);
+/* Write @ss as "host:port" (or "[v6]:port") into @buf. */
+void kvf__srv_sockaddr_format(const struct sockaddr_storage *ss, char *buf, size_t len);
+/* Stop (@pause) or resume accepting; a pause lasts SRV_ACCEPT_PAUSE_MS, see timers_run(). */
+void kvf__srv_accept_pause(struct kvf_store_server *srv, bool pause);
+/* Accept the pending connections (at most SRV_ACCEPTS_PER_EVENT). */
+void kvf__srv_accept_all(struct kvf_store_server *srv);
+
+#endif

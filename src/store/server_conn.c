@@ -1,0 +1,409 @@
+/*
+ * Connections of the store server: accepting them, reading and validating frames, dispatching
+ * requests to the op handlers, flushing output, pausing a client that does not read, and closing
+ * (at the safe points described in server.h).
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "store/server.h"
+
+/* ---- connections ----------------------------------------------------------------------------- */
+
+/* Close @c now: its fd, waiters and watches go at once; its memory at the end of the loop
+ * iteration (see the comment at the top of server.h). */
+void kvf__srv_conn_kill(struct kvf_store_server *srv, struct srv_conn *c)
+{
+    if (c->dead)
+        return;
+    while (!link_empty(&c->waiters))
+        kvf__srv_waiter_free(srv, SRV_CONTAINER(c->waiters.next, struct srv_waiter, conn_link),
+                             true);
+    while (!link_empty(&c->watches))
+        kvf__srv_watch_free(SRV_CONTAINER(c->watches.next, struct srv_watch, conn_link));
+    kvf__srv_timer_disarm(srv, &c->partial);
+    if (c->dirty) {
+        link_del(&c->dirty_link);
+        c->dirty = false;
+    }
+    epoll_ctl(srv->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->fd = -1;
+    c->dead = true;
+    link_del(&c->link);
+    link_add_tail(&srv->zombies, &c->link);
+    srv->nconns--;
+}
+
+/* Log why @c is being closed (warn level: a client broke a rule or a resource ran out) and close
+ * it. Reasons are built from numbers and fixed text only, never from received bytes. */
+void kvf__srv_conn_close_warn(struct kvf_store_server *srv, struct srv_conn *c, const char *fmt,
+                              ...)
+{
+    char reason[SRV_ERRMSG_MAX];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(reason, sizeof(reason), fmt, ap);
+    va_end(ap);
+    KVF_WARN(SRV_LOG, "closing connection from %s: %s", c->peer, reason);
+    kvf__srv_conn_kill(srv, c);
+}
+
+void kvf__srv_zombies_free(struct kvf_store_server *srv)
+{
+    while (!link_empty(&srv->zombies)) {
+        struct srv_conn *c = SRV_CONTAINER(srv->zombies.next, struct srv_conn, link);
+        link_del(&c->link);
+        free(c->in);
+        kvf__buf_free(&c->out);
+        free(c);
+    }
+}
+
+/* Set @c's epoll interest from its state: read unless too much output is waiting, write while
+ * any is. The partial-frame timer only runs while we read: a frame we stopped reading is our
+ * doing, not the client's. */
+static void conn_update_events(struct kvf_store_server *srv, struct srv_conn *c)
+{
+    bool reading = !conn_paused(c);
+    uint32_t want = (reading ? EPOLLIN : 0u) | (conn_pending_out(c) ? EPOLLOUT : 0u);
+    if (want != c->events) {
+        struct epoll_event ev = {.events = want, .data.ptr = c};
+        if (epoll_ctl(srv->epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) {
+            kvf__srv_conn_close_warn(srv, c, "epoll_ctl: %s", strerror(errno));
+            return;
+        }
+        c->events = want;
+    }
+    if (!reading)
+        kvf__srv_timer_disarm(srv, &c->partial);
+    else if (c->in_len && !timer_armed(&c->partial) &&
+             kvf__srv_timer_arm(srv, &c->partial, srv->now_ms + srv->partial_timeout_ms) < 0)
+        kvf__srv_conn_close_warn(srv, c, "out of memory");
+}
+
+/* Send as much pending output as the socket takes now. */
+static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c);
+
+static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
+{
+    while (c->out_off < c->out.len) {
+        ssize_t n = send(c->fd, c->out.data + c->out_off, c->out.len - c->out_off,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+            c->out_off += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        /* The peer went away; that is routine, not worth a warning. */
+        KVF_DEBUG(SRV_LOG, "closing connection from %s: send: %s", c->peer,
+                  n < 0 ? strerror(errno) : "no progress");
+        kvf__srv_conn_kill(srv, c);
+        return;
+    }
+    if (c->out_off == c->out.len) {
+        c->out.len = 0;
+        c->out_off = 0;
+        if (c->out.cap > SRV_OUT_KEEP)
+            kvf__buf_free(&c->out);
+    } else if (c->out_off >= SRV_IN_KEEP && c->out_off >= c->out.len / 2) {
+        /* Reclaim the sent part once it is at least half the buffer: amortised O(1) per byte. */
+        kvf__buf_consume(&c->out, c->out_off);
+        c->out_off = 0;
+    }
+    /* Resume the requests held by the output pause. A safe point: we are flushing @c. Their
+     * answers mark @c dirty again, so the flush pass of this iteration sends them. */
+    if (c->held && !conn_paused(c) && !srv->stopping) {
+        c->held = false;
+        conn_parse(srv, c);
+        if (c->dead)
+            return;
+    }
+    conn_update_events(srv, c);
+}
+
+/* Flush every connection that got output in this iteration, closing those that overflowed. */
+void kvf__srv_dirty_flush(struct kvf_store_server *srv)
+{
+    while (!link_empty(&srv->dirty)) {
+        struct srv_conn *c = SRV_CONTAINER(srv->dirty.next, struct srv_conn, dirty_link);
+        link_del(&c->dirty_link);
+        c->dirty = false;
+        if (c->out.oom) {
+            kvf__srv_conn_close_warn(srv, c, "out of memory for its output");
+            continue;
+        }
+        if (c->overflow) {
+            kvf__srv_conn_close_warn(srv, c,
+                                     "unread output (%zu bytes) plus a watch event or wait answer "
+                                     "would exceed %u",
+                                     conn_pending_out(c), KVF_STORE_MAX_OUTPUT_BYTES);
+            continue;
+        }
+        if (conn_pending_out(c) > KVF_STORE_MAX_OUTPUT_BYTES) {
+            kvf__srv_conn_close_warn(srv, c, "%zu bytes of unread output exceed %u",
+                                     conn_pending_out(c), KVF_STORE_MAX_OUTPUT_BYTES);
+            continue;
+        }
+        conn_flush(srv, c);
+    }
+}
+
+/* Check a frame header. Returns NULL if it is acceptable, else a reason (fixed text with
+ * numbers) written into @why. */
+static const char *header_problem(const uint8_t *h, char *why, size_t whylen)
+{
+    uint32_t magic = kvf__get_le32(h);
+    uint8_t version = h[4], op = h[5];
+    uint16_t status = kvf__get_le16(h + 6);
+    uint32_t body_len = kvf__get_le32(h + 12);
+
+    if (magic != KVF_STORE_MAGIC)
+        snprintf(why, whylen, "bad magic 0x%08" PRIx32, magic);
+    else if (version != KVF_STORE_PROTO_VERSION)
+        snprintf(why, whylen, "unsupported protocol version %u (want %u)", (unsigned)version,
+                 KVF_STORE_PROTO_VERSION);
+    else if (op >= KVF__ARRAY_SIZE(kvf__srv_ops) || !kvf__srv_ops[op])
+        snprintf(why, whylen, "unknown opcode %u", (unsigned)op);
+    else if (status != 0)
+        snprintf(why, whylen, "status %u in a request", (unsigned)status);
+    else if (body_len > KVF_STORE_MAX_FRAME_LEN)
+        snprintf(why, whylen, "body of %" PRIu32 " bytes exceeds %u", body_len,
+                 KVF_STORE_MAX_FRAME_LEN);
+    else
+        return NULL;
+    return why;
+}
+
+static void conn_dispatch(struct kvf_store_server *srv, struct srv_conn *c, const uint8_t *h)
+{
+    struct srv_req rq = {.op = h[5], .req_id = kvf__get_le32(h + 8)};
+    kvf_rd_t rd;
+    kvf__rd_init(&rd, h + KVF_STORE_HDR_LEN, kvf__get_le32(h + 12));
+    kvf__srv_ops[rq.op](srv, c, &rq, &rd);
+}
+
+/* Run the complete frames in @c's input, then size the buffer for what is left. Stops early,
+ * setting c->held, while @c's unsent output is above SRV_OUT_PAUSE_READ; conn_flush() resumes. */
+static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c)
+{
+    size_t pos = 0;
+    bool completed = false;
+    char why[128];
+
+    c->held = false;
+    while (c->in_len - pos >= KVF_STORE_HDR_LEN) {
+        if (conn_paused(c)) {
+            c->held = true;
+            break;
+        }
+        const uint8_t *h = c->in + pos;
+        if (header_problem(h, why, sizeof(why))) {
+            kvf__srv_conn_close_warn(srv, c, "%s", why);
+            return;
+        }
+        size_t frame_len = KVF_STORE_HDR_LEN + (size_t)kvf__get_le32(h + 12);
+        if (c->in_len - pos < frame_len)
+            break;
+        conn_dispatch(srv, c, h);
+        pos += frame_len;
+        completed = true;
+    }
+    if (pos) {
+        memmove(c->in, c->in + pos, c->in_len - pos);
+        c->in_len -= pos;
+    }
+
+    /* The partial-frame clock starts when the first byte of a frame arrives. It does not run
+     * while held: input we do not look at is our doing, not a stalled client. */
+    if (c->in_len == 0 || c->held)
+        kvf__srv_timer_disarm(srv, &c->partial);
+    else if ((completed || !timer_armed(&c->partial)) &&
+             kvf__srv_timer_arm(srv, &c->partial, srv->now_ms + srv->partial_timeout_ms) < 0) {
+        kvf__srv_conn_close_warn(srv, c, "out of memory");
+        return;
+    }
+
+    /* Held: the frames left are kept as they are (their headers are not validated yet, so their
+     * lengths cannot size anything); nothing is read until they have run. */
+    if (c->held)
+        return;
+
+    /* The header of a partial frame is validated above, so its length can be trusted now. */
+    size_t need = SRV_IN_MIN;
+    if (c->in_len >= KVF_STORE_HDR_LEN && KVF_STORE_HDR_LEN + kvf__get_le32(c->in + 12) > need)
+        need = KVF_STORE_HDR_LEN + (size_t)kvf__get_le32(c->in + 12);
+    if (c->in_cap < need || (c->in_cap > SRV_IN_KEEP && c->in_cap > need)) {
+        uint8_t *p = realloc(c->in, need);
+        if (p) {
+            c->in = p;
+            c->in_cap = need;
+        } else if (c->in_cap < need) {
+            kvf__srv_conn_close_warn(srv, c, "out of memory for a frame of %zu bytes", need);
+        }
+    }
+}
+
+static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
+{
+    if (!c->in) {
+        c->in = malloc(SRV_IN_MIN);
+        if (!c->in) {
+            kvf__srv_conn_close_warn(srv, c, "out of memory");
+            return;
+        }
+        c->in_cap = SRV_IN_MIN;
+    }
+    /* While paused (or holding requests) nothing is read: the input stays bounded by one buffer,
+     * and the socket's own buffers push back on the client. */
+    for (int i = 0; i < SRV_READS_PER_EVENT && !c->dead && !c->held && !conn_paused(c); i++) {
+        size_t room = c->in_cap - c->in_len;
+        if (room == 0)
+            break;
+        ssize_t n = recv(c->fd, c->in + c->in_len, room, MSG_DONTWAIT);
+        if (n > 0) {
+            c->in_len += (size_t)n;
+            conn_parse(srv, c);
+            if ((size_t)n < room)
+                break; /* drained; level-triggered epoll reports more */
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        if (n == 0) {
+            if (c->in_len)
+                KVF_INFO(SRV_LOG, "%s closed the connection in the middle of a frame", c->peer);
+            else
+                KVF_DEBUG(SRV_LOG, "%s disconnected", c->peer);
+            /* Answers to its last requests may still get out if it only shut down writing. */
+            if (!c->out.oom)
+                conn_flush(srv, c);
+        } else {
+            KVF_DEBUG(SRV_LOG, "closing connection from %s: recv: %s", c->peer, strerror(errno));
+        }
+        kvf__srv_conn_kill(srv, c);
+        return;
+    }
+}
+
+void kvf__srv_conn_on_events(struct kvf_store_server *srv, struct srv_conn *c, uint32_t events)
+{
+    if (c->dead)
+        return;
+    if ((events & EPOLLIN) || ((events & (EPOLLHUP | EPOLLERR)) && (c->events & EPOLLIN)))
+        conn_read(srv, c);
+    if (!c->dead && (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)))
+        conn_flush(srv, c);
+}
+
+void kvf__srv_sockaddr_format(const struct sockaddr_storage *ss, char *buf, size_t len)
+{
+    kvf_hostport_t hp;
+    memset(&hp, 0, sizeof(hp));
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &sin->sin_addr, hp.host, sizeof(hp.host));
+        hp.kind = KVF_HOST_IPV4;
+        hp.port = ntohs(sin->sin_port);
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &sin6->sin6_addr, hp.host, sizeof(hp.host));
+        hp.kind = KVF_HOST_IPV6;
+        hp.port = ntohs(sin6->sin6_port);
+    } else {
+        snprintf(buf, len, "?");
+        return;
+    }
+    kvf__hostport_format(&hp, buf, len);
+}
+
+static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr_storage *ss)
+{
+    int one = 1;
+    /* Requests and answers are small and latency-bound. */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+
+    struct srv_conn *c = calloc(1, sizeof(*c));
+    if (!c) {
+        KVF_WARN(SRV_LOG, "refusing a connection: out of memory");
+        close(fd);
+        return;
+    }
+    c->fd = fd;
+    kvf__srv_sockaddr_format(ss, c->peer, sizeof(c->peer));
+    kvf__buf_init(&c->out);
+    timer_init(&c->partial, SRV_TIMER_PARTIAL);
+    link_init(&c->waiters);
+    link_init(&c->watches);
+    link_init(&c->dirty_link);
+    c->events = EPOLLIN;
+    struct epoll_event ev = {.events = c->events, .data.ptr = c};
+    if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        KVF_WARN(SRV_LOG, "refusing connection from %s: epoll_ctl: %s", c->peer, strerror(errno));
+        close(fd);
+        free(c);
+        return;
+    }
+    link_add_tail(&srv->conns, &c->link);
+    srv->nconns++;
+    KVF_DEBUG(SRV_LOG, "connection from %s", c->peer);
+}
+
+void kvf__srv_accept_pause(struct kvf_store_server *srv, bool pause)
+{
+    struct epoll_event ev = {.events = pause ? 0u : EPOLLIN, .data.ptr = &srv->listen_fd};
+    epoll_ctl(srv->epfd, EPOLL_CTL_MOD, srv->listen_fd, &ev);
+    srv->accept_paused = pause;
+    srv->accept_resume_ms = srv->now_ms + SRV_ACCEPT_PAUSE_MS;
+}
+
+void kvf__srv_accept_all(struct kvf_store_server *srv)
+{
+    for (int i = 0; i < SRV_ACCEPTS_PER_EVENT; i++) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        int fd = accept4(srv->listen_fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return;
+            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                KVF_WARN(SRV_LOG, "accept: %s; not accepting for %u ms", strerror(errno),
+                         SRV_ACCEPT_PAUSE_MS);
+                kvf__srv_accept_pause(srv, true);
+                return;
+            }
+            /* EINTR, ECONNABORTED and the network errors Linux passes on from a dead pending
+             * connection concern that one connection only. */
+            continue;
+        }
+        if (srv->nconns >= KVF_STORE_MAX_CLIENTS) {
+            /* One warning per second at most: a flood of refusals must not flood the log. */
+            srv->refused_since_log++;
+            if (srv->now_ms >= srv->refused_log_ms + 1000) {
+                char peer[KVF_SESSION_ID_MAX];
+                kvf__srv_sockaddr_format(&ss, peer, sizeof(peer));
+                KVF_WARN(SRV_LOG, "refusing connection from %s: %u clients connected (%u refused)",
+                         peer, KVF_STORE_MAX_CLIENTS, srv->refused_since_log);
+                srv->refused_log_ms = srv->now_ms;
+                srv->refused_since_log = 0;
+            }
+            close(fd);
+            continue;
+        }
+        conn_new(srv, fd, &ss);
+    }
+}

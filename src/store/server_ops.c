@@ -1,0 +1,484 @@
+/*
+ * The op handlers of the store server, one per opcode: each decodes its request body, checks it
+ * against the limits, acts on the data (server_kv.c) and answers (server_reply.c). A body that
+ * does not decode gets BAD_REQUEST; the connection stays.
+ */
+#include <inttypes.h>
+#include <search.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "store/server.h"
+
+/* ---- request decoding helpers ---------------------------------------------------------------- */
+
+/* Blobs are read without a length limit (the frame bounds them); each op then checks its own
+ * limits so that an oversized key or value gets TOO_BIG rather than BAD_REQUEST. */
+static bool rd_blob32(kvf_rd_t *rd, const uint8_t **p, uint32_t *n)
+{
+    size_t len = 0;
+    if (!kvf__rd_blob(rd, KVF_STORE_MAX_FRAME_LEN, p, &len))
+        return false;
+    *n = (uint32_t)len;
+    return true;
+}
+
+/* After the last field: true if the body decoded exactly, else answer BAD_REQUEST. */
+static bool decode_done(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                        const kvf_rd_t *rd)
+{
+    if (rd->bad) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST, "malformed %s request body",
+                           kvf__srv_op_name(rq->op));
+        return false;
+    }
+    if (rd->left) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST,
+                           "%zu unexpected bytes after the %s request", rd->left,
+                           kvf__srv_op_name(rq->op));
+        return false;
+    }
+    return true;
+}
+
+static bool check_key(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                      uint32_t klen)
+{
+    if (klen == 0) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST, "key is empty");
+        return false;
+    }
+    if (klen > KVF_STORE_MAX_KEY_LEN) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "key of %" PRIu32 " bytes exceeds %u",
+                           klen, KVF_STORE_MAX_KEY_LEN);
+        return false;
+    }
+    return true;
+}
+
+static bool check_prefix(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                         uint32_t plen)
+{
+    if (plen > KVF_STORE_MAX_KEY_LEN) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG,
+                           "prefix of %" PRIu32 " bytes exceeds %u", plen, KVF_STORE_MAX_KEY_LEN);
+        return false;
+    }
+    return true;
+}
+
+static bool check_value(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                        uint32_t vlen)
+{
+    if (vlen > KVF_STORE_MAX_VALUE_LEN) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG,
+                           "value of %" PRIu32 " bytes exceeds %u", vlen, KVF_STORE_MAX_VALUE_LEN);
+        return false;
+    }
+    return true;
+}
+
+/* Resolve the lease field of SET/CAS. Returns false after answering LEASE_NOT_FOUND. */
+static bool resolve_lease(struct kvf_store_server *srv, struct srv_conn *c,
+                          const struct srv_req *rq, uint64_t id, struct srv_lease **out)
+{
+    *out = NULL;
+    if (id == 0)
+        return true;
+    *out = kvf__srv_lease_find(srv, id);
+    if (!*out) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found",
+                           id);
+        return false;
+    }
+    return true;
+}
+
+static void reply_oom(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq)
+{
+    KVF_WARN(SRV_LOG, "%s: %s: out of memory", c->peer, kvf__srv_op_name(rq->op));
+    kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BUSY, "store server out of memory");
+}
+
+/* Strict decimal int64: an optional '-', then one or more digits; nothing else. */
+static bool parse_i64(const uint8_t *p, uint32_t n, int64_t *out)
+{
+    uint32_t i = 0;
+    bool neg = false;
+    int64_t v = 0;
+    if (n && p[0] == '-') {
+        neg = true;
+        i = 1;
+    }
+    if (i == n)
+        return false;
+    for (; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9')
+            return false;
+        int d = p[i] - '0';
+        /* Accumulate with the final sign so that INT64_MIN parses. */
+        if (__builtin_mul_overflow(v, 10, &v))
+            return false;
+        if (neg ? __builtin_sub_overflow(v, d, &v) : __builtin_add_overflow(v, d, &v))
+            return false;
+    }
+    *out = v;
+    return true;
+}
+
+/* ---- ops ------------------------------------------------------------------------------------- */
+
+static void op_ping(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                    kvf_rd_t *rd)
+{
+    if (decode_done(srv, c, rq, rd))
+        kvf__srv_reply_empty(srv, c, rq);
+}
+
+static void op_set(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                   kvf_rd_t *rd)
+{
+    const uint8_t *key = NULL, *val = NULL;
+    uint32_t klen = 0, vlen = 0;
+    uint64_t lease_id = 0;
+    struct srv_lease *lease;
+
+    rd_blob32(rd, &key, &klen);
+    rd_blob32(rd, &val, &vlen);
+    kvf__rd_u64(rd, &lease_id);
+    if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen) ||
+        !check_value(srv, c, rq, vlen) || !resolve_lease(srv, c, rq, lease_id, &lease))
+        return;
+    if (kvf__srv_kv_put(srv, key, klen, val, vlen, true, lease) < 0) {
+        reply_oom(srv, c, rq);
+        return;
+    }
+    kvf__srv_reply_empty(srv, c, rq);
+}
+
+static void op_get(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                   kvf_rd_t *rd)
+{
+    const uint8_t *key = NULL;
+    uint32_t klen = 0, wait_ms = 0;
+
+    rd_blob32(rd, &key, &klen);
+    kvf__rd_u32(rd, &wait_ms);
+    if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen))
+        return;
+    struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
+    if (e) {
+        kvf__srv_reply_blob(srv, c, rq->op, rq->req_id, e->val, e->vlen);
+        return;
+    }
+    if (wait_ms == 0) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_NOT_FOUND, "key not found");
+        return;
+    }
+    if (c->nwaiters >= KVF_STORE_MAX_WAITERS_PER_CLIENT) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BUSY,
+                           "%u get-with-wait requests already pending",
+                           KVF_STORE_MAX_WAITERS_PER_CLIENT);
+        return;
+    }
+    if (wait_ms > KVF_STORE_MAX_WAIT_MS)
+        wait_ms = KVF_STORE_MAX_WAIT_MS;
+    /* The answer comes later: from kvf__srv_kv_put() via waiters_wake(), or from the timer. */
+    if (kvf__srv_waiter_add(srv, c, rq->req_id, key, klen, srv->now_ms + wait_ms) < 0)
+        reply_oom(srv, c, rq);
+}
+
+static void op_del(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                   kvf_rd_t *rd)
+{
+    const uint8_t *key = NULL;
+    uint32_t klen = 0;
+
+    rd_blob32(rd, &key, &klen);
+    if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen))
+        return;
+    struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
+    if (!e) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_NOT_FOUND, "key not found");
+        return;
+    }
+    kvf__srv_kv_delete(srv, e);
+    kvf__srv_reply_empty(srv, c, rq);
+}
+
+static void op_cas(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                   kvf_rd_t *rd)
+{
+    const uint8_t *key = NULL, *expected = NULL, *val = NULL;
+    uint32_t klen = 0, elen = 0, vlen = 0;
+    uint8_t expect_present = 0;
+    uint64_t lease_id = 0;
+    struct srv_lease *lease;
+
+    rd_blob32(rd, &key, &klen);
+    kvf__rd_u8(rd, &expect_present);
+    rd_blob32(rd, &expected, &elen);
+    rd_blob32(rd, &val, &vlen);
+    kvf__rd_u64(rd, &lease_id);
+    if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen))
+        return;
+    if (expect_present > 1 || (!expect_present && elen)) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST,
+                           "expect_present must be 0 (with an empty expected value) or 1");
+        return;
+    }
+    if (!check_value(srv, c, rq, vlen) || !resolve_lease(srv, c, rq, lease_id, &lease))
+        return;
+    struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
+    if (!expect_present && e) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_CAS_MISMATCH, "key exists");
+        return;
+    }
+    if (expect_present && !e) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_CAS_MISMATCH, "key is absent");
+        return;
+    }
+    if (expect_present && (e->vlen != elen || (elen && memcmp(e->val, expected, elen) != 0))) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_CAS_MISMATCH,
+                           "value differs from the expected one");
+        return;
+    }
+    if (kvf__srv_kv_put(srv, key, klen, val, vlen, true, lease) < 0) {
+        reply_oom(srv, c, rq);
+        return;
+    }
+    kvf__srv_reply_empty(srv, c, rq);
+}
+
+static void op_add(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                   kvf_rd_t *rd)
+{
+    const uint8_t *key = NULL;
+    uint32_t klen = 0;
+    uint64_t udelta = 0;
+    int64_t cur = 0, delta, sum;
+    char text[24];
+
+    rd_blob32(rd, &key, &klen);
+    kvf__rd_u64(rd, &udelta);
+    if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen))
+        return;
+    memcpy(&delta, &udelta, sizeof(delta)); /* two's complement on the wire and in the host */
+    struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
+    if (e && !parse_i64(e->val, e->vlen, &cur)) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_VALUE,
+                           "value of %" PRIu32 " bytes is not a decimal int64", e->vlen);
+        return;
+    }
+    if (__builtin_add_overflow(cur, delta, &sum)) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_OUT_OF_RANGE,
+                           "%" PRId64 " + %" PRId64 " overflows int64", cur, delta);
+        return;
+    }
+    int n = snprintf(text, sizeof(text), "%" PRId64, sum);
+    /* ADD has no lease field: an existing key keeps its lease, a new one has none. */
+    if (kvf__srv_kv_put(srv, key, klen, (const uint8_t *)text, (uint32_t)n, false, NULL) < 0) {
+        reply_oom(srv, c, rq);
+        return;
+    }
+    kvf__srv_reply_u64(srv, c, rq, (uint64_t)sum);
+}
+
+/* LIST walks the whole tree (twalk_r cannot start at the prefix); it is the one op allowed to
+ * be O(n). A first pass sizes the answer so that an oversized one is refused before any byte of
+ * it is written. */
+struct list_walk {
+    const uint8_t *prefix;
+    uint32_t plen;
+    size_t count;
+    size_t bytes;   /* body bytes of the answer */
+    kvf_buf_t *out; /* NULL in the sizing pass */
+};
+
+static void list_visit(const void *nodep, VISIT which, void *closure)
+{
+    if (which != postorder && which != leaf)
+        return;
+    const struct srv_entry *e = *(const struct srv_entry *const *)nodep;
+    struct list_walk *lw = closure;
+    if (lw->plen > e->k.klen || (lw->plen && memcmp(e->key, lw->prefix, lw->plen) != 0))
+        return;
+    if (lw->out) {
+        kvf__buf_put_blob(lw->out, e->key, e->k.klen);
+        kvf__buf_put_blob(lw->out, e->val, e->vlen);
+    } else if (lw->count <= KVF_STORE_MAX_LIST_KEYS && lw->bytes <= KVF_STORE_MAX_FRAME_LEN) {
+        lw->bytes += 8u + e->k.klen + e->vlen;
+    }
+    lw->count++;
+}
+
+static void op_list(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                    kvf_rd_t *rd)
+{
+    struct list_walk lw = {0};
+
+    rd_blob32(rd, &lw.prefix, &lw.plen);
+    if (!decode_done(srv, c, rq, rd) || !check_prefix(srv, c, rq, lw.plen))
+        return;
+    lw.bytes = 4;
+    twalk_r(srv->kv_root, list_visit, &lw);
+    if (lw.count > KVF_STORE_MAX_LIST_KEYS) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "%zu keys match, more than %u",
+                           lw.count, KVF_STORE_MAX_LIST_KEYS);
+        return;
+    }
+    if (lw.bytes > KVF_STORE_MAX_FRAME_LEN) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG, "answer of %zu bytes exceeds %u",
+                           lw.bytes, KVF_STORE_MAX_FRAME_LEN);
+        return;
+    }
+    size_t off = kvf__srv_frame_begin(c, rq->op, KVF_STORE_ST_OK, rq->req_id);
+    kvf__buf_put_u32(&c->out, (uint32_t)lw.count);
+    lw.count = 0;
+    lw.out = &c->out;
+    twalk_r(srv->kv_root, list_visit, &lw);
+    kvf__srv_frame_end(srv, c, off);
+}
+
+static void op_watch(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                     kvf_rd_t *rd)
+{
+    const uint8_t *prefix = NULL;
+    uint32_t plen = 0;
+
+    rd_blob32(rd, &prefix, &plen);
+    if (!decode_done(srv, c, rq, rd) || !check_prefix(srv, c, rq, plen))
+        return;
+    if (c->nwatches >= KVF_STORE_MAX_WATCHES_PER_CLIENT) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BUSY,
+                           "%u watches already active on this connection",
+                           KVF_STORE_MAX_WATCHES_PER_CLIENT);
+        return;
+    }
+    struct srv_watch *w = malloc(sizeof(*w) + plen);
+    if (!w) {
+        reply_oom(srv, c, rq);
+        return;
+    }
+    w->id = ++c->last_watch_id;
+    w->conn = c;
+    w->plen = plen;
+    if (plen)
+        memcpy(w->prefix, prefix, plen);
+    link_add_tail(&srv->watches, &w->all_link);
+    link_add_tail(&c->watches, &w->conn_link);
+    c->nwatches++;
+    kvf__srv_reply_u64(srv, c, rq, w->id);
+}
+
+static void op_unwatch(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                       kvf_rd_t *rd)
+{
+    uint64_t id = 0;
+
+    kvf__rd_u64(rd, &id);
+    if (!decode_done(srv, c, rq, rd))
+        return;
+    for (struct srv_link *l = c->watches.next; l != &c->watches; l = l->next) {
+        struct srv_watch *w = SRV_CONTAINER(l, struct srv_watch, conn_link);
+        if (w->id == id) {
+            kvf__srv_watch_free(w);
+            kvf__srv_reply_empty(srv, c, rq);
+            return;
+        }
+    }
+    kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_NOT_FOUND, "watch %" PRIu64 " not found", id);
+}
+
+static void op_lease_grant(struct kvf_store_server *srv, struct srv_conn *c,
+                           const struct srv_req *rq, kvf_rd_t *rd)
+{
+    uint32_t ttl_ms = 0;
+
+    kvf__rd_u32(rd, &ttl_ms);
+    if (!decode_done(srv, c, rq, rd))
+        return;
+    if (ttl_ms < 1 || ttl_ms > KVF_STORE_MAX_LEASE_TTL_MS) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST,
+                           "lease ttl %" PRIu32 " ms is not in 1..%u", ttl_ms,
+                           KVF_STORE_MAX_LEASE_TTL_MS);
+        return;
+    }
+    struct srv_lease *lease = malloc(sizeof(*lease));
+    if (!lease)
+        goto out_oom;
+    /* Ids count up from a random base: unique for this server's lifetime, and unlikely to equal
+     * an id a client still holds from a previous server on the same port. */
+    do
+        lease->id = srv->next_lease_id++;
+    while (lease->id == 0);
+    lease->ttl_ms = ttl_ms;
+    link_init(&lease->keys);
+    timer_init(&lease->timer, SRV_TIMER_LEASE);
+    if (kvf__srv_timer_arm(srv, &lease->timer, srv->now_ms + ttl_ms) < 0)
+        goto out_free_lease;
+    if (!tsearch(lease, &srv->lease_root, kvf__srv_lease_cmp))
+        goto out_disarm;
+    kvf__srv_reply_u64(srv, c, rq, lease->id);
+    return;
+
+out_disarm:
+    kvf__srv_timer_disarm(srv, &lease->timer);
+out_free_lease:
+    free(lease);
+out_oom:
+    reply_oom(srv, c, rq);
+}
+
+static void op_lease_keepalive(struct kvf_store_server *srv, struct srv_conn *c,
+                               const struct srv_req *rq, kvf_rd_t *rd)
+{
+    uint64_t id = 0;
+
+    kvf__rd_u64(rd, &id);
+    if (!decode_done(srv, c, rq, rd))
+        return;
+    struct srv_lease *lease = kvf__srv_lease_find(srv, id);
+    if (!lease) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found",
+                           id);
+        return;
+    }
+    /* Moving an armed timer cannot fail. */
+    kvf__srv_timer_arm(srv, &lease->timer, srv->now_ms + lease->ttl_ms);
+    kvf__srv_reply_empty(srv, c, rq);
+}
+
+static void op_lease_revoke(struct kvf_store_server *srv, struct srv_conn *c,
+                            const struct srv_req *rq, kvf_rd_t *rd)
+{
+    uint64_t id = 0;
+
+    kvf__rd_u64(rd, &id);
+    if (!decode_done(srv, c, rq, rd))
+        return;
+    struct srv_lease *lease = kvf__srv_lease_find(srv, id);
+    if (!lease) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found",
+                           id);
+        return;
+    }
+    kvf__srv_lease_end(srv, lease);
+    kvf__srv_reply_empty(srv, c, rq);
+}
+
+const srv_op_fn kvf__srv_ops[] = {
+    [KVF_STORE_OP_PING] = op_ping,
+    [KVF_STORE_OP_SET] = op_set,
+    [KVF_STORE_OP_GET] = op_get,
+    [KVF_STORE_OP_DEL] = op_del,
+    [KVF_STORE_OP_CAS] = op_cas,
+    [KVF_STORE_OP_ADD] = op_add,
+    [KVF_STORE_OP_LIST] = op_list,
+    [KVF_STORE_OP_WATCH] = op_watch,
+    [KVF_STORE_OP_UNWATCH] = op_unwatch,
+    [KVF_STORE_OP_LEASE_GRANT] = op_lease_grant,
+    [KVF_STORE_OP_LEASE_KEEPALIVE] = op_lease_keepalive,
+    [KVF_STORE_OP_LEASE_REVOKE] = op_lease_revoke,
+};
