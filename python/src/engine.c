@@ -8,6 +8,8 @@
  */
 #include "kvferry_py.h"
 
+#include <time.h>
+
 typedef struct {
     PyObject_HEAD
     kvfpy_guard_t guard; /* holds the kvf_engine_t */
@@ -34,15 +36,15 @@ static kvf_engine_t *engine_enter(EngineObject *self, const char *op, int *rc)
     if (e)
         return e;
     if (kvfpy_guard_was_closed(&self->guard))
-        *rc = kvf__err(-KVF_ECLOSED,
-                       "%s: the engine has been destroyed (call initialize() "
-                       "again to start a new one)",
-                       op);
+        *rc = kvf_last_error_set(-KVF_ECLOSED,
+                                 "%s: the engine has been destroyed (call initialize() "
+                                 "again to start a new one)",
+                                 op);
     else
-        *rc = kvf__err(-KVF_EINVAL,
-                       "%s: the engine is not initialized (call initialize() "
-                       "first)",
-                       op);
+        *rc = kvf_last_error_set(-KVF_EINVAL,
+                                 "%s: the engine is not initialized (call initialize() "
+                                 "first)",
+                                 op);
     return NULL;
 }
 
@@ -511,8 +513,9 @@ static int notify_get(PyObject *obj, const char *op, const char *what, PyObject 
         return KVFPY_PYERR;
     }
     if (PyBytes_GET_SIZE(bytes) > KVF_NOTIFY_MAX) {
-        int rc = kvf__err(-KVF_ETOOBIG, "%s: %s is %zd bytes, more than the %d-byte limit (KVF_NOTIFY_MAX)",
-                          op, what, PyBytes_GET_SIZE(bytes), KVF_NOTIFY_MAX);
+        int rc = kvf_last_error_set(
+            -KVF_ETOOBIG, "%s: %s is %zd bytes, more than the %d-byte limit (KVF_NOTIFY_MAX)", op,
+            what, PyBytes_GET_SIZE(bytes), KVF_NOTIFY_MAX);
         Py_DECREF(bytes);
         return rc;
     }
@@ -819,11 +822,12 @@ static kvfpy_batch_t *batch_enter(EngineObject *self, const char *op, long long 
     kvfpy_batch_t *x = id > 0 ? kvfpy_batches_get(&self->batches, (uint64_t)id) : NULL;
     if (!x) {
         engine_leave(self);
-        *rc = kvf__err(-KVF_EINVAL,
-                       "%s: batch id %lld is unknown: not returned by a submit on this engine, "
-                       "or already released (an id is released once its final status has been "
-                       "returned)",
-                       op, id);
+        *rc = kvf_last_error_set(
+            -KVF_EINVAL,
+            "%s: batch id %lld is unknown: not returned by a submit on this engine, "
+            "or already released (an id is released once its final status has been "
+            "returned)",
+            op, id);
     }
     return x;
 }
@@ -1005,16 +1009,17 @@ static PyObject *Engine_get_batch_transfer_status(EngineObject *self, PyObject *
     for (Py_ssize_t i = 0; i < n; i++) {
         kvfpy_batch_t *x = v[i] > 0 ? kvfpy_batches_get(&self->batches, (uint64_t)v[i]) : NULL;
         if (!x) {
-            rc = kvf__err(-KVF_EINVAL,
-                          "%s: batch_ids[%zd]: batch id %lld is unknown: not returned by a "
-                          "submit on this engine, or already released",
-                          op, i, v[i]);
+            rc = kvf_last_error_set(
+                -KVF_EINVAL,
+                "%s: batch_ids[%zd]: batch id %lld is unknown: not returned by a "
+                "submit on this engine, or already released",
+                op, i, v[i]);
         } else {
             rc = kvf_batch_wait(x->b, -1);
             if (rc == KVF_BATCH_PENDING)
-                rc = kvf__err(-KVF_ETIMEDOUT,
-                              "%s: batch id %lld did not complete in time; it is not released",
-                              op, v[i]);
+                rc = kvf_last_error_set(
+                    -KVF_ETIMEDOUT,
+                    "%s: batch id %lld did not complete in time; it is not released", op, v[i]);
             kvfpy_batch_t *d = kvfpy_batches_put(&self->batches, x, rc != -KVF_ETIMEDOUT);
             if (d) {
                 d->next = dead;
@@ -1031,7 +1036,7 @@ static PyObject *Engine_get_batch_transfer_status(EngineObject *self, PyObject *
     batches_free(dead);
     PyMem_Free(v);
     if (first < 0)
-        kvf__err(first, "%s", first_msg);
+        kvf_last_error_set(first, "%s", first_msg);
     return PyLong_FromLong(first);
 }
 
@@ -1174,6 +1179,15 @@ static PyObject *Engine_wait_for_peer(EngineObject *self, PyObject *args, PyObje
     return PyLong_FromLong(rc);
 }
 
+/* Milliseconds on the monotonic clock, for get_peer_events()'s slices. */
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
 #define PEER_CHUNK 64
 /* kvf_peer_events() is not promised to return on kvf_engine_shutdown(), so a long wait is made
  * of slices this long, between which destroy() is noticed. */
@@ -1200,17 +1214,17 @@ static PyObject *Engine_get_peer_events(EngineObject *self, PyObject *args, PyOb
         return PyErr_NoMemory();
     }
     Py_BEGIN_ALLOW_THREADS
-    uint64_t deadline = ms < 0 ? UINT64_MAX : kvf__now_ms() + (uint64_t)ms;
+    uint64_t deadline = ms < 0 ? UINT64_MAX : now_ms() + (uint64_t)ms;
     for (;;) {
-        uint64_t now = kvf__now_ms();
+        uint64_t now = now_ms();
         int slice = ms < 0 || deadline - now > PEER_SLICE_MS ? PEER_SLICE_MS : (int)(deadline - now);
         if (ms == 0)
             slice = 0;
         n = kvf_peer_events(e, ev, PEER_CHUNK, slice);
-        if (n != 0 || ms == 0 || kvf__now_ms() >= deadline)
+        if (n != 0 || ms == 0 || now_ms() >= deadline)
             break;
         if (__atomic_load_n(&self->closing, __ATOMIC_ACQUIRE)) {
-            n = kvf__err(-KVF_ECLOSED, "get_peer_events: the engine is being destroyed");
+            n = kvf_last_error_set(-KVF_ECLOSED, "get_peer_events: the engine is being destroyed");
             break;
         }
     }

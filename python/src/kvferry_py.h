@@ -19,8 +19,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "common/common.h"
 #include "kvferry.h"
+
+/* The module's own attribute: printf-style arguments are checked against their format. */
+#define KVFPY_PRINTF(f, a) __attribute__((format(printf, f, a)))
 
 /* ---- handle guard (guard.c) ---------------------------------------------------------------- */
 
@@ -135,15 +137,18 @@ int kvfpy_int(PyObject *obj, const char *what, int *out);
 /* A UTF-8 string from a str (valid while @obj lives); -1 with TypeError/ValueError. */
 int kvfpy_str(PyObject *obj, const char *what, const char **out);
 
-/* ---- module (module.c) -------------------------------------------------------------------- */
+
+/* ---- errors (errors.c) -------------------------------------------------------------------- */
 
 /* kvferry.Error: raised by the Pythonic extras (peer_regions, Store, StoreServer) on failure. */
 extern PyObject *kvfpy_Error;
+/* Create kvferry.Error and add it to module @m as "Error". 0, or -1 with an exception set. */
+int kvfpy_errors_add(PyObject *m);
 /* Raise kvferry.Error(code, message) from a negative C return code and the last-error text. */
 PyObject *kvfpy_raise(int rc);
 /* Set the C library's last-error message from the extension (so get_last_err_msg() sees it)
  * and return @rc as a Python int. */
-PyObject *kvfpy_fail(int rc, const char *fmt, ...) KVF__PRINTF(2, 3);
+PyObject *kvfpy_fail(int rc, const char *fmt, ...) KVFPY_PRINTF(2, 3);
 
 /* ---- types --------------------------------------------------------------------------------- */
 
