@@ -96,6 +96,24 @@ KVF_API const char *kvf_last_error(void);
 /** kvf_last_error_clear - reset this thread's last-error message to "". */
 KVF_API void kvf_last_error_clear(void);
 
+/**
+ * kvf_last_error_set - record a message as this thread's last error, for bindings and wrappers.
+ * @code: the code the failing call returns (0 or negative); handed back unchanged.
+ * @fmt: printf-style format of the message, followed by its arguments. They may point into the
+ *       current message (kvf_last_error()), so a wrapper can quote it.
+ * Sets what kvf_last_error() returns on the calling thread only, as kvferry's own failing calls
+ * do, so that a binding's own argument errors read the same way; the message is also logged at
+ * debug level. A message longer than the slot (1023 bytes) is cut at its end.
+ * Returns @code, so a failing path reads `return kvf_last_error_set(-KVF_EINVAL, "...", x);`.
+ */
+#if defined(__GNUC__) || defined(__clang__)
+#define KVF__FORMAT_PRINTF_2_3 __attribute__((format(printf, 2, 3)))
+#else
+#define KVF__FORMAT_PRINTF_2_3
+#endif
+KVF_API int kvf_last_error_set(int code, const char *fmt, ...) KVF__FORMAT_PRINTF_2_3;
+#undef KVF__FORMAT_PRINTF_2_3
+
 /* ---------------------------------------------------------------------------------------------
  * Logging
  * ------------------------------------------------------------------------------------------- */

@@ -139,6 +139,7 @@ static void last_error_clear(void **state)
 }
 
 struct thread_result {
+    int use_set;       /* fail through kvf_last_error_set() rather than a failing call */
     char initial[64];  /* kvf_last_error() when the thread starts */
     int rc;            /* of its own failing call */
     char after[1024];  /* kvf_last_error() after that call */
@@ -148,7 +149,10 @@ static void *other_thread(void *arg)
 {
     struct thread_result *r = arg;
     snprintf(r->initial, sizeof(r->initial), "%s", kvf_last_error());
-    r->rc = kvf_log_set_level(-5);
+    if (r->use_set)
+        r->rc = kvf_last_error_set(-KVF_EPEERGONE, "set by the other thread");
+    else
+        r->rc = kvf_log_set_level(-5);
     snprintf(r->after, sizeof(r->after), "%s", kvf_last_error());
     return NULL;
 }
@@ -174,6 +178,66 @@ static void last_error_is_thread_local(void **state)
     /* ...and left this thread's alone. */
     assert_last_error_contains("log level 7");
     assert_null(strstr(kvf_last_error(), "-5"));
+}
+
+/* kvf_last_error_set: what bindings and wrappers use to report their own failures. */
+static void last_error_set_is_read_back(void **state)
+{
+    (void)state;
+    kvf_last_error_clear();
+    assert_int_equal(kvf_last_error_set(-KVF_ENOTSUP, "tls %s for %s", "on", "tcp://h:1"),
+                     -KVF_ENOTSUP);
+    assert_string_equal(kvf_last_error(), "tls on for tcp://h:1");
+    /* A later message replaces the earlier one, and may quote it. */
+    assert_int_equal(kvf_last_error_set(-KVF_EINVAL, "wrapper: %s", kvf_last_error()),
+                     -KVF_EINVAL);
+    assert_string_equal(kvf_last_error(), "wrapper: tls on for tcp://h:1");
+}
+
+static void last_error_set_returns_the_code(void **state)
+{
+    static const int codes[] = {0, -KVF_EINVAL, -KVF_ECLOSED, -ECONNREFUSED, -ETIMEDOUT, INT_MIN};
+    (void)state;
+    for (size_t i = 0; i < KVF__ARRAY_SIZE(codes); i++) {
+        print_message("%d\n", codes[i]);
+        assert_int_equal(kvf_last_error_set(codes[i], "code %zu", i), codes[i]);
+        char want[32];
+        snprintf(want, sizeof(want), "code %zu", i);
+        assert_string_equal(kvf_last_error(), want);
+    }
+}
+
+static void last_error_set_cuts_a_long_message(void **state)
+{
+    (void)state;
+    /* The width makes 3,000 characters of a short format: more than the slot's 1,023. */
+    assert_int_equal(kvf_last_error_set(-KVF_ETOOBIG, "head%2996s", "tail"), -KVF_ETOOBIG);
+    assert_int_equal(strlen(kvf_last_error()), 1023);
+    assert_memory_equal(kvf_last_error(), "head    ", 8);
+    assert_null(strstr(kvf_last_error(), "tail"));
+    /* Quoting a full slot into itself is safe: the start survives, the end is cut. */
+    assert_int_equal(kvf_last_error_set(-KVF_EINVAL, "again: %s", kvf_last_error()), -KVF_EINVAL);
+    assert_int_equal(strlen(kvf_last_error()), 1023);
+    assert_memory_equal(kvf_last_error(), "again: head    ", 15);
+}
+
+static void last_error_set_is_thread_local(void **state)
+{
+    struct thread_result r;
+    pthread_t t;
+    (void)state;
+    memset(&r, 0, sizeof(r));
+    r.use_set = 1;
+    assert_int_equal(kvf_last_error_set(-KVF_EINVAL, "set by this thread"), -KVF_EINVAL);
+
+    assert_int_equal(pthread_create(&t, NULL, other_thread, &r), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+
+    /* Neither thread sees the other's message. */
+    assert_string_equal(r.initial, "");
+    assert_int_equal(r.rc, -KVF_EPEERGONE);
+    assert_string_equal(r.after, "set by the other thread");
+    assert_string_equal(kvf_last_error(), "set by this thread");
 }
 
 /* The private helpers every failing path uses. */
@@ -236,6 +300,10 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(last_error_survives_success),
     cmocka_unit_test(last_error_clear),
     cmocka_unit_test(last_error_is_thread_local),
+    cmocka_unit_test(last_error_set_is_read_back),
+    cmocka_unit_test(last_error_set_returns_the_code),
+    cmocka_unit_test(last_error_set_cuts_a_long_message),
+    cmocka_unit_test(last_error_set_is_thread_local),
     cmocka_unit_test(int_min_is_unknown),
     cmocka_unit_test(err_may_quote_the_last_error),
     cmocka_unit_test(err_and_wrap),

@@ -312,3 +312,110 @@ PyObject *kvfpy_span_pin(kvfpy_span_t *s)
     s->has_view = 0;
     return cap;
 }
+
+/* PySequence_Fast of @obj, or NULL with a TypeError naming @what. */
+PyObject *kvfpy_as_list(PyObject *obj, const char *what)
+{
+    if (PyUnicode_Check(obj) || PyBytes_Check(obj) || PyByteArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a list or tuple, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(obj, "");
+    if (!seq) {
+        PyErr_Format(PyExc_TypeError, "%s must be a list or tuple, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    return seq;
+}
+
+int kvfpy_check_same_len(PyObject *a, const char *an, PyObject *b, const char *bn)
+{
+    if (PySequence_Fast_GET_SIZE(a) != PySequence_Fast_GET_SIZE(b)) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd elements but %s has %zd", an,
+                     PySequence_Fast_GET_SIZE(a), bn, PySequence_Fast_GET_SIZE(b));
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * Convert parallel lists of local buffers and lengths (@lens_seq may be NULL: whole objects)
+ * into spans and sizes. On success the caller releases the @n spans and frees both arrays.
+ */
+int kvfpy_spans_from_lists(PyObject *bufs, PyObject *lens_seq, unsigned flags,
+                           const char *bufs_name, kvfpy_span_t **spans_out, size_t **lens_out)
+{
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(bufs);
+    kvfpy_span_t *spans = PyMem_Calloc((size_t)(n ? n : 1), sizeof(*spans));
+    size_t *lens = PyMem_Calloc((size_t)(n ? n : 1), sizeof(*lens));
+    Py_ssize_t i = 0;
+    char what[64];
+
+    if (!spans || !lens) {
+        PyErr_NoMemory();
+        goto out_free;
+    }
+    for (; i < n; i++) {
+        snprintf(what, sizeof(what), "%s[%zd]", bufs_name, i);
+        if (kvfpy_span_get(PySequence_Fast_GET_ITEM(bufs, i), flags, what, &spans[i]) < 0)
+            goto out_release;
+        PyObject *l = lens_seq ? PySequence_Fast_GET_ITEM(lens_seq, i) : NULL;
+        if (kvfpy_span_len(&spans[i], l, what, &lens[i]) < 0) {
+            i++;
+            goto out_release;
+        }
+    }
+    *spans_out = spans;
+    *lens_out = lens;
+    return 0;
+
+out_release:
+    while (i-- > 0)
+        kvfpy_span_release(&spans[i]);
+out_free:
+    PyMem_Free(spans);
+    PyMem_Free(lens);
+    return -1;
+}
+
+/* A timeout in seconds (int or float, >= 0) as milliseconds, rounded up; None gives @none_ms.
+ * -1 with TypeError/ValueError set. */
+int kvfpy_timeout_get(PyObject *obj, const char *what, int none_ms, int *out)
+{
+    if (!obj || obj == Py_None) {
+        *out = none_ms;
+        return 0;
+    }
+    if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyIndex_Check(obj))) {
+        PyErr_Format(PyExc_TypeError, "%s must be a number of seconds or None, not %.100s", what,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    double t = PyFloat_AsDouble(obj);
+    if (t == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(t >= 0)) { /* also NaN */
+        PyErr_Format(PyExc_ValueError, "%s must be >= 0 seconds (or None), got %R", what, obj);
+        return -1;
+    }
+    double ms = t * 1000.0;
+    if (ms > (double)INT_MAX)
+        *out = INT_MAX;
+    else
+        *out = (int)ms + ((double)(int)ms < ms);
+    return 0;
+}
+
+/* The C library's elements of a batch: local @spans with @lens bytes each, to @remotes. */
+kvf_xfer_t *kvfpy_xfers_make(kvf_op_t op, kvfpy_span_t *spans, const size_t *lens,
+                             const uint64_t *remotes, size_t n)
+{
+    kvf_xfer_t *x = PyMem_Malloc((n ? n : 1) * sizeof(*x));
+    if (!x)
+        return NULL;
+    for (size_t i = 0; i < n; i++)
+        x[i] = (kvf_xfer_t){.op = op, .local = spans[i].addr, .remote = remotes[i], .len = lens[i]};
+    return x;
+}

@@ -19,8 +19,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "common/common.h"
 #include "kvferry.h"
+
+/* The module's own attribute: printf-style arguments are checked against their format. */
+#define KVFPY_PRINTF(f, a) __attribute__((format(printf, f, a)))
 
 /* ---- handle guard (guard.c) ---------------------------------------------------------------- */
 
@@ -135,15 +137,35 @@ int kvfpy_int(PyObject *obj, const char *what, int *out);
 /* A UTF-8 string from a str (valid while @obj lives); -1 with TypeError/ValueError. */
 int kvfpy_str(PyObject *obj, const char *what, const char **out);
 
-/* ---- module (module.c) -------------------------------------------------------------------- */
+/* PySequence_Fast of @obj (a list or tuple, not a str or bytes), or NULL with a TypeError naming
+ * @what. */
+PyObject *kvfpy_as_list(PyObject *obj, const char *what);
+/* 0 when the sequences @a and @b (from kvfpy_as_list) have the same length, else -1 with a
+ * ValueError naming both. */
+int kvfpy_check_same_len(PyObject *a, const char *an, PyObject *b, const char *bn);
+/* Spans and lengths of parallel lists of local buffers and lengths (@lens_seq may be NULL:
+ * whole objects); 0, or -1 with an exception set. On success the caller releases the spans and
+ * frees both arrays (PyMem_Free). */
+int kvfpy_spans_from_lists(PyObject *bufs, PyObject *lens_seq, unsigned flags,
+                           const char *bufs_name, kvfpy_span_t **spans_out, size_t **lens_out);
+/* A timeout in seconds (int or float, >= 0) as milliseconds, rounded up; None gives @none_ms.
+ * -1 with TypeError/ValueError naming @what. */
+int kvfpy_timeout_get(PyObject *obj, const char *what, int none_ms, int *out);
+/* The kvf_xfer_t elements of a batch (PyMem_Free them), or NULL when out of memory. */
+kvf_xfer_t *kvfpy_xfers_make(kvf_op_t op, kvfpy_span_t *spans, const size_t *lens,
+                             const uint64_t *remotes, size_t n);
+
+/* ---- errors (errors.c) -------------------------------------------------------------------- */
 
 /* kvferry.Error: raised by the Pythonic extras (peer_regions, Store, StoreServer) on failure. */
 extern PyObject *kvfpy_Error;
+/* Create kvferry.Error and add it to module @m as "Error". 0, or -1 with an exception set. */
+int kvfpy_errors_add(PyObject *m);
 /* Raise kvferry.Error(code, message) from a negative C return code and the last-error text. */
 PyObject *kvfpy_raise(int rc);
 /* Set the C library's last-error message from the extension (so get_last_err_msg() sees it)
  * and return @rc as a Python int. */
-PyObject *kvfpy_fail(int rc, const char *fmt, ...) KVF__PRINTF(2, 3);
+PyObject *kvfpy_fail(int rc, const char *fmt, ...) KVFPY_PRINTF(2, 3);
 
 /* ---- types --------------------------------------------------------------------------------- */
 

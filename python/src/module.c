@@ -1,51 +1,14 @@
 /*
  * The module kvferry._kvferry: the seed's module functions (create_config_store, set_log_level,
- * set_conf_store_tls, get_last_err_msg), the error helpers, and the types. The package
- * kvferry/__init__.py re-exports all of it.
+ * set_conf_store_tls, get_last_err_msg), kvferry.Error (errors.c) and the types. The package
+ * kvferry/__init__.py re-exports all of it. The top of the module's files: it assembles the
+ * others and nothing calls it.
  */
-#include <stdarg.h>
-
 #include "kvferry_py.h"
-
-PyObject *kvfpy_Error;
 
 /* Config stores started by create_config_store(): a list of StoreServer objects that lives as
  * long as the module, as the seed's in-process store lives as long as its process. */
 static PyObject *config_stores;
-
-PyObject *kvfpy_raise(int rc)
-{
-    const char *detail = kvf_last_error();
-    PyObject *msg = PyUnicode_FromFormat("%s (%s, %d)%s%s", kvf_strerror(rc), kvf_err_name(rc), rc,
-                                         *detail ? ": " : "", detail);
-    if (!msg)
-        return NULL;
-    PyObject *exc = PyObject_CallOneArg(kvfpy_Error, msg);
-    Py_DECREF(msg);
-    if (!exc)
-        return NULL;
-    PyObject *code = PyLong_FromLong(rc);
-    if (!code || PyObject_SetAttrString(exc, "code", code) < 0) {
-        Py_XDECREF(code);
-        Py_DECREF(exc);
-        return NULL;
-    }
-    Py_DECREF(code);
-    PyErr_SetObject(kvfpy_Error, exc);
-    Py_DECREF(exc);
-    return NULL;
-}
-
-PyObject *kvfpy_fail(int rc, const char *fmt, ...)
-{
-    char buf[512];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    return PyLong_FromLong(kvf__err(rc, "%s", buf));
-}
 
 static PyObject *mod_create_config_store(PyObject *mod, PyObject *args, PyObject *kwds)
 {
@@ -178,18 +141,8 @@ PyMODINIT_FUNC PyInit__kvferry(void)
         add_type(m, &kvfpy_StoreServerType, "StoreServer") < 0)
         goto out_err;
 
-    kvfpy_Error = PyErr_NewExceptionWithDoc(
-        "kvferry.Error",
-        "A kvferry call failed. .code is the negative return code; the message includes "
-        "get_last_err_msg().",
-        PyExc_RuntimeError, NULL);
-    if (!kvfpy_Error)
+    if (kvfpy_errors_add(m) < 0)
         goto out_err;
-    Py_INCREF(kvfpy_Error);
-    if (PyModule_AddObject(m, "Error", kvfpy_Error) < 0) {
-        Py_DECREF(kvfpy_Error);
-        goto out_err;
-    }
 
     config_stores = PyList_New(0);
     if (!config_stores)

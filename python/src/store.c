@@ -84,7 +84,7 @@ static kvf_store_t *store_enter(StoreObject *self)
 {
     kvf_store_t *st = kvfpy_guard_enter(&self->guard);
     if (!st)
-        kvfpy_raise(kvf__err(-KVF_ECLOSED, "the store client is closed"));
+        kvfpy_raise(kvf_last_error_set(-KVF_ECLOSED, "the store client is closed"));
     return st;
 }
 

@@ -19,9 +19,10 @@
 /*
  * kvf__err - record a detailed message in this thread's last-error slot and return @code, so a
  * failing path reads `return kvf__err(-KVF_EINVAL, "session id %s: ...", sid);`.
- * The message is also logged at debug level.
+ * The message is also logged at debug level. The library's short name for the public
+ * kvf_last_error_set(), which bindings use for their own errors: one function, one behaviour.
  */
-int kvf__err(int code, const char *fmt, ...) KVF__PRINTF(2, 3);
+#define kvf__err kvf_last_error_set
 
 /* Prefix the current last-error message with "<prefix>: ", keeping @code. Used by callers that
  * add context ("store tcp://h:p: ") to an error a lower layer already described. */

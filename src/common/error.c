@@ -70,7 +70,7 @@ void kvf_last_error_clear(void)
     last_error[0] = '\0';
 }
 
-int kvf__err(int code, const char *fmt, ...)
+int kvf_last_error_set(int code, const char *fmt, ...)
 {
     /* Format into a copy first: the arguments may point into last_error itself. */
     char msg[LAST_ERROR_MAX];
