@@ -52,57 +52,19 @@
 #include "common/wire.h"
 #include "common/regions.h"
 #include "transport/transport.h"
+#include "transport/tcp_proto.h"
 
 #define TCP_LOG "tcp"
 
 /* ---------------------------------------------------------------------------------------------
- * Wire format and limits (docs/protocol.md, "Transfer protocol")
+ * Limits and defaults of this implementation (the wire format's are in tcp_proto.h)
  * ------------------------------------------------------------------------------------------- */
 
-#define KVF_TCP_MAGIC   0x5446564Bu /* "KVFT" as bytes on the wire */
-#define KVF_TCP_VERSION 1
-#define KVF_TCP_HDR_LEN 40
-
-#define KVF_TCP_HELLO  1
-#define KVF_TCP_WRITE  2
-#define KVF_TCP_READ   3
-#define KVF_TCP_RESP   4
-#define KVF_TCP_NOTIFY 5
-#define KVF_TCP_WRITEV 6
-
-/* Largest `len` of one WRITE or READ (and of a READ's answer). Longer elements are split. */
-#define KVF_TCP_MAX_CHUNK (64u << 20)
-/* Largest HELLO payload (session id) and error-message payload of a RESP. */
-#define KVF_TCP_MAX_MSG 1024u
-/* Segments of one WRITEV: a gathered write of several small elements (addr = the count, len =
- * their total bytes, at most KVF_TCP_MAX_CHUNK). */
-#define KVF_TCP_MAX_SEGS 256u
-#define KVF_TCP_SEG_LEN  16u
 /* Elements up to this size are gathered into WRITEVs by the initiator. */
 #define TCP_GATHER_ELEM_MAX (256u << 10)
-/* Requests one initiator keeps outstanding on one connection (a power of two: the slot index
- * is the low bits of req_id). A target needs no such limit: it serves one request at a time and
- * TCP flow control holds back the rest. */
-#define KVF_TCP_MAX_INFLIGHT 128u
-#define TCP_SLOT_BITS        7
-/* Connections one target serves at once; more are accepted and closed at once. */
-#define KVF_TCP_MAX_CONNS 1024u
-/* Longest a target waits for progress on a frame it has started to receive or send; a client
- * that stops in the middle of a frame is disconnected after this (its region reference is
- * released). */
-#define KVF_TCP_STALL_TIMEOUT_MS 30000u
-/* A frame's payload must also arrive at no less than KVF_TCP_MIN_RATE_BYTES_PER_MS after a base
- * allowance, so that a client cannot hold a region reference for ever by trickling bytes (which
- * restarts the stall timer): with the largest frame a reference is held at most
- * 2 s + 64 MiB / 10 MB/s, about 8.7 s, well under the operation timeout an unregister waits. */
-#define KVF_TCP_FRAME_BASE_MS         2000u
-#define KVF_TCP_MIN_RATE_BYTES_PER_MS 10000u
-/* A new connection must complete its HELLO within this, so idle sockets cannot fill
- * KVF_TCP_MAX_CONNS and lock real peers out. */
-#define KVF_TCP_HELLO_TIMEOUT_MS 5000u
-/* Connections an initiator may open to one peer. */
-#define KVF_TCP_MAX_CONNS_PER_PEER 64u
-
+/* A req_id's low bits are the index of its slot (KVF_TCP_MAX_INFLIGHT of them). */
+#define TCP_SLOT_BITS 7
+/* Defaults of kvf_transport_params_t's zero fields. */
 #define TCP_DEFAULT_CONNS      2u
 #define TCP_DEFAULT_CHUNK      (4u << 20)
 #define TCP_DEFAULT_CONNECT_MS 3000u
@@ -116,62 +78,6 @@
 #define TCP_ADDR_LEN    KVF_SESSION_ID_MAX
 
 _Static_assert((1u << TCP_SLOT_BITS) == KVF_TCP_MAX_INFLIGHT, "slot index bits");
-
-typedef struct {
-    uint32_t magic;
-    uint8_t version;
-    uint8_t type;
-    uint16_t flags;
-    uint32_t status;
-    uint32_t reserved;
-    uint64_t req_id;
-    uint64_t addr;
-    uint64_t len;
-} tcp_hdr_t;
-
-static void tcp_hdr_encode(uint8_t *b, uint8_t type, uint32_t status, uint64_t req_id,
-                           uint64_t addr, uint64_t len)
-{
-    kvf__put_le32(b, KVF_TCP_MAGIC);
-    b[4] = KVF_TCP_VERSION;
-    b[5] = type;
-    kvf__put_le16(b + 6, 0);
-    kvf__put_le32(b + 8, status);
-    kvf__put_le32(b + 12, 0);
-    kvf__put_le64(b + 16, req_id);
-    kvf__put_le64(b + 24, addr);
-    kvf__put_le64(b + 32, len);
-}
-
-static void tcp_hdr_decode(const uint8_t *b, tcp_hdr_t *h)
-{
-    h->magic = kvf__get_le32(b);
-    h->version = b[4];
-    h->type = b[5];
-    h->flags = kvf__get_le16(b + 6);
-    h->status = kvf__get_le32(b + 8);
-    h->reserved = kvf__get_le32(b + 12);
-    h->req_id = kvf__get_le64(b + 16);
-    h->addr = kvf__get_le64(b + 24);
-    h->len = kvf__get_le64(b + 32);
-}
-
-/* Checks shared by both directions. Returns false with a reason made of numbers only (received
- * bytes are never echoed into logs). */
-static bool tcp_hdr_common_ok(const tcp_hdr_t *h, char *why, size_t whylen)
-{
-    if (h->magic != KVF_TCP_MAGIC)
-        snprintf(why, whylen, "bad magic 0x%08" PRIx32, h->magic);
-    else if (h->version != KVF_TCP_VERSION)
-        snprintf(why, whylen, "unsupported version %u", (unsigned)h->version);
-    else if (h->flags != 0)
-        snprintf(why, whylen, "non-zero flags 0x%04x", (unsigned)h->flags);
-    else if (h->reserved != 0)
-        snprintf(why, whylen, "non-zero reserved field 0x%08" PRIx32, h->reserved);
-    else
-        return true;
-    return false;
-}
 
 /* ---------------------------------------------------------------------------------------------
  * Socket helpers
@@ -886,8 +792,8 @@ static void tcp_accept_one(struct tcp_transport *t)
                  KVF_TCP_MAX_CONNS);
         goto out_free;
     }
-    int rc = kvf__thread_start(&sc->thread, "kvf-tcp-serve", KVF_THREAD_SMALL_STACK,
-                               tcp_sconn_main, sc);
+    int rc =
+        kvf__thread_start(&sc->thread, "kvf-tcp-serve", KVF_THREAD_SMALL_STACK, tcp_sconn_main, sc);
     if (rc) {
         pthread_mutex_unlock(&t->mu);
         KVF_WARN(TCP_LOG, "refusing connection from %s: thread: %s", addr, strerror(-rc));
@@ -1520,8 +1426,8 @@ static int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
         c->rx_active = -1;
         c->reader = TCP_READER_NONE;
         c->inline_b = NULL;
-        int prc = kvf__thread_start(&c->rx_thread, "kvf-tcp-rx", KVF_THREAD_SMALL_STACK,
-                                    tcp_rx_main, c);
+        int prc =
+            kvf__thread_start(&c->rx_thread, "kvf-tcp-rx", KVF_THREAD_SMALL_STACK, tcp_rx_main, c);
         if (prc) {
             snprintf(why, sizeof(why), "receiver thread: %s", strerror(-prc));
             rc = prc;
