@@ -6,7 +6,12 @@
  *   tcp_io.c      socket helpers: whole sends and receives bounded by deadlines
  *   tcp_target.c  the target side: the accept thread, one serving thread per connection, and
  *                 the authoritative checks of every request against the region table
- *   tcp.c         the transport: create, destroy, the ops table; the initiator side
+ *   tcp_conn.c    one initiator connection: its slots, breaking it, its receiver thread,
+ *                 connecting it with a HELLO
+ *   tcp_peer.c    a peer handle: its connections, opened and closed
+ *   tcp_xfer.c    transfer() and notify(): posting chunks, gathering small writes, batches,
+ *                 waiting for their answers
+ *   tcp.c         the transport: create, destroy, the ops table
  *
  * Initiator side. A peer handle owns conns_per_peer connections, opened lazily. The thread that
  * calls transfer() sends its own requests (header and payload in one sendmsg() straight from the
@@ -277,5 +282,71 @@ void *tcp_accept_main(void *arg);
 /* Join and free the connections whose threads have ended (all of them with @all). Called with
  * t->mu NOT held; takes it to unlink. */
 void tcp_reap_sconns(struct tcp_transport *t, bool all);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_conn.c: one initiator connection (slots and batches all under peer->mu)
+ * ------------------------------------------------------------------------------------------- */
+
+/* Record @code and a message as @b's error, unless it has one already. Under peer->mu. */
+void tcp_batch_fail(struct tcp_batch *b, int code, const char *fmt, ...) KVF__PRINTF(3, 4);
+
+/* Give a slot back and count its chunk as done for its batch (whose error, if any, the caller
+ * recorded already). */
+void tcp_slot_finish(struct tcp_conn *c, unsigned idx);
+
+/* Fail one slot with @code, naming its element and @why. */
+void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char *why);
+
+/* Wake the receiver thread (after a role change or a break). */
+void tcp_rx_wake(struct tcp_conn *c);
+
+/*
+ * Mark the connection broken (if @gen is still current), shut its socket down so that its
+ * receiver and any sender return, and fail every request on it except the one the receiver is
+ * filling (the receiver fails that one itself once its recv() returns). Under peer->mu.
+ */
+void tcp_conn_break_locked(struct tcp_conn *c, uint64_t gen, int code, const char *why);
+
+/*
+ * Read and handle one frame on @c (an answer): complete or fail its request, or drop it when its
+ * request was given up. Called by whichever thread holds the connection's reader role, without
+ * peer->mu. A caller reading for itself passes its batch as @self and its deadline: the answer
+ * to its own request is received no later than that (the receiver thread passes NULL and 0;
+ * other requests' answers are bounded by their owners, whose timeout cuts the connection).
+ * Returns 0, or -1 with @why set when the connection must be broken.
+ */
+int tcp_rx_one(struct tcp_conn *c, char *why, size_t whylen, const struct tcp_batch *self,
+               uint64_t deadline_ms);
+
+/*
+ * (Re)open connection @c. Called with peer->mu held and c->state DOWN or BROKEN; returns with it
+ * held, the state UP (0) or DOWN (error, message set), and waiters woken.
+ */
+int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms);
+
+/* Set up connection @idx of peer @p, down, with its slots free. Returns 0 or a negative code. */
+int tcp_conn_init(struct tcp_peer *p, struct tcp_conn *c, unsigned idx);
+
+/* Free what tcp_conn_init() set up (the connection is down and its receiver joined). */
+void tcp_conn_fini(struct tcp_conn *c);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_peer.c: peer handles (the ops peer_open and peer_close)
+ * ------------------------------------------------------------------------------------------- */
+
+int tcp_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpeer_t **out);
+void tcp_peer_close(kvf_tpeer_t *pp);
+
+/* Shut every peer handle of @t down and detach it (destroy(): the handles stay valid, and
+ * refuse transfers, until the engine closes them). */
+void tcp_peer_detach_all(struct tcp_transport *t);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_xfer.c: the ops transfer and notify
+ * ------------------------------------------------------------------------------------------- */
+
+int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                 const kvf_xfer_ctl_t *ctl);
+int tcp_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t deadline_ms);
 
 #endif /* KVF_TCP_H */
