@@ -23,19 +23,8 @@
 #include "common/wire.h"
 #include "common/regions.h"
 #include "test_util.h"
+#include "transport/tcp_proto.h"
 #include "transport/transport.h"
-
-/* The wire format, written out independently of tcp.c from the specification. */
-#define W_MAGIC     0x5446564Bu
-#define W_HDR       40
-#define W_HELLO     1
-#define W_WRITE     2
-#define W_READ      3
-#define W_RESP      4
-#define W_NOTIFY    5
-#define W_WRITEV    6
-#define W_SEG       16
-#define W_MAX_CHUNK (64u << 20)
 
 #define MiB (1u << 20)
 
@@ -217,10 +206,10 @@ static bool recv_all(int fd, void *b, size_t n)
 /* Read a RESP: returns its status; @msg receives an error message (NUL-terminated). */
 static uint32_t raw_resp(int fd, uint64_t want_req, char *msg, size_t msglen)
 {
-    uint8_t h[W_HDR];
+    uint8_t h[KVF_TCP_HDR_LEN];
     assert_true(recv_all(fd, h, sizeof(h)));
-    assert_int_equal(kvf__get_le32(h), W_MAGIC);
-    assert_int_equal(h[5], W_RESP);
+    assert_int_equal(kvf__get_le32(h), KVF_TCP_MAGIC);
+    assert_int_equal(h[5], KVF_TCP_RESP);
     assert_int_equal(kvf__get_le64(h + 16), want_req);
     uint32_t status = kvf__get_le32(h + 8);
     uint64_t len = kvf__get_le64(h + 32);
@@ -238,9 +227,9 @@ static uint32_t raw_resp(int fd, uint64_t want_req, char *msg, size_t msglen)
 
 static void raw_hello(int fd)
 {
-    uint8_t f[W_HDR + 7];
-    w_hdr(f, W_MAGIC, 1, W_HELLO, 0, 1, 0, 7);
-    memcpy(f + W_HDR, "rawtest", 7);
+    uint8_t f[KVF_TCP_HDR_LEN + 7];
+    w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_HELLO, 0, 1, 0, 7);
+    memcpy(f + KVF_TCP_HDR_LEN, "rawtest", 7);
     send_all(fd, f, sizeof(f));
     assert_int_equal(raw_resp(fd, 1, NULL, 0), 0);
 }
@@ -294,21 +283,21 @@ static void rawsrv_go(rawsrv_t *r)
 /* Serve HELLO; returns false when the client misbehaved. */
 static bool rawsrv_hello(int fd)
 {
-    uint8_t h[W_HDR + 1024];
-    if (!recv_all(fd, h, W_HDR))
+    uint8_t h[KVF_TCP_HDR_LEN + 1024];
+    if (!recv_all(fd, h, KVF_TCP_HDR_LEN))
         return false;
     uint64_t len = kvf__get_le64(h + 32);
-    if (h[5] != W_HELLO || len > 1024 || !recv_all(fd, h + W_HDR, (size_t)len))
+    if (h[5] != KVF_TCP_HELLO || len > 1024 || !recv_all(fd, h + KVF_TCP_HDR_LEN, (size_t)len))
         return false;
-    uint8_t resp[W_HDR];
-    w_hdr(resp, W_MAGIC, 1, W_RESP, 0, kvf__get_le64(h + 16), 0, 0);
+    uint8_t resp[KVF_TCP_HDR_LEN];
+    w_hdr(resp, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, 0, kvf__get_le64(h + 16), 0, 0);
     return send(fd, resp, sizeof(resp), MSG_NOSIGNAL) == (ssize_t)sizeof(resp);
 }
 
 static bool rawsrv_read_req(int fd, uint64_t *req, uint64_t *len)
 {
-    uint8_t h[W_HDR];
-    if (!recv_all(fd, h, sizeof(h)) || h[5] != W_READ)
+    uint8_t h[KVF_TCP_HDR_LEN];
+    if (!recv_all(fd, h, sizeof(h)) || h[5] != KVF_TCP_READ)
         return false;
     *req = kvf__get_le64(h + 16);
     *len = kvf__get_le64(h + 32);
@@ -319,7 +308,7 @@ static bool rawsrv_read_req(int fd, uint64_t *req, uint64_t *len)
  * have cut the connection, which is the point of some tests). */
 static void rawsrv_send_fill(int fd, const uint8_t *hdr, uint8_t v, size_t n)
 {
-    if (hdr && send(fd, hdr, W_HDR, MSG_NOSIGNAL) != W_HDR)
+    if (hdr && send(fd, hdr, KVF_TCP_HDR_LEN, MSG_NOSIGNAL) != KVF_TCP_HDR_LEN)
         return;
     uint8_t *b = xmalloc(n);
     memset(b, v, n);
@@ -344,7 +333,7 @@ static void *rawsrv_main(void *arg)
         return NULL;
     set_rcvtimeo(fd, 5000);
     uint64_t req, len;
-    uint8_t h[W_HDR];
+    uint8_t h[KVF_TCP_HDR_LEN];
     if (!rawsrv_hello(fd))
         goto out;
     switch (r->mode) {
@@ -353,7 +342,7 @@ static void *rawsrv_main(void *arg)
     case RAW_READ_HALF:
         if (!rawsrv_read_req(fd, &req, &len))
             goto out;
-        w_hdr(h, W_MAGIC, 1, W_RESP, 0, req, 0, len);
+        w_hdr(h, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, 0, req, 0, len);
         rawsrv_send_fill(fd, h, 0x22, (size_t)len / 2);
         if (!rawsrv_step(r))
             goto out;
@@ -362,11 +351,11 @@ static void *rawsrv_main(void *arg)
     case RAW_READ_LATE:
         if (!rawsrv_read_req(fd, &req, &len) || !rawsrv_step(r))
             goto out;
-        w_hdr(h, W_MAGIC, 1, W_RESP, 0, req, 0, len);
+        w_hdr(h, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, 0, req, 0, len);
         rawsrv_send_fill(fd, h, 0x33, (size_t)len);
         if (!rawsrv_read_req(fd, &req, &len))
             goto out;
-        w_hdr(h, W_MAGIC, 1, W_RESP, 0, req, 0, len);
+        w_hdr(h, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, 0, req, 0, len);
         rawsrv_send_fill(fd, h, 0x44, (size_t)len);
         break;
     }
@@ -647,33 +636,33 @@ static void test_raw_write_outside(void **state)
 
     int fd = raw_connect(b.port);
     raw_hello(fd);
-    uint8_t f[W_HDR + 4097];
+    uint8_t f[KVF_TCP_HDR_LEN + 4097];
     char msg[2048];
-    memset(f + W_HDR, 0x55, 4097);
+    memset(f + KVF_TCP_HDR_LEN, 0x55, 4097);
 
     /* 1 byte past the end. */
-    w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 2, base, 4097);
-    send_all(fd, f, W_HDR + 4097);
+    w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 2, base, 4097);
+    send_all(fd, f, KVF_TCP_HDR_LEN + 4097);
     assert_int_equal(raw_resp(fd, 2, msg, sizeof(msg)), KVF_ENOTREG);
     if (!strstr(msg, "runs 1 byte past the end"))
         fail_msg("message \"%s\"", msg);
     /* Entirely outside every region (just past it). */
-    w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 3, base + 4096, 16);
-    send_all(fd, f, W_HDR + 16);
+    w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 3, base + 4096, 16);
+    send_all(fd, f, KVF_TCP_HDR_LEN + 16);
     assert_int_equal(raw_resp(fd, 3, msg, sizeof(msg)), KVF_ENOTREG);
     /* Length 0 is invalid, answered, not fatal. */
-    w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 4, base, 0);
-    send_all(fd, f, W_HDR);
+    w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 4, base, 0);
+    send_all(fd, f, KVF_TCP_HDR_LEN);
     assert_int_equal(raw_resp(fd, 4, msg, sizeof(msg)), KVF_EINVAL);
     /* A READ outside. */
-    w_hdr(f, W_MAGIC, 1, W_READ, 0, 5, base + 100, 4000);
-    send_all(fd, f, W_HDR);
+    w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_READ, 0, 5, base + 100, 4000);
+    send_all(fd, f, KVF_TCP_HDR_LEN);
     assert_int_equal(raw_resp(fd, 5, msg, sizeof(msg)), KVF_ENOTREG);
     assert_all(mem, 8192, 0xAA);
 
     /* The stream is still in step: a good write lands. */
-    w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 6, base + 10, 100);
-    send_all(fd, f, W_HDR + 100);
+    w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 6, base + 10, 100);
+    send_all(fd, f, KVF_TCP_HDR_LEN + 100);
     assert_int_equal(raw_resp(fd, 6, msg, sizeof(msg)), 0);
     assert_all(mem, 10, 0xAA);
     assert_all(mem + 10, 100, 0x55);
@@ -756,18 +745,18 @@ static void test_raw_writev_and_notify(void **state)
 
     int fd = raw_connect(b.port);
     raw_hello(fd);
-    uint8_t f[W_HDR + 3 * W_SEG + 300];
+    uint8_t f[KVF_TCP_HDR_LEN + 3 * KVF_TCP_SEG_LEN + 300];
     char msg[2048];
     /* Three segments: 100 bytes at +0, 100 at +1000, 100 at +4000 (past the end). */
     uint64_t at[3] = {base, base + 1000, base + 4000};
-    w_hdr(f, W_MAGIC, 1, W_WRITEV, 0, 2, 3, 300);
+    w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITEV, 0, 2, 3, 300);
     for (int i = 0; i < 3; i++) {
-        kvf__put_le64(f + W_HDR + i * W_SEG, at[i]);
-        kvf__put_le64(f + W_HDR + i * W_SEG + 8, 100);
+        kvf__put_le64(f + KVF_TCP_HDR_LEN + i * KVF_TCP_SEG_LEN, at[i]);
+        kvf__put_le64(f + KVF_TCP_HDR_LEN + i * KVF_TCP_SEG_LEN + 8, 100);
     }
-    memset(f + W_HDR + 3 * W_SEG, 0x55, 300);
+    memset(f + KVF_TCP_HDR_LEN + 3 * KVF_TCP_SEG_LEN, 0x55, 300);
     send_all(fd, f, sizeof(f));
-    uint8_t h[W_HDR];
+    uint8_t h[KVF_TCP_HDR_LEN];
     assert_true(recv_all(fd, h, sizeof(h)));
     assert_int_equal(kvf__get_le32(h + 8), KVF_ENOTREG);
     assert_int_equal(kvf__get_le64(h + 24), 2); /* the refused segment */
@@ -776,9 +765,10 @@ static void test_raw_writev_and_notify(void **state)
     assert_all(mem, 8192, 0xAA);
 
     /* In step: the first two segments alone land. */
-    w_hdr(f, W_MAGIC, 1, W_WRITEV, 0, 3, 2, 200);
-    memmove(f + W_HDR + 2 * W_SEG, f + W_HDR + 3 * W_SEG, 200);
-    send_all(fd, f, W_HDR + 2 * W_SEG + 200);
+    w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITEV, 0, 3, 2, 200);
+    memmove(f + KVF_TCP_HDR_LEN + 2 * KVF_TCP_SEG_LEN, f + KVF_TCP_HDR_LEN + 3 * KVF_TCP_SEG_LEN,
+            200);
+    send_all(fd, f, KVF_TCP_HDR_LEN + 2 * KVF_TCP_SEG_LEN + 200);
     assert_int_equal(raw_resp(fd, 3, msg, sizeof(msg)), 0);
     assert_all(mem, 100, 0x55);
     assert_all(mem + 100, 900, 0xAA);
@@ -786,9 +776,9 @@ static void test_raw_writev_and_notify(void **state)
     assert_all(mem + 1100, 8192 - 1100, 0xAA);
 
     /* A notification to a transport that takes none is answered, not fatal. */
-    w_hdr(f, W_MAGIC, 1, W_NOTIFY, 0, 4, 0, 5);
-    memcpy(f + W_HDR, "hello", 5);
-    send_all(fd, f, W_HDR + 5);
+    w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_NOTIFY, 0, 4, 0, 5);
+    memcpy(f + KVF_TCP_HDR_LEN, "hello", 5);
+    send_all(fd, f, KVF_TCP_HDR_LEN + 5);
     assert_int_equal(raw_resp(fd, 4, msg, sizeof(msg)), KVF_ENOTSUP);
     close(fd);
 
@@ -796,25 +786,25 @@ static void test_raw_writev_and_notify(void **state)
     for (int c = 0; c < NCASES; c++) {
         fd = raw_connect(b.port);
         raw_hello(fd);
-        size_t n = W_HDR;
+        size_t n = KVF_TCP_HDR_LEN;
         switch (c) {
         case ZERO_SEGS:
-            w_hdr(f, W_MAGIC, 1, W_WRITEV, 0, 2, 0, 100);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITEV, 0, 2, 0, 100);
             break;
         case MANY_SEGS:
-            w_hdr(f, W_MAGIC, 1, W_WRITEV, 0, 2, 257, 257 * 16);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITEV, 0, 2, 257, 257 * 16);
             break;
         case SUM_SHORT: /* segments of 100 + 100 in a frame that says 300 */
         case SEG_ZERO_LEN:
-            w_hdr(f, W_MAGIC, 1, W_WRITEV, 0, 2, 2, c == SUM_SHORT ? 300 : 100);
-            kvf__put_le64(f + W_HDR, base);
-            kvf__put_le64(f + W_HDR + 8, c == SUM_SHORT ? 100 : 0);
-            kvf__put_le64(f + W_HDR + W_SEG, base + 200);
-            kvf__put_le64(f + W_HDR + W_SEG + 8, 100);
-            n += 2 * W_SEG;
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITEV, 0, 2, 2, c == SUM_SHORT ? 300 : 100);
+            kvf__put_le64(f + KVF_TCP_HDR_LEN, base);
+            kvf__put_le64(f + KVF_TCP_HDR_LEN + 8, c == SUM_SHORT ? 100 : 0);
+            kvf__put_le64(f + KVF_TCP_HDR_LEN + KVF_TCP_SEG_LEN, base + 200);
+            kvf__put_le64(f + KVF_TCP_HDR_LEN + KVF_TCP_SEG_LEN + 8, 100);
+            n += 2 * KVF_TCP_SEG_LEN;
             break;
         case NOTIFY_TOO_LONG:
-            w_hdr(f, W_MAGIC, 1, W_NOTIFY, 0, 2, 0, 4097);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_NOTIFY, 0, 2, 0, 4097);
             break;
         }
         send_all(fd, f, n);
@@ -924,51 +914,51 @@ static void test_malformed_frames(void **state)
     };
     for (int c = 0; c < NCASES; c++) {
         int fd = raw_connect(b.port);
-        uint8_t f[W_HDR];
+        uint8_t f[KVF_TCP_HDR_LEN];
         if (c != NO_HELLO && c != HELLO_TOO_LONG)
             raw_hello(fd);
         switch (c) {
         case BAD_MAGIC:
-            w_hdr(f, 0x50545448, 1, W_WRITE, 0, 2, base, 16);
+            w_hdr(f, 0x50545448, 1, KVF_TCP_WRITE, 0, 2, base, 16);
             break;
         case BAD_VERSION:
-            w_hdr(f, W_MAGIC, 2, W_WRITE, 0, 2, base, 16);
+            w_hdr(f, KVF_TCP_MAGIC, 2, KVF_TCP_WRITE, 0, 2, base, 16);
             break;
         case TOO_LONG:
-            w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 2, base, (uint64_t)W_MAX_CHUNK + 1);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 2, base, (uint64_t)KVF_TCP_MAX_CHUNK + 1);
             break;
         case NO_HELLO:
-            w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 2, base, 16);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 2, base, 16);
             break;
         case BAD_TYPE:
-            w_hdr(f, W_MAGIC, 1, W_RESP, 0, 2, base, 0);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, 0, 2, base, 0);
             break;
         case BAD_STATUS:
-            w_hdr(f, W_MAGIC, 1, W_READ, 7, 2, base, 16);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_READ, 7, 2, base, 16);
             break;
         case BAD_FLAGS:
-            w_hdr(f, W_MAGIC, 1, W_READ, 0, 2, base, 16);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_READ, 0, 2, base, 16);
             kvf__put_le16(f + 6, 1);
             break;
         case HELLO_TOO_LONG:
-            w_hdr(f, W_MAGIC, 1, W_HELLO, 0, 1, 0, 1025);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_HELLO, 0, 1, 0, 1025);
             break;
         case TRUNC_HEADER:
-            w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 2, base, 16);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 2, base, 16);
             break;
         case TRUNC_PAYLOAD:
-            w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 2, base, 64);
+            w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 2, base, 64);
             break;
         }
         if (c == TRUNC_HEADER) {
             send_all(fd, f, 20);
             shutdown(fd, SHUT_WR);
         } else if (c == TRUNC_PAYLOAD) {
-            send_all(fd, f, W_HDR);
+            send_all(fd, f, KVF_TCP_HDR_LEN);
             send_all(fd, src, 10);
             shutdown(fd, SHUT_WR);
         } else {
-            send_all(fd, f, W_HDR);
+            send_all(fd, f, KVF_TCP_HDR_LEN);
         }
         raw_expect_closed(fd);
         close(fd);
@@ -979,9 +969,9 @@ static void test_malformed_frames(void **state)
     }
 
     /* The raw connection opened before all this is still served. */
-    uint8_t f[W_HDR + 8];
-    w_hdr(f, W_MAGIC, 1, W_WRITE, 0, 9, base, 8);
-    memset(f + W_HDR, 0x5A, 8);
+    uint8_t f[KVF_TCP_HDR_LEN + 8];
+    w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 9, base, 8);
+    memset(f + KVF_TCP_HDR_LEN, 0x5A, 8);
     send_all(good, f, sizeof(f));
     assert_int_equal(raw_resp(good, 9, NULL, 0), 0);
     assert_all(mem, 8, 0x5A);
@@ -1245,8 +1235,8 @@ static void test_trickling_writer_cut_off(void **state)
 
     int fd = raw_connect(b.port);
     raw_hello(fd);
-    uint8_t h[W_HDR];
-    w_hdr(h, W_MAGIC, 1, W_WRITE, 0, 2, base, MiB);
+    uint8_t h[KVF_TCP_HDR_LEN];
+    w_hdr(h, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 2, base, MiB);
     uint64_t t0 = kvf_test_now_ms();
     send_all(fd, h, sizeof(h));
     bool closed = false;

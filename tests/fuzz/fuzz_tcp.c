@@ -22,9 +22,9 @@
 #include "common/wire.h"
 #include "common/regions.h"
 #include "fuzz.h"
+#include "transport/tcp_proto.h"
 #include "transport/transport.h"
 
-#define HDR     40
 #define REGION  (64u << 10)
 #define GUARD   (64u << 10)
 #define FILLER  0xA5
@@ -79,9 +79,9 @@ static void setup(void)
 
 static void hdr(uint8_t *b, uint8_t type, uint64_t req, uint64_t addr, uint64_t len)
 {
-    memset(b, 0, HDR);
-    kvf__put_le32(b, 0x5446564Bu);
-    b[4] = 1;
+    memset(b, 0, KVF_TCP_HDR_LEN);
+    kvf__put_le32(b, KVF_TCP_MAGIC);
+    b[4] = KVF_TCP_VERSION;
     b[5] = type;
     kvf__put_le64(b + 16, req);
     kvf__put_le64(b + 24, addr);
@@ -98,18 +98,18 @@ static int dial(void)
     struct timeval tv = {.tv_sec = 5};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    uint8_t h[HDR + 4];
-    hdr(h, 1, 1, 0, 4);
-    memcpy(h + HDR, "fuzz", 4);
+    uint8_t h[KVF_TCP_HDR_LEN + 4];
+    hdr(h, KVF_TCP_HELLO, 1, 0, 4);
+    memcpy(h + KVF_TCP_HDR_LEN, "fuzz", 4);
     KVF_FUZZ_CHECK(send(fd, h, sizeof(h), MSG_NOSIGNAL) == (ssize_t)sizeof(h), "hello");
-    uint8_t r[HDR];
+    uint8_t r[KVF_TCP_HDR_LEN];
     size_t got = 0;
-    while (got < HDR) {
-        ssize_t n = recv(fd, r + got, HDR - got, 0);
+    while (got < KVF_TCP_HDR_LEN) {
+        ssize_t n = recv(fd, r + got, KVF_TCP_HDR_LEN - got, 0);
         KVF_FUZZ_CHECK(n > 0, "no answer to the hello");
         got += (size_t)n;
     }
-    KVF_FUZZ_CHECK(r[5] == 4 && kvf__get_le32(r + 8) == 0, "hello refused");
+    KVF_FUZZ_CHECK(r[5] == KVF_TCP_RESP && kvf__get_le32(r + 8) == 0, "hello refused");
     return fd;
 }
 
@@ -147,42 +147,42 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 void kvf_fuzz_seeds(kvf_fuzz_add_fn add)
 {
     pthread_once(&once, setup);
-    uint8_t b[4 * HDR + 4096];
+    uint8_t b[4 * KVF_TCP_HDR_LEN + 4096];
     /* a WRITE inside the region */
-    hdr(b, 2, 2, base + 10, 100);
-    memset(b + HDR, 0x11, 100);
-    add(b, HDR + 100);
+    hdr(b, KVF_TCP_WRITE, 2, base + 10, 100);
+    memset(b + KVF_TCP_HDR_LEN, 0x11, 100);
+    add(b, KVF_TCP_HDR_LEN + 100);
     /* a WRITE one byte too long: refused, drained */
-    hdr(b, 2, 2, base + REGION - 99, 100);
-    add(b, HDR + 100);
+    hdr(b, KVF_TCP_WRITE, 2, base + REGION - 99, 100);
+    add(b, KVF_TCP_HDR_LEN + 100);
     /* a READ */
-    hdr(b, 3, 3, base + 200, 300);
-    add(b, HDR);
+    hdr(b, KVF_TCP_READ, 3, base + 200, 300);
+    add(b, KVF_TCP_HDR_LEN);
     /* a NOTIFY */
-    hdr(b, 5, 4, 0, 5);
-    memcpy(b + HDR, "hello", 5);
-    add(b, HDR + 5);
+    hdr(b, KVF_TCP_NOTIFY, 4, 0, 5);
+    memcpy(b + KVF_TCP_HDR_LEN, "hello", 5);
+    add(b, KVF_TCP_HDR_LEN + 5);
     /* a WRITEV of two segments */
-    hdr(b, 6, 5, 2, 150);
-    kvf__put_le64(b + HDR, base + 1000);
-    kvf__put_le64(b + HDR + 8, 100);
-    kvf__put_le64(b + HDR + 16, base + 3000);
-    kvf__put_le64(b + HDR + 24, 50);
-    memset(b + HDR + 32, 0x22, 150);
-    add(b, HDR + 32 + 150);
+    hdr(b, KVF_TCP_WRITEV, 5, 2, 150);
+    kvf__put_le64(b + KVF_TCP_HDR_LEN, base + 1000);
+    kvf__put_le64(b + KVF_TCP_HDR_LEN + 8, 100);
+    kvf__put_le64(b + KVF_TCP_HDR_LEN + 16, base + 3000);
+    kvf__put_le64(b + KVF_TCP_HDR_LEN + 24, 50);
+    memset(b + KVF_TCP_HDR_LEN + 32, 0x22, 150);
+    add(b, KVF_TCP_HDR_LEN + 32 + 150);
     /* a WRITEV whose second segment is outside */
-    kvf__put_le64(b + HDR + 16, base + REGION - 10);
-    add(b, HDR + 32 + 150);
+    kvf__put_le64(b + KVF_TCP_HDR_LEN + 16, base + REGION - 10);
+    add(b, KVF_TCP_HDR_LEN + 32 + 150);
     /* pipelined: WRITE, READ, NOTIFY */
     size_t n = 0;
-    hdr(b, 2, 6, base, 16);
-    memset(b + HDR, 0x33, 16);
-    n = HDR + 16;
-    hdr(b + n, 3, 7, base, 16);
-    n += HDR;
-    hdr(b + n, 5, 8, 0, 1);
-    b[n + HDR] = 'x';
-    n += HDR + 1;
+    hdr(b, KVF_TCP_WRITE, 6, base, 16);
+    memset(b + KVF_TCP_HDR_LEN, 0x33, 16);
+    n = KVF_TCP_HDR_LEN + 16;
+    hdr(b + n, KVF_TCP_READ, 7, base, 16);
+    n += KVF_TCP_HDR_LEN;
+    hdr(b + n, KVF_TCP_NOTIFY, 8, 0, 1);
+    b[n + KVF_TCP_HDR_LEN] = 'x';
+    n += KVF_TCP_HDR_LEN + 1;
     add(b, n);
 }
 
@@ -190,21 +190,21 @@ int kvf_fuzz_final(void)
 {
     pthread_once(&once, setup);
     int fd = dial();
-    uint8_t b[HDR + 64];
-    hdr(b, 2, 9, base + 64, 64);
-    memset(b + HDR, 0x5A, 64);
+    uint8_t b[KVF_TCP_HDR_LEN + 64];
+    hdr(b, KVF_TCP_WRITE, 9, base + 64, 64);
+    memset(b + KVF_TCP_HDR_LEN, 0x5A, 64);
     send(fd, b, sizeof(b), MSG_NOSIGNAL);
-    uint8_t r[HDR];
+    uint8_t r[KVF_TCP_HDR_LEN];
     size_t got = 0;
-    while (got < HDR) {
-        ssize_t n = recv(fd, r + got, HDR - got, 0);
+    while (got < KVF_TCP_HDR_LEN) {
+        ssize_t n = recv(fd, r + got, KVF_TCP_HDR_LEN - got, 0);
         if (n <= 0)
             break;
         got += (size_t)n;
     }
     close(fd);
     guards_intact();
-    bool ok = got == HDR && kvf__get_le32(r + 8) == 0 && mem[GUARD + 64] == 0x5A &&
+    bool ok = got == KVF_TCP_HDR_LEN && kvf__get_le32(r + 8) == 0 && mem[GUARD + 64] == 0x5A &&
               mem[GUARD + 127] == 0x5A;
     printf("fuzz_tcp: %u notifications delivered; target %s\n", atomic_load(&notes),
            ok ? "still serves" : "STOPPED SERVING");

@@ -1,0 +1,352 @@
+/*
+ * The tcp transport's private header: the objects its files share, the rules for locking them,
+ * and what one tcp file offers another. The files, each calling only files listed before it:
+ *
+ *   tcp_proto.h   the wire format and its limits (also included by the tests)
+ *   tcp_io.c      socket helpers: whole sends and receives bounded by deadlines
+ *   tcp_target.c  the target side: the accept thread, one serving thread per connection, and
+ *                 the authoritative checks of every request against the region table
+ *   tcp_conn.c    one initiator connection: its slots, breaking it, its receiver thread,
+ *                 connecting it with a HELLO
+ *   tcp_peer.c    a peer handle: its connections, opened and closed
+ *   tcp_xfer.c    transfer() and notify(): posting chunks, gathering small writes, batches,
+ *                 waiting for their answers
+ *   tcp.c         the transport: create, destroy, the ops table
+ *
+ * Initiator side. A peer handle owns conns_per_peer connections, opened lazily. The thread that
+ * calls transfer() sends its own requests (header and payload in one sendmsg() straight from the
+ * caller's memory; runs of small writes gathered into one WRITEV) and then waits for the
+ * answers. Whoever holds a connection's reader role reads them and completes requests by req_id,
+ * receiving a READ's payload straight into the caller's buffer: normally the connection's
+ * receiver thread, which wakes the waiting callers; but a caller whose whole batch is one request
+ * reads its own answer (see tcp_reader_t), which saves a wake-up on small transfers.
+ *
+ * Locking on the initiator side. peer->mu protects every connection's state, its in-flight
+ * slot table and every batch's counters. conn->send_mu serialises frames on one socket and is
+ * taken before peer->mu when both are needed. conn->fd and conn->gen change only with both held,
+ * so a sender that holds send_mu and sees the generation it posted under knows the fd is the one
+ * its request belongs to (and still open). A connection's fd is closed only after its receiver
+ * thread has been joined, so shutdown() by any thread that sees the fd under the lock is safe.
+ *
+ * The functions below that are not static inline are the tcp files' private interface; none
+ * leaves the library (hidden visibility).
+ */
+#ifndef KVF_TCP_H
+#define KVF_TCP_H
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "common/common.h"
+#include "common/url.h"
+#include "common/regions.h"
+#include "transport/transport.h"
+#include "transport/tcp_proto.h"
+
+#define TCP_LOG "tcp"
+
+/* ---------------------------------------------------------------------------------------------
+ * Limits and defaults of this implementation (the wire's own are in tcp_proto.h)
+ * ------------------------------------------------------------------------------------------- */
+
+/* Elements up to this size are gathered into WRITEVs by the initiator. */
+#define TCP_GATHER_ELEM_MAX (256u << 10)
+/* A req_id's low bits are the index of its slot (KVF_TCP_MAX_INFLIGHT of them). */
+#define TCP_SLOT_BITS 7
+/* Defaults of kvf_transport_params_t's zero fields. */
+#define TCP_DEFAULT_CONNS      2u
+#define TCP_DEFAULT_CHUNK      (4u << 20)
+#define TCP_DEFAULT_CONNECT_MS 3000u
+/* Blocking sends wake up this often to check a transfer's deadline (SO_SNDTIMEO). */
+#define TCP_CLIENT_SLICE_MS 50
+/* Serving threads wake up this often to check for stalls and shutdown (SO_RCVTIMEO/SNDTIMEO). */
+#define TCP_SERVER_SLICE_MS 1000
+/* Size of the buffer a refused WRITE's payload (or an unwanted answer) is drained into. */
+#define TCP_SCRATCH_LEN (64u << 10)
+#define TCP_ERRMSG_LEN  (KVF_TCP_MAX_MSG + 512)
+#define TCP_ADDR_LEN    KVF_SESSION_ID_MAX
+
+_Static_assert((1u << TCP_SLOT_BITS) == KVF_TCP_MAX_INFLIGHT, "slot index bits");
+
+/* ---------------------------------------------------------------------------------------------
+ * Objects
+ * ------------------------------------------------------------------------------------------- */
+
+struct tcp_transport;
+
+/* One accepted connection on the target side. */
+struct tcp_sconn {
+    struct tcp_sconn *next;
+    struct tcp_transport *t;
+    int fd; /* shut down by the thread when it ends; closed only after it is joined */
+    pthread_t thread;
+    atomic_bool done;
+    char addr[TCP_ADDR_LEN];
+    char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO gave it: the sender of its notifications */
+    uint8_t *scratch;                  /* drain buffer for refused writes, allocated on first use */
+    uint8_t *segs;                     /* a WRITEV's segment table, allocated on first use */
+    kvf_region_ref_t *refs;            /* and the region references of its segments */
+    struct iovec *iov;
+};
+
+/* A batch: the completion shared by every chunk one transfer() call posts. */
+struct tcp_batch {
+    const kvf_xfer_t *x;
+    int *status;        /* per element (kvf_xfer_ctl_t), or NULL; under peer->mu */
+    uint32_t *left;     /* per element, chunks not yet answered, when status is kept */
+    size_t outstanding; /* posted chunks not yet answered or failed; under peer->mu */
+    _Atomic int rc;     /* first error; written under peer->mu, read anywhere */
+    bool waiting;       /* the owner sleeps on cv */
+    pthread_cond_t cv;
+    char msg[TCP_ERRMSG_LEN];
+};
+
+/* One request in flight on a connection. req_id 0 = free. */
+struct tcp_slot {
+    uint64_t req_id;
+    struct tcp_batch *batch;
+    size_t elem;
+    uint32_t nelem;   /* elements elem.. it carries: 1, or more for a WRITEV */
+    uint32_t refused; /* a refused WRITEV: the segment the target named, else UINT32_MAX */
+    uint8_t *local;
+    uint64_t remote;
+    uint64_t len;
+    uint8_t op;
+};
+
+/* Who reads a connection's answers. Normally its receiver thread; but a caller whose whole batch
+ * is one request reads its own answer (saving the receiver's wake-up of the caller, the larger
+ * part of small-transfer latency), and hands the role on if other requests are still pending. */
+typedef enum {
+    TCP_READER_NONE,   /* nothing to read: the receiver only watches for the peer closing */
+    TCP_READER_RX,     /* the receiver thread */
+    TCP_READER_INLINE, /* the caller that owns inline_b */
+} tcp_reader_t;
+
+typedef enum {
+    TCP_CONN_DOWN,       /* no socket */
+    TCP_CONN_CONNECTING, /* a transfer thread is (re)connecting it */
+    TCP_CONN_UP,
+    TCP_CONN_BROKEN, /* failed; its receiver may still run; the next transfer reconnects */
+} tcp_conn_state_t;
+
+struct tcp_peer;
+
+struct tcp_conn {
+    struct tcp_peer *peer;
+    unsigned idx;
+    /* All below under peer->mu; fd and gen also under send_mu. */
+    tcp_conn_state_t state;
+    int fd;
+    uint64_t gen; /* changes whenever fd does */
+    uint64_t seq;
+    bool rx_started;
+    pthread_t rx_thread;
+    uint64_t rx_gen; /* the generation the receiver serves; set before it starts */
+    int rx_active;   /* slot the reader is filling without the lock (READ answer), or -1 */
+    tcp_reader_t reader;
+    struct tcp_batch *inline_b; /* the batch whose caller reads, when reader is INLINE */
+    bool inline_active;         /* that caller is reading without the lock: fd must stay open */
+    int wake_fd;                /* eventfd: wakes the receiver thread (role change, break) */
+    unsigned waiters;           /* threads sleeping on cv */
+    pthread_cond_t cv;          /* state changes, freed slots, rx_active cleared */
+    pthread_mutex_t send_mu;
+    uint8_t *scratch; /* receiver's drain buffer */
+    unsigned nfree;
+    uint16_t free_slots[KVF_TCP_MAX_INFLIGHT];
+    struct tcp_slot slots[KVF_TCP_MAX_INFLIGHT];
+};
+
+struct tcp_peer {
+    struct tcp_transport *t; /* NULL once the transport was destroyed */
+    struct tcp_peer *next;   /* in t->peers, under t->mu */
+    char sid[TCP_ADDR_LEN];
+    char addr_str[TCP_ADDR_LEN];
+    kvf_hostport_t addr;
+    char local_sid[TCP_ADDR_LEN];
+    uint32_t chunk;
+    uint32_t connect_timeout_ms;
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* active reaching 0 while closing */
+    bool closing;
+    unsigned active; /* transfer() calls inside */
+    atomic_uint rr;
+    unsigned nconns;
+    struct tcp_conn conns[];
+};
+
+struct tcp_transport {
+    kvf_region_table_t *regions;
+    char local_sid[TCP_ADDR_LEN];
+    char listen_str[TCP_ADDR_LEN];
+    uint32_t conns_per_peer;
+    uint32_t chunk;
+    uint32_t connect_timeout_ms;
+    kvf_notify_cb notify_cb;
+    void *notify_arg;
+    int listen_fd;
+    int wake_fd; /* eventfd: wakes the accept thread for shutdown */
+    uint16_t port;
+    pthread_t accept_thread;
+    atomic_bool stopping;
+    pthread_mutex_t mu; /* sconns, nsconns, peers */
+    struct tcp_sconn *sconns;
+    unsigned nsconns;
+    struct tcp_peer *peers;
+};
+
+static inline struct tcp_transport *tcp_of(kvf_transport_t *t)
+{
+    return (struct tcp_transport *)(void *)t;
+}
+
+static inline struct tcp_peer *tcp_peer_of(kvf_tpeer_t *p)
+{
+    return (struct tcp_peer *)(void *)p;
+}
+
+static inline const char *tcp_op_name(uint8_t op)
+{
+    return op == KVF_TCP_READ ? "read" : op == KVF_TCP_NOTIFY ? "notification" : "write";
+}
+
+/* The iovecs of a WRITEV frame: header, segment table, then each element's bytes. */
+#define TCP_WRITEV_IOV (2 + KVF_TCP_MAX_SEGS)
+
+/* Drop the first @n bytes of an iovec array (a partial send). */
+static inline void tcp_iov_advance(struct iovec **iov, int *cnt, size_t n)
+{
+    while (n > 0 && *cnt > 0) {
+        if (n >= (*iov)->iov_len) {
+            n -= (*iov)->iov_len;
+            (*iov)++;
+            (*cnt)--;
+        } else {
+            (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + n;
+            (*iov)->iov_len -= n;
+            n = 0;
+        }
+    }
+    while (*cnt > 0 && (*iov)->iov_len == 0) {
+        (*iov)++;
+        (*cnt)--;
+    }
+}
+
+/* Requests registered on @c and not yet answered or failed. Under peer->mu. */
+static inline unsigned tcp_conn_busy(const struct tcp_conn *c)
+{
+    return KVF_TCP_MAX_INFLIGHT - c->nfree;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_io.c: socket helpers
+ * ------------------------------------------------------------------------------------------- */
+
+/* Set SO_RCVTIMEO or SO_SNDTIMEO (@opt) of @fd to @ms. */
+void tcp_set_timeout(int fd, int opt, unsigned ms);
+
+/* "host:port" or "[host]:port" of an IPv4 or IPv6 socket address, for logs. */
+void tcp_sockaddr_format(const struct sockaddr_storage *ss, char *buf, size_t len);
+
+/*
+ * Send all of @iov on a blocking socket that has SO_SNDTIMEO set to a short slice, so that a
+ * peer that stops reading is noticed: at @deadline_ms (kvf__now_ms clock, 0 = none), or when
+ * nothing moved for @stall_ms (0 = no limit). The array is consumed.
+ * Returns 0, -KVF_ETIMEDOUT or -errno.
+ */
+int tcp_sendv(int fd, struct iovec *iov, int cnt, uint64_t deadline_ms, uint32_t stall_ms);
+
+/* Receive exactly @len bytes on a blocking socket without a receive timeout (the initiator's
+ * reader: the receiver thread is woken by shutdown()). @deadline_ms: 0 for none, else the
+ * receive gives up then (a caller reading its own answer). Returns 0, -EPIPE at end of stream,
+ * -KVF_ETIMEDOUT at the deadline, or -errno. */
+int tcp_recv_full(int fd, void *buf, size_t len, uint64_t deadline_ms);
+
+/* Non-blocking I/O bounded by @deadline_ms, for the connect-time hello. */
+int tcp_nb_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_target.c: the target side
+ * ------------------------------------------------------------------------------------------- */
+
+/* The accept thread (@arg: the transport): accepts connections, each served by a thread of its
+ * own, until destroy() sets t->stopping and signals t->wake_fd. */
+void *tcp_accept_main(void *arg);
+
+/* Join and free the connections whose threads have ended (all of them with @all). Called with
+ * t->mu NOT held; takes it to unlink. */
+void tcp_reap_sconns(struct tcp_transport *t, bool all);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_conn.c: one initiator connection (slots and batches all under peer->mu)
+ * ------------------------------------------------------------------------------------------- */
+
+/* Record @code and a message as @b's error, unless it has one already. Under peer->mu. */
+void tcp_batch_fail(struct tcp_batch *b, int code, const char *fmt, ...) KVF__PRINTF(3, 4);
+
+/* Give a slot back and count its chunk as done for its batch (whose error, if any, the caller
+ * recorded already). */
+void tcp_slot_finish(struct tcp_conn *c, unsigned idx);
+
+/* Fail one slot with @code, naming its element and @why. */
+void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char *why);
+
+/* Wake the receiver thread (after a role change or a break). */
+void tcp_rx_wake(struct tcp_conn *c);
+
+/*
+ * Mark the connection broken (if @gen is still current), shut its socket down so that its
+ * receiver and any sender return, and fail every request on it except the one the receiver is
+ * filling (the receiver fails that one itself once its recv() returns). Under peer->mu.
+ */
+void tcp_conn_break_locked(struct tcp_conn *c, uint64_t gen, int code, const char *why);
+
+/*
+ * Read and handle one frame on @c (an answer): complete or fail its request, or drop it when its
+ * request was given up. Called by whichever thread holds the connection's reader role, without
+ * peer->mu. A caller reading for itself passes its batch as @self and its deadline: the answer
+ * to its own request is received no later than that (the receiver thread passes NULL and 0;
+ * other requests' answers are bounded by their owners, whose timeout cuts the connection).
+ * Returns 0, or -1 with @why set when the connection must be broken.
+ */
+int tcp_rx_one(struct tcp_conn *c, char *why, size_t whylen, const struct tcp_batch *self,
+               uint64_t deadline_ms);
+
+/*
+ * (Re)open connection @c. Called with peer->mu held and c->state DOWN or BROKEN; returns with it
+ * held, the state UP (0) or DOWN (error, message set), and waiters woken.
+ */
+int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms);
+
+/* Set up connection @idx of peer @p, down, with its slots free. Returns 0 or a negative code. */
+int tcp_conn_init(struct tcp_peer *p, struct tcp_conn *c, unsigned idx);
+
+/* Free what tcp_conn_init() set up (the connection is down and its receiver joined). */
+void tcp_conn_fini(struct tcp_conn *c);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_peer.c: peer handles (the ops peer_open and peer_close)
+ * ------------------------------------------------------------------------------------------- */
+
+int tcp_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpeer_t **out);
+void tcp_peer_close(kvf_tpeer_t *pp);
+
+/* Shut every peer handle of @t down and detach it (destroy(): the handles stay valid, and
+ * refuse transfers, until the engine closes them). */
+void tcp_peer_detach_all(struct tcp_transport *t);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_xfer.c: the ops transfer and notify
+ * ------------------------------------------------------------------------------------------- */
+
+int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                 const kvf_xfer_ctl_t *ctl);
+int tcp_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t deadline_ms);
+
+#endif /* KVF_TCP_H */

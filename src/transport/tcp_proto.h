@@ -1,0 +1,119 @@
+/*
+ * The tcp transport's wire format (docs/protocol.md, "Transfer protocol"): the frame header, the
+ * frame types, and every limit a peer's bytes are checked against. The tcp files include it, and
+ * so do the tests and the fuzz target that speak the protocol by hand, so that there is one
+ * definition of each value.
+ */
+#ifndef KVF_TCP_PROTO_H
+#define KVF_TCP_PROTO_H
+
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "common/wire.h"
+
+/* The header's magic and version, and its length. */
+#define KVF_TCP_MAGIC   0x5446564Bu /* "KVFT" as bytes on the wire */
+#define KVF_TCP_VERSION 1
+#define KVF_TCP_HDR_LEN 40
+
+/* Frame types (the header's `type`). */
+#define KVF_TCP_HELLO  1
+#define KVF_TCP_WRITE  2
+#define KVF_TCP_READ   3
+#define KVF_TCP_RESP   4
+#define KVF_TCP_NOTIFY 5
+#define KVF_TCP_WRITEV 6
+
+/* Largest `len` of one WRITE or READ (and of a READ's answer). Longer elements are split. */
+#define KVF_TCP_MAX_CHUNK (64u << 20)
+/* Largest HELLO payload (session id) and error-message payload of a RESP. */
+#define KVF_TCP_MAX_MSG 1024u
+/* Segments of one WRITEV: a gathered write of several small elements (addr = the count, len =
+ * their total bytes, at most KVF_TCP_MAX_CHUNK). */
+#define KVF_TCP_MAX_SEGS 256u
+#define KVF_TCP_SEG_LEN  16u
+/* Requests one initiator keeps outstanding on one connection (a power of two: the slot index
+ * is the low bits of req_id). A target needs no such limit: it serves one request at a time and
+ * TCP flow control holds back the rest. */
+#define KVF_TCP_MAX_INFLIGHT 128u
+/* Connections one target serves at once; more are accepted and closed at once. */
+#define KVF_TCP_MAX_CONNS 1024u
+/* Longest a target waits for progress on a frame it has started to receive or send; a client
+ * that stops in the middle of a frame is disconnected after this (its region reference is
+ * released). */
+#define KVF_TCP_STALL_TIMEOUT_MS 30000u
+/* A frame's payload must also arrive at no less than KVF_TCP_MIN_RATE_BYTES_PER_MS after a base
+ * allowance, so that a client cannot hold a region reference for ever by trickling bytes (which
+ * restarts the stall timer): with the largest frame a reference is held at most
+ * 2 s + 64 MiB / 10 MB/s, about 8.7 s, well under the operation timeout an unregister waits. */
+#define KVF_TCP_FRAME_BASE_MS         2000u
+#define KVF_TCP_MIN_RATE_BYTES_PER_MS 10000u
+/* A new connection must complete its HELLO within this, so idle sockets cannot fill
+ * KVF_TCP_MAX_CONNS and lock real peers out. */
+#define KVF_TCP_HELLO_TIMEOUT_MS 5000u
+/* Connections an initiator may open to one peer. */
+#define KVF_TCP_MAX_CONNS_PER_PEER 64u
+
+/* A frame header, decoded; on the wire it is KVF_TCP_HDR_LEN bytes, little-endian, laid out as
+ * tcp_hdr_encode() writes it. */
+typedef struct {
+    uint32_t magic;
+    uint8_t version;
+    uint8_t type;
+    uint16_t flags;
+    uint32_t status;
+    uint32_t reserved;
+    uint64_t req_id;
+    uint64_t addr;
+    uint64_t len;
+} tcp_hdr_t;
+
+static inline void tcp_hdr_encode(uint8_t *b, uint8_t type, uint32_t status, uint64_t req_id,
+                                  uint64_t addr, uint64_t len)
+{
+    kvf__put_le32(b, KVF_TCP_MAGIC);
+    b[4] = KVF_TCP_VERSION;
+    b[5] = type;
+    kvf__put_le16(b + 6, 0);
+    kvf__put_le32(b + 8, status);
+    kvf__put_le32(b + 12, 0);
+    kvf__put_le64(b + 16, req_id);
+    kvf__put_le64(b + 24, addr);
+    kvf__put_le64(b + 32, len);
+}
+
+static inline void tcp_hdr_decode(const uint8_t *b, tcp_hdr_t *h)
+{
+    h->magic = kvf__get_le32(b);
+    h->version = b[4];
+    h->type = b[5];
+    h->flags = kvf__get_le16(b + 6);
+    h->status = kvf__get_le32(b + 8);
+    h->reserved = kvf__get_le32(b + 12);
+    h->req_id = kvf__get_le64(b + 16);
+    h->addr = kvf__get_le64(b + 24);
+    h->len = kvf__get_le64(b + 32);
+}
+
+/* Checks shared by both directions. Returns false with a reason made of numbers only (received
+ * bytes are never echoed into logs). */
+static inline bool tcp_hdr_common_ok(const tcp_hdr_t *h, char *why, size_t whylen)
+{
+    if (h->magic != KVF_TCP_MAGIC)
+        snprintf(why, whylen, "bad magic 0x%08" PRIx32, h->magic);
+    else if (h->version != KVF_TCP_VERSION)
+        snprintf(why, whylen, "unsupported version %u", (unsigned)h->version);
+    else if (h->flags != 0)
+        snprintf(why, whylen, "non-zero flags 0x%04x", (unsigned)h->flags);
+    else if (h->reserved != 0)
+        snprintf(why, whylen, "non-zero reserved field 0x%08" PRIx32, h->reserved);
+    else
+        return true;
+    return false;
+}
+
+#endif /* KVF_TCP_PROTO_H */

@@ -1,0 +1,501 @@
+/*
+ * The tcp transport's target side: the engine whose registered memory peers write and read.
+ *
+ * One accept thread; one serving thread per accepted connection. A serving thread reads a fixed
+ * 40-byte header, validates it, takes a reference on the registered region the request falls
+ * in, and then recv()s a WRITE's payload straight into that memory (or sends a READ's answer
+ * straight from it) with blocking calls: no staging buffer, no event loop between the socket and
+ * the destination. It serves its connection's requests one at a time, in order, and holds a
+ * region reference only while it moves that request's payload, never while it waits for the next
+ * header (so unregistering a region is never held up by an idle connection).
+ *
+ * The checks here are the authoritative ones (docs/protocol.md, "When the target closes a
+ * connection"): every length and count is checked against tcp_proto.h's limits before anything
+ * is allocated or written, and every range against the region table.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "common/thread.h"
+#include "common/wire.h"
+#include "transport/tcp.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * Target side: serving one connection
+ * ------------------------------------------------------------------------------------------- */
+
+/* When a frame of @len payload bytes, starting now, must be complete. */
+static uint64_t tcp_frame_deadline(uint64_t len)
+{
+    return kvf__now_ms() + KVF_TCP_FRAME_BASE_MS + len / KVF_TCP_MIN_RATE_BYTES_PER_MS;
+}
+
+/*
+ * Receive exactly @len bytes on a serving socket (SO_RCVTIMEO = TCP_SERVER_SLICE_MS).
+ * @idle_ok: the connection may sit idle before the first byte (waiting for a header).
+ * @deadline_ms: absolute kvf__now_ms() bound on the whole receive, 0 for none (checked every
+ *               TCP_SERVER_SLICE_MS).
+ * Returns 0; 1 for an orderly end of stream before the first byte when @idle_ok; -EPIPE when the
+ * stream ends in the middle; -KVF_ETIMEDOUT when a started transfer stalls; -KVF_ECLOSED when the
+ * transport is stopping; -errno.
+ */
+static int tcp_srv_recvv(struct tcp_sconn *sc, struct iovec *iov, int cnt, bool idle_ok,
+                         uint64_t deadline_ms, size_t *got_out)
+{
+    size_t got = 0;
+    uint64_t last = kvf__now_ms();
+    int rc = 0;
+    tcp_iov_advance(&iov, &cnt, 0);
+    while (cnt > 0) {
+        /* Checked before every receive, not only after an idle slice: a trickling client makes
+         * each slice return a few bytes. */
+        if (deadline_ms && kvf__now_ms() >= deadline_ms) {
+            rc = -KVF_ETIMEDOUT;
+            break;
+        }
+        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
+        ssize_t r = recvmsg(sc->fd, &mh, MSG_WAITALL);
+        if (r > 0) {
+            got += (size_t)r;
+            tcp_iov_advance(&iov, &cnt, (size_t)r);
+            last = kvf__now_ms();
+            continue;
+        }
+        if (r == 0) {
+            rc = (got == 0 && idle_ok) ? 1 : -EPIPE;
+            break;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            rc = -errno;
+            break;
+        }
+        if (atomic_load(&sc->t->stopping)) {
+            rc = -KVF_ECLOSED;
+            break;
+        }
+        if (got == 0 && idle_ok)
+            last = kvf__now_ms();
+        else if (kvf__now_ms() - last >= KVF_TCP_STALL_TIMEOUT_MS) {
+            rc = -KVF_ETIMEDOUT;
+            break;
+        }
+    }
+    if (got_out)
+        *got_out = got;
+    return rc;
+}
+
+static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_ok,
+                        uint64_t deadline_ms, size_t *got_out)
+{
+    struct iovec iov = {buf, len};
+    return tcp_srv_recvv(sc, &iov, 1, idle_ok, deadline_ms, got_out);
+}
+
+static int tcp_srv_drain(struct tcp_sconn *sc, uint64_t len)
+{
+    uint64_t deadline = tcp_frame_deadline(len);
+    if (!sc->scratch) {
+        sc->scratch = malloc(TCP_SCRATCH_LEN);
+        if (!sc->scratch)
+            return -ENOMEM;
+    }
+    while (len > 0) {
+        size_t n = len < TCP_SCRATCH_LEN ? (size_t)len : TCP_SCRATCH_LEN;
+        int rc = tcp_srv_recv(sc, sc->scratch, n, false, deadline, NULL);
+        if (rc)
+            return rc;
+        len -= n;
+    }
+    return 0;
+}
+
+static int tcp_srv_send(struct tcp_sconn *sc, struct iovec *iov, int cnt)
+{
+    return tcp_sendv(sc->fd, iov, cnt, 0, KVF_TCP_STALL_TIMEOUT_MS);
+}
+
+/* Answer @h with status @code (a negative kvferry code) and this thread's last-error message. */
+static int tcp_srv_send_error(struct tcp_sconn *sc, const tcp_hdr_t *h, int code)
+{
+    uint8_t hdr[KVF_TCP_HDR_LEN];
+    const char *msg = kvf_last_error();
+    size_t mlen = strnlen(msg, KVF_TCP_MAX_MSG);
+    uint32_t status = code < 0 ? (uint32_t)-code : (uint32_t)KVF_EPROTO;
+    tcp_hdr_encode(hdr, KVF_TCP_RESP, status, h->req_id, h->addr, mlen);
+    struct iovec iov[2] = {{hdr, sizeof(hdr)}, {(void *)msg, mlen}};
+    return tcp_srv_send(sc, iov, 2);
+}
+
+/* Validate a request header. Returns NULL, or a reason for closing the connection. */
+static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why, size_t whylen)
+{
+    if (!tcp_hdr_common_ok(h, why, whylen))
+        return why;
+    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_WRITEV || h->type == KVF_TCP_RESP)
+        snprintf(why, whylen, "bad frame type %u", (unsigned)h->type);
+    else if (!hello_done && h->type != KVF_TCP_HELLO)
+        snprintf(why, whylen, "first frame is type %u, not HELLO", (unsigned)h->type);
+    else if (hello_done && h->type == KVF_TCP_HELLO)
+        snprintf(why, whylen, "second HELLO");
+    else if (h->status != 0)
+        snprintf(why, whylen, "non-zero status %" PRIu32 " in a request", h->status);
+    else if (h->type == KVF_TCP_HELLO && h->len > KVF_TCP_MAX_MSG)
+        snprintf(why, whylen, "HELLO length %" PRIu64 " over KVF_TCP_MAX_MSG (%u)", h->len,
+                 KVF_TCP_MAX_MSG);
+    else if (h->type == KVF_TCP_WRITEV && (h->addr == 0 || h->addr > KVF_TCP_MAX_SEGS))
+        snprintf(why, whylen, "WRITEV of %" PRIu64 " segments: want 1..KVF_TCP_MAX_SEGS (%u)",
+                 h->addr, KVF_TCP_MAX_SEGS);
+    else if (h->type == KVF_TCP_NOTIFY && h->len > KVF_NOTIFY_MAX)
+        snprintf(why, whylen, "NOTIFY length %" PRIu64 " over KVF_NOTIFY_MAX (%u)", h->len,
+                 KVF_NOTIFY_MAX);
+    else if (h->len > KVF_TCP_MAX_CHUNK)
+        snprintf(why, whylen, "length %" PRIu64 " over KVF_TCP_MAX_CHUNK (%u)", h->len,
+                 KVF_TCP_MAX_CHUNK);
+    else
+        return NULL;
+    return why;
+}
+
+/*
+ * Serve a WRITEV: its segment table, then each segment's bytes straight into the region it lies
+ * in, under references on all of them. Either every segment is inside a registered region and
+ * all are written, or none is: the payload is drained and the answer names the first refused
+ * segment in `addr`. Returns 0, a negative I/O code, or 1 with @why set when the frame is
+ * malformed (the connection is then closed).
+ */
+static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, size_t whylen)
+{
+    struct tcp_transport *t = sc->t;
+    unsigned n = (unsigned)h->addr;
+    if (!sc->segs) {
+        sc->segs = malloc(KVF_TCP_MAX_SEGS * KVF_TCP_SEG_LEN);
+        sc->refs = calloc(KVF_TCP_MAX_SEGS, sizeof(*sc->refs));
+        sc->iov = malloc(KVF_TCP_MAX_SEGS * sizeof(*sc->iov));
+        if (!sc->segs || !sc->refs || !sc->iov)
+            return -ENOMEM;
+    }
+    uint64_t deadline = tcp_frame_deadline(h->len);
+    int rc = tcp_srv_recv(sc, sc->segs, (size_t)n * KVF_TCP_SEG_LEN, false, deadline, NULL);
+    if (rc)
+        return rc;
+    uint64_t total = 0;
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t addr = kvf__get_le64(sc->segs + (size_t)i * KVF_TCP_SEG_LEN);
+        uint64_t len = kvf__get_le64(sc->segs + (size_t)i * KVF_TCP_SEG_LEN + 8);
+        if (len == 0 || len > h->len - total) {
+            snprintf(why, whylen,
+                     "WRITEV segment %u: length %" PRIu64 " where %" PRIu64
+                     " of the frame's %" PRIu64 " bytes are left",
+                     i, len, h->len - total, h->len);
+            return 1;
+        }
+        total += len;
+        sc->iov[i].iov_base = (void *)(uintptr_t)addr;
+        sc->iov[i].iov_len = (size_t)len;
+    }
+    if (total != h->len) {
+        snprintf(why, whylen, "WRITEV segments total %" PRIu64 " bytes, the frame says %" PRIu64,
+                 total, h->len);
+        return 1;
+    }
+    unsigned k = 0;
+    int arc = 0;
+    for (; k < n; k++) {
+        arc = kvf__regions_acquire(t->regions, (uintptr_t)sc->iov[k].iov_base, sc->iov[k].iov_len,
+                                   &sc->refs[k]);
+        if (arc)
+            break;
+    }
+    if (arc) {
+        for (unsigned j = 0; j < k; j++)
+            kvf__regions_release(t->regions, &sc->refs[j]);
+        KVF_DEBUG(TCP_LOG, "gathered write from %s refused at segment %u: %s", sc->addr, k,
+                  kvf_last_error());
+        rc = tcp_srv_drain(sc, h->len);
+        if (rc == 0) {
+            tcp_hdr_t e = *h;
+            e.addr = k;
+            rc = tcp_srv_send_error(sc, &e, arc);
+        }
+        return rc;
+    }
+    rc = tcp_srv_recvv(sc, sc->iov, (int)n, false, deadline, NULL);
+    for (unsigned j = 0; j < n; j++)
+        kvf__regions_release(t->regions, &sc->refs[j]);
+    if (rc == 0) {
+        uint8_t resp[KVF_TCP_HDR_LEN];
+        tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h->req_id, n, 0);
+        struct iovec iov = {resp, sizeof(resp)};
+        rc = tcp_srv_send(sc, &iov, 1);
+    }
+    return rc;
+}
+
+static const char *tcp_io_reason(int rc, char *buf, size_t len)
+{
+    if (rc == -EPIPE)
+        return "connection closed in the middle of a frame";
+    if (rc == -KVF_ETIMEDOUT)
+        return "frame too slow (no progress for KVF_TCP_STALL_TIMEOUT_MS, below the minimum "
+               "rate, or no hello within KVF_TCP_HELLO_TIMEOUT_MS)";
+    snprintf(buf, len, "%s", kvf_strerror(rc));
+    return buf;
+}
+
+static void *tcp_sconn_main(void *arg)
+{
+    struct tcp_sconn *sc = arg;
+    struct tcp_transport *t = sc->t;
+    uint8_t hbuf[KVF_TCP_HDR_LEN];
+    char why[160];
+    const char *reason = NULL;
+    bool hello_done = false;
+    uint64_t hello_deadline = kvf__now_ms() + KVF_TCP_HELLO_TIMEOUT_MS;
+    int rc;
+
+    for (;;) {
+        size_t got = 0;
+        tcp_hdr_t h;
+        /* Before the HELLO an idle connection has a deadline; afterwards it may idle for ever. */
+        rc = tcp_srv_recv(sc, hbuf, sizeof(hbuf), true, hello_done ? 0 : hello_deadline, &got);
+        if (rc == 1 || rc == -KVF_ECLOSED) {
+            KVF_DEBUG(TCP_LOG, "connection from %s closed", sc->addr);
+            break;
+        }
+        if (rc) {
+            if (rc == -EPIPE) {
+                snprintf(why, sizeof(why), "truncated header (%zu of %u bytes)", got,
+                         KVF_TCP_HDR_LEN);
+                reason = why;
+            } else {
+                reason = tcp_io_reason(rc, why, sizeof(why));
+            }
+            break;
+        }
+        tcp_hdr_decode(hbuf, &h);
+        reason = tcp_srv_check(&h, hello_done, why, sizeof(why));
+        if (reason)
+            break;
+
+        if (h.type == KVF_TCP_HELLO) {
+            char sid[KVF_TCP_MAX_MSG + 1];
+            rc = tcp_srv_recv(sc, sid, (size_t)h.len, false, hello_deadline, NULL);
+            if (rc) {
+                reason = tcp_io_reason(rc, why, sizeof(why));
+                break;
+            }
+            /* The session id is for the log only; keep it printable. */
+            kvf__printable(sid, (size_t)h.len + 1, sid, (size_t)h.len);
+            KVF_DEBUG(TCP_LOG, "hello from %s at %s", sid, sc->addr);
+            /* A longer one is no session id; it is kept cut (for the log) all the same. */
+            size_t keep = strnlen(sid, sizeof(sc->peer_sid) - 1);
+            memcpy(sc->peer_sid, sid, keep);
+            sc->peer_sid[keep] = '\0';
+            hello_done = true;
+            uint8_t resp[KVF_TCP_HDR_LEN];
+            tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
+            struct iovec iov = {resp, sizeof(resp)};
+            rc = tcp_srv_send(sc, &iov, 1);
+        } else if (h.type == KVF_TCP_WRITEV) {
+            rc = tcp_srv_writev(sc, &h, why, sizeof(why));
+            if (rc == 1) {
+                reason = why;
+                break;
+            }
+        } else if (h.type == KVF_TCP_NOTIFY) {
+            /* The sender sends it only once every request of its batch has been answered, so
+             * that batch's data is in place before the notification is queued. */
+            uint8_t nbuf[KVF_NOTIFY_MAX];
+            rc = tcp_srv_recv(sc, nbuf, (size_t)h.len, false, tcp_frame_deadline(h.len), NULL);
+            if (rc == 0) {
+                int nrc = t->notify_cb
+                              ? t->notify_cb(t->notify_arg, sc->peer_sid, nbuf, (size_t)h.len)
+                              : kvf__err(-KVF_ENOTSUP, "%s takes no notifications", t->local_sid);
+                if (nrc == 0) {
+                    uint8_t resp[KVF_TCP_HDR_LEN];
+                    tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
+                    struct iovec iov = {resp, sizeof(resp)};
+                    rc = tcp_srv_send(sc, &iov, 1);
+                } else {
+                    rc = tcp_srv_send_error(sc, &h, nrc);
+                }
+            }
+        } else if (h.type == KVF_TCP_WRITE) {
+            kvf_region_ref_t ref = {0};
+            int arc = kvf__regions_acquire(t->regions, h.addr, h.len, &ref);
+            if (arc == 0) {
+                /* Straight into the registered memory: the region reference keeps it registered
+                 * until the last byte is in. */
+                rc = tcp_srv_recv(sc, (void *)(uintptr_t)h.addr, (size_t)h.len, false,
+                                  tcp_frame_deadline(h.len), NULL);
+                kvf__regions_release(t->regions, &ref);
+                if (rc == 0) {
+                    uint8_t resp[KVF_TCP_HDR_LEN];
+                    tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, h.addr, 0);
+                    struct iovec iov = {resp, sizeof(resp)};
+                    rc = tcp_srv_send(sc, &iov, 1);
+                }
+            } else {
+                KVF_DEBUG(TCP_LOG, "write from %s refused: %s", sc->addr, kvf_last_error());
+                rc = tcp_srv_drain(sc, h.len);
+                if (rc == 0)
+                    rc = tcp_srv_send_error(sc, &h, arc);
+            }
+        } else {
+            kvf_region_ref_t ref = {0};
+            int arc = kvf__regions_acquire(t->regions, h.addr, h.len, &ref);
+            if (arc == 0) {
+                uint8_t resp[KVF_TCP_HDR_LEN];
+                tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, h.addr, h.len);
+                struct iovec iov[2] = {{resp, sizeof(resp)},
+                                       {(void *)(uintptr_t)h.addr, (size_t)h.len}};
+                rc = tcp_srv_send(sc, iov, 2);
+                kvf__regions_release(t->regions, &ref);
+            } else {
+                KVF_DEBUG(TCP_LOG, "read from %s refused: %s", sc->addr, kvf_last_error());
+                rc = tcp_srv_send_error(sc, &h, arc);
+            }
+        }
+        if (rc) {
+            if (rc != -KVF_ECLOSED)
+                reason = tcp_io_reason(rc, why, sizeof(why));
+            break;
+        }
+    }
+
+    /* A connection cut by destroy() is not the peer's fault: no warning for it. */
+    if (reason && !atomic_load(&t->stopping))
+        KVF_WARN(TCP_LOG, "closing connection from %s: %s", sc->addr, reason);
+    /* The fd stays open (only shut down) until the thread is joined, so destroy() may call
+     * shutdown() on it at any time without racing a reuse of the number. */
+    shutdown(sc->fd, SHUT_RDWR);
+    free(sc->scratch);
+    sc->scratch = NULL;
+    free(sc->segs);
+    free(sc->refs);
+    free(sc->iov);
+    sc->segs = NULL;
+    sc->refs = NULL;
+    sc->iov = NULL;
+    atomic_store(&sc->done, true);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Target side: accepting connections
+ * ------------------------------------------------------------------------------------------- */
+
+void tcp_reap_sconns(struct tcp_transport *t, bool all)
+{
+    struct tcp_sconn *dead = NULL;
+    pthread_mutex_lock(&t->mu);
+    for (struct tcp_sconn **pp = &t->sconns; *pp;) {
+        struct tcp_sconn *sc = *pp;
+        if (all || atomic_load(&sc->done)) {
+            *pp = sc->next;
+            sc->next = dead;
+            dead = sc;
+            t->nsconns--;
+        } else {
+            pp = &sc->next;
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    while (dead) {
+        struct tcp_sconn *sc = dead;
+        dead = sc->next;
+        pthread_join(sc->thread, NULL);
+        close(sc->fd);
+        free(sc);
+    }
+}
+
+static void tcp_accept_one(struct tcp_transport *t)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    int fd = accept4(t->listen_fd, (struct sockaddr *)&ss, &sl, SOCK_CLOEXEC);
+    if (fd < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
+            KVF_WARN(TCP_LOG, "accept on %s: %s", t->listen_str, strerror(errno));
+        return;
+    }
+    tcp_reap_sconns(t, false);
+
+    struct tcp_sconn *sc = calloc(1, sizeof(*sc));
+    char addr[TCP_ADDR_LEN];
+    tcp_sockaddr_format(&ss, addr, sizeof(addr));
+    if (!sc) {
+        KVF_WARN(TCP_LOG, "refusing connection from %s: out of memory", addr);
+        goto out_close;
+    }
+    sc->t = t;
+    sc->fd = fd;
+    snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    tcp_set_timeout(fd, SO_RCVTIMEO, TCP_SERVER_SLICE_MS);
+    tcp_set_timeout(fd, SO_SNDTIMEO, TCP_SERVER_SLICE_MS);
+
+    pthread_mutex_lock(&t->mu);
+    if (t->nsconns >= KVF_TCP_MAX_CONNS) {
+        pthread_mutex_unlock(&t->mu);
+        KVF_WARN(TCP_LOG, "refusing connection from %s: KVF_TCP_MAX_CONNS (%u) reached", addr,
+                 KVF_TCP_MAX_CONNS);
+        goto out_free;
+    }
+    int rc =
+        kvf__thread_start(&sc->thread, "kvf-tcp-serve", KVF_THREAD_SMALL_STACK, tcp_sconn_main, sc);
+    if (rc) {
+        pthread_mutex_unlock(&t->mu);
+        KVF_WARN(TCP_LOG, "refusing connection from %s: thread: %s", addr, strerror(-rc));
+        goto out_free;
+    }
+    sc->next = t->sconns;
+    t->sconns = sc;
+    t->nsconns++;
+    pthread_mutex_unlock(&t->mu);
+    KVF_DEBUG(TCP_LOG, "accepted connection from %s on %s", addr, t->listen_str);
+    return;
+
+out_free:
+    free(sc);
+out_close:
+    close(fd);
+}
+
+void *tcp_accept_main(void *arg)
+{
+    struct tcp_transport *t = arg;
+    while (!atomic_load(&t->stopping)) {
+        struct pollfd pf[2] = {{.fd = t->listen_fd, .events = POLLIN},
+                               {.fd = t->wake_fd, .events = POLLIN}};
+        int n = poll(pf, 2, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            KVF_ERROR(TCP_LOG, "poll on %s: %s", t->listen_str, strerror(errno));
+            break;
+        }
+        if (pf[1].revents)
+            break;
+        if (pf[0].revents)
+            tcp_accept_one(t);
+    }
+    return NULL;
+}

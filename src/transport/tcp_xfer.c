@@ -1,0 +1,443 @@
+/*
+ * Transfers of the tcp transport (the ops transfer and notify): a batch's elements are posted as
+ * chunks, or gathered into WRITEVs, each sent by the calling thread from the caller's memory on
+ * one of the peer's connections; then the caller waits for the answers, reading them itself when
+ * its batch is one request (the reader role, tcp.h). The locking rules are in tcp.h.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#include "common/thread.h"
+#include "common/wire.h"
+#include "transport/tcp.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * Initiator side: transfer
+ * ------------------------------------------------------------------------------------------- */
+
+/* Lock a connection's send mutex, giving up at @deadline_ms: a sender stalled on a peer that
+ * stopped reading holds it until its own deadline, which may be later than ours. */
+static int tcp_send_lock(struct tcp_conn *c, uint64_t deadline_ms)
+{
+    struct timespec ts;
+#if defined(__SANITIZE_THREAD__)
+    /* ThreadSanitizer does not know pthread_mutex_clocklock() and would report every unlock as
+     * unbalanced; give it the CLOCK_REALTIME variant it does intercept. */
+    uint64_t now = kvf__now_ms(), left = deadline_ms > now ? deadline_ms - now : 0;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)(left / 1000u);
+    ts.tv_nsec += (long)(left % 1000u) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return pthread_mutex_timedlock(&c->send_mu, &ts);
+#else
+    kvf__deadline_ts(&ts, deadline_ms);
+    return pthread_mutex_clocklock(&c->send_mu, CLOCK_MONOTONIC, &ts);
+#endif
+}
+
+/*
+ * Post one chunk: find a usable connection and a free slot on it, register the request in the
+ * slot (so the receiver can complete it), and send its frame from the caller's memory.
+ * Returns 0 when the frame was sent (its completion comes later), or a negative code with the
+ * batch's error recorded; a request that was registered is then failed or finished already.
+ */
+static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t elem,
+                    uint32_t nelem, uint64_t off, uint64_t len, bool only, uint64_t deadline_ms)
+{
+    const kvf_xfer_t *x = &b->x[elem];
+    unsigned ci = atomic_fetch_add_explicit(&p->rr, 1, memory_order_relaxed) % p->nconns;
+    struct tcp_conn *c = &p->conns[ci];
+    int rc = 0;
+
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        if (p->closing) {
+            tcp_batch_fail(b, -KVF_ECLOSED, "tcp %s to %s, element %zu: transport is closing",
+                           tcp_op_name(op), p->sid, elem);
+            rc = -KVF_ECLOSED;
+            goto out_unlock;
+        }
+        if (c->state == TCP_CONN_UP && c->nfree > 0)
+            break;
+        if (c->state == TCP_CONN_DOWN || c->state == TCP_CONN_BROKEN) {
+            rc = tcp_conn_open_locked(c, deadline_ms);
+            if (rc) {
+                tcp_batch_fail(b, rc, "tcp %s to %s, element %zu: %s", tcp_op_name(op), p->sid,
+                               elem, kvf_last_error());
+                goto out_unlock;
+            }
+            continue;
+        }
+        /* Connecting by another thread, or every slot in use: wait for a change. */
+        c->waiters++;
+        bool more = kvf__cond_wait_until(&c->cv, &p->mu, deadline_ms);
+        c->waiters--;
+        if (!more) {
+            tcp_batch_fail(b, -KVF_ETIMEDOUT,
+                           "tcp %s to %s, element %zu: timed out waiting for connection %u (%s)",
+                           tcp_op_name(op), p->sid, elem, c->idx,
+                           c->state == TCP_CONN_UP ? "all requests in flight" : "connecting");
+            rc = -KVF_ETIMEDOUT;
+            goto out_unlock;
+        }
+    }
+
+    unsigned idx = c->free_slots[--c->nfree];
+    struct tcp_slot *s = &c->slots[idx];
+    uint64_t req_id = (++c->seq << TCP_SLOT_BITS) | idx;
+    s->req_id = req_id;
+    s->batch = b;
+    s->elem = elem;
+    s->nelem = nelem;
+    s->refused = UINT32_MAX;
+    s->op = op;
+    /* Someone must read the answer: the caller itself when this is its batch's only request and
+     * nobody reads this connection now, else the receiver thread. */
+    if (c->reader == TCP_READER_NONE) {
+        if (only) {
+            c->reader = TCP_READER_INLINE;
+            c->inline_b = b;
+        } else {
+            c->reader = TCP_READER_RX;
+            tcp_rx_wake(c);
+        }
+    }
+    s->local = (uint8_t *)x->local + off;
+    s->remote = x->remote + off;
+    s->len = len;
+    b->outstanding++;
+    uint64_t gen = c->gen;
+    pthread_mutex_unlock(&p->mu);
+
+    uint8_t hdr[KVF_TCP_HDR_LEN];
+    uint8_t segs[KVF_TCP_MAX_SEGS * KVF_TCP_SEG_LEN];
+    struct iovec iov[TCP_WRITEV_IOV];
+    int niov = op == KVF_TCP_READ ? 1 : 2;
+    iov[0] = (struct iovec){hdr, sizeof(hdr)};
+    if (op == KVF_TCP_WRITEV) {
+        tcp_hdr_encode(hdr, op, 0, req_id, nelem, len);
+        iov[1] = (struct iovec){segs, (size_t)nelem * KVF_TCP_SEG_LEN};
+        for (uint32_t k = 0; k < nelem; k++) {
+            kvf__put_le64(segs + (size_t)k * KVF_TCP_SEG_LEN, x[k].remote);
+            kvf__put_le64(segs + (size_t)k * KVF_TCP_SEG_LEN + 8, x[k].len);
+            iov[niov++] = (struct iovec){x[k].local, x[k].len};
+        }
+    } else {
+        tcp_hdr_encode(hdr, op, 0, req_id, s->remote, len);
+        iov[1] = (struct iovec){s->local, (size_t)len};
+    }
+
+    int lrc = tcp_send_lock(c, deadline_ms);
+    if (lrc) {
+        /* Never sent: take the request back ourselves (unless the connection broke and failed
+         * it meanwhile). */
+        pthread_mutex_lock(&p->mu);
+        if (c->gen == gen && s->req_id == req_id)
+            tcp_slot_fail(c, idx, -KVF_ETIMEDOUT, "timed out waiting to send");
+        pthread_mutex_unlock(&p->mu);
+        return -KVF_ETIMEDOUT;
+    }
+    if (c->gen != gen) {
+        /* The connection was replaced: this request was failed with it. */
+        pthread_mutex_unlock(&c->send_mu);
+        return -KVF_EPEERGONE;
+    }
+    rc = tcp_sendv(c->fd, iov, niov, deadline_ms, 0);
+    pthread_mutex_unlock(&c->send_mu);
+    if (rc == 0)
+        return 0;
+
+    /* A frame may have gone out in part: the stream is out of step, so the connection is done
+     * for. Record this batch's own reason first; the break fails every request on it. */
+    char why[160];
+    pthread_mutex_lock(&p->mu);
+    if (rc == -KVF_ETIMEDOUT) {
+        tcp_batch_fail(b, rc,
+                       "tcp %s to %s, element %zu [0x%" PRIx64 ", +%zu): timed out "
+                       "sending (the peer stopped reading)",
+                       tcp_op_name(op), p->sid, elem, x->remote, x->len);
+        snprintf(why, sizeof(why), "send stalled until a transfer's deadline");
+    } else {
+        snprintf(why, sizeof(why), "send: %s", kvf_strerror(rc));
+        rc = -KVF_EPEERGONE;
+    }
+    tcp_conn_break_locked(c, gen, -KVF_EPEERGONE, why);
+out_unlock:
+    if (rc && b->status && b->status[elem] >= 0)
+        b->status[elem] = rc;
+    pthread_mutex_unlock(&p->mu);
+    return rc;
+}
+
+/*
+ * Give up on every request of @b still in flight (its deadline passed), so that nothing touches
+ * the caller's buffers after transfer() returns. Under peer->mu. A request the receiver is filling
+ * right now (a READ answer) cannot be withdrawn: its connection is cut so that the receiver's
+ * recv() returns, and we wait for the receiver to let go of the buffer.
+ */
+static void tcp_batch_abort(struct tcp_peer *p, struct tcp_batch *b)
+{
+    for (unsigned ci = 0; ci < p->nconns; ci++) {
+        struct tcp_conn *c = &p->conns[ci];
+        for (unsigned i = 0; i < KVF_TCP_MAX_INFLIGHT; i++) {
+            if (!c->slots[i].req_id || c->slots[i].batch != b)
+                continue;
+            if (c->rx_active == (int)i) {
+                tcp_conn_break_locked(c, c->gen, -KVF_EPEERGONE,
+                                      "a read timed out while its answer was arriving");
+                c->waiters++;
+                for (unsigned waited = 0; c->rx_active == (int)i; waited++) {
+                    /* shutdown() makes the recv() return at once; this only logs if it does not. */
+                    struct timespec ts;
+                    kvf__deadline_ts(&ts, kvf__now_ms() + 1000);
+                    if (pthread_cond_timedwait(&c->cv, &p->mu, &ts) == ETIMEDOUT)
+                        KVF_ERROR(TCP_LOG,
+                                  "waiting %u s for the receiver of connection %u to %s "
+                                  "to leave a timed-out read's buffer",
+                                  waited + 1, c->idx, p->sid);
+                }
+                c->waiters--;
+            }
+            if (c->slots[i].req_id && c->slots[i].batch == b) {
+                if (b->status && b->status[c->slots[i].elem] >= 0)
+                    b->status[c->slots[i].elem] = -KVF_ETIMEDOUT;
+                tcp_slot_finish(c, i);
+            }
+        }
+    }
+}
+
+/* The connection whose answers @b's caller reads itself, or NULL. Under peer->mu. */
+static struct tcp_conn *tcp_inline_conn(struct tcp_peer *p, const struct tcp_batch *b)
+{
+    for (unsigned i = 0; i < p->nconns; i++)
+        if (p->conns[i].reader == TCP_READER_INLINE && p->conns[i].inline_b == b)
+            return &p->conns[i];
+    return NULL;
+}
+
+/* Give the reader role up: to the receiver thread if requests are still pending, else to
+ * nobody. Under peer->mu. */
+static void tcp_inline_release(struct tcp_conn *c, const struct tcp_batch *b)
+{
+    if (c->reader != TCP_READER_INLINE || c->inline_b != b)
+        return;
+    c->inline_b = NULL;
+    if (c->state == TCP_CONN_UP && tcp_conn_busy(c) > 0) {
+        c->reader = TCP_READER_RX;
+        tcp_rx_wake(c);
+    } else {
+        c->reader = TCP_READER_NONE;
+    }
+}
+
+/*
+ * Read answers on @c in the caller's thread until @b is complete, the connection breaks, or
+ * @deadline_ms; then give the role up. Answers to other callers' requests that arrive first are
+ * handled as the receiver would. Called and returns with peer->mu held.
+ */
+static void tcp_read_inline(struct tcp_conn *c, struct tcp_batch *b, uint64_t deadline_ms)
+{
+    struct tcp_peer *p = c->peer;
+    const uint64_t gen = c->gen;
+    char why[TCP_ERRMSG_LEN];
+    while (b->outstanding > 0 && c->reader == TCP_READER_INLINE && c->inline_b == b &&
+           c->gen == gen && c->state == TCP_CONN_UP) {
+        int fd = c->fd;
+        c->inline_active = true;
+        pthread_mutex_unlock(&p->mu);
+        uint64_t now = kvf__now_ms();
+        uint64_t left = deadline_ms > now ? deadline_ms - now : 0;
+        struct pollfd pf = {fd, POLLIN, 0};
+        int pr = poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left);
+        int rc = pr > 0 ? tcp_rx_one(c, why, sizeof(why), b, deadline_ms) : 0;
+        pthread_mutex_lock(&p->mu);
+        c->inline_active = false;
+        pthread_cond_broadcast(&c->cv);
+        if (rc) {
+            tcp_conn_break_locked(c, gen, p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
+            break;
+        }
+        if (pr == 0)
+            break; /* the deadline: the caller gives up */
+    }
+    tcp_inline_release(c, b);
+}
+
+/* Enter a batch on @p: refused once the peer handle is closing. */
+static int tcp_batch_begin(struct tcp_peer *p, struct tcp_batch *b, const kvf_xfer_t *x)
+{
+    memset(b, 0, sizeof(*b));
+    b->x = x;
+    atomic_init(&b->rc, 0);
+    int rc = kvf__cond_init_monotonic(&b->cv);
+    if (rc)
+        return kvf__err(rc, "tcp transfer: condition variable: %s", kvf_strerror(rc));
+    pthread_mutex_lock(&p->mu);
+    if (p->closing) {
+        pthread_mutex_unlock(&p->mu);
+        pthread_cond_destroy(&b->cv);
+        return kvf__err(-KVF_ECLOSED, "tcp transfer to %s: transport is closing", p->sid);
+    }
+    p->active++;
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+/* Wait for every posted request of @b (giving up on them at @deadline_ms), leave the peer, and
+ * return the batch's result. */
+static int tcp_batch_end(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadline_ms)
+{
+    pthread_mutex_lock(&p->mu);
+    b->waiting = true;
+    while (b->outstanding > 0) {
+        struct tcp_conn *ic = tcp_inline_conn(p, b);
+        if (ic) {
+            tcp_read_inline(ic, b, deadline_ms);
+            continue;
+        }
+        if (!kvf__cond_wait_until(&b->cv, &p->mu, deadline_ms)) {
+            tcp_batch_fail(b, -KVF_ETIMEDOUT,
+                           "tcp transfer to %s: timed out with %zu "
+                           "request(s) unanswered",
+                           p->sid, b->outstanding);
+            tcp_batch_abort(p, b);
+            break;
+        }
+    }
+    b->waiting = false;
+    /* A request that failed before its answer could be read leaves the role with us. */
+    struct tcp_conn *ic = tcp_inline_conn(p, b);
+    if (ic)
+        tcp_inline_release(ic, b);
+    if (--p->active == 0 && p->closing)
+        pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    pthread_cond_destroy(&b->cv);
+
+    int rc = atomic_load(&b->rc);
+    if (rc)
+        return kvf__err(rc, "%s", b->msg);
+    return 0;
+}
+
+int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                 const kvf_xfer_ctl_t *ctl)
+{
+    struct tcp_peer *p = tcp_peer_of(pp);
+    struct tcp_batch b;
+    uint32_t *left = NULL;
+    int rc;
+
+    if (!p || (n && !x))
+        return kvf__err(-KVF_EINVAL, "tcp transfer: missing argument");
+    for (size_t i = 0; i < n; i++) {
+        if (x[i].op != KVF_OP_WRITE && x[i].op != KVF_OP_READ)
+            return kvf__err(-KVF_EINVAL, "tcp transfer to %s, element %zu: bad op %d", p->sid, i,
+                            (int)x[i].op);
+        if (x[i].len == 0 || !x[i].local)
+            return kvf__err(-KVF_EINVAL, "tcp transfer to %s, element %zu: %s", p->sid, i,
+                            x[i].len == 0 ? "length 0" : "no local buffer");
+        if (x[i].remote + x[i].len < x[i].remote)
+            return kvf__err(-KVF_EINVAL,
+                            "tcp transfer to %s, element %zu: [0x%" PRIx64
+                            ", +%zu) runs past the end of the address space",
+                            p->sid, i, x[i].remote, x[i].len);
+    }
+    if (n == 0)
+        return 0;
+    if (ctl && ctl->status) {
+        /* An element is done when its last chunk is answered. */
+        left = malloc(n * sizeof(*left));
+        if (!left)
+            return kvf__err(-KVF_ENOMEM, "tcp transfer to %s: out of memory for %zu elements",
+                            p->sid, n);
+        for (size_t i = 0; i < n; i++)
+            left[i] = (uint32_t)((x[i].len + p->chunk - 1) / p->chunk);
+    }
+    rc = tcp_batch_begin(p, &b, x);
+    if (rc) {
+        free(left);
+        return rc;
+    }
+    b.status = left ? ctl->status : NULL;
+    b.left = left;
+
+    /* Post every request, sending each from this thread; stop at the first error, or when the
+     * caller cancels (what was sent is still waited for). Runs of small writes go as one WRITEV
+     * each (one frame, one answer); other elements as chunks of at most p->chunk bytes. */
+    const atomic_bool *cancel = ctl ? ctl->cancel : NULL;
+    for (size_t i = 0; i < n && !atomic_load_explicit(&b.rc, memory_order_relaxed);) {
+        if (cancel && atomic_load_explicit(cancel, memory_order_relaxed)) {
+            pthread_mutex_lock(&p->mu);
+            tcp_batch_fail(&b, -KVF_ECANCELED, "tcp transfer to %s: cancelled at element %zu",
+                           p->sid, i);
+            pthread_mutex_unlock(&p->mu);
+            break;
+        }
+        size_t j = i;
+        uint64_t total = 0;
+        while (j < n && j - i < KVF_TCP_MAX_SEGS && x[j].op == KVF_OP_WRITE &&
+               x[j].len <= TCP_GATHER_ELEM_MAX && total + x[j].len <= p->chunk)
+            total += x[j++].len;
+        if (j - i >= 2) {
+            if (tcp_post(p, &b, KVF_TCP_WRITEV, i, (uint32_t)(j - i), 0, total, j - i == n,
+                         deadline_ms))
+                break;
+            i = j;
+            continue;
+        }
+        uint8_t op = x[i].op == KVF_OP_READ ? KVF_TCP_READ : KVF_TCP_WRITE;
+        for (uint64_t off = 0; off < x[i].len; off += p->chunk) {
+            if (off && cancel && atomic_load_explicit(cancel, memory_order_relaxed)) {
+                pthread_mutex_lock(&p->mu);
+                tcp_batch_fail(&b, -KVF_ECANCELED,
+                               "tcp transfer to %s: cancelled at element %zu (offset %" PRIu64 ")",
+                               p->sid, i, off);
+                pthread_mutex_unlock(&p->mu);
+                break;
+            }
+            uint64_t len = x[i].len - off < p->chunk ? x[i].len - off : p->chunk;
+            if (tcp_post(p, &b, op, i, 1, off, len, n == 1 && len == x[i].len, deadline_ms))
+                break;
+            if (atomic_load_explicit(&b.rc, memory_order_relaxed))
+                break;
+        }
+        i++;
+    }
+    rc = tcp_batch_end(p, &b, deadline_ms);
+    free(left);
+    return rc;
+}
+
+int tcp_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t deadline_ms)
+{
+    struct tcp_peer *p = tcp_peer_of(pp);
+    struct tcp_batch b;
+    static const uint8_t empty[1];
+
+    if (!p || (len && !msg))
+        return kvf__err(-KVF_EINVAL, "tcp notify: missing argument");
+    if (len > KVF_NOTIFY_MAX)
+        return kvf__err(-KVF_ETOOBIG, "tcp notify to %s: %zu bytes over KVF_NOTIFY_MAX (%u)",
+                        p->sid, len, KVF_NOTIFY_MAX);
+    /* The frame travels like a one-chunk write to address 0: header, then the message. */
+    const kvf_xfer_t x = {
+        .op = KVF_OP_WRITE, .local = len ? (void *)msg : (void *)empty, .remote = 0, .len = len};
+    int rc = tcp_batch_begin(p, &b, &x);
+    if (rc)
+        return rc;
+    tcp_post(p, &b, KVF_TCP_NOTIFY, 0, 1, 0, len, true, deadline_ms);
+    return tcp_batch_end(p, &b, deadline_ms);
+}
