@@ -54,71 +54,74 @@ class CheckLayers(unittest.TestCase):
     def tearDown(self):
         self.tmp.cleanup()
 
+    def check(self, files, compiled=True):
+        """Write {path: text}, compile the .c files when the case is about calls, run the
+        checker; returns (exit status, output)."""
+        for rel, text in files.items():
+            write(self.src, rel, text)
+        if not compiled:
+            return run_checker(self.src)
+        compile_tree(self.src, self.build, [f for f in files if f.endswith(".c")])
+        return run_checker(self.src, self.build)
+
+    def assert_violation(self, files, *expected, compiled=True):
+        rc, out = self.check(files, compiled)
+        self.assertEqual(rc, 1, out)
+        for text in expected:
+            self.assertIn(text, out)
+
     def test_clean_tree_passes(self):
-        write(self.src, "src/common/a.h", "int kvf__a(void);\n")
-        write(self.src, "src/common/a.c", '#include "common/a.h"\nint kvf__a(void) { return 1; }\n')
-        write(self.src, "src/core/b.c",
-              '#include "common/a.h"\n#include "kvferry.h"\nint kvf_api(void) { return kvf__a(); }\n')
-        compile_tree(self.src, self.build, ["src/common/a.c", "src/core/b.c"])
-        rc, out = run_checker(self.src, self.build)
+        rc, out = self.check({
+            "src/common/a.h": "int kvf__a(void);\n",
+            "src/common/a.c": '#include "common/a.h"\nint kvf__a(void) { return 1; }\n',
+            "src/core/b.c": '#include "common/a.h"\n#include "kvferry.h"\n'
+                            "int kvf_api(void) { return kvf__a(); }\n"})
         self.assertEqual(rc, 0, out)
         self.assertIn("clean", out)
 
     def test_upward_include_is_named(self):
-        write(self.src, "src/core/engine.h", "int kvf__eng(void);\n")
-        write(self.src, "src/transport/t.c", '#include "core/engine.h"\n')
-        rc, out = run_checker(self.src)
-        self.assertEqual(rc, 1, out)
-        self.assertIn('src/transport/t.c: #include "core/engine.h": includes a higher layer', out)
+        self.assert_violation({"src/core/engine.h": "int kvf__eng(void);\n",
+                               "src/transport/t.c": '#include "core/engine.h"\n'},
+                              'src/transport/t.c: #include "core/engine.h": includes a higher layer',
+                              compiled=False)
 
     def test_tools_may_not_include_internal_headers(self):
-        write(self.src, "src/common/common.h", "\n")
-        write(self.src, "tools/main.c", '#include "common/common.h"\n')
-        rc, out = run_checker(self.src)
-        self.assertEqual(rc, 1, out)
-        self.assertIn("tools/main.c", out)
-        self.assertIn("public API", out)
+        self.assert_violation({"src/common/common.h": "\n",
+                               "tools/main.c": '#include "common/common.h"\n'},
+                              "tools/main.c", "public API", compiled=False)
 
     def test_long_file_is_named(self):
-        write(self.src, "src/common/big.c", "int x;\n" * 801)
-        rc, out = run_checker(self.src)
-        self.assertEqual(rc, 1, out)
-        self.assertIn("src/common/big.c: 801 lines", out)
+        self.assert_violation({"src/common/big.c": "int x;\n" * 801},
+                              "src/common/big.c: 801 lines", compiled=False)
 
     def test_two_files_calling_each_other_are_a_cycle(self):
-        write(self.src, "src/core/x.c", "int kvf__y(void);\nint kvf__x(void) { return kvf__y(); }\n")
-        write(self.src, "src/core/y.c", "int kvf__x(void);\nint kvf__y(void) { return kvf__x(); }\n")
-        compile_tree(self.src, self.build, ["src/core/x.c", "src/core/y.c"])
-        rc, out = run_checker(self.src, self.build)
-        self.assertEqual(rc, 1, out)
-        self.assertIn("files that call each other", out)
-        self.assertIn("src/core/x.c -> src/core/y.c (kvf__y)", out)
+        self.assert_violation(CYCLE, "files that call each other",
+                              "src/core/x.c -> src/core/y.c (kvf__y)")
 
     def test_core_calling_a_transport_function_is_named(self):
-        write(self.src, "src/transport/tcp.c", "int kvf__tcp_send(void) { return 0; }\n")
-        write(self.src, "src/core/xfer.c",
-              "int kvf__tcp_send(void);\nint kvf__xfer(void) { return kvf__tcp_send(); }\n")
-        compile_tree(self.src, self.build, ["src/transport/tcp.c", "src/core/xfer.c"])
-        rc, out = run_checker(self.src, self.build)
-        self.assertEqual(rc, 1, out)
-        self.assertIn("the core calls a transport past its ops table", out)
+        self.assert_violation({
+            "src/transport/tcp.c": "int kvf__tcp_send(void) { return 0; }\n",
+            "src/core/xfer.c": "int kvf__tcp_send(void);\n"
+                               "int kvf__xfer(void) { return kvf__tcp_send(); }\n"},
+            "the core calls a transport past its ops table")
 
     def test_tool_calling_an_internal_symbol_is_named(self):
-        write(self.src, "src/common/t.c", "unsigned long kvf__now_ms(void) { return 0; }\n")
-        write(self.src, "tools/main.c",
-              "unsigned long kvf__now_ms(void);\nint main(void) { return (int)kvf__now_ms(); }\n")
-        compile_tree(self.src, self.build, ["src/common/t.c", "tools/main.c"])
-        rc, out = run_checker(self.src, self.build)
-        self.assertEqual(rc, 1, out)
-        self.assertIn("tools/main.c -> src/common/t.c (kvf__now_ms)", out)
+        self.assert_violation({
+            "src/common/t.c": "unsigned long kvf__now_ms(void) { return 0; }\n",
+            "tools/main.c": "unsigned long kvf__now_ms(void);\n"
+                            "int main(void) { return (int)kvf__now_ms(); }\n"},
+            "tools/main.c -> src/common/t.c (kvf__now_ms)")
 
     def test_objects_of_deleted_sources_are_ignored(self):
-        write(self.src, "src/core/x.c", "int kvf__y(void);\nint kvf__x(void) { return kvf__y(); }\n")
-        write(self.src, "src/core/y.c", "int kvf__x(void);\nint kvf__y(void) { return kvf__x(); }\n")
-        compile_tree(self.src, self.build, ["src/core/x.c", "src/core/y.c"])
+        self.check(CYCLE)
         os.remove(os.path.join(self.src, "src/core/y.c"))
         rc, out = run_checker(self.src, self.build)
         self.assertEqual(rc, 0, out)
+
+
+# Two files of one folder that call each other.
+CYCLE = {"src/core/x.c": "int kvf__y(void);\nint kvf__x(void) { return kvf__y(); }\n",
+         "src/core/y.c": "int kvf__x(void);\nint kvf__y(void) { return kvf__x(); }\n"}
 
 
 if __name__ == "__main__":
