@@ -17,7 +17,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <poll.h>
@@ -35,8 +34,7 @@
 
 #include "bench.h"
 #include "cli.h"
-#include "common/common.h"
-#include "common/url.h"
+#include "clock.h"
 
 #define CMD                     "bench"
 #define BENCH_MAX_SIZES         16
@@ -88,7 +86,7 @@ typedef struct {
     kvf_store_t *st;
     const char *store_url;
     kvf_engine_t *e;
-    char peer[KVF_HOST_MAX + 8];
+    char peer[KVF_SESSION_ID_MAX];
     pid_t child;
     uint64_t target_addr, target_len;
     pid_t target_pid;
@@ -155,224 +153,103 @@ static void usage(FILE *f)
         BENCH_MAX_BLOCKS, BENCH_MAX_WINDOW, BENCH_MAX_THREADS, BENCH_ITER_CAP_S, BENCH_MAX_REPS);
 }
 
-int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t max, size_t *out)
+static int parse_op(const char *cmd, const kvf_cli_opt_t *o, const char *value)
 {
+    if (strcasecmp(value, "write") && strcasecmp(value, "read")) {
+        fprintf(stderr, "kvferry %s: --op %s: want write or read\n", cmd, value);
+        return -1;
+    }
+    *(kvf_op_t *)o->dst = strcasecmp(value, "write") ? KVF_OP_READ : KVF_OP_WRITE;
+    return 0;
+}
+
+/* --block-size: a comma list, or the flag repeated; the sizes add up. */
+static int parse_block_sizes(const char *cmd, const kvf_cli_opt_t *o, const char *value)
+{
+    bench_args_t *a = o->dst;
+    char *list = strdup(value), *save = NULL;
+    int bad = list ? 0 : -1;
+    for (char *tok = strtok_r(list, ",", &save); !bad && tok; tok = strtok_r(NULL, ",", &save)) {
+        if (a->nsizes == BENCH_MAX_SIZES) {
+            fprintf(stderr, "kvferry %s: --block-size: at most %d sizes\n", cmd, BENCH_MAX_SIZES);
+            bad = -1;
+        } else {
+            bad = bench_parse_size(cmd, "--block-size", tok, o->max, &a->sizes[a->nsizes++]);
+        }
+    }
+    free(list);
+    return bad;
+}
+
+static int parse_duration(const char *cmd, const kvf_cli_opt_t *o, const char *value)
+{
+    double *duration = o->dst;
     char *end;
     errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    unsigned shift = 0;
-    if (end != s && *end) {
-        switch (*end) {
-        case 'k':
-        case 'K':
-            shift = 10;
-            break;
-        case 'm':
-        case 'M':
-            shift = 20;
-            break;
-        case 'g':
-        case 'G':
-            shift = 30;
-            break;
-        default:
-            end = (char *)s;
-            break;
-        }
-        if (end != s && end[1] != '\0' && strcasecmp(end + 1, "iB") && strcasecmp(end + 1, "B"))
-            end = (char *)s;
-        else if (end != s)
-            end += strlen(end);
-    }
-    if (end == s || *end || errno || s[0] == '-' || v == 0 || v > (max >> shift)) {
-        fprintf(stderr,
-                "kvferry %s: %s %s: want a size like 4096, 64K, 1M or 1G (1 byte to %llu MiB)\n",
-                cmd, flag, s, (unsigned long long)(max >> 20));
+    *duration = strtod(value, &end);
+    if (end == value || *end || errno || !(*duration >= 0.01 && *duration <= 3600)) {
+        fprintf(stderr, "kvferry %s: --duration %s: want seconds from 0.01 to 3600\n", cmd, value);
         return -1;
     }
-    *out = (size_t)(v << shift);
     return 0;
 }
 
-int bench_parse_memory(const char *cmd, const char *s, bool *alloc)
+static int parse_workload(const char *cmd, const kvf_cli_opt_t *o, const char *value)
 {
-    if (strcasecmp(s, "alloc") && strcasecmp(s, "registered")) {
-        fprintf(stderr, "kvferry %s: --memory %s: want alloc or registered\n", cmd, s);
+    if (strcasecmp(value, "kv")) {
+        fprintf(stderr, "kvferry %s: --workload %s: the only workload is kv\n", cmd, value);
         return -1;
     }
-    *alloc = !strcasecmp(s, "alloc");
+    *(bool *)o->dst = true;
     return 0;
 }
 
-static const char *transport_name(kvf_transport_kind_t t)
+/* Returns KVF_CLI_RUN to run, or the exit code (0 after --help, 2 after a usage error). */
+static int parse_args(int argc, char **argv, bench_args_t *a)
 {
-    return t == KVF_TRANSPORT_TCP ? "tcp" : t == KVF_TRANSPORT_SHM ? "shm" : "auto";
-}
-
-/* Returns 0 to run, or the exit code (0 after --help, 2 after a usage error). */
-static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
-{
-    static const struct option opts[] = {
-        {"transport", required_argument, NULL, 'T'},
-        {"op", required_argument, NULL, 'o'},
-        {"block-size", required_argument, NULL, 'b'},
-        {"batch", required_argument, NULL, 'n'},
-        {"window", required_argument, NULL, 'x'},
-        {"threads", required_argument, NULL, 't'},
-        {"duration", required_argument, NULL, 'd'},
-        {"iterations", required_argument, NULL, 'i'},
-        {"memory", required_argument, NULL, 'm'},
-        {"workload", required_argument, NULL, 'w'},
-        {"baseline", no_argument, NULL, 'B'},
-        {"working-set", required_argument, NULL, 'W'},
-        {"reps", required_argument, NULL, 'R'},
-        {"target", required_argument, NULL, 'g'},
-        {"store-url", required_argument, NULL, 'u'},
-        {"session-id", required_argument, NULL, 's'},
-        {"ns", required_argument, NULL, 'N'},
-        {"json", required_argument, NULL, 'j'},
-        {"quiet", no_argument, NULL, 'q'},
-        {"log-level", required_argument, NULL, 'v'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
-    bool batch_given = false;
-    int c;
-
     memset(a, 0, sizeof(*a));
     a->op = KVF_OP_WRITE;
-    a->batch = 1;
     a->window = 1;
     a->threads = 1;
     a->reps = 1;
     a->alloc = true;
     a->working_set = 64u << 20;
     a->ns = "default";
-    *done = false;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'T':
-            if (kvf_cli_parse_transport(CMD, optarg, &a->transport) < 0)
-                return 2;
-            break;
-        case 'o':
-            if (!strcasecmp(optarg, "write") || !strcasecmp(optarg, "read")) {
-                a->op = strcasecmp(optarg, "write") ? KVF_OP_READ : KVF_OP_WRITE;
-            } else {
-                fprintf(stderr, "kvferry " CMD ": --op %s: want write or read\n", optarg);
-                return 2;
-            }
-            break;
-        case 'b': {
-            char *list = strdup(optarg), *save = NULL;
-            int bad = list ? 0 : -1;
-            for (char *tok = strtok_r(list, ",", &save); !bad && tok;
-                 tok = strtok_r(NULL, ",", &save)) {
-                if (a->nsizes == BENCH_MAX_SIZES) {
-                    fprintf(stderr, "kvferry " CMD ": --block-size: at most %d sizes\n",
-                            BENCH_MAX_SIZES);
-                    bad = -1;
-                } else {
-                    bad = bench_parse_size(CMD, "--block-size", tok, 1ull << 30,
-                                           &a->sizes[a->nsizes++]);
-                }
-            }
-            free(list);
-            if (bad)
-                return 2;
-            break;
-        }
-        case 'n':
-            if (kvf_cli_parse_u64(CMD, "--batch", optarg, 1, BENCH_MAX_BLOCKS, &a->batch) < 0)
-                return 2;
-            batch_given = true;
-            break;
-        case 't':
-            if (kvf_cli_parse_u64(CMD, "--threads", optarg, 1, BENCH_MAX_THREADS, &a->threads) < 0)
-                return 2;
-            break;
-        case 'x':
-            if (kvf_cli_parse_u64(CMD, "--window", optarg, 1, BENCH_MAX_WINDOW, &a->window) < 0)
-                return 2;
-            break;
-        case 'd': {
-            char *end;
-            errno = 0;
-            a->duration = strtod(optarg, &end);
-            if (end == optarg || *end || errno || !(a->duration >= 0.01 && a->duration <= 3600)) {
-                fprintf(stderr, "kvferry " CMD ": --duration %s: want seconds from 0.01 to 3600\n",
-                        optarg);
-                return 2;
-            }
-            break;
-        }
-        case 'i':
-            if (kvf_cli_parse_u64(CMD, "--iterations", optarg, 1, 1000000000, &a->iterations) < 0)
-                return 2;
-            break;
-        case 'm':
-            if (bench_parse_memory(CMD, optarg, &a->alloc) < 0)
-                return 2;
-            break;
-        case 'w':
-            if (strcasecmp(optarg, "kv")) {
-                fprintf(stderr, "kvferry " CMD ": --workload %s: the only workload is kv\n",
-                        optarg);
-                return 2;
-            }
-            a->kv = true;
-            break;
-        case 'B':
-            a->baseline = true;
-            break;
-        case 'W':
-            if (bench_parse_size(CMD, "--working-set", optarg, 4ull << 30, &a->working_set) < 0)
-                return 2;
-            break;
-        case 'R':
-            if (kvf_cli_parse_u64(CMD, "--reps", optarg, 1, BENCH_MAX_REPS, &a->reps) < 0)
-                return 2;
-            break;
-        case 'g':
-            a->target = optarg;
-            break;
-        case 'u':
-            a->store_url = optarg;
-            break;
-        case 's':
-            a->session_id = optarg;
-            break;
-        case 'N':
-            a->ns = optarg;
-            break;
-        case 'j':
-            a->json_path = optarg;
-            break;
-        case 'q':
-            a->quiet = true;
-            break;
-        case 'v':
-            if (kvf_cli_set_log_level(CMD, optarg) < 0)
-                return 2;
-            break;
-        case 'h':
-            usage(stdout);
-            *done = true;
-            return 0;
-        default:
-            fprintf(stderr, "(see kvferry " CMD " --help)\n");
-            return 2;
-        }
-    }
-    if (optind != argc) {
-        fprintf(stderr, "kvferry " CMD ": unexpected argument \"%s\"\n", argv[optind]);
-        return 2;
-    }
+    /* a->batch stays 0 unless --batch is given: --workload kv refuses it. */
+    const kvf_cli_opt_t opts[] = {
+        KVF_CLI_OPT_TRANSPORT(&a->transport),
+        {"op", KVF_CLI_CUSTOM, &a->op, 0, 0, parse_op},
+        {"block-size", KVF_CLI_CUSTOM, a, 0, 1ull << 30, parse_block_sizes},
+        {"batch", KVF_CLI_U64, &a->batch, 1, BENCH_MAX_BLOCKS, NULL},
+        {"window", KVF_CLI_U64, &a->window, 1, BENCH_MAX_WINDOW, NULL},
+        {"threads", KVF_CLI_U64, &a->threads, 1, BENCH_MAX_THREADS, NULL},
+        {"duration", KVF_CLI_CUSTOM, &a->duration, 0, 0, parse_duration},
+        {"iterations", KVF_CLI_U64, &a->iterations, 1, 1000000000, NULL},
+        {"memory", KVF_CLI_CUSTOM, &a->alloc, 0, 0, bench_opt_memory},
+        {"workload", KVF_CLI_CUSTOM, &a->kv, 0, 0, parse_workload},
+        {"baseline", KVF_CLI_FLAG, &a->baseline, 0, 0, NULL},
+        {"working-set", KVF_CLI_CUSTOM, &a->working_set, 0, 4ull << 30, bench_opt_size},
+        {"reps", KVF_CLI_U64, &a->reps, 1, BENCH_MAX_REPS, NULL},
+        {"target", KVF_CLI_STR, &a->target, 0, 0, NULL},
+        KVF_CLI_OPT_STORE_URL(&a->store_url),
+        {"session-id", KVF_CLI_STR, &a->session_id, 0, 0, NULL},
+        {"ns", KVF_CLI_STR, &a->ns, 0, 0, NULL},
+        {"json", KVF_CLI_STR, &a->json_path, 0, 0, NULL},
+        {"quiet", KVF_CLI_FLAG, &a->quiet, 0, 0, NULL},
+        KVF_CLI_OPT_LOG_LEVEL,
+        KVF_CLI_OPT_END,
+    };
+    const kvf_cli_t cli = {.cmd = CMD, .usage = usage, .opts = opts};
+    int rc = kvf_cli_parse(&cli, argc, argv, NULL);
+    if (rc != KVF_CLI_RUN)
+        return rc;
+    bool batch_given = a->batch != 0;
+    if (!batch_given)
+        a->batch = 1;
     if (a->kv && (a->nsizes || batch_given)) {
         fprintf(stderr, "kvferry " CMD ": --workload kv sets the blocks and the batch; drop "
                         "--block-size and --batch\n");
-        return 2;
+        return KVF_CLI_EXIT_USAGE;
     }
     if (!a->kv && a->nsizes == 0) {
         a->sizes[a->nsizes++] = 64u << 10;
@@ -382,16 +259,16 @@ static int parse_args(int argc, char **argv, bench_args_t *a, bool *done)
     if (a->target && !a->store_url) {
         fprintf(stderr, "kvferry " CMD ": --target needs --store-url, the store the target "
                         "was started with\n");
-        return 2;
+        return KVF_CLI_EXIT_USAGE;
     }
     if (a->target && a->baseline) {
         fprintf(stderr, "kvferry " CMD ": --baseline needs the local target (it writes into "
                         "the target process with process_vm_writev); drop --target\n");
-        return 2;
+        return KVF_CLI_EXIT_USAGE;
     }
     if (!a->iterations && a->duration == 0)
         a->duration = 2.0;
-    return 0;
+    return KVF_CLI_RUN;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -443,18 +320,6 @@ static void layout_kv(bench_layout_t *l, size_t working_set)
 static size_t layout_slice(const bench_layout_t *l)
 {
     return l->span * l->copies;
-}
-
-static void size_name(size_t n, char *buf, size_t len)
-{
-    if (n >= (1u << 30) && n % (1u << 30) == 0)
-        snprintf(buf, len, "%zu GiB", n >> 30);
-    else if (n >= (1u << 20) && n % (1u << 20) == 0)
-        snprintf(buf, len, "%zu MiB", n >> 20);
-    else if (n >= 1024 && n % 1024 == 0)
-        snprintf(buf, len, "%zu KiB", n >> 10);
-    else
-        snprintf(buf, len, "%zu B", n);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -576,20 +441,20 @@ static void *bench_thread_main(void *arg)
     const bench_layout_t *l = w->lay;
     int rc = w->m->start ? w->m->start(w) : 0;
     if (rc == 0) {
-        uint64_t a = kvf__now_ns();
+        uint64_t a = cli_now_ns();
         rc = w->m->call(w, 0);
-        t->first_ns = kvf__now_ns() - a;
+        t->first_ns = cli_now_ns() - a;
     }
     if (rc)
         atomic_store(t->failed, 1);
     pthread_barrier_wait(t->go);
 
-    uint64_t start = kvf__now_ns(), prev = start, deadline = start + t->limit_ns, i = 0;
+    uint64_t start = cli_now_ns(), prev = start, deadline = start + t->limit_ns, i = 0;
     t->t_start = start;
     while (rc == 0 && !atomic_load_explicit(t->failed, memory_order_relaxed) && i < t->iterations &&
            prev < deadline) {
         rc = w->m->call(w, ((i + 1) % l->copies) * l->span);
-        uint64_t now = kvf__now_ns(), d = now - prev;
+        uint64_t now = cli_now_ns(), d = now - prev;
         prev = now;
         if (t->nlat < BENCH_LAT_MAX)
             t->lat[t->nlat++] = d;
@@ -600,19 +465,13 @@ static void *bench_thread_main(void *arg)
     }
     if (rc == 0 && w->m->finish)
         rc = w->m->finish(w);
-    t->t_end = kvf__now_ns();
+    t->t_end = cli_now_ns();
     if (rc) {
         t->rc = rc;
         atomic_store(t->failed, 1);
     }
     atomic_fetch_add(t->done, 1);
     return NULL;
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
 }
 
 /* Nearest rank: the smallest sample with at least @p of them at or below it. */
@@ -634,7 +493,7 @@ static void progress(bench_t *b, const char *what, bench_thread_t *th, unsigned 
     uint64_t calls = 0;
     for (unsigned i = 0; i < n; i++)
         calls += atomic_load_explicit(&th[i].calls, memory_order_relaxed);
-    double s = (double)(kvf__now_ns() - t0) / 1e9;
+    double s = (double)(cli_now_ns() - t0) / 1e9;
     if (b->a.duration > 0 && s > b->a.duration)
         s = b->a.duration;
     fprintf(stderr, "\r\033[K  %s: %.1f s, %" PRIu64 " calls, %.2f GB/s", what, s, calls,
@@ -692,7 +551,7 @@ static void run_method(bench_t *b, const bench_layout_t *l, const bench_method_t
             goto out_threads;
         }
     }
-    uint64_t t0 = kvf__now_ns();
+    uint64_t t0 = cli_now_ns();
     for (; started < n; started++) {
         if (pthread_create(&tid[started], NULL, bench_thread_main, &th[started]) != 0) {
             /* The barrier needs every thread; without them all, none can run. */
@@ -736,7 +595,7 @@ out_threads:
         k += th[i].nlat;
     }
     if (all)
-        qsort(all, nlat, sizeof(uint64_t), cmp_u64);
+        qsort(all, nlat, sizeof(uint64_t), bench_cmp_u64);
     st->calls = total;
     st->samples = nlat;
     st->seconds = tmax > tmin ? (double)(tmax - tmin) / 1e9 : 0;
@@ -791,7 +650,7 @@ static int target_spawn(bench_t *b, size_t size)
     argv[n++] = "--memory";
     argv[n++] = b->a.alloc ? "alloc" : "registered";
     argv[n++] = "--transport";
-    argv[n++] = (char *)transport_name(b->a.transport);
+    argv[n++] = (char *)kvf_cli_transport_name(b->a.transport);
     argv[n++] = "--ns";
     argv[n++] = (char *)b->a.ns;
     argv[n] = NULL;
@@ -821,10 +680,10 @@ static int target_spawn(bench_t *b, size_t size)
 
     char line[512];
     size_t used = 0;
-    uint64_t deadline = kvf__now_ms() + BENCH_START_TIMEOUT_MS;
+    uint64_t deadline = cli_now_ms() + BENCH_START_TIMEOUT_MS;
     int rc = -1;
     while (used + 1 < sizeof(line)) {
-        uint64_t now = kvf__now_ms();
+        uint64_t now = cli_now_ms();
         if (now >= deadline)
             break;
         struct pollfd p = {.fd = pfd[0], .events = POLLIN};
@@ -862,13 +721,13 @@ static void target_stop(bench_t *b)
     if (b->child <= 0)
         return;
     kill(b->child, SIGTERM);
-    uint64_t deadline = kvf__now_ms() + 5000;
+    uint64_t deadline = cli_now_ms() + 5000;
     int status;
     for (;;) {
         pid_t r = waitpid(b->child, &status, WNOHANG);
         if (r == b->child || (r < 0 && errno != EINTR))
             break;
-        if (kvf__now_ms() >= deadline) {
+        if (cli_now_ms() >= deadline) {
             kill(b->child, SIGKILL);
             waitpid(b->child, &status, 0);
             break;
@@ -1059,7 +918,7 @@ static void print_run(const bench_t *b, const bench_layout_t *l, const bench_sta
     if (b->a.kv)
         snprintf(block, sizeof(block), "kv");
     else
-        size_name(l->len[0], block, sizeof(block));
+        bench_size_name(l->len[0], block, sizeof(block));
     printf("%-9s %-5s %-9s %5zu %3" PRIu64 " %8.2f %11.0f %9.1f %9.1f %9.1f %10.1f\n",
            b->transport_used, b->a.op == KVF_OP_WRITE ? "write" : "read", block, l->n, b->a.threads,
            s->gbps, s->ops_per_s, s->p50_us, s->p99_us, s->max_us, s->first_us);
@@ -1110,7 +969,7 @@ static int write_json(const bench_t *b, int argc, char **argv, bool ok)
         "{s:s,s:s,s:s,s:o,s:O,s:s,s:s,s:s,s:s,s:b,s:o,s:O}", "tool", "kvferry bench", "version",
         KVF_VERSION_STRING, "time", when, "machine", machine_json(), "command", cmd, "transport",
         b->transport_used ? b->transport_used : "none", "transport_requested",
-        transport_name(b->a.transport), "target", b->a.target ? b->a.target : "local",
+        kvf_cli_transport_name(b->a.transport), "target", b->a.target ? b->a.target : "local",
         "target_memory", b->target_memory, "verified", ok, "runs_count",
         json_integer((json_int_t)json_array_size(b->runs)), "runs", b->runs);
     json_decref(cmd);
@@ -1157,7 +1016,7 @@ static int bench_layout(bench_t *b, const bench_layout_t *l)
     if (b->a.kv)
         snprintf(block, sizeof(block), "kv workload");
     else
-        size_name(l->len[0], block, sizeof(block));
+        bench_size_name(l->len[0], block, sizeof(block));
     /* Repetitions alternate kvferry and its baselines, so that a burst of load from elsewhere
      * on the machine hits both alike; each method's figures are from its median repetition. */
     for (unsigned rep = 0; rep < reps; rep++) {
@@ -1228,7 +1087,7 @@ static int bench_layout(bench_t *b, const bench_layout_t *l)
     json_t *run = json_pack(
         "{s:s,s:s,s:s,s:s,s:s,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,"
         "s:I,s:b,s:i}",
-        "transport", b->transport_used, "transport_requested", transport_name(b->a.transport), "op",
+        "transport", b->transport_used, "transport_requested", kvf_cli_transport_name(b->a.transport), "op",
         b->a.op == KVF_OP_WRITE ? "write" : "read", "memory", b->target_memory, "workload",
         b->a.kv ? "kv" : "blocks", "block_size", (json_int_t)(l->bytes / l->n), "batch",
         (json_int_t)l->n, "blocks", (json_int_t)l->n, "bytes_per_call", (json_int_t)l->bytes,
@@ -1283,12 +1142,14 @@ static int bench_setup(bench_t *b, size_t need)
         return -1;
     }
     if (b->a.target) {
-        kvf_hostport_t hp;
-        if (kvf__session_id_parse(b->a.target, &hp) < 0) {
+        char host[KVF_SESSION_ID_MAX];
+        uint16_t port;
+        /* The engine's spelling of the id, the one the target publishes its records under. */
+        if (kvf_session_id_parse(b->a.target, host, sizeof(host), &port) < 0 ||
+            kvf_session_id_format(host, port, b->peer, sizeof(b->peer)) < 0) {
             fprintf(stderr, "kvferry " CMD ": --target: %s\n", kvf_last_error());
             return -1;
         }
-        kvf__hostport_format(&hp, b->peer, sizeof(b->peer));
     } else if (target_spawn(b, need) < 0) {
         return -1;
     }
@@ -1301,17 +1162,16 @@ static int bench_setup(bench_t *b, size_t need)
                 b->peer, b->target_len, need, b->a.threads, b->slice, need);
         return -1;
     }
-    char sid[KVF_HOST_MAX + 8];
+    char sid[KVF_SESSION_ID_MAX];
     if (b->a.session_id) {
         snprintf(sid, sizeof(sid), "%s", b->a.session_id);
     } else {
-        kvf_store_url_t u;
-        if (kvf__store_url_parse(b->store_url, 0, &u) < 0) {
+        char host[KVF_SESSION_ID_MAX];
+        if (kvf_store_url_parse(b->store_url, NULL, host, sizeof(host), NULL) < 0 ||
+            kvf_session_id_format(host, 0, sid, sizeof(sid)) < 0) {
             fprintf(stderr, "kvferry " CMD ": --store-url: %s\n", kvf_last_error());
             return -1;
         }
-        u.hosts[0].port = 0;
-        kvf__hostport_format(&u.hosts[0], sid, sizeof(sid));
     }
     kvf_config_t cfg;
     kvf_config_init(&cfg);
@@ -1348,9 +1208,8 @@ int kvf_cli_bench(int argc, char **argv)
 
     static bench_t bench;
     bench_t *b = &bench;
-    bool done;
-    int rc = parse_args(argc, argv, &b->a, &done);
-    if (rc || done)
+    int rc = parse_args(argc, argv, &b->a);
+    if (rc != KVF_CLI_RUN)
         return rc;
     signal(SIGPIPE, SIG_IGN);
     b->tty = !b->a.quiet && isatty(2);
