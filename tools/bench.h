@@ -1,9 +1,11 @@
 /*
  * `kvferry bench`: the parts shared by its files.
  *
- *   cmd_bench.c        flags, the local target process, the runs, the table and the JSON
- *   bench_serve.c      `kvferry bench --serve`: the target, and the data pattern both sides use
+ *   cmd_bench.c        the initiator: the runs (with its own files, listed in bench_run.h)
+ *   bench_serve.c      `kvferry bench --serve`: the target
+ *   bench_kvferry.c    kvferry as a method
  *   bench_baseline.c   the baselines: memcpy, process_vm_writev/readv, raw TCP stream, ping-pong
+ *   bench_util.c       the data pattern both sides use, memory, parsing, socket I/O
  *   cmd_bench_store.c  `kvferry bench store`
  *
  * A run moves a *layout* (the blocks of one kvf_transfer_sync call, at offsets inside a
@@ -126,6 +128,11 @@ int bench_recv_all(int fd, void *p, size_t len);
 
 /* Anonymous memory, faulted in; NULL on failure. Free with munmap(). */
 void *bench_map(size_t len);
+
+/* ---- kvferry (bench_kvferry.c): kvf_transfer_sync, or asynchronous batches for --window ---- */
+
+extern const bench_method_t bench_kvferry;
+extern const bench_method_t bench_kvferry_async;
 
 /* ---- the baselines (bench_baseline.c) ------------------------------------------------------ */
 
