@@ -5,7 +5,7 @@
  *   bench_serve.c      `kvferry bench --serve`: the target
  *   bench_kvferry.c    kvferry as a method
  *   bench_baseline.c   the baselines: memcpy, process_vm_writev/readv, raw TCP stream, ping-pong
- *   bench_util.c       the data pattern both sides use, memory, parsing, socket I/O
+ *   bench_util.c       the data pattern both sides use, memory, parsing
  *   cmd_bench_store.c  `kvferry bench store`
  *
  * A run moves a *layout* (the blocks of one kvf_transfer_sync call, at offsets inside a
@@ -120,19 +120,14 @@ void bench_size_name(size_t n, char *buf, size_t len);
 /* qsort() comparison of two uint64_t. */
 int bench_cmp_u64(const void *a, const void *b);
 
-/* Send or receive exactly @len bytes on a blocking socket, retrying on EINTR. bench_send_all
- * returns 0 or -1; bench_recv_all 1 after @len bytes, 0 at end of stream before the first byte,
- * -1 otherwise. */
-int bench_send_all(int fd, const void *p, size_t len);
-int bench_recv_all(int fd, void *p, size_t len);
-
 /* Anonymous memory, faulted in; NULL on failure. Free with munmap(). */
 void *bench_map(size_t len);
 
-/* ---- kvferry (bench_kvferry.c): kvf_transfer_sync, or asynchronous batches for --window ---- */
+/* ---- kvferry (bench_kvferry.c) ------------------------------------------------------------ */
 
-extern const bench_method_t bench_kvferry;
-extern const bench_method_t bench_kvferry_async;
+/* kvferry moving a layout per call: kvf_transfer_sync for a --window of 1, else asynchronous
+ * batches, @window in flight per thread. */
+const bench_method_t *bench_kvferry_method(unsigned window);
 
 /* ---- the baselines (bench_baseline.c) ------------------------------------------------------ */
 
@@ -141,6 +136,12 @@ extern const bench_method_t bench_pvm_write; /* process_vm_readv for --op read: 
 extern const bench_method_t bench_pvm_read;
 extern const bench_method_t bench_raw_tcp;
 extern const bench_method_t bench_tcp_pingpong;
+
+/* Send or receive exactly @len bytes on a blocking socket, retrying on EINTR. bench_send_all
+ * returns 0 or -1; bench_recv_all 1 after @len bytes, 0 at end of stream before the first byte,
+ * -1 otherwise. */
+int bench_send_all(int fd, const void *p, size_t len);
+int bench_recv_all(int fd, void *p, size_t len);
 
 /* ---- the subcommands --------------------------------------------------------------------- */
 

@@ -140,10 +140,8 @@ int bench_args_parse(int argc, char **argv, bench_args_t *a)
         {"ns", KVF_CLI_STR, &a->ns, 0, 0, NULL},
         {"json", KVF_CLI_STR, &a->json_path, 0, 0, NULL},
         {"quiet", KVF_CLI_FLAG, &a->quiet, 0, 0, NULL},
-        KVF_CLI_OPT_LOG_LEVEL,
-        KVF_CLI_OPT_END,
     };
-    const kvf_cli_t cli = {.cmd = BENCH_CMD, .usage = usage, .opts = opts};
+    const kvf_cli_t cli = {BENCH_CMD, usage, opts, KVF_CLI_NOPTS(opts), .log_level = true};
     int rc = kvf_cli_parse(&cli, argc, argv, NULL);
     if (rc != KVF_CLI_RUN)
         return rc;

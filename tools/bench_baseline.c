@@ -77,6 +77,38 @@ const bench_method_t bench_pvm_read = {
 
 /* ---- raw TCP ------------------------------------------------------------------------------- */
 
+int bench_send_all(int fd, const void *buf, size_t len)
+{
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+int bench_recv_all(int fd, void *buf, size_t len)
+{
+    uint8_t *p = buf;
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = recv(fd, p + got, len - got, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n == 0 && got == 0)
+            return 0;
+        if (n <= 0)
+            return -1;
+        got += (size_t)n;
+    }
+    return 1;
+}
+
 /* The receiving side: the layout's blocks in order, each at its place in the scratch slice,
  * cycling through the spans like the sender; in ping-pong mode an ack after each layout. */
 static void *tcp_receiver(void *arg)

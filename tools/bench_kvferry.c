@@ -6,7 +6,8 @@
 
 #include "bench.h"
 
-static int kvf_call(bench_worker_t *w, size_t base)
+/* The layout's blocks at @base as transfer elements, in w->x. */
+static void fill_xfers(bench_worker_t *w, size_t base)
 {
     const bench_layout_t *l = w->lay;
     for (size_t i = 0; i < l->n; i++) {
@@ -14,6 +15,12 @@ static int kvf_call(bench_worker_t *w, size_t base)
         w->x[i] = (kvf_xfer_t){
             .op = w->op, .local = w->local + o, .remote = w->remote + o, .len = l->len[i]};
     }
+}
+
+static int kvf_call(bench_worker_t *w, size_t base)
+{
+    const bench_layout_t *l = w->lay;
+    fill_xfers(w, base);
     int rc = kvf_transfer_sync(w->engine, w->peer, w->x, l->n);
     if (rc < 0)
         snprintf(w->err, sizeof(w->err), "kvf_transfer_sync: %s (%s)", kvf_last_error(),
@@ -21,7 +28,7 @@ static int kvf_call(bench_worker_t *w, size_t base)
     return rc;
 }
 
-const bench_method_t bench_kvferry = {
+static const bench_method_t kvferry_sync = {
     .name = "kvferry",
     .label = "kvferry",
     .call = kvf_call,
@@ -58,11 +65,7 @@ static int kvf_async_finish(bench_worker_t *w)
 static int kvf_async_call(bench_worker_t *w, size_t base)
 {
     const bench_layout_t *l = w->lay;
-    for (size_t i = 0; i < l->n; i++) {
-        size_t o = base + l->off[i];
-        w->x[i] = (kvf_xfer_t){
-            .op = w->op, .local = w->local + o, .remote = w->remote + o, .len = l->len[i]};
-    }
+    fill_xfers(w, base);
     if (w->inflight == w->window) {
         int rc = kvf_async_wait_oldest(w);
         if (rc < 0)
@@ -92,10 +95,15 @@ static void kvf_async_cleanup(bench_worker_t *w)
     }
 }
 
-const bench_method_t bench_kvferry_async = {
+static const bench_method_t kvferry_async = {
     .name = "kvferry",
     .label = "kvferry",
     .call = kvf_async_call,
     .finish = kvf_async_finish,
     .cleanup = kvf_async_cleanup,
 };
+
+const bench_method_t *bench_kvferry_method(unsigned window)
+{
+    return window > 1 ? &kvferry_async : &kvferry_sync;
+}

@@ -159,10 +159,8 @@ static int serve_parse(int argc, char **argv, serve_args_t *a)
         {"size", KVF_CLI_CUSTOM, &a->size, 0, 1ull << 36, bench_opt_size},
         {"memory", KVF_CLI_CUSTOM, &a->alloc, 0, 0, bench_opt_memory},
         KVF_CLI_OPT_TRANSPORT(&a->transport),
-        KVF_CLI_OPT_LOG_LEVEL,
-        KVF_CLI_OPT_END,
     };
-    const kvf_cli_t cli = {.cmd = CMD, .usage = serve_usage, .opts = opts};
+    const kvf_cli_t cli = {CMD, serve_usage, opts, KVF_CLI_NOPTS(opts), .log_level = true};
     int rc = kvf_cli_parse(&cli, argc, argv, NULL);
     if (rc != KVF_CLI_RUN)
         return rc;

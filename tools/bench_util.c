@@ -1,6 +1,6 @@
 /*
  * What the files of `kvferry bench` share: the data pattern both sides of a run compute, memory,
- * the parsing of sizes and memory kinds, sizes for people, sorting, and whole-buffer socket I/O.
+ * the parsing of sizes and memory kinds, sizes for people and sorting.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -8,7 +8,6 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
 
 #include "bench.h"
 
@@ -137,36 +136,4 @@ int bench_cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
-}
-
-int bench_send_all(int fd, const void *buf, size_t len)
-{
-    const uint8_t *p = buf;
-    while (len) {
-        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return -1;
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
-int bench_recv_all(int fd, void *buf, size_t len)
-{
-    uint8_t *p = buf;
-    size_t got = 0;
-    while (got < len) {
-        ssize_t n = recv(fd, p + got, len - got, 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n == 0 && got == 0)
-            return 0;
-        if (n <= 0)
-            return -1;
-        got += (size_t)n;
-    }
-    return 1;
 }

@@ -16,7 +16,7 @@
 
 /* getopt_long values of the table's options: index + CLI_OPT_BASE, above every character. */
 #define CLI_OPT_BASE 256
-/* Options of one subcommand, besides --help. */
+/* Options of one subcommand, besides --log-level and --help. */
 #define CLI_OPTS_MAX 32
 
 void kvf_cli_fail(const char *cmd, int rc, const char *fmt, ...)
@@ -103,8 +103,6 @@ static int opt_apply(const char *cmd, const kvf_cli_opt_t *o, const char *value)
         return kvf_cli_parse_u64(cmd, flag, value, o->min, o->max, o->dst);
     case KVF_CLI_TRANSPORT:
         return kvf_cli_parse_transport(cmd, value, o->dst);
-    case KVF_CLI_LOG_LEVEL:
-        return kvf_cli_set_log_level(cmd, value);
     case KVF_CLI_CUSTOM:
         return o->parse(cmd, o, value);
     }
@@ -117,15 +115,17 @@ int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
     size_t n = 0;
     int c;
 
-    for (; cli->opts[n].name; n++) {
-        /* A table longer than this is a programming error, caught by any run of --help. */
-        if (n == CLI_OPTS_MAX)
-            abort();
+    /* A table longer than this is a programming error, caught by any run of --help. */
+    if (cli->nopts > CLI_OPTS_MAX)
+        abort();
+    for (; n < cli->nopts; n++) {
         kvf_cli_kind_t k = cli->opts[n].kind;
         bool has_arg = k != KVF_CLI_FLAG && k != KVF_CLI_IGNORE;
         lo[n] = (struct option){cli->opts[n].name, has_arg ? required_argument : no_argument, NULL,
                                 CLI_OPT_BASE + (int)n};
     }
+    if (cli->log_level)
+        lo[n++] = (struct option){"log-level", required_argument, NULL, 'v'};
     lo[n++] = (struct option){"help", no_argument, NULL, 'h'};
     lo[n] = (struct option){NULL, 0, NULL, 0};
 
@@ -135,6 +135,11 @@ int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
         if (c == 'h') {
             cli->usage(stdout);
             return KVF_CLI_EXIT_OK;
+        }
+        if (c == 'v') {
+            if (kvf_cli_set_log_level(cli->cmd, optarg) < 0)
+                return KVF_CLI_EXIT_USAGE;
+            continue;
         }
         if (c < CLI_OPT_BASE) {
             /* getopt_long has said what was wrong. */

@@ -30,7 +30,7 @@ int kvf_cli_demo(int argc, char **argv);
 int kvf_cli_bench(int argc, char **argv);
 
 /* Lines `kvferry transfer` prints and `kvferry demo` (and the tests) read. */
-#define KVF_CLI_DECODE_READY_FMT "decode session %s ready"
+#define KVF_CLI_DECODE_READY_FMT  "decode session %s ready"
 #define KVF_CLI_PREFILL_READY_FMT "prefill session %s ready"
 /* round, slices, bytes */
 #define KVF_CLI_DECODE_VERIFIED_FMT "round %" PRIu64 ": verified %u slices, %zu bytes"
@@ -38,7 +38,8 @@ int kvf_cli_bench(int argc, char **argv);
 #define KVF_CLI_PREFILL_ROUND_FMT "round %" PRIu64 ": wrote %zu bytes in %.3f ms, %.2f GB/s"
 
 /* Print "kvferry <cmd>: <message>: <last error>" to stderr for a failed kvferry call. */
-void kvf_cli_fail(const char *cmd, int rc, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void kvf_cli_fail(const char *cmd, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* Parse a decimal unsigned number within [min, max]; returns 0 or -1 after printing a usage
  * error naming @flag and @s. */
@@ -71,12 +72,11 @@ typedef enum {
     KVF_CLI_IGNORE,    /* accepted and ignored; takes no value */
     KVF_CLI_U64,       /* *(uint64_t *)dst = a whole number in [min, max] */
     KVF_CLI_TRANSPORT, /* *(kvf_transport_kind_t *)dst = auto|tcp|shm */
-    KVF_CLI_LOG_LEVEL, /* apply the level now (dst unused) */
     KVF_CLI_CUSTOM,    /* parse(): the subcommand's own */
 } kvf_cli_kind_t;
 
 struct kvf_cli_opt {
-    const char *name; /* the long name without "--"; NULL ends a table */
+    const char *name; /* the long name without "--" */
     kvf_cli_kind_t kind;
     void *dst;
     uint64_t min, max; /* KVF_CLI_U64; a custom parse() may read them too */
@@ -85,15 +85,24 @@ struct kvf_cli_opt {
 };
 
 /* The options every subcommand spells the same way. */
-#define KVF_CLI_OPT_STORE_URL(dst) {"store-url", KVF_CLI_STR, (dst), 0, 0, NULL}
-#define KVF_CLI_OPT_TRANSPORT(dst) {"transport", KVF_CLI_TRANSPORT, (dst), 0, 0, NULL}
-#define KVF_CLI_OPT_LOG_LEVEL      {"log-level", KVF_CLI_LOG_LEVEL, NULL, 0, 0, NULL}
-#define KVF_CLI_OPT_END            {NULL, KVF_CLI_STR, NULL, 0, 0, NULL}
+#define KVF_CLI_OPT_STORE_URL(dst)                                                                 \
+    {                                                                                              \
+        "store-url", KVF_CLI_STR, (dst), 0, 0, NULL                                                \
+    }
+#define KVF_CLI_OPT_TRANSPORT(dst)                                                                 \
+    {                                                                                              \
+        "transport", KVF_CLI_TRANSPORT, (dst), 0, 0, NULL                                          \
+    }
+/* The number of options in the table @opts. */
+#define KVF_CLI_NOPTS(opts) (sizeof(opts) / sizeof((opts)[0]))
 
 typedef struct {
     const char *cmd;        /* as messages name the subcommand: "bench", "bench --serve" */
     void (*usage)(FILE *f); /* the --help text */
     const kvf_cli_opt_t *opts;
+    size_t nopts; /* KVF_CLI_NOPTS(opts) */
+    /* Accept --log-level 0..3 (after the table's options) and apply it at once. */
+    bool log_level;
     /* An unknown option prints the usage to stderr; else a pointer to --help. */
     bool usage_on_error;
     /* Stop at the first operand and leave it and the rest to the subcommand (whose values,
@@ -106,9 +115,9 @@ typedef struct {
 
 /*
  * Parse argv (from the subcommand's name on) against @cli: --help and -h print the usage to
- * stdout; every option of the table is applied in the order given. Returns KVF_CLI_RUN, with the
- * index of the first operand in *@first when @cli->operands; else KVF_CLI_EXIT_OK after --help,
- * or KVF_CLI_EXIT_USAGE after a usage error has been printed.
+ * stdout; every option of the table (and --log-level) is applied in the order given. Returns
+ * KVF_CLI_RUN, with the index of the first operand in *@first when @cli->operands; else
+ * KVF_CLI_EXIT_OK after --help, or KVF_CLI_EXIT_USAGE after a usage error has been printed.
  */
 int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first);
 

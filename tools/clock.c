@@ -3,16 +3,22 @@
 
 #include "clock.h"
 
-uint64_t cli_now_ns(void)
+/* Now on CLOCK_MONOTONIC, in units of @unit_ns nanoseconds. */
+static uint64_t now_in(uint64_t unit_ns)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    return ((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) / unit_ns;
+}
+
+uint64_t cli_now_ns(void)
+{
+    return now_in(1);
 }
 
 uint64_t cli_now_ms(void)
 {
-    return cli_now_ns() / 1000000u;
+    return now_in(1000000u);
 }
 
 int cli_cond_init(pthread_cond_t *cond)

@@ -65,8 +65,7 @@ static int run_layout(bench_t *b, const bench_layout_t *l)
     for (unsigned rep = 0; rep < reps; rep++) {
         snprintf(what, sizeof(what), "kvferry %s x %zu, %" PRIu64 " thread%s, rep %u/%u", block,
                  l->n, b->a.threads, b->a.threads > 1 ? "s" : "", rep + 1, reps);
-        bench_run_method(b, l, b->a.window > 1 ? &bench_kvferry_async : &bench_kvferry, what,
-                   &all[rep][0]);
+        bench_run_method(b, l, bench_kvferry_method((unsigned)b->a.window), what, &all[rep][0]);
         if (!b->transport_used && kvf_engine_peer_transport(b->e, b->peer, &b->transport_used) < 0)
             b->transport_used = "?";
         if (all[rep][0].rc) {

@@ -327,9 +327,8 @@ int kvf_cli_bench_store(int argc, char **argv)
         {"rounds", KVF_CLI_U64, &rounds, 1, 100000, NULL},
         KVF_CLI_OPT_STORE_URL(&url),
         {"json", KVF_CLI_STR, &json_path, 0, 0, NULL},
-        KVF_CLI_OPT_END,
     };
-    const kvf_cli_t cli = {.cmd = CMD, .usage = usage, .opts = opts};
+    const kvf_cli_t cli = {CMD, usage, opts, KVF_CLI_NOPTS(opts), .log_level = false};
     int code = kvf_cli_parse(&cli, argc, argv, NULL);
     if (code != KVF_CLI_RUN)
         return code;

@@ -309,9 +309,8 @@ int kvf_cli_demo(int argc, char **argv)
         {"iterations", KVF_CLI_U64, &iterations, 1, 1000, NULL},
         {"timeout", KVF_CLI_U64, &timeout_s, 1, 3600, NULL},
         {"log-level", KVF_CLI_U64, &level, 0, 3, NULL},
-        KVF_CLI_OPT_END,
     };
-    const kvf_cli_t cli = {.cmd = CMD, .usage = usage, .opts = opts, .usage_on_error = true};
+    const kvf_cli_t cli = {CMD, usage, opts, KVF_CLI_NOPTS(opts), .usage_on_error = true};
     int rc = kvf_cli_parse(&cli, argc, argv, NULL);
     if (rc != KVF_CLI_RUN)
         return rc;

@@ -126,11 +126,9 @@ int kvf_cli_kv(int argc, char **argv)
     const kvf_cli_opt_t opts[] = {
         KVF_CLI_OPT_STORE_URL(&url),
         {"timeout", KVF_CLI_U64, &timeout_ms, 1, UINT32_MAX, NULL},
-        KVF_CLI_OPT_LOG_LEVEL,
-        KVF_CLI_OPT_END,
     };
-    const kvf_cli_t cli = {
-        .cmd = "kv", .usage = usage, .opts = opts, .usage_on_error = true, .operands = true};
+    const kvf_cli_t cli = {"kv", usage, opts, KVF_CLI_NOPTS(opts),
+                           .log_level = true, .usage_on_error = true, .operands = true};
     int first;
     int code = kvf_cli_parse(&cli, argc, argv, &first);
     if (code != KVF_CLI_RUN)

@@ -34,10 +34,9 @@ int kvf_cli_store(int argc, char **argv)
     const char *listen = "tcp://0.0.0.0:8000";
     const kvf_cli_opt_t opts[] = {
         {"listen", KVF_CLI_STR, &listen, 0, 0, NULL},
-        KVF_CLI_OPT_LOG_LEVEL,
-        KVF_CLI_OPT_END,
     };
-    const kvf_cli_t cli = {.cmd = "store", .usage = usage, .opts = opts, .usage_on_error = true};
+    const kvf_cli_t cli = {"store", usage, opts, KVF_CLI_NOPTS(opts),
+                           .log_level = true, .usage_on_error = true};
     int code = kvf_cli_parse(&cli, argc, argv, NULL);
     if (code != KVF_CLI_RUN)
         return code;

@@ -98,13 +98,11 @@ static int parse_args(int argc, char **argv, xfer_args_t *a)
         KVF_CLI_OPT_STORE_URL(&a->store_url),
         {"npu-id", KVF_CLI_U64, &npu_id, 0, 65535, NULL},
         {"dst-session-id", KVF_CLI_STR, &dst, 0, 0, NULL},
-        KVF_CLI_OPT_LOG_LEVEL,
         {"iterations", KVF_CLI_U64, &a->iterations, 0, UINT32_MAX, NULL},
         {"timeout", KVF_CLI_U64, &timeout_s, 1, XFER_MAX_TIMEOUT_S, NULL},
         KVF_CLI_OPT_TRANSPORT(&a->transport),
-        KVF_CLI_OPT_END,
     };
-    const kvf_cli_t cli = {.cmd = CMD, .usage = usage, .opts = opts};
+    const kvf_cli_t cli = {CMD, usage, opts, KVF_CLI_NOPTS(opts), .log_level = true};
     int rc = kvf_cli_parse(&cli, argc, argv, NULL);
     if (rc != KVF_CLI_RUN)
         return rc;
