@@ -139,6 +139,59 @@ KVF_API int kvf_log_set_level(int level);
 KVF_API int kvf_log_get_level(void);
 
 /* ---------------------------------------------------------------------------------------------
+ * Session ids and store URLs
+ *
+ * The same parsers kvf_engine_create() and kvf_store_open() use, for programs that take these
+ * strings from a user and want to check them, or take them apart, before starting anything.
+ * Syntax and address form only: nothing is looked up and no socket is opened.
+ * ------------------------------------------------------------------------------------------- */
+
+/**
+ * kvf_session_id_parse - split a session id "ip:port", "[ipv6]:port" or "host:port".
+ * @sid:      the session id. Port 0 is accepted: kvf_engine_create() reads it as "pick a free
+ *            port".
+ * @host:     receives the host: an IPv4 address, an IPv6 address without its brackets, or a host
+ *            name, NUL-terminated; may be NULL.
+ * @host_len: bytes at @host; KVF_SESSION_ID_MAX is always enough.
+ * @port:     receives the port; may be NULL.
+ * Returns 0; -KVF_EINVAL for a malformed id, with a last-error message naming the bad part, e.g.
+ * "session id 10.0.0.1000:5: 10.0.0.1000 is not a valid IPv4 address"; -KVF_ERANGE when the host
+ * does not fit in @host_len bytes (nothing is written then).
+ */
+KVF_API int kvf_session_id_parse(const char *sid, char *host, size_t host_len, uint16_t *port);
+
+/**
+ * kvf_session_id_format - write the session id of @host and @port: "host:port", or
+ * "[host]:port" for an IPv6 address. kvf_session_id_parse() of the result gives @host and @port
+ * back, so parse-then-format spells any accepted id the one way the engine spells it
+ * (kvf_engine_session_id()), e.g. "10.0.0.1:050051" as "10.0.0.1:50051".
+ * @host: an IPv4 address, an IPv6 address (without brackets) or a host name.
+ * @port: the port; 0 gives an id that kvf_engine_create() reads as "pick a free port".
+ * @buf:  receives the id, NUL-terminated.
+ * @len:  bytes at @buf; KVF_SESSION_ID_MAX is always enough.
+ * Returns 0; -KVF_EINVAL when @host is not a valid host, naming it; -KVF_ERANGE when the id does
+ * not fit in @len bytes (nothing is written then).
+ */
+KVF_API int kvf_session_id_format(const char *host, uint16_t port, char *buf, size_t len);
+
+/**
+ * kvf_store_url_parse - check a config-store URL as kvf_store_open() does, and return its scheme
+ * and its first endpoint.
+ * @url:      "tcp://host:port", "tcp://[ipv6]:port", "etcd://host:port[,host:port...]" or
+ *            "redis://host:port". Port 0 is refused: it names no store to connect to.
+ * @scheme:   receives "tcp", "etcd" or "redis" (a static string); may be NULL.
+ * @host:     receives the first endpoint's host (an IPv6 address without its brackets),
+ *            NUL-terminated; may be NULL.
+ * @host_len: bytes at @host; KVF_SESSION_ID_MAX is always enough.
+ * @port:     receives the first endpoint's port; may be NULL.
+ * Returns 0; -KVF_EINVAL for a malformed URL, with a last-error message naming the bad part, e.g.
+ * "store url tcp://192.168.1.1000:8000: 192.168.1.1000 is not a valid IPv4 address";
+ * -KVF_ERANGE when the host does not fit in @host_len bytes (nothing is written then).
+ */
+KVF_API int kvf_store_url_parse(const char *url, const char **scheme, char *host, size_t host_len,
+                                uint16_t *port);
+
+/* ---------------------------------------------------------------------------------------------
  * Config store: server
  *
  * The built-in store (URL scheme tcp://) is an in-memory key-value store with get-with-wait,

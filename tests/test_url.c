@@ -1,5 +1,7 @@
 /* Store URL and session id parsers: good input parses to the expected parts, bad input fails with
- * -KVF_EINVAL and a message naming the bad part, and kvf__hostport_format round-trips. */
+ * -KVF_EINVAL and a message naming the bad part, and kvf__hostport_format round-trips. The public
+ * wrappers (kvf_session_id_parse/_format, kvf_store_url_parse) also fail a short buffer with
+ * -KVF_ERANGE, writing nothing. */
 #include <string.h>
 
 #include "test_util.h"
@@ -397,6 +399,234 @@ static void hostport_format_round_trip(void **state)
     assert_string_equal(kvf__hostport_format(&hp, small, sizeof(small)), "10.0.0.");
 }
 
+/* ----------------------------------------------------------------------------------------------
+ * The public functions (kvferry.h): kvf_session_id_parse, kvf_session_id_format,
+ * kvf_store_url_parse
+ * -------------------------------------------------------------------------------------------- */
+
+static void public_session_id_parse_good(void **state)
+{
+    static const struct {
+        const char *sid, *host;
+        unsigned port;
+    } cases[] = {
+        {"10.0.0.1:50051", "10.0.0.1", 50051},
+        {"127.0.0.1:0", "127.0.0.1", 0},
+        {"decode-0:8000", "decode-0", 8000},
+        {"[::1]:9000", "::1", 9000},
+        {"[fe80::1:2:3]:9", "fe80::1:2:3", 9},
+        {"10.0.0.1:00080", "10.0.0.1", 80},
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char host[KVF_SESSION_ID_MAX];
+        uint16_t port = 1234;
+        assert_kvf_ok(kvf_session_id_parse(cases[i].sid, host, sizeof(host), &port));
+        assert_string_equal(host, cases[i].host);
+        assert_int_equal(port, cases[i].port);
+    }
+    /* Either output may be left out. */
+    uint16_t port;
+    assert_kvf_ok(kvf_session_id_parse("[::1]:7", NULL, 0, &port));
+    assert_int_equal(port, 7);
+    char host[KVF_SESSION_ID_MAX];
+    assert_kvf_ok(kvf_session_id_parse("[::1]:7", host, sizeof(host), NULL));
+    assert_string_equal(host, "::1");
+    /* The longest host fits in KVF_SESSION_ID_MAX. */
+    make_long_names();
+    char sid[KVF_SESSION_ID_MAX];
+    snprintf(sid, sizeof(sid), "%s:65535", long_name);
+    assert_kvf_ok(kvf_session_id_parse(sid, host, sizeof(host), &port));
+    assert_string_equal(host, long_name);
+}
+
+static void public_session_id_parse_bad(void **state)
+{
+    static const struct {
+        const char *sid, *needle;
+    } cases[] = {
+        {"10.0.0.1000:5", "session id 10.0.0.1000:5: 10.0.0.1000 is not a valid IPv4 address"},
+        {"::1:5", "session id ::1:5: '::1:5' has more than one ':'; write an IPv6 address in "
+                  "brackets, e.g. [::1]:5"},
+        {"[::1]5", "unexpected '5' after '[::1]'"},
+        {"host", "session id host: missing port in 'host'"},
+        {"tcp://10.0.0.1:5", "session id tcp://10.0.0.1:5: a session id takes no scheme"},
+        {"10.0.0.1:65536", "port 65536 is out of range"},
+        {"", "session id is empty"},
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char host[KVF_SESSION_ID_MAX] = "untouched";
+        uint16_t port = 77;
+        kvf_last_error_clear();
+        assert_kvf_err(kvf_session_id_parse(cases[i].sid, host, sizeof(host), &port),
+                       -KVF_EINVAL);
+        assert_last_error_contains(cases[i].needle);
+        assert_string_equal(host, "untouched");
+        assert_int_equal(port, 77);
+    }
+    kvf_last_error_clear();
+    assert_kvf_err(kvf_session_id_parse(NULL, NULL, 0, NULL), -KVF_EINVAL);
+    assert_last_error_contains("session id is NULL");
+}
+
+static void public_session_id_parse_short_buffer(void **state)
+{
+    (void)state;
+    char host[8];
+    uint16_t port = 77;
+    memset(host, 'x', sizeof(host));
+    kvf_last_error_clear();
+    /* "10.0.0.1" needs 9 bytes with its NUL. */
+    assert_kvf_err(kvf_session_id_parse("10.0.0.1:5", host, sizeof(host), &port), -KVF_ERANGE);
+    assert_last_error_contains("session id 10.0.0.1:5: host 10.0.0.1 needs 9 bytes; the buffer "
+                               "has 8");
+    for (size_t i = 0; i < sizeof(host); i++)
+        assert_int_equal(host[i], 'x');
+    assert_int_equal(port, 77);
+    char fits[9];
+    assert_kvf_ok(kvf_session_id_parse("10.0.0.1:5", fits, sizeof(fits), &port));
+    assert_string_equal(fits, "10.0.0.1");
+}
+
+static void public_session_id_format(void **state)
+{
+    char buf[KVF_SESSION_ID_MAX];
+    (void)state;
+    assert_kvf_ok(kvf_session_id_format("10.0.0.1", 50051, buf, sizeof(buf)));
+    assert_string_equal(buf, "10.0.0.1:50051");
+    assert_kvf_ok(kvf_session_id_format("::1", 0, buf, sizeof(buf)));
+    assert_string_equal(buf, "[::1]:0");
+    assert_kvf_ok(kvf_session_id_format("decode-0", 8000, buf, sizeof(buf)));
+    assert_string_equal(buf, "decode-0:8000");
+
+    /* Parse then format spells an id the engine's one way. */
+    char host[KVF_SESSION_ID_MAX];
+    uint16_t port;
+    assert_kvf_ok(kvf_session_id_parse("[fe80::1:2:3]:0009", host, sizeof(host), &port));
+    assert_kvf_ok(kvf_session_id_format(host, port, buf, sizeof(buf)));
+    assert_string_equal(buf, "[fe80::1:2:3]:9");
+
+    /* The host is checked by the parser's rules. */
+    static const struct {
+        const char *host, *needle;
+    } bad[] = {
+        {"10.0.0.1000", "10.0.0.1000 is not a valid IPv4 address"},
+        {"[::1]", "session id [[::1]]:5"},
+        {"fe80::zz", "fe80::zz is not a valid IPv6 address"},
+        {"a b", "host name 'a b' contains a character other than"},
+        {"", "session id host is empty"},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        strcpy(buf, "untouched");
+        kvf_last_error_clear();
+        assert_kvf_err(kvf_session_id_format(bad[i].host, 5, buf, sizeof(buf)), -KVF_EINVAL);
+        assert_last_error_contains(bad[i].needle);
+        assert_string_equal(buf, "untouched");
+    }
+    kvf_last_error_clear();
+    assert_kvf_err(kvf_session_id_format(NULL, 5, buf, sizeof(buf)), -KVF_EINVAL);
+    assert_last_error_contains("session id host is NULL");
+    make_long_names();
+    kvf_last_error_clear();
+    assert_kvf_err(kvf_session_id_format(too_long_name, 5, buf, sizeof(buf)), -KVF_EINVAL);
+    assert_last_error_contains("is longer than 253 bytes");
+    char huge[300];
+    memset(huge, 'a', sizeof(huge) - 1);
+    huge[sizeof(huge) - 1] = '\0';
+    kvf_last_error_clear();
+    assert_kvf_err(kvf_session_id_format(huge, 5, buf, sizeof(buf)), -KVF_EINVAL);
+    assert_last_error_contains("is longer than 255 bytes");
+
+    /* A short buffer: nothing written, the size needed named. */
+    char small[14];
+    memset(small, 'x', sizeof(small));
+    kvf_last_error_clear();
+    assert_kvf_err(kvf_session_id_format("10.0.0.1", 50051, small, sizeof(small)), -KVF_ERANGE);
+    assert_last_error_contains("session id 10.0.0.1:50051 needs 15 bytes; the buffer has 14");
+    for (size_t i = 0; i < sizeof(small); i++)
+        assert_int_equal(small[i], 'x');
+    char fits[15];
+    assert_kvf_ok(kvf_session_id_format("10.0.0.1", 50051, fits, sizeof(fits)));
+    assert_string_equal(fits, "10.0.0.1:50051");
+}
+
+static void public_store_url_parse_good(void **state)
+{
+    static const struct {
+        const char *url, *scheme, *host;
+        unsigned port;
+    } cases[] = {
+        {"tcp://192.168.1.100:8000", "tcp", "192.168.1.100", 8000},
+        {"tcp://[::1]:8000", "tcp", "::1", 8000},
+        {"tcp://localhost:50051", "tcp", "localhost", 50051},
+        {"etcd://10.0.0.1:2379,10.0.0.2:2379", "etcd", "10.0.0.1", 2379},
+        {"etcd://[fe80::1]:2379,10.0.0.2:2379", "etcd", "fe80::1", 2379},
+        {"redis://10.0.0.5:6379", "redis", "10.0.0.5", 6379},
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const char *scheme = NULL;
+        char host[KVF_SESSION_ID_MAX];
+        uint16_t port = 0;
+        assert_kvf_ok(kvf_store_url_parse(cases[i].url, &scheme, host, sizeof(host), &port));
+        assert_string_equal(scheme, cases[i].scheme);
+        assert_string_equal(host, cases[i].host);
+        assert_int_equal(port, cases[i].port);
+    }
+    /* Every output may be left out: a plain check. */
+    assert_kvf_ok(kvf_store_url_parse("tcp://127.0.0.1:1", NULL, NULL, 0, NULL));
+}
+
+static void public_store_url_parse_bad(void **state)
+{
+    static const struct {
+        const char *url, *needle;
+    } cases[] = {
+        {"tcp://192.168.1.1000:8000",
+         "store url tcp://192.168.1.1000:8000: 192.168.1.1000 is not a valid IPv4 address"},
+        {"tcp://127.0.0.1:0", "store url tcp://127.0.0.1:0: port 0 is not allowed here"},
+        {"http://10.0.0.1:80", "unknown scheme 'http'"},
+        {"tcp://::1:8000", "write an IPv6 address in brackets, e.g. [::1]:8000"},
+        {"tcp://[::1", "unclosed bracket"},
+        {"10.0.0.1:80", "missing scheme"},
+    };
+    (void)state;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        const char *scheme = "untouched";
+        char host[KVF_SESSION_ID_MAX] = "untouched";
+        uint16_t port = 77;
+        kvf_last_error_clear();
+        assert_kvf_err(kvf_store_url_parse(cases[i].url, &scheme, host, sizeof(host), &port),
+                       -KVF_EINVAL);
+        assert_last_error_contains(cases[i].needle);
+        assert_string_equal(scheme, "untouched");
+        assert_string_equal(host, "untouched");
+        assert_int_equal(port, 77);
+    }
+    kvf_last_error_clear();
+    assert_kvf_err(kvf_store_url_parse(NULL, NULL, NULL, 0, NULL), -KVF_EINVAL);
+    assert_last_error_contains("store url is NULL");
+}
+
+static void public_store_url_parse_short_buffer(void **state)
+{
+    (void)state;
+    const char *scheme = "untouched";
+    char host[9];
+    uint16_t port = 77;
+    memset(host, 'x', sizeof(host));
+    kvf_last_error_clear();
+    assert_kvf_err(kvf_store_url_parse("tcp://localhost:8000", &scheme, host, sizeof(host), &port),
+                   -KVF_ERANGE);
+    assert_last_error_contains("store url tcp://localhost:8000: host localhost needs 10 bytes; "
+                               "the buffer has 9");
+    for (size_t i = 0; i < sizeof(host); i++)
+        assert_int_equal(host[i], 'x');
+    assert_string_equal(scheme, "untouched");
+    assert_int_equal(port, 77);
+}
+
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(store_url_good),
     cmocka_unit_test(store_url_etcd_list),
@@ -412,6 +642,13 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(session_id_bad),
     cmocka_unit_test(session_id_null_and_empty),
     cmocka_unit_test(hostport_format_round_trip),
+    cmocka_unit_test(public_session_id_parse_good),
+    cmocka_unit_test(public_session_id_parse_bad),
+    cmocka_unit_test(public_session_id_parse_short_buffer),
+    cmocka_unit_test(public_session_id_format),
+    cmocka_unit_test(public_store_url_parse_good),
+    cmocka_unit_test(public_store_url_parse_bad),
+    cmocka_unit_test(public_store_url_parse_short_buffer),
 };
 
 KVF_TEST_MAIN(tests)

@@ -1,9 +1,11 @@
 /*
  * `kvferry bench`: the parts shared by its files.
  *
- *   cmd_bench.c        flags, the local target process, the runs, the table and the JSON
- *   bench_serve.c      `kvferry bench --serve`: the target, and the data pattern both sides use
+ *   cmd_bench.c        the initiator: the runs (with its own files, listed in bench_run.h)
+ *   bench_serve.c      `kvferry bench --serve`: the target
+ *   bench_kvferry.c    kvferry as a method
  *   bench_baseline.c   the baselines: memcpy, process_vm_writev/readv, raw TCP stream, ping-pong
+ *   bench_util.c       the data pattern both sides use, memory, parsing
  *   cmd_bench_store.c  `kvferry bench store`
  *
  * A run moves a *layout* (the blocks of one kvf_transfer_sync call, at offsets inside a
@@ -21,6 +23,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
+#include "cli.h"
 #include "kvferry.h"
 
 /* Store keys, under kvferry/v1/<ns>/bench/<target session id>/: "info" (the target's buffer),
@@ -89,6 +92,8 @@ struct bench_worker {
     char err[256]; /* why the method failed */
 };
 
+/* ---- bench_util.c ------------------------------------------------------------------------- */
+
 /* The data pattern: the byte at offset @o of the target buffer, for @seed. Both sides compute it
  * from the target offset, so a block that lands in the wrong place fails the check too. */
 void bench_pattern_fill(uint8_t *p, uint64_t off, size_t len, uint64_t seed);
@@ -97,19 +102,6 @@ void bench_pattern_fill(uint8_t *p, uint64_t off, size_t len, uint64_t seed);
 ssize_t bench_pattern_check(const uint8_t *p, uint64_t off, size_t len, uint64_t seed, uint8_t *got,
                             uint8_t *want);
 
-/* `kvferry bench --serve ...` (argv starts at "bench"). */
-int bench_serve_main(int argc, char **argv);
-
-/* The baselines (bench_baseline.c). */
-extern const bench_method_t bench_memcpy;
-extern const bench_method_t bench_pvm_write; /* process_vm_readv for --op read: */
-extern const bench_method_t bench_pvm_read;
-extern const bench_method_t bench_raw_tcp;
-extern const bench_method_t bench_tcp_pingpong;
-
-/* `kvferry bench store` (argv starts at "store"). */
-int kvf_cli_bench_store(int argc, char **argv);
-
 /* Parse a size "4096", "64K", "1M", "1G" (binary multiples; "KiB" and "KB" read as "K") of 1 to
  * @max bytes; returns 0 or -1 after printing a usage error naming @flag and @s. */
 int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t max, size_t *out);
@@ -117,13 +109,46 @@ int bench_parse_size(const char *cmd, const char *flag, const char *s, uint64_t 
 /* --memory alloc|registered; 0, or -1 after a usage error. */
 int bench_parse_memory(const char *cmd, const char *s, bool *alloc);
 
+/* The two above as parse() of a KVF_CLI_CUSTOM option: a size of 1 to o->max bytes into the
+ * size_t at o->dst; a memory kind into the bool at o->dst (true for alloc). */
+int bench_opt_size(const char *cmd, const kvf_cli_opt_t *o, const char *value);
+int bench_opt_memory(const char *cmd, const kvf_cli_opt_t *o, const char *value);
+
+/* @n bytes for people: "4 KiB", "1 MiB", "1 GiB" when a whole multiple, else "N B". */
+void bench_size_name(size_t n, char *buf, size_t len);
+
+/* qsort() comparison of two uint64_t. */
+int bench_cmp_u64(const void *a, const void *b);
+
+/* Anonymous memory, faulted in; NULL on failure. Free with munmap(). */
+void *bench_map(size_t len);
+
+/* ---- kvferry (bench_kvferry.c) ------------------------------------------------------------ */
+
+/* kvferry moving a layout per call: kvf_transfer_sync for a --window of 1, else asynchronous
+ * batches, @window in flight per thread. */
+const bench_method_t *bench_kvferry_method(unsigned window);
+
+/* ---- the baselines (bench_baseline.c) ------------------------------------------------------ */
+
+extern const bench_method_t bench_memcpy;
+extern const bench_method_t bench_pvm_write; /* process_vm_readv for --op read: */
+extern const bench_method_t bench_pvm_read;
+extern const bench_method_t bench_raw_tcp;
+extern const bench_method_t bench_tcp_pingpong;
+
 /* Send or receive exactly @len bytes on a blocking socket, retrying on EINTR. bench_send_all
  * returns 0 or -1; bench_recv_all 1 after @len bytes, 0 at end of stream before the first byte,
  * -1 otherwise. */
 int bench_send_all(int fd, const void *p, size_t len);
 int bench_recv_all(int fd, void *p, size_t len);
 
-/* Anonymous memory, faulted in; NULL on failure. Free with munmap(). */
-void *bench_map(size_t len);
+/* ---- the subcommands --------------------------------------------------------------------- */
+
+/* `kvferry bench --serve ...` (argv starts at "bench"; bench_serve.c). */
+int bench_serve_main(int argc, char **argv);
+
+/* `kvferry bench store` (argv starts at "store"; cmd_bench_store.c). */
+int kvf_cli_bench_store(int argc, char **argv);
 
 #endif /* KVF_CLI_BENCH_H */

@@ -13,14 +13,12 @@
  * writes the pattern there (before a read). The target handles requests in number order.
  */
 #include <errno.h>
-#include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -36,54 +34,6 @@ static void on_signal(int sig)
 {
     (void)sig;
     stop_requested = 1;
-}
-
-static uint64_t pattern_word(uint64_t seed, uint64_t widx)
-{
-    uint64_t z = seed * 0x9e3779b97f4a7c15ull + widx * 0xd1b54a32d192ed03ull + 1;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static uint8_t pattern_byte(uint64_t seed, uint64_t o)
-{
-    return (uint8_t)(pattern_word(seed, o >> 3) >> ((o & 7u) * 8u));
-}
-
-void bench_pattern_fill(uint8_t *p, uint64_t off, size_t len, uint64_t seed)
-{
-    size_t i = 0;
-    for (; i < len && ((off + i) & 7u); i++)
-        p[i] = pattern_byte(seed, off + i);
-    for (; i + 8 <= len; i += 8) {
-        uint64_t w = pattern_word(seed, (off + i) >> 3);
-        for (unsigned k = 0; k < 8; k++)
-            p[i + k] = (uint8_t)(w >> (8 * k));
-    }
-    for (; i < len; i++)
-        p[i] = pattern_byte(seed, off + i);
-}
-
-ssize_t bench_pattern_check(const uint8_t *p, uint64_t off, size_t len, uint64_t seed, uint8_t *got,
-                            uint8_t *want)
-{
-    for (size_t i = 0; i < len; i++) {
-        uint8_t w = pattern_byte(seed, off + i);
-        if (p[i] != w) {
-            *got = p[i];
-            *want = w;
-            return (ssize_t)i;
-        }
-    }
-    return -1;
-}
-
-void *bench_map(size_t len)
-{
-    void *p =
-        mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-    return p == MAP_FAILED ? NULL : p;
 }
 
 typedef struct {
@@ -194,92 +144,40 @@ static int serve_loop(kvf_store_t *st, const char *ns, const char *sid, uint8_t 
     return 0;
 }
 
-static int serve_parse(int argc, char **argv, serve_args_t *a, bool *done)
+static int serve_parse(int argc, char **argv, serve_args_t *a)
 {
-    static const struct option opts[] = {
-        {"serve", no_argument, NULL, 'S'},
-        {"store-url", required_argument, NULL, 'u'},
-        {"session-id", required_argument, NULL, 's'},
-        {"ns", required_argument, NULL, 'N'},
-        {"size", required_argument, NULL, 'z'},
-        {"memory", required_argument, NULL, 'm'},
-        {"transport", required_argument, NULL, 'T'},
-        {"log-level", required_argument, NULL, 'v'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
-    int c;
     memset(a, 0, sizeof(*a));
     a->session_id = "127.0.0.1:0";
     a->ns = "default";
     a->size = 1ull << 30;
     a->alloc = true;
-    *done = false;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'S':
-            break;
-        case 'u':
-            a->store_url = optarg;
-            break;
-        case 's':
-            a->session_id = optarg;
-            break;
-        case 'N':
-            a->ns = optarg;
-            break;
-        case 'z':
-            if (bench_parse_size(CMD, "--size", optarg, 1ull << 36, &a->size) < 0)
-                return 2;
-            break;
-        case 'm':
-            if (bench_parse_memory(CMD, optarg, &a->alloc) < 0)
-                return 2;
-            break;
-        case 'T':
-            if (kvf_cli_parse_transport(CMD, optarg, &a->transport) < 0)
-                return 2;
-            break;
-        case 'v':
-            if (kvf_cli_set_log_level(CMD, optarg) < 0)
-                return 2;
-            break;
-        case 'h':
-            serve_usage(stdout);
-            *done = true;
-            return 0;
-        default:
-            fprintf(stderr, "(see kvferry " CMD " --help)\n");
-            return 2;
-        }
-    }
-    if (optind != argc) {
-        fprintf(stderr, "kvferry " CMD ": unexpected argument \"%s\"\n", argv[optind]);
-        return 2;
-    }
+    const kvf_cli_opt_t opts[] = {
+        {"serve", KVF_CLI_IGNORE, NULL, 0, 0, NULL},
+        KVF_CLI_OPT_STORE_URL(&a->store_url),
+        {"session-id", KVF_CLI_STR, &a->session_id, 0, 0, NULL},
+        {"ns", KVF_CLI_STR, &a->ns, 0, 0, NULL},
+        {"size", KVF_CLI_CUSTOM, &a->size, 0, 1ull << 36, bench_opt_size},
+        {"memory", KVF_CLI_CUSTOM, &a->alloc, 0, 0, bench_opt_memory},
+        KVF_CLI_OPT_TRANSPORT(&a->transport),
+    };
+    const kvf_cli_t cli = {CMD, serve_usage, opts, KVF_CLI_NOPTS(opts), .log_level = true};
+    int rc = kvf_cli_parse(&cli, argc, argv, NULL);
+    if (rc != KVF_CLI_RUN)
+        return rc;
     if (!a->store_url) {
         fprintf(stderr, "kvferry " CMD ": --store-url is required\n");
-        return 2;
+        return KVF_CLI_EXIT_USAGE;
     }
-    return 0;
+    return KVF_CLI_RUN;
 }
 
 int bench_serve_main(int argc, char **argv)
 {
     serve_args_t a;
-    bool done;
-    int rc = serve_parse(argc, argv, &a, &done);
-    if (rc || done)
+    int rc = serve_parse(argc, argv, &a);
+    if (rc != KVF_CLI_RUN)
         return rc;
-
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    kvf_cli_on_stop_signals(on_signal);
 
     int status = 1;
     kvf_config_t cfg;

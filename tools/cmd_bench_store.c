@@ -9,7 +9,6 @@
  * the waiter's return is measured (--rounds times).
  */
 #include <errno.h>
-#include <getopt.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <netinet/in.h>
@@ -27,8 +26,7 @@
 
 #include "bench.h"
 #include "cli.h"
-#include "common/common.h"
-#include "common/thread.h"
+#include "clock.h"
 
 #define CMD          "bench store"
 #define WAKE_WAIT_MS 5000u
@@ -62,7 +60,7 @@ static void *client_main(void *p)
     snprintf(key, sizeof(key), "bench/store/%d/%d", (int)getpid(), c->id);
     int vlen = snprintf(val, sizeof(val), "value-of-client-%d", c->id);
     rc = kvf_store_set(st, key, val, (size_t)vlen, 0);
-    while (rc == 0 && kvf__now_ns() < c->deadline_ns) {
+    while (rc == 0 && cli_now_ns() < c->deadline_ns) {
         if (c->op == OP_SET) {
             rc = kvf_store_set(st, key, val, (size_t)vlen, 0);
         } else {
@@ -100,7 +98,7 @@ static double run_clients(const char *url, int n, store_op_t op, double seconds)
     int started = 0;
     if (!th || !c)
         goto out;
-    uint64_t t0 = kvf__now_ns();
+    uint64_t t0 = cli_now_ns();
     for (; started < n; started++) {
         c[started] = (client_t){
             .url = url, .id = started, .op = op, .deadline_ns = t0 + (uint64_t)(seconds * 1e9)};
@@ -118,7 +116,7 @@ static double run_clients(const char *url, int n, store_op_t op, double seconds)
         }
     }
     if (!failed)
-        rate = (double)ops / ((double)(kvf__now_ns() - t0) / 1e9);
+        rate = (double)ops / ((double)(cli_now_ns() - t0) / 1e9);
 out:
     free(th);
     free(c);
@@ -159,13 +157,13 @@ static double raw_pingpong_per_s(double seconds)
     if (pthread_create(&th, NULL, echo_server, &s) != 0)
         goto out;
     char req[48] = {0}, ans[24];
-    uint64_t n = 0, t0 = kvf__now_ns(), end = t0 + (uint64_t)(seconds * 1e9);
-    while (kvf__now_ns() < end) {
+    uint64_t n = 0, t0 = cli_now_ns(), end = t0 + (uint64_t)(seconds * 1e9);
+    while (cli_now_ns() < end) {
         if (bench_send_all(c, req, sizeof(req)) < 0 || bench_recv_all(c, ans, sizeof(ans)) != 1)
             break;
         n++;
     }
-    rate = (double)n / ((double)(kvf__now_ns() - t0) / 1e9);
+    rate = (double)n / ((double)(cli_now_ns() - t0) / 1e9);
     shutdown(c, SHUT_RDWR);
     pthread_join(th, NULL);
 out:
@@ -213,7 +211,7 @@ static void *waiter_main(void *p)
         wake_key(r, key, sizeof(key));
         if (rc == 0)
             rc = kvf_store_get(st, key, WAKE_WAIT_MS, &val, &len);
-        uint64_t now = kvf__now_ns();
+        uint64_t now = cli_now_ns();
         free(val);
         pthread_mutex_lock(&w->mu);
         w->ret_ns[r] = now;
@@ -237,12 +235,6 @@ static void *waiter_main(void *p)
     return NULL;
 }
 
-static int cmp_u64(const void *a, const void *b)
-{
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? -1 : x > y;
-}
-
 /* Fills @lat_ns[0..rounds) (sorted); returns 0 or -1 after saying why. */
 static int wake_latency(const char *url, unsigned rounds, uint64_t *lat_ns)
 {
@@ -257,7 +249,7 @@ static int wake_latency(const char *url, unsigned rounds, uint64_t *lat_ns)
     }
     w.ret_ns = calloc(rounds, sizeof(uint64_t));
     pthread_mutex_init(&w.mu, NULL);
-    kvf__cond_init_monotonic(&w.cv);
+    cli_cond_init(&w.cv);
     if (!w.ret_ns || pthread_create(&th, NULL, waiter_main, &w) != 0) {
         kvf_store_close(st);
         free(w.ret_ns);
@@ -274,7 +266,7 @@ static int wake_latency(const char *url, unsigned rounds, uint64_t *lat_ns)
         struct timespec ts = {0, WAKE_HEADSTART_US * 1000};
         nanosleep(&ts, NULL);
         wake_key(r, key, sizeof(key));
-        uint64_t t0 = kvf__now_ns();
+        uint64_t t0 = cli_now_ns();
         rc = kvf_store_set(st, key, "1", 1, 0);
         pthread_mutex_lock(&w.mu);
         while (w.returned < r + 1)
@@ -289,7 +281,7 @@ static int wake_latency(const char *url, unsigned rounds, uint64_t *lat_ns)
         fprintf(stderr, "kvferry " CMD ": wake-up: %s\n", w.failed ? w.err : kvf_last_error());
         status = -1;
     }
-    qsort(lat_ns, rounds, sizeof(uint64_t), cmp_u64);
+    qsort(lat_ns, rounds, sizeof(uint64_t), bench_cmp_u64);
     pthread_cond_destroy(&w.cv);
     pthread_mutex_destroy(&w.mu);
     free(w.ret_ns);
@@ -311,59 +303,35 @@ static void usage(FILE *f)
                "  --json FILE     write the figures to FILE\n");
 }
 
+/* --seconds: the length of each phase. */
+static int parse_seconds(const char *cmd, const kvf_cli_opt_t *o, const char *value)
+{
+    char *end;
+    double *seconds = o->dst;
+    *seconds = strtod(value, &end);
+    if (end == value || *end || !(*seconds >= 0.1 && *seconds <= 60)) {
+        fprintf(stderr, "kvferry %s: --seconds %s: want 0.1 to 60\n", cmd, value);
+        return -1;
+    }
+    return 0;
+}
+
 int kvf_cli_bench_store(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"clients", required_argument, NULL, 'c'},
-        {"seconds", required_argument, NULL, 's'},
-        {"rounds", required_argument, NULL, 'r'},
-        {"store-url", required_argument, NULL, 'u'},
-        {"json", required_argument, NULL, 'j'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
     uint64_t clients = 8, rounds = 200;
     double seconds = 1.0;
     const char *url = NULL, *json_path = NULL;
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'c':
-            if (kvf_cli_parse_u64(CMD, "--clients", optarg, 1, 1000, &clients) < 0)
-                return 2;
-            break;
-        case 's': {
-            char *end;
-            seconds = strtod(optarg, &end);
-            if (end == optarg || *end || !(seconds >= 0.1 && seconds <= 60)) {
-                fprintf(stderr, "kvferry " CMD ": --seconds %s: want 0.1 to 60\n", optarg);
-                return 2;
-            }
-            break;
-        }
-        case 'r':
-            if (kvf_cli_parse_u64(CMD, "--rounds", optarg, 1, 100000, &rounds) < 0)
-                return 2;
-            break;
-        case 'u':
-            url = optarg;
-            break;
-        case 'j':
-            json_path = optarg;
-            break;
-        case 'h':
-            usage(stdout);
-            return 0;
-        default:
-            fprintf(stderr, "(see kvferry " CMD " --help)\n");
-            return 2;
-        }
-    }
-    if (optind != argc) {
-        fprintf(stderr, "kvferry " CMD ": unexpected argument \"%s\"\n", argv[optind]);
-        return 2;
-    }
+    const kvf_cli_opt_t opts[] = {
+        {"clients", KVF_CLI_U64, &clients, 1, 1000, NULL},
+        {"seconds", KVF_CLI_CUSTOM, &seconds, 0, 0, parse_seconds},
+        {"rounds", KVF_CLI_U64, &rounds, 1, 100000, NULL},
+        KVF_CLI_OPT_STORE_URL(&url),
+        {"json", KVF_CLI_STR, &json_path, 0, 0, NULL},
+    };
+    const kvf_cli_t cli = {CMD, usage, opts, KVF_CLI_NOPTS(opts), .log_level = false};
+    int code = kvf_cli_parse(&cli, argc, argv, NULL);
+    if (code != KVF_CLI_RUN)
+        return code;
     signal(SIGPIPE, SIG_IGN);
     kvf_store_server_t *srv = NULL;
     if (!url) {

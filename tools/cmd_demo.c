@@ -10,7 +10,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <getopt.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <signal.h>
@@ -23,7 +22,7 @@
 #include <unistd.h>
 
 #include "cli.h"
-#include "common/common.h"
+#include "clock.h"
 #include "kvferry.h"
 
 #define CMD "demo"
@@ -198,7 +197,7 @@ static int pump(demo_t *d, uint64_t deadline_ms, bool (*done)(const demo_t *))
         reap_exited(d);
         if (done(d))
             return 0;
-        uint64_t now = kvf__now_ms();
+        uint64_t now = cli_now_ms();
         if (now >= deadline_ms || d->interrupted)
             return -1;
         struct pollfd p[DEMO_NCHILD + 1];
@@ -274,7 +273,7 @@ static void stop_all(demo_t *d)
     bool was_interrupted = d->interrupted;
     /* A second Ctrl-C must not cut the grace period short and leave children behind. */
     d->interrupted = false;
-    if (pump(d, kvf__now_ms() + DEMO_GRACE_MS, all_gone) < 0) {
+    if (pump(d, cli_now_ms() + DEMO_GRACE_MS, all_gone) < 0) {
         for (int i = 0; i < DEMO_NCHILD; i++) {
             demo_child_t *c = &d->child[i];
             if (c->pid > 0) {
@@ -304,43 +303,17 @@ static const char *exit_text(const demo_child_t *c, char *buf, size_t len)
 
 int kvf_cli_demo(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"iterations", required_argument, NULL, 'i'},
-        {"timeout", required_argument, NULL, 't'},
-        {"log-level", required_argument, NULL, 'v'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
     /* The children get this process's level: --log-level, else KVFERRY_LOG_LEVEL, else warn. */
     uint64_t iterations = 3, timeout_s = 30, level = (uint64_t)kvf_log_get_level();
-    int c;
-
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'i':
-            if (kvf_cli_parse_u64(CMD, "--iterations", optarg, 1, 1000, &iterations) < 0)
-                return 2;
-            break;
-        case 't':
-            if (kvf_cli_parse_u64(CMD, "--timeout", optarg, 1, 3600, &timeout_s) < 0)
-                return 2;
-            break;
-        case 'v':
-            if (kvf_cli_parse_u64(CMD, "--log-level", optarg, 0, 3, &level) < 0)
-                return 2;
-            break;
-        case 'h':
-            usage(stdout);
-            return 0;
-        default:
-            usage(stderr);
-            return 2;
-        }
-    }
-    if (optind != argc) {
-        fprintf(stderr, "kvferry " CMD ": unexpected argument \"%s\"\n", argv[optind]);
-        return 2;
-    }
+    const kvf_cli_opt_t opts[] = {
+        {"iterations", KVF_CLI_U64, &iterations, 1, 1000, NULL},
+        {"timeout", KVF_CLI_U64, &timeout_s, 1, 3600, NULL},
+        {"log-level", KVF_CLI_U64, &level, 0, 3, NULL},
+    };
+    const kvf_cli_t cli = {CMD, usage, opts, KVF_CLI_NOPTS(opts), .usage_on_error = true};
+    int rc = kvf_cli_parse(&cli, argc, argv, NULL);
+    if (rc != KVF_CLI_RUN)
+        return rc;
     setvbuf(stdout, NULL, _IOLBF, 0);
 
     demo_t d;
@@ -371,7 +344,7 @@ int kvf_cli_demo(int argc, char **argv)
                           NULL};
     if (child_start(&d, DEMO_STORE, store_argv) < 0)
         goto out_stop;
-    if (pump(&d, kvf__now_ms() + timeout_ms, store_ready) < 0 || !d.store_url[0]) {
+    if (pump(&d, cli_now_ms() + timeout_ms, store_ready) < 0 || !d.store_url[0]) {
         why = "the config store did not report its address";
         goto out_stop;
     }
@@ -381,12 +354,12 @@ int kvf_cli_demo(int argc, char **argv)
                            "--timeout", tmo, "--log-level", lvl, NULL};
     if (child_start(&d, DEMO_DECODE, decode_argv) < 0)
         goto out_stop;
-    if (pump(&d, kvf__now_ms() + timeout_ms, decode_ready) < 0 || !d.decode_sid[0]) {
+    if (pump(&d, cli_now_ms() + timeout_ms, decode_ready) < 0 || !d.decode_sid[0]) {
         why = "the Decode did not report its session id";
         goto out_stop;
     }
 
-    uint64_t t0 = kvf__now_ms();
+    uint64_t t0 = cli_now_ms();
     char *prefill_argv[] = {"kvferry", "transfer", "--role", "Prefill", "--src-session-id",
                             "127.0.0.1:0", "--store-url", d.store_url, "--dst-session-id",
                             d.decode_sid, "--iterations", iters, "--timeout", tmo,
@@ -399,12 +372,12 @@ int kvf_cli_demo(int argc, char **argv)
         why = d.interrupted ? "interrupted" : "the Decode and Prefill did not finish in time";
         goto out_stop;
     }
-    double wall_ms = (double)(kvf__now_ms() - t0);
+    double wall_ms = (double)(cli_now_ms() - t0);
 
     /* Guarded: kill(0, ...) would signal our whole process group. */
     if (d.child[DEMO_STORE].pid > 0)
         kill(d.child[DEMO_STORE].pid, SIGTERM);
-    if (pump(&d, kvf__now_ms() + DEMO_GRACE_MS, store_gone) < 0)
+    if (pump(&d, cli_now_ms() + DEMO_GRACE_MS, store_gone) < 0)
         why = "the config store did not stop on SIGTERM";
 
     bool ok = d.child[DEMO_DECODE].status == 0 && d.child[DEMO_PREFILL].status == 0 &&

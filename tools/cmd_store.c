@@ -1,9 +1,6 @@
 /* `kvferry store`: run the built-in config store until SIGINT or SIGTERM. */
-#include <getopt.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
-#include <string.h>
 
 #include "cli.h"
 #include "kvferry.h"
@@ -34,51 +31,24 @@ static void usage(FILE *f)
 
 int kvf_cli_store(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"listen", required_argument, NULL, 'l'},
-        {"log-level", required_argument, NULL, 'v'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
     const char *listen = "tcp://0.0.0.0:8000";
-    int c;
-
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'l':
-            listen = optarg;
-            break;
-        case 'v':
-            if (kvf_cli_set_log_level("store", optarg) < 0)
-                return 2;
-            break;
-        case 'h':
-            usage(stdout);
-            return 0;
-        default:
-            usage(stderr);
-            return 2;
-        }
-    }
-    if (optind != argc) {
-        fprintf(stderr, "kvferry store: unexpected argument \"%s\"\n", argv[optind]);
-        return 2;
-    }
+    const kvf_cli_opt_t opts[] = {
+        {"listen", KVF_CLI_STR, &listen, 0, 0, NULL},
+    };
+    const kvf_cli_t cli = {"store", usage, opts, KVF_CLI_NOPTS(opts),
+                           .log_level = true, .usage_on_error = true};
+    int code = kvf_cli_parse(&cli, argc, argv, NULL);
+    if (code != KVF_CLI_RUN)
+        return code;
 
     kvf_store_server_t *srv;
     int rc = kvf_store_server_start(listen, &srv);
     if (rc < 0) {
         kvf_cli_fail("store", rc, "cannot listen on %s", listen);
-        return 1;
+        return KVF_CLI_EXIT_FAIL;
     }
     atomic_store(&running, srv);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    kvf_cli_on_stop_signals(on_signal);
 
     printf("kvferry store listening on %s\n", kvf_store_server_url(srv));
     fflush(stdout);
@@ -87,8 +57,8 @@ int kvf_cli_store(int argc, char **argv)
     kvf_store_server_stop(srv);
     if (rc < 0) {
         kvf_cli_fail("store", rc, "event loop failed");
-        return 1;
+        return KVF_CLI_EXIT_FAIL;
     }
     printf("kvferry store stopped\n");
-    return 0;
+    return KVF_CLI_EXIT_OK;
 }

@@ -315,3 +315,79 @@ char *kvf__hostport_format(const kvf_hostport_t *hp, char *buf, size_t len)
         snprintf(buf, len, "%s:%u", hp->host, (unsigned)hp->port);
     return buf;
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The public face of the parsers above (include/kvferry.h): plain strings instead of
+ * kvf_hostport_t, for programs outside the library.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Copy the parsed host of @what (a session id or a store url, for the message) into the caller's
+ * buffer, when there is one, or fail with -KVF_ERANGE writing nothing. */
+static int host_out(const char *what, const char *input, const kvf_hostport_t *hp, char *host,
+                    size_t host_len, uint16_t *port)
+{
+    size_t n = strlen(hp->host);
+    if (host && n >= host_len)
+        return kvf__err(-KVF_ERANGE, "%s %.*s: host %s needs %zu bytes; the buffer has %zu", what,
+                        CTX_INPUT_MAX, input, hp->host, n + 1, host_len);
+    if (host)
+        memcpy(host, hp->host, n + 1);
+    if (port)
+        *port = hp->port;
+    return 0;
+}
+
+int kvf_session_id_parse(const char *sid, char *host, size_t host_len, uint16_t *port)
+{
+    kvf_hostport_t hp;
+    int rc = kvf__session_id_parse(sid, &hp);
+    if (rc < 0)
+        return rc;
+    return host_out("session id", sid, &hp, host, host_len, port);
+}
+
+int kvf_session_id_format(const char *host, uint16_t port, char *buf, size_t len)
+{
+    char text[KVF_SESSION_ID_MAX];
+    kvf_hostport_t hp;
+
+    if (!host || !host[0])
+        return kvf__err(-KVF_EINVAL, "session id host is %s; want an IP address or a host name",
+                        host ? "empty" : "NULL");
+    if (strlen(host) >= KVF_HOST_MAX)
+        return kvf__err(-KVF_EINVAL, "session id host %.64s... is longer than %d bytes", host,
+                        KVF_HOST_MAX - 1);
+    /* Only an IPv6 address holds a ':'; a stray one is caught by the parse below. */
+    if (strchr(host, ':'))
+        snprintf(text, sizeof(text), "[%s]:%u", host, (unsigned)port);
+    else
+        snprintf(text, sizeof(text), "%s:%u", host, (unsigned)port);
+    /* The host is checked by the very rules every session id is parsed by, so that what this
+     * writes is always accepted back. */
+    int rc = kvf__session_id_parse(text, &hp);
+    if (rc < 0)
+        return rc;
+    size_t n = strlen(text);
+    if (!buf || n >= len)
+        return kvf__err(-KVF_ERANGE, "session id %s needs %zu bytes; the buffer has %zu", text,
+                        n + 1, buf ? len : 0);
+    memcpy(buf, text, n + 1);
+    return 0;
+}
+
+int kvf_store_url_parse(const char *url, const char **scheme, char *host, size_t host_len,
+                        uint16_t *port)
+{
+    kvf_store_url_t u;
+    int rc = kvf__store_url_parse(url, 0, &u);
+    if (rc < 0)
+        return rc;
+    rc = host_out("store url", url, &u.hosts[0], host, host_len, port);
+    if (rc < 0)
+        return rc;
+    if (scheme)
+        for (size_t i = 0; i < KVF__ARRAY_SIZE(schemes); i++)
+            if (schemes[i].scheme == u.scheme)
+                *scheme = schemes[i].name;
+    return 0;
+}

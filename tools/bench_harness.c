@@ -1,0 +1,216 @@
+/*
+ * The harness of `kvferry bench`: THREADS threads each moving the layout again and again, timed.
+ * The first call of each thread is made before the clock starts and reported apart; then every
+ * call's latency is kept (up to BENCH_LAT_MAX per thread) for the percentiles.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench_run.h"
+#include "clock.h"
+
+typedef struct {
+    bench_worker_t w;
+    pthread_barrier_t *go;
+    atomic_int *failed;
+    atomic_uint *done;
+    uint64_t iterations;
+    uint64_t limit_ns;
+    uint64_t *lat;
+    uint64_t nlat, sum_ns, max_ns, first_ns;
+    _Atomic uint64_t calls;
+    uint64_t t_start, t_end;
+    int rc;
+} bench_thread_t;
+
+static void *bench_thread_main(void *arg)
+{
+    bench_thread_t *t = arg;
+    bench_worker_t *w = &t->w;
+    const bench_layout_t *l = w->lay;
+    int rc = w->m->start ? w->m->start(w) : 0;
+    if (rc == 0) {
+        uint64_t a = cli_now_ns();
+        rc = w->m->call(w, 0);
+        t->first_ns = cli_now_ns() - a;
+    }
+    if (rc)
+        atomic_store(t->failed, 1);
+    pthread_barrier_wait(t->go);
+
+    uint64_t start = cli_now_ns(), prev = start, deadline = start + t->limit_ns, i = 0;
+    t->t_start = start;
+    while (rc == 0 && !atomic_load_explicit(t->failed, memory_order_relaxed) && i < t->iterations &&
+           prev < deadline) {
+        rc = w->m->call(w, ((i + 1) % l->copies) * l->span);
+        uint64_t now = cli_now_ns(), d = now - prev;
+        prev = now;
+        if (t->nlat < BENCH_LAT_MAX)
+            t->lat[t->nlat++] = d;
+        t->sum_ns += d;
+        if (d > t->max_ns)
+            t->max_ns = d;
+        atomic_store_explicit(&t->calls, ++i, memory_order_relaxed);
+    }
+    if (rc == 0 && w->m->finish)
+        rc = w->m->finish(w);
+    t->t_end = cli_now_ns();
+    if (rc) {
+        t->rc = rc;
+        atomic_store(t->failed, 1);
+    }
+    atomic_fetch_add(t->done, 1);
+    return NULL;
+}
+
+/* Nearest rank: the smallest sample with at least @p of them at or below it. */
+static double percentile_us(const uint64_t *s, uint64_t n, double p)
+{
+    if (n == 0)
+        return 0;
+    uint64_t rank = (uint64_t)(p * (double)n + 0.999999);
+    if (rank < 1)
+        rank = 1;
+    if (rank > n)
+        rank = n;
+    return (double)s[rank - 1] / 1e3;
+}
+
+static void progress(bench_t *b, const char *what, bench_thread_t *th, unsigned n, uint64_t t0,
+                     const bench_layout_t *l)
+{
+    uint64_t calls = 0;
+    for (unsigned i = 0; i < n; i++)
+        calls += atomic_load_explicit(&th[i].calls, memory_order_relaxed);
+    double s = (double)(cli_now_ns() - t0) / 1e9;
+    if (b->a.duration > 0 && s > b->a.duration)
+        s = b->a.duration;
+    fprintf(stderr, "\r\033[K  %s: %.1f s, %" PRIu64 " calls, %.2f GB/s", what, s, calls,
+            s > 0 ? (double)calls * (double)l->bytes / s / 1e9 : 0.0);
+}
+
+void bench_run_method(bench_t *b, const bench_layout_t *l, const bench_method_t *m,
+                      const char *what, bench_stats_t *st)
+{
+    unsigned n = (unsigned)b->a.threads;
+    bench_thread_t *th = calloc(n, sizeof(*th));
+    pthread_t *tid = calloc(n, sizeof(*tid));
+    pthread_barrier_t go;
+    atomic_int failed = 0;
+    atomic_uint done = 0;
+    unsigned started = 0;
+
+    memset(st, 0, sizeof(*st));
+    st->name = m->name;
+    st->label = m->label;
+    if (!th || !tid) {
+        st->rc = -ENOMEM;
+        snprintf(st->err, sizeof(st->err), "out of memory");
+        goto out;
+    }
+    pthread_barrier_init(&go, NULL, n);
+    double limit = b->a.duration > 0 ? b->a.duration : BENCH_ITER_CAP_S;
+    for (unsigned i = 0; i < n; i++) {
+        bench_thread_t *t = &th[i];
+        t->w = (bench_worker_t){
+            .lay = l,
+            .m = m,
+            .idx = i,
+            .op = b->a.op,
+            .local = b->local + i * b->slice,
+            .scratch = b->scratch ? b->scratch + i * b->slice : NULL,
+            .remote = b->target_addr + i * b->slice,
+            .engine = b->e,
+            .window = (unsigned)b->a.window,
+            .peer = b->peer,
+            .target_pid = b->target_pid,
+            .fd = -1,
+            .rx_fd = -1,
+        };
+        t->go = &go;
+        t->failed = &failed;
+        t->done = &done;
+        t->iterations = b->a.iterations ? b->a.iterations : BENCH_CALL_CAP;
+        t->limit_ns = (uint64_t)(limit * 1e9);
+        t->lat = malloc(BENCH_LAT_MAX * sizeof(uint64_t));
+        if (!t->lat) {
+            st->rc = -ENOMEM;
+            snprintf(st->err, sizeof(st->err), "out of memory");
+            goto out_threads;
+        }
+    }
+    uint64_t t0 = cli_now_ns();
+    for (; started < n; started++) {
+        if (pthread_create(&tid[started], NULL, bench_thread_main, &th[started]) != 0) {
+            /* The barrier needs every thread; without them all, none can run. */
+            fprintf(stderr, "kvferry " BENCH_CMD ": cannot start thread %u\n", started);
+            abort();
+        }
+    }
+    /* Poll for the progress line only; completion is the join below. */
+    while (b->tty && atomic_load(&done) < n) {
+        poll(NULL, 0, 250);
+        progress(b, what, th, n, t0, l);
+    }
+    if (b->tty)
+        fprintf(stderr, "\r\033[K");
+
+out_threads:
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(tid[i], NULL);
+    pthread_barrier_destroy(&go);
+    uint64_t tmin = UINT64_MAX, tmax = 0, total = 0, nlat = 0, sum = 0, max = 0;
+    for (unsigned i = 0; i < started; i++) {
+        bench_thread_t *t = &th[i];
+        if (t->rc && !st->rc) {
+            st->rc = t->rc;
+            snprintf(st->err, sizeof(st->err), "thread %u: %s", i, t->w.err);
+        }
+        if (t->t_start < tmin)
+            tmin = t->t_start;
+        if (t->t_end > tmax)
+            tmax = t->t_end;
+        total += atomic_load(&t->calls);
+        nlat += t->nlat;
+        sum += t->sum_ns;
+        if (t->max_ns > max)
+            max = t->max_ns;
+    }
+    uint64_t *all = nlat ? malloc(nlat * sizeof(uint64_t)) : NULL;
+    uint64_t k = 0;
+    for (unsigned i = 0; all && i < started; i++) {
+        memcpy(all + k, th[i].lat, th[i].nlat * sizeof(uint64_t));
+        k += th[i].nlat;
+    }
+    if (all)
+        qsort(all, nlat, sizeof(uint64_t), bench_cmp_u64);
+    st->calls = total;
+    st->samples = nlat;
+    st->seconds = tmax > tmin ? (double)(tmax - tmin) / 1e9 : 0;
+    if (st->seconds > 0) {
+        st->gbps = (double)total * (double)l->bytes / st->seconds / 1e9;
+        st->calls_per_s = (double)total / st->seconds;
+        st->ops_per_s = st->calls_per_s * (double)l->n;
+    }
+    st->p50_us = percentile_us(all, nlat, 0.50);
+    st->p99_us = percentile_us(all, nlat, 0.99);
+    st->max_us = (double)max / 1e3;
+    st->mean_us = total ? (double)sum / (double)total / 1e3 : 0;
+    st->first_us = started ? (double)th[0].first_ns / 1e3 : 0;
+    free(all);
+    for (unsigned i = 0; i < started; i++)
+        if (m->cleanup)
+            m->cleanup(&th[i].w);
+out:
+    if (th)
+        for (unsigned i = 0; i < n; i++)
+            free(th[i].lat);
+    free(th);
+    free(tid);
+}

@@ -1,0 +1,98 @@
+/* What `kvferry bench` prints: the table of runs and baselines, and the JSON of --json. */
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bench_run.h"
+#include "cli.h"
+
+json_t *bench_stats_json(const bench_stats_t *s)
+{
+    return json_pack("{s:s,s:s,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f}", "name", s->name, "label",
+                     s->label, "calls", (json_int_t)s->calls, "seconds", s->seconds, "gbps",
+                     s->gbps, "ops_per_s", s->ops_per_s, "calls_per_s", s->calls_per_s, "p50_us",
+                     s->p50_us, "p99_us", s->p99_us, "max_us", s->max_us, "mean_us", s->mean_us,
+                     "first_transfer_us", s->first_us);
+}
+
+void bench_print_header(void)
+{
+    printf("%-9s %-5s %-9s %5s %3s %8s %11s %9s %9s %9s %10s\n", "transport", "op", "block",
+           "batch", "thr", "GB/s", "ops/s", "p50 us", "p99 us", "max us", "first us");
+}
+
+void bench_print_run(const bench_t *b, const bench_layout_t *l, const bench_stats_t *s)
+{
+    char block[32];
+    if (b->a.kv)
+        snprintf(block, sizeof(block), "kv");
+    else
+        bench_size_name(l->len[0], block, sizeof(block));
+    printf("%-9s %-5s %-9s %5zu %3" PRIu64 " %8.2f %11.0f %9.1f %9.1f %9.1f %10.1f\n",
+           b->transport_used, b->a.op == KVF_OP_WRITE ? "write" : "read", block, l->n, b->a.threads,
+           s->gbps, s->ops_per_s, s->p50_us, s->p99_us, s->max_us, s->first_us);
+}
+
+void bench_print_baseline(const bench_stats_t *kvf, const bench_stats_t *s, bool latency)
+{
+    printf("  vs %-20s %8.2f GB/s  ratio %5.2f   p50 %8.1f us", s->label, s->gbps,
+           s->gbps > 0 ? kvf->gbps / s->gbps : 0, s->p50_us);
+    if (latency)
+        printf("  p50 ratio %5.2f", s->p50_us > 0 ? kvf->p50_us / s->p50_us : 0);
+    printf("\n");
+}
+
+static json_t *machine_json(void)
+{
+    struct utsname u;
+    char model[256] = "unknown", host[256] = "";
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    char line[512];
+    while (f && fgets(line, sizeof(line), f)) {
+        char *colon = strchr(line, ':');
+        if (!strncmp(line, "model name", 10) && colon) {
+            snprintf(model, sizeof(model), "%s", colon + 2);
+            model[strcspn(model, "\n")] = '\0';
+            break;
+        }
+    }
+    if (f)
+        fclose(f);
+    uname(&u);
+    gethostname(host, sizeof(host) - 1);
+    return json_pack("{s:i,s:s,s:s,s:s,s:I}", "cores", (int)sysconf(_SC_NPROCESSORS_ONLN), "kernel",
+                     u.release, "cpu_model", model, "hostname", host, "memory_bytes",
+                     (json_int_t)sysconf(_SC_PHYS_PAGES) * (json_int_t)sysconf(_SC_PAGESIZE));
+}
+
+int bench_write_json(const bench_t *b, int argc, char **argv, bool ok)
+{
+    json_t *cmd = json_array();
+    for (int i = 0; i < argc; i++)
+        json_array_append_new(cmd, json_string(argv[i]));
+    char when[64];
+    time_t now = time(NULL);
+    struct tm tm;
+    strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", gmtime_r(&now, &tm));
+    json_t *root = json_pack(
+        "{s:s,s:s,s:s,s:o,s:O,s:s,s:s,s:s,s:s,s:b,s:o,s:O}", "tool", "kvferry bench", "version",
+        KVF_VERSION_STRING, "time", when, "machine", machine_json(), "command", cmd, "transport",
+        b->transport_used ? b->transport_used : "none", "transport_requested",
+        kvf_cli_transport_name(b->a.transport), "target", b->a.target ? b->a.target : "local",
+        "target_memory", b->target_memory, "verified", ok, "runs_count",
+        json_integer((json_int_t)json_array_size(b->runs)), "runs", b->runs);
+    json_decref(cmd);
+    int rc = json_dump_file(root, b->a.json_path, JSON_INDENT(2));
+    json_decref(root);
+    if (rc < 0) {
+        fprintf(stderr, "kvferry " BENCH_CMD ": cannot write %s: %s\n", b->a.json_path,
+                strerror(errno));
+        return -1;
+    }
+    return 0;
+}

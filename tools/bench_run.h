@@ -1,0 +1,138 @@
+/*
+ * `kvferry bench` (the initiator side): what its files share.
+ *
+ *   cmd_bench.c      the runs: setup, each layout against its baselines, teardown
+ *   bench_args.c     flags
+ *   bench_layout.c   the blocks of one call
+ *   bench_kvferry.c  kvferry as a method: kvf_transfer_sync, or --window N asynchronous batches
+ *   bench_harness.c  THREADS threads moving a layout again and again, timed
+ *   bench_target.c   the target: started here or elsewhere, asked to verify or fill
+ *   bench_verify.c   the check after each timed run
+ *   bench_report.c   the table and the JSON
+ *
+ * bench.h has what the target (bench_serve.c), the baselines and `bench store` share as well.
+ */
+#ifndef KVF_CLI_BENCH_RUN_H
+#define KVF_CLI_BENCH_RUN_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "bench.h"
+
+#define BENCH_CMD               "bench"
+#define BENCH_MAX_SIZES         16
+#define BENCH_ITER_CAP_S        300.0         /* bound on an --iterations run without --duration */
+#define BENCH_CALL_CAP          1000000000ull /* bound on calls in a --duration run */
+#define BENCH_MAX_THREADS       64u
+#define BENCH_MAX_REPS          21u
+#define BENCH_MAX_LOCAL         (16ull << 30) /* bytes of the local (and target) buffer */
+#define BENCH_VERIFY_BLOCKS     16u           /* blocks checked per thread after each run */
+#define BENCH_START_TIMEOUT_MS  30000u        /* the target process reporting ready */
+#define BENCH_ANSWER_TIMEOUT_MS 60000u        /* the target answering a verification request */
+#define BENCH_PINGPONG_MAX      (64u << 10) /* calls up to this size also get a ping-pong baseline */
+#define BENCH_KV_LAYERS         61u         /* DeepSeek-R1 */
+#define BENCH_KV_BIG            (128u << 10)
+#define BENCH_KV_SMALL          (16u << 10)
+#define BENCH_PAGE              4096u
+typedef struct {
+    kvf_transport_kind_t transport;
+    kvf_op_t op;
+    size_t sizes[BENCH_MAX_SIZES];
+    size_t nsizes;
+    uint64_t batch, threads, iterations, reps, window;
+    double duration; /* 0 = not given */
+    bool alloc;      /* target memory from kvf_mem_alloc */
+    bool kv;
+    bool baseline;
+    size_t working_set;
+    const char *target;
+    const char *store_url;
+    const char *session_id;
+    const char *ns;
+    const char *json_path;
+    bool quiet;
+} bench_args_t;
+
+typedef struct {
+    const char *name, *label;
+    uint64_t calls, samples;
+    double seconds, gbps, ops_per_s, calls_per_s;
+    double p50_us, p99_us, max_us, mean_us, first_us;
+    int rc;
+    char err[320]; /* "thread N: " and the worker's message */
+} bench_stats_t;
+
+typedef struct {
+    bench_args_t a;
+    kvf_store_server_t *srv;
+    kvf_store_t *st;
+    const char *store_url;
+    kvf_engine_t *e;
+    char peer[KVF_SESSION_ID_MAX];
+    pid_t child;
+    uint64_t target_addr, target_len;
+    pid_t target_pid;
+    char target_memory[16];
+    uint8_t *local, *scratch;
+    size_t local_len, slice;
+    const char *transport_used;
+    json_t *runs;
+    bool tty;
+    unsigned run_no;
+} bench_t;
+
+/* ---- bench_args.c ------------------------------------------------------------------------ */
+
+/* Returns KVF_CLI_RUN to run, or the exit code (0 after --help, 2 after a usage error). */
+int bench_args_parse(int argc, char **argv, bench_args_t *a);
+
+/* ---- bench_layout.c ---------------------------------------------------------------------- */
+
+/* BATCH adjacent blocks of BLOCK bytes. */
+void bench_layout_blocks(bench_layout_t *l, size_t block, size_t batch, size_t working_set);
+/* The DeepSeek-R1 per-layer layout (--workload kv). */
+void bench_layout_kv(bench_layout_t *l, size_t working_set);
+/* Bytes of a thread's slice: every copy of the span. */
+size_t bench_layout_slice(const bench_layout_t *l);
+
+/* ---- bench_harness.c --------------------------------------------------------------------- */
+
+/* Run @m over @l from every thread; fill @st (st->rc and st->err say whether it failed). */
+void bench_run_method(bench_t *b, const bench_layout_t *l, const bench_method_t *m,
+                      const char *what, bench_stats_t *st);
+
+/* ---- bench_target.c ---------------------------------------------------------------------- */
+
+/* Start `kvferry bench --serve` as a child with @size bytes and learn its session id. Returns 0
+ * or -1 after saying why. */
+int bench_target_spawn(bench_t *b, size_t size);
+/* Stop the local target, if any, and reap it. */
+void bench_target_stop(bench_t *b);
+/* Read the target's published buffer into @b. Returns 0 or -1 after saying why. */
+int bench_target_info(bench_t *b);
+/* Ask the target to "verify" or "fill" @blocks for @seed. Returns 0, or -1 with the reason in
+ * @err. */
+int bench_target_request(bench_t *b, const char *cmd, uint64_t seed, json_t *blocks, char *err,
+                         size_t errlen);
+
+/* ---- bench_verify.c ---------------------------------------------------------------------- */
+
+/* After the timed part of a run: the number of blocks checked, or -1 with the reason in @err. */
+int bench_verify_run(bench_t *b, const bench_layout_t *l, char *err, size_t errlen);
+
+/* ---- bench_report.c ---------------------------------------------------------------------- */
+
+json_t *bench_stats_json(const bench_stats_t *s);
+void bench_print_header(void);
+void bench_print_run(const bench_t *b, const bench_layout_t *l, const bench_stats_t *s);
+/* One baseline's line under its run; with @latency also the p50 ratio. */
+void bench_print_baseline(const bench_stats_t *kvf, const bench_stats_t *s, bool latency);
+/* Write every figure and the machine's description to --json. Returns 0 or -1 after saying
+ * why. */
+int bench_write_json(const bench_t *b, int argc, char **argv, bool ok);
+
+#endif /* KVF_CLI_BENCH_RUN_H */
