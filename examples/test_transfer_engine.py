@@ -263,7 +263,8 @@ def main():
                              "port)")
     parser.add_argument("--store-url", type=str, required=True,
                         help="URL for the config store (e.g., tcp://xx.xx.xx.xx:xxxx)")
-    parser.add_argument("--npu-id", type=int, default=0, help="Device id (published only on CPU hosts)")
+    parser.add_argument("--npu-id", type=int, default=0,
+                        help="Device id (on CPU hosts only published)")
     parser.add_argument("--dst-session-id", type=str,
                         help="Session id of the Decode node (Prefill only), ip:port")
     parser.add_argument("--log-level", type=int, default=0, choices=[0, 1, 2, 3],

@@ -50,7 +50,7 @@ static void usage(FILE *f)
             "                        default: the store's IP with port 0)\n"
             "  --dst-session-id ID   the Decode's session id; required for the Prefill, refused\n"
             "                        for the Decode\n"
-            "  --npu-id N            the seed's device id (published only on CPU hosts), default 0\n"
+            "  --npu-id N            device id (on CPU hosts only published), default 0\n"
             "  --log-level N         0 debug, 1 info, 2 warn (default), 3 error\n"
             "  --iterations N        rounds to run, then exit 0; 0 (default) runs forever\n"
             "  --timeout SEC         bound on starting up, on each transfer and on each wait for\n"
