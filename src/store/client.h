@@ -258,6 +258,9 @@ void kvf__cli_forget_key_locked(kvf_store_t *st, const char *key);
  * a request off that list. kvf__cli_send_u64_locked() sends a fire-and-forget request with a u64
  * body. */
 void kvf__cli_mark_broken_locked(kvf_store_t *st, const char *why);
+/* Send up to @n bytes of @p without blocking, as far as the socket takes them; a send error
+ * marks the connection broken. Returns the bytes sent. */
+size_t kvf__cli_send_now_locked(kvf_store_t *st, const uint8_t *p, size_t n);
 void kvf__cli_submit_locked(kvf_store_t *st, cli_req_t *rq, kvf_buf_t *frame);
 void kvf__cli_send_internal_locked(kvf_store_t *st, cli_req_t *rq, kvf_buf_t *frame);
 void kvf__cli_io_unlink_locked(kvf_store_t *st, cli_req_t *rq);

@@ -314,20 +314,11 @@ static int cli_read_input(kvf_store_t *st, char *why, size_t whylen)
 /* Flush queued output as far as the socket takes it. */
 static void cli_flush_locked(kvf_store_t *st)
 {
-    while (st->out_off < st->out.len && !st->broken) {
-        ssize_t w = send(st->fd, st->out.data + st->out_off, st->out.len - st->out_off,
-                         MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            char why[CLI_MSG_MAX];
-            snprintf(why, sizeof(why), "send: %s", kvf_strerror(-errno));
-            kvf__cli_mark_broken_locked(st, why);
+    if (!st->broken) {
+        st->out_off += kvf__cli_send_now_locked(st, st->out.data + st->out_off,
+                                                st->out.len - st->out_off);
+        if (st->broken)
             return;
-        }
-        st->out_off += (size_t)w;
     }
     if (st->out_off == st->out.len) {
         st->out.len = 0;

@@ -219,6 +219,26 @@ void kvf__cli_mark_broken_locked(kvf_store_t *st, const char *why)
     cli_wake(st);
 }
 
+size_t kvf__cli_send_now_locked(kvf_store_t *st, const uint8_t *p, size_t n)
+{
+    size_t sent = 0;
+    while (sent < n && !st->broken) {
+        ssize_t w = send(st->fd, p + sent, n - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            char why[CLI_MSG_MAX];
+            snprintf(why, sizeof(why), "send: %s", kvf_strerror(-errno));
+            kvf__cli_mark_broken_locked(st, why);
+            break;
+        }
+        sent += (size_t)w;
+    }
+    return sent;
+}
+
 /* Send @n bytes now as far as the socket takes them, queueing the rest for the I/O thread.
  * Output is never reordered: once anything is queued, later frames queue behind it. */
 static void cli_send_locked(kvf_store_t *st, const uint8_t *p, size_t n)
@@ -226,23 +246,11 @@ static void cli_send_locked(kvf_store_t *st, const uint8_t *p, size_t n)
     if (st->broken || st->fd < 0)
         return; /* the request is failed when the I/O thread drops the connection */
     if (st->out.len == st->out_off) {
-        while (n > 0) {
-            ssize_t w = send(st->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (w < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    break;
-                char why[CLI_MSG_MAX];
-                snprintf(why, sizeof(why), "send: %s", kvf_strerror(-errno));
-                kvf__cli_mark_broken_locked(st, why);
-                return;
-            }
-            p += w;
-            n -= (size_t)w;
-        }
-        if (n == 0)
+        size_t sent = kvf__cli_send_now_locked(st, p, n);
+        if (st->broken || sent == n)
             return;
+        p += sent;
+        n -= sent;
     }
     bool was_empty = st->out.len == st->out_off;
     kvf__buf_put(&st->out, p, n);

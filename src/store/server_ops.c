@@ -431,20 +431,29 @@ out_oom:
     reply_oom(srv, c, rq);
 }
 
-static void op_lease_keepalive(struct kvf_store_server *srv, struct srv_conn *c,
-                               const struct srv_req *rq, kvf_rd_t *rd)
+/* Decode a request whose body is one lease id and find that lease; NULL once a malformed body
+ * or an unknown lease has been answered. */
+static struct srv_lease *decode_lease(struct kvf_store_server *srv, struct srv_conn *c,
+                                      const struct srv_req *rq, kvf_rd_t *rd)
 {
     uint64_t id = 0;
 
     kvf__rd_u64(rd, &id);
     if (!decode_done(srv, c, rq, rd))
-        return;
+        return NULL;
     struct srv_lease *lease = kvf__srv_lease_find(srv, id);
-    if (!lease) {
+    if (!lease)
         kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found",
                            id);
+    return lease;
+}
+
+static void op_lease_keepalive(struct kvf_store_server *srv, struct srv_conn *c,
+                               const struct srv_req *rq, kvf_rd_t *rd)
+{
+    struct srv_lease *lease = decode_lease(srv, c, rq, rd);
+    if (!lease)
         return;
-    }
     /* Moving an armed timer cannot fail. */
     kvf__srv_timer_arm(srv, &lease->timer, srv->now_ms + lease->ttl_ms);
     kvf__srv_reply_empty(srv, c, rq);
@@ -453,17 +462,9 @@ static void op_lease_keepalive(struct kvf_store_server *srv, struct srv_conn *c,
 static void op_lease_revoke(struct kvf_store_server *srv, struct srv_conn *c,
                             const struct srv_req *rq, kvf_rd_t *rd)
 {
-    uint64_t id = 0;
-
-    kvf__rd_u64(rd, &id);
-    if (!decode_done(srv, c, rq, rd))
+    struct srv_lease *lease = decode_lease(srv, c, rq, rd);
+    if (!lease)
         return;
-    struct srv_lease *lease = kvf__srv_lease_find(srv, id);
-    if (!lease) {
-        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found",
-                           id);
-        return;
-    }
     kvf__srv_lease_end(srv, lease);
     kvf__srv_reply_empty(srv, c, rq);
 }
