@@ -7,10 +7,11 @@
  *                                   address and nonce)
  *   kvferry/v1/<ns>/regions/<sid>   its registered regions (JSON, with the table generation)
  *
- * Each peer is reached by one of three paths, chosen on first use (loop → shm → tcp, or forced
- * by config.transport / KVFERRY_TRANSPORT): "loop" when the peer is an engine of this process
- * (memcpy under the target's own region references), "shm" when it is on this host and its
- * memory is reachable with process_vm_writev, "tcp" otherwise.
+ * Each peer is reached by one of the transports of kvf__transports, chosen on first use by
+ * walking that table in order (loop → shm → tcp), or forced by config.transport /
+ * KVFERRY_TRANSPORT: "loop" when the peer is an engine of this process (memcpy under the
+ * target's own region references), "shm" when it is on this host and its memory is reachable
+ * with process_vm_writev, "tcp" otherwise.
  *
  * A session id is "ip:port" and is also the address peers connect to, so a peer needs the store
  * only to learn that a session exists and which regions it has; transfers between peers that
@@ -38,8 +39,6 @@
 #include "transport/transport.h"
 #include "core/engine_internal.h"
 
-const char *const kvf__eng_via_names[] = {"tcp", "shm", "loop"};
-
 /* One kvf_mem_alloc() allocation: a memfd mapped MAP_SHARED at @addr. @len is what the caller
  * asked for and what is registered; @map_len is rounded up to the page size. @kept: its
  * unregister timed out in kvf_mem_free(), so it stays mapped until destroy. */
@@ -52,21 +51,6 @@ typedef struct eng_mem {
     bool huge;
     bool kept;
 } eng_mem_t;
-
-/* Every engine of this process, so that a transfer to one of them takes the loop path: a
- * memcpy under the target's own region references (the same authoritative check and unregister
- * drain as a remote target's). Destroy unlinks under the write lock, which waits for loop
- * transfers into the engine to leave. */
-static pthread_rwlock_t eng_all_lock = PTHREAD_RWLOCK_INITIALIZER;
-static kvf_engine_t *eng_all;
-
-static kvf_engine_t *eng_all_find_locked(const char *sid)
-{
-    for (kvf_engine_t *x = eng_all; x; x = x->all_next)
-        if (!strcmp(x->sid, sid))
-            return x;
-    return NULL;
-}
 
 /* ---- small public helpers ------------------------------------------------------------------- */
 
@@ -115,7 +99,7 @@ const char *kvf_engine_session_id(const kvf_engine_t *e)
 
 uint16_t kvf_engine_port(const kvf_engine_t *e)
 {
-    return e ? e->tops->port(e->transport) : 0;
+    return e ? kvf__transports[e->listener]->port(e->tr[e->listener]) : 0;
 }
 
 /* ---- configuration -------------------------------------------------------------------------- */
@@ -192,6 +176,36 @@ static int config_load(const kvf_config_t *in, kvf_config_t *c)
     return check_ns(c->ns);
 }
 
+/* The name of the transport config.transport forces, or NULL (auto). */
+static const char *forced_name(const kvf_config_t *c)
+{
+    switch (c->transport) {
+    case KVF_TRANSPORT_TCP:
+        return "tcp";
+    case KVF_TRANSPORT_SHM:
+        return "shm";
+    default:
+        return NULL;
+    }
+}
+
+/* Whether the engine offers transport @o to peers of other processes. An engine forced to a
+ * transport whose target checks every request (tcp) offers none whose target takes no part
+ * (shm): it asked that nobody reach into its memory from outside the target's checks. */
+static bool offered(const kvf_engine_t *e, const struct kvf_transport_ops *o)
+{
+    const char *forced = forced_name(&e->cfg);
+    const struct kvf_transport_ops *f = NULL;
+    for (size_t i = 0; forced && kvf__transports[i]; i++)
+        if (!strcmp(kvf__transports[i]->name, forced))
+            f = kvf__transports[i];
+    if (!(o->caps & KVF_TCAP_OFFER))
+        return false;
+    if (!f || f->check != KVF_CHECK_TARGET)
+        return true;
+    return o->check == KVF_CHECK_TARGET;
+}
+
 /* ---- store records -------------------------------------------------------------------------- */
 
 void kvf__eng_make_key(char *buf, size_t len, const char *ns, const char *kind, const char *sid)
@@ -220,15 +234,23 @@ static json_t *hex_u64(uint64_t v)
     return json_string(buf);
 }
 
-/* The session record. An engine forced to tcp does not offer shm: it asked that nobody reach
- * into its memory from outside the tcp target's checks. */
+/* The session record: among others, the transports it offers (see offered()) and the socket
+ * its kvf_mem_alloc memory is served on. */
 static int publish_session(kvf_engine_t *e)
 {
     char host[256] = "";
+    const char *memfd_sock = "";
     gethostname(host, sizeof(host) - 1);
-    json_t *tr = e->cfg.transport == KVF_TRANSPORT_TCP
-                     ? json_pack("[s]", e->tops->name)
-                     : json_pack("[s,s]", e->shm_ops->name, e->tops->name);
+    json_t *tr = json_array();
+    for (size_t i = 0; tr && kvf__transports[i]; i++) {
+        const struct kvf_transport_ops *o = kvf__transports[i];
+        if (offered(e, o) && json_array_append_new(tr, json_string(o->name)) < 0) {
+            json_decref(tr);
+            tr = NULL;
+        }
+        if (!*memfd_sock)
+            memfd_sock = o->mem_sock(e->tr[i]);
+    }
     json_t *doc = json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:o, s:o, s:s}",
                             "version", ENG_RECORD_VERSION, "session", e->sid, "role",
                             kvf_role_name(e->role), "device_id", e->device_id, "pid",
@@ -236,7 +258,7 @@ static int publish_session(kvf_engine_t *e)
                             "transports", tr, "boot_id", kvf__host_boot_id(), "net_ns",
                             kvf__host_net_ns(), "shm_word", hex_u64((uintptr_t)&e->shm_word),
                             "shm_nonce", hex_u64(e->shm_word.nonce), "memfd_socket",
-                            kvf__shm_memfd_sock(e->shm));
+                            memfd_sock);
     return store_put_json(e, e->session_key, doc);
 }
 
@@ -432,12 +454,12 @@ static int fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kvf
 
 /* ---- peers ---------------------------------------------------------------------------------- */
 
-static void peer_free(eng_peer_t *p, kvf_engine_t *e)
+static void peer_free(eng_peer_t *p)
 {
     if (p->tp)
         p->tops->peer_close(p->tp);
     if (p->ntp)
-        e->tops->peer_close(p->ntp);
+        p->nops->peer_close(p->ntp);
     pthread_rwlock_destroy(&p->sel);
     pthread_mutex_destroy(&p->lock);
     free(p->regions);
@@ -468,75 +490,99 @@ static void fetch_session(kvf_engine_t *e, const char *sid, uint32_t wait_ms, kv
     }
 }
 
+/* Open a handle for notifications to @p when its path cannot carry them: on the next transport
+ * of the table after the path's (@i) that can (shm: tcp, which connects on first use). */
+static int peer_open_notify(kvf_engine_t *e, eng_peer_t *p, size_t i, const kvf_tpeer_desc_t *d)
+{
+    int rc = -KVF_ENOTSUP;
+    for (size_t j = i + 1; kvf__transports[j]; j++) {
+        const struct kvf_transport_ops *o = kvf__transports[j];
+        if (!(o->caps & KVF_TCAP_NOTIFY))
+            continue;
+        rc = o->peer_open(e->tr[j], d, &p->ntp);
+        if (rc == 0)
+            p->nops = o;
+        if (rc != -KVF_ENOTSUP)
+            return rc;
+    }
+    return kvf__err(rc, "no transport carries notifications to peer %s over %s", p->sid,
+                    kvf__transports[i]->name);
+}
+
 /*
- * Choose the path to @p and open it: loop for an engine of this process (unless tcp or shm is
- * forced), else shm if the peer is reachable that way, else tcp. Forced shm to a peer shm cannot
- * reach is an error naming the reason; in auto mode the reason is logged once at info level.
- * Called with @p->sel held exclusive (or before @p is shared).
+ * Choose the path to @p and open it: the first transport of kvf__transports (loop, shm, tcp)
+ * whose peer_open() does not answer -KVF_ENOTSUP, or only the one config.transport forces
+ * (tcp: loop and shm are skipped; shm: loop is skipped). Forcing a transport that cannot reach
+ * the peer is an error naming the reason; in auto mode the reason a transport the peers offer
+ * could not be used is logged once at info level. Called with @p->sel held exclusive (or before
+ * @p is shared).
  */
 static int peer_select(kvf_engine_t *e, eng_peer_t *p)
 {
-    kvf_transport_kind_t want = e->cfg.transport;
+    const char *forced = forced_name(&e->cfg);
+    const struct kvf_transport_ops *o = NULL;
     kvf_tpeer_desc_t d;
+    bool have_record = false;
+    char why[512] = "";
+    size_t i, wl = 0;
     int rc;
 
     if (p->tp)
         p->tops->peer_close(p->tp);
     if (p->ntp)
-        e->tops->peer_close(p->ntp);
+        p->nops->peer_close(p->ntp);
     p->tp = NULL;
     p->ntp = NULL;
     p->tops = NULL;
+    p->nops = NULL;
     memset(&d, 0, sizeof(d));
     d.sid = p->sid;
     rc = kvf__session_id_parse(p->sid, &d.addr);
     if (rc < 0)
         return rc;
 
-    if (want == KVF_TRANSPORT_AUTO) {
-        pthread_rwlock_rdlock(&eng_all_lock);
-        bool local = eng_all_find_locked(p->sid) != NULL;
-        pthread_rwlock_unlock(&eng_all_lock);
-        if (local) {
-            p->via = ENG_VIA_LOOP;
-            return 0;
+    rc = -KVF_ENOTSUP;
+    for (i = 0; kvf__transports[i]; i++) {
+        o = kvf__transports[i];
+        if (forced && strcmp(o->name, forced) != 0)
+            continue;
+        if ((o->caps & KVF_TCAP_RECORD) && !have_record) {
+            fetch_session(e, p->sid, e->cfg.init_timeout_ms, &d);
+            have_record = true;
         }
-    }
-    if (want != KVF_TRANSPORT_TCP) {
-        fetch_session(e, p->sid, e->cfg.init_timeout_ms, &d);
-        rc = e->shm_ops->peer_open(e->shm, &d, &p->tp);
-        if (rc == 0) {
-            /* shm has no channel of its own for notifications; a tcp handle carries them (it
-             * connects on first use). */
-            rc = e->tops->peer_open(e->transport, &d, &p->ntp);
-            if (rc < 0) {
-                e->shm_ops->peer_close(p->tp);
-                p->tp = NULL;
-                return rc;
-            }
-            p->via = ENG_VIA_SHM;
-            p->tops = e->shm_ops;
-            pthread_mutex_lock(&p->lock);
-            p->tops->regions_changed(p->tp, p->regions, p->nregions);
-            pthread_mutex_unlock(&p->lock);
-            return 0;
-        }
+        rc = o->peer_open(e->tr[i], &d, &p->tp);
         if (rc != -KVF_ENOTSUP)
-            return rc;
-        if (want == KVF_TRANSPORT_SHM)
-            return kvf__err_wrap(rc, "transport shm is forced (config.transport or "
+            break;
+        if (forced)
+            return kvf__err_wrap(rc, "transport %s is forced (config.transport or "
                                      "KVFERRY_TRANSPORT) but cannot reach peer %s",
-                                 p->sid);
-        if (!p->fallback_logged)
-            KVF_INFO(ENG_LOG, "engine %s: peer %s over tcp, not shm: %s", e->sid, p->sid,
-                     kvf_last_error());
-        p->fallback_logged = true;
+                                 o->name, p->sid);
+        /* A transport peers offer that cannot reach this one is worth a line: the user may have
+         * expected it. One that reaches only some peers by nature (loop) is not. */
+        if ((o->caps & KVF_TCAP_OFFER) && wl < sizeof(why))
+            wl += (size_t)snprintf(why + wl, sizeof(why) - wl, "%snot %s: %s", wl ? "; " : "",
+                                   o->name, kvf_last_error());
     }
-    rc = e->tops->peer_open(e->transport, &d, &p->tp);
+    if (!kvf__transports[i])
+        return kvf__err(rc, "no transport reaches peer %s", p->sid);
     if (rc < 0)
         return rc;
-    p->via = ENG_VIA_TCP;
-    p->tops = e->tops;
+    if (!(o->caps & KVF_TCAP_NOTIFY)) {
+        rc = peer_open_notify(e, p, i, &d);
+        if (rc < 0) {
+            o->peer_close(p->tp);
+            p->tp = NULL;
+            return rc;
+        }
+    }
+    if (why[0] && !p->fallback_logged)
+        KVF_INFO(ENG_LOG, "engine %s: peer %s over %s, %s", e->sid, p->sid, o->name, why);
+    p->fallback_logged |= why[0] != 0;
+    p->via = o->name;
+    p->tops = o;
+    pthread_mutex_lock(&p->lock);
+    p->tops->regions_changed(p->tp, p->regions, p->nregions);
+    pthread_mutex_unlock(&p->lock);
     return 0;
 }
 
@@ -590,16 +636,16 @@ static int peer_get(kvf_engine_t *e, const char *sid, eng_peer_t **out)
     }
     pthread_mutex_unlock(&e->peers_lock);
     if (other) {
-        peer_free(p, e);
+        peer_free(p);
         p = other;
     }
     KVF_DEBUG(ENG_LOG, "engine %s: peer %s found with %zu regions, via %s", e->sid, sid,
-              p->nregions, kvf__eng_via_names[p->via]);
+              p->nregions, p->via);
     *out = p;
     return 0;
 
 out_free:
-    peer_free(p, e);
+    peer_free(p);
     return rc;
 }
 
@@ -695,43 +741,6 @@ static int peer_make_current(kvf_engine_t *e, eng_peer_t *p)
     return 0;
 }
 
-/* The loop path: memcpy to or from an engine of this process, each element under a reference
- * on the target's region, taken from its own table (authoritative, and unregister drains it). */
-static int loop_transfer(const char *sid, const kvf_xfer_t *x, size_t n,
-                         const kvf_xfer_ctl_t *ctl)
-{
-    int rc = 0;
-    pthread_rwlock_rdlock(&eng_all_lock);
-    kvf_engine_t *t = eng_all_find_locked(sid);
-    if (!t)
-        rc = kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", sid);
-    for (size_t i = 0; t && i < n && rc == 0; i++) {
-        kvf_region_ref_t ref;
-        if (ctl && ctl->cancel && atomic_load(ctl->cancel)) {
-            rc = kvf__err(-KVF_ECANCELED, "cancelled before element %zu", i);
-            break;
-        }
-        rc = kvf__regions_acquire(t->regions, x[i].remote, x[i].len, &ref);
-        if (rc < 0) {
-            kvf__err_wrap(rc, "element %zu (%s)", i, x[i].op == KVF_OP_WRITE ? "write" : "read");
-            if (ctl && ctl->status)
-                ctl->status[i] = rc;
-            break;
-        }
-        void *remote = (void *)(uintptr_t)x[i].remote;
-        /* memmove: in one address space the caller may name overlapping ranges. */
-        if (x[i].op == KVF_OP_WRITE)
-            memmove(remote, x[i].local, x[i].len);
-        else
-            memmove(x[i].local, remote, x[i].len);
-        kvf__regions_release(t->regions, &ref);
-        if (ctl && ctl->status)
-            ctl->status[i] = 0;
-    }
-    pthread_rwlock_unlock(&eng_all_lock);
-    return rc;
-}
-
 bool kvf__eng_peer_known(kvf_engine_t *e, const char *sid)
 {
     pthread_mutex_lock(&e->peers_lock);
@@ -748,7 +757,7 @@ int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **na
     eng_peer_t *p = peer_find_locked(e, peer);
     if (p) {
         pthread_rwlock_rdlock(&p->sel);
-        *name = kvf__eng_via_names[p->via];
+        *name = p->via;
         pthread_rwlock_unlock(&p->sel);
     }
     pthread_mutex_unlock(&e->peers_lock);
@@ -757,6 +766,19 @@ int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **na
 }
 
 /* ---- create / destroy ----------------------------------------------------------------------- */
+
+/* Destroy the transports created, in the reverse order of their creation (the listener last). */
+static void transports_destroy(kvf_engine_t *e)
+{
+    size_t n = 0;
+    while (kvf__transports[n])
+        n++;
+    for (size_t i = n; i-- > 0;)
+        if (i != e->listener && e->tr[i])
+            kvf__transports[i]->destroy(e->tr[i]);
+    if (e->tr[e->listener])
+        kvf__transports[e->listener]->destroy(e->tr[e->listener]);
+}
 
 int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t role,
                       int device_id, const kvf_config_t *cfg, kvf_engine_t **out)
@@ -796,8 +818,9 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     e->cfg.ns = e->ns;
     e->role = role;
     e->device_id = device_id;
-    e->tops = &kvf__tcp_ops;
-    e->shm_ops = &kvf__shm_ops;
+    while (kvf__transports[e->listener] &&
+           !(kvf__transports[e->listener]->caps & KVF_TCAP_LISTEN))
+        e->listener++;
     /* The nonce tells this engine's word apart from whatever another process (a restart, a
      * reused pid) keeps at the same address. */
     e->shm_word.magic = KVF_SHM_WORD_MAGIC;
@@ -832,7 +855,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .notify_cb = kvf__notify_deliver,
         .notify_arg = e,
     };
-    rc = e->tops->create(&tp, &e->transport);
+    rc = kvf__transports[e->listener]->create(&tp, &e->tr[e->listener]);
     if (rc == -EADDRINUSE) {
         rc = kvf__err(rc, "session id %s is already in use: another engine or process holds "
                           "port %u on this host",
@@ -846,7 +869,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     }
     if (rc < 0)
         goto out_regions;
-    listen.port = e->tops->port(e->transport);
+    listen.port = kvf_engine_port(e);
     kvf__hostport_format(&listen, e->sid, sizeof(e->sid));
     kvf__eng_make_key(e->session_key, sizeof(e->session_key), e->ns, "sessions", e->sid);
     kvf__eng_make_key(e->regions_key, sizeof(e->regions_key), e->ns, "regions", e->sid);
@@ -855,10 +878,14 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     char sock[ENG_KEY_MAX];
     snprintf(sock, sizeof(sock), "kvferry/%s/%s", e->ns, e->sid);
     tp.local_sid = e->sid;
-    tp.memfd_sock = e->cfg.transport == KVF_TRANSPORT_TCP ? NULL : sock;
-    rc = e->shm_ops->create(&tp, &e->shm);
-    if (rc < 0)
-        goto out_transport;
+    for (size_t i = 0; kvf__transports[i]; i++) {
+        if (i == e->listener)
+            continue;
+        tp.memfd_sock = offered(e, kvf__transports[i]) ? sock : NULL;
+        rc = kvf__transports[i]->create(&tp, &e->tr[i]);
+        if (rc < 0)
+            goto out_transport;
+    }
 
     kvf_store_opts_t so;
     kvf_store_opts_init(&so);
@@ -883,10 +910,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     rc = publish_session(e);
     if (rc < 0)
         goto out_store;
-    pthread_rwlock_wrlock(&eng_all_lock);
-    e->all_next = eng_all;
-    eng_all = e;
-    pthread_rwlock_unlock(&eng_all_lock);
+    for (size_t i = 0; kvf__transports[i]; i++)
+        kvf__transports[i]->start(e->tr[i]);
     KVF_INFO(ENG_LOG, "engine %s (%s) ready, store %s", e->sid, kvf_role_name(role), store_url);
     *out = e;
     return 0;
@@ -895,9 +920,7 @@ out_store:
     kvf__err_wrap(rc, "engine %s: store %s", e->sid, store_url);
     kvf_store_close(e->store);
 out_transport:
-    if (e->shm)
-        e->shm_ops->destroy(e->shm);
-    e->tops->destroy(e->transport);
+    transports_destroy(e);
 out_regions:
     kvf__regions_destroy(e->regions);
 out_async:
@@ -928,16 +951,10 @@ void kvf_engine_destroy(kvf_engine_t *e)
 {
     if (!e)
         return;
-    /* Unlinked first: this waits for loop transfers from other engines of this process into
+    /* Stopped first: this waits for loop transfers from other engines of this process into
      * this one to leave, and no new one can find it. */
-    pthread_rwlock_wrlock(&eng_all_lock);
-    for (kvf_engine_t **pp = &eng_all; *pp; pp = &(*pp)->all_next) {
-        if (*pp == e) {
-            *pp = e->all_next;
-            break;
-        }
-    }
-    pthread_rwlock_unlock(&eng_all_lock);
+    for (size_t i = 0; kvf__transports[i]; i++)
+        kvf__transports[i]->stop(e->tr[i]);
     /* New calls are refused from here on; running transfers are bounded by op_timeout_ms, and
      * those waiting for a peer notice `closing` within ENG_WAIT_SLICE_MS. */
     kvf_engine_shutdown(e);
@@ -955,10 +972,9 @@ void kvf_engine_destroy(kvf_engine_t *e)
 
     for (eng_peer_t *p = e->peers, *next; p; p = next) {
         next = p->next;
-        peer_free(p, e);
+        peer_free(p);
     }
-    e->shm_ops->destroy(e->shm);
-    e->tops->destroy(e->transport);
+    transports_destroy(e);
     kvf__regions_destroy(e->regions);
     /* No transport delivers notifications and no batch is left. */
     kvf__async_fini(e);
@@ -1144,6 +1160,26 @@ out_close:
     return rc;
 }
 
+/* Offer @m to every transport that serves memory (shm), or to none. */
+static int mem_export(kvf_engine_t *e, const eng_mem_t *m)
+{
+    for (size_t i = 0; kvf__transports[i]; i++) {
+        int rc = kvf__transports[i]->mem_export(e->tr[i], m->addr, m->len, m->fd);
+        if (rc < 0) {
+            while (i-- > 0)
+                kvf__transports[i]->mem_unexport(e->tr[i], m->addr);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static void mem_unexport(kvf_engine_t *e, void *addr)
+{
+    for (size_t i = 0; kvf__transports[i]; i++)
+        kvf__transports[i]->mem_unexport(e->tr[i], addr);
+}
+
 int kvf_mem_alloc(kvf_engine_t *e, size_t len, void **out)
 {
     long psz = sysconf(_SC_PAGESIZE);
@@ -1185,7 +1221,7 @@ int kvf_mem_alloc(kvf_engine_t *e, size_t len, void **out)
     }
     /* Exported before it is registered: the memfd socket answers only for registered regions,
      * and a sender asking as soon as the region is published must get the fd. */
-    rc = kvf__shm_export(e->shm, m->addr, len, m->fd);
+    rc = mem_export(e, m);
     if (rc < 0)
         goto out_unmap;
     rc = kvf_mem_register(e, m->addr, len); /* faults the pages in */
@@ -1201,7 +1237,7 @@ int kvf_mem_alloc(kvf_engine_t *e, size_t len, void **out)
     goto out;
 
 out_unexport:
-    kvf__shm_unexport(e->shm, m->addr);
+    mem_unexport(e, m->addr);
 out_unmap:
     munmap(m->addr, m->map_len);
     close(m->fd);
@@ -1256,7 +1292,7 @@ int kvf_mem_free(kvf_engine_t *e, void *ptr)
     }
     /* -KVF_ENOTREG: the caller unregistered it already; freeing is still right. */
     rc = 0;
-    kvf__shm_unexport(e->shm, ptr);
+    mem_unexport(e, ptr);
     munmap(m->addr, m->map_len);
     close(m->fd);
     free(m);
@@ -1307,15 +1343,16 @@ static void status_refused(const kvf_xfer_ctl_t *ctl, int rc, size_t bad)
         ctl->status[bad] = rc;
 }
 
-/* Peer path already held (@p->sel shared): run the batch. */
+/* Peer path already held (@p->sel shared): run the batch, checked as its transport's @check
+ * says (see kvf_check_t). */
 static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, size_t n,
                          uint64_t deadline, const kvf_xfer_ctl_t *ctl)
 {
     size_t bad = 0;
     int rc;
-    if (p->via == ENG_VIA_LOOP)
-        return loop_transfer(p->sid, x, n, ctl);
-    if (p->via == ENG_VIA_SHM) {
+    if (p->tops->check == KVF_CHECK_DIRECT)
+        return p->tops->transfer(p->tp, x, n, deadline, ctl);
+    if (p->tops->check == KVF_CHECK_SENDER) {
         rc = peer_make_current(e, p);
         if (rc == 0) {
             rc = peer_check(p, x, n, &bad);
@@ -1393,15 +1430,10 @@ int kvf__eng_notify(kvf_engine_t *e, const char *peer, const void *msg, size_t l
     int rc = peer_enter(e, peer, "notification", &p);
     if (rc < 0)
         return rc;
-    if (p->via == ENG_VIA_LOOP) {
-        pthread_rwlock_rdlock(&eng_all_lock);
-        kvf_engine_t *t = eng_all_find_locked(p->sid);
-        rc = t ? kvf__notify_deliver(t, e->sid, msg, len)
-               : kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", p->sid);
-        pthread_rwlock_unlock(&eng_all_lock);
-    } else {
-        rc = e->tops->notify(p->ntp ? p->ntp : p->tp, msg, len, deadline);
-    }
+    if (p->ntp)
+        rc = p->nops->notify(p->ntp, msg, len, deadline);
+    else
+        rc = p->tops->notify(p->tp, msg, len, deadline);
     return peer_leave(p, rc, "notification");
 }
 

@@ -34,21 +34,21 @@
  * default); where the default differs, the huge mapping fails and normal pages are used. */
 #define ENG_HUGE_PAGE (2u << 20)
 
-typedef enum { ENG_VIA_TCP, ENG_VIA_SHM, ENG_VIA_LOOP } eng_via_t;
-
 typedef struct eng_peer {
     struct eng_peer *next;
     char sid[KVF_SESSION_ID_MAX];
-    /* The path to the peer. Transfers hold @sel shared while they use @via/@tops/@tp; choosing
-     * the path again (after the peer process went away, see @reselect) holds it exclusive, so
-     * a handle is never closed under a running transfer. */
+    /* The path to the peer. Transfers hold @sel shared while they use @tops/@tp/@nops/@ntp;
+     * choosing the path again (after the peer process went away, see @reselect) holds it
+     * exclusive, so a handle is never closed under a running transfer. */
     pthread_rwlock_t sel;
-    eng_via_t via;
-    const struct kvf_transport_ops *tops; /* NULL for loop */
+    const char *via; /* the name of the transport chosen last (kept if a new choice fails) */
+    const struct kvf_transport_ops *tops;
     kvf_tpeer_t *tp;
-    kvf_tpeer_t *ntp; /* tcp handle for notifications when @tp cannot carry them (shm) */
+    /* A handle for notifications when @tp cannot carry them (shm: on tcp), else NULL. */
+    const struct kvf_transport_ops *nops;
+    kvf_tpeer_t *ntp;
     atomic_bool reselect;
-    bool fallback_logged; /* the info line about not using shm, once per peer */
+    bool fallback_logged; /* the info line about a transport it offers not reaching it, once */
     /* The peer's published regions, refreshed from the store on a miss. */
     pthread_mutex_t lock;
     kvf_region_t *regions;
@@ -129,14 +129,13 @@ struct kvf_engine {
     kvf_store_t *store;
     uint64_t lease;
     kvf_region_table_t *regions;
-    const struct kvf_transport_ops *tops; /* tcp: listens, serves, and reaches remote peers */
-    kvf_transport_t *transport;
-    const struct kvf_transport_ops *shm_ops;
-    kvf_transport_t *shm;
+    /* One instance of each transport of kvf__transports, same index; @listener is the one
+     * with KVF_TCAP_LISTEN, whose port is the engine's. */
+    kvf_transport_t *tr[KVF_TRANSPORTS_MAX];
+    size_t listener;
     /* Read by same-host senders with process_vm_readv (see transport.h): its generation is
      * stored, under publish_lock, only after the regions record of that generation is set. */
     kvf_shm_word_t shm_word;
-    struct kvf_engine *all_next; /* in eng_all */
 
     /* Serialises region publication so that an older snapshot never overwrites a newer one. */
     pthread_mutex_t publish_lock;
@@ -161,9 +160,6 @@ struct kvf_engine {
 /* Whether @sid is in the peer cache (a transfer to it will not wait for it to appear). */
 bool kvf__eng_peer_known(kvf_engine_t *e, const char *sid);
 
-/* Names of eng_via_t values. */
-extern const char *const kvf__eng_via_names[];
-
 /* Enter/leave a public call that destroy must wait for; enter fails with -KVF_ECLOSED once
  * destroy (or shutdown) has begun. */
 int kvf__eng_busy_enter(kvf_engine_t *e);
@@ -178,8 +174,9 @@ int kvf__eng_check_xfers(const char *peer, const kvf_xfer_t *x, size_t n);
 int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
                       uint64_t deadline_ms, const kvf_xfer_ctl_t *ctl);
 
-/* Deliver a notification to @peer (loop: straight into its queue; tcp: a NOTIFY frame; shm: a
- * NOTIFY frame over a tcp handle) and wait for it to be queued. Inside a busy section. */
+/* Deliver a notification to @peer over its path, or over the path's notification handle when
+ * the path cannot carry one (loop: straight into its queue; tcp: a NOTIFY frame; shm: a NOTIFY
+ * frame over a tcp handle), and wait for it to be queued. Inside a busy section. */
 int kvf__eng_notify(kvf_engine_t *e, const char *peer, const void *msg, size_t len,
                     uint64_t deadline_ms);
 

@@ -108,7 +108,7 @@ struct shm_transport {
     char local_sid[KVF_SESSION_ID_MAX];
     kvf_region_table_t *regions;
     /* kvf_mem_alloc memory, by address. Held while an fd is being sent, so the engine's close
-     * after kvf__shm_unexport() never races with a send. */
+     * after mem_unexport() never races with a send. */
     pthread_mutex_t exp_lock;
     shm_export_t *exps;
     size_t nexps;
@@ -191,10 +191,8 @@ static socklen_t shm_sock_addr(const char *name, struct sockaddr_un *sa)
     return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + n);
 }
 
-int kvf__shm_export(kvf_transport_t *tt, void *addr, size_t len, int fd)
+static int shm_mem_export(kvf_transport_t *tt, void *addr, size_t len, int fd)
 {
-    if (!tt)
-        return 0;
     struct shm_transport *t = shm_of(tt);
     pthread_mutex_lock(&t->exp_lock);
     shm_export_t *a = realloc(t->exps, (t->nexps + 1) * sizeof(*a));
@@ -206,10 +204,8 @@ int kvf__shm_export(kvf_transport_t *tt, void *addr, size_t len, int fd)
     return a ? 0 : kvf__err(-KVF_ENOMEM, "shm export: out of memory");
 }
 
-void kvf__shm_unexport(kvf_transport_t *tt, void *addr)
+static void shm_mem_unexport(kvf_transport_t *tt, void *addr)
 {
-    if (!tt)
-        return;
     struct shm_transport *t = shm_of(tt);
     pthread_mutex_lock(&t->exp_lock);
     for (size_t i = 0; i < t->nexps; i++) {
@@ -221,7 +217,7 @@ void kvf__shm_unexport(kvf_transport_t *tt, void *addr)
     pthread_mutex_unlock(&t->exp_lock);
 }
 
-const char *kvf__shm_memfd_sock(const kvf_transport_t *tt)
+static const char *shm_mem_sock(const kvf_transport_t *tt)
 {
     const struct shm_transport *t = (const struct shm_transport *)(const void *)tt;
     return t && t->lfd >= 0 ? t->sock : "";
@@ -966,13 +962,20 @@ static int shm_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
 const struct kvf_transport_ops kvf__shm_ops = {
     .size = sizeof(struct kvf_transport_ops),
     .name = "shm",
+    .caps = KVF_TCAP_OFFER | KVF_TCAP_RECORD,
+    .check = KVF_CHECK_SENDER,
     .create = shm_create,
     .port = shm_port,
     .destroy = shm_destroy,
+    .start = kvf__transport_nop,
+    .stop = kvf__transport_nop,
     .peer_open = shm_peer_open,
     .peer_close = shm_peer_close,
     .transfer = shm_transfer,
     .notify = kvf__transport_enotsup_notify,
     .regions_gen = shm_regions_gen,
     .regions_changed = shm_regions_changed,
+    .mem_export = shm_mem_export,
+    .mem_unexport = shm_mem_unexport,
+    .mem_sock = shm_mem_sock,
 };
