@@ -68,9 +68,10 @@ typedef struct {
 
 /*
  * Called by a transport when a peer's notification arrived (tcp: a NOTIFY frame, after every
- * request that peer sent on that connection before it; loop: on the sender's thread). @sender is the session id the peer gave
- * in its hello. Returns 0 once queued, or a negative code (e.g. -KVF_EBUSY with the last-error
- * message set) that is answered to the sender. May block briefly (a full queue).
+ * request that peer sent on that connection before it; loop: on the sender's thread). @sender
+ * is the session id the peer gave in its hello (loop: the sending engine's). Returns 0 once
+ * queued, or a negative code (e.g. -KVF_EBUSY with the last-error message set) that is answered
+ * to the sender. May block briefly (a full queue).
  */
 typedef int (*kvf_notify_cb)(void *arg, const char *sender, const void *msg, size_t len);
 
