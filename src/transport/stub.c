@@ -8,8 +8,7 @@ int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen)
     return -KVF_ENOTSUP;
 }
 
-int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len,
-                                  uint64_t deadline_ms)
+int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len, uint64_t deadline_ms)
 {
     (void)p;
     (void)msg;
