@@ -390,25 +390,6 @@ void kvf_batch_free(kvf_batch_t *b)
 }
 
 /* ---- lifetime ------------------------------------------------------------------------------- */
-int kvf__batch_init(kvf_engine_t *e)
-{
-    eng_batches_t *a = &e->batches;
-    pthread_cond_t *conds[] = {&a->work, &a->room, &a->idle};
-    int rc = eng_conds_init(conds, KVF__ARRAY_SIZE(conds));
-    if (rc < 0)
-        return rc;
-    pthread_mutex_init(&a->lock, NULL);
-    return 0;
-}
-
-void kvf__batch_wake(kvf_engine_t *e)
-{
-    eng_batches_t *a = &e->batches;
-    pthread_mutex_lock(&a->lock);
-    pthread_cond_broadcast(&a->room);
-    pthread_mutex_unlock(&a->lock);
-}
-
 void kvf__batch_stop(kvf_engine_t *e)
 {
     eng_batches_t *a = &e->batches;
@@ -435,14 +416,4 @@ void kvf__batch_stop(kvf_engine_t *e)
     while (a->inflight)
         pthread_cond_wait(&a->idle, &a->lock);
     pthread_mutex_unlock(&a->lock);
-}
-
-void kvf__batch_fini(kvf_engine_t *e)
-{
-    eng_batches_t *a = &e->batches;
-    pthread_cond_destroy(&a->work);
-    pthread_cond_destroy(&a->room);
-    pthread_cond_destroy(&a->idle);
-    pthread_mutex_destroy(&a->lock);
-    memset(a, 0, sizeof(*a));
 }

@@ -30,21 +30,26 @@ const char *kvf_role_name(kvf_role_t role)
     return (unsigned)role < KVF__ARRAY_SIZE(role_names) ? role_names[role] : "?";
 }
 
+/* The defaults (src/common/limits.h). Static storage: its padding is zero too, as memset left
+ * it before. */
+static const kvf_config_t config_defaults = {
+    .size = sizeof(kvf_config_t),
+    .init_timeout_ms = KVF_DEFAULT_INIT_TIMEOUT_MS,
+    .op_timeout_ms = KVF_DEFAULT_OP_TIMEOUT_MS,
+    .lease_ttl_ms = KVF_DEFAULT_LEASE_TTL_MS,
+    .tcp_conns_per_peer = KVF_DEFAULT_CONNS_PER_PEER,
+    .tcp_chunk_bytes = KVF_DEFAULT_CHUNK,
+    .transport = KVF_TRANSPORT_AUTO,
+    .ns = "default",
+    .max_batches = KVF_DEFAULT_MAX_BATCHES,
+    .submit_blocks = 0,
+    .async_threads = KVF_DEFAULT_ASYNC_THREADS,
+    .notify_queue_max = KVF_DEFAULT_NOTIFY_QUEUE,
+};
+
 void kvf_config_init(kvf_config_t *cfg)
 {
-    memset(cfg, 0, sizeof(*cfg));
-    cfg->size = sizeof(*cfg);
-    cfg->init_timeout_ms = KVF_DEFAULT_INIT_TIMEOUT_MS;
-    cfg->op_timeout_ms = KVF_DEFAULT_OP_TIMEOUT_MS;
-    cfg->lease_ttl_ms = KVF_DEFAULT_LEASE_TTL_MS;
-    cfg->tcp_conns_per_peer = KVF_DEFAULT_CONNS_PER_PEER;
-    cfg->tcp_chunk_bytes = KVF_DEFAULT_CHUNK;
-    cfg->transport = KVF_TRANSPORT_AUTO;
-    cfg->ns = "default";
-    cfg->max_batches = KVF_DEFAULT_MAX_BATCHES;
-    cfg->submit_blocks = 0;
-    cfg->async_threads = KVF_DEFAULT_ASYNC_THREADS;
-    cfg->notify_queue_max = KVF_DEFAULT_NOTIFY_QUEUE;
+    memcpy(cfg, &config_defaults, sizeof(*cfg));
 }
 
 static int check_ns(const char *ns)

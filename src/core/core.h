@@ -178,21 +178,6 @@ struct kvf_engine {
     eng_events_t events;
 };
 
-/* Initialise the @n condition variables @conds (monotonic clock); on failure none is left
- * initialised and the message names the cause. */
-static inline int eng_conds_init(pthread_cond_t *const *conds, size_t n)
-{
-    for (size_t made = 0; made < n; made++) {
-        int rc = kvf__cond_init_monotonic(conds[made]);
-        if (rc) {
-            while (made > 0)
-                pthread_cond_destroy(conds[--made]);
-            return kvf__err(rc, "engine: condition variable: %s", kvf_strerror(rc));
-        }
-    }
-    return 0;
-}
-
 /* The deadline of a wait of @timeout_ms (kvf__now_ms() clock); negative waits forever. */
 static inline uint64_t eng_deadline_of(int timeout_ms)
 {
@@ -314,27 +299,19 @@ int kvf__notify_in_order(kvf_engine_t *e, eng_order_t *o, uint64_t seq, int rc,
 /* Queue a notification that arrived from @sender (the transports' notify callback). */
 int kvf__notify_deliver(void *engine, const char *sender, const void *msg, size_t len);
 
-/* Set up and tear down e->notify. init fails only on resources; wake tells waiters in
- * kvf_notify_wait and senders waiting for room that shutdown began; fini frees the queues. */
-int kvf__notify_init(kvf_engine_t *e);
-void kvf__notify_wake(kvf_engine_t *e);
+/* Free the notification orders and the notifications still queued (destroy, once no transport
+ * delivers and no batch is left; engine.c owns the locks of e->notify). */
 void kvf__notify_fini(kvf_engine_t *e);
 
 /* ---- batch.c -------------------------------------------------------------------------------- */
 
-/* Set up and tear down e->batches. init fails only on resources. wake tells submitters waiting
- * for room that shutdown began. stop runs in destroy after shutdown: completes queued batches
- * (-KVF_ECLOSED), joins the threads and waits until no batch is counted. */
-int kvf__batch_init(kvf_engine_t *e);
-void kvf__batch_wake(kvf_engine_t *e);
+/* Runs in destroy after shutdown: completes queued batches (-KVF_ECLOSED), joins the threads
+ * and waits until no batch is counted. */
 void kvf__batch_stop(kvf_engine_t *e);
-void kvf__batch_fini(kvf_engine_t *e);
 
 /* ---- events.c ------------------------------------------------------------------------------- */
 
-/* Set up and tear down e->events; wake tells waiters in kvf_peer_events that shutdown began. */
-int kvf__events_init(kvf_engine_t *e);
-void kvf__events_wake(kvf_engine_t *e);
+/* Free what the peer-event watch recorded (destroy; engine.c owns the locks of e->events). */
 void kvf__events_fini(kvf_engine_t *e);
 
 #endif /* KVF_CORE_H */

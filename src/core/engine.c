@@ -35,32 +35,78 @@ uint16_t kvf_engine_port(const kvf_engine_t *e)
     return e ? kvf__transports[e->listener]->port(e->tr[e->listener]) : 0;
 }
 
-/* Batches, notifications and peer events (batch.c, notify.c, events.c). init fails only on
- * resources; fini runs in destroy after shutdown and kvf__batch_stop(). */
+/* The locks and condition variables of batches, notifications and peer events (batch.c,
+ * notify.c, events.c). init fails only on resources. wake tells waiters in kvf_notify_wait and
+ * kvf_peer_events, and submitters waiting for room, that shutdown began. fini runs in destroy
+ * after shutdown and kvf__batch_stop(): frees the queues. */
+#define ASYNC_NCONDS 7
+#define ASYNC_NLOCKS 5
+
+static void async_objects(kvf_engine_t *e, pthread_cond_t *conds[ASYNC_NCONDS],
+                          pthread_mutex_t *locks[ASYNC_NLOCKS])
+{
+    eng_batches_t *b = &e->batches;
+    eng_notify_t *n = &e->notify;
+    eng_events_t *v = &e->events;
+    pthread_cond_t *c[] = {&b->work,  &b->room,  &b->idle, &n->order_cond,
+                           &n->ncond, &n->nroom, &v->pcond};
+    pthread_mutex_t *m[] = {&b->lock, &n->order_lock, &n->nlock, &v->plock, &v->sublock};
+    _Static_assert(KVF__ARRAY_SIZE(c) == ASYNC_NCONDS && KVF__ARRAY_SIZE(m) == ASYNC_NLOCKS,
+                   "ASYNC_NCONDS, ASYNC_NLOCKS");
+    memcpy(conds, c, sizeof(c));
+    memcpy(locks, m, sizeof(m));
+}
+
 static int async_init(kvf_engine_t *e)
 {
-    int rc = kvf__batch_init(e);
-    if (rc < 0)
-        return rc;
-    rc = kvf__notify_init(e);
-    if (rc < 0)
-        goto out_batch;
-    rc = kvf__events_init(e);
-    if (rc < 0)
-        goto out_notify;
+    pthread_cond_t *conds[ASYNC_NCONDS];
+    pthread_mutex_t *locks[ASYNC_NLOCKS];
+    size_t made = 0;
+    int rc = 0;
+    async_objects(e, conds, locks);
+    for (; made < ASYNC_NCONDS; made++) {
+        rc = kvf__cond_init_monotonic(conds[made]);
+        if (rc)
+            break;
+    }
+    if (rc) {
+        while (made > 0)
+            pthread_cond_destroy(conds[--made]);
+        return kvf__err(rc, "engine: condition variable: %s", kvf_strerror(rc));
+    }
+    for (size_t i = 0; i < ASYNC_NLOCKS; i++)
+        pthread_mutex_init(locks[i], NULL);
     return 0;
-out_notify:
-    kvf__notify_fini(e);
-out_batch:
-    kvf__batch_fini(e);
-    return rc;
+}
+
+static void async_wake(kvf_engine_t *e)
+{
+    pthread_mutex_lock(&e->batches.lock);
+    pthread_cond_broadcast(&e->batches.room);
+    pthread_mutex_unlock(&e->batches.lock);
+    pthread_mutex_lock(&e->notify.nlock);
+    pthread_cond_broadcast(&e->notify.ncond);
+    pthread_cond_broadcast(&e->notify.nroom);
+    pthread_mutex_unlock(&e->notify.nlock);
+    pthread_mutex_lock(&e->events.plock);
+    pthread_cond_broadcast(&e->events.pcond);
+    pthread_mutex_unlock(&e->events.plock);
 }
 
 static void async_fini(kvf_engine_t *e)
 {
-    kvf__events_fini(e);
+    pthread_cond_t *conds[ASYNC_NCONDS];
+    pthread_mutex_t *locks[ASYNC_NLOCKS];
+    async_objects(e, conds, locks);
     kvf__notify_fini(e);
-    kvf__batch_fini(e);
+    kvf__events_fini(e);
+    for (size_t i = 0; i < ASYNC_NCONDS; i++)
+        pthread_cond_destroy(conds[i]);
+    for (size_t i = 0; i < ASYNC_NLOCKS; i++)
+        pthread_mutex_destroy(locks[i]);
+    memset(&e->batches, 0, sizeof(e->batches));
+    memset(&e->notify, 0, sizeof(e->notify));
+    memset(&e->events, 0, sizeof(e->events));
 }
 
 /* Destroy the transports created, in the reverse order of their creation (the listener last). */
@@ -241,9 +287,7 @@ void kvf_engine_shutdown(kvf_engine_t *e)
     pthread_mutex_lock(&e->busy_lock);
     e->closing = true;
     pthread_mutex_unlock(&e->busy_lock);
-    kvf__batch_wake(e);
-    kvf__notify_wake(e);
-    kvf__events_wake(e);
+    async_wake(e);
 }
 
 void kvf_engine_destroy(kvf_engine_t *e)

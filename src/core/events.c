@@ -182,26 +182,6 @@ int kvf_peer_events(kvf_engine_t *e, kvf_peer_event_t *out, size_t max, int time
 }
 
 /* ---- lifetime ------------------------------------------------------------------------------- */
-int kvf__events_init(kvf_engine_t *e)
-{
-    eng_events_t *a = &e->events;
-    pthread_cond_t *conds[] = {&a->pcond};
-    int rc = eng_conds_init(conds, KVF__ARRAY_SIZE(conds));
-    if (rc < 0)
-        return rc;
-    pthread_mutex_init(&a->plock, NULL);
-    pthread_mutex_init(&a->sublock, NULL);
-    return 0;
-}
-
-void kvf__events_wake(kvf_engine_t *e)
-{
-    eng_events_t *a = &e->events;
-    pthread_mutex_lock(&a->plock);
-    pthread_cond_broadcast(&a->pcond);
-    pthread_mutex_unlock(&a->plock);
-}
-
 void kvf__events_fini(kvf_engine_t *e)
 {
     eng_events_t *a = &e->events;
@@ -210,8 +190,4 @@ void kvf__events_fini(kvf_engine_t *e)
         free(k);
     }
     free(a->events);
-    pthread_cond_destroy(&a->pcond);
-    pthread_mutex_destroy(&a->plock);
-    pthread_mutex_destroy(&a->sublock);
-    memset(a, 0, sizeof(*a));
 }

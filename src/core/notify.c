@@ -311,27 +311,6 @@ int kvf_notify_wait(kvf_engine_t *e, kvf_notify_t *out, size_t max, int timeout_
 }
 
 /* ---- lifetime ------------------------------------------------------------------------------- */
-int kvf__notify_init(kvf_engine_t *e)
-{
-    eng_notify_t *a = &e->notify;
-    pthread_cond_t *conds[] = {&a->order_cond, &a->ncond, &a->nroom};
-    int rc = eng_conds_init(conds, KVF__ARRAY_SIZE(conds));
-    if (rc < 0)
-        return rc;
-    pthread_mutex_init(&a->order_lock, NULL);
-    pthread_mutex_init(&a->nlock, NULL);
-    return 0;
-}
-
-void kvf__notify_wake(kvf_engine_t *e)
-{
-    eng_notify_t *a = &e->notify;
-    pthread_mutex_lock(&a->nlock);
-    pthread_cond_broadcast(&a->ncond);
-    pthread_cond_broadcast(&a->nroom);
-    pthread_mutex_unlock(&a->nlock);
-}
-
 void kvf__notify_fini(kvf_engine_t *e)
 {
     eng_notify_t *a = &e->notify;
@@ -344,10 +323,4 @@ void kvf__notify_fini(kvf_engine_t *e)
         next = nt->next;
         free(nt);
     }
-    pthread_cond_destroy(&a->order_cond);
-    pthread_cond_destroy(&a->ncond);
-    pthread_cond_destroy(&a->nroom);
-    pthread_mutex_destroy(&a->order_lock);
-    pthread_mutex_destroy(&a->nlock);
-    memset(a, 0, sizeof(*a));
 }

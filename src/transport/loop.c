@@ -60,21 +60,15 @@ static struct loop_transport *loop_find_locked(const char *sid)
 
 static int loop_create(const kvf_transport_params_t *p, kvf_transport_t **out)
 {
-    struct loop_transport *t = calloc(1, sizeof(*t));
+    if (!p || !out)
+        return kvf__err(-KVF_EINVAL, "loop create: missing parameters");
+    struct loop_transport *t = malloc(sizeof(*t));
     if (!t)
         return kvf__err(-KVF_ENOMEM, "loop transport: out of memory");
-    snprintf(t->sid, sizeof(t->sid), "%s", p && p->local_sid ? p->local_sid : "");
-    t->regions = p ? p->regions : NULL;
-    t->notify_cb = p ? p->notify_cb : NULL;
-    t->notify_arg = p ? p->notify_arg : NULL;
+    *t = (struct loop_transport){
+        .regions = p->regions, .notify_cb = p->notify_cb, .notify_arg = p->notify_arg};
+    snprintf(t->sid, sizeof(t->sid), "%s", p->local_sid ? p->local_sid : "");
     *out = (kvf_transport_t *)(void *)t;
-    return 0;
-}
-
-/* Nothing listens: engines of this process find each other in the registry. */
-static uint16_t loop_port(const kvf_transport_t *t)
-{
-    (void)t;
     return 0;
 }
 
@@ -200,7 +194,7 @@ const struct kvf_transport_ops kvf__loop_ops = {
     .caps = KVF_TCAP_NOTIFY,
     .check = KVF_CHECK_DIRECT,
     .create = loop_create,
-    .port = loop_port,
+    .port = kvf__transport_no_port, /* engines of this process find each other in the registry */
     .destroy = loop_destroy,
     .start = loop_start,
     .stop = loop_stop,

@@ -67,13 +67,6 @@ static int shm_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     return 0;
 }
 
-/* Nothing listens: a same-host sender needs only the pid and word from the session record. */
-static uint16_t shm_port(const kvf_transport_t *t)
-{
-    (void)t;
-    return 0;
-}
-
 static void shm_destroy(kvf_transport_t *tt)
 {
     struct shm_transport *t = shm_of(tt);
@@ -340,7 +333,8 @@ const struct kvf_transport_ops kvf__shm_ops = {
     .caps = KVF_TCAP_OFFER | KVF_TCAP_RECORD,
     .check = KVF_CHECK_SENDER,
     .create = shm_create,
-    .port = shm_port,
+    /* Nothing listens: a same-host sender needs only the pid and word from the session record. */
+    .port = kvf__transport_no_port,
     .destroy = shm_destroy,
     .start = kvf__transport_nop,
     .stop = kvf__transport_nop,

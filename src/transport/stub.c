@@ -24,6 +24,12 @@ void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n
     (void)n;
 }
 
+uint16_t kvf__transport_no_port(const kvf_transport_t *t)
+{
+    (void)t;
+    return 0;
+}
+
 void kvf__transport_nop(kvf_transport_t *t)
 {
     (void)t;

@@ -226,6 +226,7 @@ int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen);
 int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len,
                                   uint64_t deadline_ms);
 void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n);
+uint16_t kvf__transport_no_port(const kvf_transport_t *t); /* for transports that do not listen */
 void kvf__transport_nop(kvf_transport_t *t);
 int kvf__transport_nop_export(kvf_transport_t *t, void *addr, size_t len, int fd);
 void kvf__transport_nop_unexport(kvf_transport_t *t, void *addr);
