@@ -1,26 +1,19 @@
-/* What every transport shares: the stubs for ops a transport does not have (transport.h). */
+/*
+ * The table of transports (transport.h), in the order the core tries them for a peer when none
+ * is forced: an engine of this process is reached by memcpy, one on this host by
+ * process_vm_writev or a shared mapping, anything else over tcp, which reaches every peer and
+ * so comes last. A transport that cannot reach a peer answers peer_open() with -KVF_ENOTSUP and
+ * the core tries the next one.
+ */
+#include "common/common.h"
 #include "transport/transport.h"
 
-int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen)
-{
-    (void)p;
-    (void)gen;
-    return -KVF_ENOTSUP;
-}
+const struct kvf_transport_ops *const kvf__transports[] = {
+    &kvf__loop_ops,
+    &kvf__shm_ops,
+    &kvf__tcp_ops,
+    NULL,
+};
 
-int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len,
-                                  uint64_t deadline_ms)
-{
-    (void)p;
-    (void)msg;
-    (void)len;
-    (void)deadline_ms;
-    return -KVF_ENOTSUP;
-}
-
-void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n)
-{
-    (void)p;
-    (void)rs;
-    (void)n;
-}
+_Static_assert(KVF__ARRAY_SIZE(kvf__transports) <= KVF_TRANSPORTS_MAX + 1,
+               "raise KVF_TRANSPORTS_MAX");

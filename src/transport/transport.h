@@ -1,13 +1,19 @@
 /*
  * The transport interface: how the core moves bytes to and from one peer, whatever carries
  * them. Each transport fills a `static const struct kvf_transport_ops` (like a libfabric
- * provider); ops it does not have point at kvf__transport_enotsup-style stubs, so the core never
+ * provider); ops it does not have point at the kvf__transport_* stubs below, so the core never
  * tests for NULL.
  *
  * A transport instance belongs to one engine. It serves incoming requests against the engine's
  * region table (the target's check is authoritative: a request whose range is not entirely
  * inside one registered region is answered with an error and never touches memory), and it
  * carries the engine's outgoing batches to peers.
+ *
+ * The transports form one table, kvf__transports (transport.c), in the order the core tries
+ * them for a peer when none is forced: loop, shm, tcp. The core knows them only through that
+ * table: what sets one apart (whether it listens, what a peer needs to open it, whose check of
+ * a remote range counts, whether it carries notifications) is said by its @caps and @check, so
+ * adding one (RDMA) is one more table entry and one more file of this folder.
  */
 #ifndef KVF_TRANSPORT_H
 #define KVF_TRANSPORT_H
@@ -62,9 +68,10 @@ typedef struct {
 
 /*
  * Called by a transport when a peer's notification arrived (tcp: a NOTIFY frame, after every
- * request that peer sent on that connection before it). @sender is the session id the peer gave
- * in its hello. Returns 0 once queued, or a negative code (e.g. -KVF_EBUSY with the last-error
- * message set) that is answered to the sender. May block briefly (a full queue).
+ * request that peer sent on that connection before it; loop: on the sender's thread). @sender
+ * is the session id the peer gave in its hello (loop: the sending engine's). Returns 0 once
+ * queued, or a negative code (e.g. -KVF_EBUSY with the last-error message set) that is answered
+ * to the sender. May block briefly (a full queue).
  */
 typedef int (*kvf_notify_cb)(void *arg, const char *sender, const void *msg, size_t len);
 
@@ -91,14 +98,46 @@ typedef struct {
     uint32_t chunk_bytes;           /* elements longer than this are split */
     uint32_t connect_timeout_ms;    /* bound on connecting + hello to a peer */
     const char *memfd_sock;         /* shm: serve kvf_mem_alloc fds on this abstract socket name;
-                                       NULL = do not (the engine does not offer shm) */
-    kvf_notify_cb notify_cb;        /* tcp: where incoming notifications go; NULL = refuse them */
+                                       NULL = do not (the engine does not offer this transport) */
+    kvf_notify_cb notify_cb;        /* tcp, loop: where incoming notifications go; NULL = refuse
+                                       them */
     void *notify_arg;
 } kvf_transport_params_t;
+
+/* What sets a transport apart for the core (kvf_transport_ops.caps). */
+/* It listens on the session id's address: the engine creates it first and its port() is the
+ * engine's port (exactly one transport of the table has it). */
+#define KVF_TCAP_LISTEN 0x1u
+/* Peers of other processes reach this engine through it: it is named in the session record's
+ * "transports" (loop is not: only engines of this process can use it). */
+#define KVF_TCAP_OFFER 0x2u
+/* peer_open() needs the host identity of the peer's session record, so the core waits for that
+ * record first (shm). Without it the session id is enough (loop, tcp). */
+#define KVF_TCAP_RECORD 0x4u
+/* It carries notifications itself (notify()). For a peer whose path lacks this, the core opens
+ * a second handle on the next transport of the table that has it (shm: tcp). */
+#define KVF_TCAP_NOTIFY 0x8u
+
+/* Whose check of a remote range the core relies on (kvf_transport_ops.check). */
+typedef enum {
+    /* The target checks every request when it arrives (tcp). The core's check against its cached
+     * copy of the peer's regions is a fast-fail that saves a round trip: a miss refreshes the
+     * copy from the store before refusing, and a range the target refuses although the copy
+     * allowed it refreshes the copy and retries once. */
+    KVF_CHECK_TARGET,
+    /* The target's CPU takes no part (shm): the core's check is the only one, so before every
+     * transfer it makes its copy current with regions_gen() and refuses what the copy lacks. */
+    KVF_CHECK_SENDER,
+    /* The target's own region table is checked on the caller's thread (loop): exact, current and
+     * as cheap as the copy, which is not consulted. */
+    KVF_CHECK_DIRECT,
+} kvf_check_t;
 
 struct kvf_transport_ops {
     size_t size;
     const char *name;
+    unsigned caps;     /* KVF_TCAP_* */
+    kvf_check_t check; /* whose check of a remote range counts */
 
     /* Bind, listen and start serving. Errors: -errno from bind/listen with a message naming the
      * address (e.g. "session id 127.0.0.1:50051 is already in use"). */
@@ -109,6 +148,15 @@ struct kvf_transport_ops {
      * -KVF_ECLOSED; waits for them to leave. Incoming requests in progress are finished or cut
      * off before it returns, so the region table may be destroyed afterwards. */
     void (*destroy)(kvf_transport_t *t);
+
+    /* The engine's records are in the store: begin serving peers that find this engine without
+     * the store (loop: engines of this process find it from now on). Called once, last in
+     * create. Transports that serve from create() on use kvf__transport_nop. */
+    void (*start)(kvf_transport_t *t);
+    /* The engine is being destroyed: stop serving what start() began, waiting for requests
+     * already running into this engine to leave (loop: no engine of this process finds it any
+     * more). Called first in destroy, long before destroy(); outgoing transfers go on. */
+    void (*stop)(kvf_transport_t *t);
 
     /* A handle for talking to the peer @d describes. May connect lazily; a peer that restarted
      * at the same address is reconnected on the next transfer. A transport that cannot reach
@@ -157,28 +205,46 @@ struct kvf_transport_ops {
      * held; must not call back into the core. Transports with nothing to drop ignore it.
      */
     void (*regions_changed)(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n);
+
+    /*
+     * Memory from kvf_mem_alloc() (a memfd), offered to same-host senders (shm): once exported,
+     * a sender that asks over this transport's memfd socket for an address inside
+     * [@addr, @addr+@len) receives @fd (SCM_RIGHTS) and maps it. The fd stays owned by the
+     * caller. mem_export returns 0 or -KVF_ENOMEM; mem_unexport removes the entry starting at
+     * @addr (no-op if none), after which no sender receives the fd any more. Transports that
+     * serve no memory export nothing and return 0.
+     */
+    int (*mem_export)(kvf_transport_t *t, void *addr, size_t len, int fd);
+    void (*mem_unexport)(kvf_transport_t *t, void *addr);
+    /* The abstract socket name exported memory is served on (the session record's
+     * memfd_socket), "" when this transport serves none. */
+    const char *(*mem_sock)(const kvf_transport_t *t);
 };
 
-/* Stubs for ops a transport does not have. */
+/* Stubs for ops a transport does not have (stub.c). */
 int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen);
 int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len,
                                   uint64_t deadline_ms);
 void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n);
+uint16_t kvf__transport_no_port(const kvf_transport_t *t); /* for transports that do not listen */
+void kvf__transport_nop(kvf_transport_t *t);
+int kvf__transport_nop_export(kvf_transport_t *t, void *addr, size_t len, int fd);
+void kvf__transport_nop_unexport(kvf_transport_t *t, void *addr);
+const char *kvf__transport_no_sock(const kvf_transport_t *t);
 
 /*
- * Memory from kvf_mem_alloc(), served to same-host senders by the shm transport (shm.c): once
- * exported, a sender that asks over the engine's memfd socket for an address inside
- * [@addr, @addr+@len) receives @fd (SCM_RIGHTS) and maps it. The fd stays owned by the caller.
- * kvf__shm_export returns 0 or -KVF_ENOMEM; kvf__shm_unexport removes the entry starting at
- * @addr (no-op if none), after which no sender receives the fd any more. @t may be NULL (no-op).
+ * The transports, in the order the core tries them for a peer when none is forced (transport.c),
+ * ending with NULL; at most KVF_TRANSPORTS_MAX. The core uses this table and nothing else of a
+ * transport; the entries are declared below for the table and for the transports' own tests.
  */
-int kvf__shm_export(kvf_transport_t *t, void *addr, size_t len, int fd);
-void kvf__shm_unexport(kvf_transport_t *t, void *addr);
-/* The abstract socket name the shm transport serves memfds on, "" when it does not. */
-const char *kvf__shm_memfd_sock(const kvf_transport_t *t);
+#define KVF_TRANSPORTS_MAX 8
+extern const struct kvf_transport_ops *const kvf__transports[];
 
-extern const struct kvf_transport_ops kvf__tcp_ops;
+/* Engines of this process: memcpy under the target engine's own region references (loop.c). */
+extern const struct kvf_transport_ops kvf__loop_ops;
 /* Same-host peers: process_vm_writev/readv into the target's registered memory (shm.c). */
 extern const struct kvf_transport_ops kvf__shm_ops;
+/* Everything else: the target serves requests on the session id's port (tcp.c). */
+extern const struct kvf_transport_ops kvf__tcp_ops;
 
 #endif /* KVF_TRANSPORT_H */

@@ -13,7 +13,7 @@
 
 #include "common/common.h"
 #include "common/url.h"
-#include "core/engine_internal.h"
+#include "core/core.h"
 #include "fuzz.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

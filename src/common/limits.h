@@ -1,0 +1,29 @@
+/*
+ * The defaults and limits more than one layer uses: the engine's config (kvf_config_init() and
+ * its checks) and the transports that fall back to the same values when a parameter is 0 or
+ * bound it on the wire. One name each, so that the two sides cannot drift apart. Private.
+ *
+ * Limits used by one file only stay in that file (or in its folder's private header).
+ */
+#ifndef KVF_COMMON_LIMITS_H
+#define KVF_COMMON_LIMITS_H
+
+/* config.tcp_chunk_bytes: elements longer than this are split into chunks of it. The maximum is
+ * also the largest `len` of one tcp WRITE or READ on the wire. */
+#define KVF_DEFAULT_CHUNK (4u << 20)
+#define KVF_MIN_CHUNK     (64u << 10)
+#define KVF_MAX_CHUNK     (64u << 20)
+
+/* config.tcp_conns_per_peer: connections opened to each peer. */
+#define KVF_DEFAULT_CONNS_PER_PEER 2u
+#define KVF_MAX_CONNS_PER_PEER     16u
+
+/* The other defaults of kvf_config_init() (include/kvferry.h documents each field). */
+#define KVF_DEFAULT_INIT_TIMEOUT_MS 10000u
+#define KVF_DEFAULT_OP_TIMEOUT_MS   30000u
+#define KVF_DEFAULT_LEASE_TTL_MS    5000u
+#define KVF_DEFAULT_MAX_BATCHES     4096u
+#define KVF_DEFAULT_ASYNC_THREADS   4u
+#define KVF_DEFAULT_NOTIFY_QUEUE    65536u
+
+#endif /* KVF_COMMON_LIMITS_H */

@@ -1,0 +1,317 @@
+/*
+ * The core's private header: the engine object and what the files of src/core share. Not
+ * installed.
+ *
+ * The files, each calling only files listed above it, so that no two call each other:
+ *
+ *   config.c   kvf_config_init(), the check of a caller's config, role names, which transports
+ *              the engine offers
+ *   busy.c     the busy sections destroy waits for, and whether the engine is closing
+ *   records.c  the engine's records in the store: keys, publication, fetching and parsing
+ *   peers.c    the peer cache, the choice of a path (a walk over kvf__transports), the
+ *              sender's checks against a peer's regions
+ *   mem.c      registration, and kvf_mem_alloc() memory
+ *   xfer.c     synchronous transfers
+ *   notify.c   notifications: sent in order, and received
+ *   batch.c    asynchronous batches
+ *   events.c   peer joins and leaves
+ *   engine.c   create, shutdown and destroy
+ *
+ * The core reaches transports only through kvf__transports (transport/transport.h), and the
+ * store only through the public API.
+ */
+#ifndef KVF_CORE_H
+#define KVF_CORE_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/common.h"
+#include "common/limits.h"
+#include "common/regions.h"
+#include "common/thread.h"
+#include "common/url.h"
+#include "kvferry.h"
+#include "transport/transport.h"
+
+#define ENG_LOG     "engine"
+#define ENG_NS_MAX  64
+#define ENG_KEY_MAX (KVF_SESSION_ID_MAX + ENG_NS_MAX + 64)
+/* Elements in one batch: a batch is described in memory the caller owns, but the engine and the
+ * transport walk it several times; a bound keeps a mistaken count from running for hours. */
+#define ENG_MAX_BATCH         (1u << 20)
+#define ENG_MAX_BATCHES       (1u << 20)
+#define ENG_MAX_ASYNC_THREADS 64u
+#define ENG_MAX_NOTIFY_QUEUE  (1u << 20)
+#define ENG_RECORD_VERSION    1
+/* The huge page size kvf_mem_alloc() rounds to when asked for huge pages (the x86-64 and arm64
+ * default); where the default differs, the huge mapping fails and normal pages are used. */
+#define ENG_HUGE_PAGE  (2u << 20)
+#define ENG_EVENTS_MAX 4096u
+
+typedef struct eng_peer {
+    struct eng_peer *next;
+    char sid[KVF_SESSION_ID_MAX];
+    /* The path to the peer. Transfers hold @sel shared while they use @tops/@tp/@nops/@ntp;
+     * choosing the path again (after the peer process went away, see @reselect) holds it
+     * exclusive, so a handle is never closed under a running transfer. */
+    pthread_rwlock_t sel;
+    const char *via; /* the name of the transport chosen last (kept if a new choice fails) */
+    const struct kvf_transport_ops *tops;
+    kvf_tpeer_t *tp;
+    /* A handle for notifications when @tp cannot carry them (shm: on tcp), else NULL. */
+    const struct kvf_transport_ops *nops;
+    kvf_tpeer_t *ntp;
+    atomic_bool reselect;
+    bool fallback_logged; /* the info line about a transport it offers not reaching it, once */
+    /* The peer's published regions, refreshed from the store on a miss. */
+    pthread_mutex_t lock;
+    kvf_region_t *regions;
+    size_t nregions;
+    uint64_t gen;
+} eng_peer_t;
+
+/* The order in which this engine's notifications to one peer go out (see notify.c). */
+typedef struct eng_order {
+    struct eng_order *next;
+    uint64_t next_seq; /* the next batch's number */
+    uint64_t done;     /* every number up to this one is settled (sent or skipped) */
+    uint64_t *later;   /* numbers above done + 1 already settled, sorted */
+    size_t nlater, cap;
+    char sid[KVF_SESSION_ID_MAX];
+} eng_order_t;
+
+/* A notification received, waiting for kvf_notify_poll(). */
+typedef struct eng_notif {
+    struct eng_notif *next;
+    char sender[KVF_SESSION_ID_MAX];
+    size_t len;
+    unsigned char msg[];
+} eng_notif_t;
+
+/* A session known to the peer-event watch. */
+typedef struct eng_known {
+    struct eng_known *next;
+    char sid[KVF_SESSION_ID_MAX];
+} eng_known_t;
+
+/* Batches (batch.c): a FIFO run by @nthreads threads started on the first submit. */
+typedef struct {
+    pthread_mutex_t lock;
+    pthread_cond_t work; /* a batch was queued, or stopping */
+    pthread_cond_t room; /* inflight fell below max_batches */
+    pthread_cond_t idle; /* inflight reached 0 */
+    struct kvf_batch *head, *tail;
+    unsigned inflight; /* submitted and not complete */
+    bool stopping;
+    unsigned nthreads;
+    unsigned waiting_peer; /* threads whose batch waits for its peer to appear */
+    pthread_t *threads;    /* room for ENG_MAX_ASYNC_THREADS */
+} eng_batches_t;
+
+/* Notifications (notify.c): the order of those sent, the queue of those received. */
+typedef struct {
+    pthread_mutex_t order_lock;
+    pthread_cond_t order_cond;
+    eng_order_t *orders;
+
+    pthread_mutex_t nlock;
+    pthread_cond_t ncond; /* one arrived, or shutdown */
+    pthread_cond_t nroom; /* one was taken */
+    eng_notif_t *nhead, *ntail;
+    size_t ncount;
+} eng_notify_t;
+
+/* Peer events (events.c), once subscribed. */
+typedef struct {
+    pthread_mutex_t sublock; /* serialises the first kvf_peer_events() call's subscription */
+    pthread_mutex_t plock;
+    pthread_cond_t pcond;
+    bool subscribed;
+    uint64_t watch_id;
+    eng_known_t *known;
+    kvf_peer_event_t *events; /* ring of ENG_EVENTS_MAX */
+    size_t ev_head, ev_count;
+} eng_events_t;
+
+struct kvf_engine {
+    char sid[KVF_SESSION_ID_MAX];
+    char ns[ENG_NS_MAX + 1];
+    char session_key[ENG_KEY_MAX];
+    char regions_key[ENG_KEY_MAX];
+    kvf_role_t role;
+    int device_id;
+    kvf_config_t cfg;
+
+    kvf_store_t *store;
+    uint64_t lease;
+    kvf_region_table_t *regions;
+    /* One instance of each transport of kvf__transports, same index; @listener is the one
+     * with KVF_TCAP_LISTEN, whose port is the engine's. */
+    kvf_transport_t *tr[KVF_TRANSPORTS_MAX];
+    size_t listener;
+    /* Read by same-host senders with process_vm_readv (see transport.h): its generation is
+     * stored, under publish_lock, only after the regions record of that generation is set. */
+    kvf_shm_word_t shm_word;
+
+    /* Serialises region publication so that an older snapshot never overwrites a newer one. */
+    pthread_mutex_t publish_lock;
+
+    pthread_mutex_t peers_lock;
+    eng_peer_t *peers;
+
+    /* Transfers in progress, so that destroy can wait for them to leave. */
+    pthread_mutex_t busy_lock;
+    pthread_cond_t busy_cond;
+    unsigned busy;
+    bool closing;
+
+    /* Memory from kvf_mem_alloc(), freed by kvf_mem_free() or destroy (mem.c). */
+    pthread_mutex_t mem_lock;
+    struct eng_mem *mems;
+
+    eng_batches_t batches;
+    eng_notify_t notify;
+    eng_events_t events;
+};
+
+/* The deadline of a wait of @timeout_ms (kvf__now_ms() clock); negative waits forever. */
+static inline uint64_t eng_deadline_of(int timeout_ms)
+{
+    return timeout_ms < 0 ? UINT64_MAX : kvf__now_ms() + (uint64_t)timeout_ms;
+}
+
+/* ---- config.c ------------------------------------------------------------------------------- */
+
+/* Copy the caller's config (NULL: the defaults) into @c, check it, and apply KVFERRY_TRANSPORT.
+ * Returns 0 or -KVF_EINVAL naming the field. */
+int kvf__eng_config_load(const kvf_config_t *in, kvf_config_t *c);
+
+/* The name of the transport @c forces (config.transport / KVFERRY_TRANSPORT), or NULL (auto). */
+const char *kvf__eng_forced_name(const kvf_config_t *c);
+
+/* Whether engine @e offers transport @o to peers of other processes (the session record's
+ * "transports", and shm's memfd socket). */
+bool kvf__eng_offered(const kvf_engine_t *e, const struct kvf_transport_ops *o);
+
+/* ---- busy.c --------------------------------------------------------------------------------- */
+
+/* Enter/leave a public call that destroy must wait for; enter fails with -KVF_ECLOSED once
+ * destroy (or shutdown) has begun. */
+int kvf__eng_busy_enter(kvf_engine_t *e);
+void kvf__eng_busy_leave(kvf_engine_t *e);
+bool kvf__eng_closing(kvf_engine_t *e);
+
+/* ---- records.c ------------------------------------------------------------------------------ */
+
+/* "kvferry/v1/<ns>/<kind>/<sid>" */
+void kvf__eng_make_key(char *buf, size_t len, const char *ns, const char *kind, const char *sid);
+
+/* Publish the engine's session record / its current region table under its lease. */
+int kvf__eng_publish_session(kvf_engine_t *e);
+int kvf__eng_publish_regions(kvf_engine_t *e);
+
+/* kvf_store_get() waiting up to @wait_ms in slices, given up (-KVF_ECLOSED) when the engine is
+ * being destroyed, or (-KVF_ECANCELED) once @cancel (NULL: none; an async batch's flag) is set. */
+int kvf__eng_store_get_wait(kvf_engine_t *e, const char *key, uint32_t wait_ms,
+                            const atomic_bool *cancel, void **val, size_t *len);
+
+/* Fetch @sid's regions from the store, waiting up to @wait_ms (given up as above) for the record
+ * to appear: 0 with a sorted list (malloc'ed), -KVF_ENOTFOUND naming the store, or the error. */
+int kvf__eng_fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
+                           const atomic_bool *cancel, kvf_region_t **out, size_t *n, uint64_t *gen);
+
+/* Fill @d from @sid's session record, waiting up to @wait_ms for it; a missing or malformed
+ * record leaves @d as it was. */
+void kvf__eng_fetch_session(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
+                            const atomic_bool *cancel, kvf_tpeer_desc_t *d);
+
+/* Peers' records as read from the store (untrusted: fuzzed by tests/fuzz/fuzz_records.c).
+ * parse_session fills what it understands of @d and ignores the rest; parse_regions returns
+ * 0 with a sorted, non-overlapping, non-wrapping list (malloc'ed, @n may be 0) or -KVF_EPROTO. */
+void kvf__eng_parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d);
+int kvf__eng_parse_regions(const char *sid, const void *text, size_t len, kvf_region_t **out,
+                           size_t *n, uint64_t *gen);
+
+/* ---- peers.c -------------------------------------------------------------------------------- */
+
+/* The peer, looked up (waiting for it to appear, given up once @cancel is set) and its path
+ * chosen again if its process went away, with its path held shared (@p->sel) on success. @what
+ * names the operation for errors. */
+int kvf__peer_enter(kvf_engine_t *e, const char *peer, const char *what, const atomic_bool *cancel,
+                    eng_peer_t **out);
+/* Leave what kvf__peer_enter() entered, passing @rc on (wrapped with @what and the peer). */
+int kvf__peer_leave(eng_peer_t *p, int rc, const char *what);
+
+/* Re-read the peer's regions from the store (no wait); the cache never goes back in time. */
+int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p);
+/* The sender's fast-fail: every element must lie inside one of the peer's published regions.
+ * Returns 0 or -KVF_ENOTREG naming the first element (@bad) that does not. */
+int kvf__peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad);
+/* KVF_CHECK_SENDER paths: make the cached list current with the target's live generation. */
+int kvf__peer_make_current(kvf_engine_t *e, eng_peer_t *p);
+
+/* Whether @sid is in the peer cache (a transfer to it will not wait for it to appear). */
+bool kvf__eng_peer_known(kvf_engine_t *e, const char *sid);
+
+/* Close and free every cached peer (destroy, once nothing transfers). */
+void kvf__peers_fini(kvf_engine_t *e);
+
+/* ---- mem.c ---------------------------------------------------------------------------------- */
+
+/* Free what kvf_mem_alloc() handed out and kvf_mem_free() did not take back (destroy, once
+ * nothing serves or transfers any more). */
+void kvf__mem_fini(kvf_engine_t *e);
+
+/* ---- xfer.c --------------------------------------------------------------------------------- */
+
+/* Validate a batch's elements (the messages of kvf_transfer_sync). */
+int kvf__eng_check_xfers(const char *peer, const kvf_xfer_t *x, size_t n);
+
+/* The data path of kvf_transfer_sync() inside a busy section: look the peer up, choose its path,
+ * run @x with @ctl (NULL, or per-element status and cancel flag, which also gives up waiting
+ * for the peer to appear) until @deadline_ms. */
+int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
+                      uint64_t deadline_ms, const kvf_xfer_ctl_t *ctl);
+
+/* ---- notify.c ------------------------------------------------------------------------------- */
+
+/* Check the arguments of a transfer with (@has_msg) or without a notification. */
+int kvf__notify_check_args(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
+                           const void *msg, size_t msg_len, bool has_msg);
+
+/* The notification order to @peer (created on first use), or NULL (-KVF_ENOMEM, message set);
+ * the next number in it. */
+eng_order_t *kvf__notify_order_get(kvf_engine_t *e, const char *peer);
+uint64_t kvf__notify_order_take(kvf_engine_t *e, eng_order_t *o);
+/* Number @seq will send nothing more (sent, or skipped): let the next one go. */
+void kvf__notify_order_settle(kvf_engine_t *e, eng_order_t *o, uint64_t seq);
+
+/* After the data of a batch with a notification: send it in its turn (only if @rc is 0 and
+ * @cancel, which also gives up waiting for the peer, is not set), then settle its number. */
+int kvf__notify_in_order(kvf_engine_t *e, eng_order_t *o, uint64_t seq, int rc,
+                         const atomic_bool *cancel, const char *peer, const void *msg, size_t len,
+                         uint64_t deadline_ms);
+
+/* Queue a notification that arrived from @sender (the transports' notify callback). */
+int kvf__notify_deliver(void *engine, const char *sender, const void *msg, size_t len);
+
+/* Free the notification orders and the notifications still queued (destroy, once no transport
+ * delivers and no batch is left; engine.c owns the locks of e->notify). */
+void kvf__notify_fini(kvf_engine_t *e);
+
+/* ---- batch.c -------------------------------------------------------------------------------- */
+
+/* Runs in destroy after shutdown: completes queued batches (-KVF_ECLOSED), joins the threads
+ * and waits until no batch is counted. */
+void kvf__batch_stop(kvf_engine_t *e);
+
+/* ---- events.c ------------------------------------------------------------------------------- */
+
+/* Free what the peer-event watch recorded (destroy; engine.c owns the locks of e->events). */
+void kvf__events_fini(kvf_engine_t *e);
+
+#endif /* KVF_CORE_H */

@@ -1,0 +1,326 @@
+/*
+ * Notifications, sent and received.
+ *
+ * Sent. A notification goes out only after its batch's last element completed: over tcp as a
+ * NOTIFY frame answered once the target queued it; for shm peers over a tcp handle to the same
+ * peer (the data went by process_vm_writev or a shared mapping and is in place when the call
+ * returned); for engines of this process straight into the target's queue (loop). Order: each
+ * batch with a notification draws a number from the peer's eng_order_t when it is submitted (or,
+ * for sync calls, started); it may send only when every lower number is settled (sent, or
+ * skipped because its batch failed or was cancelled). Several threads run batches at once, so
+ * a later batch that finishes first waits for its turn.
+ *
+ * Received. The transports hand what arrives to kvf__notify_deliver(), which queues it (up to
+ * config.notify_queue_max) for kvf_notify_poll()/kvf_notify_wait().
+ *
+ * Lock order: order_lock and nlock are never held together; the engine's busy_lock (closing) is
+ * taken inside nlock, never the other way round.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/thread.h"
+#include "core/core.h"
+
+#define NOTIFY_LOG "notify"
+/* How long a target holds a notification for room in a full queue before refusing it. */
+#define NOTIFY_ROOM_WAIT_MS 2000u
+
+/* ---- sending -------------------------------------------------------------------------------- */
+
+/* Deliver a notification to @peer over its path, or over the path's notification handle when
+ * the path cannot carry one (loop: straight into its queue; tcp: a NOTIFY frame; shm: a NOTIFY
+ * frame over a tcp handle), and wait for it to be queued. Inside a busy section. */
+static int notify_send(kvf_engine_t *e, const char *peer, const void *msg, size_t len,
+                       uint64_t deadline, const atomic_bool *cancel)
+{
+    eng_peer_t *p;
+    int rc = kvf__peer_enter(e, peer, "notification", cancel, &p);
+    if (rc < 0)
+        return rc;
+    if (p->ntp)
+        rc = p->nops->notify(p->ntp, msg, len, deadline);
+    else
+        rc = p->tops->notify(p->tp, msg, len, deadline);
+    return kvf__peer_leave(p, rc, "notification");
+}
+
+/* ---- order ---------------------------------------------------------------------------------- */
+
+eng_order_t *kvf__notify_order_get(kvf_engine_t *e, const char *peer)
+{
+    eng_notify_t *a = &e->notify;
+    eng_order_t *o;
+    pthread_mutex_lock(&a->order_lock);
+    for (o = a->orders; o; o = o->next)
+        if (!strcmp(o->sid, peer))
+            break;
+    if (!o) {
+        o = calloc(1, sizeof(*o));
+        if (o) {
+            snprintf(o->sid, sizeof(o->sid), "%s", peer);
+            o->next_seq = 1;
+            o->next = a->orders;
+            a->orders = o;
+        }
+    }
+    pthread_mutex_unlock(&a->order_lock);
+    if (!o)
+        kvf__err(-KVF_ENOMEM, "notification to %s: out of memory", peer);
+    return o;
+}
+
+uint64_t kvf__notify_order_take(kvf_engine_t *e, eng_order_t *o)
+{
+    pthread_mutex_lock(&e->notify.order_lock);
+    uint64_t seq = o->next_seq++;
+    pthread_mutex_unlock(&e->notify.order_lock);
+    return seq;
+}
+
+void kvf__notify_order_settle(kvf_engine_t *e, eng_order_t *o, uint64_t seq)
+{
+    eng_notify_t *a = &e->notify;
+    pthread_mutex_lock(&a->order_lock);
+    if (seq == o->done + 1) {
+        o->done = seq;
+        size_t k = 0;
+        while (k < o->nlater && o->later[k] == o->done + 1)
+            o->done = o->later[k++];
+        if (k) {
+            memmove(o->later, o->later + k, (o->nlater - k) * sizeof(*o->later));
+            o->nlater -= k;
+        }
+        pthread_cond_broadcast(&a->order_cond);
+    } else {
+        if (o->nlater == o->cap) {
+            size_t cap = o->cap ? 2 * o->cap : 16;
+            uint64_t *nl = realloc(o->later, cap * sizeof(*nl));
+            if (!nl) {
+                /* Cannot record it: spin it in as soon as its turn comes instead. */
+                while (o->done + 1 != seq)
+                    pthread_cond_wait(&a->order_cond, &a->order_lock);
+                pthread_mutex_unlock(&a->order_lock);
+                kvf__notify_order_settle(e, o, seq);
+                return;
+            }
+            o->later = nl;
+            o->cap = cap;
+        }
+        size_t i = o->nlater;
+        while (i > 0 && o->later[i - 1] > seq) {
+            o->later[i] = o->later[i - 1];
+            i--;
+        }
+        o->later[i] = seq;
+        o->nlater++;
+    }
+    pthread_mutex_unlock(&a->order_lock);
+}
+
+/* Wait until every number below @seq is settled. */
+static int order_wait_turn(kvf_engine_t *e, eng_order_t *o, uint64_t seq, uint64_t deadline_ms)
+{
+    eng_notify_t *a = &e->notify;
+    int rc = 0;
+    pthread_mutex_lock(&a->order_lock);
+    while (o->done + 1 != seq) {
+        if (!kvf__cond_wait_until(&a->order_cond, &a->order_lock, deadline_ms)) {
+            rc = kvf__err(-KVF_ETIMEDOUT,
+                          "notification to %s: an earlier notification to it "
+                          "was still pending at the deadline",
+                          o->sid);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&a->order_lock);
+    return rc;
+}
+
+int kvf__notify_in_order(kvf_engine_t *e, eng_order_t *o, uint64_t seq, int rc,
+                         const atomic_bool *cancel, const char *peer, const void *msg, size_t len,
+                         uint64_t deadline_ms)
+{
+    if (rc == 0 && cancel && atomic_load(cancel))
+        rc = kvf__err(-KVF_ECANCELED, "batch to %s cancelled before its notification was sent",
+                      peer);
+    if (rc == 0)
+        rc = order_wait_turn(e, o, seq, deadline_ms);
+    if (rc == 0)
+        rc = notify_send(e, peer, msg, len, deadline_ms, cancel);
+    kvf__notify_order_settle(e, o, seq);
+    return rc;
+}
+
+/* ---- argument checks ------------------------------------------------------------------------ */
+
+int kvf__notify_check_args(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
+                           const void *msg, size_t msg_len, bool has_msg)
+{
+    kvf_hostport_t hp;
+    if (!e)
+        return kvf__err(-KVF_EINVAL, "transfer: the engine is NULL");
+    if (!peer)
+        return kvf__err(-KVF_EINVAL, "transfer: the peer session id is NULL");
+    int rc = kvf__session_id_parse(peer, &hp);
+    if (rc < 0)
+        return rc;
+    if (has_msg && msg_len > KVF_NOTIFY_MAX)
+        return kvf__err(-KVF_ETOOBIG, "notification to %s: %zu bytes exceed KVF_NOTIFY_MAX (%u)",
+                        peer, msg_len, KVF_NOTIFY_MAX);
+    if (has_msg && msg_len && !msg)
+        return kvf__err(-KVF_EINVAL, "notification to %s: message is NULL with length %zu", peer,
+                        msg_len);
+    if (n == 0 && has_msg)
+        return 0;
+    return kvf__eng_check_xfers(peer, x, n);
+}
+
+/* ---- synchronous notifications -------------------------------------------------------------- */
+
+int kvf_transfer_sync_notify(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
+                             const void *msg, size_t msg_len)
+{
+    int rc = kvf__notify_check_args(e, peer, x, n, msg, msg_len, true);
+    if (rc < 0)
+        return rc;
+    rc = kvf__eng_busy_enter(e);
+    if (rc < 0)
+        return rc;
+    eng_order_t *o = kvf__notify_order_get(e, peer);
+    if (!o) {
+        kvf__eng_busy_leave(e);
+        return -KVF_ENOMEM;
+    }
+    uint64_t seq = kvf__notify_order_take(e, o);
+    uint64_t deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
+    rc = n ? kvf__eng_transfer(e, peer, x, n, deadline, NULL) : 0;
+    rc = kvf__notify_in_order(e, o, seq, rc, NULL, peer, msg, msg_len, deadline);
+    kvf__eng_busy_leave(e);
+    return rc;
+}
+
+int kvf_notify_send(kvf_engine_t *e, const char *peer, const void *msg, size_t msg_len)
+{
+    return kvf_transfer_sync_notify(e, peer, NULL, 0, msg, msg_len);
+}
+
+/* ---- notifications received ----------------------------------------------------------------- */
+
+int kvf__notify_deliver(void *engine, const char *sender, const void *msg, size_t len)
+{
+    kvf_engine_t *e = engine;
+    eng_notify_t *a = &e->notify;
+    if (len > KVF_NOTIFY_MAX)
+        return kvf__err(-KVF_ETOOBIG, "notification of %zu bytes exceeds KVF_NOTIFY_MAX", len);
+    eng_notif_t *nt = malloc(sizeof(*nt) + (len ? len : 1));
+    if (!nt)
+        return kvf__err(-KVF_ENOMEM, "engine %s: out of memory for a notification", e->sid);
+    snprintf(nt->sender, sizeof(nt->sender), "%s", sender);
+    nt->len = len;
+    if (len)
+        memcpy(nt->msg, msg, len);
+    nt->next = NULL;
+
+    uint64_t deadline = kvf__now_ms() + NOTIFY_ROOM_WAIT_MS;
+    pthread_mutex_lock(&a->nlock);
+    while (a->ncount >= e->cfg.notify_queue_max) {
+        if (kvf__eng_closing(e) || !kvf__cond_wait_until(&a->nroom, &a->nlock, deadline)) {
+            pthread_mutex_unlock(&a->nlock);
+            free(nt);
+            if (kvf__eng_closing(e))
+                return kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid);
+            return kvf__err(-KVF_EBUSY,
+                            "the notification queue of %s is full (%u queued, "
+                            "config.notify_queue_max) and was not read for %u ms",
+                            e->sid, e->cfg.notify_queue_max, NOTIFY_ROOM_WAIT_MS);
+        }
+    }
+    if (a->ntail)
+        a->ntail->next = nt;
+    else
+        a->nhead = nt;
+    a->ntail = nt;
+    a->ncount++;
+    pthread_cond_broadcast(&a->ncond);
+    pthread_mutex_unlock(&a->nlock);
+    KVF_DEBUG(NOTIFY_LOG, "engine %s: notification of %zu bytes from %s", e->sid, len, sender);
+    return 0;
+}
+
+/* Take up to @max queued notifications. Under nlock. */
+static size_t notify_take(eng_notify_t *a, kvf_notify_t *out, size_t max)
+{
+    size_t k = 0;
+    while (k < max && a->nhead) {
+        eng_notif_t *nt = a->nhead;
+        a->nhead = nt->next;
+        if (!a->nhead)
+            a->ntail = NULL;
+        a->ncount--;
+        snprintf(out[k].sender, sizeof(out[k].sender), "%s", nt->sender);
+        out[k].len = nt->len;
+        memcpy(out[k].msg, nt->msg, nt->len);
+        free(nt);
+        k++;
+    }
+    if (k)
+        pthread_cond_broadcast(&a->nroom);
+    return k;
+}
+
+int kvf_notify_poll(kvf_engine_t *e, kvf_notify_t *out, size_t max)
+{
+    return kvf_notify_wait(e, out, max, 0);
+}
+
+int kvf_notify_wait(kvf_engine_t *e, kvf_notify_t *out, size_t max, int timeout_ms)
+{
+    if (!e || !out || max == 0)
+        return kvf__err(-KVF_EINVAL, "notify wait: %s",
+                        !e     ? "the engine is NULL"
+                        : !out ? "the output array is NULL"
+                               : "max is 0");
+    if (max > INT32_MAX)
+        max = INT32_MAX;
+    int rc = kvf__eng_busy_enter(e);
+    if (rc < 0)
+        return rc;
+    eng_notify_t *a = &e->notify;
+    uint64_t deadline = eng_deadline_of(timeout_ms);
+    pthread_mutex_lock(&a->nlock);
+    size_t k;
+    for (;;) {
+        k = notify_take(a, out, max);
+        if (k)
+            break;
+        if (kvf__eng_closing(e)) {
+            rc = kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid);
+            break;
+        }
+        if (!kvf__cond_wait_until(&a->ncond, &a->nlock, deadline))
+            break;
+    }
+    pthread_mutex_unlock(&a->nlock);
+    kvf__eng_busy_leave(e);
+    return rc < 0 ? rc : (int)k;
+}
+
+/* ---- lifetime ------------------------------------------------------------------------------- */
+void kvf__notify_fini(kvf_engine_t *e)
+{
+    eng_notify_t *a = &e->notify;
+    for (eng_order_t *o = a->orders, *next; o; o = next) {
+        next = o->next;
+        free(o->later);
+        free(o);
+    }
+    for (eng_notif_t *nt = a->nhead, *next; nt; nt = next) {
+        next = nt->next;
+        free(nt);
+    }
+}

@@ -1,0 +1,349 @@
+/*
+ * The peer cache: one entry per session this engine has transferred to, with the path chosen to
+ * it (a walk over kvf__transports) and its published regions as last read from the store.
+ * Entries live until destroy; a peer whose process went away has its path chosen again.
+ */
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/core.h"
+
+static void peer_free(eng_peer_t *p)
+{
+    if (p->tp)
+        p->tops->peer_close(p->tp);
+    if (p->ntp)
+        p->nops->peer_close(p->ntp);
+    pthread_rwlock_destroy(&p->sel);
+    pthread_mutex_destroy(&p->lock);
+    free(p->regions);
+    free(p);
+}
+
+static eng_peer_t *peer_find_locked(kvf_engine_t *e, const char *sid)
+{
+    for (eng_peer_t *p = e->peers; p; p = p->next)
+        if (!strcmp(p->sid, sid))
+            return p;
+    return NULL;
+}
+
+/* Open a handle for notifications to @p when its path cannot carry them: on the next transport
+ * of the table after the path's (@i) that can (shm: tcp, which connects on first use). */
+static int peer_open_notify(kvf_engine_t *e, eng_peer_t *p, size_t i, const kvf_tpeer_desc_t *d)
+{
+    int rc = -KVF_ENOTSUP;
+    for (size_t j = i + 1; kvf__transports[j]; j++) {
+        const struct kvf_transport_ops *o = kvf__transports[j];
+        if (!(o->caps & KVF_TCAP_NOTIFY))
+            continue;
+        rc = o->peer_open(e->tr[j], d, &p->ntp);
+        if (rc == 0)
+            p->nops = o;
+        if (rc != -KVF_ENOTSUP)
+            return rc;
+    }
+    return kvf__err(rc, "no transport carries notifications to peer %s over %s", p->sid,
+                    kvf__transports[i]->name);
+}
+
+/*
+ * Choose the path to @p and open it: the first transport of kvf__transports (loop, shm, tcp)
+ * whose peer_open() does not answer -KVF_ENOTSUP, or only the one config.transport forces
+ * (tcp: loop and shm are skipped; shm: loop is skipped). Forcing a transport that cannot reach
+ * the peer is an error naming the reason; in auto mode the reason a transport the peers offer
+ * could not be used is logged once at info level. Called with @p->sel held exclusive (or before
+ * @p is shared).
+ */
+static int peer_select(kvf_engine_t *e, eng_peer_t *p, const atomic_bool *cancel)
+{
+    const char *forced = kvf__eng_forced_name(&e->cfg);
+    const struct kvf_transport_ops *o = NULL;
+    kvf_tpeer_desc_t d;
+    bool have_record = false;
+    char why[512] = "";
+    size_t i, wl = 0;
+    int rc;
+
+    if (p->tp)
+        p->tops->peer_close(p->tp);
+    if (p->ntp)
+        p->nops->peer_close(p->ntp);
+    p->tp = NULL;
+    p->ntp = NULL;
+    p->tops = NULL;
+    p->nops = NULL;
+    memset(&d, 0, sizeof(d));
+    d.sid = p->sid;
+    rc = kvf__session_id_parse(p->sid, &d.addr);
+    if (rc < 0)
+        return rc;
+
+    rc = -KVF_ENOTSUP;
+    for (i = 0; kvf__transports[i]; i++) {
+        o = kvf__transports[i];
+        if (forced && strcmp(o->name, forced) != 0)
+            continue;
+        if ((o->caps & KVF_TCAP_RECORD) && !have_record) {
+            kvf__eng_fetch_session(e, p->sid, e->cfg.init_timeout_ms, cancel, &d);
+            have_record = true;
+        }
+        rc = o->peer_open(e->tr[i], &d, &p->tp);
+        if (rc != -KVF_ENOTSUP)
+            break;
+        if (forced)
+            return kvf__err_wrap(rc,
+                                 "transport %s is forced (config.transport or "
+                                 "KVFERRY_TRANSPORT) but cannot reach peer %s",
+                                 o->name, p->sid);
+        /* A transport peers offer that cannot reach this one is worth a line: the user may have
+         * expected it. One that reaches only some peers by nature (loop) is not. */
+        if ((o->caps & KVF_TCAP_OFFER) && wl < sizeof(why))
+            wl += (size_t)snprintf(why + wl, sizeof(why) - wl, "%snot %s: %s", wl ? "; " : "",
+                                   o->name, kvf_last_error());
+    }
+    if (!kvf__transports[i])
+        return kvf__err(rc, "no transport reaches peer %s", p->sid);
+    if (rc < 0)
+        return rc;
+    if (!(o->caps & KVF_TCAP_NOTIFY)) {
+        rc = peer_open_notify(e, p, i, &d);
+        if (rc < 0) {
+            o->peer_close(p->tp);
+            p->tp = NULL;
+            return rc;
+        }
+    }
+    if (why[0] && !p->fallback_logged)
+        KVF_INFO(ENG_LOG, "engine %s: peer %s over %s, %s", e->sid, p->sid, o->name, why);
+    p->fallback_logged |= why[0] != 0;
+    p->via = o->name;
+    p->tops = o;
+    pthread_mutex_lock(&p->lock);
+    p->tops->regions_changed(p->tp, p->regions, p->nregions);
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+
+/*
+ * The cached peer for @sid, or a new one after its regions record appeared in the store (waiting
+ * up to init_timeout_ms). The lookup runs without peers_lock so that a slow peer does not hold up
+ * transfers to others; if two threads race, the first insert wins and the other is discarded.
+ */
+static int peer_get(kvf_engine_t *e, const char *sid, const atomic_bool *cancel, eng_peer_t **out)
+{
+    kvf_hostport_t addr;
+    eng_peer_t *p;
+    int rc;
+
+    pthread_mutex_lock(&e->peers_lock);
+    p = peer_find_locked(e, sid);
+    pthread_mutex_unlock(&e->peers_lock);
+    if (p) {
+        *out = p;
+        return 0;
+    }
+    rc = kvf__session_id_parse(sid, &addr);
+    if (rc < 0)
+        return rc;
+    if (addr.port == 0)
+        return kvf__err(-KVF_EINVAL, "peer session id %s: port 0 names no peer", sid);
+    p = calloc(1, sizeof(*p));
+    if (!p)
+        return kvf__err(-KVF_ENOMEM, "peer %s: out of memory", sid);
+    snprintf(p->sid, sizeof(p->sid), "%s", sid);
+    pthread_mutex_init(&p->lock, NULL);
+    /* Writer preference: a re-selection must not starve behind a stream of transfers. */
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&p->sel, &ra);
+    pthread_rwlockattr_destroy(&ra);
+    atomic_init(&p->reselect, false);
+    rc = kvf__eng_fetch_regions(e, sid, e->cfg.init_timeout_ms, cancel, &p->regions, &p->nregions,
+                                &p->gen);
+    if (rc < 0)
+        goto out_free;
+    rc = peer_select(e, p, cancel);
+    if (rc < 0)
+        goto out_free;
+
+    pthread_mutex_lock(&e->peers_lock);
+    eng_peer_t *other = peer_find_locked(e, sid);
+    if (!other) {
+        p->next = e->peers;
+        e->peers = p;
+    }
+    pthread_mutex_unlock(&e->peers_lock);
+    if (other) {
+        peer_free(p);
+        p = other;
+    }
+    KVF_DEBUG(ENG_LOG, "engine %s: peer %s found with %zu regions, via %s", e->sid, sid,
+              p->nregions, p->via);
+    *out = p;
+    return 0;
+
+out_free:
+    peer_free(p);
+    return rc;
+}
+
+/* Re-read the peer's regions from the store (no wait: it exists, or existed). A list older than
+ * the cached one (two refreshes racing) is dropped, so the cache never goes back in time. */
+int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p)
+{
+    kvf_region_t *rs;
+    size_t n;
+    uint64_t gen;
+    int rc = kvf__eng_fetch_regions(e, p->sid, 0, NULL, &rs, &n, &gen);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&p->lock);
+    if (gen >= p->gen) {
+        free(p->regions);
+        p->regions = rs;
+        p->nregions = n;
+        p->gen = gen;
+        rs = NULL;
+        if (p->tp)
+            p->tops->regions_changed(p->tp, p->regions, p->nregions);
+    }
+    pthread_mutex_unlock(&p->lock);
+    free(rs);
+    return 0;
+}
+
+/* The peer process went away (or restarted under the same session id): forget its regions and
+ * choose its path again, once, by whichever transfer comes first. */
+static int peer_reselect(kvf_engine_t *e, eng_peer_t *p, const atomic_bool *cancel)
+{
+    int rc = 0;
+    pthread_rwlock_wrlock(&p->sel);
+    if (atomic_load(&p->reselect)) {
+        pthread_mutex_lock(&p->lock);
+        p->gen = 0;
+        pthread_mutex_unlock(&p->lock);
+        rc = kvf__peer_refresh(e, p);
+        if (rc == 0)
+            rc = peer_select(e, p, cancel);
+        if (rc == 0)
+            atomic_store(&p->reselect, false);
+    }
+    pthread_rwlock_unlock(&p->sel);
+    return rc;
+}
+
+int kvf__peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad)
+{
+    int rc = 0;
+    pthread_mutex_lock(&p->lock);
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        rc = kvf__regions_check(p->regions, p->nregions, x[i].remote, x[i].len);
+        if (rc < 0) {
+            kvf__err_wrap(rc, "element %zu (%s)", i, x[i].op == KVF_OP_WRITE ? "write" : "read");
+            *bad = i;
+        }
+    }
+    pthread_mutex_unlock(&p->lock);
+    return rc;
+}
+
+/*
+ * For shm the sender's check is the only one, so make the cached list current first: read the
+ * target's live generation and refresh if the cache is older. Once a target's unregister has
+ * returned, its word carries the new generation and the store the list without the region.
+ */
+int kvf__peer_make_current(kvf_engine_t *e, eng_peer_t *p)
+{
+    uint64_t live;
+    int rc = p->tops->regions_gen(p->tp, &live);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&p->lock);
+    bool stale = live > p->gen;
+    pthread_mutex_unlock(&p->lock);
+    if (!stale)
+        return 0;
+    rc = kvf__peer_refresh(e, p);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&p->lock);
+    uint64_t have = p->gen;
+    pthread_mutex_unlock(&p->lock);
+    if (live > have)
+        return kvf__err(-KVF_ESTALE,
+                        "peer %s: its regions record in the store (generation %" PRIu64
+                        ") is older than its live generation %" PRIu64
+                        "; refusing to write unchecked",
+                        p->sid, have, live);
+    return 0;
+}
+
+bool kvf__eng_peer_known(kvf_engine_t *e, const char *sid)
+{
+    pthread_mutex_lock(&e->peers_lock);
+    bool known = peer_find_locked(e, sid) != NULL;
+    pthread_mutex_unlock(&e->peers_lock);
+    return known;
+}
+
+int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **name)
+{
+    if (!e || !peer || !name)
+        return kvf__err(-KVF_EINVAL, "peer transport: NULL argument");
+    pthread_mutex_lock(&e->peers_lock);
+    eng_peer_t *p = peer_find_locked(e, peer);
+    if (p) {
+        pthread_rwlock_rdlock(&p->sel);
+        *name = p->via;
+        pthread_rwlock_unlock(&p->sel);
+    }
+    pthread_mutex_unlock(&e->peers_lock);
+    return p ? 0
+             : kvf__err(-KVF_ENOTFOUND, "engine %s has not transferred to peer %s", e->sid, peer);
+}
+
+int kvf__peer_enter(kvf_engine_t *e, const char *peer, const char *what, const atomic_bool *cancel,
+                    eng_peer_t **out)
+{
+    eng_peer_t *p;
+    int rc = peer_get(e, peer, cancel, &p);
+    if (rc < 0)
+        return rc;
+    if (atomic_load(&p->reselect)) {
+        rc = peer_reselect(e, p, cancel);
+        if (rc < 0)
+            return kvf__err_wrap(rc, "%s to %s", what, peer);
+    }
+    pthread_rwlock_rdlock(&p->sel);
+    *out = p;
+    return 0;
+}
+
+/* Leave what kvf__peer_enter() entered. The process behind the peer is gone: the next call looks it
+ * up again, since it may have restarted under the same session id (another pid, other memory,
+ * maybe another host). */
+int kvf__peer_leave(eng_peer_t *p, int rc, const char *what)
+{
+    pthread_rwlock_unlock(&p->sel);
+    if (rc == -KVF_EPEERGONE)
+        atomic_store(&p->reselect, true);
+    if (rc < 0)
+        kvf__err_wrap(rc, "%s to %s", what, p->sid);
+    return rc;
+}
+
+void kvf__peers_fini(kvf_engine_t *e)
+{
+    for (eng_peer_t *p = e->peers, *next; p; p = next) {
+        next = p->next;
+        peer_free(p);
+    }
+    e->peers = NULL;
+}

@@ -1,0 +1,159 @@
+/*
+ * Synchronous transfers: kvf_transfer_sync() and its one-element forms, and the data path the
+ * async batches share (kvf__eng_transfer): the peer entered, the batch checked as its path's
+ * transport says (kvf_check_t), run, and retried once when a stale cache was the cause.
+ */
+#include <inttypes.h>
+#include <stdlib.h>
+
+#include "core/core.h"
+
+int kvf__eng_check_xfers(const char *peer, const kvf_xfer_t *x, size_t n)
+{
+    if (!x || n == 0)
+        return kvf__err(-KVF_EINVAL, "transfer to %s: %s", peer, x ? "empty batch" : "NULL batch");
+    if (n > ENG_MAX_BATCH)
+        return kvf__err(-KVF_EINVAL, "transfer to %s: %zu elements exceed %u", peer, n,
+                        ENG_MAX_BATCH);
+    for (size_t i = 0; i < n; i++) {
+        if (x[i].op != KVF_OP_WRITE && x[i].op != KVF_OP_READ)
+            return kvf__err(-KVF_EINVAL,
+                            "transfer to %s: element %zu: op %d is neither write "
+                            "nor read",
+                            peer, i, (int)x[i].op);
+        if (x[i].len == 0)
+            return kvf__err(-KVF_EINVAL, "transfer to %s: element %zu: length is 0", peer, i);
+        if (!x[i].local)
+            return kvf__err(-KVF_EINVAL, "transfer to %s: element %zu: local address is NULL", peer,
+                            i);
+        if (x[i].remote + x[i].len < x[i].remote)
+            return kvf__err(-KVF_EINVAL,
+                            "transfer to %s: element %zu: [0x%" PRIx64 ", +%zu) "
+                            "wraps around the address space",
+                            peer, i, x[i].remote, x[i].len);
+    }
+    return 0;
+}
+
+/* Forget element results before running the batch again. */
+static void status_reset(const kvf_xfer_ctl_t *ctl, size_t n)
+{
+    if (ctl && ctl->status)
+        for (size_t i = 0; i < n; i++)
+            ctl->status[i] = KVF_XFER_PENDING;
+}
+
+/* The element the sender's own check refused: its status says so; the others never started. */
+static void status_refused(const kvf_xfer_ctl_t *ctl, int rc, size_t bad)
+{
+    if (ctl && ctl->status)
+        ctl->status[bad] = rc;
+}
+
+/* Peer path already held (@p->sel shared): run the batch, checked as its transport's @check
+ * says (see kvf_check_t). */
+static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, size_t n,
+                         uint64_t deadline, const kvf_xfer_ctl_t *ctl)
+{
+    size_t bad = 0;
+    int rc;
+    if (p->tops->check == KVF_CHECK_DIRECT)
+        return p->tops->transfer(p->tp, x, n, deadline, ctl);
+    if (p->tops->check == KVF_CHECK_SENDER) {
+        rc = kvf__peer_make_current(e, p);
+        if (rc == 0) {
+            rc = kvf__peer_check(p, x, n, &bad);
+            if (rc < 0)
+                status_refused(ctl, rc, bad);
+        }
+        if (rc == 0)
+            rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
+        return rc;
+    }
+    /* A miss in the cached regions may only mean the cache is old: refresh once and re-check. */
+    rc = kvf__peer_check(p, x, n, &bad);
+    if (rc == -KVF_ENOTREG && kvf__peer_refresh(e, p) == 0)
+        rc = kvf__peer_check(p, x, n, &bad);
+    if (rc < 0) {
+        status_refused(ctl, rc, bad);
+        return rc;
+    }
+    rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
+    /* The target's check is authoritative. If it refused a range our cache allowed, the peer
+     * re-registered since we looked: refresh, and retry once if the range is still published. */
+    if (rc == -KVF_ENOTREG && kvf__now_ms() < deadline && kvf__peer_refresh(e, p) == 0 &&
+        kvf__peer_check(p, x, n, &bad) == 0) {
+        status_reset(ctl, n);
+        rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
+    }
+    return rc;
+}
+
+int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
+                      uint64_t deadline, const kvf_xfer_ctl_t *ctl)
+{
+    eng_peer_t *p;
+    int rc = kvf__peer_enter(e, peer, "transfer", ctl ? ctl->cancel : NULL, &p);
+    if (rc < 0)
+        return rc;
+    return kvf__peer_leave(p, peer_transfer(e, p, x, n, deadline, ctl), "transfer");
+}
+
+int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n)
+{
+    if (!e)
+        return kvf__err(-KVF_EINVAL, "transfer: the engine is NULL");
+    if (!peer)
+        return kvf__err(-KVF_EINVAL, "transfer: the peer session id is NULL");
+    int rc = kvf__eng_check_xfers(peer, x, n);
+    if (rc < 0)
+        return rc;
+    rc = kvf__eng_busy_enter(e);
+    if (rc < 0)
+        return rc;
+    rc = kvf__eng_transfer(e, peer, x, n, kvf__now_ms() + e->cfg.op_timeout_ms, NULL);
+    kvf__eng_busy_leave(e);
+    return rc;
+}
+
+int kvf_write(kvf_engine_t *e, const char *peer, const void *local, uint64_t remote, size_t len)
+{
+    kvf_xfer_t x = {.op = KVF_OP_WRITE, .local = (void *)local, .remote = remote, .len = len};
+    return kvf_transfer_sync(e, peer, &x, 1);
+}
+
+int kvf_read(kvf_engine_t *e, const char *peer, void *local, uint64_t remote, size_t len)
+{
+    kvf_xfer_t x = {.op = KVF_OP_READ, .local = local, .remote = remote, .len = len};
+    return kvf_transfer_sync(e, peer, &x, 1);
+}
+
+int kvf_peer_regions(kvf_engine_t *e, const char *peer, kvf_region_info_t **out, size_t *n)
+{
+    kvf_region_t *rs;
+    size_t count;
+    uint64_t gen;
+
+    if (!e || !peer || !out || !n)
+        return kvf__err(-KVF_EINVAL, "peer regions: NULL argument");
+    int rc = kvf__eng_busy_enter(e);
+    if (rc < 0)
+        return rc;
+    rc = kvf__eng_fetch_regions(e, peer, e->cfg.init_timeout_ms, NULL, &rs, &count, &gen);
+    if (rc < 0)
+        goto out;
+    kvf_region_info_t *info = calloc(count ? count : 1, sizeof(*info));
+    if (!info) {
+        free(rs);
+        rc = kvf__err(-KVF_ENOMEM, "peer %s: out of memory", peer);
+        goto out;
+    }
+    for (size_t i = 0; i < count; i++)
+        info[i] = (kvf_region_info_t){.addr = rs[i].addr, .len = rs[i].len};
+    free(rs);
+    *out = info;
+    *n = count;
+out:
+    kvf__eng_busy_leave(e);
+    return rc;
+}

@@ -1,0 +1,210 @@
+/*
+ * The loop transport: source and target are engines of the same process. A transfer is a
+ * memmove to or from the target engine's memory, each element under a reference on the target's
+ * region, taken from the target's own table (the same authoritative check and unregister drain
+ * as a remote target's). A notification goes straight to the target's callback.
+ *
+ * Every started loop transport of this process is in one registry, so that a sender finds its
+ * target by session id. The registry's lock is held shared for the whole of a transfer or
+ * notification into a target; stop() unlinks under the write lock, which waits for those
+ * running to leave, and no new one can find the target afterwards.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/common.h"
+#include "common/regions.h"
+#include "transport/transport.h"
+
+struct loop_transport {
+    struct loop_transport *next; /* in loop_all, once started */
+    bool linked;                 /* under loop_all_lock */
+    char sid[KVF_SESSION_ID_MAX];
+    kvf_region_table_t *regions;
+    kvf_notify_cb notify_cb;
+    void *notify_arg;
+};
+
+/* A handle on a target: only its session id, looked up again on every call, so that a target
+ * destroyed meanwhile is noticed (-KVF_EPEERGONE) instead of touched. */
+struct loop_peer {
+    char sid[KVF_SESSION_ID_MAX];
+    char local_sid[KVF_SESSION_ID_MAX]; /* the sender, as notifications name it */
+};
+
+static pthread_rwlock_t loop_all_lock = PTHREAD_RWLOCK_INITIALIZER;
+static struct loop_transport *loop_all;
+
+static struct loop_transport *loop_of(kvf_transport_t *t)
+{
+    return (struct loop_transport *)(void *)t;
+}
+
+static struct loop_peer *loop_peer_of(kvf_tpeer_t *p)
+{
+    return (struct loop_peer *)(void *)p;
+}
+
+/* The started transport of @sid, or NULL. loop_all_lock held. */
+static struct loop_transport *loop_find_locked(const char *sid)
+{
+    for (struct loop_transport *x = loop_all; x; x = x->next)
+        if (!strcmp(x->sid, sid))
+            return x;
+    return NULL;
+}
+
+static int loop_create(const kvf_transport_params_t *p, kvf_transport_t **out)
+{
+    if (!p || !out)
+        return kvf__err(-KVF_EINVAL, "loop create: missing parameters");
+    struct loop_transport *t = malloc(sizeof(*t));
+    if (!t)
+        return kvf__err(-KVF_ENOMEM, "loop transport: out of memory");
+    *t = (struct loop_transport){
+        .regions = p->regions, .notify_cb = p->notify_cb, .notify_arg = p->notify_arg};
+    snprintf(t->sid, sizeof(t->sid), "%s", p->local_sid ? p->local_sid : "");
+    *out = (kvf_transport_t *)(void *)t;
+    return 0;
+}
+
+static void loop_start(kvf_transport_t *tt)
+{
+    struct loop_transport *t = loop_of(tt);
+    pthread_rwlock_wrlock(&loop_all_lock);
+    if (!t->linked) {
+        t->next = loop_all;
+        loop_all = t;
+        t->linked = true;
+    }
+    pthread_rwlock_unlock(&loop_all_lock);
+}
+
+/* Unlinked under the write lock: this waits for loop transfers from other engines of this
+ * process into this one to leave, and no new one can find it. */
+static void loop_stop(kvf_transport_t *tt)
+{
+    struct loop_transport *t = loop_of(tt);
+    pthread_rwlock_wrlock(&loop_all_lock);
+    for (struct loop_transport **pp = &loop_all; t->linked && *pp; pp = &(*pp)->next) {
+        if (*pp == t) {
+            *pp = t->next;
+            t->linked = false;
+            break;
+        }
+    }
+    pthread_rwlock_unlock(&loop_all_lock);
+}
+
+static void loop_destroy(kvf_transport_t *tt)
+{
+    loop_stop(tt);
+    free(loop_of(tt));
+}
+
+/* Reachable only when the peer is a started engine of this process. */
+static int loop_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpeer_t **out)
+{
+    if (!tt || !d || !d->sid || !out)
+        return kvf__err(-KVF_EINVAL, "loop peer open: missing argument");
+    pthread_rwlock_rdlock(&loop_all_lock);
+    bool local = loop_find_locked(d->sid) != NULL;
+    pthread_rwlock_unlock(&loop_all_lock);
+    if (!local)
+        return kvf__err(-KVF_ENOTSUP, "peer %s is not an engine of this process", d->sid);
+    struct loop_peer *p = calloc(1, sizeof(*p));
+    if (!p)
+        return kvf__err(-KVF_ENOMEM, "loop peer open %s: out of memory", d->sid);
+    snprintf(p->sid, sizeof(p->sid), "%s", d->sid);
+    snprintf(p->local_sid, sizeof(p->local_sid), "%s", loop_of(tt)->sid);
+    *out = (kvf_tpeer_t *)(void *)p;
+    return 0;
+}
+
+static void loop_peer_close(kvf_tpeer_t *p)
+{
+    free(loop_peer_of(p));
+}
+
+/* A memcpy to or from an engine of this process, each element under a reference on the target's
+ * region, taken from its own table (authoritative, and unregister drains it). */
+static int loop_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                         const kvf_xfer_ctl_t *ctl)
+{
+    const char *sid = loop_peer_of(pp)->sid;
+    int rc = 0;
+    (void)deadline_ms;
+    pthread_rwlock_rdlock(&loop_all_lock);
+    struct loop_transport *t = loop_find_locked(sid);
+    if (!t)
+        rc = kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", sid);
+    for (size_t i = 0; t && i < n && rc == 0; i++) {
+        kvf_region_ref_t ref;
+        if (ctl && ctl->cancel && atomic_load(ctl->cancel)) {
+            rc = kvf__err(-KVF_ECANCELED, "cancelled before element %zu", i);
+            break;
+        }
+        rc = kvf__regions_acquire(t->regions, x[i].remote, x[i].len, &ref);
+        if (rc < 0) {
+            kvf__err_wrap(rc, "element %zu (%s)", i, x[i].op == KVF_OP_WRITE ? "write" : "read");
+            if (ctl && ctl->status)
+                ctl->status[i] = rc;
+            break;
+        }
+        void *remote = (void *)(uintptr_t)x[i].remote;
+        /* memmove: in one address space the caller may name overlapping ranges. */
+        if (x[i].op == KVF_OP_WRITE)
+            memmove(remote, x[i].local, x[i].len);
+        else
+            memmove(x[i].local, remote, x[i].len);
+        kvf__regions_release(t->regions, &ref);
+        if (ctl && ctl->status)
+            ctl->status[i] = 0;
+    }
+    pthread_rwlock_unlock(&loop_all_lock);
+    return rc;
+}
+
+/* Straight into the target's queue: the data of every transfer this thread made into it is in
+ * place already (the memmoves returned). */
+static int loop_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t deadline_ms)
+{
+    struct loop_peer *p = loop_peer_of(pp);
+    int rc;
+    (void)deadline_ms;
+    pthread_rwlock_rdlock(&loop_all_lock);
+    struct loop_transport *t = loop_find_locked(p->sid);
+    if (!t)
+        rc = kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", p->sid);
+    else if (!t->notify_cb)
+        rc = kvf__err(-KVF_ENOTSUP, "%s takes no notifications", t->sid);
+    else
+        rc = t->notify_cb(t->notify_arg, p->local_sid, msg, len);
+    pthread_rwlock_unlock(&loop_all_lock);
+    return rc;
+}
+
+const struct kvf_transport_ops kvf__loop_ops = {
+    .size = sizeof(struct kvf_transport_ops),
+    .name = "loop",
+    .caps = KVF_TCAP_NOTIFY,
+    .check = KVF_CHECK_DIRECT,
+    .create = loop_create,
+    .port = kvf__transport_no_port, /* engines of this process find each other in the registry */
+    .destroy = loop_destroy,
+    .start = loop_start,
+    .stop = loop_stop,
+    .peer_open = loop_peer_open,
+    .peer_close = loop_peer_close,
+    .transfer = loop_transfer,
+    .notify = loop_notify,
+    .regions_gen = kvf__transport_enotsup_gen,
+    .regions_changed = kvf__transport_nop_regions,
+    .mem_export = kvf__transport_nop_export,
+    .mem_unexport = kvf__transport_nop_unexport,
+    .mem_sock = kvf__transport_no_sock,
+};

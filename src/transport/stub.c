@@ -1,0 +1,57 @@
+/* The stubs for ops a transport does not have (transport.h), shared by every transport. */
+#include "transport/transport.h"
+
+int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen)
+{
+    (void)p;
+    (void)gen;
+    return -KVF_ENOTSUP;
+}
+
+int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len, uint64_t deadline_ms)
+{
+    (void)p;
+    (void)msg;
+    (void)len;
+    (void)deadline_ms;
+    return -KVF_ENOTSUP;
+}
+
+void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n)
+{
+    (void)p;
+    (void)rs;
+    (void)n;
+}
+
+uint16_t kvf__transport_no_port(const kvf_transport_t *t)
+{
+    (void)t;
+    return 0;
+}
+
+void kvf__transport_nop(kvf_transport_t *t)
+{
+    (void)t;
+}
+
+int kvf__transport_nop_export(kvf_transport_t *t, void *addr, size_t len, int fd)
+{
+    (void)t;
+    (void)addr;
+    (void)len;
+    (void)fd;
+    return 0;
+}
+
+void kvf__transport_nop_unexport(kvf_transport_t *t, void *addr)
+{
+    (void)t;
+    (void)addr;
+}
+
+const char *kvf__transport_no_sock(const kvf_transport_t *t)
+{
+    (void)t;
+    return "";
+}
