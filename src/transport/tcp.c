@@ -62,10 +62,10 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     t->wake_fd = -1;
     snprintf(t->local_sid, sizeof(t->local_sid), "%s", p->local_sid ? p->local_sid : "");
     kvf__hostport_format(&p->listen, t->listen_str, sizeof(t->listen_str));
-    t->conns_per_peer = p->conns_per_peer ? p->conns_per_peer : TCP_DEFAULT_CONNS;
+    t->conns_per_peer = p->conns_per_peer ? p->conns_per_peer : KVF_DEFAULT_CONNS_PER_PEER;
     if (t->conns_per_peer > KVF_TCP_MAX_CONNS_PER_PEER)
         t->conns_per_peer = KVF_TCP_MAX_CONNS_PER_PEER;
-    t->chunk = p->chunk_bytes ? p->chunk_bytes : TCP_DEFAULT_CHUNK;
+    t->chunk = p->chunk_bytes ? p->chunk_bytes : KVF_DEFAULT_CHUNK;
     if (t->chunk > KVF_TCP_MAX_CHUNK)
         t->chunk = KVF_TCP_MAX_CHUNK;
     t->connect_timeout_ms = p->connect_timeout_ms ? p->connect_timeout_ms : TCP_DEFAULT_CONNECT_MS;

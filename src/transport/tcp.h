@@ -58,9 +58,8 @@
 #define TCP_GATHER_ELEM_MAX (256u << 10)
 /* A req_id's low bits are the index of its slot (KVF_TCP_MAX_INFLIGHT of them). */
 #define TCP_SLOT_BITS 7
-/* Defaults of kvf_transport_params_t's zero fields. */
-#define TCP_DEFAULT_CONNS      2u
-#define TCP_DEFAULT_CHUNK      (4u << 20)
+/* Default of a zero connect_timeout_ms in kvf_transport_params_t (zero conns_per_peer and
+ * chunk_bytes take the engine's defaults, KVF_DEFAULT_CONNS_PER_PEER and KVF_DEFAULT_CHUNK). */
 #define TCP_DEFAULT_CONNECT_MS 3000u
 /* Blocking sends wake up this often to check a transfer's deadline (SO_SNDTIMEO). */
 #define TCP_CLIENT_SLICE_MS 50

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "common/limits.h"
 #include "common/wire.h"
 
 /* The header's magic and version, and its length. */
@@ -28,8 +29,9 @@
 #define KVF_TCP_NOTIFY 5
 #define KVF_TCP_WRITEV 6
 
-/* Largest `len` of one WRITE or READ (and of a READ's answer). Longer elements are split. */
-#define KVF_TCP_MAX_CHUNK (64u << 20)
+/* Largest `len` of one WRITE or READ (and of a READ's answer): the engine's largest chunk (64
+ * MiB), since one chunk travels as one frame. Longer elements are split. */
+#define KVF_TCP_MAX_CHUNK KVF_MAX_CHUNK
 /* Largest HELLO payload (session id) and error-message payload of a RESP. */
 #define KVF_TCP_MAX_MSG 1024u
 /* Segments of one WRITEV: a gathered write of several small elements (addr = the count, len =
