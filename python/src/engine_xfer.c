@@ -143,44 +143,19 @@ out:
     return res;
 }
 
-PyObject *kvfpy_engine_transfer_sync_write(EngineObject *self, PyObject *a, PyObject *k)
-{
-    return transfer_one(self, a, k, KVF_OP_WRITE, 0);
-}
+/* One method per operation and mode: the seed's synchronous ones, and the asynchronous ones
+ * (Mooncake's names), which return a batch id for engine_async.c's methods. */
+#define TRANSFER_METHOD(name, body, op, async)                                                    \
+    PyObject *kvfpy_engine_##name(EngineObject *self, PyObject *a, PyObject *k)                   \
+    {                                                                                              \
+        return body(self, a, k, op, async);                                                        \
+    }
 
-PyObject *kvfpy_engine_transfer_sync_read(EngineObject *self, PyObject *a, PyObject *k)
-{
-    return transfer_one(self, a, k, KVF_OP_READ, 0);
-}
-
-PyObject *kvfpy_engine_batch_transfer_sync_write(EngineObject *self, PyObject *a, PyObject *k)
-{
-    return transfer_batch(self, a, k, KVF_OP_WRITE, 0);
-}
-
-PyObject *kvfpy_engine_batch_transfer_sync_read(EngineObject *self, PyObject *a, PyObject *k)
-{
-    return transfer_batch(self, a, k, KVF_OP_READ, 0);
-}
-
-/* The asynchronous ones (Mooncake's names): a batch id for engine_async.c's methods. */
-
-PyObject *kvfpy_engine_transfer_submit_write(EngineObject *self, PyObject *a, PyObject *k)
-{
-    return transfer_one(self, a, k, KVF_OP_WRITE, 1);
-}
-
-PyObject *kvfpy_engine_transfer_submit_read(EngineObject *self, PyObject *a, PyObject *k)
-{
-    return transfer_one(self, a, k, KVF_OP_READ, 1);
-}
-
-PyObject *kvfpy_engine_batch_transfer_async_write(EngineObject *self, PyObject *a, PyObject *k)
-{
-    return transfer_batch(self, a, k, KVF_OP_WRITE, 1);
-}
-
-PyObject *kvfpy_engine_batch_transfer_async_read(EngineObject *self, PyObject *a, PyObject *k)
-{
-    return transfer_batch(self, a, k, KVF_OP_READ, 1);
-}
+TRANSFER_METHOD(transfer_sync_write, transfer_one, KVF_OP_WRITE, 0)
+TRANSFER_METHOD(transfer_sync_read, transfer_one, KVF_OP_READ, 0)
+TRANSFER_METHOD(batch_transfer_sync_write, transfer_batch, KVF_OP_WRITE, 0)
+TRANSFER_METHOD(batch_transfer_sync_read, transfer_batch, KVF_OP_READ, 0)
+TRANSFER_METHOD(transfer_submit_write, transfer_one, KVF_OP_WRITE, 1)
+TRANSFER_METHOD(transfer_submit_read, transfer_one, KVF_OP_READ, 1)
+TRANSFER_METHOD(batch_transfer_async_write, transfer_batch, KVF_OP_WRITE, 1)
+TRANSFER_METHOD(batch_transfer_async_read, transfer_batch, KVF_OP_READ, 1)
