@@ -1,5 +1,5 @@
 /*
- * Fuzz target: the built-in config store server (src/store/builtin_server.c), through a real
+ * Fuzz target: the built-in config store server (src/store/server*.c), through a real
  * loopback connection. Each input is one client's whole byte stream; the client then shuts its
  * write side and reads until the server closes (or 2 s pass: a get-with-wait may be parked). The
  * server must survive everything and still serve a well-behaved client at the end.

@@ -1,5 +1,5 @@
 /*
- * Fuzz target: the tcp transport's target side (src/transport/tcp.c), through a real loopback
+ * Fuzz target: the tcp transport's target side (src/transport/tcp_target.c), through a real loopback
  * connection. Each input is sent after a valid HELLO, then the client's write side is shut; the
  * answers are read until the target closes. Invariants: nothing outside the registered region
  * changes (it sits between two guard areas), and the target keeps serving (a clean write lands
