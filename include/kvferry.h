@@ -524,7 +524,8 @@ KVF_API uint16_t kvf_engine_port(const kvf_engine_t *e);
 /**
  * kvf_mem_register - make [addr, addr+len) writable and readable by peers.
  * Exact byte bounds. Zero length, or overlap with a registered region, is refused with
- * -KVF_EINVAL naming both ranges; registering the same range twice gives -KVF_EEXIST.
+ * -KVF_EINVAL naming both ranges; registering the same range twice gives -KVF_EEXIST; a range
+ * not entirely mapped in this process (freed, or a wrong length) gives -EFAULT naming it.
  * The pages are faulted in (MADV_POPULATE_WRITE, or _READ for read-only memory; the contents are
  * never touched) so that the first transfer does not pay for page faults.
  * Peers see the region within milliseconds (it is published to the store).

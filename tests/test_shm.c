@@ -7,6 +7,10 @@
  */
 #include "test_util.h"
 
+#include <jansson.h>
+
+#include "transport/transport.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -535,6 +539,151 @@ static void bad_transport_env_refused(void **state)
     assert_null(e);
 }
 
+/* ---- the target is the authority: nothing in the store widens what shm may touch ----------- */
+
+/* The store key of @kind ("sessions", "regions") for @sid in the default namespace. */
+static void record_key(char *key, size_t len, const char *kind, const char *sid)
+{
+    snprintf(key, len, "kvferry/v1/default/%s/%s", kind, sid);
+}
+
+/* Overwrite a record as any store client can (no lease: it stays). */
+static void forge(const char *url, const char *kind, const char *sid, const char *text)
+{
+    kvf_store_t *st;
+    char key[600];
+    record_key(key, sizeof(key), kind, sid);
+    assert_kvf_ok(kvf_store_open(url, NULL, &st));
+    assert_kvf_ok(kvf_store_set(st, key, text, strlen(text), 0));
+    kvf_store_close(st);
+}
+
+/* A record as the store holds it, NUL-terminated (free() it). */
+static char *record_read(const char *url, const char *kind, const char *sid)
+{
+    kvf_store_t *st;
+    char key[600];
+    void *val;
+    size_t len;
+    record_key(key, sizeof(key), kind, sid);
+    assert_kvf_ok(kvf_store_open(url, NULL, &st));
+    assert_kvf_ok(kvf_store_get(st, key, 0, &val, &len));
+    kvf_store_close(st);
+    char *text = malloc(len + 1);
+    assert_non_null(text);
+    memcpy(text, val, len);
+    text[len] = '\0';
+    free(val);
+    return text;
+}
+
+/* Reproduced in issue 12: a regions record rewritten to list the Decode's unregistered memory
+ * made a same-host Prefill write there with rc 0. The list must come from the target. */
+static void forged_regions_record_cannot_widen(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    char ans[64], rec[256];
+    child_start(fx->url, 4096, &c);
+    child_cmd(&c, "unreg\n", ans, sizeof(ans));
+    assert_string_equal(ans, "ok 0");
+    uint64_t before = child_sum(&c, 0, 4096);
+    snprintf(rec, sizeof(rec),
+             "{\"gen\": 1000000, \"regions\": [{\"addr\": \"0x%" PRIx64 "\", \"len\": 4096, "
+             "\"gen\": 999999}]}",
+             c.addr);
+    forge(fx->url, "regions", c.sid, rec);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *src = alloc_filled(4096, 50), *back = calloc(1, 4096);
+    assert_non_null(back);
+    assert_kvf_err(kvf_write(e, c.sid, src, c.addr, 4096), -KVF_ENOTREG);
+    assert_last_error_contains(c.sid);
+    assert_kvf_err(kvf_read(e, c.sid, back, c.addr, 4096), -KVF_ENOTREG);
+    assert_via(e, c.sid, "shm"); /* the path was shm: its own check refused the forgery */
+    assert_int_equal(child_sum(&c, 0, 4096), before);
+    free(src);
+    free(back);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+/* Reproduced in issue 12: the Prefill's own session record copied onto the Decode's name made
+ * the Prefill accept itself as the Decode. The record's pid and word must prove to be the
+ * engine of that session; here they do not, so the write goes over tcp to the real Decode. */
+static void own_session_record_under_peer_name_refused(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, 4096, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    char *own = record_read(fx->url, "sessions", kvf_engine_session_id(e));
+    forge(fx->url, "sessions", c.sid, own);
+    free(own);
+    uint8_t *src = alloc_filled(4096, 51);
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
+    assert_int_equal(child_sum(&c, 0, 4096), fnv(src, 4096));
+    assert_via(e, c.sid, "tcp");
+    free(src);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+/* A process that imitates an engine's word (magic, session id, a region table) in its own memory
+ * and forges the session record to point at it does not become that engine: it does not hold
+ * the session's listening socket. */
+static void imitated_word_refused(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, 4096, &c);
+    static kvf_shm_word_t fake;
+    static kvf_region_t fake_region;
+    fake_region = (kvf_region_t){.addr = c.addr, .len = 4096, .gen = 1};
+    fake.magic = KVF_SHM_WORD_MAGIC;
+    fake.nonce = 1;
+    fake.gen = 1;
+    fake.table = (uintptr_t)&fake_region;
+    fake.count = 1;
+    memcpy(fake.sid, c.sid, strnlen(c.sid, sizeof(fake.sid) - 1));
+    char *text = record_read(fx->url, "sessions", c.sid);
+    json_t *doc = json_loads(text, 0, NULL);
+    assert_non_null(doc);
+    char addr[32];
+    snprintf(addr, sizeof(addr), "0x%" PRIxPTR, (uintptr_t)&fake);
+    json_object_set_new(doc, "pid", json_integer(getpid()));
+    json_object_set_new(doc, "shm_word", json_string(addr));
+    char *forged = json_dumps(doc, JSON_COMPACT);
+    forge(fx->url, "sessions", c.sid, forged);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *src = alloc_filled(4096, 52);
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
+    assert_int_equal(child_sum(&c, 0, 4096), fnv(src, 4096));
+    assert_via(e, c.sid, "tcp");
+    free(src);
+    free(forged);
+    json_decref(doc);
+    free(text);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+/* The word's nonce tells a reused pid apart; it stays in the process (a sender reads it from the
+ * verified process), so the store gives a forger nothing to copy. */
+static void session_record_publishes_no_nonce(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, 4096, &c);
+    char *text = record_read(fx->url, "sessions", c.sid);
+    json_t *doc = json_loads(text, 0, NULL);
+    assert_non_null(doc);
+    assert_null(json_object_get(doc, "shm_nonce"));
+    assert_non_null(json_object_get(doc, "shm_word"));
+    json_decref(doc);
+    free(text);
+    child_stop(&c);
+}
+
 /* ---- kvf_mem_alloc memory: the memfd mapped by the sender ----------------------------------- */
 
 /* The checksum of @n zero bytes. */
@@ -891,6 +1040,11 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(write_past_region_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(write_after_unregister_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(killed_peer_clear_error, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(forged_regions_record_cannot_widen, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(own_session_record_under_peer_name_refused, fx_setup,
+                                    fx_teardown),
+    cmocka_unit_test_setup_teardown(imitated_word_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(session_record_publishes_no_nonce, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(one_process_loop_and_self, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(one_process_forced_shm, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(bad_transport_env_refused, fx_setup, fx_teardown),

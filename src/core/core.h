@@ -153,9 +153,11 @@ struct kvf_engine {
      * with KVF_TCAP_LISTEN, whose port is the engine's. */
     kvf_transport_t *tr[KVF_TRANSPORTS_MAX];
     size_t listener;
-    /* Read by same-host senders with process_vm_readv (see transport.h): its generation is
-     * stored, under publish_lock, only after the regions record of that generation is set. */
+    /* Read by same-host senders with process_vm_readv (see transport.h): the region table they
+     * check against (@shm_table, replaced under publish_lock before the regions record is
+     * set, so a sender never has to trust the store). */
     kvf_shm_word_t shm_word;
+    kvf_region_t *shm_table;
 
     /* Serialises region publication so that an older snapshot never overwrites a newer one. */
     pthread_mutex_t publish_lock;

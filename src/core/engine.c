@@ -214,6 +214,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         goto out_regions;
     listen.port = kvf_engine_port(e);
     kvf__hostport_format(&listen, e->sid, sizeof(e->sid));
+    memcpy(e->shm_word.sid, e->sid, sizeof(e->shm_word.sid));
     kvf__eng_make_key(e->session_key, sizeof(e->session_key), e->ns, "sessions", e->sid);
     kvf__eng_make_key(e->regions_key, sizeof(e->regions_key), e->ns, "regions", e->sid);
     /* The memfd socket is named after the session (unique on the host while the port is held);
@@ -276,6 +277,7 @@ out_destroy_locks:
     pthread_mutex_destroy(&e->peers_lock);
     pthread_mutex_destroy(&e->publish_lock);
 out_free:
+    free(e->shm_table);
     free(e);
     return rc;
 }
@@ -326,5 +328,9 @@ void kvf_engine_destroy(kvf_engine_t *e)
     pthread_mutex_destroy(&e->peers_lock);
     pthread_mutex_destroy(&e->publish_lock);
     KVF_INFO(ENG_LOG, "engine %s destroyed", e->sid);
+    /* A sender that reads the word after this finds no engine there, whatever reuses the
+     * memory (it checks the magic and the nonce). */
+    __atomic_store_n(&e->shm_word.magic, 0, __ATOMIC_RELEASE);
+    free(e->shm_table);
     free(e);
 }

@@ -50,6 +50,21 @@ static void prefault(void *addr, size_t len)
 #endif
 }
 
+/* Whether all of [@addr, @addr+@len) is mapped in this process: msync() of a range with a hole
+ * fails with ENOMEM, without touching a page (MS_ASYNC writes nothing back). A range that is not
+ * mapped would be accepted by the region table, and the first peer write into it would kill
+ * this process (tcp: SIGSEGV in recv's copy) or fail far from the mistake. */
+static bool mapped(void *addr, size_t len)
+{
+    long psz = sysconf(_SC_PAGESIZE);
+    uintptr_t page = (uintptr_t)(psz > 0 ? psz : 4096);
+    uintptr_t start = (uintptr_t)addr & ~(page - 1);
+    uintptr_t end = (uintptr_t)addr + len;
+    if (end < start)
+        return false; /* past the end of the address space; the table refuses it with a message */
+    return msync((void *)start, end - start, MS_ASYNC) == 0 || errno != ENOMEM;
+}
+
 int kvf_mem_register(kvf_engine_t *e, void *addr, size_t len)
 {
     if (!e)
@@ -67,9 +82,15 @@ int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const size_t *le
     if (n == 0 || !addrs || !lens)
         return kvf__err(-KVF_EINVAL, "register: %s",
                         n ? "NULL address or length array" : "empty batch");
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         if (!addrs[i])
             return kvf__err(-KVF_EINVAL, "register: element %zu: address is NULL", i);
+        if (lens[i] && !mapped(addrs[i], lens[i]))
+            return kvf__err(-EFAULT,
+                            "register: element %zu [%p, +%zu) is not mapped in this process "
+                            "(freed, or a wrong address or length)",
+                            i, addrs[i], lens[i]);
+    }
     rc = kvf__eng_busy_enter(e);
     if (rc < 0)
         return rc;

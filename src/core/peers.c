@@ -124,6 +124,22 @@ static int peer_select(kvf_engine_t *e, eng_peer_t *p, const atomic_bool *cancel
     p->fallback_logged |= why[0] != 0;
     p->via = o->name;
     p->tops = o;
+    if (o->check == KVF_CHECK_SENDER) {
+        /* What the store said of the peer's regions, generation included, is not believed on a
+         * path whose sender's check is the only one: start again from the target's own table. */
+        pthread_mutex_lock(&p->lock);
+        p->gen = 0;
+        pthread_mutex_unlock(&p->lock);
+        rc = kvf__peer_refresh(e, p);
+        if (rc < 0) {
+            o->peer_close(p->tp);
+            if (p->ntp)
+                p->nops->peer_close(p->ntp);
+            p->tp = p->ntp = NULL;
+            p->tops = p->nops = NULL;
+            return rc;
+        }
+    }
     pthread_mutex_lock(&p->lock);
     p->tops->regions_changed(p->tp, p->regions, p->nregions);
     pthread_mutex_unlock(&p->lock);
@@ -194,16 +210,10 @@ out_free:
     return rc;
 }
 
-/* Re-read the peer's regions from the store (no wait: it exists, or existed). A list older than
- * the cached one (two refreshes racing) is dropped, so the cache never goes back in time. */
-int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p)
+/* Replace the cached regions by @rs (taken over) unless they are older than the cache (two
+ * refreshes racing), so the cache never goes back in time. */
+static void peer_regions_replace(eng_peer_t *p, kvf_region_t *rs, size_t n, uint64_t gen)
 {
-    kvf_region_t *rs;
-    size_t n;
-    uint64_t gen;
-    int rc = kvf__eng_fetch_regions(e, p->sid, 0, NULL, &rs, &n, &gen);
-    if (rc < 0)
-        return rc;
     pthread_mutex_lock(&p->lock);
     if (gen >= p->gen) {
         free(p->regions);
@@ -216,7 +226,35 @@ int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p)
     }
     pthread_mutex_unlock(&p->lock);
     free(rs);
-    return 0;
+}
+
+/* Re-read the peer's regions from the store (no wait: it exists, or existed). */
+static int peer_refresh_store(kvf_engine_t *e, eng_peer_t *p)
+{
+    kvf_region_t *rs;
+    size_t n;
+    uint64_t gen;
+    int rc = kvf__eng_fetch_regions(e, p->sid, 0, NULL, &rs, &n, &gen);
+    if (rc == 0)
+        peer_regions_replace(p, rs, n, gen);
+    return rc;
+}
+
+/* Re-read the peer's regions from where its path's check needs them: a path checked by the
+ * sender alone (shm) reads the target's own table from the target, because the store may be
+ * forged and nothing else stands between a forged list and the target's memory; the others read
+ * the store (their target checks every request). @p->sel held. */
+int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p)
+{
+    if (!p->tops || p->tops->check != KVF_CHECK_SENDER)
+        return peer_refresh_store(e, p);
+    kvf_region_t *rs;
+    size_t n;
+    uint64_t gen;
+    int rc = p->tops->regions_read(p->tp, &rs, &n, &gen);
+    if (rc == 0)
+        peer_regions_replace(p, rs, n, gen);
+    return rc;
 }
 
 /* The peer process went away (or restarted under the same session id): forget its regions and
@@ -229,7 +267,7 @@ static int peer_reselect(kvf_engine_t *e, eng_peer_t *p, const atomic_bool *canc
         pthread_mutex_lock(&p->lock);
         p->gen = 0;
         pthread_mutex_unlock(&p->lock);
-        rc = kvf__peer_refresh(e, p);
+        rc = peer_refresh_store(e, p);
         if (rc == 0)
             rc = peer_select(e, p, cancel);
         if (rc == 0)
@@ -256,8 +294,8 @@ int kvf__peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad)
 
 /*
  * For shm the sender's check is the only one, so make the cached list current first: read the
- * target's live generation and refresh if the cache is older. Once a target's unregister has
- * returned, its word carries the new generation and the store the list without the region.
+ * target's live generation and, if the cache is older, re-read the target's own table. Once a
+ * target's unregister has returned, its table no longer holds the region.
  */
 int kvf__peer_make_current(kvf_engine_t *e, eng_peer_t *p)
 {
@@ -278,7 +316,7 @@ int kvf__peer_make_current(kvf_engine_t *e, eng_peer_t *p)
     pthread_mutex_unlock(&p->lock);
     if (live > have)
         return kvf__err(-KVF_ESTALE,
-                        "peer %s: its regions record in the store (generation %" PRIu64
+                        "peer %s: the region table read (generation %" PRIu64
                         ") is older than its live generation %" PRIu64
                         "; refusing to write unchecked",
                         p->sid, have, live);

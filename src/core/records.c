@@ -3,7 +3,7 @@
  *
  *   kvferry/v1/<ns>/sessions/<sid>  the session record (JSON: role, device, pid, boot id,
  *                                   network namespace, transports offered, the shm word's
- *                                   address and nonce)
+ *                                   address: hints a same-host sender verifies)
  *   kvferry/v1/<ns>/regions/<sid>   its registered regions (JSON, with the table generation)
  *
  * Publishing this engine's, and fetching and parsing a peer's (untrusted input: anyone may write
@@ -64,12 +64,12 @@ int kvf__eng_publish_session(kvf_engine_t *e)
             memfd_sock = o->mem_sock(e->tr[i]);
     }
     json_t *doc =
-        json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:o, s:o, s:s}", "version",
+        json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:o, s:s}", "version",
                   ENG_RECORD_VERSION, "session", e->sid, "role", kvf_role_name(e->role),
                   "device_id", e->device_id, "pid", (int)getpid(), "hostname", host, "kvferry",
                   KVF_VERSION_STRING, "transports", tr, "boot_id", kvf__host_boot_id(), "net_ns",
-                  kvf__host_net_ns(), "shm_word", hex_u64((uintptr_t)&e->shm_word), "shm_nonce",
-                  hex_u64(e->shm_word.nonce), "memfd_socket", memfd_sock);
+                  kvf__host_net_ns(), "shm_word", hex_u64((uintptr_t)&e->shm_word), "memfd_socket",
+                  memfd_sock);
     return store_put_json(e, e->session_key, doc);
 }
 
@@ -99,18 +99,14 @@ void kvf__eng_parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d)
     const char *sock = json_string_value(json_object_get(doc, "memfd_socket"));
     if (sock && strlen(sock) < sizeof(d->memfd_sock))
         snprintf(d->memfd_sock, sizeof(d->memfd_sock), "%s", sock);
+    /* Only a hint: the shm transport verifies the pid and the word before it uses either. */
     const char *w = json_string_value(json_object_get(doc, "shm_word"));
-    const char *nonce = json_string_value(json_object_get(doc, "shm_nonce"));
     char *end;
-    if (w && nonce) {
+    if (w) {
         errno = 0;
         uint64_t wa = strtoull(w, &end, 16);
-        bool ok = !*end && !errno;
-        uint64_t nv = strtoull(nonce, &end, 16);
-        if (ok && !*end && !errno) {
+        if (!*end && !errno)
             d->shm_word_addr = wa;
-            d->shm_nonce = nv;
-        }
     }
     json_decref(doc);
 }
@@ -128,6 +124,12 @@ int kvf__eng_publish_regions(kvf_engine_t *e)
     rc = kvf__regions_snapshot(e->regions, &rs, &n, &gen);
     if (rc < 0)
         goto out_unlock;
+    /* Same-host senders read the table from this process, not from the store: they see the
+     * change from now on, before any store round trip. The previous table goes once the word
+     * no longer names it (a reader still copying it sees the seqlock move and reads again). */
+    kvf__shm_word_set(&e->shm_word, rs, n, gen);
+    free(e->shm_table);
+    e->shm_table = rs;
     json_t *list = json_array();
     for (size_t i = 0; list && i < n; i++) {
         json_t *r = json_pack("{s:o, s:I, s:I}", "addr", hex_u64(rs[i].addr), "len",
@@ -137,16 +139,10 @@ int kvf__eng_publish_regions(kvf_engine_t *e)
             list = NULL;
         }
     }
-    free(rs);
     json_t *doc = list ? json_pack("{s:I, s:o}", "gen", (json_int_t)gen, "regions", list) : NULL;
     rc = store_put_json(e, e->regions_key, doc);
     if (rc < 0)
         kvf__err_wrap(rc, "engine %s: publishing its regions", e->sid);
-    /* Only now may shm senders learn the generation: one that sees it refreshes from the store
-     * and finds this list (or a newer one). If the store set failed the word still moves, so
-     * shm senders fail closed (their refresh finds an older list) instead of writing into a
-     * region unregistered locally but not yet unpublished. */
-    __atomic_store_n(&e->shm_word.gen, gen, __ATOMIC_RELEASE);
 out_unlock:
     pthread_mutex_unlock(&e->publish_lock);
     return rc;

@@ -203,6 +203,7 @@ const struct kvf_transport_ops kvf__loop_ops = {
     .transfer = loop_transfer,
     .notify = loop_notify,
     .regions_gen = kvf__transport_enotsup_gen,
+    .regions_read = kvf__transport_enotsup_regions,
     .regions_changed = kvf__transport_nop_regions,
     .mem_export = kvf__transport_nop_export,
     .mem_unexport = kvf__transport_nop_unexport,

@@ -4,30 +4,32 @@
  * done by the kernel on the sender's thread, with nothing running in the target.
  *
  * Because the target's CPU takes no part, there is no target-side bounds check. The sender's
- * check against the target's published regions is therefore the authoritative one, and it must
- * be made against a current list. The target keeps a small kvf_shm_word_t in its own memory
- * (magic, nonce, region generation; its address and the nonce are in the session record) and
- * stores the generation there only after the region list of that generation is in the store.
- * Before every transfer the core asks this transport for the live generation (one
- * process_vm_readv of 24 bytes) and refreshes its cached list if it is older. So once
- * kvf_mem_unregister() has returned on the target, no transfer that starts afterwards can reach
- * the region. The window that remains: a transfer that read the word before the unregister
- * published may still be copying while, or just after, unregister returns (the kernel copy is
- * not fenced against the target's unregister as the tcp target's region reference is). Reading
- * the word also proves, each time, that the pid still belongs to the engine we validated: a
- * restarted or reused pid has no matching magic and nonce at that address.
+ * check is therefore the authoritative one, so it is made against the target's own region table,
+ * read from the target (never from the store, which any client may rewrite). The target keeps a
+ * kvf_shm_word_t in its own memory (transport.h): magic, a nonce it never publishes, a seqlock,
+ * the table's generation, address and size, and its session id; it replaces the table there
+ * before its unregister returns. Before every transfer the core asks this transport for the
+ * live generation (one process_vm_readv of the word) and re-reads the table if its copy is
+ * older. So once kvf_mem_unregister() has returned on the target, no transfer that starts
+ * afterwards can reach the region. The window that remains: a transfer that read the word
+ * before the unregister may still be copying while, or just after, unregister returns (the
+ * kernel copy is not fenced against the target's unregister as the tcp target's region
+ * reference is). Reading the word also proves, each time, that the pid still belongs to the
+ * engine verified: a restarted or reused pid has no matching magic and nonce at that address.
  *
  * Memory from kvf_mem_alloc() is a memfd that a sender maps and copies into with memcpy instead
  * (shm_memfd.c; large copies are shared by the pool of shm_copy.c).
  *
- * Opening a peer is the handshake: same boot id and network namespace, the pid visible from
- * here (kill(pid, 0)), and a probe read of the word that must succeed and match. Any failure
- * is -KVF_ENOTSUP with the reason, which the core logs once and answers by falling back to tcp
- * (or reports, when shm was forced).
+ * Opening a peer is the handshake: same boot id and network namespace and the pid visible from
+ * here (kill(pid, 0)), all from the session record, then the proof that the pid is the engine of
+ * the session (shm_verify: it holds the session port's listening socket, and its word names the
+ * session). Any failure is -KVF_ENOTSUP with the reason, which the core logs once and answers by
+ * falling back to tcp (or reports, when shm was forced).
  */
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -83,20 +85,74 @@ static void shm_destroy(kvf_transport_t *tt)
     free(t);
 }
 
-/* Read the peer's word. Returns 0, or -errno of process_vm_readv (-ESRCH: no such process). */
-static int shm_word_read(pid_t pid, uint64_t addr, kvf_shm_word_t *w)
+/* Read @len bytes at @addr of @pid. Returns 0, or -errno of process_vm_readv (-ESRCH: no such
+ * process; -EFAULT: not mapped there). */
+static int shm_peek(pid_t pid, uint64_t addr, void *buf, size_t len)
 {
-    struct iovec l = {.iov_base = w, .iov_len = sizeof(*w)};
-    struct iovec r = {.iov_base = (void *)(uintptr_t)addr, .iov_len = sizeof(*w)};
+    struct iovec l = {.iov_base = buf, .iov_len = len};
+    struct iovec r = {.iov_base = (void *)(uintptr_t)addr, .iov_len = len};
     for (;;) {
         ssize_t n = process_vm_readv(pid, &l, 1, &r, 1, 0);
-        if (n == (ssize_t)sizeof(*w))
+        if (n == (ssize_t)len)
             return 0;
         if (n >= 0)
             return -EFAULT;
         if (errno != EINTR)
             return -errno;
     }
+}
+
+static int shm_word_read(pid_t pid, uint64_t addr, kvf_shm_word_t *w)
+{
+    return shm_peek(pid, addr, w, sizeof(*w));
+}
+
+/* The word of the verified peer, checked to be still its engine's: a dead pid, or one reused by
+ * a process without that word, is -KVF_EPEERGONE. */
+static int shm_word_current(struct shm_peer *p, kvf_shm_word_t *w)
+{
+    int rc = shm_word_read(p->pid, p->word_addr, w);
+    if (rc == -ESRCH)
+        return kvf__err(-KVF_EPEERGONE, "peer %s: process %d is gone", p->sid, (int)p->pid);
+    if (rc < 0 || w->magic != KVF_SHM_WORD_MAGIC || w->nonce != p->nonce)
+        return kvf__err(-KVF_EPEERGONE, "peer %s: pid %d no longer holds its engine (%s)",
+                        p->sid, (int)p->pid, rc < 0 ? strerror(-rc) : "word mismatch");
+    return 0;
+}
+
+/*
+ * Prove that @d's pid is the engine of session @d->sid, from the kernel and the process itself,
+ * never from the record (anyone may write the store): the pid must hold the listening socket of
+ * the session's port (only that engine can), and keep at the published address a word naming
+ * the session. Fills @w on success.
+ */
+static int shm_verify(const kvf_tpeer_desc_t *d, const char *sid, kvf_shm_word_t *w)
+{
+    bool self = d->pid == getpid();
+    int rc = kvf__host_pid_listens(d->pid, d->addr.port);
+    if (rc < 0)
+        return kvf__err(-KVF_ENOTSUP, "peer %s: the sockets of pid %d cannot be read (%s)", sid,
+                        (int)d->pid, strerror(-rc));
+    if (rc == 0)
+        return kvf__err(-KVF_ENOTSUP,
+                        "peer %s: its session record names pid %d%s, which does not listen on "
+                        "port %u: not the engine of that session (a stale or forged record)",
+                        sid, (int)d->pid, self ? " (this process)" : "", d->addr.port);
+    rc = shm_word_read(d->pid, d->shm_word_addr, w);
+    if (rc == -EPERM)
+        return kvf__err(-KVF_ENOTSUP, "peer %s: process_vm_readv of pid %d not permitted "
+                                      "(ptrace access: same user, Yama ptrace_scope, or "
+                                      "CAP_SYS_PTRACE)",
+                        sid, (int)d->pid);
+    if (rc < 0)
+        return kvf__err(-KVF_ENOTSUP, "peer %s: probe of pid %d failed: %s", sid, (int)d->pid,
+                        strerror(-rc));
+    if (w->magic != KVF_SHM_WORD_MAGIC || strncmp(w->sid, sid, sizeof(w->sid)) != 0)
+        return kvf__err(-KVF_ENOTSUP,
+                        "peer %s: pid %d%s keeps no word of that session at the published "
+                        "address (a stale or forged record, or another kvferry version)",
+                        sid, (int)d->pid, self ? " (this process)" : "");
+    return 0;
 }
 
 static const char *shm_probe_fail_hook(void)
@@ -137,19 +193,9 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
     if (shm_probe_fail_hook())
         return kvf__err(-KVF_ENOTSUP, "peer %s: probe refused by the test hook %s", sid,
                         SHM_PROBE_FAIL_ENV);
-    rc = shm_word_read(d->pid, d->shm_word_addr, &w);
-    if (rc == -EPERM)
-        return kvf__err(-KVF_ENOTSUP, "peer %s: process_vm_readv of pid %d not permitted "
-                                      "(ptrace access: same user, Yama ptrace_scope, or "
-                                      "CAP_SYS_PTRACE)",
-                        sid, (int)d->pid);
+    rc = shm_verify(d, sid, &w);
     if (rc < 0)
-        return kvf__err(-KVF_ENOTSUP, "peer %s: probe of pid %d failed: %s", sid, (int)d->pid,
-                        strerror(-rc));
-    if (w.magic != KVF_SHM_WORD_MAGIC || w.nonce != d->shm_nonce)
-        return kvf__err(-KVF_ENOTSUP, "peer %s: pid %d here is another process (different pid "
-                                      "namespace?)",
-                        sid, (int)d->pid);
+        return rc;
 
     struct shm_peer *p = calloc(1, sizeof(*p));
     if (!p)
@@ -158,7 +204,7 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
     snprintf(p->sid, sizeof(p->sid), "%s", sid);
     p->pid = d->pid;
     p->word_addr = d->shm_word_addr;
-    p->nonce = d->shm_nonce;
+    p->nonce = w.nonce; /* read from the verified process; never published */
     snprintf(p->sock, sizeof(p->sock), "%s", d->memfd_sock);
     pthread_rwlockattr_t ra;
     pthread_rwlockattr_init(&ra);
@@ -185,14 +231,81 @@ static int shm_regions_gen(kvf_tpeer_t *pp, uint64_t *gen)
 {
     struct shm_peer *p = shm_peer_of(pp);
     kvf_shm_word_t w;
-    int rc = shm_word_read(p->pid, p->word_addr, &w);
-    if (rc == -ESRCH)
-        return kvf__err(-KVF_EPEERGONE, "peer %s: process %d is gone", p->sid, (int)p->pid);
-    if (rc < 0 || w.magic != KVF_SHM_WORD_MAGIC || w.nonce != p->nonce)
-        return kvf__err(-KVF_EPEERGONE, "peer %s: pid %d no longer holds its engine (%s)",
-                        p->sid, (int)p->pid, rc < 0 ? strerror(-rc) : "word mismatch");
-    *gen = w.gen;
-    return 0;
+    int rc = shm_word_current(p, &w);
+    if (rc == 0)
+        *gen = w.gen;
+    return rc;
+}
+
+/* Tries of a table read that keeps meeting the target's updates before giving up. */
+#define SHM_TABLE_TRIES 100
+
+/*
+ * The target's region table, read from the target: the word, the table it names, the word
+ * again; a seqlock that was odd or moved means the target changed the table meanwhile (the copy
+ * may be torn, or of freed memory), so read again.
+ */
+static int shm_regions_read(kvf_tpeer_t *pp, kvf_region_t **out, size_t *n, uint64_t *gen)
+{
+    struct shm_peer *p = shm_peer_of(pp);
+    kvf_region_t *rs = NULL;
+    kvf_shm_word_t w, again;
+    int rc;
+
+    for (int tries = 0; tries < SHM_TABLE_TRIES; tries++) {
+        rc = shm_word_current(p, &w);
+        if (rc < 0)
+            goto out_free;
+        if (w.seq & 1) {
+            sched_yield();
+            continue;
+        }
+        if (w.count > KVF_SHM_MAX_REGIONS) {
+            rc = kvf__err(-KVF_EPROTO, "peer %s: its region table has %" PRIu64
+                                       " entries, more than %u",
+                          p->sid, w.count, KVF_SHM_MAX_REGIONS);
+            goto out_free;
+        }
+        free(rs);
+        rs = w.count ? malloc((size_t)w.count * sizeof(*rs)) : NULL;
+        if (w.count && !rs) {
+            rc = kvf__err(-KVF_ENOMEM, "peer %s: out of memory for %" PRIu64 " regions", p->sid,
+                          w.count);
+            goto out_free;
+        }
+        rc = w.count ? shm_peek(p->pid, w.table, rs, (size_t)w.count * sizeof(*rs)) : 0;
+        int rc2 = shm_word_current(p, &again);
+        if (rc2 < 0) {
+            rc = rc2;
+            goto out_free;
+        }
+        if (again.seq != w.seq)
+            continue; /* changed under us: whatever was read is not to be used */
+        if (rc < 0) {
+            rc = kvf__err(-KVF_EPROTO, "peer %s: its region table at 0x%" PRIx64 " cannot be "
+                                       "read: %s",
+                          p->sid, w.table, strerror(-rc));
+            goto out_free;
+        }
+        for (size_t i = 0; i < w.count; i++) {
+            bool wraps = rs[i].len == 0 || rs[i].addr + rs[i].len < rs[i].addr;
+            if (wraps || (i && rs[i].addr < rs[i - 1].addr + rs[i - 1].len)) {
+                rc = kvf__err(-KVF_EPROTO, "peer %s: its region table is not sorted and "
+                                           "non-overlapping at entry %zu",
+                              p->sid, i);
+                goto out_free;
+            }
+        }
+        *out = rs;
+        *n = (size_t)w.count;
+        *gen = w.gen;
+        return 0;
+    }
+    rc = kvf__err(-KVF_EBUSY, "peer %s: its region table kept changing during %d reads", p->sid,
+                  SHM_TABLE_TRIES);
+out_free:
+    free(rs);
+    return rc;
 }
 
 /* Map a failed process_vm_* call to the transport's error contract. */
@@ -343,6 +456,7 @@ const struct kvf_transport_ops kvf__shm_ops = {
     .transfer = shm_transfer,
     .notify = kvf__transport_enotsup_notify,
     .regions_gen = shm_regions_gen,
+    .regions_read = shm_regions_read,
     .regions_changed = shm_regions_changed,
     .mem_export = shm_mem_export,
     .mem_unexport = shm_mem_unexport,

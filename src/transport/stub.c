@@ -8,6 +8,15 @@ int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen)
     return -KVF_ENOTSUP;
 }
 
+int kvf__transport_enotsup_regions(kvf_tpeer_t *p, kvf_region_t **out, size_t *n, uint64_t *gen)
+{
+    (void)p;
+    (void)out;
+    (void)n;
+    (void)gen;
+    return -KVF_ENOTSUP;
+}
+
 int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len, uint64_t deadline_ms)
 {
     (void)p;

@@ -161,6 +161,7 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .transfer = tcp_transfer,
     .notify = tcp_notify,
     .regions_gen = kvf__transport_enotsup_gen,
+    .regions_read = kvf__transport_enotsup_regions,
     .regions_changed = kvf__transport_nop_regions,
     .mem_export = kvf__transport_nop_export,
     .mem_unexport = kvf__transport_nop_unexport,

@@ -46,25 +46,52 @@ typedef struct {
                                       published */
     bool offers_shm;         /* "shm" is among the transports it offers */
     uint64_t shm_word_addr;  /* address of its kvf_shm_word_t, 0 = not published */
-    uint64_t shm_nonce;      /* the nonce that word must hold: tells a restarted or reused pid */
     char memfd_sock[KVF_SHM_SOCK_MAX]; /* abstract Unix socket that hands out the fds of its
                                           kvf_mem_alloc memory, without the leading NUL;
                                           "" = not offered */
 } kvf_tpeer_desc_t;
 
 /*
- * The word a target engine keeps in its own memory for same-host senders, published in its
- * session record (see docs/protocol.md). A sender reads it with process_vm_readv before every
- * transfer: a magic and nonce that do not match mean the pid now belongs to another process;
- * a @gen newer than the sender's cached region list means the target (un)registered since.
- * The target stores @gen only after the region list of that generation is in the store.
+ * The word a target engine keeps in its own memory for same-host senders; only its address is
+ * in the session record (see docs/protocol.md). The store is a directory, not an authority: a
+ * sender believes nothing of the record until it has verified, from the kernel, that the pid it
+ * names holds the listening socket of the session's port and keeps at that address a word
+ * naming the session. From then on it reads everything from the word:
+ * @nonce:  random, never published; it tells a reused pid apart from the engine verified.
+ * @seq:    a seqlock: odd while the target changes @gen, @table and @count, so a reader that
+ *          sees it odd, or changed across its read of the table, reads again.
+ * @gen:    the generation of the region table; newer than the sender's copy = (un)registered.
+ * @table:  the address of the target's sorted, non-overlapping kvf_region_t[@count]: the
+ *          regions it has registered, the only ones a sender may touch.
+ * @sid:    the session id this engine serves.
  */
-#define KVF_SHM_WORD_MAGIC 0x31776d6873667663ull /* "cvfshmw1" little-endian */
+#define KVF_SHM_WORD_MAGIC 0x32776d6873667663ull /* "cvfshmw2" little-endian */
+/* Regions a sender reads from one target's table at most. */
+#define KVF_SHM_MAX_REGIONS (1u << 20)
 typedef struct {
     uint64_t magic;
     uint64_t nonce;
-    uint64_t gen; /* written with an atomic release store, 8-byte aligned */
+    uint64_t seq;
+    uint64_t gen;
+    uint64_t table;
+    uint64_t count;
+    char sid[KVF_SESSION_ID_MAX];
 } kvf_shm_word_t;
+
+/* The target's side of the seqlock: publish @n regions @rs of generation @gen in @w. The caller
+ * serialises calls and keeps @rs alive until the next call has returned (a reader that copies
+ * an old table after that sees @seq moved and reads again). */
+static inline void kvf__shm_word_set(kvf_shm_word_t *w, const kvf_region_t *rs, size_t n,
+                                     uint64_t gen)
+{
+    uint64_t s = __atomic_load_n(&w->seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->seq, s + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    __atomic_store_n(&w->table, (uint64_t)(uintptr_t)rs, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->count, (uint64_t)n, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->gen, gen, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->seq, s + 2, __ATOMIC_RELEASE);
+}
 
 /*
  * Called by a transport when a peer's notification arrived (tcp: a NOTIFY frame, after every
@@ -199,6 +226,14 @@ struct kvf_transport_ops {
     int (*regions_gen)(kvf_tpeer_t *p, uint64_t *gen);
 
     /*
+     * The same transports: the target's own region table, read from the target itself and
+     * never from the store (the store may be forged), with its generation: @out (malloc'ed,
+     * sorted, non-overlapping; NULL when @n is 0). Others return -KVF_ENOTSUP. Errors as
+     * regions_gen(), and -KVF_EPROTO for a table that is not sorted and non-overlapping.
+     */
+    int (*regions_read)(kvf_tpeer_t *p, kvf_region_t **out, size_t *n, uint64_t *gen);
+
+    /*
      * The core's cached list of the peer's regions was replaced by @rs (sorted, @n entries; not
      * kept after the call). shm uses it to drop mappings of kvf_mem_alloc memory whose region
      * (address, length, generation) is no longer published. Called with the core's peer lock
@@ -223,6 +258,7 @@ struct kvf_transport_ops {
 
 /* Stubs for ops a transport does not have (stub.c). */
 int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen);
+int kvf__transport_enotsup_regions(kvf_tpeer_t *p, kvf_region_t **out, size_t *n, uint64_t *gen);
 int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len,
                                   uint64_t deadline_ms);
 void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n);

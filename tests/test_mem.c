@@ -1,0 +1,105 @@
+/*
+ * Registration hardening (issue 12): memory that is not mapped in this process is refused at
+ * registration, with the range named, instead of being accepted and killing the process at the
+ * first peer write into it.
+ */
+#include "test_util.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+typedef struct {
+    kvf_store_server_t *srv;
+    kvf_engine_t *e;
+    size_t page;
+} fx_t;
+
+static int fx_setup(void **state)
+{
+    fx_t *fx = calloc(1, sizeof(*fx));
+    kvf_config_t c;
+    kvf_config_init(&c);
+    c.init_timeout_ms = 2000;
+    fx->srv = kvf_test_store_start();
+    fx->page = (size_t)sysconf(_SC_PAGESIZE);
+    assert_kvf_ok(kvf_engine_create(kvf_store_server_url(fx->srv), "127.0.0.1:0",
+                                    KVF_ROLE_DECODE, 0, &c, &fx->e));
+    *state = fx;
+    return 0;
+}
+
+static int fx_teardown(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_destroy(fx->e);
+    kvf_store_server_stop(fx->srv);
+    free(fx);
+    return 0;
+}
+
+/* Three pages with the middle one unmapped: the whole range is refused, each mapped page alone
+ * is accepted. */
+static void register_range_with_hole_refused(void **state)
+{
+    fx_t *fx = *state;
+    uint8_t *m = mmap(NULL, 3 * fx->page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                      -1, 0);
+    assert_true(m != MAP_FAILED);
+    assert_int_equal(munmap(m + fx->page, fx->page), 0);
+    assert_kvf_err(kvf_mem_register(fx->e, m, 3 * fx->page), -EFAULT);
+    assert_last_error_contains("not mapped");
+    char want[64];
+    snprintf(want, sizeof(want), "[%p, +%zu)", (void *)m, 3 * fx->page);
+    assert_last_error_contains(want);
+    /* Off by one byte into the hole is refused too. */
+    assert_kvf_err(kvf_mem_register(fx->e, m, fx->page + 1), -EFAULT);
+    assert_kvf_ok(kvf_mem_register(fx->e, m, fx->page));
+    assert_kvf_ok(kvf_mem_register(fx->e, m + 2 * fx->page, fx->page));
+    assert_kvf_ok(kvf_mem_unregister(fx->e, m));
+    assert_kvf_ok(kvf_mem_unregister(fx->e, m + 2 * fx->page));
+    munmap(m, fx->page);
+    munmap(m + 2 * fx->page, fx->page);
+}
+
+/* Freed memory is refused; a batch with one such element registers nothing. */
+static void register_freed_memory_refused(void **state)
+{
+    fx_t *fx = *state;
+    uint8_t *ok = mmap(NULL, fx->page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint8_t *gone = mmap(NULL, fx->page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+                         0);
+    assert_true(ok != MAP_FAILED && gone != MAP_FAILED);
+    assert_int_equal(munmap(gone, fx->page), 0);
+    assert_kvf_err(kvf_mem_register(fx->e, gone, 16), -EFAULT);
+    void *addrs[] = {ok, gone};
+    size_t lens[] = {fx->page, 16};
+    assert_kvf_err(kvf_mem_register_batch(fx->e, addrs, lens, 2), -EFAULT);
+    assert_last_error_contains("element 1");
+    /* Nothing of the batch stayed registered: the good element registers afresh. */
+    assert_kvf_ok(kvf_mem_register(fx->e, ok, fx->page));
+    assert_kvf_ok(kvf_mem_unregister(fx->e, ok));
+    munmap(ok, fx->page);
+}
+
+/* Read-only memory is mapped: registering it (a source peers only read) still works. */
+static void register_read_only_memory_accepted(void **state)
+{
+    fx_t *fx = *state;
+    uint8_t *m = mmap(NULL, fx->page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(m != MAP_FAILED);
+    assert_kvf_ok(kvf_mem_register(fx->e, m, fx->page));
+    assert_kvf_ok(kvf_mem_unregister(fx->e, m));
+    munmap(m, fx->page);
+}
+
+static const struct CMUnitTest tests[] = {
+    cmocka_unit_test_setup_teardown(register_range_with_hole_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(register_freed_memory_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(register_read_only_memory_accepted, fx_setup, fx_teardown),
+};
+
+KVF_TEST_MAIN(tests)
