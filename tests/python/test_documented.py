@@ -35,7 +35,7 @@ def test_namespace_keeps_engines_apart(store):
             msg = kvferry.get_last_err_msg()
             assert rc == -kvferry.KVF_ENOTFOUND, (rc, msg)
             assert f"peer session {sid} did not appear in the store" in msg, msg
-            assert INIT_TIMEOUT_MS / 1000 <= took < INIT_TIMEOUT_MS / 1000 + 1.5, took
+            assert INIT_TIMEOUT_MS / 1000 <= took < INIT_TIMEOUT_MS / 1000 + 3, (sid, took)
         assert not dst.any(), "bytes from another namespace landed"
         assert pb.wait_for_peer(d.session_id, timeout=0.2) == -kvferry.KVF_ETIMEDOUT
         assert (f"peer {d.session_id} did not appear in namespace beta"
@@ -141,7 +141,7 @@ def test_config_limits_accepted_and_used(store):
         assert d.register_memory(dst) == 0
         for i, cfg in enumerate([dict(tcp_conns_per_peer=1, tcp_chunk_bytes=64 << 10),
                                  dict(tcp_conns_per_peer=16, tcp_chunk_bytes=64 << 20),
-                                 dict(lease_ttl_ms=1)]):
+                                 dict(lease_ttl_ms=200)]):
             with make_engine(store.url, "Prefill", **cfg) as p:
                 src = np.random.default_rng(i).integers(0, 256, dst.nbytes, dtype=np.uint8)
                 assert p.transfer_sync_write(d.session_id, src, dst.ctypes.data) == 0, \
