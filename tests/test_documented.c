@@ -10,7 +10,6 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -212,9 +211,8 @@ static void mem_free_times_out_while_write_held(void **state)
  * refused at once with -EADDRNOTAVAIL naming it, and nothing is published. */
 static void session_ip_must_be_local(void **state)
 {
-    (void)state;
-    kvf_store_server_t *srv = kvf_test_store_start();
-    const char *url = kvf_store_server_url(srv);
+    doc_fx_t *fx = *state;
+    const char *url = fx->url;
     kvf_engine_t *e = NULL;
     uint64_t t0 = kvf_test_now_ms();
     assert_kvf_err(kvf_engine_create(url, "192.0.2.1:0", KVF_ROLE_DECODE, 0, NULL, &e),
@@ -233,14 +231,15 @@ static void session_ip_must_be_local(void **state)
     size_t n = 1;
     assert_kvf_ok(kvf_store_open(url, NULL, &st));
     assert_kvf_ok(kvf_store_list(st, "", &kvs, &n));
-    assert_int_equal(n, 0);
+    for (size_t i = 0; i < n; i++)
+        if (strstr(kvs[i].key, "192.0.2.1"))
+            fail_msg("a refused engine left record %s", kvs[i].key);
     kvf_store_kv_free(kvs, n);
     kvf_store_close(st);
     /* An address of this host other than 127.0.0.1 is accepted: 127.0.0.2 is loopback too. */
     assert_kvf_ok(kvf_engine_create(url, "127.0.0.2:0", KVF_ROLE_DECODE, 0, NULL, &e));
     assert_true(strncmp(kvf_engine_session_id(e), "127.0.0.2:", 10) == 0);
     kvf_engine_destroy(e);
-    kvf_store_server_stop(srv);
 }
 
 /* ---- destroy waits for transfers that move data ---------------------------------------------- */
@@ -311,9 +310,8 @@ static void destroy_waits_on(const char *url, kvf_engine_t *dec, kvf_transport_k
 
 static void destroy_waits_for_moving_transfer(void **state)
 {
-    (void)state;
-    kvf_store_server_t *srv = kvf_test_store_start();
-    const char *url = kvf_store_server_url(srv);
+    doc_fx_t *fx = *state;
+    const char *url = fx->url;
     kvf_engine_t *dec = kvf_test_engine(url, KVF_ROLE_DECODE, NULL);
     uint8_t *dst = malloc(MOVING_LEN), *src = malloc(MOVING_LEN);
     assert_non_null(dst);
@@ -328,7 +326,6 @@ static void destroy_waits_for_moving_transfer(void **state)
         destroy_waits_on(url, dec, kinds[i], src, dst);
     assert_kvf_ok(kvf_mem_unregister(dec, dst));
     kvf_engine_destroy(dec);
-    kvf_store_server_stop(srv);
     free(dst);
     free(src);
 }
@@ -506,18 +503,12 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(unregister_times_out_while_write_held, doc_setup,
                                     doc_teardown),
     cmocka_unit_test_setup_teardown(mem_free_times_out_while_write_held, doc_setup, doc_teardown),
-    cmocka_unit_test(session_ip_must_be_local),
-    cmocka_unit_test(destroy_waits_for_moving_transfer),
+    cmocka_unit_test_setup_teardown(session_ip_must_be_local, doc_setup, doc_teardown),
+    cmocka_unit_test_setup_teardown(destroy_waits_for_moving_transfer, doc_setup, doc_teardown),
     cmocka_unit_test_setup_teardown(register_batch_all_or_none, doc_setup, doc_teardown),
     cmocka_unit_test_setup_teardown(peer_events_keep_newest_4096, doc_setup, doc_teardown),
     cmocka_unit_test(role_name_every_role),
     cmocka_unit_test_setup_teardown(config_limits, doc_setup, doc_teardown),
 };
 
-int main(int argc, char **argv)
-{
-    signal(SIGPIPE, SIG_IGN);
-    if (argc > 1)
-        cmocka_set_test_filter(argv[1]);
-    return cmocka_run_group_tests(tests, NULL, NULL);
-}
+KVF_TEST_MAIN(tests)

@@ -6,13 +6,24 @@
  */
 #include "test_util.h"
 
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* How long a transfer waits for a peer to appear; short, since the test waits it out. */
 #define NS_INIT_TIMEOUT_MS 300u
 #define NS_BYTES           (256u << 10)
+
+static int store_setup(void **state)
+{
+    *state = kvf_test_store_start();
+    return 0;
+}
+
+static int store_teardown(void **state)
+{
+    kvf_store_server_stop(*state);
+    return 0;
+}
 
 static kvf_config_t ns_config(const char *ns)
 {
@@ -53,9 +64,7 @@ static void assert_unknown_session(kvf_engine_t *e, const char *peer, const uint
  * "beta" on the same store fails exactly as it does for a session that does not exist. */
 static void other_namespace_unreachable(void **state)
 {
-    (void)state;
-    kvf_store_server_t *srv = kvf_test_store_start();
-    const char *url = kvf_store_server_url(srv);
+    const char *url = kvf_store_server_url(*state);
     kvf_config_t ca = ns_config("alpha"), cb = ns_config("beta");
     kvf_engine_t *dec = kvf_test_engine(url, KVF_ROLE_DECODE, &ca);
     kvf_engine_t *pre_a = kvf_test_engine(url, KVF_ROLE_PREFILL, &ca);
@@ -93,7 +102,6 @@ static void other_namespace_unreachable(void **state)
     kvf_engine_destroy(pre_b);
     kvf_engine_destroy(pre_a);
     kvf_engine_destroy(dec);
-    kvf_store_server_stop(srv);
     free(dst);
     free(src);
     free(back);
@@ -103,9 +111,7 @@ static void other_namespace_unreachable(void **state)
  * those present when it subscribes and those that come later. */
 static void peer_wait_and_events_stay_in_namespace(void **state)
 {
-    (void)state;
-    kvf_store_server_t *srv = kvf_test_store_start();
-    const char *url = kvf_store_server_url(srv);
+    const char *url = kvf_store_server_url(*state);
     kvf_config_t ca = ns_config("alpha"), cb = ns_config("beta");
     kvf_engine_t *a1 = kvf_test_engine(url, KVF_ROLE_DECODE, &ca);
     kvf_engine_t *a2 = kvf_test_engine(url, KVF_ROLE_PREFILL, &ca);
@@ -153,7 +159,6 @@ static void peer_wait_and_events_stay_in_namespace(void **state)
     kvf_engine_destroy(b1);
     kvf_engine_destroy(a2);
     kvf_engine_destroy(a1);
-    kvf_store_server_stop(srv);
 }
 
 /* The key of an engine's record of @kind in @ns. */
@@ -165,9 +170,7 @@ static void ns_key(char *buf, size_t n, const char *ns, const char *kind, kvf_en
 /* Every record is under kvferry/v1/<its engine's namespace>/, read with the public store API. */
 static void records_under_namespace_prefix(void **state)
 {
-    (void)state;
-    kvf_store_server_t *srv = kvf_test_store_start();
-    const char *url = kvf_store_server_url(srv);
+    const char *url = kvf_store_server_url(*state);
     kvf_config_t ca = ns_config("alpha"), cb = ns_config("beta.2-x_Y");
     kvf_engine_t *a = kvf_test_engine(url, KVF_ROLE_DECODE, &ca);
     kvf_engine_t *b = kvf_test_engine(url, KVF_ROLE_PREFILL, &cb);
@@ -214,16 +217,13 @@ static void records_under_namespace_prefix(void **state)
     assert_kvf_ok(kvf_mem_unregister(a, mem));
     kvf_engine_destroy(a);
     kvf_store_close(st);
-    kvf_store_server_stop(srv);
     free(mem);
 }
 
 /* A malformed namespace is refused at create, naming it; the default is "default". */
 static void namespace_validated(void **state)
 {
-    (void)state;
-    kvf_store_server_t *srv = kvf_test_store_start();
-    const char *url = kvf_store_server_url(srv);
+    const char *url = kvf_store_server_url(*state);
     static const struct {
         const char *ns;
         const char *msg;
@@ -264,20 +264,13 @@ static void namespace_validated(void **state)
     kvf_store_close(st);
     kvf_engine_destroy(f);
     kvf_engine_destroy(e);
-    kvf_store_server_stop(srv);
 }
 
 static const struct CMUnitTest tests[] = {
-    cmocka_unit_test(other_namespace_unreachable),
-    cmocka_unit_test(peer_wait_and_events_stay_in_namespace),
-    cmocka_unit_test(records_under_namespace_prefix),
-    cmocka_unit_test(namespace_validated),
+    cmocka_unit_test_setup_teardown(other_namespace_unreachable, store_setup, store_teardown),
+    cmocka_unit_test_setup_teardown(peer_wait_and_events_stay_in_namespace, store_setup, store_teardown),
+    cmocka_unit_test_setup_teardown(records_under_namespace_prefix, store_setup, store_teardown),
+    cmocka_unit_test_setup_teardown(namespace_validated, store_setup, store_teardown),
 };
 
-int main(int argc, char **argv)
-{
-    signal(SIGPIPE, SIG_IGN);
-    if (argc > 1)
-        cmocka_set_test_filter(argv[1]);
-    return cmocka_run_group_tests(tests, NULL, NULL);
-}
+KVF_TEST_MAIN(tests)

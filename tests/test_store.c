@@ -1124,6 +1124,23 @@ static void *mute_store_main(void *arg)
     return NULL;
 }
 
+/* Start a mute store answering @answer requests on its own thread (*@t) and open a client of
+ * it with @request_timeout_ms. */
+static kvf_store_t *mute_store_open(mute_store_t *m, int answer, pthread_t *t,
+                                    uint32_t request_timeout_ms)
+{
+    char url[64];
+    m->answer = answer;
+    m->lfd = silent_listener(url, sizeof(url));
+    assert_int_equal(pthread_create(t, NULL, mute_store_main, m), 0);
+    kvf_store_opts_t o;
+    kvf_store_opts_init(&o);
+    o.request_timeout_ms = request_timeout_ms;
+    kvf_store_t *st = NULL;
+    assert_kvf_ok(kvf_store_open(url, &o, &st));
+    return st;
+}
+
 /* Wait (polling, bounded) for the mute store to see the client connect again; returns when it
  * did, 0 if it did not within @timeout_ms. */
 static uint64_t wait_reconnect(mute_store_t *m, unsigned timeout_ms)
@@ -1200,16 +1217,10 @@ static void silent_store_after_keepalive(void **state)
 static void lease_revoke_times_out(void **state)
 {
     (void)state;
-    mute_store_t m = {.answer = 2}; /* the open's ping and the grant */
-    char url[64];
-    m.lfd = silent_listener(url, sizeof(url));
+    mute_store_t m = {0};
     pthread_t t;
-    assert_int_equal(pthread_create(&t, NULL, mute_store_main, &m), 0);
-    kvf_store_opts_t o;
-    kvf_store_opts_init(&o);
-    o.request_timeout_ms = 300;
-    kvf_store_t *st = NULL;
-    assert_kvf_ok(kvf_store_open(url, &o, &st));
+    /* It answers the open's ping and the grant. */
+    kvf_store_t *st = mute_store_open(&m, 2, &t, 300);
     uint64_t lease;
     /* A long TTL: no keep-alive (every ttl/3) goes out during the test. */
     assert_kvf_ok(kvf_store_lease_grant(st, 60000, &lease));
