@@ -1124,6 +1124,23 @@ static void *mute_store_main(void *arg)
     return NULL;
 }
 
+/* Start a mute store answering @answer requests on its own thread (*@t) and open a client of
+ * it with @request_timeout_ms. */
+static kvf_store_t *mute_store_open(mute_store_t *m, int answer, pthread_t *t,
+                                    uint32_t request_timeout_ms)
+{
+    char url[64];
+    m->answer = answer;
+    m->lfd = silent_listener(url, sizeof(url));
+    assert_int_equal(pthread_create(t, NULL, mute_store_main, m), 0);
+    kvf_store_opts_t o;
+    kvf_store_opts_init(&o);
+    o.request_timeout_ms = request_timeout_ms;
+    kvf_store_t *st = NULL;
+    assert_kvf_ok(kvf_store_open(url, &o, &st));
+    return st;
+}
+
 /* Wait (polling, bounded) for the mute store to see the client connect again; returns when it
  * did, 0 if it did not within @timeout_ms. */
 static uint64_t wait_reconnect(mute_store_t *m, unsigned timeout_ms)
@@ -1193,6 +1210,91 @@ static void silent_store_after_keepalive(void **state)
     kvf_store_close(st);
     assert_int_equal(pthread_join(t, NULL), 0);
     close(m.lfd);
+}
+
+/* A lease revoke the store does not answer: -KVF_ETIMEDOUT within request_timeout_ms, saying
+ * that the lease expires on the store after its TTL; the client forgets the lease all the same. */
+static void lease_revoke_times_out(void **state)
+{
+    (void)state;
+    mute_store_t m = {0};
+    pthread_t t;
+    /* It answers the open's ping and the grant. */
+    kvf_store_t *st = mute_store_open(&m, 2, &t, 300);
+    uint64_t lease;
+    /* A long TTL: no keep-alive (every ttl/3) goes out during the test. */
+    assert_kvf_ok(kvf_store_lease_grant(st, 60000, &lease));
+    uint64_t t0 = kvf_test_now_ms();
+    assert_kvf_err(kvf_store_lease_revoke(st, lease), -KVF_ETIMEDOUT);
+    uint64_t took = kvf_test_now_ms() - t0;
+    assert_last_error_contains("timed out after 300 ms");
+    assert_last_error_contains("expires there within its TTL of 60000 ms");
+    if (took < 300 || took > 1500)
+        fail_msg("a revoke with a 300 ms request timeout failed after %" PRIu64 " ms", took);
+    assert_kvf_err(kvf_store_lease_revoke(st, lease), -KVF_ENOTFOUND);
+    assert_kvf_err(kvf_store_lease_keepalive_stop(st, lease), -KVF_ENOTFOUND);
+    if (!wait_reconnect(&m, EVENT_TIMEOUT_MS))
+        fail_msg("the client did not give up the silent store within %u ms", EVENT_TIMEOUT_MS);
+    kvf_store_close(st);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    close(m.lfd);
+}
+
+typedef struct {
+    kvf_store_t *st;
+    char key[32];
+    int rc;
+    void *val;
+    uint64_t end_ms;
+    char msg[512];
+} pending_get_t;
+
+static void *pending_get_main(void *arg)
+{
+    pending_get_t *p = arg;
+    size_t len = 0;
+    p->rc = kvf_store_get(p->st, p->key, 20000, &p->val, &len);
+    p->end_ms = kvf_test_now_ms();
+    snprintf(p->msg, sizeof(p->msg), "%s", kvf_last_error());
+    return NULL;
+}
+
+/* kvf_store_close() while other threads wait in get-with-wait requests: each fails with
+ * -KVF_ECLOSED at once (not after its 20 s wait), and close returns promptly. */
+static void close_fails_pending_requests(void **state)
+{
+    fx_t *fx = *state;
+    enum { N = 2 };
+    kvf_store_t *st = open_client(fx->url);
+    pending_get_t p[N];
+    pthread_t t[N];
+    for (int i = 0; i < N; i++) {
+        p[i] = (pending_get_t){.st = st, .rc = 1};
+        snprintf(p[i].key, sizeof(p[i].key), "pending/%d", i);
+        assert_int_equal(pthread_create(&t[i], NULL, pending_get_main, &p[i]), 0);
+    }
+    if (!wait_parked(fx->srv, N, EVENT_TIMEOUT_MS))
+        fail_msg("%d get-with-wait requests were not parked within %u ms", N, EVENT_TIMEOUT_MS);
+    uint64_t t0 = kvf_test_now_ms();
+    kvf_store_close(st);
+    uint64_t closed = kvf_test_now_ms();
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(pthread_join(t[i], NULL), 0);
+        if (p[i].rc != -KVF_ECLOSED)
+            fail_msg("pending get %d returned %d (%s), want KVF_ECLOSED: %s", i, p[i].rc,
+                     kvf_err_name(p[i].rc), p[i].msg);
+        assert_null(p[i].val);
+        if (!strstr(p[i].msg, p[i].key) || !strstr(p[i].msg, "closed"))
+            fail_msg("pending get %d: message \"%s\" names neither its key nor the close", i,
+                     p[i].msg);
+        if (p[i].end_ms - t0 > 1000)
+            fail_msg("pending get %d returned %" PRIu64 " ms after close began", i,
+                     p[i].end_ms - t0);
+    }
+    if (closed - t0 > 1000)
+        fail_msg("kvf_store_close took %" PRIu64 " ms with requests pending", closed - t0);
+    /* The server dropped the waiters with the connection. */
+    assert_true(wait_parked(fx->srv, 0, EVENT_TIMEOUT_MS));
 }
 
 /* ---- one client, many threads --------------------------------------------------------------- */
@@ -1504,6 +1606,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(protocol_error_drops_connection),
     cmocka_unit_test(silent_store_after_request_timeout),
     cmocka_unit_test(silent_store_after_keepalive),
+    cmocka_unit_test(lease_revoke_times_out),
+    cmocka_unit_test_setup_teardown(close_fails_pending_requests, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(shared_client_many_threads, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(thousand_clients, fx_setup, fx_teardown),
 };

@@ -198,3 +198,20 @@ pid_t kvf_test_store_process(char *url, size_t len)
     close(fd);
     return pid;
 }
+
+void kvf_test_pattern(uint8_t *p, size_t n, uint32_t seed)
+{
+    uint64_t x = 0x9E3779B97F4A7C15ull * (seed + 1u);
+    for (size_t i = 0; i < n; i++) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        p[i] = (uint8_t)(x >> 56);
+    }
+}
+
+kvf_engine_t *kvf_test_engine(const char *url, kvf_role_t role, const kvf_config_t *cfg)
+{
+    kvf_engine_t *e = NULL;
+    assert_kvf_ok(kvf_engine_create(url, "127.0.0.1:0", role, 0, cfg, &e));
+    return e;
+}
+

@@ -94,4 +94,12 @@ pid_t kvf_test_store_process(char *url, size_t len);
  * (SIGKILL) on timeout. Always reaps. */
 int kvf_test_reap(pid_t pid, unsigned timeout_ms);
 
+/* Fill @n bytes with a pseudo-random pattern of @seed (no two seeds give the same bytes, and no
+ * byte position repeats the previous one's value for long), so a byte landing at a wrong offset
+ * or from a wrong buffer shows. */
+void kvf_test_pattern(uint8_t *p, size_t n, uint32_t seed);
+
+/* Create an engine on 127.0.0.1 with a free port; fails the test (naming the error) otherwise. */
+kvf_engine_t *kvf_test_engine(const char *url, kvf_role_t role, const kvf_config_t *cfg);
+
 #endif /* KVF_TEST_UTIL_H */
