@@ -5,7 +5,7 @@ ASAN_BUILD ?= build-asan
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?=
 
-.PHONY: all deps build test test-asan demo bench fuzz install clean
+.PHONY: all deps build test test-asan demo bench fuzz mutants install clean
 
 all: build
 
@@ -55,8 +55,13 @@ fuzz: build
 	     -print_final_stats=1 $$t) || exit 1; \
 	done
 
+# Break each invariant of tests/mutants/*.patch in a scratch copy of the tree and require the
+# tests named for it to fail (CI runs this). A few minutes; MUTANTS_DIR (default build-mutants).
+mutants: deps
+	./scripts/mutants.sh
+
 install: build
 	cmake --install $(BUILD)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) build-mutants
