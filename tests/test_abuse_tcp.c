@@ -292,6 +292,27 @@ static void transfer_after_idle_close_succeeds(void **state)
     node_stop(&a);
 }
 
+/* kvf_config_t.tcp_idle_timeout_ms: 60 s by default, checked before anything is contacted. */
+static void idle_timeout_config_checked(void **state)
+{
+    (void)state;
+    kvf_config_t c;
+    kvf_config_init(&c);
+    assert_int_equal(c.tcp_idle_timeout_ms, KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS);
+    assert_int_equal(KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS, 60000);
+    static const uint32_t bad[] = {0, KVF_MIN_TCP_IDLE_TIMEOUT_MS - 1,
+                                   KVF_MAX_TCP_IDLE_TIMEOUT_MS + 1};
+    for (size_t i = 0; i < KVF__ARRAY_SIZE(bad); i++) {
+        kvf_engine_t *e = NULL;
+        c.tcp_idle_timeout_ms = bad[i];
+        assert_kvf_err(
+            kvf_engine_create("tcp://127.0.0.1:1", "127.0.0.1:0", KVF_ROLE_DECODE, 0, &c, &e),
+            -KVF_EINVAL);
+        assert_last_error_contains("config.tcp_idle_timeout_ms");
+        assert_null(e);
+    }
+}
+
 /* The connection that has not sent its HELLO is closed after KVF_TCP_HELLO_TIMEOUT_MS (checked
  * every TCP_SERVER_SLICE_MS), much sooner than an idle one after it. */
 static void no_hello_closed_after_hello_timeout(void **state)
@@ -484,6 +505,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(flood_from_one_address_leaves_others_served),
     cmocka_unit_test(idle_connection_closed_after_timeout),
     cmocka_unit_test(transfer_after_idle_close_succeeds),
+    cmocka_unit_test(idle_timeout_config_checked),
     cmocka_unit_test(no_hello_closed_after_hello_timeout),
     cmocka_unit_test(fd_exhaustion_pauses_and_recovers),
 };
