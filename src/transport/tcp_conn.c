@@ -95,8 +95,9 @@ void tcp_conn_break_locked(struct tcp_conn *c, uint64_t gen, int code, const cha
             KVF_INFO(TCP_LOG, "connection %u to %s closed while idle: %s", c->idx, c->peer->sid,
                      why);
         else
-            KVF_WARN(TCP_LOG, "connection %u to %s broke with %u request(s) in flight: %s", c->idx,
-                     c->peer->sid, pending, why);
+            KVF_WARN_RATELIMITED(TCP_LOG,
+                                 "connection %u to %s broke with %u request(s) in flight: %s",
+                                 c->idx, c->peer->sid, pending, why);
     }
     if (c->fd >= 0)
         shutdown(c->fd, SHUT_RDWR);
