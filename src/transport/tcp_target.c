@@ -499,7 +499,7 @@ static int tcp_accept_one(struct tcp_transport *t)
         if (err != EAGAIN && err != EWOULDBLOCK && err != EINTR && err != ECONNABORTED)
             KVF_WARN_RATELIMITED(
                 TCP_LOG, "accept on %s: %s%s", t->listen_str, strerror(err),
-                tcp_accept_starved(err) ? " (pausing; raise `ulimit -n` if this persists)" : "");
+                tcp_accept_starved(err) ? " (pausing; raise ulimit -n if this persists)" : "");
         return err;
     }
     tcp_reap_sconns(t, false);
