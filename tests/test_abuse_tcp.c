@@ -24,6 +24,7 @@
 
 #include "common/common.h"
 #include "common/regions.h"
+#include "common/url.h"
 #include "test_util.h"
 #include "transport/tcp.h"
 #include "transport/tcp_proto.h"
@@ -32,51 +33,45 @@
 static const struct kvf_transport_ops *ops = &kvf__tcp_ops;
 
 /* ---------------------------------------------------------------------------------------------
- * Helpers
+ * A transport under attack, and raw sockets that attack it
  * ------------------------------------------------------------------------------------------- */
 
+/* One engine's tcp transport: the target of the attacks, or a well-behaved Prefill. */
 typedef struct {
-    kvf_region_table_t *rt;
     kvf_transport_t *t;
-    uint16_t port;
+    uint16_t port;          /* it listens on 127.0.0.1:port */
+    kvf_region_table_t *rt; /* checked by its serving threads */
 } node_t;
 
 /* A transport listening on 127.0.0.1, any port. @idle_ms: its idle timeout (0: the default). */
 static void node_start(node_t *n, uint32_t idle_ms)
 {
-    kvf_transport_params_t p;
-    memset(&p, 0, sizeof(p));
+    kvf_transport_params_t p = {.local_sid = "127.0.0.1:0",
+                                .conns_per_peer = 1,
+                                .connect_timeout_ms = 2000,
+                                .idle_timeout_ms = idle_ms};
+    assert_kvf_ok(kvf__session_id_parse(p.local_sid, &p.listen));
     assert_kvf_ok(kvf__regions_create(&n->rt));
-    p.local_sid = "127.0.0.1:0";
-    snprintf(p.listen.host, sizeof(p.listen.host), "127.0.0.1");
-    p.listen.kind = KVF_HOST_IPV4;
     p.regions = n->rt;
-    p.conns_per_peer = 1;
-    p.connect_timeout_ms = 2000;
-    p.idle_timeout_ms = idle_ms;
     assert_kvf_ok(ops->create(&p, &n->t));
     n->port = ops->port(n->t);
 }
 
+/* Destroy the transport before its region table: its serving threads check against it. */
 static void node_stop(node_t *n)
 {
-    if (n->t)
-        ops->destroy(n->t);
-    n->t = NULL;
+    ops->destroy(n->t);
     kvf__regions_destroy(n->rt);
-    n->rt = NULL;
+    memset(n, 0, sizeof(*n));
 }
 
+/* A peer handle from @from to the transport on 127.0.0.1:@port. */
 static kvf_tpeer_t *peer_to(node_t *from, uint16_t port)
 {
-    kvf_tpeer_desc_t d;
-    memset(&d, 0, sizeof(d));
-    snprintf(d.addr.host, sizeof(d.addr.host), "127.0.0.1");
-    d.addr.kind = KVF_HOST_IPV4;
-    d.addr.port = port;
     char sid[32];
     snprintf(sid, sizeof(sid), "127.0.0.1:%u", (unsigned)port);
-    d.sid = sid;
+    kvf_tpeer_desc_t d = {.sid = sid};
+    assert_kvf_ok(kvf__session_id_parse(sid, &d.addr));
     kvf_tpeer_t *p = NULL;
     assert_kvf_ok(ops->peer_open(from->t, &d, &p));
     return p;
