@@ -474,6 +474,10 @@ typedef struct {
                                     1048576, default 65536. When it is full a sender's
                                     notification waits up to 2 s for room, then its batch fails
                                     with -KVF_EBUSY. */
+    uint32_t tcp_idle_timeout_ms; /* a TCP connection a peer opened to this engine is closed
+                                    once it brought no request for this long (the peer
+                                    reconnects on its next transfer, unnoticed); 100 ..
+                                    86400000, default 60000. */
 } kvf_config_t;
 
 /** kvf_config_init - fill @cfg with the defaults and set its size field. */

@@ -307,6 +307,78 @@ static void level_parse(void **state)
     assert_int_equal(kvf__log_level_parse(NULL), -1);
 }
 
+/* ----------------------------------------------------------------------------------------------
+ * Rate-limited lines
+ * -------------------------------------------------------------------------------------------- */
+
+/* One call site's state: KVF_LOG_RATELIMIT_BURST lines pass in a window, the rest are counted,
+ * and the first line of a later window reports how many were dropped. */
+static void ratelimit_counts_what_it_drops(void **state)
+{
+    (void)state;
+    kvf_log_ratelimit_t rl = KVF_LOG_RATELIMIT_INIT;
+    unsigned dropped = 99;
+    const unsigned n = KVF_LOG_RATELIMIT_BURST + 25;
+    unsigned passed = 0;
+    for (unsigned i = 0; i < n; i++) {
+        if (kvf__log_ratelimit(&rl, 5000 + i, &dropped)) {
+            passed++;
+            assert_int_equal(dropped, 0);
+        }
+    }
+    assert_int_equal(passed, KVF_LOG_RATELIMIT_BURST);
+    /* Still inside the window: dropped. */
+    assert_false(kvf__log_ratelimit(&rl, 5000 + KVF_LOG_RATELIMIT_WINDOW_MS - 1, &dropped));
+    /* The next window: passes, and says how many were dropped since the last line. */
+    assert_true(kvf__log_ratelimit(&rl, 5000 + KVF_LOG_RATELIMIT_WINDOW_MS, &dropped));
+    assert_int_equal(dropped, 26);
+    assert_true(kvf__log_ratelimit(&rl, 5001 + KVF_LOG_RATELIMIT_WINDOW_MS, &dropped));
+    assert_int_equal(dropped, 0);
+}
+
+static void ratelimited_call_site(int i)
+{
+    KVF_LOG_RATELIMITED(KVF_LOG_WARN, "rltest", "repeated line %d", i);
+}
+
+static unsigned count_substr(const char *s, const char *needle)
+{
+    unsigned n = 0;
+    for (const char *p = strstr(s, needle); p; p = strstr(p + 1, needle))
+        n++;
+    return n;
+}
+
+/* The macro: a burst of 1,000 lines from one call site prints KVF_LOG_RATELIMIT_BURST, and the
+ * first line a window later is preceded by one "(N more suppressed)" line. Below the level
+ * nothing is printed or counted. */
+static void ratelimited_macro_prints_burst_then_summary(void **state)
+{
+    (void)state;
+    static char out[64 << 10];
+    struct capture c;
+    capture_start(&c);
+    for (int i = 0; i < 1000; i++)
+        ratelimited_call_site(i);
+    usleep((KVF_LOG_RATELIMIT_WINDOW_MS + 100) * 1000);
+    ratelimited_call_site(1000);
+    assert_kvf_ok(kvf_log_set_level(KVF_LOG_ERROR));
+    for (int i = 0; i < 1000; i++)
+        ratelimited_call_site(2000 + i);
+    capture_stop(&c, out, sizeof(out));
+    print_message("%s", out);
+    assert_int_equal(count_substr(out, "repeated line"), KVF_LOG_RATELIMIT_BURST + 1);
+    char want[64];
+    /* A normal log line (level, subsystem), before the line that ended the quiet window. */
+    snprintf(want, sizeof(want), "rltest: (%u more suppressed)", 1000 - KVF_LOG_RATELIMIT_BURST);
+    assert_int_equal(count_substr(out, want), 1);
+    assert_int_equal(count_substr(out, "more suppressed"), 1);
+    const char *sum = strstr(out, want), *last = strstr(out, "repeated line 1000");
+    assert_non_null(last);
+    assert_true(sum < last);
+    assert_int_equal(count_substr(out, "WARN "), KVF_LOG_RATELIMIT_BURST + 2);
+}
+
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(set_level_rejects_out_of_range, reset_level, reset_level),
     cmocka_unit_test_setup_teardown(set_level_accepts_0_to_3, reset_level, reset_level),
@@ -317,6 +389,9 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(line_names_the_calling_thread, reset_level, reset_level),
     cmocka_unit_test_setup_teardown(env_sets_initial_level, reset_level, reset_level),
     cmocka_unit_test_setup_teardown(level_parse, reset_level, reset_level),
+    cmocka_unit_test_setup_teardown(ratelimit_counts_what_it_drops, reset_level, reset_level),
+    cmocka_unit_test_setup_teardown(ratelimited_macro_prints_burst_then_summary, reset_level,
+                                    reset_level),
 };
 
 int main(int argc, char **argv)

@@ -33,6 +33,7 @@ static const char *const config_kwlist[] = {"init_timeout_ms",
                                             "submit_blocks",
                                             "async_threads",
                                             "notify_queue_max",
+                                            "tcp_idle_timeout_ms",
                                             NULL};
 
 static int config_u32(PyObject *v, const char *name, uint32_t *out)
@@ -52,11 +53,11 @@ static int config_u32(PyObject *v, const char *name, uint32_t *out)
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *v[10] = {NULL};
+    PyObject *v[11] = {NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOO:TransferEngine",
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOO:TransferEngine",
                                      (char **)config_kwlist, &v[0], &v[1], &v[2], &v[3], &v[4],
-                                     &v[5], &v[6], &v[7], &v[8], &v[9]))
+                                     &v[5], &v[6], &v[7], &v[8], &v[9], &v[10]))
         return -1;
     if (kvfpy_guard_enter(&self->guard)) {
         kvfpy_guard_leave(&self->guard);
@@ -72,7 +73,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
         config_u32(v[4], "tcp_chunk_bytes", &self->cfg.tcp_chunk_bytes) < 0 ||
         config_u32(v[6], "max_batches", &self->cfg.max_batches) < 0 ||
         config_u32(v[8], "async_threads", &self->cfg.async_threads) < 0 ||
-        config_u32(v[9], "notify_queue_max", &self->cfg.notify_queue_max) < 0)
+        config_u32(v[9], "notify_queue_max", &self->cfg.notify_queue_max) < 0 ||
+        config_u32(v[10], "tcp_idle_timeout_ms", &self->cfg.tcp_idle_timeout_ms) < 0)
         return -1;
     if (v[7] && v[7] != Py_None) {
         int blocks = PyObject_IsTrue(v[7]);
@@ -385,7 +387,8 @@ PyTypeObject kvfpy_EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvferry.TransferEngine",
     .tp_doc = "TransferEngine(*, init_timeout_ms=None, op_timeout_ms=None, lease_ttl_ms=None, "
               "tcp_conns_per_peer=None, tcp_chunk_bytes=None, namespace=None, max_batches=None, "
-              "submit_blocks=None, async_threads=None, notify_queue_max=None)\n\n"
+              "submit_blocks=None, async_threads=None, notify_queue_max=None, "
+              "tcp_idle_timeout_ms=None)\n\n"
               "A kvferry node with the seed's (mf_adapter) TransferEngine methods. The "
               "keyword-only arguments override kvf_config_t defaults. Use as a context manager "
               "to destroy the engine on exit.",

@@ -6,8 +6,10 @@
 #ifndef KVF_COMMON_H
 #define KVF_COMMON_H
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -44,6 +46,44 @@ void kvf__log_write(int level, const char *subsys, const char *fmt, ...) KVF__PR
 #define KVF_INFO(subsys, ...) KVF_LOG(KVF_LOG_INFO, subsys, __VA_ARGS__)
 #define KVF_WARN(subsys, ...) KVF_LOG(KVF_LOG_WARN, subsys, __VA_ARGS__)
 #define KVF_ERROR(subsys, ...) KVF_LOG(KVF_LOG_ERROR, subsys, __VA_ARGS__)
+
+/*
+ * Rate-limited lines, for anything a peer can make happen over and over (a refused connection, a
+ * failed accept, a malformed frame): each call site of KVF_LOG_RATELIMITED prints at most
+ * KVF_LOG_RATELIMIT_BURST lines per KVF_LOG_RATELIMIT_WINDOW_MS; the rest are counted, and the
+ * first line of a later window is preceded by one "(N more suppressed)" line. A site's state is a
+ * static kvf_log_ratelimit_t the macro declares; its mutex is taken only for a line at or above
+ * the level, never on a path that logs nothing.
+ */
+#define KVF_LOG_RATELIMIT_BURST     10u
+#define KVF_LOG_RATELIMIT_WINDOW_MS 1000u
+
+typedef struct {
+    pthread_mutex_t mu;
+    uint64_t window_start; /* kvf__now_ms() of the window's first line; 0 = none yet */
+    unsigned passed;       /* lines printed in this window */
+    unsigned dropped;      /* lines dropped since the last printed one */
+} kvf_log_ratelimit_t;
+
+#define KVF_LOG_RATELIMIT_INIT {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0}
+
+/* Whether a line at @now_ms may be printed; when it may, *@dropped receives the count of lines
+ * dropped before it (then reset). */
+bool kvf__log_ratelimit(kvf_log_ratelimit_t *rl, uint64_t now_ms, unsigned *dropped);
+
+#define KVF_LOG_RATELIMITED(level, subsys, ...)                                                   \
+    do {                                                                                          \
+        static kvf_log_ratelimit_t kvf_rl_ = KVF_LOG_RATELIMIT_INIT;                              \
+        unsigned kvf_dropped_;                                                                    \
+        if ((level) >= atomic_load_explicit(&kvf__log_level, memory_order_relaxed) &&             \
+            kvf__log_ratelimit(&kvf_rl_, kvf__now_ms(), &kvf_dropped_)) {                         \
+            if (kvf_dropped_)                                                                     \
+                kvf__log_write((level), (subsys), "(%u more suppressed)", kvf_dropped_);          \
+            kvf__log_write((level), (subsys), __VA_ARGS__);                                       \
+        }                                                                                         \
+    } while (0)
+
+#define KVF_WARN_RATELIMITED(subsys, ...) KVF_LOG_RATELIMITED(KVF_LOG_WARN, subsys, __VA_ARGS__)
 
 /* Parse a log level: "0".."3" or debug/info/warn/warning/error (any case). -1 if invalid. */
 int kvf__log_level_parse(const char *s);

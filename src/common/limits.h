@@ -18,6 +18,13 @@
 #define KVF_DEFAULT_CONNS_PER_PEER 2u
 #define KVF_MAX_CONNS_PER_PEER     16u
 
+/* config.tcp_idle_timeout_ms: a target closes a served tcp connection that brought no request for
+ * this long (the initiator reconnects on its next transfer). Long enough that a peer's
+ * connection survives the pause between bursts; short enough that idle sockets cannot pile up. */
+#define KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS 60000u
+#define KVF_MIN_TCP_IDLE_TIMEOUT_MS     100u
+#define KVF_MAX_TCP_IDLE_TIMEOUT_MS     86400000u
+
 /* The other defaults of kvf_config_init() (include/kvferry.h documents each field). */
 #define KVF_DEFAULT_INIT_TIMEOUT_MS 10000u
 #define KVF_DEFAULT_OP_TIMEOUT_MS   30000u

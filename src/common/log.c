@@ -1,4 +1,6 @@
 /* Process-wide logging to stderr: one line per message with time, level, thread and subsystem. */
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <strings.h>
 #include <sys/syscall.h>
@@ -47,4 +49,24 @@ void kvf__log_write(int level, const char *subsys, const char *fmt, ...)
     fprintf(stderr, "%04d-%02d-%02d %02d:%02d:%02d.%06ld %-5s [%ld] %s: %s\n", tm.tm_year + 1900,
             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000,
             level_names[level], (long)syscall(SYS_gettid), subsys, msg);
+}
+
+bool kvf__log_ratelimit(kvf_log_ratelimit_t *rl, uint64_t now_ms, unsigned *dropped)
+{
+    bool pass;
+    pthread_mutex_lock(&rl->mu);
+    if (rl->passed == 0 || now_ms - rl->window_start >= KVF_LOG_RATELIMIT_WINDOW_MS) {
+        rl->window_start = now_ms;
+        rl->passed = 0;
+    }
+    pass = rl->passed < KVF_LOG_RATELIMIT_BURST;
+    if (pass) {
+        rl->passed++;
+        *dropped = rl->dropped;
+        rl->dropped = 0;
+    } else if (rl->dropped < UINT32_MAX) {
+        rl->dropped++;
+    }
+    pthread_mutex_unlock(&rl->mu);
+    return pass;
 }

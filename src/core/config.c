@@ -45,6 +45,7 @@ static const kvf_config_t config_defaults = {
     .submit_blocks = 0,
     .async_threads = KVF_DEFAULT_ASYNC_THREADS,
     .notify_queue_max = KVF_DEFAULT_NOTIFY_QUEUE,
+    .tcp_idle_timeout_ms = KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS,
 };
 
 void kvf_config_init(kvf_config_t *cfg)
@@ -118,6 +119,11 @@ int kvf__eng_config_load(const kvf_config_t *in, kvf_config_t *c)
     if (c->notify_queue_max < 1 || c->notify_queue_max > ENG_MAX_NOTIFY_QUEUE)
         return kvf__err(-KVF_EINVAL, "config.notify_queue_max %u: want 1..%u", c->notify_queue_max,
                         ENG_MAX_NOTIFY_QUEUE);
+    if (c->tcp_idle_timeout_ms < KVF_MIN_TCP_IDLE_TIMEOUT_MS ||
+        c->tcp_idle_timeout_ms > KVF_MAX_TCP_IDLE_TIMEOUT_MS)
+        return kvf__err(-KVF_EINVAL, "config.tcp_idle_timeout_ms %u: want %u..%u",
+                        c->tcp_idle_timeout_ms, KVF_MIN_TCP_IDLE_TIMEOUT_MS,
+                        KVF_MAX_TCP_IDLE_TIMEOUT_MS);
     if (!c->ns)
         c->ns = "default";
     return check_ns(c->ns);

@@ -194,6 +194,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .conns_per_peer = e->cfg.tcp_conns_per_peer,
         .chunk_bytes = e->cfg.tcp_chunk_bytes,
         .connect_timeout_ms = e->cfg.init_timeout_ms,
+        .idle_timeout_ms = e->cfg.tcp_idle_timeout_ms,
         .notify_cb = kvf__notify_deliver,
         .notify_arg = e,
     };

@@ -214,8 +214,8 @@ static int cli_on_event(kvf_store_t *st, uint16_t status, uint32_t id, const uin
         kv.val_len = vlen;
     }
     if (!kv.key || (type == KVF_STORE_EVENT_PUT && !kv.val))
-        KVF_WARN("store", "%s: out of memory delivering a %zu-byte watch event; dropped", st->url,
-                 vlen);
+        KVF_WARN_RATELIMITED(
+            "store", "%s: out of memory delivering a %zu-byte watch event; dropped", st->url, vlen);
     else
         cb(arg, (kvf_store_event_type_t)type, &kv);
     free(kv.key);

@@ -317,8 +317,8 @@ void kvf__cli_send_u64_locked(kvf_store_t *st, uint8_t op, uint64_t v)
         if (rq)
             kvf__buf_free(&f);
         free(rq);
-        KVF_WARN("store", "%s: out of memory sending opcode %u for server id %" PRIu64, st->url, op,
-                 v);
+        KVF_WARN_RATELIMITED("store", "%s: out of memory sending opcode %u for server id %" PRIu64,
+                             st->url, op, v);
         return;
     }
     kvf__cli_send_internal_locked(st, rq, &f);

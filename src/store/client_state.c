@@ -23,7 +23,8 @@ void kvf__cli_send_grant_locked(kvf_store_t *st, cli_lease_t *l, bool restore)
     if (!rq || kvf__cli_frame_end(&f) < 0) {
         kvf__buf_free(&f);
         free(rq);
-        KVF_WARN("store", "%s: out of memory re-granting lease %" PRIu64, st->url, l->cid);
+        KVF_WARN_RATELIMITED("store", "%s: out of memory re-granting lease %" PRIu64, st->url,
+                             l->cid);
         l->state = CLI_LEASE_NEED_GRANT;
         l->due_ms = kvf__now_ms() + CLI_REGRANT_RETRY_MS;
         return;
@@ -48,8 +49,8 @@ void kvf__cli_send_keepalive_locked(kvf_store_t *st, cli_lease_t *l)
         if (rq)
             kvf__buf_free(&f);
         free(rq);
-        KVF_WARN("store", "%s: out of memory sending a keep-alive for lease %" PRIu64, st->url,
-                 l->cid);
+        KVF_WARN_RATELIMITED("store", "%s: out of memory sending a keep-alive for lease %" PRIu64,
+                             st->url, l->cid);
         return;
     }
     rq->lease_cid = l->cid;
@@ -66,7 +67,8 @@ void kvf__cli_send_watch_locked(kvf_store_t *st, cli_watch_t *w)
     if (!rq || kvf__cli_frame_end(&f) < 0) {
         kvf__buf_free(&f);
         free(rq);
-        KVF_WARN("store", "%s: out of memory re-registering watch %" PRIu64, st->url, w->cid);
+        KVF_WARN_RATELIMITED("store", "%s: out of memory re-registering watch %" PRIu64, st->url,
+                             w->cid);
         return;
     }
     rq->watch_cid = w->cid;
@@ -84,8 +86,8 @@ static void cli_republish_locked(kvf_store_t *st, cli_lease_t *l)
             if (rq)
                 kvf__buf_free(&f);
             free(rq);
-            KVF_WARN("store", "%s: out of memory re-publishing a key of lease %" PRIu64, st->url,
-                     l->cid);
+            KVF_WARN_RATELIMITED("store", "%s: out of memory re-publishing a key of lease %" PRIu64,
+                                 st->url, l->cid);
             continue;
         }
         rq->lease_cid = l->cid;
@@ -102,8 +104,9 @@ void kvf__cli_apply_answer_locked(kvf_store_t *st, cli_req_t *rq)
     case KVF_STORE_OP_CAS:
         if (rq->err < 0) {
             if (rq->owner == CLI_OWNER_IO)
-                KVF_WARN("store", "%s: re-publishing a key of lease %" PRIu64 " failed: %s (%s)",
-                         st->url, rq->lease_cid, kvf_strerror(rq->err), rq->msg);
+                KVF_WARN_RATELIMITED("store",
+                                     "%s: re-publishing a key of lease %" PRIu64 " failed: %s (%s)",
+                                     st->url, rq->lease_cid, kvf_strerror(rq->err), rq->msg);
             break;
         }
         if (!rq->key)
@@ -113,9 +116,10 @@ void kvf__cli_apply_answer_locked(kvf_store_t *st, cli_req_t *rq)
         if (l) {
             cli_key_t *k = calloc(1, sizeof(*k));
             if (!k) {
-                KVF_WARN("store",
-                         "%s: out of memory: a key of lease %" PRIu64 " will not be re-published",
-                         st->url, l->cid);
+                KVF_WARN_RATELIMITED("store",
+                                     "%s: out of memory: a key of lease %" PRIu64
+                                     " will not be re-published",
+                                     st->url, l->cid);
                 break;
             }
             k->key = rq->key;
@@ -150,8 +154,9 @@ void kvf__cli_apply_answer_locked(kvf_store_t *st, cli_req_t *rq)
                 kvf__cli_send_u64_locked(st, KVF_STORE_OP_LEASE_REVOKE, rq->u64);
             }
         } else if (l && l->state == CLI_LEASE_REGRANTING) {
-            KVF_WARN("store", "%s: re-granting lease %" PRIu64 " failed: %s (%s); retrying",
-                     st->url, l->cid, kvf_strerror(rq->err), rq->msg);
+            KVF_WARN_RATELIMITED("store",
+                                 "%s: re-granting lease %" PRIu64 " failed: %s (%s); retrying",
+                                 st->url, l->cid, kvf_strerror(rq->err), rq->msg);
             l->state = CLI_LEASE_NEED_GRANT;
             l->due_ms = kvf__now_ms() + CLI_REGRANT_RETRY_MS;
         }
@@ -185,9 +190,10 @@ void kvf__cli_apply_answer_locked(kvf_store_t *st, cli_req_t *rq)
             }
         } else if (w && w->active) {
             char shown[80];
-            KVF_WARN("store", "%s: re-registering the watch on \"%s\" failed: %s (%s)", st->url,
-                     kvf__cli_show(shown, sizeof(shown), w->prefix, w->prefix_len),
-                     kvf_strerror(rq->err), rq->msg);
+            KVF_WARN_RATELIMITED("store", "%s: re-registering the watch on \"%s\" failed: %s (%s)",
+                                 st->url,
+                                 kvf__cli_show(shown, sizeof(shown), w->prefix, w->prefix_len),
+                                 kvf_strerror(rq->err), rq->msg);
         }
         break;
     }

@@ -54,7 +54,7 @@ void kvf__srv_conn_close_warn(struct kvf_store_server *srv, struct srv_conn *c, 
     va_start(ap, fmt);
     vsnprintf(reason, sizeof(reason), fmt, ap);
     va_end(ap);
-    KVF_WARN(SRV_LOG, "closing connection from %s: %s", c->peer, reason);
+    KVF_WARN_RATELIMITED(SRV_LOG, "closing connection from %s: %s", c->peer, reason);
     kvf__srv_conn_kill(srv, c);
 }
 
@@ -339,7 +339,7 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
 
     struct srv_conn *c = calloc(1, sizeof(*c));
     if (!c) {
-        KVF_WARN(SRV_LOG, "refusing a connection: out of memory");
+        KVF_WARN_RATELIMITED(SRV_LOG, "refusing a connection: out of memory");
         close(fd);
         return;
     }
@@ -353,7 +353,8 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
     c->events = EPOLLIN;
     struct epoll_event ev = {.events = c->events, .data.ptr = c};
     if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        KVF_WARN(SRV_LOG, "refusing connection from %s: epoll_ctl: %s", c->peer, strerror(errno));
+        KVF_WARN_RATELIMITED(SRV_LOG, "refusing connection from %s: epoll_ctl: %s", c->peer,
+                             strerror(errno));
         close(fd);
         free(c);
         return;
@@ -381,8 +382,8 @@ void kvf__srv_accept_all(struct kvf_store_server *srv)
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return;
             if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-                KVF_WARN(SRV_LOG, "accept: %s; not accepting for %u ms", strerror(errno),
-                         SRV_ACCEPT_PAUSE_MS);
+                KVF_WARN_RATELIMITED(SRV_LOG, "accept: %s; not accepting for %u ms",
+                                     strerror(errno), SRV_ACCEPT_PAUSE_MS);
                 kvf__srv_accept_pause(srv, true);
                 return;
             }

@@ -97,7 +97,7 @@ static bool resolve_lease(struct kvf_store_server *srv, struct srv_conn *c,
 
 static void reply_oom(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq)
 {
-    KVF_WARN(SRV_LOG, "%s: %s: out of memory", c->peer, kvf__srv_op_name(rq->op));
+    KVF_WARN_RATELIMITED(SRV_LOG, "%s: %s: out of memory", c->peer, kvf__srv_op_name(rq->op));
     kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BUSY, "store server out of memory");
 }
 

@@ -138,8 +138,8 @@ static void shm_fd_answer(struct shm_transport *t, int c)
     if (getsockopt(c, SOL_SOCKET, SO_PEERCRED, &cr, &crl) < 0 ||
         (cr.uid != geteuid() && cr.uid != 0)) {
         a.status = -KVF_EAUTH;
-        KVF_WARN(SHM_LOG, "%s: memfd request from pid %d refused: uid %u is not ours", t->local_sid,
-                 (int)cr.pid, (unsigned)cr.uid);
+        KVF_WARN_RATELIMITED(SHM_LOG, "%s: memfd request from pid %d refused: uid %u is not ours",
+                             t->local_sid, (int)cr.pid, (unsigned)cr.uid);
         shm_send_answer(c, &a, -1);
         return;
     }

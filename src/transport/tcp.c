@@ -60,6 +60,7 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     t->regions = p->regions;
     t->listen_fd = -1;
     t->wake_fd = -1;
+    t->reap_fd = -1;
     snprintf(t->local_sid, sizeof(t->local_sid), "%s", p->local_sid ? p->local_sid : "");
     kvf__hostport_format(&p->listen, t->listen_str, sizeof(t->listen_str));
     t->conns_per_peer = p->conns_per_peer ? p->conns_per_peer : KVF_DEFAULT_CONNS_PER_PEER;
@@ -69,6 +70,7 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     if (t->chunk > KVF_TCP_MAX_CHUNK)
         t->chunk = KVF_TCP_MAX_CHUNK;
     t->connect_timeout_ms = p->connect_timeout_ms ? p->connect_timeout_ms : TCP_DEFAULT_CONNECT_MS;
+    t->idle_timeout_ms = p->idle_timeout_ms ? p->idle_timeout_ms : KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS;
     t->notify_cb = p->notify_cb;
     t->notify_arg = p->notify_arg;
     atomic_init(&t->stopping, false);
@@ -93,15 +95,22 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
         rc = kvf__err(-errno, "tcp create: eventfd: %s", strerror(errno));
         goto out_listen;
     }
+    t->reap_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (t->reap_fd < 0) {
+        rc = kvf__err(-errno, "tcp create: eventfd: %s", strerror(errno));
+        goto out_wake;
+    }
     rc = kvf__thread_start(&t->accept_thread, "kvf-tcp-accept", 0, tcp_accept_main, t);
     if (rc) {
         rc = kvf__err(rc, "tcp create: accept thread: %s", strerror(-rc));
-        goto out_wake;
+        goto out_reap;
     }
     KVF_INFO(TCP_LOG, "listening on %s", t->listen_str);
     *out = (kvf_transport_t *)(void *)t;
     return 0;
 
+out_reap:
+    close(t->reap_fd);
 out_wake:
     close(t->wake_fd);
 out_listen:
@@ -138,6 +147,8 @@ static void tcp_destroy(kvf_transport_t *tt)
         shutdown(sc->fd, SHUT_RDWR);
     pthread_mutex_unlock(&t->mu);
     tcp_reap_sconns(t, true);
+    /* Only now: a serving thread signals it as its last act. */
+    close(t->reap_fd);
 
     tcp_peer_detach_all(t);
     pthread_mutex_destroy(&t->mu);

@@ -63,8 +63,13 @@
 #define TCP_DEFAULT_CONNECT_MS 3000u
 /* Blocking sends wake up this often to check a transfer's deadline (SO_SNDTIMEO). */
 #define TCP_CLIENT_SLICE_MS 50
-/* Serving threads wake up this often to check for stalls and shutdown (SO_RCVTIMEO/SNDTIMEO). */
+/* Serving threads wake up this often to check for stalls, idleness and shutdown
+ * (SO_RCVTIMEO/SNDTIMEO). */
 #define TCP_SERVER_SLICE_MS 1000
+/* The accept thread stops polling the listening socket for this long when accept() fails for
+ * want of a file descriptor or memory (or until a served connection ends and frees one), rather
+ * than spin on a socket that stays readable. */
+#define TCP_ACCEPT_PAUSE_MS 100
 /* Size of the buffer a refused WRITE's payload (or an unwanted answer) is drained into. */
 #define TCP_SCRATCH_LEN (64u << 10)
 #define TCP_ERRMSG_LEN  (KVF_TCP_MAX_MSG + 512)
@@ -85,6 +90,8 @@ struct tcp_sconn {
     int fd; /* shut down by the thread when it ends; closed only after it is joined */
     pthread_t thread;
     atomic_bool done;
+    uint8_t ip[16]; /* remote address for the per-address cap: 4 bytes (IPv4, IPv4-mapped) or 16 */
+    uint8_t ip_len;
     char addr[TCP_ADDR_LEN];
     char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO gave it: the sender of its notifications */
     uint8_t *scratch;                  /* drain buffer for refused writes, allocated on first use */
@@ -186,10 +193,12 @@ struct tcp_transport {
     uint32_t conns_per_peer;
     uint32_t chunk;
     uint32_t connect_timeout_ms;
+    uint32_t idle_timeout_ms; /* a served connection idle this long after a request is closed */
     kvf_notify_cb notify_cb;
     void *notify_arg;
     int listen_fd;
     int wake_fd; /* eventfd: wakes the accept thread for shutdown */
+    int reap_fd; /* eventfd: a serving thread ended; the accept thread joins it and closes its fd */
     uint16_t port;
     pthread_t accept_thread;
     atomic_bool stopping;
@@ -275,7 +284,8 @@ int tcp_nb_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms);
  * ------------------------------------------------------------------------------------------- */
 
 /* The accept thread (@arg: the transport): accepts connections, each served by a thread of its
- * own, until destroy() sets t->stopping and signals t->wake_fd. */
+ * own, and reaps those that ended (t->reap_fd), until destroy() sets t->stopping and signals
+ * t->wake_fd. */
 void *tcp_accept_main(void *arg);
 
 /* Join and free the connections whose threads have ended (all of them with @all). Called with

@@ -95,8 +95,9 @@ void tcp_conn_break_locked(struct tcp_conn *c, uint64_t gen, int code, const cha
             KVF_INFO(TCP_LOG, "connection %u to %s closed while idle: %s", c->idx, c->peer->sid,
                      why);
         else
-            KVF_WARN(TCP_LOG, "connection %u to %s broke with %u request(s) in flight: %s", c->idx,
-                     c->peer->sid, pending, why);
+            KVF_WARN_RATELIMITED(TCP_LOG,
+                                 "connection %u to %s broke with %u request(s) in flight: %s",
+                                 c->idx, c->peer->sid, pending, why);
     }
     if (c->fd >= 0)
         shutdown(c->fd, SHUT_RDWR);
@@ -240,10 +241,16 @@ int tcp_rx_one(struct tcp_conn *c, char *why, size_t whylen, const struct tcp_ba
 }
 
 /*
- * The receiver thread of one connection. While it holds the reader role it reads answers; when
- * nothing is pending it only watches the socket for the peer closing it (so an idle connection
- * to a peer that went away is marked broken, and the next transfer reconnects), and its eventfd
- * for role changes. It ends when the connection breaks or is replaced.
+ * The receiver thread of one connection. While it holds the reader role it reads answers;
+ * otherwise it watches the socket for the peer closing it (so an idle connection the peer closed,
+ * for its idle timeout or because it went away, is marked broken and the next transfer
+ * reconnects), and its eventfd for role changes. It ends when the connection breaks or is
+ * replaced.
+ *
+ * It watches while a caller reads for itself (INLINE) too: that caller gives the role back
+ * without waking it (no system call per transfer), so a receiver that stopped watching then
+ * would miss a close until the next transfer failed on it. A close seen while a caller reads is
+ * that caller's to read; the receiver waits for the role to change.
  */
 static void *tcp_rx_main(void *arg)
 {
@@ -269,17 +276,28 @@ static void *tcp_rx_main(void *arg)
                 c->reader = TCP_READER_NONE;
             continue;
         }
-        bool watch = c->reader == TCP_READER_NONE;
         pthread_mutex_unlock(&p->mu);
         struct pollfd pf[2] = {{wfd, POLLIN, 0}, {fd, POLLRDHUP, 0}};
-        int pr = poll(pf, watch ? 2 : 1, -1);
+        int pr = poll(pf, 2, -1);
         uint64_t v;
         if (pr > 0 && (pf[0].revents & POLLIN) && read(wfd, &v, sizeof(v)) < 0)
             v = 0;
         pthread_mutex_lock(&p->mu);
+        if (pr <= 0 || !pf[1].revents)
+            continue;
         /* The peer closed, reset, or sent something unasked: read what is there. */
-        if (watch && pr > 0 && pf[1].revents && c->reader == TCP_READER_NONE)
+        if (c->reader == TCP_READER_NONE) {
             c->reader = TCP_READER_RX;
+            continue;
+        }
+        /* A caller is reading: it meets the close itself, or gives the role back (its reads
+         * broadcast cv). The close stays pending on the socket, so polling again now would
+         * spin; the timeout only bounds a missed wake-up. */
+        c->waiters++;
+        while (c->reader == TCP_READER_INLINE && c->gen == gen && c->state == TCP_CONN_UP)
+            if (!kvf__cond_wait_until(&c->cv, &p->mu, kvf__now_ms() + 100))
+                break;
+        c->waiters--;
     }
     tcp_conn_break_locked(c, gen, p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
     pthread_mutex_unlock(&p->mu);

@@ -44,6 +44,11 @@
 #define KVF_TCP_MAX_INFLIGHT 128u
 /* Connections one target serves at once; more are accepted and closed at once. */
 #define KVF_TCP_MAX_CONNS 1024u
+/* Connections one target serves at once from one remote IP address (a share of
+ * KVF_TCP_MAX_CONNS, so that one flooding address cannot lock the others out); more are
+ * accepted and closed at once. 128 = 8 engines on one host with the most connections per peer
+ * (KVF_MAX_CONNS_PER_PEER, 16) each. */
+#define KVF_TCP_MAX_CONNS_PER_ADDR 128u
 /* Longest a target waits for progress on a frame it has started to receive or send; a client
  * that stops in the middle of a frame is disconnected after this (its region reference is
  * released). */
@@ -55,7 +60,9 @@
 #define KVF_TCP_FRAME_BASE_MS         2000u
 #define KVF_TCP_MIN_RATE_BYTES_PER_MS 10000u
 /* A new connection must complete its HELLO within this, so idle sockets cannot fill
- * KVF_TCP_MAX_CONNS and lock real peers out. */
+ * KVF_TCP_MAX_CONNS and lock real peers out. After the HELLO, a connection that brings no request
+ * for the target's idle timeout (kvf_config_t.tcp_idle_timeout_ms) is closed. Both are checked
+ * every TCP_SERVER_SLICE_MS. */
 #define KVF_TCP_HELLO_TIMEOUT_MS 5000u
 /* Connections an initiator may open to one peer. */
 #define KVF_TCP_MAX_CONNS_PER_PEER 64u

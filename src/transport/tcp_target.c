@@ -9,6 +9,13 @@
  * region reference only while it moves that request's payload, never while it waits for the next
  * header (so unregistering a region is never held up by an idle connection).
  *
+ * Nothing is held without bound (docs/operations.md, "Limits of the engine port"): a connection
+ * must send its HELLO within KVF_TCP_HELLO_TIMEOUT_MS and is closed once it brought no request
+ * for the idle timeout; at most KVF_TCP_MAX_CONNS are served, at most KVF_TCP_MAX_CONNS_PER_ADDR
+ * of them from one address. When accept() runs out of file descriptors the accept thread stops
+ * polling the listening socket for a while instead of spinning, and a serving thread that ends
+ * wakes it to join the thread and close its fd, whether or not anything new is accepted.
+ *
  * The checks here are the authoritative ones (docs/protocol.md, "When the target closes a
  * connection"): every length and count is checked against tcp_proto.h's limits before anything
  * is allocated or written, and every range against the region table.
@@ -44,11 +51,13 @@ static uint64_t tcp_frame_deadline(uint64_t len)
 
 /*
  * Receive exactly @len bytes on a serving socket (SO_RCVTIMEO = TCP_SERVER_SLICE_MS).
- * @idle_ok: the connection may sit idle before the first byte (waiting for a header).
+ * @idle_ok: the connection may sit idle before the first byte (waiting for a header), up to the
+ *           transport's idle timeout.
  * @deadline_ms: absolute kvf__now_ms() bound on the whole receive, 0 for none (checked every
  *               TCP_SERVER_SLICE_MS).
  * Returns 0; 1 for an orderly end of stream before the first byte when @idle_ok; -EPIPE when the
- * stream ends in the middle; -KVF_ETIMEDOUT when a started transfer stalls; -KVF_ECLOSED when the
+ * stream ends in the middle; -KVF_ETIMEDOUT when a started transfer stalls, the deadline passes,
+ * or (nothing received, *@got_out 0) the connection was idle too long; -KVF_ECLOSED when the
  * transport is stopping; -errno.
  */
 static int tcp_srv_recvv(struct tcp_sconn *sc, struct iovec *iov, int cnt, bool idle_ok,
@@ -87,9 +96,10 @@ static int tcp_srv_recvv(struct tcp_sconn *sc, struct iovec *iov, int cnt, bool 
             rc = -KVF_ECLOSED;
             break;
         }
-        if (got == 0 && idle_ok)
-            last = kvf__now_ms();
-        else if (kvf__now_ms() - last >= KVF_TCP_STALL_TIMEOUT_MS) {
+        /* Only a receive that timed out gets here (once per slice), so the idle check costs a
+         * request nothing. */
+        uint64_t limit = got == 0 && idle_ok ? sc->t->idle_timeout_ms : KVF_TCP_STALL_TIMEOUT_MS;
+        if (kvf__now_ms() - last >= limit) {
             rc = -KVF_ETIMEDOUT;
             break;
         }
@@ -271,10 +281,26 @@ static void *tcp_sconn_main(void *arg)
     for (;;) {
         size_t got = 0;
         tcp_hdr_t h;
-        /* Before the HELLO an idle connection has a deadline; afterwards it may idle for ever. */
+        /* Before the HELLO a connection has a deadline; afterwards it may idle for the idle
+         * timeout between requests. */
         rc = tcp_srv_recv(sc, hbuf, sizeof(hbuf), true, hello_done ? 0 : hello_deadline, &got);
         if (rc == 1 || rc == -KVF_ECLOSED) {
             KVF_DEBUG(TCP_LOG, "connection from %s closed", sc->addr);
+            break;
+        }
+        if (rc == -KVF_ETIMEDOUT && got == 0 && hello_done) {
+            /* Routine: the initiator reconnects on its next transfer. */
+            KVF_LOG_RATELIMITED(KVF_LOG_INFO, TCP_LOG,
+                                "closing connection from %s (%s): no request for %u ms "
+                                "(idle timeout)",
+                                sc->addr, sc->peer_sid, t->idle_timeout_ms);
+            break;
+        }
+        if (rc == -KVF_ETIMEDOUT && got == 0) {
+            snprintf(why, sizeof(why), "no HELLO within %u ms",
+                     t->idle_timeout_ms < KVF_TCP_HELLO_TIMEOUT_MS ? t->idle_timeout_ms
+                                                                   : KVF_TCP_HELLO_TIMEOUT_MS);
+            reason = why;
             break;
         }
         if (rc) {
@@ -380,7 +406,7 @@ static void *tcp_sconn_main(void *arg)
 
     /* A connection cut by destroy() is not the peer's fault: no warning for it. */
     if (reason && !atomic_load(&t->stopping))
-        KVF_WARN(TCP_LOG, "closing connection from %s: %s", sc->addr, reason);
+        KVF_WARN_RATELIMITED(TCP_LOG, "closing connection from %s: %s", sc->addr, reason);
     /* The fd stays open (only shut down) until the thread is joined, so destroy() may call
      * shutdown() on it at any time without racing a reuse of the number. */
     shutdown(sc->fd, SHUT_RDWR);
@@ -393,6 +419,11 @@ static void *tcp_sconn_main(void *arg)
     sc->refs = NULL;
     sc->iov = NULL;
     atomic_store(&sc->done, true);
+    /* The last use of anything the thread shares: the accept thread may free sc once it sees
+     * done, but t lives until every serving thread has been joined. */
+    uint64_t one = 1;
+    if (write(t->reap_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        KVF_DEBUG(TCP_LOG, "serving thread: waking the accept thread: %s", strerror(errno));
     return NULL;
 }
 
@@ -425,15 +456,51 @@ void tcp_reap_sconns(struct tcp_transport *t, bool all)
     }
 }
 
-static void tcp_accept_one(struct tcp_transport *t)
+/* The remote IP of @ss into @ip: 4 bytes for IPv4 (and IPv4-mapped IPv6), else 16. */
+static uint8_t tcp_sockaddr_ip(const struct sockaddr_storage *ss, uint8_t ip[16])
+{
+    if (ss->ss_family == AF_INET) {
+        memcpy(ip, &((const struct sockaddr_in *)(const void *)ss)->sin_addr, 4);
+        return 4;
+    }
+    const struct in6_addr *a6 = &((const struct sockaddr_in6 *)(const void *)ss)->sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(a6)) {
+        memcpy(ip, a6->s6_addr + 12, 4);
+        return 4;
+    }
+    memcpy(ip, a6->s6_addr, 16);
+    return 16;
+}
+
+/* accept() failed for want of a file descriptor or memory: retrying at once cannot succeed. */
+static bool tcp_accept_starved(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+/* Connections served from @sc's address. Under t->mu. */
+static unsigned tcp_conns_from(const struct tcp_transport *t, const struct tcp_sconn *sc)
+{
+    unsigned n = 0;
+    for (const struct tcp_sconn *o = t->sconns; o; o = o->next)
+        n += o->ip_len == sc->ip_len && memcmp(o->ip, sc->ip, sc->ip_len) == 0;
+    return n;
+}
+
+/* Accept one connection and start its serving thread. Returns 0, or the errno of a failed
+ * accept(). Every refusal is logged at most KVF_LOG_RATELIMIT_BURST times a second. */
+static int tcp_accept_one(struct tcp_transport *t)
 {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof(ss);
     int fd = accept4(t->listen_fd, (struct sockaddr *)&ss, &sl, SOCK_CLOEXEC);
     if (fd < 0) {
-        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
-            KVF_WARN(TCP_LOG, "accept on %s: %s", t->listen_str, strerror(errno));
-        return;
+        int err = errno;
+        if (err != EAGAIN && err != EWOULDBLOCK && err != EINTR && err != ECONNABORTED)
+            KVF_WARN_RATELIMITED(
+                TCP_LOG, "accept on %s: %s%s", t->listen_str, strerror(err),
+                tcp_accept_starved(err) ? " (pausing; raise ulimit -n if this persists)" : "");
+        return err;
     }
     tcp_reap_sconns(t, false);
 
@@ -441,11 +508,12 @@ static void tcp_accept_one(struct tcp_transport *t)
     char addr[TCP_ADDR_LEN];
     tcp_sockaddr_format(&ss, addr, sizeof(addr));
     if (!sc) {
-        KVF_WARN(TCP_LOG, "refusing connection from %s: out of memory", addr);
+        KVF_WARN_RATELIMITED(TCP_LOG, "refusing connection from %s: out of memory", addr);
         goto out_close;
     }
     sc->t = t;
     sc->fd = fd;
+    sc->ip_len = tcp_sockaddr_ip(&ss, sc->ip);
     snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -455,15 +523,24 @@ static void tcp_accept_one(struct tcp_transport *t)
     pthread_mutex_lock(&t->mu);
     if (t->nsconns >= KVF_TCP_MAX_CONNS) {
         pthread_mutex_unlock(&t->mu);
-        KVF_WARN(TCP_LOG, "refusing connection from %s: KVF_TCP_MAX_CONNS (%u) reached", addr,
-                 KVF_TCP_MAX_CONNS);
+        KVF_WARN_RATELIMITED(TCP_LOG, "refusing connection from %s: KVF_TCP_MAX_CONNS (%u) reached",
+                             addr, KVF_TCP_MAX_CONNS);
+        goto out_free;
+    }
+    if (tcp_conns_from(t, sc) >= KVF_TCP_MAX_CONNS_PER_ADDR) {
+        pthread_mutex_unlock(&t->mu);
+        KVF_WARN_RATELIMITED(TCP_LOG,
+                             "refusing connection from %s: KVF_TCP_MAX_CONNS_PER_ADDR (%u) "
+                             "connections from that address are open",
+                             addr, KVF_TCP_MAX_CONNS_PER_ADDR);
         goto out_free;
     }
     int rc =
         kvf__thread_start(&sc->thread, "kvf-tcp-serve", KVF_THREAD_SMALL_STACK, tcp_sconn_main, sc);
     if (rc) {
         pthread_mutex_unlock(&t->mu);
-        KVF_WARN(TCP_LOG, "refusing connection from %s: thread: %s", addr, strerror(-rc));
+        KVF_WARN_RATELIMITED(TCP_LOG, "refusing connection from %s: thread: %s", addr,
+                             strerror(-rc));
         goto out_free;
     }
     sc->next = t->sconns;
@@ -471,31 +548,55 @@ static void tcp_accept_one(struct tcp_transport *t)
     t->nsconns++;
     pthread_mutex_unlock(&t->mu);
     KVF_DEBUG(TCP_LOG, "accepted connection from %s on %s", addr, t->listen_str);
-    return;
+    return 0;
 
 out_free:
     free(sc);
 out_close:
     close(fd);
+    return 0;
 }
 
 void *tcp_accept_main(void *arg)
 {
     struct tcp_transport *t = arg;
+    uint64_t paused_until = 0; /* kvf__now_ms() until which the listening socket is not polled */
     while (!atomic_load(&t->stopping)) {
-        struct pollfd pf[2] = {{.fd = t->listen_fd, .events = POLLIN},
-                               {.fd = t->wake_fd, .events = POLLIN}};
-        int n = poll(pf, 2, -1);
+        int timeout = -1;
+        if (paused_until) {
+            uint64_t now = kvf__now_ms();
+            if (now < paused_until)
+                timeout = (int)(paused_until - now);
+            else
+                paused_until = 0;
+        }
+        struct pollfd pf[3] = {{.fd = t->wake_fd, .events = POLLIN},
+                               {.fd = t->reap_fd, .events = POLLIN},
+                               {.fd = t->listen_fd, .events = POLLIN}};
+        int n = poll(pf, paused_until ? 2 : 3, timeout);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             KVF_ERROR(TCP_LOG, "poll on %s: %s", t->listen_str, strerror(errno));
             break;
         }
-        if (pf[1].revents)
-            break;
         if (pf[0].revents)
-            tcp_accept_one(t);
+            break;
+        if (pf[1].revents) {
+            uint64_t v;
+            if (read(t->reap_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+                KVF_DEBUG(TCP_LOG, "reap eventfd on %s: %s", t->listen_str, strerror(errno));
+            tcp_reap_sconns(t, false);
+            /* Descriptors were freed: try accepting again at once. */
+            paused_until = 0;
+        }
+        if (!paused_until && pf[2].revents) {
+            int err = tcp_accept_one(t);
+            /* The listening socket stays readable while connections wait: polling it again
+             * would spin. Wait for a served connection to end, or a short pause. */
+            if (tcp_accept_starved(err))
+                paused_until = kvf__now_ms() + TCP_ACCEPT_PAUSE_MS;
+        }
     }
     return NULL;
 }

@@ -129,6 +129,8 @@ typedef struct {
     kvf_notify_cb notify_cb;        /* tcp, loop: where incoming notifications go; NULL = refuse
                                        them */
     void *notify_arg;
+    uint32_t idle_timeout_ms;       /* tcp: a served connection that brings no request for this
+                                       long is closed; 0 = KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS */
 } kvf_transport_params_t;
 
 /* What sets a transport apart for the core (kvf_transport_ops.caps). */
