@@ -471,9 +471,11 @@ typedef struct {
                                     batches wait for a peer that has not appeared, more threads
                                     are started (up to 64) so others are not held up. */
     uint32_t notify_queue_max;   /* notifications this engine keeps for kvf_notify_poll(); 1..
-                                    1048576, default 65536. When it is full a sender's
+                                    1048576, default 65536. One sender may hold at most half of
+                                    it (at least 1), so a flooding peer leaves room for others.
+                                    When it is full, or the sender holds its share, a sender's
                                     notification waits up to 2 s for room, then its batch fails
-                                    with -KVF_EBUSY. */
+                                    with -KVF_EBUSY (the message says its data landed). */
     uint32_t tcp_idle_timeout_ms; /* a TCP connection a peer opened to this engine is closed
                                     once it brought no request for this long (the peer
                                     reconnects on its next transfer, unnoticed); 100 ..

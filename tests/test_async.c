@@ -1465,11 +1465,13 @@ static void notify_max_len(void **state)
     free(msg);
 }
 
+/* One sender may hold half of a target's queue (here 2 of 4): past that it waits about 2 s for
+ * the application to read, then is refused. */
 static void notify_queue_full_busy(void **state)
 {
     fx_t *fx = *state;
     kvf_config_t c = quick_config();
-    c.notify_queue_max = 2;
+    c.notify_queue_max = 4;
     kvf_engine_t *dec = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_DECODE, &c);
     const char *peer = kvf_engine_session_id(dec);
     kvf_notify_t *n = malloc(2 * sizeof(*n));
@@ -1504,6 +1506,9 @@ static void notify_queue_full_busy(void **state)
     kvf_batch_t *b;
     assert_kvf_ok(kvf_transfer_submit(fx->pre, peer, &x, 1, "q7", 2, &b));
     assert_kvf_err(kvf_batch_wait(b, 10000), -KVF_EBUSY);
+    /* The failure says the data is there, and it is. */
+    assert_last_error_contains("every byte of the batch");
+    assert_memory_equal(dst, src, sizeof(src));
     kvf_batch_free(b);
     assert_int_equal(kvf_notify_poll(dec, n, 2), 2);
     assert_string_equal(note_text(&n[0], text, sizeof(text)), "q5");
@@ -1514,11 +1519,51 @@ static void notify_queue_full_busy(void **state)
     free(n);
 }
 
+/* Reproduced in issue 12: unsolicited notifications from one peer filled a target's queue, and
+ * a legitimate batch whose data had landed was then refused. One sender holds at most half of
+ * the queue: another is still served, promptly. */
+static void notify_flood_leaves_room_for_others(void **state)
+{
+    fx_t *fx = *state;
+    kvf_config_t c = quick_config();
+    c.notify_queue_max = 8;
+    kvf_engine_t *dec = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_DECODE, &c);
+    kvf_engine_t *other = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_PREFILL, NULL);
+    const char *peer = kvf_engine_session_id(dec);
+    kvf_notify_t *n = malloc(8 * sizeof(*n));
+    char text[64];
+
+    for (int i = 0; i < 4; i++)
+        assert_kvf_ok(kvf_notify_send(fx->pre, peer, "flood", 5));
+    /* The flooder is at its share; the other sender's batch is served at once. */
+    uint8_t *dst = map_zeroed(4096), src[4096];
+    pat_fill(src, sizeof(src), 21);
+    assert_kvf_ok(kvf_mem_register(dec, dst, 4096));
+    kvf_xfer_t x = {KVF_OP_WRITE, src, (uintptr_t)dst, sizeof(src)};
+    uint64_t t0 = kvf_test_now_ms();
+    assert_kvf_ok(kvf_transfer_sync_notify(other, peer, &x, 1, "legit", 5));
+    if (kvf_test_now_ms() - t0 > 1000)
+        fail_msg("the other sender waited %llu ms", (unsigned long long)(kvf_test_now_ms() - t0));
+    /* The flooder gets no more. */
+    assert_kvf_err(kvf_notify_send(fx->pre, peer, "flood", 5), -KVF_EBUSY);
+    assert_last_error_contains("share");
+    assert_int_equal(kvf_notify_poll(dec, n, 8), 5);
+    int legit = 0;
+    for (int i = 0; i < 5; i++)
+        legit += !strcmp(note_text(&n[i], text, sizeof(text)), "legit") &&
+                 !strcmp(n[i].sender, kvf_engine_session_id(other));
+    assert_int_equal(legit, 1);
+    assert_memory_equal(dst, src, sizeof(src));
+    assert_kvf_ok(kvf_mem_unregister(dec, dst));
+    munmap(dst, 4096);
+    free(n);
+}
+
 /* The same across processes (the notification travels as a frame the target refuses). */
 static void notify_queue_full_busy_child(void **state)
 {
     fx_t *fx = *state;
-    char *args[] = {"peer", (char *)fx->url, "5000", "2", NULL};
+    char *args[] = {"peer", (char *)fx->url, "5000", "4", NULL};
     child_t *c = child_spawn(args);
     child_ready(c);
     assert_kvf_ok(kvf_notify_send(fx->pre, c->sid, "q1", 2));
@@ -2068,6 +2113,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(killed_sender_no_notification, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_max_len, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_queue_full_busy, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(notify_flood_leaves_room_for_others, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_queue_full_busy_child, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_wait_timeout, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(peer_events_join_leave, fx_setup, fx_teardown),

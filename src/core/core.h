@@ -123,6 +123,7 @@ typedef struct {
     pthread_cond_t nroom; /* one was taken */
     eng_notif_t *nhead, *ntail;
     size_t ncount;
+    void *senders; /* tsearch tree of eng_sender_t: what each sender has queued (notify.c) */
 } eng_notify_t;
 
 /* Peer events (events.c), once subscribed. */

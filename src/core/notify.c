@@ -11,12 +11,16 @@
  * a later batch that finishes first waits for its turn.
  *
  * Received. The transports hand what arrives to kvf__notify_deliver(), which queues it (up to
- * config.notify_queue_max) for kvf_notify_poll()/kvf_notify_wait().
+ * config.notify_queue_max) for kvf_notify_poll()/kvf_notify_wait(). One sender may hold at most
+ * half of the queue (at least one notification), so a peer that floods the queue leaves the
+ * other half to the rest: what each sender has queued is counted in a tree keyed by its
+ * session id (senders come from the network: a lookup must not be linear in their number).
  *
  * Lock order: order_lock and nlock are never held together; the engine's busy_lock (closing) is
  * taken inside nlock, never the other way round.
  */
 #include <pthread.h>
+#include <search.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -29,6 +33,12 @@
 #define NOTIFY_LOG "notify"
 /* How long a target holds a notification for room in a full queue before refusing it. */
 #define NOTIFY_ROOM_WAIT_MS 2000u
+
+/* What one sender has queued. */
+typedef struct {
+    size_t count;
+    char sid[KVF_SESSION_ID_MAX];
+} eng_sender_t;
 
 /* ---- sending -------------------------------------------------------------------------------- */
 
@@ -150,8 +160,15 @@ int kvf__notify_in_order(kvf_engine_t *e, eng_order_t *o, uint64_t seq, int rc,
                       peer);
     if (rc == 0)
         rc = order_wait_turn(e, o, seq, deadline_ms);
-    if (rc == 0)
+    if (rc == 0) {
         rc = notify_send(e, peer, msg, len, deadline_ms, cancel);
+        /* The caller sees a failed batch; say that its bytes are where they should be, so that
+         * it does not send them again (or assume them lost) for want of a notification. */
+        if (rc < 0)
+            kvf__err_wrap(rc, "every byte of the batch to %s landed; only its notification was "
+                              "refused",
+                          peer);
+    }
     kvf__notify_order_settle(e, o, seq);
     return rc;
 }
@@ -211,6 +228,46 @@ int kvf_notify_send(kvf_engine_t *e, const char *peer, const void *msg, size_t m
 
 /* ---- notifications received ----------------------------------------------------------------- */
 
+static int sender_cmp(const void *a, const void *b)
+{
+    return strcmp(((const eng_sender_t *)a)->sid, ((const eng_sender_t *)b)->sid);
+}
+
+/* The notifications @sid has queued. Under nlock. */
+static size_t sender_count(eng_notify_t *a, const char *sid)
+{
+    eng_sender_t key;
+    snprintf(key.sid, sizeof(key.sid), "%s", sid);
+    void **slot = tfind(&key, &a->senders, sender_cmp);
+    return slot ? (*(eng_sender_t **)slot)->count : 0;
+}
+
+/* Count one more (@d = 1) or one fewer (@d = -1) notification of @sid; an entry whose count
+ * reaches 0 goes. Under nlock. Returns 0, or -KVF_ENOMEM for a new sender. */
+static int sender_add(eng_notify_t *a, const char *sid, int d)
+{
+    eng_sender_t key;
+    snprintf(key.sid, sizeof(key.sid), "%s", sid);
+    void **slot = tfind(&key, &a->senders, sender_cmp);
+    eng_sender_t *s = slot ? *(eng_sender_t **)slot : NULL;
+    if (!s) {
+        if (d < 0)
+            return 0;
+        s = calloc(1, sizeof(*s));
+        if (!s || !tsearch(s, &a->senders, sender_cmp)) {
+            free(s);
+            return -KVF_ENOMEM;
+        }
+        memcpy(s->sid, key.sid, sizeof(s->sid));
+    }
+    s->count = d > 0 ? s->count + 1 : s->count - 1;
+    if (s->count == 0) {
+        tdelete(s, &a->senders, sender_cmp);
+        free(s);
+    }
+    return 0;
+}
+
 int kvf__notify_deliver(void *engine, const char *sender, const void *msg, size_t len)
 {
     kvf_engine_t *e = engine;
@@ -227,18 +284,32 @@ int kvf__notify_deliver(void *engine, const char *sender, const void *msg, size_
     nt->next = NULL;
 
     uint64_t deadline = kvf__now_ms() + NOTIFY_ROOM_WAIT_MS;
+    size_t share = e->cfg.notify_queue_max / 2 ? e->cfg.notify_queue_max / 2 : 1;
+    size_t held = 0;
     pthread_mutex_lock(&a->nlock);
-    while (a->ncount >= e->cfg.notify_queue_max) {
+    while (a->ncount >= e->cfg.notify_queue_max || (held = sender_count(a, nt->sender)) >= share) {
         if (kvf__eng_closing(e) || !kvf__cond_wait_until(&a->nroom, &a->nlock, deadline)) {
+            bool full = a->ncount >= e->cfg.notify_queue_max;
             pthread_mutex_unlock(&a->nlock);
             free(nt);
             if (kvf__eng_closing(e))
                 return kvf__err(-KVF_ECLOSED, "engine %s is being destroyed", e->sid);
+            if (!full)
+                return kvf__err(-KVF_EBUSY,
+                                "%s already has %zu notifications queued at %s, its share (half "
+                                "of config.notify_queue_max %u), and they were not read for %u ms",
+                                sender, held, e->sid, e->cfg.notify_queue_max,
+                                NOTIFY_ROOM_WAIT_MS);
             return kvf__err(-KVF_EBUSY,
                             "the notification queue of %s is full (%u queued, "
                             "config.notify_queue_max) and was not read for %u ms",
                             e->sid, e->cfg.notify_queue_max, NOTIFY_ROOM_WAIT_MS);
         }
+    }
+    if (sender_add(a, nt->sender, 1) < 0) {
+        pthread_mutex_unlock(&a->nlock);
+        free(nt);
+        return kvf__err(-KVF_ENOMEM, "engine %s: out of memory for a notification", e->sid);
     }
     if (a->ntail)
         a->ntail->next = nt;
@@ -262,6 +333,7 @@ static size_t notify_take(eng_notify_t *a, kvf_notify_t *out, size_t max)
         if (!a->nhead)
             a->ntail = NULL;
         a->ncount--;
+        sender_add(a, nt->sender, -1);
         snprintf(out[k].sender, sizeof(out[k].sender), "%s", nt->sender);
         out[k].len = nt->len;
         memcpy(out[k].msg, nt->msg, nt->len);
@@ -323,4 +395,6 @@ void kvf__notify_fini(kvf_engine_t *e)
         next = nt->next;
         free(nt);
     }
+    tdestroy(a->senders, free);
+    a->senders = NULL;
 }
