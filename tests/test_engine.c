@@ -662,7 +662,5 @@ int main(int argc, char **argv)
     if (argc == 5 && strcmp(argv[1], CHILD_ARG) == 0)
         return decode_child(argv[2], argv[3], strtoull(argv[4], NULL, 10));
     signal(SIGPIPE, SIG_IGN);
-    if (argc > 1)
-        cmocka_set_test_filter(argv[1]);
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return KVF_TEST_RUN(tests, argc, argv);
 }
