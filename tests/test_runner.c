@@ -15,7 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Helper modes of this binary: start a child (`sleep 60`), print "child <pid>", then fail the
+/* Helper modes of this binary: start a child (`sleep 60`, once running), print "child <pid>", then fail the
  * case through cmocka, or die at once by SIGKILL (no atexit handler runs). */
 #define FAIL_ARG  "--fail-leaving-child"
 #define CRASH_ARG "--crash-leaving-child"
@@ -156,8 +156,13 @@ static void killed_test_leaves_no_child(void **state)
 
 static void leave_child(bool crash)
 {
-    char *argv[] = {"sleep", "60", NULL};
-    pid_t pid = kvf_test_spawn(argv, NULL);
+    /* Told apart from a child that has not yet set PR_SET_PDEATHSIG: it has printed a line. */
+    char *argv[] = {"sh", "-c", "echo up; exec sleep 60", NULL};
+    char line[64];
+    int fd;
+    pid_t pid = kvf_test_spawn_pipe(argv, &fd);
+    if (kvf_test_read_line(fd, line, sizeof(line), 10000) < 0 || strcmp(line, "up") != 0)
+        fail_msg("the child did not start");
     printf("child %d\n", (int)pid);
     fflush(stdout);
     if (crash)
