@@ -196,7 +196,7 @@ static child_t *child_spawn(char *const args[])
     int to[2], from[2];
     assert_int_equal(pipe2(to, O_CLOEXEC), 0);
     assert_int_equal(pipe2(from, O_CLOEXEC), 0);
-    pid_t pid = fork();
+    pid_t pid = kvf_test_fork();
     assert_true(pid >= 0);
     if (pid == 0) {
         dup2(to[0], 0);
@@ -2132,7 +2132,5 @@ int main(int argc, char **argv)
     if (argc >= 3 && !strcmp(argv[1], CHILD_ARG))
         return child_main(argc - 2, argv + 2);
     signal(SIGPIPE, SIG_IGN);
-    if (argc > 1)
-        cmocka_set_test_filter(argv[1]);
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return KVF_TEST_RUN(tests, argc, argv);
 }

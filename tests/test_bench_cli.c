@@ -354,7 +354,5 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(remote_target, setup, teardown),
         cmocka_unit_test_setup_teardown(store_bench, setup, teardown),
     };
-    if (argc > 1)
-        cmocka_set_test_filter(argv[1]);
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return KVF_TEST_RUN(tests, argc, argv);
 }

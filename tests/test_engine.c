@@ -76,6 +76,45 @@ static void fill(uint8_t *p, size_t n, uint32_t seed)
     }
 }
 
+/*
+ * Where bytes a transfer still owed would be if it returned before its payload landed (an early
+ * ack): the end of the buffer and of every chunk. Probed the moment the call returned, before any
+ * whole-buffer comparison: memcmp from offset 0 gives a late tail the time to arrive.
+ */
+#define PROBE_TAIL   (256u << 10) /* the last bytes, compared whole */
+#define PROBE_STRIDE (64u << 10)  /* the smallest tcp_chunk_bytes (KVF_MIN_CHUNK) */
+#define PROBE_BYTES  64u          /* compared at the end of each stride */
+
+/* The offset of the first probed byte of @got that differs from @want (the tail, then every
+ * stride's end from the last), or -1. Thread-safe: no cmocka call. */
+static long long probe_mismatch(const uint8_t *got, const uint8_t *want, size_t n)
+{
+    /* The very last bytes first, then each stride's end from the last back, then the tail. */
+    for (size_t end = n; end > 0;) {
+        size_t k = end < PROBE_BYTES ? end : PROBE_BYTES;
+        for (size_t i = end; i-- > end - k;)
+            if (got[i] != want[i])
+                return (long long)i;
+        end = (end - 1) / PROBE_STRIDE * PROBE_STRIDE;
+    }
+    size_t tail = n < PROBE_TAIL ? n : PROBE_TAIL;
+    for (size_t i = n; i-- > n - tail;)
+        if (got[i] != want[i])
+            return (long long)i;
+    return -1;
+}
+
+/* The @n bytes a transfer that just returned put at @got are @want: tail and chunk ends first,
+ * at once, then every byte. */
+static void assert_landed(const uint8_t *got, const uint8_t *want, size_t n, const char *what)
+{
+    long long bad = probe_mismatch(got, want, n);
+    if (bad >= 0)
+        fail_msg("%s: byte %lld of %zu is 0x%02x, want 0x%02x, right after the call returned",
+                 what, bad, n, got[bad], want[bad]);
+    assert_memory_equal(got, want, n);
+}
+
 static uint8_t *alloc_filled(size_t n, uint32_t seed)
 {
     uint8_t *p = malloc(n);
@@ -262,9 +301,9 @@ static void write_read_size(fx_t *fx, size_t n, uint32_t seed)
     uint8_t *dst = calloc(1, n), *src = alloc_filled(n, seed), *back = calloc(1, n);
     assert_kvf_ok(kvf_mem_register(fx->dec, dst, n));
     assert_kvf_ok(kvf_write(fx->pre, peer, src, (uintptr_t)dst, n));
-    assert_memory_equal(dst, src, n);
+    assert_landed(dst, src, n, "write");
     assert_kvf_ok(kvf_read(fx->pre, peer, back, (uintptr_t)dst, n));
-    assert_memory_equal(back, src, n);
+    assert_landed(back, src, n, "read");
     assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
     free(dst);
     free(src);
@@ -276,7 +315,12 @@ static void write_read_sizes(void **state)
     fx_t *fx = *state;
     write_read_size(fx, 1, 1);
     write_read_size(fx, 4096, 2);
-    write_read_size(fx, (1u << 20) + 1, 3);
+    /* The large ones a few times each: the bytes a call returned too early for land within
+     * microseconds, so each round is one more chance to see them missing. */
+    for (uint32_t round = 0; round < 4; round++) {
+        write_read_size(fx, (1u << 20) + 1, 3 + round);
+        write_read_size(fx, (4u << 20) + 1, 13 + round);
+    }
     write_read_size(fx, 64u << 20, 4);
 }
 
@@ -293,18 +337,29 @@ static void batch_of_1000_mixed(void **state)
     size_t total = off[N];
     uint8_t *dst = calloc(1, total), *src = alloc_filled(total, 9), *back = calloc(1, total);
     assert_kvf_ok(kvf_mem_register(fx->dec, dst, total));
-    /* Even elements written, then everything read back; odd ones pre-filled on the target. */
+    /* Odd elements written, even ones read (pre-filled on the target): the batch ends with a
+     * write, whose bytes must be in place when it returns. */
     for (int i = 0; i < N; i++)
-        if (i % 2)
+        if (i % 2 == 0)
             memcpy(dst + off[i], src + off[i], off[i + 1] - off[i]);
     for (int i = 0; i < N; i++)
-        x[i] = (kvf_xfer_t){.op = i % 2 ? KVF_OP_READ : KVF_OP_WRITE,
-                            .local = i % 2 ? back + off[i] : src + off[i],
+        x[i] = (kvf_xfer_t){.op = i % 2 ? KVF_OP_WRITE : KVF_OP_READ,
+                            .local = i % 2 ? src + off[i] : back + off[i],
                             .remote = (uintptr_t)(dst + off[i]),
                             .len = off[i + 1] - off[i]};
     assert_kvf_ok(kvf_transfer_sync(fx->pre, peer, x, N));
+    /* At once, from the last element back: each element's tail where it landed (the target's
+     * memory for writes, ours for reads). */
+    for (int i = N - 1; i >= 0; i--) {
+        size_t len = off[i + 1] - off[i], tail = len < PROBE_BYTES ? len : PROBE_BYTES;
+        const uint8_t *got = (i % 2 ? dst : back) + off[i + 1] - tail;
+        if (memcmp(got, src + off[i + 1] - tail, tail) != 0)
+            fail_msg("element %d (%s, %zu bytes): its last %zu bytes differ right after the "
+                     "batch returned",
+                     i, i % 2 ? "write" : "read", len, tail);
+    }
     for (int i = 0; i < N; i++)
-        if (i % 2 == 0)
+        if (i % 2)
             memcpy(back + off[i], dst + off[i], off[i + 1] - off[i]);
     assert_memory_equal(back, src, total);
     assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
@@ -320,6 +375,7 @@ typedef struct {
     uint64_t dst;
     size_t len;
     int rc;
+    long long bad; /* probe_mismatch() right after the last write returned */
 } writer_t;
 
 static void *writer_main(void *p)
@@ -327,6 +383,7 @@ static void *writer_main(void *p)
     writer_t *w = p;
     for (int i = 0; i < 20 && w->rc == 0; i++)
         w->rc = kvf_write(w->e, w->peer, w->src, w->dst, w->len);
+    w->bad = w->rc == 0 ? probe_mismatch((const uint8_t *)(uintptr_t)w->dst, w->src, w->len) : -1;
     return NULL;
 }
 
@@ -341,12 +398,15 @@ static void four_threads_one_peer(void **state)
     writer_t w[T];
     for (int i = 0; i < T; i++) {
         w[i] = (writer_t){fx->pre, kvf_engine_session_id(fx->dec), alloc_filled(each, 20 + i),
-                          (uintptr_t)(dst + i * each), each, 0};
+                          (uintptr_t)(dst + i * each), each, 0, -1};
         assert_int_equal(pthread_create(&th[i], NULL, writer_main, &w[i]), 0);
     }
     for (int i = 0; i < T; i++) {
         pthread_join(th[i], NULL);
         assert_kvf_ok(w[i].rc);
+        if (w[i].bad >= 0)
+            fail_msg("thread %d: byte %lld of its %zu differed right after its write returned", i,
+                     w[i].bad, each);
         assert_memory_equal(dst + i * each, w[i].src, each);
         free(w[i].src);
     }
@@ -428,7 +488,7 @@ static void store_down_transfers_continue(void **state)
     fx->srv = NULL;
     fill(src, 1 << 20, 8);
     assert_kvf_ok(kvf_write(fx->pre, peer, src, (uintptr_t)dst, 1 << 20));
-    assert_memory_equal(dst, src, 1 << 20);
+    assert_landed(dst, src, 1 << 20, "write with the store down");
     /* Unregister works locally and says so, although its publication fails while the store is
      * down; the target refuses the range from now on. */
     assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
@@ -571,6 +631,11 @@ static void killed_peer_fails_then_restart_works(void **state)
     child = start_decode_child(fx->url, sid, size, &fd, sid2, &addr);
     assert_string_equal(sid2, sid);
     assert_kvf_ok(kvf_write(fx->pre, sid, k.src, addr, 4096));
+    /* The bytes are in the new Decode's (zeroed) buffer: read back through the engine. */
+    uint8_t *back = calloc(1, 4096);
+    assert_kvf_ok(kvf_read(fx->pre, sid, back, addr, 4096));
+    assert_memory_equal(back, k.src, 4096);
+    free(back);
     kill(child, SIGTERM);
     assert_int_equal(kvf_test_reap(child, 10000), 0);
     close(fd);
@@ -662,7 +727,5 @@ int main(int argc, char **argv)
     if (argc == 5 && strcmp(argv[1], CHILD_ARG) == 0)
         return decode_child(argv[2], argv[3], strtoull(argv[4], NULL, 10));
     signal(SIGPIPE, SIG_IGN);
-    if (argc > 1)
-        cmocka_set_test_filter(argv[1]);
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return KVF_TEST_RUN(tests, argc, argv);
 }

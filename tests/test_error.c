@@ -51,14 +51,40 @@ static void kvf_codes_names_and_messages_are_distinct(void **state)
     }
 }
 
-static void known_values(void **state)
+/* The numbers of every code, written out: they cross the wire (store and tcp answers) and the
+ * Python API, so a renumbering or a reuse must fail here even though the table above would follow
+ * it. A new code gets its row here. */
+static void codes_pinned_to_their_wire_values(void **state)
 {
+    static const struct {
+        int code;
+        int value;
+        const char *name;
+    } pinned[] = {
+        {KVF_EINVAL, 1001, "KVF_EINVAL"},       {KVF_ENOTFOUND, 1002, "KVF_ENOTFOUND"},
+        {KVF_ETIMEDOUT, 1003, "KVF_ETIMEDOUT"}, {KVF_EEXIST, 1004, "KVF_EEXIST"},
+        {KVF_ERANGE, 1005, "KVF_ERANGE"},       {KVF_ENOTREG, 1006, "KVF_ENOTREG"},
+        {KVF_EPEERGONE, 1007, "KVF_EPEERGONE"}, {KVF_EAUTH, 1008, "KVF_EAUTH"},
+        {KVF_EPROTO, 1009, "KVF_EPROTO"},       {KVF_ENOTSUP, 1010, "KVF_ENOTSUP"},
+        {KVF_EBUSY, 1011, "KVF_EBUSY"},         {KVF_ECANCELED, 1012, "KVF_ECANCELED"},
+        {KVF_ECASMISMATCH, 1013, "KVF_ECASMISMATCH"},
+        {KVF_ESTALE, 1014, "KVF_ESTALE"},       {KVF_ETOOBIG, 1015, "KVF_ETOOBIG"},
+        {KVF_EBADVALUE, 1016, "KVF_EBADVALUE"}, {KVF_ESTOREDOWN, 1017, "KVF_ESTOREDOWN"},
+        {KVF_ECLOSED, 1018, "KVF_ECLOSED"},     {KVF_ENOMEM, 1019, "KVF_ENOMEM"},
+    };
     (void)state;
-    assert_int_equal(KVF_EINVAL, KVF_ERRNO_OFFSET + 1);
-    assert_string_equal(kvf_err_name(-KVF_EINVAL), "KVF_EINVAL");
-    assert_string_equal(kvf_strerror(-KVF_EINVAL), "invalid argument");
-    assert_string_equal(kvf_err_name(-KVF_ETIMEDOUT), "KVF_ETIMEDOUT");
-    assert_string_equal(kvf_strerror(-KVF_ETIMEDOUT), "timed out");
+    assert_int_equal(KVF_ERRNO_OFFSET, 1000);
+    assert_int_equal(KVF_OK, 0);
+    /* Every code of the table is pinned: none added without a row here. */
+    assert_int_equal(KVF__ARRAY_SIZE(pinned), KVF__ARRAY_SIZE(kvf_errors));
+    for (size_t i = 0; i < KVF__ARRAY_SIZE(pinned); i++) {
+        print_message("%s\n", pinned[i].name);
+        assert_int_equal(pinned[i].code, pinned[i].value);
+        /* By number, not by enum: what a peer or a Python caller holds. */
+        assert_string_equal(kvf_err_name(-pinned[i].value), pinned[i].name);
+    }
+    assert_string_equal(kvf_strerror(-1001), "invalid argument");
+    assert_string_equal(kvf_strerror(-1003), "timed out");
 }
 
 static void system_errno_codes(void **state)
@@ -292,7 +318,7 @@ static void long_message_is_cut_not_overrun(void **state)
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(every_kvf_code_has_name_and_message),
     cmocka_unit_test(kvf_codes_names_and_messages_are_distinct),
-    cmocka_unit_test(known_values),
+    cmocka_unit_test(codes_pinned_to_their_wire_values),
     cmocka_unit_test(system_errno_codes),
     cmocka_unit_test(zero_is_success),
     cmocka_unit_test(unknown_codes),

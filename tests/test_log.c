@@ -401,7 +401,5 @@ int main(int argc, char **argv)
         printf("level=%d\n", kvf_log_get_level());
         return 0;
     }
-    if (argc > 1)
-        cmocka_set_test_filter(argv[1]);
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return KVF_TEST_RUN(tests, argc, argv);
 }

@@ -158,7 +158,7 @@ static void child_start_mode(const char *netns, const char *sid, const char *url
     int to[2], from[2];
     assert_int_equal(pipe2(to, O_CLOEXEC), 0);
     assert_int_equal(pipe2(from, O_CLOEXEC), 0);
-    c->pid = fork();
+    c->pid = kvf_test_fork();
     assert_true(c->pid >= 0);
     if (c->pid == 0) {
         dup2(to[0], 0);
@@ -1068,7 +1068,5 @@ int main(int argc, char **argv)
     unsetenv("KVFERRY_TRANSPORT");
     unsetenv("KVFERRY_SHM_PROBE_FAIL");
     unsetenv("KVFERRY_SHM_COPY_THREADS");
-    if (argc > 1)
-        cmocka_set_test_filter(argv[1]);
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return KVF_TEST_RUN(tests, argc, argv);
 }

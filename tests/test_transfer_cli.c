@@ -516,6 +516,26 @@ static int run_transfer(char **args, unsigned timeout_ms)
             fail_msg("output does not mention \"%s\":\n%s", (s), run_out);                        \
     } while (0)
 
+/* The demo's verdict comes from its Decode's check: a slice corrupted on the way (the Prefill's
+ * test hook flips one byte of slice 3 after computing its checksum) fails the demo, naming it. */
+static void demo_catches_corrupt_slice(void **state)
+{
+    (void)state;
+    /* --timeout bounds the Prefill's wait for the acknowledgement the failed Decode never sends. */
+    char *argv[] = {(char *)kvf_test_cli_path(), "demo", "--iterations", "1", "--timeout", "3",
+                    NULL};
+    setenv("KVFERRY_TRANSFER_TEST_CORRUPT", "3", 1);
+    int rc = kvf_test_run(argv, run_out, sizeof(run_out), 100000);
+    unsetenv("KVFERRY_TRANSFER_TEST_CORRUPT");
+    if (rc != 1 || !strstr(run_out, "round 1: slice 3 (bytes 14400000..19199999) differs from "
+                                    "what the Prefill sent"))
+        fail_msg("kvferry demo exited %d, want 1 and slice 3 named:\n%s", rc, run_out);
+    ASSERT_OUT_HAS("verified: no");
+    assert_null(strstr(run_out, "verified: yes"));
+    /* Slices before it were checked and passed; none after it was taken for good. */
+    assert_int_equal(count(run_out, "[decode]  get buffer success "), 4);
+}
+
 static void bad_role(void **state)
 {
     (void)state;
@@ -632,6 +652,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_teardown(decode_driven_by_notifications, reap_children),
     cmocka_unit_test_teardown(transfer_coordinates_without_store_keys, reap_children),
     cmocka_unit_test_teardown(demo_verifies, reap_children),
+    cmocka_unit_test_teardown(demo_catches_corrupt_slice, reap_children),
     cmocka_unit_test_teardown(bad_role, reap_children),
     cmocka_unit_test_teardown(bad_src_session_id, reap_children),
     cmocka_unit_test_teardown(bad_store_url_seed_typo, reap_children),

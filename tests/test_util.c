@@ -2,14 +2,105 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <fnmatch.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+int kvf_test_run_cases(const char *group, const struct CMUnitTest *tests, size_t n, int argc,
+                       char **argv)
+{
+    if (argc > 1) {
+        bool found = false;
+        for (size_t i = 0; i < n && !found; i++)
+            found = tests[i].name && fnmatch(argv[1], tests[i].name, 0) == 0;
+        if (!found) {
+            fprintf(stderr, "%s: unknown test \"%s\": no case of %s has that name\n", argv[0],
+                    argv[1], group);
+            return 1;
+        }
+        cmocka_set_test_filter(argv[1]);
+    }
+    return _cmocka_run_group_tests(group, tests, n, NULL, NULL);
+}
+
+/* ---- children ------------------------------------------------------------------------------ */
+
+/* Children started and not yet reaped by kvf_test_reap(); killed and reaped at exit. */
+#define MAX_CHILDREN 64
+static pid_t children[MAX_CHILDREN];
+static pthread_mutex_t children_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void kill_children_at_exit(void)
+{
+    pthread_mutex_lock(&children_mu);
+    for (int i = 0; i < MAX_CHILDREN; i++) {
+        pid_t pid = children[i];
+        if (pid <= 0)
+            continue;
+        children[i] = 0;
+        int status;
+        /* Still our unreaped child (so the pid cannot have been reused): kill and reap it. */
+        if (waitpid(pid, &status, WNOHANG) == 0) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+        }
+    }
+    pthread_mutex_unlock(&children_mu);
+}
+
+static void track_child(pid_t pid)
+{
+    static bool registered;
+    pthread_mutex_lock(&children_mu);
+    if (!registered)
+        registered = atexit(kill_children_at_exit) == 0;
+    int i = 0;
+    while (i < MAX_CHILDREN && children[i] > 0)
+        i++;
+    if (i < MAX_CHILDREN)
+        children[i] = pid;
+    pthread_mutex_unlock(&children_mu);
+    if (i == MAX_CHILDREN) {
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        fail_msg("more than %d children at once: reap them with kvf_test_reap()", MAX_CHILDREN);
+    }
+}
+
+static void untrack_child(pid_t pid)
+{
+    pthread_mutex_lock(&children_mu);
+    for (int i = 0; i < MAX_CHILDREN; i++)
+        if (children[i] == pid)
+            children[i] = 0;
+    pthread_mutex_unlock(&children_mu);
+}
+
+pid_t kvf_test_fork(void)
+{
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid < 0)
+        fail_msg("fork: %s", strerror(errno));
+    if (pid == 0) {
+        /* SIGKILL when the thread that forked exits; if the parent died before prctl, the child
+         * was reparented already and must not run on. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
+            _exit(127);
+        return 0;
+    }
+    track_child(pid);
+    return pid;
+}
 
 void kvf_test_skip(const char *fmt, ...)
 {
@@ -61,9 +152,7 @@ const char *kvf_test_cli_path(void)
 
 pid_t kvf_test_spawn(char *const argv[], const char *logfile)
 {
-    pid_t pid = fork();
-    if (pid < 0)
-        fail_msg("fork: %s", strerror(errno));
+    pid_t pid = kvf_test_fork();
     if (pid == 0) {
         if (logfile) {
             int fd = open(logfile, O_WRONLY | O_CREAT | O_TRUNC, 0644);
@@ -87,11 +176,14 @@ int kvf_test_reap(pid_t pid, unsigned timeout_ms)
         pid_t r = waitpid(pid, &status, WNOHANG);
         if (r == pid)
             break;
-        if (r < 0 && errno != EINTR)
+        if (r < 0 && errno != EINTR) {
+            untrack_child(pid);
             return -1;
+        }
         if (kvf_test_now_ms() >= deadline) {
             kill(pid, SIGKILL);
             waitpid(pid, &status, 0);
+            untrack_child(pid);
             return -1;
         }
         /* Polling the child's state: there is no portable fd for a child's exit before
@@ -99,6 +191,7 @@ int kvf_test_reap(pid_t pid, unsigned timeout_ms)
         struct timespec ts = {0, 5 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }
+    untrack_child(pid);
     if (WIFEXITED(status))
         return WEXITSTATUS(status);
     return -1;
@@ -142,9 +235,7 @@ pid_t kvf_test_spawn_pipe(char *const argv[], int *fd)
     int pfd[2];
     if (pipe2(pfd, O_CLOEXEC) < 0)
         fail_msg("pipe: %s", strerror(errno));
-    pid_t pid = fork();
-    if (pid < 0)
-        fail_msg("fork: %s", strerror(errno));
+    pid_t pid = kvf_test_fork();
     if (pid == 0) {
         dup2(pfd[1], 1);
         dup2(pfd[1], 2);

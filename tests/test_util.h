@@ -19,13 +19,22 @@
 /* Exit code CTest reads as "skipped" (SKIP_RETURN_CODE). */
 #define KVF_TEST_SKIP_CODE 77
 
+/*
+ * Run the cases of @tests (an array, not a pointer), or with a name in argv[1] only the cases it
+ * matches (cmocka's glob: * and ?). A name that matches no case is an error (exit 1, naming it),
+ * never a silent pass: a renamed or #if'd-out case that CTest still runs must fail.
+ */
+#define KVF_TEST_RUN(tests, argc, argv)                                                           \
+    kvf_test_run_cases(#tests, (tests), sizeof(tests) / sizeof((tests)[0]), (argc), (argv))
+
 #define KVF_TEST_MAIN(tests)                                                                      \
     int main(int argc, char **argv)                                                               \
     {                                                                                             \
-        if (argc > 1)                                                                             \
-            cmocka_set_test_filter(argv[1]);                                                      \
-        return cmocka_run_group_tests(tests, NULL, NULL);                                         \
+        return KVF_TEST_RUN(tests, argc, argv);                                                   \
     }
+
+int kvf_test_run_cases(const char *group, const struct CMUnitTest *tests, size_t n, int argc,
+                       char **argv);
 
 /* Assert that a kvferry call succeeded; on failure print the code's name and the last error. */
 #define assert_kvf_ok(expr)                                                                       \
@@ -74,6 +83,18 @@ const char *kvf_test_cli_path(void);
  * killed after @timeout_ms and always reaped.
  */
 int kvf_test_run(char *const argv[], char *out, size_t outlen, unsigned timeout_ms);
+
+/*
+ * Children started by the helpers below (kvf_test_spawn*, kvf_test_run, kvf_test_store_process)
+ * die with the test: each gets SIGKILL when the thread that started it exits
+ * (PR_SET_PDEATHSIG; start children from the thread that runs the case), and at exit the test
+ * kills and reaps every one kvf_test_reap() has not reaped, so a case that fails half way
+ * leaves no process behind.
+ */
+
+/* fork(), for a case that execs its own child: the child dies with this thread as above and the
+ * parent tracks it until kvf_test_reap(). Fails the case when fork fails. */
+pid_t kvf_test_fork(void);
 
 /* Start a command in the background with stdout/stderr to @logfile (may be NULL); returns its pid. */
 pid_t kvf_test_spawn(char *const argv[], const char *logfile);

@@ -27,6 +27,10 @@
 #define XFER_SLICE_BYTES (XFER_SLICE_ELEMS * 2u)
 #define XFER_BYTES       ((size_t)XFER_SLICES * XFER_SLICE_BYTES)
 
+/* A test hook only: when set to a slice number, the Prefill flips one byte of that slice in round
+ * 1 after computing its checksum, so that tests can see the Decode catch a corrupt slice. */
+#define XFER_CORRUPT_ENV "KVFERRY_TRANSFER_TEST_CORRUPT"
+
 #define XFER_KEY_MAX       (KVF_SESSION_ID_MAX + 64)
 #define XFER_MAX_TIMEOUT_S 3600u /* an hour, the longest wait the store allows */
 #define XFER_HASH_NAME     "fnv1a64w"

@@ -173,6 +173,8 @@ int xfer_prefill_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
         goto out_unregister;
     printf("decode %s: buffer of %zu bytes at 0x%" PRIx64 "\n", a->dst_sid, XFER_BYTES, remote);
 
+    const char *corrupt_env = getenv(XFER_CORRUPT_ENV);
+    long corrupt = corrupt_env && *corrupt_env ? strtol(corrupt_env, NULL, 10) : -1;
     uint64_t total_bytes = 0;
     double total_ms = 0;
     for (uint64_t round = 1; a->iterations == 0 || round <= a->iterations; round++) {
@@ -182,6 +184,8 @@ int xfer_prefill_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
         uint64_t sums[XFER_SLICES];
         for (unsigned i = 0; i < XFER_SLICES; i++)
             sums[i] = xfer_checksum((char *)buf + (size_t)i * XFER_SLICE_BYTES, XFER_SLICE_BYTES);
+        if (round == 1 && corrupt >= 0 && corrupt < (long)XFER_SLICES)
+            ((unsigned char *)buf)[(size_t)corrupt * XFER_SLICE_BYTES + XFER_SLICE_BYTES / 2] ^= 1;
         uint64_t t0 = cli_now_ns();
         if (prefill_write_round(a, e, buf, remote, round, sums) != 0)
             goto out_unregister;

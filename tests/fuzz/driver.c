@@ -5,14 +5,20 @@
  * count and a time limit, and replays files given on the command line (a crash found by
  * libFuzzer, for instance).
  *
- *   fuzz_<target> [--runs N] [--seconds S] [--seed X] [--write-seeds DIR] [FILE...]
+ *   fuzz_<target> [--runs N] [--seconds S] [--min-runs M] [--seed X] [--write-seeds DIR] [FILE...]
+ *
+ * The seed differs on every run (time and pid) unless --seed or $KVF_FUZZ_SEED gives it; it is
+ * printed first and again when the target aborts, so a failure can be replayed with it. A run
+ * the time limit stopped before --min-runs inputs fails: a slow build must not pass on a handful.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "fuzz.h"
 
@@ -35,6 +41,16 @@ static void add_seed(const uint8_t *d, size_t n)
 }
 
 static uint64_t rng;
+static char seed_line[96]; /* "fuzz: seed 0x... (replay with --seed 0x...)\n" */
+
+/* On abort (an invariant, a sanitizer): the seed again, next to the message. */
+static void on_abort(int sig)
+{
+    ssize_t w = write(2, seed_line, strlen(seed_line));
+    (void)w;
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
 
 static uint64_t next(void)
 {
@@ -140,23 +156,30 @@ static double now_s(void)
 
 int main(int argc, char **argv)
 {
-    unsigned long runs = 2000;
+    unsigned long runs = 2000, min_runs = 0;
     double seconds = 20;
     const char *dump = NULL;
-    rng = 0x9E3779B97F4A7C15ull;
+    const char *env_seed = getenv("KVF_FUZZ_SEED");
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    rng = env_seed && *env_seed ? strtoull(env_seed, NULL, 0)
+                                : ((uint64_t)now.tv_sec * 1000000007ull) ^ (uint64_t)now.tv_nsec ^
+                                      ((uint64_t)getpid() << 40);
     int first_file = argc;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--runs") && i + 1 < argc)
             runs = strtoul(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--seconds") && i + 1 < argc)
             seconds = strtod(argv[++i], NULL);
+        else if (!strcmp(argv[i], "--min-runs") && i + 1 < argc)
+            min_runs = strtoul(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--seed") && i + 1 < argc)
-            rng = strtoull(argv[++i], NULL, 0) | 1;
+            rng = strtoull(argv[++i], NULL, 0);
         else if (!strcmp(argv[i], "--write-seeds") && i + 1 < argc)
             dump = argv[++i];
         else if (argv[i][0] == '-') {
-            fprintf(stderr, "usage: %s [--runs N] [--seconds S] [--seed X] [--write-seeds DIR] "
-                            "[FILE...]\n",
+            fprintf(stderr, "usage: %s [--runs N] [--seconds S] [--min-runs M] [--seed X] "
+                            "[--write-seeds DIR] [FILE...]\n",
                     argv[0]);
             return 2;
         } else {
@@ -164,6 +187,10 @@ int main(int argc, char **argv)
             break;
         }
     }
+    rng |= 1; /* xorshift never leaves 0 */
+    snprintf(seed_line, sizeof(seed_line), "fuzz: seed 0x%016llx (replay with --seed 0x%016llx)\n",
+             (unsigned long long)rng, (unsigned long long)rng);
+    signal(SIGABRT, on_abort);
     uint8_t *buf = malloc(2 * MAX_INPUT);
     if (!buf)
         return 1;
@@ -189,6 +216,8 @@ int main(int argc, char **argv)
         return kvf_fuzz_final();
     }
 
+    fputs(seed_line, stdout);
+    fflush(stdout);
     double t0 = now_s();
     unsigned long done = 0;
     for (size_t s = 0; s < nseeds; s++, done++)
@@ -203,6 +232,13 @@ int main(int argc, char **argv)
     }
     printf("fuzz: %lu inputs (%zu seeds) in %.1f s\n", done, nseeds, now_s() - t0);
     int rc = kvf_fuzz_final();
+    if (rc != 0)
+        fputs(seed_line, stderr);
+    if (done < min_runs && done < runs) {
+        fprintf(stderr, "fuzz: only %lu inputs within the %.1f s limit, want at least %lu\n",
+                done, seconds, min_runs);
+        rc = 1;
+    }
     for (size_t s = 0; s < nseeds; s++)
         free(seeds[s]);
     free(buf);

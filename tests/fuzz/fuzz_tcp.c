@@ -2,10 +2,13 @@
  * Fuzz target: the tcp transport's target side (src/transport/tcp_target.c), through a real loopback
  * connection. Each input is sent after a valid HELLO, then the client's write side is shut; the
  * answers are read until the target closes. Invariants: nothing outside the registered region
- * changes (it sits between two guard areas), and the target keeps serving (a clean write lands
- * and is answered at the end).
+ * changes (it sits between two guard areas); no READ answer holds a byte from outside it (each
+ * answered range lies inside the region, and when the input wrote nothing its bytes are the
+ * region's pattern at that offset); the answers frame cleanly; and the target keeps serving (a
+ * clean write lands and is answered at the end).
  */
 #include <arpa/inet.h>
+#include <inttypes.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -113,6 +116,59 @@ static int dial(void)
     return fd;
 }
 
+/* The region's contents before each input: never the guards' FILLER, different at each offset. */
+static uint8_t pattern(size_t off)
+{
+    uint8_t v = (uint8_t)(off * 7 + off / 251);
+    return v == FILLER ? (uint8_t)(FILLER + 1) : v;
+}
+
+/* Everything the target answered to one input, kept for the READ oracle (up to ANSWERS_MAX). */
+#define ANSWERS_MAX (4u << 20)
+static uint8_t *answers;
+
+/*
+ * The READ oracle. Each answer is a header and its `len` bytes (a READ's data, or an error's
+ * message). A READ's data (status 0, len > 0) must name a range inside the region. When nothing
+ * was written (no answer with status 0 and no bytes: those are writes and notifications) and
+ * every answer was kept, the data must also be the region's pattern at that offset.
+ */
+static void answers_check(const uint8_t *a, size_t n, bool whole)
+{
+    bool wrote = false;
+    for (size_t at = 0; at + KVF_TCP_HDR_LEN <= n;) {
+        tcp_hdr_t h;
+        tcp_hdr_decode(a + at, &h);
+        KVF_FUZZ_CHECK(h.type == KVF_TCP_RESP, "answer at byte %zu has type %u", at, h.type);
+        if (h.status == 0 && h.len == 0)
+            wrote = true;
+        at += KVF_TCP_HDR_LEN;
+        if (h.status != 0 || h.len == 0) {
+            at += h.len;
+            continue;
+        }
+        KVF_FUZZ_CHECK(h.addr >= base && h.len <= REGION && h.addr - base <= REGION - h.len,
+                       "READ answer of %" PRIu64 " bytes at 0x%" PRIx64 " reaches outside the "
+                       "region [0x%" PRIx64 ", 0x%" PRIx64 ")",
+                       h.len, h.addr, base, base + REGION);
+        at += h.len;
+    }
+    if (wrote || !whole)
+        return;
+    for (size_t at = 0; at + KVF_TCP_HDR_LEN <= n;) {
+        tcp_hdr_t h;
+        tcp_hdr_decode(a + at, &h);
+        at += KVF_TCP_HDR_LEN;
+        if (h.status == 0 && h.len > 0 && at + h.len <= n)
+            for (uint64_t i = 0; i < h.len; i++)
+                KVF_FUZZ_CHECK(a[at + i] == pattern(h.addr - base + i),
+                               "READ answer at 0x%" PRIx64 ": byte %" PRIu64 " is 0x%02x, the "
+                               "region holds 0x%02x there",
+                               h.addr, i, a[at + i], pattern(h.addr - base + i));
+        at += h.len;
+    }
+}
+
 static void guards_intact(void)
 {
     for (size_t i = 0; i < GUARD; i++) {
@@ -124,6 +180,11 @@ static void guards_intact(void)
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     pthread_once(&once, setup);
+    for (size_t i = 0; i < REGION; i++)
+        mem[GUARD + i] = pattern(i);
+    if (!answers)
+        answers = malloc(ANSWERS_MAX);
+    KVF_FUZZ_CHECK(answers, "malloc");
     int fd = dial();
     size_t off = 0;
     while (off < size) {
@@ -133,13 +194,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         off += (size_t)n;
     }
     shutdown(fd, SHUT_WR);
-    uint8_t sink[16384];
+    /* Kept up to ANSWERS_MAX; past it only the framing before is checked. */
+    size_t got = 0;
+    bool whole = true;
     for (;;) {
-        ssize_t n = recv(fd, sink, sizeof(sink), 0);
+        uint8_t sink[16384];
+        ssize_t n = got < ANSWERS_MAX ? recv(fd, answers + got, ANSWERS_MAX - got, 0)
+                                      : recv(fd, sink, sizeof(sink), 0);
         if (n <= 0)
             break;
+        if (got < ANSWERS_MAX)
+            got += (size_t)n;
+        else
+            whole = false;
     }
     close(fd);
+    answers_check(answers, got, whole);
     guards_intact();
     return 0;
 }
@@ -157,6 +227,14 @@ void kvf_fuzz_seeds(kvf_fuzz_add_fn add)
     add(b, KVF_TCP_HDR_LEN + 100);
     /* a READ */
     hdr(b, KVF_TCP_READ, 3, base + 200, 300);
+    add(b, KVF_TCP_HDR_LEN);
+    /* a READ up to the region's last byte, and one a byte too long: refused */
+    hdr(b, KVF_TCP_READ, 3, base + REGION - 100, 100);
+    add(b, KVF_TCP_HDR_LEN);
+    hdr(b, KVF_TCP_READ, 3, base + REGION - 99, 100);
+    add(b, KVF_TCP_HDR_LEN);
+    /* a READ starting a byte before the region */
+    hdr(b, KVF_TCP_READ, 3, base - 1, 100);
     add(b, KVF_TCP_HDR_LEN);
     /* a NOTIFY */
     hdr(b, KVF_TCP_NOTIFY, 4, 0, 5);
