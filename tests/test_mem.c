@@ -21,13 +21,9 @@ typedef struct {
 static int fx_setup(void **state)
 {
     fx_t *fx = calloc(1, sizeof(*fx));
-    kvf_config_t c;
-    kvf_config_init(&c);
-    c.init_timeout_ms = 2000;
     fx->srv = kvf_test_store_start();
     fx->page = (size_t)sysconf(_SC_PAGESIZE);
-    assert_kvf_ok(kvf_engine_create(kvf_store_server_url(fx->srv), "127.0.0.1:0",
-                                    KVF_ROLE_DECODE, 0, &c, &fx->e));
+    fx->e = kvf_test_engine(kvf_store_server_url(fx->srv), KVF_ROLE_DECODE, NULL);
     *state = fx;
     return 0;
 }
