@@ -5,11 +5,13 @@
  * target with raw sockets, on loopback only (127.0.0.x sources), bounded in count and time, and
  * reaps every socket and process it made.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -17,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -496,7 +499,90 @@ static void fd_exhaustion_pauses_and_recovers(void **state)
     assert_int_equal(WEXITSTATUS(status), 0);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * A reader that drains a READ answer slowly
+ * ------------------------------------------------------------------------------------------- */
+
+#define SLOW_READ_LEN (32u << 20)
+
+typedef struct {
+    int fd;
+    atomic_bool started; /* the first bytes of the answer arrived */
+    atomic_bool closed;  /* the target closed the connection */
+} trickle_t;
+
+/* Take 4 KiB of the answer every 100 ms (bounded: 30 s), until the target closes. */
+static void *trickle_main(void *arg)
+{
+    trickle_t *tr = arg;
+    static uint8_t buf[4096];
+    for (int i = 0; i < 300 && !atomic_load(&tr->closed); i++) {
+        struct pollfd pf = {.fd = tr->fd, .events = POLLIN};
+        if (poll(&pf, 1, 100) <= 0)
+            continue;
+        ssize_t r = recv(tr->fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (r > 0)
+            atomic_store(&tr->started, true);
+        else if (r == 0 || (errno != EAGAIN && errno != EINTR))
+            atomic_store(&tr->closed, true);
+        usleep(100 * 1000);
+    }
+    return NULL;
+}
+
+/* Reproduced in issue 12: a reader draining a READ answer 4 KiB at a time held the region for
+ * 36+ s, so unregister timed out. The answer has the payload's rate deadline (2 s + len at
+ * 10 MB/s, about 5.4 s for 32 MiB): then the connection is closed and the region released. */
+static void slow_read_answer_cannot_hold_a_region(void **state)
+{
+    node_t n;
+    node_start(&n, 0);
+    uint8_t *region = mmap(NULL, SLOW_READ_LEN, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(region != MAP_FAILED);
+    assert_kvf_ok(kvf__regions_add(n.rt, (uintptr_t)region, SLOW_READ_LEN, NULL));
+
+    /* A small receive buffer, set before connecting, keeps the answer from fitting in flight. */
+    trickle_t tr = {.fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)};
+    assert_true(tr.fd >= 0);
+    int small = 4096;
+    setsockopt(tr.fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(n.port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(connect(tr.fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    assert_true(raw_send_hello(tr.fd, "127.0.0.1:1"));
+    assert_true(raw_read_ok(tr.fd, 1));
+    uint8_t h[KVF_TCP_HDR_LEN];
+    tcp_hdr_encode(h, KVF_TCP_READ, 0, 2, (uintptr_t)region, SLOW_READ_LEN);
+    assert_int_equal(send(tr.fd, h, sizeof(h), MSG_NOSIGNAL), (ssize_t)sizeof(h));
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, trickle_main, &tr), 0);
+    for (int i = 0; i < 200 && !atomic_load(&tr.started); i++)
+        usleep(10 * 1000);
+    assert_true(atomic_load(&tr.started));
+
+    uint64_t t0 = kvf_test_now_ms();
+    int rc = kvf__regions_remove(n.rt, (uintptr_t)region, 12000);
+    uint64_t took = kvf_test_now_ms() - t0;
+    if (rc != 0)
+        fail_msg("unregister with a slow reader: %s after %llu ms (%s)", kvf_err_name(rc),
+                 (unsigned long long)took, kvf_last_error());
+    if (took > 9000)
+        fail_msg("the region was held %llu ms, past the answer's rate deadline",
+                 (unsigned long long)took);
+    /* The target gave the connection up: its serving thread ended and was reaped. */
+    for (int i = 0; i < 300 && served(&n) > 0; i++)
+        usleep(10 * 1000);
+    assert_int_equal(served(&n), 0);
+    atomic_store(&tr.closed, true);
+    pthread_join(th, NULL);
+    close(tr.fd);
+    node_stop(&n);
+    munmap(region, SLOW_READ_LEN);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(slow_read_answer_cannot_hold_a_region),
     cmocka_unit_test(flood_from_one_address_leaves_others_served),
     cmocka_unit_test(idle_connection_closed_after_timeout),
     cmocka_unit_test(transfer_after_idle_close_succeeds),

@@ -50,8 +50,13 @@ int tcp_sendv(int fd, struct iovec *iov, int cnt, uint64_t deadline_ms, uint32_t
         ssize_t w = sendmsg(fd, &m, MSG_NOSIGNAL);
         if (w > 0) {
             tcp_iov_advance(&iov, &cnt, (size_t)w);
-            if (stall_ms)
-                last = kvf__now_ms();
+            if (cnt == 0 || (!stall_ms && !deadline_ms))
+                continue;
+            /* Progress alone does not extend the deadline: a peer that takes a few bytes at a
+             * time must not keep a frame (and what it holds) going for ever. */
+            last = kvf__now_ms();
+            if (deadline_ms && last >= deadline_ms)
+                return -KVF_ETIMEDOUT;
             continue;
         }
         if (w < 0 && errno == EINTR)

@@ -134,9 +134,12 @@ static int tcp_srv_drain(struct tcp_sconn *sc, uint64_t len)
     return 0;
 }
 
-static int tcp_srv_send(struct tcp_sconn *sc, struct iovec *iov, int cnt)
+/* Send a frame. @deadline_ms: when all of it must be out (0: only the stall timeout bounds it);
+ * a READ's answer, which holds a region reference while it goes, gets the same rate deadline as
+ * a received payload, so a reader that drains it slowly cannot stall an unregister. */
+static int tcp_srv_send(struct tcp_sconn *sc, struct iovec *iov, int cnt, uint64_t deadline_ms)
 {
-    return tcp_sendv(sc->fd, iov, cnt, 0, KVF_TCP_STALL_TIMEOUT_MS);
+    return tcp_sendv(sc->fd, iov, cnt, deadline_ms, KVF_TCP_STALL_TIMEOUT_MS);
 }
 
 /* Answer @h with status @code (a negative kvferry code) and this thread's last-error message. */
@@ -148,7 +151,7 @@ static int tcp_srv_send_error(struct tcp_sconn *sc, const tcp_hdr_t *h, int code
     uint32_t status = code < 0 ? (uint32_t)-code : (uint32_t)KVF_EPROTO;
     tcp_hdr_encode(hdr, KVF_TCP_RESP, status, h->req_id, h->addr, mlen);
     struct iovec iov[2] = {{hdr, sizeof(hdr)}, {(void *)msg, mlen}};
-    return tcp_srv_send(sc, iov, 2);
+    return tcp_srv_send(sc, iov, 2, 0);
 }
 
 /* Validate a request header. Returns NULL, or a reason for closing the connection. */
@@ -251,7 +254,7 @@ static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, s
         uint8_t resp[KVF_TCP_HDR_LEN];
         tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h->req_id, n, 0);
         struct iovec iov = {resp, sizeof(resp)};
-        rc = tcp_srv_send(sc, &iov, 1);
+        rc = tcp_srv_send(sc, &iov, 1, 0);
     }
     return rc;
 }
@@ -336,7 +339,7 @@ static void *tcp_sconn_main(void *arg)
             uint8_t resp[KVF_TCP_HDR_LEN];
             tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
             struct iovec iov = {resp, sizeof(resp)};
-            rc = tcp_srv_send(sc, &iov, 1);
+            rc = tcp_srv_send(sc, &iov, 1, 0);
         } else if (h.type == KVF_TCP_WRITEV) {
             rc = tcp_srv_writev(sc, &h, why, sizeof(why));
             if (rc == 1) {
@@ -356,7 +359,7 @@ static void *tcp_sconn_main(void *arg)
                     uint8_t resp[KVF_TCP_HDR_LEN];
                     tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
                     struct iovec iov = {resp, sizeof(resp)};
-                    rc = tcp_srv_send(sc, &iov, 1);
+                    rc = tcp_srv_send(sc, &iov, 1, 0);
                 } else {
                     rc = tcp_srv_send_error(sc, &h, nrc);
                 }
@@ -374,7 +377,7 @@ static void *tcp_sconn_main(void *arg)
                     uint8_t resp[KVF_TCP_HDR_LEN];
                     tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, h.addr, 0);
                     struct iovec iov = {resp, sizeof(resp)};
-                    rc = tcp_srv_send(sc, &iov, 1);
+                    rc = tcp_srv_send(sc, &iov, 1, 0);
                 }
             } else {
                 KVF_DEBUG(TCP_LOG, "write from %s refused: %s", sc->addr, kvf_last_error());
@@ -390,7 +393,7 @@ static void *tcp_sconn_main(void *arg)
                 tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, h.addr, h.len);
                 struct iovec iov[2] = {{resp, sizeof(resp)},
                                        {(void *)(uintptr_t)h.addr, (size_t)h.len}};
-                rc = tcp_srv_send(sc, iov, 2);
+                rc = tcp_srv_send(sc, iov, 2, tcp_frame_deadline(h.len));
                 kvf__regions_release(t->regions, &ref);
             } else {
                 KVF_DEBUG(TCP_LOG, "read from %s refused: %s", sc->addr, kvf_last_error());

@@ -35,7 +35,8 @@ def test_namespace_keeps_engines_apart(store):
             msg = kvferry.get_last_err_msg()
             assert rc == -kvferry.KVF_ENOTFOUND, (rc, msg)
             assert f"peer session {sid} did not appear in the store" in msg, msg
-            assert INIT_TIMEOUT_MS / 1000 <= took < INIT_TIMEOUT_MS / 1000 + 3, (sid, took)
+            # The engine counts whole milliseconds: it may give up up to 1 ms before 300.0.
+            assert INIT_TIMEOUT_MS / 1000 - 0.002 <= took < INIT_TIMEOUT_MS / 1000 + 3, (sid, took)
         assert not dst.any(), "bytes from another namespace landed"
         assert pb.wait_for_peer(d.session_id, timeout=0.2) == -kvferry.KVF_ETIMEDOUT
         assert (f"peer {d.session_id} did not appear in namespace beta"
