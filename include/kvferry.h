@@ -450,7 +450,8 @@ typedef struct {
     uint32_t init_timeout_ms;    /* how long create waits for the store, and the first transfer
                                     to a peer waits for the peer to appear. Default 10000. */
     uint32_t op_timeout_ms;      /* bound on every transfer call. Default 30000. */
-    uint32_t lease_ttl_ms;       /* lease of the engine's store records. Default 5000. */
+    uint32_t lease_ttl_ms;       /* lease of the engine's store records, 100..86400000 ms.
+                                    Default 5000. */
     uint32_t tcp_conns_per_peer; /* TCP connections to each peer, 1..16. Default 2. */
     uint32_t tcp_chunk_bytes;    /* larger elements are split into chunks of this size, spread
                                     over the connections; 64 KiB..64 MiB. Default 4 MiB. */

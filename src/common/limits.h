@@ -29,6 +29,9 @@
 #define KVF_DEFAULT_INIT_TIMEOUT_MS 10000u
 #define KVF_DEFAULT_OP_TIMEOUT_MS   30000u
 #define KVF_DEFAULT_LEASE_TTL_MS    5000u
+/* The shortest config.lease_ttl_ms: a lease must outlive the store round trips of create and of
+ * its own keep-alives (sent every TTL/3). */
+#define KVF_MIN_LEASE_TTL_MS 100u
 #define KVF_DEFAULT_MAX_BATCHES     4096u
 #define KVF_DEFAULT_ASYNC_THREADS   4u
 #define KVF_DEFAULT_NOTIFY_QUEUE    65536u

@@ -99,6 +99,11 @@ int kvf__eng_config_load(const kvf_config_t *in, kvf_config_t *c)
                         "config: init_timeout_ms (%u), op_timeout_ms (%u) and "
                         "lease_ttl_ms (%u) must be > 0",
                         c->init_timeout_ms, c->op_timeout_ms, c->lease_ttl_ms);
+    if (c->lease_ttl_ms < KVF_MIN_LEASE_TTL_MS)
+        return kvf__err(-KVF_EINVAL,
+                        "config.lease_ttl_ms %u is below %u: so short a lease can expire "
+                        "before the engine has published its records",
+                        c->lease_ttl_ms, KVF_MIN_LEASE_TTL_MS);
     if (c->lease_ttl_ms > KVF_STORE_MAX_LEASE_TTL_MS)
         return kvf__err(-KVF_EINVAL, "config.lease_ttl_ms %u exceeds %u", c->lease_ttl_ms,
                         KVF_STORE_MAX_LEASE_TTL_MS);
