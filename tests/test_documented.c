@@ -13,6 +13,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -447,6 +448,77 @@ static void role_name_every_role(void **state)
     assert_kvf_err(kvf_role_parse("?", &(kvf_role_t){0}), -KVF_EINVAL);
 }
 
+/* ---- unregister drains an in-process (loop) write ------------------------------------------ */
+
+#define LOOP_DRAIN_LEN (512u << 20)
+
+typedef struct {
+    kvf_engine_t *e;
+    const char *peer;
+    const uint8_t *src;
+    uint8_t *dst;
+    int rc;
+} loop_writer_t;
+
+static void *loop_writer_main(void *arg)
+{
+    loop_writer_t *w = arg;
+    w->rc = kvf_write(w->e, w->peer, w->src, (uintptr_t)w->dst, LOOP_DRAIN_LEN);
+    return NULL;
+}
+
+/* kvf_mem_unregister() during a 512 MiB memmove into the region (the loop path, engines of one
+ * process) returns 0 only once the copy has finished (its last byte is there), and no byte lands
+ * after it returned. A copy that released its region reference early would leave the tail to be
+ * written after the unregister, into memory the application already reused. */
+static void unregister_drains_loop_write(void **state)
+{
+    doc_fx_t *fx = *state;
+    /* Its own target: the fixture's engine gives up on a drain after 500 ms. */
+    kvf_engine_t *dec = kvf_test_engine(fx->url, KVF_ROLE_DECODE, NULL);
+    const char *peer = kvf_engine_session_id(dec);
+    kvf_engine_t *pre = kvf_test_engine(fx->url, KVF_ROLE_PREFILL, NULL);
+    uint8_t *src = mmap(NULL, LOOP_DRAIN_LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                        -1, 0);
+    uint8_t *dst = mmap(NULL, LOOP_DRAIN_LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                        -1, 0);
+    assert_true(src != MAP_FAILED && dst != MAP_FAILED);
+    memset(src, 0x5a, LOOP_DRAIN_LEN);
+    assert_kvf_ok(kvf_mem_register(dec, dst, LOOP_DRAIN_LEN));
+    /* The path is chosen, and is loop, before the timed part. */
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)dst, 4096));
+    const char *via = NULL;
+    assert_kvf_ok(kvf_engine_peer_transport(pre, peer, &via));
+    assert_string_equal(via, "loop");
+    memset(dst, 0, 4096);
+
+    loop_writer_t w = {.e = pre, .peer = peer, .src = src, .dst = dst};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, loop_writer_main, &w), 0);
+    const volatile uint8_t *head = dst;
+    uint64_t t0 = kvf_test_now_ms();
+    while (*head == 0 && kvf_test_now_ms() - t0 < 10000)
+        ;
+    assert_int_equal(*head, 0x5a); /* the copy is under way */
+    assert_kvf_ok(kvf_mem_unregister(dec, dst));
+    /* Returned: the copy has ended, so its last byte is in... */
+    const volatile uint8_t *tail = dst + LOOP_DRAIN_LEN - 1;
+    assert_int_equal(*tail, 0x5a);
+    /* ...and nothing lands any more: what the application writes now stays. */
+    memset(dst + LOOP_DRAIN_LEN - (1u << 20), 0, 1u << 20);
+    assert_int_equal(pthread_join(th, NULL), 0);
+    assert_kvf_ok(w.rc);
+    for (size_t k = LOOP_DRAIN_LEN - (1u << 20); k < LOOP_DRAIN_LEN; k++)
+        if (dst[k])
+            fail_msg("byte %zu changed to 0x%02x after unregister returned", k, dst[k]);
+    /* And later writes are refused. */
+    assert_kvf_err(kvf_write(pre, peer, src, (uintptr_t)dst, 4096), -KVF_ENOTREG);
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+    munmap(src, LOOP_DRAIN_LEN);
+    munmap(dst, LOOP_DRAIN_LEN);
+}
+
 /* tcp_conns_per_peer 1..16, tcp_chunk_bytes 64 KiB..64 MiB, lease_ttl_ms 100 ms..24 h: outside is
  * -KVF_EINVAL naming the value, at once; the edges create engines that transfer. */
 static void config_limits(void **state)
@@ -510,6 +582,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(mem_free_times_out_while_write_held, doc_setup, doc_teardown),
     cmocka_unit_test_setup_teardown(session_ip_must_be_local, doc_setup, doc_teardown),
     cmocka_unit_test_setup_teardown(destroy_waits_for_moving_transfer, doc_setup, doc_teardown),
+    cmocka_unit_test_setup_teardown(unregister_drains_loop_write, doc_setup, doc_teardown),
     cmocka_unit_test_setup_teardown(register_batch_all_or_none, doc_setup, doc_teardown),
     cmocka_unit_test_setup_teardown(peer_events_keep_newest_4096, doc_setup, doc_teardown),
     cmocka_unit_test(role_name_every_role),
