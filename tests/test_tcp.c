@@ -604,12 +604,19 @@ static void test_write_past_region(void **state)
 
     assert_kvf_err(xfer1(p, KVF_OP_WRITE, src, mem, 4097, 5000), -KVF_ENOTREG);
     assert_last_error_contains("element 0");
-    assert_last_error_contains("runs 1 byte past the end of registered region");
+    char want[96];
+    snprintf(want, sizeof(want), "write [%p, +4097) is not inside one registered region",
+             (void *)mem);
+    assert_last_error_contains(want);
+    /* Issue 12: the peer is told what was refused, not the bounds of the target's region. */
+    assert_null(strstr(kvf_last_error(), "+4096"));
     assert_all(mem, 8192, 0xAA);
 
     /* A read that runs past the end is refused as well. */
     assert_kvf_err(xfer1(p, KVF_OP_READ, src, mem + 4000, 200, 5000), -KVF_ENOTREG);
-    assert_last_error_contains("past the end");
+    assert_last_error_contains("read [");
+    assert_last_error_contains("+200) is not inside one registered region");
+    assert_null(strstr(kvf_last_error(), "+4096"));
 
     /* Same connection, still in step. */
     assert_kvf_ok(xfer1(p, KVF_OP_WRITE, src, mem, 4096, 5000));
@@ -644,7 +651,8 @@ static void test_raw_write_outside(void **state)
     w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 2, base, 4097);
     send_all(fd, f, KVF_TCP_HDR_LEN + 4097);
     assert_int_equal(raw_resp(fd, 2, msg, sizeof(msg)), KVF_ENOTREG);
-    if (!strstr(msg, "runs 1 byte past the end"))
+    /* What was refused, not the region's bounds (issue 12): "+4096" would give them away. */
+    if (!strstr(msg, "+4097) is not inside one registered region") || strstr(msg, "+4096"))
         fail_msg("message \"%s\"", msg);
     /* Entirely outside every region (just past it). */
     w_hdr(f, KVF_TCP_MAGIC, 1, KVF_TCP_WRITE, 0, 3, base + 4096, 16);
@@ -1001,7 +1009,7 @@ static void test_unregister(void **state)
     assert_kvf_ok(kvf__regions_remove(b.rt, (uint64_t)(uintptr_t)mem, 1000));
     memset(mem, 0, MiB);
     assert_kvf_err(xfer1(p, KVF_OP_WRITE, src, mem, MiB, 5000), -KVF_ENOTREG);
-    assert_last_error_contains("starts outside every registered region");
+    assert_last_error_contains("is not inside one registered region");
     assert_all(mem, MiB, 0);
     ops->peer_close(p);
     node_stop(&a);

@@ -143,6 +143,23 @@ static int tcp_srv_send(struct tcp_sconn *sc, struct iovec *iov, int cnt, uint64
 }
 
 /* Answer @h with status @code (a negative kvferry code) and this thread's last-error message. */
+static int tcp_srv_send_error(struct tcp_sconn *sc, const tcp_hdr_t *h, int code);
+
+/*
+ * Answer a request whose range [@addr, +@len) the region table refused with @code. The table's
+ * reason names the exact bounds of the registered region nearby; that stays in this engine's
+ * debug log, and the peer learns only which of its own ranges was refused: a peer is not told
+ * the layout of this engine's memory.
+ */
+static int tcp_srv_refuse(struct tcp_sconn *sc, const tcp_hdr_t *h, int code, const char *op,
+                          uint64_t addr, uint64_t len)
+{
+    if (code == -KVF_ENOTREG)
+        kvf__err(code, "%s [0x%" PRIx64 ", +%" PRIu64 ") is not inside one registered region", op,
+                 addr, len);
+    return tcp_srv_send_error(sc, h, code);
+}
+
 static int tcp_srv_send_error(struct tcp_sconn *sc, const tcp_hdr_t *h, int code)
 {
     uint8_t hdr[KVF_TCP_HDR_LEN];
@@ -243,7 +260,8 @@ static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, s
         if (rc == 0) {
             tcp_hdr_t e = *h;
             e.addr = k;
-            rc = tcp_srv_send_error(sc, &e, arc);
+            rc = tcp_srv_refuse(sc, &e, arc, "write", (uintptr_t)sc->iov[k].iov_base,
+                                sc->iov[k].iov_len);
         }
         return rc;
     }
@@ -383,7 +401,7 @@ static void *tcp_sconn_main(void *arg)
                 KVF_DEBUG(TCP_LOG, "write from %s refused: %s", sc->addr, kvf_last_error());
                 rc = tcp_srv_drain(sc, h.len);
                 if (rc == 0)
-                    rc = tcp_srv_send_error(sc, &h, arc);
+                    rc = tcp_srv_refuse(sc, &h, arc, "write", h.addr, h.len);
             }
         } else {
             kvf_region_ref_t ref = {0};
@@ -397,7 +415,7 @@ static void *tcp_sconn_main(void *arg)
                 kvf__regions_release(t->regions, &ref);
             } else {
                 KVF_DEBUG(TCP_LOG, "read from %s refused: %s", sc->addr, kvf_last_error());
-                rc = tcp_srv_send_error(sc, &h, arc);
+                rc = tcp_srv_refuse(sc, &h, arc, "read", h.addr, h.len);
             }
         }
         if (rc) {
