@@ -267,7 +267,7 @@ static void *moving_main(void *arg)
 /* One run on @transport: a 128 MiB write is moving (its first bytes have landed) when the
  * sender is destroyed; destroy returns only once every byte is in place, and the write
  * succeeds. */
-static void destroy_waits_on(const char *url, kvf_engine_t *dec, kvf_transport_kind_t transport,
+static bool destroy_waits_on(const char *url, kvf_engine_t *dec, kvf_transport_kind_t transport,
                              const uint8_t *src, uint8_t *dst)
 {
     kvf_config_t c;
@@ -299,14 +299,14 @@ static void destroy_waits_on(const char *url, kvf_engine_t *dec, kvf_transport_k
     int complete = memcmp(dst, src, MOVING_LEN) == 0;
     assert_int_equal(pthread_join(t, NULL), 0);
     if (ended_before)
-        fail_msg("transport %d: the write ended before destroy began; the test proves nothing",
-                 (int)transport);
+        return false; /* the write was too quick for this run to prove anything: run again */
     if (m.rc != 0)
         fail_msg("transport %d: the write returned %d (%s)", (int)transport, m.rc,
                  kvf_err_name(m.rc));
     if (!complete)
         fail_msg("transport %d: destroy returned before the write's bytes were all in place",
                  (int)transport);
+    return true;
 }
 
 static void destroy_waits_for_moving_transfer(void **state)
@@ -323,8 +323,15 @@ static void destroy_waits_for_moving_transfer(void **state)
     /* AUTO is the in-process (loop) path here. */
     const kvf_transport_kind_t kinds[] = {KVF_TRANSPORT_TCP, KVF_TRANSPORT_SHM,
                                           KVF_TRANSPORT_AUTO};
-    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++)
-        destroy_waits_on(url, dec, kinds[i], src, dst);
+    /* On a loaded machine this thread may be descheduled for the whole of a write; such a run
+     * proves nothing and is repeated, a bounded number of times. */
+    for (size_t i = 0; i < sizeof(kinds) / sizeof(kinds[0]); i++) {
+        int tries = 0;
+        while (!destroy_waits_on(url, dec, kinds[i], src, dst))
+            if (++tries == 8)
+                fail_msg("transport %d: in 8 runs the write always ended before destroy began",
+                         (int)kinds[i]);
+    }
     assert_kvf_ok(kvf_mem_unregister(dec, dst));
     kvf_engine_destroy(dec);
     free(dst);
