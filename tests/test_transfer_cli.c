@@ -245,6 +245,54 @@ static void transfer_decode_first(void **state)
     assert_int_equal(reap(store, 5000), 0);
 }
 
+/* Reproduced in issue 12: a Decode serving for ever (--iterations 0) exited 1 when its Prefill
+ * went away before the acknowledgement. A server-like process survives its clients: it says
+ * what it could not do and serves the next Prefill. */
+static void decode_survives_prefill_gone_before_ack(void **state)
+{
+    (void)state;
+    char url[128], line[512], sid[256];
+    pid_t store = store_process(url, sizeof(url));
+    int dfd, pfd;
+    /* A short --timeout: the acknowledgement to the vanished Prefill fails within it. */
+    char *dargv[] = {(char *)kvf_test_cli_path(), "transfer", "--role", "Decode",
+                     "--src-session-id", "127.0.0.1:0", "--store-url", url, "--iterations", "0",
+                     "--timeout", "2", NULL};
+    pid_t decode = spawn(dargv, &dfd);
+    wait_line(dfd, &out_a, "decode session ", line, sizeof(line));
+    ready_sid(line, "decode", sid, sizeof(sid));
+
+    setenv("KVFERRY_TRANSFER_TEST_NO_ACK", "1", 1);
+    pid_t gone = transfer("Prefill", "127.0.0.1:0", url, sid, "1", &pfd);
+    unsetenv("KVFERRY_TRANSFER_TEST_NO_ACK");
+    drain(pfd, &out_b);
+    reap(gone, 20000); /* killed by its hook */
+    assert_non_null(strstr(out_b.text, "killed before the acknowledgement of round 1"));
+    wait_line(dfd, &out_a, "round 1: verified 10 slices", line, sizeof(line));
+    /* The acknowledgement usually finds the Prefill gone (then the Decode says so, below); if it
+     * raced ahead of the kill it was queued there, which is fine too. */
+
+    /* The Decode still serves: the next Prefill's round is verified and acknowledged. */
+    memset(&out_b, 0, sizeof(out_b));
+    pid_t next = transfer("Prefill", "127.0.0.1:0", url, sid, "1", &pfd);
+    drain(pfd, &out_b);
+    int prc = reap(next, 20000);
+    if (prc != 0)
+        fail_msg("the second Prefill exited %d:\n%s\n--- Decode:\n%s", prc, out_b.text,
+                 out_a.text);
+    assert_non_null(strstr(out_b.text, "prefill done: 1 rounds"));
+    wait_line(dfd, &out_a, ": verified 10 slices", line, sizeof(line));
+    assert_int_equal(kill(decode, 0), 0); /* still running */
+    const char *lost = strstr(out_a.text, "could not acknowledge round 1");
+    if (lost && !strstr(lost, "waiting for the next Prefill"))
+        fail_msg("the lost acknowledgement is reported without saying what follows:\n%s",
+                 out_a.text);
+    kill(decode, SIGTERM);
+    reap(decode, 5000);
+    kill(store, SIGTERM);
+    assert_int_equal(reap(store, 5000), 0);
+}
+
 static void transfer_prefill_first_store_process(void **state)
 {
     (void)state;
@@ -653,6 +701,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_teardown(transfer_coordinates_without_store_keys, reap_children),
     cmocka_unit_test_teardown(demo_verifies, reap_children),
     cmocka_unit_test_teardown(demo_catches_corrupt_slice, reap_children),
+    cmocka_unit_test_teardown(decode_survives_prefill_gone_before_ack, reap_children),
     cmocka_unit_test_teardown(bad_role, reap_children),
     cmocka_unit_test_teardown(bad_src_session_id, reap_children),
     cmocka_unit_test_teardown(bad_store_url_seed_typo, reap_children),

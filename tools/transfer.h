@@ -30,6 +30,9 @@
 /* A test hook only: when set to a slice number, the Prefill flips one byte of that slice in round
  * 1 after computing its checksum, so that tests can see the Decode catch a corrupt slice. */
 #define XFER_CORRUPT_ENV "KVFERRY_TRANSFER_TEST_CORRUPT"
+/* A test hook only: when set (non-empty), the Prefill kills itself (SIGKILL) right after the last
+ * slice of its first round, before the acknowledgement, as one interrupted then would. */
+#define XFER_NO_ACK_ENV "KVFERRY_TRANSFER_TEST_NO_ACK"
 
 #define XFER_KEY_MAX       (KVF_SESSION_ID_MAX + 64)
 #define XFER_MAX_TIMEOUT_S 3600u /* an hour, the longest wait the store allows */

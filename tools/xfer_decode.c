@@ -110,6 +110,15 @@ int xfer_decode_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
         char ack[48];
         int len = snprintf(ack, sizeof(ack), "{\"ack\":%" PRIu64 "}", round);
         rc = kvf_notify_send(e, from, ack, (size_t)len);
+        if (rc < 0 && a->iterations == 0) {
+            /* Serving for ever, like a server: a Prefill that went away (interrupted, or done
+             * with us) costs its acknowledgement, not the Decode. The round was verified. */
+            fprintf(stderr,
+                    "kvferry " XFER_CMD ": could not acknowledge round %" PRIu64 " to %s (%s: "
+                    "%s); waiting for the next Prefill\n",
+                    round, from, kvf_err_name(rc), kvf_last_error());
+            continue;
+        }
         if (rc < 0) {
             kvf_cli_fail(XFER_CMD, rc, "acknowledging round %" PRIu64 " to %s", round, from);
             goto out_unregister;

@@ -4,6 +4,7 @@
  * the round before overwriting it.
  */
 #include <inttypes.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,6 +202,13 @@ int xfer_prefill_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
         total_bytes += XFER_BYTES;
         total_ms += ms;
 
+        const char *no_ack = getenv(XFER_NO_ACK_ENV);
+        if (no_ack && *no_ack) {
+            printf("killed before the acknowledgement of round %" PRIu64 " (%s)\n", round,
+                   XFER_NO_ACK_ENV);
+            fflush(stdout);
+            raise(SIGKILL);
+        }
         /* The Decode checks each slice as its notification arrives; its buffer may be
          * overwritten only once it confirmed the whole round. */
         if (prefill_wait_ack(a, e, note, round) != 0)
