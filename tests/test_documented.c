@@ -252,6 +252,7 @@ typedef struct {
     const char *peer;
     const uint8_t *src;
     uint8_t *dst;
+    size_t len; /* 0: MOVING_LEN */
     int rc;
     atomic_bool returned;
 } moving_t;
@@ -259,7 +260,7 @@ typedef struct {
 static void *moving_main(void *arg)
 {
     moving_t *m = arg;
-    m->rc = kvf_write(m->e, m->peer, m->src, (uintptr_t)m->dst, MOVING_LEN);
+    m->rc = kvf_write(m->e, m->peer, m->src, (uintptr_t)m->dst, m->len ? m->len : MOVING_LEN);
     atomic_store(&m->returned, true);
     return NULL;
 }
@@ -459,21 +460,6 @@ static void role_name_every_role(void **state)
 
 #define LOOP_DRAIN_LEN (512u << 20)
 
-typedef struct {
-    kvf_engine_t *e;
-    const char *peer;
-    const uint8_t *src;
-    uint8_t *dst;
-    int rc;
-} loop_writer_t;
-
-static void *loop_writer_main(void *arg)
-{
-    loop_writer_t *w = arg;
-    w->rc = kvf_write(w->e, w->peer, w->src, (uintptr_t)w->dst, LOOP_DRAIN_LEN);
-    return NULL;
-}
-
 /* kvf_mem_unregister() during a 512 MiB memmove into the region (the loop path, engines of one
  * process) returns 0 only once the copy has finished (its last byte is there), and no byte lands
  * after it returned. A copy that released its region reference early would leave the tail to be
@@ -499,9 +485,9 @@ static void unregister_drains_loop_write(void **state)
     assert_string_equal(via, "loop");
     memset(dst, 0, 4096);
 
-    loop_writer_t w = {.e = pre, .peer = peer, .src = src, .dst = dst};
+    moving_t w = {.e = pre, .peer = peer, .src = src, .dst = dst, .len = LOOP_DRAIN_LEN};
     pthread_t th;
-    assert_int_equal(pthread_create(&th, NULL, loop_writer_main, &w), 0);
+    assert_int_equal(pthread_create(&th, NULL, moving_main, &w), 0);
     const volatile uint8_t *head = dst;
     uint64_t t0 = kvf_test_now_ms();
     while (*head == 0 && kvf_test_now_ms() - t0 < 10000)
