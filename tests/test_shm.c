@@ -9,6 +9,7 @@
 
 #include <jansson.h>
 
+#include "core/core.h"
 #include "transport/transport.h"
 
 #include <errno.h>
@@ -525,6 +526,47 @@ static void one_process_forced_shm(void **state)
     free(back);
     kvf_engine_destroy(pre);
     kvf_engine_destroy(dec);
+}
+
+/* The region table a shm sender reads from the target's memory is input like any other: one
+ * that is too long, or not sorted and non-overlapping, is refused and never used. (One process,
+ * shm forced: the test owns the target's word, as a hostile target would.) */
+static void hostile_region_table_refused(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_t *dec = engine(fx->url, KVF_ROLE_DECODE, KVF_TRANSPORT_AUTO);
+    kvf_engine_t *pre = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_SHM);
+    const char *peer = kvf_engine_session_id(dec);
+    uint8_t *dst = calloc(1, 8192), *src = alloc_filled(8192, 71);
+    assert_kvf_ok(kvf_mem_register(dec, dst, 4096));
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)dst, 4096));
+    assert_via(pre, peer, "shm");
+    kvf_shm_word_t *w = &dec->shm_word;
+    const kvf_region_t *real = (const kvf_region_t *)(uintptr_t)w->table;
+    size_t count = (size_t)w->count;
+    uint64_t gen = w->gen;
+
+    kvf__shm_word_set(w, real, (size_t)KVF_SHM_MAX_REGIONS + 1, gen + 1);
+    assert_kvf_err(kvf_write(pre, peer, src, (uintptr_t)dst, 4096), -KVF_EPROTO);
+    assert_last_error_contains("entries, more than");
+
+    /* Two overlapping entries, the first of which would widen the region to 8192 bytes. */
+    static kvf_region_t bad[2];
+    bad[0] = (kvf_region_t){.addr = (uintptr_t)dst, .len = 8192, .gen = 1};
+    bad[1] = (kvf_region_t){.addr = (uintptr_t)dst + 4096, .len = 4096, .gen = 2};
+    kvf__shm_word_set(w, bad, 2, gen + 2);
+    assert_kvf_err(kvf_write(pre, peer, src, (uintptr_t)dst, 8192), -KVF_EPROTO);
+    assert_last_error_contains("not sorted and non-overlapping");
+    for (size_t i = 4096; i < 8192; i++)
+        assert_int_equal(dst[i], 0);
+
+    /* The real table again, under a newer generation: writes work. */
+    kvf__shm_word_set(w, real, count, gen + 3);
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)dst, 4096));
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+    free(dst);
+    free(src);
 }
 
 static void bad_transport_env_refused(void **state)
@@ -1047,6 +1089,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(session_record_publishes_no_nonce, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(one_process_loop_and_self, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(one_process_forced_shm, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(hostile_region_table_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(bad_transport_env_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_write_sizes, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_batch_mixed, fx_setup, fx_teardown),
