@@ -181,6 +181,10 @@ struct kvf_engine {
     eng_events_t events;
 };
 
+/* kvf_notify_wait_peer() asks the peer's path whether it is still there this often: the bound
+ * on noticing a peer gone while waiting. */
+#define ENG_PEER_CHECK_MS 200u
+
 /* The deadline of a wait of @timeout_ms (kvf__now_ms() clock); negative waits forever. */
 static inline uint64_t eng_deadline_of(int timeout_ms)
 {
@@ -254,6 +258,8 @@ int kvf__peer_enter(kvf_engine_t *e, const char *peer, const char *what, const a
                     eng_peer_t **out);
 /* Leave what kvf__peer_enter() entered, passing @rc on (wrapped with @what and the peer). */
 int kvf__peer_leave(eng_peer_t *p, int rc, const char *what);
+/* kvf_peer_check() without the argument checks and busy count. */
+int kvf__eng_peer_check(kvf_engine_t *e, const char *peer);
 
 /* Re-read the peer's regions from the store (no wait); the cache never goes back in time. */
 int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p);
