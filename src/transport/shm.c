@@ -495,4 +495,5 @@ const struct kvf_transport_ops kvf__shm_ops = {
     .guard_enter = shm_fence_enter,
     .guard_leave = shm_fence_leave,
     .drain = shm_fence_drain,
+    .holders = kvf__transport_no_holders,
 };

@@ -22,6 +22,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <string.h>
 
 #include "common/url.h"
 #include "common/host.h"
@@ -285,7 +287,22 @@ struct kvf_transport_ops {
      * loop: kvf__regions_remove waits for them) use kvf__transport_no_drain.
      */
     int (*drain)(kvf_transport_t *t, uint64_t deadline_ms);
+    /*
+     * An unregister of the region [@addr, @addr+@len) timed out: who is still holding it
+     * through this transport, as "peer SID (ADDRESS)" entries joined by ", " in @buf (cut to
+     * @buflen). Returns how many were found. Transports whose target holds nothing (shm: its
+     * drain names its senders itself) use kvf__transport_no_holders.
+     */
+    size_t (*holders)(kvf_transport_t *t, uint64_t addr, uint64_t len, char *buf, size_t buflen);
 };
+
+/* Append "@what" to the ", "-joined list in @buf (cut to @len), for holders(). */
+static inline void kvf__holders_add(char *buf, size_t len, const char *what)
+{
+    size_t at = strnlen(buf, len);
+    if (at + 1 < len)
+        snprintf(buf + at, len - at, "%s%s", at ? ", " : "", what);
+}
 
 /* Stubs for ops a transport does not have (stub.c). */
 int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen);
@@ -301,6 +318,8 @@ const char *kvf__transport_no_sock(const kvf_transport_t *t);
 int kvf__transport_no_guard_enter(kvf_tpeer_t *p, uint64_t *token);
 void kvf__transport_no_guard_leave(kvf_tpeer_t *p, uint64_t token);
 int kvf__transport_no_drain(kvf_transport_t *t, uint64_t deadline_ms);
+size_t kvf__transport_no_holders(kvf_transport_t *t, uint64_t addr, uint64_t len, char *buf,
+                                 size_t buflen);
 
 /*
  * The transports, in the order the core tries them for a peer when none is forced (transport.c),
