@@ -609,10 +609,12 @@ KVF_API int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const si
 
 /**
  * kvf_mem_unregister - withdraw the region that starts at @addr.
- * New transfers touching it fail with -KVF_ENOTREG at once; transfers already writing into it
- * are waited for (up to op_timeout_ms; then -KVF_ETIMEDOUT and the memory must stay valid until
- * they end). Over TCP a sender must keep a minimum rate, so no request holds a region for
- * longer than about 9 s. If publishing the change to the store fails, the call still succeeds
+ * New transfers touching it fail with -KVF_ENOTREG at once; transfers already writing into or
+ * reading from it are waited for, on every transport (same-host shm senders included), so once
+ * it returns 0 no byte lands there any more. After op_timeout_ms it returns -KVF_ETIMEDOUT with
+ * a message naming the peer still holding it; the range is unregistered all the same, and the
+ * memory must stay valid until that peer ends. Over TCP a sender must keep a minimum rate, so no
+ * request holds a region for longer than about 9 s. If publishing the change to the store fails, the call still succeeds
  * (this engine refuses the range; the next publication tells peers) and a warning is logged.
  * Returns -KVF_ENOTREG when no region starts at @addr.
  */

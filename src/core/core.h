@@ -215,6 +215,12 @@ void kvf__eng_make_key(char *buf, size_t len, const char *ns, const char *kind, 
 /* Publish the engine's session record / its current region table under its lease. */
 int kvf__eng_publish_session(kvf_engine_t *e);
 int kvf__eng_publish_regions(kvf_engine_t *e);
+/* Every transport's drain (transport.h): after the table senders read was replaced, wait until
+ * no sender that checked against an older one is still copying, or @deadline_ms. */
+int kvf__eng_drain(kvf_engine_t *e, uint64_t deadline_ms);
+/* Destroy: same-host senders find an empty table from now on, and those still copying are
+ * waited out (up to op_timeout_ms, then a warning). No registration may follow. */
+void kvf__eng_withdraw_regions(kvf_engine_t *e);
 
 /* kvf_store_get() waiting up to @wait_ms in slices, given up (-KVF_ECLOSED) when the engine is
  * being destroyed, or (-KVF_ECANCELED) once @cancel (NULL: none; an async batch's flag) is set. */

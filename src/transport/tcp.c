@@ -177,4 +177,7 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .mem_export = kvf__transport_nop_export,
     .mem_unexport = kvf__transport_nop_unexport,
     .mem_sock = kvf__transport_no_sock,
+    .guard_enter = kvf__transport_no_guard_enter,
+    .guard_leave = kvf__transport_no_guard_leave,
+    .drain = kvf__transport_no_drain,
 };
