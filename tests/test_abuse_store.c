@@ -1010,7 +1010,7 @@ static void unread_output_closes_connection_with_log(void **state)
 /*
  * Reproduced in issue 12: header-only frames announcing 64 MiB grew virtual memory to 13 GB. A
  * header announcing more than the longest request is refused at once; 256 connections announcing
- * 32 MiB each (allowed) and sending 4 KiB of it cost what arrived, not 8 GiB of reservations; and
+ * 32 MiB each (allowed) and sending 64 KiB of it cost what arrived, not 8 GiB of reservations; and
  * a real 16 MiB SET still goes through.
  */
 static void announced_frames_reserve_nothing(void **state)
@@ -1035,7 +1035,7 @@ static void announced_frames_reserve_nothing(void **state)
 
     uint64_t vm0 = vm_bytes("VmSize");
     int fds[ANNOUNCERS];
-    static uint8_t some[4096];
+    static uint8_t some[64u << 10];
     kvf__put_le32(h + 12, 32u << 20);
     for (unsigned i = 0; i < ANNOUNCERS; i++) {
         fds[i] = raw_connect(2 + i % 4, port, false);
@@ -1043,14 +1043,20 @@ static void announced_frames_reserve_nothing(void **state)
         send_all(fds[i], h, sizeof(h));
         send_all(fds[i], some, sizeof(some));
     }
-    /* Every one of them has been read once a PING on a newer connection is answered: their bytes
-     * were readable before it connected, and the loop serves ready sockets in order. */
+    /* The server reads them as they come: watch its virtual memory for a second (bounded; a
+     * buffer sized by the announcement shows at once, as 32 MiB per connection). */
     int probe = raw_connect(6, port, false);
     assert_true(ping_ok(probe, 1));
-    assert_true(ping_ok(probe, 2));
-    uint64_t grew = vm_bytes("VmSize") - vm0;
-    print_message("%u connections announcing 32 MiB: VmSize +%" PRIu64 " MiB\n", ANNOUNCERS,
-                  grew >> 20);
+    uint64_t grew = 0;
+    for (uint64_t until = kvf_test_now_ms() + 1000; kvf_test_now_ms() < until;) {
+        uint64_t v = vm_bytes("VmSize"), g = v > vm0 ? v - vm0 : 0;
+        grew = g > grew ? g : grew;
+        if (grew > (256u << 20))
+            break;
+        poll(NULL, 0, 20);
+    }
+    print_message("%u connections announcing 32 MiB, 64 KiB sent: VmSize +%" PRIu64 " MiB\n",
+                  ANNOUNCERS, grew >> 20);
     for (unsigned i = 0; i < ANNOUNCERS; i++)
         close(fds[i]);
 
