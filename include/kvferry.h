@@ -200,8 +200,8 @@ KVF_API int kvf_store_url_parse(const char *url, const char **scheme, char *host
  * ------------------------------------------------------------------------------------------- */
 
 /* Limits of the built-in store. A key, value, frame or list answer beyond its limit is refused
- * with -KVF_ETOOBIG; a connection beyond KVF_STORE_MAX_CLIENTS is closed at once (the client
- * sees -KVF_ESTOREDOWN); watches or waiters beyond their per-connection limit get -KVF_EBUSY; a
+ * with -KVF_ETOOBIG; a connection beyond KVF_STORE_MAX_CLIENTS (the default of
+ * kvf_store_server_opts_t.max_clients) is closed at once (the client sees -KVF_ESTOREDOWN); watches or waiters beyond their per-connection limit get -KVF_EBUSY; a
  * lease TTL outside 1..KVF_STORE_MAX_LEASE_TTL_MS gets -KVF_EINVAL. */
 #define KVF_STORE_MAX_KEY_LEN 1024u          /* bytes; keys are non-empty */
 #define KVF_STORE_MAX_VALUE_LEN (16u << 20)  /* bytes; values may be empty */

@@ -60,13 +60,14 @@ static void peer_event_push(kvf_engine_t *e, kvf_peer_event_type_t type, const c
         if (slot)
             return; /* a re-publication (lease re-granted, record updated) */
         eng_known_t *k = malloc(sizeof(*k));
+        if (k)
+            *k = probe; /* before tsearch(), which compares it */
         if (!k || !tsearch(k, &a->known, known_cmp)) {
             free(k);
             KVF_WARN_RATELIMITED(EVENTS_LOG, "engine %s: out of memory recording peer %s", e->sid,
                                  sid);
             return;
         }
-        *k = probe;
     } else {
         if (!slot)
             return;

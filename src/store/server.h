@@ -11,11 +11,12 @@
  *    timer pass, or while flushing output. Handlers that append answers or events to other
  *    connections never close anything, because they may be iterating a list (watches, waiters)
  *    that closing would change. Such an append that would take the connection's unsent output
- *    past KVF_STORE_MAX_OUTPUT_BYTES is dropped and flags the connection ("overflow"); the flush
+ *    past opts.max_output_bytes is dropped and flags the connection ("overflow"); the flush
  *    pass closes it.
  *  - Output bounds: a connection's own requests stop being executed (and read) while more than
  *    SRV_OUT_PAUSE_READ of its output is unsent; they resume from the flush path as it drains.
- *    So unsent output is at most KVF_STORE_MAX_OUTPUT_BYTES, plus one answer.
+ *    So unsent output is at most opts.max_output_bytes, plus one answer. Watch events
+ *    and woken answers share one copy of their tail (srv_shared), counted in full per connection.
  *  - A killed connection's fd is closed and its waiters and watches are detached at once, but its
  *    memory lives until the end of the loop iteration ("zombie"), because later events returned
  *    by the same epoll_wait() may still point at it.
