@@ -341,7 +341,8 @@ static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
             break;
         if (n == 0) {
             if (c->in_len)
-                KVF_INFO(SRV_LOG, "%s closed the connection in the middle of a frame", c->peer);
+                KVF_LOG_RATELIMITED(KVF_LOG_INFO, SRV_LOG,
+                                    "%s closed the connection in the middle of a frame", c->peer);
             else
                 KVF_DEBUG(SRV_LOG, "%s disconnected", c->peer);
             /* Answers to its last requests may still get out if it only shut down writing. */
