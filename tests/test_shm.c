@@ -893,6 +893,75 @@ static void unregister_timeout_names_sender(void **state)
     child_stop(&c);
 }
 
+/* ---- a dead peer is noticed at once --------------------------------------------------------- */
+
+/* Reproduced in issue 12: a Prefill waiting for its Decode's answer waited out its whole timeout
+ * after the Decode was killed. kvf_notify_wait_peer() returns -KVF_EPEERGONE naming the peer
+ * within about a second of a SIGKILL, over shm (the pid is gone) and over tcp (the connections
+ * broke and a new one is refused); kvf_peer_check() says the same. */
+static void peer_killed_noticed_at_once(void **state)
+{
+    fx_t *fx = *state;
+    const kvf_transport_kind_t kinds[] = {KVF_TRANSPORT_AUTO, KVF_TRANSPORT_TCP};
+    const char *via[] = {"shm", "tcp"};
+    for (size_t k = 0; k < 2; k++) {
+        child_t c;
+        kvf_notify_t note;
+        child_start(fx->url, 4096, &c);
+        kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, kinds[k]);
+        uint8_t src[64];
+        fill(src, sizeof(src), 11);
+        assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, sizeof(src)));
+        assert_via(e, c.sid, via[k]);
+        assert_kvf_ok(kvf_peer_check(e, c.sid));
+        /* Alive and silent: the wait runs to its timeout, checking all along. */
+        uint64_t t0 = kvf_test_now_ms();
+        assert_int_equal(kvf_notify_wait_peer(e, c.sid, &note, 1, 500), 0);
+        assert_true(kvf_test_now_ms() - t0 >= 500);
+
+        assert_int_equal(kill(c.pid, SIGKILL), 0);
+        assert_int_equal(kvf_test_reap(c.pid, 10000), -1); /* killed */
+        c.pid = 0;
+        t0 = kvf_test_now_ms();
+        assert_kvf_err(kvf_notify_wait_peer(e, c.sid, &note, 1, 20000), -KVF_EPEERGONE);
+        uint64_t took = kvf_test_now_ms() - t0;
+        assert_last_error_contains(c.sid);
+        if (took > 2000)
+            fail_msg("%s: the dead peer was noticed after %llu ms", via[k],
+                     (unsigned long long)took);
+        assert_kvf_err(kvf_peer_check(e, c.sid), -KVF_EPEERGONE);
+        assert_last_error_contains(c.sid);
+        /* A notification alone moved no data: its failure does not say data landed. */
+        assert_true(kvf_notify_send(e, c.sid, "x", 1) < 0);
+        if (strstr(kvf_last_error(), "landed"))
+            fail_msg("a lone notification's failure says: %s", kvf_last_error());
+        kvf_engine_destroy(e);
+        child_stop(&c);
+    }
+}
+
+/* A peer whose engine was destroyed (its records withdrawn) and one that never started are gone
+ * too, with a message that says so; a malformed session id is a usage error. */
+static void peer_check_withdrawn_and_unknown(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    kvf_notify_t note;
+    child_start(fx->url, 4096, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    char sid[sizeof(c.sid)];
+    snprintf(sid, sizeof(sid), "%s", c.sid);
+    assert_kvf_ok(kvf_peer_check(e, sid)); /* never reached before: looked up and reached */
+    child_stop(&c);                        /* destroys its engine */
+    assert_kvf_err(kvf_notify_wait_peer(e, sid, &note, 1, 20000), -KVF_EPEERGONE);
+    assert_last_error_contains(sid);
+    assert_kvf_err(kvf_peer_check(e, "127.0.0.1:1"), -KVF_EPEERGONE);
+    assert_last_error_contains("peer 127.0.0.1:1 has no session record in namespace default");
+    assert_kvf_err(kvf_peer_check(e, "no-port"), -KVF_EINVAL);
+    assert_kvf_err(kvf_notify_wait_peer(e, NULL, &note, 1, 0), -KVF_EINVAL);
+    kvf_engine_destroy(e);
+}
+
 static void memfd_write_sizes(void **state)
 {
     fx_t *fx = *state;
@@ -1246,6 +1315,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(one_process_forced_shm, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(hostile_region_table_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(bad_transport_env_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(peer_killed_noticed_at_once, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(peer_check_withdrawn_and_unknown, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(unregister_drains_shm_write, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(unregister_drains_memfd_write, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(unregister_timeout_names_sender, fx_setup, fx_teardown),

@@ -243,6 +243,13 @@ static void shm_peer_close(kvf_tpeer_t *pp)
     free(p);
 }
 
+static int shm_peer_alive(kvf_tpeer_t *pp, uint64_t deadline_ms)
+{
+    kvf_shm_word_t w;
+    (void)deadline_ms;
+    return shm_word_current(shm_peer_of(pp), &w);
+}
+
 static int shm_regions_gen(kvf_tpeer_t *pp, uint64_t *gen)
 {
     struct shm_peer *p = shm_peer_of(pp);
@@ -477,6 +484,7 @@ const struct kvf_transport_ops kvf__shm_ops = {
     .peer_open = shm_peer_open,
     .peer_close = shm_peer_close,
     .transfer = shm_transfer,
+    .peer_alive = shm_peer_alive,
     .notify = kvf__transport_enotsup_notify,
     .regions_gen = shm_regions_gen,
     .regions_read = shm_regions_read,

@@ -170,6 +170,7 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .peer_open = tcp_peer_open,
     .peer_close = tcp_peer_close,
     .transfer = tcp_transfer,
+    .peer_alive = tcp_peer_alive,
     .notify = tcp_notify,
     .regions_gen = kvf__transport_enotsup_gen,
     .regions_read = kvf__transport_enotsup_regions,

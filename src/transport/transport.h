@@ -210,6 +210,16 @@ struct kvf_transport_ops {
                     const kvf_xfer_ctl_t *ctl);
 
     /*
+     * Is the peer still there? 0: alive as far as its path can tell; -KVF_EPEERGONE with a
+     * message naming it when the path says it is gone: shm: its process exited, or its pid no
+     * longer holds its engine; tcp: no connection to it is up and a new one (tried now, bounded
+     * by @deadline_ms and the connect timeout) is refused or unanswered; loop: the engine is
+     * no longer in this process. Cheap while the path is up (no I/O for tcp, one
+     * process_vm_readv for shm). Thread-safe.
+     */
+    int (*peer_alive)(kvf_tpeer_t *p, uint64_t deadline_ms);
+
+    /*
      * Deliver a notification of @len (<= KVF_NOTIFY_MAX) bytes to the peer and wait until it
      * has queued it, or @deadline_ms. Requests this thread completed on the peer before the
      * call are complete at the target before it reads the notification. Errors as transfer(),
