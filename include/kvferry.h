@@ -200,8 +200,8 @@ KVF_API int kvf_store_url_parse(const char *url, const char **scheme, char *host
  * ------------------------------------------------------------------------------------------- */
 
 /* Limits of the built-in store. A key, value, frame or list answer beyond its limit is refused
- * with -KVF_ETOOBIG; a connection beyond KVF_STORE_MAX_CLIENTS is closed at once (the client
- * sees -KVF_ESTOREDOWN); watches or waiters beyond their per-connection limit get -KVF_EBUSY; a
+ * with -KVF_ETOOBIG; a connection beyond KVF_STORE_MAX_CLIENTS (the default of
+ * kvf_store_server_opts_t.max_clients) is closed at once (the client sees -KVF_ESTOREDOWN); watches or waiters beyond their per-connection limit get -KVF_EBUSY; a
  * lease TTL outside 1..KVF_STORE_MAX_LEASE_TTL_MS gets -KVF_EINVAL. */
 #define KVF_STORE_MAX_KEY_LEN 1024u          /* bytes; keys are non-empty */
 #define KVF_STORE_MAX_VALUE_LEN (16u << 20)  /* bytes; values may be empty */
@@ -214,6 +214,40 @@ KVF_API int kvf_store_url_parse(const char *url, const char **scheme, char *host
 
 typedef struct kvf_store_server kvf_store_server_t;
 
+/*
+ * Bounds of a built-in store server, for kvf_store_server_start_opts(); fill with
+ * kvf_store_server_opts_init() and change fields (the defaults are in brackets). A "client" in the
+ * per-client quotas is a source IP address: keys and their bytes count against the address of the
+ * connection that last wrote them, leases against the one that granted them, until they are
+ * deleted or end. A request that would pass a quota is refused with -KVF_EBUSY and a message
+ * naming the limit and its value, e.g. "quota max_keys_per_client (100000) reached: 127.0.0.2
+ * holds 100000 keys"; nothing else changes. Every field must be at least 1.
+ */
+typedef struct {
+    size_t size;                     /* sizeof(kvf_store_server_opts_t), set by the init */
+    uint32_t max_clients;            /* connections served at once [4096] */
+    uint32_t max_clients_per_addr;   /* of them, from one IP address [1024] */
+    uint32_t idle_timeout_ms;        /* a connection that sends nothing for this long, and has no
+                                        pending get-with-wait and no watch, is closed; 100 ..
+                                        86400000 [60000]. kvf_store_t clients ping when quiet. */
+    uint64_t max_keys;               /* keys held [1000000] */
+    uint64_t max_keys_per_client;    /* [100000] */
+    uint64_t max_bytes;              /* bytes of keys and values held [1 GiB] */
+    uint64_t max_bytes_per_client;   /* [64 MiB] */
+    uint32_t max_leases;             /* leases alive [100000] */
+    uint32_t max_leases_per_client;  /* [10000] */
+    uint32_t max_watches;            /* watches registered [65536] */
+    uint32_t max_watches_per_client; /* over all connections of an address [4096]; one connection
+                                        has at most KVF_STORE_MAX_WATCHES_PER_CLIENT */
+    uint64_t max_output_bytes;       /* answers and events a connection has not read yet; past
+                                        it the connection is closed (logged) [256 MiB] */
+    uint64_t max_output_bytes_total; /* the same, all connections together; past it a connection
+                                        that is behind gets closed [1 GiB] */
+} kvf_store_server_opts_t;
+
+/** kvf_store_server_opts_init - fill @opts with the defaults and set its size field. */
+KVF_API void kvf_store_server_opts_init(kvf_store_server_opts_t *opts);
+
 /**
  * kvf_store_server_start - start a built-in config store in this process.
  * @listen_url: "tcp://host:port" to listen on; port 0 picks a free port (see
@@ -225,6 +259,14 @@ typedef struct kvf_store_server kvf_store_server_t;
  * (e.g. -EADDRINUSE).
  */
 KVF_API int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out);
+
+/**
+ * kvf_store_server_start_opts - kvf_store_server_start() with bounds other than the defaults.
+ * @opts: NULL for the defaults (then it is kvf_store_server_start()).
+ * Returns what kvf_store_server_start() returns, and -KVF_EINVAL naming a field out of range.
+ */
+KVF_API int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_opts_t *opts,
+                                        kvf_store_server_t **out);
 
 /**
  * kvf_store_server_url - the URL the server actually listens on ("tcp://127.0.0.1:40123"),
@@ -347,9 +389,31 @@ typedef struct {
 /**
  * kvf_store_list - every key starting with @prefix ("" = all), in byte order, with its value.
  * @out/@count: receive an array; free it with kvf_store_kv_free().
+ * Fetched in pages (kvf_store_list_page()), so any number of keys is listed; the result is not a
+ * snapshot when keys change meanwhile.
  */
 KVF_API int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out,
                            size_t *count);
+
+/* Flags of kvf_store_list_page(). */
+#define KVF_STORE_LIST_KEYS_ONLY 1u /* values are not sent: each val is "" (val_len 0) */
+/* Largest page kvf_store_list_page() returns (a larger @max is lowered to it). A page also
+ * stops after about 4 MiB of keys and values, but always holds at least one pair. */
+#define KVF_STORE_LIST_PAGE_MAX 10000u
+
+/**
+ * kvf_store_list_page - one page of the keys starting with @prefix, in byte order.
+ * @after: only keys after this one (exclusive); NULL or "" to start at the first. Pass the last
+ *         key of the previous page to get the next one.
+ * @max:   pairs wanted, 1..KVF_STORE_LIST_PAGE_MAX (0 or more means KVF_STORE_LIST_PAGE_MAX).
+ * @flags: 0 or KVF_STORE_LIST_KEYS_ONLY.
+ * @out/@count: receive an array; free it with kvf_store_kv_free().
+ * @more:  receives 1 when keys after this page match @prefix, else 0 (may be NULL).
+ * Pages are not a snapshot: a key set or deleted between two calls may or may not appear.
+ * kvf_store_list() is built on it and returns every page at once.
+ */
+KVF_API int kvf_store_list_page(kvf_store_t *st, const char *prefix, const char *after, size_t max,
+                                unsigned flags, kvf_store_kv_t **out, size_t *count, int *more);
 
 /** kvf_store_kv_free - free an array returned by kvf_store_list(). */
 KVF_API void kvf_store_kv_free(kvf_store_kv_t *kvs, size_t count);

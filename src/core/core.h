@@ -94,7 +94,6 @@ typedef struct eng_notif {
 
 /* A session known to the peer-event watch. */
 typedef struct eng_known {
-    struct eng_known *next;
     char sid[KVF_SESSION_ID_MAX];
 } eng_known_t;
 
@@ -133,7 +132,7 @@ typedef struct {
     pthread_cond_t pcond;
     bool subscribed;
     uint64_t watch_id;
-    eng_known_t *known;
+    void *known;              /* tsearch tree of eng_known_t, by sid */
     kvf_peer_event_t *events; /* ring of ENG_EVENTS_MAX */
     size_t ev_head, ev_count;
 } eng_events_t;

@@ -173,8 +173,9 @@ struct kvf_store {
      * oldest first; one unanswered for request_timeout_ms means the store is gone even if the
      * connection looks fine (a host that vanished without FIN or RST). */
     cli_req_t *io_head, *io_tail;
-    uint64_t last_io_ms; /* last time input arrived or queued output drained (I/O thread) */
-    bool probe_wanted;   /* a caller's request timed out: the I/O thread sends a PING probe */
+    uint64_t last_io_ms;   /* last time input arrived or queued output drained (I/O thread) */
+    uint64_t last_send_ms; /* last time a frame was sent or queued: a quiet connection pings */
+    bool probe_wanted;     /* a caller's request timed out: the I/O thread sends a PING probe */
 
     /* I/O thread only. */
     kvf_buf_t rx;
