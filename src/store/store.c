@@ -26,8 +26,9 @@ static const kvf_store_ops_t *backend_of(kvf_store_scheme_t scheme)
     case KVF_STORE_SCHEME_TCP:
         return &kvf__store_builtin_ops;
     case KVF_STORE_SCHEME_ETCD:
+        return &kvf__store_etcd_ops;
     case KVF_STORE_SCHEME_REDIS:
-        return NULL;
+        return &kvf__store_redis_ops;
     }
     return NULL;
 }
@@ -59,9 +60,7 @@ int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **
         return kvf__err(-KVF_EINVAL, "store %s: request_timeout_ms is 0; it must be positive", url);
     const kvf_store_ops_t *ops = backend_of(addr.scheme);
     if (!ops)
-        return kvf__err(-KVF_ENOTSUP,
-                        "store %s: the %s backend is not built yet (only tcp:// is served)", url,
-                        addr.scheme == KVF_STORE_SCHEME_ETCD ? "etcd" : "redis");
+        return kvf__err(-KVF_EINVAL, "store %s: unknown scheme", url);
     return ops->open(url, &addr, &o, out);
 }
 
