@@ -496,6 +496,10 @@ typedef struct {
                                     once it brought no request for this long (the peer
                                     reconnects on its next transfer, unnoticed); 100 ..
                                     86400000, default 60000. */
+    const char *key_prefix;      /* prefix of every key the engine reads and writes in the store,
+                                    1..128 characters of [A-Za-z0-9_.:/-]; NULL (default) takes
+                                    $KVFERRY_KEY_PREFIX, else "kvferry/v1/". Engines see only
+                                    peers that use the same prefix and namespace. */
 } kvf_config_t;
 
 /** kvf_config_init - fill @cfg with the defaults and set its size field. */

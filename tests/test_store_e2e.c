@@ -125,9 +125,42 @@ static void store_restart_engines_republish(void **state)
     kvf_engine_destroy(fresh);
 }
 
+/* config.key_prefix (and KVFERRY_KEY_PREFIX) moves every record; engines of another prefix are
+ * not seen. */
+static void key_prefix_moves_records(void **state)
+{
+    fx_t *fx = *state;
+    kvf_config_t cfg;
+    kvf_config_init(&cfg);
+    cfg.transport = KVF_TRANSPORT_TCP;
+    cfg.init_timeout_ms = 300;
+    cfg.key_prefix = "mooncake/";
+    kvf_engine_t *other = kvf_test_engine(fx->b.url, KVF_ROLE_PREFILL, &cfg);
+    kvf_test_pattern(fx->src, N, 9);
+    assert_kvf_err(kvf_write(other, kvf_engine_session_id(fx->dec), fx->src, (uintptr_t)fx->dst, N),
+                   -KVF_ENOTFOUND);
+    assert_last_error_contains("did not appear");
+    kvf_store_t *st = NULL;
+    assert_kvf_ok(kvf_store_open(fx->b.url, NULL, &st));
+    char key[256];
+    snprintf(key, sizeof(key), "mooncake/default/sessions/%s", kvf_engine_session_id(other));
+    void *v = NULL;
+    size_t len = 0;
+    assert_kvf_ok(kvf_store_get(st, key, 0, &v, &len));
+    free(v);
+    kvf_engine_destroy(other);
+    cfg.key_prefix = "bad prefix";
+    kvf_engine_t *e = NULL;
+    assert_kvf_err(kvf_engine_create(fx->b.url, "127.0.0.1:0", KVF_ROLE_PREFILL, 0, &cfg, &e),
+                   -KVF_EINVAL);
+    assert_last_error_contains("config.key_prefix \"bad prefix\"");
+    kvf_store_close(st);
+}
+
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(engines_find_each_other_and_transfer, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(store_restart_engines_republish, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(key_prefix_moves_records, fx_setup, fx_teardown),
 };
 
 KVF_TEST_MAIN(tests)
