@@ -432,7 +432,10 @@ static void watch_unwatch_from_callback(void **state)
 static void lease_expires_without_keepalive(void **state)
 {
     fx_t *fx = *state;
-    uint64_t l = 0;
+    uint64_t l = 0, id;
+    rec_t r;
+    rec_init(&r);
+    assert_kvf_ok(kvf_store_watch(fx->st, "ls/", rec_cb, &r, &id));
     assert_kvf_ok(kvf_store_lease_grant(fx->st, 1000, &l));
     assert_kvf_ok(kvf_store_set(fx->st, "ls/a", "x", 1, l));
     /* Kept alive: still there after three TTLs. */
@@ -442,6 +445,13 @@ static void lease_expires_without_keepalive(void **state)
     assert_kvf_ok(kvf_store_lease_keepalive_stop(fx->st, l));
     /* etcd rounds TTLs up to whole seconds and checks expiry every 500 ms. */
     wait_absent(fx->st, "ls/a", 6000);
+    /* Watchers see the expiry as a delete (Redis: a keyspace notification), and the keep-alives
+     * before it as nothing. */
+    assert_int_equal(rec_wait(&r, 2, EVENT_TIMEOUT_MS), 2);
+    assert_event(&r, 0, KVF_STORE_EVENT_PUT, "ls/a", "x");
+    assert_event(&r, 1, KVF_STORE_EVENT_DELETE, "ls/a", "");
+    assert_int_equal(rec_wait(&r, 3, 0), 2);
+    assert_kvf_ok(kvf_store_unwatch(fx->st, id));
 }
 
 static void lease_revoke_deletes_keys(void **state)

@@ -37,6 +37,13 @@ static uint16_t free_port(void)
 static const char *find_binary(const char *name, const char *package)
 {
     static char path[256];
+    const char *env = getenv(strcmp(name, "etcd") == 0 ? "KVF_TEST_ETCD" : "KVF_TEST_REDIS");
+    if (env && *env) {
+        if (access(env, X_OK) != 0)
+            fail_msg("%s is not installed at %s (KVF_TEST_%s); the %s backend's tests need it",
+                     name, env, strcmp(name, "etcd") == 0 ? "ETCD" : "REDIS", name);
+        return env;
+    }
     const char *dirs[] = {"/usr/bin", "/usr/local/bin", "/usr/sbin"};
     for (size_t i = 0; i < sizeof(dirs) / sizeof(dirs[0]); i++) {
         snprintf(path, sizeof(path), "%s/%s", dirs[i], name);
@@ -46,6 +53,16 @@ static const char *find_binary(const char *name, const char *package)
     fail_msg("%s is not installed: the %s backend's tests need it; run `make deps` (Debian "
              "package %s)", name, name, package);
     return NULL;
+}
+
+/* Append b->extra at the first NULL of @argv (which has room for 8 more). */
+static void add_extra(char **argv, const kvf_test_backend_t *b)
+{
+    size_t n = 0;
+    while (argv[n])
+        n++;
+    for (size_t i = 0; i < 7 && b->extra[i]; i++)
+        argv[n++] = (char *)b->extra[i];
 }
 
 static void spawn(kvf_test_backend_t *b)
@@ -62,14 +79,18 @@ static void spawn(kvf_test_backend_t *b)
                         data, "--listen-client-urls", client, "--advertise-client-urls", client,
                         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                         "--initial-cluster", cluster, "--heartbeat-interval", "10",
-                        "--election-timeout", "100", "--log-level", "error", NULL};
+                        "--election-timeout", "100", "--log-level", "error", NULL, NULL, NULL,
+                        NULL, NULL, NULL, NULL, NULL};
+        add_extra(argv, b);
         b->pid = kvf_test_spawn(argv, log);
     } else {
         char port[16];
         snprintf(port, sizeof(port), "%u", b->port);
         char *argv[] = {(char *)find_binary("redis-server", "redis-server"), "--port", port,
                         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir",
-                        b->dir, "--daemonize", "no", NULL};
+                        b->dir, "--daemonize", "no", NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                        NULL};
+        add_extra(argv, b);
         b->pid = kvf_test_spawn(argv, log);
     }
 }
@@ -103,7 +124,15 @@ static void wait_ready(kvf_test_backend_t *b)
 
 void kvf_test_backend_start(kvf_test_backend_t *b, const char *kind)
 {
+    kvf_test_backend_start_with(b, kind, NULL, true);
+}
+
+void kvf_test_backend_start_with(kvf_test_backend_t *b, const char *kind,
+                                 const char *const *extra, bool wait)
+{
     memset(b, 0, sizeof(*b));
+    for (size_t i = 0; extra && i < 7 && extra[i]; i++)
+        b->extra[i] = extra[i];
     snprintf(b->kind, sizeof(b->kind), "%s", kind);
     if (strcmp(kind, "builtin") == 0) {
         b->srv = kvf_test_store_start();
@@ -121,7 +150,8 @@ void kvf_test_backend_start(kvf_test_backend_t *b, const char *kind)
     b->peer_port = free_port();
     snprintf(b->url, sizeof(b->url), "%s://127.0.0.1:%u", kind, b->port);
     spawn(b);
-    wait_ready(b);
+    if (wait)
+        wait_ready(b);
 }
 
 void kvf_test_backend_kill(kvf_test_backend_t *b, bool wipe)
