@@ -183,6 +183,10 @@ struct kvf_engine {
     eng_events_t events;
 };
 
+/* kvf_notify_wait_peer() asks the peer's path whether it is still there this often: the bound
+ * on noticing a peer gone while waiting. */
+#define ENG_PEER_CHECK_MS 200u
+
 /* The deadline of a wait of @timeout_ms (kvf__now_ms() clock); negative waits forever. */
 static inline uint64_t eng_deadline_of(int timeout_ms)
 {
@@ -219,6 +223,12 @@ void kvf__eng_make_key(char *buf, size_t len, const kvf_engine_t *e, const char 
 /* Publish the engine's session record / its current region table under its lease. */
 int kvf__eng_publish_session(kvf_engine_t *e);
 int kvf__eng_publish_regions(kvf_engine_t *e);
+/* Every transport's drain (transport.h): after the table senders read was replaced, wait until
+ * no sender that checked against an older one is still copying, or @deadline_ms. */
+int kvf__eng_drain(kvf_engine_t *e, uint64_t deadline_ms);
+/* Destroy: same-host senders find an empty table from now on, and those still copying are
+ * waited out (up to op_timeout_ms, then a warning). No registration may follow. */
+void kvf__eng_withdraw_regions(kvf_engine_t *e);
 
 /* kvf_store_get() waiting up to @wait_ms in slices, given up (-KVF_ECLOSED) when the engine is
  * being destroyed, or (-KVF_ECANCELED) once @cancel (NULL: none; an async batch's flag) is set. */
@@ -251,6 +261,8 @@ int kvf__peer_enter(kvf_engine_t *e, const char *peer, const char *what, const a
                     eng_peer_t **out);
 /* Leave what kvf__peer_enter() entered, passing @rc on (wrapped with @what and the peer). */
 int kvf__peer_leave(eng_peer_t *p, int rc, const char *what);
+/* kvf_peer_check() without the argument checks and busy count. */
+int kvf__eng_peer_check(kvf_engine_t *e, const char *peer);
 
 /* Re-read the peer's regions from the store (no wait); the cache never goes back in time. */
 int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p);

@@ -132,6 +132,7 @@ int kvf_mem_unregister(kvf_engine_t *e, void *addr)
     int rc = kvf__eng_busy_enter(e);
     if (rc < 0)
         return rc;
+    uint64_t deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
     rc = kvf__regions_remove(e->regions, (uintptr_t)addr, e->cfg.op_timeout_ms);
     /* Publish even after a drain timeout: the region is gone for new requests either way. A
      * failed publication does not fail the call: the target's own table already refuses the
@@ -144,6 +145,14 @@ int kvf_mem_unregister(kvf_engine_t *e, void *addr)
                      e->sid, addr, kvf_last_error());
             kvf__err(rc, "%s", msg);
         }
+    }
+    /* The table senders read (the shm word) no longer has the range: wait out the same-host
+     * senders that checked against the old one. */
+    if (rc == 0) {
+        rc = kvf__eng_drain(e, deadline);
+        if (rc < 0)
+            kvf__err_wrap(rc, "unregister %p: not drained within op_timeout_ms (%u ms)", addr,
+                          e->cfg.op_timeout_ms);
     }
     kvf__eng_busy_leave(e);
     return rc;

@@ -382,6 +382,36 @@ int kvf_notify_wait(kvf_engine_t *e, kvf_notify_t *out, size_t max, int timeout_
     return rc < 0 ? rc : (int)k;
 }
 
+int kvf_notify_wait_peer(kvf_engine_t *e, const char *peer, kvf_notify_t *out, size_t max,
+                         int timeout_ms)
+{
+    kvf_hostport_t hp;
+    if (!peer)
+        return kvf__err(-KVF_EINVAL, "notify wait: the peer is NULL");
+    int rc = kvf__session_id_parse(peer, &hp);
+    if (rc < 0)
+        return rc;
+    uint64_t deadline = eng_deadline_of(timeout_ms);
+    for (;;) {
+        uint64_t now = kvf__now_ms();
+        uint64_t slice = deadline > now ? deadline - now : 0;
+        if (slice > ENG_PEER_CHECK_MS)
+            slice = ENG_PEER_CHECK_MS;
+        int n = kvf_notify_wait(e, out, max, (int)slice);
+        if (n != 0)
+            return n;
+        if (kvf__now_ms() >= deadline)
+            return 0;
+        rc = kvf__eng_busy_enter(e);
+        if (rc < 0)
+            return rc;
+        rc = kvf__eng_peer_check(e, peer);
+        kvf__eng_busy_leave(e);
+        if (rc == -KVF_EPEERGONE)
+            return rc;
+    }
+}
+
 /* ---- lifetime ------------------------------------------------------------------------------- */
 void kvf__notify_fini(kvf_engine_t *e)
 {

@@ -169,6 +169,16 @@ static int loop_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_
     return rc;
 }
 
+static int loop_peer_alive(kvf_tpeer_t *pp, uint64_t deadline_ms)
+{
+    const char *sid = loop_peer_of(pp)->sid;
+    (void)deadline_ms;
+    pthread_rwlock_rdlock(&loop_all_lock);
+    bool here = loop_find_locked(sid) != NULL;
+    pthread_rwlock_unlock(&loop_all_lock);
+    return here ? 0 : kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", sid);
+}
+
 /* Straight into the target's queue: the data of every transfer this thread made into it is in
  * place already (the memmoves returned). */
 static int loop_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t deadline_ms)
@@ -201,6 +211,7 @@ const struct kvf_transport_ops kvf__loop_ops = {
     .peer_open = loop_peer_open,
     .peer_close = loop_peer_close,
     .transfer = loop_transfer,
+    .peer_alive = loop_peer_alive,
     .notify = loop_notify,
     .regions_gen = kvf__transport_enotsup_gen,
     .regions_read = kvf__transport_enotsup_regions,
@@ -208,4 +219,7 @@ const struct kvf_transport_ops kvf__loop_ops = {
     .mem_export = kvf__transport_nop_export,
     .mem_unexport = kvf__transport_nop_unexport,
     .mem_sock = kvf__transport_no_sock,
+    .guard_enter = kvf__transport_no_guard_enter,
+    .guard_leave = kvf__transport_no_guard_leave,
+    .drain = kvf__transport_no_drain,
 };

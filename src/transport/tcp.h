@@ -345,6 +345,8 @@ void tcp_conn_fini(struct tcp_conn *c);
 
 int tcp_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpeer_t **out);
 void tcp_peer_close(kvf_tpeer_t *pp);
+/* The peer_alive op: no I/O while a connection is up, else one connect. */
+int tcp_peer_alive(kvf_tpeer_t *pp, uint64_t deadline_ms);
 
 /* Shut every peer handle of @t down and detach it (destroy(): the handles stay valid, and
  * refuse transfers, until the engine closes them). */
