@@ -536,8 +536,13 @@ static void open_fails_when_nothing_listens(void **state)
 {
     (void)state;
     const char *kind = kvf_test_store_kind();
+    /* A port that was free a moment ago: nothing listens there. */
+    kvf_store_server_t *srv = kvf_test_store_start();
+    const char *su = kvf_store_server_url(srv);
     char url[64];
-    snprintf(url, sizeof(url), "%s://127.0.0.1:1", strcmp(kind, "builtin") ? kind : "tcp");
+    snprintf(url, sizeof(url), "%s://127.0.0.1:%s", strcmp(kind, "builtin") ? kind : "tcp",
+             strrchr(su, ':') + 1);
+    kvf_store_server_stop(srv);
     kvf_store_opts_t o;
     kvf_store_opts_init(&o);
     o.connect_timeout_ms = 300;

@@ -92,8 +92,8 @@ int kvf__ext_lease_keepalive_stop(ext_keeper_t *k, uint64_t cid);
 int kvf__ext_lease_revoke(ext_keeper_t *k, uint64_t cid);
 
 /*
- * A set or cas under lease @cid (0: none). kvf__ext_put_begin() locks the keeper (so no
- * re-grant runs while the key is written), finds the lease (-KVF_ENOTFOUND with the message when
+ * A set or cas under lease @cid (0: none). kvf__ext_put_begin() locks the keeper when @cid is
+ * not 0 (so no re-grant runs while the key is written), finds the lease (-KVF_ENOTFOUND with the message when
  * the client holds no such lease), and gives its current state in *@l (NULL for @cid 0).
  * kvf__ext_put_end() records @key under it when @rc is 0 (or forgets it under any lease when
  * set without one) and unlocks.

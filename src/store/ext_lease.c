@@ -257,10 +257,10 @@ int kvf__ext_lease_revoke(ext_keeper_t *k, uint64_t cid)
 
 int kvf__ext_put_begin(ext_keeper_t *k, const char *what, uint64_t cid, ext_lease_t **l)
 {
-    pthread_mutex_lock(&k->mu);
     *l = NULL;
     if (!cid)
-        return 0;
+        return 0; /* no lease: nothing to keep in step, writes run in parallel */
+    pthread_mutex_lock(&k->mu);
     *l = find_locked(k, cid);
     if (!*l) {
         pthread_mutex_unlock(&k->mu);
@@ -286,6 +286,8 @@ int kvf__ext_put_begin(ext_keeper_t *k, const char *what, uint64_t cid, ext_leas
 void kvf__ext_put_end(ext_keeper_t *k, int rc, const char *key, const void *val, size_t len,
                       ext_lease_t *l)
 {
+    if (!l)
+        pthread_mutex_lock(&k->mu);
     if (rc == 0) {
         forget_locked(k, key);
         ext_key_t *e = l ? calloc(1, sizeof(*e)) : NULL;

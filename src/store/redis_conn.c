@@ -95,6 +95,7 @@ int kvf__redis_cmd(redis_t *r, const char *what, int argc, const char **argv, co
     *out = NULL;
     for (;;) {
         redisContext *c = pool_get(r);
+        bool pooled = c != NULL;
         uint64_t now = kvf__now_ms();
         if (!c)
             c = kvf__redis_connect(r, (uint32_t)(deadline > now ? deadline - now : 1), why,
@@ -118,7 +119,7 @@ int kvf__redis_cmd(redis_t *r, const char *what, int argc, const char **argv, co
                     freeReplyObject(rep);
                 redisFree(c);
                 /* A pooled connection may simply be stale (Redis restarted): retry at once. */
-                if (kvf__now_ms() < deadline)
+                if (pooled && kvf__now_ms() < deadline)
                     continue;
             }
         }
