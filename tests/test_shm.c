@@ -931,6 +931,10 @@ static void peer_killed_noticed_at_once(void **state)
                      (unsigned long long)took);
         assert_kvf_err(kvf_peer_check(e, c.sid), -KVF_EPEERGONE);
         assert_last_error_contains(c.sid);
+        /* A notification alone moved no data: its failure does not say data landed. */
+        assert_true(kvf_notify_send(e, c.sid, "x", 1) < 0);
+        if (strstr(kvf_last_error(), "landed"))
+            fail_msg("a lone notification's failure says: %s", kvf_last_error());
         kvf_engine_destroy(e);
         child_stop(&c);
     }

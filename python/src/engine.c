@@ -336,9 +336,16 @@ static PyMethodDef Engine_methods[] = {
      "Every notification received and not yet taken, oldest first; [] when none. Never "
      "blocks. Raises kvferry.Error when the engine is not running."},
     {"wait_notification", FN(kvfpy_engine_wait_notification), KW,
-     "wait_notification(timeout=None) -> list of (sender_session_id, bytes)\n\n"
+     "wait_notification(timeout=None, peer=None) -> list of (sender_session_id, bytes)\n\n"
      "As get_notifications, waiting up to timeout seconds (None: until one arrives or the "
-     "engine is destroyed) for the first; [] when the time ran out. The GIL is released."},
+     "engine is destroyed) for the first; [] when the time ran out. The GIL is released. With "
+     "peer (a session id), the wait raises kvferry.Error (KVF_EPEERGONE, naming it) within "
+     "about a second once that peer is gone and nothing arrived."},
+    {"check_peer", FN(kvfpy_engine_check_peer), KW,
+     "check_peer(session_id) -> int\n\n"
+     "0 while the engine with that session id is there; -KVF_EPEERGONE once it is gone (its "
+     "session record left the store, or its connection broke and a new one is refused, or "
+     "its process exited); another negative code on error."},
     {"wait_for_peer", FN(kvfpy_engine_wait_for_peer), KW,
      "wait_for_peer(session_id, timeout=None) -> int\n\n"
      "Wait up to timeout seconds (None: init_timeout_ms) for an engine with that session id "

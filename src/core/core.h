@@ -309,10 +309,11 @@ uint64_t kvf__notify_order_take(kvf_engine_t *e, eng_order_t *o);
 void kvf__notify_order_settle(kvf_engine_t *e, eng_order_t *o, uint64_t seq);
 
 /* After the data of a batch with a notification: send it in its turn (only if @rc is 0 and
- * @cancel, which also gives up waiting for the peer, is not set), then settle its number. */
+ * @cancel, which also gives up waiting for the peer, is not set), then settle its number. @data:
+ * the batch moved bytes, so a failed notification's message says they landed. */
 int kvf__notify_in_order(kvf_engine_t *e, eng_order_t *o, uint64_t seq, int rc,
                          const atomic_bool *cancel, const char *peer, const void *msg, size_t len,
-                         uint64_t deadline_ms);
+                         bool data, uint64_t deadline_ms);
 
 /* Queue a notification that arrived from @sender (the transports' notify callback). */
 int kvf__notify_deliver(void *engine, const char *sender, const void *msg, size_t len);

@@ -153,7 +153,7 @@ static int order_wait_turn(kvf_engine_t *e, eng_order_t *o, uint64_t seq, uint64
 
 int kvf__notify_in_order(kvf_engine_t *e, eng_order_t *o, uint64_t seq, int rc,
                          const atomic_bool *cancel, const char *peer, const void *msg, size_t len,
-                         uint64_t deadline_ms)
+                         bool data, uint64_t deadline_ms)
 {
     if (rc == 0 && cancel && atomic_load(cancel))
         rc = kvf__err(-KVF_ECANCELED, "batch to %s cancelled before its notification was sent",
@@ -164,7 +164,7 @@ int kvf__notify_in_order(kvf_engine_t *e, eng_order_t *o, uint64_t seq, int rc,
         rc = notify_send(e, peer, msg, len, deadline_ms, cancel);
         /* The caller sees a failed batch; say that its bytes are where they should be, so that
          * it does not send them again (or assume them lost) for want of a notification. */
-        if (rc < 0)
+        if (rc < 0 && data)
             kvf__err_wrap(rc, "every byte of the batch to %s landed; only its notification was "
                               "refused",
                           peer);
@@ -216,7 +216,7 @@ int kvf_transfer_sync_notify(kvf_engine_t *e, const char *peer, const kvf_xfer_t
     uint64_t seq = kvf__notify_order_take(e, o);
     uint64_t deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
     rc = n ? kvf__eng_transfer(e, peer, x, n, deadline, NULL) : 0;
-    rc = kvf__notify_in_order(e, o, seq, rc, NULL, peer, msg, msg_len, deadline);
+    rc = kvf__notify_in_order(e, o, seq, rc, NULL, peer, msg, msg_len, n > 0, deadline);
     kvf__eng_busy_leave(e);
     return rc;
 }

@@ -345,12 +345,18 @@ int kvf__eng_peer_check(kvf_engine_t *e, const char *peer)
 {
     eng_peer_t *p;
     int rc = 0;
-    if (!kvf__eng_peer_known(e, peer))
+    pthread_mutex_lock(&e->peers_lock);
+    p = peer_find_locked(e, peer);
+    /* Found gone before: unless it restarted (then its path is chosen afresh below), it still
+     * is, whatever its lingering records say. */
+    bool was_gone = p && atomic_load(&p->reselect);
+    pthread_mutex_unlock(&e->peers_lock);
+    if (!p)
         rc = peer_record_present(e, peer);
     if (rc < 0)
         return rc;
     rc = kvf__peer_enter(e, peer, "peer check", NULL, &p);
-    if (rc == -KVF_ENOTFOUND)
+    if (rc == -KVF_ENOTFOUND || (rc < 0 && was_gone))
         return kvf__err(-KVF_EPEERGONE, "peer %s is gone: %s", peer, kvf_last_error());
     if (rc < 0)
         return rc;
