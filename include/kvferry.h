@@ -178,8 +178,8 @@ KVF_API int kvf_session_id_format(const char *host, uint16_t port, char *buf, si
  * kvf_store_url_parse - check a config-store URL as kvf_store_open() does, and return its scheme
  * and its first endpoint.
  * @url:      "tcp://host:port", "tcp://[ipv6]:port", "etcd://host:port[,host:port...]" or
- *            "redis://[user:password@]host:port[/db]". Port 0 is refused: it names no store to
- *            connect to.
+ *            "redis://[user:password@]host:port[/db]" (etcd:// takes "user:password@" too). Port 0 is
+ *            refused: it names no store to connect to.
  * @scheme:   receives "tcp", "etcd" or "redis" (a static string); may be NULL.
  * @host:     receives the first endpoint's host (an IPv6 address without its brackets),
  *            NUL-terminated; may be NULL.
@@ -278,8 +278,8 @@ KVF_API void kvf_store_opts_init(kvf_store_opts_t *opts);
 
 /**
  * kvf_store_open - connect to a config store.
- * @url:  "tcp://host:port" (the built-in store), "etcd://host:port[,host:port...]" (etcd v3.4+
- *        through its JSON gateway; requests fail over between the endpoints) or
+ * @url:  "tcp://host:port" (the built-in store), "etcd://[user:password@]host:port[,host:port...]"
+ *        (etcd v3.4+ through its JSON gateway; requests fail over between the endpoints) or
  *        "redis://[user:password@]host:port[/db]" (Redis 6+; the password is never shown in
  *        messages or by kvf_store_url()). Every backend has the semantics documented below;
  *        docs/operations.md says how each is run and what it needs (Redis: keyspace
@@ -291,8 +291,8 @@ KVF_API void kvf_store_opts_init(kvf_store_opts_t *opts);
  * granted are re-established and keys set under them re-published after the store restarts (or,
  * on etcd and Redis, whenever the store lost them).
  * Returns 0, -KVF_EINVAL for a malformed URL (at once, naming the bad part),
- * -KVF_ESTOREDOWN when the store did not answer in time, -KVF_EAUTH when Redis refused the
- * credentials.
+ * -KVF_ESTOREDOWN when the store did not answer in time, -KVF_EAUTH when etcd or Redis refused
+ * the credentials (the password is never shown in messages).
  */
 KVF_API int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **out);
 

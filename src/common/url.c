@@ -258,8 +258,9 @@ int kvf__store_url_parse(const char *url, int allow_port0, kvf_store_url_t *out)
 
     const char *p = sep + 3;
     char hostpart[KVF_HOST_MAX + 16];
-    if (u.scheme == KVF_STORE_SCHEME_REDIS) {
-        /* [user:password@]host:port[/db]; the credentials are never echoed in messages. */
+    if (u.scheme == KVF_STORE_SCHEME_REDIS || u.scheme == KVF_STORE_SCHEME_ETCD) {
+        /* redis://[user:password@]host:port[/db], etcd://user:password@host:port[,...]; the
+         * credentials are never echoed in messages. */
         const char *at = strrchr(p, '@');
         if (at) {
             const char *colon = memchr(p, ':', (size_t)(at - p));
@@ -267,17 +268,21 @@ int kvf__store_url_parse(const char *url, int allow_port0, kvf_store_url_t *out)
             size_t pl = colon ? (size_t)(at - colon - 1) : (size_t)(at - p);
             const char *pw = colon ? colon + 1 : p;
             if (ul >= KVF_URL_CRED_MAX || pl >= KVF_URL_CRED_MAX)
-                return kvf__err(-KVF_EINVAL, "store url redis://...@%s: user or password longer "
-                                "than %d bytes", at + 1, KVF_URL_CRED_MAX - 1);
+                return kvf__err(-KVF_EINVAL, "store url %.*s://...@%s: user or password longer "
+                                "than %d bytes", (int)slen, url, at + 1, KVF_URL_CRED_MAX - 1);
             if (pl == 0)
-                return kvf__err(-KVF_EINVAL, "store url redis://...@%s: empty password before "
-                                "'@'", at + 1);
+                return kvf__err(-KVF_EINVAL, "store url %.*s://...@%s: empty password before "
+                                "'@'", (int)slen, url, at + 1);
+            if (ul == 0 && u.scheme == KVF_STORE_SCHEME_ETCD)
+                return kvf__err(-KVF_EINVAL, "store url etcd://...@%s: etcd needs a user name "
+                                "(etcd://user:password@host:port)", at + 1);
             memcpy(u.user, p, ul);
             memcpy(u.password, pw, pl);
             p = at + 1;
-            format_ctx(ctx, sizeof(ctx), "store url redis://...@", p);
+            snprintf(ctx, sizeof(ctx), "store url %.*s://...@%.*s", (int)slen, url, CTX_INPUT_MAX,
+                     p);
         }
-        const char *slash = strchr(p, '/');
+        const char *slash = u.scheme == KVF_STORE_SCHEME_REDIS ? strchr(p, '/') : NULL;
         if (slash) {
             char *end = NULL;
             unsigned long db = strtoul(slash + 1, &end, 10);

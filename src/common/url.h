@@ -36,15 +36,15 @@ typedef struct {
     kvf_store_scheme_t scheme;
     unsigned nhosts;                       /* 1 except for etcd:// */
     kvf_hostport_t hosts[KVF_URL_MAX_HOSTS];
-    /* redis:// only: "redis://[user:password@]host:port[/db]" */
-    char user[KVF_URL_CRED_MAX];     /* "" = none (the default user) */
-    char password[KVF_URL_CRED_MAX]; /* "" = no AUTH */
-    unsigned db;                     /* 0..KVF_URL_MAX_DB */
+    /* "redis://[user:password@]host:port[/db]", "etcd://user:password@host:port[,...]" */
+    char user[KVF_URL_CRED_MAX];     /* "" = none (Redis: the default user) */
+    char password[KVF_URL_CRED_MAX]; /* "" = no authentication */
+    unsigned db;                     /* redis:// only: 0..KVF_URL_MAX_DB */
 } kvf_store_url_t;
 
 /*
  * kvf__store_url_parse - parse "tcp://host:port", "tcp://[v6]:port", "etcd://h:p[,h:p...]" or
- * "redis://[user:password@]h:p[/db]".
+ * "redis://[user:password@]h:p[/db]"; etcd:// takes "user:password@" too.
  * @allow_port0: accept port 0 (a server that picks a free port); clients pass 0.
  * Returns 0 or -KVF_EINVAL with a last-error message naming the bad part, e.g.
  * "store url tcp://192.168.1.1000:8000: 192.168.1.1000 is not a valid IPv4 address".

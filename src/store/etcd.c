@@ -416,6 +416,19 @@ static void etcd_free(etcd_t *e)
     free(e);
 }
 
+/* The URL as shown in messages and by kvf_store_url(): the password never is. */
+static char *shown_url(const char *url, const kvf_store_url_t *addr)
+{
+    if (!addr->password[0])
+        return strdup(url);
+    const char *at = strrchr(url, '@');
+    size_t n = strlen(addr->user) + strlen(at) + 16;
+    char *s = malloc(n);
+    if (s)
+        snprintf(s, n, "etcd://%s:***%s", addr->user, at);
+    return s;
+}
+
 static int etcd_open(const char *url, const kvf_store_url_t *addr, const kvf_store_opts_t *opts,
                      kvf_store_t **out)
 {
@@ -424,8 +437,10 @@ static int etcd_open(const char *url, const kvf_store_url_t *addr, const kvf_sto
     etcd_t *e = calloc(1, sizeof(*e));
     if (!e)
         return kvf__err(-KVF_ENOMEM, "store %s: out of memory", url);
-    e->url = strdup(url);
+    e->url = shown_url(url, addr);
     e->opts = *opts;
+    snprintf(e->user, sizeof(e->user), "%s", addr->user);
+    snprintf(e->password, sizeof(e->password), "%s", addr->password);
     e->base.ops = &kvf__store_etcd_ops;
     e->base.url = e->url;
     e->next_wid = 1;
@@ -462,6 +477,9 @@ static int etcd_open(const char *url, const kvf_store_url_t *addr, const kvf_sto
         if (n && kvf_last_error()[n - 1] == ')') /* drop the ")" of "(last: ...)" */
             kvf__err(rc, "%.*s", (int)(n - 1), kvf_last_error());
     }
+    /* Credentials are checked now, not at the first request (status needs none). */
+    if (rc == 0 && e->user[0])
+        rc = kvf__etcd_authenticate(e, opts->request_timeout_ms);
     if (rc == 0)
         rc = kvf__ext_keeper_start(&e->keeper, &etcd_lease_ops, e, e->url);
     if (rc < 0) {

@@ -15,6 +15,10 @@
  *   etcd_list.c   list by prefix, in pages
  *   etcd_http.c   requests with failover, base64, a pool of curl handles
  *
+ * With "etcd://user:password@..." the client authenticates (/v3/auth/authenticate) and sends
+ * the token with every request and stream; an expired token ("invalid auth token") is renewed
+ * once and the request retried.
+ *
  * Leases are the lease keeper's (ext.h): etcd leases, re-granted and their keys re-published
  * when etcd lost them. etcd counts lease TTLs in whole seconds (and raises short ones to its
  * minimum, 1.5 x the election timeout): a TTL in ms is rounded up to seconds.
@@ -54,6 +58,9 @@ typedef struct kvf_etcd {
     unsigned nends;
     char *ends[KVF_URL_MAX_HOSTS]; /* "http://host:port" */
     atomic_uint cur;               /* the endpoint that answered last */
+    char user[KVF_URL_CRED_MAX];   /* "" = the cluster has no authentication */
+    char password[KVF_URL_CRED_MAX];
+    char token[256];               /* from /v3/auth/authenticate; pool_mu */
 
     pthread_mutex_t pool_mu;
     void *pool[ETCD_POOL_MAX]; /* idle CURL handles (they keep their connections) */
@@ -92,6 +99,12 @@ int64_t kvf__etcd_get_num(const json_t *obj, const char *field);
  */
 int kvf__etcd_post(etcd_t *e, const char *path, json_t *body, const char *what,
                    uint64_t timeout_ms, json_t **resp);
+
+/* The "Authorization: TOKEN" header for a request, into @buf (n bytes): "" when the client has
+ * no credentials or no token yet. */
+void kvf__etcd_auth_header(etcd_t *e, char *buf, size_t n);
+/* Get a new token with the URL's user and password: 0, or -KVF_EAUTH / another code. */
+int kvf__etcd_authenticate(etcd_t *e, uint64_t timeout_ms);
 
 /* curl handles: take one from the pool (or a new one), give it back. */
 void *kvf__etcd_curl_get(etcd_t *e);

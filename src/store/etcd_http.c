@@ -193,15 +193,31 @@ static void nap_ms(uint64_t ms)
     nanosleep(&ts, NULL);
 }
 
-/* One POST to endpoint @end. 0 with *@resp, 1 to try the next endpoint (with @why), or a final
- * negative code (message set). */
+void kvf__etcd_auth_header(etcd_t *e, char *buf, size_t n)
+{
+    pthread_mutex_lock(&e->pool_mu);
+    if (e->token[0])
+        snprintf(buf, n, "Authorization: %s", e->token);
+    else
+        buf[0] = '\0';
+    pthread_mutex_unlock(&e->pool_mu);
+}
+
+/* One POST to endpoint @end. 0 with *@resp, 1 to try the next endpoint (with @why), 2 when the
+ * token was refused (authenticate and retry), or a final negative code (message set). */
 static int post_once(etcd_t *e, CURL *c, const char *end, const char *path, const char *body,
                      uint64_t timeout_ms, const char *what, json_t **resp, char *why, size_t wn)
 {
-    char url[KVF_HOST_MAX + 64];
+    char url[KVF_HOST_MAX + 64], auth[300];
     rbuf_t b = {0};
+    struct curl_slist *hdr = NULL;
     snprintf(url, sizeof(url), "%s%s", end, path);
     curl_easy_reset(c);
+    kvf__etcd_auth_header(e, auth, sizeof(auth));
+    if (auth[0] && strcmp(path, "/v3/auth/authenticate") != 0) {
+        hdr = curl_slist_append(NULL, auth);
+        curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
+    }
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
     curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
@@ -214,6 +230,7 @@ static int post_once(etcd_t *e, CURL *c, const char *end, const char *path, cons
     curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
     CURLcode cc = curl_easy_perform(c);
+    curl_slist_free_all(hdr);
     long status = 0;
     curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
     if (cc != CURLE_OK) {
@@ -248,18 +265,47 @@ static int post_once(etcd_t *e, CURL *c, const char *end, const char *path, cons
     }
     if (err || status != 200) {
         int64_t code = kvf__etcd_get_num(j, "code");
-        const char *msg = json_is_string(err) ? json_string_value(err)
-                          : json_string_value(json_object_get(j, "message"));
-        snprintf(why, wn, "%s: %s (HTTP %ld)", end, msg ? msg : "error", status);
+        const char *m = json_is_string(err) ? json_string_value(err)
+                        : json_string_value(json_object_get(j, "message"));
+        char msg[160];
+        snprintf(msg, sizeof(msg), "%s", m ? m : "error");
         json_decref(j);
+        snprintf(why, wn, "%.64s: %s (HTTP %ld)", end, msg, status);
         if (code == 14 || code == 4 || status == 503) /* unavailable, deadline: another member */
             return 1;
-        int rc = code == 5 ? -KVF_ENOTFOUND : code == 3 ? -KVF_EINVAL
-                 : code == 16 || code == 7 ? -KVF_EAUTH : -KVF_EPROTO;
-        return kvf__err(rc, "store %s: %s: %s", e->url, what, msg ? msg : why);
+        bool is_auth = code == 16 || code == 7 || strstr(msg, "authentication failed") ||
+                       strstr(msg, "user name is empty");
+        if (e->user[0] && strcmp(path, "/v3/auth/authenticate") != 0 &&
+            (code == 16 || strstr(msg, "user name is empty")))
+            return 2; /* no token yet, or it expired */
+        int rc = is_auth ? -KVF_EAUTH : code == 5 ? -KVF_ENOTFOUND : code == 3 ? -KVF_EINVAL
+                                                                               : -KVF_EPROTO;
+        if (is_auth && !e->user[0])
+            return kvf__err(rc, "store %s: %s: %s (the cluster requires authentication: "
+                            "etcd://user:password@host:port)", e->url, what, msg);
+        return kvf__err(rc, "store %s: %s: %s", e->url, what, msg);
     }
     *resp = j;
     return 0;
+}
+
+int kvf__etcd_authenticate(etcd_t *e, uint64_t timeout_ms)
+{
+    json_t *r = NULL;
+    int rc = kvf__etcd_post(e, "/v3/auth/authenticate",
+                            json_pack("{s:s,s:s}", "name", e->user, "password", e->password),
+                            "authenticate", timeout_ms, &r);
+    const char *tok = json_string_value(json_object_get(r, "token"));
+    if (rc == 0 && !tok)
+        rc = kvf__err(-KVF_EPROTO, "store %s: authenticate: no token in the answer (is "
+                      "authentication enabled on the cluster?)", e->url);
+    if (rc == 0) {
+        pthread_mutex_lock(&e->pool_mu);
+        snprintf(e->token, sizeof(e->token), "%s", tok);
+        pthread_mutex_unlock(&e->pool_mu);
+    }
+    json_decref(r);
+    return rc;
 }
 
 int kvf__etcd_post(etcd_t *e, const char *path, json_t *body, const char *what,
@@ -278,6 +324,7 @@ int kvf__etcd_post(etcd_t *e, const char *path, json_t *body, const char *what,
     uint64_t deadline = kvf__now_ms() + timeout_ms;
     uint32_t backoff = ETCD_BACKOFF_MIN_MS;
     char why[EXT_MSG_MAX] = "no endpoint tried";
+    bool reauthed = false;
     int rc;
     for (;;) {
         unsigned start = atomic_load(&e->cur) % e->nends;
@@ -293,6 +340,19 @@ int kvf__etcd_post(etcd_t *e, const char *path, json_t *body, const char *what,
                 atomic_store(&e->cur, i);
             if (rc == 1)
                 KVF_DEBUG("store", "%s: %s: %s", e->url, what, why);
+        }
+        if (rc == 2) {
+            /* Authenticate (once per request) and send it again. */
+            uint64_t t = kvf__now_ms();
+            rc = reauthed ? kvf__err(-KVF_EAUTH, "store %s: %s: the new token was refused too",
+                                     e->url, what)
+                          : kvf__etcd_authenticate(e, deadline > t ? deadline - t : 1);
+            reauthed = true;
+            if (rc == 0) {
+                rc = 1;
+                continue;
+            }
+            break;
         }
         uint64_t now = kvf__now_ms();
         if (rc != 1 || now >= deadline)

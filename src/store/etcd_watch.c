@@ -77,7 +77,9 @@ static size_t on_stream(char *p, size_t size, size_t nmemb, void *arg)
         json_t *res = json_object_get(j, "result");
         json_t *err = json_object_get(j, "error");
         if (err) {
-            const char *m = json_string_value(err);
+            const char *m = json_is_object(err)
+                                ? json_string_value(json_object_get(err, "message"))
+                                : json_string_value(err);
             snprintf(s->why, sizeof(s->why), "%s", m ? m : "watch error");
             json_decref(j);
             return 0;
@@ -91,15 +93,21 @@ static size_t on_stream(char *p, size_t size, size_t nmemb, void *arg)
 
 /* POST @body to /v3/watch on @end and feed its answers to @s until it is done, the stream
  * breaks, @stop is set or @deadline_ms (0: none) passes. */
-static stream_end_t stream_run(CURLM *m, const char *end, const char *body, stream_t *s,
-                               atomic_bool *stop, uint64_t deadline_ms)
+static stream_end_t stream_run(etcd_t *e, CURLM *m, const char *end, const char *body,
+                               stream_t *s, atomic_bool *stop, uint64_t deadline_ms)
 {
-    char url[KVF_HOST_MAX + 64];
+    char url[KVF_HOST_MAX + 64], auth[300];
+    struct curl_slist *hdr = NULL;
     snprintf(url, sizeof(url), "%s/v3/watch", end);
     CURL *c = curl_easy_init();
     if (!c) {
         snprintf(s->why, sizeof(s->why), "out of memory");
         return ST_BROKEN;
+    }
+    kvf__etcd_auth_header(e, auth, sizeof(auth));
+    if (auth[0]) {
+        hdr = curl_slist_append(NULL, auth);
+        curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
     }
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
@@ -142,6 +150,7 @@ static stream_end_t stream_run(CURLM *m, const char *end, const char *body, stre
     }
     curl_multi_remove_handle(m, c);
     curl_easy_cleanup(c);
+    curl_slist_free_all(hdr);
     free(s->buf);
     s->buf = NULL;
     s->n = s->cap = 0;
@@ -208,7 +217,7 @@ int kvf__etcd_wait_put(etcd_t *e, const char *key, int64_t from_rev, uint64_t de
     uint64_t down_since = 0;
     int rc;
     for (;;) {
-        how = stream_run(m, e->ends[idx % e->nends], body, &s, &never, deadline_ms);
+        how = stream_run(e, m, e->ends[idx % e->nends], body, &s, &never, deadline_ms);
         if (how != ST_BROKEN)
             break;
         /* A broken stream: the next member, from the same revision. */
@@ -218,6 +227,8 @@ int kvf__etcd_wait_put(etcd_t *e, const char *key, int64_t from_rev, uint64_t de
         if (now >= deadline_ms || now - down_since >= e->opts.request_timeout_ms)
             break;
         KVF_DEBUG("store", "%s: %s: %s", e->url, what, s.why);
+        if (e->user[0] && strstr(s.why, "auth"))
+            kvf__etcd_authenticate(e, e->opts.request_timeout_ms);
         s.why[0] = '\0';
         idx++;
         pause_ms(m, ETCD_BACKOFF_MIN_MS);
@@ -316,7 +327,8 @@ static void *watch_main(void *arg)
             break;
         stream_t s = {.on_result = watch_result, .arg = w};
         uint64_t t0 = kvf__now_ms();
-        stream_end_t how = stream_run(w->multi, e->ends[idx % e->nends], body, &s, &w->stop, 0);
+        stream_end_t how =
+            stream_run(e, w->multi, e->ends[idx % e->nends], body, &s, &w->stop, 0);
         free(body);
         if (how == ST_STOPPED || atomic_load(&w->stop))
             break;
@@ -324,6 +336,8 @@ static void *watch_main(void *arg)
             continue;
         KVF_DEBUG("store", "%s: watch %" PRIu64 ": stream ended (%s); resuming at revision %" PRId64,
                   e->url, w->id, s.why, w->next_rev);
+        if (e->user[0] && strstr(s.why, "auth"))
+            kvf__etcd_authenticate(e, e->opts.request_timeout_ms);
         idx++;
         if (kvf__now_ms() - t0 > 2000)
             backoff = ETCD_BACKOFF_MIN_MS;
