@@ -208,14 +208,13 @@ static int etcd_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **v
     if (rc < 0)
         return rc;
     rc = first_value(e, what, r, val, len, NULL);
-    int64_t rev = kvf__etcd_get_num(json_object_get(r, "header"), "revision");
     json_decref(r);
     if (rc <= 0)
         return rc;
     if (wait_ms == 0)
         return kvf__err(-KVF_ENOTFOUND, "store %s: %s: not found", e->url, what);
-    /* A watch from the revision after the read: no put between the two is missed. */
-    rc = kvf__etcd_wait_put(e, key, rev + 1, deadline, what, val, len);
+    /* A watch, then a read once it is in place: no put is missed. */
+    rc = kvf__etcd_wait_put(e, key, deadline, what, val, len);
     if (rc == -KVF_ETIMEDOUT)
         rc = kvf__err(rc, "store %s: %s: still absent after waiting %u ms", e->url, what, wait_ms);
     return rc;

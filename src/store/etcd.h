@@ -11,7 +11,7 @@
  *   etcd.c        the backend's operations and its ops table
  *   etcd_watch.c  watches (one streaming /v3/watch per watch, on its own thread, resumed from
  *                 the next revision after a failover so no event is lost) and the wait of a
- *                 get-with-wait (a watch from the revision of the read that missed)
+ *                 get-with-wait (a watch of the key from now, then a read once it is created)
  *   etcd_list.c   list by prefix, in pages
  *   etcd_http.c   requests with failover, base64, a pool of curl handles
  *
@@ -126,11 +126,12 @@ int kvf__etcd_unwatch(etcd_t *e, uint64_t watch_id);
 /* Stop every watch (close). */
 void kvf__etcd_watch_stop_all(etcd_t *e);
 /*
- * Wait until @key is put at a revision >= @from_rev, until @deadline_ms: 0 with its value
- * (malloc'ed, NUL-terminated) in *@val and *@len; -KVF_ETIMEDOUT when it was not; another code
- * when the cluster could not be reached.
+ * Wait until @key exists, until @deadline_ms: a watch of the key from now, and once etcd has
+ * created it a read (so a put before the watch is seen by the read, one after by the watch).
+ * 0 with its value (malloc'ed, NUL-terminated) in *@val and *@len; -KVF_ETIMEDOUT when it did
+ * not appear; another code when the cluster could not be reached.
  */
-int kvf__etcd_wait_put(etcd_t *e, const char *key, int64_t from_rev, uint64_t deadline_ms,
-                       const char *what, void **val, size_t *len);
+int kvf__etcd_wait_put(etcd_t *e, const char *key, uint64_t deadline_ms, const char *what,
+                       void **val, size_t *len);
 
 #endif /* KVF_STORE_ETCD_H */

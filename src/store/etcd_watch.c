@@ -177,14 +177,43 @@ static void pause_ms(CURLM *m, uint32_t ms)
 /* ---- get-with-wait --------------------------------------------------------------------------- */
 
 typedef struct {
+    etcd_t *e;
+    const char *key, *what;
     void *val;
     size_t len;
     int rc;
 } waitput_t;
 
+/* The key's value now: true (done) when it is there, or when the read failed (w->rc). */
+static bool waitput_read(waitput_t *w)
+{
+    json_t *b = json_object(), *r = NULL;
+    char *k = kvf__etcd_b64(w->key, strlen(w->key));
+    if (!b || !k || json_object_set_new(b, "key", json_string(k)) < 0) {
+        free(k);
+        json_decref(b);
+        w->rc = kvf__err(-KVF_ENOMEM, "store %s: %s: out of memory", w->e->url, w->what);
+        return true;
+    }
+    free(k);
+    w->rc = kvf__etcd_post(w->e, "/v3/kv/range", b, w->what, w->e->opts.request_timeout_ms, &r);
+    json_t *kv = w->rc == 0 ? json_array_get(json_object_get(r, "kvs"), 0) : NULL;
+    bool done = w->rc < 0 || kv;
+    if (kv) {
+        const char *v = json_string_value(json_object_get(kv, "value"));
+        w->rc = kvf__etcd_unb64(v ? v : "", &w->val, &w->len);
+    }
+    json_decref(r);
+    return done;
+}
+
 static bool waitput_result(void *arg, json_t *res)
 {
     waitput_t *w = arg;
+    /* The watch is in place (from the current revision, so etcd delivers at once): a read now
+     * sees every put before it, the watch every put after. */
+    if (json_is_true(json_object_get(res, "created")))
+        return waitput_read(w);
     size_t i;
     json_t *ev;
     json_array_foreach(json_object_get(res, "events"), i, ev) {
@@ -198,11 +227,13 @@ static bool waitput_result(void *arg, json_t *res)
     return false;
 }
 
-int kvf__etcd_wait_put(etcd_t *e, const char *key, int64_t from_rev, uint64_t deadline_ms,
-                       const char *what, void **val, size_t *len)
+int kvf__etcd_wait_put(etcd_t *e, const char *key, uint64_t deadline_ms, const char *what,
+                       void **val, size_t *len)
 {
     char *k = kvf__etcd_b64(key, strlen(key));
-    char *body = k ? create_body(k, NULL, from_rev) : NULL;
+    /* From the current revision: a watch that starts in the past is only caught up by etcd's
+     * background sync, every 100 ms. */
+    char *body = k ? create_body(k, NULL, 0) : NULL;
     CURLM *m = body ? curl_multi_init() : NULL;
     free(k);
     if (!m) {
@@ -210,17 +241,16 @@ int kvf__etcd_wait_put(etcd_t *e, const char *key, int64_t from_rev, uint64_t de
         return kvf__err(-KVF_ENOMEM, "store %s: %s: out of memory", e->url, what);
     }
     atomic_bool never = false;
-    waitput_t w = {0};
+    waitput_t w = {.e = e, .key = key, .what = what};
     stream_t s = {.on_result = waitput_result, .arg = &w};
     unsigned idx = atomic_load(&e->cur);
     stream_end_t how = ST_BROKEN;
     uint64_t down_since = 0;
-    int rc;
     for (;;) {
         how = stream_run(e, m, e->ends[idx % e->nends], body, &s, &never, deadline_ms);
         if (how != ST_BROKEN)
             break;
-        /* A broken stream: the next member, from the same revision. */
+        /* A broken stream: the next member; the read after its creation covers the gap. */
         uint64_t now = kvf__now_ms();
         if (!down_since)
             down_since = now;
@@ -236,16 +266,18 @@ int kvf__etcd_wait_put(etcd_t *e, const char *key, int64_t from_rev, uint64_t de
     curl_multi_cleanup(m);
     free(body);
     if (how == ST_DONE) {
-        if (w.rc < 0)
+        if (w.rc == -KVF_EPROTO)
             return kvf__err(-KVF_EPROTO, "store %s: %s: the gateway sent bad base64", e->url, what);
+        if (w.rc < 0)
+            return w.rc;
         *val = w.val;
         *len = w.len;
         return 0;
     }
     if (how == ST_TIMEOUT || kvf__now_ms() >= deadline_ms)
         return -KVF_ETIMEDOUT;
-    rc = kvf__err(-KVF_ESTOREDOWN, "store %s: %s: the wait was cut off: %s", e->url, what, s.why);
-    return rc;
+    return kvf__err(-KVF_ESTOREDOWN, "store %s: %s: the wait was cut off: %s", e->url, what,
+                    s.why);
 }
 
 /* ---- watches --------------------------------------------------------------------------------- */
