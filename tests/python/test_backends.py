@@ -85,3 +85,18 @@ def test_seed_flow_over_backend(backend):
     finally:
         p.destroy()
         d.destroy()
+
+
+def test_key_prefix_moves_records(store):
+    e = make_engine(store.url, "Decode", key_prefix="mooncake/")
+    try:
+        with kvferry.Store(store.url) as st:
+            assert st.get(f"mooncake/default/sessions/{e.session_id}") is not None
+            assert st.get(f"kvferry/v1/default/sessions/{e.session_id}") is None
+    finally:
+        e.destroy()
+    with pytest.raises(ValueError, match="key_prefix is longer"):
+        kvferry.TransferEngine(key_prefix="x" * 200)
+    bad = kvferry.TransferEngine(key_prefix="bad prefix")
+    assert bad.initialize(store.url, "127.0.0.1:0", "Decode", 0) == -kvferry.KVF_EINVAL
+    assert 'config.key_prefix "bad prefix"' in kvferry.get_last_err_msg()
