@@ -199,6 +199,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .idle_timeout_ms = e->cfg.tcp_idle_timeout_ms,
         .notify_cb = kvf__notify_deliver,
         .notify_arg = e,
+        .shm_word = &e->shm_word,
     };
     rc = kvf__transports[e->listener]->create(&tp, &e->tr[e->listener]);
     if (rc == -EADDRINUSE) {

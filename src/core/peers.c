@@ -394,12 +394,14 @@ int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **na
         return kvf__err(-KVF_EINVAL, "peer transport: NULL argument");
     pthread_mutex_lock(&e->peers_lock);
     eng_peer_t *p = peer_find_locked(e, peer);
+    pthread_mutex_unlock(&e->peers_lock);
+    /* Not under peers_lock: a re-selection holds sel for up to init_timeout_ms, and every
+     * other peer's lookup needs peers_lock. A peer, once listed, lives until destroy. */
     if (p) {
         pthread_rwlock_rdlock(&p->sel);
         *name = p->via;
         pthread_rwlock_unlock(&p->sel);
     }
-    pthread_mutex_unlock(&e->peers_lock);
     return p ? 0
              : kvf__err(-KVF_ENOTFOUND, "engine %s has not transferred to peer %s", e->sid, peer);
 }

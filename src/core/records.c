@@ -65,12 +65,11 @@ int kvf__eng_publish_session(kvf_engine_t *e)
             memfd_sock = o->mem_sock(e->tr[i]);
     }
     json_t *doc =
-        json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:o, s:s}", "version",
+        json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:s}", "version",
                   ENG_RECORD_VERSION, "session", e->sid, "role", kvf_role_name(e->role),
                   "device_id", e->device_id, "pid", (int)getpid(), "hostname", host, "kvferry",
                   KVF_VERSION_STRING, "transports", tr, "boot_id", kvf__host_boot_id(), "net_ns",
-                  kvf__host_net_ns(), "shm_word", hex_u64((uintptr_t)&e->shm_word), "memfd_socket",
-                  memfd_sock);
+                  kvf__host_net_ns(), "memfd_socket", memfd_sock);
     return store_put_json(e, e->session_key, doc);
 }
 
@@ -100,15 +99,6 @@ void kvf__eng_parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d)
     const char *sock = json_string_value(json_object_get(doc, "memfd_socket"));
     if (sock && strlen(sock) < sizeof(d->memfd_sock))
         snprintf(d->memfd_sock, sizeof(d->memfd_sock), "%s", sock);
-    /* Only a hint: the shm transport verifies the pid and the word before it uses either. */
-    const char *w = json_string_value(json_object_get(doc, "shm_word"));
-    char *end;
-    if (w) {
-        errno = 0;
-        uint64_t wa = strtoull(w, &end, 16);
-        if (!*end && !errno)
-            d->shm_word_addr = wa;
-    }
     json_decref(doc);
 }
 

@@ -84,3 +84,14 @@ int kvf__transport_no_drain(kvf_transport_t *t, uint64_t deadline_ms)
     (void)deadline_ms;
     return 0;
 }
+
+size_t kvf__transport_no_holders(kvf_transport_t *t, uint64_t addr, uint64_t len, char *buf,
+                                 size_t buflen)
+{
+    (void)t;
+    (void)addr;
+    (void)len;
+    (void)buf;
+    (void)buflen;
+    return 0;
+}

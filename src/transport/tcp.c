@@ -181,4 +181,5 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .guard_enter = kvf__transport_no_guard_enter,
     .guard_leave = kvf__transport_no_guard_leave,
     .drain = kvf__transport_no_drain,
+    .holders = tcp_holders,
 };

@@ -94,6 +94,9 @@ struct tcp_sconn {
     uint8_t ip_len;
     char addr[TCP_ADDR_LEN];
     char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO gave it: the sender of its notifications */
+    /* The range of the request holding region references now ([lo, hi); hi 0: none), for the
+     * message of an unregister that times out (holders()). */
+    _Atomic uint64_t hold_lo, hold_hi;
     uint8_t *scratch;                  /* drain buffer for refused writes, allocated on first use */
     uint8_t *segs;                     /* a WRITEV's segment table, allocated on first use */
     kvf_region_ref_t *refs;            /* and the region references of its segments */
@@ -291,6 +294,8 @@ void *tcp_accept_main(void *arg);
 /* Join and free the connections whose threads have ended (all of them with @all). Called with
  * t->mu NOT held; takes it to unlink. */
 void tcp_reap_sconns(struct tcp_transport *t, bool all);
+/* The holders op: the served connections whose request holds part of [addr, addr+len). */
+size_t tcp_holders(kvf_transport_t *tt, uint64_t addr, uint64_t len, char *buf, size_t buflen);
 
 /* ---------------------------------------------------------------------------------------------
  * tcp_conn.c: one initiator connection (slots and batches all under peer->mu)

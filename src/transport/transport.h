@@ -22,6 +22,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <string.h>
 
 #include "common/url.h"
 #include "common/host.h"
@@ -45,18 +47,18 @@ typedef struct {
     char net_ns[KVF_HOST_ID_MAX];  /* its network namespace, "net:[inode]"; "" = not
                                       published */
     bool offers_shm;         /* "shm" is among the transports it offers */
-    uint64_t shm_word_addr;  /* address of its kvf_shm_word_t, 0 = not published */
     char memfd_sock[KVF_SHM_SOCK_MAX]; /* abstract Unix socket that hands out the fds of its
                                           kvf_mem_alloc memory, without the leading NUL;
                                           "" = not offered */
 } kvf_tpeer_desc_t;
 
 /*
- * The word a target engine keeps in its own memory for same-host senders; only its address is
- * in the session record (see docs/protocol.md). The store is a directory, not an authority: a
- * sender believes nothing of the record until it has verified, from the kernel, that the pid it
- * names holds the listening socket of the session's port and keeps at that address a word
- * naming the session. From then on it reads everything from the word:
+ * The word a target engine keeps in its own memory for same-host senders. The store is a
+ * directory, not an authority, and holds no address of it: a sender believes nothing of the
+ * session record until it has verified, from the kernel, that the pid it names holds the
+ * listening socket of the session's port; it then learns the word's address from that pid's shm
+ * socket (SO_PEERCRED-checked), with its fence slot, and requires the word there to name the
+ * session. From then on it reads everything from the word:
  * @nonce:  random, never published; it tells a reused pid apart from the engine verified.
  * @seq:    a seqlock: odd while the target changes @gen, @table and @count, so a reader that
  *          sees it odd, or changed across its read of the table, reads again.
@@ -131,6 +133,8 @@ typedef struct {
     void *notify_arg;
     uint32_t idle_timeout_ms;       /* tcp: a served connection that brings no request for this
                                        long is closed; 0 = KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS */
+    const kvf_shm_word_t *shm_word; /* shm: the engine's word, whose address a sender that took
+                                       a fence slot is told (never published in the store) */
 } kvf_transport_params_t;
 
 /* What sets a transport apart for the core (kvf_transport_ops.caps). */
@@ -285,7 +289,22 @@ struct kvf_transport_ops {
      * loop: kvf__regions_remove waits for them) use kvf__transport_no_drain.
      */
     int (*drain)(kvf_transport_t *t, uint64_t deadline_ms);
+    /*
+     * An unregister of the region [@addr, @addr+@len) timed out: who is still holding it
+     * through this transport, as "peer SID (ADDRESS)" entries joined by ", " in @buf (cut to
+     * @buflen). Returns how many were found. Transports whose target holds nothing (shm: its
+     * drain names its senders itself) use kvf__transport_no_holders.
+     */
+    size_t (*holders)(kvf_transport_t *t, uint64_t addr, uint64_t len, char *buf, size_t buflen);
 };
+
+/* Append "@what" to the ", "-joined list in @buf (cut to @len), for holders(). */
+static inline void kvf__holders_add(char *buf, size_t len, const char *what)
+{
+    size_t at = strnlen(buf, len);
+    if (at + 1 < len)
+        snprintf(buf + at, len - at, "%s%s", at ? ", " : "", what);
+}
 
 /* Stubs for ops a transport does not have (stub.c). */
 int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen);
@@ -301,6 +320,8 @@ const char *kvf__transport_no_sock(const kvf_transport_t *t);
 int kvf__transport_no_guard_enter(kvf_tpeer_t *p, uint64_t *token);
 void kvf__transport_no_guard_leave(kvf_tpeer_t *p, uint64_t token);
 int kvf__transport_no_drain(kvf_transport_t *t, uint64_t deadline_ms);
+size_t kvf__transport_no_holders(kvf_transport_t *t, uint64_t addr, uint64_t len, char *buf,
+                                 size_t buflen);
 
 /*
  * The transports, in the order the core tries them for a peer when none is forced (transport.c),
