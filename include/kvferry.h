@@ -178,7 +178,8 @@ KVF_API int kvf_session_id_format(const char *host, uint16_t port, char *buf, si
  * kvf_store_url_parse - check a config-store URL as kvf_store_open() does, and return its scheme
  * and its first endpoint.
  * @url:      "tcp://host:port", "tcp://[ipv6]:port", "etcd://host:port[,host:port...]" or
- *            "redis://host:port". Port 0 is refused: it names no store to connect to.
+ *            "redis://[user:password@]host:port[/db]" (etcd:// takes "user:password@" too). Port 0 is
+ *            refused: it names no store to connect to.
  * @scheme:   receives "tcp", "etcd" or "redis" (a static string); may be NULL.
  * @host:     receives the first endpoint's host (an IPv6 address without its brackets),
  *            NUL-terminated; may be NULL.
@@ -319,14 +320,21 @@ KVF_API void kvf_store_opts_init(kvf_store_opts_t *opts);
 
 /**
  * kvf_store_open - connect to a config store.
- * @url:  "tcp://host:port" (built-in store). Other schemes return -KVF_ENOTSUP for now.
+ * @url:  "tcp://host:port" (the built-in store), "etcd://[user:password@]host:port[,host:port...]"
+ *        (etcd v3.4+ through its JSON gateway; requests fail over between the endpoints) or
+ *        "redis://[user:password@]host:port[/db]" (Redis 6+; the password is never shown in
+ *        messages or by kvf_store_url()). Every backend has the semantics documented below;
+ *        docs/operations.md says how each is run and what it needs (Redis: keyspace
+ *        notifications of expiries, turned on by the client when CONFIG SET is allowed).
  * @opts: NULL for the defaults.
  * @out:  receives the client handle.
  * Retries with backoff until the store answers or connect_timeout_ms passes, so a node started
  * before its store simply waits for it. Afterwards the client reconnects on its own; leases it
- * granted are re-established and keys set under them re-published after the store restarts.
- * Returns 0, -KVF_EINVAL for a malformed URL (at once, naming the bad part), or
- * -KVF_ESTOREDOWN when the store did not answer in time.
+ * granted are re-established and keys set under them re-published after the store restarts (or,
+ * on etcd and Redis, whenever the store lost them).
+ * Returns 0, -KVF_EINVAL for a malformed URL (at once, naming the bad part),
+ * -KVF_ESTOREDOWN when the store did not answer in time, -KVF_EAUTH when etcd or Redis refused
+ * the credentials (the password is never shown in messages).
  */
 KVF_API int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **out);
 
@@ -334,7 +342,8 @@ KVF_API int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_st
  *  Pending requests on other threads fail with -KVF_ECLOSED. NULL is a no-op. */
 KVF_API void kvf_store_close(kvf_store_t *st);
 
-/** kvf_store_url - the URL this client was opened with. */
+/** kvf_store_url - the URL this client was opened with (redis://: with the password shown as
+ *  "***"). */
 KVF_API const char *kvf_store_url(const kvf_store_t *st);
 
 /**
@@ -431,8 +440,12 @@ typedef void (*kvf_store_watch_cb)(void *arg, kvf_store_event_type_t type,
 
 /**
  * kvf_store_watch - call @cb for every put and delete of a key starting with @prefix, from now
- * on, until kvf_store_unwatch(). Watches survive reconnects (events during an outage are lost;
- * re-list after a reconnect if they matter).
+ * on, until kvf_store_unwatch(). Watches survive reconnects. What happens to events during an
+ * outage depends on the store: tcp:// loses them (re-list after a reconnect if they matter);
+ * etcd:// resumes from the revision after the last event delivered, so none is lost (unless etcd
+ * compacted it away: then every key under @prefix is delivered again as a put); redis:// re-lists
+ * @prefix and delivers the differences (puts for new or changed keys, deletes for vanished
+ * ones). On redis://, only writes made through kvferry clients and expiries are seen.
  * @watch_id: receives a handle for kvf_store_unwatch().
  */
 KVF_API int kvf_store_watch(kvf_store_t *st, const char *prefix, kvf_store_watch_cb cb, void *arg,
@@ -448,6 +461,8 @@ KVF_API int kvf_store_unwatch(kvf_store_t *st, uint64_t watch_id);
  * kvf_store_close(); when the client dies, the lease expires and its keys vanish.
  * @lease: receives the lease id to pass to kvf_store_set(). The id stays valid across
  *         reconnects: the client re-grants the lease and re-publishes its keys if the store lost them.
+ * etcd counts TTLs in whole seconds (rounded up, and raised to etcd's minimum, 1.5 election
+ * timeouts); on redis:// a lease is the TTL of each key set under it, kept alive by the client.
  */
 KVF_API int kvf_store_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease);
 
@@ -545,6 +560,10 @@ typedef struct {
                                     once it brought no request for this long (the peer
                                     reconnects on its next transfer, unnoticed); 100 ..
                                     86400000, default 60000. */
+    const char *key_prefix;      /* prefix of every key the engine reads and writes in the store,
+                                    1..128 characters of [A-Za-z0-9_.:/-]; NULL (default) takes
+                                    $KVFERRY_KEY_PREFIX, else "kvferry/v1/". Engines see only
+                                    peers that use the same prefix and namespace. */
 } kvf_config_t;
 
 /** kvf_config_init - fill @cfg with the defaults and set its size field. */

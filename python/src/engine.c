@@ -34,6 +34,7 @@ static const char *const config_kwlist[] = {"init_timeout_ms",
                                             "async_threads",
                                             "notify_queue_max",
                                             "tcp_idle_timeout_ms",
+                                            "key_prefix",
                                             NULL};
 
 static int config_u32(PyObject *v, const char *name, uint32_t *out)
@@ -53,11 +54,11 @@ static int config_u32(PyObject *v, const char *name, uint32_t *out)
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *v[11] = {NULL};
+    PyObject *v[12] = {NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOO:TransferEngine",
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOO:TransferEngine",
                                      (char **)config_kwlist, &v[0], &v[1], &v[2], &v[3], &v[4],
-                                     &v[5], &v[6], &v[7], &v[8], &v[9], &v[10]))
+                                     &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11]))
         return -1;
     if (kvfpy_guard_enter(&self->guard)) {
         kvfpy_guard_leave(&self->guard);
@@ -93,6 +94,18 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
         }
         snprintf(self->ns, sizeof(self->ns), "%s", ns);
         self->cfg.ns = self->ns;
+    }
+    if (v[11] && v[11] != Py_None) {
+        const char *p;
+        if (kvfpy_str(v[11], "key_prefix", &p) < 0)
+            return -1;
+        if (strlen(p) >= sizeof(self->key_prefix)) {
+            PyErr_Format(PyExc_ValueError, "key_prefix is longer than %zu characters",
+                         sizeof(self->key_prefix) - 1);
+            return -1;
+        }
+        snprintf(self->key_prefix, sizeof(self->key_prefix), "%s", p);
+        self->cfg.key_prefix = self->key_prefix;
     }
     return 0;
 }
@@ -395,7 +408,7 @@ PyTypeObject kvfpy_EngineType = {
     .tp_doc = "TransferEngine(*, init_timeout_ms=None, op_timeout_ms=None, lease_ttl_ms=None, "
               "tcp_conns_per_peer=None, tcp_chunk_bytes=None, namespace=None, max_batches=None, "
               "submit_blocks=None, async_threads=None, notify_queue_max=None, "
-              "tcp_idle_timeout_ms=None)\n\n"
+              "tcp_idle_timeout_ms=None, key_prefix=None)\n\n"
               "A kvferry node with the seed's (mf_adapter) TransferEngine methods. The "
               "keyword-only arguments override kvf_config_t defaults. Use as a context manager "
               "to destroy the engine on exit.",

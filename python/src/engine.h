@@ -22,6 +22,7 @@ typedef struct {
     int guard_ok;        /* the guard was initialised (tp_new may fail before) */
     kvf_config_t cfg;
     char ns[65];
+    char key_prefix[129];
     /* Registration pins: address (int) -> object keeping that memory alive. Touched only with
      * the GIL held. */
     PyObject *pins;

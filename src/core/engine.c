@@ -159,6 +159,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         goto out_free;
     snprintf(e->ns, sizeof(e->ns), "%s", e->cfg.ns);
     e->cfg.ns = e->ns;
+    snprintf(e->prefix, sizeof(e->prefix), "%s", e->cfg.key_prefix);
+    e->cfg.key_prefix = e->prefix;
     e->role = role;
     e->device_id = device_id;
     while (kvf__transports[e->listener] && !(kvf__transports[e->listener]->caps & KVF_TCAP_LISTEN))
@@ -217,8 +219,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     listen.port = kvf_engine_port(e);
     kvf__hostport_format(&listen, e->sid, sizeof(e->sid));
     memcpy(e->shm_word.sid, e->sid, sizeof(e->shm_word.sid));
-    kvf__eng_make_key(e->session_key, sizeof(e->session_key), e->ns, "sessions", e->sid);
-    kvf__eng_make_key(e->regions_key, sizeof(e->regions_key), e->ns, "regions", e->sid);
+    kvf__eng_make_key(e->session_key, sizeof(e->session_key), e, "sessions", e->sid);
+    kvf__eng_make_key(e->regions_key, sizeof(e->regions_key), e, "regions", e->sid);
     /* The memfd socket is named after the session (unique on the host while the port is held);
      * an engine forced to tcp offers no shm and so serves no memfds. */
     char sock[ENG_KEY_MAX];

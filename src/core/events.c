@@ -32,7 +32,7 @@ int kvf_peer_wait(kvf_engine_t *e, const char *peer, uint32_t timeout_ms)
     char key[ENG_KEY_MAX];
     void *val;
     size_t len;
-    kvf__eng_make_key(key, sizeof(key), e->ns, "sessions", peer);
+    kvf__eng_make_key(key, sizeof(key), e, "sessions", peer);
     rc = kvf__eng_store_get_wait(e, key, timeout_ms, NULL, &val, &len);
     if (rc == 0)
         free(val);
@@ -92,7 +92,7 @@ static void peer_event_push(kvf_engine_t *e, kvf_peer_event_type_t type, const c
 static const char *session_of(kvf_engine_t *e, const char *key)
 {
     char prefix[ENG_KEY_MAX];
-    kvf__eng_make_key(prefix, sizeof(prefix), e->ns, "sessions", "");
+    kvf__eng_make_key(prefix, sizeof(prefix), e, "sessions", "");
     size_t pl = strlen(prefix);
     if (strncmp(key, prefix, pl) || !key[pl] || !strcmp(key + pl, e->sid))
         return NULL;
@@ -115,7 +115,7 @@ static int peer_subscribe(kvf_engine_t *e)
 {
     eng_events_t *a = &e->events;
     char prefix[ENG_KEY_MAX];
-    kvf__eng_make_key(prefix, sizeof(prefix), e->ns, "sessions", "");
+    kvf__eng_make_key(prefix, sizeof(prefix), e, "sessions", "");
     a->events = calloc(ENG_EVENTS_MAX, sizeof(*a->events));
     if (!a->events)
         return kvf__err(-KVF_ENOMEM, "engine %s: out of memory for peer events", e->sid);

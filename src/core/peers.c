@@ -329,7 +329,7 @@ static int peer_record_present(kvf_engine_t *e, const char *peer)
     char key[ENG_KEY_MAX];
     void *val;
     size_t len;
-    kvf__eng_make_key(key, sizeof(key), e->ns, "sessions", peer);
+    kvf__eng_make_key(key, sizeof(key), e, "sessions", peer);
     int rc = kvf__eng_store_get_wait(e, key, 0, NULL, &val, &len);
     if (rc == 0)
         free(val);

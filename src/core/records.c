@@ -1,7 +1,7 @@
 /*
  * The engine's records in the store, both bound to its lease:
  *
- *   kvferry/v1/<ns>/sessions/<sid>  the session record (JSON: role, device, pid, boot id,
+ *   kvferry/v1/<ns>/sessions/<sid>  (the prefix is config.key_prefix) the session record (JSON: role, device, pid, boot id,
  *                                   network namespace, transports offered, the shm word's
  *                                   address: hints a same-host sender verifies)
  *   kvferry/v1/<ns>/regions/<sid>   its registered regions (JSON, with the table generation)
@@ -20,9 +20,10 @@
 #include "common/host.h"
 #include "core/core.h"
 
-void kvf__eng_make_key(char *buf, size_t len, const char *ns, const char *kind, const char *sid)
+void kvf__eng_make_key(char *buf, size_t len, const kvf_engine_t *e, const char *kind,
+                       const char *sid)
 {
-    snprintf(buf, len, "kvferry/v1/%s/%s/%s", ns, kind, sid);
+    snprintf(buf, len, "%s%s/%s/%s", e->prefix, e->ns, kind, sid);
 }
 
 /* Set @key to the JSON text of @doc under the engine's lease; steals the reference to @doc. */
@@ -247,7 +248,7 @@ int kvf__eng_fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
     void *val;
     size_t len;
 
-    kvf__eng_make_key(key, sizeof(key), e->ns, "regions", sid);
+    kvf__eng_make_key(key, sizeof(key), e, "regions", sid);
     int rc = kvf__eng_store_get_wait(e, key, wait_ms, cancel, &val, &len);
     if (rc == -KVF_ETIMEDOUT || rc == -KVF_ENOTFOUND)
         return kvf__err(-KVF_ENOTFOUND,
@@ -271,7 +272,7 @@ void kvf__eng_fetch_session(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
     void *val;
     size_t len;
 
-    kvf__eng_make_key(key, sizeof(key), e->ns, "sessions", sid);
+    kvf__eng_make_key(key, sizeof(key), e, "sessions", sid);
     if (kvf__eng_store_get_wait(e, key, wait_ms, cancel, &val, &len) == 0) {
         kvf__eng_parse_session(val, len, d);
         free(val);

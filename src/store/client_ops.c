@@ -17,7 +17,7 @@ static void cli_what(char *what, size_t n, const char *op, const char *key)
     snprintf(what, n, "%s \"%s\"", op, kvf__cli_show(shown, sizeof(shown), key, strlen(key)));
 }
 
-int kvf_store_set(kvf_store_t *st, const char *key, const void *val, size_t len, uint64_t lease)
+int kvf__builtin_set(kvf_store_t *st, const char *key, const void *val, size_t len, uint64_t lease)
 {
     char what[CLI_WHAT_MAX];
     int rc = kvf__cli_check_handle(st, "set");
@@ -32,7 +32,7 @@ int kvf_store_set(kvf_store_t *st, const char *key, const void *val, size_t len,
     return kvf__cli_put(st, what, key, false, NULL, 0, val, len, lease);
 }
 
-int kvf_store_cas(kvf_store_t *st, const char *key, const void *expected, size_t expected_len,
+int kvf__builtin_cas(kvf_store_t *st, const char *key, const void *expected, size_t expected_len,
                   const void *val, size_t len, uint64_t lease)
 {
     char what[CLI_WHAT_MAX];
@@ -51,7 +51,7 @@ int kvf_store_cas(kvf_store_t *st, const char *key, const void *expected, size_t
     return kvf__cli_put(st, what, key, true, expected, expected_len, val, len, lease);
 }
 
-int kvf_store_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **val, size_t *len)
+int kvf__builtin_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **val, size_t *len)
 {
     char what[CLI_WHAT_MAX];
     kvf_buf_t f;
@@ -96,7 +96,7 @@ out_free:
     return rc;
 }
 
-int kvf_store_del(kvf_store_t *st, const char *key)
+int kvf__builtin_del(kvf_store_t *st, const char *key)
 {
     char what[CLI_WHAT_MAX];
     kvf_buf_t f;
@@ -125,7 +125,7 @@ out_free:
     return rc;
 }
 
-int kvf_store_add(kvf_store_t *st, const char *key, int64_t delta, int64_t *result)
+int kvf__builtin_add(kvf_store_t *st, const char *key, int64_t delta, int64_t *result)
 {
     char what[CLI_WHAT_MAX];
     kvf_buf_t f;
@@ -158,8 +158,8 @@ out_free:
     return rc;
 }
 
-int kvf_store_list_page(kvf_store_t *st, const char *prefix, const char *after, size_t max,
-                        unsigned flags, kvf_store_kv_t **out, size_t *count, int *more)
+int kvf__builtin_list_page(kvf_store_t *st, const char *prefix, const char *after, size_t max,
+                           unsigned flags, kvf_store_kv_t **out, size_t *count, int *more)
 {
     char what[CLI_WHAT_MAX];
     kvf_buf_t f;
@@ -214,7 +214,7 @@ out_free:
 }
 
 /* Every page, appended to one array. */
-int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, size_t *count)
+int kvf__builtin_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, size_t *count)
 {
     if (out)
         *out = NULL;
@@ -228,7 +228,8 @@ int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, si
     while (more) {
         kvf_store_kv_t *page;
         size_t k;
-        rc = kvf_store_list_page(st, prefix, n ? all[n - 1].key : NULL, 0, 0, &page, &k, &more);
+        rc = kvf__builtin_list_page(st, prefix, n ? all[n - 1].key : NULL, 0, 0, &page, &k,
+                                    &more);
         if (rc < 0)
             break;
         if (k == 0) {
@@ -266,8 +267,8 @@ int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, si
     return 0;
 }
 
-int kvf_store_watch(kvf_store_t *st, const char *prefix, kvf_store_watch_cb cb, void *arg,
-                    uint64_t *watch_id)
+int kvf__builtin_watch(kvf_store_t *st, const char *prefix, kvf_store_watch_cb cb, void *arg,
+                       uint64_t *watch_id)
 {
     char what[CLI_WHAT_MAX];
     kvf_buf_t f;
@@ -308,7 +309,7 @@ out_free:
     return rc;
 }
 
-int kvf_store_unwatch(kvf_store_t *st, uint64_t watch_id)
+int kvf__builtin_unwatch(kvf_store_t *st, uint64_t watch_id)
 {
     int rc = kvf__cli_check_handle(st, "unwatch");
     if (rc < 0)
@@ -340,7 +341,7 @@ int kvf_store_unwatch(kvf_store_t *st, uint64_t watch_id)
     return 0;
 }
 
-int kvf_store_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease)
+int kvf__builtin_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease)
 {
     char what[64];
     kvf_buf_t f;
@@ -375,7 +376,7 @@ out_free:
     return rc;
 }
 
-int kvf_store_lease_keepalive_stop(kvf_store_t *st, uint64_t lease)
+int kvf__builtin_lease_keepalive_stop(kvf_store_t *st, uint64_t lease)
 {
     int rc = kvf__cli_check_handle(st, "lease keepalive stop");
     if (rc < 0)
@@ -398,7 +399,7 @@ int kvf_store_lease_keepalive_stop(kvf_store_t *st, uint64_t lease)
     return 0;
 }
 
-int kvf_store_lease_revoke(kvf_store_t *st, uint64_t lease)
+int kvf__builtin_lease_revoke(kvf_store_t *st, uint64_t lease)
 {
     char what[64];
     kvf_buf_t f;
@@ -470,7 +471,7 @@ out_free:
     return rc;
 }
 
-int kvf_store_ping(kvf_store_t *st)
+int kvf__builtin_ping(kvf_store_t *st)
 {
     kvf_buf_t f;
     int rc = kvf__cli_check_handle(st, "ping");
