@@ -366,6 +366,51 @@ static void list_of_many_keys_is_complete(void **state)
     kvf_store_kv_free(kvs, n);
 }
 
+/* kvf_store_list_page() on every backend: pages of @max in byte order, each starting after the
+ * last key of the one before, `more` set on all but the last, keys only when asked. */
+static void list_page_walks_in_order(void **state)
+{
+    fx_t *fx = *state;
+    enum { N = 25 };
+    char key[32], after[32] = "";
+    for (int i = 0; i < N; i++) {
+        snprintf(key, sizeof(key), "lp/%03d", i);
+        assert_kvf_ok(kvf_store_set(fx->st, key, key, strlen(key), 0));
+    }
+    assert_kvf_ok(kvf_store_set(fx->st, "lq/other", "x", 1, 0));
+    int seen = 0, pages = 0, more = 1;
+    while (more) {
+        kvf_store_kv_t *kvs = NULL;
+        size_t n = 0;
+        unsigned flags = pages == 1 ? KVF_STORE_LIST_KEYS_ONLY : 0;
+        assert_kvf_ok(kvf_store_list_page(fx->st, "lp/", after, 10, flags, &kvs, &n, &more));
+        assert_true(pages < 3);
+        assert_int_equal(n, pages < 2 ? 10 : 5);
+        assert_int_equal(more, pages < 2);
+        for (size_t i = 0; i < n; i++, seen++) {
+            snprintf(key, sizeof(key), "lp/%03d", seen);
+            assert_string_equal(kvs[i].key, key);
+            if (flags)
+                assert_int_equal(kvs[i].val_len, 0);
+            else
+                assert_memory_equal(kvs[i].val, key, strlen(key));
+        }
+        snprintf(after, sizeof(after), "%s", kvs[n - 1].key);
+        kvf_store_kv_free(kvs, n);
+        pages++;
+    }
+    assert_int_equal(seen, N);
+    kvf_store_kv_t *kvs = NULL;
+    size_t n = 1;
+    assert_kvf_ok(kvf_store_list_page(fx->st, "lp/", "lp/024", 0, 0, &kvs, &n, &more));
+    assert_int_equal(n, 0);
+    assert_int_equal(more, 0);
+    kvf_store_kv_free(kvs, n);
+    assert_kvf_err(kvf_store_list_page(fx->st, "lp/", NULL, 10, 0x80, &kvs, &n, NULL),
+                   -KVF_EINVAL);
+    assert_last_error_contains("unknown flags 0x80");
+}
+
 static void watch_put_delete_unwatch(void **state)
 {
     fx_t *fx = *state;
@@ -564,6 +609,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(cas_semantics, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(list_prefix_in_byte_order, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(list_of_many_keys_is_complete, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(list_page_walks_in_order, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(watch_put_delete_unwatch, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(watch_unwatch_from_callback, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(lease_expires_without_keepalive, fx_setup, fx_teardown),
