@@ -74,6 +74,8 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     t->notify_cb = p->notify_cb;
     t->notify_arg = p->notify_arg;
     atomic_init(&t->stopping, false);
+    const char *tc = getenv(TCP_TEST_CLOSE_ENV);
+    atomic_init(&t->test_close_left, tc ? atoi(tc) : 0);
 
     rc = -pthread_mutex_init(&t->mu, NULL);
     if (rc) {
