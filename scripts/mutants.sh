@@ -54,12 +54,12 @@ for p in "${patches[@]}"; do
         failed=1
         continue
     fi
-    if ! patch -d "$WORK/src" -p1 -s --dry-run <"$p" >/dev/null 2>&1; then
+    if ! patch -d "$WORK/src" -p1 -s -F0 --dry-run <"$p" >/dev/null 2>&1; then
         echo "mutants: $name: the patch no longer applies; update it (it breaks: $what)" >&2
         failed=1
         continue
     fi
-    patch -d "$WORK/src" -p1 -s <"$p"
+    patch -d "$WORK/src" -p1 -s -F0 <"$p"
     regex="^($(echo $tests | tr ' ' '|' | sed 's/\./\\./g'))\$"
     t0=$(date +%s)
     if ! cmake --build "$WORK/build" -j "$JOBS" >"$WORK/$name.build.log" 2>&1; then
@@ -77,7 +77,7 @@ for p in "${patches[@]}"; do
             verdict="killed by $killers"
         fi
     fi
-    patch -d "$WORK/src" -p1 -s -R <"$p"
+    patch -d "$WORK/src" -p1 -s -F0 -R <"$p"
     printf 'mutants: %-24s %s (%ss)\n' "$name" "$verdict" "$(($(date +%s) - t0))"
 done
 # Leave the copy as pristine as it came, so the next run rebuilds only what changed.
