@@ -34,6 +34,7 @@ static const char *const config_kwlist[] = {"init_timeout_ms",
                                             "async_threads",
                                             "notify_queue_max",
                                             "tcp_idle_timeout_ms",
+                                            "metrics_listen",
                                             NULL};
 
 static int config_u32(PyObject *v, const char *name, uint32_t *out)
@@ -53,11 +54,11 @@ static int config_u32(PyObject *v, const char *name, uint32_t *out)
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *v[11] = {NULL};
+    PyObject *v[12] = {NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOO:TransferEngine",
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOO:TransferEngine",
                                      (char **)config_kwlist, &v[0], &v[1], &v[2], &v[3], &v[4],
-                                     &v[5], &v[6], &v[7], &v[8], &v[9], &v[10]))
+                                     &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11]))
         return -1;
     if (kvfpy_guard_enter(&self->guard)) {
         kvfpy_guard_leave(&self->guard);
@@ -93,6 +94,18 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
         }
         snprintf(self->ns, sizeof(self->ns), "%s", ns);
         self->cfg.ns = self->ns;
+    }
+    if (v[11] && v[11] != Py_None) {
+        const char *ml;
+        if (kvfpy_str(v[11], "metrics_listen", &ml) < 0)
+            return -1;
+        if (strlen(ml) >= sizeof(self->metrics_listen)) {
+            PyErr_Format(PyExc_ValueError, "metrics_listen is longer than %zu characters",
+                         sizeof(self->metrics_listen) - 1);
+            return -1;
+        }
+        snprintf(self->metrics_listen, sizeof(self->metrics_listen), "%s", ml);
+        self->cfg.metrics_listen = self->metrics_listen;
     }
     return 0;
 }
@@ -370,6 +383,15 @@ static PyMethodDef Engine_methods[] = {
      "peer_transport(session) -> str\n\n"
      "How transfers to the peer travel: \"loop\", \"shm\" or \"tcp\" (known after the first "
      "transfer). Raises kvferry.Error for a peer not used yet."},
+    {"get_stats", FN(kvfpy_engine_get_stats), METH_NOARGS,
+     "get_stats($self, /)\n--\n\n"
+     "This engine's statistics as a dict: bytes and operations by direction, per transport and "
+     "per peer, errors by code, calls in flight, the transfer-time histogram, registered "
+     "regions and bytes, connections and notifications (docs/operations.md lists the keys). "
+     "Raises kvferry.Error when not initialized."},
+    {"metrics_address", FN(kvfpy_engine_metrics_address), METH_NOARGS,
+     "metrics_address($self, /)\n--\n\n"
+     "\"host:port\" of the metrics endpoint started by metrics_listen=, or None."},
     {"__enter__", FN(Engine_enter), METH_NOARGS, NULL},
     {"__exit__", FN(Engine_exit), METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/thread.h"
@@ -161,6 +162,10 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     e->cfg.ns = e->ns;
     e->role = role;
     e->device_id = device_id;
+    e->stats.created_ms = kvf__now_ms();
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    e->started_unix_ms = (uint64_t)wall.tv_sec * 1000u + (uint64_t)wall.tv_nsec / 1000000u;
     while (kvf__transports[e->listener] && !(kvf__transports[e->listener]->caps & KVF_TCAP_LISTEN))
         e->listener++;
     /* The nonce tells this engine's word apart from whatever another process (a restart, a
@@ -197,6 +202,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .idle_timeout_ms = e->cfg.tcp_idle_timeout_ms,
         .notify_cb = kvf__notify_deliver,
         .notify_arg = e,
+        .stats_cb = kvf__stats_encoded,
+        .stats_arg = e,
     };
     rc = kvf__transports[e->listener]->create(&tp, &e->tr[e->listener]);
     if (rc == -EADDRINUSE) {
@@ -255,6 +262,12 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     rc = kvf__eng_publish_session(e);
     if (rc < 0)
         goto out_store;
+    if (e->cfg.metrics_listen && e->cfg.metrics_listen[0]) {
+        rc = kvf_metrics_server_start(e->cfg.metrics_listen, kvf__stats_render, e, &e->metrics);
+        if (rc < 0)
+            goto out_store;
+    }
+    e->cfg.metrics_listen = NULL; /* the caller's string; not kept */
     for (size_t i = 0; kvf__transports[i]; i++)
         kvf__transports[i]->start(e->tr[i]);
     KVF_INFO(ENG_LOG, "engine %s (%s) ready, store %s", e->sid, kvf_role_name(role), store_url);
@@ -297,6 +310,9 @@ void kvf_engine_destroy(kvf_engine_t *e)
 {
     if (!e)
         return;
+    /* No scrape reads the engine once it begins to come apart. */
+    kvf_metrics_server_stop(e->metrics);
+    e->metrics = NULL;
     /* Stopped first: this waits for loop transfers from other engines of this process into
      * this one to leave, and no new one can find it. */
     for (size_t i = 0; kvf__transports[i]; i++)
