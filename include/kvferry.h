@@ -252,6 +252,37 @@ KVF_API int kvf_store_server_wait(kvf_store_server_t *srv);
  */
 KVF_API void kvf_store_server_shutdown(kvf_store_server_t *srv);
 
+/** What a built-in store server counts, from kvf_store_server_stats(). */
+typedef struct {
+    size_t size;        /* sizeof(kvf_store_server_stats_t) */
+    uint64_t uptime_ms; /* since the server started */
+    uint64_t clients;   /* connections open now */
+    uint64_t keys;      /* keys held now */
+    uint64_t leases;    /* leases alive now */
+    uint64_t waiters;   /* get-with-wait requests parked now */
+    uint64_t ops;       /* requests served since the start */
+    uint64_t bytes_in;  /* bytes received from clients since the start */
+    uint64_t bytes_out; /* bytes sent to clients since the start */
+} kvf_store_server_stats_t;
+
+/**
+ * kvf_store_server_stats - a snapshot of what @srv counts. Each field is read on its own (the
+ * loop thread keeps them with relaxed atomics), so two fields may be a moment apart.
+ * Returns 0, or -KVF_EINVAL for a NULL argument.
+ */
+KVF_API int kvf_store_server_stats(const kvf_store_server_t *srv, kvf_store_server_stats_t *out);
+
+/**
+ * kvf_store_server_stats_prometheus - render @s in the Prometheus text format 0.0.4:
+ * kvferry_store_clients, kvferry_store_keys, kvferry_store_leases, kvferry_store_waiters
+ * (gauges), kvferry_store_ops_total, kvferry_store_rx_bytes_total, kvferry_store_tx_bytes_total
+ * (counters; ops per second is their rate()), kvferry_store_uptime_seconds.
+ * @out: receives a malloc'ed, NUL-terminated string (free() it); @len its length (may be NULL).
+ * Returns 0, -KVF_EINVAL, -KVF_ENOMEM.
+ */
+KVF_API int kvf_store_server_stats_prometheus(const kvf_store_server_stats_t *s, char **out,
+                                              size_t *len);
+
 /* ---------------------------------------------------------------------------------------------
  * Config store: client
  * ------------------------------------------------------------------------------------------- */

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/stats.h"
@@ -381,7 +382,42 @@ static void metrics_listen_refused(void **state)
     assert_last_error_contains("notaport");
 }
 
+/* The store's own counts: two engines hold a session and a regions record each under one lease
+ * each; a destroyed engine's go with its lease. */
+static void store_server_counts(void **state)
+{
+    fx_t *fx = *state;
+    kvf_store_server_stats_t s;
+    assert_kvf_ok(kvf_store_server_stats(fx->srv, &s));
+    assert_int_equal(s.keys, 4);
+    assert_int_equal(s.leases, 2);
+    assert_int_equal(s.clients, 2);
+    assert_int_equal(s.waiters, 0);
+    assert_true(s.ops >= 8 && s.bytes_in > 0 && s.bytes_out > 0);
+    uint64_t ops = s.ops;
+    kvf_engine_destroy(fx->pre);
+    fx->pre = NULL;
+    assert_kvf_ok(kvf_store_server_stats(fx->srv, &s));
+    assert_int_equal(s.keys, 2);
+    assert_int_equal(s.leases, 1);
+    assert_true(s.ops > ops);
+    /* The closed connection is seen by the server's loop a moment later (bounded wait). */
+    uint64_t end = kvf_test_now_ms() + 5000;
+    while (s.clients != 1 && kvf_test_now_ms() < end) {
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+        assert_kvf_ok(kvf_store_server_stats(fx->srv, &s));
+    }
+    assert_int_equal(s.clients, 1);
+    char *text;
+    assert_kvf_ok(kvf_store_server_stats_prometheus(&s, &text, NULL));
+    assert_non_null(strstr(text, "# TYPE kvferry_store_keys gauge\nkvferry_store_keys 2\n"));
+    assert_non_null(strstr(text, "# TYPE kvferry_store_ops_total counter\n"));
+    free(text);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test_setup_teardown(store_server_counts, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(exact_counts, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(fetch_over_port, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(fetch_errors, fx_setup, fx_teardown),

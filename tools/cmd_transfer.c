@@ -37,7 +37,8 @@ static void usage(FILE *f)
             "usage: kvferry transfer --role Prefill|Decode --store-url tcp://IP:PORT\n"
             "                        [--src-session-id IP:PORT] [--dst-session-id IP:PORT]\n"
             "                        [--npu-id N] [--log-level 0..3] [--iterations N]\n"
-            "                        [--timeout SEC] [--transport auto|tcp|shm]\n\n"
+            "                        [--timeout SEC] [--transport auto|tcp|shm]\n"
+            "                        [--metrics-listen HOST:PORT]\n\n"
             "The seed's test_transfer_engine.py. The Decode registers a (10, 50, 40, 20, 60)\n"
             "float16 buffer (48,000,000 bytes) and checks every round it receives; the Prefill\n"
             "fills its own buffer with random values and writes the 10 slices into the Decode's.\n"
@@ -56,7 +57,9 @@ static void usage(FILE *f)
             "  --timeout SEC         bound on starting up, on each transfer and on each wait for\n"
             "                        the other side, 1..%u, default 30\n"
             "  --transport T         auto (default: shm to a peer on this host, else tcp), tcp,\n"
-            "                        or shm (fails when the peer is not reachable by shm)\n\n"
+            "                        or shm (fails when the peer is not reachable by shm)\n"
+            "  --metrics-listen A    serve this engine's statistics for Prometheus at\n"
+            "                        http://A/metrics (port 0 picks one; the address is printed)\n\n"
             "Exit status: 0 every round done (and, on the Decode, verified), 1 failure (a\n"
             "message says why), 2 usage error.\n",
             XFER_MAX_TIMEOUT_S);
@@ -101,6 +104,7 @@ static int parse_args(int argc, char **argv, xfer_args_t *a)
         {"iterations", KVF_CLI_U64, &a->iterations, 0, UINT32_MAX, NULL},
         {"timeout", KVF_CLI_U64, &timeout_s, 1, XFER_MAX_TIMEOUT_S, NULL},
         KVF_CLI_OPT_TRANSPORT(&a->transport),
+        {"metrics-listen", KVF_CLI_STR, &a->metrics_listen, 0, 0, NULL},
     };
     const kvf_cli_t cli = {CMD, usage, opts, KVF_CLI_NOPTS(opts), .log_level = true};
     int rc = kvf_cli_parse(&cli, argc, argv, NULL);
@@ -179,6 +183,7 @@ int kvf_cli_transfer(int argc, char **argv)
     cfg.init_timeout_ms = a.timeout_ms;
     cfg.op_timeout_ms = a.timeout_ms;
     cfg.transport = a.transport;
+    cfg.metrics_listen = a.metrics_listen;
     kvf_engine_t *e;
     int rc = kvf_engine_create(a.store_url, a.src_sid, a.role, a.npu_id, &cfg, &e);
     if (rc < 0) {
@@ -189,6 +194,9 @@ int kvf_cli_transfer(int argc, char **argv)
     /* The engine's own spelling of its id, with the chosen port: the Prefill names it. */
     char sid[KVF_SESSION_ID_MAX];
     snprintf(sid, sizeof(sid), "%s", kvf_engine_session_id(e));
+    if (a.metrics_listen)
+        printf("%s metrics on http://%s/metrics\n", kvf_role_name(a.role),
+               kvf_engine_metrics_addr(e));
 
     code = a.role == KVF_ROLE_DECODE ? xfer_decode_run(&a, e, sid) : xfer_prefill_run(&a, e, sid);
 

@@ -299,6 +299,43 @@ int kvf_stats_prometheus(const kvf_stats_t *s, char **out, size_t *len)
     return buf_finish(&b, out, len, "stats prometheus");
 }
 
+int kvf_store_server_stats_prometheus(const kvf_store_server_stats_t *s, char **out, size_t *len)
+{
+    if (!s || !out)
+        return kvf__err(-KVF_EINVAL, "store stats prometheus: NULL argument");
+    static const struct {
+        const char *name, *type, *help;
+        size_t off;
+    } f[] = {
+        {"kvferry_store_clients", "gauge", "Client connections open now.",
+         offsetof(kvf_store_server_stats_t, clients)},
+        {"kvferry_store_keys", "gauge", "Keys held now.", offsetof(kvf_store_server_stats_t, keys)},
+        {"kvferry_store_leases", "gauge", "Leases alive now.",
+         offsetof(kvf_store_server_stats_t, leases)},
+        {"kvferry_store_waiters", "gauge", "Get-with-wait requests parked now.",
+         offsetof(kvf_store_server_stats_t, waiters)},
+        {"kvferry_store_ops_total", "counter", "Requests served.",
+         offsetof(kvf_store_server_stats_t, ops)},
+        {"kvferry_store_rx_bytes_total", "counter", "Bytes received from clients.",
+         offsetof(kvf_store_server_stats_t, bytes_in)},
+        {"kvferry_store_tx_bytes_total", "counter", "Bytes sent to clients.",
+         offsetof(kvf_store_server_stats_t, bytes_out)},
+    };
+    kvf_buf_t b;
+    kvf__buf_init(&b);
+    for (size_t k = 0; k < KVF__ARRAY_SIZE(f); k++) {
+        uint64_t v;
+        memcpy(&v, (const char *)s + f[k].off, sizeof(v));
+        prom_head(&b, f[k].name, f[k].type, f[k].help);
+        put_fmt(&b, "%s %" PRIu64 "\n", f[k].name, v);
+    }
+    prom_head(&b, "kvferry_store_uptime_seconds", "gauge", "Seconds since the store started.");
+    put_str(&b, "kvferry_store_uptime_seconds ");
+    prom_double(&b, (double)s->uptime_ms / 1e3);
+    put_str(&b, "\n");
+    return buf_finish(&b, out, len, "store stats prometheus");
+}
+
 /* ---- binary encoding ------------------------------------------------------------------------ */
 
 static void enc_counts(kvf_buf_t *b, const kvf_stats_counts_t *c)

@@ -42,6 +42,7 @@ void kvf__srv_conn_kill(struct kvf_store_server *srv, struct srv_conn *c)
     link_del(&c->link);
     link_add_tail(&srv->zombies, &c->link);
     srv->nconns--;
+    SRV_STAT_SUB(srv, clients, 1);
 }
 
 /* Log why @c is being closed (warn level: a client broke a rule or a resource ran out) and close
@@ -101,6 +102,7 @@ static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
                          MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0) {
             c->out_off += (size_t)n;
+            SRV_STAT_ADD(srv, bytes_out, n);
             continue;
         }
         if (n < 0 && errno == EINTR)
@@ -192,6 +194,7 @@ static void conn_dispatch(struct kvf_store_server *srv, struct srv_conn *c, cons
     struct srv_req rq = {.op = h[5], .req_id = kvf__get_le32(h + 8)};
     kvf_rd_t rd;
     kvf__rd_init(&rd, h + KVF_STORE_HDR_LEN, kvf__get_le32(h + 12));
+    SRV_STAT_ADD(srv, ops, 1);
     kvf__srv_ops[rq.op](srv, c, &rq, &rd);
 }
 
@@ -275,6 +278,7 @@ static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
         ssize_t n = recv(c->fd, c->in + c->in_len, room, MSG_DONTWAIT);
         if (n > 0) {
             c->in_len += (size_t)n;
+            SRV_STAT_ADD(srv, bytes_in, n);
             conn_parse(srv, c);
             if ((size_t)n < room)
                 break; /* drained; level-triggered epoll reports more */
@@ -361,6 +365,7 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
     }
     link_add_tail(&srv->conns, &c->link);
     srv->nconns++;
+    SRV_STAT_ADD(srv, clients, 1);
     KVF_DEBUG(SRV_LOG, "connection from %s", c->peer);
 }
 

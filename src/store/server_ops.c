@@ -420,6 +420,7 @@ static void op_lease_grant(struct kvf_store_server *srv, struct srv_conn *c,
         goto out_free_lease;
     if (!tsearch(lease, &srv->lease_root, kvf__srv_lease_cmp))
         goto out_disarm;
+    SRV_STAT_ADD(srv, leases, 1);
     kvf__srv_reply_u64(srv, c, rq, lease->id);
     return;
 
