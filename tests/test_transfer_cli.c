@@ -322,6 +322,12 @@ static void transfer_prefill_first_own_store(void **state)
     pid_t prefill = transfer("Prefill", "127.0.0.1:0", url, dsid, "2", &pfd);
     wait_line(pfd, &out_b, "prefill session ", line, sizeof(line));
     assert_non_null(strstr(out_b.text, "serving it in this process"));
+    char warn[256];
+    snprintf(warn, sizeof(warn),
+             "kvferry transfer: WARNING: nothing answered at %s, so this Prefill now serves the "
+             "config store in its own process",
+             url);
+    assert_non_null(strstr(out_b.text, warn));
     pid_t decode = transfer("Decode", dsid, url, NULL, "2", &dfd);
     check_two_rounds(decode, dfd, prefill, pfd);
 }

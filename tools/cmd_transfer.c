@@ -20,10 +20,14 @@
  * so the Decode sees slices 0..9 of a round in order; a batch that fails, or whose sender dies
  * part way, never notifies.
  */
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "cli.h"
 #include "kvferry.h"
@@ -83,6 +87,33 @@ static int parse_sid(const char *flag, const char *s, bool allow_port0, char *ou
                         "printed in \"decode session IP:PORT ready\"\n", flag, s);
         return -1;
     }
+    if (!strcmp(host, "0.0.0.0") || !strcmp(host, "::")) {
+        fprintf(stderr, "kvferry " CMD ": %s %s: %s names no address a peer can reach; give "
+                        "the node's address (e.g. 127.0.0.1 on one host)\n", flag, s, host);
+        return -1;
+    }
+    /* Session ids are compared as written: a name is resolved to the address the engine
+     * publishes (IPv4 first, as the engine does), so localhost:50051 finds 127.0.0.1:50051. */
+    unsigned char bin[16];
+    if (inet_pton(AF_INET, host, bin) != 1 && inet_pton(AF_INET6, host, bin) != 1) {
+        struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
+        const int families[] = {AF_INET, AF_INET6};
+        for (size_t i = 0; i < 2 && !res; i++) {
+            hints.ai_family = families[i];
+            if (getaddrinfo(host, NULL, &hints, &res) != 0)
+                res = NULL;
+        }
+        if (!res) {
+            fprintf(stderr, "kvferry " CMD ": %s %s: host name %s does not resolve\n", flag, s,
+                    host);
+            return -1;
+        }
+        const void *a = res->ai_family == AF_INET
+                            ? (const void *)&((struct sockaddr_in *)res->ai_addr)->sin_addr
+                            : (const void *)&((struct sockaddr_in6 *)res->ai_addr)->sin6_addr;
+        inet_ntop(res->ai_family, a, host, sizeof(host));
+        freeaddrinfo(res);
+    }
     /* A parsed host always formats, into KVF_SESSION_ID_MAX bytes. */
     return kvf_session_id_format(host, port, out, len) < 0 ? -1 : 0;
 }
@@ -137,7 +168,11 @@ static int parse_args(int argc, char **argv, xfer_args_t *a)
     } else {
         /* The seed leaves it optional; the store's address is the one address this node is
          * known to share a network with. */
-        kvf_session_id_format(a->store_host, 0, a->src_sid, sizeof(a->src_sid));
+        char dflt[KVF_SESSION_ID_MAX];
+        kvf_session_id_format(a->store_host, 0, dflt, sizeof(dflt));
+        if (parse_sid("--src-session-id (by default the store's host)", dflt, true, a->src_sid,
+                      sizeof(a->src_sid)) < 0)
+            return KVF_CLI_EXIT_USAGE;
     }
     if (a->role == KVF_ROLE_DECODE && dst) {
         fprintf(stderr, "kvferry " CMD ": --dst-session-id is for the Prefill; a Decode waits "
