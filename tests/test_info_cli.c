@@ -39,8 +39,8 @@ static int fx_setup(void **state)
     assert_kvf_ok(kvf_mem_register(fx->dec, fx->big, 65536));
     assert_kvf_ok(kvf_mem_register(fx->dec, fx->small, 4096));
     static uint8_t src[4096];
-    assert_kvf_ok(kvf_write(fx->pre, kvf_engine_session_id(fx->dec), src, (uintptr_t)fx->big,
-                            sizeof(src)));
+    assert_kvf_ok(
+        kvf_write(fx->pre, kvf_engine_session_id(fx->dec), src, (uintptr_t)fx->big, sizeof(src)));
     assert_kvf_ok(kvf_engine_peer_transport(fx->pre, kvf_engine_session_id(fx->dec), &fx->path));
     *state = fx;
     return 0;
@@ -61,8 +61,14 @@ static int fx_teardown(void **state)
 /* `kvferry info --store-url URL [a0 [a1 [a2]]]`; output in `out`. */
 static int info(const char *url, const char *a0, const char *a1, const char *a2)
 {
-    char *argv[] = {(char *)kvf_test_cli_path(), "info", "--store-url", (char *)url, (char *)a0,
-                    (char *)a1, (char *)a2, NULL};
+    char *argv[] = {(char *)kvf_test_cli_path(),
+                    "info",
+                    "--store-url",
+                    (char *)url,
+                    (char *)a0,
+                    (char *)a1,
+                    (char *)a2,
+                    NULL};
     return kvf_test_run(argv, out, sizeof(out), 15000);
 }
 
@@ -84,8 +90,8 @@ static void info_text_known_pair(void **state)
 {
     fx_t *fx = *state;
     const char *dsid = kvf_engine_session_id(fx->dec), *psid = kvf_engine_session_id(fx->pre);
-    char want[256], line[512], sid[KVF_SESSION_ID_MAX], role[16], ns[32], host[64], pid[16],
-        tr[32], age[32];
+    char want[256], line[512], sid[KVF_SESSION_ID_MAX], role[16], ns[32], host[64], pid[16], tr[32],
+        age[32];
     unsigned long long nreg, bytes;
 
     assert_int_equal(info(fx->url, NULL, NULL, NULL), 0);

@@ -16,15 +16,15 @@ static void unspecified_address_refused(void **state)
     (void)state;
     kvf_store_server_t *srv = kvf_test_store_start();
     kvf_engine_t *e = NULL;
-    assert_kvf_err(kvf_engine_create(kvf_store_server_url(srv), "0.0.0.0:0", KVF_ROLE_DECODE, 0,
-                                      NULL, &e),
-                   -KVF_EINVAL);
+    assert_kvf_err(
+        kvf_engine_create(kvf_store_server_url(srv), "0.0.0.0:0", KVF_ROLE_DECODE, 0, NULL, &e),
+        -KVF_EINVAL);
     assert_last_error_contains("session id 0.0.0.0:0: 0.0.0.0 listens on every address but "
                                "names none a peer can reach");
     assert_null(e);
-    assert_kvf_err(kvf_engine_create(kvf_store_server_url(srv), "[::]:0", KVF_ROLE_DECODE, 0,
-                                      NULL, &e),
-                   -KVF_EINVAL);
+    assert_kvf_err(
+        kvf_engine_create(kvf_store_server_url(srv), "[::]:0", KVF_ROLE_DECODE, 0, NULL, &e),
+        -KVF_EINVAL);
     assert_last_error_contains(":: listens on every address");
     kvf_store_server_stop(srv);
 }
@@ -34,8 +34,8 @@ static void host_name_resolved(void **state)
     (void)state;
     kvf_store_server_t *srv = kvf_test_store_start();
     kvf_engine_t *e = NULL;
-    assert_kvf_ok(kvf_engine_create(kvf_store_server_url(srv), "localhost:0", KVF_ROLE_DECODE, 0,
-                                    NULL, &e));
+    assert_kvf_ok(
+        kvf_engine_create(kvf_store_server_url(srv), "localhost:0", KVF_ROLE_DECODE, 0, NULL, &e));
     const char *sid = kvf_engine_session_id(e);
     if (strncmp(sid, "127.0.0.1:", 10) != 0 && strncmp(sid, "[::1]:", 6) != 0)
         fail_msg("localhost:0 became %s, not an address", sid);
@@ -53,13 +53,14 @@ static void host_name_resolved(void **state)
 static void transfer_tool_refuses_unspecified(void **state)
 {
     (void)state;
-    char *pre[] = {(char *)kvf_test_cli_path(), "transfer", "--role", "Prefill", "--store-url",
-                   "tcp://127.0.0.1:1", "--dst-session-id", "0.0.0.0:5000", NULL};
+    char *pre[] = {
+        (char *)kvf_test_cli_path(), "transfer",         "--role",       "Prefill", "--store-url",
+        "tcp://127.0.0.1:1",         "--dst-session-id", "0.0.0.0:5000", NULL};
     assert_int_equal(kvf_test_run(pre, out, sizeof(out), 10000), 2);
     assert_non_null(strstr(out, "kvferry transfer: --dst-session-id 0.0.0.0:5000: 0.0.0.0 names "
                                 "no address a peer can reach"));
     char *dec[] = {(char *)kvf_test_cli_path(), "transfer", "--role", "Decode", "--store-url",
-                   "tcp://0.0.0.0:1", NULL};
+                   "tcp://0.0.0.0:1",           NULL};
     assert_int_equal(kvf_test_run(dec, out, sizeof(out), 10000), 2);
     assert_non_null(strstr(out, "--src-session-id (by default the store's host) 0.0.0.0:0: "
                                 "0.0.0.0 names no address"));

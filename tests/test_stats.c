@@ -228,7 +228,8 @@ static void encoding_refuses_hostile(void **state)
     assert_kvf_err(kvf__stats_decode(pad, len + 1, &d), -KVF_EPROTO);
     assert_last_error_contains("too long");
     /* A peer count far above what the bytes hold allocates nothing. */
-    size_t np_off = len - s.npeers * (4 + strlen(s.peers[0].sid) + 4 + strlen(s.peers[0].transport) + 56) - 4;
+    size_t np_off =
+        len - s.npeers * (4 + strlen(s.peers[0].sid) + 4 + strlen(s.peers[0].transport) + 56) - 4;
     pad[np_off] = 0xff;
     pad[np_off + 1] = 0x0f;
     assert_kvf_err(kvf__stats_decode(pad, len, &d), -KVF_EPROTO);

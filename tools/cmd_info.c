@@ -18,23 +18,22 @@
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: kvferry info --store-url URL [--session SID] [--ns NAME] [--json]\n"
-            "                    [--verbose] [--timeout MS]\n\n"
-            "Shows what the config store knows: every session (engine) with its role, host,\n"
-            "pid, transports, age, lease TTL and registered regions (count and bytes; each\n"
-            "range with --verbose). With --session, that engine's live statistics too, asked\n"
-            "at its own port: bytes and operations by transport and peer, errors, transfer\n"
-            "times, calls in flight, notifications.\n\n"
-            "  --store-url URL   the config store, e.g. tcp://127.0.0.1:8000\n"
-            "  --session SID     also show the live statistics of this engine (ip:port)\n"
-            "  --ns NAME         only this namespace (default: every namespace)\n"
-            "  --json            one JSON object instead of text (docs/operations.md)\n"
-            "  --verbose         list every registered range\n"
-            "  --timeout MS      how long to wait for the store and the engine (default 3000)\n"
-            "  --log-level N     0 debug, 1 info, 2 warn (default), 3 error\n\n"
-            "Exit status: 0 done, 1 the store or the engine could not be reached (a message\n"
-            "says which and why), 2 usage error.\n");
+    fprintf(f, "usage: kvferry info --store-url URL [--session SID] [--ns NAME] [--json]\n"
+               "                    [--verbose] [--timeout MS]\n\n"
+               "Shows what the config store knows: every session (engine) with its role, host,\n"
+               "pid, transports, age, lease TTL and registered regions (count and bytes; each\n"
+               "range with --verbose). With --session, that engine's live statistics too, asked\n"
+               "at its own port: bytes and operations by transport and peer, errors, transfer\n"
+               "times, calls in flight, notifications.\n\n"
+               "  --store-url URL   the config store, e.g. tcp://127.0.0.1:8000\n"
+               "  --session SID     also show the live statistics of this engine (ip:port)\n"
+               "  --ns NAME         only this namespace (default: every namespace)\n"
+               "  --json            one JSON object instead of text (docs/operations.md)\n"
+               "  --verbose         list every registered range\n"
+               "  --timeout MS      how long to wait for the store and the engine (default 3000)\n"
+               "  --log-level N     0 debug, 1 info, 2 warn (default), 3 error\n\n"
+               "Exit status: 0 done, 1 the store or the engine could not be reached (a message\n"
+               "says which and why), 2 usage error.\n");
 }
 
 typedef struct {
@@ -107,8 +106,8 @@ static void regions_sum(const info_sess_t *s, uint64_t *count, uint64_t *bytes, 
         (*count)++;
         *bytes += (uint64_t)json_integer_value(len);
         if (ranges)
-            json_array_append_new(ranges, json_pack("{s:s, s:I}", "addr", addr, "len",
-                                                    json_integer_value(len)));
+            json_array_append_new(
+                ranges, json_pack("{s:s, s:I}", "addr", addr, "len", json_integer_value(len)));
     }
 }
 
@@ -131,17 +130,17 @@ static json_t *sess_json(const info_sess_t *s, bool verbose, uint64_t now)
     json_object_set_new(o, "transports", json_is_array(tr) ? json_deep_copy(tr) : json_array());
     json_t *started = rec ? json_object_get(rec, "started_unix_ms") : NULL;
     if (json_is_integer(started) && (uint64_t)json_integer_value(started) <= now)
-        json_object_set_new(o, "age_ms",
-                            json_integer((json_int_t)(now - (uint64_t)json_integer_value(started))));
+        json_object_set_new(
+            o, "age_ms", json_integer((json_int_t)(now - (uint64_t)json_integer_value(started))));
     else
         json_object_set_new(o, "age_ms", json_null());
     uint64_t count, bytes;
     json_t *ranges = verbose ? json_array() : NULL;
     regions_sum(s, &count, &bytes, ranges);
     json_t *g = s->regions ? json_object_get(s->regions, "gen") : NULL;
-    json_t *reg = json_pack("{s:I, s:I, s:o}", "count", (json_int_t)count, "bytes",
-                            (json_int_t)bytes, "generation",
-                            json_is_integer(g) ? json_copy(g) : json_null());
+    json_t *reg =
+        json_pack("{s:I, s:I, s:o}", "count", (json_int_t)count, "bytes", (json_int_t)bytes,
+                  "generation", json_is_integer(g) ? json_copy(g) : json_null());
     if (ranges)
         json_object_set_new(reg, "ranges", ranges);
     json_object_set_new(o, "regions", reg);
@@ -207,8 +206,8 @@ static void print_counts_row(const char *name, const kvf_stats_counts_t *c, cons
 
 static void print_stats(const kvf_stats_t *s)
 {
-    printf("\nlive statistics of %s (%s, up %.1f s), asked at its port:\n", s->session_id,
-           s->role, (double)s->uptime_ms / 1e3);
+    printf("\nlive statistics of %s (%s, up %.1f s), asked at its port:\n", s->session_id, s->role,
+           (double)s->uptime_ms / 1e3);
     printf("  in flight %" PRIu64 ", regions %" PRIu64 " (%" PRIu64 " bytes), connections %" PRIu64
            ", notifications sent %" PRIu64 " received %" PRIu64 " queued %" PRIu64 "\n",
            s->in_flight, s->regions, s->region_bytes, s->connections, s->notify_sent,
@@ -239,8 +238,9 @@ static void print_stats(const kvf_stats_t *s)
     for (size_t i = 0; i < KVF_STATS_ERR_SLOTS; i++) {
         if (!s->errors[i])
             continue;
-        printf("%s %s %" PRIu64, any ? "," : "  errors:",
-               i ? kvf_err_name(-(int)(KVF_ERRNO_OFFSET + i)) : "system", s->errors[i]);
+        printf("%s %s %" PRIu64,
+               any ? "," : "  errors:", i ? kvf_err_name(-(int)(KVF_ERRNO_OFFSET + i)) : "system",
+               s->errors[i]);
         any = true;
     }
     printf(any ? "\n" : "  errors: none\n");

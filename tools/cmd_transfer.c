@@ -63,7 +63,8 @@ static void usage(FILE *f)
             "  --transport T         auto (default: shm to a peer on this host, else tcp), tcp,\n"
             "                        or shm (fails when the peer is not reachable by shm)\n"
             "  --metrics-listen A    serve this engine's statistics for Prometheus at\n"
-            "                        http://A/metrics (port 0 picks one; the address is printed)\n\n"
+            "                        http://A/metrics (port 0 picks one; the address is\n"
+            "                        printed)\n\n"
             "Exit status: 0 every round done (and, on the Decode, verified), 1 failure (a\n"
             "message says why), 2 usage error.\n",
             XFER_MAX_TIMEOUT_S);

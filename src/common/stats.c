@@ -12,8 +12,8 @@
 #include "common/wire.h"
 
 const uint64_t kvf__stats_lat_bound_us[KVF_STATS_LAT_BUCKETS] = {
-    10,     25,     50,      100,     250,     500,     1000,     2500,     5000,    10000,
-    25000,  50000,  100000,  250000,  500000,  1000000, 2500000,  5000000,  10000000, UINT64_MAX,
+    10,    25,    50,     100,    250,    500,     1000,    2500,    5000,     10000,
+    25000, 50000, 100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000, UINT64_MAX,
 };
 
 unsigned kvf__stats_lat_bucket(uint64_t us)
@@ -129,7 +129,8 @@ int kvf_stats_json(const kvf_stats_t *s, char **out, size_t *len)
             ",\"uptime_ms\":%" PRIu64 ",\"in_flight\":%" PRIu64 ",\"regions\":%" PRIu64
             ",\"region_bytes\":%" PRIu64 ",\"connections\":%" PRIu64,
             s->uptime_ms, s->in_flight, s->regions, s->region_bytes, s->connections);
-    put_fmt(&b, ",\"notify\":{\"sent\":%" PRIu64 ",\"received\":%" PRIu64 ",\"queued\":%" PRIu64 "}",
+    put_fmt(&b,
+            ",\"notify\":{\"sent\":%" PRIu64 ",\"received\":%" PRIu64 ",\"queued\":%" PRIu64 "}",
             s->notify_sent, s->notify_received, s->notify_queued);
     put_str(&b, ",\"errors\":{");
     int first = 1;
@@ -204,8 +205,8 @@ int kvf_stats_prometheus(const kvf_stats_t *s, char **out, size_t *len)
         return kvf__err(-KVF_EINVAL, "stats prometheus: NULL argument");
     kvf_buf_t b;
     kvf__buf_init(&b);
-    size_t nt = s->ntransports < KVF_STATS_MAX_TRANSPORTS ? s->ntransports
-                                                          : KVF_STATS_MAX_TRANSPORTS;
+    size_t nt =
+        s->ntransports < KVF_STATS_MAX_TRANSPORTS ? s->ntransports : KVF_STATS_MAX_TRANSPORTS;
     prom_head(&b, "kvferry_engine_info", "gauge", "The engine's session id and role (always 1).");
     put_str(&b, "kvferry_engine_info{session=");
     put_quoted(&b, s->session_id, 1);
@@ -377,13 +378,13 @@ int kvf__stats_encode(const kvf_stats_t *s, uint8_t **out, size_t *len)
     kvf_buf_t b;
     kvf__buf_init(&b);
     size_t np = s->npeers < KVF_STATS_WIRE_MAX_PEERS ? s->npeers : KVF_STATS_WIRE_MAX_PEERS;
-    size_t nt = s->ntransports < KVF_STATS_MAX_TRANSPORTS ? s->ntransports
-                                                          : KVF_STATS_MAX_TRANSPORTS;
+    size_t nt =
+        s->ntransports < KVF_STATS_MAX_TRANSPORTS ? s->ntransports : KVF_STATS_MAX_TRANSPORTS;
     kvf__buf_put_u32(&b, KVF_STATS_WIRE_VERSION);
     enc_str(&b, s->session_id, sizeof(s->session_id));
     enc_str(&b, s->role, sizeof(s->role));
-    const uint64_t scalars[] = {s->uptime_ms,   s->in_flight,       s->regions,
-                                s->region_bytes, s->connections,    s->notify_sent,
+    const uint64_t scalars[] = {s->uptime_ms,       s->in_flight,    s->regions,
+                                s->region_bytes,    s->connections,  s->notify_sent,
                                 s->notify_received, s->notify_queued};
     for (size_t i = 0; i < KVF__ARRAY_SIZE(scalars); i++)
         kvf__buf_put_u64(&b, scalars[i]);
@@ -430,8 +431,8 @@ int kvf__stats_decode(const void *buf, size_t len, kvf_stats_t *s)
                         KVF_STATS_WIRE_VERSION);
     dec_str(&r, s->session_id, sizeof(s->session_id));
     dec_str(&r, s->role, sizeof(s->role));
-    uint64_t *scalars[] = {&s->uptime_ms,   &s->in_flight,       &s->regions,
-                           &s->region_bytes, &s->connections,    &s->notify_sent,
+    uint64_t *scalars[] = {&s->uptime_ms,       &s->in_flight,    &s->regions,
+                           &s->region_bytes,    &s->connections,  &s->notify_sent,
                            &s->notify_received, &s->notify_queued};
     for (size_t i = 0; i < KVF__ARRAY_SIZE(scalars); i++)
         kvf__rd_u64(&r, scalars[i]);
@@ -456,8 +457,9 @@ int kvf__stats_decode(const void *buf, size_t len, kvf_stats_t *s)
     }
     if (!kvf__rd_u32(&r, &np) || np > KVF_STATS_WIRE_MAX_PEERS ||
         (size_t)np * (4 + 4 + 7 * 8) > r.left)
-        return kvf__err(-KVF_EPROTO, "stats: %" PRIu32 " peers: at most %u, and no more than the "
-                                     "answer holds",
+        return kvf__err(-KVF_EPROTO,
+                        "stats: %" PRIu32 " peers: at most %u, and no more than the "
+                        "answer holds",
                         np, KVF_STATS_WIRE_MAX_PEERS);
     if (np) {
         s->peers = calloc(np, sizeof(*s->peers));

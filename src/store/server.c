@@ -109,7 +109,7 @@ static void *loop_main(void *arg)
             break;
         }
         srv->now_ms = kvf__now_ms();
-    srv->stats.started_ms = srv->now_ms;
+        srv->stats.started_ms = srv->now_ms;
         for (int i = 0; i < n; i++) {
             void *tag = evs[i].data.ptr;
             if (tag == &srv->listen_fd)

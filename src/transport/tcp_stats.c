@@ -113,8 +113,9 @@ static int stats_exchange(int fd, const char *sid, uint64_t deadline, kvf_stats_
         return kvf__err(code, "statistics of %s: refused: %s", sid, text);
     }
     if (h.len > KVF_TCP_MAX_STATS)
-        return kvf__err(-KVF_EPROTO, "statistics of %s: answer of %" PRIu64 " bytes exceeds "
-                                     "KVF_TCP_MAX_STATS (%u)",
+        return kvf__err(-KVF_EPROTO,
+                        "statistics of %s: answer of %" PRIu64 " bytes exceeds "
+                        "KVF_TCP_MAX_STATS (%u)",
                         sid, h.len, KVF_TCP_MAX_STATS);
     uint8_t *body = malloc(h.len ? (size_t)h.len : 1);
     if (!body)
