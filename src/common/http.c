@@ -248,8 +248,7 @@ int kvf_metrics_server_start(const char *listen, kvf_metrics_render_cb render, v
     m->arg = arg;
     m->lfd = kvf__tcp_listen(&hp, &why);
     if (m->lfd < 0) {
-        rc = kvf__err(m->lfd, "metrics listen address %s: %s: %s", listen, why,
-                      kvf_strerror(m->lfd));
+        rc = kvf__err(m->lfd, "metrics listen address %s: %s", listen, why);
         goto out_free;
     }
     struct sockaddr_storage ss;

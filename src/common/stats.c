@@ -194,9 +194,21 @@ static const struct {
     {"xfer_failed_total", "Transfer calls that failed."},
 };
 
-static void prom_double(kvf_buf_t *b, double v)
+/* @v units of 1/@per_second s (10^6: microseconds, 10^3: milliseconds) as decimal seconds,
+ * exactly, without trailing zeros. */
+static void prom_seconds(kvf_buf_t *b, uint64_t v, uint64_t per_second)
 {
-    put_fmt(b, "%.17g", v);
+    uint64_t whole = v / per_second, frac = v % per_second;
+    if (!frac) {
+        put_fmt(b, "%" PRIu64, whole);
+        return;
+    }
+    char digits[16];
+    int w = per_second == 1000000u ? 6 : 3;
+    snprintf(digits, sizeof(digits), "%0*" PRIu64, w, frac);
+    for (int i = w - 1; i > 0 && digits[i] == '0'; i--)
+        digits[i] = '\0';
+    put_fmt(b, "%" PRIu64 ".%s", whole, digits);
 }
 
 int kvf_stats_prometheus(const kvf_stats_t *s, char **out, size_t *len)
@@ -252,13 +264,13 @@ int kvf_stats_prometheus(const kvf_stats_t *s, char **out, size_t *len)
             if (s->lat_bound_us[i] == UINT64_MAX)
                 put_str(&b, "+Inf");
             else
-                prom_double(&b, (double)s->lat_bound_us[i] / 1e6);
+                prom_seconds(&b, s->lat_bound_us[i], 1000000u);
             put_fmt(&b, "\"} %" PRIu64 "\n", cum);
         }
         put_str(&b, "kvferry_xfer_time_seconds_sum{transport=");
         put_quoted(&b, tr->name, 1);
         put_str(&b, "} ");
-        prom_double(&b, (double)tr->lat_sum_us / 1e6);
+        prom_seconds(&b, tr->lat_sum_us, 1000000u);
         put_str(&b, "\nkvferry_xfer_time_seconds_count{transport=");
         put_quoted(&b, tr->name, 1);
         put_fmt(&b, "} %" PRIu64 "\n", cum);
@@ -295,7 +307,7 @@ int kvf_stats_prometheus(const kvf_stats_t *s, char **out, size_t *len)
     }
     prom_head(&b, "kvferry_uptime_seconds", "gauge", "Seconds since the engine was created.");
     put_str(&b, "kvferry_uptime_seconds ");
-    prom_double(&b, (double)s->uptime_ms / 1e3);
+    prom_seconds(&b, s->uptime_ms, 1000u);
     put_str(&b, "\n");
     return buf_finish(&b, out, len, "stats prometheus");
 }
@@ -332,7 +344,7 @@ int kvf_store_server_stats_prometheus(const kvf_store_server_stats_t *s, char **
     }
     prom_head(&b, "kvferry_store_uptime_seconds", "gauge", "Seconds since the store started.");
     put_str(&b, "kvferry_store_uptime_seconds ");
-    prom_double(&b, (double)s->uptime_ms / 1e3);
+    prom_seconds(&b, s->uptime_ms, 1000u);
     put_str(&b, "\n");
     return buf_finish(&b, out, len, "store stats prometheus");
 }

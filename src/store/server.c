@@ -109,7 +109,6 @@ static void *loop_main(void *arg)
             break;
         }
         srv->now_ms = kvf__now_ms();
-        srv->stats.started_ms = srv->now_ms;
         for (int i = 0; i < n; i++) {
             void *tag = evs[i].data.ptr;
             if (tag == &srv->listen_fd)
@@ -222,6 +221,7 @@ int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out)
     srv->partial_timeout_ms = partial_timeout_from_env();
     srv->next_lease_id = random_u64();
     srv->now_ms = kvf__now_ms();
+    srv->stats.started_ms = srv->now_ms;
 
     rc = listen_on(listen_url, &u.hosts[0]);
     if (rc < 0)

@@ -88,8 +88,11 @@ static int stats_exchange(int fd, const char *sid, uint64_t deadline, kvf_stats_
     int rc = stats_ask(fd, KVF_TCP_HELLO, 1, STATS_HELLO, strlen(STATS_HELLO), deadline, &h);
     if (rc == 0 && (h.status != 0 || h.len != 0))
         rc = -KVF_EPROTO;
-    if (rc == -KVF_EPROTO)
-        return kvf__err(rc, "statistics of %s: what answers there is not a kvferry engine", sid);
+    if (rc == -KVF_EPROTO || rc == -EPIPE || rc == -ECONNRESET)
+        return kvf__err(-KVF_EPROTO,
+                        "statistics of %s: what answers there is not a kvferry engine (it %s our "
+                        "hello)",
+                        sid, rc == -KVF_EPROTO ? "gave a malformed answer to" : "hung up on");
     if (rc == 0)
         rc = stats_ask(fd, KVF_TCP_STATS, 2, NULL, 0, deadline, &h);
     if (rc == -EPIPE || rc == -ECONNRESET)

@@ -125,3 +125,44 @@ def test_running_pair_metrics_and_info(cli, run):
                                                  "generation"]}
     assert doc["stats"]["notify"]["received"] == received
     assert doc["stats"]["region_bytes"] == TENSOR_BYTES
+
+
+def test_systemd_unit_command_runs(cli):
+    """contrib/kvferry-store.service's ExecStart, with the build's binary and free loopback ports,
+    serves the store and its metrics and stops cleanly on the unit's KillSignal."""
+    unit = open(os.path.join(os.environ.get("KVF_SOURCE_DIR", ""), "contrib",
+                             "kvferry-store.service")).read()
+    fields = dict(line.split("=", 1) for line in unit.splitlines()
+                  if "=" in line and not line.startswith("#"))
+    argv = fields["ExecStart"].split()
+    assert argv[0] == "/usr/local/bin/kvferry" and argv[1] == "store"
+    assert fields["KillSignal"] == "SIGTERM"
+    argv[0] = cli
+    argv[argv.index("--listen") + 1] = "tcp://127.0.0.1:0"
+    argv[argv.index("--metrics-listen") + 1] = "127.0.0.1:0"
+    p = Proc(argv)
+    try:
+        url = p.wait_line(r"listening on (tcp://\S+)").group(1)
+        m = scrape(p.wait_line(r"metrics on http://(\S+)/metrics").group(1))
+        assert m[("kvferry_store_keys", ())] == 0
+        out = subprocess.run([cli, "kv", "--store-url", url, "set", "a", "b"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        os.killpg(p.p.pid, signal.SIGTERM)
+        assert p.p.wait(timeout=10) == 0
+        p.wait_line(r"kvferry store stopped")
+    finally:
+        p.close()
+
+
+def test_store_metrics_address_in_use(cli):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        addr = "127.0.0.1:%d" % s.getsockname()[1]
+        r = subprocess.run([cli, "store", "--listen", "tcp://127.0.0.1:0", "--metrics-listen", addr],
+                           capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert ("kvferry store: --metrics-listen %s: metrics listen address %s: Address already in use "
+            "(EADDRINUSE)" % (addr, addr)) in r.stderr, r.stderr
