@@ -137,18 +137,38 @@ def run_decode(args, torch):
     free = list(range(args.num_blocks))
     my_boot = boot_id()
     latencies, arrivals, failed, verified, total_bytes = [], [], 0, 0, 0
-    peers_served = set()
-    engine.get_peer_events(0)  # subscribe: a Prefill that dies is noticed below
+    held = {}  # Prefill session id -> the blocks it was given and has not sent yet
+
+    def prefill_gone(sid):
+        """A Prefill went away (killed, crashed): its blocks come back, and the Decode goes on
+        serving the others, and the next one."""
+        blocks = sorted(held.pop(sid, ()))
+        print(f"decode: the Prefill {sid} went away before saying bye "
+              f"({kvferry.get_last_err_msg()}); {len(blocks)} blocks freed, "
+              f"waiting for the next Prefill", flush=True)
+        if blocks:
+            idx = torch.tensor(blocks)
+            main[:, idx] = 0
+            if aux is not None:
+                aux[:, idx] = 0
+            free.extend(blocks)
+
+    def answer(sid, obj):
+        rc = engine.send_notification(sid, json.dumps(obj).encode())
+        if rc == -kvferry.KVF_EPEERGONE:
+            prefill_gone(sid)
+        elif rc != 0:
+            raise RuntimeError(f"send_notification to {sid}: {rc} {kvferry.get_last_err_msg()}")
+
     idle_since = time.monotonic()
     done = False
     while not done:
         notes = engine.wait_notification(0.5)
         now = time.monotonic()
         if not notes:
-            for kind, sid in engine.get_peer_events(0):
-                if kind == "left" and sid in peers_served:
-                    print(f"decode: the Prefill {sid} left before saying bye")
-                    return 1
+            # Noticed within a second (check_peer costs no I/O while a connection is up).
+            for sid in [s for s in held if engine.check_peer(s) == -kvferry.KVF_EPEERGONE]:
+                prefill_gone(sid)
             if now - idle_since > args.timeout:
                 print(f"decode: nothing received for {args.timeout} s, giving up")
                 return 1
@@ -159,12 +179,13 @@ def run_decode(args, torch):
             if msg["type"] == "alloc":
                 n = msg["n"]
                 if n > len(free):
-                    send(engine, sender, {"type": "blocks", "req": msg["req"], "error":
-                                          f"only {len(free)} of {args.num_blocks} blocks free"})
+                    answer(sender, {"type": "blocks", "req": msg["req"], "error":
+                                    f"only {len(free)} of {args.num_blocks} blocks free"})
                     continue
-                blocks, free = free[:n], free[n:]
-                peers_served.add(sender)
-                send(engine, sender, dict(shape, type="blocks", req=msg["req"], blocks=blocks))
+                blocks = free[:n]
+                del free[:n]
+                held.setdefault(sender, set()).update(blocks)
+                answer(sender, dict(shape, type="blocks", req=msg["req"], blocks=blocks))
             elif msg["type"] == "done":
                 req, blocks = msg["req"], msg["blocks"]
                 same_clock = msg.get("boot_id") == my_boot
@@ -198,7 +219,9 @@ def run_decode(args, torch):
                 if aux is not None:
                     aux[:, idx] = 0
                 free += blocks
+                held.get(sender, set()).difference_update(blocks)
             elif msg["type"] == "bye":
+                held.pop(sender, None)
                 done = True
     n = verified + failed
     print(f"decode: {verified}/{n} requests verified, {failed} mismatched")
@@ -222,11 +245,13 @@ def run_decode(args, torch):
 # ---- Prefill -------------------------------------------------------------------------------
 
 
-def wait_for(engine, kind, req, timeout):
-    """The Decode's answer of type kind for request req."""
+def wait_for(engine, kind, req, timeout, decode):
+    """The Decode's answer of type kind for request req. Raises kvferry.Error (KVF_EPEERGONE)
+    within about a second if the Decode goes away."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        for sender, raw in engine.wait_notification(max(0.0, end - time.monotonic())):
+        for sender, raw in engine.wait_notification(max(0.0, end - time.monotonic()),
+                                                    peer=decode):
             msg = json.loads(raw)
             if msg.get("type") == kind and msg.get("req") == req:
                 return msg
@@ -259,7 +284,11 @@ def run_prefill(args, torch):
         warm = r < args.warmup
         t0 = time.monotonic()
         send(engine, args.peer, {"type": "alloc", "req": r, "n": bpr})
-        reply = wait_for(engine, "blocks", r, args.timeout)
+        try:
+            reply = wait_for(engine, "blocks", r, args.timeout, args.peer)
+        except kvferry.Error as e:
+            print(f"prefill: request {r}: the Decode {args.peer} went away: {e}")
+            return 1
         if reply is None or "error" in reply:
             print(f"prefill: request {r}: no blocks from the Decode: {reply}")
             return 1

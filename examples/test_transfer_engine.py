@@ -55,11 +55,22 @@ def notify(engine, peer, **msg):
     return engine.send_notification(peer, json.dumps(msg).encode())
 
 
-def next_notification(engine, timeout_s):
-    """The next notification as (sender, decoded JSON), or (None, None) after timeout_s."""
+class PeerGone(Exception):
+    """The peer a node was waiting for went away (its message names it)."""
+
+
+def next_notification(engine, timeout_s, peer=None):
+    """The next notification as (sender, decoded JSON), or (None, None) after timeout_s. With
+    peer, raises PeerGone within about a second once that peer is gone."""
     end = time.monotonic() + timeout_s
     while not engine.pending and time.monotonic() < end:
-        engine.pending += engine.wait_notification(max(0.0, end - time.monotonic()))
+        try:
+            engine.pending += engine.wait_notification(max(0.0, end - time.monotonic()),
+                                                       peer=peer)
+        except kvferry.Error as e:
+            if e.code == -kvferry.KVF_EPEERGONE:
+                raise PeerGone(str(e)) from None
+            raise
     if not engine.pending:
         return None, None
     sender, raw = engine.pending.pop(0)
@@ -142,14 +153,30 @@ def run_decode_role(args, session_id):
     print(f"register address={hex(total_buffer.data_ptr())}")
     print("register success.")
 
-    # The Prefill says hello (it knows our session id; we do not know its own) and is told where
-    # the tensor is.
-    sender, msg = next_notification(engine, STORE_WAIT_MS / 1000)
-    if msg is None or msg.get("type") != "hello":
-        print(f"no hello from a Prefill within {STORE_WAIT_MS} ms: {msg}")
-        return 1
-    prefill = sender
+    # A Prefill says hello (it knows our session id; we do not know its own) and is told where
+    # the tensor is. One that goes away in the middle is not the Decode's end: the next Prefill
+    # to say hello is served from the first round.
+    while True:
+        sender, msg = next_notification(engine, STORE_WAIT_MS / 1000)
+        if msg is None or msg.get("type") != "hello":
+            print(f"no hello from a Prefill within {STORE_WAIT_MS} ms: {msg}")
+            return 1
+        try:
+            rc = serve_prefill(engine, args, sender, total_buffer, total_bytes)
+        except PeerGone as e:
+            print(f"the Prefill {sender} went away ({e}); waiting for the next Prefill")
+            engine.pending.clear()
+            continue
+        engine.destroy()
+        return rc
+
+
+def serve_prefill(engine, args, prefill, total_buffer, total_bytes):
+    """The rounds with one Prefill; 0 when every slice matched, else 1. Raises PeerGone when
+    the Prefill goes away before the end."""
     ret = notify(engine, prefill, type="ready", addr=total_buffer.data_ptr(), nbytes=total_bytes)
+    if ret == -kvferry.KVF_EPEERGONE:
+        raise PeerGone(kvferry.get_last_err_msg())
     if ret != 0:
         print(f"notify {prefill} failed: {ret}: {kvferry.get_last_err_msg()}")
         return 1
@@ -158,7 +185,7 @@ def run_decode_role(args, session_id):
     for r in range(args.iterations):
         bad = 0
         for n in range(SHAPE[0]):
-            sender, msg = next_notification(engine, STORE_WAIT_MS / 1000)
+            sender, msg = next_notification(engine, STORE_WAIT_MS / 1000, peer=prefill)
             if msg is None:
                 print(f"round {r}: the Prefill sent no slice within {STORE_WAIT_MS} ms")
                 return 1
@@ -177,10 +204,11 @@ def run_decode_role(args, session_id):
               f"({SHAPE[0] - bad}/{SHAPE[0]} slices match, {total_bytes} bytes)")
         failures += bad
         ret = notify(engine, prefill, type="ack", round=r, ok=bad == 0)
+        if ret == -kvferry.KVF_EPEERGONE:
+            raise PeerGone(kvferry.get_last_err_msg())
         if ret != 0:
             print(f"notify {prefill} failed: {ret}: {kvferry.get_last_err_msg()}")
             return 1
-    engine.destroy()
     return 0 if failures == 0 else 1
 
 
@@ -212,7 +240,11 @@ def run_prefill_role(args, session_id):
     if ret != 0:
         print(f"notify {args.dst_session_id} failed: {ret}: {kvferry.get_last_err_msg()}")
         return 1
-    _, ready = next_notification(engine, STORE_WAIT_MS / 1000)
+    try:
+        _, ready = next_notification(engine, STORE_WAIT_MS / 1000, peer=args.dst_session_id)
+    except PeerGone as e:
+        print(f"Decode {args.dst_session_id} went away before it answered: {e}")
+        return 1
     if ready is None or ready.get("type") != "ready":
         print(f"Decode {args.dst_session_id} did not answer within {STORE_WAIT_MS} ms: {ready}")
         return 1
@@ -246,7 +278,11 @@ def run_prefill_role(args, session_id):
                 return 1
             print(f"write success peer_address={hex(peer_address)}")
         print("wait decode read finish")
-        _, ack = next_notification(engine, STORE_WAIT_MS / 1000)
+        try:
+            _, ack = next_notification(engine, STORE_WAIT_MS / 1000, peer=args.dst_session_id)
+        except PeerGone as e:
+            print(f"Decode {args.dst_session_id} went away before it confirmed round {r}: {e}")
+            return 1
         if ack is None or ack.get("type") != "ack" or ack.get("round") != r or not ack["ok"]:
             print(f"round {r}: the Decode reported {ack!r}")
             return 1

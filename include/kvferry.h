@@ -580,10 +580,12 @@ KVF_API int kvf_mem_register_batch(kvf_engine_t *e, void *const *addrs, const si
 
 /**
  * kvf_mem_unregister - withdraw the region that starts at @addr.
- * New transfers touching it fail with -KVF_ENOTREG at once; transfers already writing into it
- * are waited for (up to op_timeout_ms; then -KVF_ETIMEDOUT and the memory must stay valid until
- * they end). Over TCP a sender must keep a minimum rate, so no request holds a region for
- * longer than about 9 s. If publishing the change to the store fails, the call still succeeds
+ * New transfers touching it fail with -KVF_ENOTREG at once; transfers already writing into or
+ * reading from it are waited for, on every transport (same-host shm senders included), so once
+ * it returns 0 no byte lands there any more. After op_timeout_ms it returns -KVF_ETIMEDOUT with
+ * a message naming the peer still holding it; the range is unregistered all the same, and the
+ * memory must stay valid until that peer ends. Over TCP a sender must keep a minimum rate, so no
+ * request holds a region for longer than about 9 s. If publishing the change to the store fails, the call still succeeds
  * (this engine refuses the range; the next publication tells peers) and a warning is logged.
  * Returns -KVF_ENOTREG when no region starts at @addr.
  */
@@ -766,6 +768,29 @@ KVF_API int kvf_notify_wait(kvf_engine_t *e, kvf_notify_t *out, size_t max, int 
 /* ---------------------------------------------------------------------------------------------
  * Peers
  * ------------------------------------------------------------------------------------------- */
+
+/**
+ * kvf_notify_wait_peer - as kvf_notify_wait(), for a caller that waits for @peer in particular
+ * (a Prefill for its Decode's answer): notifications from any sender are returned as they come,
+ * but once @peer is known to be gone (see kvf_peer_check(), asked every 200 ms while nothing
+ * arrives) and nothing is queued, it returns -KVF_EPEERGONE with a message naming @peer, within
+ * about a second of its death rather than at @timeout_ms. Returns the number taken, 0 at
+ * @timeout_ms, or a negative code (-KVF_EINVAL for a malformed @peer).
+ */
+KVF_API int kvf_notify_wait_peer(kvf_engine_t *e, const char *peer, kvf_notify_t *out, size_t max,
+                                 int timeout_ms);
+
+/**
+ * kvf_peer_check - is @peer still there? Returns 0 while its path says so, or
+ * -KVF_EPEERGONE with a message naming it when it is gone: its session record is no longer in
+ * the store (its engine was destroyed, or never started), or the path this engine uses to it
+ * says so (tcp: no connection is up and a new one is refused or unanswered within
+ * init_timeout_ms; shm: its process exited; in-process: its engine was destroyed). Cheap while a
+ * connection is up; a peer not reached before is looked up and reached first. After
+ * -KVF_EPEERGONE the next transfer to that session id looks it up afresh (it may have
+ * restarted).
+ */
+KVF_API int kvf_peer_check(kvf_engine_t *e, const char *peer);
 
 /**
  * kvf_peer_wait - wait up to @timeout_ms for @peer's session record to be in the store (that is,

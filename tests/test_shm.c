@@ -86,11 +86,31 @@ static void assert_via(kvf_engine_t *e, const char *peer, const char *want)
 /* Registers @size bytes (page-aligned, zeroed; from kvf_mem_alloc when @memfd, which also
  * registers @size bytes of ordinary memory beside it), prints "ready <sid> <addr> [<plain>]",
  * then serves commands: "sum OFF LEN" → "sum <fnv hex>" ("psum" for the ordinary memory),
- * "unreg" → "ok <rc>", "free" → "ok <rc>" (kvf_mem_free), "quit" (or end of input). */
+ * "unreg" → "ok <rc>", "free" → "ok <rc>" (kvf_mem_free), "quit" (or end of input), and
+ * "arm": zero the buffer, answer "armed", wait (up to 10 s) until a write has landed (its first,
+ * middle or last byte is non-zero), unregister, zero the buffer at once, answer
+ * "ok <rc> <message>". SHM_CHILD_OP_TIMEOUT_MS sets its op_timeout_ms. */
+static void child_arm(kvf_engine_t *e, uint8_t *buf, size_t size)
+{
+    volatile const uint8_t *b = buf;
+    memset(buf, 0, size);
+    printf("armed\n");
+    fflush(stdout);
+    uint64_t deadline = kvf_test_now_ms() + 10000;
+    while (!b[0] && !b[size / 2] && !b[size - 1] && kvf_test_now_ms() < deadline)
+        ;
+    int rc = kvf_mem_unregister(e, buf);
+    memset(buf, 0, size); /* the application reuses the memory */
+    printf("ok %d %s\n", rc, rc ? kvf_last_error() : "");
+}
+
 static int child_main(const char *url, size_t size, const char *sid, bool memfd)
 {
     kvf_engine_t *e;
     kvf_config_t c = quick_config(KVF_TRANSPORT_AUTO);
+    const char *op = getenv("SHM_CHILD_OP_TIMEOUT_MS");
+    if (op)
+        c.op_timeout_ms = (uint32_t)strtoul(op, NULL, 10);
     if (kvf_engine_create(url, sid, KVF_ROLE_DECODE, 0, &c, &e) < 0) {
         printf("error %s\n", kvf_last_error());
         return 1;
@@ -124,6 +144,8 @@ static int child_main(const char *url, size_t size, const char *sid, bool memfd)
             printf("sum %016" PRIx64 "\n", fnv(buf + off, len));
         else if (sscanf(line, "psum %llu %llu", &off, &len) == 2 && plain && off + len <= size)
             printf("sum %016" PRIx64 "\n", fnv(plain + off, len));
+        else if (!strncmp(line, "arm", 3))
+            child_arm(e, buf, size);
         else if (!strncmp(line, "unreg", 5))
             printf("ok %d\n", kvf_mem_unregister(e, buf));
         else if (!strncmp(line, "free", 4) && memfd)
@@ -738,6 +760,208 @@ static uint64_t fnv_zero(size_t n)
     return h;
 }
 
+/* ---- unregister drains same-host senders ---------------------------------------------------- */
+
+#define DRAIN_LEN (64u << 20)
+
+typedef struct {
+    kvf_engine_t *e;
+    const char *peer;
+    const uint8_t *src;
+    uint64_t dst;
+    size_t len;
+    int rc;
+} drain_write_t;
+
+static void *drain_writer(void *arg)
+{
+    drain_write_t *w = arg;
+    w->rc = kvf_write(w->e, w->peer, w->src, w->dst, w->len);
+    return NULL;
+}
+
+/* Send "arm" and wait for "armed"; then the child unregisters once our write lands. */
+static void child_arm_cmd(child_t *c)
+{
+    char ans[256];
+    child_cmd(c, "arm\n", ans, sizeof(ans));
+    assert_string_equal(ans, "armed");
+}
+
+/* The child's "ok <rc> <message>" after its armed unregister; returns rc, message in @msg. */
+static int child_unreg_answer(child_t *c, char *msg, size_t len)
+{
+    char ans[1024];
+    assert_true(kvf_test_read_line(c->out, ans, sizeof(ans), 20000) > 0);
+    int rc = 1, at = 0;
+    if (sscanf(ans, "ok %d %n", &rc, &at) < 1)
+        fail_msg("shm child: %s", ans);
+    snprintf(msg, len, "%s", ans + at);
+    return rc;
+}
+
+/* A 64 MiB write is landing in the child's buffer when the child unregisters it and at once
+ * zeroes it, as an application reusing the memory would: no byte of the write may appear
+ * afterwards (found by a review: the last 64 KiB were overwritten in 2 of 5 runs, up to 12 ms
+ * after the unregister returned). The write either completed before the unregister returned or
+ * was refused. Several rounds, each a new child. */
+static void unregister_drains_on(const char *url, bool memfd)
+{
+    kvf_engine_t *e = engine(url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *src = alloc_filled(DRAIN_LEN, 7);
+    src[0] = src[DRAIN_LEN / 2] = src[DRAIN_LEN - 1] = 0xA5; /* what the child watches */
+    uint64_t zero = fnv_zero(DRAIN_LEN);
+    for (int round = 0; round < 3; round++) {
+        child_t c;
+        char msg[512];
+        child_start_mode(NULL, "127.0.0.1:0", url, DRAIN_LEN, memfd, &c);
+        /* The path (and the mapping) first, so the timed write is shm from its first byte. */
+        assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
+        assert_via(e, c.sid, "shm");
+        child_arm_cmd(&c);
+        drain_write_t w = {.e = e, .peer = c.sid, .src = src, .dst = c.addr, .len = DRAIN_LEN};
+        pthread_t th;
+        assert_int_equal(pthread_create(&th, NULL, drain_writer, &w), 0);
+        int rc = child_unreg_answer(&c, msg, sizeof(msg));
+        assert_int_equal(pthread_join(th, NULL), 0);
+        if (rc != 0)
+            fail_msg("round %d: the child's unregister returned %d: %s", round, rc, msg);
+        if (w.rc != 0 && w.rc != -KVF_ENOTREG)
+            fail_msg("round %d: the write returned %d (%s)", round, w.rc, kvf_last_error());
+        if (child_sum(&c, 0, DRAIN_LEN) != zero)
+            fail_msg("round %d (%s): bytes of the write landed after unregister returned "
+                     "(write rc %d)",
+                     round, memfd ? "memfd" : "process_vm_writev", w.rc);
+        child_stop(&c);
+    }
+    free(src);
+    kvf_engine_destroy(e);
+}
+
+static void unregister_drains_shm_write(void **state)
+{
+    fx_t *fx = *state;
+    unregister_drains_on(fx->url, false);
+}
+
+static void unregister_drains_memfd_write(void **state)
+{
+    fx_t *fx = *state;
+    unregister_drains_on(fx->url, true);
+}
+
+/* A sender that stays in the middle of a transfer longer than the target's op_timeout_ms (a
+ * test hook holds it there): the unregister fails with -KVF_ETIMEDOUT naming that sender's pid
+ * and session, after about op_timeout_ms, instead of saying "done". */
+static void unregister_timeout_names_sender(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    char msg[512], want[128];
+    setenv("SHM_CHILD_OP_TIMEOUT_MS", "200", 1);
+    child_start(fx->url, 1u << 20, &c);
+    unsetenv("SHM_CHILD_OP_TIMEOUT_MS");
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    uint8_t *src = alloc_filled(1u << 20, 8);
+    src[0] = 0x5A;
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
+    assert_via(e, c.sid, "shm");
+    child_arm_cmd(&c);
+    setenv("KVFERRY_SHM_TEST_HOLD_MS", "1500", 1);
+    drain_write_t w = {.e = e, .peer = c.sid, .src = src, .dst = c.addr, .len = 1u << 20};
+    pthread_t th;
+    uint64_t t0 = kvf_test_now_ms();
+    assert_int_equal(pthread_create(&th, NULL, drain_writer, &w), 0);
+    int rc = child_unreg_answer(&c, msg, sizeof(msg));
+    uint64_t took = kvf_test_now_ms() - t0;
+    assert_int_equal(pthread_join(th, NULL), 0);
+    unsetenv("KVFERRY_SHM_TEST_HOLD_MS");
+    assert_int_equal(rc, -KVF_ETIMEDOUT);
+    snprintf(want, sizeof(want), "sender pid %d (session %s) is still copying", (int)getpid(),
+             kvf_engine_session_id(e));
+    if (!strstr(msg, want))
+        fail_msg("the message \"%s\" does not name the sender (%s)", msg, want);
+    assert_true(strstr(msg, "op_timeout_ms (200 ms)") != NULL);
+    if (took >= 1500)
+        fail_msg("the unregister waited for the sender (%llu ms) instead of timing out",
+                 (unsigned long long)took);
+    assert_kvf_ok(w.rc);
+    /* The range is unregistered all the same: later writes are refused. */
+    assert_kvf_err(kvf_write(e, c.sid, src, c.addr, 4096), -KVF_ENOTREG);
+    free(src);
+    kvf_engine_destroy(e);
+    child_stop(&c);
+}
+
+/* ---- a dead peer is noticed at once --------------------------------------------------------- */
+
+/* Reproduced in issue 12: a Prefill waiting for its Decode's answer waited out its whole timeout
+ * after the Decode was killed. kvf_notify_wait_peer() returns -KVF_EPEERGONE naming the peer
+ * within about a second of a SIGKILL, over shm (the pid is gone) and over tcp (the connections
+ * broke and a new one is refused); kvf_peer_check() says the same. */
+static void peer_killed_noticed_at_once(void **state)
+{
+    fx_t *fx = *state;
+    const kvf_transport_kind_t kinds[] = {KVF_TRANSPORT_AUTO, KVF_TRANSPORT_TCP};
+    const char *via[] = {"shm", "tcp"};
+    for (size_t k = 0; k < 2; k++) {
+        child_t c;
+        kvf_notify_t note;
+        child_start(fx->url, 4096, &c);
+        kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, kinds[k]);
+        uint8_t src[64];
+        fill(src, sizeof(src), 11);
+        assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, sizeof(src)));
+        assert_via(e, c.sid, via[k]);
+        assert_kvf_ok(kvf_peer_check(e, c.sid));
+        /* Alive and silent: the wait runs to its timeout, checking all along. */
+        uint64_t t0 = kvf_test_now_ms();
+        assert_int_equal(kvf_notify_wait_peer(e, c.sid, &note, 1, 500), 0);
+        assert_true(kvf_test_now_ms() - t0 >= 500);
+
+        assert_int_equal(kill(c.pid, SIGKILL), 0);
+        assert_int_equal(kvf_test_reap(c.pid, 10000), -1); /* killed */
+        c.pid = 0;
+        t0 = kvf_test_now_ms();
+        assert_kvf_err(kvf_notify_wait_peer(e, c.sid, &note, 1, 20000), -KVF_EPEERGONE);
+        uint64_t took = kvf_test_now_ms() - t0;
+        assert_last_error_contains(c.sid);
+        if (took > 2000)
+            fail_msg("%s: the dead peer was noticed after %llu ms", via[k],
+                     (unsigned long long)took);
+        assert_kvf_err(kvf_peer_check(e, c.sid), -KVF_EPEERGONE);
+        assert_last_error_contains(c.sid);
+        /* A notification alone moved no data: its failure does not say data landed. */
+        assert_true(kvf_notify_send(e, c.sid, "x", 1) < 0);
+        if (strstr(kvf_last_error(), "landed"))
+            fail_msg("a lone notification's failure says: %s", kvf_last_error());
+        kvf_engine_destroy(e);
+        child_stop(&c);
+    }
+}
+
+/* A peer whose engine was destroyed (its records withdrawn) and one that never started are gone
+ * too, with a message that says so; a malformed session id is a usage error. */
+static void peer_check_withdrawn_and_unknown(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    kvf_notify_t note;
+    child_start(fx->url, 4096, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    char sid[sizeof(c.sid)];
+    snprintf(sid, sizeof(sid), "%s", c.sid);
+    assert_kvf_ok(kvf_peer_check(e, sid)); /* never reached before: looked up and reached */
+    child_stop(&c);                        /* destroys its engine */
+    assert_kvf_err(kvf_notify_wait_peer(e, sid, &note, 1, 20000), -KVF_EPEERGONE);
+    assert_last_error_contains(sid);
+    assert_kvf_err(kvf_peer_check(e, "127.0.0.1:1"), -KVF_EPEERGONE);
+    assert_last_error_contains("peer 127.0.0.1:1 has no session record in namespace default");
+    assert_kvf_err(kvf_peer_check(e, "no-port"), -KVF_EINVAL);
+    assert_kvf_err(kvf_notify_wait_peer(e, NULL, &note, 1, 0), -KVF_EINVAL);
+    kvf_engine_destroy(e);
+}
+
 static void memfd_write_sizes(void **state)
 {
     fx_t *fx = *state;
@@ -1091,6 +1315,11 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(one_process_forced_shm, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(hostile_region_table_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(bad_transport_env_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(peer_killed_noticed_at_once, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(peer_check_withdrawn_and_unknown, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(unregister_drains_shm_write, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(unregister_drains_memfd_write, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(unregister_timeout_names_sender, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_write_sizes, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_batch_mixed, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_concurrent_first_writes, fx_setup, fx_teardown),
@@ -1111,5 +1340,6 @@ int main(int argc, char **argv)
     unsetenv("KVFERRY_TRANSPORT");
     unsetenv("KVFERRY_SHM_PROBE_FAIL");
     unsetenv("KVFERRY_SHM_COPY_THREADS");
+    unsetenv("KVFERRY_SHM_TEST_HOLD_MS");
     return KVF_TEST_RUN(tests, argc, argv);
 }

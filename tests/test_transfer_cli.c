@@ -293,6 +293,78 @@ static void decode_survives_prefill_gone_before_ack(void **state)
     assert_int_equal(reap(store, 5000), 0);
 }
 
+/* Reproduced in issue 12: with its Decode gone (Ctrl-C, kill -9) mid-run, the Prefill waited its
+ * whole --timeout and said "did not confirm round 17". Now it stops within about a second,
+ * naming the Decode and KVF_EPEERGONE, over tcp and over shm. The Decode's hook kills it
+ * instead of acknowledging round 1, so the Prefill is waiting for that acknowledgement. */
+static void prefill_notices_decode_gone_on(const char *transport)
+{
+    char url[128], line[512], sid[256];
+    pid_t store = store_process(url, sizeof(url));
+    int dfd, pfd;
+    memset(&out_a, 0, sizeof(out_a));
+    memset(&out_b, 0, sizeof(out_b));
+    setenv("KVFERRY_TRANSFER_TEST_NO_ACK", "1", 1);
+    char *dargv[] = {(char *)kvf_test_cli_path(), "transfer", "--role", "Decode",
+                     "--src-session-id", "127.0.0.1:0", "--store-url", url, "--iterations", "0",
+                     "--transport", (char *)transport, NULL};
+    pid_t decode = spawn(dargv, &dfd);
+    unsetenv("KVFERRY_TRANSFER_TEST_NO_ACK");
+    wait_line(dfd, &out_a, "decode session ", line, sizeof(line));
+    ready_sid(line, "decode", sid, sizeof(sid));
+    /* --timeout 60: a Prefill that waited it out would outlast the bound below by far. */
+    char *pargv[] = {(char *)kvf_test_cli_path(), "transfer", "--role", "Prefill",
+                     "--src-session-id", "127.0.0.1:0", "--store-url", url, "--dst-session-id",
+                     sid, "--iterations", "3", "--timeout", "60", "--transport",
+                     (char *)transport, NULL};
+    pid_t prefill = spawn(pargv, &pfd);
+    wait_line(dfd, &out_a, "killed before the acknowledgement of round 1", line, sizeof(line));
+    assert_int_equal(reap(decode, 10000), -1); /* SIGKILL */
+    uint64_t t0 = kvf_test_now_ms();
+    drain(pfd, &out_b);
+    int prc = reap(prefill, 20000);
+    uint64_t took = kvf_test_now_ms() - t0;
+    if (prc != 1 || !strstr(out_b.text, "went away before it confirmed round 1") ||
+        !strstr(out_b.text, sid) || !strstr(out_b.text, "(KVF_EPEERGONE)"))
+        fail_msg("%s: Prefill exit %d:\n%s", transport, prc, out_b.text);
+    if (took > 5000)
+        fail_msg("%s: the Prefill took %llu ms to notice its Decode gone", transport,
+                 (unsigned long long)took);
+    kill(store, SIGTERM);
+    assert_int_equal(reap(store, 5000), 0);
+}
+
+static void prefill_notices_decode_gone(void **state)
+{
+    (void)state;
+    prefill_notices_decode_gone_on("tcp");
+    prefill_notices_decode_gone_on("shm");
+}
+
+/* A Prefill started before its Decode says what it waits for instead of waiting in silence. */
+static void prefill_says_what_it_waits_for(void **state)
+{
+    (void)state;
+    char url[128], line[512], dst[64];
+    pid_t store = store_process(url, sizeof(url));
+    int pfd;
+    memset(&out_b, 0, sizeof(out_b));
+    snprintf(dst, sizeof(dst), "127.0.0.1:%u", free_port());
+    char *pargv[] = {(char *)kvf_test_cli_path(), "transfer", "--role", "Prefill",
+                     "--src-session-id", "127.0.0.1:0", "--store-url", url, "--dst-session-id",
+                     dst, "--iterations", "1", "--timeout", "1", NULL};
+    pid_t prefill = spawn(pargv, &pfd);
+    char want[256];
+    snprintf(want, sizeof(want), "waiting up to 1 s for Decode %s to appear in the store %s", dst,
+             url);
+    wait_line(pfd, &out_b, want, line, sizeof(line));
+    drain(pfd, &out_b);
+    assert_int_equal(reap(prefill, 20000), 1);
+    assert_non_null(strstr(out_b.text, "did not appear in the store within 1 s"));
+    kill(store, SIGTERM);
+    assert_int_equal(reap(store, 5000), 0);
+}
+
 static void transfer_prefill_first_store_process(void **state)
 {
     (void)state;
@@ -728,6 +800,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_teardown(demo_transport_tcp_verbose, reap_children),
     cmocka_unit_test_teardown(demo_catches_corrupt_slice, reap_children),
     cmocka_unit_test_teardown(decode_survives_prefill_gone_before_ack, reap_children),
+    cmocka_unit_test_teardown(prefill_notices_decode_gone, reap_children),
+    cmocka_unit_test_teardown(prefill_says_what_it_waits_for, reap_children),
     cmocka_unit_test_teardown(bad_role, reap_children),
     cmocka_unit_test_teardown(bad_src_session_id, reap_children),
     cmocka_unit_test_teardown(bad_store_url_seed_typo, reap_children),

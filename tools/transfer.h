@@ -30,8 +30,9 @@
 /* A test hook only: when set to a slice number, the Prefill flips one byte of that slice in round
  * 1 after computing its checksum, so that tests can see the Decode catch a corrupt slice. */
 #define XFER_CORRUPT_ENV "KVFERRY_TRANSFER_TEST_CORRUPT"
-/* A test hook only: when set (non-empty), the Prefill kills itself (SIGKILL) right after the last
- * slice of its first round, before the acknowledgement, as one interrupted then would. */
+/* A test hook only: when set (non-empty), the node kills itself (SIGKILL) at the acknowledgement
+ * of its first round, as one interrupted then would: the Prefill right after its last slice, the
+ * Decode instead of sending the acknowledgement. */
 #define XFER_NO_ACK_ENV "KVFERRY_TRANSFER_TEST_NO_ACK"
 
 #define XFER_KEY_MAX       (KVF_SESSION_ID_MAX + 64)

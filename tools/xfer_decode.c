@@ -3,24 +3,45 @@
  * the tensor, announces itself, and checks every slice the moment its notification arrives.
  */
 #include <inttypes.h>
+#include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cli.h"
 #include "transfer.h"
 
+/* decode_wait_note()'s answer when the Prefill of the round in progress went away. */
+#define DECODE_PREFILL_GONE 100
+
 /*
  * Wait for the next notification. In forever mode (--iterations 0) the Decode waits for a
  * Prefill as long as it takes, like the seed; within a round, or with --iterations, a silence
- * longer than --timeout is an error. Returns 0 or an exit code.
+ * longer than --timeout is an error. Within a round the Prefill (@from) is watched: if it goes
+ * away, this returns DECODE_PREFILL_GONE at once in forever mode (after a line), or fails.
+ * Returns 0 or an exit code.
  */
 static int decode_wait_note(const xfer_args_t *a, kvf_engine_t *e, kvf_notify_t *note,
                             uint64_t round, unsigned next, const char *from)
 {
     for (;;) {
-        int n = kvf_notify_wait(e, note, 1, (int)a->timeout_ms);
+        int n = next ? kvf_notify_wait_peer(e, from, note, 1, (int)a->timeout_ms)
+                     : kvf_notify_wait(e, note, 1, (int)a->timeout_ms);
         if (n == 1)
             return 0;
+        if (n == -KVF_EPEERGONE && a->iterations == 0) {
+            fprintf(stderr,
+                    "kvferry " XFER_CMD ": round %" PRIu64 " from %s stopped after %u of %u "
+                    "slices: %s; waiting for the next Prefill\n",
+                    round, from, next, XFER_SLICES, kvf_last_error());
+            return DECODE_PREFILL_GONE;
+        }
+        if (n == -KVF_EPEERGONE) {
+            kvf_cli_fail(XFER_CMD, n, "round %" PRIu64 ": the Prefill %s went away after %u of %u "
+                                      "slices",
+                         round, from, next, XFER_SLICES);
+            return KVF_CLI_EXIT_FAIL;
+        }
         if (n < 0) {
             kvf_cli_fail(XFER_CMD, n, "waiting for the Prefill's notifications");
             return KVF_CLI_EXIT_FAIL;
@@ -63,7 +84,12 @@ int xfer_decode_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
         xfer_slice_note_t s;
         char err[160], excerpt[64];
 
-        if (decode_wait_note(a, e, note, round, next, from) != 0)
+        int w = decode_wait_note(a, e, note, round, next, from);
+        if (w == DECODE_PREFILL_GONE) {
+            next = 0;
+            continue;
+        }
+        if (w != 0)
             goto out_unregister;
         if (xfer_slice_note_parse(note->msg, note->len, &s, err, sizeof(err)) < 0) {
             fprintf(stderr, "kvferry " XFER_CMD ": bad slice notification from %s (\"%s\"): %s\n",
@@ -107,6 +133,13 @@ int xfer_decode_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
         done++;
         printf(KVF_CLI_DECODE_VERIFIED_FMT "\n", round, XFER_SLICES, XFER_BYTES);
 
+        const char *no_ack = getenv(XFER_NO_ACK_ENV);
+        if (no_ack && *no_ack) {
+            printf("killed before the acknowledgement of round %" PRIu64 " (%s)\n", round,
+                   XFER_NO_ACK_ENV);
+            fflush(stdout);
+            raise(SIGKILL);
+        }
         char ack[48];
         int len = snprintf(ack, sizeof(ack), "{\"ack\":%" PRIu64 "}", round);
         rc = kvf_notify_send(e, from, ack, (size_t)len);

@@ -25,6 +25,12 @@ static int find_decode_buffer(const xfer_args_t *a, kvf_engine_t *e, uint64_t *a
 {
     uint64_t deadline = cli_now_ms() + a->timeout_ms;
     unsigned backoff_ms = 1;
+    /* Say what is awaited when it is not there yet, rather than wait in silence. */
+    if (kvf_peer_wait(e, a->dst_sid, 0) < 0) {
+        printf("waiting up to %u s for Decode %s to appear in the store %s\n",
+               a->timeout_ms / 1000u, a->dst_sid, a->store_url);
+        fflush(stdout);
+    }
     for (;;) {
         kvf_region_info_t *regs;
         size_t n;
@@ -68,7 +74,15 @@ static int prefill_wait_ack(const xfer_args_t *a, kvf_engine_t *e, kvf_notify_t 
     uint64_t deadline = cli_now_ms() + a->timeout_ms;
     for (;;) {
         uint64_t now = cli_now_ms();
-        int n = now < deadline ? kvf_notify_wait(e, note, 1, (int)(deadline - now)) : 0;
+        /* Fails at once (within ~1 s) if the Decode goes away: its acknowledgement would never
+         * come. */
+        int n = now < deadline ? kvf_notify_wait_peer(e, a->dst_sid, note, 1, (int)(deadline - now))
+                               : 0;
+        if (n == -KVF_EPEERGONE) {
+            kvf_cli_fail(XFER_CMD, n, "Decode %s went away before it confirmed round %" PRIu64,
+                         a->dst_sid, round);
+            return KVF_CLI_EXIT_FAIL;
+        }
         if (n < 0) {
             kvf_cli_fail(XFER_CMD, n, "waiting for Decode %s to confirm round %" PRIu64, a->dst_sid,
                          round);

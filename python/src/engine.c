@@ -352,9 +352,15 @@ static PyMethodDef Engine_methods[] = {
      "notification received and not yet taken, oldest first; [] when none. Never blocks. Raises "
      "kvferry.Error when the engine is not running."},
     {"wait_notification", FN(kvfpy_engine_wait_notification), KW,
-     "wait_notification($self, timeout=None)\n--\n\n-> list of (sender_session_id, bytes)\n\nAs "
-     "get_notifications, waiting up to timeout seconds (None: until one arrives or the engine is "
-     "destroyed) for the first; [] when the time ran out. The GIL is released."},
+     "wait_notification($self, timeout=None, peer=None)\n--\n\n-> list of (sender_session_id, "
+     "bytes)\n\nAs get_notifications, waiting up to timeout seconds (None: until one arrives or "
+     "the engine is destroyed) for the first; [] when the time ran out. The GIL is released. With"
+     " peer (a session id), the wait raises kvferry.Error (KVF_EPEERGONE, naming it) within about"
+     " a second once that peer is gone and nothing arrived."},
+    {"check_peer", FN(kvfpy_engine_check_peer), KW,
+     "check_peer($self, session_id)\n--\n\n-> int\n\n0 while the engine with that session id is "
+     "there; -KVF_EPEERGONE once it is gone (its session record left the store, or its connection"
+     " broke and a new one is refused, or its process exited); another negative code on error."},
     {"wait_for_peer", FN(kvfpy_engine_wait_for_peer), KW,
      "wait_for_peer($self, session_id, timeout=None)\n--\n\n-> int\n\nWait up to timeout seconds "
      "(None: init_timeout_ms) for an engine with that session id to be up. Returns 0, or a "
@@ -386,14 +392,13 @@ static PyMethodDef Engine_methods[] = {
      " \"shm\" or \"tcp\" (known after the first transfer). Raises kvferry.Error for a peer not "
      "used yet."},
     {"get_stats", FN(kvfpy_engine_get_stats), METH_NOARGS,
-     "get_stats($self, /)\n--\n\n"
-     "This engine's statistics as a dict: bytes and operations by direction, per transport and "
-     "per peer, errors by code, calls in flight, the transfer-time histogram, registered "
-     "regions and bytes, connections and notifications (docs/operations.md lists the keys). "
-     "Raises kvferry.Error when not initialized."},
+     "get_stats($self, /)\n--\n\n-> dict\n\nThis engine's statistics: bytes and operations by "
+     "direction, per transport and per peer, errors by code, calls in flight, the transfer-time "
+     "histogram, registered regions and bytes, connections and notifications (docs/operations.md "
+     "lists the keys). Raises kvferry.Error when not initialized."},
     {"metrics_address", FN(kvfpy_engine_metrics_address), METH_NOARGS,
-     "metrics_address($self, /)\n--\n\n"
-     "\"host:port\" of the metrics endpoint started by metrics_listen=, or None."},
+     "metrics_address($self, /)\n--\n\n-> str or None\n\n\"host:port\" of the metrics endpoint "
+     "started by metrics_listen=, or None."},
     {"__enter__", FN(Engine_enter), METH_NOARGS, NULL},
     {"__exit__", FN(Engine_exit), METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},

@@ -91,7 +91,7 @@ PyObject *kvfpy_engine_submit(EngineObject *self, const char *op_name, kvf_op_t 
     /* engine_notify.c */                                                                          \
     X(send_notification) X(wait_notification)                                                      \
     /* engine_peers.c */                                                                           \
-    X(wait_for_peer) X(get_peer_events) X(peer_regions) X(peer_transport)
+    X(wait_for_peer) X(check_peer) X(get_peer_events) X(peer_regions) X(peer_transport)
 /* clang-format on */
 
 #define KVFPY_ENGINE_DECLARE(name)                                                                 \

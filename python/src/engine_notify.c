@@ -90,7 +90,8 @@ PyObject *kvfpy_engine_send_notification(EngineObject *self, PyObject *args, PyO
  * Take every queued notification as a list of (sender, bytes); with @wait, first wait up to
  * @timeout_ms (negative: until one comes or the engine is destroyed) for one to arrive.
  */
-static PyObject *notify_take(EngineObject *self, const char *op, int wait, int timeout_ms)
+static PyObject *notify_take(EngineObject *self, const char *op, int wait, int timeout_ms,
+                             const char *peer)
 {
     PyObject *list = NULL;
     int rc, n;
@@ -107,7 +108,8 @@ static PyObject *notify_take(EngineObject *self, const char *op, int wait, int t
     for (int round = 0; list; round++) {
         if (round == 0 && wait) {
             Py_BEGIN_ALLOW_THREADS
-            n = kvf_notify_wait(e, buf, NOTIFY_CHUNK, timeout_ms);
+            n = peer ? kvf_notify_wait_peer(e, peer, buf, NOTIFY_CHUNK, timeout_ms)
+                     : kvf_notify_wait(e, buf, NOTIFY_CHUNK, timeout_ms);
             Py_END_ALLOW_THREADS
         } else {
             n = kvf_notify_poll(e, buf, NOTIFY_CHUNK);
@@ -145,17 +147,20 @@ static PyObject *notify_take(EngineObject *self, const char *op, int wait, int t
 
 PyObject *kvfpy_engine_get_notifications(EngineObject *self, PyObject *unused)
 {
-    return notify_take(self, "get_notifications", 0, 0);
+    return notify_take(self, "get_notifications", 0, 0, NULL);
 }
 
 PyObject *kvfpy_engine_wait_notification(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    static const char *const kwlist[] = {"timeout", NULL};
-    PyObject *to_o = Py_None;
+    static const char *const kwlist[] = {"timeout", "peer", NULL};
+    PyObject *to_o = Py_None, *peer_o = Py_None;
+    const char *peer = NULL;
     int ms;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:wait_notification", (char **)kwlist, &to_o) ||
-        kvfpy_timeout_get(to_o, "timeout", -1, &ms) < 0)
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OO:wait_notification", (char **)kwlist, &to_o,
+                                     &peer_o) ||
+        kvfpy_timeout_get(to_o, "timeout", -1, &ms) < 0 ||
+        (peer_o != Py_None && kvfpy_str(peer_o, "peer", &peer) < 0))
         return NULL;
-    return notify_take(self, "wait_notification", 1, ms);
+    return notify_take(self, "wait_notification", 1, ms, peer);
 }

@@ -40,6 +40,26 @@ PyObject *kvfpy_engine_wait_for_peer(EngineObject *self, PyObject *args, PyObjec
     return PyLong_FromLong(rc);
 }
 
+PyObject *kvfpy_engine_check_peer(EngineObject *self, PyObject *args, PyObject *kwds)
+{
+    static const char *const kwlist[] = {"session_id", NULL};
+    PyObject *sess_o;
+    const char *sess;
+    int rc;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:check_peer", (char **)kwlist, &sess_o) ||
+        kvfpy_str(sess_o, "session_id", &sess) < 0)
+        return NULL;
+    kvf_engine_t *e = kvfpy_engine_enter(self, "check_peer", &rc);
+    if (!e)
+        return PyLong_FromLong(rc);
+    Py_BEGIN_ALLOW_THREADS
+    rc = kvf_peer_check(e, sess);
+    Py_END_ALLOW_THREADS
+    kvfpy_engine_leave(self);
+    return PyLong_FromLong(rc);
+}
+
 #define PEER_CHUNK 64
 /* kvf_peer_events() is not promised to return on kvf_engine_shutdown(), so a long wait is made
  * of slices this long, between which destroy() is noticed. */

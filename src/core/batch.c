@@ -148,7 +148,7 @@ static void batch_run(kvf_batch_t *b)
     }
     if (b->has_msg)
         rc = kvf__notify_in_order(e, b->order, b->seq, rc, &b->cancel, b->peer, b->msg, b->msg_len,
-                                  deadline);
+                                  b->n > 0, deadline);
     kvf__eng_busy_leave(e);
     batch_complete(b, rc, rc < 0 ? kvf_last_error() : "");
 }

@@ -216,6 +216,10 @@ struct kvf_engine {
     kvf_metrics_server_t *metrics; /* config.metrics_listen's endpoint, or NULL */
 };
 
+/* kvf_notify_wait_peer() asks the peer's path whether it is still there this often: the bound
+ * on noticing a peer gone while waiting. */
+#define ENG_PEER_CHECK_MS 200u
+
 /* The deadline of a wait of @timeout_ms (kvf__now_ms() clock); negative waits forever. */
 static inline uint64_t eng_deadline_of(int timeout_ms)
 {
@@ -265,6 +269,12 @@ void kvf__eng_make_key(char *buf, size_t len, const char *ns, const char *kind, 
 /* Publish the engine's session record / its current region table under its lease. */
 int kvf__eng_publish_session(kvf_engine_t *e);
 int kvf__eng_publish_regions(kvf_engine_t *e);
+/* Every transport's drain (transport.h): after the table senders read was replaced, wait until
+ * no sender that checked against an older one is still copying, or @deadline_ms. */
+int kvf__eng_drain(kvf_engine_t *e, uint64_t deadline_ms);
+/* Destroy: same-host senders find an empty table from now on, and those still copying are
+ * waited out (up to op_timeout_ms, then a warning). No registration may follow. */
+void kvf__eng_withdraw_regions(kvf_engine_t *e);
 
 /* kvf_store_get() waiting up to @wait_ms in slices, given up (-KVF_ECLOSED) when the engine is
  * being destroyed, or (-KVF_ECANCELED) once @cancel (NULL: none; an async batch's flag) is set. */
@@ -297,6 +307,8 @@ int kvf__peer_enter(kvf_engine_t *e, const char *peer, const char *what, const a
                     eng_peer_t **out);
 /* Leave what kvf__peer_enter() entered, passing @rc on (wrapped with @what and the peer). */
 int kvf__peer_leave(eng_peer_t *p, int rc, const char *what);
+/* kvf_peer_check() without the argument checks and busy count. */
+int kvf__eng_peer_check(kvf_engine_t *e, const char *peer);
 
 /* Re-read the peer's regions from the store (no wait); the cache never goes back in time. */
 int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p);
@@ -343,10 +355,11 @@ uint64_t kvf__notify_order_take(kvf_engine_t *e, eng_order_t *o);
 void kvf__notify_order_settle(kvf_engine_t *e, eng_order_t *o, uint64_t seq);
 
 /* After the data of a batch with a notification: send it in its turn (only if @rc is 0 and
- * @cancel, which also gives up waiting for the peer, is not set), then settle its number. */
+ * @cancel, which also gives up waiting for the peer, is not set), then settle its number. @data:
+ * the batch moved bytes, so a failed notification's message says they landed. */
 int kvf__notify_in_order(kvf_engine_t *e, eng_order_t *o, uint64_t seq, int rc,
                          const atomic_bool *cancel, const char *peer, const void *msg, size_t len,
-                         uint64_t deadline_ms);
+                         bool data, uint64_t deadline_ms);
 
 /* Queue a notification that arrived from @sender (the transports' notify callback). */
 int kvf__notify_deliver(void *engine, const char *sender, const void *msg, size_t len);

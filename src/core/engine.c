@@ -372,6 +372,8 @@ void kvf_engine_destroy(kvf_engine_t *e)
     while (e->busy)
         pthread_cond_wait(&e->busy_cond, &e->busy_lock);
     pthread_mutex_unlock(&e->busy_lock);
+    /* The application frees its registered memory once this returns. */
+    kvf__eng_withdraw_regions(e);
 
     /* Closing the store client revokes the lease, which withdraws both records at once instead
      * of letting them linger for a TTL. Best effort and bounded: with the store down they

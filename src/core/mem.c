@@ -125,6 +125,36 @@ out:
     return rc;
 }
 
+/* The length of the registered region that starts at @addr, 0 when there is none. */
+static uint64_t region_len(kvf_engine_t *e, uintptr_t addr)
+{
+    kvf_region_t *rs;
+    size_t n;
+    uint64_t len = 0;
+    if (kvf__regions_snapshot(e->regions, &rs, &n, NULL) < 0)
+        return 0;
+    for (size_t i = 0; i < n && !len; i++)
+        if (rs[i].addr == addr)
+            len = rs[i].len;
+    free(rs);
+    return len;
+}
+
+/* An unregister of [@addr, +@len) timed out (@rc): add to its message who still holds it. */
+static int name_holders(kvf_engine_t *e, int rc, uintptr_t addr, uint64_t len)
+{
+    char who[512] = "";
+    size_t n = 0;
+    for (size_t i = 0; kvf__transports[i]; i++)
+        n += kvf__transports[i]->holders(e->tr[i], addr, len, who, sizeof(who));
+    if (n) {
+        char msg[512];
+        snprintf(msg, sizeof(msg), "%s", kvf_last_error());
+        kvf__err(rc, "%s; held by %s", msg, who);
+    }
+    return rc;
+}
+
 int kvf_mem_unregister(kvf_engine_t *e, void *addr)
 {
     if (!e)
@@ -132,7 +162,11 @@ int kvf_mem_unregister(kvf_engine_t *e, void *addr)
     int rc = kvf__eng_busy_enter(e);
     if (rc < 0)
         return rc;
+    uint64_t deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
+    uint64_t len = region_len(e, (uintptr_t)addr);
     rc = kvf__regions_remove(e->regions, (uintptr_t)addr, e->cfg.op_timeout_ms);
+    if (rc == -KVF_ETIMEDOUT)
+        name_holders(e, rc, (uintptr_t)addr, len);
     /* Publish even after a drain timeout: the region is gone for new requests either way. A
      * failed publication does not fail the call: the target's own table already refuses the
      * range, and the next successful publication carries the change. */
@@ -144,6 +178,14 @@ int kvf_mem_unregister(kvf_engine_t *e, void *addr)
                      e->sid, addr, kvf_last_error());
             kvf__err(rc, "%s", msg);
         }
+    }
+    /* The table senders read (the shm word) no longer has the range: wait out the same-host
+     * senders that checked against the old one. */
+    if (rc == 0) {
+        rc = kvf__eng_drain(e, deadline);
+        if (rc < 0)
+            kvf__err_wrap(rc, "unregister %p: not drained within op_timeout_ms (%u ms)", addr,
+                          e->cfg.op_timeout_ms);
     }
     kvf__eng_busy_leave(e);
     return rc;

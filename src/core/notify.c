@@ -155,7 +155,7 @@ static int order_wait_turn(kvf_engine_t *e, eng_order_t *o, uint64_t seq, uint64
 
 int kvf__notify_in_order(kvf_engine_t *e, eng_order_t *o, uint64_t seq, int rc,
                          const atomic_bool *cancel, const char *peer, const void *msg, size_t len,
-                         uint64_t deadline_ms)
+                         bool data, uint64_t deadline_ms)
 {
     if (rc == 0 && cancel && atomic_load(cancel))
         rc = kvf__err(-KVF_ECANCELED, "batch to %s cancelled before its notification was sent",
@@ -166,7 +166,7 @@ int kvf__notify_in_order(kvf_engine_t *e, eng_order_t *o, uint64_t seq, int rc,
         rc = notify_send(e, peer, msg, len, deadline_ms, cancel);
         /* The caller sees a failed batch; say that its bytes are where they should be, so that
          * it does not send them again (or assume them lost) for want of a notification. */
-        if (rc < 0)
+        if (rc < 0 && data)
             kvf__err_wrap(rc, "every byte of the batch to %s landed; only its notification was "
                               "refused",
                           peer);
@@ -218,7 +218,7 @@ int kvf_transfer_sync_notify(kvf_engine_t *e, const char *peer, const kvf_xfer_t
     uint64_t seq = kvf__notify_order_take(e, o);
     uint64_t deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
     rc = n ? kvf__eng_transfer(e, peer, x, n, deadline, NULL) : 0;
-    rc = kvf__notify_in_order(e, o, seq, rc, NULL, peer, msg, msg_len, deadline);
+    rc = kvf__notify_in_order(e, o, seq, rc, NULL, peer, msg, msg_len, n > 0, deadline);
     kvf__eng_busy_leave(e);
     return rc;
 }
@@ -383,6 +383,36 @@ int kvf_notify_wait(kvf_engine_t *e, kvf_notify_t *out, size_t max, int timeout_
     pthread_mutex_unlock(&a->nlock);
     kvf__eng_busy_leave(e);
     return rc < 0 ? rc : (int)k;
+}
+
+int kvf_notify_wait_peer(kvf_engine_t *e, const char *peer, kvf_notify_t *out, size_t max,
+                         int timeout_ms)
+{
+    kvf_hostport_t hp;
+    if (!peer)
+        return kvf__err(-KVF_EINVAL, "notify wait: the peer is NULL");
+    int rc = kvf__session_id_parse(peer, &hp);
+    if (rc < 0)
+        return rc;
+    uint64_t deadline = eng_deadline_of(timeout_ms);
+    for (;;) {
+        uint64_t now = kvf__now_ms();
+        uint64_t slice = deadline > now ? deadline - now : 0;
+        if (slice > ENG_PEER_CHECK_MS)
+            slice = ENG_PEER_CHECK_MS;
+        int n = kvf_notify_wait(e, out, max, (int)slice);
+        if (n != 0)
+            return n;
+        if (kvf__now_ms() >= deadline)
+            return 0;
+        rc = kvf__eng_busy_enter(e);
+        if (rc < 0)
+            return rc;
+        rc = kvf__eng_peer_check(e, peer);
+        kvf__eng_busy_leave(e);
+        if (rc == -KVF_EPEERGONE)
+            return rc;
+    }
 }
 
 /* ---- lifetime ------------------------------------------------------------------------------- */

@@ -323,6 +323,63 @@ int kvf__peer_make_current(kvf_engine_t *e, eng_peer_t *p)
     return 0;
 }
 
+/* Tell a peer the store no longer lists (its engine was destroyed) from one it never listed. */
+static int peer_record_present(kvf_engine_t *e, const char *peer)
+{
+    char key[ENG_KEY_MAX];
+    void *val;
+    size_t len;
+    kvf__eng_make_key(key, sizeof(key), e->ns, "sessions", peer);
+    int rc = kvf__eng_store_get_wait(e, key, 0, NULL, &val, &len);
+    if (rc == 0)
+        free(val);
+    else if (rc == -KVF_ENOTFOUND)
+        rc = kvf__err(-KVF_EPEERGONE,
+                      "peer %s has no session record in namespace %s: it is gone, or never "
+                      "started",
+                      peer, e->ns);
+    return rc;
+}
+
+int kvf__eng_peer_check(kvf_engine_t *e, const char *peer)
+{
+    eng_peer_t *p;
+    int rc = 0;
+    pthread_mutex_lock(&e->peers_lock);
+    p = peer_find_locked(e, peer);
+    /* Found gone before: unless it restarted (then its path is chosen afresh below), it still
+     * is, whatever its lingering records say. */
+    bool was_gone = p && atomic_load(&p->reselect);
+    pthread_mutex_unlock(&e->peers_lock);
+    if (!p)
+        rc = peer_record_present(e, peer);
+    if (rc < 0)
+        return rc;
+    rc = kvf__peer_enter(e, peer, "peer check", NULL, &p);
+    if (rc == -KVF_ENOTFOUND || (rc < 0 && was_gone))
+        return kvf__err(-KVF_EPEERGONE, "peer %s is gone: %s", peer, kvf_last_error());
+    if (rc < 0)
+        return rc;
+    rc = p->tops->peer_alive(p->tp, kvf__now_ms() + e->cfg.init_timeout_ms);
+    return kvf__peer_leave(p, rc, "peer check");
+}
+
+int kvf_peer_check(kvf_engine_t *e, const char *peer)
+{
+    kvf_hostport_t hp;
+    if (!e || !peer)
+        return kvf__err(-KVF_EINVAL, "peer check: %s is NULL", !e ? "the engine" : "the peer");
+    int rc = kvf__session_id_parse(peer, &hp);
+    if (rc < 0)
+        return rc;
+    rc = kvf__eng_busy_enter(e);
+    if (rc < 0)
+        return rc;
+    rc = kvf__eng_peer_check(e, peer);
+    kvf__eng_busy_leave(e);
+    return rc;
+}
+
 bool kvf__eng_peer_known(kvf_engine_t *e, const char *sid)
 {
     pthread_mutex_lock(&e->peers_lock);

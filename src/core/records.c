@@ -149,6 +149,28 @@ out_unlock:
     return rc;
 }
 
+int kvf__eng_drain(kvf_engine_t *e, uint64_t deadline_ms)
+{
+    int rc = 0;
+    for (size_t i = 0; kvf__transports[i] && rc == 0; i++)
+        rc = kvf__transports[i]->drain(e->tr[i], deadline_ms);
+    return rc;
+}
+
+void kvf__eng_withdraw_regions(kvf_engine_t *e)
+{
+    pthread_mutex_lock(&e->publish_lock);
+    uint64_t gen = __atomic_load_n(&e->shm_word.gen, __ATOMIC_RELAXED);
+    kvf__shm_word_set(&e->shm_word, NULL, 0, gen + 1);
+    free(e->shm_table);
+    e->shm_table = NULL;
+    pthread_mutex_unlock(&e->publish_lock);
+    int rc = kvf__eng_drain(e, kvf__now_ms() + e->cfg.op_timeout_ms);
+    if (rc < 0)
+        KVF_WARN(ENG_LOG, "engine %s: destroyed while a sender still copied: %s", e->sid,
+                 kvf_last_error());
+}
+
 /* Parse a regions record into a sorted array. Untrusted input (anyone may write the store):
  * malformed records are refused, never half-used. */
 int kvf__eng_parse_regions(const char *sid, const void *text, size_t len, kvf_region_t **out,

@@ -60,6 +60,13 @@ static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, si
     if (p->tops->check == KVF_CHECK_DIRECT)
         return p->tops->transfer(p->tp, x, n, deadline, ctl);
     if (p->tops->check == KVF_CHECK_SENDER) {
+        /* Counted by the target's drain from before the generation is read until the copy
+         * ended: an unregister that returned saw this transfer either finish or read its new
+         * table. */
+        uint64_t token;
+        rc = p->tops->guard_enter(p->tp, &token);
+        if (rc < 0)
+            return rc;
         rc = kvf__peer_make_current(e, p);
         if (rc == 0) {
             rc = kvf__peer_check(p, x, n, &bad);
@@ -68,6 +75,7 @@ static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, si
         }
         if (rc == 0)
             rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
+        p->tops->guard_leave(p->tp, token);
         return rc;
     }
     /* A miss in the cached regions may only mean the cache is old: refresh once and re-check. */

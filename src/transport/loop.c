@@ -20,6 +20,13 @@
 #include "common/regions.h"
 #include "transport/transport.h"
 
+/* A transfer into a target, for the message of an unregister that times out (holders()). */
+struct loop_hold {
+    struct loop_hold *next;
+    const char *sid;            /* the sender */
+    _Atomic uint64_t lo, hi;    /* the element being copied: [lo, hi); hi 0: none */
+};
+
 struct loop_transport {
     struct loop_transport *next; /* in loop_all, once started */
     bool linked;                 /* under loop_all_lock */
@@ -27,6 +34,8 @@ struct loop_transport {
     kvf_region_table_t *regions;
     kvf_notify_cb notify_cb;
     void *notify_arg;
+    pthread_mutex_t hold_mu; /* holds */
+    struct loop_hold *holds;
 };
 
 /* A handle on a target: only its session id, looked up again on every call, so that a target
@@ -67,6 +76,7 @@ static int loop_create(const kvf_transport_params_t *p, kvf_transport_t **out)
         return kvf__err(-KVF_ENOMEM, "loop transport: out of memory");
     *t = (struct loop_transport){
         .regions = p->regions, .notify_cb = p->notify_cb, .notify_arg = p->notify_arg};
+    pthread_mutex_init(&t->hold_mu, NULL);
     snprintf(t->sid, sizeof(t->sid), "%s", p->local_sid ? p->local_sid : "");
     *out = (kvf_transport_t *)(void *)t;
     return 0;
@@ -103,7 +113,46 @@ static void loop_stop(kvf_transport_t *tt)
 static void loop_destroy(kvf_transport_t *tt)
 {
     loop_stop(tt);
+    pthread_mutex_destroy(&loop_of(tt)->hold_mu);
     free(loop_of(tt));
+}
+
+static void loop_hold_link(struct loop_transport *t, struct loop_hold *h)
+{
+    pthread_mutex_lock(&t->hold_mu);
+    h->next = t->holds;
+    t->holds = h;
+    pthread_mutex_unlock(&t->hold_mu);
+}
+
+static void loop_hold_unlink(struct loop_transport *t, struct loop_hold *h)
+{
+    pthread_mutex_lock(&t->hold_mu);
+    for (struct loop_hold **pp = &t->holds; *pp; pp = &(*pp)->next) {
+        if (*pp == h) {
+            *pp = h->next;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&t->hold_mu);
+}
+
+static size_t loop_holders(kvf_transport_t *tt, uint64_t addr, uint64_t len, char *buf,
+                           size_t buflen)
+{
+    struct loop_transport *t = loop_of(tt);
+    size_t n = 0;
+    pthread_mutex_lock(&t->hold_mu);
+    for (struct loop_hold *h = t->holds; h; h = h->next) {
+        if (atomic_load(&h->hi) <= addr || atomic_load(&h->lo) >= addr + len)
+            continue;
+        char what[KVF_SESSION_ID_MAX + 32];
+        snprintf(what, sizeof(what), "peer %s (this process)", h->sid);
+        kvf__holders_add(buf, buflen, what);
+        n++;
+    }
+    pthread_mutex_unlock(&t->hold_mu);
+    return n;
 }
 
 /* Reachable only when the peer is a started engine of this process. */
@@ -138,16 +187,21 @@ static int loop_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_
     const char *sid = loop_peer_of(pp)->sid;
     int rc = 0;
     (void)deadline_ms;
+    struct loop_hold hold = {.sid = loop_peer_of(pp)->local_sid};
     pthread_rwlock_rdlock(&loop_all_lock);
     struct loop_transport *t = loop_find_locked(sid);
     if (!t)
         rc = kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", sid);
+    else
+        loop_hold_link(t, &hold);
     for (size_t i = 0; t && i < n && rc == 0; i++) {
         kvf_region_ref_t ref;
         if (ctl && ctl->cancel && atomic_load(ctl->cancel)) {
             rc = kvf__err(-KVF_ECANCELED, "cancelled before element %zu", i);
             break;
         }
+        atomic_store(&hold.lo, x[i].remote);
+        atomic_store(&hold.hi, x[i].remote + x[i].len);
         rc = kvf__regions_acquire(t->regions, x[i].remote, x[i].len, &ref);
         if (rc < 0) {
             kvf__err_wrap(rc, "element %zu (%s)", i, x[i].op == KVF_OP_WRITE ? "write" : "read");
@@ -165,8 +219,20 @@ static int loop_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_
         if (ctl && ctl->status)
             ctl->status[i] = 0;
     }
+    if (t)
+        loop_hold_unlink(t, &hold);
     pthread_rwlock_unlock(&loop_all_lock);
     return rc;
+}
+
+static int loop_peer_alive(kvf_tpeer_t *pp, uint64_t deadline_ms)
+{
+    const char *sid = loop_peer_of(pp)->sid;
+    (void)deadline_ms;
+    pthread_rwlock_rdlock(&loop_all_lock);
+    bool here = loop_find_locked(sid) != NULL;
+    pthread_rwlock_unlock(&loop_all_lock);
+    return here ? 0 : kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", sid);
 }
 
 /* Straight into the target's queue: the data of every transfer this thread made into it is in
@@ -201,6 +267,7 @@ const struct kvf_transport_ops kvf__loop_ops = {
     .peer_open = loop_peer_open,
     .peer_close = loop_peer_close,
     .transfer = loop_transfer,
+    .peer_alive = loop_peer_alive,
     .notify = loop_notify,
     .regions_gen = kvf__transport_enotsup_gen,
     .regions_read = kvf__transport_enotsup_regions,
@@ -208,4 +275,8 @@ const struct kvf_transport_ops kvf__loop_ops = {
     .mem_export = kvf__transport_nop_export,
     .mem_unexport = kvf__transport_nop_unexport,
     .mem_sock = kvf__transport_no_sock,
+    .guard_enter = kvf__transport_no_guard_enter,
+    .guard_leave = kvf__transport_no_guard_leave,
+    .drain = kvf__transport_no_drain,
+    .holders = loop_holders,
 };

@@ -11,11 +11,13 @@
  * before its unregister returns. Before every transfer the core asks this transport for the
  * live generation (one process_vm_readv of the word) and re-reads the table if its copy is
  * older. So once kvf_mem_unregister() has returned on the target, no transfer that starts
- * afterwards can reach the region. The window that remains: a transfer that read the word
- * before the unregister may still be copying while, or just after, unregister returns (the
- * kernel copy is not fenced against the target's unregister as the tcp target's region
- * reference is). Reading the word also proves, each time, that the pid still belongs to the
- * engine verified: a restarted or reused pid has no matching magic and nonce at that address.
+ * afterwards can reach the region; and a transfer that read the word before it is waited out by
+ * the unregister, through the fence (shm.h, shm_fence.c): the core brackets the generation
+ * check, the table check and the copy with guard_enter/guard_leave, which count the transfer in
+ * this sender's slot of the target's fence page, and the target's unregister drains those
+ * counts after replacing its table. A sender without a slot does not use shm at all. Reading
+ * the word also proves, each time, that the pid still belongs to the engine verified: a
+ * restarted or reused pid has no matching magic and nonce at that address.
  *
  * Memory from kvf_mem_alloc() is a memfd that a sender maps and copies into with memcpy instead
  * (shm_memfd.c; large copies are shared by the pool of shm_copy.c).
@@ -36,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/host.h"
@@ -48,6 +51,9 @@
 /* Test hook: when set (non-empty, not "0"), every probe fails, so a same-host pair must fall
  * back to tcp. Documented in docs/architecture.md. */
 #define SHM_PROBE_FAIL_ENV "KVFERRY_SHM_PROBE_FAIL"
+/* Test hook: a transfer stays inside the fence this many ms after its copy, so a test can see a
+ * target's unregister time out on it. Documented in docs/operations.md. */
+#define SHM_HOLD_ENV "KVFERRY_SHM_TEST_HOLD_MS"
 
 static int shm_create(const kvf_transport_params_t *p, kvf_transport_t **out)
 {
@@ -78,6 +84,7 @@ static void shm_destroy(kvf_transport_t *tt)
         pthread_join(t->thread, NULL);
         close(t->lfd);
         close(t->wake);
+        shm_fence_destroy(t);
     }
     shm_pool_stop(t);
     pthread_mutex_destroy(&t->exp_lock);
@@ -161,6 +168,8 @@ static const char *shm_probe_fail_hook(void)
     return v && *v && strcmp(v, "0") != 0 ? v : NULL;
 }
 
+static void shm_peer_close(kvf_tpeer_t *pp);
+
 static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpeer_t **out)
 {
     const char *sid = d && d->sid ? d->sid : "?";
@@ -212,6 +221,12 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
     pthread_rwlock_init(&p->map_lock, &ra);
     pthread_rwlockattr_destroy(&ra);
     pthread_mutex_init(&p->ask_lock, NULL);
+    /* A target's unregister can wait only for the copies it can count. */
+    rc = shm_fence_open(p, shm_of(tt)->local_sid);
+    if (rc < 0) {
+        shm_peer_close((kvf_tpeer_t *)(void *)p);
+        return rc;
+    }
     KVF_DEBUG(SHM_LOG, "%s: peer %s reachable by shm (pid %d)", shm_of(tt)->local_sid, sid,
               (int)d->pid);
     *out = (kvf_tpeer_t *)(void *)p;
@@ -221,10 +236,18 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
 static void shm_peer_close(kvf_tpeer_t *pp)
 {
     struct shm_peer *p = shm_peer_of(pp);
+    shm_fence_close(p);
     shm_rmaps_free(p->rmaps, p->nrmaps);
     pthread_rwlock_destroy(&p->map_lock);
     pthread_mutex_destroy(&p->ask_lock);
     free(p);
+}
+
+static int shm_peer_alive(kvf_tpeer_t *pp, uint64_t deadline_ms)
+{
+    kvf_shm_word_t w;
+    (void)deadline_ms;
+    return shm_word_current(shm_peer_of(pp), &w);
 }
 
 static int shm_regions_gen(kvf_tpeer_t *pp, uint64_t *gen)
@@ -437,6 +460,13 @@ static int shm_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
      * pages. The fence orders them before whatever the caller does to announce completion. */
     atomic_thread_fence(memory_order_release);
     free(heap);
+    const char *hold = getenv(SHM_HOLD_ENV);
+    if (hold && *hold) {
+        long ms = strtol(hold, NULL, 10);
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+        if (ms > 0)
+            nanosleep(&ts, NULL);
+    }
     return rc;
 }
 
@@ -454,6 +484,7 @@ const struct kvf_transport_ops kvf__shm_ops = {
     .peer_open = shm_peer_open,
     .peer_close = shm_peer_close,
     .transfer = shm_transfer,
+    .peer_alive = shm_peer_alive,
     .notify = kvf__transport_enotsup_notify,
     .regions_gen = shm_regions_gen,
     .regions_read = shm_regions_read,
@@ -461,4 +492,8 @@ const struct kvf_transport_ops kvf__shm_ops = {
     .mem_export = shm_mem_export,
     .mem_unexport = shm_mem_unexport,
     .mem_sock = shm_mem_sock,
+    .guard_enter = shm_fence_enter,
+    .guard_leave = shm_fence_leave,
+    .drain = shm_fence_drain,
+    .holders = kvf__transport_no_holders,
 };

@@ -2,16 +2,19 @@
  * The shm transport's private header, shared by its files:
  *
  *   shm_copy.c   the pool of copy threads that share one large memcpy
- *   shm_memfd.c  the memfd socket: the target serving the fds of its kvf_mem_alloc memory, and
- *                the sender mapping them, per peer region
+ *   shm_fence.c  the fence that lets a target's unregister wait out the senders' copies: the
+ *                page of per-sender counters, its slots, the drain, enter and leave
+ *   shm_memfd.c  the memfd socket: the target serving the fds of its kvf_mem_alloc memory and
+ *                of its fence page, and the sender mapping them
  *   shm.c        the ops: create/destroy, the handshake (peer_open), process_vm transfers
  *
- * shm.c calls the other two, which call neither each other nor shm.c.
+ * shm.c calls the other three; shm_memfd.c calls shm_fence.c; nothing calls back up.
  */
 #ifndef KVF_TRANSPORT_SHM_H
 #define KVF_TRANSPORT_SHM_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -32,6 +35,45 @@ typedef struct {
     int fd;
 } shm_export_t;
 
+/*
+ * The fence (shm_fence.c). A target's CPU takes no part in a shm copy, so its unregister cannot
+ * take a reference the copy holds, as tcp's and loop's do. Instead each sender engine holds a
+ * slot of a page the target shares with it (a memfd, handed over the memfd socket), and counts
+ * its transfers in and out there, each under the epoch it entered in:
+ *
+ *   sender:  e = epoch; count[e & 1]++; if epoch != e: count[e & 1]--, again   (enter)
+ *            read the target's word and table, check, copy                      (the transfer)
+ *            count[e & 1]--                                                     (leave)
+ *   target:  publish the new table; e = epoch++; wait until every live slot's count[e & 1]
+ *            is 0                                                               (drain)
+ *
+ * All sequentially consistent. A sender counted under e before the bump is waited for; one that
+ * counts itself after the bump, or whose re-check sees the new epoch, reads the table after it
+ * was replaced and so cannot touch the unregistered range. Drains run one at a time, so each
+ * waits out exactly the parity its own bump closed. A slot is the target's while its holder's
+ * connection is open; a holder that exited (pidfd readable) holds nothing up.
+ */
+#define SHM_FENCE_SLOTS 256
+#define SHM_FENCE_MAGIC 0x65636e6566666b76ull /* "vkffence" little-endian */
+typedef struct {
+    _Atomic uint64_t count[2];
+    uint64_t pad[6]; /* one cache line per slot: senders do not share lines */
+} shm_fence_slot_t;
+typedef struct {
+    uint64_t magic;
+    _Atomic uint64_t epoch;
+    uint64_t pad[6];
+    shm_fence_slot_t slot[SHM_FENCE_SLOTS];
+} shm_fence_page_t;
+
+/* The target's record of a slot's holder, in its private memory. */
+typedef struct {
+    int conn;  /* the holder's connection to the memfd socket; -1 = slot free */
+    int pidfd; /* readable once the holder exited; -1 when pidfd_open failed */
+    pid_t pid;
+    char sid[KVF_SESSION_ID_MAX]; /* as the holder named itself: for messages only */
+} shm_fence_holder_t;
+
 struct shm_transport {
     char local_sid[KVF_SESSION_ID_MAX];
     kvf_region_table_t *regions;
@@ -40,6 +82,13 @@ struct shm_transport {
     pthread_mutex_t exp_lock;
     shm_export_t *exps;
     size_t nexps;
+    /* The fence page (NULL when not serving: then no sender may use shm), the holders of its
+     * slots (under fence_lock), and drain_lock, which runs drains one at a time. */
+    shm_fence_page_t *fence;
+    int fence_fd;
+    pthread_mutex_t fence_lock;
+    pthread_mutex_t drain_lock;
+    shm_fence_holder_t holders[SHM_FENCE_SLOTS];
     /* The memfd socket: -1 when not serving. */
     char sock[KVF_SHM_SOCK_MAX];
     int lfd;
@@ -88,6 +137,10 @@ struct shm_peer {
     size_t nrmaps;
     /* One memfd request at a time per peer: concurrent first writes ask once. */
     pthread_mutex_t ask_lock;
+    /* Our slot of the target's fence page, held while fence_conn is open. */
+    shm_fence_page_t *fence;
+    unsigned fence_slot;
+    int fence_conn;
 };
 
 static inline struct shm_transport *shm_of(kvf_transport_t *t)
@@ -111,6 +164,30 @@ void shm_copy(struct shm_transport *t, void *d, const void *s, size_t len);
 /* Stop and join the pool's workers and destroy its locks (destroy). */
 void shm_pool_stop(struct shm_transport *t);
 
+/* ---- shm_fence.c: the target ---------------------------------------------------------------- */
+
+/* Create the fence page (t->fence, t->fence_fd) and its locks. Returns 0 or -errno. */
+int shm_fence_create(struct shm_transport *t);
+/* Close every holder's connection and unmap the page. No drain may be running. */
+void shm_fence_destroy(struct shm_transport *t);
+/* Give a slot to the process @pid (from SO_PEERCRED) on connection @conn, which it keeps open
+ * while it holds the slot; @sid is its claim, for messages. Returns the slot, or -KVF_EBUSY when
+ * all are taken. */
+int shm_fence_admit(struct shm_transport *t, int conn, pid_t pid, const char *sid);
+/* The holder of @slot closed its connection (or broke the protocol): close it, free the slot. */
+void shm_fence_release(struct shm_transport *t, unsigned slot);
+/* The connections of the slots in use, for the serving thread's poll: fills up to @max entries
+ * of @fds and @slots, returns how many. */
+size_t shm_fence_conns(struct shm_transport *t, int *fds, unsigned *slots, size_t max);
+/* The drain op (transport.h). */
+int shm_fence_drain(kvf_transport_t *tt, uint64_t deadline_ms);
+
+/* ---- shm_fence.c: the sender ---------------------------------------------------------------- */
+
+/* The guard_enter and guard_leave ops (transport.h). */
+int shm_fence_enter(kvf_tpeer_t *pp, uint64_t *token);
+void shm_fence_leave(kvf_tpeer_t *pp, uint64_t token);
+
 /* ---- shm_memfd.c: the target ---------------------------------------------------------------- */
 
 /* Start serving the fds of exported memory on the abstract socket @name; a failure is logged
@@ -127,6 +204,12 @@ const char *shm_mem_sock(const kvf_transport_t *tt);
 void shm_rmaps_free(shm_rmap_t *m, size_t n);
 /* The regions_changed op (transport.h). */
 void shm_regions_changed(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n);
+/* Take a slot of the target's fence page (p->fence, fence_slot, fence_conn). Returns 0, or
+ * -KVF_ENOTSUP with the reason (the target serves no socket, is full, or answered wrongly):
+ * without a slot, shm must not be used to that target. */
+int shm_fence_open(struct shm_peer *p, const char *local_sid);
+/* Give the slot back (close the connection) and unmap the page. */
+void shm_fence_close(struct shm_peer *p);
 /* Learn, once per region, whether the region containing @x is kvf_mem_alloc memory, and map it
  * if so. Called without map_lock. */
 void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x);

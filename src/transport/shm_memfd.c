@@ -12,6 +12,10 @@
  * credentials on the socket: the target answers only its own uid (or root), the sender accepts
  * fds only from the pid it validated with the word, so a process squatting on the name gets and
  * gives nothing.
+ *
+ * The same socket hands out slots of the target's fence page (shm.h, shm_fence.c): a sender asks
+ * once per peer and keeps that connection open for as long as it holds the slot; the serving
+ * thread watches those connections and frees a slot when its connection ends.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -34,19 +38,24 @@
 
 /* The memfd socket's one request and one answer (docs/protocol.md, "memfd exchange"). */
 #define SHM_FD_MAGIC   0x6466766bu /* "kvfd" little-endian */
-#define SHM_FD_VERSION 1u
+#define SHM_FD_VERSION 2u
 /* Bound on each read and write of the exchange, both ends: a silent peer costs at most this. */
 #define SHM_FD_IO_TIMEOUT_MS 1000
+enum { SHM_REQ_MEMFD = 0, SHM_REQ_FENCE = 1 };
 typedef struct {
     uint32_t magic;
     uint32_t version;
-    uint64_t addr; /* an address inside the region whose fd is wanted */
+    uint64_t addr; /* SHM_REQ_MEMFD: an address inside the region whose fd is wanted */
+    uint32_t kind; /* SHM_REQ_* */
+    uint32_t zero;
+    char sid[KVF_SESSION_ID_MAX]; /* SHM_REQ_FENCE: the asker's session id, for messages */
 } shm_fd_req_t;
 typedef struct {
     uint32_t magic;
     int32_t status; /* 0 (one fd attached), -KVF_ENOTREG, -KVF_ENOTFOUND (not kvf_mem_alloc
-                       memory), -KVF_EAUTH (another uid), -KVF_EPROTO */
-    uint64_t base;  /* the region: its address, length and generation */
+                       memory), -KVF_EBUSY (no fence slot free), -KVF_EAUTH (another uid),
+                       -KVF_EPROTO */
+    uint64_t base;  /* MEMFD: the region: its address, length and generation; FENCE: the slot */
     uint64_t len;
     uint64_t gen;
 } shm_fd_ans_t;
@@ -123,9 +132,35 @@ static int shm_send_answer(int c, const shm_fd_ans_t *a, int fd)
     return sendmsg(c, &m, MSG_NOSIGNAL) == (ssize_t)sizeof(*a) ? 0 : -errno;
 }
 
+/* A fence request from @pid: a slot, and the page's fd with it. Returns true when the slot was
+ * given, so the connection is now the holder's. */
+static bool shm_fence_answer(struct shm_transport *t, int c, pid_t pid, shm_fd_req_t *q)
+{
+    shm_fd_ans_t a = {.magic = SHM_FD_MAGIC};
+    char sid[KVF_SESSION_ID_MAX];
+    kvf__printable(sid, sizeof(sid), q->sid, strnlen(q->sid, sizeof(q->sid)));
+    int slot = shm_fence_admit(t, c, pid, sid);
+    if (slot < 0) {
+        a.status = slot;
+        KVF_WARN_RATELIMITED(SHM_LOG, "%s: fence slot refused to pid %d: all %u are held",
+                             t->local_sid, (int)pid, SHM_FENCE_SLOTS);
+        shm_send_answer(c, &a, -1);
+        return false;
+    }
+    a.base = (uint64_t)slot;
+    a.len = sizeof(shm_fence_page_t);
+    if (shm_send_answer(c, &a, t->fence_fd) < 0) {
+        shm_fence_release(t, (unsigned)slot); /* closes @c */
+        return true;
+    }
+    KVF_DEBUG(SHM_LOG, "%s: fence slot %d to pid %d (%s)", t->local_sid, slot, (int)pid, sid);
+    return true;
+}
+
 /* Answer one request on connection @c: the fd of the kvf_mem_alloc region containing the
- * address, if that region is registered now and the asker runs as our uid (or root). */
-static void shm_fd_answer(struct shm_transport *t, int c)
+ * address, if that region is registered now and the asker runs as our uid (or root); or a fence
+ * slot. Returns true when the connection was kept (a fence slot's) or closed already. */
+static bool shm_fd_answer(struct shm_transport *t, int c)
 {
     shm_fd_req_t q;
     shm_fd_ans_t a = {.magic = SHM_FD_MAGIC, .status = -KVF_EPROTO};
@@ -141,14 +176,16 @@ static void shm_fd_answer(struct shm_transport *t, int c)
         KVF_WARN_RATELIMITED(SHM_LOG, "%s: memfd request from pid %d refused: uid %u is not ours",
                              t->local_sid, (int)cr.pid, (unsigned)cr.uid);
         shm_send_answer(c, &a, -1);
-        return;
+        return false;
     }
     if (recv(c, &q, sizeof(q), MSG_WAITALL) != (ssize_t)sizeof(q) || q.magic != SHM_FD_MAGIC ||
-        q.version != SHM_FD_VERSION) {
+        q.version != SHM_FD_VERSION || q.kind > SHM_REQ_FENCE) {
         KVF_DEBUG(SHM_LOG, "%s: malformed memfd request from pid %d", t->local_sid, (int)cr.pid);
         shm_send_answer(c, &a, -1);
-        return;
+        return false;
     }
+    if (q.kind == SHM_REQ_FENCE)
+        return shm_fence_answer(t, c, cr.pid, &q);
     a.status = -KVF_ENOTREG;
     if (kvf__regions_snapshot(t->regions, &rs, &n, NULL) == 0) {
         for (size_t i = 0; i < n; i++) {
@@ -174,16 +211,25 @@ static void shm_fd_answer(struct shm_transport *t, int c)
     pthread_mutex_unlock(&t->exp_lock);
     KVF_DEBUG(SHM_LOG, "%s: memfd request for 0x%" PRIx64 " from pid %d: %s", t->local_sid, q.addr,
               (int)cr.pid, a.status ? kvf_strerror(a.status) : "fd sent");
+    return false;
 }
 
-/* One connection at a time: each is one short request bounded by SHM_FD_IO_TIMEOUT_MS, and a
- * sender asks once per region. */
+/* One request at a time: each is short and bounded by SHM_FD_IO_TIMEOUT_MS, and a sender asks
+ * once per region and once per peer for a fence slot. Between requests, the connections of the
+ * fence slots are watched: a holder says nothing on it, so anything (EOF included) ends it. */
 static void *shm_fd_serve(void *arg)
 {
     struct shm_transport *t = arg;
+    struct pollfd pf[2 + SHM_FENCE_SLOTS];
+    int fds[SHM_FENCE_SLOTS];
+    unsigned slots[SHM_FENCE_SLOTS];
     for (;;) {
-        struct pollfd pf[2] = {{.fd = t->lfd, .events = POLLIN}, {.fd = t->wake, .events = POLLIN}};
-        if (poll(pf, 2, -1) < 0) {
+        size_t nh = shm_fence_conns(t, fds, slots, SHM_FENCE_SLOTS);
+        pf[0] = (struct pollfd){.fd = t->lfd, .events = POLLIN};
+        pf[1] = (struct pollfd){.fd = t->wake, .events = POLLIN};
+        for (size_t i = 0; i < nh; i++)
+            pf[2 + i] = (struct pollfd){.fd = fds[i], .events = POLLIN};
+        if (poll(pf, (nfds_t)(2 + nh), -1) < 0) {
             if (errno == EINTR)
                 continue;
             KVF_ERROR(SHM_LOG, "%s: memfd socket poll: %s", t->local_sid, strerror(errno));
@@ -191,17 +237,22 @@ static void *shm_fd_serve(void *arg)
         }
         if (pf[1].revents)
             break;
+        for (size_t i = 0; i < nh; i++)
+            if (pf[2 + i].revents)
+                shm_fence_release(t, slots[i]);
+        if (!pf[0].revents)
+            continue;
         int c = accept4(t->lfd, NULL, NULL, SOCK_CLOEXEC);
         if (c < 0)
             continue;
-        shm_fd_answer(t, c);
-        close(c);
+        if (!shm_fd_answer(t, c))
+            close(c);
     }
     return NULL;
 }
 
-/* Start serving on @name. A failure is not fatal: senders then use process_vm_writev for all
- * memory, which is only slower. */
+/* Start serving on @name, with the fence page. A failure is not fatal: peers then reach this
+ * engine over tcp (a sender uses shm only with a fence slot). */
 void shm_fd_listen(struct shm_transport *t, const char *name)
 {
     struct sockaddr_un sa;
@@ -213,21 +264,27 @@ void shm_fd_listen(struct shm_transport *t, const char *name)
         return;
     }
     snprintf(t->sock, sizeof(t->sock), "%s", name);
+    int frc = shm_fence_create(t);
+    if (frc < 0) {
+        KVF_WARN(SHM_LOG, "%s: cannot create the shm fence page (%s): peers will use tcp",
+                 t->local_sid, strerror(-frc));
+        shm_fence_destroy(t);
+        return;
+    }
     t->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     t->wake = eventfd(0, EFD_CLOEXEC);
     if (t->lfd < 0 || t->wake < 0 ||
         bind(t->lfd, (struct sockaddr *)&sa, shm_sock_addr(name, &sa)) < 0 ||
         listen(t->lfd, 64) < 0 ||
         kvf__thread_start(&t->thread, "kvf-shm-fd", 0, shm_fd_serve, t) != 0) {
-        KVF_WARN(SHM_LOG,
-                 "%s: cannot serve memfds on @%s (%s): kvf_mem_alloc memory is written "
-                 "with process_vm_writev",
+        KVF_WARN(SHM_LOG, "%s: cannot serve the shm socket @%s (%s): peers will use tcp",
                  t->local_sid, name, strerror(errno));
         if (t->lfd >= 0)
             close(t->lfd);
         if (t->wake >= 0)
             close(t->wake);
         t->lfd = t->wake = -1;
+        shm_fence_destroy(t);
     }
 }
 
@@ -284,31 +341,30 @@ void shm_regions_changed(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n)
     pthread_rwlock_unlock(&p->map_lock);
 }
 
-/* Ask the target for the fd of region @r and map it. Returns the mapping (and its length) or
- * NULL with the reason in @why; never fails the transfer, which then uses process_vm_writev. */
-static uint8_t *shm_fd_fetch(struct shm_peer *p, const kvf_region_t *r, size_t *map_len, char *why,
-                             size_t whylen)
+/*
+ * Send @q to the peer's socket and receive the answer @a and the fd that came with it (@fd, -1
+ * if none). Returns the connected socket (the caller closes it), or -1 with the reason in @why.
+ * Only the process validated with the word may answer.
+ */
+static int shm_ask(struct shm_peer *p, const shm_fd_req_t *q, shm_fd_ans_t *a, int *fd, char *why,
+                   size_t whylen)
 {
     struct sockaddr_un sa;
     struct ucred cr = {.pid = 0};
     socklen_t crl = sizeof(cr);
-    shm_fd_req_t q = {.magic = SHM_FD_MAGIC, .version = SHM_FD_VERSION, .addr = r->addr};
-    shm_fd_ans_t a;
     union {
         char buf[CMSG_SPACE(4 * sizeof(int))];
         struct cmsghdr align;
     } u;
-    struct iovec iov = {.iov_base = &a, .iov_len = sizeof(a)};
+    struct iovec iov = {.iov_base = a, .iov_len = sizeof(*a)};
     struct msghdr m = {
         .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf)};
-    uint8_t *map = NULL;
-    int fd = -1;
-    struct stat st;
 
+    *fd = -1;
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (s < 0) {
         snprintf(why, whylen, "socket: %s", strerror(errno));
-        return NULL;
+        return -1;
     }
     shm_sock_timeouts(s);
     if (connect(s, (struct sockaddr *)&sa, shm_sock_addr(p->sock, &sa)) < 0) {
@@ -321,7 +377,7 @@ static uint8_t *shm_fd_fetch(struct shm_peer *p, const kvf_region_t *r, size_t *
                  (int)p->pid);
         goto out_close;
     }
-    if (send(s, &q, sizeof(q), MSG_NOSIGNAL) != (ssize_t)sizeof(q)) {
+    if (send(s, q, sizeof(*q), MSG_NOSIGNAL) != (ssize_t)sizeof(*q)) {
         snprintf(why, whylen, "send: %s", strerror(errno));
         goto out_close;
     }
@@ -335,16 +391,40 @@ static uint8_t *shm_fd_fetch(struct shm_peer *p, const kvf_region_t *r, size_t *
         for (size_t i = 0; i < nfd; i++) {
             int f;
             memcpy(&f, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
-            if (fd < 0)
-                fd = f;
+            if (*fd < 0)
+                *fd = f;
             else
                 close(f);
         }
     }
-    if (got != (ssize_t)sizeof(a) || a.magic != SHM_FD_MAGIC) {
-        snprintf(why, whylen, "malformed answer (%zd bytes)", got);
-        goto out_close_fd;
-    }
+    if (got == (ssize_t)sizeof(*a) && a->magic == SHM_FD_MAGIC)
+        return s;
+    snprintf(why, whylen, "malformed answer (%zd bytes)", got);
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+out_close:
+    close(s);
+    return -1;
+}
+
+/* Ask the target for the fd of region @r and map it. Returns the mapping (and its length) or
+ * NULL with the reason in @why; never fails the transfer, which then uses process_vm_writev. */
+static uint8_t *shm_fd_fetch(struct shm_peer *p, const kvf_region_t *r, size_t *map_len, char *why,
+                             size_t whylen)
+{
+    shm_fd_req_t q = {.magic = SHM_FD_MAGIC,
+                      .version = SHM_FD_VERSION,
+                      .addr = r->addr,
+                      .kind = SHM_REQ_MEMFD};
+    shm_fd_ans_t a;
+    uint8_t *map = NULL;
+    int fd;
+    struct stat st;
+
+    int s = shm_ask(p, &q, &a, &fd, why, whylen);
+    if (s < 0)
+        return NULL;
     if (a.status != 0) {
         snprintf(why, whylen, "%s",
                  a.status == -KVF_ENOTFOUND ? "not kvf_mem_alloc memory" : kvf_strerror(a.status));
@@ -372,9 +452,65 @@ static uint8_t *shm_fd_fetch(struct shm_peer *p, const kvf_region_t *r, size_t *
 out_close_fd:
     if (fd >= 0)
         close(fd);
-out_close:
     close(s);
     return map;
+}
+
+int shm_fence_open(struct shm_peer *p, const char *local_sid)
+{
+    shm_fd_req_t q = {.magic = SHM_FD_MAGIC, .version = SHM_FD_VERSION, .kind = SHM_REQ_FENCE};
+    shm_fd_ans_t a;
+    char why[200] = "";
+    struct stat st;
+    void *map = MAP_FAILED;
+    int fd;
+
+    p->fence_conn = -1;
+    if (!p->sock[0])
+        return kvf__err(-KVF_ENOTSUP, "peer %s serves no shm socket (so no fence that its "
+                                      "unregister could wait on)",
+                        p->sid);
+    snprintf(q.sid, sizeof(q.sid), "%s", local_sid);
+    int s = shm_ask(p, &q, &a, &fd, why, sizeof(why));
+    if (s < 0)
+        return kvf__err(-KVF_ENOTSUP, "peer %s: fence slot: %s", p->sid, why);
+    if (a.status != 0 || fd < 0 || a.base >= SHM_FENCE_SLOTS || a.len != sizeof(shm_fence_page_t)) {
+        snprintf(why, sizeof(why), "%s",
+                 a.status == -KVF_EBUSY ? "all its fence slots are held"
+                 : a.status            ? kvf_strerror(a.status)
+                                       : "malformed answer");
+    } else if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) ||
+               st.st_size < (off_t)sizeof(shm_fence_page_t)) {
+        snprintf(why, sizeof(why), "the fd is not a fence page");
+    } else {
+        map = mmap(NULL, sizeof(shm_fence_page_t), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (map == MAP_FAILED)
+            snprintf(why, sizeof(why), "mmap: %s", strerror(errno));
+        else if (((shm_fence_page_t *)map)->magic != SHM_FENCE_MAGIC)
+            snprintf(why, sizeof(why), "the page has no fence magic");
+    }
+    if (fd >= 0)
+        close(fd);
+    if (why[0]) {
+        if (map != MAP_FAILED)
+            munmap(map, sizeof(shm_fence_page_t));
+        close(s);
+        return kvf__err(-KVF_ENOTSUP, "peer %s: fence slot: %s", p->sid, why);
+    }
+    p->fence = map;
+    p->fence_slot = (unsigned)a.base;
+    p->fence_conn = s;
+    return 0;
+}
+
+void shm_fence_close(struct shm_peer *p)
+{
+    if (p->fence)
+        munmap(p->fence, sizeof(*p->fence));
+    if (p->fence_conn >= 0)
+        close(p->fence_conn);
+    p->fence = NULL;
+    p->fence_conn = -1;
 }
 
 void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x)

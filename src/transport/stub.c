@@ -64,3 +64,34 @@ const char *kvf__transport_no_sock(const kvf_transport_t *t)
     (void)t;
     return "";
 }
+
+int kvf__transport_no_guard_enter(kvf_tpeer_t *p, uint64_t *token)
+{
+    (void)p;
+    *token = 0;
+    return 0;
+}
+
+void kvf__transport_no_guard_leave(kvf_tpeer_t *p, uint64_t token)
+{
+    (void)p;
+    (void)token;
+}
+
+int kvf__transport_no_drain(kvf_transport_t *t, uint64_t deadline_ms)
+{
+    (void)t;
+    (void)deadline_ms;
+    return 0;
+}
+
+size_t kvf__transport_no_holders(kvf_transport_t *t, uint64_t addr, uint64_t len, char *buf,
+                                 size_t buflen)
+{
+    (void)t;
+    (void)addr;
+    (void)len;
+    (void)buf;
+    (void)buflen;
+    return 0;
+}

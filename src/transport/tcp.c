@@ -172,6 +172,7 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .peer_open = tcp_peer_open,
     .peer_close = tcp_peer_close,
     .transfer = tcp_transfer,
+    .peer_alive = tcp_peer_alive,
     .notify = tcp_notify,
     .regions_gen = kvf__transport_enotsup_gen,
     .regions_read = kvf__transport_enotsup_regions,
@@ -179,4 +180,8 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .mem_export = kvf__transport_nop_export,
     .mem_unexport = kvf__transport_nop_unexport,
     .mem_sock = kvf__transport_no_sock,
+    .guard_enter = kvf__transport_no_guard_enter,
+    .guard_leave = kvf__transport_no_guard_leave,
+    .drain = kvf__transport_no_drain,
+    .holders = tcp_holders,
 };

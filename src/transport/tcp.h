@@ -96,6 +96,9 @@ struct tcp_sconn {
     uint8_t ip_len;
     char addr[TCP_ADDR_LEN];
     char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO gave it: the sender of its notifications */
+    /* The range of the request holding region references now ([lo, hi); hi 0: none), for the
+     * message of an unregister that times out (holders()). */
+    _Atomic uint64_t hold_lo, hold_hi;
     uint8_t *scratch;                  /* drain buffer for refused writes, allocated on first use */
     uint8_t *segs;                     /* a WRITEV's segment table, allocated on first use */
     kvf_region_ref_t *refs;            /* and the region references of its segments */
@@ -295,6 +298,8 @@ void *tcp_accept_main(void *arg);
 /* Join and free the connections whose threads have ended (all of them with @all). Called with
  * t->mu NOT held; takes it to unlink. */
 void tcp_reap_sconns(struct tcp_transport *t, bool all);
+/* The holders op: the served connections whose request holds part of [addr, addr+len). */
+size_t tcp_holders(kvf_transport_t *tt, uint64_t addr, uint64_t len, char *buf, size_t buflen);
 
 /* ---------------------------------------------------------------------------------------------
  * tcp_conn.c: one initiator connection (slots and batches all under peer->mu)
@@ -349,6 +354,8 @@ void tcp_conn_fini(struct tcp_conn *c);
 
 int tcp_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpeer_t **out);
 void tcp_peer_close(kvf_tpeer_t *pp);
+/* The peer_alive op: no I/O while a connection is up, else one connect. */
+int tcp_peer_alive(kvf_tpeer_t *pp, uint64_t deadline_ms);
 
 /* Shut every peer handle of @t down and detach it (destroy(): the handles stay valid, and
  * refuse transfers, until the engine closes them). */

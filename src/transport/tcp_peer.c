@@ -132,3 +132,42 @@ void tcp_peer_close(kvf_tpeer_t *pp)
     pthread_mutex_destroy(&p->mu);
     free(p);
 }
+
+/*
+ * A connection that is up says the peer is there: its receiver thread notices the peer closing
+ * or resetting it at once (the connection breaks). With none up, connect one now: a refusal (or
+ * no answer within the connect timeout) means nothing listens at the peer's address any more.
+ * A peer that only closed idle connections is reconnected, which the next transfer uses.
+ */
+int tcp_peer_alive(kvf_tpeer_t *pp, uint64_t deadline_ms)
+{
+    struct tcp_peer *p = tcp_peer_of(pp);
+    int rc = 0;
+    pthread_mutex_lock(&p->mu);
+    if (p->closing) {
+        pthread_mutex_unlock(&p->mu);
+        return kvf__err(-KVF_ECLOSED, "tcp peer %s: transport is closing", p->sid);
+    }
+    struct tcp_conn *down = NULL;
+    for (unsigned i = 0; i < p->nconns; i++) {
+        struct tcp_conn *c = &p->conns[i];
+        if (c->state == TCP_CONN_UP || c->state == TCP_CONN_CONNECTING) {
+            down = NULL; /* up, or someone is finding out */
+            break;
+        }
+        if (!down)
+            down = c;
+    }
+    if (down) {
+        p->active++; /* keeps tcp_peer_shut waiting while the lock is dropped to connect */
+        rc = tcp_conn_open_locked(down, deadline_ms);
+        if (--p->active == 0 && p->closing)
+            pthread_cond_broadcast(&p->cv);
+    }
+    pthread_mutex_unlock(&p->mu);
+    if (rc == -KVF_EPEERGONE)
+        return kvf__err(rc, "peer %s is gone: no connection to it is up and a new one failed (%s)",
+                        p->sid, kvf_last_error());
+    return rc;
+}
+

@@ -204,6 +204,33 @@ static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why,
     return why;
 }
 
+/* Say which range this connection's request holds now (hi 0: none). */
+static void sc_hold(struct tcp_sconn *sc, uint64_t lo, uint64_t hi)
+{
+    atomic_store_explicit(&sc->hold_lo, lo, memory_order_relaxed);
+    atomic_store_explicit(&sc->hold_hi, hi, memory_order_relaxed);
+}
+
+size_t tcp_holders(kvf_transport_t *tt, uint64_t addr, uint64_t len, char *buf, size_t buflen)
+{
+    struct tcp_transport *t = tcp_of(tt);
+    size_t n = 0;
+    pthread_mutex_lock(&t->mu);
+    for (struct tcp_sconn *sc = t->sconns; sc; sc = sc->next) {
+        uint64_t lo = atomic_load_explicit(&sc->hold_lo, memory_order_relaxed);
+        uint64_t hi = atomic_load_explicit(&sc->hold_hi, memory_order_relaxed);
+        if (atomic_load(&sc->done) || hi <= addr || lo >= addr + len)
+            continue;
+        char what[KVF_SESSION_ID_MAX + TCP_ADDR_LEN + 16];
+        snprintf(what, sizeof(what), "peer %s (%s)", sc->peer_sid[0] ? sc->peer_sid : "?",
+                 sc->addr);
+        kvf__holders_add(buf, buflen, what);
+        n++;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return n;
+}
+
 /*
  * Serve a WRITEV: its segment table, then each segment's bytes straight into the region it lies
  * in, under references on all of them. Either every segment is inside a registered region and
@@ -246,6 +273,13 @@ static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, s
                  total, h->len);
         return 1;
     }
+    uint64_t lo = UINT64_MAX, hi = 0;
+    for (unsigned i = 0; i < n; i++) {
+        uint64_t a = (uintptr_t)sc->iov[i].iov_base;
+        lo = a < lo ? a : lo;
+        hi = a + sc->iov[i].iov_len > hi ? a + sc->iov[i].iov_len : hi;
+    }
+    sc_hold(sc, lo, hi);
     unsigned k = 0;
     int arc = 0;
     for (; k < n; k++) {
@@ -257,6 +291,7 @@ static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, s
     if (arc) {
         for (unsigned j = 0; j < k; j++)
             kvf__regions_release(t->regions, &sc->refs[j]);
+        sc_hold(sc, 0, 0);
         KVF_DEBUG(TCP_LOG, "gathered write from %s refused at segment %u: %s", sc->addr, k,
                   kvf_last_error());
         rc = tcp_srv_drain(sc, h->len);
@@ -271,6 +306,7 @@ static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, s
     rc = tcp_srv_recvv(sc, sc->iov, (int)n, false, deadline, NULL);
     for (unsigned j = 0; j < n; j++)
         kvf__regions_release(t->regions, &sc->refs[j]);
+    sc_hold(sc, 0, 0);
     if (rc == 0) {
         uint8_t resp[KVF_TCP_HDR_LEN];
         tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h->req_id, n, 0);
@@ -411,6 +447,7 @@ static void *tcp_sconn_main(void *arg)
             }
         } else if (h.type == KVF_TCP_WRITE) {
             kvf_region_ref_t ref = {0};
+            sc_hold(sc, h.addr, h.addr + h.len);
             int arc = kvf__regions_acquire(t->regions, h.addr, h.len, &ref);
             if (arc == 0) {
                 /* Straight into the registered memory: the region reference keeps it registered
@@ -418,6 +455,7 @@ static void *tcp_sconn_main(void *arg)
                 rc = tcp_srv_recv(sc, (void *)(uintptr_t)h.addr, (size_t)h.len, false,
                                   tcp_frame_deadline(h.len), NULL);
                 kvf__regions_release(t->regions, &ref);
+                sc_hold(sc, 0, 0);
                 if (rc == 0) {
                     uint8_t resp[KVF_TCP_HDR_LEN];
                     tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, h.addr, 0);
@@ -425,6 +463,7 @@ static void *tcp_sconn_main(void *arg)
                     rc = tcp_srv_send(sc, &iov, 1, 0);
                 }
             } else {
+                sc_hold(sc, 0, 0);
                 KVF_DEBUG(TCP_LOG, "write from %s refused: %s", sc->addr, kvf_last_error());
                 rc = tcp_srv_drain(sc, h.len);
                 if (rc == 0)
@@ -432,6 +471,7 @@ static void *tcp_sconn_main(void *arg)
             }
         } else {
             kvf_region_ref_t ref = {0};
+            sc_hold(sc, h.addr, h.addr + h.len);
             int arc = kvf__regions_acquire(t->regions, h.addr, h.len, &ref);
             if (arc == 0) {
                 uint8_t resp[KVF_TCP_HDR_LEN];
@@ -440,7 +480,9 @@ static void *tcp_sconn_main(void *arg)
                                        {(void *)(uintptr_t)h.addr, (size_t)h.len}};
                 rc = tcp_srv_send(sc, iov, 2, tcp_frame_deadline(h.len));
                 kvf__regions_release(t->regions, &ref);
+                sc_hold(sc, 0, 0);
             } else {
+                sc_hold(sc, 0, 0);
                 KVF_DEBUG(TCP_LOG, "read from %s refused: %s", sc->addr, kvf_last_error());
                 rc = tcp_srv_refuse(sc, &h, arc, "read", h.addr, h.len);
             }

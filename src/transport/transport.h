@@ -22,6 +22,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <string.h>
 
 #include "common/url.h"
 #include "common/host.h"
@@ -219,6 +221,16 @@ struct kvf_transport_ops {
                     const kvf_xfer_ctl_t *ctl);
 
     /*
+     * Is the peer still there? 0: alive as far as its path can tell; -KVF_EPEERGONE with a
+     * message naming it when the path says it is gone: shm: its process exited, or its pid no
+     * longer holds its engine; tcp: no connection to it is up and a new one (tried now, bounded
+     * by @deadline_ms and the connect timeout) is refused or unanswered; loop: the engine is
+     * no longer in this process. Cheap while the path is up (no I/O for tcp, one
+     * process_vm_readv for shm). Thread-safe.
+     */
+    int (*peer_alive)(kvf_tpeer_t *p, uint64_t deadline_ms);
+
+    /*
      * Deliver a notification of @len (<= KVF_NOTIFY_MAX) bytes to the peer and wait until it
      * has queued it, or @deadline_ms. Requests this thread completed on the peer before the
      * call are complete at the target before it reads the notification. Errors as transfer(),
@@ -265,7 +277,41 @@ struct kvf_transport_ops {
     /* The abstract socket name exported memory is served on (the session record's
      * memfd_socket), "" when this transport serves none. */
     const char *(*mem_sock)(const kvf_transport_t *t);
+
+    /*
+     * For transports whose target takes no part in a copy (shm, KVF_CHECK_SENDER): the sender's
+     * side of the target's drain. The core calls guard_enter before it makes its copy of the
+     * target's regions current and checks the batch against it, and guard_leave (with the
+     * token enter gave) after transfer() returned; in between, the target's drain() waits for
+     * it. Errors: -KVF_EBUSY (the target's unregistrations never let it in). Others use
+     * kvf__transport_no_guard_enter/leave.
+     */
+    int (*guard_enter)(kvf_tpeer_t *p, uint64_t *token);
+    void (*guard_leave)(kvf_tpeer_t *p, uint64_t token);
+    /*
+     * The target's side: the engine's region table has just been replaced (kvf_mem_unregister,
+     * destroy); return once no sender that may have checked against an older table is still
+     * copying, or at @deadline_ms with -KVF_ETIMEDOUT and a message naming the sender that
+     * holds it. Transports whose target holds a reference on the region for every copy (tcp,
+     * loop: kvf__regions_remove waits for them) use kvf__transport_no_drain.
+     */
+    int (*drain)(kvf_transport_t *t, uint64_t deadline_ms);
+    /*
+     * An unregister of the region [@addr, @addr+@len) timed out: who is still holding it
+     * through this transport, as "peer SID (ADDRESS)" entries joined by ", " in @buf (cut to
+     * @buflen). Returns how many were found. Transports whose target holds nothing (shm: its
+     * drain names its senders itself) use kvf__transport_no_holders.
+     */
+    size_t (*holders)(kvf_transport_t *t, uint64_t addr, uint64_t len, char *buf, size_t buflen);
 };
+
+/* Append "@what" to the ", "-joined list in @buf (cut to @len), for holders(). */
+static inline void kvf__holders_add(char *buf, size_t len, const char *what)
+{
+    size_t at = strnlen(buf, len);
+    if (at + 1 < len)
+        snprintf(buf + at, len - at, "%s%s", at ? ", " : "", what);
+}
 
 /* Stubs for ops a transport does not have (stub.c). */
 int kvf__transport_enotsup_gen(kvf_tpeer_t *p, uint64_t *gen);
@@ -278,6 +324,11 @@ void kvf__transport_nop(kvf_transport_t *t);
 int kvf__transport_nop_export(kvf_transport_t *t, void *addr, size_t len, int fd);
 void kvf__transport_nop_unexport(kvf_transport_t *t, void *addr);
 const char *kvf__transport_no_sock(const kvf_transport_t *t);
+int kvf__transport_no_guard_enter(kvf_tpeer_t *p, uint64_t *token);
+void kvf__transport_no_guard_leave(kvf_tpeer_t *p, uint64_t token);
+int kvf__transport_no_drain(kvf_transport_t *t, uint64_t deadline_ms);
+size_t kvf__transport_no_holders(kvf_transport_t *t, uint64_t addr, uint64_t len, char *buf,
+                                 size_t buflen);
 
 /*
  * The transports, in the order the core tries them for a peer when none is forced (transport.c),

@@ -86,6 +86,15 @@ class Procs:
                 return out.read()
         raise KeyError(name)
 
+    def wait_output(self, name, needle, timeout):
+        """Poll name's output until it contains needle (bounded); return whether it did."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if needle in self.output(name):
+                return True
+            time.sleep(0.02)
+        return False
+
     def close(self):
         for _, p, out in self.procs:
             if p.poll() is None:

@@ -4,6 +4,7 @@ against a receiver in another process over tcp and shm. Every data test compares
 import gc
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -698,6 +699,55 @@ def test_notify_cross_process_shm_mem_alloc(store, procs, monkeypatch):
 
 
 # ---- peers -----------------------------------------------------------------------------------
+
+# Runs in a child process: a Decode that registers a buffer, prints READY <sid> <addr> and
+# waits to be killed (bounded: 60 s).
+SILENT_DECODE = r"""
+import sys, time
+import numpy as np
+import kvferry
+e = kvferry.TransferEngine(init_timeout_ms=5000)
+assert e.initialize(sys.argv[1], "127.0.0.1:0", "Decode") == 0, kvferry.get_last_err_msg()
+buf = np.zeros(4096, dtype=np.uint8)
+assert e.register_memory(buf) == 0
+print("READY", e.session_id, buf.ctypes.data, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_wait_notification_peer_gone(store, procs, monkeypatch, transport):
+    """wait_notification(peer=...) raises KVF_EPEERGONE naming the peer within about a second of
+    its death (here SIGKILL), not at its timeout; check_peer says the same."""
+    monkeypatch.setenv("KVFERRY_TRANSPORT", transport)
+    rx = procs.start("decode", ["-c", SILENT_DECODE, store.url], env=dict(os.environ))
+    end = time.monotonic() + 30
+    m = None
+    while m is None and time.monotonic() < end and rx.poll() is None:
+        m = re.search(r"READY (\S+) (\d+)", procs.output("decode"))
+        time.sleep(0.02)
+    assert m, "decode did not start:\n" + procs.output("decode")
+    sid, base = m.group(1), int(m.group(2))
+    p = make_engine(store.url, "Prefill")
+    try:
+        assert p.transfer_sync_write(sid, b"x" * 64, base) == 0, err()
+        assert p.peer_transport(sid) == transport
+        assert p.check_peer(sid) == 0
+        assert p.wait_notification(0.3, peer=sid) == []
+        os.kill(rx.pid, signal.SIGKILL)
+        rx.wait()
+        t0 = time.monotonic()
+        with pytest.raises(kvferry.Error) as e:
+            p.wait_notification(20, peer=sid)
+        took = time.monotonic() - t0
+        assert e.value.code == -kvferry.KVF_EPEERGONE and sid in str(e.value), e.value
+        assert took < 2.0, took
+        assert p.check_peer(sid) == -kvferry.KVF_EPEERGONE
+        assert sid in kvferry.get_last_err_msg()
+        with pytest.raises(TypeError):
+            p.wait_notification(1, peer=5)
+    finally:
+        p.destroy()
 
 
 def test_peer_events_joined_and_left(store):

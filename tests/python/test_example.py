@@ -3,8 +3,11 @@ torch tensors, started in either order. The Prefill starts the config store in i
 Prefill writes each slice with a notification and the Decode checks each slice as its
 notification arrives."""
 
+import os
 import re
+import signal
 import sys
+import time
 
 import pytest
 
@@ -90,3 +93,66 @@ def test_seed_typo_store_url_fails_fast(procs):
     assert rc == 1, f"exit status {rc}"
     assert "TransferEngine initialization failed" in out
     assert "192.168.1.1000" in out
+
+
+
+def test_decode_serves_next_prefill_after_one_dies(store, procs):
+    """A Prefill killed in the middle of a round costs the Decode nothing but that Prefill: the
+    Decode notices within seconds (not its 60 s wait), says so, and serves the next Prefill's
+    rounds from the start. The store runs apart from both (here in the test process)."""
+    decode_port = free_port()
+    decode_sid = f"127.0.0.1:{decode_port}"
+    common = ["--store-url", store.url, "--log-level", "2", "--iterations", str(ITERATIONS)]
+    decode = procs.start("decode", [EXAMPLE, "--role", "Decode", "--src-session-id",
+                                    decode_sid, "--npu-id", "0"] + common)
+    assert wait_port(decode_port, 30), "the Decode never listened:\n" + procs.output("decode")
+
+    def prefill(name):
+        return procs.start(name, [EXAMPLE, "--role", "Prefill", "--src-session-id",
+                                  f"127.0.0.1:{free_port()}", "--npu-id", "1",
+                                  "--dst-session-id", decode_sid] + common)
+
+    first = prefill("prefill1")
+    assert procs.wait_output("decode", "get buffer success 3,", 60), procs.output("decode")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    t0 = time.monotonic()
+    assert procs.wait_output("decode", "waiting for the next Prefill", 20), \
+        procs.output("decode")
+    assert time.monotonic() - t0 < 10
+    second = prefill("prefill2")
+    rc_p = procs.wait(second, TIMEOUT_S)
+    rc_d = procs.wait(decode, TIMEOUT_S)
+    out_d = procs.output("decode")
+    sys.stdout.write("---- decode ----\n" + out_d + "---- prefill2 ----\n" +
+                     procs.output("prefill2"))
+    assert rc_p == 0 and rc_d == 0, (rc_p, rc_d)
+    assert re.search(r"the Prefill 127\.0\.0\.1:\d+ went away \(.+\); waiting for the next "
+                     r"Prefill", out_d), out_d
+    for r in range(ITERATIONS):
+        assert f"verify round {r}: OK (10/10 slices match, 48000000 bytes)" in out_d
+
+
+def test_prefill_stops_when_its_decode_dies(store, procs):
+    """A Decode killed in the middle of the rounds: the Prefill stops within seconds, saying
+    the Decode went away, instead of waiting 60 s for an acknowledgement."""
+    decode_port = free_port()
+    decode_sid = f"127.0.0.1:{decode_port}"
+    common = ["--store-url", store.url, "--log-level", "2", "--iterations", "3"]
+    decode = procs.start("decode", [EXAMPLE, "--role", "Decode", "--src-session-id",
+                                    decode_sid, "--npu-id", "0"] + common)
+    assert wait_port(decode_port, 30), "the Decode never listened:\n" + procs.output("decode")
+    p = procs.start("prefill", [EXAMPLE, "--role", "Prefill", "--src-session-id",
+                                f"127.0.0.1:{free_port()}", "--npu-id", "1",
+                                "--dst-session-id", decode_sid] + common)
+    assert procs.wait_output("decode", "verify round 0: OK", 60), procs.output("decode")
+    os.kill(decode.pid, signal.SIGKILL)
+    decode.wait()
+    t0 = time.monotonic()
+    rc = procs.wait(p, 30)
+    took = time.monotonic() - t0
+    out = procs.output("prefill")
+    sys.stdout.write(out)
+    assert rc == 1, f"exit status {rc}"
+    assert took < 10, took
+    assert f"Decode {decode_sid} went away" in out or "write failed" in out, out

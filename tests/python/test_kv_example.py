@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from conftest import SOURCE_DIR
+from conftest import SOURCE_DIR, free_port
+
 
 KV_EXAMPLE = os.path.join(SOURCE_DIR, "examples", "kv_cache_transfer.py")
 REQUESTS = 5
@@ -64,3 +65,38 @@ def test_kv_cache_transfer_local_tcp():
 
 def test_kv_cache_transfer_local_shm():
     run_local("shm")
+
+
+def test_kv_decode_serves_next_prefill_after_one_dies(procs):
+    """A Prefill killed between requests: the Decode notices within about a second, takes its
+    blocks back, says so, and serves the next Prefill to the end."""
+    store_url = f"tcp://127.0.0.1:{free_port()}"
+    decode_sid = f"127.0.0.1:{free_port()}"
+    small = ["--layers", "4", "--store-url", store_url, "--timeout", "30", "--transport", "shm"]
+    procs.start("store", [KV_EXAMPLE, "--role", "store"] + small)
+    assert procs.wait_output("store", "listening", 30), procs.output("store")
+    decode = procs.start("decode", [KV_EXAMPLE, "--role", "decode", "--session-id", decode_sid,
+                                    "--num-blocks", "8"] + small)
+    assert procs.wait_output("decode", "READY", 30), procs.output("decode")
+
+    def prefill(name, requests):
+        return procs.start(name, [KV_EXAMPLE, "--role", "prefill", "--session-id",
+                                  f"127.0.0.1:{free_port()}", "--peer", decode_sid,
+                                  "--requests", str(requests)] + small)
+
+    first = prefill("prefill1", 100000)
+    assert procs.wait_output("decode", "decode: request 3:", 60), procs.output("decode")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert procs.wait_output("decode", "waiting for the next Prefill", 10), \
+        procs.output("decode")
+    second = prefill("prefill2", 3)
+    rc_p = procs.wait(second, 60)
+    rc_d = procs.wait(decode, 60)
+    out_d = procs.output("decode")
+    sys.stdout.write("---- decode ----\n" + out_d + "---- prefill2 ----\n" +
+                     procs.output("prefill2"))
+    assert rc_p == 0 and rc_d == 0, (rc_p, rc_d)
+    assert re.search(r"decode: the Prefill 127\.0\.0\.1:\d+ went away before saying bye \(.+\); "
+                     r"\d+ blocks freed, waiting for the next Prefill", out_d), out_d
+    assert "MISMATCH" not in out_d
