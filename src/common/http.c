@@ -69,7 +69,8 @@ static void conn_answer(http_conn_t *c, const char *status, const char *ctype, c
         return;
     }
     memcpy(c->out, head, (size_t)hl);
-    memcpy(c->out + hl, body, blen);
+    if (blen)
+        memcpy(c->out + hl, body, blen);
     c->out_len = (size_t)hl + blen;
     c->sent = 0;
 }

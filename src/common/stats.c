@@ -203,7 +203,7 @@ static void prom_seconds(kvf_buf_t *b, uint64_t v, uint64_t per_second)
         put_fmt(b, "%" PRIu64, whole);
         return;
     }
-    char digits[16];
+    char digits[24]; /* any uint64_t in decimal */
     int w = per_second == 1000000u ? 6 : 3;
     snprintf(digits, sizeof(digits), "%0*" PRIu64, w, frac);
     for (int i = w - 1; i > 0 && digits[i] == '0'; i--)

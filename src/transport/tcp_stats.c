@@ -69,7 +69,8 @@ static int stats_ask(int fd, uint8_t type, uint64_t req_id, const void *payload,
 {
     uint8_t frame[KVF_TCP_HDR_LEN + 64];
     tcp_hdr_encode(frame, type, 0, req_id, 0, plen);
-    memcpy(frame + KVF_TCP_HDR_LEN, payload, plen);
+    if (plen)
+        memcpy(frame + KVF_TCP_HDR_LEN, payload, plen);
     int rc = tcp_nb_io(fd, frame, KVF_TCP_HDR_LEN + plen, true, deadline);
     if (rc == 0)
         rc = tcp_nb_io(fd, frame, KVF_TCP_HDR_LEN, false, deadline);
