@@ -178,7 +178,8 @@ KVF_API int kvf_session_id_format(const char *host, uint16_t port, char *buf, si
  * kvf_store_url_parse - check a config-store URL as kvf_store_open() does, and return its scheme
  * and its first endpoint.
  * @url:      "tcp://host:port", "tcp://[ipv6]:port", "etcd://host:port[,host:port...]" or
- *            "redis://host:port". Port 0 is refused: it names no store to connect to.
+ *            "redis://[user:password@]host:port[/db]" (etcd:// takes "user:password@" too). Port 0 is
+ *            refused: it names no store to connect to.
  * @scheme:   receives "tcp", "etcd" or "redis" (a static string); may be NULL.
  * @host:     receives the first endpoint's host (an IPv6 address without its brackets),
  *            NUL-terminated; may be NULL.
@@ -200,8 +201,8 @@ KVF_API int kvf_store_url_parse(const char *url, const char **scheme, char *host
  * ------------------------------------------------------------------------------------------- */
 
 /* Limits of the built-in store. A key, value, frame or list answer beyond its limit is refused
- * with -KVF_ETOOBIG; a connection beyond KVF_STORE_MAX_CLIENTS is closed at once (the client
- * sees -KVF_ESTOREDOWN); watches or waiters beyond their per-connection limit get -KVF_EBUSY; a
+ * with -KVF_ETOOBIG; a connection beyond KVF_STORE_MAX_CLIENTS (the default of
+ * kvf_store_server_opts_t.max_clients) is closed at once (the client sees -KVF_ESTOREDOWN); watches or waiters beyond their per-connection limit get -KVF_EBUSY; a
  * lease TTL outside 1..KVF_STORE_MAX_LEASE_TTL_MS gets -KVF_EINVAL. */
 #define KVF_STORE_MAX_KEY_LEN 1024u          /* bytes; keys are non-empty */
 #define KVF_STORE_MAX_VALUE_LEN (16u << 20)  /* bytes; values may be empty */
@@ -214,6 +215,40 @@ KVF_API int kvf_store_url_parse(const char *url, const char **scheme, char *host
 
 typedef struct kvf_store_server kvf_store_server_t;
 
+/*
+ * Bounds of a built-in store server, for kvf_store_server_start_opts(); fill with
+ * kvf_store_server_opts_init() and change fields (the defaults are in brackets). A "client" in the
+ * per-client quotas is a source IP address: keys and their bytes count against the address of the
+ * connection that last wrote them, leases against the one that granted them, until they are
+ * deleted or end. A request that would pass a quota is refused with -KVF_EBUSY and a message
+ * naming the limit and its value, e.g. "quota max_keys_per_client (100000) reached: 127.0.0.2
+ * holds 100000 keys"; nothing else changes. Every field must be at least 1.
+ */
+typedef struct {
+    size_t size;                     /* sizeof(kvf_store_server_opts_t), set by the init */
+    uint32_t max_clients;            /* connections served at once [4096] */
+    uint32_t max_clients_per_addr;   /* of them, from one IP address [1024] */
+    uint32_t idle_timeout_ms;        /* a connection that sends nothing for this long, and has no
+                                        pending get-with-wait and no watch, is closed; 100 ..
+                                        86400000 [60000]. kvf_store_t clients ping when quiet. */
+    uint64_t max_keys;               /* keys held [1000000] */
+    uint64_t max_keys_per_client;    /* [100000] */
+    uint64_t max_bytes;              /* bytes of keys and values held [1 GiB] */
+    uint64_t max_bytes_per_client;   /* [64 MiB] */
+    uint32_t max_leases;             /* leases alive [100000] */
+    uint32_t max_leases_per_client;  /* [10000] */
+    uint32_t max_watches;            /* watches registered [65536] */
+    uint32_t max_watches_per_client; /* over all connections of an address [4096]; one connection
+                                        has at most KVF_STORE_MAX_WATCHES_PER_CLIENT */
+    uint64_t max_output_bytes;       /* answers and events a connection has not read yet; past
+                                        it the connection is closed (logged) [256 MiB] */
+    uint64_t max_output_bytes_total; /* the same, all connections together; past it a connection
+                                        that is behind gets closed [1 GiB] */
+} kvf_store_server_opts_t;
+
+/** kvf_store_server_opts_init - fill @opts with the defaults and set its size field. */
+KVF_API void kvf_store_server_opts_init(kvf_store_server_opts_t *opts);
+
 /**
  * kvf_store_server_start - start a built-in config store in this process.
  * @listen_url: "tcp://host:port" to listen on; port 0 picks a free port (see
@@ -225,6 +260,14 @@ typedef struct kvf_store_server kvf_store_server_t;
  * (e.g. -EADDRINUSE).
  */
 KVF_API int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out);
+
+/**
+ * kvf_store_server_start_opts - kvf_store_server_start() with bounds other than the defaults.
+ * @opts: NULL for the defaults (then it is kvf_store_server_start()).
+ * Returns what kvf_store_server_start() returns, and -KVF_EINVAL naming a field out of range.
+ */
+KVF_API int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_opts_t *opts,
+                                        kvf_store_server_t **out);
 
 /**
  * kvf_store_server_url - the URL the server actually listens on ("tcp://127.0.0.1:40123"),
@@ -308,14 +351,21 @@ KVF_API void kvf_store_opts_init(kvf_store_opts_t *opts);
 
 /**
  * kvf_store_open - connect to a config store.
- * @url:  "tcp://host:port" (built-in store). Other schemes return -KVF_ENOTSUP for now.
+ * @url:  "tcp://host:port" (the built-in store), "etcd://[user:password@]host:port[,host:port...]"
+ *        (etcd v3.4+ through its JSON gateway; requests fail over between the endpoints) or
+ *        "redis://[user:password@]host:port[/db]" (Redis 6+; the password is never shown in
+ *        messages or by kvf_store_url()). Every backend has the semantics documented below;
+ *        docs/operations.md says how each is run and what it needs (Redis: keyspace
+ *        notifications of expiries, turned on by the client when CONFIG SET is allowed).
  * @opts: NULL for the defaults.
  * @out:  receives the client handle.
  * Retries with backoff until the store answers or connect_timeout_ms passes, so a node started
  * before its store simply waits for it. Afterwards the client reconnects on its own; leases it
- * granted are re-established and keys set under them re-published after the store restarts.
- * Returns 0, -KVF_EINVAL for a malformed URL (at once, naming the bad part), or
- * -KVF_ESTOREDOWN when the store did not answer in time.
+ * granted are re-established and keys set under them re-published after the store restarts (or,
+ * on etcd and Redis, whenever the store lost them).
+ * Returns 0, -KVF_EINVAL for a malformed URL (at once, naming the bad part),
+ * -KVF_ESTOREDOWN when the store did not answer in time, -KVF_EAUTH when etcd or Redis refused
+ * the credentials (the password is never shown in messages).
  */
 KVF_API int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **out);
 
@@ -323,7 +373,8 @@ KVF_API int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_st
  *  Pending requests on other threads fail with -KVF_ECLOSED. NULL is a no-op. */
 KVF_API void kvf_store_close(kvf_store_t *st);
 
-/** kvf_store_url - the URL this client was opened with. */
+/** kvf_store_url - the URL this client was opened with (redis://: with the password shown as
+ *  "***"). */
 KVF_API const char *kvf_store_url(const kvf_store_t *st);
 
 /**
@@ -378,9 +429,31 @@ typedef struct {
 /**
  * kvf_store_list - every key starting with @prefix ("" = all), in byte order, with its value.
  * @out/@count: receive an array; free it with kvf_store_kv_free().
+ * Fetched in pages (kvf_store_list_page()), so any number of keys is listed; the result is not a
+ * snapshot when keys change meanwhile.
  */
 KVF_API int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out,
                            size_t *count);
+
+/* Flags of kvf_store_list_page(). */
+#define KVF_STORE_LIST_KEYS_ONLY 1u /* values are not sent: each val is "" (val_len 0) */
+/* Largest page kvf_store_list_page() returns (a larger @max is lowered to it). A page also
+ * stops after about 4 MiB of keys and values, but always holds at least one pair. */
+#define KVF_STORE_LIST_PAGE_MAX 10000u
+
+/**
+ * kvf_store_list_page - one page of the keys starting with @prefix, in byte order.
+ * @after: only keys after this one (exclusive); NULL or "" to start at the first. Pass the last
+ *         key of the previous page to get the next one.
+ * @max:   pairs wanted, 1..KVF_STORE_LIST_PAGE_MAX (0 or more means KVF_STORE_LIST_PAGE_MAX).
+ * @flags: 0 or KVF_STORE_LIST_KEYS_ONLY.
+ * @out/@count: receive an array; free it with kvf_store_kv_free().
+ * @more:  receives 1 when keys after this page match @prefix, else 0 (may be NULL).
+ * Pages are not a snapshot: a key set or deleted between two calls may or may not appear.
+ * kvf_store_list() is built on it and returns every page at once.
+ */
+KVF_API int kvf_store_list_page(kvf_store_t *st, const char *prefix, const char *after, size_t max,
+                                unsigned flags, kvf_store_kv_t **out, size_t *count, int *more);
 
 /** kvf_store_kv_free - free an array returned by kvf_store_list(). */
 KVF_API void kvf_store_kv_free(kvf_store_kv_t *kvs, size_t count);
@@ -398,8 +471,12 @@ typedef void (*kvf_store_watch_cb)(void *arg, kvf_store_event_type_t type,
 
 /**
  * kvf_store_watch - call @cb for every put and delete of a key starting with @prefix, from now
- * on, until kvf_store_unwatch(). Watches survive reconnects (events during an outage are lost;
- * re-list after a reconnect if they matter).
+ * on, until kvf_store_unwatch(). Watches survive reconnects. What happens to events during an
+ * outage depends on the store: tcp:// loses them (re-list after a reconnect if they matter);
+ * etcd:// resumes from the revision after the last event delivered, so none is lost (unless etcd
+ * compacted it away: then every key under @prefix is delivered again as a put); redis:// re-lists
+ * @prefix and delivers the differences (puts for new or changed keys, deletes for vanished
+ * ones). On redis://, only writes made through kvferry clients and expiries are seen.
  * @watch_id: receives a handle for kvf_store_unwatch().
  */
 KVF_API int kvf_store_watch(kvf_store_t *st, const char *prefix, kvf_store_watch_cb cb, void *arg,
@@ -415,6 +492,8 @@ KVF_API int kvf_store_unwatch(kvf_store_t *st, uint64_t watch_id);
  * kvf_store_close(); when the client dies, the lease expires and its keys vanish.
  * @lease: receives the lease id to pass to kvf_store_set(). The id stays valid across
  *         reconnects: the client re-grants the lease and re-publishes its keys if the store lost them.
+ * etcd counts TTLs in whole seconds (rounded up, and raised to etcd's minimum, 1.5 election
+ * timeouts); on redis:// a lease is the TTL of each key set under it, kept alive by the client.
  */
 KVF_API int kvf_store_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease);
 
@@ -512,6 +591,10 @@ typedef struct {
                                     once it brought no request for this long (the peer
                                     reconnects on its next transfer, unnoticed); 100 ..
                                     86400000, default 60000. */
+    const char *key_prefix;      /* prefix of every key the engine reads and writes in the store,
+                                    1..128 characters of [A-Za-z0-9_.:/-]; NULL (default) takes
+                                    $KVFERRY_KEY_PREFIX, else "kvferry/v1/". Engines see only
+                                    peers that use the same prefix and namespace. */
     const char *metrics_listen;  /* "host:port": serve this engine's statistics for Prometheus
                                     at http://host:port/metrics (kvf_metrics_server_start(),
                                     kvf_stats_prometheus()) from create to destroy; port 0

@@ -41,6 +41,7 @@ C
 cc -std=c11 -Wall -Werror "$tmp/use.c" -o "$tmp/use_shared" $(pkg-config --cflags --libs kvferry)
 LD_LIBRARY_PATH=$(dirname "$(find "$tmp/prefix" -name 'libkvferry.so' | head -n1)") "$tmp/use_shared"
 cc -std=c11 -Wall -Werror "$tmp/use.c" -o "$tmp/use_static" $(pkg-config --cflags kvferry) \
-    "$(dirname "$pc")/../libkvferry.a" $(pkg-config --libs-only-l --static jansson) -pthread
+    "$(dirname "$pc")/../libkvferry.a" $(pkg-config --libs-only-l --static jansson) \
+    $(pkg-config --libs-only-l libcurl hiredis) -pthread
 "$tmp/use_static"
 "$tmp/prefix/bin/kvferry" --version

@@ -134,7 +134,34 @@ static void cli_store_port_in_use(void **state)
     assert_int_equal(kvf_test_reap(store, 5000), 0);
 }
 
+/* `kvferry store --max-keys-per-client 2`: the third key of one address is refused, and
+ * `kvferry kv set` exits 1 with the store's message naming the quota and its value. */
+static void cli_store_quota_flag_and_refusal(void **state)
+{
+    (void)state;
+    char *argv[] = {(char *)kvf_test_cli_path(), "store", "--listen", "tcp://127.0.0.1:0",
+                    "--max-keys-per-client", "2", NULL};
+    int fd;
+    pid_t store = kvf_test_spawn_pipe(argv, &fd);
+    char line[256], url[128];
+    const char *tag = "listening on ";
+    assert_true(kvf_test_read_line(fd, line, sizeof(line), 10000) >= 0);
+    assert_non_null(strstr(line, tag));
+    snprintf(url, sizeof(url), "%s", strstr(line, tag) + strlen(tag));
+    close(fd);
+
+    assert_int_equal(kv(url, "set", "q/1", "a", NULL), 0);
+    assert_int_equal(kv(url, "set", "q/2", "b", NULL), 0);
+    assert_int_equal(kv(url, "set", "q/3", "c", NULL), 1);
+    assert_non_null(strstr(out, "quota max_keys_per_client (2) reached: 127.0.0.1 holds 2 keys"));
+    /* Replacing a key of its own needs no new quota. */
+    assert_int_equal(kv(url, "set", "q/2", "bb", NULL), 0);
+    kill(store, SIGTERM);
+    assert_int_equal(kvf_test_reap(store, 5000), 0);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(cli_store_quota_flag_and_refusal),
     cmocka_unit_test(cli_kv_round_trip),
     cmocka_unit_test(cli_kv_get_waits_for_key),
     cmocka_unit_test(cli_kv_bad_url_fails_at_once),

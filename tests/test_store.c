@@ -950,10 +950,11 @@ static void open_bad_urls(void **state)
     if (rc != -KVF_EINVAL && rc != -KVF_ENOTSUP)
         fail_msg("unknown scheme: %d (%s): %s", rc, kvf_err_name(rc), kvf_last_error());
     assert_last_error_contains("http");
-    assert_kvf_err(kvf_store_open("etcd://127.0.0.1:2379", NULL, &st), -KVF_ENOTSUP);
-    assert_last_error_contains("etcd");
-    assert_kvf_err(kvf_store_open("redis://127.0.0.1:6379", NULL, &st), -KVF_ENOTSUP);
-    assert_last_error_contains("redis");
+    /* etcd:// and redis:// are served (tests/test_store_conf.c); malformed ones fail at once. */
+    assert_kvf_err(kvf_store_open("etcd://127.0.0.1:2379,", NULL, &st), -KVF_EINVAL);
+    assert_last_error_contains("empty endpoint");
+    assert_kvf_err(kvf_store_open("redis://127.0.0.1:6379/x", NULL, &st), -KVF_EINVAL);
+    assert_last_error_contains("database 'x' is not a number");
     assert_null(st);
     uint64_t took = kvf_test_now_ms() - t0;
     if (took > 100)

@@ -89,17 +89,29 @@ static uint16_t url_port(const char *url)
     return (uint16_t)port;
 }
 
-static int tcp_connect(uint16_t port)
+/* A connection from 127.0.0.@src (0: the kernel's choice) to 127.0.0.1:@port. */
+static int tcp_connect_from(unsigned src, uint16_t port)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     assert_true(fd >= 0);
     struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons(port)};
+    if (src) {
+        struct sockaddr_in from = {.sin_family = AF_INET,
+                                   .sin_addr.s_addr = htonl(0x7f000000u | src)};
+        if (bind(fd, (struct sockaddr *)&from, sizeof(from)) < 0)
+            fail_msg("bind 127.0.0.%u: %s", src, strerror(errno));
+    }
     sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     if (connect(fd, (struct sockaddr *)&sin, sizeof(sin)) < 0)
         fail_msg("connect 127.0.0.1:%u: %s", port, strerror(errno));
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     return fd;
+}
+
+static int tcp_connect(uint16_t port)
+{
+    return tcp_connect_from(0, port);
 }
 
 static int fx_conn(fx_t *fx)
@@ -1090,8 +1102,7 @@ static void test_watch_fanout_overflow_closes_watcher(void **state)
     assert_non_null(junk);
     for (;;) {
         if (kvf_test_now_ms() >= deadline)
-            fail_msg("watcher not closed within %u ms (%zu bytes drained)", IO_TIMEOUT_MS,
-                     drained);
+            fail_msg("watcher not closed within %u ms (%zu bytes drained)", IO_TIMEOUT_MS, drained);
         ssize_t k = read_full(watcher, junk, 1u << 20, 200);
         if (k < 0)
             break;
@@ -1148,7 +1159,9 @@ static void test_waiters_count(void **state)
     }
 }
 
-/* Connection KVF_STORE_MAX_CLIENTS + 1 is accepted and closed at once; the others stay served. */
+/* Connection KVF_STORE_MAX_CLIENTS + 1 is accepted and closed at once; the others stay served.
+ * They come from 127.0.0.1 .. 127.0.0.4, as the default max_clients_per_addr (1,024) lets one
+ * address hold only a quarter of them. */
 static void test_max_clients(void **state)
 {
     fx_t *fx = *state;
@@ -1163,7 +1176,7 @@ static void test_max_clients(void **state)
     for (unsigned base = 0; base < n; base += 256) {
         unsigned end = base + 256 < n ? base + 256 : n;
         for (unsigned i = base; i < end; i++) {
-            fds[i] = tcp_connect(port);
+            fds[i] = tcp_connect_from(1 + i / 1024, port);
             req_ping(fds[i], i);
         }
         for (unsigned i = base; i < end; i++)
@@ -1464,8 +1477,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(test_truncated_frame_then_close, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(test_stalled_partial_header, fx_setup_short_partial,
                                     fx_teardown),
-    cmocka_unit_test_setup_teardown(test_stalled_partial_body, fx_setup_short_partial,
-                                    fx_teardown),
+    cmocka_unit_test_setup_teardown(test_stalled_partial_body, fx_setup_short_partial, fx_teardown),
     cmocka_unit_test_setup_teardown(test_slow_client_not_closed, fx_setup_short_partial,
                                     fx_teardown),
     cmocka_unit_test_setup_teardown(test_undecodable_body, fx_setup, fx_teardown),

@@ -86,6 +86,39 @@ static void store_url_etcd_list(void **state)
     assert_hostport(&u.hosts[2], "etcd-2", KVF_HOST_NAME, 2381);
 }
 
+/* Credentials (redis://, etcd://) and a Redis database; the password never appears in a
+ * message. */
+static void store_url_credentials(void **state)
+{
+    (void)state;
+    kvf_store_url_t u;
+    assert_kvf_ok(kvf__store_url_parse("redis://alice:pa:ss@10.0.0.1:6379/7", 0, &u));
+    assert_string_equal(u.user, "alice");
+    assert_string_equal(u.password, "pa:ss");
+    assert_int_equal(u.db, 7);
+    assert_hostport(&u.hosts[0], "10.0.0.1", KVF_HOST_IPV4, 6379);
+    assert_kvf_ok(kvf__store_url_parse("redis://:pw@[::1]:6379", 0, &u));
+    assert_string_equal(u.user, "");
+    assert_string_equal(u.password, "pw");
+    assert_int_equal(u.db, 0);
+    assert_kvf_ok(kvf__store_url_parse("etcd://root:p@ss@h1:2379,h2:2379", 0, &u));
+    assert_string_equal(u.user, "root");
+    assert_string_equal(u.password, "p@ss");
+    assert_int_equal(u.nhosts, 2);
+    assert_kvf_ok(kvf__store_url_parse("tcp://127.0.0.1:8000", 0, &u));
+    assert_string_equal(u.password, "");
+    assert_kvf_err(kvf__store_url_parse("etcd://:secret1@h1:2379", 0, &u), -KVF_EINVAL);
+    assert_last_error_contains("etcd needs a user name");
+    assert_kvf_err(kvf__store_url_parse("redis://u:@h:1", 0, &u), -KVF_EINVAL);
+    assert_last_error_contains("empty password");
+    assert_kvf_err(kvf__store_url_parse("redis://u:secret2@h:1/99999", 0, &u), -KVF_EINVAL);
+    assert_last_error_contains("database '99999' is not a number 0..1023");
+    if (strstr(kvf_last_error(), "secret2"))
+        fail_msg("the password is shown: %s", kvf_last_error());
+    assert_kvf_err(kvf__store_url_parse("redis://u:secret3@h:1/2x", 0, &u), -KVF_EINVAL);
+    assert_kvf_err(kvf__store_url_parse("etcd://h1:2379/0", 0, &u), -KVF_EINVAL);
+}
+
 static void store_url_etcd_max_hosts(void **state)
 {
     char url[1024] = "etcd://";
@@ -630,6 +663,7 @@ static void public_store_url_parse_short_buffer(void **state)
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(store_url_good),
     cmocka_unit_test(store_url_etcd_list),
+    cmocka_unit_test(store_url_credentials),
     cmocka_unit_test(store_url_etcd_max_hosts),
     cmocka_unit_test(store_url_port0),
     cmocka_unit_test(store_url_long_names),

@@ -299,7 +299,7 @@ static void usage(FILE *f)
                "  --clients N     clients of the second phase, 1..1000, default 8\n"
                "  --seconds S     length of each phase, 0.1..60, default 1\n"
                "  --rounds N      wake-up rounds, 1..100000, default 200\n"
-               "  --store-url URL a running store instead\n"
+               "  --store-url URL a running store instead: tcp://, etcd:// or redis://\n"
                "  --json FILE     write the figures to FILE\n");
 }
 

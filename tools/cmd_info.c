@@ -14,7 +14,12 @@
 #include "cli.h"
 #include "kvferry.h"
 
-#define INFO_PREFIX "kvferry/v1/"
+/* The engines' key prefix: KVFERRY_KEY_PREFIX as the engines read it, else theirs by default. */
+static const char *info_prefix(void)
+{
+    const char *p = getenv("KVFERRY_KEY_PREFIX");
+    return p && *p ? p : "kvferry/v1/";
+}
 
 static void usage(FILE *f)
 {
@@ -31,6 +36,7 @@ static void usage(FILE *f)
                "  --json            one JSON object instead of text (docs/operations.md)\n"
                "  --verbose         list every registered range\n"
                "  --timeout MS      how long to wait for the store and the engine (default 3000)\n"
+            "Keys are read under $KVFERRY_KEY_PREFIX (default kvferry/v1/), as engines write them.\n"
                "  --log-level N     0 debug, 1 info, 2 warn (default), 3 error\n\n"
                "Exit status: 0 done, 1 the store or the engine could not be reached (a message\n"
                "says which and why), 2 usage error.\n");
@@ -60,9 +66,10 @@ static uint64_t unix_ms(void)
 /* Split "kvferry/v1/<ns>/<kind>/<sid>"; false for any other key. */
 static bool split_key(const char *key, char *ns, size_t nslen, const char **kind, const char **sid)
 {
-    if (strncmp(key, INFO_PREFIX, strlen(INFO_PREFIX)) != 0)
+    const char *prefix = info_prefix();
+    if (strncmp(key, prefix, strlen(prefix)) != 0)
         return false;
-    const char *p = key + strlen(INFO_PREFIX), *slash = strchr(p, '/');
+    const char *p = key + strlen(prefix), *slash = strchr(p, '/');
     if (!slash || (size_t)(slash - p) >= nslen)
         return false;
     memcpy(ns, p, (size_t)(slash - p));
@@ -251,8 +258,8 @@ static int read_sessions(kvf_store_t *st, const char *ns, info_sess_t **out, siz
 {
     kvf_store_kv_t *kvs;
     size_t count;
-    char prefix[128];
-    snprintf(prefix, sizeof(prefix), "%s%s%s", INFO_PREFIX, ns ? ns : "", ns ? "/" : "");
+    char prefix[256];
+    snprintf(prefix, sizeof(prefix), "%s%s%s", info_prefix(), ns ? ns : "", ns ? "/" : "");
     int rc = kvf_store_list(st, prefix, &kvs, &count);
     if (rc < 0)
         return rc;

@@ -38,7 +38,7 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: kvferry transfer --role Prefill|Decode --store-url tcp://IP:PORT\n"
+            "usage: kvferry transfer --role Prefill|Decode --store-url URL\n"
             "                        [--src-session-id IP:PORT] [--dst-session-id IP:PORT]\n"
             "                        [--npu-id N] [--log-level 0..3] [--iterations N]\n"
             "                        [--timeout SEC] [--transport auto|tcp|shm]\n"
@@ -48,9 +48,12 @@ static void usage(FILE *f)
             "fills its own buffer with random values and writes the 10 slices into the Decode's.\n"
             "Either side may start first.\n\n"
             "  --role R              Prefill (sender) or Decode (receiver); required\n"
-            "  --store-url URL       the config store, tcp://IP:PORT; required. When nothing\n"
-            "                        answers there and IP is an address of this host, the\n"
-            "                        Prefill starts the store in its own process\n"
+            "  --store-url URL       the config store; required: tcp://IP:PORT (built-in),\n"
+            "                        etcd://[USER:PASS@]H:P[,H:P...] or\n"
+            "                        redis://[USER:PASS@]H:P[/DB].\n"
+            "                        When nothing answers at a tcp:// URL whose IP is an\n"
+            "                        address of this host, the Prefill starts the store in\n"
+            "                        its own process\n"
             "  --src-session-id ID   this node's session id IP:PORT (port 0 = a free port;\n"
             "                        default: the store's IP with port 0)\n"
             "  --dst-session-id ID   the Decode's session id; required for the Prefill, refused\n"

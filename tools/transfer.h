@@ -95,6 +95,10 @@ uint64_t xfer_checksum(const void *buf, size_t n);
 
 /* ---- xfer_note.c ------------------------------------------------------------------------- */
 
+/* The XFER_NO_ACK_ENV test hook: when it is set, say so and SIGKILL this process (at the
+ * acknowledgement of @round). */
+void xfer_no_ack_hook(uint64_t round);
+
 /* A slice notification, parsed. */
 typedef struct {
     uint64_t round;

@@ -34,6 +34,7 @@ static const char *const config_kwlist[] = {"init_timeout_ms",
                                             "async_threads",
                                             "notify_queue_max",
                                             "tcp_idle_timeout_ms",
+                                            "key_prefix",
                                             "metrics_listen",
                                             NULL};
 
@@ -54,11 +55,12 @@ static int config_u32(PyObject *v, const char *name, uint32_t *out)
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *v[12] = {NULL};
+    PyObject *v[13] = {NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOO:TransferEngine",
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOOO:TransferEngine",
                                      (char **)config_kwlist, &v[0], &v[1], &v[2], &v[3], &v[4],
-                                     &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11]))
+                                     &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11],
+                                     &v[12]))
         return -1;
     if (kvfpy_guard_enter(&self->guard)) {
         kvfpy_guard_leave(&self->guard);
@@ -96,8 +98,20 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
         self->cfg.ns = self->ns;
     }
     if (v[11] && v[11] != Py_None) {
+        const char *p;
+        if (kvfpy_str(v[11], "key_prefix", &p) < 0)
+            return -1;
+        if (strlen(p) >= sizeof(self->key_prefix)) {
+            PyErr_Format(PyExc_ValueError, "key_prefix is longer than %zu characters",
+                         sizeof(self->key_prefix) - 1);
+            return -1;
+        }
+        snprintf(self->key_prefix, sizeof(self->key_prefix), "%s", p);
+        self->cfg.key_prefix = self->key_prefix;
+    }
+    if (v[12] && v[12] != Py_None) {
         const char *ml;
-        if (kvfpy_str(v[11], "metrics_listen", &ml) < 0)
+        if (kvfpy_str(v[12], "metrics_listen", &ml) < 0)
             return -1;
         if (strlen(ml) >= sizeof(self->metrics_listen)) {
             PyErr_Format(PyExc_ValueError, "metrics_listen is longer than %zu characters",
@@ -417,7 +431,7 @@ PyTypeObject kvfpy_EngineType = {
     .tp_doc = "TransferEngine(*, init_timeout_ms=None, op_timeout_ms=None, lease_ttl_ms=None, "
               "tcp_conns_per_peer=None, tcp_chunk_bytes=None, namespace=None, max_batches=None, "
               "submit_blocks=None, async_threads=None, notify_queue_max=None, "
-              "tcp_idle_timeout_ms=None, metrics_listen=None)\n--\n\n"
+              "tcp_idle_timeout_ms=None, key_prefix=None, metrics_listen=None)\n--\n\n"
               "A kvferry node with the seed's (mf_adapter) TransferEngine methods. The "
               "keyword-only arguments override kvf_config_t defaults; metrics_listen=\"host:port\" "
               "serves get_stats() for Prometheus at http://host:port/metrics. Use as a context "

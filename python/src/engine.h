@@ -23,6 +23,7 @@ typedef struct {
     kvf_config_t cfg;
     char ns[65];
     char metrics_listen[KVF_SESSION_ID_MAX];
+    char key_prefix[129];
     /* Registration pins: address (int) -> object keeping that memory alive. Touched only with
      * the GIL held. */
     PyObject *pins;

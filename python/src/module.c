@@ -6,6 +6,8 @@
  */
 #include "kvferry_py.h"
 
+#include <string.h>
+
 /* Config stores started by create_config_store(): a list of StoreServer objects that lives as
  * long as the module, as the seed's in-process store lives as long as its process. */
 static PyObject *config_stores;
@@ -20,7 +22,20 @@ static PyObject *mod_create_config_store(PyObject *mod, PyObject *args, PyObject
                                      &url_o) ||
         kvfpy_str(url_o, "store_url", &url) < 0)
         return NULL;
-    int rc = kvfpy_store_server_start(url, &srv);
+    const char *scheme = NULL;
+    int rc = kvf_store_url_parse(url, &scheme, NULL, 0, NULL);
+    if (rc == 0 && strcmp(scheme, "tcp") != 0) {
+        /* etcd and Redis run on their own: check that one answers, start nothing. */
+        kvf_store_t *st = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        rc = kvf_store_open(url, NULL, &st);
+        if (rc == 0)
+            rc = kvf_store_ping(st);
+        kvf_store_close(st);
+        Py_END_ALLOW_THREADS
+        return PyLong_FromLong(rc);
+    }
+    rc = kvfpy_store_server_start(url, &srv);
     if (rc == KVFPY_PYERR)
         return NULL;
     if (rc < 0)
@@ -91,9 +106,11 @@ static PyObject *mod_err_name(PyObject *mod, PyObject *arg)
 
 static PyMethodDef module_methods[] = {
     {"create_config_store", FN(mod_create_config_store), KW,
-     "create_config_store($module, store_url)\n--\n\n-> int\n\nStart the built-in config store in"
-     " this process, listening on store_url (\"tcp://ip:port\"); it runs until the process exits."
-     " Returns 0 or a negative code."},
+     "create_config_store($module, store_url)\n--\n\n-> int\n\n"
+     "Start the built-in config store in this process, listening on store_url "
+     "(\"tcp://ip:port\"); it runs until the process exits. For \"etcd://...\" and "
+     "\"redis://...\" URLs nothing is started: it checks that the store answers. Returns 0 or a "
+     "negative code."},
     {"set_log_level", FN(mod_set_log_level), KW,
      "set_log_level($module, level)\n--\n\n-> int\n\nProcess-wide log level: 0 debug, 1 info, 2 "
      "warn, 3 error. Returns 0 or a negative code."},

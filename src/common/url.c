@@ -4,6 +4,7 @@
  */
 #include <arpa/inet.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -256,6 +257,46 @@ int kvf__store_url_parse(const char *url, int allow_port0, kvf_store_url_t *out)
                         ctx, (int)slen, url);
 
     const char *p = sep + 3;
+    char hostpart[KVF_HOST_MAX + 16];
+    if (u.scheme == KVF_STORE_SCHEME_REDIS || u.scheme == KVF_STORE_SCHEME_ETCD) {
+        /* redis://[user:password@]host:port[/db], etcd://user:password@host:port[,...]; the
+         * credentials are never echoed in messages. */
+        const char *at = strrchr(p, '@');
+        if (at) {
+            const char *colon = memchr(p, ':', (size_t)(at - p));
+            size_t ul = colon ? (size_t)(colon - p) : 0;
+            size_t pl = colon ? (size_t)(at - colon - 1) : (size_t)(at - p);
+            const char *pw = colon ? colon + 1 : p;
+            if (ul >= KVF_URL_CRED_MAX || pl >= KVF_URL_CRED_MAX)
+                return kvf__err(-KVF_EINVAL, "store url %.*s://...@%s: user or password longer "
+                                "than %d bytes", (int)slen, url, at + 1, KVF_URL_CRED_MAX - 1);
+            if (pl == 0)
+                return kvf__err(-KVF_EINVAL, "store url %.*s://...@%s: empty password before "
+                                "'@'", (int)slen, url, at + 1);
+            if (ul == 0 && u.scheme == KVF_STORE_SCHEME_ETCD)
+                return kvf__err(-KVF_EINVAL, "store url etcd://...@%s: etcd needs a user name "
+                                "(etcd://user:password@host:port)", at + 1);
+            memcpy(u.user, p, ul);
+            memcpy(u.password, pw, pl);
+            p = at + 1;
+            snprintf(ctx, sizeof(ctx), "store url %.*s://...@%.*s", (int)slen, url, CTX_INPUT_MAX,
+                     p);
+        }
+        const char *slash = u.scheme == KVF_STORE_SCHEME_REDIS ? strchr(p, '/') : NULL;
+        if (slash) {
+            char *end = NULL;
+            unsigned long db = strtoul(slash + 1, &end, 10);
+            if (!slash[1] || *end || db > KVF_URL_MAX_DB || slash[1] < '0' || slash[1] > '9')
+                return kvf__err(-KVF_EINVAL, "%s: database '%s' is not a number 0..%d", ctx,
+                                slash + 1, KVF_URL_MAX_DB);
+            if ((size_t)(slash - p) >= sizeof(hostpart))
+                return kvf__err(-KVF_EINVAL, "%s: host too long", ctx);
+            memcpy(hostpart, p, (size_t)(slash - p));
+            hostpart[slash - p] = '\0';
+            u.db = (unsigned)db;
+            p = hostpart;
+        }
+    }
     if (!*p)
         return kvf__err(-KVF_EINVAL, "%s: missing host and port after '%.*s://'", ctx, (int)slen,
                         url);

@@ -10,6 +10,8 @@
 
 #define KVF_HOST_MAX 256       /* bytes of a host name or address, with its NUL */
 #define KVF_URL_MAX_HOSTS 16   /* endpoints in one etcd:// URL */
+#define KVF_URL_CRED_MAX 128   /* bytes of a redis:// user or password, with its NUL */
+#define KVF_URL_MAX_DB 1023    /* highest redis:// database number accepted */
 
 typedef enum {
     KVF_HOST_NAME = 0, /* a DNS name such as "decode-0" or "localhost" */
@@ -34,11 +36,15 @@ typedef struct {
     kvf_store_scheme_t scheme;
     unsigned nhosts;                       /* 1 except for etcd:// */
     kvf_hostport_t hosts[KVF_URL_MAX_HOSTS];
+    /* "redis://[user:password@]host:port[/db]", "etcd://user:password@host:port[,...]" */
+    char user[KVF_URL_CRED_MAX];     /* "" = none (Redis: the default user) */
+    char password[KVF_URL_CRED_MAX]; /* "" = no authentication */
+    unsigned db;                     /* redis:// only: 0..KVF_URL_MAX_DB */
 } kvf_store_url_t;
 
 /*
  * kvf__store_url_parse - parse "tcp://host:port", "tcp://[v6]:port", "etcd://h:p[,h:p...]" or
- * "redis://h:p".
+ * "redis://[user:password@]h:p[/db]"; etcd:// takes "user:password@" too.
  * @allow_port0: accept port 0 (a server that picks a free port); clients pass 0.
  * Returns 0 or -KVF_EINVAL with a last-error message naming the bad part, e.g.
  * "store url tcp://192.168.1.1000:8000: 192.168.1.1000 is not a valid IPv4 address".

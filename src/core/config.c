@@ -2,6 +2,7 @@
  * The engine's configuration: kvf_config_init() and the check of a caller's config, the role
  * names, and which transports an engine offers to others (it follows from the config).
  */
+#include <ctype.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,29 @@ static const kvf_config_t config_defaults = {
 void kvf_config_init(kvf_config_t *cfg)
 {
     memcpy(cfg, &config_defaults, sizeof(*cfg));
+}
+
+/* config.key_prefix, or $KVFERRY_KEY_PREFIX when it is NULL, or the default. */
+static int check_prefix(kvf_config_t *c)
+{
+    const char *what = "config.key_prefix";
+    if (!c->key_prefix) {
+        const char *env = getenv("KVFERRY_KEY_PREFIX");
+        c->key_prefix = env && *env ? env : "kvferry/v1/";
+        what = env && *env ? "KVFERRY_KEY_PREFIX" : what;
+    }
+    size_t n = strlen(c->key_prefix);
+    if (n == 0 || n > ENG_PREFIX_MAX)
+        return kvf__err(-KVF_EINVAL, "%s \"%s\": want 1..%d characters", what, c->key_prefix,
+                        ENG_PREFIX_MAX);
+    for (size_t i = 0; i < n; i++) {
+        char ch = c->key_prefix[i];
+        if (!isalnum((unsigned char)ch) && !strchr("_.:/-", ch))
+            return kvf__err(-KVF_EINVAL,
+                            "%s \"%s\": only letters, digits, '_', '.', ':', '/', '-'", what,
+                            c->key_prefix);
+    }
+    return 0;
 }
 
 static int check_ns(const char *ns)
@@ -131,7 +155,10 @@ int kvf__eng_config_load(const kvf_config_t *in, kvf_config_t *c)
                         KVF_MAX_TCP_IDLE_TIMEOUT_MS);
     if (!c->ns)
         c->ns = "default";
-    return check_ns(c->ns);
+    int rc = check_ns(c->ns);
+    if (rc < 0)
+        return rc;
+    return check_prefix(c);
 }
 
 const char *kvf__eng_forced_name(const kvf_config_t *c)

@@ -40,7 +40,8 @@
 
 #define ENG_LOG     "engine"
 #define ENG_NS_MAX  64
-#define ENG_KEY_MAX (KVF_SESSION_ID_MAX + ENG_NS_MAX + 64)
+#define ENG_PREFIX_MAX 128
+#define ENG_KEY_MAX (KVF_SESSION_ID_MAX + ENG_NS_MAX + ENG_PREFIX_MAX + 64)
 /* Elements in one batch: a batch is described in memory the caller owns, but the engine and the
  * transport walk it several times; a bound keeps a mistaken count from running for hours. */
 #define ENG_MAX_BATCH         (1u << 20)
@@ -126,7 +127,6 @@ typedef struct eng_notif {
 
 /* A session known to the peer-event watch. */
 typedef struct eng_known {
-    struct eng_known *next;
     char sid[KVF_SESSION_ID_MAX];
 } eng_known_t;
 
@@ -165,7 +165,7 @@ typedef struct {
     pthread_cond_t pcond;
     bool subscribed;
     uint64_t watch_id;
-    eng_known_t *known;
+    void *known;              /* tsearch tree of eng_known_t, by sid */
     kvf_peer_event_t *events; /* ring of ENG_EVENTS_MAX */
     size_t ev_head, ev_count;
 } eng_events_t;
@@ -173,6 +173,7 @@ typedef struct {
 struct kvf_engine {
     char sid[KVF_SESSION_ID_MAX];
     char ns[ENG_NS_MAX + 1];
+    char prefix[ENG_PREFIX_MAX + 1];
     char session_key[ENG_KEY_MAX];
     char regions_key[ENG_KEY_MAX];
     kvf_role_t role;
@@ -263,8 +264,9 @@ bool kvf__eng_closing(kvf_engine_t *e);
 
 /* ---- records.c ------------------------------------------------------------------------------ */
 
-/* "kvferry/v1/<ns>/<kind>/<sid>" */
-void kvf__eng_make_key(char *buf, size_t len, const char *ns, const char *kind, const char *sid);
+/* "<prefix><ns>/<kind>/<sid>" (the prefix is "kvferry/v1/" by default) */
+void kvf__eng_make_key(char *buf, size_t len, const kvf_engine_t *e, const char *kind,
+                       const char *sid);
 
 /* Publish the engine's session record / its current region table under its lease. */
 int kvf__eng_publish_session(kvf_engine_t *e);

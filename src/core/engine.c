@@ -206,6 +206,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         goto out_free;
     snprintf(e->ns, sizeof(e->ns), "%s", e->cfg.ns);
     e->cfg.ns = e->ns;
+    snprintf(e->prefix, sizeof(e->prefix), "%s", e->cfg.key_prefix);
+    e->cfg.key_prefix = e->prefix;
     e->role = role;
     e->device_id = device_id;
     e->stats.created_ms = kvf__now_ms();
@@ -250,6 +252,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .notify_arg = e,
         .stats_cb = kvf__stats_encoded,
         .stats_arg = e,
+        .shm_word = &e->shm_word,
     };
     rc = kvf__transports[e->listener]->create(&tp, &e->tr[e->listener]);
     if (rc == -EADDRINUSE) {
@@ -269,8 +272,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     listen.port = kvf_engine_port(e);
     kvf__hostport_format(&listen, e->sid, sizeof(e->sid));
     memcpy(e->shm_word.sid, e->sid, sizeof(e->shm_word.sid));
-    kvf__eng_make_key(e->session_key, sizeof(e->session_key), e->ns, "sessions", e->sid);
-    kvf__eng_make_key(e->regions_key, sizeof(e->regions_key), e->ns, "regions", e->sid);
+    kvf__eng_make_key(e->session_key, sizeof(e->session_key), e, "sessions", e->sid);
+    kvf__eng_make_key(e->regions_key, sizeof(e->regions_key), e, "regions", e->sid);
     /* The memfd socket is named after the session (unique on the host while the port is held);
      * an engine forced to tcp offers no shm and so serves no memfds. */
     char sock[ENG_KEY_MAX];

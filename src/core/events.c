@@ -7,6 +7,7 @@
  * busy_lock (closing) is taken inside plock, never the other way round.
  */
 #include <pthread.h>
+#include <search.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,7 +32,7 @@ int kvf_peer_wait(kvf_engine_t *e, const char *peer, uint32_t timeout_ms)
     char key[ENG_KEY_MAX];
     void *val;
     size_t len;
-    kvf__eng_make_key(key, sizeof(key), e->ns, "sessions", peer);
+    kvf__eng_make_key(key, sizeof(key), e, "sessions", peer);
     rc = kvf__eng_store_get_wait(e, key, timeout_ms, NULL, &val, &len);
     if (rc == 0)
         free(val);
@@ -42,34 +43,41 @@ int kvf_peer_wait(kvf_engine_t *e, const char *peer, uint32_t timeout_ms)
     return rc;
 }
 
-/* Record a join or leave if it changes what is known. Under plock. */
+static int known_cmp(const void *a, const void *b)
+{
+    return strcmp(((const eng_known_t *)a)->sid, ((const eng_known_t *)b)->sid);
+}
+
+/* Record a join or leave if it changes what is known. Under plock. The known sessions are a tree:
+ * a store may hold any number of them (150,000 were listed in issue 12). */
 static void peer_event_push(kvf_engine_t *e, kvf_peer_event_type_t type, const char *sid)
 {
     eng_events_t *a = &e->events;
-    eng_known_t **pp = &a->known;
-    while (*pp && strcmp((*pp)->sid, sid))
-        pp = &(*pp)->next;
+    eng_known_t probe;
+    snprintf(probe.sid, sizeof(probe.sid), "%s", sid);
+    void **slot = tfind(&probe, &a->known, known_cmp);
     if (type == KVF_PEER_JOINED) {
-        if (*pp)
+        if (slot)
             return; /* a re-publication (lease re-granted, record updated) */
-        eng_known_t *k = calloc(1, sizeof(*k));
-        if (!k) {
-            KVF_WARN(EVENTS_LOG, "engine %s: out of memory recording peer %s", e->sid, sid);
+        eng_known_t *k = malloc(sizeof(*k));
+        if (k)
+            *k = probe; /* before tsearch(), which compares it */
+        if (!k || !tsearch(k, &a->known, known_cmp)) {
+            free(k);
+            KVF_WARN_RATELIMITED(EVENTS_LOG, "engine %s: out of memory recording peer %s", e->sid,
+                                 sid);
             return;
         }
-        snprintf(k->sid, sizeof(k->sid), "%s", sid);
-        k->next = a->known;
-        a->known = k;
     } else {
-        if (!*pp)
+        if (!slot)
             return;
-        eng_known_t *k = *pp;
-        *pp = k->next;
+        eng_known_t *k = *slot;
+        tdelete(k, &a->known, known_cmp);
         free(k);
     }
     if (a->ev_count == ENG_EVENTS_MAX) {
-        KVF_WARN(EVENTS_LOG, "engine %s: %u peer events unread; dropping the oldest", e->sid,
-                 ENG_EVENTS_MAX);
+        KVF_WARN_RATELIMITED(EVENTS_LOG, "engine %s: %u peer events unread; dropping the oldest",
+                             e->sid, ENG_EVENTS_MAX);
         a->ev_head = (a->ev_head + 1) % ENG_EVENTS_MAX;
         a->ev_count--;
     }
@@ -84,7 +92,7 @@ static void peer_event_push(kvf_engine_t *e, kvf_peer_event_type_t type, const c
 static const char *session_of(kvf_engine_t *e, const char *key)
 {
     char prefix[ENG_KEY_MAX];
-    kvf__eng_make_key(prefix, sizeof(prefix), e->ns, "sessions", "");
+    kvf__eng_make_key(prefix, sizeof(prefix), e, "sessions", "");
     size_t pl = strlen(prefix);
     if (strncmp(key, prefix, pl) || !key[pl] || !strcmp(key + pl, e->sid))
         return NULL;
@@ -107,29 +115,41 @@ static int peer_subscribe(kvf_engine_t *e)
 {
     eng_events_t *a = &e->events;
     char prefix[ENG_KEY_MAX];
-    kvf__eng_make_key(prefix, sizeof(prefix), e->ns, "sessions", "");
+    kvf__eng_make_key(prefix, sizeof(prefix), e, "sessions", "");
     a->events = calloc(ENG_EVENTS_MAX, sizeof(*a->events));
     if (!a->events)
         return kvf__err(-KVF_ENOMEM, "engine %s: out of memory for peer events", e->sid);
     int rc = kvf_store_watch(e->store, prefix, peer_watch_cb, e, &a->watch_id);
     if (rc < 0)
         return kvf__err_wrap(rc, "engine %s: watching %s", e->sid, prefix);
-    kvf_store_kv_t *kvs;
-    size_t count;
-    rc = kvf_store_list(e->store, prefix, &kvs, &count);
-    if (rc < 0) {
-        kvf_store_unwatch(e->store, a->watch_id);
-        return kvf__err_wrap(rc, "engine %s: listing %s", e->sid, prefix);
+    /* Page by page, keys only: the store may hold any number of sessions, and only their ids
+     * are needed here. */
+    char after[KVF_STORE_MAX_KEY_LEN + 1] = "";
+    for (int more = 1; more;) {
+        kvf_store_kv_t *kvs;
+        size_t count;
+        rc = kvf_store_list_page(e->store, prefix, after, 0, KVF_STORE_LIST_KEYS_ONLY, &kvs, &count,
+                                 &more);
+        if (rc < 0) {
+            kvf_store_unwatch(e->store, a->watch_id);
+            return kvf__err_wrap(rc, "engine %s: listing %s", e->sid, prefix);
+        }
+        pthread_mutex_lock(&a->plock);
+        for (size_t i = 0; i < count; i++) {
+            const char *sid = session_of(e, kvs[i].key);
+            if (sid)
+                peer_event_push(e, KVF_PEER_JOINED, sid);
+        }
+        pthread_mutex_unlock(&a->plock);
+        if (count == 0 || strlen(kvs[count - 1].key) >= sizeof(after))
+            more = 0;
+        else
+            snprintf(after, sizeof(after), "%s", kvs[count - 1].key);
+        kvf_store_kv_free(kvs, count);
     }
     pthread_mutex_lock(&a->plock);
-    for (size_t i = 0; i < count; i++) {
-        const char *sid = session_of(e, kvs[i].key);
-        if (sid)
-            peer_event_push(e, KVF_PEER_JOINED, sid);
-    }
     a->subscribed = true;
     pthread_mutex_unlock(&a->plock);
-    kvf_store_kv_free(kvs, count);
     return 0;
 }
 
@@ -185,9 +205,7 @@ int kvf_peer_events(kvf_engine_t *e, kvf_peer_event_t *out, size_t max, int time
 void kvf__events_fini(kvf_engine_t *e)
 {
     eng_events_t *a = &e->events;
-    for (eng_known_t *k = a->known, *next; k; k = next) {
-        next = k->next;
-        free(k);
-    }
+    tdestroy(a->known, free);
+    a->known = NULL;
     free(a->events);
 }

@@ -329,7 +329,7 @@ static int peer_record_present(kvf_engine_t *e, const char *peer)
     char key[ENG_KEY_MAX];
     void *val;
     size_t len;
-    kvf__eng_make_key(key, sizeof(key), e->ns, "sessions", peer);
+    kvf__eng_make_key(key, sizeof(key), e, "sessions", peer);
     int rc = kvf__eng_store_get_wait(e, key, 0, NULL, &val, &len);
     if (rc == 0)
         free(val);
@@ -394,12 +394,14 @@ int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const char **na
         return kvf__err(-KVF_EINVAL, "peer transport: NULL argument");
     pthread_mutex_lock(&e->peers_lock);
     eng_peer_t *p = peer_find_locked(e, peer);
+    pthread_mutex_unlock(&e->peers_lock);
+    /* Not under peers_lock: a re-selection holds sel for up to init_timeout_ms, and every
+     * other peer's lookup needs peers_lock. A peer, once listed, lives until destroy. */
     if (p) {
         pthread_rwlock_rdlock(&p->sel);
         *name = p->via;
         pthread_rwlock_unlock(&p->sel);
     }
-    pthread_mutex_unlock(&e->peers_lock);
     return p ? 0
              : kvf__err(-KVF_ENOTFOUND, "engine %s has not transferred to peer %s", e->sid, peer);
 }

@@ -1,7 +1,7 @@
 /*
  * The engine's records in the store, both bound to its lease:
  *
- *   kvferry/v1/<ns>/sessions/<sid>  the session record (JSON: role, device, pid, boot id,
+ *   kvferry/v1/<ns>/sessions/<sid>  (the prefix is config.key_prefix) the session record (JSON: role, device, pid, boot id,
  *                                   network namespace, transports offered, the shm word's
  *                                   address: hints a same-host sender verifies)
  *   kvferry/v1/<ns>/regions/<sid>   its registered regions (JSON, with the table generation)
@@ -20,9 +20,10 @@
 #include "common/host.h"
 #include "core/core.h"
 
-void kvf__eng_make_key(char *buf, size_t len, const char *ns, const char *kind, const char *sid)
+void kvf__eng_make_key(char *buf, size_t len, const kvf_engine_t *e, const char *kind,
+                       const char *sid)
 {
-    snprintf(buf, len, "kvferry/v1/%s/%s/%s", ns, kind, sid);
+    snprintf(buf, len, "%s%s/%s/%s", e->prefix, e->ns, kind, sid);
 }
 
 /* Set @key to the JSON text of @doc under the engine's lease; steals the reference to @doc. */
@@ -64,12 +65,11 @@ int kvf__eng_publish_session(kvf_engine_t *e)
             memfd_sock = o->mem_sock(e->tr[i]);
     }
     json_t *doc =
-        json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:o, s:s, s:I, s:I}",
-                  "version", ENG_RECORD_VERSION, "session", e->sid, "role",
-                  kvf_role_name(e->role), "device_id", e->device_id, "pid", (int)getpid(),
-                  "hostname", host, "kvferry", KVF_VERSION_STRING, "transports", tr, "boot_id",
-                  kvf__host_boot_id(), "net_ns", kvf__host_net_ns(), "shm_word",
-                  hex_u64((uintptr_t)&e->shm_word), "memfd_socket", memfd_sock, "started_unix_ms",
+        json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:s, s:I, s:I}", "version",
+                  ENG_RECORD_VERSION, "session", e->sid, "role", kvf_role_name(e->role),
+                  "device_id", e->device_id, "pid", (int)getpid(), "hostname", host, "kvferry",
+                  KVF_VERSION_STRING, "transports", tr, "boot_id", kvf__host_boot_id(), "net_ns",
+                  kvf__host_net_ns(), "memfd_socket", memfd_sock, "started_unix_ms",
                   (json_int_t)e->started_unix_ms, "lease_ttl_ms", (json_int_t)e->cfg.lease_ttl_ms);
     return store_put_json(e, e->session_key, doc);
 }
@@ -100,15 +100,6 @@ void kvf__eng_parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d)
     const char *sock = json_string_value(json_object_get(doc, "memfd_socket"));
     if (sock && strlen(sock) < sizeof(d->memfd_sock))
         snprintf(d->memfd_sock, sizeof(d->memfd_sock), "%s", sock);
-    /* Only a hint: the shm transport verifies the pid and the word before it uses either. */
-    const char *w = json_string_value(json_object_get(doc, "shm_word"));
-    char *end;
-    if (w) {
-        errno = 0;
-        uint64_t wa = strtoull(w, &end, 16);
-        if (!*end && !errno)
-            d->shm_word_addr = wa;
-    }
     json_decref(doc);
 }
 
@@ -258,7 +249,7 @@ int kvf__eng_fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
     void *val;
     size_t len;
 
-    kvf__eng_make_key(key, sizeof(key), e->ns, "regions", sid);
+    kvf__eng_make_key(key, sizeof(key), e, "regions", sid);
     int rc = kvf__eng_store_get_wait(e, key, wait_ms, cancel, &val, &len);
     if (rc == -KVF_ETIMEDOUT || rc == -KVF_ENOTFOUND)
         return kvf__err(-KVF_ENOTFOUND,
@@ -282,7 +273,7 @@ void kvf__eng_fetch_session(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
     void *val;
     size_t len;
 
-    kvf__eng_make_key(key, sizeof(key), e->ns, "sessions", sid);
+    kvf__eng_make_key(key, sizeof(key), e, "sessions", sid);
     if (kvf__eng_store_get_wait(e, key, wait_ms, cancel, &val, &len) == 0) {
         kvf__eng_parse_session(val, len, d);
         free(val);

@@ -1,5 +1,6 @@
 /*
- * Client of the built-in config store (tcp://): options, kvf_store_open() and kvf_store_close().
+ * Client of the built-in config store (tcp://): its open() and close(), and its ops table (the
+ * backend kvf_store_open() picks for tcp://, see store.h).
  * client.h describes how the client works and the files below this one.
  */
 #include <errno.h>
@@ -15,20 +16,6 @@
 #include "common/thread.h"
 #include "common/url.h"
 #include "store/client.h"
-
-/* ---------------------------------------------------------------------------------------------
- * Public API
- * ------------------------------------------------------------------------------------------- */
-
-void kvf_store_opts_init(kvf_store_opts_t *opts)
-{
-    if (!opts)
-        return;
-    memset(opts, 0, sizeof(*opts));
-    opts->size = sizeof(*opts);
-    opts->connect_timeout_ms = CLI_DEFAULT_CONNECT_TIMEOUT_MS;
-    opts->request_timeout_ms = CLI_DEFAULT_REQUEST_TIMEOUT_MS;
-}
 
 static void cli_free(kvf_store_t *st)
 {
@@ -81,49 +68,27 @@ static int cli_open_connect(kvf_store_t *st)
     return kvf__err(-KVF_ESTOREDOWN, "store %s: cannot connect within %u ms: %s", st->url, ct, why);
 }
 
-int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **out)
+static void cli_close(kvf_store_t *st);
+
+/* The backend's open(): kvf_store_open() (store.c) has parsed @url and completed @opts. */
+static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_store_opts_t *opts,
+                    kvf_store_t **out)
 {
-    kvf_store_opts_t o;
-    kvf_store_url_t addr;
     int rc;
-
-    if (!out)
-        return kvf__err(-KVF_EINVAL, "store open: the output pointer is NULL");
-    *out = NULL;
-    if (!url)
-        return kvf__err(-KVF_EINVAL, "store open: the URL is NULL");
-    rc = kvf__store_url_parse(url, 0, &addr);
-    if (rc < 0)
-        return rc;
-    if (addr.scheme != KVF_STORE_SCHEME_TCP)
-        return kvf__err(-KVF_ENOTSUP,
-                        "store %s: the %s backend is not built yet (only tcp:// is served)", url,
-                        addr.scheme == KVF_STORE_SCHEME_ETCD ? "etcd" : "redis");
-    kvf_store_opts_init(&o);
-    if (opts) {
-        if (opts->size < sizeof(opts->size) + sizeof(uint32_t) * 2 || opts->size > sizeof(o))
-            return kvf__err(-KVF_EINVAL,
-                            "store %s: opts.size is %zu; fill the options with "
-                            "kvf_store_opts_init()",
-                            url, opts->size);
-        memcpy(&o, opts, opts->size);
-        o.size = sizeof(o);
-    }
-    if (o.request_timeout_ms == 0)
-        return kvf__err(-KVF_EINVAL, "store %s: request_timeout_ms is 0; it must be positive", url);
-
     kvf_store_t *st = calloc(1, sizeof(*st));
     if (!st)
         return kvf__err(-KVF_ENOMEM, "store %s: out of memory", url);
     st->fd = -1;
-    st->opts = o;
-    st->addr = addr;
+    st->opts = *opts;
+    st->addr = *addr;
     st->next_req_id = 1;
     st->url = strdup(url);
     if (!st->url) {
         rc = kvf__err(-KVF_ENOMEM, "store %s: out of memory", url);
         goto out_free_st;
     }
+    st->base.ops = &kvf__store_builtin_ops;
+    st->base.url = st->url;
     st->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (st->wake_fd < 0) {
         rc = kvf__err(-errno, "store %s: eventfd: %s", url, kvf_strerror(-errno));
@@ -157,10 +122,10 @@ int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **
     st->io_started = true;
 
     /* Something accepted the connection; make sure it is a store that answers. */
-    rc = kvf_store_ping(st);
+    rc = kvf__builtin_ping(st);
     if (rc < 0) {
         rc = kvf__err_wrap(-KVF_ESTOREDOWN, "store %s: the store does not answer", url);
-        kvf_store_close(st);
+        cli_close(st);
         return rc;
     }
     KVF_DEBUG("store", "%s: connected", url);
@@ -221,7 +186,7 @@ static void cli_revoke_all(kvf_store_t *st)
     }
 }
 
-void kvf_store_close(kvf_store_t *st)
+static void cli_close(kvf_store_t *st)
 {
     if (!st)
         return;
@@ -245,7 +210,22 @@ void kvf_store_close(kvf_store_t *st)
     cli_free(st);
 }
 
-const char *kvf_store_url(const kvf_store_t *st)
-{
-    return st ? st->url : "";
-}
+const kvf_store_ops_t kvf__store_builtin_ops = {
+    .size = sizeof(kvf_store_ops_t),
+    .name = "builtin",
+    .open = cli_open,
+    .close = cli_close,
+    .set = kvf__builtin_set,
+    .get = kvf__builtin_get,
+    .del = kvf__builtin_del,
+    .cas = kvf__builtin_cas,
+    .add = kvf__builtin_add,
+    .list = kvf__builtin_list,
+    .list_page = kvf__builtin_list_page,
+    .watch = kvf__builtin_watch,
+    .unwatch = kvf__builtin_unwatch,
+    .lease_grant = kvf__builtin_lease_grant,
+    .lease_keepalive_stop = kvf__builtin_lease_keepalive_stop,
+    .lease_revoke = kvf__builtin_lease_revoke,
+    .ping = kvf__builtin_ping,
+};

@@ -54,6 +54,7 @@
 #include "kvferry.h"
 #include "store/limits.h"
 #include "store/proto.h"
+#include "store/store.h"
 
 typedef enum {
     CLI_DOWN,      /* no connection; the I/O thread is reconnecting */
@@ -140,6 +141,7 @@ typedef struct cli_req {
 } cli_req_t;
 
 struct kvf_store {
+    kvf_store_base_t base; /* first: the backend table (store.h) */
     char *url;
     kvf_store_url_t addr;
     kvf_store_opts_t opts;
@@ -173,8 +175,9 @@ struct kvf_store {
      * oldest first; one unanswered for request_timeout_ms means the store is gone even if the
      * connection looks fine (a host that vanished without FIN or RST). */
     cli_req_t *io_head, *io_tail;
-    uint64_t last_io_ms; /* last time input arrived or queued output drained (I/O thread) */
-    bool probe_wanted;   /* a caller's request timed out: the I/O thread sends a PING probe */
+    uint64_t last_io_ms;   /* last time input arrived or queued output drained (I/O thread) */
+    uint64_t last_send_ms; /* last time a frame was sent or queued: a quiet connection pings */
+    bool probe_wanted;     /* a caller's request timed out: the I/O thread sends a PING probe */
 
     /* I/O thread only. */
     kvf_buf_t rx;
@@ -322,5 +325,27 @@ int kvf__cli_nomem(const kvf_store_t *st, const char *what);
 /* SET (or CAS when @cas) of @key, under lease @lease when non-zero. */
 int kvf__cli_put(kvf_store_t *st, const char *what, const char *key, bool cas, const void *expected,
                  size_t expected_len, const void *val, size_t len, uint64_t lease);
+
+/* ---------------------------------------------------------------------------------------------
+ * The backend's operations (client_ops.c; open and close in client.c), kvf__store_builtin_ops
+ * ------------------------------------------------------------------------------------------- */
+
+int kvf__builtin_set(kvf_store_t *st, const char *key, const void *val, size_t len,
+                     uint64_t lease);
+int kvf__builtin_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **val, size_t *len);
+int kvf__builtin_del(kvf_store_t *st, const char *key);
+int kvf__builtin_cas(kvf_store_t *st, const char *key, const void *expected, size_t expected_len,
+                     const void *val, size_t len, uint64_t lease);
+int kvf__builtin_add(kvf_store_t *st, const char *key, int64_t delta, int64_t *result);
+int kvf__builtin_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, size_t *count);
+int kvf__builtin_list_page(kvf_store_t *st, const char *prefix, const char *after, size_t max,
+                           unsigned flags, kvf_store_kv_t **out, size_t *count, int *more);
+int kvf__builtin_watch(kvf_store_t *st, const char *prefix, kvf_store_watch_cb cb, void *arg,
+                       uint64_t *watch_id);
+int kvf__builtin_unwatch(kvf_store_t *st, uint64_t watch_id);
+int kvf__builtin_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease);
+int kvf__builtin_lease_keepalive_stop(kvf_store_t *st, uint64_t lease);
+int kvf__builtin_lease_revoke(kvf_store_t *st, uint64_t lease);
+int kvf__builtin_ping(kvf_store_t *st);
 
 #endif

@@ -29,6 +29,7 @@ void kvf__cli_conn_up_locked(kvf_store_t *st, int fd)
     st->conn_gen++;
     st->restore_pending = 0;
     st->last_io_ms = kvf__now_ms();
+    st->last_send_ms = st->last_io_ms;
     for (cli_lease_t *l = st->leases; l; l = l->next)
         if (l->state == CLI_LEASE_NEED_GRANT)
             kvf__cli_send_grant_locked(st, l, true);

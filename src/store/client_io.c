@@ -76,8 +76,13 @@ static int cli_decode_answer(cli_req_t *rq, uint16_t status, const uint8_t *body
             return -KVF_EPROTO;
         }
         return 0;
-    case KVF_STORE_OP_LIST: {
+    case KVF_STORE_OP_LIST:
+    case KVF_STORE_OP_LIST_PAGE: {
         uint32_t count;
+        uint8_t more = 0;
+        if (rq->op == KVF_STORE_OP_LIST_PAGE && (!kvf__rd_u8(&r, &more) || more > 1))
+            break;
+        rq->u64 = more;
         if (!kvf__rd_u32(&r, &count))
             break;
         /* Each pair takes at least 8 bytes: bound the count before allocating for it. */
@@ -315,8 +320,8 @@ static int cli_read_input(kvf_store_t *st, char *why, size_t whylen)
 static void cli_flush_locked(kvf_store_t *st)
 {
     if (!st->broken) {
-        st->out_off += kvf__cli_send_now_locked(st, st->out.data + st->out_off,
-                                                st->out.len - st->out_off);
+        st->out_off +=
+            kvf__cli_send_now_locked(st, st->out.data + st->out_off, st->out.len - st->out_off);
         if (st->broken)
             return;
     }
@@ -393,6 +398,15 @@ static int cli_run_timers_locked(kvf_store_t *st)
         if (l->due_ms - now < next)
             next = l->due_ms - now;
     }
+    /* A connection that carried nothing for CLI_QUIET_PING_MS pings, so that the server's idle
+     * timeout never closes a live client (an internal request in flight counts as traffic). */
+    if (st->state == CLI_READY && !st->io_head && !st->broken) {
+        if (now >= st->last_send_ms + CLI_QUIET_PING_MS)
+            cli_send_probe_locked(st);
+        uint64_t due = st->last_send_ms + CLI_QUIET_PING_MS;
+        if (due > now && due - now < next)
+            next = due - now;
+    }
     uint64_t alive = cli_check_alive_locked(st, now);
     if (alive < next)
         next = alive;
@@ -424,7 +438,7 @@ void *kvf__cli_io_main(void *arg)
         }
         if (st->broken) {
             snprintf(why, sizeof(why), "%s", st->broken_why);
-            KVF_WARN("store", "%s: connection lost: %s; reconnecting", st->url, why);
+            KVF_WARN_RATELIMITED("store", "%s: connection lost: %s; reconnecting", st->url, why);
             char msg[CLI_MSG_MAX];
             snprintf(msg, sizeof(msg), "the store connection was lost (%.200s)", why);
             kvf__cli_conn_down_locked(st, -KVF_ESTOREDOWN, msg);
@@ -457,11 +471,12 @@ void *kvf__cli_io_main(void *arg)
         if (rc < 0) {
             char msg[CLI_MSG_MAX + 64];
             if (rc == -KVF_EPROTO) {
-                KVF_WARN("store", "%s: protocol error from the store: %s; reconnecting", st->url,
-                         why);
+                KVF_WARN_RATELIMITED("store", "%s: protocol error from the store: %s; reconnecting",
+                                     st->url, why);
                 snprintf(msg, sizeof(msg), "protocol error from the store (%.200s)", why);
             } else {
-                KVF_WARN("store", "%s: connection lost: %s; reconnecting", st->url, why);
+                KVF_WARN_RATELIMITED("store", "%s: connection lost: %s; reconnecting", st->url,
+                                     why);
                 snprintf(msg, sizeof(msg), "the store connection was lost (%.200s)", why);
             }
             kvf__cli_conn_down_locked(st, rc == -KVF_EPROTO ? -KVF_EPROTO : -KVF_ESTOREDOWN, msg);

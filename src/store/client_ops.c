@@ -17,7 +17,7 @@ static void cli_what(char *what, size_t n, const char *op, const char *key)
     snprintf(what, n, "%s \"%s\"", op, kvf__cli_show(shown, sizeof(shown), key, strlen(key)));
 }
 
-int kvf_store_set(kvf_store_t *st, const char *key, const void *val, size_t len, uint64_t lease)
+int kvf__builtin_set(kvf_store_t *st, const char *key, const void *val, size_t len, uint64_t lease)
 {
     char what[CLI_WHAT_MAX];
     int rc = kvf__cli_check_handle(st, "set");
@@ -32,7 +32,7 @@ int kvf_store_set(kvf_store_t *st, const char *key, const void *val, size_t len,
     return kvf__cli_put(st, what, key, false, NULL, 0, val, len, lease);
 }
 
-int kvf_store_cas(kvf_store_t *st, const char *key, const void *expected, size_t expected_len,
+int kvf__builtin_cas(kvf_store_t *st, const char *key, const void *expected, size_t expected_len,
                   const void *val, size_t len, uint64_t lease)
 {
     char what[CLI_WHAT_MAX];
@@ -51,7 +51,7 @@ int kvf_store_cas(kvf_store_t *st, const char *key, const void *expected, size_t
     return kvf__cli_put(st, what, key, true, expected, expected_len, val, len, lease);
 }
 
-int kvf_store_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **val, size_t *len)
+int kvf__builtin_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **val, size_t *len)
 {
     char what[CLI_WHAT_MAX];
     kvf_buf_t f;
@@ -96,7 +96,7 @@ out_free:
     return rc;
 }
 
-int kvf_store_del(kvf_store_t *st, const char *key)
+int kvf__builtin_del(kvf_store_t *st, const char *key)
 {
     char what[CLI_WHAT_MAX];
     kvf_buf_t f;
@@ -125,7 +125,7 @@ out_free:
     return rc;
 }
 
-int kvf_store_add(kvf_store_t *st, const char *key, int64_t delta, int64_t *result)
+int kvf__builtin_add(kvf_store_t *st, const char *key, int64_t delta, int64_t *result)
 {
     char what[CLI_WHAT_MAX];
     kvf_buf_t f;
@@ -158,7 +158,8 @@ out_free:
     return rc;
 }
 
-int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, size_t *count)
+int kvf__builtin_list_page(kvf_store_t *st, const char *prefix, const char *after, size_t max,
+                           unsigned flags, kvf_store_kv_t **out, size_t *count, int *more)
 {
     char what[CLI_WHAT_MAX];
     kvf_buf_t f;
@@ -167,19 +168,32 @@ int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, si
         return rc;
     if (!prefix)
         prefix = "";
+    if (!after)
+        after = "";
     rc = kvf__cli_check_key(st, "list", prefix, true);
+    if (rc == 0 && *after)
+        rc = kvf__cli_check_key(st, "list (after)", after, false);
     if (rc < 0)
         return rc;
     cli_what(what, sizeof(what), "list", prefix);
     if (!out || !count)
         return kvf__err(-KVF_EINVAL, "store %s: %s: the output pointers are NULL", st->url, what);
+    if (flags & ~KVF_STORE_LIST_KEYS_ONLY)
+        return kvf__err(-KVF_EINVAL, "store %s: %s: unknown flags 0x%x", st->url, what, flags);
     *out = NULL;
     *count = 0;
-    cli_req_t *rq = kvf__cli_req_new(KVF_STORE_OP_LIST, CLI_OWNER_CALLER);
+    if (more)
+        *more = 0;
+    if (max == 0 || max > KVF_STORE_LIST_PAGE_MAX)
+        max = KVF_STORE_LIST_PAGE_MAX;
+    cli_req_t *rq = kvf__cli_req_new(KVF_STORE_OP_LIST_PAGE, CLI_OWNER_CALLER);
     if (!rq)
         return kvf__cli_nomem(st, what);
-    kvf__cli_frame_begin(&f, KVF_STORE_OP_LIST);
+    kvf__cli_frame_begin(&f, KVF_STORE_OP_LIST_PAGE);
     kvf__buf_put_blob(&f, prefix, strlen(prefix));
+    kvf__buf_put_blob(&f, after, strlen(after));
+    kvf__buf_put_u32(&f, (uint32_t)max);
+    kvf__buf_put_u8(&f, (uint8_t)flags);
     if (kvf__cli_frame_end(&f) < 0) {
         rc = kvf__cli_nomem(st, what);
         goto out_free;
@@ -188,6 +202,8 @@ int kvf_store_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, si
     if (rc == 0) {
         *out = rq->kvs;
         *count = rq->nkvs;
+        if (more)
+            *more = rq->u64 != 0;
         rq->kvs = NULL;
         rq->nkvs = 0;
     }
@@ -197,8 +213,62 @@ out_free:
     return rc;
 }
 
-int kvf_store_watch(kvf_store_t *st, const char *prefix, kvf_store_watch_cb cb, void *arg,
-                    uint64_t *watch_id)
+/* Every page, appended to one array. */
+int kvf__builtin_list(kvf_store_t *st, const char *prefix, kvf_store_kv_t **out, size_t *count)
+{
+    if (out)
+        *out = NULL;
+    if (count)
+        *count = 0;
+    if (st && (!out || !count))
+        return kvf__err(-KVF_EINVAL, "store %s: list: the output pointers are NULL", st->url);
+    kvf_store_kv_t *all = NULL;
+    size_t n = 0, cap = 0;
+    int more = 1, rc = 0;
+    while (more) {
+        kvf_store_kv_t *page;
+        size_t k;
+        rc = kvf__builtin_list_page(st, prefix, n ? all[n - 1].key : NULL, 0, 0, &page, &k,
+                                    &more);
+        if (rc < 0)
+            break;
+        if (k == 0) {
+            kvf_store_kv_free(page, 0);
+            break;
+        }
+        if (n + k > cap) {
+            size_t ncap = cap ? cap : 64;
+            while (ncap < n + k)
+                ncap *= 2;
+            kvf_store_kv_t *grown = realloc(all, ncap * sizeof(*all));
+            if (!grown) {
+                kvf_store_kv_free(page, k);
+                rc = kvf__cli_nomem(st, "list");
+                break;
+            }
+            all = grown;
+            cap = ncap;
+        }
+        memcpy(all + n, page, k * sizeof(*page));
+        n += k;
+        free(page); /* its keys and values now belong to @all */
+    }
+    if (rc < 0) {
+        kvf_store_kv_free(all, n);
+        return rc;
+    }
+    if (!all) {
+        all = calloc(1, sizeof(*all));
+        if (!all)
+            return kvf__cli_nomem(st, "list");
+    }
+    *out = all;
+    *count = n;
+    return 0;
+}
+
+int kvf__builtin_watch(kvf_store_t *st, const char *prefix, kvf_store_watch_cb cb, void *arg,
+                       uint64_t *watch_id)
 {
     char what[CLI_WHAT_MAX];
     kvf_buf_t f;
@@ -239,7 +309,7 @@ out_free:
     return rc;
 }
 
-int kvf_store_unwatch(kvf_store_t *st, uint64_t watch_id)
+int kvf__builtin_unwatch(kvf_store_t *st, uint64_t watch_id)
 {
     int rc = kvf__cli_check_handle(st, "unwatch");
     if (rc < 0)
@@ -271,7 +341,7 @@ int kvf_store_unwatch(kvf_store_t *st, uint64_t watch_id)
     return 0;
 }
 
-int kvf_store_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease)
+int kvf__builtin_lease_grant(kvf_store_t *st, uint32_t ttl_ms, uint64_t *lease)
 {
     char what[64];
     kvf_buf_t f;
@@ -306,7 +376,7 @@ out_free:
     return rc;
 }
 
-int kvf_store_lease_keepalive_stop(kvf_store_t *st, uint64_t lease)
+int kvf__builtin_lease_keepalive_stop(kvf_store_t *st, uint64_t lease)
 {
     int rc = kvf__cli_check_handle(st, "lease keepalive stop");
     if (rc < 0)
@@ -329,7 +399,7 @@ int kvf_store_lease_keepalive_stop(kvf_store_t *st, uint64_t lease)
     return 0;
 }
 
-int kvf_store_lease_revoke(kvf_store_t *st, uint64_t lease)
+int kvf__builtin_lease_revoke(kvf_store_t *st, uint64_t lease)
 {
     char what[64];
     kvf_buf_t f;
@@ -401,7 +471,7 @@ out_free:
     return rc;
 }
 
-int kvf_store_ping(kvf_store_t *st)
+int kvf__builtin_ping(kvf_store_t *st)
 {
     kvf_buf_t f;
     int rc = kvf__cli_check_handle(st, "ping");

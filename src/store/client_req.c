@@ -245,6 +245,7 @@ static void cli_send_locked(kvf_store_t *st, const uint8_t *p, size_t n)
 {
     if (st->broken || st->fd < 0)
         return; /* the request is failed when the I/O thread drops the connection */
+    st->last_send_ms = kvf__now_ms();
     if (st->out.len == st->out_off) {
         size_t sent = kvf__cli_send_now_locked(st, p, n);
         if (st->broken || sent == n)

@@ -7,13 +7,16 @@
 #ifndef KVF_STORE_LIMITS_H
 #define KVF_STORE_LIMITS_H
 
+#include <stdint.h>
+
 /* ---- the protocol ---------------------------------------------------------------------------- */
 
 /* A partial frame that has not completed within this time closes its connection, so a client
  * that sends half a frame and stalls cannot pin server memory forever. */
 #define KVF_STORE_PARTIAL_FRAME_TIMEOUT_MS 30000u
 /* A connection whose unsent output (answers and watch events it is not reading) grows past this
- * is closed: a slow consumer must not grow the server without bound. */
+ * is closed: a slow consumer must not grow the server without bound. The default of
+ * kvf_store_server_opts_t.max_output_bytes. */
 #define KVF_STORE_MAX_OUTPUT_BYTES (256u << 20)
 /* Longest get-with-wait accepted. */
 #define KVF_STORE_MAX_WAIT_MS (3600u * 1000u)
@@ -25,8 +28,24 @@
 #define SRV_PARTIAL_TIMEOUT_ENV    "KVFERRY_STORE_PARTIAL_FRAME_TIMEOUT_MS"
 #define SRV_PARTIAL_TIMEOUT_MAX_MS (24u * 3600u * 1000u)
 
-/* Input buffer: small by default so that thousands of idle clients cost little; grown to the
- * size of one validated frame when needed, and shrunk back afterwards. */
+/* Defaults of kvf_store_server_opts_t (include/kvferry.h; docs/operations.md lists them). */
+#define SRV_DEFAULT_MAX_CLIENTS_PER_ADDR   1024u
+#define SRV_DEFAULT_IDLE_TIMEOUT_MS        60000u
+#define SRV_MIN_IDLE_TIMEOUT_MS            100u
+#define SRV_MAX_IDLE_TIMEOUT_MS            (24u * 3600u * 1000u)
+#define SRV_DEFAULT_MAX_KEYS               1000000u
+#define SRV_DEFAULT_MAX_KEYS_PER_CLIENT    100000u
+#define SRV_DEFAULT_MAX_BYTES              (UINT64_C(1) << 30)
+#define SRV_DEFAULT_MAX_BYTES_PER_CLIENT   (UINT64_C(64) << 20)
+#define SRV_DEFAULT_MAX_LEASES             100000u
+#define SRV_DEFAULT_MAX_LEASES_PER_CLIENT  10000u
+#define SRV_DEFAULT_MAX_WATCHES            65536u
+#define SRV_DEFAULT_MAX_WATCHES_PER_CLIENT 4096u
+#define SRV_DEFAULT_MAX_OUTPUT_TOTAL       (UINT64_C(1) << 30)
+
+/* Input buffer: small by default so that thousands of idle clients cost little; grown
+ * geometrically as the bytes of a (validated) frame arrive, never to the announced size up front,
+ * and shrunk back afterwards. */
 #define SRV_IN_MIN  4096u
 #define SRV_IN_KEEP (64u << 10)
 /* Output buffers larger than this are released once drained. */
@@ -40,6 +59,8 @@
 #define SRV_READS_PER_EVENT   16
 #define SRV_ACCEPTS_PER_EVENT 64
 #define SRV_EPOLL_EVENTS      64
+/* iovecs of one sendmsg() (owned bytes and shared tails). */
+#define SRV_FLUSH_IOV 64
 /* After accept() runs out of fds or memory, stop accepting for this long instead of spinning on
  * a listening socket that stays readable. */
 #define SRV_ACCEPT_PAUSE_MS 100u
@@ -70,5 +91,8 @@
 #define CLI_BUF_KEEP_MAX (1u << 20)
 /* Reads per wake-up before the I/O thread looks at its timers and output again. */
 #define CLI_READ_ROUNDS 16
+/* A connected client that sent nothing for this long sends a PING, so that the server's idle
+ * timeout (kvf_store_server_opts_t.idle_timeout_ms, 60 s by default) never closes a live client. */
+#define CLI_QUIET_PING_MS 15000u
 
 #endif

@@ -27,9 +27,14 @@
  * the store's other defaults and limits; the public ones are in kvferry.h. */
 #include "store/limits.h"
 
-#define KVF_STORE_MAGIC 0x5346564Bu /* bytes 'K' 'V' 'F' 'S' */
+#define KVF_STORE_MAGIC         0x5346564Bu /* bytes 'K' 'V' 'F' 'S' */
 #define KVF_STORE_PROTO_VERSION 1u
-#define KVF_STORE_HDR_LEN 16u
+#define KVF_STORE_HDR_LEN       16u
+/* Keys and values in one LIST_PAGE answer, about (one pair may take it past). */
+#define KVF_STORE_LIST_PAGE_BYTES (4u << 20)
+/* The longest request body: a CAS with the longest key, expected value and new value. A frame
+ * header announcing more is refused before anything is read or allocated for it. */
+#define KVF_STORE_MAX_REQUEST_LEN (KVF_STORE_MAX_KEY_LEN + 2u * KVF_STORE_MAX_VALUE_LEN + 64u)
 
 enum kvf_store_op {
     /* body: empty.  answer: empty. */
@@ -66,6 +71,14 @@ enum kvf_store_op {
     KVF_STORE_OP_LEASE_KEEPALIVE = 11,
     /* body: u64 lease_id.  answer: empty; status LEASE_NOT_FOUND. Deletes the lease's keys. */
     KVF_STORE_OP_LEASE_REVOKE = 12,
+    /* body: blob prefix, blob after (exclusive; empty = from the first key), u32 max_pairs
+     *       (0 or above KVF_STORE_LIST_PAGE_MAX = KVF_STORE_LIST_PAGE_MAX), u8 flags (bit 0:
+     *       keys only, values sent empty; other bits 0).
+     * answer: u8 more (1 when keys after this page match), u32 count, then count × (blob key,
+     * blob value), in byte order of keys. A page stops at max_pairs or once it holds
+     * KVF_STORE_LIST_PAGE_BYTES of keys and values, but holds at least one pair when one
+     * matches. The next page starts after the last key of this one. */
+    KVF_STORE_OP_LIST_PAGE = 13,
     /* Server to client only, req_id 0, status 0.
      * body: u64 watch_id, u8 type (1 put, 2 delete), blob key, blob value (empty for delete). */
     KVF_STORE_OP_EVENT = 64,
@@ -76,12 +89,14 @@ enum kvf_store_status {
     KVF_STORE_ST_NOT_FOUND = 1,
     KVF_STORE_ST_TIMEOUT = 2,
     KVF_STORE_ST_CAS_MISMATCH = 3,
-    KVF_STORE_ST_BAD_REQUEST = 4,   /* malformed body, empty key, bad ttl: the connection stays */
+    KVF_STORE_ST_BAD_REQUEST = 4, /* malformed body, empty key, bad ttl: the connection stays */
     KVF_STORE_ST_TOO_BIG = 5,
     KVF_STORE_ST_BAD_VALUE = 6,
     KVF_STORE_ST_OUT_OF_RANGE = 7,
     KVF_STORE_ST_LEASE_NOT_FOUND = 8,
-    KVF_STORE_ST_BUSY = 9,          /* per-connection limit (watches, waiters) reached */
+    KVF_STORE_ST_BUSY = 9,           /* a limit (watches, waiters per connection) or a quota
+                                        (keys, bytes, leases, watches) reached; the message names
+                                        it and its value */
     KVF_STORE_ST_SHUTTING_DOWN = 10, /* server stopping: pending get-with-wait answered with this */
 };
 
@@ -97,18 +112,30 @@ enum kvf_store_status {
 static inline int kvf__store_status_to_err(uint16_t st)
 {
     switch (st) {
-    case KVF_STORE_ST_OK: return 0;
-    case KVF_STORE_ST_NOT_FOUND: return -KVF_ENOTFOUND;
-    case KVF_STORE_ST_TIMEOUT: return -KVF_ETIMEDOUT;
-    case KVF_STORE_ST_CAS_MISMATCH: return -KVF_ECASMISMATCH;
-    case KVF_STORE_ST_BAD_REQUEST: return -KVF_EINVAL;
-    case KVF_STORE_ST_TOO_BIG: return -KVF_ETOOBIG;
-    case KVF_STORE_ST_BAD_VALUE: return -KVF_EBADVALUE;
-    case KVF_STORE_ST_OUT_OF_RANGE: return -KVF_ERANGE;
-    case KVF_STORE_ST_LEASE_NOT_FOUND: return -KVF_ENOTFOUND;
-    case KVF_STORE_ST_BUSY: return -KVF_EBUSY;
-    case KVF_STORE_ST_SHUTTING_DOWN: return -KVF_ESTOREDOWN;
-    default: return -KVF_EPROTO;
+    case KVF_STORE_ST_OK:
+        return 0;
+    case KVF_STORE_ST_NOT_FOUND:
+        return -KVF_ENOTFOUND;
+    case KVF_STORE_ST_TIMEOUT:
+        return -KVF_ETIMEDOUT;
+    case KVF_STORE_ST_CAS_MISMATCH:
+        return -KVF_ECASMISMATCH;
+    case KVF_STORE_ST_BAD_REQUEST:
+        return -KVF_EINVAL;
+    case KVF_STORE_ST_TOO_BIG:
+        return -KVF_ETOOBIG;
+    case KVF_STORE_ST_BAD_VALUE:
+        return -KVF_EBADVALUE;
+    case KVF_STORE_ST_OUT_OF_RANGE:
+        return -KVF_ERANGE;
+    case KVF_STORE_ST_LEASE_NOT_FOUND:
+        return -KVF_ENOTFOUND;
+    case KVF_STORE_ST_BUSY:
+        return -KVF_EBUSY;
+    case KVF_STORE_ST_SHUTTING_DOWN:
+        return -KVF_ESTOREDOWN;
+    default:
+        return -KVF_EPROTO;
     }
 }
 

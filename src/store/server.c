@@ -50,6 +50,9 @@ static void timers_run(struct kvf_store_server *srv)
                 srv->partial_timeout_ms);
             break;
         }
+        case SRV_TIMER_QUIET:
+            kvf__srv_conn_quiet(srv, SRV_CONTAINER(t, struct srv_conn, quiet));
+            break;
         }
     }
     if (srv->accept_paused && srv->accept_resume_ms <= srv->now_ms)
@@ -191,7 +194,19 @@ static int epoll_add(int epfd, int fd, void *tag)
     return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
 }
 
+void kvf_store_server_opts_init(kvf_store_server_opts_t *opts)
+{
+    if (opts)
+        kvf__srv_opts_default(opts);
+}
+
 int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out)
+{
+    return kvf_store_server_start_opts(listen_url, NULL, out);
+}
+
+int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_opts_t *opts,
+                                kvf_store_server_t **out)
 {
     kvf_store_url_t u;
     struct kvf_store_server *srv;
@@ -202,6 +217,11 @@ int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out)
     *out = NULL;
     if (!listen_url)
         return kvf__err(-KVF_EINVAL, "store listen: URL is NULL");
+    if (opts) {
+        rc = kvf__srv_opts_check(opts);
+        if (rc < 0)
+            return rc;
+    }
     rc = kvf__store_url_parse(listen_url, 1, &u);
     if (rc < 0)
         return rc;
@@ -218,6 +238,11 @@ int kvf_store_server_start(const char *listen_url, kvf_store_server_t **out)
     link_init(&srv->zombies);
     link_init(&srv->dirty);
     link_init(&srv->watches);
+    if (opts)
+        srv->opts = *opts;
+    else
+        kvf__srv_opts_default(&srv->opts);
+    srv->opts.size = sizeof(srv->opts);
     srv->partial_timeout_ms = partial_timeout_from_env();
     srv->next_lease_id = random_u64();
     srv->now_ms = kvf__now_ms();
@@ -329,6 +354,7 @@ void kvf_store_server_stop(kvf_store_server_t *srv)
     tdestroy(srv->kv_root, kvf__srv_entry_free);
     tdestroy(srv->lease_root, kvf__srv_lease_free);
     tdestroy(srv->waitkey_root, free); /* empty: waiters went with their connections */
+    tdestroy(srv->client_root, free);
     free(srv->heap);
     close(srv->evfd);
     close(srv->epfd);

@@ -11,11 +11,12 @@
  *    timer pass, or while flushing output. Handlers that append answers or events to other
  *    connections never close anything, because they may be iterating a list (watches, waiters)
  *    that closing would change. Such an append that would take the connection's unsent output
- *    past KVF_STORE_MAX_OUTPUT_BYTES is dropped and flags the connection ("overflow"); the flush
+ *    past opts.max_output_bytes is dropped and flags the connection ("overflow"); the flush
  *    pass closes it.
  *  - Output bounds: a connection's own requests stop being executed (and read) while more than
  *    SRV_OUT_PAUSE_READ of its output is unsent; they resume from the flush path as it drains.
- *    So unsent output is at most KVF_STORE_MAX_OUTPUT_BYTES, plus one answer.
+ *    So unsent output is at most opts.max_output_bytes, plus one answer. Watch events
+ *    and woken answers share one copy of their tail (srv_shared), counted in full per connection.
  *  - A killed connection's fd is closed and its waiters and watches are detached at once, but its
  *    memory lives until the end of the loop iteration ("zombie"), because later events returned
  *    by the same epoll_wait() may still point at it.
@@ -27,7 +28,8 @@
  *   server_ops.c    one handler per opcode: decode the request, act, answer
  *   server_kv.c     the data: key-value map, leases, get-with-wait waiters, watches
  *   server_reply.c  frames appended to a connection's output (answers and events)
- *   server_timer.c  the min-heap of deadlines (waiters, leases, partial frames)
+ *   server_quota.c  the quotas: clients (source addresses), what is charged to them, the options
+ *   server_timer.c  the min-heap of deadlines (waiters, leases, partial frames, idle connections)
  *
  * The defaults and limits are in limits.h.
  */
@@ -96,6 +98,7 @@ enum srv_timer_kind {
     SRV_TIMER_WAITER,  /* get-with-wait deadline */
     SRV_TIMER_LEASE,   /* lease expiry */
     SRV_TIMER_PARTIAL, /* partial-frame timeout of a connection */
+    SRV_TIMER_QUIET,   /* idle timeout of a connection (checked lazily, see conn_quiet_check) */
 };
 
 #define SRV_TIMER_IDLE SIZE_MAX
@@ -107,9 +110,36 @@ struct srv_timer {
     enum srv_timer_kind kind;
 };
 
+/* A client in the quotas' sense: one source IP address. It lives while anything is charged to it
+ * (connections, keys, bytes, leases, watches); see server_quota.c. */
+struct srv_client {
+    uint8_t ip[16]; /* first members: the client tree compares ip_len, then ip */
+    uint8_t ip_len; /* 4 or 16 */
+    char name[48];  /* the address, for messages */
+    unsigned conns;
+    uint64_t keys, bytes;
+    uint32_t leases, watches;
+};
+
+/* One copy of a frame's tail shared by every connection it is sent to (watch events, woken
+ * get-with-wait answers): each connection's output holds only its own header and a mark. */
+struct srv_shared {
+    unsigned refs;
+    uint32_t len;
+    uint8_t data[];
+};
+
+/* A shared tail in a connection's output: it goes out after the owned bytes before @pos. */
+struct srv_mark {
+    size_t pos;  /* offset in srv_conn.out at which it is inserted */
+    size_t sent; /* bytes of it already sent */
+    struct srv_shared *sh;
+};
+
 struct srv_lease {
     uint64_t id; /* first member: the lease tree compares ids */
     uint32_t ttl_ms;
+    struct srv_client *owner; /* charged with it */
     struct srv_timer timer;
     struct srv_link keys; /* srv_entry.lease_link */
 };
@@ -120,6 +150,7 @@ struct srv_entry {
     uint32_t vlen;
     struct srv_lease *lease;
     struct srv_link lease_link;
+    struct srv_client *owner; /* charged with it: the client that wrote it last */
     uint8_t key[];
 };
 
@@ -159,11 +190,20 @@ struct srv_conn {
     uint32_t events; /* current epoll interest */
     char peer[KVF_SESSION_ID_MAX];
 
+    struct srv_client *client; /* its address, for the quotas */
+
     uint8_t *in; /* received bytes not yet consumed: complete frames, then at most one partial */
     size_t in_len, in_cap;
     kvf_buf_t out; /* answers and events; bytes [out_off, out.len) are unsent */
     size_t out_off;
+    struct srv_mark *marks; /* shared tails in out, in order; [mark_head, mark_len) unsent */
+    size_t mark_head, mark_len, mark_cap;
+    size_t shared_pending; /* unsent bytes of the marks */
+    size_t out_counted;    /* this connection's share of kvf_store_server.out_total */
+    bool marks_oom;        /* a mark could not be stored: close it */
     struct srv_timer partial;
+    struct srv_timer quiet;
+    uint64_t last_active_ms; /* last time bytes arrived or a get-with-wait of it ended */
 
     struct srv_link waiters; /* srv_waiter.conn_link */
     unsigned nwaiters;
@@ -187,9 +227,16 @@ struct kvf_store_server {
     bool done;
     int loop_rc;
 
+    kvf_store_server_opts_t opts;
+
     /* Loop-thread state from here on. */
     uint64_t now_ms; /* refreshed after every epoll_wait() */
     uint64_t partial_timeout_ms;
+
+    void *client_root; /* tsearch tree of srv_client, by address */
+    uint64_t nkeys, nbytes;
+    uint32_t nleases, nwatches;
+    size_t out_total; /* unsent output of every connection */
 
     void *kv_root;      /* tsearch tree of srv_entry, byte order of keys */
     void *waitkey_root; /* tsearch tree of srv_waitkey */
@@ -209,9 +256,6 @@ struct kvf_store_server {
 
     bool accept_paused;
     uint64_t accept_resume_ms;
-    uint64_t refused_log_ms; /* rate limit for "too many clients" warnings */
-    unsigned refused_since_log;
-
     /* For kvf_store_server_stats(): written by the loop thread only (relaxed), read by any. */
     struct {
         uint64_t started_ms;
@@ -255,7 +299,7 @@ void kvf__srv_timer_disarm(struct kvf_store_server *srv, struct srv_timer *t);
 
 static inline size_t conn_pending_out(const struct srv_conn *c)
 {
-    return c->out.len - c->out_off;
+    return c->out.len - c->out_off + c->shared_pending;
 }
 
 /* Output pause: while true, @c's requests are neither executed nor read. */
@@ -283,12 +327,50 @@ void kvf__srv_reply_u64(struct kvf_store_server *srv, struct srv_conn *c, const 
                         uint64_t v);
 void kvf__srv_reply_blob(struct kvf_store_server *srv, struct srv_conn *c, uint8_t op,
                          uint32_t req_id, const void *p, size_t n);
+/* A shared tail of @len bytes (refs 1, contents to fill in), or NULL when out of memory. */
+struct srv_shared *kvf__srv_shared_new(size_t len);
+/* Drop one reference to @sh; the last frees it. */
+void kvf__srv_shared_put(struct srv_shared *sh);
+/* Append a frame whose body is @prefix (@plen bytes, at most 8) followed by @sh to @c's output;
+ * @c holds a reference to @sh until it is sent. The caller checked kvf__srv_conn_room_for(). */
+void kvf__srv_frame_shared(struct kvf_store_server *srv, struct srv_conn *c, uint8_t op,
+                           uint32_t req_id, const void *prefix, size_t plen, struct srv_shared *sh);
+/* Bring kvf_store_server.out_total in step with @c's unsent output (@c's share is 0 once it is
+ * dead). */
+void kvf__srv_out_account(struct kvf_store_server *srv, struct srv_conn *c);
+/* Advance @c's output past @n sent bytes (owned bytes and marks, in order). */
+void kvf__srv_out_advance(struct kvf_store_server *srv, struct srv_conn *c, size_t n);
+/* Release @c's output: its buffer and the references of its marks. */
+void kvf__srv_out_release(struct kvf_store_server *srv, struct srv_conn *c);
 /* Answer @rq, or request @req_id of opcode @op, with a non-zero @status and a formatted message. */
 void kvf__srv_reply_err(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
                         uint16_t status, const char *fmt, ...) KVF__PRINTF(5, 6);
 void kvf__srv_reply_err_to(struct kvf_store_server *srv, struct srv_conn *c, uint8_t op,
                            uint32_t req_id, uint16_t status, const char *fmt, ...)
     KVF__PRINTF(6, 7);
+
+/* ---- quotas (server_quota.c) ---------------------------------------------------------------- */
+
+/* The client of the peer address @ss, created if new; NULL when out of memory. */
+struct srv_client *kvf__srv_client_get(struct kvf_store_server *srv,
+                                       const struct sockaddr_storage *ss);
+/* Free @cl if nothing is charged to it any more. */
+void kvf__srv_client_maybe_free(struct kvf_store_server *srv, struct srv_client *cl);
+/* Whether @cl may hold @keys more keys and @bytes more bytes (either may be negative: a value
+ * replaced by a shorter one). Returns true, or false with the limit and value in @why. */
+bool kvf__srv_quota_kv(struct kvf_store_server *srv, const struct srv_client *cl, int64_t keys,
+                       int64_t bytes, char *why, size_t whylen);
+/* Charge @cl with @keys keys and @bytes bytes (negative: release). */
+void kvf__srv_charge_kv(struct kvf_store_server *srv, struct srv_client *cl, int64_t keys,
+                        int64_t bytes);
+/* Whether @cl may hold one more lease / watch; false with the limit in @why. */
+bool kvf__srv_quota_lease(struct kvf_store_server *srv, const struct srv_client *cl, char *why,
+                          size_t whylen);
+bool kvf__srv_quota_watch(struct kvf_store_server *srv, const struct srv_client *cl, char *why,
+                          size_t whylen);
+/* Fill @o with the defaults; check @o, returning 0 or -KVF_EINVAL naming the field. */
+void kvf__srv_opts_default(kvf_store_server_opts_t *o);
+int kvf__srv_opts_check(const kvf_store_server_opts_t *o);
 
 /* ---- the data (server_kv.c) ----------------------------------------------------------------- */
 
@@ -299,14 +381,15 @@ int kvf__srv_waiter_add(struct kvf_store_server *srv, struct srv_conn *c, uint32
                         const uint8_t *key, uint32_t klen, uint64_t deadline_ms);
 /* Drop waiter @w without answering it; with @free_empty_key also its key's entry once empty. */
 void kvf__srv_waiter_free(struct kvf_store_server *srv, struct srv_waiter *w, bool free_empty_key);
-/* Drop watch @w from the server's and its connection's lists and free it. */
-void kvf__srv_watch_free(struct srv_watch *w);
+/* Drop watch @w from the server's and its connection's lists, uncharge it and free it. */
+void kvf__srv_watch_free(struct kvf_store_server *srv, struct srv_watch *w);
 /* The entry of @key, or NULL. */
 struct srv_entry *kvf__srv_kv_find(struct kvf_store_server *srv, const uint8_t *key, uint32_t klen);
-/* Set @key to @val (waking its waiters, notifying watches); see the definition for @set_lease.
- * Returns 0 or -ENOMEM. */
-int kvf__srv_kv_put(struct kvf_store_server *srv, const uint8_t *key, uint32_t klen,
-                    const uint8_t *val, uint32_t vlen, bool set_lease, struct srv_lease *lease);
+/* Set @key to @val for client @by (waking its waiters, notifying watches); see the definition for
+ * @set_lease. Returns 0, -ENOMEM, or -EDQUOT with the quota in @why. */
+int kvf__srv_kv_put(struct kvf_store_server *srv, struct srv_client *by, const uint8_t *key,
+                    uint32_t klen, const uint8_t *val, uint32_t vlen, bool set_lease,
+                    struct srv_lease *lease, char *why, size_t whylen);
 /* Delete entry @e, notifying watches. */
 void kvf__srv_kv_delete(struct kvf_store_server *srv, struct srv_entry *e);
 /* tdestroy() callbacks for the key-value and lease trees at server stop. */
@@ -323,7 +406,7 @@ struct srv_lease *kvf__srv_lease_find(struct kvf_store_server *srv, uint64_t id)
 typedef void (*srv_op_fn)(struct kvf_store_server *, struct srv_conn *, const struct srv_req *,
                           kvf_rd_t *);
 /* The handler of each opcode, NULL for an opcode that is not a request. */
-extern const srv_op_fn kvf__srv_ops[KVF_STORE_OP_LEASE_REVOKE + 1];
+extern const srv_op_fn kvf__srv_ops[KVF_STORE_OP_LIST_PAGE + 1];
 
 /* ---- connections (server_conn.c) ------------------------------------------------------------ */
 
@@ -342,6 +425,8 @@ void kvf__srv_conn_on_events(struct kvf_store_server *srv, struct srv_conn *c, u
 void kvf__srv_sockaddr_format(const struct sockaddr_storage *ss, char *buf, size_t len);
 /* Stop (@pause) or resume accepting; a pause lasts SRV_ACCEPT_PAUSE_MS, see timers_run(). */
 void kvf__srv_accept_pause(struct kvf_store_server *srv, bool pause);
+/* The idle timer of @c fired: close it if it has been idle long enough, else re-arm it. */
+void kvf__srv_conn_quiet(struct kvf_store_server *srv, struct srv_conn *c);
 /* Accept the pending connections (at most SRV_ACCEPTS_PER_EVENT). */
 void kvf__srv_accept_all(struct kvf_store_server *srv);
 

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "store/server.h"
@@ -29,8 +30,9 @@ void kvf__srv_conn_kill(struct kvf_store_server *srv, struct srv_conn *c)
         kvf__srv_waiter_free(srv, SRV_CONTAINER(c->waiters.next, struct srv_waiter, conn_link),
                              true);
     while (!link_empty(&c->watches))
-        kvf__srv_watch_free(SRV_CONTAINER(c->watches.next, struct srv_watch, conn_link));
+        kvf__srv_watch_free(srv, SRV_CONTAINER(c->watches.next, struct srv_watch, conn_link));
     kvf__srv_timer_disarm(srv, &c->partial);
+    kvf__srv_timer_disarm(srv, &c->quiet);
     if (c->dirty) {
         link_del(&c->dirty_link);
         c->dirty = false;
@@ -39,9 +41,13 @@ void kvf__srv_conn_kill(struct kvf_store_server *srv, struct srv_conn *c)
     close(c->fd);
     c->fd = -1;
     c->dead = true;
+    kvf__srv_out_account(srv, c);
     link_del(&c->link);
     link_add_tail(&srv->zombies, &c->link);
     srv->nconns--;
+    c->client->conns--;
+    kvf__srv_client_maybe_free(srv, c->client);
+    c->client = NULL;
     SRV_STAT_SUB(srv, clients, 1);
 }
 
@@ -65,7 +71,7 @@ void kvf__srv_zombies_free(struct kvf_store_server *srv)
         struct srv_conn *c = SRV_CONTAINER(srv->zombies.next, struct srv_conn, link);
         link_del(&c->link);
         free(c->in);
-        kvf__buf_free(&c->out);
+        kvf__srv_out_release(srv, c);
         free(c);
     }
 }
@@ -95,13 +101,35 @@ static void conn_update_events(struct kvf_store_server *srv, struct srv_conn *c)
 /* Send as much pending output as the socket takes now. */
 static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c);
 
+/* Gather @c's unsent output, owned bytes and shared tails in order, into @iov (at most @max). */
+static int conn_out_iov(const struct srv_conn *c, struct iovec *iov, int max)
+{
+    int n = 0;
+    size_t pos = c->out_off;
+    for (size_t i = c->mark_head; i < c->mark_len && n < max; i++) {
+        const struct srv_mark *m = &c->marks[i];
+        if (m->pos > pos) {
+            iov[n++] = (struct iovec){c->out.data + pos, m->pos - pos};
+            pos = m->pos;
+            if (n == max)
+                return n;
+        }
+        iov[n++] = (struct iovec){m->sh->data + m->sent, m->sh->len - m->sent};
+    }
+    if (n < max && c->out.len > pos)
+        iov[n++] = (struct iovec){c->out.data + pos, c->out.len - pos};
+    return n;
+}
+
 static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
 {
-    while (c->out_off < c->out.len) {
-        ssize_t n = send(c->fd, c->out.data + c->out_off, c->out.len - c->out_off,
-                         MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (conn_pending_out(c)) {
+        struct iovec iov[SRV_FLUSH_IOV];
+        struct msghdr mh = {.msg_iov = iov,
+                            .msg_iovlen = (size_t)conn_out_iov(c, iov, SRV_FLUSH_IOV)};
+        ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0) {
-            c->out_off += (size_t)n;
+            kvf__srv_out_advance(srv, c, (size_t)n);
             SRV_STAT_ADD(srv, bytes_out, n);
             continue;
         }
@@ -115,14 +143,17 @@ static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
         kvf__srv_conn_kill(srv, c);
         return;
     }
-    if (c->out_off == c->out.len) {
+    if (c->out_off == c->out.len && c->mark_head == c->mark_len) {
         c->out.len = 0;
         c->out_off = 0;
+        c->mark_head = c->mark_len = 0;
         if (c->out.cap > SRV_OUT_KEEP)
             kvf__buf_free(&c->out);
     } else if (c->out_off >= SRV_IN_KEEP && c->out_off >= c->out.len / 2) {
         /* Reclaim the sent part once it is at least half the buffer: amortised O(1) per byte. */
         kvf__buf_consume(&c->out, c->out_off);
+        for (size_t i = c->mark_head; i < c->mark_len; i++)
+            c->marks[i].pos -= c->out_off;
         c->out_off = 0;
     }
     /* Resume the requests held by the output pause. A safe point: we are flushing @c. Their
@@ -143,20 +174,23 @@ void kvf__srv_dirty_flush(struct kvf_store_server *srv)
         struct srv_conn *c = SRV_CONTAINER(srv->dirty.next, struct srv_conn, dirty_link);
         link_del(&c->dirty_link);
         c->dirty = false;
-        if (c->out.oom) {
+        if (c->out.oom || c->marks_oom) {
             kvf__srv_conn_close_warn(srv, c, "out of memory for its output");
             continue;
         }
         if (c->overflow) {
             kvf__srv_conn_close_warn(srv, c,
                                      "unread output (%zu bytes) plus a watch event or wait answer "
-                                     "would exceed %u",
-                                     conn_pending_out(c), KVF_STORE_MAX_OUTPUT_BYTES);
+                                     "would exceed max_output_bytes (%" PRIu64
+                                     ") or max_output_bytes_total (%" PRIu64 ", %zu in use)",
+                                     conn_pending_out(c), srv->opts.max_output_bytes,
+                                     srv->opts.max_output_bytes_total, srv->out_total);
             continue;
         }
-        if (conn_pending_out(c) > KVF_STORE_MAX_OUTPUT_BYTES) {
-            kvf__srv_conn_close_warn(srv, c, "%zu bytes of unread output exceed %u",
-                                     conn_pending_out(c), KVF_STORE_MAX_OUTPUT_BYTES);
+        if (conn_pending_out(c) > srv->opts.max_output_bytes) {
+            kvf__srv_conn_close_warn(
+                srv, c, "%zu bytes of unread output exceed max_output_bytes (%" PRIu64 ")",
+                conn_pending_out(c), srv->opts.max_output_bytes);
             continue;
         }
         conn_flush(srv, c);
@@ -181,9 +215,9 @@ static const char *header_problem(const uint8_t *h, char *why, size_t whylen)
         snprintf(why, whylen, "unknown opcode %u", (unsigned)op);
     else if (status != 0)
         snprintf(why, whylen, "status %u in a request", (unsigned)status);
-    else if (body_len > KVF_STORE_MAX_FRAME_LEN)
-        snprintf(why, whylen, "body of %" PRIu32 " bytes exceeds %u", body_len,
-                 KVF_STORE_MAX_FRAME_LEN);
+    else if (body_len > KVF_STORE_MAX_REQUEST_LEN)
+        snprintf(why, whylen, "body of %" PRIu32 " bytes exceeds the longest request (%u)",
+                 body_len, KVF_STORE_MAX_REQUEST_LEN);
     else
         return NULL;
     return why;
@@ -244,19 +278,39 @@ static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c)
     if (c->held)
         return;
 
-    /* The header of a partial frame is validated above, so its length can be trusted now. */
-    size_t need = SRV_IN_MIN;
-    if (c->in_len >= KVF_STORE_HDR_LEN && KVF_STORE_HDR_LEN + kvf__get_le32(c->in + 12) > need)
-        need = KVF_STORE_HDR_LEN + (size_t)kvf__get_le32(c->in + 12);
-    if (c->in_cap < need || (c->in_cap > SRV_IN_KEEP && c->in_cap > need)) {
-        uint8_t *p = realloc(c->in, need);
+    /* Give back a large buffer once what is left fits a small one. It grows again, as bytes
+     * arrive, in conn_read(). */
+    if (c->in_cap > SRV_IN_KEEP && c->in_len <= SRV_IN_KEEP / 2) {
+        size_t cap = c->in_len > SRV_IN_MIN ? c->in_len : SRV_IN_MIN;
+        uint8_t *p = realloc(c->in, cap);
         if (p) {
             c->in = p;
-            c->in_cap = need;
-        } else if (c->in_cap < need) {
-            kvf__srv_conn_close_warn(srv, c, "out of memory for a frame of %zu bytes", need);
+            c->in_cap = cap;
         }
     }
+}
+
+/* Room for more input: the buffer doubles (up to the frame being received, whose header has been
+ * validated) only when it is full, so memory follows the bytes that actually arrived, never the
+ * length a header announces. Returns false when no more is wanted now, or after closing @c. */
+static bool conn_in_room(struct kvf_store_server *srv, struct srv_conn *c)
+{
+    if (c->in_len < c->in_cap)
+        return true;
+    size_t frame = SRV_IN_MIN;
+    if (c->in_len >= KVF_STORE_HDR_LEN)
+        frame = KVF_STORE_HDR_LEN + (size_t)kvf__get_le32(c->in + 12);
+    if (c->in_len >= frame)
+        return false; /* complete frames not run yet (held) */
+    size_t cap = 2 * c->in_cap < frame ? 2 * c->in_cap : frame;
+    uint8_t *p = realloc(c->in, cap);
+    if (!p) {
+        kvf__srv_conn_close_warn(srv, c, "out of memory for a frame of %zu bytes", frame);
+        return false;
+    }
+    c->in = p;
+    c->in_cap = cap;
+    return true;
 }
 
 static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
@@ -272,12 +326,13 @@ static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
     /* While paused (or holding requests) nothing is read: the input stays bounded by one buffer,
      * and the socket's own buffers push back on the client. */
     for (int i = 0; i < SRV_READS_PER_EVENT && !c->dead && !c->held && !conn_paused(c); i++) {
-        size_t room = c->in_cap - c->in_len;
-        if (room == 0)
+        if (!conn_in_room(srv, c))
             break;
+        size_t room = c->in_cap - c->in_len;
         ssize_t n = recv(c->fd, c->in + c->in_len, room, MSG_DONTWAIT);
         if (n > 0) {
             c->in_len += (size_t)n;
+            c->last_active_ms = srv->now_ms;
             SRV_STAT_ADD(srv, bytes_in, n);
             conn_parse(srv, c);
             if ((size_t)n < room)
@@ -290,7 +345,8 @@ static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
             break;
         if (n == 0) {
             if (c->in_len)
-                KVF_INFO(SRV_LOG, "%s closed the connection in the middle of a frame", c->peer);
+                KVF_LOG_RATELIMITED(KVF_LOG_INFO, SRV_LOG,
+                                    "%s closed the connection in the middle of a frame", c->peer);
             else
                 KVF_DEBUG(SRV_LOG, "%s disconnected", c->peer);
             /* Answers to its last requests may still get out if it only shut down writing. */
@@ -335,34 +391,89 @@ void kvf__srv_sockaddr_format(const struct sockaddr_storage *ss, char *buf, size
     kvf__hostport_format(&hp, buf, len);
 }
 
+/* A connection that brought nothing for the idle timeout, and waits for nothing (no parked
+ * get-with-wait, no watch), is closed. The timer is armed once per timeout, not moved on every
+ * read: when it fires early it is armed again for the real deadline. */
+void kvf__srv_conn_quiet(struct kvf_store_server *srv, struct srv_conn *c)
+{
+    uint64_t idle = srv->opts.idle_timeout_ms;
+    uint64_t due = c->last_active_ms + idle;
+    if (c->nwaiters || c->nwatches || c->dirty)
+        due = srv->now_ms + idle;
+    if (due > srv->now_ms) {
+        if (kvf__srv_timer_arm(srv, &c->quiet, due) < 0)
+            kvf__srv_conn_close_warn(srv, c, "out of memory");
+        return;
+    }
+    KVF_LOG_RATELIMITED(KVF_LOG_INFO, SRV_LOG,
+                        "closing connection from %s: idle for %" PRIu64 " ms (idle_timeout_ms)",
+                        c->peer, srv->now_ms - c->last_active_ms);
+    kvf__srv_conn_kill(srv, c);
+}
+
+/* Close a connection just accepted, saying why (rate-limited: a flood of refusals must not flood
+ * the log). */
+static void refuse(int fd, const char *peer, const char *why)
+{
+    KVF_WARN_RATELIMITED(SRV_LOG, "refusing connection from %s: %s", peer, why);
+    close(fd);
+}
+
 static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr_storage *ss)
 {
+    char peer[KVF_SESSION_ID_MAX];
+    kvf__srv_sockaddr_format(ss, peer, sizeof(peer));
+    char why[128];
+    if (srv->nconns >= srv->opts.max_clients) {
+        snprintf(why, sizeof(why), "max_clients (%u) connections open", srv->opts.max_clients);
+        refuse(fd, peer, why);
+        return;
+    }
+    struct srv_client *cl = kvf__srv_client_get(srv, ss);
+    if (!cl) {
+        refuse(fd, peer, "out of memory");
+        return;
+    }
+    if (cl->conns >= srv->opts.max_clients_per_addr) {
+        snprintf(why, sizeof(why), "max_clients_per_addr (%u) connections open from that address",
+                 srv->opts.max_clients_per_addr);
+        refuse(fd, peer, why);
+        return;
+    }
+
     int one = 1;
     /* Requests and answers are small and latency-bound. */
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 
     struct srv_conn *c = calloc(1, sizeof(*c));
     if (!c) {
-        KVF_WARN_RATELIMITED(SRV_LOG, "refusing a connection: out of memory");
-        close(fd);
+        kvf__srv_client_maybe_free(srv, cl);
+        refuse(fd, peer, "out of memory");
         return;
     }
     c->fd = fd;
-    kvf__srv_sockaddr_format(ss, c->peer, sizeof(c->peer));
+    snprintf(c->peer, sizeof(c->peer), "%s", peer);
     kvf__buf_init(&c->out);
     timer_init(&c->partial, SRV_TIMER_PARTIAL);
+    timer_init(&c->quiet, SRV_TIMER_QUIET);
     link_init(&c->waiters);
     link_init(&c->watches);
     link_init(&c->dirty_link);
+    c->last_active_ms = srv->now_ms;
     c->events = EPOLLIN;
     struct epoll_event ev = {.events = c->events, .data.ptr = c};
-    if (epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-        KVF_WARN_RATELIMITED(SRV_LOG, "refusing connection from %s: epoll_ctl: %s", c->peer,
-                             strerror(errno));
+    if (kvf__srv_timer_arm(srv, &c->quiet, srv->now_ms + srv->opts.idle_timeout_ms) < 0 ||
+        epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        KVF_WARN_RATELIMITED(SRV_LOG, "refusing connection from %s: %s", c->peer,
+                             timer_armed(&c->quiet) ? strerror(errno) : "out of memory");
+        kvf__srv_timer_disarm(srv, &c->quiet);
+        kvf__srv_client_maybe_free(srv, cl);
         close(fd);
         free(c);
         return;
     }
+    c->client = cl;
+    cl->conns++;
     link_add_tail(&srv->conns, &c->link);
     srv->nconns++;
     SRV_STAT_ADD(srv, clients, 1);
@@ -394,20 +505,6 @@ void kvf__srv_accept_all(struct kvf_store_server *srv)
             }
             /* EINTR, ECONNABORTED and the network errors Linux passes on from a dead pending
              * connection concern that one connection only. */
-            continue;
-        }
-        if (srv->nconns >= KVF_STORE_MAX_CLIENTS) {
-            /* One warning per second at most: a flood of refusals must not flood the log. */
-            srv->refused_since_log++;
-            if (srv->now_ms >= srv->refused_log_ms + 1000) {
-                char peer[KVF_SESSION_ID_MAX];
-                kvf__srv_sockaddr_format(&ss, peer, sizeof(peer));
-                KVF_WARN(SRV_LOG, "refusing connection from %s: %u clients connected (%u refused)",
-                         peer, KVF_STORE_MAX_CLIENTS, srv->refused_since_log);
-                srv->refused_log_ms = srv->now_ms;
-                srv->refused_since_log = 0;
-            }
-            close(fd);
             continue;
         }
         conn_new(srv, fd, &ss);

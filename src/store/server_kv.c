@@ -5,6 +5,7 @@
  * frames).
  */
 #include <errno.h>
+#include <stdint.h>
 #include <inttypes.h>
 #include <search.h>
 #include <stdlib.h>
@@ -87,6 +88,8 @@ void kvf__srv_waiter_free(struct kvf_store_server *srv, struct srv_waiter *w, bo
     link_del(&w->key_link);
     link_del(&w->conn_link);
     w->conn->nwaiters--;
+    /* The idle timeout starts again once the wait is over (and its answer on its way). */
+    w->conn->last_active_ms = srv->now_ms;
     atomic_fetch_sub(&srv->nwaiters, 1u);
     kvf__srv_timer_disarm(srv, &w->timer);
     free(w);
@@ -106,45 +109,88 @@ static void waiters_wake(struct kvf_store_server *srv, const struct srv_entry *e
     /* Take the key out of the tree first: kvf__srv_waiter_free() must not free it while we
      * iterate. */
     tdelete(wk, &srv->waitkey_root, srv_key_cmp);
+    /* Every waiter's answer shares one copy of the value (see srv_shared). */
+    struct srv_shared *sh = kvf__srv_shared_new(4u + e->vlen);
+    if (sh) {
+        kvf__put_le32(sh->data, e->vlen);
+        if (e->vlen)
+            memcpy(sh->data + 4, e->val, e->vlen);
+    }
     while (!link_empty(&wk->waiters)) {
         struct srv_waiter *w = SRV_CONTAINER(wk->waiters.next, struct srv_waiter, key_link);
         /* Triggered by another client: capped here (an overflowing waiter's connection is
          * closed by the flush pass, so the dropped answer is never missed silently). */
-        if (kvf__srv_conn_room_for(srv, w->conn, (size_t)KVF_STORE_HDR_LEN + 4 + e->vlen))
-            kvf__srv_reply_blob(srv, w->conn, KVF_STORE_OP_GET, w->req_id, e->val, e->vlen);
+        if (!sh) {
+            w->conn->marks_oom = true;
+            kvf__srv_conn_mark_dirty(srv, w->conn);
+        } else if (kvf__srv_conn_room_for(srv, w->conn, (size_t)KVF_STORE_HDR_LEN + sh->len)) {
+            kvf__srv_frame_shared(srv, w->conn, KVF_STORE_OP_GET, w->req_id, NULL, 0, sh);
+        }
         kvf__srv_waiter_free(srv, w, false);
     }
+    kvf__srv_shared_put(sh);
     free(wk);
 }
 
-void kvf__srv_watch_free(struct srv_watch *w)
+void kvf__srv_watch_free(struct kvf_store_server *srv, struct srv_watch *w)
 {
     link_del(&w->all_link);
     link_del(&w->conn_link);
     w->conn->nwatches--;
+    w->conn->client->watches--;
+    srv->nwatches--;
     free(w);
 }
 
+/* The part of an EVENT body every watcher shares: u8 type, blob key, blob value. */
+static struct srv_shared *event_tail(uint8_t type, const uint8_t *key, uint32_t klen,
+                                     const uint8_t *val, uint32_t vlen)
+{
+    struct srv_shared *sh = kvf__srv_shared_new(1u + 4u + klen + 4u + vlen);
+    if (!sh)
+        return NULL;
+    uint8_t *p = sh->data;
+    *p++ = type;
+    kvf__put_le32(p, klen);
+    memcpy(p + 4, key, klen);
+    p += 4 + klen;
+    kvf__put_le32(p, vlen);
+    if (vlen)
+        memcpy(p + 4, val, vlen);
+    return sh;
+}
+
 /* Send an EVENT frame to every watch whose prefix matches @key. Scans the watch list: there are
- * few watches per session, and matching is a memcmp. */
+ * few watches per session, and matching is a memcmp. The key and value are copied once, into a
+ * tail every matching watch's frame shares; each connection holds only a header, the watch id
+ * and a reference (so N watchers cost N × ~50 bytes, not N copies of the value). */
 static void watches_notify(struct kvf_store_server *srv, uint8_t type, const uint8_t *key,
                            uint32_t klen, const uint8_t *val, uint32_t vlen)
 {
+    struct srv_shared *sh = NULL;
+    bool oom = false;
     for (struct srv_link *l = srv->watches.next; l != &srv->watches; l = l->next) {
         struct srv_watch *w = SRV_CONTAINER(l, struct srv_watch, all_link);
         if (w->plen > klen || (w->plen && memcmp(w->prefix, key, w->plen) != 0))
             continue;
         struct srv_conn *c = w->conn;
-        if (!kvf__srv_conn_room_for(srv, c,
-                                    (size_t)KVF_STORE_HDR_LEN + 8 + 1 + 4 + klen + 4 + vlen))
+        if (!sh && !oom) {
+            sh = event_tail(type, key, klen, val, vlen);
+            oom = !sh;
+        }
+        if (oom) {
+            /* The event cannot be delivered: close the watcher rather than miss it silently. */
+            c->marks_oom = true;
+            kvf__srv_conn_mark_dirty(srv, c);
             continue;
-        size_t off = kvf__srv_frame_begin(c, KVF_STORE_OP_EVENT, KVF_STORE_ST_OK, 0);
-        kvf__buf_put_u64(&c->out, w->id);
-        kvf__buf_put_u8(&c->out, type);
-        kvf__buf_put_blob(&c->out, key, klen);
-        kvf__buf_put_blob(&c->out, val, vlen);
-        kvf__srv_frame_end(srv, c, off);
+        }
+        if (!kvf__srv_conn_room_for(srv, c, (size_t)KVF_STORE_HDR_LEN + 8 + sh->len))
+            continue;
+        uint8_t id[8];
+        kvf__put_le64(id, w->id);
+        kvf__srv_frame_shared(srv, c, KVF_STORE_OP_EVENT, 0, id, sizeof(id), sh);
     }
+    kvf__srv_shared_put(sh);
 }
 
 /* ---- the key-value map ----------------------------------------------------------------------- */
@@ -168,13 +214,25 @@ static void entry_set_lease(struct srv_entry *e, struct srv_lease *lease)
 }
 
 /*
- * Store @val under @key, then wake its waiters and notify watches. With @set_lease the key is
- * bound to @lease (NULL detaches it from any lease); without, an existing binding is kept (ADD).
- * Returns 0 or -ENOMEM, in which case nothing changed.
+ * Store @val under @key for client @by, then wake its waiters and notify watches. With
+ * @set_lease the key is bound to @lease (NULL detaches it from any lease); without, an existing
+ * binding is kept (ADD). The key and its bytes are charged to @by (taken from the client that
+ * wrote it before). Returns 0, -ENOMEM, or -EDQUOT with the quota in @why; nothing changed then.
  */
-int kvf__srv_kv_put(struct kvf_store_server *srv, const uint8_t *key, uint32_t klen,
-                    const uint8_t *val, uint32_t vlen, bool set_lease, struct srv_lease *lease)
+int kvf__srv_kv_put(struct kvf_store_server *srv, struct srv_client *by, const uint8_t *key,
+                    uint32_t klen, const uint8_t *val, uint32_t vlen, bool set_lease,
+                    struct srv_lease *lease, char *why, size_t whylen)
 {
+    struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
+    int64_t new_bytes = (int64_t)klen + vlen;
+    int64_t keys = 1, bytes = new_bytes;
+    if (e && e->owner == by) {
+        keys = 0;
+        bytes = new_bytes - ((int64_t)klen + e->vlen);
+    }
+    if (!kvf__srv_quota_kv(srv, by, keys, bytes, why, whylen))
+        return -EDQUOT;
+
     uint8_t *copy = NULL;
     if (vlen) {
         copy = malloc(vlen);
@@ -182,8 +240,10 @@ int kvf__srv_kv_put(struct kvf_store_server *srv, const uint8_t *key, uint32_t k
             return -ENOMEM;
         memcpy(copy, val, vlen);
     }
-    struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
     if (e) {
+        kvf__srv_charge_kv(srv, e->owner, -1, -((int64_t)klen + e->vlen));
+        if (e->owner != by)
+            kvf__srv_client_maybe_free(srv, e->owner);
         free(e->val);
     } else {
         e = malloc(sizeof(*e) + klen);
@@ -203,6 +263,8 @@ int kvf__srv_kv_put(struct kvf_store_server *srv, const uint8_t *key, uint32_t k
         }
         SRV_STAT_ADD(srv, keys, 1);
     }
+    e->owner = by;
+    kvf__srv_charge_kv(srv, by, 1, new_bytes);
     e->val = copy;
     e->vlen = vlen;
     if (set_lease)
@@ -212,13 +274,15 @@ int kvf__srv_kv_put(struct kvf_store_server *srv, const uint8_t *key, uint32_t k
     return 0;
 }
 
-/* Remove @e, notify watches of the delete and free it. */
+/* Remove @e, notify watches of the delete, uncharge its client and free it. */
 void kvf__srv_kv_delete(struct kvf_store_server *srv, struct srv_entry *e)
 {
     tdelete(e, &srv->kv_root, srv_key_cmp);
     SRV_STAT_SUB(srv, keys, 1);
     entry_set_lease(e, NULL);
     watches_notify(srv, KVF_STORE_EVENT_DELETE, e->key, e->k.klen, NULL, 0);
+    kvf__srv_charge_kv(srv, e->owner, -1, -((int64_t)e->k.klen + e->vlen));
+    kvf__srv_client_maybe_free(srv, e->owner);
     free(e->val);
     free(e);
 }
@@ -240,6 +304,9 @@ void kvf__srv_lease_end(struct kvf_store_server *srv, struct srv_lease *lease)
     SRV_STAT_SUB(srv, leases, 1);
     while (!link_empty(&lease->keys))
         kvf__srv_kv_delete(srv, SRV_CONTAINER(lease->keys.next, struct srv_entry, lease_link));
+    lease->owner->leases--;
+    srv->nleases--;
+    kvf__srv_client_maybe_free(srv, lease->owner);
     free(lease);
 }
 

@@ -3,6 +3,7 @@
  * against the limits, acts on the data (server_kv.c) and answers (server_reply.c). A body that
  * does not decode gets BAD_REQUEST; the connection stays.
  */
+#include <errno.h>
 #include <inttypes.h>
 #include <search.h>
 #include <stdio.h>
@@ -101,6 +102,31 @@ static void reply_oom(struct kvf_store_server *srv, struct srv_conn *c, const st
     kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BUSY, "store server out of memory");
 }
 
+/* A quota refused the request: answer BUSY with the quota's name and value (and log it, at info
+ * level and rate-limited, so that an operator sees who runs into what). */
+static void reply_quota(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                        const char *why)
+{
+    KVF_LOG_RATELIMITED(KVF_LOG_INFO, SRV_LOG, "%s: %s refused: %s", c->peer,
+                        kvf__srv_op_name(rq->op), why);
+    kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BUSY, "%s", why);
+}
+
+/* kvf__srv_kv_put() for request @rq of @c; answers a failure. Returns true when it was stored. */
+static bool put_for(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                    const uint8_t *key, uint32_t klen, const uint8_t *val, uint32_t vlen,
+                    bool set_lease, struct srv_lease *lease)
+{
+    char why[SRV_ERRMSG_MAX];
+    int rc =
+        kvf__srv_kv_put(srv, c->client, key, klen, val, vlen, set_lease, lease, why, sizeof(why));
+    if (rc == -EDQUOT)
+        reply_quota(srv, c, rq, why);
+    else if (rc < 0)
+        reply_oom(srv, c, rq);
+    return rc == 0;
+}
+
 /* Strict decimal int64: an optional '-', then one or more digits; nothing else. */
 static bool parse_i64(const uint8_t *p, uint32_t n, int64_t *out)
 {
@@ -150,11 +176,8 @@ static void op_set(struct kvf_store_server *srv, struct srv_conn *c, const struc
     if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen) ||
         !check_value(srv, c, rq, vlen) || !resolve_lease(srv, c, rq, lease_id, &lease))
         return;
-    if (kvf__srv_kv_put(srv, key, klen, val, vlen, true, lease) < 0) {
-        reply_oom(srv, c, rq);
-        return;
-    }
-    kvf__srv_reply_empty(srv, c, rq);
+    if (put_for(srv, c, rq, key, klen, val, vlen, true, lease))
+        kvf__srv_reply_empty(srv, c, rq);
 }
 
 static void op_get(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
@@ -244,11 +267,8 @@ static void op_cas(struct kvf_store_server *srv, struct srv_conn *c, const struc
                            "value differs from the expected one");
         return;
     }
-    if (kvf__srv_kv_put(srv, key, klen, val, vlen, true, lease) < 0) {
-        reply_oom(srv, c, rq);
-        return;
-    }
-    kvf__srv_reply_empty(srv, c, rq);
+    if (put_for(srv, c, rq, key, klen, val, vlen, true, lease))
+        kvf__srv_reply_empty(srv, c, rq);
 }
 
 static void op_add(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
@@ -278,11 +298,8 @@ static void op_add(struct kvf_store_server *srv, struct srv_conn *c, const struc
     }
     int n = snprintf(text, sizeof(text), "%" PRId64, sum);
     /* ADD has no lease field: an existing key keeps its lease, a new one has none. */
-    if (kvf__srv_kv_put(srv, key, klen, (const uint8_t *)text, (uint32_t)n, false, NULL) < 0) {
-        reply_oom(srv, c, rq);
-        return;
-    }
-    kvf__srv_reply_u64(srv, c, rq, (uint64_t)sum);
+    if (put_for(srv, c, rq, key, klen, (const uint8_t *)text, (uint32_t)n, false, NULL))
+        kvf__srv_reply_u64(srv, c, rq, (uint64_t)sum);
 }
 
 /* LIST walks the whole tree (twalk_r cannot start at the prefix); it is the one op allowed to
@@ -341,6 +358,85 @@ static void op_list(struct kvf_store_server *srv, struct srv_conn *c, const stru
     kvf__srv_frame_end(srv, c, off);
 }
 
+/* LIST_PAGE: one walk (twalk_r cannot start at a key either), writing the pairs after @after
+ * straight into the answer until the page is full; the rest of the walk only notes that more
+ * keys match. */
+struct page_walk {
+    const uint8_t *prefix, *after;
+    uint32_t plen, alen;
+    uint32_t max, count;
+    bool keys_only, more;
+    size_t bytes;
+    kvf_buf_t *out;
+};
+
+static void page_visit(const void *nodep, VISIT which, void *closure)
+{
+    if (which != postorder && which != leaf)
+        return;
+    const struct srv_entry *e = *(const struct srv_entry *const *)nodep;
+    struct page_walk *pw = closure;
+    if (pw->more)
+        return;
+    if (pw->plen > e->k.klen || (pw->plen && memcmp(e->key, pw->prefix, pw->plen) != 0))
+        return;
+    if (pw->alen) {
+        uint32_t n = pw->alen < e->k.klen ? pw->alen : e->k.klen;
+        int cmp = memcmp(e->key, pw->after, n);
+        if (cmp < 0 || (cmp == 0 && e->k.klen <= pw->alen))
+            return;
+    }
+    uint32_t vlen = pw->keys_only ? 0 : e->vlen;
+    if (pw->count == pw->max ||
+        (pw->count && pw->bytes + e->k.klen + vlen > KVF_STORE_LIST_PAGE_BYTES)) {
+        pw->more = true;
+        return;
+    }
+    kvf__buf_put_blob(pw->out, e->key, e->k.klen);
+    kvf__buf_put_blob(pw->out, e->val, vlen);
+    pw->bytes += 8u + e->k.klen + vlen;
+    pw->count++;
+}
+
+static void op_list_page(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                         kvf_rd_t *rd)
+{
+    struct page_walk pw = {0};
+    uint8_t flags = 0;
+
+    rd_blob32(rd, &pw.prefix, &pw.plen);
+    rd_blob32(rd, &pw.after, &pw.alen);
+    kvf__rd_u32(rd, &pw.max);
+    kvf__rd_u8(rd, &flags);
+    if (!decode_done(srv, c, rq, rd) || !check_prefix(srv, c, rq, pw.plen))
+        return;
+    if (pw.alen > KVF_STORE_MAX_KEY_LEN) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_TOO_BIG,
+                           "after-key of %" PRIu32 " bytes exceeds %u", pw.alen,
+                           KVF_STORE_MAX_KEY_LEN);
+        return;
+    }
+    if (flags & ~1u) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_REQUEST, "unknown list flags 0x%x",
+                           (unsigned)flags);
+        return;
+    }
+    if (pw.max == 0 || pw.max > KVF_STORE_LIST_PAGE_MAX)
+        pw.max = KVF_STORE_LIST_PAGE_MAX;
+    pw.keys_only = flags & 1u;
+    size_t off = kvf__srv_frame_begin(c, rq->op, KVF_STORE_ST_OK, rq->req_id);
+    size_t more_at = c->out.len;
+    kvf__buf_put_u8(&c->out, 0);
+    kvf__buf_put_u32(&c->out, 0);
+    pw.out = &c->out;
+    twalk_r(srv->kv_root, page_visit, &pw);
+    if (!c->out.oom) {
+        c->out.data[more_at] = pw.more ? 1 : 0;
+        kvf__put_le32(c->out.data + more_at + 1, pw.count);
+    }
+    kvf__srv_frame_end(srv, c, off);
+}
+
 static void op_watch(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
                      kvf_rd_t *rd)
 {
@@ -356,6 +452,11 @@ static void op_watch(struct kvf_store_server *srv, struct srv_conn *c, const str
                            KVF_STORE_MAX_WATCHES_PER_CLIENT);
         return;
     }
+    char why[SRV_ERRMSG_MAX];
+    if (!kvf__srv_quota_watch(srv, c->client, why, sizeof(why))) {
+        reply_quota(srv, c, rq, why);
+        return;
+    }
     struct srv_watch *w = malloc(sizeof(*w) + plen);
     if (!w) {
         reply_oom(srv, c, rq);
@@ -369,6 +470,8 @@ static void op_watch(struct kvf_store_server *srv, struct srv_conn *c, const str
     link_add_tail(&srv->watches, &w->all_link);
     link_add_tail(&c->watches, &w->conn_link);
     c->nwatches++;
+    c->client->watches++;
+    srv->nwatches++;
     kvf__srv_reply_u64(srv, c, rq, w->id);
 }
 
@@ -383,7 +486,7 @@ static void op_unwatch(struct kvf_store_server *srv, struct srv_conn *c, const s
     for (struct srv_link *l = c->watches.next; l != &c->watches; l = l->next) {
         struct srv_watch *w = SRV_CONTAINER(l, struct srv_watch, conn_link);
         if (w->id == id) {
-            kvf__srv_watch_free(w);
+            kvf__srv_watch_free(srv, w);
             kvf__srv_reply_empty(srv, c, rq);
             return;
         }
@@ -405,6 +508,11 @@ static void op_lease_grant(struct kvf_store_server *srv, struct srv_conn *c,
                            KVF_STORE_MAX_LEASE_TTL_MS);
         return;
     }
+    char why[SRV_ERRMSG_MAX];
+    if (!kvf__srv_quota_lease(srv, c->client, why, sizeof(why))) {
+        reply_quota(srv, c, rq, why);
+        return;
+    }
     struct srv_lease *lease = malloc(sizeof(*lease));
     if (!lease)
         goto out_oom;
@@ -420,6 +528,9 @@ static void op_lease_grant(struct kvf_store_server *srv, struct srv_conn *c,
         goto out_free_lease;
     if (!tsearch(lease, &srv->lease_root, kvf__srv_lease_cmp))
         goto out_disarm;
+    lease->owner = c->client;
+    c->client->leases++;
+    srv->nleases++;
     SRV_STAT_ADD(srv, leases, 1);
     kvf__srv_reply_u64(srv, c, rq, lease->id);
     return;
@@ -483,4 +594,5 @@ const srv_op_fn kvf__srv_ops[] = {
     [KVF_STORE_OP_LEASE_GRANT] = op_lease_grant,
     [KVF_STORE_OP_LEASE_KEEPALIVE] = op_lease_keepalive,
     [KVF_STORE_OP_LEASE_REVOKE] = op_lease_revoke,
+    [KVF_STORE_OP_LIST_PAGE] = op_list_page,
 };

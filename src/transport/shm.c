@@ -24,8 +24,8 @@
  *
  * Opening a peer is the handshake: same boot id and network namespace and the pid visible from
  * here (kill(pid, 0)), all from the session record, then the proof that the pid is the engine of
- * the session (shm_verify: it holds the session port's listening socket, and its word names the
- * session). Any failure is -KVF_ENOTSUP with the reason, which the core logs once and answers by
+ * the session (it holds the session port's listening socket), a fence slot and the word's
+ * address from that pid's socket, and the word there naming the session. Any failure is -KVF_ENOTSUP with the reason, which the core logs once and answers by
  * falling back to tcp (or reports, when shm was forced).
  */
 #include <errno.h>
@@ -62,6 +62,7 @@ static int shm_create(const kvf_transport_params_t *p, kvf_transport_t **out)
         return kvf__err(-KVF_ENOMEM, "shm transport: out of memory");
     snprintf(t->local_sid, sizeof(t->local_sid), "%s", p && p->local_sid ? p->local_sid : "");
     t->regions = p ? p->regions : NULL;
+    t->word_addr = p ? (uint64_t)(uintptr_t)p->shm_word : 0;
     t->lfd = t->wake = -1;
     pthread_mutex_init(&t->exp_lock, NULL);
     t->copy_threads = shm_copy_threads_conf(t->local_sid);
@@ -69,7 +70,7 @@ static int shm_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     pthread_mutex_init(&t->pool_lock, NULL);
     pthread_cond_init(&t->work_cv, NULL);
     pthread_cond_init(&t->done_cv, NULL);
-    if (p && p->memfd_sock && t->regions)
+    if (p && p->memfd_sock && t->regions && t->word_addr)
         shm_fd_listen(t, p->memfd_sock);
     *out = (kvf_transport_t *)(void *)t;
     return 0;
@@ -128,12 +129,11 @@ static int shm_word_current(struct shm_peer *p, kvf_shm_word_t *w)
 }
 
 /*
- * Prove that @d's pid is the engine of session @d->sid, from the kernel and the process itself,
- * never from the record (anyone may write the store): the pid must hold the listening socket of
- * the session's port (only that engine can), and keep at the published address a word naming
- * the session. Fills @w on success.
+ * Prove that @d's pid is the engine of session @d->sid, from the kernel, never from the record
+ * (anyone may write the store): the pid must hold the listening socket of the session's port,
+ * which only that engine can.
  */
-static int shm_verify(const kvf_tpeer_desc_t *d, const char *sid, kvf_shm_word_t *w)
+static int shm_verify_pid(const kvf_tpeer_desc_t *d, const char *sid)
 {
     bool self = d->pid == getpid();
     int rc = kvf__host_pid_listens(d->pid, d->addr.port);
@@ -145,20 +145,27 @@ static int shm_verify(const kvf_tpeer_desc_t *d, const char *sid, kvf_shm_word_t
                         "peer %s: its session record names pid %d%s, which does not listen on "
                         "port %u: not the engine of that session (a stale or forged record)",
                         sid, (int)d->pid, self ? " (this process)" : "", d->addr.port);
-    rc = shm_word_read(d->pid, d->shm_word_addr, w);
+    return 0;
+}
+
+/* The verified pid told @p->word_addr (shm_fence_open): a word naming the session must be
+ * there. Fills @w on success. */
+static int shm_verify_word(struct shm_peer *p, kvf_shm_word_t *w)
+{
+    int rc = shm_word_read(p->pid, p->word_addr, w);
     if (rc == -EPERM)
         return kvf__err(-KVF_ENOTSUP, "peer %s: process_vm_readv of pid %d not permitted "
                                       "(ptrace access: same user, Yama ptrace_scope, or "
                                       "CAP_SYS_PTRACE)",
-                        sid, (int)d->pid);
+                        p->sid, (int)p->pid);
     if (rc < 0)
-        return kvf__err(-KVF_ENOTSUP, "peer %s: probe of pid %d failed: %s", sid, (int)d->pid,
+        return kvf__err(-KVF_ENOTSUP, "peer %s: probe of pid %d failed: %s", p->sid, (int)p->pid,
                         strerror(-rc));
-    if (w->magic != KVF_SHM_WORD_MAGIC || strncmp(w->sid, sid, sizeof(w->sid)) != 0)
+    if (w->magic != KVF_SHM_WORD_MAGIC || strncmp(w->sid, p->sid, sizeof(w->sid)) != 0)
         return kvf__err(-KVF_ENOTSUP,
-                        "peer %s: pid %d%s keeps no word of that session at the published "
-                        "address (a stale or forged record, or another kvferry version)",
-                        sid, (int)d->pid, self ? " (this process)" : "");
+                        "peer %s: pid %d keeps no word of that session where its shm socket "
+                        "says (another kvferry version?)",
+                        p->sid, (int)p->pid);
     return 0;
 }
 
@@ -191,8 +198,8 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
         return kvf__err(-KVF_ENOTSUP, "peer %s is in another network namespace (%s, ours %s): "
                                       "treated as another host",
                         sid, d->net_ns[0] ? d->net_ns : "unpublished", kvf__host_net_ns());
-    if (d->pid <= 0 || d->shm_word_addr == 0)
-        return kvf__err(-KVF_ENOTSUP, "peer %s published no pid or shm word", sid);
+    if (d->pid <= 0)
+        return kvf__err(-KVF_ENOTSUP, "peer %s published no pid", sid);
     /* EPERM means the pid exists but belongs to someone we may not signal, and so (under the
      * same credential rules) may not write either. */
     if (kill(d->pid, 0) < 0)
@@ -202,7 +209,7 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
     if (shm_probe_fail_hook())
         return kvf__err(-KVF_ENOTSUP, "peer %s: probe refused by the test hook %s", sid,
                         SHM_PROBE_FAIL_ENV);
-    rc = shm_verify(d, sid, &w);
+    rc = shm_verify_pid(d, sid);
     if (rc < 0)
         return rc;
 
@@ -212,8 +219,6 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
     p->t = shm_of(tt);
     snprintf(p->sid, sizeof(p->sid), "%s", sid);
     p->pid = d->pid;
-    p->word_addr = d->shm_word_addr;
-    p->nonce = w.nonce; /* read from the verified process; never published */
     snprintf(p->sock, sizeof(p->sock), "%s", d->memfd_sock);
     pthread_rwlockattr_t ra;
     pthread_rwlockattr_init(&ra);
@@ -221,12 +226,16 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
     pthread_rwlock_init(&p->map_lock, &ra);
     pthread_rwlockattr_destroy(&ra);
     pthread_mutex_init(&p->ask_lock, NULL);
-    /* A target's unregister can wait only for the copies it can count. */
+    /* A target's unregister can wait only for the copies it can count; the slot comes with
+     * the word's address, from the verified pid's own socket. */
     rc = shm_fence_open(p, shm_of(tt)->local_sid);
+    if (rc == 0)
+        rc = shm_verify_word(p, &w);
     if (rc < 0) {
         shm_peer_close((kvf_tpeer_t *)(void *)p);
         return rc;
     }
+    p->nonce = w.nonce; /* read from the verified process; never published */
     KVF_DEBUG(SHM_LOG, "%s: peer %s reachable by shm (pid %d)", shm_of(tt)->local_sid, sid,
               (int)d->pid);
     *out = (kvf_tpeer_t *)(void *)p;

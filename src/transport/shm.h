@@ -76,6 +76,7 @@ typedef struct {
 
 struct shm_transport {
     char local_sid[KVF_SESSION_ID_MAX];
+    uint64_t word_addr; /* the engine's kvf_shm_word_t, told to senders with their fence slot */
     kvf_region_table_t *regions;
     /* kvf_mem_alloc memory, by address. Held while an fd is being sent, so the engine's close
      * after mem_unexport() never races with a send. */
@@ -204,9 +205,10 @@ const char *shm_mem_sock(const kvf_transport_t *tt);
 void shm_rmaps_free(shm_rmap_t *m, size_t n);
 /* The regions_changed op (transport.h). */
 void shm_regions_changed(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n);
-/* Take a slot of the target's fence page (p->fence, fence_slot, fence_conn). Returns 0, or
- * -KVF_ENOTSUP with the reason (the target serves no socket, is full, or answered wrongly):
- * without a slot, shm must not be used to that target. */
+/* Take a slot of the target's fence page (p->fence, fence_slot, fence_conn), and learn the
+ * address of its word (p->word_addr), from the process p->pid only. Returns 0, or -KVF_ENOTSUP
+ * with the reason (the target serves no socket, is full, or answered wrongly): without a slot,
+ * shm must not be used to that target. */
 int shm_fence_open(struct shm_peer *p, const char *local_sid);
 /* Give the slot back (close the connection) and unmap the page. */
 void shm_fence_close(struct shm_peer *p);

@@ -55,9 +55,9 @@ typedef struct {
     int32_t status; /* 0 (one fd attached), -KVF_ENOTREG, -KVF_ENOTFOUND (not kvf_mem_alloc
                        memory), -KVF_EBUSY (no fence slot free), -KVF_EAUTH (another uid),
                        -KVF_EPROTO */
-    uint64_t base;  /* MEMFD: the region: its address, length and generation; FENCE: the slot */
-    uint64_t len;
-    uint64_t gen;
+    uint64_t base;  /* MEMFD: the region: its address, length and generation; FENCE: the slot, */
+    uint64_t len;   /* the page's size */
+    uint64_t gen;   /* and the address of the target's kvf_shm_word_t */
 } shm_fd_ans_t;
 
 /* ---- the target: serving the fds of exported memory ----------------------------------------- */
@@ -149,6 +149,7 @@ static bool shm_fence_answer(struct shm_transport *t, int c, pid_t pid, shm_fd_r
     }
     a.base = (uint64_t)slot;
     a.len = sizeof(shm_fence_page_t);
+    a.gen = t->word_addr;
     if (shm_send_answer(c, &a, t->fence_fd) < 0) {
         shm_fence_release(t, (unsigned)slot); /* closes @c */
         return true;
@@ -474,7 +475,8 @@ int shm_fence_open(struct shm_peer *p, const char *local_sid)
     int s = shm_ask(p, &q, &a, &fd, why, sizeof(why));
     if (s < 0)
         return kvf__err(-KVF_ENOTSUP, "peer %s: fence slot: %s", p->sid, why);
-    if (a.status != 0 || fd < 0 || a.base >= SHM_FENCE_SLOTS || a.len != sizeof(shm_fence_page_t)) {
+    if (a.status != 0 || fd < 0 || a.base >= SHM_FENCE_SLOTS || a.len != sizeof(shm_fence_page_t) ||
+        a.gen == 0) {
         snprintf(why, sizeof(why), "%s",
                  a.status == -KVF_EBUSY ? "all its fence slots are held"
                  : a.status            ? kvf_strerror(a.status)
@@ -500,6 +502,7 @@ int shm_fence_open(struct shm_peer *p, const char *local_sid)
     p->fence = map;
     p->fence_slot = (unsigned)a.base;
     p->fence_conn = s;
+    p->word_addr = a.gen;
     return 0;
 }
 

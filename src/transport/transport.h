@@ -47,18 +47,18 @@ typedef struct {
     char net_ns[KVF_HOST_ID_MAX];  /* its network namespace, "net:[inode]"; "" = not
                                       published */
     bool offers_shm;         /* "shm" is among the transports it offers */
-    uint64_t shm_word_addr;  /* address of its kvf_shm_word_t, 0 = not published */
     char memfd_sock[KVF_SHM_SOCK_MAX]; /* abstract Unix socket that hands out the fds of its
                                           kvf_mem_alloc memory, without the leading NUL;
                                           "" = not offered */
 } kvf_tpeer_desc_t;
 
 /*
- * The word a target engine keeps in its own memory for same-host senders; only its address is
- * in the session record (see docs/protocol.md). The store is a directory, not an authority: a
- * sender believes nothing of the record until it has verified, from the kernel, that the pid it
- * names holds the listening socket of the session's port and keeps at that address a word
- * naming the session. From then on it reads everything from the word:
+ * The word a target engine keeps in its own memory for same-host senders. The store is a
+ * directory, not an authority, and holds no address of it: a sender believes nothing of the
+ * session record until it has verified, from the kernel, that the pid it names holds the
+ * listening socket of the session's port; it then learns the word's address from that pid's shm
+ * socket (SO_PEERCRED-checked), with its fence slot, and requires the word there to name the
+ * session. From then on it reads everything from the word:
  * @nonce:  random, never published; it tells a reused pid apart from the engine verified.
  * @seq:    a seqlock: odd while the target changes @gen, @table and @count, so a reader that
  *          sees it odd, or changed across its read of the table, reads again.
@@ -142,6 +142,8 @@ typedef struct {
     void *stats_arg;
     uint32_t idle_timeout_ms;       /* tcp: a served connection that brings no request for this
                                        long is closed; 0 = KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS */
+    const kvf_shm_word_t *shm_word; /* shm: the engine's word, whose address a sender that took
+                                       a fence slot is told (never published in the store) */
 } kvf_transport_params_t;
 
 /* What sets a transport apart for the core (kvf_transport_ops.caps). */

@@ -134,6 +134,12 @@ void kvf_fuzz_seeds(kvf_fuzz_add_fn add)
     SEED(KVF_STORE_OP_LEASE_REVOKE, 11);
     n = blob(body, "k");
     SEED(KVF_STORE_OP_DEL, 12);
+    n = blob(body, "");
+    n += blob(body + n, "k");
+    kvf__put_le32(body + n, 2);
+    n += 4;
+    body[n++] = 1;
+    SEED(KVF_STORE_OP_LIST_PAGE, 13);
     add(all, total); /* all of them pipelined on one connection */
 #undef SEED
 }
