@@ -567,6 +567,48 @@ static void unregister_timeout_names_loop_holder(void **state)
     munmap(dst, LOOP_HOLD_LEN);
 }
 
+/* A target that closes a connection just as a request crosses it (its idle timeout does that)
+ * costs the sender nothing: once the peer answers a new connection, the batch runs again. A
+ * target that closes every request fails the write with KVF_EPEERGONE after that one retry. The
+ * target's hook (KVFERRY_TCP_TEST_CLOSE_REQUESTS) closes the next N data requests unanswered. */
+static void request_crossing_an_idle_close_is_retried(void **state)
+{
+    doc_fx_t *fx = *state;
+    static const char *hooks[] = {"1", "1000"};
+    for (size_t k = 0; k < 2; k++) {
+        setenv("KVFERRY_TCP_TEST_CLOSE_REQUESTS", hooks[k], 1);
+        kvf_engine_t *dec = kvf_test_engine(fx->url, KVF_ROLE_DECODE, NULL);
+        unsetenv("KVFERRY_TCP_TEST_CLOSE_REQUESTS");
+        kvf_config_t c;
+        kvf_config_init(&c);
+        c.init_timeout_ms = 3000;
+        c.transport = KVF_TRANSPORT_TCP;
+        kvf_engine_t *pre = kvf_test_engine(fx->url, KVF_ROLE_PREFILL, &c);
+        const char *peer = kvf_engine_session_id(dec);
+        uint8_t *dst = calloc(1, 65536), *src = malloc(65536);
+        assert_non_null(dst);
+        assert_non_null(src);
+        kvf_test_pattern(src, 65536, 21 + (uint32_t)k);
+        assert_kvf_ok(kvf_mem_register(dec, dst, 65536));
+        int rc = kvf_write(pre, peer, src, (uintptr_t)dst, 65536);
+        if (k == 0) {
+            assert_kvf_ok(rc);
+            assert_memory_equal(dst, src, 65536);
+            uint8_t back[4096];
+            assert_kvf_ok(kvf_read(pre, peer, back, (uintptr_t)(dst + 65536 - 4096), 4096));
+            assert_memory_equal(back, src + 65536 - 4096, 4096);
+        } else {
+            assert_kvf_err(rc, -KVF_EPEERGONE);
+            assert_last_error_contains(peer);
+        }
+        assert_kvf_ok(kvf_mem_unregister(dec, dst));
+        kvf_engine_destroy(pre);
+        kvf_engine_destroy(dec);
+        free(dst);
+        free(src);
+    }
+}
+
 /* tcp_conns_per_peer 1..16, tcp_chunk_bytes 64 KiB..64 MiB, lease_ttl_ms 100 ms..24 h: outside is
  * -KVF_EINVAL naming the value, at once; the edges create engines that transfer. */
 static void config_limits(void **state)
@@ -631,6 +673,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(session_ip_must_be_local, doc_setup, doc_teardown),
     cmocka_unit_test_setup_teardown(destroy_waits_for_moving_transfer, doc_setup, doc_teardown),
     cmocka_unit_test_setup_teardown(unregister_timeout_names_loop_holder, doc_setup, doc_teardown),
+    cmocka_unit_test_setup_teardown(request_crossing_an_idle_close_is_retried, doc_setup,
+                                    doc_teardown),
     cmocka_unit_test_setup_teardown(unregister_drains_loop_write, doc_setup, doc_teardown),
     cmocka_unit_test_setup_teardown(register_batch_all_or_none, doc_setup, doc_teardown),
     cmocka_unit_test_setup_teardown(peer_events_keep_newest_4096, doc_setup, doc_teardown),

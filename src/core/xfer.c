@@ -50,6 +50,29 @@ static void status_refused(const kvf_xfer_ctl_t *ctl, int rc, size_t bad)
         ctl->status[bad] = rc;
 }
 
+/*
+ * A connection that the target closed just as a request crossed it (its idle timeout) fails the
+ * batch as if the peer were gone. If the peer answers a new connection, run the batch once more:
+ * its writes put the same bytes in the same place and its reads read again, the target checks
+ * every request, and nothing was reported done. A peer that is really gone keeps @rc and its
+ * message.
+ */
+static int retry_if_alive(eng_peer_t *p, const kvf_xfer_t *x, size_t n, uint64_t deadline,
+                          const kvf_xfer_ctl_t *ctl, int rc)
+{
+    if (rc != -KVF_EPEERGONE || kvf__now_ms() >= deadline ||
+        (ctl && ctl->cancel && atomic_load(ctl->cancel)))
+        return rc;
+    char msg[512];
+    snprintf(msg, sizeof(msg), "%s", kvf_last_error());
+    if (p->tops->peer_alive(p->tp, deadline) < 0)
+        return kvf__err(rc, "%s", msg);
+    KVF_DEBUG(ENG_LOG, "peer %s answers again after \"%s\": running the batch once more",
+              p->sid, msg);
+    status_reset(ctl, n);
+    return p->tops->transfer(p->tp, x, n, deadline, ctl);
+}
+
 /* Peer path already held (@p->sel shared): run the batch, checked as its transport's @check
  * says (see kvf_check_t). */
 static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, size_t n,
@@ -87,6 +110,7 @@ static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, si
         return rc;
     }
     rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
+    rc = retry_if_alive(p, x, n, deadline, ctl, rc);
     /* The target's check is authoritative. If it refused a range our cache allowed, the peer
      * re-registered since we looked: refresh, and retry once if the range is still published. */
     if (rc == -KVF_ENOTREG && kvf__now_ms() < deadline && kvf__peer_refresh(e, p) == 0 &&

@@ -72,6 +72,8 @@
  * want of a file descriptor or memory (or until a served connection ends and frees one), rather
  * than spin on a socket that stays readable. */
 #define TCP_ACCEPT_PAUSE_MS 100
+/* Test hook: see tcp_transport.test_close_left; documented in docs/operations.md. */
+#define TCP_TEST_CLOSE_ENV "KVFERRY_TCP_TEST_CLOSE_REQUESTS"
 /* Size of the buffer a refused WRITE's payload (or an unwanted answer) is drained into. */
 #define TCP_SCRATCH_LEN (64u << 10)
 #define TCP_ERRMSG_LEN  (KVF_TCP_MAX_MSG + 512)
@@ -209,6 +211,9 @@ struct tcp_transport {
     uint16_t port;
     pthread_t accept_thread;
     atomic_bool stopping;
+    /* Test hook (KVFERRY_TCP_TEST_CLOSE_REQUESTS=N): the next N data requests are answered by
+     * closing their connection, as an idle close that crossed the request would. */
+    atomic_int test_close_left;
     pthread_mutex_t mu; /* sconns, nsconns, peers */
     struct tcp_sconn *sconns;
     unsigned nsconns;

@@ -399,6 +399,12 @@ static void *tcp_sconn_main(void *arg)
         reason = tcp_srv_check(&h, hello_done, why, sizeof(why));
         if (reason)
             break;
+        if (h.type != KVF_TCP_HELLO && h.type != KVF_TCP_NOTIFY &&
+            atomic_load(&t->test_close_left) > 0 && atomic_fetch_sub(&t->test_close_left, 1) > 0) {
+            KVF_INFO(TCP_LOG, "closing connection from %s at its request (%s)", sc->addr,
+                     TCP_TEST_CLOSE_ENV);
+            break;
+        }
 
         if (h.type == KVF_TCP_HELLO) {
             char sid[KVF_TCP_MAX_MSG + 1];
