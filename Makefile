@@ -5,7 +5,10 @@ ASAN_BUILD ?= build-asan
 JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_FLAGS ?=
 
-.PHONY: all deps build test test-asan demo bench fuzz mutants install clean
+.PHONY: all deps build test test-asan demo bench fuzz mutants install wheel clean
+# `make install PREFIX=/some/dir` installs under that prefix (default: CMake's, /usr/local);
+# DESTDIR=/staging prepends a staging root as usual.
+PREFIX ?=
 
 all: build
 
@@ -61,7 +64,14 @@ mutants: deps
 	./scripts/mutants.sh
 
 install: build
-	cmake --install $(BUILD)
+	DESTDIR="$(DESTDIR)" cmake --install $(BUILD) $(if $(PREFIX),--prefix "$(PREFIX)")
+
+# A wheel of the Python package in dist/, for the interpreter the module was built for (CMake's
+# Python3_EXECUTABLE, /usr/bin/python3 by default): `pip install dist/kvferry-*.whl`, offline,
+# into any CPython of the same version (a venv, pyenv, conda).
+wheel: build
+	@py=$$(sed -n 's/^Python3_EXECUTABLE:FILEPATH=//p' $(BUILD)/CMakeCache.txt); \
+	  "$${py:-/usr/bin/python3}" scripts/wheel.py $(BUILD)/python dist
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) build-mutants
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD) build-mutants dist

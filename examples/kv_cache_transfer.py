@@ -61,7 +61,13 @@ import sys
 import tempfile
 import time
 
-import kvferry
+try:
+    import kvferry
+except ImportError:
+    sys.exit("kvferry cannot be imported by %s (Python %s): the build makes the module for "
+             "/usr/bin/python3 (run PYTHONPATH=build/python /usr/bin/python3 %s ...), or install "
+             "the wheel into this interpreter: make wheel && %s -m pip install dist/kvferry-*.whl"
+             % (sys.executable, sys.version.split()[0], sys.argv[0], sys.executable))
 from kvferry import TransferEngine
 
 MiB = 1 << 20
@@ -488,7 +494,10 @@ def main():
     try:
         import torch
     except ImportError:
-        print("this example needs torch (apt-get install python3-torch)", file=sys.stderr)
+        print("this example needs torch, which %s (Python %s) cannot import: run it with the "
+              "interpreter that has torch (Debian's /usr/bin/python3 after apt-get install "
+              "python3-torch), or install torch into this one"
+              % (sys.executable, sys.version.split()[0]), file=sys.stderr)
         return 2
     torch.set_num_threads(1)  # the data path is kvferry's; keep torch off the other cores
     return run_decode(args, torch) if args.role == "decode" else run_prefill(args, torch)

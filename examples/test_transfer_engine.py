@@ -37,7 +37,13 @@ import time
 import zlib
 from urllib.parse import urlsplit
 
-import kvferry
+try:
+    import kvferry
+except ImportError:
+    sys.exit("kvferry cannot be imported by %s (Python %s): the build makes the module for "
+             "/usr/bin/python3 (run PYTHONPATH=build/python /usr/bin/python3 %s ...), or install "
+             "the wheel into this interpreter: make wheel && %s -m pip install dist/kvferry-*.whl"
+             % (sys.executable, sys.version.split()[0], sys.argv[0], sys.executable))
 from kvferry import TransferEngine, create_config_store, set_conf_store_tls, set_log_level
 
 SHAPE = (10, 50, 40, 20, 60)
@@ -315,7 +321,10 @@ def main():
     try:
         import torch  # noqa: F401
     except ImportError:
-        print("this example needs torch (apt-get install python3-torch)", file=sys.stderr)
+        print("this example needs torch, which %s (Python %s) cannot import: run it with the "
+              "interpreter that has torch (Debian's /usr/bin/python3 after apt-get install "
+              "python3-torch), or install torch into this one"
+              % (sys.executable, sys.version.split()[0]), file=sys.stderr)
         return 2
 
     set_log_level(args.log_level)

@@ -295,6 +295,37 @@ KVF_API int kvf_store_server_wait(kvf_store_server_t *srv);
  */
 KVF_API void kvf_store_server_shutdown(kvf_store_server_t *srv);
 
+/** What a built-in store server counts, from kvf_store_server_stats(). */
+typedef struct {
+    size_t size;        /* sizeof(kvf_store_server_stats_t) */
+    uint64_t uptime_ms; /* since the server started */
+    uint64_t clients;   /* connections open now */
+    uint64_t keys;      /* keys held now */
+    uint64_t leases;    /* leases alive now */
+    uint64_t waiters;   /* get-with-wait requests parked now */
+    uint64_t ops;       /* requests served since the start */
+    uint64_t bytes_in;  /* bytes received from clients since the start */
+    uint64_t bytes_out; /* bytes sent to clients since the start */
+} kvf_store_server_stats_t;
+
+/**
+ * kvf_store_server_stats - a snapshot of what @srv counts. Each field is read on its own (the
+ * loop thread keeps them with relaxed atomics), so two fields may be a moment apart.
+ * Returns 0, or -KVF_EINVAL for a NULL argument.
+ */
+KVF_API int kvf_store_server_stats(const kvf_store_server_t *srv, kvf_store_server_stats_t *out);
+
+/**
+ * kvf_store_server_stats_prometheus - render @s in the Prometheus text format 0.0.4:
+ * kvferry_store_clients, kvferry_store_keys, kvferry_store_leases, kvferry_store_waiters
+ * (gauges), kvferry_store_ops_total, kvferry_store_rx_bytes_total, kvferry_store_tx_bytes_total
+ * (counters; ops per second is their rate()), kvferry_store_uptime_seconds.
+ * @out: receives a malloc'ed, NUL-terminated string (free() it); @len its length (may be NULL).
+ * Returns 0, -KVF_EINVAL, -KVF_ENOMEM.
+ */
+KVF_API int kvf_store_server_stats_prometheus(const kvf_store_server_stats_t *s, char **out,
+                                              size_t *len);
+
 /* ---------------------------------------------------------------------------------------------
  * Config store: client
  * ------------------------------------------------------------------------------------------- */
@@ -564,6 +595,10 @@ typedef struct {
                                     1..128 characters of [A-Za-z0-9_.:/-]; NULL (default) takes
                                     $KVFERRY_KEY_PREFIX, else "kvferry/v1/". Engines see only
                                     peers that use the same prefix and namespace. */
+    const char *metrics_listen;  /* "host:port": serve this engine's statistics for Prometheus
+                                    at http://host:port/metrics (kvf_metrics_server_start(),
+                                    kvf_stats_prometheus()) from create to destroy; port 0
+                                    picks a free one. NULL or "" (default): no endpoint. */
 } kvf_config_t;
 
 /** kvf_config_init - fill @cfg with the defaults and set its size field. */
@@ -889,6 +924,160 @@ KVF_API int kvf_engine_peer_transport(kvf_engine_t *e, const char *peer, const c
  * @out/@n: receive a malloc'ed array; free() it. @n may be 0.
  */
 KVF_API int kvf_peer_regions(kvf_engine_t *e, const char *peer, kvf_region_info_t **out, size_t *n);
+
+/* ---------------------------------------------------------------------------------------------
+ * Statistics
+ *
+ * Every engine counts what it does. Counting costs seven relaxed atomic additions per transfer
+ * call (not per element, byte or chunk) and a clock read at each end of the call; a snapshot
+ * takes the peer-cache lock for the time it sums the per-peer counters. "Write" and "read" are
+ * seen from the engine that starts the transfer: a write sends bytes (tx), a read receives them
+ * (rx). Counts only grow, from the engine's creation.
+ * ------------------------------------------------------------------------------------------- */
+
+/** Buckets of the transfer-time histograms, the last unbounded (kvf_stats_t.lat_bound_us). */
+#define KVF_STATS_LAT_BUCKETS 20
+/** Slots of kvf_stats_t.errors: slot i > 0 counts -(KVF_ERRNO_OFFSET + i); slot 0 every other
+ *  code (system errors, -errno). */
+#define KVF_STATS_ERR_SLOTS 32
+/** Transports a snapshot reports at most (kvf_stats_t.transports). */
+#define KVF_STATS_MAX_TRANSPORTS 8
+/** Bytes of a transport name in a snapshot, with its NUL. */
+#define KVF_STATS_NAME_MAX 16
+
+/** Operations counted for one transport or one peer. An operation is one element of a batch;
+ *  a call is one kvf_transfer_sync() (or notify variant) or one asynchronous batch. Bytes and
+ *  operations are counted when their call succeeds, so they are bytes that arrived. */
+typedef struct {
+    uint64_t write_bytes; /* bytes written to peers (tx) */
+    uint64_t read_bytes;  /* bytes read from peers (rx) */
+    uint64_t write_ops;
+    uint64_t read_ops;
+    uint64_t calls;       /* calls that succeeded */
+    uint64_t failed;      /* calls that failed (their code is in kvf_stats_t.errors) */
+} kvf_stats_counts_t;
+
+/** One transport's counts and the histogram of its calls' durations. */
+typedef struct {
+    char name[KVF_STATS_NAME_MAX]; /* "loop", "shm", "tcp" */
+    kvf_stats_counts_t c;
+    uint64_t lat_count[KVF_STATS_LAT_BUCKETS]; /* calls (succeeded or failed) whose duration was
+                                                  at most lat_bound_us[i] and above
+                                                  lat_bound_us[i-1] (not cumulative) */
+    uint64_t lat_sum_us;                       /* the sum of those durations, microseconds */
+} kvf_stats_transport_t;
+
+/** One peer this engine has transferred to, as in its peer cache. */
+typedef struct {
+    char sid[KVF_SESSION_ID_MAX];
+    char transport[KVF_STATS_NAME_MAX]; /* the path in use ("" before the first was chosen) */
+    kvf_stats_counts_t c;
+    uint64_t in_flight; /* calls to this peer running now */
+} kvf_stats_peer_t;
+
+/** A snapshot of an engine's statistics, filled by kvf_engine_stats() or
+ *  kvf_engine_stats_fetch(); release with kvf_stats_free(). */
+typedef struct {
+    size_t size;                               /* sizeof(kvf_stats_t) */
+    char session_id[KVF_SESSION_ID_MAX];
+    char role[KVF_STATS_NAME_MAX];             /* "Prefill", "Decode", "Both" */
+    uint64_t uptime_ms;                        /* since the engine was created */
+    uint64_t lat_bound_us[KVF_STATS_LAT_BUCKETS]; /* upper bounds; the last is UINT64_MAX */
+    size_t ntransports;
+    kvf_stats_transport_t transports[KVF_STATS_MAX_TRANSPORTS];
+    uint64_t errors[KVF_STATS_ERR_SLOTS];      /* failed calls by code, see KVF_STATS_ERR_SLOTS */
+    uint64_t in_flight;                        /* transfer calls running now (once their
+                                                  peer was found: the peers' sum) */
+    uint64_t regions;                          /* regions registered now */
+    uint64_t region_bytes;                     /* their bytes */
+    uint64_t connections;                      /* peers with a path open (the peer cache) */
+    uint64_t notify_sent;                      /* notifications peers accepted from this engine */
+    uint64_t notify_received;                  /* notifications queued here by peers */
+    uint64_t notify_queued;                    /* received and not yet taken by kvf_notify_poll */
+    size_t npeers;
+    kvf_stats_peer_t *peers;                   /* @npeers entries, or NULL */
+} kvf_stats_t;
+
+/**
+ * kvf_engine_stats - a snapshot of @e's statistics.
+ * @out: filled entirely; its peers array is allocated. Release it with kvf_stats_free().
+ * Counters of different fields are read one after another, not atomically together, so a
+ * transfer that ends during the call may be in one field and not yet in another.
+ * Returns 0, -KVF_EINVAL for a NULL argument, -KVF_ENOMEM.
+ */
+KVF_API int kvf_engine_stats(kvf_engine_t *e, kvf_stats_t *out);
+
+/** kvf_stats_free - free what a snapshot allocated (not @s itself); @s may then be reused.
+ *  NULL is a no-op. */
+KVF_API void kvf_stats_free(kvf_stats_t *s);
+
+/**
+ * kvf_stats_json - render a snapshot as one JSON object (the shape is in docs/operations.md;
+ * Python's get_stats() returns it as a dict).
+ * @out: receives a malloc'ed, NUL-terminated string (free() it); @len its length (may be NULL).
+ * Returns 0, -KVF_EINVAL, -KVF_ENOMEM.
+ */
+KVF_API int kvf_stats_json(const kvf_stats_t *s, char **out, size_t *len);
+
+/**
+ * kvf_stats_prometheus - render a snapshot in the Prometheus text format 0.0.4:
+ * kvferry_tx_bytes_total, kvferry_rx_bytes_total, kvferry_tx_ops_total, kvferry_rx_ops_total,
+ * kvferry_xfer_calls_total and kvferry_xfer_failed_total by {transport}, the same by {peer,
+ * transport} as kvferry_peer_*, kvferry_xfer_time_seconds (histogram by {transport}),
+ * kvferry_errors_total{code}, and gauges (docs/operations.md lists them all).
+ * @out/@len as kvf_stats_json(). Returns 0, -KVF_EINVAL, -KVF_ENOMEM.
+ */
+KVF_API int kvf_stats_prometheus(const kvf_stats_t *s, char **out, size_t *len);
+
+/**
+ * kvf_engine_stats_fetch - ask the engine listening at @session_id for its statistics, over its
+ * tcp port (a STATS frame, docs/protocol.md). Needs no store and no engine of one's own.
+ * @timeout_ms: bound on connecting and on the answer (0: 5000).
+ * @out: filled as by kvf_engine_stats(); release with kvf_stats_free().
+ * Returns 0; -KVF_EINVAL for a malformed session id; -ECONNREFUSED (nothing listens there),
+ * -KVF_ETIMEDOUT, -KVF_EPROTO (what answered is no kvferry engine, or an older one), each with
+ * a message naming the session id.
+ */
+KVF_API int kvf_engine_stats_fetch(const char *session_id, uint32_t timeout_ms, kvf_stats_t *out);
+
+/* ---------------------------------------------------------------------------------------------
+ * Metrics endpoint
+ *
+ * A small HTTP responder for Prometheus scrapes: GET /metrics answers the text a callback
+ * renders. It is built to face a hostile network: at most KVF_METRICS_MAX_CONNS connections at
+ * once (more are closed at once), a request larger than KVF_METRICS_MAX_REQUEST bytes or slower
+ * than KVF_METRICS_TIMEOUT_MS is closed with no answer beyond an error status, and one thread
+ * serves everything without blocking on any client.
+ * ------------------------------------------------------------------------------------------- */
+
+#define KVF_METRICS_MAX_CONNS   16u
+#define KVF_METRICS_MAX_REQUEST 8192u
+#define KVF_METRICS_TIMEOUT_MS  5000u
+
+typedef struct kvf_metrics_server kvf_metrics_server_t;
+
+/** Renders the body of one scrape: a malloc'ed buffer of @len bytes in *@out (freed by the
+ *  server). Runs on the server's thread. Returns 0, or a negative code (answered with 500). */
+typedef int (*kvf_metrics_render_cb)(void *arg, char **out, size_t *len);
+
+/**
+ * kvf_metrics_server_start - serve GET /metrics on @listen ("host:port", as a session id; port 0
+ * picks a free one, see kvf_metrics_server_addr()).
+ * Returns 0, -KVF_EINVAL naming a malformed address, or -errno from bind/listen.
+ */
+KVF_API int kvf_metrics_server_start(const char *listen, kvf_metrics_render_cb render, void *arg,
+                                     kvf_metrics_server_t **out);
+
+/** kvf_metrics_server_addr - "host:port" actually listened on. Valid until stop. */
+KVF_API const char *kvf_metrics_server_addr(const kvf_metrics_server_t *m);
+
+/** kvf_engine_metrics_addr - "host:port" of @e's metrics endpoint (config.metrics_listen, with
+ *  the chosen port), or "" when it has none. Valid until kvf_engine_destroy(). */
+KVF_API const char *kvf_engine_metrics_addr(const kvf_engine_t *e);
+
+/** kvf_metrics_server_stop - stop serving, close every connection, free. NULL is a no-op. No
+ *  render callback runs after it returns. */
+KVF_API void kvf_metrics_server_stop(kvf_metrics_server_t *m);
 
 #ifdef __cplusplus
 }

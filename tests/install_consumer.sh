@@ -1,12 +1,19 @@
 #!/bin/sh
-# Install into a scratch prefix and build a program against it through pkg-config, with the
-# shared and with the static library: what a user of `make install` relies on.
+# `make install PREFIX=` into a scratch prefix (and DESTDIR staging), then a program built
+# against it through pkg-config, with the shared and with the static library: what a user of
+# `make install` relies on.
 set -eu
 build=$1
 src=$2
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-cmake --install "$build" --prefix "$tmp/prefix" >/dev/null
+# As the docs say to: `make install PREFIX=...` (the build is already up to date, so make only
+# installs). The header must land under the prefix, not in /usr/local.
+make -C "$src" install BUILD="$(cd "$build" && pwd)" PREFIX="$tmp/prefix" >/dev/null
+test -f "$tmp/prefix/include/kvferry.h"
+# DESTDIR stages under a root, the prefix kept inside it.
+make -C "$src" install BUILD="$(cd "$build" && pwd)" PREFIX=/opt/kvf DESTDIR="$tmp/stage" >/dev/null
+test -f "$tmp/stage/opt/kvf/include/kvferry.h"
 pc=$(find "$tmp/prefix" -name kvferry.pc)
 export PKG_CONFIG_PATH=$(dirname "$pc")
 cat >"$tmp/use.c" <<'C'

@@ -427,6 +427,12 @@ static void transfer_prefill_first_own_store(void **state)
     pid_t prefill = transfer("Prefill", "127.0.0.1:0", url, dsid, "2", &pfd);
     wait_line(pfd, &out_b, "prefill session ", line, sizeof(line));
     assert_non_null(strstr(out_b.text, "serving it in this process"));
+    char warn[256];
+    snprintf(warn, sizeof(warn),
+             "kvferry transfer: WARNING: nothing answered at %s, so this Prefill now serves the "
+             "config store in its own process",
+             url);
+    assert_non_null(strstr(out_b.text, warn));
     pid_t decode = transfer("Decode", dsid, url, NULL, "2", &dfd);
     check_two_rounds(decode, dfd, prefill, pfd);
 }
@@ -647,7 +653,26 @@ static void demo_verifies(void **state)
     assert_non_null(strstr(run_out, "verified: yes"));
     assert_non_null(strstr(run_out, "bytes moved: 96000000"));
     assert_non_null(strstr(run_out, "GB/s"));
+    /* Quiet by default: the summary is not buried under the seed's per-slice lines. */
+    assert_int_equal(count(run_out, "buffer success "), 0);
+    assert_non_null(strstr(run_out, "[decode]  round 2: verified 10 slices"));
+    /* One host, auto: shared memory, and the summary says so and what the figure covers. */
+    assert_non_null(strstr(run_out, "  transport: shm (same host: process_vm_writev into"));
+    assert_non_null(strstr(run_out, "(bytes over the Prefill's time for its rounds"));
+}
+
+static void demo_transport_tcp_verbose(void **state)
+{
+    (void)state;
+    char *argv[] = {(char *)kvf_test_cli_path(), "demo", "--iterations", "2", "--transport", "tcp",
+                    "-v", NULL};
+    int rc = kvf_test_run(argv, run_out, sizeof(run_out), 100000);
+    if (rc != 0)
+        fail_msg("kvferry demo exited %d:\n%s", rc, run_out);
+    assert_non_null(strstr(run_out, "verified: yes"));
+    assert_non_null(strstr(run_out, "  transport: tcp (TCP to the Decode's port"));
     assert_int_equal(count(run_out, "[decode]  get buffer success "), 20);
+    assert_int_equal(count(run_out, "[prefill] set buffer success "), 20);
 }
 
 /* Run `kvferry transfer ARGS...` to completion; returns its exit status, output in run_out. */
@@ -677,7 +702,7 @@ static void demo_catches_corrupt_slice(void **state)
     /* The failed Decode never acknowledges; the Prefill notices it gone within about a second,
      * so a long --timeout costs nothing and a slow start under load (ASan) is no failure. */
     char *argv[] = {(char *)kvf_test_cli_path(), "demo", "--iterations", "1", "--timeout", "30",
-                    NULL};
+                    "--verbose", NULL};
     setenv("KVFERRY_TRANSFER_TEST_CORRUPT", "3", 1);
     int rc = kvf_test_run(argv, run_out, sizeof(run_out), 100000);
     unsetenv("KVFERRY_TRANSFER_TEST_CORRUPT");
@@ -808,6 +833,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_teardown(decode_driven_by_notifications, reap_children),
     cmocka_unit_test_teardown(transfer_coordinates_without_store_keys, reap_children),
     cmocka_unit_test_teardown(demo_verifies, reap_children),
+    cmocka_unit_test_teardown(demo_transport_tcp_verbose, reap_children),
     cmocka_unit_test_teardown(demo_catches_corrupt_slice, reap_children),
     cmocka_unit_test_teardown(decode_survives_prefill_gone_before_ack, reap_children),
     cmocka_unit_test_teardown(prefill_notices_decode_gone, reap_children),

@@ -125,18 +125,26 @@ int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
                                 CLI_OPT_BASE + (int)n};
     }
     if (cli->log_level)
-        lo[n++] = (struct option){"log-level", required_argument, NULL, 'v'};
+        lo[n++] = (struct option){"log-level", required_argument, NULL, 'L'};
+    if (cli->verbose)
+        lo[n++] = (struct option){"verbose", no_argument, NULL, 'v'};
     lo[n++] = (struct option){"help", no_argument, NULL, 'h'};
     lo[n] = (struct option){NULL, 0, NULL, 0};
 
     optind = 1;
     /* "+" stops at the first operand, so that operands such as "-5" reach the subcommand. */
-    while ((c = getopt_long(argc, argv, cli->operands ? "+h" : "h", lo, NULL)) != -1) {
+    const char *shorts =
+        cli->verbose ? (cli->operands ? "+hv" : "hv") : (cli->operands ? "+h" : "h");
+    while ((c = getopt_long(argc, argv, shorts, lo, NULL)) != -1) {
         if (c == 'h') {
             cli->usage(stdout);
             return KVF_CLI_EXIT_OK;
         }
         if (c == 'v') {
+            *cli->verbose = true;
+            continue;
+        }
+        if (c == 'L') {
             if (kvf_cli_set_log_level(cli->cmd, optarg) < 0)
                 return KVF_CLI_EXIT_USAGE;
             continue;

@@ -28,6 +28,7 @@ int kvf_cli_kv(int argc, char **argv);
 int kvf_cli_transfer(int argc, char **argv);
 int kvf_cli_demo(int argc, char **argv);
 int kvf_cli_bench(int argc, char **argv);
+int kvf_cli_info(int argc, char **argv);
 
 /* Lines `kvferry transfer` prints and `kvferry demo` (and the tests) read. */
 #define KVF_CLI_DECODE_READY_FMT  "decode session %s ready"
@@ -108,6 +109,8 @@ typedef struct {
     /* Stop at the first operand and leave it and the rest to the subcommand (whose values,
      * such as "-5", must not be read as options); else an operand is a usage error. */
     bool operands;
+    /* NULL, or set to true by -v / --verbose. */
+    bool *verbose;
 } kvf_cli_t;
 
 /* kvf_cli_parse returns this to go on; anything else is the exit code. */

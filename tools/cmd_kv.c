@@ -146,10 +146,17 @@ int kvf_cli_kv(int argc, char **argv)
 
     kvf_store_opts_t o;
     kvf_store_opts_init(&o);
-    o.connect_timeout_ms = (uint32_t)timeout_ms;
     o.request_timeout_ms = (uint32_t)timeout_ms;
     kvf_store_t *st;
+    /* One attempt first: a port that refuses has no store behind it, and an operator wants to
+     * hear that at once rather than after --timeout of retries. Anything else (no answer, a
+     * store still starting) is retried for --timeout. */
+    o.connect_timeout_ms = 0;
     int rc = kvf_store_open(url, &o, &st);
+    if (rc == -KVF_ESTOREDOWN && !strstr(kvf_last_error(), strerror(ECONNREFUSED))) {
+        o.connect_timeout_ms = (uint32_t)timeout_ms;
+        rc = kvf_store_open(url, &o, &st);
+    }
     if (rc < 0) {
         kvf_cli_fail("kv", rc, "cannot reach the store");
         return KVF_CLI_EXIT_FAIL;

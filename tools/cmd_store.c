@@ -3,6 +3,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "cli.h"
 #include "kvferry.h"
@@ -25,12 +26,15 @@ static void usage(FILE *f)
     kvf_store_server_opts_init(&d);
     fprintf(
         f,
-        "usage: kvferry store [--listen tcp://HOST:PORT] [--log-level 0..3] [bounds...]\n\n"
+        "usage: kvferry store [--listen tcp://HOST:PORT] [--metrics-listen HOST:PORT]\n"
+        "                     [--log-level 0..3] [bounds...]\n\n"
         "Run the built-in config store in the foreground. Nodes find each other through it\n"
         "with --store-url tcp://HOST:PORT. Everything is kept in memory; nodes re-publish\n"
         "their records when it restarts. Stops cleanly on SIGINT or SIGTERM.\n\n"
         "  --listen URL      address to listen on (default tcp://0.0.0.0:8000;\n"
         "                    port 0 picks a free port, printed on start)\n"
+        "  --metrics-listen A  serve the store's counts (clients, keys, leases, requests,\n"
+        "                    bytes) for Prometheus at http://A/metrics; port 0 picks one\n"
         "  --log-level N     0 debug, 1 info, 2 warn (default), 3 error\n\n"
         "Bounds (a client is a source IP address; a request past a quota is refused with\n"
         "an error naming it, a connection past a bound is closed with a log line):\n"
@@ -54,9 +58,18 @@ static void usage(FILE *f)
         d.max_watches_per_client, d.max_output_bytes, d.max_output_bytes_total);
 }
 
+/* The metrics endpoint's callback: the server's counts as Prometheus text. */
+static int render_store(void *arg, char **out, size_t *len)
+{
+    kvf_store_server_stats_t s;
+    int rc = kvf_store_server_stats(arg, &s);
+    return rc < 0 ? rc : kvf_store_server_stats_prometheus(&s, out, len);
+}
+
 int kvf_cli_store(int argc, char **argv)
 {
-    const char *listen = "tcp://0.0.0.0:8000";
+    const char *listen = "tcp://0.0.0.0:8000", *metrics_listen = NULL;
+    kvf_metrics_server_t *metrics = NULL;
     kvf_store_server_opts_t so;
     kvf_store_server_opts_init(&so);
     uint64_t max_clients = so.max_clients, per_addr = so.max_clients_per_addr,
@@ -65,6 +78,7 @@ int kvf_cli_store(int argc, char **argv)
              watches_pc = so.max_watches_per_client;
     const kvf_cli_opt_t opts[] = {
         {"listen", KVF_CLI_STR, &listen, 0, 0, NULL},
+        {"metrics-listen", KVF_CLI_STR, &metrics_listen, 0, 0, NULL},
         {"max-clients", KVF_CLI_U64, &max_clients, 1, UINT32_MAX, NULL},
         {"max-clients-per-addr", KVF_CLI_U64, &per_addr, 1, UINT32_MAX, NULL},
         {"idle-timeout-ms", KVF_CLI_U64, &idle, 100, 86400000, NULL},
@@ -98,13 +112,24 @@ int kvf_cli_store(int argc, char **argv)
         kvf_cli_fail("store", rc, "cannot listen on %s", listen);
         return KVF_CLI_EXIT_FAIL;
     }
+    if (metrics_listen) {
+        rc = kvf_metrics_server_start(metrics_listen, render_store, srv, &metrics);
+        if (rc < 0) {
+            kvf_cli_fail("store", rc, "--metrics-listen %s", metrics_listen);
+            kvf_store_server_stop(srv);
+            return KVF_CLI_EXIT_FAIL;
+        }
+    }
     atomic_store(&running, srv);
     kvf_cli_on_stop_signals(on_signal);
 
     printf("kvferry store listening on %s\n", kvf_store_server_url(srv));
+    if (metrics)
+        printf("kvferry store metrics on http://%s/metrics\n", kvf_metrics_server_addr(metrics));
     fflush(stdout);
     rc = kvf_store_server_wait(srv);
     atomic_store(&running, NULL);
+    kvf_metrics_server_stop(metrics);
     kvf_store_server_stop(srv);
     if (rc < 0) {
         kvf_cli_fail("store", rc, "event loop failed");

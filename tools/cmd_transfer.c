@@ -20,10 +20,14 @@
  * so the Decode sees slices 0..9 of a round in order; a batch that fails, or whose sender dies
  * part way, never notifies.
  */
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "cli.h"
 #include "kvferry.h"
@@ -37,7 +41,8 @@ static void usage(FILE *f)
             "usage: kvferry transfer --role Prefill|Decode --store-url URL\n"
             "                        [--src-session-id IP:PORT] [--dst-session-id IP:PORT]\n"
             "                        [--npu-id N] [--log-level 0..3] [--iterations N]\n"
-            "                        [--timeout SEC] [--transport auto|tcp|shm]\n\n"
+            "                        [--timeout SEC] [--transport auto|tcp|shm]\n"
+            "                        [--metrics-listen HOST:PORT]\n\n"
             "The seed's test_transfer_engine.py. The Decode registers a (10, 50, 40, 20, 60)\n"
             "float16 buffer (48,000,000 bytes) and checks every round it receives; the Prefill\n"
             "fills its own buffer with random values and writes the 10 slices into the Decode's.\n"
@@ -59,7 +64,10 @@ static void usage(FILE *f)
             "  --timeout SEC         bound on starting up, on each transfer and on each wait for\n"
             "                        the other side, 1..%u, default 30\n"
             "  --transport T         auto (default: shm to a peer on this host, else tcp), tcp,\n"
-            "                        or shm (fails when the peer is not reachable by shm)\n\n"
+            "                        or shm (fails when the peer is not reachable by shm)\n"
+            "  --metrics-listen A    serve this engine's statistics for Prometheus at\n"
+            "                        http://A/metrics (port 0 picks one; the address is\n"
+            "                        printed)\n\n"
             "Exit status: 0 every round done (and, on the Decode, verified), 1 failure (a\n"
             "message says why), 2 usage error.\n",
             XFER_MAX_TIMEOUT_S);
@@ -83,6 +91,33 @@ static int parse_sid(const char *flag, const char *s, bool allow_port0, char *ou
                         "printed in \"decode session IP:PORT ready\"\n", flag, s);
         return -1;
     }
+    if (!strcmp(host, "0.0.0.0") || !strcmp(host, "::")) {
+        fprintf(stderr, "kvferry " CMD ": %s %s: %s names no address a peer can reach; give "
+                        "the node's address (e.g. 127.0.0.1 on one host)\n", flag, s, host);
+        return -1;
+    }
+    /* Session ids are compared as written: a name is resolved to the address the engine
+     * publishes (IPv4 first, as the engine does), so localhost:50051 finds 127.0.0.1:50051. */
+    unsigned char bin[16];
+    if (inet_pton(AF_INET, host, bin) != 1 && inet_pton(AF_INET6, host, bin) != 1) {
+        struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
+        const int families[] = {AF_INET, AF_INET6};
+        for (size_t i = 0; i < 2 && !res; i++) {
+            hints.ai_family = families[i];
+            if (getaddrinfo(host, NULL, &hints, &res) != 0)
+                res = NULL;
+        }
+        if (!res) {
+            fprintf(stderr, "kvferry " CMD ": %s %s: host name %s does not resolve\n", flag, s,
+                    host);
+            return -1;
+        }
+        const void *a = res->ai_family == AF_INET
+                            ? (const void *)&((struct sockaddr_in *)res->ai_addr)->sin_addr
+                            : (const void *)&((struct sockaddr_in6 *)res->ai_addr)->sin6_addr;
+        inet_ntop(res->ai_family, a, host, sizeof(host));
+        freeaddrinfo(res);
+    }
     /* A parsed host always formats, into KVF_SESSION_ID_MAX bytes. */
     return kvf_session_id_format(host, port, out, len) < 0 ? -1 : 0;
 }
@@ -104,6 +139,7 @@ static int parse_args(int argc, char **argv, xfer_args_t *a)
         {"iterations", KVF_CLI_U64, &a->iterations, 0, UINT32_MAX, NULL},
         {"timeout", KVF_CLI_U64, &timeout_s, 1, XFER_MAX_TIMEOUT_S, NULL},
         KVF_CLI_OPT_TRANSPORT(&a->transport),
+        {"metrics-listen", KVF_CLI_STR, &a->metrics_listen, 0, 0, NULL},
     };
     const kvf_cli_t cli = {CMD, usage, opts, KVF_CLI_NOPTS(opts), .log_level = true};
     int rc = kvf_cli_parse(&cli, argc, argv, NULL);
@@ -136,7 +172,11 @@ static int parse_args(int argc, char **argv, xfer_args_t *a)
     } else {
         /* The seed leaves it optional; the store's address is the one address this node is
          * known to share a network with. */
-        kvf_session_id_format(a->store_host, 0, a->src_sid, sizeof(a->src_sid));
+        char dflt[KVF_SESSION_ID_MAX];
+        kvf_session_id_format(a->store_host, 0, dflt, sizeof(dflt));
+        if (parse_sid("--src-session-id (by default the store's host)", dflt, true, a->src_sid,
+                      sizeof(a->src_sid)) < 0)
+            return KVF_CLI_EXIT_USAGE;
     }
     if (a->role == KVF_ROLE_DECODE && dst) {
         fprintf(stderr, "kvferry " CMD ": --dst-session-id is for the Prefill; a Decode waits "
@@ -182,6 +222,7 @@ int kvf_cli_transfer(int argc, char **argv)
     cfg.init_timeout_ms = a.timeout_ms;
     cfg.op_timeout_ms = a.timeout_ms;
     cfg.transport = a.transport;
+    cfg.metrics_listen = a.metrics_listen;
     kvf_engine_t *e;
     int rc = kvf_engine_create(a.store_url, a.src_sid, a.role, a.npu_id, &cfg, &e);
     if (rc < 0) {
@@ -192,6 +233,9 @@ int kvf_cli_transfer(int argc, char **argv)
     /* The engine's own spelling of its id, with the chosen port: the Prefill names it. */
     char sid[KVF_SESSION_ID_MAX];
     snprintf(sid, sizeof(sid), "%s", kvf_engine_session_id(e));
+    if (a.metrics_listen)
+        printf("%s metrics on http://%s/metrics\n", kvf_role_name(a.role),
+               kvf_engine_metrics_addr(e));
 
     code = a.role == KVF_ROLE_DECODE ? xfer_decode_run(&a, e, sid) : xfer_prefill_run(&a, e, sid);
 

@@ -53,6 +53,7 @@ typedef struct {
     uint64_t iterations; /* 0 = forever */
     uint32_t timeout_ms;
     kvf_transport_kind_t transport;
+    const char *metrics_listen; /* --metrics-listen, or NULL */
 } xfer_args_t;
 
 /* ---- xfer_store.c ------------------------------------------------------------------------ */

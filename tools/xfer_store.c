@@ -99,6 +99,13 @@ int xfer_store_connect(const xfer_args_t *a, kvf_store_t **st, kvf_store_server_
             printf("no config store answered at %s; serving it in this process (the seed's "
                    "create_config_store)\n",
                    kvf_store_server_url(*srv));
+            /* Loudly, on stderr too: a mistyped URL would otherwise quietly start a second
+             * store that no Decode ever finds. */
+            fprintf(stderr,
+                    "kvferry " XFER_CMD ": WARNING: nothing answered at %s, so this Prefill now "
+                    "serves the config store in its own process (it ends with it); every node "
+                    "must use that URL. If a store should be running there, check --store-url.\n",
+                    a->store_url);
         } else if (rc != -EADDRINUSE) {
             kvf_cli_fail(XFER_CMD, rc,
                          "no config store answers at %s and one cannot be started there",

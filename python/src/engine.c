@@ -35,6 +35,7 @@ static const char *const config_kwlist[] = {"init_timeout_ms",
                                             "notify_queue_max",
                                             "tcp_idle_timeout_ms",
                                             "key_prefix",
+                                            "metrics_listen",
                                             NULL};
 
 static int config_u32(PyObject *v, const char *name, uint32_t *out)
@@ -54,11 +55,12 @@ static int config_u32(PyObject *v, const char *name, uint32_t *out)
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *v[12] = {NULL};
+    PyObject *v[13] = {NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOO:TransferEngine",
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOOO:TransferEngine",
                                      (char **)config_kwlist, &v[0], &v[1], &v[2], &v[3], &v[4],
-                                     &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11]))
+                                     &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11],
+                                     &v[12]))
         return -1;
     if (kvfpy_guard_enter(&self->guard)) {
         kvfpy_guard_leave(&self->guard);
@@ -106,6 +108,18 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
         }
         snprintf(self->key_prefix, sizeof(self->key_prefix), "%s", p);
         self->cfg.key_prefix = self->key_prefix;
+    }
+    if (v[12] && v[12] != Py_None) {
+        const char *ml;
+        if (kvfpy_str(v[12], "metrics_listen", &ml) < 0)
+            return -1;
+        if (strlen(ml) >= sizeof(self->metrics_listen)) {
+            PyErr_Format(PyExc_ValueError, "metrics_listen is longer than %zu characters",
+                         sizeof(self->metrics_listen) - 1);
+            return -1;
+        }
+        snprintf(self->metrics_listen, sizeof(self->metrics_listen), "%s", ml);
+        self->cfg.metrics_listen = self->metrics_listen;
     }
     return 0;
 }
@@ -260,136 +274,145 @@ static PyObject *Engine_repr(EngineObject *self)
 
 static PyMethodDef Engine_methods[] = {
     {"initialize", FN(Engine_initialize), KW,
-     "initialize(store_url, session_id, role, device_id=0) -> int\n\n"
-     "Start the engine: listen on session_id (\"ip:port\"; port 0 picks one; None means "
-     "\"127.0.0.1:0\"), connect to the config store at store_url (\"tcp://ip:port\", waited for "
-     "up to init_timeout_ms) and publish this session. role is \"Prefill\", \"Decode\" or "
-     "\"Both\". Returns 0 or a negative code (see get_last_err_msg())."},
+     "initialize($self, store_url, session_id, role, device_id=0)\n--\n\n-> int\n\nStart the "
+     "engine: listen on session_id (\"ip:port\"; port 0 picks one; None means \"127.0.0.1:0\"), "
+     "connect to the config store at store_url (\"tcp://ip:port\", waited for up to "
+     "init_timeout_ms) and publish this session. role is \"Prefill\", \"Decode\" or \"Both\". "
+     "Returns 0 or a negative code (see get_last_err_msg())."},
     {"get_rpc_port", FN(Engine_get_rpc_port), METH_NOARGS,
-     "get_rpc_port() -> int\n\nThe port this engine listens on, or a negative code."},
+     "get_rpc_port($self, /)\n--\n\n-> int\n\nThe port this engine listens on, or a negative "
+     "code."},
     {"register_memory", FN(kvfpy_engine_register_memory), KW,
-     "register_memory(buffer_addr, capacity=None) -> int\n\n"
-     "Make [buffer_addr, buffer_addr+capacity) writable and readable by peers. buffer_addr is "
-     "an int address, a writable buffer object or a CPU tensor (capacity then defaults to its "
-     "size; the object is kept alive until it is unregistered). Returns 0 or a negative code."},
+     "register_memory($self, buffer_addr, capacity=None)\n--\n\n-> int\n\nMake [buffer_addr, "
+     "buffer_addr+capacity) writable and readable by peers. buffer_addr is an int address, a "
+     "writable buffer object or a CPU tensor (capacity then defaults to its size; the object is "
+     "kept alive until it is unregistered). Returns 0 or a negative code."},
     {"batch_register_memory", FN(kvfpy_engine_batch_register_memory), KW,
-     "batch_register_memory(buffer_addrs, capacities=None) -> int\n\n"
-     "Register several ranges: all of them, or none on error. Returns 0 or a negative code."},
+     "batch_register_memory($self, buffer_addrs, capacities=None)\n--\n\n-> int\n\nRegister "
+     "several ranges: all of them, or none on error. Returns 0 or a negative code."},
     {"unregister_memory", FN(kvfpy_engine_unregister_memory), KW,
-     "unregister_memory(buffer_addr) -> int\n\n"
-     "Withdraw the region starting at buffer_addr; transfers into it already running are "
-     "waited for, later ones fail. Returns 0 or a negative code."},
+     "unregister_memory($self, buffer_addr)\n--\n\n-> int\n\nWithdraw the region starting at "
+     "buffer_addr; transfers into it already running are waited for, later ones fail. Returns 0 "
+     "or a negative code."},
     {"transfer_sync_write", FN(kvfpy_engine_transfer_sync_write), KW,
-     "transfer_sync_write(dest_session, buffer, peer_buffer_address, length=None) -> int\n\n"
-     "Write length bytes from local buffer into dest_session's registered memory at "
-     "peer_buffer_address and wait until they are there. Returns 0 or a negative code."},
+     "transfer_sync_write($self, dest_session, buffer, peer_buffer_address, length=None, "
+     "notify=None)\n--\n\n-> int\n\nWrite length bytes from local buffer into dest_session's "
+     "registered memory at peer_buffer_address and wait until they are there. Returns 0 or a "
+     "negative code."
+     " With notify= (bytes), it is delivered to dest_session once every byte is there."},
     {"transfer_sync_read", FN(kvfpy_engine_transfer_sync_read), KW,
-     "transfer_sync_read(dest_session, buffer, peer_buffer_address, length=None) -> int\n\n"
-     "Read length bytes at peer_buffer_address in dest_session's registered memory into local "
-     "buffer. Returns 0 or a negative code."},
+     "transfer_sync_read($self, dest_session, buffer, peer_buffer_address, length=None, "
+     "notify=None)\n--\n\n-> int\n\nRead length bytes at peer_buffer_address in dest_session's "
+     "registered memory into local buffer. Returns 0 or a negative code."
+     " With notify= (bytes), it is delivered to dest_session once every byte is there."},
     {"batch_transfer_sync_write", FN(kvfpy_engine_batch_transfer_sync_write), KW,
-     "batch_transfer_sync_write(dest_session, buffers, peer_buffer_addresses, lengths=None) "
-     "-> int\n\nSeveral writes to one peer, waited for together. Returns 0 or a negative code."},
+     "batch_transfer_sync_write($self, dest_session, buffers, peer_buffer_addresses, "
+     "lengths=None, notify=None)\n--\n\n-> int\n\nSeveral writes to one peer, waited for "
+     "together. Returns 0 or a negative code."
+     " With notify= (bytes), it is delivered to dest_session once every byte is there."},
     {"batch_transfer_sync_read", FN(kvfpy_engine_batch_transfer_sync_read), KW,
-     "batch_transfer_sync_read(dest_session, buffers, peer_buffer_addresses, lengths=None) "
-     "-> int\n\nSeveral reads from one peer, waited for together. Returns 0 or a negative code."},
+     "batch_transfer_sync_read($self, dest_session, buffers, peer_buffer_addresses, lengths=None,"
+     " notify=None)\n--\n\n-> int\n\nSeveral reads from one peer, waited for together. Returns 0 "
+     "or a negative code."
+     " With notify= (bytes), it is delivered to dest_session once every byte is there."},
     {"transfer_submit_write", FN(kvfpy_engine_transfer_submit_write), KW,
-     "transfer_submit_write(dest_session, buffer, peer_buffer_address, length=None, "
-     "notify=None) -> int\n\n"
-     "Start writing length bytes from buffer to dest_session's memory at peer_buffer_address "
-     "in the background. Returns a batch id (>= 1) for transfer_check_status/transfer_wait, or "
-     "a negative code. buffer must stay valid and unchanged until the batch is complete (a "
-     "buffer object is kept alive meanwhile). notify: bytes delivered to dest_session after "
-     "every byte is there."},
+     "transfer_submit_write($self, dest_session, buffer, peer_buffer_address, length=None, "
+     "notify=None)\n--\n\n-> int\n\nStart writing length bytes from buffer to dest_session's "
+     "memory at peer_buffer_address in the background. Returns a batch id (>= 1) for "
+     "transfer_check_status/transfer_wait, or a negative code. buffer must stay valid and "
+     "unchanged until the batch is complete (a buffer object is kept alive meanwhile). notify: "
+     "bytes delivered to dest_session after every byte is there."},
     {"transfer_submit_read", FN(kvfpy_engine_transfer_submit_read), KW,
-     "transfer_submit_read(dest_session, buffer, peer_buffer_address, length=None, "
-     "notify=None) -> int\n\n"
-     "Start reading into buffer in the background. Returns a batch id (>= 1) or a negative "
-     "code."},
+     "transfer_submit_read($self, dest_session, buffer, peer_buffer_address, length=None, "
+     "notify=None)\n--\n\n-> int\n\nStart reading into buffer in the background. Returns a batch "
+     "id (>= 1) or a negative code."},
     {"batch_transfer_async_write", FN(kvfpy_engine_batch_transfer_async_write), KW,
-     "batch_transfer_async_write(dest_session, buffers, peer_buffer_addresses, lengths=None, "
-     "notify=None) -> int\n\n"
-     "Start several writes to one peer as one batch. Returns a batch id (>= 1) or a negative "
-     "code."},
+     "batch_transfer_async_write($self, dest_session, buffers, peer_buffer_addresses, "
+     "lengths=None, notify=None)\n--\n\n-> int\n\nStart several writes to one peer as one batch. "
+     "Returns a batch id (>= 1) or a negative code."},
     {"batch_transfer_async_read", FN(kvfpy_engine_batch_transfer_async_read), KW,
-     "batch_transfer_async_read(dest_session, buffers, peer_buffer_addresses, lengths=None, "
-     "notify=None) -> int\n\n"
-     "Start several reads from one peer as one batch. Returns a batch id (>= 1) or a negative "
-     "code."},
+     "batch_transfer_async_read($self, dest_session, buffers, peer_buffer_addresses, "
+     "lengths=None, notify=None)\n--\n\n-> int\n\nStart several reads from one peer as one batch."
+     " Returns a batch id (>= 1) or a negative code."},
     {"transfer_check_status", FN(kvfpy_engine_transfer_check_status), KW,
-     "transfer_check_status(batch_id) -> int\n\n"
-     "1 when the batch is complete, 0 while it runs, a negative code when it failed (see "
-     "get_last_err_msg()). Never blocks. Once 1 or a negative code has been returned, the id is "
-     "released: later calls with it return -KVF_EINVAL."},
+     "transfer_check_status($self, batch_id)\n--\n\n-> int\n\n1 when the batch is complete, 0 "
+     "while it runs, a negative code when it failed (see get_last_err_msg()). Never blocks. Once "
+     "1 or a negative code has been returned, the id is released: later calls with it return "
+     "-KVF_EINVAL."},
     {"transfer_wait", FN(kvfpy_engine_transfer_wait), KW,
-     "transfer_wait(batch_id, timeout=None) -> int\n\n"
-     "As transfer_check_status, waiting up to timeout seconds (None: until the batch ends, "
-     "which op_timeout_ms bounds) for the batch to end. The GIL is released."},
+     "transfer_wait($self, batch_id, timeout=None)\n--\n\n-> int\n\nAs transfer_check_status, "
+     "waiting up to timeout seconds (None: until the batch ends, which op_timeout_ms bounds) for "
+     "the batch to end. The GIL is released."},
     {"transfer_cancel", FN(kvfpy_engine_transfer_cancel), KW,
-     "transfer_cancel(batch_id) -> int\n\n"
-     "Stop the batch: elements not yet started are not sent and no notification is delivered. "
-     "Returns 0; the id is not released (its status is then -KVF_ECANCELED, or 1 if it had "
-     "already completed)."},
+     "transfer_cancel($self, batch_id)\n--\n\n-> int\n\nStop the batch: elements not yet started "
+     "are not sent and no notification is delivered. Returns 0; the id is not released (its "
+     "status is then -KVF_ECANCELED, or 1 if it had already completed)."},
     {"transfer_element_status", FN(kvfpy_engine_transfer_element_status), KW,
-     "transfer_element_status(batch_id) -> list of int\n\n"
-     "Each element's status: 0 done, KVF_XFER_PENDING (1) not finished, or a negative code. "
-     "Does not release the id. Raises kvferry.Error for an unknown id."},
+     "transfer_element_status($self, batch_id)\n--\n\n-> list of int\n\nEach element's status: 0 "
+     "done, KVF_XFER_PENDING (1) not finished, or a negative code. Does not release the id. "
+     "Raises kvferry.Error for an unknown id."},
     {"get_batch_transfer_status", FN(kvfpy_engine_get_batch_transfer_status), KW,
-     "get_batch_transfer_status(batch_ids) -> int\n\n"
-     "Wait for every batch in the list (GIL released; each wait bounded by op_timeout_ms) and "
-     "release the ids. Returns 0 when all succeeded, else the first negative code in list "
-     "order (an unknown id counts as -KVF_EINVAL)."},
+     "get_batch_transfer_status($self, batch_ids)\n--\n\n-> int\n\nWait for every batch in the "
+     "list (GIL released; each wait bounded by op_timeout_ms) and release the ids. Returns 0 when"
+     " all succeeded, else the first negative code in list order (an unknown id counts as "
+     "-KVF_EINVAL)."},
     {"send_notification", FN(kvfpy_engine_send_notification), KW,
-     "send_notification(dest_session, message) -> int\n\n"
-     "Deliver message (bytes-like or str, at most KVF_NOTIFY_MAX = 4096 bytes) to "
-     "dest_session, in order after this engine's earlier batches to it. Returns 0 once the "
-     "peer has queued it, or a negative code."},
+     "send_notification($self, dest_session, message)\n--\n\n-> int\n\nDeliver message "
+     "(bytes-like or str, at most KVF_NOTIFY_MAX = 4096 bytes) to dest_session, in order after "
+     "this engine's earlier batches to it. Returns 0 once the peer has queued it, or a negative "
+     "code."},
     {"get_notifications", FN(kvfpy_engine_get_notifications), METH_NOARGS,
-     "get_notifications() -> list of (sender_session_id, bytes)\n\n"
-     "Every notification received and not yet taken, oldest first; [] when none. Never "
-     "blocks. Raises kvferry.Error when the engine is not running."},
+     "get_notifications($self, /)\n--\n\n-> list of (sender_session_id, bytes)\n\nEvery "
+     "notification received and not yet taken, oldest first; [] when none. Never blocks. Raises "
+     "kvferry.Error when the engine is not running."},
     {"wait_notification", FN(kvfpy_engine_wait_notification), KW,
-     "wait_notification(timeout=None, peer=None) -> list of (sender_session_id, bytes)\n\n"
-     "As get_notifications, waiting up to timeout seconds (None: until one arrives or the "
-     "engine is destroyed) for the first; [] when the time ran out. The GIL is released. With "
-     "peer (a session id), the wait raises kvferry.Error (KVF_EPEERGONE, naming it) within "
-     "about a second once that peer is gone and nothing arrived."},
+     "wait_notification($self, timeout=None, peer=None)\n--\n\n-> list of (sender_session_id, "
+     "bytes)\n\nAs get_notifications, waiting up to timeout seconds (None: until one arrives or "
+     "the engine is destroyed) for the first; [] when the time ran out. The GIL is released. With"
+     " peer (a session id), the wait raises kvferry.Error (KVF_EPEERGONE, naming it) within about"
+     " a second once that peer is gone and nothing arrived."},
     {"check_peer", FN(kvfpy_engine_check_peer), KW,
-     "check_peer(session_id) -> int\n\n"
-     "0 while the engine with that session id is there; -KVF_EPEERGONE once it is gone (its "
-     "session record left the store, or its connection broke and a new one is refused, or "
-     "its process exited); another negative code on error."},
+     "check_peer($self, session_id)\n--\n\n-> int\n\n0 while the engine with that session id is "
+     "there; -KVF_EPEERGONE once it is gone (its session record left the store, or its connection"
+     " broke and a new one is refused, or its process exited); another negative code on error."},
     {"wait_for_peer", FN(kvfpy_engine_wait_for_peer), KW,
-     "wait_for_peer(session_id, timeout=None) -> int\n\n"
-     "Wait up to timeout seconds (None: init_timeout_ms) for an engine with that session id "
-     "to be up. Returns 0, or a negative code (-KVF_ETIMEDOUT)."},
+     "wait_for_peer($self, session_id, timeout=None)\n--\n\n-> int\n\nWait up to timeout seconds "
+     "(None: init_timeout_ms) for an engine with that session id to be up. Returns 0, or a "
+     "negative code (-KVF_ETIMEDOUT)."},
     {"get_peer_events", FN(kvfpy_engine_get_peer_events), KW,
-     "get_peer_events(timeout=0) -> list of (\"joined\" | \"left\", session_id)\n\n"
+     "get_peer_events($self, timeout=0)\n--\n\n-> list of (\"joined\" | \"left\", session_id)\n\n"
      "Peers that joined or left since the previous call; the first call reports every peer "
      "already up as joined. Waits up to timeout seconds (None: for ever) for the first event. "
      "Raises kvferry.Error on failure."},
     {"destroy", FN(Engine_destroy), METH_NOARGS,
-     "destroy() -> int\n\nWithdraw the session, close connections and free the engine (waiting "
-     "for transfers still running on other threads); batch ids not yet released are freed. "
-     "Returns 0; a no-op when not initialized."},
+     "destroy($self, /)\n--\n\n-> int\n\nWithdraw the session, close connections and free the "
+     "engine (waiting for transfers still running on other threads); batch ids not yet released "
+     "are freed. Returns 0; a no-op when not initialized."},
     {"unInitialize", FN(Engine_destroy), METH_NOARGS,
-     "unInitialize() -> int\n\nSame as destroy()."},
+     "unInitialize($self, /)\n--\n\n-> int\n\nSame as destroy()."},
     {"peer_regions", FN(kvfpy_engine_peer_regions), KW,
-     "peer_regions(session) -> list of (addr, length)\n\n"
-     "The regions the peer has registered, sorted by address (waiting up to init_timeout_ms "
-     "for the peer to appear). Raises kvferry.Error on failure."},
+     "peer_regions($self, session)\n--\n\n-> list of (addr, length)\n\nThe regions the peer has "
+     "registered, sorted by address (waiting up to init_timeout_ms for the peer to appear). "
+     "Raises kvferry.Error on failure."},
     {"mem_alloc", FN(kvfpy_engine_mem_alloc), KW,
-     "mem_alloc(length) -> int\n\n"
-     "Allocate length bytes of shared memory (memfd), registered with this engine, so that "
-     "same-host peers write into it with a plain copy. Returns its address; raises "
-     "kvferry.Error on failure. Free it with mem_free()."},
+     "mem_alloc($self, length)\n--\n\n-> int\n\nAllocate length bytes of shared memory (memfd), "
+     "registered with this engine, so that same-host peers write into it with a plain copy. "
+     "Returns its address; raises kvferry.Error on failure. Free it with mem_free()."},
     {"mem_free", FN(kvfpy_engine_mem_free), KW,
-     "mem_free(address) -> int\n\n"
-     "Unregister and free memory from mem_alloc(). Returns 0 or a negative code."},
+     "mem_free($self, address)\n--\n\n-> int\n\nUnregister and free memory from mem_alloc(). "
+     "Returns 0 or a negative code."},
     {"peer_transport", FN(kvfpy_engine_peer_transport), KW,
-     "peer_transport(session) -> str\n\n"
-     "How transfers to the peer travel: \"loop\", \"shm\" or \"tcp\" (known after the first "
-     "transfer). Raises kvferry.Error for a peer not used yet."},
+     "peer_transport($self, session)\n--\n\n-> str\n\nHow transfers to the peer travel: \"loop\","
+     " \"shm\" or \"tcp\" (known after the first transfer). Raises kvferry.Error for a peer not "
+     "used yet."},
+    {"get_stats", FN(kvfpy_engine_get_stats), METH_NOARGS,
+     "get_stats($self, /)\n--\n\n-> dict\n\nThis engine's statistics: bytes and operations by "
+     "direction, per transport and per peer, errors by code, calls in flight, the transfer-time "
+     "histogram, registered regions and bytes, connections and notifications (docs/operations.md "
+     "lists the keys). Raises kvferry.Error when not initialized."},
+    {"metrics_address", FN(kvfpy_engine_metrics_address), METH_NOARGS,
+     "metrics_address($self, /)\n--\n\n-> str or None\n\n\"host:port\" of the metrics endpoint "
+     "started by metrics_listen=, or None."},
     {"__enter__", FN(Engine_enter), METH_NOARGS, NULL},
     {"__exit__", FN(Engine_exit), METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -408,10 +431,11 @@ PyTypeObject kvfpy_EngineType = {
     .tp_doc = "TransferEngine(*, init_timeout_ms=None, op_timeout_ms=None, lease_ttl_ms=None, "
               "tcp_conns_per_peer=None, tcp_chunk_bytes=None, namespace=None, max_batches=None, "
               "submit_blocks=None, async_threads=None, notify_queue_max=None, "
-              "tcp_idle_timeout_ms=None, key_prefix=None)\n\n"
+              "tcp_idle_timeout_ms=None, key_prefix=None, metrics_listen=None)\n--\n\n"
               "A kvferry node with the seed's (mf_adapter) TransferEngine methods. The "
-              "keyword-only arguments override kvf_config_t defaults. Use as a context manager "
-              "to destroy the engine on exit.",
+              "keyword-only arguments override kvf_config_t defaults; metrics_listen=\"host:port\" "
+              "serves get_stats() for Prometheus at http://host:port/metrics. Use as a context "
+              "manager to destroy the engine on exit.",
     .tp_basicsize = sizeof(EngineObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = Engine_new,

@@ -22,6 +22,7 @@ typedef struct {
     int guard_ok;        /* the guard was initialised (tp_new may fail before) */
     kvf_config_t cfg;
     char ns[65];
+    char metrics_listen[KVF_SESSION_ID_MAX];
     char key_prefix[129];
     /* Registration pins: address (int) -> object keeping that memory alive. Touched only with
      * the GIL held. */
@@ -99,5 +100,7 @@ PyObject *kvfpy_engine_submit(EngineObject *self, const char *op_name, kvf_op_t 
 KVFPY_ENGINE_METHODS(KVFPY_ENGINE_DECLARE)
 #undef KVFPY_ENGINE_DECLARE
 PyObject *kvfpy_engine_get_notifications(EngineObject *self, PyObject *unused);
+PyObject *kvfpy_engine_get_stats(EngineObject *self, PyObject *unused);
+PyObject *kvfpy_engine_metrics_address(EngineObject *self, PyObject *unused);
 
 #endif /* KVFERRY_PY_ENGINE_H */

@@ -177,3 +177,45 @@ PyObject *kvfpy_engine_peer_transport(EngineObject *self, PyObject *args, PyObje
         return kvfpy_raise(rc);
     return PyUnicode_FromString(name);
 }
+
+/* get_stats(): the C snapshot rendered as JSON by the library and read back with the json module,
+ * so that the dict has exactly the shape docs/operations.md gives for `kvferry info --json`. */
+PyObject *kvfpy_engine_get_stats(EngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    int rc;
+    kvf_stats_t st;
+    char *text = NULL;
+    size_t len = 0;
+    kvf_engine_t *e = kvfpy_engine_enter(self, "get_stats", &rc);
+    if (!e)
+        return kvfpy_raise(rc);
+    Py_BEGIN_ALLOW_THREADS
+    rc = kvf_engine_stats(e, &st);
+    if (rc == 0) {
+        rc = kvf_stats_json(&st, &text, &len);
+        kvf_stats_free(&st);
+    }
+    Py_END_ALLOW_THREADS
+    kvfpy_engine_leave(self);
+    if (rc < 0)
+        return kvfpy_raise(rc);
+    PyObject *json = PyImport_ImportModule("json");
+    PyObject *out = json ? PyObject_CallMethod(json, "loads", "s#", text, (Py_ssize_t)len) : NULL;
+    Py_XDECREF(json);
+    free(text);
+    return out;
+}
+
+PyObject *kvfpy_engine_metrics_address(EngineObject *self, PyObject *unused)
+{
+    (void)unused;
+    int rc;
+    kvf_engine_t *e = kvfpy_engine_enter(self, "metrics_address", &rc);
+    if (!e)
+        return kvfpy_raise(rc);
+    const char *a = kvf_engine_metrics_addr(e);
+    PyObject *out = a[0] ? PyUnicode_FromString(a) : Py_NewRef(Py_None);
+    kvfpy_engine_leave(self);
+    return out;
+}

@@ -106,25 +106,26 @@ static PyObject *mod_err_name(PyObject *mod, PyObject *arg)
 
 static PyMethodDef module_methods[] = {
     {"create_config_store", FN(mod_create_config_store), KW,
-     "create_config_store(store_url) -> int\n\n"
+     "create_config_store($module, store_url)\n--\n\n-> int\n\n"
      "Start the built-in config store in this process, listening on store_url "
      "(\"tcp://ip:port\"); it runs until the process exits. For \"etcd://...\" and "
      "\"redis://...\" URLs nothing is started: it checks that the store answers. Returns 0 or a "
      "negative code."},
     {"set_log_level", FN(mod_set_log_level), KW,
-     "set_log_level(level) -> int\n\n"
-     "Process-wide log level: 0 debug, 1 info, 2 warn, 3 error. Returns 0 or a negative code."},
+     "set_log_level($module, level)\n--\n\n-> int\n\nProcess-wide log level: 0 debug, 1 info, 2 "
+     "warn, 3 error. Returns 0 or a negative code."},
     {"set_conf_store_tls", FN(mod_set_conf_store_tls), KW,
-     "set_conf_store_tls(enable, tls_info) -> int\n\n"
-     "TLS for the config store. Not implemented yet: enable=True returns -KVF_ENOTSUP (with a "
-     "message in get_last_err_msg()); enable=False returns 0 (connections are plain TCP)."},
+     "set_conf_store_tls($module, enable, tls_info)\n--\n\n-> int\n\nTLS for the config store. "
+     "Not implemented yet: enable=True returns -KVF_ENOTSUP (with a message in "
+     "get_last_err_msg()); enable=False returns 0 (connections are plain TCP)."},
     {"get_last_err_msg", FN(mod_get_last_err_msg), METH_NOARGS,
-     "get_last_err_msg() -> str\n\n"
-     "Detail of the last failure of a kvferry call on this thread (\"\" if none)."},
+     "get_last_err_msg($module, /)\n--\n\n-> str\n\nDetail of the last failure of a kvferry call "
+     "on this thread (\"\" if none)."},
     {"strerror", FN(mod_strerror), METH_O,
-     "strerror(code) -> str\n\nText of a return code (\"not found\")."},
+     "strerror($module, code)\n--\n\n-> str\n\nText of a return code (\"not found\")."},
     {"err_name", FN(mod_err_name), METH_O,
-     "err_name(code) -> str\n\nSymbolic name of a return code (\"KVF_ENOTFOUND\")."},
+     "err_name($module, code)\n--\n\n-> str\n\nSymbolic name of a return code "
+     "(\"KVF_ENOTFOUND\")."},
     {NULL, NULL, 0, NULL},
 };
 

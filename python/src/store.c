@@ -205,13 +205,15 @@ static PyObject *Store_exit_ctx(StoreObject *self, PyObject *args)
 
 static PyMethodDef Store_methods[] = {
     {"set", FN(Store_set), KW,
-     "set(key, value) -> None\n\nSet key (str) to value (bytes-like, or str stored as UTF-8)."},
+     "set($self, key, value)\n--\n\n-> None\n\nSet key (str) to value (bytes-like, or str stored "
+     "as UTF-8)."},
     {"get", FN(Store_get), KW,
-     "get(key, wait_ms=0) -> bytes or None\n\nThe value of key, waiting up to wait_ms for it to "
-     "appear; None when it is absent (after the wait)."},
+     "get($self, key, wait_ms=0)\n--\n\n-> bytes or None\n\nThe value of key, waiting up to "
+     "wait_ms for it to appear; None when it is absent (after the wait)."},
     {"delete", FN(Store_delete), KW,
-     "delete(key) -> bool\n\nDelete key; False when it did not exist."},
-    {"close", FN(Store_close), METH_NOARGS, "close() -> None\n\nDisconnect (idempotent)."},
+     "delete($self, key)\n--\n\n-> bool\n\nDelete key; False when it did not exist."},
+    {"close", FN(Store_close), METH_NOARGS,
+     "close($self, /)\n--\n\n-> None\n\nDisconnect (idempotent)."},
     {"__enter__", FN(Store_enter_ctx), METH_NOARGS, NULL},
     {"__exit__", FN(Store_exit_ctx), METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -219,7 +221,7 @@ static PyMethodDef Store_methods[] = {
 
 PyTypeObject kvfpy_StoreType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvferry.Store",
-    .tp_doc = "Store(url, connect_timeout_ms=None, request_timeout_ms=None)\n\n"
+    .tp_doc = "Store(url, connect_timeout_ms=None, request_timeout_ms=None)\n--\n\n"
               "A client of the config store at url (\"tcp://ip:port\"). Raises kvferry.Error "
               "when the store does not answer within connect_timeout_ms (default 10000).",
     .tp_basicsize = sizeof(StoreObject),

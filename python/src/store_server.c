@@ -113,7 +113,8 @@ static PyObject *StoreServer_repr(StoreServerObject *self)
 
 static PyMethodDef StoreServer_methods[] = {
     {"stop", (PyCFunction)StoreServer_stop, METH_NOARGS,
-     "stop() -> None\n\nStop serving and close every client connection (idempotent)."},
+     "stop($self, /)\n--\n\n-> None\n\nStop serving and close every client connection "
+     "(idempotent)."},
     {"__enter__", (PyCFunction)StoreServer_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)StoreServer_exit, METH_VARARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -128,7 +129,7 @@ static PyGetSetDef StoreServer_getset[] = {
 
 PyTypeObject kvfpy_StoreServerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvferry.StoreServer",
-    .tp_doc = "StoreServer(url=\"tcp://127.0.0.1:0\")\n\n"
+    .tp_doc = "StoreServer(url=\"tcp://127.0.0.1:0\")\n--\n\n"
               "Run the built-in config store in this process until stop() or until the object "
               "is freed. Port 0 picks a free port (read .url). Raises kvferry.Error on failure.",
     .tp_basicsize = sizeof(StoreServerObject),

@@ -6,6 +6,7 @@
  *
  *   config.c   kvf_config_init(), the check of a caller's config, role names, which transports
  *              the engine offers
+ *   stats.c    kvf_engine_stats(): a snapshot of the counters below (counting is inline, here)
  *   busy.c     the busy sections destroy waits for, and whether the engine is closing
  *   records.c  the engine's records in the store: keys, publication, fetching and parsing
  *   peers.c    the peer cache, the choice of a path (a walk over kvf__transports), the
@@ -53,6 +54,34 @@
 #define ENG_HUGE_PAGE  (2u << 20)
 #define ENG_EVENTS_MAX 4096u
 
+/* Counters of calls (kvf_stats_counts_t's fields, same order), added with relaxed atomics: a
+ * reader needs each value, not an order between them. */
+enum { EC_WBYTES, EC_RBYTES, EC_WOPS, EC_ROPS, EC_CALLS, EC_FAILED, EC_N };
+typedef struct {
+    _Atomic uint64_t v[EC_N];
+} eng_counts_t;
+
+/* One transport's call-duration histogram. */
+typedef struct {
+    _Atomic uint64_t lat[KVF_STATS_LAT_BUCKETS];
+    _Atomic uint64_t lat_sum_us;
+} eng_tstats_t;
+
+/* The engine's counters (stats.c reads them; xfer.c and notify.c count). Bytes and operations
+ * are counted only per peer and transport (eng_peer_t.counts), and summed by the snapshot, so
+ * that a call costs seven atomic additions, not twelve (peers stay cached until destroy). */
+typedef struct {
+    uint64_t created_ms;
+    eng_tstats_t tr[KVF_TRANSPORTS_MAX];
+    _Atomic uint64_t errors[KVF_STATS_ERR_SLOTS];
+    _Atomic uint64_t notify_sent, notify_received;
+} eng_stats_t;
+
+static inline void eng_count_add(_Atomic uint64_t *c, uint64_t v)
+{
+    atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
 typedef struct eng_peer {
     struct eng_peer *next;
     char sid[KVF_SESSION_ID_MAX];
@@ -73,6 +102,9 @@ typedef struct eng_peer {
     kvf_region_t *regions;
     size_t nregions;
     uint64_t gen;
+    /* What this engine did with the peer, by transport index (stats.c). */
+    eng_counts_t counts[KVF_TRANSPORTS_MAX];
+    _Atomic uint64_t in_flight;
 } eng_peer_t;
 
 /* The order in which this engine's notifications to one peer go out (see notify.c). */
@@ -180,6 +212,9 @@ struct kvf_engine {
     eng_batches_t batches;
     eng_notify_t notify;
     eng_events_t events;
+    eng_stats_t stats;
+    uint64_t started_unix_ms;      /* wall clock at create, published for `kvferry info` */
+    kvf_metrics_server_t *metrics; /* config.metrics_listen's endpoint, or NULL */
 };
 
 /* kvf_notify_wait_peer() asks the peer's path whether it is still there this often: the bound
@@ -204,6 +239,20 @@ const char *kvf__eng_forced_name(const kvf_config_t *c);
 /* Whether engine @e offers transport @o to peers of other processes (the session record's
  * "transports", and shm's memfd socket). */
 bool kvf__eng_offered(const kvf_engine_t *e, const struct kvf_transport_ops *o);
+
+/* ---- stats.c -------------------------------------------------------------------------------- */
+
+/* A transfer call to @p (NULL: no path was chosen; it failed before) over transport index @ti
+ * ended with @rc after @us microseconds; @x/@n its elements. Counts per transport, per peer and
+ * by error code (xfer.c). */
+void kvf__stats_call(kvf_engine_t *e, eng_peer_t *p, size_t ti, const kvf_xfer_t *x, size_t n,
+                     int rc, uint64_t us);
+
+/* The transports' stats callback: a snapshot of engine @arg, encoded for a STATS answer. */
+int kvf__stats_encoded(void *arg, uint8_t **out, size_t *len);
+
+/* The metrics endpoint's render callback: engine @arg's snapshot as Prometheus text. */
+int kvf__stats_render(void *arg, char **out, size_t *len);
 
 /* ---- busy.c --------------------------------------------------------------------------------- */
 

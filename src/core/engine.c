@@ -14,12 +14,17 @@
  * only to learn that a session exists and which regions it has; transfers between peers that
  * already know each other go on while the store is down.
  */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/thread.h"
@@ -122,6 +127,46 @@ static void transports_destroy(kvf_engine_t *e)
         kvf__transports[e->listener]->destroy(e->tr[e->listener]);
 }
 
+/*
+ * Session ids are compared as written, so one that no peer could write the same way is refused
+ * or made exact here: the unspecified address (0.0.0.0, ::) listens everywhere but names no
+ * address a peer can reach; a host name ("localhost") is resolved to its address (IPv4 first, as
+ * the listening socket does), which becomes the engine's id.
+ */
+static int session_host_check(const char *session_id, kvf_hostport_t *hp)
+{
+    if ((hp->kind == KVF_HOST_IPV4 && !strcmp(hp->host, "0.0.0.0")) ||
+        (hp->kind == KVF_HOST_IPV6 && !strcmp(hp->host, "::")))
+        return kvf__err(-KVF_EINVAL,
+                        "session id %s: %s listens on every address but names none a peer can "
+                        "reach (session ids are compared as written); give this host's address "
+                        "that peers use, e.g. 127.0.0.1 on one host",
+                        session_id, hp->host);
+    if (hp->kind != KVF_HOST_NAME)
+        return 0;
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *res = NULL;
+    const int families[] = {AF_INET, AF_INET6};
+    for (size_t i = 0; i < 2 && !res; i++) {
+        hints.ai_family = families[i];
+        if (getaddrinfo(hp->host, NULL, &hints, &res) != 0)
+            res = NULL;
+    }
+    if (!res)
+        return kvf__err(-KVF_EINVAL, "session id %s: host name %s does not resolve", session_id,
+                        hp->host);
+    char ip[INET6_ADDRSTRLEN];
+    const void *a = res->ai_family == AF_INET
+                        ? (const void *)&((struct sockaddr_in *)res->ai_addr)->sin_addr
+                        : (const void *)&((struct sockaddr_in6 *)res->ai_addr)->sin6_addr;
+    inet_ntop(res->ai_family, a, ip, sizeof(ip));
+    hp->kind = res->ai_family == AF_INET ? KVF_HOST_IPV4 : KVF_HOST_IPV6;
+    freeaddrinfo(res);
+    KVF_INFO(ENG_LOG, "session id %s: %s resolves to %s; the engine is known as %s:%u", session_id,
+             hp->host, ip, ip, (unsigned)hp->port);
+    snprintf(hp->host, sizeof(hp->host), "%s", ip);
+    return session_host_check(session_id, hp);
+}
+
 int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t role, int device_id,
                       const kvf_config_t *cfg, kvf_engine_t **out)
 {
@@ -141,6 +186,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     if (!session_id)
         return kvf__err(-KVF_EINVAL, "engine create: the session id is NULL");
     rc = kvf__session_id_parse(session_id, &listen);
+    if (rc == 0)
+        rc = session_host_check(session_id, &listen);
     if (rc < 0)
         return rc;
     if ((unsigned)role > KVF_ROLE_BOTH)
@@ -163,6 +210,10 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     e->cfg.key_prefix = e->prefix;
     e->role = role;
     e->device_id = device_id;
+    e->stats.created_ms = kvf__now_ms();
+    struct timespec wall;
+    clock_gettime(CLOCK_REALTIME, &wall);
+    e->started_unix_ms = (uint64_t)wall.tv_sec * 1000u + (uint64_t)wall.tv_nsec / 1000000u;
     while (kvf__transports[e->listener] && !(kvf__transports[e->listener]->caps & KVF_TCAP_LISTEN))
         e->listener++;
     /* The nonce tells this engine's word apart from whatever another process (a restart, a
@@ -199,6 +250,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .idle_timeout_ms = e->cfg.tcp_idle_timeout_ms,
         .notify_cb = kvf__notify_deliver,
         .notify_arg = e,
+        .stats_cb = kvf__stats_encoded,
+        .stats_arg = e,
         .shm_word = &e->shm_word,
     };
     rc = kvf__transports[e->listener]->create(&tp, &e->tr[e->listener]);
@@ -258,6 +311,12 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     rc = kvf__eng_publish_session(e);
     if (rc < 0)
         goto out_store;
+    if (e->cfg.metrics_listen && e->cfg.metrics_listen[0]) {
+        rc = kvf_metrics_server_start(e->cfg.metrics_listen, kvf__stats_render, e, &e->metrics);
+        if (rc < 0)
+            goto out_store;
+    }
+    e->cfg.metrics_listen = NULL; /* the caller's string; not kept */
     for (size_t i = 0; kvf__transports[i]; i++)
         kvf__transports[i]->start(e->tr[i]);
     KVF_INFO(ENG_LOG, "engine %s (%s) ready, store %s", e->sid, kvf_role_name(role), store_url);
@@ -300,6 +359,9 @@ void kvf_engine_destroy(kvf_engine_t *e)
 {
     if (!e)
         return;
+    /* No scrape reads the engine once it begins to come apart. */
+    kvf_metrics_server_stop(e->metrics);
+    e->metrics = NULL;
     /* Stopped first: this waits for loop transfers from other engines of this process into
      * this one to leave, and no new one can find it. */
     for (size_t i = 0; kvf__transports[i]; i++)

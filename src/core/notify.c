@@ -56,6 +56,8 @@ static int notify_send(kvf_engine_t *e, const char *peer, const void *msg, size_
         rc = p->nops->notify(p->ntp, msg, len, deadline);
     else
         rc = p->tops->notify(p->tp, msg, len, deadline);
+    if (rc == 0)
+        eng_count_add(&e->stats.notify_sent, 1);
     return kvf__peer_leave(p, rc, "notification");
 }
 
@@ -317,6 +319,7 @@ int kvf__notify_deliver(void *engine, const char *sender, const void *msg, size_
         a->nhead = nt;
     a->ntail = nt;
     a->ncount++;
+    eng_count_add(&e->stats.notify_received, 1);
     pthread_cond_broadcast(&a->ncond);
     pthread_mutex_unlock(&a->nlock);
     KVF_DEBUG(NOTIFY_LOG, "engine %s: notification of %zu bytes from %s", e->sid, len, sender);

@@ -65,11 +65,12 @@ int kvf__eng_publish_session(kvf_engine_t *e)
             memfd_sock = o->mem_sock(e->tr[i]);
     }
     json_t *doc =
-        json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:s}", "version",
+        json_pack("{s:i, s:s, s:s, s:i, s:i, s:s, s:s, s:o, s:s, s:s, s:s, s:I, s:I}", "version",
                   ENG_RECORD_VERSION, "session", e->sid, "role", kvf_role_name(e->role),
                   "device_id", e->device_id, "pid", (int)getpid(), "hostname", host, "kvferry",
                   KVF_VERSION_STRING, "transports", tr, "boot_id", kvf__host_boot_id(), "net_ns",
-                  kvf__host_net_ns(), "memfd_socket", memfd_sock);
+                  kvf__host_net_ns(), "memfd_socket", memfd_sock, "started_unix_ms",
+                  (json_int_t)e->started_unix_ms, "lease_ttl_ms", (json_int_t)e->cfg.lease_ttl_ms);
     return store_put_json(e, e->session_key, doc);
 }
 

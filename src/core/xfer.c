@@ -121,14 +121,32 @@ static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, si
     return rc;
 }
 
+/* The index in kvf__transports of the path @p uses (held shared), for the statistics. */
+static size_t path_index(const eng_peer_t *p)
+{
+    size_t i = 0;
+    while (kvf__transports[i] && kvf__transports[i] != p->tops)
+        i++;
+    return i;
+}
+
 int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
                       uint64_t deadline, const kvf_xfer_ctl_t *ctl)
 {
     eng_peer_t *p;
+    uint64_t t0 = kvf__now_ns();
     int rc = kvf__peer_enter(e, peer, "transfer", ctl ? ctl->cancel : NULL, &p);
-    if (rc < 0)
+    if (rc < 0) {
+        kvf__stats_call(e, NULL, 0, x, n, rc, 0);
         return rc;
-    return kvf__peer_leave(p, peer_transfer(e, p, x, n, deadline, ctl), "transfer");
+    }
+    size_t ti = path_index(p);
+    eng_count_add(&p->in_flight, 1);
+    rc = kvf__peer_leave(p, peer_transfer(e, p, x, n, deadline, ctl), "transfer");
+    atomic_fetch_sub_explicit(&p->in_flight, 1, memory_order_relaxed);
+    /* The peer stays in the cache until destroy, which waits for this busy section. */
+    kvf__stats_call(e, p, ti, x, n, rc, (kvf__now_ns() - t0) / 1000u);
+    return rc;
 }
 
 int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n)

@@ -246,6 +246,7 @@ int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_o
     srv->partial_timeout_ms = partial_timeout_from_env();
     srv->next_lease_id = random_u64();
     srv->now_ms = kvf__now_ms();
+    srv->stats.started_ms = srv->now_ms;
 
     rc = listen_on(listen_url, &u.hosts[0]);
     if (rc < 0)
@@ -366,4 +367,23 @@ void kvf_store_server_stop(kvf_store_server_t *srv)
 unsigned kvf__store_server_waiters(const kvf_store_server_t *srv)
 {
     return srv ? atomic_load(&srv->nwaiters) : 0u;
+}
+
+int kvf_store_server_stats(const kvf_store_server_t *srv, kvf_store_server_stats_t *out)
+{
+    if (!srv || !out)
+        return kvf__err(-KVF_EINVAL, "store server stats: NULL argument");
+    kvf_store_server_stats_t *o = out;
+    struct kvf_store_server *s = (struct kvf_store_server *)srv;
+    memset(o, 0, sizeof(*o));
+    o->size = sizeof(*o);
+    o->uptime_ms = kvf__now_ms() - s->stats.started_ms;
+    o->clients = atomic_load_explicit(&s->stats.clients, memory_order_relaxed);
+    o->keys = atomic_load_explicit(&s->stats.keys, memory_order_relaxed);
+    o->leases = atomic_load_explicit(&s->stats.leases, memory_order_relaxed);
+    o->waiters = atomic_load(&s->nwaiters);
+    o->ops = atomic_load_explicit(&s->stats.ops, memory_order_relaxed);
+    o->bytes_in = atomic_load_explicit(&s->stats.bytes_in, memory_order_relaxed);
+    o->bytes_out = atomic_load_explicit(&s->stats.bytes_out, memory_order_relaxed);
+    return 0;
 }

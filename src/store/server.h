@@ -256,7 +256,18 @@ struct kvf_store_server {
 
     bool accept_paused;
     uint64_t accept_resume_ms;
+    /* For kvf_store_server_stats(): written by the loop thread only (relaxed), read by any. */
+    struct {
+        uint64_t started_ms;
+        _Atomic uint64_t clients, keys, leases, ops, bytes_in, bytes_out;
+    } stats;
 };
+
+/* Count @v into a stats field of the server (loop thread; relaxed, read by any thread). */
+#define SRV_STAT_ADD(srv, field, v)                                                                \
+    atomic_fetch_add_explicit(&(srv)->stats.field, (uint64_t)(v), memory_order_relaxed)
+#define SRV_STAT_SUB(srv, field, v)                                                                \
+    atomic_fetch_sub_explicit(&(srv)->stats.field, (uint64_t)(v), memory_order_relaxed)
 
 /* The request being answered. */
 struct srv_req {

@@ -48,6 +48,7 @@ void kvf__srv_conn_kill(struct kvf_store_server *srv, struct srv_conn *c)
     c->client->conns--;
     kvf__srv_client_maybe_free(srv, c->client);
     c->client = NULL;
+    SRV_STAT_SUB(srv, clients, 1);
 }
 
 /* Log why @c is being closed (warn level: a client broke a rule or a resource ran out) and close
@@ -129,6 +130,7 @@ static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
         ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0) {
             kvf__srv_out_advance(srv, c, (size_t)n);
+            SRV_STAT_ADD(srv, bytes_out, n);
             continue;
         }
         if (n < 0 && errno == EINTR)
@@ -226,6 +228,7 @@ static void conn_dispatch(struct kvf_store_server *srv, struct srv_conn *c, cons
     struct srv_req rq = {.op = h[5], .req_id = kvf__get_le32(h + 8)};
     kvf_rd_t rd;
     kvf__rd_init(&rd, h + KVF_STORE_HDR_LEN, kvf__get_le32(h + 12));
+    SRV_STAT_ADD(srv, ops, 1);
     kvf__srv_ops[rq.op](srv, c, &rq, &rd);
 }
 
@@ -330,6 +333,7 @@ static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
         if (n > 0) {
             c->in_len += (size_t)n;
             c->last_active_ms = srv->now_ms;
+            SRV_STAT_ADD(srv, bytes_in, n);
             conn_parse(srv, c);
             if ((size_t)n < room)
                 break; /* drained; level-triggered epoll reports more */
@@ -472,6 +476,7 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
     cl->conns++;
     link_add_tail(&srv->conns, &c->link);
     srv->nconns++;
+    SRV_STAT_ADD(srv, clients, 1);
     KVF_DEBUG(SRV_LOG, "connection from %s", c->peer);
 }
 

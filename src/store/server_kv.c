@@ -261,6 +261,7 @@ int kvf__srv_kv_put(struct kvf_store_server *srv, struct srv_client *by, const u
             free(copy);
             return -ENOMEM;
         }
+        SRV_STAT_ADD(srv, keys, 1);
     }
     e->owner = by;
     kvf__srv_charge_kv(srv, by, 1, new_bytes);
@@ -277,6 +278,7 @@ int kvf__srv_kv_put(struct kvf_store_server *srv, struct srv_client *by, const u
 void kvf__srv_kv_delete(struct kvf_store_server *srv, struct srv_entry *e)
 {
     tdelete(e, &srv->kv_root, srv_key_cmp);
+    SRV_STAT_SUB(srv, keys, 1);
     entry_set_lease(e, NULL);
     watches_notify(srv, KVF_STORE_EVENT_DELETE, e->key, e->k.klen, NULL, 0);
     kvf__srv_charge_kv(srv, e->owner, -1, -((int64_t)e->k.klen + e->vlen));
@@ -299,6 +301,7 @@ void kvf__srv_lease_end(struct kvf_store_server *srv, struct srv_lease *lease)
 {
     kvf__srv_timer_disarm(srv, &lease->timer);
     tdelete(&lease->id, &srv->lease_root, kvf__srv_lease_cmp);
+    SRV_STAT_SUB(srv, leases, 1);
     while (!link_empty(&lease->keys))
         kvf__srv_kv_delete(srv, SRV_CONTAINER(lease->keys.next, struct srv_entry, lease_link));
     lease->owner->leases--;

@@ -531,6 +531,7 @@ static void op_lease_grant(struct kvf_store_server *srv, struct srv_conn *c,
     lease->owner = c->client;
     c->client->leases++;
     srv->nleases++;
+    SRV_STAT_ADD(srv, leases, 1);
     kvf__srv_reply_u64(srv, c, rq, lease->id);
     return;
 

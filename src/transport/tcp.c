@@ -73,6 +73,8 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     t->idle_timeout_ms = p->idle_timeout_ms ? p->idle_timeout_ms : KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS;
     t->notify_cb = p->notify_cb;
     t->notify_arg = p->notify_arg;
+    t->stats_cb = p->stats_cb;
+    t->stats_arg = p->stats_arg;
     atomic_init(&t->stopping, false);
     const char *tc = getenv(TCP_TEST_CLOSE_ENV);
     atomic_init(&t->test_close_left, tc ? atoi(tc) : 0);

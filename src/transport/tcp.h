@@ -4,6 +4,8 @@
  *
  *   tcp_proto.h   the wire format and its limits (also included by the tests)
  *   tcp_io.c      socket helpers: whole sends and receives bounded by deadlines
+ *   tcp_stats.c   kvf_engine_stats_fetch(): a short-lived connection asking a target for its
+ *                 statistics (STATS)
  *   tcp_target.c  the target side: the accept thread, one serving thread per connection, and
  *                 the authoritative checks of every request against the region table
  *   tcp_conn.c    one initiator connection: its slots, breaking it, its receiver thread,
@@ -201,6 +203,8 @@ struct tcp_transport {
     uint32_t idle_timeout_ms; /* a served connection idle this long after a request is closed */
     kvf_notify_cb notify_cb;
     void *notify_arg;
+    kvf_stats_cb stats_cb;
+    void *stats_arg;
     int listen_fd;
     int wake_fd; /* eventfd: wakes the accept thread for shutdown */
     int reap_fd; /* eventfd: a serving thread ended; the accept thread joins it and closes its fd */

@@ -28,6 +28,7 @@
 #define KVF_TCP_RESP   4
 #define KVF_TCP_NOTIFY 5
 #define KVF_TCP_WRITEV 6
+#define KVF_TCP_STATS  7 /* a request for the target's statistics (len 0); the RESP carries them */
 
 /* Largest `len` of one WRITE or READ (and of a READ's answer): the engine's largest chunk (64
  * MiB), since one chunk travels as one frame. Longer elements are split. */
@@ -64,6 +65,8 @@
  * for the target's idle timeout (kvf_config_t.tcp_idle_timeout_ms) is closed. Both are checked
  * every TCP_SERVER_SLICE_MS. */
 #define KVF_TCP_HELLO_TIMEOUT_MS 5000u
+/* Largest payload of the RESP to a STATS request (the encoding of common/stats.h). */
+#define KVF_TCP_MAX_STATS (2u << 20)
 /* Connections an initiator may open to one peer. */
 #define KVF_TCP_MAX_CONNS_PER_PEER 64u
 

@@ -176,7 +176,7 @@ static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why,
 {
     if (!tcp_hdr_common_ok(h, why, whylen))
         return why;
-    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_WRITEV || h->type == KVF_TCP_RESP)
+    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_STATS || h->type == KVF_TCP_RESP)
         snprintf(why, whylen, "bad frame type %u", (unsigned)h->type);
     else if (!hello_done && h->type != KVF_TCP_HELLO)
         snprintf(why, whylen, "first frame is type %u, not HELLO", (unsigned)h->type);
@@ -193,6 +193,9 @@ static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why,
     else if (h->type == KVF_TCP_NOTIFY && h->len > KVF_NOTIFY_MAX)
         snprintf(why, whylen, "NOTIFY length %" PRIu64 " over KVF_NOTIFY_MAX (%u)", h->len,
                  KVF_NOTIFY_MAX);
+    else if (h->type == KVF_TCP_STATS && (h->len != 0 || h->addr != 0))
+        snprintf(why, whylen, "STATS with length %" PRIu64 " and address %" PRIu64 ", want 0 and 0",
+                 h->len, h->addr);
     else if (h->len > KVF_TCP_MAX_CHUNK)
         snprintf(why, whylen, "length %" PRIu64 " over KVF_TCP_MAX_CHUNK (%u)", h->len,
                  KVF_TCP_MAX_CHUNK);
@@ -313,6 +316,28 @@ static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, s
     return rc;
 }
 
+/* Answer a STATS request with the engine's statistics (or the error the callback gave). */
+static int tcp_srv_stats(struct tcp_sconn *sc, const tcp_hdr_t *h)
+{
+    struct tcp_transport *t = sc->t;
+    uint8_t *body = NULL;
+    size_t len = 0;
+    int rc = t->stats_cb ? t->stats_cb(t->stats_arg, &body, &len)
+                         : kvf__err(-KVF_ENOTSUP, "%s gives no statistics", t->local_sid);
+    if (rc == 0 && len > KVF_TCP_MAX_STATS)
+        rc = kvf__err(-KVF_ETOOBIG, "statistics of %zu bytes exceed KVF_TCP_MAX_STATS", len);
+    if (rc < 0) {
+        free(body);
+        return tcp_srv_send_error(sc, h, rc);
+    }
+    uint8_t resp[KVF_TCP_HDR_LEN];
+    tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h->req_id, 0, len);
+    struct iovec iov[2] = {{resp, sizeof(resp)}, {body, len}};
+    rc = tcp_srv_send(sc, iov, 2, tcp_frame_deadline(len));
+    free(body);
+    return rc;
+}
+
 static const char *tcp_io_reason(int rc, char *buf, size_t len)
 {
     if (rc == -EPIPE)
@@ -406,6 +431,8 @@ static void *tcp_sconn_main(void *arg)
                 reason = why;
                 break;
             }
+        } else if (h.type == KVF_TCP_STATS) {
+            rc = tcp_srv_stats(sc, &h);
         } else if (h.type == KVF_TCP_NOTIFY) {
             /* The sender sends it only once every request of its batch has been answered, so
              * that batch's data is in place before the notification is queued. */

@@ -105,6 +105,13 @@ static inline void kvf__shm_word_set(kvf_shm_word_t *w, const kvf_region_t *rs, 
 typedef int (*kvf_notify_cb)(void *arg, const char *sender, const void *msg, size_t len);
 
 /*
+ * Called by tcp when a peer asks for this engine's statistics (a STATS frame): a malloc'ed
+ * encoding (common/stats.h) in *@out, which the transport sends and frees. Returns 0 or a
+ * negative code, answered to the asker.
+ */
+typedef int (*kvf_stats_cb)(void *arg, uint8_t **out, size_t *len);
+
+/*
  * Per-call controls of transfer(), both optional.
  * @status: NULL, or one entry per element, which the caller sets to KVF_XFER_PENDING first. The
  *          transport sets entry i to 0 when element i is entirely in place, or to a negative code
@@ -131,6 +138,8 @@ typedef struct {
     kvf_notify_cb notify_cb;        /* tcp, loop: where incoming notifications go; NULL = refuse
                                        them */
     void *notify_arg;
+    kvf_stats_cb stats_cb;          /* tcp: answers STATS frames; NULL = refuse them */
+    void *stats_arg;
     uint32_t idle_timeout_ms;       /* tcp: a served connection that brings no request for this
                                        long is closed; 0 = KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS */
     const kvf_shm_word_t *shm_word; /* shm: the engine's word, whose address a sender that took

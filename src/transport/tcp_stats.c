@@ -1,0 +1,171 @@
+/*
+ * kvf_engine_stats_fetch(): ask an engine for its statistics over its tcp port, as `kvferry
+ * info --session` does. A connection of its own, opened, used for one HELLO and one STATS
+ * request, and closed; it shares nothing with the transport's peer connections, so it needs no
+ * engine on the asking side. Every wait is bounded by the caller's timeout, and the answer is
+ * checked against KVF_TCP_MAX_STATS before anything is allocated.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/stats.h"
+#include "transport/tcp.h"
+
+#define STATS_DEFAULT_TIMEOUT_MS 5000u
+#define STATS_HELLO              "kvferry-info"
+
+/* Connect to one address before @deadline. Returns the fd (non-blocking) or -errno. */
+static int stats_connect(const struct addrinfo *ai, uint64_t deadline)
+{
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0)
+        return -errno;
+    int rc = 0;
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+        if (errno != EINPROGRESS) {
+            rc = -errno;
+            goto out_close;
+        }
+        for (;;) {
+            uint64_t now = kvf__now_ms();
+            if (now >= deadline) {
+                rc = -KVF_ETIMEDOUT;
+                goto out_close;
+            }
+            struct pollfd pf = {.fd = fd, .events = POLLOUT};
+            int n = poll(&pf, 1, (int)(deadline - now));
+            if (n > 0)
+                break;
+            if (n < 0 && errno != EINTR) {
+                rc = -errno;
+                goto out_close;
+            }
+        }
+        int err = 0;
+        socklen_t el = sizeof(err);
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
+        if (err) {
+            rc = -err;
+            goto out_close;
+        }
+    }
+    return fd;
+out_close:
+    close(fd);
+    return rc;
+}
+
+/* One request of @type on @fd and the header of its answer, which must be a RESP to @req_id. */
+static int stats_ask(int fd, uint8_t type, uint64_t req_id, const void *payload, size_t plen,
+                     uint64_t deadline, tcp_hdr_t *h)
+{
+    uint8_t frame[KVF_TCP_HDR_LEN + 64];
+    tcp_hdr_encode(frame, type, 0, req_id, 0, plen);
+    if (plen)
+        memcpy(frame + KVF_TCP_HDR_LEN, payload, plen);
+    int rc = tcp_nb_io(fd, frame, KVF_TCP_HDR_LEN + plen, true, deadline);
+    if (rc == 0)
+        rc = tcp_nb_io(fd, frame, KVF_TCP_HDR_LEN, false, deadline);
+    if (rc)
+        return rc;
+    char why[96];
+    tcp_hdr_decode(frame, h);
+    if (!tcp_hdr_common_ok(h, why, sizeof(why)) || h->type != KVF_TCP_RESP || h->req_id != req_id)
+        return -KVF_EPROTO;
+    return 0;
+}
+
+static int stats_exchange(int fd, const char *sid, uint64_t deadline, kvf_stats_t *out)
+{
+    tcp_hdr_t h;
+    int rc = stats_ask(fd, KVF_TCP_HELLO, 1, STATS_HELLO, strlen(STATS_HELLO), deadline, &h);
+    if (rc == 0 && (h.status != 0 || h.len != 0))
+        rc = -KVF_EPROTO;
+    if (rc == -KVF_EPROTO || rc == -EPIPE || rc == -ECONNRESET)
+        return kvf__err(-KVF_EPROTO,
+                        "statistics of %s: what answers there is not a kvferry engine (it %s our "
+                        "hello)",
+                        sid, rc == -KVF_EPROTO ? "gave a malformed answer to" : "hung up on");
+    if (rc == 0)
+        rc = stats_ask(fd, KVF_TCP_STATS, 2, NULL, 0, deadline, &h);
+    if (rc == -EPIPE || rc == -ECONNRESET)
+        return kvf__err(-KVF_EPROTO,
+                        "statistics of %s: the engine closed the connection on a STATS request "
+                        "(a kvferry older than this one?)",
+                        sid);
+    if (rc == -KVF_ETIMEDOUT)
+        return kvf__err(rc, "statistics of %s: no answer in time", sid);
+    if (rc == -KVF_EPROTO)
+        return kvf__err(rc, "statistics of %s: malformed answer", sid);
+    if (rc)
+        return kvf__err(rc, "statistics of %s: %s", sid, kvf_strerror(rc));
+    if (h.status != 0) {
+        char msg[KVF_TCP_MAX_MSG + 1], text[KVF_TCP_MAX_MSG + 1];
+        size_t n = h.len < KVF_TCP_MAX_MSG ? (size_t)h.len : 0;
+        if (h.len > KVF_TCP_MAX_MSG || tcp_nb_io(fd, msg, n, false, deadline))
+            n = 0;
+        kvf__printable(text, sizeof(text), msg, n);
+        int code = h.status < KVF_ERRNO_OFFSET + 100 ? -(int)h.status : -KVF_EPROTO;
+        return kvf__err(code, "statistics of %s: refused: %s", sid, text);
+    }
+    if (h.len > KVF_TCP_MAX_STATS)
+        return kvf__err(-KVF_EPROTO,
+                        "statistics of %s: answer of %" PRIu64 " bytes exceeds "
+                        "KVF_TCP_MAX_STATS (%u)",
+                        sid, h.len, KVF_TCP_MAX_STATS);
+    uint8_t *body = malloc(h.len ? (size_t)h.len : 1);
+    if (!body)
+        return kvf__err(-KVF_ENOMEM, "statistics of %s: out of memory", sid);
+    rc = tcp_nb_io(fd, body, (size_t)h.len, false, deadline);
+    if (rc)
+        rc = kvf__err(rc == -EPIPE ? -KVF_EPROTO : rc, "statistics of %s: answer cut short (%s)",
+                      sid, kvf_strerror(rc));
+    else if ((rc = kvf__stats_decode(body, (size_t)h.len, out)) < 0)
+        kvf__err_wrap(rc, "statistics of %s", sid);
+    free(body);
+    return rc;
+}
+
+int kvf_engine_stats_fetch(const char *sid, uint32_t timeout_ms, kvf_stats_t *out)
+{
+    kvf_hostport_t hp;
+    if (!sid || !out)
+        return kvf__err(-KVF_EINVAL, "engine stats fetch: NULL argument");
+    int rc = kvf__session_id_parse(sid, &hp);
+    if (rc < 0)
+        return rc;
+    if (hp.port == 0)
+        return kvf__err(-KVF_EINVAL, "session id %s: port 0 names no engine to ask", sid);
+    uint64_t deadline = kvf__now_ms() + (timeout_ms ? timeout_ms : STATS_DEFAULT_TIMEOUT_MS);
+
+    char port[8];
+    snprintf(port, sizeof(port), "%u", (unsigned)hp.port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    hints.ai_flags = AI_NUMERICSERV | (hp.kind != KVF_HOST_NAME ? AI_NUMERICHOST : 0);
+    int g = getaddrinfo(hp.host, port, &hints, &res);
+    if (g)
+        return kvf__err(-KVF_EINVAL, "session id %s: cannot resolve %s: %s", sid, hp.host,
+                        g == EAI_SYSTEM ? strerror(errno) : gai_strerror(g));
+    int fd = -ENOENT;
+    for (struct addrinfo *ai = res; ai && fd < 0 && fd != -KVF_ETIMEDOUT; ai = ai->ai_next)
+        fd = stats_connect(ai, deadline);
+    freeaddrinfo(res);
+    if (fd == -KVF_ETIMEDOUT)
+        return kvf__err(fd, "statistics of %s: no answer to connect in time", sid);
+    if (fd < 0)
+        return kvf__err(fd, "statistics of %s: cannot connect: %s%s", sid, strerror(-fd),
+                        fd == -ECONNREFUSED ? " (no engine listens there)" : "");
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    rc = stats_exchange(fd, sid, deadline, out);
+    close(fd);
+    return rc;
+}
