@@ -314,42 +314,11 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
                             char *why, size_t whylen)
 {
     int rc;
-    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+    int fd = tcp_nb_connect(ai, deadline_ms);
     if (fd < 0) {
-        snprintf(why, whylen, "socket: %s", strerror(errno));
-        return -errno;
-    }
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
-        if (errno != EINPROGRESS) {
-            rc = -errno;
-            snprintf(why, whylen, "connect: %s", strerror(errno));
-            goto out_close;
-        }
-        for (;;) {
-            uint64_t now = kvf__now_ms();
-            if (now >= deadline_ms) {
-                snprintf(why, whylen, "connect: no answer in time");
-                rc = -KVF_ETIMEDOUT;
-                goto out_close;
-            }
-            struct pollfd pf = {.fd = fd, .events = POLLOUT};
-            int n = poll(&pf, 1, (int)(deadline_ms - now));
-            if (n > 0)
-                break;
-            if (n < 0 && errno != EINTR) {
-                rc = -errno;
-                snprintf(why, whylen, "poll: %s", strerror(errno));
-                goto out_close;
-            }
-        }
-        int err = 0;
-        socklen_t el = sizeof(err);
-        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
-        if (err) {
-            rc = -err;
-            snprintf(why, whylen, "connect: %s", strerror(err));
-            goto out_close;
-        }
+        snprintf(why, whylen, "connect: %s",
+                 fd == -KVF_ETIMEDOUT ? "no answer in time" : strerror(-fd));
+        return fd;
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));

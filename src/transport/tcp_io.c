@@ -12,6 +12,8 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/uio.h>
+#include <unistd.h>
+#include <netdb.h>
 
 #include "transport/tcp.h"
 
@@ -126,4 +128,44 @@ int tcp_nb_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms)
             return -errno;
     }
     return 0;
+}
+
+int tcp_nb_connect(const struct addrinfo *ai, uint64_t deadline_ms)
+{
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0)
+        return -errno;
+    int rc = 0;
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
+        if (errno != EINPROGRESS) {
+            rc = -errno;
+            goto out_close;
+        }
+        for (;;) {
+            uint64_t now = kvf__now_ms();
+            if (now >= deadline_ms) {
+                rc = -KVF_ETIMEDOUT;
+                goto out_close;
+            }
+            struct pollfd pf = {.fd = fd, .events = POLLOUT};
+            int n = poll(&pf, 1, (int)(deadline_ms - now));
+            if (n > 0)
+                break;
+            if (n < 0 && errno != EINTR) {
+                rc = -errno;
+                goto out_close;
+            }
+        }
+        int err = 0;
+        socklen_t el = sizeof(err);
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
+        if (err) {
+            rc = -err;
+            goto out_close;
+        }
+    }
+    return fd;
+out_close:
+    close(fd);
+    return rc;
 }

@@ -10,7 +10,6 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -21,47 +20,6 @@
 
 #define STATS_DEFAULT_TIMEOUT_MS 5000u
 #define STATS_HELLO              "kvferry-info"
-
-/* Connect to one address before @deadline. Returns the fd (non-blocking) or -errno. */
-static int stats_connect(const struct addrinfo *ai, uint64_t deadline)
-{
-    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
-    if (fd < 0)
-        return -errno;
-    int rc = 0;
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) < 0) {
-        if (errno != EINPROGRESS) {
-            rc = -errno;
-            goto out_close;
-        }
-        for (;;) {
-            uint64_t now = kvf__now_ms();
-            if (now >= deadline) {
-                rc = -KVF_ETIMEDOUT;
-                goto out_close;
-            }
-            struct pollfd pf = {.fd = fd, .events = POLLOUT};
-            int n = poll(&pf, 1, (int)(deadline - now));
-            if (n > 0)
-                break;
-            if (n < 0 && errno != EINTR) {
-                rc = -errno;
-                goto out_close;
-            }
-        }
-        int err = 0;
-        socklen_t el = sizeof(err);
-        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
-        if (err) {
-            rc = -err;
-            goto out_close;
-        }
-    }
-    return fd;
-out_close:
-    close(fd);
-    return rc;
-}
 
 /* One request of @type on @fd and the header of its answer, which must be a RESP to @req_id. */
 static int stats_ask(int fd, uint8_t type, uint64_t req_id, const void *payload, size_t plen,
@@ -156,7 +114,7 @@ int kvf_engine_stats_fetch(const char *sid, uint32_t timeout_ms, kvf_stats_t *ou
                         g == EAI_SYSTEM ? strerror(errno) : gai_strerror(g));
     int fd = -ENOENT;
     for (struct addrinfo *ai = res; ai && fd < 0 && fd != -KVF_ETIMEDOUT; ai = ai->ai_next)
-        fd = stats_connect(ai, deadline);
+        fd = tcp_nb_connect(ai, deadline);
     freeaddrinfo(res);
     if (fd == -KVF_ETIMEDOUT)
         return kvf__err(fd, "statistics of %s: no answer to connect in time", sid);
