@@ -868,13 +868,15 @@ static void unregister_timeout_names_sender(void **state)
     setenv("SHM_CHILD_OP_TIMEOUT_MS", "200", 1);
     child_start(fx->url, 1u << 20, &c);
     unsetenv("SHM_CHILD_OP_TIMEOUT_MS");
+    /* The hook is read when the engine is created (the warm-up write below is held too). */
+    setenv("KVFERRY_SHM_TEST_HOLD_MS", "1500", 1);
     kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    unsetenv("KVFERRY_SHM_TEST_HOLD_MS");
     uint8_t *src = alloc_filled(1u << 20, 8);
     src[0] = 0x5A;
     assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
     assert_via(e, c.sid, "shm");
     child_arm_cmd(&c);
-    setenv("KVFERRY_SHM_TEST_HOLD_MS", "1500", 1);
     drain_write_t w = {.e = e, .peer = c.sid, .src = src, .dst = c.addr, .len = 1u << 20};
     pthread_t th;
     uint64_t t0 = kvf_test_now_ms();
@@ -882,7 +884,6 @@ static void unregister_timeout_names_sender(void **state)
     int rc = child_unreg_answer(&c, msg, sizeof(msg));
     uint64_t took = kvf_test_now_ms() - t0;
     assert_int_equal(pthread_join(th, NULL), 0);
-    unsetenv("KVFERRY_SHM_TEST_HOLD_MS");
     assert_int_equal(rc, -KVF_ETIMEDOUT);
     snprintf(want, sizeof(want), "sender pid %d (session %s) is still copying", (int)getpid(),
              kvf_engine_session_id(e));

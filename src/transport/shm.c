@@ -51,8 +51,9 @@
 /* Test hook: when set (non-empty, not "0"), every probe fails, so a same-host pair must fall
  * back to tcp. Documented in docs/architecture.md. */
 #define SHM_PROBE_FAIL_ENV "KVFERRY_SHM_PROBE_FAIL"
-/* Test hook: a transfer stays inside the fence this many ms after its copy, so a test can see a
- * target's unregister time out on it. Documented in docs/operations.md. */
+/* Test hook, read when the engine is created: its transfers stay inside the fence this many ms
+ * after their copy, so a test can see a target's unregister time out on one. Documented in
+ * docs/operations.md. */
 #define SHM_HOLD_ENV "KVFERRY_SHM_TEST_HOLD_MS"
 
 static int shm_create(const kvf_transport_params_t *p, kvf_transport_t **out)
@@ -66,6 +67,8 @@ static int shm_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     t->lfd = t->wake = -1;
     pthread_mutex_init(&t->exp_lock, NULL);
     t->copy_threads = shm_copy_threads_conf(t->local_sid);
+    const char *hold = getenv(SHM_HOLD_ENV); /* read once: not on every transfer */
+    t->test_hold_ms = hold ? strtol(hold, NULL, 10) : 0;
     pthread_mutex_init(&t->job_lock, NULL);
     pthread_mutex_init(&t->pool_lock, NULL);
     pthread_cond_init(&t->work_cv, NULL);
@@ -469,12 +472,9 @@ static int shm_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
      * pages. The fence orders them before whatever the caller does to announce completion. */
     atomic_thread_fence(memory_order_release);
     free(heap);
-    const char *hold = getenv(SHM_HOLD_ENV);
-    if (hold && *hold) {
-        long ms = strtol(hold, NULL, 10);
-        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-        if (ms > 0)
-            nanosleep(&ts, NULL);
+    if (p->t->test_hold_ms > 0) {
+        struct timespec ts = {p->t->test_hold_ms / 1000, (p->t->test_hold_ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
     }
     return rc;
 }

@@ -76,6 +76,7 @@ typedef struct {
 
 struct shm_transport {
     char local_sid[KVF_SESSION_ID_MAX];
+    long test_hold_ms; /* KVFERRY_SHM_TEST_HOLD_MS at create (shm.c) */
     uint64_t word_addr; /* the engine's kvf_shm_word_t, told to senders with their fence slot */
     kvf_region_table_t *regions;
     /* kvf_mem_alloc memory, by address. Held while an fd is being sent, so the engine's close
