@@ -21,7 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <stddef.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -901,6 +905,110 @@ static void unregister_timeout_names_sender(void **state)
     child_stop(&c);
 }
 
+/* ---- the fence socket under abuse -------------------------------------------------------- */
+
+#define FENCE_SLOTS 256 /* SHM_FENCE_SLOTS: what a target hands out at most */
+
+/* One raw fence request (docs/protocol.md, "memfd exchange", kind 1) on a new connection to
+ * @sock; returns the connection and the answer's status (the fd that came with it is closed). */
+static int raw_fence_request(const char *sock, int32_t *status)
+{
+    struct {
+        uint32_t magic, version;
+        uint64_t addr;
+        uint32_t kind, zero;
+        char sid[KVF_SESSION_ID_MAX];
+    } q = {.magic = 0x6466766bu, .version = 2, .kind = 1};
+    struct {
+        uint32_t magic;
+        int32_t status;
+        uint64_t base, len, gen;
+    } a;
+    _Static_assert(sizeof(q) == 288 && sizeof(a) == 32, "the documented sizes");
+    snprintf(q.sid, sizeof(q.sid), "raw");
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    size_t n = strlen(sock);
+    memcpy(sa.sun_path + 1, sock, n);
+    int c = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(c >= 0);
+    assert_int_equal(connect(c, (struct sockaddr *)&sa,
+                             (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + n)),
+                     0);
+    assert_int_equal(send(c, &q, sizeof(q), MSG_NOSIGNAL), (ssize_t)sizeof(q));
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    struct iovec iov = {.iov_base = &a, .iov_len = sizeof(a)};
+    struct msghdr m = {
+        .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf)};
+    assert_int_equal(recvmsg(c, &m, MSG_WAITALL | MSG_CMSG_CLOEXEC), (ssize_t)sizeof(a));
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm)) {
+        int fd;
+        memcpy(&fd, CMSG_DATA(cm), sizeof(fd));
+        close(fd);
+    }
+    *status = a.status;
+    return c;
+}
+
+/* A process of the same user that takes every fence slot of a target (256, each on a
+ * connection it keeps) gets KVF_EBUSY for the next one and costs senders only shm: a new engine
+ * reaches the target over tcp, bytes verified. A holder that sends anything on its connection
+ * loses its slot, and once one is free a new engine is back on shm. */
+static void fence_slots_bounded_and_released(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start(fx->url, 4096, &c);
+    char *text = record_read(fx->url, "sessions", c.sid);
+    json_t *doc = json_loads(text, 0, NULL);
+    assert_non_null(doc);
+    char sock[128];
+    snprintf(sock, sizeof(sock), "%s", json_string_value(json_object_get(doc, "memfd_socket")));
+    json_decref(doc);
+    free(text);
+    assert_true(sock[0] != '\0');
+
+    int held[FENCE_SLOTS];
+    int32_t st;
+    for (int i = 0; i < FENCE_SLOTS; i++) {
+        held[i] = raw_fence_request(sock, &st);
+        assert_int_equal(st, 0);
+    }
+    int extra = raw_fence_request(sock, &st);
+    assert_int_equal(st, -KVF_EBUSY);
+    close(extra);
+
+    uint8_t *src = alloc_filled(4096, 61);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
+    assert_via(e, c.sid, "tcp");
+    assert_int_equal(child_sum(&c, 0, 4096), fnv(src, 4096));
+    kvf_engine_destroy(e);
+
+    /* A holder that speaks loses its slot: the target frees it when it reads the byte. */
+    assert_int_equal(send(held[0], "x", 1, MSG_NOSIGNAL), 1);
+    char b;
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(held[0], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    ssize_t r = recv(held[0], &b, 1, 0); /* closed by the target (reset: our byte was unread) */
+    if (!(r == 0 || (r < 0 && errno == ECONNRESET)))
+        fail_msg("the target kept the slot of a holder that spoke: recv %zd (%s)", r,
+                 r < 0 ? strerror(errno) : "data");
+    close(held[0]);
+    fill(src, 4096, 62);
+    e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
+    assert_via(e, c.sid, "shm");
+    assert_int_equal(child_sum(&c, 0, 4096), fnv(src, 4096));
+    kvf_engine_destroy(e);
+    for (int i = 1; i < FENCE_SLOTS; i++)
+        close(held[i]);
+    free(src);
+    child_stop(&c);
+}
+
 /* ---- a dead peer is noticed at once --------------------------------------------------------- */
 
 /* Reproduced in issue 12: a Prefill waiting for its Decode's answer waited out its whole timeout
@@ -1323,6 +1431,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(one_process_forced_shm, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(hostile_region_table_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(bad_transport_env_refused, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(fence_slots_bounded_and_released, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(peer_killed_noticed_at_once, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(peer_check_withdrawn_and_unknown, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(unregister_drains_shm_write, fx_setup, fx_teardown),
