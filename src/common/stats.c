@@ -211,6 +211,32 @@ static void prom_seconds(kvf_buf_t *b, uint64_t v, uint64_t per_second)
     put_fmt(b, "%" PRIu64 ".%s", whole, digits);
 }
 
+/* A plain uint64_t field of a statistics struct, exported under @name. */
+typedef struct {
+    const char *name, *type, *help;
+    size_t off;
+} prom_scalar_t;
+
+/* Each field of @f[@n] read from @base, with its HELP and TYPE lines. */
+static void prom_scalars(kvf_buf_t *b, const prom_scalar_t *f, size_t n, const void *base)
+{
+    for (size_t k = 0; k < n; k++) {
+        uint64_t v;
+        memcpy(&v, (const char *)base + f[k].off, sizeof(v));
+        prom_head(b, f[k].name, f[k].type, f[k].help);
+        put_fmt(b, "%s %" PRIu64 "\n", f[k].name, v);
+    }
+}
+
+/* A gauge of @ms milliseconds, in seconds. */
+static void prom_uptime(kvf_buf_t *b, const char *name, const char *help, uint64_t ms)
+{
+    prom_head(b, name, "gauge", help);
+    put_fmt(b, "%s ", name);
+    prom_seconds(b, ms, 1000u);
+    put_str(b, "\n");
+}
+
 int kvf_stats_prometheus(const kvf_stats_t *s, char **out, size_t *len)
 {
     if (!s || !out)
@@ -280,10 +306,7 @@ int kvf_stats_prometheus(const kvf_stats_t *s, char **out, size_t *len)
         if (s->errors[i])
             put_fmt(&b, "kvferry_errors_total{code=\"%s\"} %" PRIu64 "\n", err_slot_name(i),
                     s->errors[i]);
-    static const struct {
-        const char *name, *type, *help;
-        size_t off;
-    } scalars[] = {
+    static const prom_scalar_t scalars[] = {
         {"kvferry_in_flight", "gauge", "Transfer calls running now.",
          offsetof(kvf_stats_t, in_flight)},
         {"kvferry_regions", "gauge", "Memory regions registered now.",
@@ -299,16 +322,9 @@ int kvf_stats_prometheus(const kvf_stats_t *s, char **out, size_t *len)
         {"kvferry_notify_queued", "gauge", "Notifications received and not yet taken.",
          offsetof(kvf_stats_t, notify_queued)},
     };
-    for (size_t k = 0; k < KVF__ARRAY_SIZE(scalars); k++) {
-        uint64_t v;
-        memcpy(&v, (const char *)s + scalars[k].off, sizeof(v));
-        prom_head(&b, scalars[k].name, scalars[k].type, scalars[k].help);
-        put_fmt(&b, "%s %" PRIu64 "\n", scalars[k].name, v);
-    }
-    prom_head(&b, "kvferry_uptime_seconds", "gauge", "Seconds since the engine was created.");
-    put_str(&b, "kvferry_uptime_seconds ");
-    prom_seconds(&b, s->uptime_ms, 1000u);
-    put_str(&b, "\n");
+    prom_scalars(&b, scalars, KVF__ARRAY_SIZE(scalars), s);
+    prom_uptime(&b, "kvferry_uptime_seconds", "Seconds since the engine was created.",
+                s->uptime_ms);
     return buf_finish(&b, out, len, "stats prometheus");
 }
 
@@ -316,10 +332,7 @@ int kvf_store_server_stats_prometheus(const kvf_store_server_stats_t *s, char **
 {
     if (!s || !out)
         return kvf__err(-KVF_EINVAL, "store stats prometheus: NULL argument");
-    static const struct {
-        const char *name, *type, *help;
-        size_t off;
-    } f[] = {
+    static const prom_scalar_t f[] = {
         {"kvferry_store_clients", "gauge", "Client connections open now.",
          offsetof(kvf_store_server_stats_t, clients)},
         {"kvferry_store_keys", "gauge", "Keys held now.", offsetof(kvf_store_server_stats_t, keys)},
@@ -336,16 +349,9 @@ int kvf_store_server_stats_prometheus(const kvf_store_server_stats_t *s, char **
     };
     kvf_buf_t b;
     kvf__buf_init(&b);
-    for (size_t k = 0; k < KVF__ARRAY_SIZE(f); k++) {
-        uint64_t v;
-        memcpy(&v, (const char *)s + f[k].off, sizeof(v));
-        prom_head(&b, f[k].name, f[k].type, f[k].help);
-        put_fmt(&b, "%s %" PRIu64 "\n", f[k].name, v);
-    }
-    prom_head(&b, "kvferry_store_uptime_seconds", "gauge", "Seconds since the store started.");
-    put_str(&b, "kvferry_store_uptime_seconds ");
-    prom_seconds(&b, s->uptime_ms, 1000u);
-    put_str(&b, "\n");
+    prom_scalars(&b, f, KVF__ARRAY_SIZE(f), s);
+    prom_uptime(&b, "kvferry_store_uptime_seconds", "Seconds since the store started.",
+                s->uptime_ms);
     return buf_finish(&b, out, len, "store stats prometheus");
 }
 
