@@ -41,6 +41,8 @@
 /* Bound on the Prefill's wait for the Decode's engine to withdraw its records before the store
  * this process hosts goes away with it. */
 #define XFER_STORE_LINGER_MS 3000u
+/* Default longest gap between two round lines (--progress-interval). */
+#define XFER_PROGRESS_S 10u
 
 typedef struct {
     kvf_role_t role;
@@ -54,6 +56,8 @@ typedef struct {
     uint32_t timeout_ms;
     kvf_transport_kind_t transport;
     const char *metrics_listen; /* --metrics-listen, or NULL */
+    bool verbose;               /* -v: every slice's and every round's line */
+    uint64_t progress_s;        /* --progress-interval: the longest gap between round lines */
 } xfer_args_t;
 
 /* ---- xfer_store.c ------------------------------------------------------------------------ */
