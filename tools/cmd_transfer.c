@@ -43,7 +43,8 @@ static void usage(FILE *f)
             "                        [--npu-id N] [--log-level 0..3] [--iterations N]\n"
             "                        [--timeout SEC] [--transport auto|tcp|shm]\n"
             "                        [--metrics-listen HOST:PORT]\n"
-            "                        [--progress-interval SEC] [-v|--verbose]\n\n"
+            "                        [--progress-interval SEC] [-v|--verbose]\n"
+            "                        [--key-prefix P]\n\n"
             "The seed's test_transfer_engine.py. The Decode registers a (10, 50, 40, 20, 60)\n"
             "float16 buffer (48,000,000 bytes) and checks every round it receives; the Prefill\n"
             "fills its own buffer with random values and writes the 10 slices into the Decode's.\n"
@@ -73,6 +74,7 @@ static void usage(FILE *f)
             "                        least every S seconds (0: every round), default %u; on\n"
             "                        a terminal a status line with rounds, bytes, rate and\n"
             "                        ETA shows the rounds in between\n"
+            "  --key-prefix P        " KVF_CLI_KEY_PREFIX_HELP
             "  -v, --verbose         every round's line and the seed's per-slice lines\n"
             "                        (\"set/get buffer success i, sum=...\")\n\n"
             "Exit status: 0 every round done (and, on the Decode, verified), 1 failure (a\n"
@@ -153,6 +155,7 @@ static int parse_args(int argc, char **argv, xfer_args_t *a)
         KVF_CLI_OPT_TRANSPORT(&a->transport),
         {"metrics-listen", KVF_CLI_STR, &a->metrics_listen, 0, 0, NULL},
         {"progress-interval", KVF_CLI_U64, &a->progress_s, 0, XFER_MAX_TIMEOUT_S, NULL},
+        KVF_CLI_OPT_KEY_PREFIX(&a->key_prefix),
     };
     const kvf_cli_t cli = {
         CMD, usage, opts, KVF_CLI_NOPTS(opts), .log_level = true, .verbose = &a->verbose};
@@ -237,6 +240,7 @@ int kvf_cli_transfer(int argc, char **argv)
     cfg.op_timeout_ms = a.timeout_ms;
     cfg.transport = a.transport;
     cfg.metrics_listen = a.metrics_listen;
+    cfg.key_prefix = a.key_prefix;
     kvf_engine_t *e;
     int rc = kvf_engine_create(a.store_url, a.src_sid, a.role, a.npu_id, &cfg, &e);
     if (rc < 0) {
@@ -259,7 +263,8 @@ out_store:
         /* This process hosts the store: give the Decode the moment it needs to withdraw its
          * records, rather than cutting the store away under its shutdown. */
         char key[XFER_KEY_MAX];
-        snprintf(key, sizeof(key), "kvferry/v1/default/sessions/%s", a.dst_sid);
+        snprintf(key, sizeof(key), "%sdefault/sessions/%s", kvf_cli_key_prefix(a.key_prefix),
+                 a.dst_sid);
         xfer_wait_key_gone(st, key, XFER_STORE_LINGER_MS);
     }
     kvf_store_close(st);

@@ -1,8 +1,9 @@
 /*
- * Progress of long terminal work. What `kvferry transfer` prints over many rounds: quiet by
- * default (the seed's per-slice lines and every round's line behind -v), the first and the last
- * round and one line per --progress-interval in a log, and a status line with rounds, bytes,
- * rate and ETA on a terminal. `kvferry bench` on a terminal: the run, its rate and the ETA.
+ * Flags of the long-running tools. Progress: what `kvferry transfer` prints over many rounds
+ * (quiet by default, the seed's per-slice lines and every round's line behind -v; the first and
+ * the last round and one line per --progress-interval in a log; a status line with rounds,
+ * bytes, rate and ETA on a terminal), and `kvferry bench`'s run and ETA on a terminal.
+ * --key-prefix: `kvferry transfer` and `kvferry info` under another store key prefix.
  */
 #include "test_util.h"
 
@@ -233,12 +234,66 @@ static void bench_shows_run_and_eta(void **state)
     assert_non_null(strstr(shown, " GB/s, ETA "));
 }
 
+/* Start `kvferry info --store-url URL ARGS` and return its exit status, output in pout. */
+static int info(const char *url, const char *a0, const char *a1)
+{
+    char *argv[] = {(char *)kvf_test_cli_path(), "info", "--store-url", (char *)url, (char *)a0,
+                    (char *)a1, NULL};
+    return kvf_test_run(argv, pout, sizeof(pout), 20000);
+}
+
+/* Engines under --key-prefix see only each other: a Prefill with the default prefix does not
+ * find the Decode, one with the same prefix transfers to it; `kvferry info` lists the Decode
+ * only under its prefix. A bad prefix is a usage error naming it. */
+static void key_prefix_separates_clusters(void **state)
+{
+    (void)state;
+    char url[128], sid[256];
+    pid_t store = kvf_test_store_process(url, sizeof(url));
+    const char *pfx[] = {"--iterations", "1", "--key-prefix", "team-a/kv/", NULL};
+    int dfd, pfd;
+    pid_t decode = transfer("Decode", url, NULL, pfx, false, &dfd);
+    decode_sid(dfd, sid, sizeof(sid));
+
+    assert_int_equal(info(url, "--key-prefix", "team-a/kv/"), 0);
+    assert_non_null(strstr(pout, sid));
+    assert_int_equal(info(url, NULL, NULL), 0);
+    if (strstr(pout, sid))
+        fail_msg("the Decode is listed under the default prefix:\n%s", pout);
+
+    const char *other[] = {"--iterations", "1", "--timeout", "1", NULL};
+    pid_t lost = transfer("Prefill", url, sid, other, false, &pfd);
+    drain(pfd, pout, sizeof(pout));
+    close(pfd);
+    assert_int_equal(kvf_test_reap(lost, 20000), 1);
+    if (!strstr(pout, "did not appear in the store"))
+        fail_msg("a Prefill under another prefix found the Decode:\n%s", pout);
+
+    pid_t prefill = transfer("Prefill", url, sid, pfx, false, &pfd);
+    drain(pfd, pout, sizeof(pout));
+    close(pfd);
+    int prc = kvf_test_reap(prefill, 20000);
+    drain(dfd, dout, sizeof(dout));
+    close(dfd);
+    int drc = kvf_test_reap(decode, 20000);
+    if (prc != 0 || drc != 0)
+        fail_msg("Decode exit %d, Prefill exit %d\n--- Decode:\n%s--- Prefill:\n%s", drc, prc,
+                 dout, pout);
+    assert_non_null(strstr(dout, "decode done: 1 rounds verified"));
+
+    assert_int_equal(info(url, "--key-prefix", "a b"), 2);
+    assert_non_null(strstr(pout, "kvferry info: --key-prefix a b: want 1..128 letters"));
+    kill(store, SIGTERM);
+    kvf_test_reap(store, 5000);
+}
+
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(quiet_by_default_in_a_log),
     cmocka_unit_test(verbose_prints_every_slice),
     cmocka_unit_test(interval_zero_prints_every_round),
     cmocka_unit_test(terminal_shows_status_line),
     cmocka_unit_test(bench_shows_run_and_eta),
+    cmocka_unit_test(key_prefix_separates_clusters),
 };
 
 KVF_TEST_MAIN(tests)
