@@ -35,6 +35,7 @@ static void cli_free(kvf_store_t *st)
     pthread_mutex_destroy(&st->mu);
     close(st->wake_fd);
     free(st->url);
+    kvf__auth_key_wipe(&st->auth);
     free(st);
 }
 
@@ -52,6 +53,9 @@ static int cli_open_connect(kvf_store_t *st)
         int fd = kvf__cli_connect_once(st, attempt_deadline, false, why, sizeof(why));
         if (fd >= 0)
             return fd;
+        /* Retrying cannot change the other side's mind about our key. */
+        if (fd == -KVF_EAUTH)
+            return kvf__err(fd, "store %s: %s", st->url, why);
         uint64_t now = kvf__now_ms();
         if (ct == 0 || now >= deadline)
             break;
@@ -89,6 +93,12 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
     }
     st->base.ops = &kvf__store_builtin_ops;
     st->base.url = st->url;
+    rc = kvf__auth_key_resolve(opts->auth_key_file, &st->auth);
+    st->opts.auth_key_file = NULL; /* the caller's string; not kept */
+    if (rc < 0) {
+        kvf__err_wrap(rc, "store %s", url);
+        goto out_free_url;
+    }
     st->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (st->wake_fd < 0) {
         rc = kvf__err(-errno, "store %s: eventfd: %s", url, kvf_strerror(-errno));
@@ -123,6 +133,11 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
 
     /* Something accepted the connection; make sure it is a store that answers. */
     rc = kvf__builtin_ping(st);
+    if (rc == -KVF_EAUTH) {
+        rc = kvf__err_wrap(rc, "store %s", url);
+        cli_close(st);
+        return rc;
+    }
     if (rc < 0) {
         rc = kvf__err_wrap(-KVF_ESTOREDOWN, "store %s: the store does not answer", url);
         cli_close(st);
@@ -141,6 +156,7 @@ out_close_wake:
 out_free_url:
     free(st->url);
 out_free_st:
+    kvf__auth_key_wipe(&st->auth);
     free(st);
     return rc;
 }

@@ -49,6 +49,7 @@
 #include <stdint.h>
 #include <unistd.h>
 
+#include "common/auth.h"
 #include "common/url.h"
 #include "common/wire.h"
 #include "kvferry.h"
@@ -145,6 +146,7 @@ struct kvf_store {
     char *url;
     kvf_store_url_t addr;
     kvf_store_opts_t opts;
+    kvf_auth_key_t auth; /* the cluster secret (len 0: none), proven on every (re)connection */
     int wake_fd; /* eventfd: wakes the I/O thread out of poll() */
     pthread_t io;
     bool io_started;

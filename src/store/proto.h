@@ -98,6 +98,8 @@ enum kvf_store_status {
                                         (keys, bytes, leases, watches) reached; the message names
                                         it and its value */
     KVF_STORE_ST_SHUTTING_DOWN = 10, /* server stopping: pending get-with-wait answered with this */
+    KVF_STORE_ST_AUTH = 11,          /* the server requires the cluster secret and the client sent
+                                        a request without the handshake; the connection ends */
 };
 
 /*
@@ -132,6 +134,8 @@ static inline int kvf__store_status_to_err(uint16_t st)
         return -KVF_ENOTFOUND;
     case KVF_STORE_ST_BUSY:
         return -KVF_EBUSY;
+    case KVF_STORE_ST_AUTH:
+        return -KVF_EAUTH;
     case KVF_STORE_ST_SHUTTING_DOWN:
         return -KVF_ESTOREDOWN;
     default:

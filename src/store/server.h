@@ -44,6 +44,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "common/auth.h"
 #include "common/common.h"
 #include "common/url.h"
 #include "common/wire.h"
@@ -99,6 +100,7 @@ enum srv_timer_kind {
     SRV_TIMER_LEASE,   /* lease expiry */
     SRV_TIMER_PARTIAL, /* partial-frame timeout of a connection */
     SRV_TIMER_QUIET,   /* idle timeout of a connection (checked lazily, see conn_quiet_check) */
+    SRV_TIMER_AUTH,    /* the handshake's deadline (KVF_AUTH_TIMEOUT_MS from the accept) */
 };
 
 #define SRV_TIMER_IDLE SIZE_MAX
@@ -203,6 +205,10 @@ struct srv_conn {
     bool marks_oom;        /* a mark could not be stored: close it */
     struct srv_timer partial;
     struct srv_timer quiet;
+    /* With a key: the server's half of the handshake until the client proved it, then NULL.
+     * While it is set nothing but handshake messages is read from the connection. */
+    kvf_auth_srv_t *auth;
+    struct srv_timer auth_timer;
     uint64_t last_active_ms; /* last time bytes arrived or a get-with-wait of it ended */
 
     struct srv_link waiters; /* srv_waiter.conn_link */
@@ -228,6 +234,7 @@ struct kvf_store_server {
     int loop_rc;
 
     kvf_store_server_opts_t opts;
+    kvf_auth_key_t auth_key; /* the cluster secret (len 0: none); read-only after start */
 
     /* Loop-thread state from here on. */
     uint64_t now_ms; /* refreshed after every epoll_wait() */
