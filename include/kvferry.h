@@ -249,6 +249,14 @@ typedef struct {
                                         read. NULL or "" [default]: $KVFERRY_AUTH_KEY_FILE, and
                                         when that is unset too, no authentication (a server on a
                                         non-loopback address then warns at start). */
+    const char *admin_key_file;      /* the operators' key (kvf_auth_keygen()), needs an auth
+                                        key: a client that proves it (kvf_store_opts_t.
+                                        admin_key_file) may change and delete any key and revoke
+                                        any lease. With an auth key every other client may
+                                        change only keys bound to leases it granted itself (and
+                                        keys with no lease); reads stay open to every
+                                        authenticated client. NULL or "" [default]:
+                                        $KVFERRY_ADMIN_KEY_FILE, else none. */
 } kvf_store_server_opts_t;
 
 /** kvf_store_server_opts_init - fill @opts with the defaults and set its size field. */
@@ -354,6 +362,12 @@ typedef struct {
                                     $KVFERRY_AUTH_KEY_FILE, else none. A store that refuses the
                                     key, or wants one when none is set, fails the open at once
                                     with -KVF_EAUTH. */
+    const char *admin_key_file;  /* tcp:// only: prove the store's admin key instead of the
+                                    cluster secret, as an operator (`kvferry kv
+                                    --admin-key-file`): such a client may change any key and
+                                    revoke any lease. NULL or "" (default):
+                                    $KVFERRY_ADMIN_KEY_FILE, else none. Without it, a change to a
+                                    key bound to another client's lease fails with -EACCES. */
 } kvf_store_opts_t;
 
 /** kvf_store_opts_init - fill @opts with the defaults and set its size field. */

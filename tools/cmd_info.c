@@ -37,6 +37,7 @@ static void usage(FILE *f)
                "  --verbose         list every registered range\n"
                "  --timeout MS      how long to wait for the store and the engine (default 3000)\n"
             "Keys are read under $KVFERRY_KEY_PREFIX (default kvferry/v1/), as engines write them.\n"
+               "  --auth-key-file F  the cluster secret (`kvferry keygen`); default $KVFERRY_AUTH_KEY_FILE\n"
                "  --log-level N     0 debug, 1 info, 2 warn (default), 3 error\n\n"
                "Exit status: 0 done, 1 the store or the engine could not be reached (a message\n"
                "says which and why), 2 usage error.\n");

@@ -114,14 +114,24 @@ out_close:
     return rc;
 }
 
-int kvf__auth_key_resolve(const char *path, kvf_auth_key_t *key)
+static int key_resolve(const char *path, const char *env, kvf_auth_key_t *key)
 {
     memset(key, 0, sizeof(*key));
     if (!path || !*path)
-        path = getenv(KVF_AUTH_KEY_ENV);
+        path = getenv(env);
     if (!path || !*path)
         return 0;
     return key_load(path, key);
+}
+
+int kvf__auth_key_resolve(const char *path, kvf_auth_key_t *key)
+{
+    return key_resolve(path, KVF_AUTH_KEY_ENV, key);
+}
+
+int kvf__auth_admin_key_resolve(const char *path, kvf_auth_key_t *key)
+{
+    return key_resolve(path, KVF_AUTH_ADMIN_KEY_ENV, key);
 }
 
 void kvf__auth_key_wipe(kvf_auth_key_t *key)
@@ -268,9 +278,15 @@ void kvf__auth_srv_init(kvf_auth_srv_t *s, const kvf_auth_key_t *key, const char
     s->state = SRV_WANT_HELLO;
 }
 
+void kvf__auth_srv_set_admin(kvf_auth_srv_t *s, const kvf_auth_key_t *admin_key)
+{
+    s->admin_key = *admin_key;
+}
+
 void kvf__auth_srv_fini(kvf_auth_srv_t *s)
 {
     kvf__auth_key_wipe(&s->key);
+    kvf__auth_key_wipe(&s->admin_key);
 }
 
 static int srv_fail(kvf_auth_srv_t *s, int code, const char *refusal, uint8_t *out,
@@ -293,6 +309,14 @@ int kvf__auth_srv_step(kvf_auth_srv_t *s, uint8_t type, const uint8_t *body, siz
         memcpy(s->cn, body, KVF_AUTH_NONCE_LEN);
         memcpy(s->peer_id, body + KVF_AUTH_NONCE_LEN, len - KVF_AUTH_NONCE_LEN);
         s->peer_id[len - KVF_AUTH_NONCE_LEN] = '\0';
+        if (!strncmp(s->peer_id, KVF_AUTH_ADMIN_ID, strlen(KVF_AUTH_ADMIN_ID))) {
+            /* An operator: the proof must come from the admin key, the cluster's is no good. */
+            if (!s->admin_key.len)
+                return srv_fail(s, -KVF_EAUTH, "no admin key is configured here", out, out_len,
+                                why, whylen, "an admin identity, and no admin key is configured");
+            s->key = s->admin_key;
+            s->admin = true;
+        }
         if (RAND_bytes(s->sn, (int)sizeof(s->sn)) != 1)
             return srv_fail(s, -KVF_EAUTH, "server error", out, out_len, why, whylen,
                             "the random generator failed");

@@ -55,6 +55,10 @@
 
 /* The environment variable read when no key file is configured. */
 #define KVF_AUTH_KEY_ENV "KVFERRY_AUTH_KEY_FILE"
+/* The same for the store's admin key (an operator's identity; docs/security.md). */
+#define KVF_AUTH_ADMIN_KEY_ENV "KVFERRY_ADMIN_KEY_FILE"
+/* A client identity starting with this proves the admin key instead of the cluster's. */
+#define KVF_AUTH_ADMIN_ID "kvferry-admin"
 
 typedef struct {
     uint8_t bytes[KVF_AUTH_KEY_MAX];
@@ -69,6 +73,8 @@ typedef struct {
  * Returns 0, or -KVF_EINVAL / -errno with a message naming the file and what is wrong.
  */
 int kvf__auth_key_resolve(const char *path, kvf_auth_key_t *key);
+/* The same with $KVFERRY_ADMIN_KEY_FILE as the fallback. */
+int kvf__auth_admin_key_resolve(const char *path, kvf_auth_key_t *key);
 
 /* Overwrite the key's bytes (OPENSSL_cleanse, which the compiler may not drop). */
 void kvf__auth_key_wipe(kvf_auth_key_t *key);
@@ -96,12 +102,17 @@ typedef struct {
     kvf_auth_key_t key;
     char my_id[KVF_AUTH_MAX_ID + 1];
     char peer_id[KVF_AUTH_MAX_ID + 1]; /* the client's identity, proven once state is done */
+    kvf_auth_key_t admin_key; /* len 0: no admin identity is accepted */
+    bool admin;               /* the client proved the admin key (valid once state is done) */
     uint8_t cn[KVF_AUTH_NONCE_LEN];
     uint8_t sn[KVF_AUTH_NONCE_LEN];
 } kvf_auth_srv_t;
 
 /* Start a server handshake with @key (copied) as @my_id. */
 void kvf__auth_srv_init(kvf_auth_srv_t *s, const kvf_auth_key_t *key, const char *my_id);
+/* Also accept clients whose identity starts with KVF_AUTH_ADMIN_ID when they prove @admin_key
+ * (copied); without this such a client is refused. */
+void kvf__auth_srv_set_admin(kvf_auth_srv_t *s, const kvf_auth_key_t *admin_key);
 /* Wipe the copy of the key. */
 void kvf__auth_srv_fini(kvf_auth_srv_t *s);
 

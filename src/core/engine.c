@@ -167,6 +167,33 @@ static int session_host_check(const char *session_id, kvf_hostport_t *hp)
     return session_host_check(session_id, hp);
 }
 
+/*
+ * Publish the engine's records for the first time. Regions first: a peer that sees the session
+ * record can then always find its regions. A store with the cluster secret lets only a lease's
+ * holder change the keys bound to it, so the records of the previous engine at this session id
+ * (dead: this one holds its port) are refused with -EACCES until that engine's lease expires;
+ * that is waited for, up to init_timeout_ms.
+ */
+static int publish_first(kvf_engine_t *e)
+{
+    uint64_t deadline = kvf__now_ms() + e->cfg.init_timeout_ms;
+    bool said = false;
+    for (;;) {
+        int rc = kvf__eng_publish_regions(e);
+        if (rc == 0)
+            rc = kvf__eng_publish_session(e);
+        if (rc != -EACCES || kvf__now_ms() >= deadline)
+            return rc;
+        if (!said)
+            KVF_INFO(ENG_LOG, "session %s: waiting for the lease of the engine that was here to "
+                              "expire (the store keeps its records until then)",
+                     e->sid);
+        said = true;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 100 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
 int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t role, int device_id,
                       const kvf_config_t *cfg, kvf_engine_t **out)
 {
@@ -315,11 +342,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         KVF_INFO(ENG_LOG, "session %s: taking over the record of an engine that is gone", e->sid);
         free(old);
     }
-    /* Regions first: a peer that sees the session record can then always find its regions. */
-    rc = kvf__eng_publish_regions(e);
-    if (rc < 0)
-        goto out_store;
-    rc = kvf__eng_publish_session(e);
+    rc = publish_first(e);
     if (rc < 0)
         goto out_store;
     if (e->cfg.metrics_listen && e->cfg.metrics_listen[0]) {

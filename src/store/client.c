@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -93,12 +94,21 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
     }
     st->base.ops = &kvf__store_builtin_ops;
     st->base.url = st->url;
-    rc = kvf__auth_key_resolve(opts->auth_key_file, &st->auth);
-    st->opts.auth_key_file = NULL; /* the caller's string; not kept */
+    rc = kvf__auth_admin_key_resolve(opts->admin_key_file, &st->auth);
+    bool admin = rc == 0 && st->auth.len;
+    if (rc == 0 && !admin)
+        rc = kvf__auth_key_resolve(opts->auth_key_file, &st->auth);
+    st->opts.auth_key_file = NULL; /* the caller's strings; not kept */
+    st->opts.admin_key_file = NULL;
     if (rc < 0) {
         kvf__err_wrap(rc, "store %s", url);
         goto out_free_url;
     }
+    uint64_t inst = 0;
+    if (getrandom(&inst, sizeof(inst), GRND_NONBLOCK) != (ssize_t)sizeof(inst))
+        inst = kvf__now_ns() ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)st;
+    snprintf(st->ident, sizeof(st->ident), "%s/%016" PRIx64,
+             admin ? KVF_AUTH_ADMIN_ID : "kvferry-store-client", inst);
     st->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (st->wake_fd < 0) {
         rc = kvf__err(-errno, "store %s: eventfd: %s", url, kvf_strerror(-errno));

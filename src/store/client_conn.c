@@ -185,7 +185,7 @@ static int cli_connect_addr(kvf_store_t *st, const struct addrinfo *ai, uint64_t
     if (st->auth.len) {
         char reason[160];
         uint64_t adl = kvf__now_ms() + KVF_AUTH_TIMEOUT_MS;
-        int arc = kvf__auth_client(fd, &st->auth, "kvferry-store-client",
+        int arc = kvf__auth_client(fd, &st->auth, st->ident,
                                    adl < deadline_ms ? adl : deadline_ms, NULL, reason,
                                    sizeof(reason));
         if (arc) {

@@ -253,7 +253,13 @@ int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_o
     srv->now_ms = kvf__now_ms();
     srv->stats.started_ms = srv->now_ms;
     rc = kvf__auth_key_resolve(srv->opts.auth_key_file, &srv->auth_key);
-    srv->opts.auth_key_file = NULL; /* the caller's string; not kept */
+    if (rc == 0)
+        rc = kvf__auth_admin_key_resolve(srv->opts.admin_key_file, &srv->admin_key);
+    srv->opts.auth_key_file = NULL; /* the caller's strings; not kept */
+    srv->opts.admin_key_file = NULL;
+    if (rc == 0 && srv->admin_key.len && !srv->auth_key.len)
+        rc = kvf__err(-KVF_EINVAL, "an admin key needs an auth key: without the cluster secret "
+                                   "nothing is authenticated and there is nothing to administer");
     if (rc < 0) {
         kvf__err_wrap(rc, "store listen %s", listen_url);
         goto out_free;
@@ -327,6 +333,7 @@ out_close_listen:
     close(srv->listen_fd);
 out_free:
     kvf__auth_key_wipe(&srv->auth_key);
+    kvf__auth_key_wipe(&srv->admin_key);
     free(srv);
     return rc;
 }
@@ -381,6 +388,7 @@ void kvf_store_server_stop(kvf_store_server_t *srv)
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mu);
     kvf__auth_key_wipe(&srv->auth_key);
+    kvf__auth_key_wipe(&srv->admin_key);
     free(srv);
 }
 

@@ -142,6 +142,9 @@ struct srv_lease {
     uint64_t id; /* first member: the lease tree compares ids */
     uint32_t ttl_ms;
     struct srv_client *owner; /* charged with it */
+    char *holder;             /* with a key: the proven identity of the client that granted it,
+                                 the only one (besides an admin) that may use it or change its
+                                 keys; NULL without a key */
     struct srv_timer timer;
     struct srv_link keys; /* srv_entry.lease_link */
 };
@@ -209,6 +212,8 @@ struct srv_conn {
      * While it is set nothing but handshake messages is read from the connection. */
     kvf_auth_srv_t *auth;
     struct srv_timer auth_timer;
+    char *ident; /* the identity the client proved (NULL without a key) */
+    bool admin;  /* it proved the admin key */
     uint64_t last_active_ms; /* last time bytes arrived or a get-with-wait of it ended */
 
     struct srv_link waiters; /* srv_waiter.conn_link */
@@ -234,7 +239,8 @@ struct kvf_store_server {
     int loop_rc;
 
     kvf_store_server_opts_t opts;
-    kvf_auth_key_t auth_key; /* the cluster secret (len 0: none); read-only after start */
+    kvf_auth_key_t auth_key;  /* the cluster secret (len 0: none); read-only after start */
+    kvf_auth_key_t admin_key; /* the operators' key (len 0: none); read-only after start */
 
     /* Loop-thread state from here on. */
     uint64_t now_ms; /* refreshed after every epoll_wait() */

@@ -76,6 +76,7 @@ void kvf__srv_zombies_free(struct kvf_store_server *srv)
     while (!link_empty(&srv->zombies)) {
         struct srv_conn *c = SRV_CONTAINER(srv->zombies.next, struct srv_conn, link);
         link_del(&c->link);
+        free(c->ident);
         free(c->in);
         kvf__srv_out_release(srv, c);
         free(c);
@@ -298,7 +299,14 @@ static size_t conn_parse_auth(struct kvf_store_server *srv, struct srv_conn *c)
             return pos;
         }
         if (rc == 1) {
-            KVF_DEBUG(SRV_LOG, "%s (%s) proved the cluster secret", c->peer, c->auth->peer_id);
+            KVF_DEBUG(SRV_LOG, "%s (%s) proved the %s", c->peer, c->auth->peer_id,
+                      c->auth->admin ? "admin key" : "cluster secret");
+            c->ident = strdup(c->auth->peer_id);
+            c->admin = c->auth->admin;
+            if (!c->ident) {
+                kvf__srv_conn_close_warn(srv, c, "out of memory");
+                return pos;
+            }
             kvf__auth_srv_fini(c->auth);
             free(c->auth);
             c->auth = NULL;
@@ -558,8 +566,11 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
     struct epoll_event ev = {.events = c->events, .data.ptr = c};
     if (srv->auth_key.len) {
         c->auth = malloc(sizeof(*c->auth));
-        if (c->auth)
+        if (c->auth) {
             kvf__auth_srv_init(c->auth, &srv->auth_key, "kvferry-store");
+            if (srv->admin_key.len)
+                kvf__auth_srv_set_admin(c->auth, &srv->admin_key);
+        }
     }
     if ((srv->auth_key.len && !c->auth) ||
         (c->auth && kvf__srv_timer_arm(srv, &c->auth_timer, srv->now_ms + KVF_AUTH_TIMEOUT_MS) < 0) ||
