@@ -291,7 +291,72 @@ static void engine_records_owned_and_taken_over(void **state)
     fixture_stop(&f);
 }
 
+/* `kvferry kv` for an operator: with the admin key it deletes an engine's record; with only the
+ * cluster secret it is refused, naming the reason. */
+static void kv_tool_with_admin_key(void **state)
+{
+    fixture_t f;
+    fixture_start(&f, true);
+    kvf_store_t *a = client(&f, false);
+    uint64_t lease;
+    assert_kvf_ok(kvf_store_lease_grant(a, 5000, &lease));
+    assert_kvf_ok(kvf_store_set(a, "kvferry/v1/default/sessions/x", "r", 1, lease));
+    char out[4096];
+    char *member[] = {(char *)kvf_test_cli_path(), "kv", "--store-url", (char *)f.url,
+                      "--auth-key-file", f.key, "del", "kvferry/v1/default/sessions/x", NULL};
+    assert_int_equal(kvf_test_run(member, out, sizeof(out), 10000), 1);
+    if (!strstr(out, "only that client or an operator with the admin key"))
+        fail_msg("output: %s", out);
+    char *op[] = {(char *)kvf_test_cli_path(), "kv", "--store-url", (char *)f.url,
+                  "--admin-key-file", f.admin, "del", "kvferry/v1/default/sessions/x", NULL};
+    assert_int_equal(kvf_test_run(op, out, sizeof(out), 10000), 0);
+    void *v;
+    size_t vl;
+    assert_kvf_err(kvf_store_get(a, "kvferry/v1/default/sessions/x", 0, &v, &vl), -KVF_ENOTFOUND);
+    /* Without any key the store says what is missing. */
+    char *none[] = {(char *)kvf_test_cli_path(), "kv", "--store-url", (char *)f.url, "get", "k",
+                    NULL};
+    unsetenv(KVF_AUTH_KEY_ENV);
+    assert_int_equal(kvf_test_run(none, out, sizeof(out), 10000), 1);
+    if (!strstr(out, "requires the cluster secret"))
+        fail_msg("output: %s", out);
+    kvf_store_close(a);
+    fixture_stop(&f);
+}
+
+/* `kvferry store` on every address without a key warns once that anyone may change it; with a
+ * key it does not. By default it listens on 127.0.0.1 only. */
+static void store_tool_warns_without_key(void **state)
+{
+    fixture_t f;
+    fixture_start(&f, false);
+    for (int with_key = 0; with_key < 2; with_key++) {
+        char *argv[] = {(char *)kvf_test_cli_path(), "store", "--listen", "tcp://0.0.0.0:0",
+                        with_key ? "--auth-key-file" : NULL, f.key, NULL};
+        int fd = -1;
+        pid_t pid = kvf_test_spawn_pipe(argv, &fd);
+        char line[1024];
+        bool warned = false, listening = false;
+        while (!listening && kvf_test_read_line(fd, line, sizeof(line), 10000) >= 0) {
+            warned |= strstr(line, "without an auth key: anyone who can reach it") != NULL;
+            listening = strstr(line, "kvferry store listening on") != NULL;
+        }
+        assert_true(listening);
+        assert_int_equal(warned, !with_key);
+        kill(pid, SIGTERM);
+        assert_int_equal(kvf_test_reap(pid, 10000), 0);
+        close(fd);
+    }
+    char out[4096];
+    char *help[] = {(char *)kvf_test_cli_path(), "store", "--help", NULL};
+    assert_int_equal(kvf_test_run(help, out, sizeof(out), 10000), 0);
+    assert_non_null(strstr(out, "default tcp://127.0.0.1:8000"));
+    fixture_stop(&f);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(kv_tool_with_admin_key),
+    cmocka_unit_test(store_tool_warns_without_key),
     cmocka_unit_test(other_client_cannot_touch_a_lease),
     cmocka_unit_test(admin_identity_needs_the_admin_key),
     cmocka_unit_test(lease_ids_are_random),
