@@ -144,7 +144,7 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
     /* Something accepted the connection; make sure it is a store that answers. */
     rc = kvf__builtin_ping(st);
     if (rc == -KVF_EAUTH) {
-        rc = kvf__err_wrap(rc, "store %s", url);
+        /* The store's own answer says what is missing; the message already names the store. */
         cli_close(st);
         return rc;
     }

@@ -497,7 +497,7 @@ static void *tcp_sconn_main(void *arg)
                 (void)tcp_srv_send_error(sc, &h, -KVF_EAUTH);
                 snprintf(why, sizeof(why),
                          "authentication failed: HELLO claims another session id than the "
-                         "proven %s",
+                         "proven %.64s",
                          sc->peer_sid);
                 reason = why;
                 break;
