@@ -8,8 +8,8 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: kvferry keygen FILE\n\n"
                "Write a new cluster secret to FILE: 32 random bytes as 64 hex digits, in a file\n"
-               "created with mode 0600 (an existing file is never overwritten). Give the same file\n"
-               "to every engine and store of the cluster with --auth-key-file FILE or\n"
+               "created with mode 0600 (an existing file is never overwritten). Give the same\n"
+               "file to every engine and store of the cluster with --auth-key-file FILE or\n"
                "KVFERRY_AUTH_KEY_FILE=FILE (docs/security.md says how to rotate it).\n");
 }
 

@@ -23,8 +23,10 @@ static void usage(FILE *f)
             "                      etcd://[USER:PASS@]H:P[,H:P...]\n"
             "                      or redis://[USER:PASS@]H:P[/DB]\n"
             "  --timeout MS        how long to wait for the store to answer (default 5000)\n"
-            "  --auth-key-file F  the cluster secret (`kvferry keygen`); default $KVFERRY_AUTH_KEY_FILE\n"
-            "  --admin-key-file F  the store's operator key (`kvferry keygen`): may change any key\n"
+            "  --auth-key-file F  the cluster secret (`kvferry keygen`); default\n"
+            "                    $KVFERRY_AUTH_KEY_FILE\n"
+            "  --admin-key-file F  the store's operator key (`kvferry keygen`): may change\n"
+            "                    any record (default $KVFERRY_ADMIN_KEY_FILE)\n"
             "  --log-level N       0 debug, 1 info, 2 warn (default), 3 error\n\n"
             "Exit status: 0 done, 1 the store refused or failed (a message says why; a missing\n"
             "key is \"not found\"), 2 usage error.\n");

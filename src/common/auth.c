@@ -80,10 +80,9 @@ static int key_load(const char *path, kvf_auth_key_t *key)
         }
     }
     size_t lo = 0, hi = n;
-    while (lo < hi && (text[lo] == ' ' || text[lo] == '\t' || text[lo] == '\n' || text[lo] == '\r'))
+    while (lo < hi && text[lo] && strchr(" \t\r\n", text[lo]))
         lo++;
-    while (hi > lo &&
-           (text[hi - 1] == ' ' || text[hi - 1] == '\t' || text[hi - 1] == '\n' || text[hi - 1] == '\r'))
+    while (hi > lo && text[hi - 1] && strchr(" \t\r\n", text[hi - 1]))
         hi--;
     size_t digits = hi - lo;
     if (digits % 2 || digits < 2 * KVF_AUTH_KEY_MIN || digits > 2 * KVF_AUTH_KEY_MAX) {
