@@ -365,9 +365,10 @@ typedef struct {
     const char *admin_key_file;  /* tcp:// only: prove the store's admin key instead of the
                                     cluster secret, as an operator (`kvferry kv
                                     --admin-key-file`): such a client may change any key and
-                                    revoke any lease. NULL or "" (default):
-                                    $KVFERRY_ADMIN_KEY_FILE, else none. Without it, a change to a
-                                    key bound to another client's lease fails with -EACCES. */
+                                    revoke any lease. NULL or "" (default): none (the variable
+                                    $KVFERRY_ADMIN_KEY_FILE is read by `kvferry kv` only, never
+                                    by an engine's store client). Without it, a change to a key
+                                    bound to another client's lease fails with -EACCES. */
 } kvf_store_opts_t;
 
 /** kvf_store_opts_init - fill @opts with the defaults and set its size field. */

@@ -5,6 +5,7 @@
  * any store request runs, with KVF_EAUTH and a message saying why.
  */
 #include <arpa/inet.h>
+#include <pthread.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -369,7 +370,8 @@ static void raw_replayed_handshake_refused(void **state)
     if (pid == 0) {
         char why[128];
         close(sp[0]);
-        _exit(kvf__auth_client(sp[1], &key, id, kvf__now_ms() + 5000, NULL, why, sizeof(why))
+        _exit(kvf__auth_client(sp[1], &key, id, kvf__now_ms() + 5000,
+                                   kvf_engine_session_id(f.decode), why, sizeof(why))
                   ? 1
                   : 0);
     }
@@ -439,7 +441,8 @@ static void raw_claimed_other_id_refused(void **state)
     kvf_auth_key_t key = load_key(f.key_a);
     int fd = raw_connect(f.port);
     char why[128];
-    assert_kvf_ok(kvf__auth_client(fd, &key, "127.0.0.1:1111", kvf__now_ms() + 5000, NULL, why,
+    assert_kvf_ok(kvf__auth_client(fd, &key, "127.0.0.1:1111", kvf__now_ms() + 5000,
+                                   kvf_engine_session_id(f.decode), why,
                                    sizeof(why)));
     uint8_t out[512], got[4096];
     size_t n = frame_hello(out, "127.0.0.1:2222");
@@ -458,7 +461,8 @@ static void raw_claimed_other_id_refused(void **state)
 
     /* The same id in both: served, and a notification carries the proven id. */
     fd = raw_connect(f.port);
-    assert_kvf_ok(kvf__auth_client(fd, &key, "127.0.0.1:1111", kvf__now_ms() + 5000, NULL, why,
+    assert_kvf_ok(kvf__auth_client(fd, &key, "127.0.0.1:1111", kvf__now_ms() + 5000,
+                                   kvf_engine_session_id(f.decode), why,
                                    sizeof(why)));
     n = frame_hello(out, "127.0.0.1:1111");
     tcp_hdr_encode(out + n, KVF_TCP_NOTIFY, 0, 2, 0, 2);
@@ -519,7 +523,8 @@ static void raw_key_against_plain_engine_refused(void **state)
     kvf_auth_key_t key = load_key(f.key_a);
     int fd = raw_connect(f.port);
     char why[160];
-    assert_kvf_err(kvf__auth_client(fd, &key, "127.0.0.1:1", kvf__now_ms() + 5000, NULL, why,
+    assert_kvf_err(kvf__auth_client(fd, &key, "127.0.0.1:1", kvf__now_ms() + 5000,
+                                   kvf_engine_session_id(f.decode), why,
                                     sizeof(why)),
                    -KVF_EAUTH);
     if (!strstr(why, "this engine has no auth key"))
@@ -576,6 +581,124 @@ static void raw_store_request_without_handshake_refused(void **state)
     fixture_stop(&f);
 }
 
+/* ---- a relay: a party without the key between an honest client and another server -------- */
+
+typedef struct {
+    const char *key_file;
+    uint16_t port; /* where the client connects: the relay's */
+    bool store;    /* a store client (kvf_store_open); else an engine's data connection */
+    int rc;
+    char why[256];
+} relay_client_t;
+
+static void *relay_client_main(void *arg)
+{
+    relay_client_t *c = arg;
+    if (c->store) {
+        char url[64];
+        snprintf(url, sizeof(url), "tcp://127.0.0.1:%u", c->port);
+        kvf_store_opts_t so;
+        kvf_store_opts_init(&so);
+        so.auth_key_file = c->key_file;
+        so.connect_timeout_ms = 2000;
+        kvf_store_t *st = NULL;
+        c->rc = kvf_store_open(url, &so, &st);
+        snprintf(c->why, sizeof(c->why), "%s", kvf_last_error());
+        if (c->rc == 0)
+            kvf_store_close(st);
+        return NULL;
+    }
+    /* An engine that means the peer at the relay's address ("127.0.0.1:<port>"). */
+    kvf_auth_key_t key;
+    c->rc = kvf__auth_key_resolve(c->key_file, &key);
+    int fd = c->rc == 0 ? raw_connect(c->port) : -1;
+    char peer[32];
+    snprintf(peer, sizeof(peer), "127.0.0.1:%u", c->port);
+    if (fd >= 0)
+        c->rc = kvf__auth_client(fd, &key, "127.0.0.1:4444", kvf__now_ms() + 5000, peer, c->why,
+                                 sizeof(c->why));
+    if (fd >= 0)
+        close(fd);
+    kvf__auth_key_wipe(&key);
+    return NULL;
+}
+
+/* One handshake message from @fd into @m (KVF_AUTH_MAX_MSG bytes); its length, 0 at close. */
+static size_t relay_msg(int fd, uint8_t *m)
+{
+    if (recv(fd, m, KVF_AUTH_HDR_LEN, MSG_WAITALL) != KVF_AUTH_HDR_LEN)
+        return 0;
+    size_t bl = kvf__get_le16(m + 6);
+    if (bl > KVF_AUTH_MAX_MSG - KVF_AUTH_HDR_LEN ||
+        (bl && recv(fd, m + KVF_AUTH_HDR_LEN, bl, MSG_WAITALL) != (ssize_t)bl))
+        return 0;
+    return KVF_AUTH_HDR_LEN + bl;
+}
+
+/* Found in review: clients did not check which server answered, so a party without the key that
+ * accepted a keyed client's connection (at an address the client meant for its store, or for a
+ * peer that had died) could pass the handshake on to a Decode, receive its OK, and write into its
+ * memory. Now the client refuses a server that is not the one it meant before it proves anything:
+ * the relay has no proof to pass on, and the Decode's memory is untouched. */
+static void relayed_handshake_gives_no_access(void **state)
+{
+    for (int store = 0; store < 2; store++) {
+        fixture_t f;
+        fixture_keys(&f);
+        fixture_start(&f, f.key_a);
+        int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        socklen_t al = sizeof(a);
+        assert_int_equal(bind(lfd, (struct sockaddr *)&a, sizeof(a)), 0);
+        assert_int_equal(listen(lfd, 4), 0);
+        assert_int_equal(getsockname(lfd, (struct sockaddr *)&a, &al), 0);
+        relay_client_t c = {.key_file = f.key_a, .port = ntohs(a.sin_port), .store = store};
+        pthread_t th;
+        assert_int_equal(pthread_create(&th, NULL, relay_client_main, &c), 0);
+        int cfd = accept(lfd, NULL, NULL);
+        assert_true(cfd >= 0);
+        struct timeval tv = {.tv_sec = 5};
+        setsockopt(cfd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+        int dfd = raw_connect(f.port);
+        uint8_t m[KVF_AUTH_MAX_MSG];
+        size_t n = relay_msg(cfd, m); /* the client's HELLO, on to the Decode */
+        assert_true(n > 0 && m[5] == KVF_AUTH_HELLO);
+        assert_int_equal(send(dfd, m, n, MSG_NOSIGNAL), (ssize_t)n);
+        n = relay_msg(dfd, m); /* the Decode's CHALLENGE, back to the client */
+        assert_true(n > 0 && m[5] == KVF_AUTH_CHALLENGE);
+        assert_int_equal(send(cfd, m, n, MSG_NOSIGNAL), (ssize_t)n);
+        n = relay_msg(cfd, m); /* the client's answer: a refusal, never a proof */
+        bool proof = n > 0 && m[5] == KVF_AUTH_PROOF;
+        if (proof) {
+            /* What the attack did with it: the Decode accepts, and a WRITE lands. */
+            send(dfd, m, n, MSG_NOSIGNAL);
+            relay_msg(dfd, m);
+            uint8_t out[1024];
+            size_t k = frame_hello(out, "127.0.0.1:4444");
+            k += frames_write_read(&f, out + k);
+            send(dfd, out, k, MSG_NOSIGNAL);
+            uint8_t got[4096];
+            read_to_close(dfd, got, sizeof(got));
+        }
+        close(cfd);
+        close(dfd);
+        pthread_join(th, NULL);
+        close(lfd);
+        if (proof)
+            fail_msg("the %s client proved the key to a server it did not mean",
+                     store ? "store" : "engine");
+        assert_int_equal(c.rc, -KVF_EAUTH);
+        char want[96];
+        snprintf(want, sizeof(want), "the peer here is %s, not %s", kvf_engine_session_id(f.decode),
+                 store ? "kvferry-store" : "127.0.0.1:");
+        if (!strstr(c.why, want))
+            fail_msg("the %s client says: %s (want \"%s\")", store ? "store" : "engine", c.why,
+                     want);
+        assert_untouched(&f);
+        fixture_stop(&f);
+    }
+}
+
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(keygen_writes_a_private_key),
     cmocka_unit_test(secret_transfer_works),
@@ -586,6 +709,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(raw_forged_proof_refused),
     cmocka_unit_test(raw_replayed_handshake_refused),
     cmocka_unit_test(raw_claimed_other_id_refused),
+    cmocka_unit_test(relayed_handshake_gives_no_access),
     cmocka_unit_test(raw_preauth_limits),
     cmocka_unit_test(raw_key_against_plain_engine_refused),
     cmocka_unit_test(raw_store_request_without_handshake_refused),

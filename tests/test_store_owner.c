@@ -98,7 +98,8 @@ static int raw_client(const fixture_t *f, const char *keyfile, const char *ident
     kvf_auth_key_t k;
     assert_kvf_ok(kvf__auth_key_resolve(keyfile, &k));
     char why[160];
-    int rc = kvf__auth_client(fd, &k, ident, kvf__now_ms() + 5000, NULL, why, sizeof(why));
+    int rc = kvf__auth_client(fd, &k, ident, kvf__now_ms() + 5000, KVF_AUTH_STORE_ID, why,
+                              sizeof(why));
     if (rc)
         fail_msg("handshake: %s", why);
     kvf__auth_key_wipe(&k);
@@ -151,7 +152,11 @@ static void other_client_cannot_touch_a_lease(void **state)
     assert_int_equal(vl, 4);
     free(v);
     assert_kvf_err(kvf_store_set(b, key, "evil", 4, 0), -EACCES);
-    assert_last_error_contains("bound to lease");
+    assert_last_error_contains("the key is bound to another client's lease: only that client");
+    /* The lease's id is not told: it is the owner's to keep. */
+    const char *tail = strstr(kvf_last_error(), "the key is bound");
+    if (strpbrk(tail, "0123456789"))
+        fail_msg("the refusal tells a number: %s", kvf_last_error());
     assert_last_error_contains("admin key");
     assert_kvf_err(kvf_store_del(b, key), -EACCES);
     assert_kvf_err(kvf_store_cas(b, key, "mine", 4, "evil", 4, 0), -EACCES);
@@ -354,10 +359,49 @@ static void store_tool_warns_without_key(void **state)
     fixture_stop(&f);
 }
 
+/* Found in review: a store client took the admin key from $KVFERRY_ADMIN_KEY_FILE, and every
+ * kvferry command exported that variable, so an engine started where an operator's variables
+ * were set acted as the operator and ownership was off. Now only a client that names the admin
+ * key (kvferry kv) proves it; an engine's store client with the variable set is a member. */
+static void admin_key_only_when_named(void **state)
+{
+    (void)state;
+    fixture_t f;
+    fixture_start(&f, true);
+    kvf_store_t *a = client(&f, false);
+    uint64_t lease;
+    assert_kvf_ok(kvf_store_lease_grant(a, 5000, &lease));
+    const char *key = "kvferry/v1/default/sessions/127.0.0.1:7001";
+    assert_kvf_ok(kvf_store_set(a, key, "mine", 4, lease));
+
+    setenv("KVFERRY_ADMIN_KEY_FILE", f.admin, 1);
+    kvf_store_t *member = client(&f, false);
+    assert_kvf_err(kvf_store_set(member, key, "evil", 4, 0), -EACCES);
+    kvf_store_close(member);
+    /* An engine in the same environment: its records are an ordinary member's. */
+    kvf_config_t cfg;
+    kvf_config_init(&cfg);
+    cfg.auth_key_file = f.key;
+    kvf_engine_t *e = NULL;
+    assert_kvf_ok(kvf_engine_create(f.url, "127.0.0.1:0", KVF_ROLE_DECODE, 0, &cfg, &e));
+    char ekey[128];
+    snprintf(ekey, sizeof(ekey), "kvferry/v1/default/sessions/%s", kvf_engine_session_id(e));
+    assert_kvf_err(kvf_store_set(a, ekey, "evil", 4, 0), -EACCES); /* owned by the engine */
+    kvf_engine_destroy(e);
+    unsetenv("KVFERRY_ADMIN_KEY_FILE");
+
+    kvf_store_t *op = client(&f, true); /* names the admin key */
+    assert_kvf_ok(kvf_store_set(op, key, "fixed", 5, 0));
+    kvf_store_close(op);
+    kvf_store_close(a);
+    fixture_stop(&f);
+}
+
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(kv_tool_with_admin_key),
     cmocka_unit_test(store_tool_warns_without_key),
     cmocka_unit_test(other_client_cannot_touch_a_lease),
+    cmocka_unit_test(admin_key_only_when_named),
     cmocka_unit_test(admin_identity_needs_the_admin_key),
     cmocka_unit_test(lease_ids_are_random),
     cmocka_unit_test(engine_records_owned_and_taken_over),

@@ -151,6 +151,8 @@ int kvf_cli_kv(int argc, char **argv)
     kvf_store_opts_t o;
     kvf_store_opts_init(&o);
     o.request_timeout_ms = (uint32_t)timeout_ms;
+    /* --admin-key-file (or the variable it sets): the operator's key, for this tool alone. */
+    o.admin_key_file = getenv("KVFERRY_ADMIN_KEY_FILE");
     kvf_store_t *st;
     /* One attempt first: a port that refuses has no store behind it, and an operator wants to
      * hear that at once rather than after --timeout of retries. Anything else (no answer, a

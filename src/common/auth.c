@@ -308,6 +308,10 @@ int kvf__auth_srv_step(kvf_auth_srv_t *s, uint8_t type, const uint8_t *body, siz
         memcpy(s->cn, body, KVF_AUTH_NONCE_LEN);
         memcpy(s->peer_id, body + KVF_AUTH_NONCE_LEN, len - KVF_AUTH_NONCE_LEN);
         s->peer_id[len - KVF_AUTH_NONCE_LEN] = '\0';
+        if (!strcmp(s->peer_id, s->my_id))
+            /* Nothing connects to itself: this is this server's own handshake reflected. */
+            return srv_fail(s, -KVF_EAUTH, "an identity that is this server's own", out, out_len,
+                            why, whylen, "a client claiming this server's own identity");
         if (!strncmp(s->peer_id, KVF_AUTH_ADMIN_ID, strlen(KVF_AUTH_ADMIN_ID))) {
             /* An operator: the proof must come from the admin key, the cluster's is no good. */
             if (!s->admin_key.len)
@@ -403,7 +407,7 @@ static const char *io_text(int rc)
 }
 
 int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint64_t deadline_ms,
-                     char *peer_id, char *why, size_t whylen)
+                     const char *expect_id, char *why, size_t whylen)
 {
     uint8_t msg[KVF_AUTH_MAX_MSG], body[KVF_AUTH_MAX_BODY + 1], hdr[KVF_AUTH_HDR_LEN];
     uint8_t cn[KVF_AUTH_NONCE_LEN], sn[KVF_AUTH_NONCE_LEN], mac[KVF_AUTH_MAC_LEN];
@@ -445,6 +449,13 @@ int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint6
     memcpy(sn, body, sizeof(sn));
     memcpy(sid, body + KVF_AUTH_NONCE_LEN, len - KVF_AUTH_NONCE_LEN);
     sid[len - KVF_AUTH_NONCE_LEN] = '\0';
+    if (strcmp(sid, expect_id) != 0) {
+        /* Before any proof: what answers here is another server (or a relay to one). */
+        snprintf(why, whylen, "the peer here is %s, not %s", sid, expect_id);
+        len = kvf__auth_encode(msg, KVF_AUTH_REFUSED, "not the server expected", 23, NULL, 0);
+        (void)kvf__auth_io(fd, msg, len, true, deadline_ms);
+        return -KVF_EAUTH;
+    }
     if (!transcript_mac(key, "client", cn, sn, my_id, sid, mac)) {
         snprintf(why, whylen, "HMAC failed");
         return -KVF_EAUTH;
@@ -474,8 +485,6 @@ int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint6
         return -KVF_EAUTH;
     }
     OPENSSL_cleanse(mac, sizeof(mac));
-    if (peer_id)
-        memcpy(peer_id, sid, strlen(sid) + 1);
     return 0;
 
 refused:;

@@ -59,6 +59,8 @@
 #define KVF_AUTH_ADMIN_KEY_ENV "KVFERRY_ADMIN_KEY_FILE"
 /* A client identity starting with this proves the admin key instead of the cluster's. */
 #define KVF_AUTH_ADMIN_ID "kvferry-admin"
+/* The built-in store's identity. */
+#define KVF_AUTH_STORE_ID "kvferry-store"
 
 typedef struct {
     uint8_t bytes[KVF_AUTH_KEY_MAX];
@@ -129,14 +131,18 @@ int kvf__auth_srv_step(kvf_auth_srv_t *s, uint8_t type, const uint8_t *body, siz
 
 /*
  * kvf__auth_client - run the client's half on @fd (blocking or not: it polls) before
- * @deadline_ms (kvf__now_ms() clock), as @my_id.
- * @peer_id: receives the server's proven identity (KVF_AUTH_MAX_ID + 1 bytes), may be NULL.
- * Returns 0; -KVF_EAUTH (wrong key on either side, refused by the server: the reason is in @why,
- * prefixed "refused by the peer: " when it came from the server); -KVF_EPROTO (the peer does not
- * speak the handshake); -KVF_ETIMEDOUT; -EPIPE (closed); -errno.
+ * @deadline_ms (kvf__now_ms() clock), as @my_id, with the server that @expect_id names.
+ * @expect_id: the identity the server must claim (an engine's session id, KVF_AUTH_STORE_ID);
+ *             checked before this side proves anything, so that a party without the key that
+ *             passes the handshake on to another server (a relay) gets no proof it could use
+ *             there: the proof covers the claimed identity, and another server's is refused.
+ * Returns 0; -KVF_EAUTH (wrong key on either side, refused by the server, or the server is not
+ * @expect_id: the reason is in @why, prefixed "refused by the peer: " when it came from the
+ * server); -KVF_EPROTO (the peer does not speak the handshake); -KVF_ETIMEDOUT; -EPIPE (closed);
+ * -errno.
  */
 int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint64_t deadline_ms,
-                     char *peer_id, char *why, size_t whylen);
+                     const char *expect_id, char *why, size_t whylen);
 
 /*
  * kvf__auth_server - run the server's half on @fd before @deadline_ms, as @my_id.

@@ -94,7 +94,11 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
     }
     st->base.ops = &kvf__store_builtin_ops;
     st->base.url = st->url;
-    rc = kvf__auth_admin_key_resolve(opts->admin_key_file, &st->auth);
+    /* The admin key only when the caller names it: never from the environment, so that an
+     * engine started where an operator's variables are set does not act as the operator. */
+    rc = opts->admin_key_file && *opts->admin_key_file
+             ? kvf__auth_admin_key_resolve(opts->admin_key_file, &st->auth)
+             : 0;
     bool admin = rc == 0 && st->auth.len;
     if (rc == 0 && !admin)
         rc = kvf__auth_key_resolve(opts->auth_key_file, &st->auth);

@@ -186,7 +186,7 @@ static int cli_connect_addr(kvf_store_t *st, const struct addrinfo *ai, uint64_t
         char reason[160];
         uint64_t adl = kvf__now_ms() + KVF_AUTH_TIMEOUT_MS;
         int arc = kvf__auth_client(fd, &st->auth, st->ident,
-                                   adl < deadline_ms ? adl : deadline_ms, NULL, reason,
+                                   adl < deadline_ms ? adl : deadline_ms, KVF_AUTH_STORE_ID, reason,
                                    sizeof(reason));
         if (arc) {
             snprintf(why, whylen, "authentication: %s", reason);

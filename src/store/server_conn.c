@@ -567,7 +567,7 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
     if (srv->auth_key.len) {
         c->auth = malloc(sizeof(*c->auth));
         if (c->auth) {
-            kvf__auth_srv_init(c->auth, &srv->auth_key, "kvferry-store");
+            kvf__auth_srv_init(c->auth, &srv->auth_key, KVF_AUTH_STORE_ID);
             if (srv->admin_key.len)
                 kvf__auth_srv_set_admin(c->auth, &srv->admin_key);
         }

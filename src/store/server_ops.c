@@ -101,9 +101,8 @@ static bool may_change(struct kvf_store_server *srv, struct srv_conn *c, const s
     KVF_LOG_RATELIMITED(KVF_LOG_INFO, SRV_LOG, "%s: %s refused: key bound to another client's lease",
                         c->peer, kvf__srv_op_name(rq->op));
     kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_FORBIDDEN,
-                       "the key is bound to lease %" PRIu64 " of another client: only that client "
-                       "or an operator with the admin key may change or delete it",
-                       e->lease->id);
+                       "the key is bound to another client's lease: only that client or an "
+                       "operator with the admin key may change or delete it");
     return false;
 }
 

@@ -327,7 +327,7 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
         char reason[160];
         uint64_t adl = kvf__now_ms() + KVF_AUTH_TIMEOUT_MS;
         rc = kvf__auth_client(fd, &p->auth, p->local_sid, adl < deadline_ms ? adl : deadline_ms,
-                              NULL, reason, sizeof(reason));
+                              p->sid, reason, sizeof(reason));
         if (rc) {
             snprintf(why, whylen, "authentication: %s", reason);
             /* A handshake that was cut or answered in another protocol is as much a refusal of

@@ -50,7 +50,7 @@ static int stats_exchange(int fd, const char *sid, uint64_t deadline, kvf_stats_
         return kvf__err_wrap(rc, "statistics of %s", sid);
     if (key.len) {
         char why[160];
-        rc = kvf__auth_client(fd, &key, STATS_HELLO, deadline, NULL, why, sizeof(why));
+        rc = kvf__auth_client(fd, &key, STATS_HELLO, deadline, sid, why, sizeof(why));
         kvf__auth_key_wipe(&key);
         if (rc)
             return kvf__err(rc == -KVF_ETIMEDOUT ? rc : -KVF_EAUTH,
