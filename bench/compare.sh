@@ -31,7 +31,7 @@ START=$(date +%s)
 
 [ -x "$KVF" ] || { echo "compare: $KVF not built (run make build)" >&2; exit 1; }
 mkdir -p "$OUT"
-rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/*.dat "$OUT"/bench.png
+rm -f "$OUT"/*.json "$OUT"/*.jsonl "$OUT"/*.log "$OUT"/*.dat "$OUT"/bench.png
 
 # --- Debian packages, only those missing ---------------------------------------------------------
 missing=""
@@ -79,6 +79,34 @@ if ! timeout 300 "$KVF" bench --quiet --transport tcp --block-size 1M --procs 1,
 fi
 echo "== kvferry bench store"
 timeout 120 "$KVF" bench store --clients 8 --seconds 1 --json "$OUT/store.json"
+
+# --- cold start: the seed's flow (make demo), first round against the later ones ----------------
+# Also with KVFERRY_NO_WARM=1 (no warming of registered memory and new mappings), to show in the
+# same run what that part of the fix saves.
+for tr in tcp shm; do
+    for warm in 1 0; do
+        note=""
+        [ "$warm" = 1 ] || note=" (KVFERRY_NO_WARM=1)"
+        echo "== kvferry demo --transport $tr --iterations 5$note"
+        log="$OUT/demo-$tr-$warm.log"
+        if [ "$warm" = 1 ]; then
+            timeout 120 "$KVF" demo --transport "$tr" --iterations 5 >"$log" 2>&1 || true
+        else
+            KVFERRY_NO_WARM=1 timeout 120 "$KVF" demo --transport "$tr" --iterations 5 >"$log" 2>&1 || true
+        fi
+        python3 - "$log" "$tr" "$warm" >>"$OUT/coldstart.jsonl" <<'PY'
+import json, re, statistics, sys
+ms = [float(m.group(1)) for m in re.finditer(r"\[prefill\] round \d+: wrote \d+ bytes in ([0-9.]+) ms",
+                                            open(sys.argv[1]).read())]
+d = {"tool": "demo", "transport": sys.argv[2], "warm": sys.argv[3] == "1"}
+if len(ms) >= 2:
+    d.update(first_ms=ms[0], later_ms=statistics.median(ms[1:]), rounds=ms)
+else:
+    d["na"] = "the demo did not finish, see " + sys.argv[1]
+print(json.dumps(d))
+PY
+    done
+done
 
 # --- external references -------------------------------------------------------------------------
 wait_listen() { # port: up to 5 s for a listener

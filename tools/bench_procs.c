@@ -109,8 +109,8 @@ static pid_t proc_start(const bench_t *b, const bench_layout_t *l, unsigned k, i
 /* The target's threads and RSS now, into the maxima. */
 static void sample_target(const bench_t *b, long *threads_max, long *rss_max)
 {
-    long rss, thr;
-    bench_proc_status(b->child, &rss, &thr);
+    long rss, shmem, thr;
+    bench_proc_status(b->child, &rss, &shmem, &thr);
     if (thr > *threads_max)
         *threads_max = thr;
     if (rss > *rss_max)
@@ -157,8 +157,8 @@ static json_t *procs_one(bench_t *b, const bench_layout_t *l, unsigned n, const 
     proc_t *p = calloc(n, sizeof(*p));
     int go[2] = {-1, -1}, ready[2] = {-1, -1};
     json_t *out = NULL;
-    long thr_idle, rss_idle, thr_max = -1, rss_max = -1;
-    bench_proc_status(b->child, &rss_idle, &thr_idle);
+    long thr_idle, rss_idle, shmem_idle, thr_max = -1, rss_max = -1;
+    bench_proc_status(b->child, &rss_idle, &shmem_idle, &thr_idle);
 
     if (!p || pipe2(go, O_CLOEXEC) < 0 || pipe2(ready, O_CLOEXEC) < 0) {
         fprintf(stderr, "kvferry " BENCH_CMD ": --procs: %s\n", strerror(errno));

@@ -140,10 +140,11 @@ int bench_cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-void bench_proc_status(pid_t pid, long *rss_kib, long *threads)
+void bench_proc_status(pid_t pid, long *rss_kib, long *shmem_kib, long *threads)
 {
     char path[64], line[256];
     *rss_kib = -1;
+    *shmem_kib = -1;
     *threads = -1;
     if (pid > 0)
         snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
@@ -155,6 +156,8 @@ void bench_proc_status(pid_t pid, long *rss_kib, long *threads)
     while (fgets(line, sizeof(line), f)) {
         if (!strncmp(line, "VmRSS:", 6))
             *rss_kib = strtol(line + 6, NULL, 10);
+        else if (!strncmp(line, "RssShmem:", 9))
+            *shmem_kib = strtol(line + 9, NULL, 10);
         else if (!strncmp(line, "Threads:", 8))
             *threads = strtol(line + 8, NULL, 10);
     }

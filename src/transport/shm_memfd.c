@@ -34,7 +34,6 @@
 #include <unistd.h>
 
 #include "common/thread.h"
-#include "common/touch.h"
 #include "transport/shm.h"
 
 /* The memfd socket's one request and one answer (docs/protocol.md, "memfd exchange"). */
@@ -450,10 +449,6 @@ static uint8_t *shm_fd_fetch(struct shm_peer *p, const kvf_region_t *r, size_t *
         snprintf(why, whylen, "mmap: %s", strerror(errno));
         goto out_close_fd;
     }
-    /* MAP_POPULATE built the page tables, yet where the first store through a new mapping is
-     * slow even for present pages (common/touch.h) the first copy would pay it page by page:
-     * pay it here, with stores that change nothing. */
-    kvf__touch_user_write(map, (size_t)r->len);
     *map_len = (size_t)st.st_size;
 out_close_fd:
     if (fd >= 0)
