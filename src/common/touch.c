@@ -46,12 +46,3 @@ void kvf__touch_kernel(const void *addr, size_t len)
             return; /* refused (seccomp, an old kernel): the first transfer pays instead */
     }
 }
-
-void kvf__touch_user_write(void *addr, size_t len)
-{
-    uintptr_t p = (uintptr_t)addr, end = p + len;
-    if (len == 0 || end < p || !kvf__touch_enabled())
-        return;
-    for (; p < end; p = (p | (TOUCH_PAGE - 1)) + 1)
-        atomic_fetch_or_explicit((_Atomic unsigned char *)p, 0, memory_order_relaxed);
-}

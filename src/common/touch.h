@@ -8,7 +8,10 @@
  * process_vm_writev() reading its source), costs about 5 us per 4 KiB page, 60-80 ms for 48 MB,
  * even when the page is present, dirty and mapped, and every later access is free. A kernel
  * access does not warm user-mode accesses and a read does not warm a later user-mode write.
- * These helpers take that cost when memory is registered or mapped, not on the first transfer.
+ * kvf__touch_kernel takes the kernel's share of that cost when memory is registered, not on the
+ * first transfer. (Warming a new mapping of a peer's memory the same way, with stores, was tried
+ * and dropped: done when the mapping is made, on the first transfer into the region, it only
+ * moved the cost, and charged a whole large region to a small first write.)
  */
 #ifndef KVF_COMMON_TOUCH_H
 #define KVF_COMMON_TOUCH_H
@@ -20,11 +23,6 @@
  * process_vm_writev() and recv() reach it later. Changes no byte of the range and works on
  * read-only memory. Best effort: does nothing where process_vm_writev is refused. */
 void kvf__touch_kernel(const void *addr, size_t len);
-
-/* An atomic OR of 0 into one byte of every page of [@addr, @addr+@len) from user mode: a store
- * that changes nothing, even with another process writing the same memory at the same time
- * (the read-modify-write is indivisible). The range must be mapped writable. */
-void kvf__touch_user_write(void *addr, size_t len);
 
 /* Whether warming is on: KVFERRY_NO_WARM=1 turns it off (to measure what it saves), read once. */
 int kvf__touch_enabled(void);
