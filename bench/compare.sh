@@ -7,7 +7,10 @@
 # blocks, the kv workload, 4 KiB latency; its baselines are raw TCP send/recv and ping-pong,
 # memcpy with one and two threads, process_vm_writev, all in the same process run); iperf3 on
 # loopback for reference; UCX's ucx_perftest (the engine NIXL uses) over tcp (ucp_am_bw,
-# ucp_put_bw) and shared memory (posix, ucp_am_bw); `kvferry bench store`. Writes
+# ucp_put_bw) and shared memory (posix, ucp_am_bw); `kvferry bench --procs 1,4,16,64` (N
+# initiator processes into one target); `kvferry bench store`. Each run's CPU seconds per GB
+# (kvferry, raw TCP, UCX under /usr/bin/time), the engine's ready time, RSS and threads are
+# printed beside the bars of DESIGN.md section 4. Writes
 # bench/results/*.json, prints the ratio table (bench/report.py) and draws
 # bench/results/bench.png (gnuplot). A missing or failing external tool is reported as "n/a" with
 # the reason and does not stop the run.
@@ -28,11 +31,11 @@ START=$(date +%s)
 
 [ -x "$KVF" ] || { echo "compare: $KVF not built (run make build)" >&2; exit 1; }
 mkdir -p "$OUT"
-rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/*.dat "$OUT"/bench.png
+rm -f "$OUT"/*.json "$OUT"/*.jsonl "$OUT"/*.log "$OUT"/*.dat "$OUT"/bench.png
 
 # --- Debian packages, only those missing ---------------------------------------------------------
 missing=""
-for p in ucx-utils iperf3 gnuplot-nox; do
+for p in ucx-utils iperf3 gnuplot-nox time; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
@@ -62,7 +65,8 @@ KVF_RUNS=(
     "shm-kv         --transport shm --workload kv"
 )
 UCX_SIZES=(65536 1048576 4194304 67108864)
-STEPS=$(( ${#KVF_RUNS[@]} + 2 + 3 * ${#UCX_SIZES[@]} + 1 ))
+# ... and --procs and four demos (tcp and shm, with and without warming).
+STEPS=$(( ${#KVF_RUNS[@]} + 1 + 4 + 2 + 3 * ${#UCX_SIZES[@]} + 1 ))
 STEP=0
 T0=0
 step() { # what: "== [k/N, T s, about E s left] what"; the estimate counts from the first step
@@ -88,8 +92,43 @@ for run in "${KVF_RUNS[@]}"; do
     # shellcheck disable=SC2086
     kvf $run
 done
+# N initiator processes into one target (issue 17): the baseline of any I/O model change.
+step "kvferry bench --procs 1,4,16,64"
+if ! timeout 300 "$KVF" bench --quiet --transport tcp --block-size 1M --procs 1,4,16,64 \
+        --duration "$DUR" --json "$OUT/kvferry-procs.json"; then
+    echo "compare: kvferry bench --procs failed" >&2
+    exit 1
+fi
 step "kvferry bench store"
 timeout 120 "$KVF" bench store --clients 8 --seconds 1 --json "$OUT/store.json"
+
+# --- cold start: the seed's flow (make demo), first round against the later ones ----------------
+# Also with KVFERRY_NO_WARM=1 (no warming of registered memory and new mappings), to show in the
+# same run what that part of the fix saves.
+for tr in tcp shm; do
+    for warm in 1 0; do
+        note=""
+        [ "$warm" = 1 ] || note=" (KVFERRY_NO_WARM=1)"
+        step "kvferry demo --transport $tr --iterations 5$note"
+        log="$OUT/demo-$tr-$warm.log"
+        if [ "$warm" = 1 ]; then
+            timeout 120 "$KVF" demo --transport "$tr" --iterations 5 >"$log" 2>&1 || true
+        else
+            KVFERRY_NO_WARM=1 timeout 120 "$KVF" demo --transport "$tr" --iterations 5 >"$log" 2>&1 || true
+        fi
+        python3 - "$log" "$tr" "$warm" >>"$OUT/coldstart.jsonl" <<'PY'
+import json, re, statistics, sys
+ms = [float(m.group(1)) for m in re.finditer(r"\[prefill\] round \d+: wrote \d+ bytes in ([0-9.]+) ms",
+                                            open(sys.argv[1]).read())]
+d = {"tool": "demo", "transport": sys.argv[2], "warm": sys.argv[3] == "1"}
+if len(ms) >= 2:
+    d.update(first_ms=ms[0], later_ms=statistics.median(ms[1:]), rounds=ms)
+else:
+    d["na"] = "the demo did not finish, see " + sys.argv[1]
+print(json.dumps(d))
+PY
+    done
+done
 
 # --- external references -------------------------------------------------------------------------
 wait_listen() { # port: up to 5 s for a listener
@@ -147,18 +186,31 @@ ucx() { # tls test size
         na ucx "$test" "$tls" "$size" "ucx_perftest is not installed (Debian ucx-utils)"
         return
     fi
-    UCX_TLS=$tls timeout 60 ucx_perftest -p "$port" >"$log.server" 2>&1 &
+    if [ ! -x /usr/bin/time ]; then
+        na ucx "$test" "$tls" "$size" "/usr/bin/time is not installed (Debian time)"
+        return
+    fi
+    # Each side under /usr/bin/time, which writes its CPU seconds ("user system") when it ends.
+    rm -f "$log.cpu" "$log.server.cpu"
+    UCX_TLS=$tls timeout 60 /usr/bin/time -f "%U %S" -o "$log.server.cpu" \
+        ucx_perftest -p "$port" >"$log.server" 2>&1 &
     local spid=$!
     if ! wait_listen "$port"; then
         na ucx "$test" "$tls" "$size" "the ucx_perftest server did not listen"
         stop_pid "$spid"
         return
     fi
-    if UCX_TLS=$tls timeout 60 ucx_perftest 127.0.0.1 -p "$port" -t "$test" -s "$size" -n "$iters" >"$log" 2>&1 &&
+    if UCX_TLS=$tls timeout 60 /usr/bin/time -f "%U %S" -o "$log.cpu" ucx_perftest 127.0.0.1 -p "$port" -t "$test" -s "$size" -n "$iters" >"$log" 2>&1 &&
        grep -q '^Final:' "$log"; then
-        awk -v t="$test" -v tls="$tls" -v s="$size" '/^Final:/ {
-            printf "{\"tool\":\"ucx\",\"test\":\"%s\",\"tls\":\"%s\",\"size\":%s,\"gbps\":%.4f,\"p50_us\":%s}\n",
-                   t, tls, s, $7 * 1048576 / 1e9, $3 }' "$log" >>"$EXT"
+        # The server ends with its one test; its CPU line appears then (up to 3 s).
+        for _ in $(seq 30); do [ -s "$log.server.cpu" ] && break; sleep 0.1; done
+        # CPU seconds of both sides per 10^9 bytes (0 when a side's line is missing).
+        local cpu
+        cpu=$(cat "$log.cpu" "$log.server.cpu" 2>/dev/null |
+              awk '/^[0-9.]+ [0-9.]+$/ { t += $1 + $2 } END { printf "%.4f", t }')
+        awk -v t="$test" -v tls="$tls" -v s="$size" -v n="$iters" -v cpu="${cpu:-0}" '/^Final:/ {
+            printf "{\"tool\":\"ucx\",\"test\":\"%s\",\"tls\":\"%s\",\"size\":%s,\"gbps\":%.4f,\"p50_us\":%s,\"cpu_s_per_gb\":%.4f}\n",
+                   t, tls, s, $7 * 1048576 / 1e9, $3, cpu / (n * s / 1e9) }' "$log" >>"$EXT"
     else
         local why
         why=$(grep -m1 -iE 'error|unsupported|not supported|fail' "$log" | tr -d '"\\' | cut -c1-120 || true)

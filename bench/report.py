@@ -148,6 +148,91 @@ def main():
                 row("tcp write 1 MiB x1", one[0]["gbps"], "iperf3 (defaults)", e["gbps"], "GB/s")
             elif "na" in e:
                 row("iperf3", None, "n/a (%s)" % e["na"], None, "GB/s")
+    # CPU seconds per 10^9 bytes (both processes), one block per call over tcp: kvferry beside
+    # the raw stream and UCX. Lower is better; the ratio is kvferry's / the baseline's.
+    for name, label in (("tcp", ""), ("tcp-window8", ", 8 in flight")):
+        for r in runs(name):
+            if r.get("cpu_s_per_gb") is None or r["batch"] != 1:
+                continue
+            what = "tcp write %s x1%s, CPU s per GB" % (size_name(r["block_size"]), label)
+            b = base(r, "raw_tcp")
+            if b and b.get("cpu_s_per_gb"):
+                row(what, r["cpu_s_per_gb"], "raw TCP send/recv", b["cpu_s_per_gb"], "s/GB")
+            u = ucx("ucp_am_bw", "tcp", r["block_size"])
+            if u and u.get("cpu_s_per_gb"):
+                row(what, r["cpu_s_per_gb"], "UCX ucp_am_bw tcp (busy-polls)", u["cpu_s_per_gb"],
+                    "s/GB")
+
+    # Ready time and memory of every `kvferry bench` process of the run (the worst one).
+    tops = [d for d in kvf.values() if d.get("ready_ms") is not None]
+    if tops:
+        worst = max(d["ready_ms"] for d in tops)
+        row("engine ready: create to first write accepted (worst of %d)" % len(tops), worst, "",
+            None, "ms", "<= 200 ms", lambda x, v=worst: v <= 200, ratio=worst / 200.0)
+    for side in ("initiator", "target"):
+        # engine_after: VmRSS less shared memory (kvf_mem_alloc buffers, a peer's mapped by a
+        # shm sender) and less the bench's own anonymous buffers.
+        eng = [(d["rss_kib"][side]["engine_after"],
+                d["rss_kib"][side]["engine_after"] - d["rss_kib"][side]["engine_before"])
+               for d in tops if d.get("rss_kib", {}).get(side)]
+        if eng:
+            worst = max(e[0] for e in eng) / 1024.0
+            row("%s RSS besides registered/bench buffers, MiB (worst of %d)" % (side, len(eng)),
+                worst, "",
+                None, "MiB", "<= 16 MiB", lambda x, v=worst: v <= 16, ratio=worst / 16.0)
+            grow = max(e[1] for e in eng) / 1024.0
+            row("%s RSS growth over its runs, MiB (worst)" % side, grow, "", None, "MiB")
+        thr = [d["threads"][side] for d in tops if d.get("threads", {}).get(side)]
+        if thr:
+            row("%s threads after its runs (most of %d)" % (side, len(thr)),
+                float(max(t["after"] for t in thr)), "", None, "threads")
+
+    # Cold start. The seed's flow (make demo): its first round against the median of the later
+    # ones, with and without warming (KVFERRY_NO_WARM=1). kvferry bench: the first call of the
+    # first run of a file (connections are open: the ready write made them) against its p50.
+    cold = []
+    if os.path.exists(os.path.join(out, "coldstart.jsonl")):
+        with open(os.path.join(out, "coldstart.jsonl")) as f:
+            cold = [json.loads(line) for line in f if line.strip()]
+    for c in cold:
+        what = "seed's 48 MB transfer, %s, first round / later rounds%s" % (
+            c["transport"], "" if c["warm"] else " (KVFERRY_NO_WARM=1)")
+        if "na" in c:
+            row(what, None, "n/a (%s)" % c["na"], None, "ms")
+            continue
+        ratio = c["first_ms"] / c["later_ms"] if c["later_ms"] > 0 else None
+        row(what, c["first_ms"], "later rounds (median)", c["later_ms"], "ms",
+            "<= 1.5" if c["warm"] else None, (lambda x: x <= 1.5) if c["warm"] else None,
+            ratio=ratio)
+    for name in ("tcp", "shm"):
+        rs = runs(name)
+        if rs and rs[0].get("p50_us"):
+            r = rs[0]
+            row("%s first call into the region, %s x1 (first / p50)" % (name,
+                size_name(r["block_size"])), r["first_transfer_us"], "p50 of the same run",
+                r["p50_us"], "us", "<= 1.5", lambda x: x <= 1.5)
+
+    # N initiator processes into one target (`kvferry bench --procs`).
+    procs = kvf.get("procs", {}).get("procs_runs", [])
+    one = next((p for p in procs if p["procs"] == 1), None)
+    for p in procs:
+        what = "tcp %d initiator process%s -> 1 target, %s x1" % (
+            p["procs"], "es" if p["procs"] > 1 else "", size_name(p["block_size"]))
+        if one and p is not one:
+            t = (">= 0.9 at N = 16", lambda x: x >= 0.9) if p["procs"] == 16 else (None, None)
+            row(what + ", aggregate", p["gbps"], "N = 1", one["gbps"], "GB/s", t[0], t[1])
+        else:
+            row(what + ", aggregate", p["gbps"], "", None, "GB/s")
+        row(what + ", p99 max / min over processes", p["p99_spread"], "", None, "x",
+            "<= 4" if p["procs"] > 1 else None,
+            (lambda x: x <= 4) if p["procs"] > 1 else None, ratio=p["p99_spread"])
+        row(what + ", target threads (max during)", float(p["target_threads_max"]),
+            "N = 1" if one else "", float(one["target_threads_max"]) if one else None, "threads")
+        if one and p is not one:
+            per = (p["target_rss_kib_max"] - one["target_rss_kib_max"]) / 1024.0 / (p["procs"] - 1)
+            row(what + ", target RSS growth per added peer, MiB", per, "", None, "MiB",
+                "< 1 MiB", lambda x, v=per: v < 1.0, ratio=per)
+
     if store:
         for key, what in (("set_per_s_1", "store set, 1 client"),
                           ("get_per_s_1", "store get, 1 client")):
@@ -165,6 +250,12 @@ def main():
             return "%.0f" % v
         if unit == "us":
             return "%.1f us" % v
+        if unit in ("ms", "MiB", "s/GB"):
+            return "%.2f" % v if unit != "ms" else "%.1f" % v
+        if unit in ("threads",):
+            return "%.0f" % v
+        if unit == "x":
+            return "%.2f" % v
         return "%.2f" % v
 
     machine = next(iter(kvf.values()), {}).get("machine", {})
@@ -176,7 +267,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        unit = "" if r["unit"] == "us" else " " + r["unit"]
+        unit = "" if r["unit"] in ("us", "x") else " " + r["unit"]
         print("| %s | %s%s | %s | %s | %s | %s | %s |" % (
             r["what"], fmt(r["kvferry"], r["unit"]), unit if r["kvferry"] is not None else "",
             r["baseline"], fmt(r["base"], r["unit"]) if r["baseline"] else "",

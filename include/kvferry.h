@@ -695,8 +695,11 @@ KVF_API uint16_t kvf_engine_port(const kvf_engine_t *e);
  * Exact byte bounds. Zero length, or overlap with a registered region, is refused with
  * -KVF_EINVAL naming both ranges; registering the same range twice gives -KVF_EEXIST; a range
  * not entirely mapped in this process (freed, or a wrong length) gives -EFAULT naming it.
- * The pages are faulted in (MADV_POPULATE_WRITE, or _READ for read-only memory; the contents are
- * never touched) so that the first transfer does not pay for page faults.
+ * The pages are faulted in (MADV_POPULATE_WRITE, or _READ for read-only memory) and the kernel
+ * reads one byte of each, so that the first transfer does not pay for page faults or for the
+ * first kernel access to each page (which costs about 5 us a page on some VMs, see
+ * docs/performance.md); the contents are never changed. This takes about as long as that first
+ * access would (tens of ms for 48 MB on such a VM, well under a ms on others).
  * Peers see the region within milliseconds (it is published to the store).
  */
 KVF_API int kvf_mem_register(kvf_engine_t *e, void *addr, size_t len);

@@ -98,8 +98,24 @@ static void check_runs(json_t *root, size_t want_runs, const char *transport)
         if (!(gbps > 0) || !(p50 > 0) || !(p50 <= p99) || !(p99 <= max))
             fail_msg("run %zu: gbps %f, p50 %f, p99 %f, max %f", i, gbps, p50, p99, max);
         assert_true(num(r, "first_transfer_us") > 0);
+        assert_true(num(r, "cpu_s_per_gb") >= 0);
         assert_true(json_is_true(json_object_get(r, "verified")));
     }
+    /* The bars of DESIGN.md §4 without a baseline: ready time, memory and threads of both
+     * sides (the target here is local), before and after the runs. */
+    double ready = num(root, "ready_ms");
+    if (!(ready > 0 && ready < 60000))
+        fail_msg("ready_ms %f", ready);
+    json_t *rss = json_object_get(root, "rss_kib"), *thr = json_object_get(root, "threads");
+    const char *side[] = {"initiator", "target"};
+    for (int k = 0; k < 2; k++) {
+        json_t *rs = json_object_get(rss, side[k]), *ts = json_object_get(thr, side[k]);
+        if (!(num(rs, "before") > 0 && num(rs, "after") > 0 && num(ts, "before") >= 1 &&
+              num(ts, "after") >= 1))
+            fail_msg("rss_kib or threads of the %s missing", side[k]);
+    }
+    assert_true(num(rss, "initiator_buffers_kib") > 0);
+    assert_true(num(rss, "target_buffer_kib") > 0);
 }
 
 static void json_run(const char *transport)
@@ -251,6 +267,46 @@ static void window_async(void **state)
     json_decref(root);
 }
 
+/* --procs: N initiator processes into one target, one run per N, each process's blocks
+ * verified; the figures of every run and of every process. */
+static void procs_runs(void **state)
+{
+    (void)state;
+    int rc = bench("--procs", "1,3", "--transport", "tcp", "--block-size", "64K", "--iterations",
+                   "20", "--quiet", "--json", json_path, NULL);
+    if (rc != 0)
+        fail_msg("exit %d; output:\n%s", rc, out);
+    json_t *root = load_json();
+    json_t *runs = json_object_get(root, "procs_runs");
+    assert_int_equal(json_array_size(runs), 2);
+    for (size_t i = 0; i < 2; i++) {
+        json_t *r = json_array_get(runs, i);
+        int n = (int)num(r, "procs");
+        assert_int_equal(n, i == 0 ? 1 : 3);
+        assert_int_equal(json_array_size(json_object_get(r, "each")), (size_t)n);
+        if (!(num(r, "gbps") > 0 && num(r, "p99_us_min") > 0 &&
+              num(r, "p99_us_min") <= num(r, "p99_us_max") && num(r, "target_threads_max") >= 1 &&
+              num(r, "target_rss_kib_max") > 0))
+            fail_msg("procs run %zu: implausible figures; output:\n%s", i, out);
+    }
+    json_decref(root);
+    assert_int_equal(bench("--procs", "2", "--baseline", "--quiet", NULL), 2);
+    assert_non_null(strstr(out, "--procs"));
+    assert_int_equal(bench("--procs", "65", "--quiet", NULL), 2);
+}
+
+/* A process of --procs whose verification fails fails the whole run. */
+static void procs_verification_fails(void **state)
+{
+    (void)state;
+    setenv("KVFERRY_BENCH_TEST_CORRUPT", "1", 1);
+    int rc = bench("--procs", "2", "--transport", "tcp", "--block-size", "4K", "--iterations", "5",
+                   "--quiet", NULL);
+    unsetenv("KVFERRY_BENCH_TEST_CORRUPT");
+    if (rc != 1 || !strstr(out, "verification failed") || !strstr(out, "failed (status"))
+        fail_msg("exit %d, want 1 naming the failed process; output:\n%s", rc, out);
+}
+
 /* The test hook makes the target flip the first byte of the first block it verifies (after a
  * write) or fills (before a read): the run must fail, naming the block. */
 static void corrupt(const char *op, const char *transport)
@@ -360,6 +416,8 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(verify_catches_corrupt_write, setup, teardown),
         cmocka_unit_test_setup_teardown(verify_catches_corrupt_read, setup, teardown),
         cmocka_unit_test_setup_teardown(remote_target, setup, teardown),
+        cmocka_unit_test_setup_teardown(procs_runs, setup, teardown),
+        cmocka_unit_test_setup_teardown(procs_verification_fails, setup, teardown),
         cmocka_unit_test_setup_teardown(store_bench, setup, teardown),
     };
     return KVF_TEST_RUN(tests, argc, argv);

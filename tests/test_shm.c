@@ -9,6 +9,7 @@
 
 #include <jansson.h>
 
+#include "common/host.h"
 #include "core/core.h"
 #include "transport/transport.h"
 
@@ -26,6 +27,8 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -1425,7 +1428,49 @@ static void two_hosts_netns_pick_tcp(void **state)
     kvf_store_server_stop(srv);
 }
 
+/* The check that a pid is a session's engine (it holds the port's listening socket), now asked
+ * of the kernel's socket diagnostics: yes for this process's listeners on 127.0.0.1 and ::1, no
+ * for a port this process only connects from, no for another process (the parent). */
+static void pid_listens_on_port(void **state)
+{
+    (void)state;
+    int l4 = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(a4);
+    assert_true(l4 >= 0);
+    assert_int_equal(bind(l4, (struct sockaddr *)&a4, sizeof(a4)), 0);
+    assert_int_equal(listen(l4, 4), 0);
+    assert_int_equal(getsockname(l4, (struct sockaddr *)&a4, &sl), 0);
+    uint16_t port4 = ntohs(a4.sin_port);
+    assert_int_equal(kvf__host_pid_listens(getpid(), port4), 1);
+    assert_int_equal(kvf__host_pid_listens(getppid(), port4), 0);
+
+    /* The client end of a connection holds a port too, but does not listen on it. */
+    int c = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in ca;
+    socklen_t cl = sizeof(ca);
+    assert_true(c >= 0);
+    assert_int_equal(connect(c, (struct sockaddr *)&a4, sizeof(a4)), 0);
+    assert_int_equal(getsockname(c, (struct sockaddr *)&ca, &cl), 0);
+    assert_int_equal(kvf__host_pid_listens(getpid(), ntohs(ca.sin_port)), 0);
+    close(c);
+    close(l4);
+
+    int l6 = socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (l6 < 0)
+        return; /* no IPv6 here: the IPv4 half above is the check */
+    struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    socklen_t sl6 = sizeof(a6);
+    if (bind(l6, (struct sockaddr *)&a6, sizeof(a6)) == 0) {
+        assert_int_equal(listen(l6, 4), 0);
+        assert_int_equal(getsockname(l6, (struct sockaddr *)&a6, &sl6), 0);
+        assert_int_equal(kvf__host_pid_listens(getpid(), ntohs(a6.sin6_port)), 1);
+    }
+    close(l6);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(pid_listens_on_port),
     cmocka_unit_test_setup_teardown(two_process_sizes, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(two_process_batches, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(forced_tcp_by_config, fx_setup, fx_teardown),

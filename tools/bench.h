@@ -123,6 +123,15 @@ int bench_cmp_u64(const void *a, const void *b);
 /* Anonymous memory, faulted in; NULL on failure. Free with munmap(). */
 void *bench_map(size_t len);
 
+/* VmRSS and RssShmem (memfd and other shared memory: kvf_mem_alloc buffers, a peer's mapped
+ * into a sender) in KiB and the thread count of process @pid (0: this one), from /proc; -1 each
+ * when they cannot be read. */
+void bench_proc_status(pid_t pid, long *rss_kib, long *shmem_kib, long *threads);
+
+/* User + system CPU seconds of process @pid (0: this one), all its threads so far; -1 when it
+ * cannot be read. Clock-tick resolution (10 ms) for another process. */
+double bench_proc_cpu_s(pid_t pid);
+
 /* ---- kvferry (bench_kvferry.c) ------------------------------------------------------------ */
 
 /* kvferry moving a layout per call: kvf_transfer_sync for a --window of 1, else asynchronous

@@ -51,13 +51,18 @@ static void usage(FILE *f)
         "  --store-url URL     the store of --target (default: one in this process)\n"
         "  --session-id ID     this engine's session id, default the store's IP with port 0\n"
         "  --ns NAME           store namespace of the engines, default \"default\"\n"
+        "  --procs N[,N...]    N initiator processes (1..%u) into one local target at once,\n"
+        "                      a run for each N: aggregate GB/s, each process's p50/p99, the\n"
+        "                      target's threads and RSS; one --block-size, --working-set\n"
+        "                      default 8M. (Its processes get --slice-index and --sync-fds.)\n"
         "  --json FILE         write every figure and the machine's description to FILE\n"
         "  --quiet             no progress line\n"
         "  --auth-key-file F  the cluster secret (`kvferry keygen`); default\n"
         "                    $KVFERRY_AUTH_KEY_FILE\n"
         "  --log-level N       0 debug, 1 info, 2 warn (default), 3 error\n\n"
         "Exit status: 0 all runs done and verified, 1 failure (a message says why), 2 usage.\n",
-        BENCH_MAX_BLOCKS, BENCH_MAX_WINDOW, BENCH_MAX_THREADS, BENCH_ITER_CAP_S, BENCH_MAX_REPS);
+        BENCH_MAX_BLOCKS, BENCH_MAX_WINDOW, BENCH_MAX_THREADS, BENCH_ITER_CAP_S, BENCH_MAX_REPS,
+        BENCH_MAX_PROCS);
 }
 
 static int parse_op(const char *cmd, const kvf_cli_opt_t *o, const char *value)
@@ -111,6 +116,40 @@ static int parse_workload(const char *cmd, const kvf_cli_opt_t *o, const char *v
     return 0;
 }
 
+/* --procs: a comma list of process counts, 1..BENCH_MAX_PROCS. */
+static int parse_procs(const char *cmd, const kvf_cli_opt_t *o, const char *value)
+{
+    bench_args_t *a = o->dst;
+    char *list = strdup(value), *save = NULL;
+    int bad = list ? 0 : -1;
+    for (char *tok = strtok_r(list, ",", &save); !bad && tok; tok = strtok_r(NULL, ",", &save)) {
+        char *end;
+        errno = 0;
+        unsigned long long v = strtoull(tok, &end, 10);
+        if (end == tok || *end || errno || v < 1 || v > BENCH_MAX_PROCS ||
+            a->nprocs == BENCH_MAX_PROCS_RUNS) {
+            fprintf(stderr, "kvferry %s: --procs %s: want up to %u counts of 1 to %u\n", cmd,
+                    value, BENCH_MAX_PROCS_RUNS, BENCH_MAX_PROCS);
+            bad = -1;
+        } else {
+            a->procs[a->nprocs++] = v;
+        }
+    }
+    free(list);
+    return bad;
+}
+
+/* --sync-fds GO,READY (set by --procs for its processes). */
+static int parse_sync_fds(const char *cmd, const kvf_cli_opt_t *o, const char *value)
+{
+    bench_args_t *a = o->dst;
+    if (sscanf(value, "%d,%d", &a->go_fd, &a->ready_fd) != 2 || a->go_fd < 0 || a->ready_fd < 0) {
+        fprintf(stderr, "kvferry %s: --sync-fds %s: want two descriptors GO,READY\n", cmd, value);
+        return -1;
+    }
+    return 0;
+}
+
 int bench_args_parse(int argc, char **argv, bench_args_t *a)
 {
     memset(a, 0, sizeof(*a));
@@ -121,6 +160,7 @@ int bench_args_parse(int argc, char **argv, bench_args_t *a)
     a->alloc = true;
     a->working_set = 64u << 20;
     a->ns = "default";
+    a->go_fd = a->ready_fd = -1;
     /* a->batch stays 0 unless --batch is given: --workload kv refuses it. */
     const kvf_cli_opt_t opts[] = {
         KVF_CLI_OPT_TRANSPORT(&a->transport),
@@ -142,6 +182,9 @@ int bench_args_parse(int argc, char **argv, bench_args_t *a)
         {"ns", KVF_CLI_STR, &a->ns, 0, 0, NULL},
         {"json", KVF_CLI_STR, &a->json_path, 0, 0, NULL},
         {"quiet", KVF_CLI_FLAG, &a->quiet, 0, 0, NULL},
+        {"procs", KVF_CLI_CUSTOM, a, 0, 0, parse_procs},
+        {"slice-index", KVF_CLI_U64, &a->slice_index, 0, BENCH_MAX_PROCS - 1, NULL},
+        {"sync-fds", KVF_CLI_CUSTOM, a, 0, 0, parse_sync_fds},
     };
     const kvf_cli_t cli = {BENCH_CMD, usage, opts, KVF_CLI_NOPTS(opts), .log_level = true};
     int rc = kvf_cli_parse(&cli, argc, argv, NULL);
@@ -155,7 +198,9 @@ int bench_args_parse(int argc, char **argv, bench_args_t *a)
                         "--block-size and --batch\n");
         return KVF_CLI_EXIT_USAGE;
     }
-    if (!a->kv && a->nsizes == 0) {
+    if (!a->kv && a->nsizes == 0 && a->nprocs) {
+        a->sizes[a->nsizes++] = 1u << 20;
+    } else if (!a->kv && a->nsizes == 0) {
         a->sizes[a->nsizes++] = 64u << 10;
         a->sizes[a->nsizes++] = 1u << 20;
         a->sizes[a->nsizes++] = 4u << 20;
@@ -169,6 +214,18 @@ int bench_args_parse(int argc, char **argv, bench_args_t *a)
         fprintf(stderr, "kvferry " BENCH_CMD ": --baseline needs the local target (it writes into "
                         "the target process with process_vm_writev); drop --target\n");
         return KVF_CLI_EXIT_USAGE;
+    }
+    if (a->nprocs && (a->target || a->baseline || a->kv || a->nsizes > 1 || a->op != KVF_OP_WRITE)) {
+        fprintf(stderr, "kvferry " BENCH_CMD ": --procs runs writes of one --block-size into "
+                        "the local target; drop --target, --baseline, --workload and --op\n");
+        return KVF_CLI_EXIT_USAGE;
+    }
+    if (a->nprocs) {
+        bool ws_given = false;
+        for (int i = 1; i < argc; i++)
+            ws_given |= !strcmp(argv[i], "--working-set") || !strncmp(argv[i], "--working-set=", 14);
+        if (!ws_given)
+            a->working_set = BENCH_PROCS_WORKING_SET;
     }
     if (!a->iterations && a->duration == 0)
         a->duration = 2.0;

@@ -111,6 +111,8 @@ void bench_run_method(bench_t *b, const bench_layout_t *l, const bench_method_t 
     atomic_int failed = 0;
     atomic_uint done = 0;
     unsigned started = 0;
+    pid_t target = b->child > 0 ? b->child : 0;
+    double cpu0 = -1, tcpu0 = -1;
 
     memset(st, 0, sizeof(*st));
     st->name = m->name;
@@ -131,7 +133,7 @@ void bench_run_method(bench_t *b, const bench_layout_t *l, const bench_method_t 
             .op = b->a.op,
             .local = b->local + i * b->slice,
             .scratch = b->scratch ? b->scratch + i * b->slice : NULL,
-            .remote = b->target_addr + i * b->slice,
+            .remote = b->target_addr + b->base_off + i * b->slice,
             .engine = b->e,
             .window = (unsigned)b->a.window,
             .peer = b->peer,
@@ -151,6 +153,8 @@ void bench_run_method(bench_t *b, const bench_layout_t *l, const bench_method_t 
             goto out_threads;
         }
     }
+    cpu0 = bench_proc_cpu_s(0);
+    tcpu0 = target ? bench_proc_cpu_s(target) : 0;
     uint64_t t0 = cli_now_ns();
     for (; started < n; started++) {
         if (pthread_create(&tid[started], NULL, bench_thread_main, &th[started]) != 0) {
@@ -172,6 +176,10 @@ out_threads:
     for (unsigned i = 0; i < started; i++)
         pthread_join(tid[i], NULL);
     pthread_barrier_destroy(&go);
+    double cpu1 = bench_proc_cpu_s(0), tcpu1 = target ? bench_proc_cpu_s(target) : 0;
+    st->cpu_s = cpu0 >= 0 && cpu1 >= 0 ? cpu1 - cpu0 : -1;
+    if (st->cpu_s >= 0 && target && tcpu0 >= 0 && tcpu1 >= 0)
+        st->cpu_s += tcpu1 - tcpu0;
     uint64_t tmin = UINT64_MAX, tmax = 0, total = 0, nlat = 0, sum = 0, max = 0;
     for (unsigned i = 0; i < started; i++) {
         bench_thread_t *t = &th[i];
@@ -210,6 +218,11 @@ out_threads:
     st->max_us = (double)max / 1e3;
     st->mean_us = total ? (double)sum / (double)total / 1e3 : 0;
     st->first_us = started ? (double)th[0].first_ns / 1e3 : 0;
+    st->t_start_ns = tmin == UINT64_MAX ? 0 : tmin;
+    st->t_end_ns = tmax;
+    /* Every thread's first call ran inside the CPU window too. */
+    double moved = (double)(total + started) * (double)l->bytes / 1e9;
+    st->cpu_s_per_gb = st->cpu_s >= 0 && moved > 0 ? st->cpu_s / moved : -1;
     free(all);
     for (unsigned i = 0; i < started; i++)
         if (m->cleanup)

@@ -13,11 +13,12 @@
 
 json_t *bench_stats_json(const bench_stats_t *s)
 {
-    return json_pack("{s:s,s:s,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f}", "name", s->name, "label",
+    return json_pack("{s:s,s:s,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:o}", "name", s->name, "label",
                      s->label, "calls", (json_int_t)s->calls, "seconds", s->seconds, "gbps",
                      s->gbps, "ops_per_s", s->ops_per_s, "calls_per_s", s->calls_per_s, "p50_us",
                      s->p50_us, "p99_us", s->p99_us, "max_us", s->max_us, "mean_us", s->mean_us,
-                     "first_transfer_us", s->first_us);
+                     "first_transfer_us", s->first_us, "cpu_s_per_gb",
+                     s->cpu_s_per_gb >= 0 ? json_real(s->cpu_s_per_gb) : json_null());
 }
 
 void bench_print_header(void)
@@ -87,6 +88,36 @@ int bench_write_json(const bench_t *b, int argc, char **argv, bool ok)
         "target_memory", b->target_memory, "verified", ok, "runs_count",
         json_integer((json_int_t)json_array_size(b->runs)), "runs", b->runs);
     json_decref(cmd);
+    json_object_set_new(root, "ready_ms", b->ready_ms > 0 ? json_real(b->ready_ms) : json_null());
+    static const char *side[2] = {"initiator", "target"};
+    /* The bench's own anonymous buffers; kvf_mem_alloc memory (the target's with --memory
+     * alloc, and its mapping in a shm sender) is shared memory, counted apart. */
+    long own[2] = {(long)(b->local_len * (b->scratch ? 2 : 1) / 1024),
+                   strcmp(b->target_memory, "registered") ? 0 : (long)(b->target_len / 1024)};
+    json_t *rss = json_object(), *thr = json_object();
+    for (int i = 0; i < 2; i++) {
+        long eng[2];
+        for (int w = 0; w < 2; w++)
+            eng[w] = b->rss_kib[i][w] - (b->shmem_kib[i][w] > 0 ? b->shmem_kib[i][w] : 0) - own[i];
+        json_object_set_new(
+            rss, side[i],
+            b->rss_kib[i][0] < 0
+                ? json_null()
+                : json_pack("{s:I,s:I,s:I,s:I,s:I}", "before", (json_int_t)b->rss_kib[i][0],
+                            "after", (json_int_t)b->rss_kib[i][1], "shmem_after",
+                            (json_int_t)b->shmem_kib[i][1], "engine_before", (json_int_t)eng[0],
+                            "engine_after", (json_int_t)eng[1]));
+        json_object_set_new(thr, side[i],
+                            b->nthreads[i][0] < 0 ? json_null()
+                                                  : json_pack("{s:I,s:I}", "before",
+                                                              (json_int_t)b->nthreads[i][0],
+                                                              "after",
+                                                              (json_int_t)b->nthreads[i][1]));
+    }
+    json_object_set_new(rss, "initiator_buffers_kib", json_integer((json_int_t)own[0]));
+    json_object_set_new(rss, "target_buffer_kib", json_integer((json_int_t)(b->target_len / 1024)));
+    json_object_set_new(root, "rss_kib", rss);
+    json_object_set_new(root, "threads", thr);
     int rc = json_dump_file(root, b->a.json_path, JSON_INDENT(2));
     json_decref(root);
     if (rc < 0) {

@@ -38,6 +38,10 @@
 #define BENCH_KV_BIG            (128u << 10)
 #define BENCH_KV_SMALL          (16u << 10)
 #define BENCH_PAGE              4096u
+#define BENCH_MAX_PROCS_RUNS    8u            /* values of --procs */
+#define BENCH_MAX_PROCS         64u           /* initiator processes of one --procs run */
+#define BENCH_PROCS_WORKING_SET (8u << 20)  /* --working-set default under --procs */
+#define BENCH_PROCS_READY_MS    120000u     /* bound on N processes setting up, loaded machine */
 typedef struct {
     kvf_transport_kind_t transport;
     kvf_op_t op;
@@ -55,6 +59,13 @@ typedef struct {
     const char *ns;
     const char *json_path;
     bool quiet;
+    /* --procs N[,N...]: that many initiator processes into one local target, one run each. */
+    uint64_t procs[BENCH_MAX_PROCS_RUNS];
+    size_t nprocs;
+    /* Set by --procs in its children: which slice of the target is theirs, and the two pipe
+     * ends that start them together (--sync-fds GO,READY; -1 when not given). */
+    uint64_t slice_index;
+    int go_fd, ready_fd;
 } bench_args_t;
 
 typedef struct {
@@ -62,6 +73,10 @@ typedef struct {
     uint64_t calls, samples;
     double seconds, gbps, ops_per_s, calls_per_s;
     double p50_us, p99_us, max_us, mean_us, first_us;
+    /* CPU seconds of this process and of a target started here, from the threads' start to
+     * their end (first calls included), per 10^9 bytes moved in that time. */
+    double cpu_s, cpu_s_per_gb;
+    uint64_t t_start_ns, t_end_ns; /* the timed part, CLOCK_MONOTONIC (--procs adds them up) */
     int rc;
     char err[320]; /* "thread N: " and the worker's message */
 } bench_stats_t;
@@ -81,6 +96,14 @@ typedef struct {
     size_t local_len, slice;
     const char *transport_used;
     json_t *runs;
+    /* kvf_engine_create() to the first write the target accepted (one 4 KiB block), ms. */
+    double ready_ms;
+    /* VmRSS (KiB) and threads of [0] this process and [1] a target started here (-1: unknown,
+     * a --target elsewhere), [0] after the engine was created, before any transfer, and [1]
+     * after the last run. */
+    long rss_kib[2][2], shmem_kib[2][2], nthreads[2][2];
+    /* Where this process's slices start in the target buffer (--slice-index x local_len). */
+    size_t base_off;
     bool tty;
     unsigned run_no;
     /* Timed runs done and expected in all (the baselines' number is known after the first). */
@@ -125,6 +148,20 @@ int bench_target_request(bench_t *b, const char *cmd, uint64_t seed, json_t *blo
 
 /* After the timed part of a run: the number of blocks checked, or -1 with the reason in @err. */
 int bench_verify_run(bench_t *b, const bench_layout_t *l, char *err, size_t errlen);
+
+/* ---- cmd_bench.c --------------------------------------------------------------------------- */
+
+/* The store (started here unless --store-url) and the target (started here unless --target),
+ * its buffer at least @need bytes. Returns 0 or -1 after saying why. */
+int bench_setup_target(bench_t *b, size_t need);
+
+/* ---- bench_procs.c ----------------------------------------------------------------------- */
+
+/* --procs: for each N, N initiator processes (this binary, with --target, --slice-index and
+ * --sync-fds) started together against the local target; aggregate GB/s, each process's
+ * p50/p99, and the target's threads and RSS sampled while they run. @b has its store and
+ * target. Returns 0 or 1. */
+int bench_procs_run(bench_t *b, const bench_layout_t *l, int argc, char **argv);
 
 /* ---- bench_report.c ---------------------------------------------------------------------- */
 

@@ -8,6 +8,8 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "bench.h"
 
@@ -136,4 +138,55 @@ int bench_cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
+}
+
+void bench_proc_status(pid_t pid, long *rss_kib, long *shmem_kib, long *threads)
+{
+    char path[64], line[256];
+    *rss_kib = -1;
+    *shmem_kib = -1;
+    *threads = -1;
+    if (pid > 0)
+        snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    else
+        snprintf(path, sizeof(path), "/proc/self/status");
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return;
+    while (fgets(line, sizeof(line), f)) {
+        if (!strncmp(line, "VmRSS:", 6))
+            *rss_kib = strtol(line + 6, NULL, 10);
+        else if (!strncmp(line, "RssShmem:", 9))
+            *shmem_kib = strtol(line + 9, NULL, 10);
+        else if (!strncmp(line, "Threads:", 8))
+            *threads = strtol(line + 8, NULL, 10);
+    }
+    fclose(f);
+}
+
+double bench_proc_cpu_s(pid_t pid)
+{
+    if (pid <= 0) {
+        struct rusage ru;
+        if (getrusage(RUSAGE_SELF, &ru) < 0)
+            return -1;
+        return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+               (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+    }
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f)
+        return -1;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* "pid (comm) state ..." with utime and stime the 14th and 15th fields; comm may hold
+     * spaces and parentheses, so count from the last ')'. */
+    char *p = strrchr(buf, ')');
+    unsigned long long ut, st;
+    if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+        return -1;
+    long tck = sysconf(_SC_CLK_TCK);
+    return (double)(ut + st) / (double)(tck > 0 ? tck : 100);
 }

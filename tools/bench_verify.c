@@ -26,7 +26,8 @@ int bench_verify_run(bench_t *b, const bench_layout_t *l, char *err, size_t errl
         for (size_t k = 0; k < BENCH_VERIFY_BLOCKS && k < l->n; k++) {
             size_t i = spread ? k * (l->n - 1) / (BENCH_VERIFY_BLOCKS - 1) : k;
             json_array_append_new(blocks, json_pack("[i,I,I,I]", (int)t, (json_int_t)i,
-                                                    (json_int_t)(t * b->slice + l->off[i]),
+                                                    (json_int_t)(b->base_off + t * b->slice +
+                                                                 l->off[i]),
                                                     (json_int_t)l->len[i]));
         }
     }
@@ -38,10 +39,11 @@ int bench_verify_run(bench_t *b, const bench_layout_t *l, char *err, size_t errl
         uint8_t *local = b->local + t * b->slice;
         for (size_t i = 0; i < l->n; i++) {
             if (b->a.op == KVF_OP_WRITE)
-                bench_pattern_fill(local + l->off[i], t * b->slice + l->off[i], l->len[i], seed);
+                bench_pattern_fill(local + l->off[i], b->base_off + t * b->slice + l->off[i],
+                                   l->len[i], seed);
             x[i] = (kvf_xfer_t){.op = b->a.op,
                                 .local = local + l->off[i],
-                                .remote = b->target_addr + t * b->slice + l->off[i],
+                                .remote = b->target_addr + b->base_off + t * b->slice + l->off[i],
                                 .len = l->len[i]};
         }
         int r = kvf_transfer_sync(b->e, b->peer, x, l->n);
@@ -66,7 +68,8 @@ int bench_verify_run(bench_t *b, const bench_layout_t *l, char *err, size_t errl
             json_int_t i = json_integer_value(json_array_get(blk, 1));
             uint64_t off = (uint64_t)json_integer_value(json_array_get(blk, 2));
             uint8_t got, want;
-            ssize_t bad = bench_pattern_check(b->local + off, off, l->len[i], seed, &got, &want);
+            ssize_t bad = bench_pattern_check(b->local + (off - b->base_off), off, l->len[i], seed,
+                                              &got, &want);
             if (bad >= 0) {
                 snprintf(err, errlen,
                          "thread %lld block %lld (target offset %" PRIu64 ", %zu bytes): byte %zd "

@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +28,7 @@
 
 #include "bench_run.h"
 #include "cli.h"
+#include "clock.h"
 
 /* The repetition of method @m with the median GB/s. */
 static bench_stats_t *median_rep(bench_stats_t (*all)[3], unsigned reps, size_t m)
@@ -140,6 +142,10 @@ static int run_layout(bench_t *b, const bench_layout_t *l)
         s.ops_per_s, "calls_per_s", s.calls_per_s, "p50_us", s.p50_us, "p99_us", s.p99_us, "max_us",
         s.max_us, "mean_us", s.mean_us, "first_transfer_us", s.first_us, "latency_samples",
         (json_int_t)s.samples, "verified", 1, "verified_blocks", checked);
+    json_object_set_new(run, "cpu_s_per_gb",
+                        s.cpu_s_per_gb >= 0 ? json_real(s.cpu_s_per_gb) : json_null());
+    json_object_set_new(run, "t_start_ns", json_integer((json_int_t)s.t_start_ns));
+    json_object_set_new(run, "t_end_ns", json_integer((json_int_t)s.t_end_ns));
     json_object_set_new(run, "reps", json_integer((json_int_t)reps));
     json_object_set_new(run, "window", json_integer((json_int_t)b->a.window));
     json_object_set_new(run, "gbps_reps", reps_json[0]);
@@ -166,8 +172,9 @@ static int run_layout(bench_t *b, const bench_layout_t *l)
     return 0;
 }
 
-/* The store, this process's engine and the target. Returns 0 or -1 after saying why. */
-static int bench_setup(bench_t *b, size_t need)
+static void bench_sample(bench_t *b, int when);
+
+int bench_setup_target(bench_t *b, size_t need)
 {
     int rc;
     if (!b->a.store_url) {
@@ -206,6 +213,15 @@ static int bench_setup(bench_t *b, size_t need)
                 b->peer, b->target_len, need, b->a.threads, b->slice, need);
         return -1;
     }
+    return 0;
+}
+
+/* The store, this process's engine and the target. Returns 0 or -1 after saying why. */
+static int bench_setup(bench_t *b, size_t need)
+{
+    int rc = bench_setup_target(b, need);
+    if (rc < 0)
+        return rc;
     char sid[KVF_SESSION_ID_MAX];
     if (b->a.session_id) {
         snprintf(sid, sizeof(sid), "%s", b->a.session_id);
@@ -221,12 +237,63 @@ static int bench_setup(bench_t *b, size_t need)
     kvf_config_init(&cfg);
     cfg.transport = b->a.transport;
     cfg.ns = b->a.ns;
+    uint64_t t0 = cli_now_ns();
     rc = kvf_engine_create(b->store_url, sid, KVF_ROLE_PREFILL, 0, &cfg, &b->e);
     if (rc < 0) {
         kvf_cli_fail(BENCH_CMD, rc, "cannot start an engine at %s", sid);
         return -1;
     }
+    bench_sample(b, 0);
+    /* Ready: create → the first write the target accepted (DESIGN.md §4, <= 200 ms). The runs
+     * rewrite these bytes before anything is verified. */
+    rc = kvf_write(b->e, b->peer, b->local, b->target_addr, b->local_len < 4096 ? b->local_len : 4096);
+    if (rc < 0) {
+        kvf_cli_fail(BENCH_CMD, rc, "the first write to %s", b->peer);
+        return -1;
+    }
+    b->ready_ms = (double)(cli_now_ns() - t0) / 1e6;
     return 0;
+}
+
+/* RSS and threads of this process and of a target started here, into slot @when (0 before the
+ * runs, 1 after). */
+static void bench_sample(bench_t *b, int when)
+{
+    bench_proc_status(0, &b->rss_kib[0][when], &b->shmem_kib[0][when], &b->nthreads[0][when]);
+    if (b->child > 0)
+        bench_proc_status(b->child, &b->rss_kib[1][when], &b->shmem_kib[1][when],
+                          &b->nthreads[1][when]);
+    else
+        b->rss_kib[1][when] = b->shmem_kib[1][when] = b->nthreads[1][when] = -1;
+}
+
+/* Under --procs: say "ready" on the READY pipe, then wait for the GO pipe to close, which the
+ * parent does once every process is ready, so that their timed parts overlap. Returns 0 or -1
+ * after saying why. */
+static int bench_sync_start(bench_t *b)
+{
+    if (b->a.ready_fd < 0)
+        return 0;
+    char ch = 'r';
+    bool ok = write(b->a.ready_fd, &ch, 1) == 1;
+    close(b->a.ready_fd);
+    uint64_t deadline = cli_now_ms() + BENCH_PROCS_READY_MS;
+    while (ok) {
+        uint64_t now = cli_now_ms();
+        struct pollfd p = {.fd = b->a.go_fd, .events = POLLIN};
+        int r = now < deadline ? poll(&p, 1, (int)(deadline - now)) : 0;
+        if (r < 0 && errno == EINTR)
+            continue;
+        ssize_t got = r > 0 ? read(b->a.go_fd, &ch, 1) : -1;
+        if (got == 0)
+            break; /* closed: go */
+        ok = got > 0;
+    }
+    close(b->a.go_fd);
+    if (!ok)
+        fprintf(stderr, "kvferry " BENCH_CMD ": --sync-fds: no start within %u s\n",
+                BENCH_PROCS_READY_MS / 1000u);
+    return ok ? 0 : -1;
 }
 
 static void bench_teardown(bench_t *b)
@@ -288,7 +355,18 @@ int kvf_cli_bench(int argc, char **argv)
     }
     /* The timed calls carry this pattern; the verification call a different one. */
     bench_pattern_fill(b->local, 0, b->local_len, 1);
-    if (bench_setup(b, b->local_len) < 0) {
+    if (b->a.nprocs) {
+        uint64_t most = 0;
+        for (size_t i = 0; i < b->a.nprocs; i++)
+            most = b->a.procs[i] > most ? b->a.procs[i] : most;
+        int status = bench_setup_target(b, (size_t)most * b->local_len) < 0
+                         ? 1
+                         : bench_procs_run(b, &layouts[0], argc, argv);
+        bench_teardown(b);
+        return status;
+    }
+    b->base_off = (size_t)b->a.slice_index * b->local_len;
+    if (bench_setup(b, b->base_off + b->local_len) < 0 || bench_sync_start(b) < 0) {
         bench_teardown(b);
         return 1;
     }
@@ -299,6 +377,7 @@ int kvf_cli_bench(int argc, char **argv)
     bench_print_header();
     for (size_t i = 0; i < nlay && status == 0; i++)
         status = run_layout(b, &layouts[i]);
+    bench_sample(b, 1);
     if (status == 0 && b->tty)
         fprintf(stderr,
                 "all runs verified (a sample of every run's blocks compared at the "

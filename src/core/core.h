@@ -198,6 +198,11 @@ struct kvf_engine {
 
     pthread_mutex_t peers_lock;
     eng_peer_t *peers;
+    /* First lookups in progress (peer_get), each node on its resolver's stack, and the condition
+     * the others wait on: a burst of first transfers to one peer (the async threads of ten
+     * batches) runs one store lookup and opens one path instead of one each. Under peers_lock. */
+    struct eng_resolving *resolving;
+    pthread_cond_t peers_cv;
 
     /* Transfers in progress, so that destroy can wait for them to leave. */
     pthread_mutex_t busy_lock;

@@ -257,6 +257,11 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     rc = kvf__cond_init_monotonic(&e->busy_cond);
     if (rc < 0)
         goto out_destroy_locks;
+    rc = kvf__cond_init_monotonic(&e->peers_cv);
+    if (rc < 0) {
+        pthread_cond_destroy(&e->busy_cond);
+        goto out_destroy_locks;
+    }
     KVF_DEBUG(ENG_LOG, "device id %d: host memory (no device memory kinds are built)", device_id);
 
     rc = async_init(e);
@@ -368,6 +373,7 @@ out_regions:
 out_async:
     async_fini(e);
 out_destroy_cond:
+    pthread_cond_destroy(&e->peers_cv);
     pthread_cond_destroy(&e->busy_cond);
 out_destroy_locks:
     pthread_mutex_destroy(&e->mem_lock);
@@ -427,6 +433,7 @@ void kvf_engine_destroy(kvf_engine_t *e)
     /* Nothing serves or transfers any more: what kvf_mem_alloc() handed out goes now. */
     kvf__mem_fini(e);
     pthread_mutex_destroy(&e->mem_lock);
+    pthread_cond_destroy(&e->peers_cv);
     pthread_cond_destroy(&e->busy_cond);
     pthread_mutex_destroy(&e->busy_lock);
     pthread_mutex_destroy(&e->peers_lock);

@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "common/touch.h"
 #include "core/core.h"
 
 /* One kvf_mem_alloc() allocation: a memfd mapped MAP_SHARED at @addr. @len is what the caller
@@ -31,8 +32,12 @@ typedef struct eng_mem {
 /* Fault the pages in now, so that the first transfer into them runs at memory speed instead of
  * page-fault speed. MADV_POPULATE_WRITE (Linux 5.14) does it without touching the contents; for
  * read-only memory (a source that peers only read) MADV_POPULATE_READ does what can be done.
- * Nothing here ever stores to the range: it may be read-only, and a store could race with the
- * application's own writes. Where neither advice exists the first transfer pays the faults. */
+ * Then the kernel reads one byte of each page through its address (kvf__touch_kernel), the way
+ * the transports' send(), recv() and process_vm_writev() reach it later: where that first access
+ * is slow even for present pages (a guest under shadow paging, common/touch.h) it is paid here,
+ * not by the first transfer. Nothing here ever stores to the range: it may be read-only, and a
+ * store could race with the application's own writes. Where neither advice exists the first
+ * transfer pays the faults. */
 static void prefault(void *addr, size_t len)
 {
     long psz = sysconf(_SC_PAGESIZE);
@@ -40,14 +45,14 @@ static void prefault(void *addr, size_t len)
     uintptr_t start = (uintptr_t)addr & ~(page - 1);
     uintptr_t end = (uintptr_t)addr + len;
 #if defined(MADV_POPULATE_WRITE) && defined(MADV_POPULATE_READ)
-    if (madvise((void *)start, end - start, MADV_POPULATE_WRITE) == 0 ||
-        madvise((void *)start, end - start, MADV_POPULATE_READ) == 0)
-        return;
-    KVF_DEBUG(ENG_LOG, "prefault [%p, +%zu): %s", addr, len, strerror(errno));
+    if (madvise((void *)start, end - start, MADV_POPULATE_WRITE) < 0 &&
+        madvise((void *)start, end - start, MADV_POPULATE_READ) < 0)
+        KVF_DEBUG(ENG_LOG, "prefault [%p, +%zu): %s", addr, len, strerror(errno));
 #else
     (void)start;
     (void)end;
 #endif
+    kvf__touch_kernel(addr, len);
 }
 
 /* Whether all of [@addr, @addr+@len) is mapped in this process: msync() of a range with a hole

@@ -149,21 +149,90 @@ static int peer_select(kvf_engine_t *e, eng_peer_t *p, const atomic_bool *cancel
 /*
  * The cached peer for @sid, or a new one after its regions record appeared in the store (waiting
  * up to init_timeout_ms). The lookup runs without peers_lock so that a slow peer does not hold up
- * transfers to others; if two threads race, the first insert wins and the other is discarded.
+ * transfers to others; threads that want the same new peer at once wait for the first one's
+ * lookup (peer_find_or_claim) rather than each fetching records and opening connections, shm
+ * checks and fence slots that all but one would throw away.
  */
+#define PEER_CLAIM_POLL_MS 20u
+
+struct eng_resolving {
+    struct eng_resolving *next;
+    const char *sid;
+};
+
+static bool resolving_locked(kvf_engine_t *e, const char *sid)
+{
+    for (struct eng_resolving *r = e->resolving; r; r = r->next)
+        if (!strcmp(r->sid, sid))
+            return true;
+    return false;
+}
+
+/* The cached peer for @sid, or NULL with @me queued as its resolver. While another thread is
+ * already looking @sid up, wait for it (up to init_timeout_ms, the bound of that lookup too),
+ * then use its result; if it failed, this thread tries itself. */
+static eng_peer_t *peer_find_or_claim(kvf_engine_t *e, const char *sid, const atomic_bool *cancel,
+                                      struct eng_resolving *me)
+{
+    uint64_t deadline = kvf__now_ms() + e->cfg.init_timeout_ms;
+    eng_peer_t *p;
+    pthread_mutex_lock(&e->peers_lock);
+    /* A cancel sets a flag and signals nothing here: look at it every PEER_CLAIM_POLL_MS. */
+    while (!(p = peer_find_locked(e, sid)) && resolving_locked(e, sid) &&
+           !(cancel && atomic_load(cancel))) {
+        uint64_t now = kvf__now_ms();
+        if (now >= deadline)
+            break;
+        kvf__cond_wait_until(&e->peers_cv, &e->peers_lock,
+                             deadline - now > PEER_CLAIM_POLL_MS ? now + PEER_CLAIM_POLL_MS
+                                                                 : deadline);
+    }
+    if (!p) {
+        me->sid = sid;
+        me->next = e->resolving;
+        e->resolving = me;
+    }
+    pthread_mutex_unlock(&e->peers_lock);
+    return p;
+}
+
+static void peer_unclaim_locked(kvf_engine_t *e, struct eng_resolving *me)
+{
+    for (struct eng_resolving **r = &e->resolving; *r; r = &(*r)->next)
+        if (*r == me) {
+            *r = me->next;
+            break;
+        }
+    pthread_cond_broadcast(&e->peers_cv);
+}
+
+static int peer_get_new(kvf_engine_t *e, const char *sid, const atomic_bool *cancel,
+                        eng_peer_t **out);
+
 static int peer_get(kvf_engine_t *e, const char *sid, const atomic_bool *cancel, eng_peer_t **out)
+{
+    struct eng_resolving me;
+    eng_peer_t *p = peer_find_or_claim(e, sid, cancel, &me);
+    if (p) {
+        *out = p;
+        return 0;
+    }
+    int rc = peer_get_new(e, sid, cancel, out);
+    pthread_mutex_lock(&e->peers_lock);
+    peer_unclaim_locked(e, &me);
+    pthread_mutex_unlock(&e->peers_lock);
+    return rc;
+}
+
+/* peer_get() for a peer not in the cache: its regions and its path. If another thread inserted
+ * the peer meanwhile (it gave up waiting on this one's claim), its entry wins. */
+static int peer_get_new(kvf_engine_t *e, const char *sid, const atomic_bool *cancel,
+                        eng_peer_t **out)
 {
     kvf_hostport_t addr;
     eng_peer_t *p;
     int rc;
 
-    pthread_mutex_lock(&e->peers_lock);
-    p = peer_find_locked(e, sid);
-    pthread_mutex_unlock(&e->peers_lock);
-    if (p) {
-        *out = p;
-        return 0;
-    }
     rc = kvf__session_id_parse(sid, &addr);
     if (rc < 0)
         return rc;
