@@ -278,6 +278,10 @@ int kvf__eng_drain(kvf_engine_t *e, uint64_t deadline_ms);
  * waited out (up to op_timeout_ms, then a warning). No registration may follow. */
 void kvf__eng_withdraw_regions(kvf_engine_t *e);
 
+/* The tcp transport's record callback (kvf_record_cb): this engine's session or regions record
+ * for a peer's P2P record request; -KVF_ENOTFOUND for any other key. */
+int kvf__eng_record_answer(void *arg, const char *key, void **val, size_t *len);
+
 /* kvf_store_get() waiting up to @wait_ms in slices, given up (-KVF_ECLOSED) when the engine is
  * being destroyed, or (-KVF_ECANCELED) once @cancel (NULL: none; an async batch's flag) is set. */
 int kvf__eng_store_get_wait(kvf_engine_t *e, const char *key, uint32_t wait_ms,

@@ -252,6 +252,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .notify_arg = e,
         .stats_cb = kvf__stats_encoded,
         .stats_arg = e,
+        .record_cb = kvf__eng_record_answer,
+        .record_arg = e,
         .shm_word = &e->shm_word,
     };
     rc = kvf__transports[e->listener]->create(&tp, &e->tr[e->listener]);
@@ -300,7 +302,10 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
 
     void *old;
     size_t old_len;
-    if (kvf_store_get(e->store, e->session_key, 0, &old, &old_len) == 0) {
+    /* Without a store (p2p://) there is nobody else's record to take over, and asking would
+     * ask this very engine, which does not answer before it starts. */
+    if (surl.scheme != KVF_STORE_SCHEME_P2P &&
+        kvf_store_get(e->store, e->session_key, 0, &old, &old_len) == 0) {
         KVF_INFO(ENG_LOG, "session %s: taking over the record of an engine that is gone", e->sid);
         free(old);
     }

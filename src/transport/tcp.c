@@ -75,6 +75,8 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     t->notify_arg = p->notify_arg;
     t->stats_cb = p->stats_cb;
     t->stats_arg = p->stats_arg;
+    t->record_cb = p->record_cb;
+    t->record_arg = p->record_arg;
     atomic_init(&t->stopping, false);
     const char *tc = getenv(TCP_TEST_CLOSE_ENV);
     atomic_init(&t->test_close_left, tc ? atoi(tc) : 0);

@@ -112,6 +112,14 @@ typedef int (*kvf_notify_cb)(void *arg, const char *sender, const void *msg, siz
 typedef int (*kvf_stats_cb)(void *arg, uint8_t **out, size_t *len);
 
 /*
+ * Called by tcp when a peer asks for one of this engine's records (a P2P record request,
+ * common/p2p.h): @key as asked (printable, NUL-terminated). A malloc'ed copy of the value in
+ * *@val, which the transport sends and frees; or -KVF_ENOTFOUND (with a message) for a key that
+ * is not one of this engine's records. Other codes are answered too.
+ */
+typedef int (*kvf_record_cb)(void *arg, const char *key, void **val, size_t *len);
+
+/*
  * Per-call controls of transfer(), both optional.
  * @status: NULL, or one entry per element, which the caller sets to KVF_XFER_PENDING first. The
  *          transport sets entry i to 0 when element i is entirely in place, or to a negative code
@@ -140,6 +148,8 @@ typedef struct {
     void *notify_arg;
     kvf_stats_cb stats_cb;          /* tcp: answers STATS frames; NULL = refuse them */
     void *stats_arg;
+    kvf_record_cb record_cb;        /* tcp: answers P2P record requests; NULL = refuse them */
+    void *record_arg;
     uint32_t idle_timeout_ms;       /* tcp: a served connection that brings no request for this
                                        long is closed; 0 = KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS */
     const kvf_shm_word_t *shm_word; /* shm: the engine's word, whose address a sender that took
