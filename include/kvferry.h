@@ -601,6 +601,13 @@ typedef struct {
                                     at http://host:port/metrics (kvf_metrics_server_start(),
                                     kvf_stats_prometheus()) from create to destroy; port 0
                                     picks a free one. NULL or "" (default): no endpoint. */
+    int listen_fd;               /* -1 (default): bind the session id's address. Otherwise a TCP
+                                    socket the caller already bound (listening or not; the
+                                    wildcard address or the session id's), e.g. to hand out its
+                                    port before the engine exists: the engine listens on a
+                                    duplicate of it, so the port is never free in between. Its
+                                    port must be the session id's (or the session id's port
+                                    0 takes it). The caller keeps and closes its own fd. */
 } kvf_config_t;
 
 /** kvf_config_init - fill @cfg with the defaults and set its size field. */

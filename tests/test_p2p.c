@@ -311,7 +311,53 @@ static void p2p_fetch_from_non_engine(void **state)
     close(lfd);
 }
 
+/* A port reserved before the engine exists (the frameworks' get_rpc_port() before initialize):
+ * a socket bound to the wildcard address, not listening; the engine listens on it, so the port
+ * is never free in between. A socket bound to another port is refused, naming both. */
+static void reserved_port_used_by_engine(void **state)
+{
+    (void)state;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    socklen_t al = sizeof(a);
+    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &al), 0);
+    uint16_t port = ntohs(a.sin_port);
+    char sid[64], other[64];
+    snprintf(sid, sizeof(sid), "127.0.0.1:%u", (unsigned)port);
+    snprintf(other, sizeof(other), "127.0.0.1:%u", (unsigned)(port == 65535 ? 1 : port + 1));
+
+    kvf_config_t cfg;
+    kvf_config_init(&cfg);
+    assert_int_equal(cfg.listen_fd, -1);
+    cfg.listen_fd = fd;
+    kvf_engine_t *dec = NULL;
+    assert_kvf_err(kvf_engine_create(P2P, other, KVF_ROLE_DECODE, 0, &cfg, &dec), -KVF_EINVAL);
+    assert_last_error_contains("is bound to port");
+    assert_last_error_contains(other);
+    cfg.listen_fd = -2;
+    assert_kvf_err(kvf_engine_create(P2P, sid, KVF_ROLE_DECODE, 0, &cfg, &dec), -KVF_EINVAL);
+    assert_last_error_contains("config.listen_fd -2");
+    cfg.listen_fd = fd;
+    assert_kvf_ok(kvf_engine_create(P2P, sid, KVF_ROLE_DECODE, 0, &cfg, &dec));
+    assert_int_equal(kvf_engine_port(dec), port);
+    assert_string_equal(kvf_engine_session_id(dec), sid);
+    close(fd); /* the caller's copy: the engine keeps listening on its own */
+
+    kvf_engine_t *pre = p2p_engine(KVF_ROLE_PREFILL, NULL);
+    uint8_t src[4096], dst[4096] = {0};
+    kvf_test_pattern(src, sizeof(src), 2);
+    assert_kvf_ok(kvf_mem_register(dec, dst, sizeof(dst)));
+    assert_kvf_ok(kvf_write(pre, sid, src, (uintptr_t)dst, sizeof(src)));
+    assert_memory_equal(dst, src, sizeof(src));
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(reserved_port_used_by_engine),
     cmocka_unit_test(p2p_url_parses),
     cmocka_unit_test(p2p_write_read_bytes),
     cmocka_unit_test(p2p_peer_wait),

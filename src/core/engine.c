@@ -254,6 +254,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .stats_arg = e,
         .record_cb = kvf__eng_record_answer,
         .record_arg = e,
+        .listen_fd = e->cfg.listen_fd >= 0 ? &e->cfg.listen_fd : NULL,
         .shm_word = &e->shm_word,
     };
     rc = kvf__transports[e->listener]->create(&tp, &e->tr[e->listener]);

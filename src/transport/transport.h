@@ -137,6 +137,9 @@ typedef struct {
     const char *local_sid;          /* for logs and the hello; tcp replaces a port 0 in it with
                                        the port it listens on */
     kvf_hostport_t listen;          /* address to listen on; port 0 = any free port */
+    const int *listen_fd;           /* tcp: NULL, or a socket already bound to listen's port (or
+                                       to a free one when that is 0) to listen on a duplicate
+                                       of (kvf_config_t.listen_fd) */
     kvf_region_table_t *regions;    /* the engine's regions, checked for every incoming request */
     uint32_t conns_per_peer;        /* connections opened to each peer */
     uint32_t chunk_bytes;           /* elements longer than this are split */
