@@ -47,27 +47,48 @@ if [ -n "$missing" ]; then
     fi
 fi
 
+# --- progress: a step counter with the time so far and an estimate of the time left --------------
+# The kvferry runs, each "name flags..."; then the store bench, iperf3 and 13 ucx_perftest runs.
+KVF_RUNS=(
+    "tcp            --transport tcp --block-size 64K,1M,4M,64M"
+    "tcp-batch16    --transport tcp --block-size 1M,4M --batch 16"
+    "tcp-window8    --transport tcp --block-size 64K,1M,4M,64M --window 8"
+    "tcp-4k         --transport tcp --block-size 4K"
+    "tcp-kv         --transport tcp --workload kv"
+    "shm            --transport shm --block-size 64K,1M,4M,16M,64M"
+    "shm-registered --transport shm --memory registered --block-size 16M,64M"
+    "shm-2threads   --transport shm --threads 2 --block-size 16M"
+    "shm-4k         --transport shm --block-size 4K"
+    "shm-kv         --transport shm --workload kv"
+)
+UCX_SIZES=(65536 1048576 4194304 67108864)
+STEPS=$(( ${#KVF_RUNS[@]} + 2 + 3 * ${#UCX_SIZES[@]} + 1 ))
+STEP=0
+T0=0
+step() { # what: "== [k/N, T s, about E s left] what"; the estimate counts from the first step
+    local now left=""
+    now=$(date +%s)
+    [ "$STEP" -eq 0 ] && T0=$now
+    [ "$STEP" -gt 0 ] && left=", about $(( (now - T0) * (STEPS - STEP) / STEP )) s left"
+    STEP=$((STEP + 1))
+    echo "== [$STEP/$STEPS, $(( now - START )) s$left] $*"
+}
+
 # --- kvferry and its same-run baselines ----------------------------------------------------------
 kvf() { # name, then `kvferry bench` flags
     local name=$1
     shift
-    echo "== kvferry bench $*"
+    step "kvferry bench $*"
     if ! timeout 240 "$KVF" bench --quiet --baseline --reps "$REPS" --duration "$DUR" --json "$OUT/kvferry-$name.json" "$@"; then
         echo "compare: kvferry bench $* failed" >&2
         exit 1
     fi
 }
-kvf tcp            --transport tcp --block-size 64K,1M,4M,64M
-kvf tcp-batch16    --transport tcp --block-size 1M,4M --batch 16
-kvf tcp-window8    --transport tcp --block-size 64K,1M,4M,64M --window 8
-kvf tcp-4k         --transport tcp --block-size 4K
-kvf tcp-kv         --transport tcp --workload kv
-kvf shm            --transport shm --block-size 64K,1M,4M,16M,64M
-kvf shm-registered --transport shm --memory registered --block-size 16M,64M
-kvf shm-2threads   --transport shm --threads 2 --block-size 16M
-kvf shm-4k         --transport shm --block-size 4K
-kvf shm-kv         --transport shm --workload kv
-echo "== kvferry bench store"
+for run in "${KVF_RUNS[@]}"; do
+    # shellcheck disable=SC2086
+    kvf $run
+done
+step "kvferry bench store"
 timeout 120 "$KVF" bench store --clients 8 --seconds 1 --json "$OUT/store.json"
 
 # --- external references -------------------------------------------------------------------------
@@ -96,7 +117,7 @@ EXT="$OUT/external.jsonl"
 na() { printf '{"tool":"%s","test":"%s","tls":"%s","size":%s,"na":"%s"}\n' "$1" "$2" "$3" "$4" "$5" >>"$EXT"; }
 
 if command -v iperf3 >/dev/null; then
-    echo "== iperf3 on loopback, 3 s"
+    step "iperf3 on loopback, 3 s"
     iperf3 -s -1 -p "$PORT" >"$OUT/iperf3-server.log" 2>&1 &
     spid=$!
     if wait_listen "$PORT" &&
@@ -107,6 +128,7 @@ if command -v iperf3 >/dev/null; then
     fi
     stop_pid "$spid"
 else
+    step "iperf3: not installed"
     na iperf3 stream tcp 0 "iperf3 is not installed"
 fi
 
@@ -120,6 +142,7 @@ ucx() { # tls test size
     [ "$test" = ucp_put_bw ] && iters=$((iters / 4))
     [ "$iters" -lt 20 ] && iters=20
     local log="$OUT/ucx-$tls-$test-$size.log"
+    step "ucx_perftest $test over $tls, $size bytes"
     if ! command -v ucx_perftest >/dev/null; then
         na ucx "$test" "$tls" "$size" "ucx_perftest is not installed (Debian ucx-utils)"
         return
@@ -143,8 +166,7 @@ ucx() { # tls test size
     fi
     stop_pid "$spid"
 }
-echo "== ucx_perftest over tcp and posix shared memory"
-for size in 65536 1048576 4194304 67108864; do
+for size in "${UCX_SIZES[@]}"; do
     ucx tcp ucp_am_bw "$size"
     ucx tcp ucp_put_bw "$size"
     ucx posix ucp_am_bw "$size"

@@ -20,6 +20,7 @@
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -1519,6 +1520,70 @@ static void notify_queue_full_busy(void **state)
     free(n);
 }
 
+/* A notification waiting (up to 2 s) for room in one target's queue, on another thread. */
+typedef struct {
+    kvf_engine_t *e;
+    const char *peer;
+    atomic_int tid;
+    int rc;
+    uint64_t done_ms;
+} waiting_note_t;
+
+static void *send_waiting_note(void *arg)
+{
+    waiting_note_t *w = arg;
+    atomic_store(&w->tid, (int)gettid());
+    w->rc = kvf_notify_send(w->e, w->peer, "q2", 2);
+    w->done_ms = kvf_test_now_ms();
+    return NULL;
+}
+
+/* Whether thread @tid of this process is asleep ('S' in /proc/self/task/TID/stat). */
+static bool thread_sleeps(int tid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof(path), "/proc/self/task/%d/stat", tid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return false;
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *end = strrchr(buf, ')'); /* the name may hold spaces and parentheses */
+    return end && end[1] == ' ' && end[2] == 'S';
+}
+
+/* Found in review: on the loop path a notification waiting for room held the process-wide
+ * registry of loop engines shared for its whole 2 s wait, so starting or destroying any other
+ * engine of the process (which takes it exclusive) waited too. Now an engine starts and is
+ * destroyed while the notification waits. */
+static void waiting_notification_holds_up_no_other_engine(void **state)
+{
+    fx_t *fx = *state;
+    kvf_config_t c = quick_config();
+    c.notify_queue_max = 2; /* one sender may hold one */
+    kvf_engine_t *dec = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_DECODE, &c);
+    waiting_note_t w = {.e = fx->pre, .peer = kvf_engine_session_id(dec)};
+    assert_kvf_ok(kvf_notify_send(fx->pre, w.peer, "q1", 2));
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, send_waiting_note, &w), 0);
+    /* Bounded: the sender is asleep once it waits for room (or for the target's answer). */
+    uint64_t t0 = kvf_test_now_ms();
+    while (!(atomic_load(&w.tid) && thread_sleeps(atomic_load(&w.tid))) &&
+           kvf_test_now_ms() - t0 < 5000)
+        sched_yield();
+    kvf_config_t qc = quick_config();
+    kvf_engine_t *other = engine_sid(fx->url, "127.0.0.1:0", KVF_ROLE_PREFILL, &qc);
+    kvf_engine_destroy(other);
+    uint64_t started = kvf_test_now_ms();
+    pthread_join(t, NULL);
+    assert_int_equal(w.rc, -KVF_EBUSY);
+    if (started >= w.done_ms)
+        fail_msg("another engine's start and destroy waited for the notification: done %llu ms "
+                 "after it, the notification %llu ms",
+                 (unsigned long long)(started - t0), (unsigned long long)(w.done_ms - t0));
+}
+
 /* Reproduced in issue 12: unsolicited notifications from one peer filled a target's queue, and
  * a legitimate batch whose data had landed was then refused. One sender holds at most half of
  * the queue: another is still served, promptly. */
@@ -2114,6 +2179,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(notify_max_len, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_queue_full_busy, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_flood_leaves_room_for_others, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(waiting_notification_holds_up_no_other_engine, fx_setup,
+                                    fx_teardown),
     cmocka_unit_test_setup_teardown(notify_queue_full_busy_child, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_wait_timeout, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(peer_events_join_leave, fx_setup, fx_teardown),

@@ -335,6 +335,14 @@ static void store_bench(void **state)
     assert_true(num(root, "get_per_s_n") > 0);
     json_t *wake = json_object_get(root, "wake");
     assert_true(num(wake, "p50_us") <= num(wake, "max_us"));
+    /* An engine's registration and lookup went through the store, each 20 times. */
+    assert_non_null(strstr(out, "engine registration (kvf_mem_register, 4 KiB), 20 rounds: p50 "));
+    assert_non_null(strstr(out, "engine lookup (kvf_peer_regions from another engine), 20 rounds"));
+    for (int i = 0; i < 2; i++) {
+        json_t *o = json_object_get(root, i ? "lookup" : "register");
+        assert_true(num(o, "p50_us") > 0);
+        assert_true(num(o, "p50_us") <= num(o, "p99_us"));
+    }
     json_decref(root);
 }
 

@@ -1,9 +1,14 @@
 /*
  * Engines over every store backend (KVF_TEST_STORE, see tests/test_stores.h): two engines find
  * each other through the store and transfer over TCP; the store dies and comes back empty while
- * they run, and they re-publish their records, so a Prefill that never met the Decode finds it
- * and writes into its regions, and the transfers between engines that know each other go on.
+ * a thread keeps transferring (every write checked), and they re-publish their records, so a
+ * Prefill that never met the Decode finds it and writes into its regions, and the transfers
+ * between engines that know each other go on without one failure.
  */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -93,18 +98,77 @@ static void engines_find_each_other_and_transfer(void **state)
     kvf_store_close(st);
 }
 
+/* Transfers that run through a store outage: a thread writes into the Decode's second region
+ * over and over, each write checked byte for byte, until told to stop. */
+typedef struct {
+    fx_t *fx;
+    uint8_t *dst, *src;
+    atomic_uint done;
+    atomic_bool stop;
+    int failed_rc;
+    unsigned failed_at;
+} mover_t;
+
+static void *mover_main(void *arg)
+{
+    mover_t *m = arg;
+    const char *peer = kvf_engine_session_id(m->fx->dec);
+    for (unsigned i = 0; !atomic_load(&m->stop) && i < 100000; i++) {
+        kvf_test_pattern(m->src, N, 1000 + i);
+        int rc = kvf_write(m->fx->pre, peer, m->src, (uintptr_t)m->dst, N);
+        if (rc < 0 || memcmp(m->dst, m->src, N) != 0) {
+            m->failed_rc = rc < 0 ? rc : 1;
+            m->failed_at = i;
+            return NULL;
+        }
+        atomic_fetch_add(&m->done, 1);
+    }
+    return NULL;
+}
+
+/* Wait (bounded) until the mover has finished @more writes after @from; false if it stopped. */
+static bool mover_advance(mover_t *m, unsigned from, unsigned more)
+{
+    uint64_t t0 = kvf_test_now_ms();
+    while (atomic_load(&m->done) < from + more) {
+        if (m->failed_rc || kvf_test_now_ms() - t0 > 20000)
+            return false;
+        sched_yield();
+    }
+    return true;
+}
+
 static void store_restart_engines_republish(void **state)
 {
     fx_t *fx = *state;
+    mover_t m = {.fx = fx, .dst = calloc(1, N), .src = malloc(N)};
+    assert_non_null(m.dst);
+    assert_non_null(m.src);
+    assert_kvf_ok(kvf_mem_register(fx->dec, m.dst, N));
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, mover_main, &m), 0);
+
     write_and_check(fx->pre, fx, 2);
+    assert_true(mover_advance(&m, 0, 3));
     kvf_test_backend_kill(&fx->b, true);
-    /* With the store down, peers that know each other go on. */
+    /* With the store down (its data gone), peers that know each other go on. */
+    unsigned at_kill = atomic_load(&m.done);
     write_and_check(fx->pre, fx, 3);
+    bool during = mover_advance(&m, at_kill, 5);
     kvf_test_backend_restart(&fx->b);
     /* A Prefill that never met the Decode finds it: its records were published again. */
     kvf_engine_t *fresh = engine(fx->b.url, KVF_ROLE_PREFILL);
     write_and_check(fresh, fx, 4);
     write_and_check(fx->pre, fx, 5);
+    unsigned at_restart = atomic_load(&m.done);
+    bool after = mover_advance(&m, at_restart, 3);
+    atomic_store(&m.stop, true);
+    pthread_join(t, NULL);
+    if (m.failed_rc)
+        fail_msg("write %u of the transfers through the outage failed: %d %s", m.failed_at,
+                 m.failed_rc, kvf_last_error());
+    assert_true(during);
+    assert_true(after);
     /* Both sessions of the fixture and the new one are in the store again. */
     kvf_store_t *st = NULL;
     assert_kvf_ok(kvf_store_open(fx->b.url, NULL, &st));
@@ -123,6 +187,9 @@ static void store_restart_engines_republish(void **state)
     assert_int_equal(n, 3);
     kvf_store_close(st);
     kvf_engine_destroy(fresh);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, m.dst));
+    free(m.dst);
+    free(m.src);
 }
 
 /* config.key_prefix (and KVFERRY_KEY_PREFIX) moves every record; engines of another prefix are

@@ -188,6 +188,7 @@ static pid_t transfer(const char *role, const char *src, const char *url, const 
     argv[n++] = (char *)iterations;
     argv[n++] = "--timeout";
     argv[n++] = CHILD_TIMEOUT;
+    argv[n++] = "-v"; /* the seed's per-slice lines, which these tests compare */
     if (dst) {
         argv[n++] = "--dst-session-id";
         argv[n++] = (char *)dst;
@@ -308,7 +309,7 @@ static void decode_survives_prefill_gone_before_ack(void **state)
     /* A short --timeout: the acknowledgement to the vanished Prefill fails within it. */
     char *dargv[] = {(char *)kvf_test_cli_path(), "transfer", "--role", "Decode",
                      "--src-session-id", "127.0.0.1:0", "--store-url", url, "--iterations", "0",
-                     "--timeout", "2", NULL};
+                     "--timeout", "2", "-v", NULL};
     pid_t decode = spawn(dargv, &dfd);
     wait_line(dfd, &out_a, "decode session ", line, sizeof(line));
     ready_sid(line, "decode", sid, sizeof(sid));

@@ -91,8 +91,14 @@ static void progress(bench_t *b, const char *what, bench_thread_t *th, unsigned 
     double s = (double)(cli_now_ns() - t0) / 1e9;
     if (b->a.duration > 0 && s > b->a.duration)
         s = b->a.duration;
-    fprintf(stderr, "\r\033[K  %s: %.1f s, %" PRIu64 " calls, %.2f GB/s", what, s, calls,
+    /* Every run lasts --duration (a bound with --iterations): the time left is the rest of this
+     * one and the runs still to come. */
+    double eta = (double)(b->runs_total - b->runs_done - 1) * b->a.duration + b->a.duration - s;
+    fprintf(stderr, "\r\033[K  run %u/%u, %s: %.1f s, %" PRIu64 " calls, %.2f GB/s",
+            b->runs_done + 1, b->runs_total, what, s, calls,
             s > 0 ? (double)calls * (double)l->bytes / s / 1e9 : 0.0);
+    if (b->a.duration > 0 && b->runs_total > b->runs_done)
+        fprintf(stderr, ", ETA %.0f s", eta);
 }
 
 void bench_run_method(bench_t *b, const bench_layout_t *l, const bench_method_t *m,
@@ -160,6 +166,7 @@ void bench_run_method(bench_t *b, const bench_layout_t *l, const bench_method_t 
     }
     if (b->tty)
         fprintf(stderr, "\r\033[K");
+    b->runs_done++;
 
 out_threads:
     for (unsigned i = 0; i < started; i++)

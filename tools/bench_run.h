@@ -83,6 +83,8 @@ typedef struct {
     json_t *runs;
     bool tty;
     unsigned run_no;
+    /* Timed runs done and expected in all (the baselines' number is known after the first). */
+    unsigned runs_done, runs_total;
 } bench_t;
 
 /* ---- bench_args.c ------------------------------------------------------------------------ */

@@ -60,6 +60,27 @@ int kvf_cli_parse_transport(const char *cmd, const char *s, kvf_transport_kind_t
     return 0;
 }
 
+int kvf_cli_parse_key_prefix(const char *cmd, const kvf_cli_opt_t *o, const char *value)
+{
+    size_t n = strlen(value);
+    if (n == 0 || n > 128 || strspn(value, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                           "0123456789_.:/-") != n) {
+        fprintf(stderr,
+                "kvferry %s: --key-prefix %s: want 1..128 letters, digits, '_', '.', ':', '/', "
+                "'-'\n",
+                cmd, value);
+        return -1;
+    }
+    *(const char **)o->dst = value;
+    return 0;
+}
+
+const char *kvf_cli_key_prefix(const char *flag)
+{
+    const char *env = getenv("KVFERRY_KEY_PREFIX");
+    return flag ? flag : env && *env ? env : "kvferry/v1/";
+}
+
 const char *kvf_cli_transport_name(kvf_transport_kind_t t)
 {
     return t == KVF_TRANSPORT_TCP ? "tcp" : t == KVF_TRANSPORT_SHM ? "shm" : "auto";

@@ -94,6 +94,22 @@ struct kvf_cli_opt {
     {                                                                                              \
         "transport", KVF_CLI_TRANSPORT, (dst), 0, 0, NULL                                          \
     }
+/* --key-prefix P: *(const char **)dst = P, checked as engines check config.key_prefix. */
+#define KVF_CLI_OPT_KEY_PREFIX(dst)                                                                \
+    {                                                                                              \
+        "key-prefix", KVF_CLI_CUSTOM, (dst), 0, 0, kvf_cli_parse_key_prefix                        \
+    }
+int kvf_cli_parse_key_prefix(const char *cmd, const kvf_cli_opt_t *o, const char *value);
+
+/* The store key prefix engines use: @flag (--key-prefix) when given, else $KVFERRY_KEY_PREFIX,
+ * else "kvferry/v1/" (as kvf_config_t.key_prefix documents). */
+const char *kvf_cli_key_prefix(const char *flag);
+
+/* The --key-prefix help line, for the usage texts. */
+#define KVF_CLI_KEY_PREFIX_HELP                                                                    \
+    "prefix of the store keys, as the engines'\n"                                                  \
+    "                        (default $KVFERRY_KEY_PREFIX, else kvferry/v1/)\n"
+
 /* The number of options in the table @opts. */
 #define KVF_CLI_NOPTS(opts) (sizeof(opts) / sizeof((opts)[0]))
 

@@ -91,6 +91,8 @@ static int run_layout(bench_t *b, const bench_layout_t *l)
                     base[nbase++] = &bench_tcp_pingpong;
             }
             latency = !shm && l->bytes <= BENCH_PINGPONG_MAX;
+            /* Now known for this layout (the guess was one baseline). */
+            b->runs_total += (unsigned)((nbase - 1) * reps);
         }
         for (size_t i = 0; i < nbase; i++) {
             snprintf(what, sizeof(what), "%s %s x %zu, rep %u/%u", base[i]->label, block, l->n,
@@ -292,6 +294,8 @@ int kvf_cli_bench(int argc, char **argv)
     }
 
     int status = 0;
+    /* One baseline per run is a guess until the first run shows the transport. */
+    b->runs_total = (unsigned)(nlay * (size_t)b->a.reps * (b->a.baseline ? 2u : 1u));
     bench_print_header();
     for (size_t i = 0; i < nlay && status == 0; i++)
         status = run_layout(b, &layouts[i]);

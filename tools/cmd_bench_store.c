@@ -6,7 +6,10 @@
  * connection and key, one request at a time); a raw TCP ping-pong of a similar frame size on one
  * loopback connection as the ceiling of any request/response protocol; then get-with-wait wake-up
  * latency: one client waits on a key, another sets it, and the time from the start of the set to
- * the waiter's return is measured (--rounds times).
+ * the waiter's return is measured (--rounds times); then what an engine waits for from the
+ * store: registration (kvf_mem_register of a 4 KiB buffer, which publishes the engine's regions
+ * record) and lookup (kvf_peer_regions of that engine from a second one, a fresh read of its
+ * records), --rounds times each.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -289,16 +292,66 @@ static int wake_latency(const char *url, unsigned rounds, uint64_t *lat_ns)
     return status;
 }
 
+/* ---- an engine's registration and lookup ------------------------------------------------- */
+
+static int engine_latency(const char *url, unsigned rounds, uint64_t *reg_ns, uint64_t *look_ns)
+{
+    kvf_config_t cfg;
+    kvf_config_init(&cfg);
+    cfg.transport = KVF_TRANSPORT_TCP;
+    kvf_engine_t *dec = NULL, *pre = NULL;
+    void *buf = NULL;
+    int rc = kvf_engine_create(url, "127.0.0.1:0", KVF_ROLE_DECODE, 0, &cfg, &dec);
+    if (rc == 0)
+        rc = kvf_engine_create(url, "127.0.0.1:0", KVF_ROLE_PREFILL, 0, &cfg, &pre);
+    if (rc == 0 && posix_memalign(&buf, 4096, 4096) != 0)
+        rc = -KVF_ENOMEM;
+    for (unsigned r = 0; r < rounds && rc == 0; r++) {
+        kvf_region_info_t *regs = NULL;
+        size_t n = 0;
+        uint64_t t0 = cli_now_ns();
+        rc = kvf_mem_register(dec, buf, 4096);
+        uint64_t t1 = cli_now_ns();
+        if (rc == 0)
+            rc = kvf_peer_regions(pre, kvf_engine_session_id(dec), &regs, &n);
+        uint64_t t2 = cli_now_ns();
+        free(regs);
+        if (rc == 0 && n != 1)
+            rc = -KVF_EPROTO; /* the lookup must see the region just registered */
+        if (rc == 0)
+            rc = kvf_mem_unregister(dec, buf);
+        reg_ns[r] = t1 - t0;
+        look_ns[r] = t2 - t1;
+    }
+    if (rc < 0)
+        kvf_cli_fail(CMD, rc, "engine registration and lookup at %s", url);
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+    free(buf);
+    qsort(reg_ns, rounds, sizeof(uint64_t), bench_cmp_u64);
+    qsort(look_ns, rounds, sizeof(uint64_t), bench_cmp_u64);
+    return rc < 0 ? -1 : 0;
+}
+
+/* p50 and p99 of @n sorted samples, in microseconds. */
+static void percentiles(const uint64_t *ns, uint64_t n, double *p50, double *p99)
+{
+    *p50 = (double)ns[(n - 1) / 2] / 1e3;
+    *p99 = (double)ns[(n * 99 + 99) / 100 - 1] / 1e3;
+}
+
 static void usage(FILE *f)
 {
     fprintf(f, "usage: kvferry bench store [--clients N] [--seconds S] [--rounds N]\n"
                "                           [--store-url URL] [--json FILE]\n\n"
                "Config-store set and get operations per second from 1 and N clients, beside a\n"
-               "raw TCP ping-pong on one loopback connection, and get-with-wait wake-up latency.\n"
+               "raw TCP ping-pong on one loopback connection, get-with-wait wake-up latency, and\n"
+               "an engine's registration (kvf_mem_register) and lookup (kvf_peer_regions).\n"
                "Without --store-url a store is started in this process on 127.0.0.1.\n\n"
                "  --clients N     clients of the second phase, 1..1000, default 8\n"
                "  --seconds S     length of each phase, 0.1..60, default 1\n"
-               "  --rounds N      wake-up rounds, 1..100000, default 200\n"
+               "  --rounds N      wake-up, registration and lookup rounds, 1..100000,\n"
+               "                  default 200\n"
                "  --store-url URL a running store instead: tcp://, etcd:// or redis://\n"
                "  --json FILE     write the figures to FILE\n");
 }
@@ -344,17 +397,20 @@ int kvf_cli_bench_store(int argc, char **argv)
     }
     int status = 1;
     uint64_t *lat = calloc(rounds, sizeof(uint64_t));
+    uint64_t *reg = calloc(rounds, sizeof(uint64_t)), *look = calloc(rounds, sizeof(uint64_t));
     double raw = raw_pingpong_per_s(seconds);
     double set1 = run_clients(url, 1, OP_SET, seconds);
     double get1 = set1 >= 0 ? run_clients(url, 1, OP_GET, seconds) : -1;
     double setn = get1 >= 0 ? run_clients(url, (int)clients, OP_SET, seconds) : -1;
     double getn = setn >= 0 ? run_clients(url, (int)clients, OP_GET, seconds) : -1;
-    if (getn < 0 || !lat || wake_latency(url, (unsigned)rounds, lat) < 0)
+    if (getn < 0 || !lat || !reg || !look || wake_latency(url, (unsigned)rounds, lat) < 0 ||
+        engine_latency(url, (unsigned)rounds, reg, look) < 0)
         goto out;
 
-    double p50 = (double)lat[(rounds - 1) / 2] / 1e3;
-    double p99 = (double)lat[(rounds * 99 + 99) / 100 - 1] / 1e3;
-    double max = (double)lat[rounds - 1] / 1e3;
+    double p50, p99, max = (double)lat[rounds - 1] / 1e3, reg50, reg99, look50, look99;
+    percentiles(lat, rounds, &p50, &p99);
+    percentiles(reg, rounds, &reg50, &reg99);
+    percentiles(look, rounds, &look50, &look99);
     printf("%-34s %8s %12s %10s\n", "what", "clients", "ops/s", "vs raw");
     printf("%-34s %8d %12.0f %10s\n", "raw TCP ping-pong (48 B / 24 B)", 1, raw, "1.00");
     printf("%-34s %8d %12.0f %10.2f\n", "store set", 1, set1, raw > 0 ? set1 / raw : 0);
@@ -364,6 +420,12 @@ int kvf_cli_bench_store(int argc, char **argv)
     printf("get-with-wait wake-up (set -> waiter returns), %" PRIu64
            " rounds: p50 %.1f us, p99 %.1f us, max %.1f us\n",
            rounds, p50, p99, max);
+    printf("engine registration (kvf_mem_register, 4 KiB), %" PRIu64
+           " rounds: p50 %.1f us, p99 %.1f us\n",
+           rounds, reg50, reg99);
+    printf("engine lookup (kvf_peer_regions from another engine), %" PRIu64
+           " rounds: p50 %.1f us, p99 %.1f us\n",
+           rounds, look50, look99);
     status = 0;
     if (json_path) {
         json_t *root =
@@ -372,6 +434,10 @@ int kvf_cli_bench_store(int argc, char **argv)
                       "clients", (json_int_t)clients, "raw_pingpong_per_s", raw, "set_per_s_1",
                       set1, "get_per_s_1", get1, "set_per_s_n", setn, "get_per_s_n", getn, "wake",
                       "rounds", (json_int_t)rounds, "p50_us", p50, "p99_us", p99, "max_us", max);
+        json_object_set_new(root, "register",
+                            json_pack("{s:f,s:f}", "p50_us", reg50, "p99_us", reg99));
+        json_object_set_new(root, "lookup",
+                            json_pack("{s:f,s:f}", "p50_us", look50, "p99_us", look99));
         if (json_dump_file(root, json_path, JSON_INDENT(2)) < 0) {
             fprintf(stderr, "kvferry " CMD ": cannot write %s: %s\n", json_path, strerror(errno));
             status = 1;
@@ -380,6 +446,8 @@ int kvf_cli_bench_store(int argc, char **argv)
     }
 out:
     free(lat);
+    free(reg);
+    free(look);
     kvf_store_server_stop(srv);
     return status;
 }

@@ -54,7 +54,7 @@ typedef struct {
     uint64_t rounds_written, rounds_verified, bytes;
     double ms, first_ms;
     char via[16]; /* the transport the Prefill reported ("transport to SID: shm") */
-    bool verbose; /* relay every line of the children, the per-slice ones too */
+    bool verbose; /* -v, passed on to the children: the per-slice lines too */
 } demo_t;
 
 static void usage(FILE *f)
@@ -119,9 +119,7 @@ static bool has_prefix(const char *s, const char *prefix)
 static void on_line(demo_t *d, int which, const char *line)
 {
     static const char *const tags[DEMO_NCHILD] = {"[store]   ", "[decode]  ", "[prefill] "};
-    /* The seed's per-slice lines are 20 a round: behind -v, so the summary is not lost. */
-    if (d->verbose || !strstr(line, " buffer success "))
-        printf("%s%s\n", tags[which], line);
+    printf("%s%s\n", tags[which], line);
 
     if (which == DEMO_STORE) {
         const char *tag = "kvferry store listening on ";
@@ -355,6 +353,8 @@ int kvf_cli_demo(int argc, char **argv)
     snprintf(tmo, sizeof(tmo), "%" PRIu64, timeout_s);
     snprintf(lvl, sizeof(lvl), "%" PRIu64, level);
     uint64_t timeout_ms = timeout_s * 1000u;
+    /* Every round's line (the summary counts them); the seed's per-slice lines under -v only. */
+    char *vflag = d.verbose ? "-v" : NULL;
     const char *why = NULL;
     int code = 1;
 
@@ -369,7 +369,8 @@ int kvf_cli_demo(int argc, char **argv)
 
     char *decode_argv[] = {"kvferry", "transfer", "--role", "Decode", "--src-session-id",
                            "127.0.0.1:0", "--store-url", d.store_url, "--iterations", iters,
-                           "--timeout", tmo, "--log-level", lvl, "--transport", tr, NULL};
+                           "--timeout", tmo, "--log-level", lvl, "--transport", tr,
+                           "--progress-interval", "0", vflag, NULL};
     if (child_start(&d, DEMO_DECODE, decode_argv) < 0)
         goto out_stop;
     if (pump(&d, cli_now_ms() + timeout_ms, decode_ready) < 0 || !d.decode_sid[0]) {
@@ -381,7 +382,8 @@ int kvf_cli_demo(int argc, char **argv)
     char *prefill_argv[] = {"kvferry", "transfer", "--role", "Prefill", "--src-session-id",
                             "127.0.0.1:0", "--store-url", d.store_url, "--dst-session-id",
                             d.decode_sid, "--iterations", iters, "--timeout", tmo,
-                            "--log-level", lvl, "--transport", tr, NULL};
+                            "--log-level", lvl, "--transport", tr,
+                            "--progress-interval", "0", vflag, NULL};
     if (child_start(&d, DEMO_PREFILL, prefill_argv) < 0)
         goto out_stop;
     /* Each child bounds its start-up and every round by --timeout; this outer bound only

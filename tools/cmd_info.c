@@ -14,17 +14,18 @@
 #include "cli.h"
 #include "kvferry.h"
 
-/* The engines' key prefix: KVFERRY_KEY_PREFIX as the engines read it, else theirs by default. */
+/* --key-prefix, or NULL: the engines' default. */
+static const char *key_prefix_flag;
+
 static const char *info_prefix(void)
 {
-    const char *p = getenv("KVFERRY_KEY_PREFIX");
-    return p && *p ? p : "kvferry/v1/";
+    return kvf_cli_key_prefix(key_prefix_flag);
 }
 
 static void usage(FILE *f)
 {
     fprintf(f, "usage: kvferry info --store-url URL [--session SID] [--ns NAME] [--json]\n"
-               "                    [--verbose] [--timeout MS]\n\n"
+               "                    [--verbose] [--timeout MS] [--key-prefix P]\n\n"
                "Shows what the config store knows: every session (engine) with its role, host,\n"
                "pid, transports, age, lease TTL and registered regions (count and bytes; each\n"
                "range with --verbose). With --session, that engine's live statistics too, asked\n"
@@ -36,7 +37,8 @@ static void usage(FILE *f)
                "  --json            one JSON object instead of text (docs/operations.md)\n"
                "  --verbose         list every registered range\n"
                "  --timeout MS      how long to wait for the store and the engine (default 3000)\n"
-            "Keys are read under $KVFERRY_KEY_PREFIX (default kvferry/v1/), as engines write them.\n"
+               "  --key-prefix P    the engines' store key prefix (default $KVFERRY_KEY_PREFIX,\n"
+               "                    else kvferry/v1/)\n"
                "  --log-level N     0 debug, 1 info, 2 warn (default), 3 error\n\n"
                "Exit status: 0 done, 1 the store or the engine could not be reached (a message\n"
                "says which and why), 2 usage error.\n");
@@ -381,6 +383,7 @@ int kvf_cli_info(int argc, char **argv)
         {"json", KVF_CLI_FLAG, &a.json, 0, 0, NULL},
         {"verbose", KVF_CLI_FLAG, &a.verbose, 0, 0, NULL},
         {"timeout", KVF_CLI_U64, &a.timeout_ms, 1, 3600000, NULL},
+        KVF_CLI_OPT_KEY_PREFIX(&key_prefix_flag),
     };
     const kvf_cli_t cli = {"info", usage, opts, KVF_CLI_NOPTS(opts), .log_level = true};
     int code = kvf_cli_parse(&cli, argc, argv, NULL);

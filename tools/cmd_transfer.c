@@ -42,7 +42,9 @@ static void usage(FILE *f)
             "                        [--src-session-id IP:PORT] [--dst-session-id IP:PORT]\n"
             "                        [--npu-id N] [--log-level 0..3] [--iterations N]\n"
             "                        [--timeout SEC] [--transport auto|tcp|shm]\n"
-            "                        [--metrics-listen HOST:PORT]\n\n"
+            "                        [--metrics-listen HOST:PORT]\n"
+            "                        [--progress-interval SEC] [-v|--verbose]\n"
+            "                        [--key-prefix P]\n\n"
             "The seed's test_transfer_engine.py. The Decode registers a (10, 50, 40, 20, 60)\n"
             "float16 buffer (48,000,000 bytes) and checks every round it receives; the Prefill\n"
             "fills its own buffer with random values and writes the 10 slices into the Decode's.\n"
@@ -69,10 +71,17 @@ static void usage(FILE *f)
             "                        or shm (fails when the peer is not reachable by shm)\n"
             "  --metrics-listen A    serve this engine's statistics for Prometheus at\n"
             "                        http://A/metrics (port 0 picks one; the address is\n"
-            "                        printed)\n\n"
+            "                        printed)\n"
+            "  --progress-interval S a round's line for the first and the last round and at\n"
+            "                        least every S seconds (0: every round), default %u; on\n"
+            "                        a terminal a status line with rounds, bytes, rate and\n"
+            "                        ETA shows the rounds in between\n"
+            "  --key-prefix P        " KVF_CLI_KEY_PREFIX_HELP
+            "  -v, --verbose         every round's line and the seed's per-slice lines\n"
+            "                        (\"set/get buffer success i, sum=...\")\n\n"
             "Exit status: 0 every round done (and, on the Decode, verified), 1 failure (a\n"
             "message says why), 2 usage error.\n",
-            XFER_MAX_TIMEOUT_S);
+            XFER_MAX_TIMEOUT_S, XFER_PROGRESS_S);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -89,13 +98,17 @@ static int parse_sid(const char *flag, const char *s, bool allow_port0, char *ou
         return -1;
     }
     if (!allow_port0 && port == 0) {
-        fprintf(stderr, "kvferry " CMD ": %s %s: port 0 names no node; give the port the Decode "
-                        "printed in \"decode session IP:PORT ready\"\n", flag, s);
+        fprintf(stderr,
+                "kvferry " CMD ": %s %s: port 0 names no node; give the port the Decode "
+                "printed in \"decode session IP:PORT ready\"\n",
+                flag, s);
         return -1;
     }
     if (!strcmp(host, "0.0.0.0") || !strcmp(host, "::")) {
-        fprintf(stderr, "kvferry " CMD ": %s %s: %s names no address a peer can reach; give "
-                        "the node's address (e.g. 127.0.0.1 on one host)\n", flag, s, host);
+        fprintf(stderr,
+                "kvferry " CMD ": %s %s: %s names no address a peer can reach; give "
+                "the node's address (e.g. 127.0.0.1 on one host)\n",
+                flag, s, host);
         return -1;
     }
     /* Session ids are compared as written: a name is resolved to the address the engine
@@ -132,6 +145,7 @@ static int parse_args(int argc, char **argv, xfer_args_t *a)
 
     memset(a, 0, sizeof(*a));
     a->transport = KVF_TRANSPORT_AUTO;
+    a->progress_s = XFER_PROGRESS_S;
     const kvf_cli_opt_t opts[] = {
         {"role", KVF_CLI_STR, &role, 0, 0, NULL},
         {"src-session-id", KVF_CLI_STR, &src, 0, 0, NULL},
@@ -142,8 +156,11 @@ static int parse_args(int argc, char **argv, xfer_args_t *a)
         {"timeout", KVF_CLI_U64, &timeout_s, 1, XFER_MAX_TIMEOUT_S, NULL},
         KVF_CLI_OPT_TRANSPORT(&a->transport),
         {"metrics-listen", KVF_CLI_STR, &a->metrics_listen, 0, 0, NULL},
+        {"progress-interval", KVF_CLI_U64, &a->progress_s, 0, XFER_MAX_TIMEOUT_S, NULL},
+        KVF_CLI_OPT_KEY_PREFIX(&a->key_prefix),
     };
-    const kvf_cli_t cli = {CMD, usage, opts, KVF_CLI_NOPTS(opts), .log_level = true};
+    const kvf_cli_t cli = {
+        CMD, usage, opts, KVF_CLI_NOPTS(opts), .log_level = true, .verbose = &a->verbose};
     int rc = kvf_cli_parse(&cli, argc, argv, NULL);
     if (rc != KVF_CLI_RUN)
         return rc;
@@ -231,6 +248,7 @@ int kvf_cli_transfer(int argc, char **argv)
     cfg.op_timeout_ms = a.timeout_ms;
     cfg.transport = a.transport;
     cfg.metrics_listen = a.metrics_listen;
+    cfg.key_prefix = a.key_prefix;
     kvf_engine_t *e;
     int rc = kvf_engine_create(a.store_url, a.src_sid, a.role, a.npu_id, &cfg, &e);
     if (rc < 0) {
@@ -253,7 +271,8 @@ out_store:
         /* This process hosts the store: give the Decode the moment it needs to withdraw its
          * records, rather than cutting the store away under its shutdown. */
         char key[XFER_KEY_MAX];
-        snprintf(key, sizeof(key), "kvferry/v1/default/sessions/%s", a.dst_sid);
+        snprintf(key, sizeof(key), "%sdefault/sessions/%s", kvf_cli_key_prefix(a.key_prefix),
+                 a.dst_sid);
         xfer_wait_key_gone(st, key, XFER_STORE_LINGER_MS);
     }
     kvf_store_close(st);

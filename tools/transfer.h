@@ -35,12 +35,14 @@
  * Decode instead of sending the acknowledgement. */
 #define XFER_NO_ACK_ENV "KVFERRY_TRANSFER_TEST_NO_ACK"
 
-#define XFER_KEY_MAX       (KVF_SESSION_ID_MAX + 64)
+#define XFER_KEY_MAX       (KVF_SESSION_ID_MAX + 192) /* a 128-byte prefix, the namespace */
 #define XFER_MAX_TIMEOUT_S 3600u /* an hour, the longest wait the store allows */
 #define XFER_HASH_NAME     "fnv1a64w"
 /* Bound on the Prefill's wait for the Decode's engine to withdraw its records before the store
  * this process hosts goes away with it. */
 #define XFER_STORE_LINGER_MS 3000u
+/* Default longest gap between two round lines (--progress-interval). */
+#define XFER_PROGRESS_S 10u
 
 typedef struct {
     kvf_role_t role;
@@ -54,6 +56,9 @@ typedef struct {
     uint32_t timeout_ms;
     kvf_transport_kind_t transport;
     const char *metrics_listen; /* --metrics-listen, or NULL */
+    const char *key_prefix;     /* --key-prefix, or NULL (the engine's default) */
+    bool verbose;               /* -v: every slice's and every round's line */
+    uint64_t progress_s;        /* --progress-interval: the longest gap between round lines */
 } xfer_args_t;
 
 /* ---- xfer_store.c ------------------------------------------------------------------------ */

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "progress.h"
 #include "transfer.h"
 
 /* decode_wait_note()'s answer when the Prefill of the round in progress went away. */
@@ -35,8 +36,9 @@ static int decode_wait_note(const xfer_args_t *a, kvf_engine_t *e, kvf_notify_t 
             return DECODE_PREFILL_GONE;
         }
         if (n == -KVF_EPEERGONE) {
-            kvf_cli_fail(XFER_CMD, n, "round %" PRIu64 ": the Prefill %s went away after %u of %u "
-                                      "slices",
+            kvf_cli_fail(XFER_CMD, n,
+                         "round %" PRIu64 ": the Prefill %s went away after %u of %u "
+                         "slices",
                          round, from, next, XFER_SLICES);
             return KVF_CLI_EXIT_FAIL;
         }
@@ -71,6 +73,9 @@ int xfer_decode_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
            "60))\n",
            XFER_BYTES, buf, XFER_SLICES, XFER_SLICE_BYTES);
     printf(KVF_CLI_DECODE_READY_FMT "\n", sid);
+    cli_progress_t pg;
+    cli_progress_init(&pg, stdout, a->iterations, "rounds verified", (double)a->progress_s,
+                      a->verbose);
 
     /* Each slice is checked the moment its notification arrives: the engine delivers it only
      * once every byte of that slice is in this buffer, and the Prefill writes the next round
@@ -104,7 +109,8 @@ int xfer_decode_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
                         round, from, next, XFER_SLICES, s.round, note->sender);
             round = s.round;
             snprintf(from, sizeof(from), "%s", note->sender);
-            printf("round %" PRIu64 ": %zu bytes from %s\n", round, XFER_BYTES, from);
+            if (a->verbose || done == 0)
+                printf("round %" PRIu64 ": %zu bytes from %s\n", round, XFER_BYTES, from);
         } else if (s.slice != next || s.round != round || strcmp(note->sender, from) != 0) {
             fprintf(stderr,
                     "kvferry " XFER_CMD ": slice %u of round %" PRIu64 " from %s arrived, "
@@ -113,8 +119,9 @@ int xfer_decode_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
             goto out_unregister;
         }
         const char *slice = (const char *)buf + (size_t)s.slice * XFER_SLICE_BYTES;
-        printf("get buffer success %u, sum=%.4f\n", s.slice,
-               xfer_sum_halves(slice, XFER_SLICE_BYTES));
+        if (a->verbose)
+            printf("get buffer success %u, sum=%.4f\n", s.slice,
+                   xfer_sum_halves(slice, XFER_SLICE_BYTES));
         uint64_t got = xfer_checksum(slice, XFER_SLICE_BYTES);
         if (got != s.checksum) {
             fprintf(stderr,
@@ -129,7 +136,8 @@ int xfer_decode_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
             continue;
         next = 0;
         done++;
-        printf(KVF_CLI_DECODE_VERIFIED_FMT "\n", round, XFER_SLICES, XFER_BYTES);
+        if (cli_progress_tick(&pg, done, done * XFER_BYTES))
+            printf(KVF_CLI_DECODE_VERIFIED_FMT "\n", round, XFER_SLICES, XFER_BYTES);
 
         xfer_no_ack_hook(round);
         char ack[48];
@@ -149,8 +157,10 @@ int xfer_decode_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
             goto out_unregister;
         }
     }
+    cli_progress_clear(&pg);
     printf("decode done: %" PRIu64 " rounds verified\n", a->iterations);
     code = KVF_CLI_EXIT_OK;
 out_unregister:
+    cli_progress_clear(&pg);
     return xfer_tensor_close(e, &t, code);
 }

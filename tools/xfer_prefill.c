@@ -14,6 +14,7 @@
 
 #include "cli.h"
 #include "clock.h"
+#include "progress.h"
 #include "transfer.h"
 
 /*
@@ -181,6 +182,7 @@ int xfer_prefill_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
         return KVF_CLI_EXIT_FAIL;
     void *buf = t.buf;
     kvf_notify_t *note = t.note;
+    cli_progress_t pg = {.out = stdout}; /* started with the first round */
     printf("register success: %zu bytes at %p\n", XFER_BYTES, buf);
     printf(KVF_CLI_PREFILL_READY_FMT "\n", sid);
 
@@ -192,6 +194,7 @@ int xfer_prefill_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
     long corrupt = corrupt_env && *corrupt_env ? strtol(corrupt_env, NULL, 10) : -1;
     uint64_t total_bytes = 0;
     double total_ms = 0;
+    cli_progress_init(&pg, stdout, a->iterations, "rounds", (double)a->progress_s, a->verbose);
     for (uint64_t round = 1; a->iterations == 0 || round <= a->iterations; round++) {
         xfer_fill_random_halves(buf, XFER_BYTES, &seed);
         /* The slices' checksums (for the notifications) are computed before the clock starts:
@@ -206,15 +209,18 @@ int xfer_prefill_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
             goto out_unregister;
         double ms = (double)(cli_now_ns() - t0) / 1e6;
         const char *via;
+        total_bytes += XFER_BYTES;
+        total_ms += ms;
+        if (!cli_progress_tick(&pg, round, total_bytes))
+            goto ack;
         if (round == 1 && kvf_engine_peer_transport(e, a->dst_sid, &via) == 0)
             printf("transport to %s: %s\n", a->dst_sid, via);
-        for (unsigned i = 0; i < XFER_SLICES; i++)
+        for (unsigned i = 0; a->verbose && i < XFER_SLICES; i++)
             printf("set buffer success %u, sum=%.4f\n", i,
                    xfer_sum_halves((char *)buf + (size_t)i * XFER_SLICE_BYTES, XFER_SLICE_BYTES));
         printf(KVF_CLI_PREFILL_ROUND_FMT "\n", round, XFER_BYTES, ms,
                (double)XFER_BYTES / (ms * 1e6));
-        total_bytes += XFER_BYTES;
-        total_ms += ms;
+    ack:
 
         xfer_no_ack_hook(round);
         /* The Decode checks each slice as its notification arrives; its buffer may be
@@ -222,10 +228,12 @@ int xfer_prefill_run(const xfer_args_t *a, kvf_engine_t *e, const char *sid)
         if (prefill_wait_ack(a, e, note, round) != 0)
             goto out_unregister;
     }
+    cli_progress_clear(&pg);
     printf("prefill done: %" PRIu64 " rounds, %" PRIu64 " bytes in %.3f ms, %.2f GB/s\n",
            a->iterations, total_bytes, total_ms,
            total_ms > 0 ? (double)total_bytes / (total_ms * 1e6) : 0.0);
     code = KVF_CLI_EXIT_OK;
 out_unregister:
+    cli_progress_clear(&pg);
     return xfer_tensor_close(e, &t, code);
 }

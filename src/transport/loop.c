@@ -5,9 +5,10 @@
  * as a remote target's). A notification goes straight to the target's callback.
  *
  * Every started loop transport of this process is in one registry, so that a sender finds its
- * target by session id. The registry's lock is held shared for the whole of a transfer or
- * notification into a target; stop() unlinks under the write lock, which waits for those
- * running to leave, and no new one can find the target afterwards.
+ * target by session id. The registry's mutex is held only to find a target and count a use of
+ * it; the transfer or notification runs on that use, outside the mutex, so that a long copy or a
+ * notification waiting up to 2 s for room in one target holds up no other engine's start or
+ * stop. stop() unlinks the target (no new use can find it) and waits for its uses to end.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -29,7 +30,8 @@ struct loop_hold {
 
 struct loop_transport {
     struct loop_transport *next; /* in loop_all, once started */
-    bool linked;                 /* under loop_all_lock */
+    bool linked;                 /* under loop_all_mu */
+    unsigned uses;               /* transfers and notifications into it now; loop_all_mu */
     char sid[KVF_SESSION_ID_MAX];
     kvf_region_table_t *regions;
     kvf_notify_cb notify_cb;
@@ -45,7 +47,8 @@ struct loop_peer {
     char local_sid[KVF_SESSION_ID_MAX]; /* the sender, as notifications name it */
 };
 
-static pthread_rwlock_t loop_all_lock = PTHREAD_RWLOCK_INITIALIZER;
+static pthread_mutex_t loop_all_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t loop_unused = PTHREAD_COND_INITIALIZER; /* a use ended */
 static struct loop_transport *loop_all;
 
 static struct loop_transport *loop_of(kvf_transport_t *t)
@@ -58,13 +61,41 @@ static struct loop_peer *loop_peer_of(kvf_tpeer_t *p)
     return (struct loop_peer *)(void *)p;
 }
 
-/* The started transport of @sid, or NULL. loop_all_lock held. */
+/* The started transport of @sid, or NULL. loop_all_mu held. */
 static struct loop_transport *loop_find_locked(const char *sid)
 {
     for (struct loop_transport *x = loop_all; x; x = x->next)
         if (!strcmp(x->sid, sid))
             return x;
     return NULL;
+}
+
+/* The started transport of @sid with one more use (end it with loop_unuse()), or NULL. */
+static struct loop_transport *loop_use(const char *sid)
+{
+    pthread_mutex_lock(&loop_all_mu);
+    struct loop_transport *t = loop_find_locked(sid);
+    if (t)
+        t->uses++;
+    pthread_mutex_unlock(&loop_all_mu);
+    return t;
+}
+
+static void loop_unuse(struct loop_transport *t)
+{
+    pthread_mutex_lock(&loop_all_mu);
+    if (--t->uses == 0 && !t->linked)
+        pthread_cond_broadcast(&loop_unused);
+    pthread_mutex_unlock(&loop_all_mu);
+}
+
+/* Whether @sid is a started transport of this process. */
+static bool loop_here(const char *sid)
+{
+    pthread_mutex_lock(&loop_all_mu);
+    bool here = loop_find_locked(sid) != NULL;
+    pthread_mutex_unlock(&loop_all_mu);
+    return here;
 }
 
 static int loop_create(const kvf_transport_params_t *p, kvf_transport_t **out)
@@ -85,21 +116,21 @@ static int loop_create(const kvf_transport_params_t *p, kvf_transport_t **out)
 static void loop_start(kvf_transport_t *tt)
 {
     struct loop_transport *t = loop_of(tt);
-    pthread_rwlock_wrlock(&loop_all_lock);
+    pthread_mutex_lock(&loop_all_mu);
     if (!t->linked) {
         t->next = loop_all;
         loop_all = t;
         t->linked = true;
     }
-    pthread_rwlock_unlock(&loop_all_lock);
+    pthread_mutex_unlock(&loop_all_mu);
 }
 
-/* Unlinked under the write lock: this waits for loop transfers from other engines of this
- * process into this one to leave, and no new one can find it. */
+/* Unlinked, so that no new transfer from another engine of this process can find it; then wait
+ * for those running into it to leave. */
 static void loop_stop(kvf_transport_t *tt)
 {
     struct loop_transport *t = loop_of(tt);
-    pthread_rwlock_wrlock(&loop_all_lock);
+    pthread_mutex_lock(&loop_all_mu);
     for (struct loop_transport **pp = &loop_all; t->linked && *pp; pp = &(*pp)->next) {
         if (*pp == t) {
             *pp = t->next;
@@ -107,7 +138,9 @@ static void loop_stop(kvf_transport_t *tt)
             break;
         }
     }
-    pthread_rwlock_unlock(&loop_all_lock);
+    while (t->uses)
+        pthread_cond_wait(&loop_unused, &loop_all_mu);
+    pthread_mutex_unlock(&loop_all_mu);
 }
 
 static void loop_destroy(kvf_transport_t *tt)
@@ -160,10 +193,7 @@ static int loop_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tp
 {
     if (!tt || !d || !d->sid || !out)
         return kvf__err(-KVF_EINVAL, "loop peer open: missing argument");
-    pthread_rwlock_rdlock(&loop_all_lock);
-    bool local = loop_find_locked(d->sid) != NULL;
-    pthread_rwlock_unlock(&loop_all_lock);
-    if (!local)
+    if (!loop_here(d->sid))
         return kvf__err(-KVF_ENOTSUP, "peer %s is not an engine of this process", d->sid);
     struct loop_peer *p = calloc(1, sizeof(*p));
     if (!p)
@@ -188,8 +218,7 @@ static int loop_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_
     int rc = 0;
     (void)deadline_ms;
     struct loop_hold hold = {.sid = loop_peer_of(pp)->local_sid};
-    pthread_rwlock_rdlock(&loop_all_lock);
-    struct loop_transport *t = loop_find_locked(sid);
+    struct loop_transport *t = loop_use(sid);
     if (!t)
         rc = kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", sid);
     else
@@ -219,9 +248,10 @@ static int loop_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_
         if (ctl && ctl->status)
             ctl->status[i] = 0;
     }
-    if (t)
+    if (t) {
         loop_hold_unlink(t, &hold);
-    pthread_rwlock_unlock(&loop_all_lock);
+        loop_unuse(t);
+    }
     return rc;
 }
 
@@ -229,10 +259,7 @@ static int loop_peer_alive(kvf_tpeer_t *pp, uint64_t deadline_ms)
 {
     const char *sid = loop_peer_of(pp)->sid;
     (void)deadline_ms;
-    pthread_rwlock_rdlock(&loop_all_lock);
-    bool here = loop_find_locked(sid) != NULL;
-    pthread_rwlock_unlock(&loop_all_lock);
-    return here ? 0 : kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", sid);
+    return loop_here(sid) ? 0 : kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", sid);
 }
 
 /* Straight into the target's queue: the data of every transfer this thread made into it is in
@@ -242,15 +269,14 @@ static int loop_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t de
     struct loop_peer *p = loop_peer_of(pp);
     int rc;
     (void)deadline_ms;
-    pthread_rwlock_rdlock(&loop_all_lock);
-    struct loop_transport *t = loop_find_locked(p->sid);
+    struct loop_transport *t = loop_use(p->sid);
     if (!t)
-        rc = kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", p->sid);
-    else if (!t->notify_cb)
+        return kvf__err(-KVF_EPEERGONE, "engine %s is no longer in this process", p->sid);
+    if (!t->notify_cb)
         rc = kvf__err(-KVF_ENOTSUP, "%s takes no notifications", t->sid);
     else
         rc = t->notify_cb(t->notify_arg, p->local_sid, msg, len);
-    pthread_rwlock_unlock(&loop_all_lock);
+    loop_unuse(t);
     return rc;
 }
 

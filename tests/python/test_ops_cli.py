@@ -85,7 +85,8 @@ def test_running_pair_metrics_and_info(cli, run):
     url = store.wait_line(r"listening on (tcp://\S+)").group(1)
     store_metrics = store.wait_line(r"metrics on http://(\S+)/metrics").group(1)
     dec = run(cli, "transfer", "--role", "Decode", "--store-url", url,
-              "--src-session-id", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0")
+              "--src-session-id", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+              "--progress-interval", "0")
     dsid = dec.wait_line(r"decode session (\S+) ready").group(1)
     dec_metrics = dec.wait_line(r"Decode metrics on http://(\S+)/metrics").group(1)
     pre = subprocess.run([cli, "transfer", "--role", "Prefill", "--store-url", url,
