@@ -64,7 +64,8 @@ static void p2p_write_read_bytes(void **state)
     assert_non_null(back);
     kvf_test_pattern(src, n, 14);
     assert_kvf_ok(kvf_mem_register(dec, dst, n));
-    const char *sid = kvf_engine_session_id(dec);
+    char sid[KVF_SESSION_ID_MAX];
+    snprintf(sid, sizeof(sid), "%s", kvf_engine_session_id(dec));
     assert_kvf_ok(kvf_write(pre, sid, src, (uintptr_t)dst, n));
     assert_memory_equal(dst, src, n);
     assert_kvf_ok(kvf_read(pre, sid, back, (uintptr_t)dst + 4096, n - 4096));

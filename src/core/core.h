@@ -182,6 +182,9 @@ struct kvf_engine {
 
     kvf_store_t *store;
     uint64_t lease;
+    /* Set once both records are published (create), before which the tcp transport's accept
+     * thread may already serve a P2P record request: it is then answered "not yet". */
+    atomic_bool records_ready;
     kvf_region_table_t *regions;
     /* One instance of each transport of kvf__transports, same index; @listener is the one
      * with KVF_TCAP_LISTEN, whose port is the engine's. */

@@ -317,6 +317,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     rc = kvf__eng_publish_session(e);
     if (rc < 0)
         goto out_store;
+    atomic_store(&e->records_ready, true);
     if (e->cfg.metrics_listen && e->cfg.metrics_listen[0]) {
         rc = kvf_metrics_server_start(e->cfg.metrics_listen, kvf__stats_render, e, &e->metrics);
         if (rc < 0)

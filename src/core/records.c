@@ -224,6 +224,11 @@ out:
 int kvf__eng_record_answer(void *arg, const char *key, void **val, size_t *len)
 {
     kvf_engine_t *e = arg;
+    /* The accept thread runs before create has filled the keys and the store: until then,
+     * nothing of the engine is read here (the asker asks again). */
+    if (!atomic_load(&e->records_ready))
+        return kvf__err(-KVF_ENOTFOUND, "that engine is starting: its records are not "
+                                        "published yet");
     if (strcmp(key, e->session_key) && strcmp(key, e->regions_key))
         return kvf__err(-KVF_ENOTFOUND,
                         "engine %s holds no record %s (another namespace or key prefix?)", e->sid,
