@@ -246,6 +246,19 @@ typedef struct {
                                         it the connection is closed (logged) [256 MiB] */
     uint64_t max_output_bytes_total; /* the same, all connections together; past it a connection
                                         that is behind gets closed [1 GiB] */
+    const char *auth_key_file;       /* the cluster secret (see kvf_auth_keygen()): every client
+                                        must prove it holds the same key before any request is
+                                        read. NULL or "" [default]: $KVFERRY_AUTH_KEY_FILE, and
+                                        when that is unset too, no authentication (a server on a
+                                        non-loopback address then warns at start). */
+    const char *admin_key_file;      /* the operators' key (kvf_auth_keygen()), needs an auth
+                                        key: a client that proves it (kvf_store_opts_t.
+                                        admin_key_file) may change and delete any key and revoke
+                                        any lease. With an auth key every other client may
+                                        change only keys bound to leases it granted itself (and
+                                        keys with no lease); reads stay open to every
+                                        authenticated client. NULL or "" [default]:
+                                        $KVFERRY_ADMIN_KEY_FILE, else none. */
 } kvf_store_server_opts_t;
 
 /** kvf_store_server_opts_init - fill @opts with the defaults and set its size field. */
@@ -346,6 +359,18 @@ typedef struct {
                                     the connection as dead and reconnects (TCP_USER_TIMEOUT and
                                     TCP keep-alives are set from it too, at least 1 s). Default
                                     5000 */
+    const char *auth_key_file;   /* tcp:// only: the cluster secret the built-in store requires
+                                    (kvf_auth_keygen()). NULL or "" (default):
+                                    $KVFERRY_AUTH_KEY_FILE, else none. A store that refuses the
+                                    key, or wants one when none is set, fails the open at once
+                                    with -KVF_EAUTH. */
+    const char *admin_key_file;  /* tcp:// only: prove the store's admin key instead of the
+                                    cluster secret, as an operator (`kvferry kv
+                                    --admin-key-file`): such a client may change any key and
+                                    revoke any lease. NULL or "" (default): none (the variable
+                                    $KVFERRY_ADMIN_KEY_FILE is read by `kvferry kv` only, never
+                                    by an engine's store client). Without it, a change to a key
+                                    bound to another client's lease fails with -EACCES. */
 } kvf_store_opts_t;
 
 /** kvf_store_opts_init - fill @opts with the defaults and set its size field. */
@@ -601,6 +626,14 @@ typedef struct {
                                     at http://host:port/metrics (kvf_metrics_server_start(),
                                     kvf_stats_prometheus()) from create to destroy; port 0
                                     picks a free one. NULL or "" (default): no endpoint. */
+    const char *auth_key_file;   /* the cluster secret (kvf_auth_keygen()): with a key, every
+                                    tcp connection to and from this engine, and its connection
+                                    to a built-in store, starts with a mutual HMAC-SHA256
+                                    challenge-response, and a peer without the key is refused
+                                    with -KVF_EAUTH before any byte is read or written.
+                                    NULL or "" (default): $KVFERRY_AUTH_KEY_FILE, else none (an
+                                    engine on a non-loopback address then warns at create).
+                                    docs/security.md says what each mode protects. */
     int listen_fd;               /* -1 (default): bind the session id's address. Otherwise a TCP
                                     socket the caller already bound (listening or not; the
                                     wildcard address or the session id's), e.g. to hand out its
@@ -609,6 +642,17 @@ typedef struct {
                                     port must be the session id's (or the session id's port
                                     0 takes it). The caller keeps and closes its own fd. */
 } kvf_config_t;
+
+/**
+ * kvf_auth_keygen - write a new cluster secret to @path: 32 random bytes as 64 hex digits and a
+ * newline, in a file created with mode 0600 (the key file of kvf_config_t.auth_key_file,
+ * kvf_store_opts_t.auth_key_file, kvf_store_server_opts_t.auth_key_file and
+ * $KVFERRY_AUTH_KEY_FILE; `kvferry keygen` calls this). An existing file is never overwritten.
+ * A key file is read as 32..128 hex digits with surrounding whitespace, and refused when group
+ * or others may read or write it.
+ * Returns 0, -EEXIST, or another -errno with a message naming @path.
+ */
+KVF_API int kvf_auth_keygen(const char *path);
 
 /** kvf_config_init - fill @cfg with the defaults and set its size field. */
 KVF_API void kvf_config_init(kvf_config_t *cfg);

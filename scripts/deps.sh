@@ -4,7 +4,7 @@
 # missing (a fresh machine has no package lists).
 set -eu
 
-PKGS="build-essential cmake pkg-config iproute2 libcmocka-dev libjansson-dev libcurl4-openssl-dev libhiredis-dev etcd-server redis-server python3-dev python3-numpy python3-pytest python3-torch python3-setuptools python3-prometheus-client"
+PKGS="build-essential cmake pkg-config iproute2 libcmocka-dev libjansson-dev libssl-dev openssl libcurl4-openssl-dev libhiredis-dev etcd-server redis-server python3-dev python3-numpy python3-pytest python3-torch python3-setuptools python3-prometheus-client"
 # Extra packages for one target (make fuzz: clang and its libFuzzer runtime), named on the
 # command line.
 PKGS="$PKGS $*"

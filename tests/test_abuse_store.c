@@ -1001,6 +1001,42 @@ static void unread_output_closes_connection_with_log(void **state)
     assert_int_equal(hits, 1);
 }
 
+/* A client that speaks another protocol (here HTTP, as a browser or a scraper pointed at the wrong
+ * port would) is closed, and the server logs the one warning line docs/operations.md
+ * ("Troubleshooting") quotes, naming the client's address and what was wrong. */
+static void foreign_protocol_closed_with_log(void **state)
+{
+    (void)state;
+    kvf_store_server_t *srv = server_start(NULL);
+    uint16_t port = server_port(srv);
+    int fd = raw_connect(2, port, false);
+    assert_true(fd >= 0);
+    struct sockaddr_in me;
+    socklen_t mel = sizeof(me);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&me, &mel), 0);
+    char want[128];
+    /* "GET " read as the little-endian magic is 0x20544547. */
+    snprintf(want, sizeof(want),
+             "store: closing connection from 127.0.0.2:%u: bad magic 0x20544547",
+             (unsigned)ntohs(me.sin_port));
+    logcap_t lc;
+    logcap_start(&lc);
+    static const char req[] = "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    send_all(fd, req, sizeof(req) - 1);
+    bool closed = wait_closed(fd, IO_MS);
+    unsigned lines = 0;
+    unsigned hits = logcap_stop(&lc, want, &lines);
+    close(fd);
+    /* Only that connection: the server still answers another client. */
+    int other = raw_connect(3, port, false);
+    assert_true(ping_ok(other, 1));
+    close(other);
+    kvf_store_server_stop(srv);
+    assert_true(closed);
+    if (hits != 1)
+        fail_msg("%u of %u log lines say \"%s\"", hits, lines, want);
+}
+
 /* ---------------------------------------------------------------------------------------------
  * 5. Frames announced and never sent
  * ------------------------------------------------------------------------------------------- */
@@ -1095,6 +1131,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(list_and_peer_events_with_150000_sessions),
     cmocka_unit_test(watch_fanout_shares_one_copy),
     cmocka_unit_test(unread_output_closes_connection_with_log),
+    cmocka_unit_test(foreign_protocol_closed_with_log),
     cmocka_unit_test(announced_frames_reserve_nothing),
 };
 

@@ -533,8 +533,12 @@ static void max_batches_busy_at_once(void **state)
     uint64_t t0 = kvf_test_now_ms();
     assert_kvf_err(kvf_transfer_submit(pre, peer, &x, 1, NULL, 0, &fifth), -KVF_EBUSY);
     assert_true(kvf_test_now_ms() - t0 < 1000);
-    assert_last_error_contains("max_batches");
-    assert_last_error_contains("4");
+    /* The whole message, as docs/operations.md ("Troubleshooting") quotes it. */
+    char want[256];
+    snprintf(want, sizeof(want),
+             "submit to %s: 4 batches in flight on engine %s (config.max_batches 4)", peer,
+             kvf_engine_session_id(pre));
+    assert_string_equal(kvf_last_error(), want);
     assert_null(fifth);
 
     /* One completes (cancelled): there is room again. */
@@ -702,9 +706,24 @@ static void cancel_pending_batch(void **state)
 
     uint64_t t0 = kvf_test_now_ms();
     assert_kvf_ok(kvf_batch_cancel(b));
-    /* A batch still waiting for its peer completes at once. */
+    /* A batch still waiting for its peer completes at once, and says why it delivers no
+     * notification, in one of the lines docs/operations.md ("Troubleshooting") quotes: the cancel
+     * came while the batch was queued, as an async thread took it, or while it looked the peer
+     * up. */
     assert_kvf_err(kvf_batch_wait(b, 2000), -KVF_ECANCELED);
     assert_true(kvf_test_now_ms() - t0 < 1000);
+    char queued[128], taken[128], lookup[256];
+    snprintf(queued, sizeof(queued), "batch of %d element(s) to %s: cancelled before it started", N,
+             absent);
+    snprintf(taken, sizeof(taken), "batch to %s cancelled before it started", absent);
+    snprintf(lookup, sizeof(lookup),
+             "looking up peer session %s: cancelled while waiting for "
+             "kvferry/v1/default/regions/%s",
+             absent, absent);
+    const char *msg = kvf_last_error();
+    if (strcmp(msg, queued) && strcmp(msg, taken) && strcmp(msg, lookup))
+        fail_msg("a cancelled batch says \"%s\", want \"%s\", \"%s\" or \"%s\"", msg, queued, taken,
+                 lookup);
     int st[N] = {0, 0, 0};
     assert_kvf_err(kvf_batch_status(b, st, N), -KVF_ECANCELED);
     for (int i = 0; i < N; i++)
@@ -1487,6 +1506,12 @@ static void notify_queue_full_busy(void **state)
     if (took < 1500 || took > 6000)
         fail_msg("the third notification failed after %llu ms, want about 2000",
                  (unsigned long long)took);
+    char want[512];
+    snprintf(want, sizeof(want),
+             "%s already has 2 notifications queued at %s, its share (half of "
+             "config.notify_queue_max 4), and they were not read for 2000 ms",
+             kvf_engine_session_id(fx->pre), peer);
+    assert_last_error_contains(want);
 
     assert_int_equal(kvf_notify_poll(dec, n, 2), 2);
     assert_string_equal(note_text(&n[0], text, sizeof(text)), "q1");
@@ -1508,7 +1533,9 @@ static void notify_queue_full_busy(void **state)
     assert_kvf_ok(kvf_transfer_submit(fx->pre, peer, &x, 1, "q7", 2, &b));
     assert_kvf_err(kvf_batch_wait(b, 10000), -KVF_EBUSY);
     /* The failure says the data is there, and it is. */
-    assert_last_error_contains("every byte of the batch");
+    snprintf(want, sizeof(want),
+             "every byte of the batch to %s landed; only its notification was refused", peer);
+    assert_last_error_contains(want);
     assert_memory_equal(dst, src, sizeof(src));
     kvf_batch_free(b);
     assert_int_equal(kvf_notify_poll(dec, n, 2), 2);
@@ -1517,6 +1544,36 @@ static void notify_queue_full_busy(void **state)
     assert_int_equal(kvf_notify_wait(dec, n, 2, 200), 0);
     assert_kvf_ok(kvf_mem_unregister(dec, dst));
     munmap(dst, 4096);
+    free(n);
+}
+
+/* A queue of one is full with one unread notification: the next sender waits about 2 s for room,
+ * then is refused with the message docs/operations.md ("Troubleshooting") quotes, naming the
+ * target and the limit. */
+static void notify_queue_full_names_the_queue(void **state)
+{
+    fx_t *fx = *state;
+    kvf_config_t c = quick_config();
+    c.notify_queue_max = 1;
+    kvf_engine_t *dec = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_DECODE, &c);
+    const char *peer = kvf_engine_session_id(dec);
+    kvf_notify_t *n = malloc(sizeof(*n));
+    char text[64];
+
+    assert_kvf_ok(kvf_notify_send(fx->pre, peer, "q1", 2));
+    assert_kvf_err(kvf_notify_send(fx->pre, peer, "q2", 2), -KVF_EBUSY);
+    char want[256];
+    snprintf(want, sizeof(want),
+             "the notification queue of %s is full (1 queued, config.notify_queue_max) and was "
+             "not read for 2000 ms",
+             peer);
+    assert_last_error_contains(want);
+    /* Read, the queue takes the next one. */
+    assert_int_equal(kvf_notify_poll(dec, n, 1), 1);
+    assert_string_equal(note_text(n, text, sizeof(text)), "q1");
+    assert_kvf_ok(kvf_notify_send(fx->pre, peer, "q3", 2));
+    assert_int_equal(kvf_notify_wait(dec, n, 1, 5000), 1);
+    assert_string_equal(note_text(n, text, sizeof(text)), "q3");
     free(n);
 }
 
@@ -2178,6 +2235,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(killed_sender_no_notification, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_max_len, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_queue_full_busy, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(notify_queue_full_names_the_queue, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_flood_leaves_room_for_others, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(waiting_notification_holds_up_no_other_engine, fx_setup,
                                     fx_teardown),

@@ -53,6 +53,8 @@ static void usage(FILE *f)
         "  --ns NAME           store namespace of the engines, default \"default\"\n"
         "  --json FILE         write every figure and the machine's description to FILE\n"
         "  --quiet             no progress line\n"
+        "  --auth-key-file F  the cluster secret (`kvferry keygen`); default\n"
+        "                    $KVFERRY_AUTH_KEY_FILE\n"
         "  --log-level N       0 debug, 1 info, 2 warn (default), 3 error\n\n"
         "Exit status: 0 all runs done and verified, 1 failure (a message says why), 2 usage.\n",
         BENCH_MAX_BLOCKS, BENCH_MAX_WINDOW, BENCH_MAX_THREADS, BENCH_ITER_CAP_S, BENCH_MAX_REPS);

@@ -132,7 +132,7 @@ static int opt_apply(const char *cmd, const kvf_cli_opt_t *o, const char *value)
 
 int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
 {
-    struct option lo[CLI_OPTS_MAX + 2];
+    struct option lo[CLI_OPTS_MAX + 6];
     size_t n = 0;
     int c;
 
@@ -147,6 +147,8 @@ int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
     }
     if (cli->log_level)
         lo[n++] = (struct option){"log-level", required_argument, NULL, 'L'};
+    lo[n++] = (struct option){"auth-key-file", required_argument, NULL, 'K'};
+    lo[n++] = (struct option){"admin-key-file", required_argument, NULL, 'A'};
     if (cli->verbose)
         lo[n++] = (struct option){"verbose", no_argument, NULL, 'v'};
     lo[n++] = (struct option){"help", no_argument, NULL, 'h'};
@@ -168,6 +170,17 @@ int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
         if (c == 'L') {
             if (kvf_cli_set_log_level(cli->cmd, optarg) < 0)
                 return KVF_CLI_EXIT_USAGE;
+            continue;
+        }
+        if (c == 'K' || c == 'A') {
+            /* Through the environment, so that every engine, store and store client of this
+             * process, and the processes it starts (demo, bench), use the same key. */
+            const char *flag = c == 'K' ? "auth-key-file" : "admin-key-file";
+            if (!*optarg ||
+                setenv(c == 'K' ? "KVFERRY_AUTH_KEY_FILE" : "KVFERRY_ADMIN_KEY_FILE", optarg, 1)) {
+                fprintf(stderr, "kvferry %s: --%s: want a file name\n", cli->cmd, flag);
+                return KVF_CLI_EXIT_USAGE;
+            }
             continue;
         }
         if (c < CLI_OPT_BASE) {

@@ -29,6 +29,7 @@ int kvf_cli_transfer(int argc, char **argv);
 int kvf_cli_demo(int argc, char **argv);
 int kvf_cli_bench(int argc, char **argv);
 int kvf_cli_info(int argc, char **argv);
+int kvf_cli_keygen(int argc, char **argv);
 
 /* Lines `kvferry transfer` prints and `kvferry demo` (and the tests) read. */
 #define KVF_CLI_DECODE_READY_FMT  "decode session %s ready"

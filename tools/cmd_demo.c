@@ -73,7 +73,9 @@ static void usage(FILE *f)
             "                   tcp or shm\n"
             "  -v, --verbose    also relay the per-slice lines (\"get/set buffer success\")\n"
             "  --log-level N    the children's --log-level (default: $KVFERRY_LOG_LEVEL, else\n"
-            "                   2, warn)\n");
+            "                   2, warn)\n"
+            "  --auth-key-file F  the cluster secret every child proves (`kvferry keygen`);\n"
+            "                   default $KVFERRY_AUTH_KEY_FILE\n");
 }
 
 /* Start this binary with @argv, its stdout and stderr on a pipe. */

@@ -39,6 +39,8 @@ static void usage(FILE *f)
                "  --timeout MS      how long to wait for the store and the engine (default 3000)\n"
                "  --key-prefix P    the engines' store key prefix (default $KVFERRY_KEY_PREFIX,\n"
                "                    else kvferry/v1/)\n"
+               "  --auth-key-file F  the cluster secret (`kvferry keygen`); default\n"
+               "                    $KVFERRY_AUTH_KEY_FILE\n"
                "  --log-level N     0 debug, 1 info, 2 warn (default), 3 error\n\n"
                "Exit status: 0 done, 1 the store or the engine could not be reached (a message\n"
                "says which and why), 2 usage error.\n");

@@ -23,6 +23,10 @@ static void usage(FILE *f)
             "                      etcd://[USER:PASS@]H:P[,H:P...]\n"
             "                      or redis://[USER:PASS@]H:P[/DB]\n"
             "  --timeout MS        how long to wait for the store to answer (default 5000)\n"
+            "  --auth-key-file F  the cluster secret (`kvferry keygen`); default\n"
+            "                    $KVFERRY_AUTH_KEY_FILE\n"
+            "  --admin-key-file F  the store's operator key (`kvferry keygen`): may change\n"
+            "                    any record (default $KVFERRY_ADMIN_KEY_FILE)\n"
             "  --log-level N       0 debug, 1 info, 2 warn (default), 3 error\n\n"
             "Exit status: 0 done, 1 the store refused or failed (a message says why; a missing\n"
             "key is \"not found\"), 2 usage error.\n");
@@ -147,6 +151,8 @@ int kvf_cli_kv(int argc, char **argv)
     kvf_store_opts_t o;
     kvf_store_opts_init(&o);
     o.request_timeout_ms = (uint32_t)timeout_ms;
+    /* --admin-key-file (or the variable it sets): the operator's key, for this tool alone. */
+    o.admin_key_file = getenv("KVFERRY_ADMIN_KEY_FILE");
     kvf_store_t *st;
     /* One attempt first: a port that refuses has no store behind it, and an operator wants to
      * hear that at once rather than after --timeout of retries. Anything else (no answer, a

@@ -31,10 +31,15 @@ static void usage(FILE *f)
         "Run the built-in config store in the foreground. Nodes find each other through it\n"
         "with --store-url tcp://HOST:PORT. Everything is kept in memory; nodes re-publish\n"
         "their records when it restarts. Stops cleanly on SIGINT or SIGTERM.\n\n"
-        "  --listen URL      address to listen on (default tcp://0.0.0.0:8000;\n"
-        "                    port 0 picks a free port, printed on start)\n"
+        "  --listen URL      address to listen on (default tcp://127.0.0.1:8000, this host\n"
+        "                    only; tcp://0.0.0.0:PORT listens on every address: give it an\n"
+        "                    auth key. Port 0 picks a free port, printed on start)\n"
         "  --metrics-listen A  serve the store's counts (clients, keys, leases, requests,\n"
         "                    bytes) for Prometheus at http://A/metrics; port 0 picks one\n"
+        "  --auth-key-file F  the cluster secret (`kvferry keygen`); default\n"
+        "                    $KVFERRY_AUTH_KEY_FILE\n"
+        "  --admin-key-file F  the store's operator key (`kvferry keygen`): may change\n"
+        "                    any record (default $KVFERRY_ADMIN_KEY_FILE)\n"
         "  --log-level N     0 debug, 1 info, 2 warn (default), 3 error\n\n"
         "Bounds (a client is a source IP address; a request past a quota is refused with\n"
         "an error naming it, a connection past a bound is closed with a log line):\n"
@@ -68,7 +73,7 @@ static int render_store(void *arg, char **out, size_t *len)
 
 int kvf_cli_store(int argc, char **argv)
 {
-    const char *listen = "tcp://0.0.0.0:8000", *metrics_listen = NULL;
+    const char *listen = "tcp://127.0.0.1:8000", *metrics_listen = NULL;
     kvf_metrics_server_t *metrics = NULL;
     kvf_store_server_opts_t so;
     kvf_store_server_opts_init(&so);

@@ -63,6 +63,8 @@ static void usage(FILE *f)
             "  --dst-session-id ID   the Decode's session id; required for the Prefill, refused\n"
             "                        for the Decode\n"
             "  --npu-id N            device id (on CPU hosts only published), default 0\n"
+            "  --auth-key-file F  the cluster secret (`kvferry keygen`); default\n"
+            "                    $KVFERRY_AUTH_KEY_FILE\n"
             "  --log-level N         0 debug, 1 info, 2 warn (default), 3 error\n"
             "  --iterations N        rounds to run, then exit 0; 0 (default) runs forever\n"
             "  --timeout SEC         bound on starting up, on each transfer and on each wait for\n"

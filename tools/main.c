@@ -15,6 +15,7 @@ static const struct {
     {"transfer", kvf_cli_transfer, "the seed's tool: a Prefill writes into a Decode's buffer"},
     {"demo", kvf_cli_demo, "a store, a Decode and a Prefill on 127.0.0.1: transfer and verify"},
     {"bench", kvf_cli_bench, "throughput and latency beside same-run baselines; `bench store`"},
+    {"keygen", kvf_cli_keygen, "write a new cluster secret (auth key file, mode 0600)"},
     {"info", kvf_cli_info, "what the store knows (sessions, regions); an engine's live statistics"},
 };
 

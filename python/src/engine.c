@@ -40,6 +40,7 @@ static const char *const config_kwlist[] = {"init_timeout_ms",
                                             "tcp_idle_timeout_ms",
                                             "key_prefix",
                                             "metrics_listen",
+                                            "auth_key_file",
                                             NULL};
 
 static int config_u32(PyObject *v, const char *name, uint32_t *out)
@@ -59,12 +60,12 @@ static int config_u32(PyObject *v, const char *name, uint32_t *out)
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *v[13] = {NULL};
+    PyObject *v[14] = {NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOOO:TransferEngine",
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOOOO:TransferEngine",
                                      (char **)config_kwlist, &v[0], &v[1], &v[2], &v[3], &v[4],
                                      &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11],
-                                     &v[12]))
+                                     &v[12], &v[13]))
         return -1;
     if (kvfpy_guard_enter(&self->guard)) {
         kvfpy_guard_leave(&self->guard);
@@ -124,6 +125,18 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
         }
         snprintf(self->metrics_listen, sizeof(self->metrics_listen), "%s", ml);
         self->cfg.metrics_listen = self->metrics_listen;
+    }
+    if (v[13] && v[13] != Py_None) {
+        const char *kf;
+        if (kvfpy_str(v[13], "auth_key_file", &kf) < 0)
+            return -1;
+        if (strlen(kf) >= sizeof(self->auth_key_file)) {
+            PyErr_Format(PyExc_ValueError, "auth_key_file is longer than %zu characters",
+                         sizeof(self->auth_key_file) - 1);
+            return -1;
+        }
+        snprintf(self->auth_key_file, sizeof(self->auth_key_file), "%s", kf);
+        self->cfg.auth_key_file = self->auth_key_file;
     }
     return 0;
 }
@@ -485,7 +498,7 @@ PyTypeObject kvfpy_EngineType = {
     .tp_doc = "TransferEngine(*, init_timeout_ms=None, op_timeout_ms=None, lease_ttl_ms=None, "
               "tcp_conns_per_peer=None, tcp_chunk_bytes=None, namespace=None, max_batches=None, "
               "submit_blocks=None, async_threads=None, notify_queue_max=None, "
-              "tcp_idle_timeout_ms=None, key_prefix=None, metrics_listen=None)\n--\n\n"
+              "tcp_idle_timeout_ms=None, key_prefix=None, metrics_listen=None, auth_key_file=None)\n--\n\n"
               "A kvferry node with the seed's (mf_adapter) TransferEngine methods. The "
               "keyword-only arguments override kvf_config_t defaults; metrics_listen=\"host:port\" "
               "serves get_stats() for Prometheus at http://host:port/metrics. Use as a context "

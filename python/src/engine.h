@@ -24,6 +24,7 @@ typedef struct {
     char ns[65];
     char metrics_listen[KVF_SESSION_ID_MAX];
     char key_prefix[129];
+    char auth_key_file[4096];
     /* Registration pins: address (int) -> object keeping that memory alive. Touched only with
      * the GIL held. */
     PyObject *pins;

@@ -178,6 +178,6 @@ extern PyTypeObject kvfpy_StoreServerType; /* store_server.c */
 
 /* Start a store server: 0 with *out a new StoreServer object, a negative kvferry code (message
  * in the last-error slot, no exception), or KVFPY_PYERR with a Python exception set. */
-int kvfpy_store_server_start(const char *url, PyObject **out);
+int kvfpy_store_server_start(const char *url, const char *auth_key_file, PyObject **out);
 
 #endif /* KVFERRY_PY_H */

@@ -14,13 +14,15 @@ static PyObject *config_stores;
 
 static PyObject *mod_create_config_store(PyObject *mod, PyObject *args, PyObject *kwds)
 {
-    static const char *const kwlist[] = {"store_url", NULL};
-    PyObject *url_o, *srv = NULL;
-    const char *url;
+    static const char *const kwlist[] = {"store_url", "auth_key_file", NULL};
+    PyObject *url_o, *key_o = NULL, *srv = NULL;
+    const char *url, *key = NULL;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:create_config_store", (char **)kwlist,
-                                     &url_o) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$O:create_config_store", (char **)kwlist,
+                                     &url_o, &key_o) ||
         kvfpy_str(url_o, "store_url", &url) < 0)
+        return NULL;
+    if (key_o && key_o != Py_None && kvfpy_str(key_o, "auth_key_file", &key) < 0)
         return NULL;
     const char *scheme = NULL;
     int rc = kvf_store_url_parse(url, &scheme, NULL, 0, NULL);
@@ -35,7 +37,7 @@ static PyObject *mod_create_config_store(PyObject *mod, PyObject *args, PyObject
         Py_END_ALLOW_THREADS
         return PyLong_FromLong(rc);
     }
-    rc = kvfpy_store_server_start(url, &srv);
+    rc = kvfpy_store_server_start(url, key, &srv);
     if (rc == KVFPY_PYERR)
         return NULL;
     if (rc < 0)
@@ -106,7 +108,7 @@ static PyObject *mod_err_name(PyObject *mod, PyObject *arg)
 
 static PyMethodDef module_methods[] = {
     {"create_config_store", FN(mod_create_config_store), KW,
-     "create_config_store($module, store_url)\n--\n\n-> int\n\n"
+     "create_config_store($module, store_url, *, auth_key_file=None)\n--\n\n-> int\n\n"
      "Start the built-in config store in this process, listening on store_url "
      "(\"tcp://ip:port\"); it runs until the process exits. For \"etcd://...\" and "
      "\"redis://...\" URLs nothing is started: it checks that the store answers. Returns 0 or a "

@@ -33,19 +33,23 @@ static void store_close(StoreObject *self)
 
 static int Store_init(StoreObject *self, PyObject *args, PyObject *kwds)
 {
-    static const char *const kwlist[] = {"url", "connect_timeout_ms", "request_timeout_ms", NULL};
-    PyObject *url_o, *ct = NULL, *rt = NULL;
+    static const char *const kwlist[] = {"url", "connect_timeout_ms", "request_timeout_ms",
+                                         "auth_key_file", NULL};
+    PyObject *url_o, *ct = NULL, *rt = NULL, *key_o = NULL;
     const char *url;
     uint64_t v;
     kvf_store_opts_t opts;
     kvf_store_t *st = NULL;
     int rc;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO:Store", (char **)kwlist, &url_o, &ct, &rt))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$O:Store", (char **)kwlist, &url_o, &ct, &rt,
+                                     &key_o))
         return -1;
     if (kvfpy_str(url_o, "url", &url) < 0)
         return -1;
     kvf_store_opts_init(&opts);
+    if (key_o && key_o != Py_None && kvfpy_str(key_o, "auth_key_file", &opts.auth_key_file) < 0)
+        return -1;
     if (ct && ct != Py_None) {
         if (kvfpy_u64(ct, "connect_timeout_ms", &v) < 0)
             return -1;

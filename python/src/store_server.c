@@ -11,13 +11,16 @@ typedef struct {
     PyObject *url; /* str, kept after stop() for messages */
 } StoreServerObject;
 
-int kvfpy_store_server_start(const char *url, PyObject **out)
+int kvfpy_store_server_start(const char *url, const char *auth_key_file, PyObject **out)
 {
     kvf_store_server_t *srv = NULL;
+    kvf_store_server_opts_t so;
     int rc;
 
+    kvf_store_server_opts_init(&so);
+    so.auth_key_file = auth_key_file;
     Py_BEGIN_ALLOW_THREADS
-    rc = kvf_store_server_start(url, &srv);
+    rc = kvf_store_server_start_opts(url, &so, &srv);
     Py_END_ALLOW_THREADS
     if (rc < 0)
         return rc;
@@ -38,19 +41,22 @@ int kvfpy_store_server_start(const char *url, PyObject **out)
 
 static PyObject *StoreServer_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static const char *const kwlist[] = {"url", NULL};
-    PyObject *url_o = NULL, *out = NULL;
-    const char *url = "tcp://127.0.0.1:0";
+    static const char *const kwlist[] = {"url", "auth_key_file", NULL};
+    PyObject *url_o = NULL, *key_o = NULL, *out = NULL;
+    const char *url = "tcp://127.0.0.1:0", *key = NULL;
 
     if (type != &kvfpy_StoreServerType) {
         PyErr_SetString(PyExc_TypeError, "kvferry.StoreServer cannot be subclassed");
         return NULL;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:StoreServer", (char **)kwlist, &url_o))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O$O:StoreServer", (char **)kwlist, &url_o,
+                                     &key_o))
         return NULL;
     if (url_o && url_o != Py_None && kvfpy_str(url_o, "url", &url) < 0)
         return NULL;
-    int rc = kvfpy_store_server_start(url, &out);
+    if (key_o && key_o != Py_None && kvfpy_str(key_o, "auth_key_file", &key) < 0)
+        return NULL;
+    int rc = kvfpy_store_server_start(url, key, &out);
     if (rc == KVFPY_PYERR)
         return NULL;
     if (rc < 0)

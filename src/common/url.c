@@ -444,3 +444,12 @@ int kvf_store_url_parse(const char *url, const char **scheme, char *host, size_t
                 *scheme = schemes[i].name;
     return 0;
 }
+
+bool kvf__hostport_is_loopback(const kvf_hostport_t *hp)
+{
+    if (hp->kind == KVF_HOST_IPV4)
+        return strncmp(hp->host, "127.", 4) == 0;
+    if (hp->kind == KVF_HOST_IPV6)
+        return strcmp(hp->host, "::1") == 0;
+    return strcasecmp(hp->host, "localhost") == 0;
+}

@@ -5,6 +5,7 @@
 #ifndef KVF_URL_H
 #define KVF_URL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -65,5 +66,9 @@ int kvf__session_id_parse(const char *sid, kvf_hostport_t *out);
  * KVF_SESSION_ID_MAX bytes). Returns @buf.
  */
 char *kvf__hostport_format(const kvf_hostport_t *hp, char *buf, size_t len);
+
+/* Whether @hp names only this host: 127.0.0.0/8, ::1, or "localhost". A wildcard (0.0.0.0, ::)
+ * or any other address is reachable from the network. */
+bool kvf__hostport_is_loopback(const kvf_hostport_t *hp);
 
 #endif /* KVF_URL_H */

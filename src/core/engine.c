@@ -167,11 +167,39 @@ static int session_host_check(const char *session_id, kvf_hostport_t *hp)
     return session_host_check(session_id, hp);
 }
 
+/*
+ * Publish the engine's records for the first time. Regions first: a peer that sees the session
+ * record can then always find its regions. A store with the cluster secret lets only a lease's
+ * holder change the keys bound to it, so the records of the previous engine at this session id
+ * (dead: this one holds its port) are refused with -EACCES until that engine's lease expires;
+ * that is waited for, up to init_timeout_ms.
+ */
+static int publish_first(kvf_engine_t *e)
+{
+    uint64_t deadline = kvf__now_ms() + e->cfg.init_timeout_ms;
+    bool said = false;
+    for (;;) {
+        int rc = kvf__eng_publish_regions(e);
+        if (rc == 0)
+            rc = kvf__eng_publish_session(e);
+        if (rc != -EACCES || kvf__now_ms() >= deadline)
+            return rc;
+        if (!said)
+            KVF_INFO(ENG_LOG, "session %s: waiting for the lease of the engine that was here to "
+                              "expire (the store keeps its records until then)",
+                     e->sid);
+        said = true;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = 100 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
 int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t role, int device_id,
                       const kvf_config_t *cfg, kvf_engine_t **out)
 {
     kvf_hostport_t listen;
     kvf_store_url_t surl;
+    kvf_auth_key_t auth = {.len = 0};
     kvf_engine_t *e;
     int rc;
 
@@ -237,6 +265,12 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     rc = kvf__regions_create(&e->regions);
     if (rc < 0)
         goto out_async;
+    /* The key is read once, here; the transport and the store client keep their own copies. */
+    rc = kvf__auth_key_resolve(e->cfg.auth_key_file, &auth);
+    if (rc < 0) {
+        kvf__err_wrap(rc, "engine create");
+        goto out_regions;
+    }
 
     /* Listen first: the port is the session's identity, and holding it proves that no live
      * engine on this host owns the session id, so a record left in the store is a dead one's. */
@@ -256,6 +290,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .record_arg = e,
         .listen_fd = e->cfg.listen_fd >= 0 ? &e->cfg.listen_fd : NULL,
         .shm_word = &e->shm_word,
+        .auth = &auth,
     };
     rc = kvf__transports[e->listener]->create(&tp, &e->tr[e->listener]);
     if (rc == -EADDRINUSE) {
@@ -294,7 +329,10 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     kvf_store_opts_t so;
     kvf_store_opts_init(&so);
     so.connect_timeout_ms = e->cfg.init_timeout_ms;
+    so.auth_key_file = e->cfg.auth_key_file;
     rc = kvf_store_open(store_url, &so, &e->store);
+    /* The caller's string is not kept. */
+    e->cfg.auth_key_file = NULL;
     if (rc < 0)
         goto out_transport;
     rc = kvf_store_lease_grant(e->store, e->cfg.lease_ttl_ms, &e->lease);
@@ -310,11 +348,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         KVF_INFO(ENG_LOG, "session %s: taking over the record of an engine that is gone", e->sid);
         free(old);
     }
-    /* Regions first: a peer that sees the session record can then always find its regions. */
-    rc = kvf__eng_publish_regions(e);
-    if (rc < 0)
-        goto out_store;
-    rc = kvf__eng_publish_session(e);
+    rc = publish_first(e);
     if (rc < 0)
         goto out_store;
     atomic_store(&e->records_ready, true);
@@ -327,6 +361,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     for (size_t i = 0; kvf__transports[i]; i++)
         kvf__transports[i]->start(e->tr[i]);
     KVF_INFO(ENG_LOG, "engine %s (%s) ready, store %s", e->sid, kvf_role_name(role), store_url);
+    kvf__auth_key_wipe(&auth);
     *out = e;
     return 0;
 
@@ -347,6 +382,7 @@ out_destroy_locks:
     pthread_mutex_destroy(&e->peers_lock);
     pthread_mutex_destroy(&e->publish_lock);
 out_free:
+    kvf__auth_key_wipe(&auth);
     free(e->shm_table);
     free(e);
     return rc;

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -35,6 +36,7 @@ static void cli_free(kvf_store_t *st)
     pthread_mutex_destroy(&st->mu);
     close(st->wake_fd);
     free(st->url);
+    kvf__auth_key_wipe(&st->auth);
     free(st);
 }
 
@@ -52,6 +54,9 @@ static int cli_open_connect(kvf_store_t *st)
         int fd = kvf__cli_connect_once(st, attempt_deadline, false, why, sizeof(why));
         if (fd >= 0)
             return fd;
+        /* Retrying cannot change the other side's mind about our key. */
+        if (fd == -KVF_EAUTH)
+            return kvf__err(fd, "store %s: %s", st->url, why);
         uint64_t now = kvf__now_ms();
         if (ct == 0 || now >= deadline)
             break;
@@ -89,6 +94,25 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
     }
     st->base.ops = &kvf__store_builtin_ops;
     st->base.url = st->url;
+    /* The admin key only when the caller names it: never from the environment, so that an
+     * engine started where an operator's variables are set does not act as the operator. */
+    rc = opts->admin_key_file && *opts->admin_key_file
+             ? kvf__auth_admin_key_resolve(opts->admin_key_file, &st->auth)
+             : 0;
+    bool admin = rc == 0 && st->auth.len;
+    if (rc == 0 && !admin)
+        rc = kvf__auth_key_resolve(opts->auth_key_file, &st->auth);
+    st->opts.auth_key_file = NULL; /* the caller's strings; not kept */
+    st->opts.admin_key_file = NULL;
+    if (rc < 0) {
+        kvf__err_wrap(rc, "store %s", url);
+        goto out_free_url;
+    }
+    uint64_t inst = 0;
+    if (getrandom(&inst, sizeof(inst), GRND_NONBLOCK) != (ssize_t)sizeof(inst))
+        inst = kvf__now_ns() ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)st;
+    snprintf(st->ident, sizeof(st->ident), "%s/%016" PRIx64,
+             admin ? KVF_AUTH_ADMIN_ID : "kvferry-store-client", inst);
     st->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (st->wake_fd < 0) {
         rc = kvf__err(-errno, "store %s: eventfd: %s", url, kvf_strerror(-errno));
@@ -123,6 +147,11 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
 
     /* Something accepted the connection; make sure it is a store that answers. */
     rc = kvf__builtin_ping(st);
+    if (rc == -KVF_EAUTH) {
+        /* The store's own answer says what is missing; the message already names the store. */
+        cli_close(st);
+        return rc;
+    }
     if (rc < 0) {
         rc = kvf__err_wrap(-KVF_ESTOREDOWN, "store %s: the store does not answer", url);
         cli_close(st);
@@ -141,6 +170,7 @@ out_close_wake:
 out_free_url:
     free(st->url);
 out_free_st:
+    kvf__auth_key_wipe(&st->auth);
     free(st);
     return rc;
 }

@@ -182,6 +182,19 @@ static int cli_connect_addr(kvf_store_t *st, const struct addrinfo *ai, uint64_t
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     cli_set_dead_peer_opts(st, fd);
+    if (st->auth.len) {
+        char reason[160];
+        uint64_t adl = kvf__now_ms() + KVF_AUTH_TIMEOUT_MS;
+        int arc = kvf__auth_client(fd, &st->auth, st->ident,
+                                   adl < deadline_ms ? adl : deadline_ms, KVF_AUTH_STORE_ID, reason,
+                                   sizeof(reason));
+        if (arc) {
+            snprintf(why, whylen, "authentication: %s", reason);
+            /* A cut or foreign answer to the handshake is a refusal too, unless time ran out. */
+            rc = arc == -KVF_ETIMEDOUT ? -KVF_ESTOREDOWN : -KVF_EAUTH;
+            goto out_close;
+        }
+    }
     return fd;
 
 out_close:
@@ -211,7 +224,7 @@ int kvf__cli_connect_once(kvf_store_t *st, uint64_t deadline_ms, bool interrupti
     int rc = -KVF_ESTOREDOWN;
     for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
         rc = cli_connect_addr(st, ai, deadline_ms, interruptible, why, whylen);
-        if (rc >= 0 || rc == -KVF_ECLOSED)
+        if (rc >= 0 || rc == -KVF_ECLOSED || rc == -KVF_EAUTH)
             break;
     }
     freeaddrinfo(res);

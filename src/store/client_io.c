@@ -162,7 +162,7 @@ static int cli_on_answer(kvf_store_t *st, uint8_t op, uint16_t status, uint32_t 
         snprintf(why, whylen, "answer to request %u has opcode %u, sent %u", id, op, rq->op);
         return -KVF_EPROTO;
     }
-    if (status > KVF_STORE_ST_SHUTTING_DOWN) {
+    if (status > KVF_STORE_ST_FORBIDDEN) {
         snprintf(why, whylen, "answer to request %u has unknown status %u", id, status);
         return -KVF_EPROTO;
     }

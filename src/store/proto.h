@@ -20,6 +20,7 @@
 #ifndef KVF_STORE_PROTO_H
 #define KVF_STORE_PROTO_H
 
+#include <errno.h>
 #include <stdint.h>
 
 #include "kvferry.h"
@@ -98,6 +99,10 @@ enum kvf_store_status {
                                         (keys, bytes, leases, watches) reached; the message names
                                         it and its value */
     KVF_STORE_ST_SHUTTING_DOWN = 10, /* server stopping: pending get-with-wait answered with this */
+    KVF_STORE_ST_AUTH = 11,          /* the server requires the cluster secret and the client sent
+                                        a request without the handshake; the connection ends */
+    KVF_STORE_ST_FORBIDDEN = 12,     /* the key is bound to, or the lease is, another client's
+                                        lease (with a key: docs/security.md, "Store ownership") */
 };
 
 /*
@@ -132,6 +137,10 @@ static inline int kvf__store_status_to_err(uint16_t st)
         return -KVF_ENOTFOUND;
     case KVF_STORE_ST_BUSY:
         return -KVF_EBUSY;
+    case KVF_STORE_ST_AUTH:
+        return -KVF_EAUTH;
+    case KVF_STORE_ST_FORBIDDEN:
+        return -EACCES;
     case KVF_STORE_ST_SHUTTING_DOWN:
         return -KVF_ESTOREDOWN;
     default:

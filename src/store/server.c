@@ -53,6 +53,11 @@ static void timers_run(struct kvf_store_server *srv)
         case SRV_TIMER_QUIET:
             kvf__srv_conn_quiet(srv, SRV_CONTAINER(t, struct srv_conn, quiet));
             break;
+        case SRV_TIMER_AUTH:
+            kvf__srv_conn_close_warn(srv, SRV_CONTAINER(t, struct srv_conn, auth_timer),
+                                     "authentication failed: no handshake within %u ms",
+                                     KVF_AUTH_TIMEOUT_MS);
+            break;
         }
     }
     if (srv->accept_paused && srv->accept_resume_ms <= srv->now_ms)
@@ -247,6 +252,18 @@ int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_o
     srv->next_lease_id = random_u64();
     srv->now_ms = kvf__now_ms();
     srv->stats.started_ms = srv->now_ms;
+    rc = kvf__auth_key_resolve(srv->opts.auth_key_file, &srv->auth_key);
+    if (rc == 0)
+        rc = kvf__auth_admin_key_resolve(srv->opts.admin_key_file, &srv->admin_key);
+    srv->opts.auth_key_file = NULL; /* the caller's strings; not kept */
+    srv->opts.admin_key_file = NULL;
+    if (rc == 0 && srv->admin_key.len && !srv->auth_key.len)
+        rc = kvf__err(-KVF_EINVAL, "an admin key needs an auth key: without the cluster secret "
+                                   "nothing is authenticated and there is nothing to administer");
+    if (rc < 0) {
+        kvf__err_wrap(rc, "store listen %s", listen_url);
+        goto out_free;
+    }
 
     rc = listen_on(listen_url, &u.hosts[0]);
     if (rc < 0)
@@ -293,7 +310,14 @@ int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_o
         goto out_destroy_cond;
     }
 
-    KVF_INFO(SRV_LOG, "listening on %s", srv->url);
+    KVF_INFO(SRV_LOG, "listening on %s%s", srv->url,
+             srv->auth_key.len ? " (clients must prove the cluster secret)" : "");
+    if (!srv->auth_key.len && !kvf__hostport_is_loopback(&u.hosts[0]))
+        KVF_WARN(SRV_LOG,
+                 "store %s listens on a non-loopback address without an auth key: anyone who "
+                 "can reach it can read, change and delete every record (set an auth key file: "
+                 "docs/security.md)",
+                 srv->url);
     *out = srv;
     return 0;
 
@@ -308,6 +332,8 @@ out_close_epoll:
 out_close_listen:
     close(srv->listen_fd);
 out_free:
+    kvf__auth_key_wipe(&srv->auth_key);
+    kvf__auth_key_wipe(&srv->admin_key);
     free(srv);
     return rc;
 }
@@ -361,6 +387,8 @@ void kvf_store_server_stop(kvf_store_server_t *srv)
     close(srv->listen_fd);
     pthread_cond_destroy(&srv->cond);
     pthread_mutex_destroy(&srv->mu);
+    kvf__auth_key_wipe(&srv->auth_key);
+    kvf__auth_key_wipe(&srv->admin_key);
     free(srv);
 }
 

@@ -44,6 +44,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "common/auth.h"
 #include "common/common.h"
 #include "common/url.h"
 #include "common/wire.h"
@@ -99,6 +100,7 @@ enum srv_timer_kind {
     SRV_TIMER_LEASE,   /* lease expiry */
     SRV_TIMER_PARTIAL, /* partial-frame timeout of a connection */
     SRV_TIMER_QUIET,   /* idle timeout of a connection (checked lazily, see conn_quiet_check) */
+    SRV_TIMER_AUTH,    /* the handshake's deadline (KVF_AUTH_TIMEOUT_MS from the accept) */
 };
 
 #define SRV_TIMER_IDLE SIZE_MAX
@@ -140,6 +142,9 @@ struct srv_lease {
     uint64_t id; /* first member: the lease tree compares ids */
     uint32_t ttl_ms;
     struct srv_client *owner; /* charged with it */
+    char *holder;             /* with a key: the proven identity of the client that granted it,
+                                 the only one (besides an admin) that may use it or change its
+                                 keys; NULL without a key */
     struct srv_timer timer;
     struct srv_link keys; /* srv_entry.lease_link */
 };
@@ -203,6 +208,12 @@ struct srv_conn {
     bool marks_oom;        /* a mark could not be stored: close it */
     struct srv_timer partial;
     struct srv_timer quiet;
+    /* With a key: the server's half of the handshake until the client proved it, then NULL.
+     * While it is set nothing but handshake messages is read from the connection. */
+    kvf_auth_srv_t *auth;
+    struct srv_timer auth_timer;
+    char *ident; /* the identity the client proved (NULL without a key) */
+    bool admin;  /* it proved the admin key */
     uint64_t last_active_ms; /* last time bytes arrived or a get-with-wait of it ended */
 
     struct srv_link waiters; /* srv_waiter.conn_link */
@@ -228,6 +239,8 @@ struct kvf_store_server {
     int loop_rc;
 
     kvf_store_server_opts_t opts;
+    kvf_auth_key_t auth_key;  /* the cluster secret (len 0: none); read-only after start */
+    kvf_auth_key_t admin_key; /* the operators' key (len 0: none); read-only after start */
 
     /* Loop-thread state from here on. */
     uint64_t now_ms; /* refreshed after every epoll_wait() */

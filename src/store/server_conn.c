@@ -33,6 +33,12 @@ void kvf__srv_conn_kill(struct kvf_store_server *srv, struct srv_conn *c)
         kvf__srv_watch_free(srv, SRV_CONTAINER(c->watches.next, struct srv_watch, conn_link));
     kvf__srv_timer_disarm(srv, &c->partial);
     kvf__srv_timer_disarm(srv, &c->quiet);
+    kvf__srv_timer_disarm(srv, &c->auth_timer);
+    if (c->auth) {
+        kvf__auth_srv_fini(c->auth);
+        free(c->auth);
+        c->auth = NULL;
+    }
     if (c->dirty) {
         link_del(&c->dirty_link);
         c->dirty = false;
@@ -70,6 +76,7 @@ void kvf__srv_zombies_free(struct kvf_store_server *srv)
     while (!link_empty(&srv->zombies)) {
         struct srv_conn *c = SRV_CONTAINER(srv->zombies.next, struct srv_conn, link);
         link_del(&c->link);
+        free(c->ident);
         free(c->in);
         kvf__srv_out_release(srv, c);
         free(c);
@@ -232,6 +239,83 @@ static void conn_dispatch(struct kvf_store_server *srv, struct srv_conn *c, cons
     kvf__srv_ops[rq.op](srv, c, &rq, &rd);
 }
 
+/* Send what is queued for @c at once and close it: a refusal of the handshake. */
+static void conn_refuse_auth(struct kvf_store_server *srv, struct srv_conn *c, const char *why)
+{
+    conn_flush(srv, c);
+    if (!c->dead)
+        kvf__srv_conn_close_warn(srv, c, "authentication failed: %s", why);
+}
+
+/*
+ * The handshake messages at the start of @c's input (server with a key; common/auth.h). Returns
+ * the bytes consumed; sets c->auth NULL once the client proved the key, and closes @c on a
+ * failure. A client without a key speaks the store protocol at once: its first request is
+ * answered with KVF_STORE_ST_AUTH, so its call fails with -KVF_EAUTH and a message, and @c ends.
+ */
+static size_t conn_parse_auth(struct kvf_store_server *srv, struct srv_conn *c)
+{
+    size_t pos = 0;
+    char why[160];
+    while (c->auth && c->in_len - pos >= KVF_AUTH_HDR_LEN) {
+        const uint8_t *h = c->in + pos;
+        uint8_t type;
+        size_t blen;
+        if (!kvf__auth_is_magic(h)) {
+            if (kvf__get_le32(h) != KVF_STORE_MAGIC) {
+                kvf__srv_conn_close_warn(srv, c, "authentication failed: no handshake");
+                return pos;
+            }
+            if (c->in_len - pos < KVF_STORE_HDR_LEN)
+                return pos;
+            kvf__srv_reply_err_to(srv, c, h[5], kvf__get_le32(h + 8), KVF_STORE_ST_AUTH,
+                                  "this store requires the cluster secret and this client has no "
+                                  "auth key (set an auth key file, e.g. KVFERRY_AUTH_KEY_FILE)");
+            conn_refuse_auth(srv, c, "the client has no auth key (it sent a request)");
+            return pos;
+        }
+        if (!kvf__auth_hdr_parse(h, &type, &blen, why, sizeof(why))) {
+            uint8_t out[KVF_AUTH_MAX_MSG];
+            size_t n = kvf__auth_encode(out, KVF_AUTH_REFUSED, "malformed message", 17, NULL, 0);
+            kvf__buf_put(&c->out, out, n);
+            kvf__srv_out_account(srv, c);
+            conn_refuse_auth(srv, c, why);
+            return pos;
+        }
+        if (c->in_len - pos < KVF_AUTH_HDR_LEN + blen)
+            return pos;
+        uint8_t out[KVF_AUTH_MAX_MSG];
+        size_t out_len = 0;
+        int rc = kvf__auth_srv_step(c->auth, type, h + KVF_AUTH_HDR_LEN, blen, out, &out_len, why,
+                                    sizeof(why));
+        pos += KVF_AUTH_HDR_LEN + blen;
+        if (out_len) {
+            kvf__buf_put(&c->out, out, out_len);
+            kvf__srv_out_account(srv, c);
+            kvf__srv_conn_mark_dirty(srv, c);
+        }
+        if (rc < 0) {
+            conn_refuse_auth(srv, c, why);
+            return pos;
+        }
+        if (rc == 1) {
+            KVF_DEBUG(SRV_LOG, "%s (%s) proved the %s", c->peer, c->auth->peer_id,
+                      c->auth->admin ? "admin key" : "cluster secret");
+            c->ident = strdup(c->auth->peer_id);
+            c->admin = c->auth->admin;
+            if (!c->ident) {
+                kvf__srv_conn_close_warn(srv, c, "out of memory");
+                return pos;
+            }
+            kvf__auth_srv_fini(c->auth);
+            free(c->auth);
+            c->auth = NULL;
+            kvf__srv_timer_disarm(srv, &c->auth_timer);
+        }
+    }
+    return pos;
+}
+
 /* Run the complete frames in @c's input, then size the buffer for what is left. Stops early,
  * setting c->held, while @c's unsent output is above SRV_OUT_PAUSE_READ; conn_flush() resumes. */
 static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c)
@@ -241,12 +325,29 @@ static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c)
     char why[128];
 
     c->held = false;
-    while (c->in_len - pos >= KVF_STORE_HDR_LEN) {
+    if (c->auth) {
+        pos = conn_parse_auth(srv, c);
+        if (c->dead)
+            return;
+        completed = pos > 0;
+    }
+    while (!c->auth && c->in_len - pos >= KVF_STORE_HDR_LEN) {
         if (conn_paused(c)) {
             c->held = true;
             break;
         }
         const uint8_t *h = c->in + pos;
+        if (kvf__auth_is_magic(h)) {
+            /* A client with a key, and none here: tell it so in its handshake's words. */
+            uint8_t out[KVF_AUTH_MAX_MSG];
+            const char *r = "this store has no auth key: the cluster secret is not configured on "
+                            "both sides";
+            size_t n = kvf__auth_encode(out, KVF_AUTH_REFUSED, r, strlen(r), NULL, 0);
+            kvf__buf_put(&c->out, out, n);
+            kvf__srv_out_account(srv, c);
+            conn_refuse_auth(srv, c, "the client has an auth key, this store none");
+            return;
+        }
         if (header_problem(h, why, sizeof(why))) {
             kvf__srv_conn_close_warn(srv, c, "%s", why);
             return;
@@ -456,17 +557,32 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
     kvf__buf_init(&c->out);
     timer_init(&c->partial, SRV_TIMER_PARTIAL);
     timer_init(&c->quiet, SRV_TIMER_QUIET);
+    timer_init(&c->auth_timer, SRV_TIMER_AUTH);
     link_init(&c->waiters);
     link_init(&c->watches);
     link_init(&c->dirty_link);
     c->last_active_ms = srv->now_ms;
     c->events = EPOLLIN;
     struct epoll_event ev = {.events = c->events, .data.ptr = c};
-    if (kvf__srv_timer_arm(srv, &c->quiet, srv->now_ms + srv->opts.idle_timeout_ms) < 0 ||
+    if (srv->auth_key.len) {
+        c->auth = malloc(sizeof(*c->auth));
+        if (c->auth) {
+            kvf__auth_srv_init(c->auth, &srv->auth_key, KVF_AUTH_STORE_ID);
+            if (srv->admin_key.len)
+                kvf__auth_srv_set_admin(c->auth, &srv->admin_key);
+        }
+    }
+    if ((srv->auth_key.len && !c->auth) ||
+        (c->auth && kvf__srv_timer_arm(srv, &c->auth_timer, srv->now_ms + KVF_AUTH_TIMEOUT_MS) < 0) ||
+        kvf__srv_timer_arm(srv, &c->quiet, srv->now_ms + srv->opts.idle_timeout_ms) < 0 ||
         epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         KVF_WARN_RATELIMITED(SRV_LOG, "refusing connection from %s: %s", c->peer,
                              timer_armed(&c->quiet) ? strerror(errno) : "out of memory");
         kvf__srv_timer_disarm(srv, &c->quiet);
+        kvf__srv_timer_disarm(srv, &c->auth_timer);
+        if (c->auth)
+            kvf__auth_srv_fini(c->auth);
+        free(c->auth);
         kvf__srv_client_maybe_free(srv, cl);
         close(fd);
         free(c);

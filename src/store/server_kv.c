@@ -307,6 +307,7 @@ void kvf__srv_lease_end(struct kvf_store_server *srv, struct srv_lease *lease)
     lease->owner->leases--;
     srv->nleases--;
     kvf__srv_client_maybe_free(srv, lease->owner);
+    free(lease->holder);
     free(lease);
 }
 
@@ -330,5 +331,6 @@ struct srv_lease *kvf__srv_lease_find(struct kvf_store_server *srv, uint64_t id)
 
 void kvf__srv_lease_free(void *p)
 {
+    free(((struct srv_lease *)p)->holder);
     free(p);
 }

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "store/server.h"
 
@@ -80,7 +81,33 @@ static bool check_value(struct kvf_store_server *srv, struct srv_conn *c, const 
     return true;
 }
 
-/* Resolve the lease field of SET/CAS. Returns false after answering LEASE_NOT_FOUND. */
+/*
+ * Store ownership (with a key; docs/security.md): a lease, and every key bound to it, belongs to
+ * the identity that granted it. Only that identity, or one that proved the admin key, may use
+ * the lease, keep it alive, revoke it, or change or delete its keys. Without a key there are no
+ * identities and nothing is checked.
+ */
+static bool may_use_lease(const struct srv_conn *c, const struct srv_lease *lease)
+{
+    return !lease || !lease->holder || c->admin || (c->ident && !strcmp(c->ident, lease->holder));
+}
+
+/* Whether @c may change @e (NULL: absent, anyone may create it); answers FORBIDDEN when not. */
+static bool may_change(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                       const struct srv_entry *e)
+{
+    if (!e || may_use_lease(c, e->lease))
+        return true;
+    KVF_LOG_RATELIMITED(KVF_LOG_INFO, SRV_LOG, "%s: %s refused: key bound to another client's lease",
+                        c->peer, kvf__srv_op_name(rq->op));
+    kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_FORBIDDEN,
+                       "the key is bound to another client's lease: only that client or an "
+                       "operator with the admin key may change or delete it");
+    return false;
+}
+
+/* Resolve the lease field of SET/CAS. Returns false after answering LEASE_NOT_FOUND (or
+ * FORBIDDEN for another client's lease). */
 static bool resolve_lease(struct kvf_store_server *srv, struct srv_conn *c,
                           const struct srv_req *rq, uint64_t id, struct srv_lease **out)
 {
@@ -91,6 +118,11 @@ static bool resolve_lease(struct kvf_store_server *srv, struct srv_conn *c,
     if (!*out) {
         kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_LEASE_NOT_FOUND, "lease %" PRIu64 " not found",
                            id);
+        return false;
+    }
+    if (!may_use_lease(c, *out)) {
+        kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_FORBIDDEN,
+                           "lease %" PRIu64 " belongs to another client", id);
         return false;
     }
     return true;
@@ -174,7 +206,8 @@ static void op_set(struct kvf_store_server *srv, struct srv_conn *c, const struc
     rd_blob32(rd, &val, &vlen);
     kvf__rd_u64(rd, &lease_id);
     if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen) ||
-        !check_value(srv, c, rq, vlen) || !resolve_lease(srv, c, rq, lease_id, &lease))
+        !check_value(srv, c, rq, vlen) || !resolve_lease(srv, c, rq, lease_id, &lease) ||
+        !may_change(srv, c, rq, kvf__srv_kv_find(srv, key, klen)))
         return;
     if (put_for(srv, c, rq, key, klen, val, vlen, true, lease))
         kvf__srv_reply_empty(srv, c, rq);
@@ -226,6 +259,8 @@ static void op_del(struct kvf_store_server *srv, struct srv_conn *c, const struc
         kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_NOT_FOUND, "key not found");
         return;
     }
+    if (!may_change(srv, c, rq, e))
+        return;
     kvf__srv_kv_delete(srv, e);
     kvf__srv_reply_empty(srv, c, rq);
 }
@@ -267,6 +302,8 @@ static void op_cas(struct kvf_store_server *srv, struct srv_conn *c, const struc
                            "value differs from the expected one");
         return;
     }
+    if (!may_change(srv, c, rq, e))
+        return;
     if (put_for(srv, c, rq, key, klen, val, vlen, true, lease))
         kvf__srv_reply_empty(srv, c, rq);
 }
@@ -286,6 +323,8 @@ static void op_add(struct kvf_store_server *srv, struct srv_conn *c, const struc
         return;
     memcpy(&delta, &udelta, sizeof(delta)); /* two's complement on the wire and in the host */
     struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
+    if (!may_change(srv, c, rq, e))
+        return;
     if (e && !parse_i64(e->val, e->vlen, &cur)) {
         kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_BAD_VALUE,
                            "value of %" PRIu32 " bytes is not a decimal int64", e->vlen);
@@ -516,11 +555,16 @@ static void op_lease_grant(struct kvf_store_server *srv, struct srv_conn *c,
     struct srv_lease *lease = malloc(sizeof(*lease));
     if (!lease)
         goto out_oom;
-    /* Ids count up from a random base: unique for this server's lifetime, and unlikely to equal
-     * an id a client still holds from a previous server on the same port. */
-    do
-        lease->id = srv->next_lease_id++;
-    while (lease->id == 0);
+    /* Random ids: one client cannot guess another's lease from its own (and an id is unlikely
+     * to equal one a client still holds from a previous server on the same port). The counter,
+     * from a random base, only backs up a random source that failed or a collision. */
+    do {
+        if (getrandom(&lease->id, sizeof(lease->id), GRND_NONBLOCK) != (ssize_t)sizeof(lease->id))
+            lease->id = srv->next_lease_id++;
+    } while (lease->id == 0 || kvf__srv_lease_find(srv, lease->id));
+    lease->holder = NULL;
+    if (c->ident && !(lease->holder = strdup(c->ident)))
+        goto out_free_lease;
     lease->ttl_ms = ttl_ms;
     link_init(&lease->keys);
     timer_init(&lease->timer, SRV_TIMER_LEASE);
@@ -538,6 +582,7 @@ static void op_lease_grant(struct kvf_store_server *srv, struct srv_conn *c,
 out_disarm:
     kvf__srv_timer_disarm(srv, &lease->timer);
 out_free_lease:
+    free(lease->holder);
     free(lease);
 out_oom:
     reply_oom(srv, c, rq);
@@ -560,11 +605,26 @@ static struct srv_lease *decode_lease(struct kvf_store_server *srv, struct srv_c
     return lease;
 }
 
+/* @c may keep alive or revoke @lease; answers FORBIDDEN when not. */
+static bool may_hold(struct kvf_store_server *srv, struct srv_conn *c, const struct srv_req *rq,
+                     const struct srv_lease *lease)
+{
+    if (may_use_lease(c, lease))
+        return true;
+    KVF_LOG_RATELIMITED(KVF_LOG_INFO, SRV_LOG, "%s: %s refused: another client's lease", c->peer,
+                        kvf__srv_op_name(rq->op));
+    kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_FORBIDDEN,
+                       "lease %" PRIu64 " belongs to another client: only that client or an "
+                       "operator with the admin key may keep it alive or revoke it",
+                       lease->id);
+    return false;
+}
+
 static void op_lease_keepalive(struct kvf_store_server *srv, struct srv_conn *c,
                                const struct srv_req *rq, kvf_rd_t *rd)
 {
     struct srv_lease *lease = decode_lease(srv, c, rq, rd);
-    if (!lease)
+    if (!lease || !may_hold(srv, c, rq, lease))
         return;
     /* Moving an armed timer cannot fail. */
     kvf__srv_timer_arm(srv, &lease->timer, srv->now_ms + lease->ttl_ms);
@@ -575,7 +635,7 @@ static void op_lease_revoke(struct kvf_store_server *srv, struct srv_conn *c,
                             const struct srv_req *rq, kvf_rd_t *rd)
 {
     struct srv_lease *lease = decode_lease(srv, c, rq, rd);
-    if (!lease)
+    if (!lease || !may_hold(srv, c, rq, lease))
         return;
     kvf__srv_lease_end(srv, lease);
     kvf__srv_reply_empty(srv, c, rq);

@@ -105,6 +105,8 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
         t->chunk = KVF_TCP_MAX_CHUNK;
     t->connect_timeout_ms = p->connect_timeout_ms ? p->connect_timeout_ms : TCP_DEFAULT_CONNECT_MS;
     t->idle_timeout_ms = p->idle_timeout_ms ? p->idle_timeout_ms : KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS;
+    if (p->auth)
+        t->auth = *p->auth;
     t->notify_cb = p->notify_cb;
     t->notify_arg = p->notify_arg;
     t->stats_cb = p->stats_cb;
@@ -145,7 +147,14 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
         rc = kvf__err(rc, "tcp create: accept thread: %s", strerror(-rc));
         goto out_reap;
     }
-    KVF_INFO(TCP_LOG, "listening on %s", t->listen_str);
+    KVF_INFO(TCP_LOG, "listening on %s%s", t->listen_str,
+             t->auth.len ? " (peers must prove the cluster secret)" : "");
+    if (!t->auth.len && !kvf__hostport_is_loopback(&p->listen))
+        KVF_WARN(TCP_LOG,
+                 "engine %s listens on %s without an auth key: anyone who can reach this port "
+                 "can write and read its registered memory (set an auth key file: "
+                 "docs/security.md)",
+                 t->local_sid, t->listen_str);
     *out = (kvf_transport_t *)(void *)t;
     return 0;
 
@@ -158,6 +167,7 @@ out_listen:
 out_mutex:
     pthread_mutex_destroy(&t->mu);
 out_free:
+    kvf__auth_key_wipe(&t->auth);
     free(t);
     return rc;
 }
@@ -193,6 +203,7 @@ static void tcp_destroy(kvf_transport_t *tt)
     tcp_peer_detach_all(t);
     pthread_mutex_destroy(&t->mu);
     KVF_DEBUG(TCP_LOG, "stopped listening on %s", t->listen_str);
+    kvf__auth_key_wipe(&t->auth);
     free(t);
 }
 

@@ -186,6 +186,7 @@ struct tcp_peer {
     char local_sid[TCP_ADDR_LEN];
     uint32_t chunk;
     uint32_t connect_timeout_ms;
+    kvf_auth_key_t auth; /* the transport's key, copied (len 0: none); read-only after open */
     pthread_mutex_t mu;
     pthread_cond_t cv; /* active reaching 0 while closing */
     bool closing;
@@ -203,6 +204,7 @@ struct tcp_transport {
     uint32_t chunk;
     uint32_t connect_timeout_ms;
     uint32_t idle_timeout_ms; /* a served connection idle this long after a request is closed */
+    kvf_auth_key_t auth;      /* the cluster secret (len 0: none); read-only after create */
     kvf_notify_cb notify_cb;
     void *notify_arg;
     kvf_stats_cb stats_cb;

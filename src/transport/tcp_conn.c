@@ -323,6 +323,21 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 
+    if (p->auth.len) {
+        char reason[160];
+        uint64_t adl = kvf__now_ms() + KVF_AUTH_TIMEOUT_MS;
+        rc = kvf__auth_client(fd, &p->auth, p->local_sid, adl < deadline_ms ? adl : deadline_ms,
+                              p->sid, reason, sizeof(reason));
+        if (rc) {
+            snprintf(why, whylen, "authentication: %s", reason);
+            /* A handshake that was cut or answered in another protocol is as much a refusal of
+             * the key as a wrong proof, unless time ran out. */
+            if (rc != -KVF_ETIMEDOUT)
+                rc = -KVF_EAUTH;
+            goto out_close;
+        }
+    }
+
     uint8_t frame[KVF_TCP_HDR_LEN + KVF_TCP_MAX_MSG];
     size_t sl = strnlen(p->local_sid, KVF_TCP_MAX_MSG);
     tcp_hdr_encode(frame, KVF_TCP_HELLO, 0, 1, 0, sl);
@@ -340,6 +355,21 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
     tcp_hdr_t h;
     tcp_hdr_decode(frame, &h);
     char bad[96];
+    if (kvf__auth_is_magic(frame) || (tcp_hdr_common_ok(&h, bad, sizeof(bad)) &&
+                                      h.type == KVF_TCP_RESP && h.status == KVF_EAUTH)) {
+        /* The peer wants the cluster secret (its RESP says so), or has one and answered our plain
+         * hello with its handshake's refusal. */
+        char msg[KVF_TCP_MAX_MSG + 1] = "", text[KVF_TCP_MAX_MSG + 1];
+        size_t n = 0;
+        if (!kvf__auth_is_magic(frame) && h.len <= KVF_TCP_MAX_MSG &&
+            tcp_nb_io(fd, msg, (size_t)h.len, false, deadline_ms) == 0)
+            n = (size_t)h.len;
+        kvf__printable(text, sizeof(text), msg, n);
+        snprintf(why, whylen, "authentication: refused by the peer: %.300s",
+                 n ? text : "it requires the cluster secret and this side has no auth key");
+        rc = -KVF_EAUTH;
+        goto out_close;
+    }
     if (!tcp_hdr_common_ok(&h, bad, sizeof(bad)) || h.type != KVF_TCP_RESP || h.req_id != 1 ||
         h.status != 0 || h.len != 0) {
         snprintf(why, whylen, "hello: unexpected answer (%s)",
@@ -415,7 +445,7 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
         rc = -KVF_EPEERGONE;
         for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
             rc = tcp_connect_addr(p, ai, cdl, why, sizeof(why));
-            if (rc >= 0 || rc == -KVF_ETIMEDOUT)
+            if (rc >= 0 || rc == -KVF_ETIMEDOUT || rc == -KVF_EAUTH)
                 break;
         }
         freeaddrinfo(res);
@@ -427,7 +457,7 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
         /* The peer did not answer within connect_timeout_ms: it is not there (as opposed to the
          * transfer running out of time). */
         rc = -KVF_EPEERGONE;
-    } else if (rc != -KVF_ETIMEDOUT) {
+    } else if (rc != -KVF_ETIMEDOUT && rc != -KVF_EAUTH) {
         rc = -KVF_EPEERGONE;
     }
 

@@ -34,6 +34,7 @@ int tcp_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpeer_t **
     kvf__hostport_format(addr, p->addr_str, sizeof(p->addr_str));
     snprintf(p->sid, sizeof(p->sid), "%s", peer_sid ? peer_sid : p->addr_str);
     snprintf(p->local_sid, sizeof(p->local_sid), "%s", t->local_sid);
+    p->auth = t->auth;
     p->chunk = t->chunk;
     p->connect_timeout_ms = t->connect_timeout_ms;
     p->nconns = 0;
@@ -63,6 +64,7 @@ out_conns:
 out_mu:
     pthread_mutex_destroy(&p->mu);
 out_free:
+    kvf__auth_key_wipe(&p->auth);
     free(p);
     return kvf__err(rc, "tcp peer open %s: %s", peer_sid ? peer_sid : "?", kvf_strerror(rc));
 }
@@ -130,6 +132,7 @@ void tcp_peer_close(kvf_tpeer_t *pp)
         tcp_conn_fini(&p->conns[i]);
     pthread_cond_destroy(&p->cv);
     pthread_mutex_destroy(&p->mu);
+    kvf__auth_key_wipe(&p->auth);
     free(p);
 }
 

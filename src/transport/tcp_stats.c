@@ -44,7 +44,28 @@ static int stats_ask(int fd, uint8_t type, uint64_t req_id, const void *payload,
 static int stats_exchange(int fd, const char *sid, uint64_t deadline, kvf_stats_t *out)
 {
     tcp_hdr_t h;
-    int rc = stats_ask(fd, KVF_TCP_HELLO, 1, STATS_HELLO, strlen(STATS_HELLO), deadline, &h);
+    kvf_auth_key_t key;
+    int rc = kvf__auth_key_resolve(NULL, &key);
+    if (rc < 0)
+        return kvf__err_wrap(rc, "statistics of %s", sid);
+    if (key.len) {
+        char why[160];
+        rc = kvf__auth_client(fd, &key, STATS_HELLO, deadline, sid, why, sizeof(why));
+        kvf__auth_key_wipe(&key);
+        if (rc)
+            return kvf__err(rc == -KVF_ETIMEDOUT ? rc : -KVF_EAUTH,
+                            "statistics of %s: authentication: %s", sid, why);
+    }
+    rc = stats_ask(fd, KVF_TCP_HELLO, 1, STATS_HELLO, strlen(STATS_HELLO), deadline, &h);
+    if (rc == 0 && h.status == KVF_EAUTH) {
+        char msg[KVF_TCP_MAX_MSG + 1], text[KVF_TCP_MAX_MSG + 1];
+        size_t n = h.len <= KVF_TCP_MAX_MSG ? (size_t)h.len : 0;
+        if (tcp_nb_io(fd, msg, n, false, deadline))
+            n = 0;
+        kvf__printable(text, sizeof(text), msg, n);
+        return kvf__err(-KVF_EAUTH, "statistics of %s: authentication: refused by the peer: %s",
+                        sid, text);
+    }
     if (rc == 0 && (h.status != 0 || h.len != 0))
         rc = -KVF_EPROTO;
     if (rc == -KVF_EPROTO || rc == -EPIPE || rc == -ECONNRESET)

@@ -350,6 +350,64 @@ static const char *tcp_io_reason(int rc, char *buf, size_t len)
     return buf;
 }
 
+/* The answer of an engine with a key to a client that sent a plain HELLO (it has no key): the
+ * rest of that HELLO is read, so that closing sends a FIN the client reads after the answer and
+ * not a reset that would hide it, and a RESP with KVF_EAUTH says what is missing. */
+static void tcp_srv_refuse_plain(struct tcp_sconn *sc, const uint8_t first[KVF_AUTH_HDR_LEN],
+                                 uint64_t deadline_ms)
+{
+    uint8_t hbuf[KVF_TCP_HDR_LEN], drain[KVF_TCP_MAX_MSG];
+    memcpy(hbuf, first, KVF_AUTH_HDR_LEN);
+    if (kvf__auth_io(sc->fd, hbuf + KVF_AUTH_HDR_LEN, KVF_TCP_HDR_LEN - KVF_AUTH_HDR_LEN, false,
+                     deadline_ms))
+        return;
+    tcp_hdr_t h;
+    tcp_hdr_decode(hbuf, &h);
+    if (h.type != KVF_TCP_HELLO || h.len > KVF_TCP_MAX_MSG ||
+        kvf__auth_io(sc->fd, drain, (size_t)h.len, false, deadline_ms))
+        return;
+    kvf__err(-KVF_EAUTH, "engine %s requires the cluster secret: this side has no auth key "
+                         "(set an auth key file, e.g. KVFERRY_AUTH_KEY_FILE)",
+             sc->t->local_sid);
+    uint8_t hdr[KVF_TCP_HDR_LEN];
+    const char *msg = kvf_last_error();
+    size_t mlen = strnlen(msg, KVF_TCP_MAX_MSG);
+    tcp_hdr_encode(hdr, KVF_TCP_RESP, KVF_EAUTH, h.req_id, 0, mlen);
+    uint8_t out[KVF_TCP_HDR_LEN + KVF_TCP_MAX_MSG];
+    memcpy(out, hdr, sizeof(hdr));
+    memcpy(out + sizeof(hdr), msg, mlen);
+    (void)kvf__auth_io(sc->fd, out, sizeof(hdr) + mlen, true, deadline_ms);
+}
+
+/*
+ * The handshake of an engine with a key, before any frame is read: on success sc->peer_sid is
+ * the client's proven identity, which its HELLO must repeat. Returns NULL, or the reason the
+ * connection is closed (the client has been told, in its protocol, where it can be).
+ */
+static const char *tcp_srv_auth(struct tcp_sconn *sc, char *why, size_t whylen)
+{
+    struct tcp_transport *t = sc->t;
+    uint64_t deadline = kvf__now_ms() + KVF_AUTH_TIMEOUT_MS;
+    char id[KVF_AUTH_MAX_ID + 1];
+    uint8_t first[KVF_AUTH_HDR_LEN];
+    size_t first_len = 0;
+    char reason[128];
+    int rc = kvf__auth_server(sc->fd, &t->auth, t->local_sid, deadline, id, first, &first_len,
+                              reason, sizeof(reason));
+    if (rc == 0) {
+        size_t keep = strnlen(id, sizeof(sc->peer_sid) - 1);
+        memcpy(sc->peer_sid, id, keep);
+        sc->peer_sid[keep] = '\0';
+        KVF_DEBUG(TCP_LOG, "%s at %s proved the cluster secret", sc->peer_sid, sc->addr);
+        return NULL;
+    }
+    if (rc == -KVF_EPROTO && first_len == KVF_AUTH_HDR_LEN &&
+        kvf__get_le32(first) == KVF_TCP_MAGIC)
+        tcp_srv_refuse_plain(sc, first, deadline);
+    snprintf(why, whylen, "authentication failed: %s", reason);
+    return why;
+}
+
 static void *tcp_sconn_main(void *arg)
 {
     struct tcp_sconn *sc = arg;
@@ -361,7 +419,10 @@ static void *tcp_sconn_main(void *arg)
     uint64_t hello_deadline = kvf__now_ms() + KVF_TCP_HELLO_TIMEOUT_MS;
     int rc;
 
-    for (;;) {
+    /* With a key, nothing but the handshake is read until the client proved it. */
+    if (t->auth.len)
+        reason = tcp_srv_auth(sc, why, sizeof(why));
+    for (; !reason;) {
         size_t got = 0;
         tcp_hdr_t h;
         /* Before the HELLO a connection has a deadline; afterwards it may idle for the idle
@@ -403,6 +464,21 @@ static void *tcp_sconn_main(void *arg)
             break;
         }
         tcp_hdr_decode(hbuf, &h);
+        if (!hello_done && h.magic == KVF_AUTH_MAGIC) {
+            /* A client with a key, and none here: tell it so in its protocol. The rest of its
+             * hello is read first, so that it reads the answer and not a reset. */
+            uint8_t rest[KVF_AUTH_MAX_MSG];
+            size_t blen = kvf__get_le16(hbuf + 6);
+            if (blen + KVF_AUTH_HDR_LEN > KVF_TCP_HDR_LEN && blen <= KVF_AUTH_MAX_BODY)
+                (void)kvf__auth_io(sc->fd, rest, blen + KVF_AUTH_HDR_LEN - KVF_TCP_HDR_LEN,
+                                   false, hello_deadline);
+            kvf__auth_send_refused(sc->fd,
+                                   "this engine has no auth key: the cluster secret is not "
+                                   "configured on both sides",
+                                   hello_deadline);
+            reason = "authentication failed: the client has an auth key, this engine none";
+            break;
+        }
         reason = tcp_srv_check(&h, hello_done, why, sizeof(why));
         if (reason)
             break;
@@ -420,7 +496,20 @@ static void *tcp_sconn_main(void *arg)
                 reason = tcp_io_reason(rc, why, sizeof(why));
                 break;
             }
-            /* The session id is for the log only; keep it printable. */
+            if (t->auth.len &&
+                (h.len != strlen(sc->peer_sid) || memcmp(sid, sc->peer_sid, (size_t)h.len))) {
+                /* The proven identity is the only one: a HELLO may not claim another. */
+                kvf__err(-KVF_EAUTH, "HELLO claims another session id than the one %s proved",
+                         sc->peer_sid);
+                (void)tcp_srv_send_error(sc, &h, -KVF_EAUTH);
+                snprintf(why, sizeof(why),
+                         "authentication failed: HELLO claims another session id than the "
+                         "proven %.64s",
+                         sc->peer_sid);
+                reason = why;
+                break;
+            }
+            /* Without a key the session id is for the log only; keep it printable. */
             kvf__printable(sid, (size_t)h.len + 1, sid, (size_t)h.len);
             KVF_DEBUG(TCP_LOG, "hello from %s at %s", sid, sc->addr);
             /* A longer one is no session id; it is kept cut (for the log) all the same. */

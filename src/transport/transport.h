@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "common/auth.h"
 #include "common/url.h"
 #include "common/host.h"
 #include "common/regions.h"
@@ -157,6 +158,9 @@ typedef struct {
                                        long is closed; 0 = KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS */
     const kvf_shm_word_t *shm_word; /* shm: the engine's word, whose address a sender that took
                                        a fence slot is told (never published in the store) */
+    const kvf_auth_key_t *auth;     /* tcp: the cluster secret (copied); NULL or len 0 = none.
+                                       With one, every connection in either direction starts
+                                       with the handshake of common/auth.h */
 } kvf_transport_params_t;
 
 /* What sets a transport apart for the core (kvf_transport_ops.caps). */

@@ -1,6 +1,7 @@
 /*
  * Fuzz targets for every parser of untrusted bytes: the tcp transfer protocol's target side, the
- * config store server, peers' records and the URL / session-id parsers.
+ * config store server, peers' records and the URL / session-id parsers, and the authentication
+ * handshake read before a peer proved the key.
  *
  * Each target defines LLVMFuzzerTestOneInput() and kvf_fuzz_seeds(). Built with clang and
  * -fsanitize=fuzzer (cmake -DKVF_FUZZ=ON, `make fuzz`) it is a libFuzzer binary; otherwise it is
