@@ -295,11 +295,15 @@ static void p2p_fetch_from_non_engine(void **state)
     /* A listener that answers with garbage of the answer's size. */
     pid_t pid = kvf_test_fork();
     if (pid == 0) {
+        /* The whole request is read first and the asker's close awaited after the junk, so
+         * that no unread byte turns the close into a reset before the junk is read. */
         int c = accept(lfd, NULL, NULL);
-        uint8_t junk[KVF_P2P_ANS_LEN];
+        uint8_t req[KVF_P2P_REQ_LEN + 64], junk[KVF_P2P_ANS_LEN];
         memset(junk, 'x', sizeof(junk));
-        if (c >= 0 && send(c, junk, sizeof(junk), MSG_NOSIGNAL) > 0)
-            (void)recv(c, junk, 1, 0);
+        size_t want = KVF_P2P_REQ_LEN + strlen("kvferry/v1/default/sessions/a:1");
+        if (c >= 0 && recv(c, req, want, MSG_WAITALL) == (ssize_t)want &&
+            send(c, junk, sizeof(junk), MSG_NOSIGNAL) > 0)
+            (void)recv(c, req, 1, 0);
         _exit(0);
     }
     void *val = NULL;
