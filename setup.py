@@ -52,7 +52,7 @@ setup(
     description="Transfer engine for disaggregated LLM inference (mf_adapter-compatible API)",
     packages=["kvferry"],
     package_dir={"": "python"},
-    package_data={"kvferry": ["py.typed", "_kvferry.pyi"]},
+    package_data={"kvferry": ["py.typed", "_kvferry.pyi", "compat/*/*.py"]},
     ext_modules=[Extension("kvferry._kvferry", sources=[])],
     cmdclass={"build_ext": CMakeBuildExt},
     python_requires=">=3.8",

@@ -179,8 +179,10 @@ KVF_API int kvf_session_id_format(const char *host, uint16_t port, char *buf, si
  * and its first endpoint.
  * @url:      "tcp://host:port", "tcp://[ipv6]:port", "etcd://host:port[,host:port...]" or
  *            "redis://[user:password@]host:port[/db]" (etcd:// takes "user:password@" too). Port 0 is
- *            refused: it names no store to connect to.
- * @scheme:   receives "tcp", "etcd" or "redis" (a static string); may be NULL.
+ *            refused: it names no store to connect to. "p2p://" (exactly) is no store: engines
+ *            ask each peer for its records on the peer's session port (docs/protocol.md); it
+ *            gives the host "" and the port 0.
+ * @scheme:   receives "tcp", "etcd", "redis" or "p2p" (a static string); may be NULL.
  * @host:     receives the first endpoint's host (an IPv6 address without its brackets),
  *            NUL-terminated; may be NULL.
  * @host_len: bytes at @host; KVF_SESSION_ID_MAX is always enough.
@@ -632,6 +634,13 @@ typedef struct {
                                     NULL or "" (default): $KVFERRY_AUTH_KEY_FILE, else none (an
                                     engine on a non-loopback address then warns at create).
                                     docs/security.md says what each mode protects. */
+    int listen_fd;               /* -1 (default): bind the session id's address. Otherwise a TCP
+                                    socket the caller already bound (listening or not; the
+                                    wildcard address or the session id's), e.g. to hand out its
+                                    port before the engine exists: the engine listens on a
+                                    duplicate of it, so the port is never free in between. Its
+                                    port must be the session id's (or the session id's port
+                                    0 takes it). The caller keeps and closes its own fd. */
 } kvf_config_t;
 
 /**
@@ -650,7 +659,10 @@ KVF_API void kvf_config_init(kvf_config_t *cfg);
 
 /**
  * kvf_engine_create - start an engine: listen, connect to the store, publish the session record.
- * @store_url:  the config store, e.g. "tcp://127.0.0.1:8000" (waited for up to init_timeout_ms).
+ * @store_url:  the config store, e.g. "tcp://127.0.0.1:8000" (waited for up to init_timeout_ms),
+ *              or "p2p://" for none: the engine keeps its own records and answers peers' P2P
+ *              record requests on its session port, and a peer's session id alone is enough to
+ *              reach it (tcp, or shm on the same host); kvf_peer_events() needs a store.
  * @session_id: "ip:port" this engine listens on and is known by; port 0 picks a free port (read
  *              the result with kvf_engine_session_id()). The ip must be an address of this host.
  * @role:       KVF_ROLE_PREFILL, KVF_ROLE_DECODE or KVF_ROLE_BOTH.
@@ -924,7 +936,8 @@ KVF_API int kvf_peer_check(kvf_engine_t *e, const char *peer);
 
 /**
  * kvf_peer_wait - wait up to @timeout_ms for @peer's session record to be in the store (that is,
- * for an engine with that session id to be up, in this engine's namespace).
+ * for an engine with that session id to be up, in this engine's namespace). With "p2p://" the
+ * peer itself is asked for its record until it answers.
  * Returns 0; -KVF_ETIMEDOUT naming the peer; -KVF_EINVAL for a malformed session id;
  * -KVF_ECLOSED when the engine is being destroyed.
  */
@@ -946,7 +959,9 @@ typedef struct {
  * every peer already present as KVF_PEER_JOINED; later calls report changes since the previous
  * call. This engine itself is never reported. Events that arrive while the store connection is
  * down are lost; at most 4096 are kept (the oldest are dropped, with a warning).
- * Returns the number taken, 0 when the time ran out, or a negative error.
+ * Returns the number taken, 0 when the time ran out, or a negative error; -KVF_ENOTSUP for an
+ * engine created with "p2p://" (no directory of sessions to watch; kvf_peer_wait() and
+ * kvf_peer_check() still work for a session id the caller knows).
  */
 KVF_API int kvf_peer_events(kvf_engine_t *e, kvf_peer_event_t *out, size_t max, int timeout_ms);
 

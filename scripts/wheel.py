@@ -39,6 +39,13 @@ def main(pkg_root, out_dir):
         if name.endswith((".py", ".pyi", ".so")) or name == "py.typed":
             with open(os.path.join(pkg, name), "rb") as f:
                 files.append(("kvferry/" + name, f.read()))
+    # The drop-in packages (python3 -m kvferry compat-path), kept inside kvferry/.
+    for root, dirs, names in sorted(os.walk(os.path.join(pkg, "compat"))):
+        dirs.sort()
+        for name in sorted(n for n in names if n.endswith(".py")):
+            rel = os.path.relpath(os.path.join(root, name), pkg)
+            with open(os.path.join(root, name), "rb") as f:
+                files.append(("kvferry/" + rel.replace(os.sep, "/"), f.read()))
     if not any(n.endswith(".so") for n, _ in files):
         sys.exit("wheel: no extension module in %s; build first (make build)" % pkg)
     meta = ("Metadata-Version: 2.1\nName: kvferry\nVersion: %s\n"

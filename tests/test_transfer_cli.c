@@ -247,6 +247,29 @@ static void transfer_decode_first(void **state)
     assert_int_equal(reap(store, 5000), 0);
 }
 
+/* No store process at all (p2p://): the Prefill learns the Decode's buffer from the Decode
+ * itself, and the Decode's acknowledgements reach the Prefill the same way. */
+static void transfer_p2p_no_store(void **state)
+{
+    (void)state;
+    char line[512], sid[256];
+    int dfd, pfd;
+    pid_t decode = transfer("Decode", "127.0.0.1:0", "p2p://", NULL, "2", &dfd);
+    wait_line(dfd, &out_a, "decode session ", line, sizeof(line));
+    ready_sid(line, "decode", sid, sizeof(sid));
+    pid_t prefill = transfer("Prefill", "127.0.0.1:0", "p2p://", sid, "2", &pfd);
+    check_two_rounds(decode, dfd, prefill, pfd);
+}
+
+static void transfer_p2p_needs_src(void **state)
+{
+    (void)state;
+    char *argv[] = {(char *)kvf_test_cli_path(), "transfer", "--role", "Decode", "--store-url",
+                    "p2p://", NULL};
+    assert_int_equal(kvf_test_run(argv, run_out, sizeof(run_out), 10000), 2);
+    assert_non_null(strstr(run_out, "with --store-url p2p:// give --src-session-id IP:PORT"));
+}
+
 /* The seed's two-process flow with the store on etcd or Redis (started for the case). */
 static void transfer_over(const char *kind)
 {
@@ -826,6 +849,8 @@ static void unreachable_store(void **state)
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test_teardown(transfer_decode_first, reap_children),
     cmocka_unit_test_teardown(transfer_over_etcd, reap_children),
+    cmocka_unit_test_teardown(transfer_p2p_no_store, reap_children),
+    cmocka_unit_test_teardown(transfer_p2p_needs_src, reap_children),
     cmocka_unit_test_teardown(transfer_over_redis, reap_children),
     cmocka_unit_test_teardown(transfer_prefill_first_store_process, reap_children),
     cmocka_unit_test_teardown(transfer_prefill_first_own_store, reap_children),

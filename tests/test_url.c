@@ -193,7 +193,7 @@ static void store_url_bad(void **state)
     } cases[] = {
         /* scheme */
         {"http://10.0.0.1:80", "unknown scheme 'http'"},
-        {"http://10.0.0.1:80", "tcp://, etcd:// or redis://"},
+        {"http://10.0.0.1:80", "tcp://, etcd://, redis:// or p2p://"},
         {"TCP://10.0.0.1:80", "scheme 'TCP' must be lowercase"},
         {"Etcd://10.0.0.1:80", "scheme 'Etcd' must be lowercase"},
         {"://10.0.0.1:80", "unknown scheme ''"},

@@ -52,7 +52,9 @@ static void usage(FILE *f)
             "  --role R              Prefill (sender) or Decode (receiver); required\n"
             "  --store-url URL       the config store; required: tcp://IP:PORT (built-in),\n"
             "                        etcd://[USER:PASS@]H:P[,H:P...] or\n"
-            "                        redis://[USER:PASS@]H:P[/DB].\n"
+            "                        redis://[USER:PASS@]H:P[/DB], or p2p:// for none (each\n"
+            "                        engine is asked for its records on its session port;\n"
+            "                        then --src-session-id is required).\n"
             "                        When nothing answers at a tcp:// URL whose IP is an\n"
             "                        address of this host, the Prefill starts the store in\n"
             "                        its own process\n"
@@ -185,6 +187,12 @@ static int parse_args(int argc, char **argv, xfer_args_t *a)
         return KVF_CLI_EXIT_USAGE;
     }
     a->store_is_tcp = !strcmp(scheme, "tcp");
+    if (!src && !strcmp(scheme, "p2p")) {
+        fprintf(stderr, "kvferry " CMD ": with --store-url p2p:// give --src-session-id IP:PORT "
+                        "(there is no store host to default to; the Prefill names the Decode by "
+                        "it)\n");
+        return KVF_CLI_EXIT_USAGE;
+    }
     if (src) {
         if (parse_sid("--src-session-id", src, true, a->src_sid, sizeof(a->src_sid)) < 0)
             return KVF_CLI_EXIT_USAGE;

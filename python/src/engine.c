@@ -10,6 +10,10 @@
  * Pythonic extras of the object itself, and the method table; the other methods live in the
  * engine_*.c files below it (engine.h lists them).
  */
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include "engine.h"
 
 /* The session id of the engine held (or being made), for a message; "" when none. */
@@ -153,6 +157,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     self->batches_ok = 1;
     kvf_config_init(&self->cfg);
+    self->reserved_fd = -1;
     self->pins = PyDict_New();
     if (!self->pins) {
         Py_DECREF(self);
@@ -177,9 +182,18 @@ static int Engine_clear(EngineObject *self)
     return 0;
 }
 
+static void reserved_close(EngineObject *self)
+{
+    if (self->reserved_fd >= 0)
+        close(self->reserved_fd);
+    self->reserved_fd = -1;
+    self->reserved_port = 0;
+}
+
 static void Engine_dealloc(EngineObject *self)
 {
     PyObject_GC_UnTrack(self);
+    reserved_close(self);
     if (self->guard_ok) {
         kvfpy_engine_close(self);
         kvfpy_guard_fini(&self->guard);
@@ -221,17 +235,57 @@ static PyObject *Engine_initialize(EngineObject *self, PyObject *args, PyObject 
                           "destroy() first",
                           held);
     }
+    /* The port get_rpc_port() handed out: the engine listens on that very socket. */
+    char host[KVF_SESSION_ID_MAX];
+    uint16_t port = 0;
+    kvf_config_t cfg = self->cfg;
+    if (self->reserved_fd >= 0 && kvf_session_id_parse(sid, host, sizeof(host), &port) == 0 &&
+        (port == self->reserved_port || port == 0) && !strchr(host, ':'))
+        cfg.listen_fd = self->reserved_fd;
     Py_BEGIN_ALLOW_THREADS
-    rc = kvf_engine_create(url, sid, role, device_id, &self->cfg, &e);
+    rc = kvf_engine_create(url, sid, role, device_id, &cfg, &e);
     Py_END_ALLOW_THREADS
     kvfpy_guard_fill(&self->guard, rc == 0 ? e : NULL);
+    if (rc == 0 && cfg.listen_fd >= 0)
+        reserved_close(self); /* the engine listens on its own copy */
     return PyLong_FromLong(rc);
+}
+
+/* Bind a socket to a free port of every IPv4 address and keep it, not listening: the port is
+ * this object's until initialize() hands the socket to the engine (or the object goes). */
+static int reserve_port(EngineObject *self)
+{
+    if (self->reserved_fd >= 0)
+        return self->reserved_port;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    socklen_t al = sizeof(a);
+    if (bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &al) < 0) {
+        int err = errno;
+        close(fd);
+        return -err;
+    }
+    self->reserved_fd = fd;
+    self->reserved_port = ntohs(a.sin_port);
+    return self->reserved_port;
 }
 
 static PyObject *Engine_get_rpc_port(EngineObject *self, PyObject *unused)
 {
     int rc;
-    kvf_engine_t *e = kvfpy_engine_enter(self, "get_rpc_port", &rc);
+    /* Before the first initialize(): a port reserved for it (the frameworks build their
+     * session id from it). */
+    kvf_engine_t *e = kvfpy_guard_enter(&self->guard);
+    if (!e && !kvfpy_guard_was_closed(&self->guard))
+        return PyLong_FromLong(reserve_port(self));
+    if (e)
+        kvfpy_guard_leave(&self->guard);
+    e = kvfpy_engine_enter(self, "get_rpc_port", &rc);
     if (!e)
         return PyLong_FromLong(rc);
     rc = kvf_engine_port(e);

@@ -34,6 +34,11 @@ typedef struct {
      * not promise to end on kvf_engine_shutdown() (peer events) are run in short slices that
      * check it. */
     int closing;
+    /* get_rpc_port() before initialize(): a socket bound to a free port (not listening), which
+     * initialize() hands the engine (kvf_config_t.listen_fd) when the session id names that
+     * port, so the port the caller was told stays this engine's. -1: none. GIL held. */
+    int reserved_fd;
+    int reserved_port;
 } EngineObject;
 
 /* ---- reaching the C engine (engine_handle.c) ---------------------------------------------- */

@@ -27,9 +27,10 @@ static const struct {
     {"tcp", KVF_STORE_SCHEME_TCP, 1},
     {"etcd", KVF_STORE_SCHEME_ETCD, KVF_URL_MAX_HOSTS},
     {"redis", KVF_STORE_SCHEME_REDIS, 1},
+    {"p2p", KVF_STORE_SCHEME_P2P, 1},
 };
 
-#define VALID_SCHEMES "tcp://, etcd:// or redis://"
+#define VALID_SCHEMES "tcp://, etcd://, redis:// or p2p://"
 
 static void format_ctx(char *ctx, size_t len, const char *what, const char *input)
 {
@@ -258,6 +259,16 @@ int kvf__store_url_parse(const char *url, int allow_port0, kvf_store_url_t *out)
 
     const char *p = sep + 3;
     char hostpart[KVF_HOST_MAX + 16];
+    if (u.scheme == KVF_STORE_SCHEME_P2P) {
+        /* No store at all: each peer is asked for its records on its own session port. */
+        if (*p)
+            return kvf__err(-KVF_EINVAL,
+                            "%s: p2p:// takes nothing after '://' (peers are found by their "
+                            "session ids, not through a store)",
+                            ctx);
+        *out = u;
+        return 0;
+    }
     if (u.scheme == KVF_STORE_SCHEME_REDIS || u.scheme == KVF_STORE_SCHEME_ETCD) {
         /* redis://[user:password@]host:port[/db], etcd://user:password@host:port[,...]; the
          * credentials are never echoed in messages. */
@@ -423,6 +434,7 @@ int kvf_store_url_parse(const char *url, const char **scheme, char *host, size_t
     int rc = kvf__store_url_parse(url, 0, &u);
     if (rc < 0)
         return rc;
+    /* p2p:// names no host: "" and port 0. */
     rc = host_out("store url", url, &u.hosts[0], host, host_len, port);
     if (rc < 0)
         return rc;

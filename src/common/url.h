@@ -31,11 +31,12 @@ typedef enum {
     KVF_STORE_SCHEME_TCP,   /* built-in store */
     KVF_STORE_SCHEME_ETCD,  /* etcd v3 JSON gateway, one or more endpoints */
     KVF_STORE_SCHEME_REDIS,
+    KVF_STORE_SCHEME_P2P,   /* no store: "p2p://", records asked of each peer (common/p2p.h) */
 } kvf_store_scheme_t;
 
 typedef struct {
     kvf_store_scheme_t scheme;
-    unsigned nhosts;                       /* 1 except for etcd:// */
+    unsigned nhosts;                       /* 1 except for etcd:// (1..16) and p2p:// (0) */
     kvf_hostport_t hosts[KVF_URL_MAX_HOSTS];
     /* "redis://[user:password@]host:port[/db]", "etcd://user:password@host:port[,...]" */
     char user[KVF_URL_CRED_MAX];     /* "" = none (Redis: the default user) */
@@ -45,7 +46,8 @@ typedef struct {
 
 /*
  * kvf__store_url_parse - parse "tcp://host:port", "tcp://[v6]:port", "etcd://h:p[,h:p...]" or
- * "redis://[user:password@]h:p[/db]"; etcd:// takes "user:password@" too.
+ * "redis://[user:password@]h:p[/db]"; etcd:// takes "user:password@" too; "p2p://" (exactly)
+ * is no store at all (nhosts 0).
  * @allow_port0: accept port 0 (a server that picks a free port); clients pass 0.
  * Returns 0 or -KVF_EINVAL with a last-error message naming the bad part, e.g.
  * "store url tcp://192.168.1.1000:8000: 192.168.1.1000 is not a valid IPv4 address".

@@ -47,6 +47,7 @@ static const kvf_config_t config_defaults = {
     .async_threads = KVF_DEFAULT_ASYNC_THREADS,
     .notify_queue_max = KVF_DEFAULT_NOTIFY_QUEUE,
     .tcp_idle_timeout_ms = KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS,
+    .listen_fd = -1,
 };
 
 void kvf_config_init(kvf_config_t *cfg)
@@ -118,6 +119,9 @@ int kvf__eng_config_load(const kvf_config_t *in, kvf_config_t *c)
         c->transport != KVF_TRANSPORT_SHM)
         return kvf__err(-KVF_EINVAL, "config.transport %d: want KVF_TRANSPORT_AUTO, _TCP or _SHM",
                         (int)c->transport);
+    if (c->listen_fd < -1)
+        return kvf__err(-KVF_EINVAL, "config.listen_fd %d: want -1 (none) or a socket",
+                        c->listen_fd);
     if (c->init_timeout_ms == 0 || c->op_timeout_ms == 0 || c->lease_ttl_ms == 0)
         return kvf__err(-KVF_EINVAL,
                         "config: init_timeout_ms (%u), op_timeout_ms (%u) and "

@@ -182,6 +182,9 @@ struct kvf_engine {
 
     kvf_store_t *store;
     uint64_t lease;
+    /* Set once both records are published (create), before which the tcp transport's accept
+     * thread may already serve a P2P record request: it is then answered "not yet". */
+    atomic_bool records_ready;
     kvf_region_table_t *regions;
     /* One instance of each transport of kvf__transports, same index; @listener is the one
      * with KVF_TCAP_LISTEN, whose port is the engine's. */
@@ -282,6 +285,10 @@ int kvf__eng_drain(kvf_engine_t *e, uint64_t deadline_ms);
 /* Destroy: same-host senders find an empty table from now on, and those still copying are
  * waited out (up to op_timeout_ms, then a warning). No registration may follow. */
 void kvf__eng_withdraw_regions(kvf_engine_t *e);
+
+/* The tcp transport's record callback (kvf_record_cb): this engine's session or regions record
+ * for a peer's P2P record request; -KVF_ENOTFOUND for any other key. */
+int kvf__eng_record_answer(void *arg, const char *key, void **val, size_t *len);
 
 /* kvf_store_get() waiting up to @wait_ms in slices, given up (-KVF_ECLOSED) when the engine is
  * being destroyed, or (-KVF_ECANCELED) once @cancel (NULL: none; an async batch's flag) is set. */

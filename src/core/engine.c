@@ -291,6 +291,9 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .notify_arg = e,
         .stats_cb = kvf__stats_encoded,
         .stats_arg = e,
+        .record_cb = kvf__eng_record_answer,
+        .record_arg = e,
+        .listen_fd = e->cfg.listen_fd >= 0 ? &e->cfg.listen_fd : NULL,
         .shm_word = &e->shm_word,
         .auth = &auth,
     };
@@ -343,13 +346,17 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
 
     void *old;
     size_t old_len;
-    if (kvf_store_get(e->store, e->session_key, 0, &old, &old_len) == 0) {
+    /* Without a store (p2p://) there is nobody else's record to take over, and asking would
+     * ask this very engine, which does not answer before it starts. */
+    if (surl.scheme != KVF_STORE_SCHEME_P2P &&
+        kvf_store_get(e->store, e->session_key, 0, &old, &old_len) == 0) {
         KVF_INFO(ENG_LOG, "session %s: taking over the record of an engine that is gone", e->sid);
         free(old);
     }
     rc = publish_first(e);
     if (rc < 0)
         goto out_store;
+    atomic_store(&e->records_ready, true);
     if (e->cfg.metrics_listen && e->cfg.metrics_listen[0]) {
         rc = kvf_metrics_server_start(e->cfg.metrics_listen, kvf__stats_render, e, &e->metrics);
         if (rc < 0)

@@ -217,6 +217,30 @@ out:
     return rc;
 }
 
+/* The tcp transport's record callback: a P2P record request for @key (common/p2p.h). Only this
+ * engine's two records are answered, as the store holds them (with p2p:// that is the copy the
+ * engine's own handle keeps). Inside a busy section, so that destroy, which closes the store,
+ * waits for an answer being read. */
+int kvf__eng_record_answer(void *arg, const char *key, void **val, size_t *len)
+{
+    kvf_engine_t *e = arg;
+    /* The accept thread runs before create has filled the keys and the store: until then,
+     * nothing of the engine is read here (the asker asks again). */
+    if (!atomic_load(&e->records_ready))
+        return kvf__err(-KVF_ENOTFOUND, "that engine is starting: its records are not "
+                                        "published yet");
+    if (strcmp(key, e->session_key) && strcmp(key, e->regions_key))
+        return kvf__err(-KVF_ENOTFOUND,
+                        "engine %s holds no record %s (another namespace or key prefix?)", e->sid,
+                        key);
+    int rc = kvf__eng_busy_enter(e);
+    if (rc < 0)
+        return rc;
+    rc = kvf_store_get(e->store, key, 0, val, len);
+    kvf__eng_busy_leave(e);
+    return rc;
+}
+
 /* Slice of a long get-with-wait: destroy sets `closing`, and a caller waiting for a peer to
  * appear notices within this instead of holding destroy up for the whole init timeout. */
 #define ENG_WAIT_SLICE_MS 200u
@@ -251,11 +275,16 @@ int kvf__eng_fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
 
     kvf__eng_make_key(key, sizeof(key), e, "regions", sid);
     int rc = kvf__eng_store_get_wait(e, key, wait_ms, cancel, &val, &len);
-    if (rc == -KVF_ETIMEDOUT || rc == -KVF_ENOTFOUND)
+    if (rc == -KVF_ETIMEDOUT || rc == -KVF_ENOTFOUND) {
+        /* The store's own words say why (with p2p://, what the peer answered, or that nobody
+         * listens on its port). */
+        char why[512];
+        snprintf(why, sizeof(why), "%s", kvf_last_error());
         return kvf__err(-KVF_ENOTFOUND,
                         "peer session %s did not appear in the store %s within %u ms "
-                        "(is it running, with the same --store-url?)",
-                        sid, kvf_store_url(e->store), wait_ms);
+                        "(is it running, with the same --store-url?): %s",
+                        sid, kvf_store_url(e->store), wait_ms, why);
+    }
     if (rc < 0)
         return kvf__err_wrap(rc, "looking up peer session %s", sid);
     rc = kvf__eng_parse_regions(sid, val, len, out, n, gen);

@@ -30,6 +30,8 @@ static const kvf_store_ops_t *backend_of(kvf_store_scheme_t scheme)
         return &kvf__store_etcd_ops;
     case KVF_STORE_SCHEME_REDIS:
         return &kvf__store_redis_ops;
+    case KVF_STORE_SCHEME_P2P:
+        return &kvf__store_p2p_ops;
     }
     return NULL;
 }

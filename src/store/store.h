@@ -7,6 +7,8 @@
  *   tcp://    the built-in store's client (client*.c), kvf__store_builtin_ops
  *   etcd://   etcd v3 through its JSON gateway (etcd*.c), kvf__store_etcd_ops
  *   redis://  Redis through hiredis (redis*.c), kvf__store_redis_ops
+ *   p2p://    no store: this handle's own keys in memory, others asked of the engine they name
+ *             (p2p.c, common/p2p.h), kvf__store_p2p_ops
  *
  * Every backend gives the same semantics, which tests/test_store_conf.c checks on all three:
  * set/get/del/cas/add on binary values, get-with-wait that misses no set between its read and
@@ -73,5 +75,6 @@ struct kvf_store_ops {
 extern const kvf_store_ops_t kvf__store_builtin_ops;
 extern const kvf_store_ops_t kvf__store_etcd_ops;
 extern const kvf_store_ops_t kvf__store_redis_ops;
+extern const kvf_store_ops_t kvf__store_p2p_ops;
 
 #endif /* KVF_STORE_STORE_H */

@@ -12,6 +12,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -27,10 +28,43 @@
  * Create / destroy
  * ------------------------------------------------------------------------------------------- */
 
-static int tcp_listen(struct tcp_transport *t, const kvf_hostport_t *hp)
+/* Listen on a duplicate of the caller's bound socket @given, whose port must be @hp's (any, when
+ * that is 0). Returns the new fd or a negative code with the message set. */
+static int tcp_listen_given(struct tcp_transport *t, const kvf_hostport_t *hp, int given)
 {
-    const char *why;
-    int fd = kvf__tcp_listen(hp, &why);
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    int type = 0;
+    socklen_t tl = sizeof(type);
+    if (getsockname(given, (struct sockaddr *)&ss, &sl) < 0 ||
+        getsockopt(given, SOL_SOCKET, SO_TYPE, &type, &tl) < 0 || type != SOCK_STREAM ||
+        (ss.ss_family != AF_INET && ss.ss_family != AF_INET6))
+        return kvf__err(-KVF_EINVAL, "config.listen_fd %d is not a bound TCP socket", given);
+    uint16_t port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                                   : ((struct sockaddr_in *)&ss)->sin_port);
+    if (port == 0 || (hp->port != 0 && port != hp->port))
+        return kvf__err(-KVF_EINVAL,
+                        "config.listen_fd %d is bound to port %u, but the session id %s names "
+                        "port %u",
+                        given, (unsigned)port, t->local_sid, (unsigned)hp->port);
+    int fd = fcntl(given, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0)
+        return kvf__err(-errno, "config.listen_fd %d: dup: %s", given, strerror(errno));
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0 || listen(fd, 1024) < 0) {
+        int err = errno;
+        close(fd);
+        return kvf__err(-err, "config.listen_fd %d: listen: %s", given, strerror(err));
+    }
+    return fd;
+}
+
+static int tcp_listen(struct tcp_transport *t, const kvf_hostport_t *hp, const int *given)
+{
+    const char *why = "";
+    int fd = given ? tcp_listen_given(t, hp, *given) : kvf__tcp_listen(hp, &why);
+    if (given && fd < 0)
+        return fd;
     if (fd == -EADDRINUSE)
         return kvf__err(fd, "session id %s is already in use (tcp listen on %s: %s)", t->local_sid,
                         t->listen_str, why);
@@ -77,6 +111,8 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     t->notify_arg = p->notify_arg;
     t->stats_cb = p->stats_cb;
     t->stats_arg = p->stats_arg;
+    t->record_cb = p->record_cb;
+    t->record_arg = p->record_arg;
     atomic_init(&t->stopping, false);
     const char *tc = getenv(TCP_TEST_CLOSE_ENV);
     atomic_init(&t->test_close_left, tc ? atoi(tc) : 0);
@@ -86,7 +122,7 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
         rc = kvf__err(rc, "tcp create: mutex: %s", strerror(-rc));
         goto out_free;
     }
-    rc = tcp_listen(t, &p->listen);
+    rc = tcp_listen(t, &p->listen, p->listen_fd);
     if (rc)
         goto out_mutex;
     /* A session id created with port 0 is known to peers by the port chosen here: that is

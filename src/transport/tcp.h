@@ -6,6 +6,8 @@
  *   tcp_io.c      socket helpers: whole sends and receives bounded by deadlines
  *   tcp_stats.c   kvf_engine_stats_fetch(): a short-lived connection asking a target for its
  *                 statistics (STATS)
+ *   tcp_p2p.c     the target's answer to a P2P record request (common/p2p.h): a connection
+ *                 whose first bytes are that request, instead of a HELLO
  *   tcp_target.c  the target side: the accept thread, one serving thread per connection, and
  *                 the authoritative checks of every request against the region table
  *   tcp_conn.c    one initiator connection: its slots, breaking it, its receiver thread,
@@ -207,6 +209,8 @@ struct tcp_transport {
     void *notify_arg;
     kvf_stats_cb stats_cb;
     void *stats_arg;
+    kvf_record_cb record_cb;
+    void *record_arg;
     int listen_fd;
     int wake_fd; /* eventfd: wakes the accept thread for shutdown */
     int reap_fd; /* eventfd: a serving thread ended; the accept thread joins it and closes its fd */
@@ -296,6 +300,17 @@ int tcp_nb_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms);
  * -KVF_ETIMEDOUT, or -errno (of socket, connect or the connection's SO_ERROR). */
 struct addrinfo;
 int tcp_nb_connect(const struct addrinfo *ai, uint64_t deadline_ms);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_p2p.c: the P2P record request
+ * ------------------------------------------------------------------------------------------- */
+
+/* Serve the P2P record request whose KVF_P2P_REQ_LEN-byte header is @hdr on @t's served
+ * connection @fd (from @addr): read the key, answer, and return; the caller closes the
+ * connection either way. Returns 0 once answered, or -1 with @why set when the request was
+ * malformed or did not arrive in time (logged by the caller as the reason for closing). */
+int tcp_p2p_serve(struct tcp_transport *t, int fd, const char *addr, const uint8_t *hdr,
+                  char *why, size_t whylen);
 
 /* ---------------------------------------------------------------------------------------------
  * tcp_target.c: the target side

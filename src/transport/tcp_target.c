@@ -37,6 +37,7 @@
 
 #include "common/thread.h"
 #include "common/wire.h"
+#include "common/p2p.h"
 #include "transport/tcp.h"
 
 /* ---------------------------------------------------------------------------------------------
@@ -454,6 +455,12 @@ static void *tcp_sconn_main(void *arg)
             } else {
                 reason = tcp_io_reason(rc, why, sizeof(why));
             }
+            break;
+        }
+        if (!hello_done && kvf__get_le32(hbuf) == KVF_P2P_MAGIC) {
+            /* A P2P record request instead of a HELLO: answered, then the connection ends. */
+            if (tcp_p2p_serve(t, sc->fd, sc->addr, hbuf, why, sizeof(why)) < 0)
+                reason = why;
             break;
         }
         tcp_hdr_decode(hbuf, &h);

@@ -113,6 +113,14 @@ typedef int (*kvf_notify_cb)(void *arg, const char *sender, const void *msg, siz
 typedef int (*kvf_stats_cb)(void *arg, uint8_t **out, size_t *len);
 
 /*
+ * Called by tcp when a peer asks for one of this engine's records (a P2P record request,
+ * common/p2p.h): @key as asked (printable, NUL-terminated). A malloc'ed copy of the value in
+ * *@val, which the transport sends and frees; or -KVF_ENOTFOUND (with a message) for a key that
+ * is not one of this engine's records. Other codes are answered too.
+ */
+typedef int (*kvf_record_cb)(void *arg, const char *key, void **val, size_t *len);
+
+/*
  * Per-call controls of transfer(), both optional.
  * @status: NULL, or one entry per element, which the caller sets to KVF_XFER_PENDING first. The
  *          transport sets entry i to 0 when element i is entirely in place, or to a negative code
@@ -130,6 +138,9 @@ typedef struct {
     const char *local_sid;          /* for logs and the hello; tcp replaces a port 0 in it with
                                        the port it listens on */
     kvf_hostport_t listen;          /* address to listen on; port 0 = any free port */
+    const int *listen_fd;           /* tcp: NULL, or a socket already bound to listen's port (or
+                                       to a free one when that is 0) to listen on a duplicate
+                                       of (kvf_config_t.listen_fd) */
     kvf_region_table_t *regions;    /* the engine's regions, checked for every incoming request */
     uint32_t conns_per_peer;        /* connections opened to each peer */
     uint32_t chunk_bytes;           /* elements longer than this are split */
@@ -141,6 +152,8 @@ typedef struct {
     void *notify_arg;
     kvf_stats_cb stats_cb;          /* tcp: answers STATS frames; NULL = refuse them */
     void *stats_arg;
+    kvf_record_cb record_cb;        /* tcp: answers P2P record requests; NULL = refuse them */
+    void *record_arg;
     uint32_t idle_timeout_ms;       /* tcp: a served connection that brings no request for this
                                        long is closed; 0 = KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS */
     const kvf_shm_word_t *shm_word; /* shm: the engine's word, whose address a sender that took
