@@ -4,8 +4,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <limits.h>
-#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +17,7 @@
 #include <openssl/rand.h>
 
 #include "common/auth.h"
+#include "common/net.h"
 #include "common/wire.h"
 
 enum { SRV_WANT_HELLO, SRV_WANT_PROOF, SRV_DONE, SRV_FAILED };
@@ -361,30 +360,8 @@ int kvf__auth_srv_step(kvf_auth_srv_t *s, uint8_t type, const uint8_t *body, siz
 
 int kvf__auth_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms)
 {
-    uint8_t *p = buf;
-    size_t done = 0;
-    while (done < len) {
-        ssize_t r = out ? send(fd, p + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT)
-                        : recv(fd, p + done, len - done, MSG_DONTWAIT);
-        if (r > 0) {
-            done += (size_t)r;
-            continue;
-        }
-        if (r == 0 && !out)
-            return -EPIPE;
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
-            return errno == ECONNRESET ? -EPIPE : -errno;
-        uint64_t now = kvf__now_ms();
-        if (now >= deadline_ms)
-            return -KVF_ETIMEDOUT;
-        uint64_t left = deadline_ms - now;
-        struct pollfd pf = {.fd = fd, .events = out ? POLLOUT : POLLIN};
-        if (poll(&pf, 1, left > INT_MAX ? INT_MAX : (int)left) < 0 && errno != EINTR)
-            return -errno;
-    }
-    return 0;
+    int rc = kvf__nb_io(fd, buf, len, out, deadline_ms);
+    return rc == -ECONNRESET ? -EPIPE : rc; /* a peer that hung up, either way */
 }
 
 /* Receive one message: header (checked), then body into @body (KVF_AUTH_MAX_BODY bytes). */

@@ -1,6 +1,7 @@
 /* Socket helpers shared by the store server and the transports (see net.h). */
 #include <errno.h>
 #include <netdb.h>
+#include <poll.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -51,4 +52,66 @@ int kvf__tcp_listen(const kvf_hostport_t *hp, const char **why)
         return -err;
     }
     return fd;
+}
+
+/* A poll for @events on @fd until @deadline_ms; returns 0 (ready, or interrupted: try again),
+ * -KVF_ETIMEDOUT, or -errno. */
+static int wait_fd(int fd, short events, uint64_t deadline_ms)
+{
+    uint64_t now = kvf__now_ms();
+    if (now >= deadline_ms)
+        return -KVF_ETIMEDOUT;
+    uint64_t left = deadline_ms - now;
+    struct pollfd pf = {.fd = fd, .events = events};
+    if (poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left) < 0 && errno != EINTR)
+        return -errno;
+    return 0;
+}
+
+int kvf__nb_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = out ? send(fd, (uint8_t *)buf + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT)
+                        : recv(fd, (uint8_t *)buf + done, len - done, MSG_DONTWAIT);
+        if (r > 0) {
+            done += (size_t)r;
+            continue;
+        }
+        if (r == 0)
+            return -EPIPE;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return -errno;
+        int rc = wait_fd(fd, out ? POLLOUT : POLLIN, deadline_ms);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+int kvf__nb_connect(const struct addrinfo *ai, uint64_t deadline_ms)
+{
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0)
+        return -errno;
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
+        return fd;
+    int rc = errno == EINPROGRESS ? 0 : -errno;
+    while (rc == 0) {
+        struct pollfd pf = {.fd = fd, .events = POLLOUT};
+        if (poll(&pf, 1, 0) > 0) {
+            int err = 0;
+            socklen_t el = sizeof(err);
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
+            if (!err)
+                return fd;
+            rc = -err;
+            break;
+        }
+        rc = wait_fd(fd, POLLOUT, deadline_ms);
+    }
+    close(fd);
+    return rc;
 }

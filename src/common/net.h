@@ -2,7 +2,13 @@
 #ifndef KVF_NET_H
 #define KVF_NET_H
 
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
 #include "common/url.h"
+
+struct addrinfo;
 
 /*
  * kvf__tcp_listen - resolve @hp and return a bound, listening, non-blocking, close-on-exec TCP
@@ -14,5 +20,18 @@
  * Sets no last-error message: the callers name the object that was listening.
  */
 int kvf__tcp_listen(const kvf_hostport_t *hp, const char **why);
+
+/*
+ * kvf__nb_io - move all of @buf on @fd (@out: send, else receive) before @deadline_ms
+ * (kvf__now_ms() clock), polling; each call is MSG_DONTWAIT, so @fd may be blocking or not.
+ * Returns 0, -EPIPE (end of stream before @len bytes), -KVF_ETIMEDOUT or -errno.
+ */
+int kvf__nb_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms);
+
+/*
+ * kvf__nb_connect - a non-blocking, close-on-exec socket for @ai, connected before @deadline_ms.
+ * Returns the fd, or -KVF_ETIMEDOUT / -errno (the socket closed).
+ */
+int kvf__nb_connect(const struct addrinfo *ai, uint64_t deadline_ms);
 
 #endif /* KVF_NET_H */

@@ -6,7 +6,6 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +13,7 @@
 #include <unistd.h>
 
 #include "common/common.h"
+#include "common/net.h"
 #include "common/p2p.h"
 #include "common/wire.h"
 
@@ -111,79 +111,17 @@ int kvf__p2p_sid_of_key(const char *key, kvf_hostport_t *hp)
     return 0;
 }
 
-/* Move all of @buf on the non-blocking @fd (@out: send) before @deadline_ms. Returns 0, -EPIPE
- * at the end of the stream, -KVF_ETIMEDOUT or -errno. */
-static int nb_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms)
-{
-    size_t done = 0;
-    while (done < len) {
-        ssize_t r = out ? send(fd, (uint8_t *)buf + done, len - done, MSG_NOSIGNAL)
-                        : recv(fd, (uint8_t *)buf + done, len - done, 0);
-        if (r > 0) {
-            done += (size_t)r;
-            continue;
-        }
-        if (r == 0)
-            return -EPIPE;
-        if (errno == EINTR)
-            continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK)
-            return -errno;
-        uint64_t now = kvf__now_ms();
-        if (now >= deadline_ms)
-            return -KVF_ETIMEDOUT;
-        struct pollfd pf = {.fd = fd, .events = out ? POLLOUT : POLLIN};
-        uint64_t left = deadline_ms - now;
-        if (poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left) < 0 && errno != EINTR)
-            return -errno;
-    }
-    return 0;
-}
-
-/* A non-blocking, close-on-exec socket connected to @ai before @deadline_ms, or -code. */
-static int nb_connect(const struct addrinfo *ai, uint64_t deadline_ms)
-{
-    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
-    if (fd < 0)
-        return -errno;
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0)
-        return fd;
-    int rc = errno == EINPROGRESS ? 0 : -errno;
-    while (rc == 0) {
-        uint64_t now = kvf__now_ms();
-        if (now >= deadline_ms) {
-            rc = -KVF_ETIMEDOUT;
-            break;
-        }
-        struct pollfd pf = {.fd = fd, .events = POLLOUT};
-        uint64_t left = deadline_ms - now;
-        int n = poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left);
-        if (n < 0 && errno != EINTR)
-            rc = -errno;
-        if (n > 0) {
-            int err = 0;
-            socklen_t el = sizeof(err);
-            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el);
-            if (!err)
-                return fd;
-            rc = -err;
-        }
-    }
-    close(fd);
-    return rc;
-}
-
 static int exchange(int fd, const char *sid, const char *key, uint64_t deadline, void **val,
                     size_t *len)
 {
     size_t klen = strlen(key);
     uint8_t hdr[KVF_P2P_REQ_LEN];
     kvf__p2p_req_encode(hdr, (uint32_t)klen);
-    int rc = nb_io(fd, hdr, sizeof(hdr), true, deadline);
+    int rc = kvf__nb_io(fd, hdr, sizeof(hdr), true, deadline);
     if (rc == 0)
-        rc = nb_io(fd, (void *)key, klen, true, deadline);
+        rc = kvf__nb_io(fd, (void *)key, klen, true, deadline);
     if (rc == 0)
-        rc = nb_io(fd, hdr, KVF_P2P_ANS_LEN, false, deadline);
+        rc = kvf__nb_io(fd, hdr, KVF_P2P_ANS_LEN, false, deadline);
     if (rc == -KVF_ETIMEDOUT)
         return kvf__err(rc, "peer %s: no answer to the P2P record request in time", sid);
     if (rc == -EPIPE || rc == -ECONNRESET)
@@ -201,7 +139,7 @@ static int exchange(int fd, const char *sid, const char *key, uint64_t deadline,
     if (!body)
         return kvf__err(-KVF_ENOMEM, "peer %s: out of memory for a record of %" PRIu32 " bytes",
                         sid, n);
-    rc = nb_io(fd, body, n, false, deadline);
+    rc = kvf__nb_io(fd, body, n, false, deadline);
     if (rc) {
         free(body);
         return kvf__err(rc == -EPIPE ? -KVF_EPROTO : rc, "peer %s: P2P answer cut short (%s)",
@@ -234,7 +172,7 @@ int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const char *key,
                         g == EAI_SYSTEM ? strerror(errno) : gai_strerror(g));
     int fd = -ENOENT;
     for (struct addrinfo *ai = res; ai && fd < 0 && fd != -KVF_ETIMEDOUT; ai = ai->ai_next)
-        fd = nb_connect(ai, deadline_ms);
+        fd = kvf__nb_connect(ai, deadline_ms);
     freeaddrinfo(res);
     if (fd == -KVF_ETIMEDOUT)
         return kvf__err(fd, "peer %s: no answer to connect in time", sid);

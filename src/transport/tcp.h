@@ -294,12 +294,6 @@ int tcp_sendv(int fd, struct iovec *iov, int cnt, uint64_t deadline_ms, uint32_t
  * -KVF_ETIMEDOUT at the deadline, or -errno. */
 int tcp_recv_full(int fd, void *buf, size_t len, uint64_t deadline_ms);
 
-/* Non-blocking I/O bounded by @deadline_ms, for the connect-time hello. */
-int tcp_nb_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms);
-/* Connect a new non-blocking, close-on-exec socket to @ai before @deadline_ms. Returns the fd,
- * -KVF_ETIMEDOUT, or -errno (of socket, connect or the connection's SO_ERROR). */
-struct addrinfo;
-int tcp_nb_connect(const struct addrinfo *ai, uint64_t deadline_ms);
 
 /* ---------------------------------------------------------------------------------------------
  * tcp_p2p.c: the P2P record request

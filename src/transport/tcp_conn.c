@@ -21,6 +21,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "common/net.h"
 #include "common/thread.h"
 #include "transport/tcp.h"
 
@@ -314,7 +315,7 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
                             char *why, size_t whylen)
 {
     int rc;
-    int fd = tcp_nb_connect(ai, deadline_ms);
+    int fd = kvf__nb_connect(ai, deadline_ms);
     if (fd < 0) {
         snprintf(why, whylen, "connect: %s",
                  fd == -KVF_ETIMEDOUT ? "no answer in time" : strerror(-fd));
@@ -342,9 +343,9 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
     size_t sl = strnlen(p->local_sid, KVF_TCP_MAX_MSG);
     tcp_hdr_encode(frame, KVF_TCP_HELLO, 0, 1, 0, sl);
     memcpy(frame + KVF_TCP_HDR_LEN, p->local_sid, sl);
-    rc = tcp_nb_io(fd, frame, KVF_TCP_HDR_LEN + sl, true, deadline_ms);
+    rc = kvf__nb_io(fd, frame, KVF_TCP_HDR_LEN + sl, true, deadline_ms);
     if (rc == 0)
-        rc = tcp_nb_io(fd, frame, KVF_TCP_HDR_LEN, false, deadline_ms);
+        rc = kvf__nb_io(fd, frame, KVF_TCP_HDR_LEN, false, deadline_ms);
     if (rc) {
         snprintf(why, whylen, "hello: %s",
                  rc == -KVF_ETIMEDOUT ? "no answer in time"
@@ -362,7 +363,7 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
         char msg[KVF_TCP_MAX_MSG + 1] = "", text[KVF_TCP_MAX_MSG + 1];
         size_t n = 0;
         if (!kvf__auth_is_magic(frame) && h.len <= KVF_TCP_MAX_MSG &&
-            tcp_nb_io(fd, msg, (size_t)h.len, false, deadline_ms) == 0)
+            kvf__nb_io(fd, msg, (size_t)h.len, false, deadline_ms) == 0)
             n = (size_t)h.len;
         kvf__printable(text, sizeof(text), msg, n);
         snprintf(why, whylen, "authentication: refused by the peer: %.300s",

@@ -15,6 +15,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "common/net.h"
 #include "common/stats.h"
 #include "transport/tcp.h"
 
@@ -29,9 +30,9 @@ static int stats_ask(int fd, uint8_t type, uint64_t req_id, const void *payload,
     tcp_hdr_encode(frame, type, 0, req_id, 0, plen);
     if (plen)
         memcpy(frame + KVF_TCP_HDR_LEN, payload, plen);
-    int rc = tcp_nb_io(fd, frame, KVF_TCP_HDR_LEN + plen, true, deadline);
+    int rc = kvf__nb_io(fd, frame, KVF_TCP_HDR_LEN + plen, true, deadline);
     if (rc == 0)
-        rc = tcp_nb_io(fd, frame, KVF_TCP_HDR_LEN, false, deadline);
+        rc = kvf__nb_io(fd, frame, KVF_TCP_HDR_LEN, false, deadline);
     if (rc)
         return rc;
     char why[96];
@@ -60,7 +61,7 @@ static int stats_exchange(int fd, const char *sid, uint64_t deadline, kvf_stats_
     if (rc == 0 && h.status == KVF_EAUTH) {
         char msg[KVF_TCP_MAX_MSG + 1], text[KVF_TCP_MAX_MSG + 1];
         size_t n = h.len <= KVF_TCP_MAX_MSG ? (size_t)h.len : 0;
-        if (tcp_nb_io(fd, msg, n, false, deadline))
+        if (kvf__nb_io(fd, msg, n, false, deadline))
             n = 0;
         kvf__printable(text, sizeof(text), msg, n);
         return kvf__err(-KVF_EAUTH, "statistics of %s: authentication: refused by the peer: %s",
@@ -89,7 +90,7 @@ static int stats_exchange(int fd, const char *sid, uint64_t deadline, kvf_stats_
     if (h.status != 0) {
         char msg[KVF_TCP_MAX_MSG + 1], text[KVF_TCP_MAX_MSG + 1];
         size_t n = h.len < KVF_TCP_MAX_MSG ? (size_t)h.len : 0;
-        if (h.len > KVF_TCP_MAX_MSG || tcp_nb_io(fd, msg, n, false, deadline))
+        if (h.len > KVF_TCP_MAX_MSG || kvf__nb_io(fd, msg, n, false, deadline))
             n = 0;
         kvf__printable(text, sizeof(text), msg, n);
         int code = h.status < KVF_ERRNO_OFFSET + 100 ? -(int)h.status : -KVF_EPROTO;
@@ -103,7 +104,7 @@ static int stats_exchange(int fd, const char *sid, uint64_t deadline, kvf_stats_
     uint8_t *body = malloc(h.len ? (size_t)h.len : 1);
     if (!body)
         return kvf__err(-KVF_ENOMEM, "statistics of %s: out of memory", sid);
-    rc = tcp_nb_io(fd, body, (size_t)h.len, false, deadline);
+    rc = kvf__nb_io(fd, body, (size_t)h.len, false, deadline);
     if (rc)
         rc = kvf__err(rc == -EPIPE ? -KVF_EPROTO : rc, "statistics of %s: answer cut short (%s)",
                       sid, kvf_strerror(rc));
@@ -135,7 +136,7 @@ int kvf_engine_stats_fetch(const char *sid, uint32_t timeout_ms, kvf_stats_t *ou
                         g == EAI_SYSTEM ? strerror(errno) : gai_strerror(g));
     int fd = -ENOENT;
     for (struct addrinfo *ai = res; ai && fd < 0 && fd != -KVF_ETIMEDOUT; ai = ai->ai_next)
-        fd = tcp_nb_connect(ai, deadline);
+        fd = kvf__nb_connect(ai, deadline);
     freeaddrinfo(res);
     if (fd == -KVF_ETIMEDOUT)
         return kvf__err(fd, "statistics of %s: no answer to connect in time", sid);
