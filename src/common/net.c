@@ -1,6 +1,8 @@
 /* Socket helpers shared by the store server and the transports (see net.h). */
 #include <errno.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <stdio.h>
 #include <string.h>
@@ -114,4 +116,26 @@ int kvf__nb_connect(const struct addrinfo *ai, uint64_t deadline_ms)
     }
     close(fd);
     return rc;
+}
+
+int kvf__nb_connect_hp(const kvf_hostport_t *hp, uint64_t deadline_ms, const char **why)
+{
+    char port[8];
+    snprintf(port, sizeof(port), "%u", (unsigned)hp->port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    hints.ai_flags = AI_NUMERICSERV | (hp->kind != KVF_HOST_NAME ? AI_NUMERICHOST : 0);
+    int g = getaddrinfo(hp->host, port, &hints, &res);
+    if (g) {
+        *why = g == EAI_SYSTEM ? strerror(errno) : gai_strerror(g);
+        return -KVF_EINVAL;
+    }
+    int fd = -ENOENT;
+    for (struct addrinfo *ai = res; ai && fd < 0 && fd != -KVF_ETIMEDOUT; ai = ai->ai_next)
+        fd = kvf__nb_connect(ai, deadline_ms);
+    freeaddrinfo(res);
+    if (fd >= 0) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    }
+    return fd;
 }

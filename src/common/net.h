@@ -34,4 +34,13 @@ int kvf__nb_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms);
  */
 int kvf__nb_connect(const struct addrinfo *ai, uint64_t deadline_ms);
 
+/*
+ * kvf__nb_connect_hp - resolve @hp (a name only when it is one) and connect to the first of its
+ * addresses that answers before @deadline_ms, as kvf__nb_connect(); TCP_NODELAY is set (the
+ * callers' requests are small and latency-bound).
+ * Returns the fd; -KVF_EINVAL when @hp does not resolve (*why: the resolver's text);
+ * -KVF_ETIMEDOUT; -errno of the last address tried.
+ */
+int kvf__nb_connect_hp(const kvf_hostport_t *hp, uint64_t deadline_ms, const char **why);
+
 #endif /* KVF_NET_H */

@@ -162,25 +162,15 @@ int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const char *key,
 {
     if (!kvf__p2p_key_ok(key, strlen(key)))
         return kvf__err(-KVF_EINVAL, "peer %s: key %.64s is not a record key", sid, key);
-    char port[8];
-    snprintf(port, sizeof(port), "%u", (unsigned)hp->port);
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
-    hints.ai_flags = AI_NUMERICSERV | (hp->kind != KVF_HOST_NAME ? AI_NUMERICHOST : 0);
-    int g = getaddrinfo(hp->host, port, &hints, &res);
-    if (g)
-        return kvf__err(-KVF_EINVAL, "peer %s: cannot resolve %s: %s", sid, hp->host,
-                        g == EAI_SYSTEM ? strerror(errno) : gai_strerror(g));
-    int fd = -ENOENT;
-    for (struct addrinfo *ai = res; ai && fd < 0 && fd != -KVF_ETIMEDOUT; ai = ai->ai_next)
-        fd = kvf__nb_connect(ai, deadline_ms);
-    freeaddrinfo(res);
+    const char *why = "";
+    int fd = kvf__nb_connect_hp(hp, deadline_ms, &why);
+    if (fd == -KVF_EINVAL)
+        return kvf__err(fd, "peer %s: cannot resolve %s: %s", sid, hp->host, why);
     if (fd == -KVF_ETIMEDOUT)
         return kvf__err(fd, "peer %s: no answer to connect in time", sid);
     if (fd < 0)
         return kvf__err(fd, "peer %s: cannot connect: %s%s", sid, strerror(-fd),
                         fd == -ECONNREFUSED ? " (no engine listens there yet)" : "");
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     int rc = exchange(fd, sid, key, deadline_ms, val, len);
     close(fd);
     return rc;

@@ -126,25 +126,15 @@ int kvf_engine_stats_fetch(const char *sid, uint32_t timeout_ms, kvf_stats_t *ou
         return kvf__err(-KVF_EINVAL, "session id %s: port 0 names no engine to ask", sid);
     uint64_t deadline = kvf__now_ms() + (timeout_ms ? timeout_ms : STATS_DEFAULT_TIMEOUT_MS);
 
-    char port[8];
-    snprintf(port, sizeof(port), "%u", (unsigned)hp.port);
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
-    hints.ai_flags = AI_NUMERICSERV | (hp.kind != KVF_HOST_NAME ? AI_NUMERICHOST : 0);
-    int g = getaddrinfo(hp.host, port, &hints, &res);
-    if (g)
-        return kvf__err(-KVF_EINVAL, "session id %s: cannot resolve %s: %s", sid, hp.host,
-                        g == EAI_SYSTEM ? strerror(errno) : gai_strerror(g));
-    int fd = -ENOENT;
-    for (struct addrinfo *ai = res; ai && fd < 0 && fd != -KVF_ETIMEDOUT; ai = ai->ai_next)
-        fd = kvf__nb_connect(ai, deadline);
-    freeaddrinfo(res);
+    const char *why = "";
+    int fd = kvf__nb_connect_hp(&hp, deadline, &why);
+    if (fd == -KVF_EINVAL)
+        return kvf__err(fd, "session id %s: cannot resolve %s: %s", sid, hp.host, why);
     if (fd == -KVF_ETIMEDOUT)
         return kvf__err(fd, "statistics of %s: no answer to connect in time", sid);
     if (fd < 0)
         return kvf__err(fd, "statistics of %s: cannot connect: %s%s", sid, strerror(-fd),
                         fd == -ECONNREFUSED ? " (no engine listens there)" : "");
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     rc = stats_exchange(fd, sid, deadline, out);
     close(fd);
     return rc;
