@@ -174,7 +174,9 @@ int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
         }
         if (c == 'K' || c == 'A') {
             /* Through the environment, so that every engine, store and store client of this
-             * process, and the processes it starts (demo, bench), use the same key. */
+             * process, and the processes it starts (demo, bench), use the same cluster key. The
+             * admin key's variable is read only by the store server and by `kvferry kv`; an
+             * engine's store client never proves it. */
             const char *flag = c == 'K' ? "auth-key-file" : "admin-key-file";
             if (!*optarg ||
                 setenv(c == 'K' ? "KVFERRY_AUTH_KEY_FILE" : "KVFERRY_ADMIN_KEY_FILE", optarg, 1)) {
