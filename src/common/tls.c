@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stddef.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -49,6 +50,37 @@ struct kvf_tls {
 bool kvf__tls_on(const kvf_tls_opts_t *o)
 {
     return o && o->enable;
+}
+
+const kvf_tls_opts_t *kvf__tls_opts_resolve(const kvf_tls_opts_t *o, kvf_tls_opts_t *env)
+{
+    if (o)
+        return o->enable ? o : NULL;
+    kvf_tls_opts_init(env);
+    static const struct {
+        const char *name;
+        size_t off;
+    } vars[] = {
+        {"KVFERRY_TLS_CA_FILE", offsetof(kvf_tls_opts_t, ca_file)},
+        {"KVFERRY_TLS_CA_PATH", offsetof(kvf_tls_opts_t, ca_path)},
+        {"KVFERRY_TLS_CERT", offsetof(kvf_tls_opts_t, cert_file)},
+        {"KVFERRY_TLS_KEY", offsetof(kvf_tls_opts_t, key_file)},
+        {"KVFERRY_TLS_KEY_PASSWORD_FILE", offsetof(kvf_tls_opts_t, key_password_file)},
+        {"KVFERRY_TLS_CRL_FILE", offsetof(kvf_tls_opts_t, crl_file)},
+        {"KVFERRY_TLS_CRL_PATH", offsetof(kvf_tls_opts_t, crl_path)},
+        {"KVFERRY_TLS_SERVER_NAME", offsetof(kvf_tls_opts_t, server_name)},
+        {"KVFERRY_TLS_FINGERPRINT", offsetof(kvf_tls_opts_t, fingerprint)},
+    };
+    const char *on = getenv("KVFERRY_TLS");
+    env->enable = on && *on && strcmp(on, "0") != 0;
+    for (size_t i = 0; i < sizeof(vars) / sizeof(vars[0]); i++) {
+        const char *v = getenv(vars[i].name);
+        if (v && *v) {
+            *(const char **)(void *)((char *)env + vars[i].off) = v;
+            env->enable = 1;
+        }
+    }
+    return env->enable ? env : NULL;
 }
 
 void kvf_tls_opts_init(kvf_tls_opts_t *opts)
@@ -304,7 +336,10 @@ static int ctx_setup(kvf_tls_ctx_t *c, const kvf_tls_opts_t *o)
 
     if (SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) != 1)
         return kvf__err(-KVF_ETLS, "TLS: cannot require TLS 1.3");
-    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    /* No automatic chain: a root is never sent (the peer must trust it already), so a client
+     * with another CA is told "unable to get local issuer certificate". */
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                              SSL_MODE_NO_AUTO_CHAIN);
     /* The protocols are length-framed, so an end without close_notify truncates nothing. */
     SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
 

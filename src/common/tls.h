@@ -34,6 +34,14 @@ typedef struct kvf_tls kvf_tls_t;
 bool kvf__tls_on(const kvf_tls_opts_t *o);
 
 /*
+ * kvf__tls_opts_resolve - the options to use: @o when the caller gave some, else those of the
+ * KVFERRY_TLS_* variables (KVFERRY_TLS=1, _CA_FILE, _CA_PATH, _CERT, _KEY, _KEY_PASSWORD_FILE,
+ * _CRL_FILE, _CRL_PATH, _SERVER_NAME, _FINGERPRINT; any of them turns TLS on), filled into @env.
+ * Returns the options, or NULL when TLS is off.
+ */
+const kvf_tls_opts_t *kvf__tls_opts_resolve(const kvf_tls_opts_t *o, kvf_tls_opts_t *env);
+
+/*
  * kvf__tls_ctx_new - a context for clients (@server false) or a server from @o, which must be on.
  * @host: a client's default name to verify (the store URL's host); ignored for a server.
  * Everything is read and checked here, so a bad file or password fails now, naming it.

@@ -103,8 +103,10 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
     bool admin = rc == 0 && st->auth.len;
     if (rc == 0 && !admin)
         rc = kvf__auth_key_resolve(opts->auth_key_file, &st->auth);
-    if (rc == 0 && kvf__tls_on(opts->tls))
-        rc = kvf__tls_ctx_new(opts->tls, false, addr->hosts[0].host, &st->tls_ctx);
+    kvf_tls_opts_t tls_env;
+    const kvf_tls_opts_t *to = kvf__tls_opts_resolve(opts->tls, &tls_env);
+    if (rc == 0 && to)
+        rc = kvf__tls_ctx_new(to, false, addr->hosts[0].host, &st->tls_ctx);
     st->opts.auth_key_file = NULL; /* the caller's strings; not kept */
     st->opts.admin_key_file = NULL;
     st->opts.tls = NULL;

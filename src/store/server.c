@@ -264,8 +264,10 @@ int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_o
     rc = kvf__auth_key_resolve(srv->opts.auth_key_file, &srv->auth_key);
     if (rc == 0)
         rc = kvf__auth_admin_key_resolve(srv->opts.admin_key_file, &srv->admin_key);
-    if (rc == 0 && kvf__tls_on(srv->opts.tls))
-        rc = kvf__tls_ctx_new(srv->opts.tls, true, NULL, &srv->tls_ctx);
+    kvf_tls_opts_t tls_env;
+    const kvf_tls_opts_t *tls = kvf__tls_opts_resolve(srv->opts.tls, &tls_env);
+    if (rc == 0 && tls)
+        rc = kvf__tls_ctx_new(tls, true, NULL, &srv->tls_ctx);
     srv->opts.auth_key_file = NULL; /* the caller's strings; not kept */
     srv->opts.admin_key_file = NULL;
     srv->opts.tls = NULL;

@@ -536,6 +536,11 @@ static void conn_tls_refuse_plain(struct kvf_store_server *srv, struct srv_conn 
     } else if (n >= KVF_AUTH_HDR_LEN && kvf__auth_is_magic(h)) {
         len = kvf__auth_encode(out, KVF_AUTH_REFUSED, msg, strlen(msg), NULL, 0);
     }
+    /* Consume what it sent (one request), so that the close is a FIN after the answer, not a
+     * reset that could destroy the answer before the client reads it. */
+    uint8_t sink[4096];
+    for (int i = 0; i < 4 && recv(c->fd, sink, sizeof(sink), MSG_DONTWAIT) > 0; i++)
+        ;
     if (len && send(c->fd, out, len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
         KVF_DEBUG(SRV_LOG, "%s: send: %s", c->peer, strerror(errno));
     kvf__srv_conn_close_warn(srv, c, "TLS required: the client sent plain text (no TLS options?)");
