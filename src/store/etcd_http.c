@@ -345,6 +345,19 @@ static int post_once(etcd_t *e, CURL *c, const char *end, const char *path, cons
     curl_slist_free_all(hdr);
     long status = 0;
     curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
+    if (e->tls && (cc == CURLE_SEND_ERROR || cc == CURLE_RECV_ERROR) &&
+        strcmp(what, "open") == 0 && !strstr(cerr, "reset")) {
+        /* TLS 1.3 ends the client's handshake before the server has checked its certificate:
+         * a refusal shows as the first request failing on a fresh connection. */
+        free(b.p);
+        return kvf__err(-KVF_ETLS,
+                        "store %s: %s: TLS with %s failed: etcd closed the connection after the "
+                        "handshake: it refused this client's certificate (%s) (%s)",
+                        e->url, what, end,
+                        e->tls_cert ? "is it signed by a CA etcd trusts?"
+                                    : "none is set: --tls-cert and --tls-key",
+                        cerr[0] ? cerr : curl_easy_strerror(cc));
+    }
     if (cc != CURLE_OK && kvf__etcd_curl_tls_error((int)cc)) {
         /* A refused certificate is refused again: fail now, with curl's reason. */
         free(b.p);
