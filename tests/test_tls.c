@@ -435,8 +435,10 @@ static void plain_client_of_tls_store_fails_at_once(void **state)
     store_start(&f, sargs);
     kvf_tls_opts_t off;
     kvf_tls_opts_init(&off);
-    open_fails(&f, &off, -KVF_ETLS, "this store requires TLS");
-    log_wait(&f, "TLS required: the client sent plain text");
+    open_fails(&f, &off, -KVF_ETLS,
+               "this store requires TLS: connect with TLS options (a CA file, --tls-ca-file) or "
+               "set_conf_store_tls()");
+    log_wait(&f, "TLS required: the client sent plain text (no TLS options?)");
     /* An engine: refused at create, nothing published. */
     kvf_config_t cfg;
     kvf_config_init(&cfg);
@@ -457,7 +459,9 @@ static void tls_client_of_plain_store_fails_at_once(void **state)
     open_fails(&f, &o, -KVF_ETLS,
                "the store closed the connection during the TLS handshake (does the store use "
                "TLS?)");
-    log_wait(&f, "the client speaks TLS and this store does not use TLS");
+    log_wait(&f, "closing connection from 127.0.0.1:");
+    log_wait(&f, "the client speaks TLS and this store does not use TLS (start it with a "
+                 "certificate and key, --tls-cert and --tls-key, or connect without TLS options)");
     fx_cleanup(&f);
 }
 
