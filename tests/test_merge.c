@@ -205,14 +205,11 @@ static void refused_run_names_callers_elements(void **state)
     free(dst);
 }
 
-int main(void)
-{
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test_setup_teardown(runs_land_where_each_element_says, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(run_across_two_regions_lands, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(async_status_per_element, fx_setup, fx_teardown),
-        cmocka_unit_test_setup_teardown(refused_run_names_callers_elements, fx_setup,
-                                        fx_teardown),
-    };
-    return cmocka_run_group_tests(tests, NULL, NULL);
-}
+static const struct CMUnitTest tests[] = {
+    cmocka_unit_test_setup_teardown(runs_land_where_each_element_says, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(run_across_two_regions_lands, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(async_status_per_element, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(refused_run_names_callers_elements, fx_setup, fx_teardown),
+};
+
+KVF_TEST_MAIN(tests)
