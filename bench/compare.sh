@@ -58,6 +58,7 @@ KVF_RUNS=(
     "tcp-window8    --transport tcp --block-size 64K,1M,4M,64M --window 8"
     "tcp-4k         --transport tcp --block-size 4K"
     "tcp-kv         --transport tcp --workload kv"
+    "tcp-pages      --transport tcp --workload pages"
     "shm            --transport shm --block-size 64K,1M,4M,16M,64M"
     "shm-registered --transport shm --memory registered --block-size 16M,64M"
     "shm-2threads   --transport shm --threads 2 --block-size 16M"
