@@ -464,7 +464,8 @@ KVF_API void kvf_store_opts_init(kvf_store_opts_t *opts);
  * on etcd and Redis, whenever the store lost them).
  * Returns 0, -KVF_EINVAL for a malformed URL (at once, naming the bad part),
  * -KVF_ESTOREDOWN when the store did not answer in time, -KVF_EAUTH when etcd or Redis refused
- * the credentials (the password is never shown in messages).
+ * the credentials (the password is never shown in messages), -KVF_ETLS at once when TLS failed
+ * (a certificate refused on either side, TLS on one side only; see kvf_store_opts_t.tls).
  */
 KVF_API int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **out);
 
@@ -749,7 +750,8 @@ KVF_API void kvf_config_init(kvf_config_t *cfg);
  * The engine is ready when this returns: its record is published and peers can reach it.
  * A session id whose port is held by a live engine is refused with -EADDRINUSE and a message
  * naming it; a record left by a dead engine is taken over.
- * Returns 0, -KVF_EINVAL (bad argument, named), -KVF_ESTOREDOWN, or -errno from bind/listen.
+ * Returns 0, -KVF_EINVAL (bad argument, named), -KVF_ESTOREDOWN, -KVF_EAUTH or -KVF_ETLS
+ * (the store refused this engine, at once: see kvf_store_open()), or -errno from bind/listen.
  */
 KVF_API int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t role,
                               int device_id, const kvf_config_t *cfg, kvf_engine_t **out);

@@ -527,6 +527,21 @@ static void raw_garbage_closed_store_serves(void **state)
         assert_true(kvf_test_now_ms() - t0 < 3000 + 2000);
         close(fd);
     }
+    /* One byte of a plain frame ("K" of KVFS): refused at once, not waited on. */
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    assert_int_equal(send(fd, "K", 1, MSG_NOSIGNAL), 1);
+    uint64_t t0 = kvf_test_now_ms();
+    uint8_t b[64];
+    while (recv(fd, b, sizeof(b), 0) > 0)
+        ;
+    assert_true(kvf_test_now_ms() - t0 < 1000);
+    close(fd);
     log_wait(&f, "closing connection from 127.0.0.1:");
     kvf_tls_opts_t o = client_opts(&f, "ca.pem", NULL);
     open_works(&f, &o);

@@ -29,8 +29,11 @@ static PyObject *mod_create_config_store(PyObject *mod, PyObject *args, PyObject
     if (rc == 0 && strcmp(scheme, "tcp") != 0) {
         /* etcd and Redis run on their own: check that one answers, start nothing. */
         kvf_store_t *st = NULL;
+        kvf_store_opts_t so;
+        kvf_store_opts_init(&so);
+        so.tls = kvfpy_tls_opts();
         Py_BEGIN_ALLOW_THREADS
-        rc = kvf_store_open(url, NULL, &st);
+        rc = kvf_store_open(url, &so, &st);
         if (rc == 0)
             rc = kvf_store_ping(st);
         kvf_store_close(st);

@@ -564,9 +564,9 @@ static bool conn_tls_start(struct kvf_store_server *srv, struct srv_conn *c)
             kvf__srv_conn_kill(srv, c);
             return false;
         }
-        if (n < 2)
-            return false;
-        if (!tls_client_hello(h)) {
+        /* The first byte decides: waiting for a second would spin the level-triggered loop
+         * on a client that sent one byte. */
+        if (h[0] != KVF_TLS_RECORD_HANDSHAKE) {
             conn_tls_refuse_plain(srv, c, h, (size_t)n);
             return false;
         }
