@@ -45,6 +45,7 @@ def main():
         with open(os.path.join(out, "external.jsonl")) as f:
             ext = [json.loads(line) for line in f if line.strip()]
     store = load(os.path.join(out, "store.json"))
+    backends = [(b, load(os.path.join(out, "store-%s.json" % b))) for b in ("etcd", "redis")]
 
     def runs(name):
         return kvf.get(name, {}).get("runs", [])
@@ -250,6 +251,23 @@ def main():
         row("store set, %d clients" % n, store["set_per_s_n"], "", None, "ops/s")
         row("store get, %d clients" % n, store["get_per_s_n"], "", None, "ops/s")
         row("store get-with-wait wake-up p50", store["wake"]["p50_us"], "", None, "us")
+    # Every backend in the same run (bench/store_backends.sh): ops/s beside the built-in store,
+    # an engine's registration and a peer's lookup, p50 and p99.
+    for name, d in [("built-in", store)] + [(b, d) for b, d in backends if d]:
+        if not d:
+            continue
+        if name != "built-in" and store:
+            for key, what in (("set_per_s_1", "set, 1 client"), ("get_per_s_1", "get, 1 client"),
+                              ("set_per_s_n", "set, %d clients" % d["clients"]),
+                              ("get_per_s_n", "get, %d clients" % d["clients"])):
+                row("store %s: %s" % (name, what), d[key], "built-in store", store[key], "ops/s")
+        for key, what in (("register", "registration (kvf_mem_register)"),
+                          ("lookup", "lookup (kvf_peer_regions)")):
+            if d.get(key):
+                for q in ("p50_us", "p99_us"):
+                    row("store %s: %s %s" % (name, what, q[:3]), d[key][q],
+                        "built-in store" if name != "built-in" and store else "",
+                        store[key][q] if name != "built-in" and store else None, "us")
 
     def fmt(v, unit):
         if v is None:
