@@ -59,7 +59,8 @@ extern "C" {
     XX(EBADVALUE, 16, "value is not of the expected form")                                        \
     XX(ESTOREDOWN, 17, "config store unreachable")                                                \
     XX(ECLOSED, 18, "object is shutting down")                                                    \
-    XX(ENOMEM, 19, "out of memory")
+    XX(ENOMEM, 19, "out of memory")                                                               \
+    XX(ETLS, 20, "TLS failure")
 
 /** kvferry error codes. Functions return their negation (-KVF_ETIMEDOUT). */
 typedef enum {
@@ -195,6 +196,66 @@ KVF_API int kvf_store_url_parse(const char *url, const char **scheme, char *host
                                 uint16_t *port);
 
 /* ---------------------------------------------------------------------------------------------
+ * TLS for the config store
+ *
+ * One set of TLS options, referenced by kvf_store_server_opts_t.tls (the built-in store),
+ * kvf_store_opts_t.tls (a store client: tcp:// and etcd://) and kvf_config_t.tls (an engine's
+ * store client). The store URL stays tcp://: TLS is on when the options say so (enable), on
+ * both ends; a mismatch fails at once on both sides (docs/security.md).
+ * ------------------------------------------------------------------------------------------- */
+
+/*
+ * TLS options; fill with kvf_tls_opts_init(), then set fields. The strings are the caller's and
+ * are read when the handle that uses them is created (files too: a certificate replaced later
+ * takes effect for the next store or engine). File lists are comma-separated (so no path may
+ * contain ',', ';' or ':'). Connections are TLS 1.3 only.
+ *
+ * Client (kvf_store_opts_t, kvf_config_t): verifies the server's certificate against ca_file /
+ * ca_path (the system's CA store when neither is set and no fingerprint is), with the URL's host
+ * (or server_name) as the name it must carry; or, with fingerprint, against that SHA-256
+ * fingerprint (then the CA check is made only when a CA is set, and the name is not checked).
+ * A client certificate (cert_file + key) is presented when set: mutual TLS.
+ *
+ * Server (kvf_store_server_opts_t): presents cert_file with its key (both required). With
+ * ca_file or ca_path it requires every client to present a certificate signed by that CA
+ * (mutual TLS); without, it accepts clients without certificates.
+ *
+ * Both: crl_file / crl_path make the peer's certificate be checked against those revocation
+ * lists (X509_V_FLAG_CRL_CHECK: the peer's issuer must then have a CRL loaded).
+ */
+typedef struct {
+    size_t size;                   /* sizeof(kvf_tls_opts_t), set by kvf_tls_opts_init() */
+    uint32_t enable;               /* 1: TLS on; 0 [default]: plain TCP, every field ignored */
+    const char *ca_file;           /* PEM file(s) of trusted CA certificates */
+    const char *ca_path;           /* a directory of CA certificates (and CRLs) in OpenSSL's
+                                      hashed layout (`openssl rehash DIR`) */
+    const char *cert_file;         /* this side's certificate chain, PEM */
+    const char *key_file;          /* its private key, PEM, possibly encrypted */
+    const char *key_pem;           /* or the private key itself, PEM text (instead of key_file) */
+    const char *key_password_file; /* file whose first line is the key's password */
+    const char *key_password;      /* or the password itself (instead of key_password_file) */
+    const char *crl_file;          /* PEM file(s) of certificate revocation lists */
+    const char *crl_path;          /* a hashed directory of CRLs (`openssl rehash DIR`) */
+    const char *server_name;       /* client: the name the server's certificate must carry, and
+                                      the SNI; NULL [default]: the host of the store URL */
+    const char *fingerprint;       /* client: the server certificate's SHA-256, 64 hex digits
+                                      (colons allowed, "sha256:" prefix allowed) */
+} kvf_tls_opts_t;
+
+/** kvf_tls_opts_init - fill @opts with the defaults (TLS off) and set its size field. */
+KVF_API void kvf_tls_opts_init(kvf_tls_opts_t *opts);
+
+/**
+ * kvf_tls_opts_check - check @opts as a client (@server 0) or a server (@server 1) would use
+ * them: every file readable, certificates, keys and CRLs parse, the key's password is right and
+ * the key matches the certificate, the fingerprint is 64 hex digits.
+ * Returns 0 (also for NULL or enable 0), -errno for a file that cannot be read (the message
+ * names it), -KVF_EINVAL for a malformed or missing option (named), -KVF_ETLS for what OpenSSL
+ * refuses (with its reason, e.g. "wrong password for the private key F (bad decrypt)").
+ */
+KVF_API int kvf_tls_opts_check(const kvf_tls_opts_t *opts, int server);
+
+/* ---------------------------------------------------------------------------------------------
  * Config store: server
  *
  * The built-in store (URL scheme tcp://) is an in-memory key-value store with get-with-wait,
@@ -259,6 +320,11 @@ typedef struct {
                                         keys with no lease); reads stay open to every
                                         authenticated client. NULL or "" [default]:
                                         $KVFERRY_ADMIN_KEY_FILE, else none. */
+    const kvf_tls_opts_t *tls;       /* TLS for every connection (kvf_tls_opts_t: the server's
+                                        certificate and key; a CA makes it mutual TLS). NULL
+                                        [default]: plain TCP. A plain client is answered "this
+                                        store requires TLS" (-KVF_ETLS) and closed; with an auth
+                                        key too, the handshake runs inside TLS. */
 } kvf_store_server_opts_t;
 
 /** kvf_store_server_opts_init - fill @opts with the defaults and set its size field. */
@@ -371,6 +437,12 @@ typedef struct {
                                     $KVFERRY_ADMIN_KEY_FILE is read by `kvferry kv` only, never
                                     by an engine's store client). Without it, a change to a key
                                     bound to another client's lease fails with -EACCES. */
+    const kvf_tls_opts_t *tls;   /* tcp://: TLS 1.3 to a built-in store started with TLS;
+                                    etcd://: https to etcd with these CA, certificate, key and
+                                    CRL files; redis://: refused (-KVF_ENOTSUP: Debian's hiredis
+                                    has no TLS). A failed handshake or certificate check fails
+                                    the open at once with -KVF_ETLS and OpenSSL's reason. NULL
+                                    [default]: plain TCP (http for etcd). */
 } kvf_store_opts_t;
 
 /** kvf_store_opts_init - fill @opts with the defaults and set its size field. */
@@ -392,7 +464,8 @@ KVF_API void kvf_store_opts_init(kvf_store_opts_t *opts);
  * on etcd and Redis, whenever the store lost them).
  * Returns 0, -KVF_EINVAL for a malformed URL (at once, naming the bad part),
  * -KVF_ESTOREDOWN when the store did not answer in time, -KVF_EAUTH when etcd or Redis refused
- * the credentials (the password is never shown in messages).
+ * the credentials (the password is never shown in messages), -KVF_ETLS at once when TLS failed
+ * (a certificate refused on either side, TLS on one side only; see kvf_store_opts_t.tls).
  */
 KVF_API int kvf_store_open(const char *url, const kvf_store_opts_t *opts, kvf_store_t **out);
 
@@ -641,6 +714,9 @@ typedef struct {
                                     duplicate of it, so the port is never free in between. Its
                                     port must be the session id's (or the session id's port
                                     0 takes it). The caller keeps and closes its own fd. */
+    const kvf_tls_opts_t *tls;   /* TLS for the engine's store connection, as
+                                    kvf_store_opts_t.tls. NULL [default]: none. The data path
+                                    (engine to engine) is not covered. */
 } kvf_config_t;
 
 /**
@@ -674,7 +750,8 @@ KVF_API void kvf_config_init(kvf_config_t *cfg);
  * The engine is ready when this returns: its record is published and peers can reach it.
  * A session id whose port is held by a live engine is refused with -EADDRINUSE and a message
  * naming it; a record left by a dead engine is taken over.
- * Returns 0, -KVF_EINVAL (bad argument, named), -KVF_ESTOREDOWN, or -errno from bind/listen.
+ * Returns 0, -KVF_EINVAL (bad argument, named), -KVF_ESTOREDOWN, -KVF_EAUTH or -KVF_ETLS
+ * (the store refused this engine, at once: see kvf_store_open()), or -errno from bind/listen.
  */
 KVF_API int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t role,
                               int device_id, const kvf_config_t *cfg, kvf_engine_t **out);

@@ -42,6 +42,6 @@ cc -std=c11 -Wall -Werror "$tmp/use.c" -o "$tmp/use_shared" $(pkg-config --cflag
 LD_LIBRARY_PATH=$(dirname "$(find "$tmp/prefix" -name 'libkvferry.so' | head -n1)") "$tmp/use_shared"
 cc -std=c11 -Wall -Werror "$tmp/use.c" -o "$tmp/use_static" $(pkg-config --cflags kvferry) \
     "$(dirname "$pc")/../libkvferry.a" $(pkg-config --libs-only-l --static jansson) \
-    $(pkg-config --libs-only-l libcurl hiredis libcrypto) -pthread
+    $(pkg-config --libs-only-l libcurl hiredis libssl libcrypto) -pthread
 "$tmp/use_static"
 "$tmp/prefix/bin/kvferry" --version

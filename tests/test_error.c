@@ -71,6 +71,7 @@ static void codes_pinned_to_their_wire_values(void **state)
         {KVF_ESTALE, 1014, "KVF_ESTALE"},       {KVF_ETOOBIG, 1015, "KVF_ETOOBIG"},
         {KVF_EBADVALUE, 1016, "KVF_EBADVALUE"}, {KVF_ESTOREDOWN, 1017, "KVF_ESTOREDOWN"},
         {KVF_ECLOSED, 1018, "KVF_ECLOSED"},     {KVF_ENOMEM, 1019, "KVF_ENOMEM"},
+        {KVF_ETLS, 1020, "KVF_ETLS"},
     };
     (void)state;
     assert_int_equal(KVF_ERRNO_OFFSET, 1000);

@@ -130,9 +130,39 @@ static int opt_apply(const char *cmd, const kvf_cli_opt_t *o, const char *value)
     return -1;
 }
 
+/* The TLS options every subcommand that reaches a store takes, and the variable each sets: like
+ * the cluster key, through the environment, so that every store, store client and engine of
+ * this process and the processes it starts use them (docs/security.md). */
+static const struct {
+    const char *flag, *env;
+} tls_flags[] = {
+    {"tls", "KVFERRY_TLS"},
+    {"tls-ca-file", "KVFERRY_TLS_CA_FILE"},
+    {"tls-ca-path", "KVFERRY_TLS_CA_PATH"},
+    {"tls-cert", "KVFERRY_TLS_CERT"},
+    {"tls-key", "KVFERRY_TLS_KEY"},
+    {"tls-key-password-file", "KVFERRY_TLS_KEY_PASSWORD_FILE"},
+    {"tls-crl-file", "KVFERRY_TLS_CRL_FILE"},
+    {"tls-crl-path", "KVFERRY_TLS_CRL_PATH"},
+    {"tls-server-name", "KVFERRY_TLS_SERVER_NAME"},
+    {"tls-fingerprint", "KVFERRY_TLS_FINGERPRINT"},
+};
+#define CLI_TLS_BASE 0x4000
+
+const char *const kvf_cli_tls_usage =
+    "  --tls              TLS 1.3 to the store, verified with the system's CAs\n"
+    "  --tls-ca-file F    CA certificate(s), PEM (comma-separated); turns TLS on\n"
+    "  --tls-ca-path D    CA directory (`openssl rehash D`)\n"
+    "  --tls-cert F       this side's certificate (a store: required; a client: mutual TLS)\n"
+    "  --tls-key F        its private key, PEM\n"
+    "  --tls-key-password-file F  the key's password (first line)\n"
+    "  --tls-crl-file F   revocation list(s), PEM; --tls-crl-path D a directory of them\n"
+    "  --tls-server-name N  the name the store's certificate must carry (default: its host)\n"
+    "  --tls-fingerprint H  accept only this store certificate (SHA-256, hex)\n";
+
 int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
 {
-    struct option lo[CLI_OPTS_MAX + 6];
+    struct option lo[CLI_OPTS_MAX + 6 + (sizeof(tls_flags) / sizeof(tls_flags[0]))];
     size_t n = 0;
     int c;
 
@@ -149,6 +179,9 @@ int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
         lo[n++] = (struct option){"log-level", required_argument, NULL, 'L'};
     lo[n++] = (struct option){"auth-key-file", required_argument, NULL, 'K'};
     lo[n++] = (struct option){"admin-key-file", required_argument, NULL, 'A'};
+    for (size_t i = 0; i < (sizeof(tls_flags) / sizeof(tls_flags[0])); i++)
+        lo[n++] = (struct option){tls_flags[i].flag, i ? required_argument : no_argument, NULL,
+                                  CLI_TLS_BASE + (int)i};
     if (cli->verbose)
         lo[n++] = (struct option){"verbose", no_argument, NULL, 'v'};
     lo[n++] = (struct option){"help", no_argument, NULL, 'h'};
@@ -181,6 +214,16 @@ int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
             if (!*optarg ||
                 setenv(c == 'K' ? "KVFERRY_AUTH_KEY_FILE" : "KVFERRY_ADMIN_KEY_FILE", optarg, 1)) {
                 fprintf(stderr, "kvferry %s: --%s: want a file name\n", cli->cmd, flag);
+                return KVF_CLI_EXIT_USAGE;
+            }
+            continue;
+        }
+        if (c >= CLI_TLS_BASE && c < CLI_TLS_BASE + (int)(sizeof(tls_flags) / sizeof(tls_flags[0]))) {
+            size_t i = (size_t)(c - CLI_TLS_BASE);
+            const char *v = i ? optarg : "1";
+            if (!*v || strchr(v, ';') || setenv(tls_flags[i].env, v, 1)) {
+                fprintf(stderr, "kvferry %s: --%s: want a value without ';' (got \"%s\")\n",
+                        cli->cmd, tls_flags[i].flag, v);
                 return KVF_CLI_EXIT_USAGE;
             }
             continue;

@@ -141,4 +141,8 @@ typedef struct {
  */
 int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first);
 
+/* The help text of the TLS flags kvf_cli_parse() takes on every subcommand (--tls-ca-file and
+ * the others set KVFERRY_TLS_* for this process and its children). */
+extern const char *const kvf_cli_tls_usage;
+
 #endif /* KVF_CLI_H */

@@ -354,6 +354,7 @@ static void usage(FILE *f)
                "                  default 200\n"
                "  --store-url URL a running store instead: tcp://, etcd:// or redis://\n"
                "  --json FILE     write the figures to FILE\n");
+    fprintf(f, "\nTLS to the store (docs/security.md):\n%s", kvf_cli_tls_usage);
 }
 
 /* --seconds: the length of each phase. */

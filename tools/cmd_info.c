@@ -44,6 +44,7 @@ static void usage(FILE *f)
                "  --log-level N     0 debug, 1 info, 2 warn (default), 3 error\n\n"
                "Exit status: 0 done, 1 the store or the engine could not be reached (a message\n"
                "says which and why), 2 usage error.\n");
+    fprintf(f, "\nTLS to the store (docs/security.md):\n%s", kvf_cli_tls_usage);
 }
 
 typedef struct {

@@ -30,6 +30,7 @@ static void usage(FILE *f)
             "  --log-level N       0 debug, 1 info, 2 warn (default), 3 error\n\n"
             "Exit status: 0 done, 1 the store refused or failed (a message says why; a missing\n"
             "key is \"not found\"), 2 usage error.\n");
+    fprintf(f, "\nTLS to the store (docs/security.md):\n%s", kvf_cli_tls_usage);
 }
 
 static int want_args(const char *sub, int have, int min, int max)

@@ -61,6 +61,7 @@ static void usage(FILE *f)
         d.max_clients, d.max_clients_per_addr, d.idle_timeout_ms, d.max_keys, d.max_keys_per_client,
         d.max_bytes, d.max_bytes_per_client, d.max_leases, d.max_leases_per_client, d.max_watches,
         d.max_watches_per_client, d.max_output_bytes, d.max_output_bytes_total);
+    fprintf(f, "\nTLS to the store (docs/security.md):\n%s", kvf_cli_tls_usage);
 }
 
 /* The metrics endpoint's callback: the server's counts as Prometheus text. */

@@ -84,6 +84,7 @@ static void usage(FILE *f)
             "Exit status: 0 every round done (and, on the Decode, verified), 1 failure (a\n"
             "message says why), 2 usage error.\n",
             XFER_MAX_TIMEOUT_S, XFER_PROGRESS_S);
+    fprintf(f, "\nTLS to the store (docs/security.md):\n%s", kvf_cli_tls_usage);
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ._kvferry import (  # noqa: F401
     err_name,
     get_last_err_msg,
     set_conf_store_tls,
+    set_conf_store_tls_key,
     set_log_level,
     strerror,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "create_config_store",
     "set_log_level",
     "set_conf_store_tls",
+    "set_conf_store_tls_key",
     "get_last_err_msg",
     "strerror",
     "err_name",

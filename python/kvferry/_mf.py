@@ -132,6 +132,7 @@ def create_config_store(store_url=None):
 
 set_log_level = _kvferry.set_log_level
 set_conf_store_tls = _kvferry.set_conf_store_tls
+set_conf_store_tls_key = _kvferry.set_conf_store_tls_key
 get_last_err_msg = _kvferry.get_last_err_msg
 
 
@@ -160,4 +161,4 @@ def launch_store_main(argv=None):
 
 
 __all__ = ["TransferEngine", "TransDataOpType", "TransferOpcode", "create_config_store",
-           "set_log_level", "set_conf_store_tls", "get_last_err_msg"]
+           "set_log_level", "set_conf_store_tls", "set_conf_store_tls_key", "get_last_err_msg"]

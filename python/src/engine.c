@@ -239,6 +239,7 @@ static PyObject *Engine_initialize(EngineObject *self, PyObject *args, PyObject 
     char host[KVF_SESSION_ID_MAX];
     uint16_t port = 0;
     kvf_config_t cfg = self->cfg;
+    cfg.tls = kvfpy_tls_opts();
     if (self->reserved_fd >= 0 && kvf_session_id_parse(sid, host, sizeof(host), &port) == 0 &&
         (port == self->reserved_port || port == 0) && !strchr(host, ':'))
         cfg.listen_fd = self->reserved_fd;

@@ -167,6 +167,15 @@ PyObject *kvfpy_raise(int rc);
  * and return @rc as a Python int. */
 PyObject *kvfpy_fail(int rc, const char *fmt, ...) KVFPY_PRINTF(2, 3);
 
+/* ---- TLS for the store (tls.c) --------------------------------------------------------------- */
+
+/* The options set_conf_store_tls() and set_conf_store_tls_key() made, or NULL when
+ * set_conf_store_tls() was never called (the library then reads KVFERRY_TLS_*). GIL held. */
+const kvf_tls_opts_t *kvfpy_tls_opts(void);
+/* The module functions (module.c lists them). */
+PyObject *kvfpy_set_conf_store_tls(PyObject *mod, PyObject *args, PyObject *kwds);
+PyObject *kvfpy_set_conf_store_tls_key(PyObject *mod, PyObject *args, PyObject *kwds);
+
 /* ---- types --------------------------------------------------------------------------------- */
 
 extern PyTypeObject kvfpy_EngineType;      /* engine.c */

@@ -1,6 +1,6 @@
 /*
  * The module kvferry._kvferry: the seed's module functions (create_config_store, set_log_level,
- * set_conf_store_tls, get_last_err_msg), kvferry.Error (errors.c) and the types. The package
+ * set_conf_store_tls and set_conf_store_tls_key (tls.c), get_last_err_msg), kvferry.Error (errors.c) and the types. The package
  * kvferry/__init__.py re-exports all of it. The top of the module's files: it assembles the
  * others and nothing calls it.
  */
@@ -29,8 +29,11 @@ static PyObject *mod_create_config_store(PyObject *mod, PyObject *args, PyObject
     if (rc == 0 && strcmp(scheme, "tcp") != 0) {
         /* etcd and Redis run on their own: check that one answers, start nothing. */
         kvf_store_t *st = NULL;
+        kvf_store_opts_t so;
+        kvf_store_opts_init(&so);
+        so.tls = kvfpy_tls_opts();
         Py_BEGIN_ALLOW_THREADS
-        rc = kvf_store_open(url, NULL, &st);
+        rc = kvf_store_open(url, &so, &st);
         if (rc == 0)
             rc = kvf_store_ping(st);
         kvf_store_close(st);
@@ -59,27 +62,6 @@ static PyObject *mod_set_log_level(PyObject *mod, PyObject *args, PyObject *kwds
         kvfpy_int(lv_o, "level", &level) < 0)
         return NULL;
     return PyLong_FromLong(kvf_log_set_level(level));
-}
-
-static PyObject *mod_set_conf_store_tls(PyObject *mod, PyObject *args, PyObject *kwds)
-{
-    static const char *const kwlist[] = {"enable", "tls_info", NULL};
-    PyObject *en_o, *info_o = Py_None;
-    const char *info;
-
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:set_conf_store_tls", (char **)kwlist, &en_o,
-                                     &info_o))
-        return NULL;
-    if (info_o != Py_None && kvfpy_str(info_o, "tls_info", &info) < 0)
-        return NULL;
-    int enable = PyObject_IsTrue(en_o);
-    if (enable < 0)
-        return NULL;
-    /* Turning TLS off is what the store connections already are, so it is honestly a success;
-     * turning it on is refused rather than pretended. */
-    if (!enable)
-        return PyLong_FromLong(0);
-    return kvfpy_fail(-KVF_ENOTSUP, "TLS for the config store is not supported yet");
 }
 
 static PyObject *mod_get_last_err_msg(PyObject *mod, PyObject *unused)
@@ -116,10 +98,19 @@ static PyMethodDef module_methods[] = {
     {"set_log_level", FN(mod_set_log_level), KW,
      "set_log_level($module, level)\n--\n\n-> int\n\nProcess-wide log level: 0 debug, 1 info, 2 "
      "warn, 3 error. Returns 0 or a negative code."},
-    {"set_conf_store_tls", FN(mod_set_conf_store_tls), KW,
-     "set_conf_store_tls($module, enable, tls_info)\n--\n\n-> int\n\nTLS for the config store. "
-     "Not implemented yet: enable=True returns -KVF_ENOTSUP (with a message in "
-     "get_last_err_msg()); enable=False returns 0 (connections are plain TCP)."},
+    {"set_conf_store_tls", FN(kvfpy_set_conf_store_tls), KW,
+     "set_conf_store_tls($module, enable, tls_info)\n--\n\n-> int\n\n"
+     "TLS 1.3 for this process's config store connections: every later "
+     "TransferEngine.initialize(), create_config_store() and Store() uses it. tls_info is the "
+     "upstream string \"tlsCaPath: DIR; tlsCaFile: a.pem,b.pem; tlsCert: F; tlsPk: F; "
+     "tlsPkPwd: F; tlsCrlPath: DIR; tlsCrlFile: c.pem\" (file names relative to their "
+     "directory; no path may contain ';', ',' or ':'). enable=False: plain TCP. Returns 0 or a "
+     "negative code (the message names the value or file)."},
+    {"set_conf_store_tls_key", FN(kvfpy_set_conf_store_tls_key), KW,
+     "set_conf_store_tls_key($module, tls_pk, tls_pk_pw=None, py_decrypt_func=None)\n--\n\n"
+     "-> int\n\nThe private key for TLS: tls_pk is its PEM text (or the name of its file), "
+     "tls_pk_pw its password, first passed through py_decrypt_func(str) -> str when given. "
+     "Returns 0 or a negative code."},
     {"get_last_err_msg", FN(mod_get_last_err_msg), METH_NOARGS,
      "get_last_err_msg($module, /)\n--\n\n-> str\n\nDetail of the last failure of a kvferry call "
      "on this thread (\"\" if none)."},

@@ -48,6 +48,7 @@ static int Store_init(StoreObject *self, PyObject *args, PyObject *kwds)
     if (kvfpy_str(url_o, "url", &url) < 0)
         return -1;
     kvf_store_opts_init(&opts);
+    opts.tls = kvfpy_tls_opts();
     if (key_o && key_o != Py_None && kvfpy_str(key_o, "auth_key_file", &opts.auth_key_file) < 0)
         return -1;
     if (ct && ct != Py_None) {

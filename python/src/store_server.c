@@ -19,6 +19,7 @@ int kvfpy_store_server_start(const char *url, const char *auth_key_file, PyObjec
 
     kvf_store_server_opts_init(&so);
     so.auth_key_file = auth_key_file;
+    so.tls = kvfpy_tls_opts();
     Py_BEGIN_ALLOW_THREADS
     rc = kvf_store_server_start_opts(url, &so, &srv);
     Py_END_ALLOW_THREADS

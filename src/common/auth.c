@@ -364,16 +364,23 @@ int kvf__auth_io(int fd, void *buf, size_t len, bool out, uint64_t deadline_ms)
     return rc == -ECONNRESET ? -EPIPE : rc; /* a peer that hung up, either way */
 }
 
+/* kvf__auth_io() on a stream, plain or TLS. */
+static int stream_io(kvf_stream_t *s, void *buf, size_t len, bool out, uint64_t deadline_ms)
+{
+    int rc = kvf__stream_io(s, buf, len, out, deadline_ms);
+    return rc == -ECONNRESET ? -EPIPE : rc;
+}
+
 /* Receive one message: header (checked), then body into @body (KVF_AUTH_MAX_BODY bytes). */
-static int recv_msg(int fd, uint64_t deadline_ms, uint8_t hdr[KVF_AUTH_HDR_LEN], uint8_t *type,
+static int recv_msg(kvf_stream_t *fd, uint64_t deadline_ms, uint8_t hdr[KVF_AUTH_HDR_LEN], uint8_t *type,
                     uint8_t *body, size_t *len, char *why, size_t whylen)
 {
-    int rc = kvf__auth_io(fd, hdr, KVF_AUTH_HDR_LEN, false, deadline_ms);
+    int rc = stream_io(fd, hdr, KVF_AUTH_HDR_LEN, false, deadline_ms);
     if (rc)
         return rc;
     if (!kvf__auth_hdr_parse(hdr, type, len, why, whylen))
         return -KVF_EPROTO;
-    return kvf__auth_io(fd, body, *len, false, deadline_ms);
+    return stream_io(fd, body, *len, false, deadline_ms);
 }
 
 static const char *io_text(int rc)
@@ -383,7 +390,7 @@ static const char *io_text(int rc)
                                : kvf_strerror(rc);
 }
 
-int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint64_t deadline_ms,
+int kvf__auth_client_stream(kvf_stream_t *fd, const kvf_auth_key_t *key, const char *my_id, uint64_t deadline_ms,
                      const char *expect_id, char *why, size_t whylen)
 {
     uint8_t msg[KVF_AUTH_MAX_MSG], body[KVF_AUTH_MAX_BODY + 1], hdr[KVF_AUTH_HDR_LEN];
@@ -401,7 +408,7 @@ int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint6
         return -KVF_EAUTH;
     }
     len = kvf__auth_encode(msg, KVF_AUTH_HELLO, cn, sizeof(cn), my_id, idl);
-    rc = kvf__auth_io(fd, msg, len, true, deadline_ms);
+    rc = stream_io(fd, msg, len, true, deadline_ms);
     if (rc == 0)
         rc = recv_msg(fd, deadline_ms, hdr, &type, body, &len, why, whylen);
     if (rc == -KVF_EPROTO && !kvf__auth_is_magic(hdr)) {
@@ -430,7 +437,7 @@ int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint6
         /* Before any proof: what answers here is another server (or a relay to one). */
         snprintf(why, whylen, "the peer here is %s, not %s", sid, expect_id);
         len = kvf__auth_encode(msg, KVF_AUTH_REFUSED, "not the server expected", 23, NULL, 0);
-        (void)kvf__auth_io(fd, msg, len, true, deadline_ms);
+        (void)stream_io(fd, msg, len, true, deadline_ms);
         return -KVF_EAUTH;
     }
     if (!transcript_mac(key, "client", cn, sn, my_id, sid, mac)) {
@@ -438,7 +445,7 @@ int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint6
         return -KVF_EAUTH;
     }
     len = kvf__auth_encode(msg, KVF_AUTH_PROOF, mac, sizeof(mac), NULL, 0);
-    rc = kvf__auth_io(fd, msg, len, true, deadline_ms);
+    rc = stream_io(fd, msg, len, true, deadline_ms);
     if (rc == 0)
         rc = recv_msg(fd, deadline_ms, hdr, &type, body, &len, why, whylen);
     if (rc) {
@@ -458,7 +465,7 @@ int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint6
         OPENSSL_cleanse(mac, sizeof(mac));
         snprintf(why, whylen, "wrong key: the peer's proof does not match this side's key");
         len = kvf__auth_encode(msg, KVF_AUTH_REFUSED, "wrong key", 9, NULL, 0);
-        (void)kvf__auth_io(fd, msg, len, true, deadline_ms);
+        (void)stream_io(fd, msg, len, true, deadline_ms);
         return -KVF_EAUTH;
     }
     OPENSSL_cleanse(mac, sizeof(mac));
@@ -469,6 +476,13 @@ refused:;
     kvf__printable(text, sizeof(text), body, len);
     snprintf(why, whylen, "refused by the peer: %s", text);
     return -KVF_EAUTH;
+}
+
+int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint64_t deadline_ms,
+                     const char *expect_id, char *why, size_t whylen)
+{
+    kvf_stream_t s = {.fd = fd, .tls = NULL};
+    return kvf__auth_client_stream(&s, key, my_id, deadline_ms, expect_id, why, whylen);
 }
 
 int kvf__auth_server(int fd, const kvf_auth_key_t *key, const char *my_id, uint64_t deadline_ms,

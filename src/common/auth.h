@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 #include "common/common.h"
+#include "common/tls.h"
 
 /* "KVFA" as bytes on the wire; the first 4 bytes of every handshake message. */
 #define KVF_AUTH_MAGIC   0x4146564Bu
@@ -143,6 +144,9 @@ int kvf__auth_srv_step(kvf_auth_srv_t *s, uint8_t type, const uint8_t *body, siz
  */
 int kvf__auth_client(int fd, const kvf_auth_key_t *key, const char *my_id, uint64_t deadline_ms,
                      const char *expect_id, char *why, size_t whylen);
+/* The same on a stream (the store client's, inside TLS when it uses TLS). */
+int kvf__auth_client_stream(kvf_stream_t *s, const kvf_auth_key_t *key, const char *my_id,
+                            uint64_t deadline_ms, const char *expect_id, char *why, size_t whylen);
 
 /*
  * kvf__auth_server - run the server's half on @fd before @deadline_ms, as @my_id.

@@ -335,9 +335,11 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     kvf_store_opts_init(&so);
     so.connect_timeout_ms = e->cfg.init_timeout_ms;
     so.auth_key_file = e->cfg.auth_key_file;
+    so.tls = e->cfg.tls;
     rc = kvf_store_open(store_url, &so, &e->store);
-    /* The caller's string is not kept. */
+    /* The caller's strings are not kept. */
     e->cfg.auth_key_file = NULL;
+    e->cfg.tls = NULL;
     if (rc < 0)
         goto out_transport;
     rc = kvf_store_lease_grant(e->store, e->cfg.lease_ttl_ms, &e->lease);

@@ -37,11 +37,12 @@ static void cli_free(kvf_store_t *st)
     close(st->wake_fd);
     free(st->url);
     kvf__auth_key_wipe(&st->auth);
+    kvf__tls_ctx_free(st->tls_ctx);
     free(st);
 }
 
 /* Connect for kvf_store_open(): retry with backoff until connect_timeout_ms has passed. */
-static int cli_open_connect(kvf_store_t *st)
+static int cli_open_connect(kvf_store_t *st, kvf_tls_t **tls)
 {
     uint64_t start = kvf__now_ms();
     uint32_t ct = st->opts.connect_timeout_ms;
@@ -51,11 +52,11 @@ static int cli_open_connect(kvf_store_t *st)
     for (;;) {
         /* With no connect timeout a single attempt is still bounded, by the request timeout. */
         uint64_t attempt_deadline = ct ? deadline : start + st->opts.request_timeout_ms;
-        int fd = kvf__cli_connect_once(st, attempt_deadline, false, why, sizeof(why));
+        int fd = kvf__cli_connect_once(st, attempt_deadline, false, tls, why, sizeof(why));
         if (fd >= 0)
             return fd;
-        /* Retrying cannot change the other side's mind about our key. */
-        if (fd == -KVF_EAUTH)
+        /* Retrying cannot change the other side's mind about our key or certificate. */
+        if (fd == -KVF_EAUTH || fd == -KVF_ETLS)
             return kvf__err(fd, "store %s: %s", st->url, why);
         uint64_t now = kvf__now_ms();
         if (ct == 0 || now >= deadline)
@@ -102,8 +103,13 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
     bool admin = rc == 0 && st->auth.len;
     if (rc == 0 && !admin)
         rc = kvf__auth_key_resolve(opts->auth_key_file, &st->auth);
+    kvf_tls_opts_t tls_env;
+    const kvf_tls_opts_t *to = kvf__tls_opts_resolve(opts->tls, &tls_env);
+    if (rc == 0 && to)
+        rc = kvf__tls_ctx_new(to, false, addr->hosts[0].host, &st->tls_ctx);
     st->opts.auth_key_file = NULL; /* the caller's strings; not kept */
     st->opts.admin_key_file = NULL;
+    st->opts.tls = NULL;
     if (rc < 0) {
         kvf__err_wrap(rc, "store %s", url);
         goto out_free_url;
@@ -125,13 +131,14 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
         goto out_close_wake;
     }
 
-    int fd = cli_open_connect(st);
+    kvf_tls_t *tls = NULL;
+    int fd = cli_open_connect(st, &tls);
     if (fd < 0) {
         rc = fd;
         goto out_free_all;
     }
     pthread_mutex_lock(&st->mu);
-    kvf__cli_conn_up_locked(st, fd);
+    kvf__cli_conn_up_locked(st, fd, tls);
     pthread_mutex_unlock(&st->mu);
 
     /* The I/O thread takes no signals: they belong to the application's threads. */
@@ -147,7 +154,7 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
 
     /* Something accepted the connection; make sure it is a store that answers. */
     rc = kvf__builtin_ping(st);
-    if (rc == -KVF_EAUTH) {
+    if (rc == -KVF_EAUTH || rc == -KVF_ETLS) {
         /* The store's own answer says what is missing; the message already names the store. */
         cli_close(st);
         return rc;
@@ -171,6 +178,7 @@ out_free_url:
     free(st->url);
 out_free_st:
     kvf__auth_key_wipe(&st->auth);
+    kvf__tls_ctx_free(st->tls_ctx);
     free(st);
     return rc;
 }

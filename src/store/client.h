@@ -50,6 +50,7 @@
 #include <unistd.h>
 
 #include "common/auth.h"
+#include "common/tls.h"
 #include "common/url.h"
 #include "common/wire.h"
 #include "kvferry.h"
@@ -151,6 +152,7 @@ struct kvf_store {
     char ident[48];      /* the identity it proves: "kvferry-store-client/<random>" (or
                             "kvferry-admin/<random>"), the same on every reconnection, so that
                             the leases it granted stay its own */
+    kvf_tls_ctx_t *tls_ctx; /* TLS for every (re)connection; NULL: plain */
     int wake_fd; /* eventfd: wakes the I/O thread out of poll() */
     pthread_t io;
     bool io_started;
@@ -160,6 +162,7 @@ struct kvf_store {
     /* Everything below is protected by mu. `fd` is only changed by the I/O thread, which may
      * therefore read it without the lock. */
     int fd;
+    kvf_tls_t *tls; /* the connection's TLS session (NULL: plain); used under mu only */
     cli_conn_state_t state;
     uint64_t conn_gen;
     bool broken; /* a caller's send failed: the I/O thread must drop the connection */
@@ -207,6 +210,12 @@ static inline void cli_drain_wake(kvf_store_t *st)
     uint64_t v;
     ssize_t r = read(st->wake_fd, &v, sizeof(v));
     (void)r;
+}
+
+/* The current connection as a stream (st->mu held, or the I/O thread for fd alone). */
+static inline kvf_stream_t cli_stream(const kvf_store_t *st)
+{
+    return (kvf_stream_t){.fd = st->fd, .tls = st->tls};
 }
 
 static inline bool cli_on_io_thread(const kvf_store_t *st)
@@ -296,16 +305,18 @@ void kvf__cli_drop_entries_locked(kvf_store_t *st, cli_req_t *rq);
  * The connection (client_conn.c)
  * ------------------------------------------------------------------------------------------- */
 
-/* The connection @fd is up (st->mu held): re-grant leases, re-register watches. */
-void kvf__cli_conn_up_locked(kvf_store_t *st, int fd);
+/* The connection @fd (with TLS session @tls, or NULL) is up (st->mu held): re-grant leases,
+ * re-register watches. */
+void kvf__cli_conn_up_locked(kvf_store_t *st, int fd, kvf_tls_t *tls);
 /* Close the connection and fail every request in flight with @err / @why (st->mu held). */
 void kvf__cli_conn_down_locked(kvf_store_t *st, int err, const char *why);
-/* One attempt to connect before @deadline_ms; returns the socket or a negative code (with @why),
- * -KVF_ECLOSED when @interruptible and the client is closing. */
-int kvf__cli_connect_once(kvf_store_t *st, uint64_t deadline_ms, bool interruptible, char *why,
-                          size_t whylen);
-/* Reconnect with backoff (the I/O thread); the socket, or -1 when the client is closing. */
-int kvf__cli_reconnect(kvf_store_t *st);
+/* One attempt to connect before @deadline_ms; returns the socket (its TLS session in *@tls, NULL
+ * without TLS) or a negative code (with @why): -KVF_EAUTH, -KVF_ETLS when the store refused this
+ * client, -KVF_ECLOSED when @interruptible and the client is closing. */
+int kvf__cli_connect_once(kvf_store_t *st, uint64_t deadline_ms, bool interruptible,
+                          kvf_tls_t **tls, char *why, size_t whylen);
+/* Reconnect with backoff (the I/O thread); the socket (and *@tls), or -1 when closing. */
+int kvf__cli_reconnect(kvf_store_t *st, kvf_tls_t **tls);
 
 /* ---------------------------------------------------------------------------------------------
  * The I/O thread (client_io.c)

@@ -21,9 +21,10 @@
  * Connection state (I/O thread, or kvf_store_open() before the thread exists)
  * ------------------------------------------------------------------------------------------- */
 
-void kvf__cli_conn_up_locked(kvf_store_t *st, int fd)
+void kvf__cli_conn_up_locked(kvf_store_t *st, int fd, kvf_tls_t *tls)
 {
     st->fd = fd;
+    st->tls = tls;
     st->state = CLI_RESTORING;
     st->broken = false;
     st->conn_gen++;
@@ -44,6 +45,8 @@ void kvf__cli_conn_up_locked(kvf_store_t *st, int fd)
 /* Close the connection and fail every request in flight with @err / @why. */
 void kvf__cli_conn_down_locked(kvf_store_t *st, int err, const char *why)
 {
+    kvf__tls_free(st->tls);
+    st->tls = NULL;
     if (st->fd >= 0) {
         close(st->fd);
         st->fd = -1;
@@ -126,8 +129,9 @@ static void cli_set_dead_peer_opts(const kvf_store_t *st, int fd)
 /* Connect to one resolved address within @deadline_ms. Returns the socket or a negative code;
  * -KVF_ECLOSED when @interruptible and the client is closing. */
 static int cli_connect_addr(kvf_store_t *st, const struct addrinfo *ai, uint64_t deadline_ms,
-                            bool interruptible, char *why, size_t whylen)
+                            bool interruptible, kvf_tls_t **tlsp, char *why, size_t whylen)
 {
+    kvf_tls_t *tls = NULL;
     char hp[KVF_SESSION_ID_MAX];
     kvf__hostport_format(&st->addr.hosts[0], hp, sizeof(hp));
     int rc = -KVF_ESTOREDOWN;
@@ -182,12 +186,30 @@ static int cli_connect_addr(kvf_store_t *st, const struct addrinfo *ai, uint64_t
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     cli_set_dead_peer_opts(st, fd);
+    if (st->tls_ctx) {
+        char reason[CLI_MSG_MAX - 32];
+        uint64_t tdl = kvf__now_ms() + KVF_TLS_HANDSHAKE_MS;
+        tls = kvf__tls_new(st->tls_ctx, fd);
+        if (!tls) {
+            snprintf(why, whylen, "TLS: out of memory");
+            goto out_close;
+        }
+        int trc = kvf__tls_connect(tls, tdl < deadline_ms ? tdl : deadline_ms, reason,
+                                   sizeof(reason));
+        if (trc) {
+            snprintf(why, whylen, "TLS handshake with %.120s failed: %s", hp, reason);
+            /* A refusal or a failed check is final; only running out of time is not. */
+            rc = trc == -KVF_ETIMEDOUT ? -KVF_ESTOREDOWN : -KVF_ETLS;
+            goto out_close;
+        }
+    }
     if (st->auth.len) {
         char reason[160];
         uint64_t adl = kvf__now_ms() + KVF_AUTH_TIMEOUT_MS;
-        int arc = kvf__auth_client(fd, &st->auth, st->ident,
-                                   adl < deadline_ms ? adl : deadline_ms, KVF_AUTH_STORE_ID, reason,
-                                   sizeof(reason));
+        kvf_stream_t s = {.fd = fd, .tls = tls};
+        int arc = kvf__auth_client_stream(&s, &st->auth, st->ident,
+                                          adl < deadline_ms ? adl : deadline_ms, KVF_AUTH_STORE_ID,
+                                          reason, sizeof(reason));
         if (arc) {
             snprintf(why, whylen, "authentication: %s", reason);
             /* A cut or foreign answer to the handshake is a refusal too, unless time ran out. */
@@ -195,17 +217,20 @@ static int cli_connect_addr(kvf_store_t *st, const struct addrinfo *ai, uint64_t
             goto out_close;
         }
     }
+    *tlsp = tls;
     return fd;
 
 out_close:
+    kvf__tls_free(tls);
     close(fd);
     return rc;
 }
 
 /* One attempt to connect to the store: resolve its host and try each address. */
-int kvf__cli_connect_once(kvf_store_t *st, uint64_t deadline_ms, bool interruptible, char *why,
-                          size_t whylen)
+int kvf__cli_connect_once(kvf_store_t *st, uint64_t deadline_ms, bool interruptible,
+                          kvf_tls_t **tls, char *why, size_t whylen)
 {
+    *tls = NULL;
     const kvf_hostport_t *hp = &st->addr.hosts[0];
     char port[8];
     snprintf(port, sizeof(port), "%u", (unsigned)hp->port);
@@ -223,8 +248,8 @@ int kvf__cli_connect_once(kvf_store_t *st, uint64_t deadline_ms, bool interrupti
     }
     int rc = -KVF_ESTOREDOWN;
     for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-        rc = cli_connect_addr(st, ai, deadline_ms, interruptible, why, whylen);
-        if (rc >= 0 || rc == -KVF_ECLOSED || rc == -KVF_EAUTH)
+        rc = cli_connect_addr(st, ai, deadline_ms, interruptible, tls, why, whylen);
+        if (rc >= 0 || rc == -KVF_ECLOSED || rc == -KVF_EAUTH || rc == -KVF_ETLS)
             break;
     }
     freeaddrinfo(res);
@@ -248,7 +273,7 @@ static bool cli_backoff_sleep(kvf_store_t *st, uint32_t ms)
 }
 
 /* Reconnect with backoff until connected (returns the fd) or closing (returns -1). */
-int kvf__cli_reconnect(kvf_store_t *st)
+int kvf__cli_reconnect(kvf_store_t *st, kvf_tls_t **tls)
 {
     for (;;) {
         uint32_t wait = st->backoff_ms;
@@ -257,8 +282,8 @@ int kvf__cli_reconnect(kvf_store_t *st)
         if (wait && !cli_backoff_sleep(st, wait))
             return -1;
         char why[CLI_MSG_MAX];
-        int fd =
-            kvf__cli_connect_once(st, kvf__now_ms() + CLI_ATTEMPT_MAX_MS, true, why, sizeof(why));
+        int fd = kvf__cli_connect_once(st, kvf__now_ms() + CLI_ATTEMPT_MAX_MS, true, tls, why,
+                                       sizeof(why));
         if (fd >= 0)
             return fd;
         if (fd == -KVF_ECLOSED)

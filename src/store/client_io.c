@@ -162,7 +162,7 @@ static int cli_on_answer(kvf_store_t *st, uint8_t op, uint16_t status, uint32_t 
         snprintf(why, whylen, "answer to request %u has opcode %u, sent %u", id, op, rq->op);
         return -KVF_EPROTO;
     }
-    if (status > KVF_STORE_ST_FORBIDDEN) {
+    if (status > KVF_STORE_ST_TLS) {
         snprintf(why, whylen, "answer to request %u has unknown status %u", id, status);
         return -KVF_EPROTO;
     }
@@ -292,19 +292,25 @@ static int cli_read_input(kvf_store_t *st, char *why, size_t whylen)
             snprintf(why, whylen, "out of memory for %zu bytes of input", want);
             return -KVF_ENOMEM;
         }
-        ssize_t n = recv(st->fd, p, want, MSG_DONTWAIT);
+        /* A TLS session is shared with the callers' sends, which hold mu: so does a read. A
+         * plain read needs no lock (only this thread changes fd). */
+        kvf_stream_t s = {.fd = st->fd, .tls = NULL};
+        bool locked = st->tls != NULL;
+        if (locked) {
+            pthread_mutex_lock(&st->mu);
+            s = cli_stream(st);
+        }
+        ssize_t n = kvf__stream_recv(&s, p, want, why, whylen);
+        if (locked)
+            pthread_mutex_unlock(&st->mu);
         if (n == 0) {
             snprintf(why, whylen, "the server closed the connection");
             return -KVF_ESTOREDOWN;
         }
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return 0;
-            snprintf(why, whylen, "recv: %s", kvf_strerror(-errno));
+        if (n == -EAGAIN)
+            return 0;
+        if (n < 0)
             return -KVF_ESTOREDOWN;
-        }
         st->rx.len += (size_t)n;
         st->last_io_ms = kvf__now_ms();
         int rc = cli_process_input(st, why, whylen);
@@ -424,16 +430,18 @@ void *kvf__cli_io_main(void *arg)
     while (!st->closing) {
         if (st->fd < 0) {
             pthread_mutex_unlock(&st->mu);
-            int fd = kvf__cli_reconnect(st);
+            kvf_tls_t *tls = NULL;
+            int fd = kvf__cli_reconnect(st, &tls);
             pthread_mutex_lock(&st->mu);
             if (fd < 0)
                 continue; /* closing */
             if (st->closing) {
+                kvf__tls_free(tls);
                 close(fd);
                 break;
             }
             KVF_INFO("store", "%s: reconnected", st->url);
-            kvf__cli_conn_up_locked(st, fd);
+            kvf__cli_conn_up_locked(st, fd, tls);
             continue;
         }
         if (st->broken) {
@@ -445,13 +453,23 @@ void *kvf__cli_io_main(void *arg)
             continue;
         }
         int timeout = cli_run_timers_locked(st);
+        kvf_stream_t s = cli_stream(st);
+        /* TLS: a read may wait for the socket to take output (a key update answered), and
+         * decrypted bytes already read from the socket do not wake poll(). */
+        bool pending = kvf__stream_pending(&s);
         struct pollfd p[2] = {
-            {.fd = st->fd, .events = (short)(POLLIN | (st->out.len > st->out_off ? POLLOUT : 0))},
+            {.fd = st->fd,
+             .events = (short)(POLLIN | (st->out.len > st->out_off ? POLLOUT : 0) |
+                               (st->tls ? kvf__stream_wants(&s, false) : 0))},
             {.fd = st->wake_fd, .events = POLLIN},
         };
         pthread_mutex_unlock(&st->mu);
 
-        int n = poll(p, 2, timeout);
+        int n = poll(p, 2, pending ? 0 : timeout);
+        if (pending && n >= 0) {
+            p[0].revents |= POLLIN;
+            n++;
+        }
         int rc = 0;
         if (n < 0 && errno != EINTR) {
             snprintf(why, sizeof(why), "poll: %s", kvf_strerror(-errno));
@@ -464,7 +482,7 @@ void *kvf__cli_io_main(void *arg)
             cli_flush_locked(st);
             pthread_mutex_unlock(&st->mu);
         }
-        if (rc == 0 && n > 0 && (p[0].revents & (POLLIN | POLLHUP | POLLERR)))
+        if (rc == 0 && n > 0 && (p[0].revents & (POLLIN | POLLOUT | POLLHUP | POLLERR)))
             rc = cli_read_input(st, why, sizeof(why));
 
         pthread_mutex_lock(&st->mu);

@@ -222,15 +222,13 @@ void kvf__cli_mark_broken_locked(kvf_store_t *st, const char *why)
 size_t kvf__cli_send_now_locked(kvf_store_t *st, const uint8_t *p, size_t n)
 {
     size_t sent = 0;
+    kvf_stream_t s = cli_stream(st);
     while (sent < n && !st->broken) {
-        ssize_t w = send(st->fd, p + sent, n - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            char why[CLI_MSG_MAX];
-            snprintf(why, sizeof(why), "send: %s", kvf_strerror(-errno));
+        char why[CLI_MSG_MAX];
+        ssize_t w = kvf__stream_send(&s, p + sent, n - sent, why, sizeof(why));
+        if (w == -EAGAIN)
+            break;
+        if (w <= 0) {
             kvf__cli_mark_broken_locked(st, why);
             break;
         }

@@ -11,6 +11,7 @@
 
 #include "common/common.h"
 #include "common/thread.h"
+#include "common/tls.h"
 #include "store/etcd.h"
 #include "store/limits.h"
 
@@ -406,6 +407,7 @@ static int etcd_unwatch(kvf_store_t *st, uint64_t watch_id)
 static void etcd_free(etcd_t *e)
 {
     kvf__etcd_pool_free(e);
+    kvf__etcd_tls_free(e);
     for (unsigned i = 0; i < e->nends; i++)
         free(e->ends[i]);
     pthread_cond_destroy(&e->wcond);
@@ -446,11 +448,21 @@ static int etcd_open(const char *url, const kvf_store_url_t *addr, const kvf_sto
     pthread_mutex_init(&e->pool_mu, NULL);
     pthread_mutex_init(&e->wmu, NULL);
     kvf__cond_init_monotonic(&e->wcond);
+    kvf_tls_opts_t tls_env;
+    const kvf_tls_opts_t *to = kvf__tls_opts_resolve(opts->tls, &tls_env);
+    e->opts.tls = NULL; /* the caller's; what is needed is copied */
+    if (to && e->url) {
+        int trc = kvf__etcd_tls_setup(e, to, addr->hosts[0].host);
+        if (trc < 0) {
+            etcd_free(e);
+            return trc;
+        }
+    }
     for (unsigned i = 0; i < addr->nhosts; i++) {
         const kvf_hostport_t *h = &addr->hosts[i];
         char buf[KVF_HOST_MAX + 32];
-        snprintf(buf, sizeof(buf), h->kind == KVF_HOST_IPV6 ? "http://[%s]:%u" : "http://%s:%u",
-                 h->host, (unsigned)h->port);
+        snprintf(buf, sizeof(buf), h->kind == KVF_HOST_IPV6 ? "%s://[%s]:%u" : "%s://%s:%u",
+                 e->tls ? "https" : "http", h->host, (unsigned)h->port);
         e->ends[e->nends] = strdup(buf);
         if (e->ends[e->nends])
             e->nends++;

@@ -61,6 +61,9 @@ typedef struct kvf_etcd {
     char user[KVF_URL_CRED_MAX];   /* "" = the cluster has no authentication */
     char password[KVF_URL_CRED_MAX];
     char token[256];               /* from /v3/auth/authenticate; pool_mu */
+    /* TLS (https to every endpoint): copies of the caller's options, read-only after open. */
+    bool tls;
+    char *tls_ca, *tls_capath, *tls_cert, *tls_key, *tls_key_pem, *tls_key_pw, *tls_crl;
 
     pthread_mutex_t pool_mu;
     void *pool[ETCD_POOL_MAX]; /* idle CURL handles (they keep their connections) */
@@ -105,6 +108,16 @@ int kvf__etcd_post(etcd_t *e, const char *path, json_t *body, const char *what,
 void kvf__etcd_auth_header(etcd_t *e, char *buf, size_t n);
 /* Get a new token with the URL's user and password: 0, or -KVF_EAUTH / another code. */
 int kvf__etcd_authenticate(etcd_t *e, uint64_t timeout_ms);
+
+/* Take TLS options @o (the store URL's first host @host): checked as the built-in client
+ * checks them (files, key password), copied; options libcurl cannot honour are refused with
+ * -KVF_ENOTSUP naming them. Returns 0 or a negative code with the last-error set. */
+int kvf__etcd_tls_setup(etcd_t *e, const kvf_tls_opts_t *o, const char *host);
+void kvf__etcd_tls_free(etcd_t *e);
+/* Set the TLS options on a curl handle (nothing without TLS). */
+void kvf__etcd_curl_tls(etcd_t *e, void *curl);
+/* Whether curl's @code is a TLS failure (a certificate refused, no TLS on the other side). */
+bool kvf__etcd_curl_tls_error(int code);
 
 /* curl handles: take one from the pool (or a new one), give it back. */
 void *kvf__etcd_curl_get(etcd_t *e);

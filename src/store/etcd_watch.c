@@ -119,6 +119,7 @@ static stream_end_t stream_run(etcd_t *e, CURLM *m, const char *end, const char 
     curl_easy_setopt(c, CURLOPT_TCP_KEEPIDLE, 5L);
     curl_easy_setopt(c, CURLOPT_TCP_KEEPINTVL, 2L);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
+    kvf__etcd_curl_tls(e, c);
     curl_multi_add_handle(m, c);
     stream_end_t how = ST_BROKEN;
     for (;;) {

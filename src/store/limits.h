@@ -61,6 +61,8 @@
 #define SRV_EPOLL_EVENTS      64
 /* iovecs of one sendmsg() (owned bytes and shared tails). */
 #define SRV_FLUSH_IOV 64
+/* Bytes gathered into one TLS write (one record, the largest TLS allows). */
+#define SRV_TLS_RECORD 16384
 /* After accept() runs out of fds or memory, stop accepting for this long instead of spinning on
  * a listening socket that stays readable. */
 #define SRV_ACCEPT_PAUSE_MS 100u

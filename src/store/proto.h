@@ -103,6 +103,8 @@ enum kvf_store_status {
                                         a request without the handshake; the connection ends */
     KVF_STORE_ST_FORBIDDEN = 12,     /* the key is bound to, or the lease is, another client's
                                         lease (with a key: docs/security.md, "Store ownership") */
+    KVF_STORE_ST_TLS = 13,           /* the server requires TLS and the client sent a plain
+                                        request; the connection ends (-KVF_ETLS) */
 };
 
 /*
@@ -141,6 +143,8 @@ static inline int kvf__store_status_to_err(uint16_t st)
         return -KVF_EAUTH;
     case KVF_STORE_ST_FORBIDDEN:
         return -EACCES;
+    case KVF_STORE_ST_TLS:
+        return -KVF_ETLS;
     case KVF_STORE_ST_SHUTTING_DOWN:
         return -KVF_ESTOREDOWN;
     default:

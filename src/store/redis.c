@@ -9,6 +9,7 @@
 
 #include "common/common.h"
 #include "common/thread.h"
+#include "common/tls.h"
 #include "store/limits.h"
 #include "store/redis.h"
 
@@ -368,6 +369,16 @@ static int redis_open(const char *url, const kvf_store_url_t *addr, const kvf_st
     if (!r->url) {
         redis_free(r);
         return kvf__err(-KVF_ENOMEM, "store %s: out of memory", url);
+    }
+    kvf_tls_opts_t tls_env;
+    if (kvf__tls_opts_resolve(opts->tls, &tls_env)) {
+        int rc = kvf__err(-KVF_ENOTSUP,
+                          "store %s: TLS to Redis is not supported: Debian's hiredis (0.14) is "
+                          "built without TLS; use the built-in store or etcd with TLS, or reach "
+                          "Redis through a TLS tunnel (docs/operations.md)",
+                          r->url);
+        redis_free(r);
+        return rc;
     }
     /* Wait for Redis like the built-in client waits for its store. */
     uint32_t ct = opts->connect_timeout_ms;

@@ -53,11 +53,16 @@ static void timers_run(struct kvf_store_server *srv)
         case SRV_TIMER_QUIET:
             kvf__srv_conn_quiet(srv, SRV_CONTAINER(t, struct srv_conn, quiet));
             break;
-        case SRV_TIMER_AUTH:
-            kvf__srv_conn_close_warn(srv, SRV_CONTAINER(t, struct srv_conn, auth_timer),
-                                     "authentication failed: no handshake within %u ms",
-                                     KVF_AUTH_TIMEOUT_MS);
+        case SRV_TIMER_AUTH: {
+            struct srv_conn *c = SRV_CONTAINER(t, struct srv_conn, auth_timer);
+            if (c->tls && (c->tls_hs || !c->tls_sniffed))
+                kvf__srv_conn_close_warn(srv, c, "TLS handshake failed: not done within %u ms",
+                                         KVF_TLS_HANDSHAKE_MS);
+            else
+                kvf__srv_conn_close_warn(srv, c, "authentication failed: no handshake within %u ms",
+                                         KVF_AUTH_TIMEOUT_MS);
             break;
+        }
         }
     }
     if (srv->accept_paused && srv->accept_resume_ms <= srv->now_ms)
@@ -72,6 +77,8 @@ static int loop_timeout(struct kvf_store_server *srv)
         next = srv->heap[0]->deadline_ms;
     if (srv->accept_paused && srv->accept_resume_ms < next)
         next = srv->accept_resume_ms;
+    if (!link_empty(&srv->tls_ready))
+        return 0;
     if (next == UINT64_MAX)
         return -1;
     uint64_t now = kvf__now_ms();
@@ -126,6 +133,7 @@ static void *loop_main(void *arg)
             else
                 kvf__srv_conn_on_events(srv, tag, evs[i].events);
         }
+        kvf__srv_tls_ready_run(srv);
         timers_run(srv);
         kvf__srv_dirty_flush(srv);
         kvf__srv_zombies_free(srv);
@@ -243,6 +251,7 @@ int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_o
     link_init(&srv->zombies);
     link_init(&srv->dirty);
     link_init(&srv->watches);
+    link_init(&srv->tls_ready);
     if (opts)
         srv->opts = *opts;
     else
@@ -255,8 +264,13 @@ int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_o
     rc = kvf__auth_key_resolve(srv->opts.auth_key_file, &srv->auth_key);
     if (rc == 0)
         rc = kvf__auth_admin_key_resolve(srv->opts.admin_key_file, &srv->admin_key);
+    kvf_tls_opts_t tls_env;
+    const kvf_tls_opts_t *tls = kvf__tls_opts_resolve(srv->opts.tls, &tls_env);
+    if (rc == 0 && tls)
+        rc = kvf__tls_ctx_new(tls, true, NULL, &srv->tls_ctx);
     srv->opts.auth_key_file = NULL; /* the caller's strings; not kept */
     srv->opts.admin_key_file = NULL;
+    srv->opts.tls = NULL;
     if (rc == 0 && srv->admin_key.len && !srv->auth_key.len)
         rc = kvf__err(-KVF_EINVAL, "an admin key needs an auth key: without the cluster secret "
                                    "nothing is authenticated and there is nothing to administer");
@@ -310,7 +324,7 @@ int kvf_store_server_start_opts(const char *listen_url, const kvf_store_server_o
         goto out_destroy_cond;
     }
 
-    KVF_INFO(SRV_LOG, "listening on %s%s", srv->url,
+    KVF_INFO(SRV_LOG, "listening on %s%s%s", srv->url, srv->tls_ctx ? " with TLS" : "",
              srv->auth_key.len ? " (clients must prove the cluster secret)" : "");
     if (!srv->auth_key.len && !kvf__hostport_is_loopback(&u.hosts[0]))
         KVF_WARN(SRV_LOG,
@@ -334,6 +348,7 @@ out_close_listen:
 out_free:
     kvf__auth_key_wipe(&srv->auth_key);
     kvf__auth_key_wipe(&srv->admin_key);
+    kvf__tls_ctx_free(srv->tls_ctx);
     free(srv);
     return rc;
 }
@@ -389,6 +404,7 @@ void kvf_store_server_stop(kvf_store_server_t *srv)
     pthread_mutex_destroy(&srv->mu);
     kvf__auth_key_wipe(&srv->auth_key);
     kvf__auth_key_wipe(&srv->admin_key);
+    kvf__tls_ctx_free(srv->tls_ctx);
     free(srv);
 }
 

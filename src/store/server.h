@@ -46,6 +46,7 @@
 
 #include "common/auth.h"
 #include "common/common.h"
+#include "common/tls.h"
 #include "common/url.h"
 #include "common/wire.h"
 #include "store/limits.h"
@@ -100,7 +101,9 @@ enum srv_timer_kind {
     SRV_TIMER_LEASE,   /* lease expiry */
     SRV_TIMER_PARTIAL, /* partial-frame timeout of a connection */
     SRV_TIMER_QUIET,   /* idle timeout of a connection (checked lazily, see conn_quiet_check) */
-    SRV_TIMER_AUTH,    /* the handshake's deadline (KVF_AUTH_TIMEOUT_MS from the accept) */
+    SRV_TIMER_AUTH,    /* the handshakes' deadline: TLS (KVF_TLS_HANDSHAKE_MS from the accept),
+                          then the secret's (KVF_AUTH_TIMEOUT_MS from the end of TLS, or from
+                          the accept without TLS) */
 };
 
 #define SRV_TIMER_IDLE SIZE_MAX
@@ -212,6 +215,14 @@ struct srv_conn {
      * While it is set nothing but handshake messages is read from the connection. */
     kvf_auth_srv_t *auth;
     struct srv_timer auth_timer;
+    /* With TLS: the session, and the handshake's progress. Until the first bytes show a TLS
+     * ClientHello (tls_sniffed) nothing is given to OpenSSL, so that a plain client can be
+     * answered in its own protocol. */
+    kvf_tls_t *tls;
+    bool tls_sniffed;
+    bool tls_hs;                /* the TLS handshake is in progress */
+    bool tls_ready;             /* on kvf_store_server.tls_ready */
+    struct srv_link ready_link; /* kvf_store_server.tls_ready */
     char *ident; /* the identity the client proved (NULL without a key) */
     bool admin;  /* it proved the admin key */
     uint64_t last_active_ms; /* last time bytes arrived or a get-with-wait of it ended */
@@ -241,6 +252,7 @@ struct kvf_store_server {
     kvf_store_server_opts_t opts;
     kvf_auth_key_t auth_key;  /* the cluster secret (len 0: none); read-only after start */
     kvf_auth_key_t admin_key; /* the operators' key (len 0: none); read-only after start */
+    kvf_tls_ctx_t *tls_ctx;   /* TLS for every connection (NULL: none); read-only after start */
 
     /* Loop-thread state from here on. */
     uint64_t now_ms; /* refreshed after every epoll_wait() */
@@ -263,6 +275,8 @@ struct kvf_store_server {
     struct srv_link zombies;
     struct srv_link dirty;
     struct srv_link watches; /* every watch of every connection */
+    struct srv_link tls_ready; /* connections whose TLS session holds decrypted input that
+                                  epoll cannot report: read again before the next wait */
     unsigned nconns;
     bool stopping;             /* closing every connection: held requests are not resumed */
     _Atomic unsigned nwaiters; /* get-with-wait requests parked, all connections */
@@ -319,6 +333,17 @@ static inline size_t conn_pending_out(const struct srv_conn *c)
 static inline bool conn_paused(const struct srv_conn *c)
 {
     return conn_pending_out(c) > SRV_OUT_PAUSE_READ;
+}
+
+/* Queue @c for another read before the next epoll wait when its TLS session holds decrypted
+ * input (epoll only sees the socket) and it is reading. */
+static inline void conn_tls_ready_check(struct kvf_store_server *srv, struct srv_conn *c)
+{
+    kvf_stream_t s = {.fd = c->fd, .tls = c->tls};
+    if (c->dead || c->tls_ready || c->held || conn_paused(c) || !kvf__stream_pending(&s))
+        return;
+    link_add_tail(&srv->tls_ready, &c->ready_link);
+    c->tls_ready = true;
 }
 
 /* The name of opcode @op for messages ("?" when unknown). */
@@ -423,6 +448,17 @@ extern const srv_op_fn kvf__srv_ops[KVF_STORE_OP_LIST_PAGE + 1];
 
 /* ---- connections (server_conn.c) ------------------------------------------------------------ */
 
+/* Why a store without TLS closes a client whose first bytes are a TLS record. */
+#define SRV_TLS_UNEXPECTED                                                                         \
+    "the client speaks TLS and this store does not use TLS (start it with a certificate and key, " \
+    "--tls-cert and --tls-key, or connect without TLS options)"
+
+/* Whether @h (2 bytes) starts a TLS record carrying a handshake: a TLS client's first bytes. */
+static inline bool tls_client_hello(const uint8_t *h)
+{
+    return h[0] == KVF_TLS_RECORD_HANDSHAKE && h[1] == KVF_TLS_RECORD_MAJOR;
+}
+
 /* Close @c at once (fd, waiters, watches); its memory goes in kvf__srv_zombies_free(). */
 void kvf__srv_conn_kill(struct kvf_store_server *srv, struct srv_conn *c);
 /* Log at warn level why @c is closed (numbers and fixed text only), then close it. */
@@ -442,5 +478,7 @@ void kvf__srv_accept_pause(struct kvf_store_server *srv, bool pause);
 void kvf__srv_conn_quiet(struct kvf_store_server *srv, struct srv_conn *c);
 /* Accept the pending connections (at most SRV_ACCEPTS_PER_EVENT). */
 void kvf__srv_accept_all(struct kvf_store_server *srv);
+/* Read the connections of kvf_store_server.tls_ready (their input waits inside TLS). */
+void kvf__srv_tls_ready_run(struct kvf_store_server *srv);
 
 #endif

@@ -8,6 +8,7 @@
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +44,12 @@ void kvf__srv_conn_kill(struct kvf_store_server *srv, struct srv_conn *c)
         link_del(&c->dirty_link);
         c->dirty = false;
     }
+    if (c->tls_ready) {
+        link_del(&c->ready_link);
+        c->tls_ready = false;
+    }
+    kvf__tls_free(c->tls);
+    c->tls = NULL;
     epoll_ctl(srv->epfd, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     c->fd = -1;
@@ -90,6 +97,12 @@ static void conn_update_events(struct kvf_store_server *srv, struct srv_conn *c)
 {
     bool reading = !conn_paused(c);
     uint32_t want = (reading ? EPOLLIN : 0u) | (conn_pending_out(c) ? EPOLLOUT : 0u);
+    if (c->tls) {
+        /* A TLS read may wait for room to send (a key update answered). */
+        kvf_stream_t s = {.fd = c->fd, .tls = c->tls};
+        if (reading && kvf__stream_wants(&s, false) == POLLOUT)
+            want |= EPOLLOUT;
+    }
     if (want != c->events) {
         struct epoll_event ev = {.events = want, .data.ptr = c};
         if (epoll_ctl(srv->epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) {
@@ -128,13 +141,32 @@ static int conn_out_iov(const struct srv_conn *c, struct iovec *iov, int max)
     return n;
 }
 
+/* One TLS write of @c's unsent output, gathered into one record's worth. A write that must be
+ * retried is retried with the same first bytes, as OpenSSL requires: output is only appended. */
+static ssize_t conn_tls_send(struct srv_conn *c, const struct iovec *iov, int niov)
+{
+    uint8_t buf[SRV_TLS_RECORD];
+    size_t len = 0;
+    for (int i = 0; i < niov && len < sizeof(buf); i++) {
+        size_t k = iov[i].iov_len < sizeof(buf) - len ? iov[i].iov_len : sizeof(buf) - len;
+        memcpy(buf + len, iov[i].iov_base, k);
+        len += k;
+    }
+    kvf_stream_t s = {.fd = c->fd, .tls = c->tls};
+    ssize_t n = kvf__stream_send(&s, buf, len, NULL, 0);
+    if (n < 0)
+        errno = n == -EAGAIN ? EAGAIN : (int)-n;
+    return n < 0 ? -1 : n;
+}
+
 static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
 {
     while (conn_pending_out(c)) {
         struct iovec iov[SRV_FLUSH_IOV];
         struct msghdr mh = {.msg_iov = iov,
                             .msg_iovlen = (size_t)conn_out_iov(c, iov, SRV_FLUSH_IOV)};
-        ssize_t n = sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = c->tls ? conn_tls_send(c, iov, (int)mh.msg_iovlen)
+                           : sendmsg(c->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0) {
             kvf__srv_out_advance(srv, c, (size_t)n);
             SRV_STAT_ADD(srv, bytes_out, n);
@@ -170,6 +202,7 @@ static void conn_flush(struct kvf_store_server *srv, struct srv_conn *c)
         conn_parse(srv, c);
         if (c->dead)
             return;
+        conn_tls_ready_check(srv, c);
     }
     conn_update_events(srv, c);
 }
@@ -262,6 +295,10 @@ static size_t conn_parse_auth(struct kvf_store_server *srv, struct srv_conn *c)
         uint8_t type;
         size_t blen;
         if (!kvf__auth_is_magic(h)) {
+            if (!c->tls && tls_client_hello(h)) {
+                kvf__srv_conn_close_warn(srv, c, SRV_TLS_UNEXPECTED);
+                return pos;
+            }
             if (kvf__get_le32(h) != KVF_STORE_MAGIC) {
                 kvf__srv_conn_close_warn(srv, c, "authentication failed: no handshake");
                 return pos;
@@ -348,6 +385,10 @@ static void conn_parse(struct kvf_store_server *srv, struct srv_conn *c)
             conn_refuse_auth(srv, c, "the client has an auth key, this store none");
             return;
         }
+        if (!c->tls && tls_client_hello(h)) {
+            kvf__srv_conn_close_warn(srv, c, SRV_TLS_UNEXPECTED);
+            return;
+        }
         if (header_problem(h, why, sizeof(why))) {
             kvf__srv_conn_close_warn(srv, c, "%s", why);
             return;
@@ -430,7 +471,17 @@ static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
         if (!conn_in_room(srv, c))
             break;
         size_t room = c->in_cap - c->in_len;
-        ssize_t n = recv(c->fd, c->in + c->in_len, room, MSG_DONTWAIT);
+        kvf_stream_t s = {.fd = c->fd, .tls = c->tls};
+        char why[160] = "";
+        ssize_t n = kvf__stream_recv(&s, c->in + c->in_len, room, why, sizeof(why));
+        if (n < 0) {
+            errno = n == -EAGAIN ? EAGAIN : n == -KVF_ETLS ? EPROTO : (int)-n;
+            if (n == -KVF_ETLS) {
+                kvf__srv_conn_close_warn(srv, c, "%s", why);
+                return;
+            }
+            n = -1;
+        }
         if (n > 0) {
             c->in_len += (size_t)n;
             c->last_active_ms = srv->now_ms;
@@ -459,12 +510,120 @@ static void conn_read(struct kvf_store_server *srv, struct srv_conn *c)
         kvf__srv_conn_kill(srv, c);
         return;
     }
+    conn_tls_ready_check(srv, c);
+}
+
+/* Answer a plain client of this TLS store in its own protocol (best effort: one non-blocking
+ * send of a short message), log and close. Its first bytes are at @h (@n of them). */
+static void conn_tls_refuse_plain(struct kvf_store_server *srv, struct srv_conn *c,
+                                  const uint8_t *h, size_t n)
+{
+    const char *msg = "this store requires TLS: connect with TLS options (a CA file, "
+                      "--tls-ca-file) or set_conf_store_tls()";
+    uint8_t out[KVF_AUTH_MAX_MSG];
+    size_t len = 0;
+    if (n >= KVF_STORE_HDR_LEN && kvf__get_le32(h) == KVF_STORE_MAGIC) {
+        size_t ml = strlen(msg);
+        kvf__put_le32(out, KVF_STORE_MAGIC);
+        out[4] = KVF_STORE_PROTO_VERSION;
+        out[5] = h[5];
+        kvf__put_le16(out + 6, KVF_STORE_ST_TLS);
+        memcpy(out + 8, h + 8, 4);
+        kvf__put_le32(out + 12, (uint32_t)(4 + ml));
+        kvf__put_le32(out + 16, (uint32_t)ml);
+        memcpy(out + 20, msg, ml);
+        len = 20 + ml;
+    } else if (n >= KVF_AUTH_HDR_LEN && kvf__auth_is_magic(h)) {
+        len = kvf__auth_encode(out, KVF_AUTH_REFUSED, msg, strlen(msg), NULL, 0);
+    }
+    /* Consume what it sent (one request), so that the close is a FIN after the answer, not a
+     * reset that could destroy the answer before the client reads it. */
+    uint8_t sink[4096];
+    for (int i = 0; i < 4 && recv(c->fd, sink, sizeof(sink), MSG_DONTWAIT) > 0; i++)
+        ;
+    if (len && send(c->fd, out, len, MSG_NOSIGNAL | MSG_DONTWAIT) < 0)
+        KVF_DEBUG(SRV_LOG, "%s: send: %s", c->peer, strerror(errno));
+    kvf__srv_conn_close_warn(srv, c, "TLS required: the client sent plain text (no TLS options?)");
+}
+
+/*
+ * A TLS connection before its data phase: look at the first bytes (a ClientHello, or a plain
+ * client to answer), then run the handshake as the socket allows. Returns true once the
+ * connection is in its data phase (and @events still to be handled), false otherwise.
+ */
+static bool conn_tls_start(struct kvf_store_server *srv, struct srv_conn *c)
+{
+    char why[200];
+    if (!c->tls_sniffed) {
+        uint8_t h[KVF_STORE_HDR_LEN];
+        ssize_t n = recv(c->fd, h, sizeof(h), MSG_PEEK | MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return false;
+        if (n <= 0) {
+            KVF_DEBUG(SRV_LOG, "%s disconnected before TLS", c->peer);
+            kvf__srv_conn_kill(srv, c);
+            return false;
+        }
+        /* The first byte decides: waiting for a second would spin the level-triggered loop
+         * on a client that sent one byte. */
+        if (h[0] != KVF_TLS_RECORD_HANDSHAKE) {
+            conn_tls_refuse_plain(srv, c, h, (size_t)n);
+            return false;
+        }
+        c->tls_sniffed = true;
+        c->tls_hs = true;
+    }
+    int rc = kvf__tls_handshake_step(c->tls, why, sizeof(why));
+    if (rc < 0) {
+        kvf__srv_conn_close_warn(srv, c, "TLS handshake failed: %s", why);
+        return false;
+    }
+    uint32_t want = rc ? EPOLLIN : (kvf__tls_wants(c->tls) == POLLOUT ? EPOLLOUT : EPOLLIN);
+    if (want != c->events) {
+        struct epoll_event ev = {.events = want, .data.ptr = c};
+        if (epoll_ctl(srv->epfd, EPOLL_CTL_MOD, c->fd, &ev) < 0) {
+            kvf__srv_conn_close_warn(srv, c, "epoll_ctl: %s", strerror(errno));
+            return false;
+        }
+        c->events = want;
+    }
+    if (rc == 0)
+        return false;
+    c->tls_hs = false;
+    c->last_active_ms = srv->now_ms;
+    kvf__srv_timer_disarm(srv, &c->auth_timer);
+    if (c->auth && kvf__srv_timer_arm(srv, &c->auth_timer, srv->now_ms + KVF_AUTH_TIMEOUT_MS) < 0) {
+        kvf__srv_conn_close_warn(srv, c, "out of memory");
+        return false;
+    }
+    KVF_DEBUG(SRV_LOG, "%s: TLS handshake done", c->peer);
+    return true;
+}
+
+void kvf__srv_tls_ready_run(struct kvf_store_server *srv)
+{
+    while (!link_empty(&srv->tls_ready)) {
+        struct srv_conn *c = SRV_CONTAINER(srv->tls_ready.next, struct srv_conn, ready_link);
+        link_del(&c->ready_link);
+        c->tls_ready = false;
+        conn_read(srv, c);
+    }
 }
 
 void kvf__srv_conn_on_events(struct kvf_store_server *srv, struct srv_conn *c, uint32_t events)
 {
     if (c->dead)
         return;
+    if (c->tls && (!c->tls_sniffed || c->tls_hs)) {
+        if (!conn_tls_start(srv, c))
+            return;
+        events |= EPOLLIN; /* application bytes may have come with the handshake's last ones */
+    }
+    if (c->tls && (events & EPOLLOUT) && !(events & EPOLLIN)) {
+        kvf_stream_t s = {.fd = c->fd, .tls = c->tls};
+        if (kvf__stream_wants(&s, false) == POLLOUT)
+            events |= EPOLLIN; /* the read that waited for room to send */
+    }
     if ((events & EPOLLIN) || ((events & (EPOLLHUP | EPOLLERR)) && (c->events & EPOLLIN)))
         conn_read(srv, c);
     if (!c->dead && (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)))
@@ -561,6 +720,7 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
     link_init(&c->waiters);
     link_init(&c->watches);
     link_init(&c->dirty_link);
+    link_init(&c->ready_link);
     c->last_active_ms = srv->now_ms;
     c->events = EPOLLIN;
     struct epoll_event ev = {.events = c->events, .data.ptr = c};
@@ -572,8 +732,13 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
                 kvf__auth_srv_set_admin(c->auth, &srv->admin_key);
         }
     }
-    if ((srv->auth_key.len && !c->auth) ||
-        (c->auth && kvf__srv_timer_arm(srv, &c->auth_timer, srv->now_ms + KVF_AUTH_TIMEOUT_MS) < 0) ||
+    if (srv->tls_ctx)
+        c->tls = kvf__tls_new(srv->tls_ctx, fd);
+    if ((srv->auth_key.len && !c->auth) || (srv->tls_ctx && !c->tls) ||
+        ((c->auth || c->tls) &&
+         kvf__srv_timer_arm(srv, &c->auth_timer,
+                            srv->now_ms + (c->tls ? KVF_TLS_HANDSHAKE_MS : KVF_AUTH_TIMEOUT_MS)) <
+             0) ||
         kvf__srv_timer_arm(srv, &c->quiet, srv->now_ms + srv->opts.idle_timeout_ms) < 0 ||
         epoll_ctl(srv->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         KVF_WARN_RATELIMITED(SRV_LOG, "refusing connection from %s: %s", c->peer,
@@ -583,6 +748,7 @@ static void conn_new(struct kvf_store_server *srv, int fd, const struct sockaddr
         if (c->auth)
             kvf__auth_srv_fini(c->auth);
         free(c->auth);
+        kvf__tls_free(c->tls);
         kvf__srv_client_maybe_free(srv, cl);
         close(fd);
         free(c);

@@ -50,10 +50,10 @@ def test_set_log_level():
     assert kvferry.set_log_level(2) == 0
 
 
-def test_set_conf_store_tls_is_honest():
-    assert kvferry.set_conf_store_tls(True, "/etc/ssl/ca.pem") == -kvferry.KVF_ENOTSUP
-    assert kvferry.get_last_err_msg() == "TLS for the config store is not supported yet"
-    # Asking for no TLS is what every connection already is.
+def test_set_conf_store_tls_checks_its_string():
+    # A bare path is not the upstream's "key: value;" string: refused, naming it.
+    assert kvferry.set_conf_store_tls(True, "/etc/ssl/ca.pem") == -kvferry.KVF_EINVAL
+    assert kvferry.get_last_err_msg() == 'tls_info: "/etc/ssl/ca.pem" is not "key: value"'
     assert kvferry.set_conf_store_tls(False, "") == 0
 
 
