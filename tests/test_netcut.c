@@ -1,6 +1,7 @@
 /*
  * A cut network link, between real "hosts": a store, a Decode and a Prefill in three network
- * namespaces joined through a bridge in a fourth, all with the cluster secret. The Prefill's link
+ * namespaces joined through a bridge in a fourth, all with the cluster secret, the store
+ * connections over mutual TLS (certificates from tests/tls_certs.sh). The Prefill's link
  * goes down in the middle of a stream of writes: its call must fail with a timeout naming the
  * peer within op_timeout_ms, nothing may land in the Decode's memory after that call returned
  * (not even bytes the Prefill's kernel still held for the old connection when the link comes
@@ -32,6 +33,7 @@
 #define NET        "10.215.9"
 
 static char ns[4][24];  /* hub, store, decode, prefill */
+static void *bufs[3];   /* freed by the teardown, also when a check failed half way */
 static char veth[4][16]; /* [1..3]: the hub's end of each node's link */
 static char dir[64];
 static int home_ns = -1;
@@ -60,12 +62,31 @@ static uint64_t fnv(const uint8_t *p, size_t n)
 
 /* ---- the Decode, a child in its own namespace ------------------------------------------- */
 
-/* argv: CHILD_ARG store-url key-file. Prints "ready SID A B"; then answers "sum A|B" with the
- * checksum of that region until "quit" or end of input. */
-static int decode_child(const char *url, const char *key)
+/* The engines' store TLS: mutual, the store's certificate checked against the test CA under the
+ * name it carries (its address here is another). */
+static void tls_client(kvf_tls_opts_t *t, const char *certs)
+{
+    static char ca[160], cert[160], key[160];
+    snprintf(ca, sizeof(ca), "%s/ca.pem", certs);
+    snprintf(cert, sizeof(cert), "%s/client.pem", certs);
+    snprintf(key, sizeof(key), "%s/client.key", certs);
+    kvf_tls_opts_init(t);
+    t->enable = 1;
+    t->ca_file = ca;
+    t->cert_file = cert;
+    t->key_file = key;
+    t->server_name = "localhost";
+}
+
+/* argv: CHILD_ARG store-url key-file certs-dir. Prints "ready SID A B"; then answers "sum A|B"
+ * with the checksum of that region until "quit" or end of input. */
+static int decode_child(const char *url, const char *key, const char *certs)
 {
     kvf_config_t c;
+    kvf_tls_opts_t tls;
     kvf_config_init(&c);
+    tls_client(&tls, certs);
+    c.tls = &tls;
     c.auth_key_file = key;
     c.transport = KVF_TRANSPORT_TCP;
     kvf_engine_t *e = NULL;
@@ -109,7 +130,7 @@ static uint64_t child_sum(child_t *c, char which)
     return strtoull(line, NULL, 16);
 }
 
-static void child_start(const char *url, const char *key, child_t *c)
+static void child_start(const char *url, const char *key, const char *certs, child_t *c)
 {
     char self[4096];
     ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
@@ -122,8 +143,8 @@ static void child_start(const char *url, const char *key, child_t *c)
     if (c->pid == 0) {
         dup2(to[0], 0);
         dup2(from[1], 1);
-        char *argv[] = {"ip", "netns", "exec", ns[DECODE], self, CHILD_ARG, (char *)url,
-                        (char *)key, NULL};
+        char *argv[] = {"ip",        "netns",     "exec",        ns[DECODE], self,
+                        CHILD_ARG,   (char *)url, (char *)key, (char *)certs, NULL};
         execvp("ip", argv);
         _exit(127);
     }
@@ -160,6 +181,10 @@ static int net_teardown(void **state)
             sh("ip netns del %s 2>/dev/null", ns[i]);
     if (dir[0])
         sh("rm -rf %s", dir);
+    for (int i = 0; i < 3; i++) {
+        free(bufs[i]);
+        bufs[i] = NULL;
+    }
     return 0;
 }
 
@@ -269,12 +294,23 @@ static void link_cut_mid_transfer(void **state)
     char key[128], url[128], line[256];
     snprintf(key, sizeof(key), "%s/cluster.key", dir);
     char *kg[] = {(char *)kvf_test_cli_path(), "keygen", key, NULL};
-    char out[1024];
+    static char out[8192];
     assert_int_equal(kvf_test_run(kg, out, sizeof(out), 10000), 0);
+    char certs[128], script[512], srv_cert[160], srv_key[160], ca[160];
+    snprintf(certs, sizeof(certs), "%s/certs", dir);
+    snprintf(script, sizeof(script), "%s/tls_certs.sh", KVF_TEST_SRC_DIR);
+    char *mk[] = {"/bin/sh", script, certs, NULL};
+    if (kvf_test_run(mk, out, sizeof(out), 60000) != 0)
+        fail_msg("tls_certs.sh: %s (see %s/openssl.log)", out, certs);
+    snprintf(srv_cert, sizeof(srv_cert), "%s/server.pem", certs);
+    snprintf(srv_key, sizeof(srv_key), "%s/server.key", certs);
+    snprintf(ca, sizeof(ca), "%s/ca.pem", certs);
 
-    /* The store, in its namespace. */
-    char *sargv[] = {"ip",     "netns",           "exec", ns[STORE], (char *)kvf_test_cli_path(),
-                     "store",  "--listen",        "tcp://" NET ".1:0", "--auth-key-file", key,
+    /* The store, in its namespace: the secret and mutual TLS. */
+    char *sargv[] = {"ip",          "netns",   "exec",        ns[STORE],
+                     (char *)kvf_test_cli_path(), "store", "--listen", "tcp://" NET ".1:0",
+                     "--auth-key-file", key, "--tls-cert", srv_cert,
+                     "--tls-key",   srv_key,   "--tls-ca-file", ca,
                      NULL};
     int sfd;
     pid_t store = kvf_test_spawn_pipe(sargv, &sfd);
@@ -285,7 +321,7 @@ static void link_cut_mid_transfer(void **state)
         fail_msg("no URL in \"%s\"", line);
 
     child_t dec;
-    child_start(url, key, &dec);
+    child_start(url, key, certs, &dec);
 
     /* This process is the Prefill: its threads are made after this, so all are in its
      * namespace. */
@@ -297,7 +333,10 @@ static void link_cut_mid_transfer(void **state)
     assert_int_equal(setns(fd, CLONE_NEWNET), 0);
     close(fd);
     kvf_config_t c;
+    kvf_tls_opts_t tls;
     kvf_config_init(&c);
+    tls_client(&tls, certs);
+    c.tls = &tls;
     c.auth_key_file = key;
     c.transport = KVF_TRANSPORT_TCP;
     c.op_timeout_ms = OP_TIMEOUT;
@@ -309,7 +348,7 @@ static void link_cut_mid_transfer(void **state)
     pthread_mutex_init(&w.mu, NULL);
     pthread_cond_init(&w.cv, NULL);
     for (int i = 0; i < 2; i++) {
-        w.src[i] = malloc(REGION);
+        w.src[i] = bufs[i] = malloc(REGION);
         assert_non_null(w.src[i]);
         kvf_test_pattern(w.src[i], REGION, 10u + (unsigned)i);
     }
@@ -338,7 +377,7 @@ static void link_cut_mid_transfer(void **state)
     /* The link returns: the pair works again (a new connection; retried while the old one is
      * found dead), into the other region. */
     assert_int_equal(sh("ip -n %s link set %s up", ns[HUB], veth[PREFILL]), 0);
-    uint8_t *b = malloc(REGION);
+    uint8_t *b = bufs[2] = malloc(REGION);
     assert_non_null(b);
     kvf_test_pattern(b, REGION, 77);
     int rc = -1;
@@ -363,9 +402,6 @@ static void link_cut_mid_transfer(void **state)
     kill(store, SIGTERM);
     assert_int_equal(kvf_test_reap(store, 20000), 0);
     close(sfd);
-    free(b);
-    free(w.src[0]);
-    free(w.src[1]);
 }
 
 static const struct CMUnitTest tests[] = {
@@ -374,8 +410,8 @@ static const struct CMUnitTest tests[] = {
 
 int main(int argc, char **argv)
 {
-    if (argc == 4 && !strcmp(argv[1], CHILD_ARG))
-        return decode_child(argv[2], argv[3]);
+    if (argc == 5 && !strcmp(argv[1], CHILD_ARG))
+        return decode_child(argv[2], argv[3], argv[4]);
     signal(SIGPIPE, SIG_IGN);
     return KVF_TEST_RUN(tests, argc, argv);
 }
