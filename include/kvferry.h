@@ -371,6 +371,16 @@ typedef struct {
                                     $KVFERRY_ADMIN_KEY_FILE is read by `kvferry kv` only, never
                                     by an engine's store client). Without it, a change to a key
                                     bound to another client's lease fails with -EACCES. */
+    const char *session_id;      /* tcp:// with a key, and p2p://: the engine session this client
+                                    speaks for (kvf_engine_create() sets it to the engine's).
+                                    With a key, a built-in store lets only a client that names
+                                    session S (or an operator with the admin key) change or
+                                    delete the keys ".../sessions/S" and ".../regions/S";
+                                    anyone else gets -EACCES. Any holder of the cluster key may
+                                    name any session: this keeps members apart, it does not
+                                    isolate one that means harm (docs/security.md). NULL
+                                    (default): an anonymous member, which may not change any
+                                    session's records. */
 } kvf_store_opts_t;
 
 /** kvf_store_opts_init - fill @opts with the defaults and set its size field. */

@@ -61,6 +61,9 @@
 #define KVF_AUTH_ADMIN_ID "kvferry-admin"
 /* The built-in store's identity. */
 #define KVF_AUTH_STORE_ID "kvferry-store"
+/* A store client that speaks for an engine: this prefix and the engine's session id. With a key,
+ * only such a client (or an admin) may change the session's records (docs/security.md). */
+#define KVF_AUTH_SESSION_ID "kvferry-session/"
 
 typedef struct {
     uint8_t bytes[KVF_AUTH_KEY_MAX];
