@@ -256,8 +256,10 @@ typedef struct {
                                         admin_key_file) may change and delete any key and revoke
                                         any lease. With an auth key every other client may
                                         change only keys bound to leases it granted itself (and
-                                        keys with no lease); reads stay open to every
-                                        authenticated client. NULL or "" [default]:
+                                        keys with no lease), and a session's records
+                                        (".../sessions/S", ".../regions/S") only when it names
+                                        that session (kvf_store_opts_t.session_id); reads stay
+                                        open to every authenticated client. NULL or "" [default]:
                                         $KVFERRY_ADMIN_KEY_FILE, else none. */
 } kvf_store_server_opts_t;
 
