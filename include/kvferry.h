@@ -361,7 +361,8 @@ typedef struct {
                                     the connection as dead and reconnects (TCP_USER_TIMEOUT and
                                     TCP keep-alives are set from it too, at least 1 s). Default
                                     5000 */
-    const char *auth_key_file;   /* tcp:// only: the cluster secret the built-in store requires
+    const char *auth_key_file;   /* tcp:// and p2p://: the cluster secret the built-in store
+                                    (or, on p2p://, the engines asked for records) requires
                                     (kvf_auth_keygen()). NULL or "" (default):
                                     $KVFERRY_AUTH_KEY_FILE, else none. A store that refuses the
                                     key, or wants one when none is set, fails the open at once
@@ -660,8 +661,11 @@ typedef struct {
  * newline, in a file created with mode 0600 (the key file of kvf_config_t.auth_key_file,
  * kvf_store_opts_t.auth_key_file, kvf_store_server_opts_t.auth_key_file and
  * $KVFERRY_AUTH_KEY_FILE; `kvferry keygen` calls this). An existing file is never overwritten.
- * A key file is read as 32..128 hex digits with surrounding whitespace, and refused when group
- * or others may read or write it.
+ * A key file is read as one key of 32..128 hex digits, or two separated by white space (the
+ * current key, then the previous one, both accepted during a rotation; docs/security.md), with
+ * '#' comment lines. It may be a symlink; the file must be owned by this user or root, and is
+ * refused when others may read it or group or others may write it, or when a key's bytes are
+ * all the same (a placeholder).
  * Returns 0, -EEXIST, or another -errno with a message naming @path.
  */
 KVF_API int kvf_auth_keygen(const char *path);
