@@ -50,6 +50,8 @@ void tcp_slot_finish(struct tcp_conn *c, unsigned idx)
     s->req_id = 0;
     s->batch = NULL;
     c->free_slots[c->nfree++] = (uint16_t)idx;
+    if (c->nfree == KVF_TCP_MAX_INFLIGHT)
+        c->idle_since_ms = kvf__now_ms();
     if (c->waiters)
         pthread_cond_broadcast(&c->cv);
     if (--b->outstanding == 0 && b->waiting)
@@ -498,6 +500,7 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
     if (rc && fd >= 0 && c->fd != fd)
         close(fd);
     c->state = rc ? TCP_CONN_DOWN : TCP_CONN_UP;
+    c->idle_since_ms = kvf__now_ms();
     pthread_mutex_unlock(&c->send_mu);
     pthread_cond_broadcast(&c->cv);
     if (rc)

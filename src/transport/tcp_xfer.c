@@ -47,6 +47,41 @@ static int tcp_send_lock(struct tcp_conn *c, uint64_t deadline_ms)
 }
 
 /*
+ * Did the target close @c while it was idle (its idle timeout)? Its FIN is then waiting on the
+ * socket: sending on it anyway would fail the request as "closed by the peer", so look first
+ * (a non-blocking peek, only on a connection idle for TCP_IDLE_CHECK_MS). Under peer->mu.
+ */
+static bool tcp_idle_closed_locked(struct tcp_conn *c)
+{
+    if (c->nfree != KVF_TCP_MAX_INFLIGHT || c->reader != TCP_READER_NONE ||
+        kvf__now_ms() - c->idle_since_ms < TCP_IDLE_CHECK_MS)
+        return false;
+    char byte;
+    ssize_t n = recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
+/*
+ * The first connection to a peer opens the others too, so that the first call whose chunk is
+ * routed to another connection does not pay a connect, a hello (and a handshake) and the
+ * target's start of serving it (docs/performance.md, "Cold start"). A connection that fails
+ * here is opened again by the call that needs it. Under peer->mu (dropped while connecting).
+ */
+static void tcp_open_others_locked(struct tcp_peer *p, const struct tcp_conn *first,
+                                   uint64_t deadline_ms)
+{
+    if (p->all_opened)
+        return;
+    p->all_opened = true;
+    for (unsigned i = 0; i < p->nconns && !p->closing; i++) {
+        struct tcp_conn *o = &p->conns[i];
+        if (o != first && o->state == TCP_CONN_DOWN && tcp_conn_open_locked(o, deadline_ms))
+            KVF_DEBUG(TCP_LOG, "opening connection %u to %s ahead of use: %s", i, p->sid,
+                      kvf_last_error());
+    }
+}
+
+/*
  * Post one chunk: find a usable connection and a free slot on it, register the request in the
  * slot (so the receiver can complete it), and send its frame from the caller's memory.
  * Returns 0 when the frame was sent (its completion comes later), or a negative code with the
@@ -68,8 +103,14 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
             rc = -KVF_ECLOSED;
             goto out_unlock;
         }
-        if (c->state == TCP_CONN_UP && c->nfree > 0)
+        if (c->state == TCP_CONN_UP && c->nfree > 0) {
+            if (tcp_idle_closed_locked(c)) {
+                tcp_conn_break_locked(c, c->gen, -KVF_EPEERGONE,
+                                      "closed by the peer while idle (found before sending)");
+                continue;
+            }
             break;
+        }
         if (c->state == TCP_CONN_DOWN || c->state == TCP_CONN_BROKEN) {
             rc = tcp_conn_open_locked(c, deadline_ms);
             if (rc) {
@@ -77,6 +118,7 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
                                elem, kvf_last_error());
                 goto out_unlock;
             }
+            tcp_open_others_locked(p, c, deadline_ms);
             continue;
         }
         /* Connecting by another thread, or every slot in use: wait for a change. */
