@@ -42,13 +42,20 @@ static uint16_t srv_port;
 static char key_path[64];
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
-/* The store for mode 2: a key made for it (read at start, then the file goes). */
+static void key_unlink(void)
+{
+    unlink(key_path);
+}
+
+/* The store for mode 2, with a key made for it (the file goes at exit; libFuzzer never calls
+ * kvf_fuzz_final()). */
 static void setup(void)
 {
     kvf_log_set_level(KVF_LOG_ERROR);
     snprintf(key_path, sizeof(key_path), "/tmp/kvf-fuzz-auth-%d.key", (int)getpid());
     unlink(key_path);
     KVF_FUZZ_CHECK(kvf_auth_keygen(key_path) == 0, "keygen: %s", kvf_last_error());
+    atexit(key_unlink);
     kvf_store_server_opts_t so;
     kvf_store_server_opts_init(&so);
     so.auth_key_file = key_path;
@@ -290,7 +297,6 @@ int kvf_fuzz_final(void)
         rc = kvf_store_set(st, "fuzz_auth", "ok", 2, 0);
     kvf_store_close(st);
     kvf_store_server_stop(srv);
-    unlink(key_path);
     if (rc) {
         fprintf(stderr, "fuzz_auth: the store no longer serves a client with the key: %s\n",
                 kvf_last_error());
