@@ -317,8 +317,10 @@ typedef struct {
                                         admin_key_file) may change and delete any key and revoke
                                         any lease. With an auth key every other client may
                                         change only keys bound to leases it granted itself (and
-                                        keys with no lease); reads stay open to every
-                                        authenticated client. NULL or "" [default]:
+                                        keys with no lease), and a session's records
+                                        (".../sessions/S", ".../regions/S") only when it names
+                                        that session (kvf_store_opts_t.session_id); reads stay
+                                        open to every authenticated client. NULL or "" [default]:
                                         $KVFERRY_ADMIN_KEY_FILE, else none. */
     const kvf_tls_opts_t *tls;       /* TLS for every connection (kvf_tls_opts_t: the server's
                                         certificate and key; a CA makes it mutual TLS). NULL
@@ -425,7 +427,8 @@ typedef struct {
                                     the connection as dead and reconnects (TCP_USER_TIMEOUT and
                                     TCP keep-alives are set from it too, at least 1 s). Default
                                     5000 */
-    const char *auth_key_file;   /* tcp:// only: the cluster secret the built-in store requires
+    const char *auth_key_file;   /* tcp:// and p2p://: the cluster secret the built-in store
+                                    (or, on p2p://, the engines asked for records) requires
                                     (kvf_auth_keygen()). NULL or "" (default):
                                     $KVFERRY_AUTH_KEY_FILE, else none. A store that refuses the
                                     key, or wants one when none is set, fails the open at once
@@ -443,6 +446,16 @@ typedef struct {
                                     has no TLS). A failed handshake or certificate check fails
                                     the open at once with -KVF_ETLS and OpenSSL's reason. NULL
                                     [default]: plain TCP (http for etcd). */
+    const char *session_id;      /* tcp:// with a key, and p2p://: the engine session this client
+                                    speaks for (kvf_engine_create() sets it to the engine's).
+                                    With a key, a built-in store lets only a client that names
+                                    session S (or an operator with the admin key) change or
+                                    delete the keys ".../sessions/S" and ".../regions/S";
+                                    anyone else gets -EACCES. Any holder of the cluster key may
+                                    name any session: this keeps members apart, it does not
+                                    isolate one that means harm (docs/security.md). NULL
+                                    (default): an anonymous member, which may not change any
+                                    session's records. */
 } kvf_store_opts_t;
 
 /** kvf_store_opts_init - fill @opts with the defaults and set its size field. */
@@ -724,8 +737,11 @@ typedef struct {
  * newline, in a file created with mode 0600 (the key file of kvf_config_t.auth_key_file,
  * kvf_store_opts_t.auth_key_file, kvf_store_server_opts_t.auth_key_file and
  * $KVFERRY_AUTH_KEY_FILE; `kvferry keygen` calls this). An existing file is never overwritten.
- * A key file is read as 32..128 hex digits with surrounding whitespace, and refused when group
- * or others may read or write it.
+ * A key file is read as one key of 32..128 hex digits, or two separated by white space (the
+ * current key, then the previous one, both accepted during a rotation; docs/security.md), with
+ * '#' comment lines. It may be a symlink; the file must be owned by this user or root, and is
+ * refused when others may read it or group or others may write it, or when a key's bytes are
+ * all the same (a placeholder).
  * Returns 0, -EEXIST, or another -errno with a message naming @path.
  */
 KVF_API int kvf_auth_keygen(const char *path);

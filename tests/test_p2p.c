@@ -308,7 +308,7 @@ static void p2p_fetch_from_non_engine(void **state)
     }
     void *val = NULL;
     size_t len = 0;
-    assert_kvf_err(kvf__p2p_fetch(&hp, sid, "kvferry/v1/default/sessions/a:1",
+    assert_kvf_err(kvf__p2p_fetch(&hp, sid, NULL, NULL, "kvferry/v1/default/sessions/a:1",
                                   kvf__now_ms() + 3000, &val, &len),
                    -KVF_EPROTO);
     assert_last_error_contains("malformed P2P answer");
@@ -361,7 +361,99 @@ static void reserved_port_used_by_engine(void **state)
     kvf_engine_destroy(dec);
 }
 
+/* An engine on p2p:// forced to tcp, proving @key (NULL: none). */
+static kvf_engine_t *p2p_keyed(kvf_role_t role, const char *key)
+{
+    kvf_config_t cfg;
+    kvf_config_init(&cfg);
+    cfg.init_timeout_ms = 3000;
+    cfg.auth_key_file = key;
+    cfg.transport = KVF_TRANSPORT_TCP;
+    return kvf_test_engine(P2P, role, &cfg);
+}
+
+/* p2p:// with the cluster secret: the record request runs the handshake first, so engines with
+ * the same key find each other and move bytes; an asker with another key, or none, is refused
+ * with KVF_EAUTH saying why (and learns no record); an asker with a key meets an engine
+ * without one and is told so. */
+static void p2p_with_secret(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/kvf-p2pkey-XXXXXX", ka[64], kb[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(ka, sizeof(ka), "%s/a.key", dir);
+    snprintf(kb, sizeof(kb), "%s/b.key", dir);
+    assert_kvf_ok(kvf_auth_keygen(ka));
+    assert_kvf_ok(kvf_auth_keygen(kb));
+    unsetenv("KVFERRY_AUTH_KEY_FILE");
+
+    kvf_engine_t *dec = p2p_keyed(KVF_ROLE_DECODE, ka), *pre = p2p_keyed(KVF_ROLE_PREFILL, ka);
+    size_t n = 1u << 20;
+    uint8_t *dst = calloc(1, n), *src = malloc(n);
+    assert_non_null(dst);
+    assert_non_null(src);
+    kvf_test_pattern(src, n, 15);
+    assert_kvf_ok(kvf_mem_register(dec, dst, n));
+    char sid[KVF_SESSION_ID_MAX], want[400];
+    snprintf(sid, sizeof(sid), "%s", kvf_engine_session_id(dec));
+    assert_kvf_ok(kvf_write(pre, sid, src, (uintptr_t)dst, n));
+    assert_memory_equal(dst, src, n);
+
+    /* Another key: refused at the record request. */
+    memset(dst, 0, n);
+    kvf_engine_t *other = p2p_keyed(KVF_ROLE_PREFILL, kb);
+    assert_kvf_err(kvf_write(other, sid, src, (uintptr_t)dst, n), -KVF_EAUTH);
+    assert_last_error_contains("P2P record request: authentication: refused by the peer: wrong "
+                               "key: the proof does not match this side's key");
+    kvf_engine_destroy(other);
+    /* No key: the engine answers the bare request with KVF_EAUTH and what is missing. */
+    kvf_engine_t *bare = p2p_keyed(KVF_ROLE_PREFILL, NULL);
+    assert_kvf_err(kvf_write(bare, sid, src, (uintptr_t)dst, n), -KVF_EAUTH);
+    snprintf(want, sizeof(want),
+             "engine %s requires the cluster secret: this side has no auth key (set an auth key "
+             "file, e.g. KVFERRY_AUTH_KEY_FILE)",
+             sid);
+    assert_last_error_contains(want);
+    kvf_engine_destroy(bare);
+    uint8_t zero[64] = {0};
+    assert_memory_equal(dst, zero, sizeof(zero));
+    /* The same bare request spoken directly: no record, the reason instead. */
+    kvf_hostport_t hp;
+    assert_kvf_ok(kvf__session_id_parse(sid, &hp));
+    char key[300];
+    snprintf(key, sizeof(key), "kvferry/v1/default/sessions/%s", sid);
+    void *val = NULL;
+    size_t len = 0;
+    assert_kvf_err(kvf__p2p_fetch(&hp, sid, NULL, NULL, key, kvf__now_ms() + 3000, &val, &len),
+                   -KVF_EAUTH);
+    assert_last_error_contains(want);
+    assert_null(val);
+    /* With the key the same request is answered. */
+    kvf_auth_key_t k;
+    assert_kvf_ok(kvf__auth_key_resolve(ka, &k));
+    assert_kvf_ok(kvf__p2p_fetch(&hp, sid, &k, NULL, key, kvf__now_ms() + 3000, &val, &len));
+    assert_non_null(strstr(val, "\"session\""));
+    free(val);
+    kvf_engine_destroy(dec);
+
+    /* An asker with a key and an engine without one. */
+    dec = p2p_keyed(KVF_ROLE_DECODE, NULL);
+    assert_kvf_ok(kvf_mem_register(dec, dst, n));
+    snprintf(sid, sizeof(sid), "%s", kvf_engine_session_id(dec));
+    assert_kvf_err(kvf_write(pre, sid, src, (uintptr_t)dst, n), -KVF_EAUTH);
+    assert_last_error_contains("refused by the peer: this engine has no auth key");
+    kvf__auth_key_wipe(&k);
+    kvf_engine_destroy(dec);
+    kvf_engine_destroy(pre);
+    free(dst);
+    free(src);
+    unlink(ka);
+    unlink(kb);
+    rmdir(dir);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(p2p_with_secret),
     cmocka_unit_test(reserved_port_used_by_engine),
     cmocka_unit_test(p2p_url_parses),
     cmocka_unit_test(p2p_write_read_bytes),

@@ -2,8 +2,9 @@
  * Store ownership on a built-in store with the cluster secret (docs/security.md, "Store
  * ownership"): a lease and the keys bound to it belong to the client that granted it; another
  * authenticated client may read them but not change, delete, keep alive or revoke them; an
- * operator with the admin key may. Lease ids are random. An engine's records are its own, and a
- * restarted engine takes its session over once the dead one's lease ended.
+ * operator with the admin key may. Lease ids are random. An engine's records (the keys of its
+ * session id) are its own, whoever's lease they are bound to, and a restarted engine takes its
+ * session over at once.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -21,6 +22,7 @@
 #include "common/auth.h"
 #include "common/url.h"
 #include "common/wire.h"
+#include "core/core.h"
 #include "store/client.h"
 #include "store/proto.h"
 #include "test_util.h"
@@ -60,16 +62,22 @@ static void fixture_stop(fixture_t *f)
     rmdir(f->dir);
 }
 
-/* A client proving @key (or, with @admin, the admin key). */
-static kvf_store_t *client(const fixture_t *f, bool admin)
+/* A client proving @key (or, with @admin, the admin key), speaking for session @sid if any. */
+static kvf_store_t *client_as(const fixture_t *f, bool admin, const char *sid)
 {
     kvf_store_opts_t o;
     kvf_store_opts_init(&o);
     o.auth_key_file = f->key;
     o.admin_key_file = admin ? f->admin : NULL;
+    o.session_id = sid;
     kvf_store_t *st = NULL;
     assert_kvf_ok(kvf_store_open(f->url, &o, &st));
     return st;
+}
+
+static kvf_store_t *client(const fixture_t *f, bool admin)
+{
+    return client_as(f, admin, NULL);
 }
 
 /* The server's id of the lease @cid of @st. */
@@ -140,10 +148,10 @@ static void other_client_cannot_touch_a_lease(void **state)
 {
     fixture_t f;
     fixture_start(&f, true);
-    kvf_store_t *a = client(&f, false), *b = client(&f, false);
+    kvf_store_t *a = client_as(&f, false, "127.0.0.1:7000"), *b = client(&f, false);
     uint64_t lease;
     assert_kvf_ok(kvf_store_lease_grant(a, 5000, &lease));
-    const char *key = "kvferry/v1/default/sessions/127.0.0.1:7000";
+    const char *key = "app/owned/by-a";
     assert_kvf_ok(kvf_store_set(a, key, "mine", 4, lease));
 
     void *v = NULL;
@@ -180,6 +188,7 @@ static void other_client_cannot_touch_a_lease(void **state)
     kvf_store_t *op = client(&f, true);
     assert_kvf_ok(kvf_store_set(a, "kvferry/v1/default/regions/127.0.0.1:7000", "r", 1, lease));
     assert_kvf_ok(kvf_store_del(op, "kvferry/v1/default/regions/127.0.0.1:7000"));
+    assert_kvf_ok(kvf_store_set(a, key, "mine3", 5, lease));
     fd = raw_client(&f, f.admin, "kvferry-admin/test");
     assert_int_equal(raw_call(fd, KVF_STORE_OP_LEASE_REVOKE, sid, false, NULL), KVF_STORE_ST_OK);
     close(fd);
@@ -250,8 +259,8 @@ static void lease_ids_are_random(void **state)
 }
 
 /* An engine's records are its own: another client cannot delete its session record. When the
- * engine dies (no revoke), a new engine on the same session id takes over once the old lease
- * ended. */
+ * engine dies (no revoke), a new engine on the same session id (the same store identity) takes
+ * its records over at once, without waiting for the old lease to end. */
 static void engine_records_owned_and_taken_over(void **state)
 {
     fixture_t f;
@@ -368,7 +377,7 @@ static void admin_key_only_when_named(void **state)
     (void)state;
     fixture_t f;
     fixture_start(&f, true);
-    kvf_store_t *a = client(&f, false);
+    kvf_store_t *a = client_as(&f, false, "127.0.0.1:7001");
     uint64_t lease;
     assert_kvf_ok(kvf_store_lease_grant(a, 5000, &lease));
     const char *key = "kvferry/v1/default/sessions/127.0.0.1:7001";
@@ -397,7 +406,128 @@ static void admin_key_only_when_named(void **state)
     fixture_stop(&f);
 }
 
+/* Ownership per session (review finding 4): an engine's records are the keys ".../sessions/<sid>"
+ * and ".../regions/<sid>", and only the store client that proved that session (the engine) or an
+ * operator may create, change or delete them or revoke the engine's lease. Another member
+ * cannot squat on a session's keys before the engine starts either, and the engine keeps
+ * publishing through every attempt. */
+static void session_keys_belong_to_their_engine(void **state)
+{
+    (void)state;
+    fixture_t f;
+    fixture_start(&f, true);
+    kvf_config_t cfg;
+    kvf_config_init(&cfg);
+    cfg.auth_key_file = f.key;
+    kvf_engine_t *e = NULL;
+    assert_kvf_ok(kvf_engine_create(f.url, "127.0.0.1:0", KVF_ROLE_DECODE, 0, &cfg, &e));
+    const char *sid = kvf_engine_session_id(e);
+    char skey[160], rkey[160], want[256];
+    snprintf(skey, sizeof(skey), "kvferry/v1/default/sessions/%s", sid);
+    snprintf(rkey, sizeof(rkey), "kvferry/v1/default/regions/%s", sid);
+    snprintf(want, sizeof(want),
+             "the key belongs to session %s: only that engine or an operator with the admin key "
+             "may change or delete it",
+             sid);
+
+    /* An anonymous member, and one speaking for another session. */
+    kvf_store_t *b = client(&f, false), *c = client_as(&f, false, "127.0.0.1:7002");
+    kvf_store_t *who[2] = {b, c};
+    for (int i = 0; i < 2; i++) {
+        uint64_t lease;
+        assert_kvf_ok(kvf_store_lease_grant(who[i], 5000, &lease));
+        assert_kvf_err(kvf_store_set(who[i], skey, "fake", 4, lease), -EACCES);
+        assert_last_error_contains(want);
+        assert_kvf_err(kvf_store_set(who[i], rkey, "fake", 4, 0), -EACCES);
+        assert_last_error_contains(want);
+        assert_kvf_err(kvf_store_del(who[i], skey), -EACCES);
+        assert_last_error_contains(want);
+        assert_kvf_err(kvf_store_cas(who[i], rkey, NULL, 0, "x", 1, 0), -EACCES);
+        assert_last_error_contains(want);
+        assert_kvf_err(kvf_store_add(who[i], rkey, 1, NULL), -EACCES);
+        assert_last_error_contains(want);
+    }
+    /* Squatting: the keys of a session that has not started yet cannot be created either. */
+    assert_kvf_err(kvf_store_set(b, "kvferry/v1/ns2/regions/127.0.0.1:7003", "fake", 4, 0),
+                   -EACCES);
+    assert_last_error_contains("the key belongs to session 127.0.0.1:7003: only that engine");
+    /* ... whatever the prefix and namespace, IPv6 included. */
+    assert_kvf_err(kvf_store_set(b, "other/prefix/x/sessions/[::1]:7004", "fake", 4, 0), -EACCES);
+    /* What is not a session's record stays open to every member. */
+    assert_kvf_ok(kvf_store_set(b, "kvferry/v1/default/sessions/not-a-session", "v", 1, 0));
+    assert_kvf_ok(kvf_store_set(b, "kvferry/v1/default/notes/127.0.0.1:7003", "v", 1, 0));
+    assert_kvf_ok(kvf_store_set(c, "kvferry/v1/default/regions/127.0.0.1:7002", "v", 1, 0));
+
+    /* The engine's lease is its own. */
+    uint64_t lid = server_lease_id(e->store, e->lease);
+    int fd = raw_client(&f, f.key, "kvferry-store-client/intruder");
+    assert_int_equal(raw_call(fd, KVF_STORE_OP_LEASE_REVOKE, lid, false, NULL),
+                     KVF_STORE_ST_FORBIDDEN);
+    close(fd);
+    fd = raw_client(&f, f.key, "kvferry-session/127.0.0.1:7002");
+    assert_int_equal(raw_call(fd, KVF_STORE_OP_LEASE_REVOKE, lid, false, NULL),
+                     KVF_STORE_ST_FORBIDDEN);
+    close(fd);
+
+    /* The engine still publishes: a registration lands in its regions record. */
+    static uint8_t buf[4096];
+    assert_kvf_ok(kvf_mem_register(e, buf, sizeof(buf)));
+    void *v = NULL;
+    size_t vl = 0;
+    assert_kvf_ok(kvf_store_get(b, rkey, 0, &v, &vl));
+    json_t *doc = json_loadb(v, vl, 0, NULL);
+    free(v);
+    assert_non_null(doc);
+    assert_int_equal(json_array_size(json_object_get(doc, "regions")), 1);
+    json_decref(doc);
+    assert_kvf_ok(kvf_store_get(b, skey, 0, &v, &vl));
+    doc = json_loadb(v, vl, 0, NULL);
+    free(v);
+    assert_non_null(doc);
+    assert_int_equal(json_integer_value(json_object_get(doc, "pid")), getpid());
+    json_decref(doc);
+
+    /* The operator may: `kvferry kv` with the admin key deletes the regions record (a member's
+     * `kvferry kv` is refused with the reason), and an admin connection revokes the lease. */
+    char out[4096];
+    char *member[] = {(char *)kvf_test_cli_path(), "kv", "--store-url", (char *)f.url,
+                      "--auth-key-file", f.key, "del", rkey, NULL};
+    assert_int_equal(kvf_test_run(member, out, sizeof(out), 10000), 1);
+    if (!strstr(out, want))
+        fail_msg("output: %s", out);
+    char *op[] = {(char *)kvf_test_cli_path(), "kv", "--store-url", (char *)f.url,
+                  "--admin-key-file", f.admin, "del", rkey, NULL};
+    assert_int_equal(kvf_test_run(op, out, sizeof(out), 10000), 0);
+    assert_kvf_err(kvf_store_get(b, rkey, 0, &v, &vl), -KVF_ENOTFOUND);
+    fd = raw_client(&f, f.admin, "kvferry-admin/test");
+    assert_int_equal(raw_call(fd, KVF_STORE_OP_LEASE_REVOKE, lid, false, NULL), KVF_STORE_ST_OK);
+    close(fd);
+    assert_kvf_err(kvf_store_get(b, skey, 0, &v, &vl), -KVF_ENOTFOUND);
+    kvf_store_close(c);
+    kvf_store_close(b);
+    kvf_engine_destroy(e);
+    fixture_stop(&f);
+}
+
+/* A store client's session id is checked like any session id. */
+static void session_id_option_checked(void **state)
+{
+    (void)state;
+    fixture_t f;
+    fixture_start(&f, false);
+    kvf_store_opts_t o;
+    kvf_store_opts_init(&o);
+    o.auth_key_file = f.key;
+    o.session_id = "no port here";
+    kvf_store_t *st = NULL;
+    assert_kvf_err(kvf_store_open(f.url, &o, &st), -KVF_EINVAL);
+    assert_last_error_contains("opts.session_id \"no port here\" is not a session id");
+    fixture_stop(&f);
+}
+
 static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(session_keys_belong_to_their_engine),
+    cmocka_unit_test(session_id_option_checked),
     cmocka_unit_test(kv_tool_with_admin_key),
     cmocka_unit_test(store_tool_warns_without_key),
     cmocka_unit_test(other_client_cannot_touch_a_lease),

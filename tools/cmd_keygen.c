@@ -10,7 +10,8 @@ static void usage(FILE *f)
                "Write a new cluster secret to FILE: 32 random bytes as 64 hex digits, in a file\n"
                "created with mode 0600 (an existing file is never overwritten). Give the same\n"
                "file to every engine and store of the cluster with --auth-key-file FILE or\n"
-               "KVFERRY_AUTH_KEY_FILE=FILE (docs/security.md says how to rotate it).\n");
+               "KVFERRY_AUTH_KEY_FILE=FILE. To rotate, a key file may hold two keys, the new one\n"
+               "first, then the previous one (docs/security.md, \"Key rotation\").\n");
 }
 
 int kvf_cli_keygen(int argc, char **argv)

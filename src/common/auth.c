@@ -38,11 +38,71 @@ static int hexval(int c)
     return -1;
 }
 
+/* Decode one key of @n hex digits at @text into @out (KVF_AUTH_KEY_MAX bytes); @which names it
+ * in messages ("", or " (its second key)"). Returns its length in bytes or a negative code. */
+static int key_decode(const char *path, const char *which, const char *text, size_t n,
+                      uint8_t *out)
+{
+    if (n % 2 || n < 2 * KVF_AUTH_KEY_MIN || n > 2 * KVF_AUTH_KEY_MAX)
+        return kvf__err(-KVF_EINVAL,
+                        "auth key file %s%s: %zu characters; a key is %u..%u hex digits (an even "
+                        "count; make one with `kvferry keygen`)",
+                        path, which, n, 2 * KVF_AUTH_KEY_MIN, 2 * KVF_AUTH_KEY_MAX);
+    uint8_t same = 0;
+    for (size_t i = 0; i < n / 2; i++) {
+        int h = hexval((unsigned char)text[2 * i]);
+        int l = hexval((unsigned char)text[2 * i + 1]);
+        if (h < 0 || l < 0)
+            return kvf__err(-KVF_EINVAL,
+                            "auth key file %s%s: character %zu is not a hex digit (make a key "
+                            "with `kvferry keygen`)",
+                            path, which, 2 * i + (h < 0 ? 0 : 1) + 1);
+        out[i] = (uint8_t)(h << 4 | l);
+        same |= (uint8_t)(out[i] ^ out[0]);
+    }
+    if (!same)
+        /* A placeholder (all zeros, all ff), never a key anyone generated. */
+        return kvf__err(-KVF_EINVAL,
+                        "auth key file %s%s: every byte is 0x%02x: a placeholder, not a random "
+                        "key (make one with `kvferry keygen`)",
+                        path, which, out[0]);
+    return (int)(n / 2);
+}
+
+/*
+ * Whether the key file's owner and mode keep it private: owned by this user or root (a file
+ * another user owns, or a symlink to one, could be swapped for a key of theirs), never writable
+ * by group or others, never readable by others. Group read is allowed: a key shared with a
+ * service group (0640, or 0440 from a Kubernetes Secret with fsGroup) is a common deployment.
+ */
+static int key_perms(const char *path, const struct stat *sb)
+{
+    unsigned mode = (unsigned)(sb->st_mode & 07777);
+    if (sb->st_uid != geteuid() && sb->st_uid != 0)
+        return kvf__err(-KVF_EINVAL,
+                        "auth key file %s: owned by uid %u, not by this user (uid %u) or root",
+                        path, (unsigned)sb->st_uid, (unsigned)geteuid());
+    if (sb->st_mode & (S_IWGRP | S_IWOTH))
+        return kvf__err(-KVF_EINVAL,
+                        "auth key file %s: mode %04o lets group or others write it; chmod 600 "
+                        "it (640 to share it with a group)",
+                        path, mode);
+    if (sb->st_mode & S_IRWXO)
+        return kvf__err(-KVF_EINVAL,
+                        "auth key file %s: mode %04o lets others use it; chmod 600 it (640 to "
+                        "share it with a group; in Kubernetes, defaultMode 0400, or 0440 with "
+                        "fsGroup)",
+                        path, mode);
+    return 0;
+}
+
 static int key_load(const char *path, kvf_auth_key_t *key)
 {
     char text[KEY_FILE_MAX + 1];
     int rc = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    /* Symlinks are followed (a Kubernetes Secret is a symlink into ..data/); what is checked is
+     * the file actually opened. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0)
         return kvf__err(-errno, "auth key file %s: %s", path, strerror(errno));
     struct stat sb;
@@ -54,12 +114,9 @@ static int key_load(const char *path, kvf_auth_key_t *key)
         rc = kvf__err(-KVF_EINVAL, "auth key file %s: not a regular file", path);
         goto out_close;
     }
-    if (sb.st_mode & (S_IRWXG | S_IRWXO)) {
-        rc = kvf__err(-KVF_EINVAL,
-                      "auth key file %s: mode %03o lets group or others use it; chmod 600 it",
-                      path, (unsigned)(sb.st_mode & 0777));
+    rc = key_perms(path, &sb);
+    if (rc < 0)
         goto out_close;
-    }
     size_t n = 0;
     for (;;) {
         ssize_t r = read(fd, text + n, sizeof(text) - 1 - n);
@@ -78,33 +135,50 @@ static int key_load(const char *path, kvf_auth_key_t *key)
             goto out_wipe;
         }
     }
-    size_t lo = 0, hi = n;
-    while (lo < hi && text[lo] && strchr(" \t\r\n", text[lo]))
-        lo++;
-    while (hi > lo && text[hi - 1] && strchr(" \t\r\n", text[hi - 1]))
-        hi--;
-    size_t digits = hi - lo;
-    if (digits % 2 || digits < 2 * KVF_AUTH_KEY_MIN || digits > 2 * KVF_AUTH_KEY_MAX) {
+    /* One key, or two: the current one, then the previous one still accepted during a rotation
+     * (docs/security.md). Lines starting with '#' are comments. */
+    const char *word[3];
+    size_t wlen[3], nwords = 0;
+    for (size_t i = 0; i < n;) {
+        if (strchr(" \t\r\n", text[i]) && text[i]) {
+            i++;
+            continue;
+        }
+        if (text[i] == '#') {
+            while (i < n && text[i] != '\n')
+                i++;
+            continue;
+        }
+        size_t j = i;
+        while (j < n && !(strchr(" \t\r\n", text[j]) && text[j]))
+            j++;
+        if (nwords == 3)
+            break;
+        word[nwords] = text + i;
+        wlen[nwords++] = j - i;
+        i = j;
+    }
+    if (nwords == 0 || nwords > 2) {
         rc = kvf__err(-KVF_EINVAL,
-                      "auth key file %s: %zu characters; a key is %u..%u hex digits (an even "
-                      "count; make one with `kvferry keygen`)",
-                      path, digits, 2 * KVF_AUTH_KEY_MIN, 2 * KVF_AUTH_KEY_MAX);
+                      "auth key file %s: holds %s keys; it holds one (make it with `kvferry "
+                      "keygen`), or two during a rotation: the current one, then the previous one",
+                      path, nwords ? "more than two" : "no");
         goto out_wipe;
     }
-    for (size_t i = 0; i < digits / 2; i++) {
-        int h = hexval((unsigned char)text[lo + 2 * i]);
-        int l = hexval((unsigned char)text[lo + 2 * i + 1]);
-        if (h < 0 || l < 0) {
-            rc = kvf__err(-KVF_EINVAL,
-                          "auth key file %s: character %zu is not a hex digit (make a key with "
-                          "`kvferry keygen`)",
-                          path, 2 * i + (h < 0 ? 0 : 1) + 1);
-            kvf__auth_key_wipe(key);
-            goto out_wipe;
-        }
-        key->bytes[i] = (uint8_t)(h << 4 | l);
+    rc = key_decode(path, "", word[0], wlen[0], key->bytes);
+    if (rc >= 0) {
+        key->len = (size_t)rc;
+        rc = 0;
     }
-    key->len = digits / 2;
+    if (rc == 0 && nwords == 2) {
+        rc = key_decode(path, " (its second key, the previous one)", word[1], wlen[1], key->prev);
+        if (rc >= 0) {
+            key->prev_len = (size_t)rc;
+            rc = 0;
+        }
+    }
+    if (rc < 0)
+        kvf__auth_key_wipe(key);
 out_wipe:
     OPENSSL_cleanse(text, sizeof(text));
 out_close:
@@ -201,9 +275,12 @@ bool kvf__auth_hdr_parse(const uint8_t hdr[KVF_AUTH_HDR_LEN], uint8_t *type, siz
              (len <= KVF_AUTH_NONCE_LEN || len > KVF_AUTH_MAX_BODY))
         snprintf(why, whylen, "authentication message type %u of %zu bytes (want %u..%u)",
                  (unsigned)t, len, KVF_AUTH_NONCE_LEN + 1, KVF_AUTH_MAX_BODY);
-    else if ((t == KVF_AUTH_PROOF || t == KVF_AUTH_OK) && len != KVF_AUTH_MAC_LEN)
+    else if (t == KVF_AUTH_OK && len != KVF_AUTH_MAC_LEN)
         snprintf(why, whylen, "authentication message type %u of %zu bytes (want %u)",
                  (unsigned)t, len, KVF_AUTH_MAC_LEN);
+    else if (t == KVF_AUTH_PROOF && len != KVF_AUTH_MAC_LEN && len != 2 * KVF_AUTH_MAC_LEN)
+        snprintf(why, whylen, "authentication message type %u of %zu bytes (want %u or %u)",
+                 (unsigned)t, len, KVF_AUTH_MAC_LEN, 2 * KVF_AUTH_MAC_LEN);
     else if (t == KVF_AUTH_REFUSED && len > KVF_AUTH_MAX_ID)
         snprintf(why, whylen, "authentication refusal of %zu bytes (at most %u)", len,
                  KVF_AUTH_MAX_ID);
@@ -245,7 +322,7 @@ static bool id_ok(const uint8_t *p, size_t len)
  * bytes little-endian: every field fixed-size or length-prefixed, so no two transcripts encode
  * alike, and the role label keeps a client proof from ever serving as a server proof.
  */
-static bool transcript_mac(const kvf_auth_key_t *key, const char *role, const uint8_t *cn,
+static bool transcript_mac(const uint8_t *kb, size_t kl, const char *role, const uint8_t *cn,
                            const uint8_t *sn, const char *cid, const char *sid,
                            uint8_t mac[KVF_AUTH_MAC_LEN])
 {
@@ -263,7 +340,7 @@ static bool transcript_mac(const kvf_auth_key_t *key, const char *role, const ui
     memcpy(t + n + 2, sid, sl);
     n += 2 + sl;
     unsigned int ml = 0;
-    return HMAC(EVP_sha256(), key->bytes, (int)key->len, t, n, mac, &ml) && ml == KVF_AUTH_MAC_LEN;
+    return HMAC(EVP_sha256(), kb, (int)kl, t, n, mac, &ml) && ml == KVF_AUTH_MAC_LEN;
 }
 
 /* ---- the server's state machine ------------------------------------------------------------ */
@@ -328,18 +405,34 @@ int kvf__auth_srv_step(kvf_auth_srv_t *s, uint8_t type, const uint8_t *body, siz
         return 0;
     }
     if (s->state == SRV_WANT_PROOF && type == KVF_AUTH_PROOF) {
-        uint8_t want[KVF_AUTH_MAC_LEN];
-        if (!transcript_mac(&s->key, "client", s->cn, s->sn, s->peer_id, s->my_id, want))
-            return srv_fail(s, -KVF_EAUTH, "server error", out, out_len, why, whylen,
-                            "HMAC failed");
-        int diff = CRYPTO_memcmp(want, body, KVF_AUTH_MAC_LEN);
-        OPENSSL_cleanse(want, sizeof(want));
-        if (diff != 0)
+        /* Each of this side's keys (current, previous) against each of the client's proofs
+         * (its current key's, then its previous key's): during a rotation the two sides share
+         * one of them. Every pair is compared, in constant time, whatever matched before. */
+        const uint8_t *kb[2] = {s->key.bytes, s->key.prev};
+        size_t kl[2] = {s->key.len, s->key.prev_len};
+        int match = -1;
+        for (int k = 0; k < 2; k++) {
+            uint8_t want[KVF_AUTH_MAC_LEN];
+            if (!kl[k])
+                continue;
+            if (!transcript_mac(kb[k], kl[k], "client", s->cn, s->sn, s->peer_id, s->my_id, want))
+                return srv_fail(s, -KVF_EAUTH, "server error", out, out_len, why, whylen,
+                                "HMAC failed");
+            for (size_t m = 0; m + KVF_AUTH_MAC_LEN <= len; m += KVF_AUTH_MAC_LEN) {
+                int diff = CRYPTO_memcmp(want, body + m, KVF_AUTH_MAC_LEN);
+                if (diff == 0 && match < 0)
+                    match = k;
+            }
+            OPENSSL_cleanse(want, sizeof(want));
+        }
+        if (match < 0)
             return srv_fail(s, -KVF_EAUTH, "wrong key: the proof does not match this side's key",
                             out, out_len, why, whylen,
                             "wrong key (the client's proof does not match this side's key)");
+        /* Proven back with the key the client proved: the one both sides hold. */
         uint8_t mac[KVF_AUTH_MAC_LEN];
-        if (!transcript_mac(&s->key, "server", s->cn, s->sn, s->peer_id, s->my_id, mac))
+        if (!transcript_mac(kb[match], kl[match], "server", s->cn, s->sn, s->peer_id, s->my_id,
+                            mac))
             return srv_fail(s, -KVF_EAUTH, "server error", out, out_len, why, whylen,
                             "HMAC failed");
         *out_len = kvf__auth_encode(out, KVF_AUTH_OK, mac, sizeof(mac), NULL, 0);
@@ -440,11 +533,17 @@ int kvf__auth_client_stream(kvf_stream_t *fd, const kvf_auth_key_t *key, const c
         (void)stream_io(fd, msg, len, true, deadline_ms);
         return -KVF_EAUTH;
     }
-    if (!transcript_mac(key, "client", cn, sn, my_id, sid, mac)) {
+    /* One proof per key: during a rotation the server may hold only the previous one. */
+    uint8_t mac2[KVF_AUTH_MAC_LEN];
+    if (!transcript_mac(key->bytes, key->len, "client", cn, sn, my_id, sid, mac) ||
+        (key->prev_len &&
+         !transcript_mac(key->prev, key->prev_len, "client", cn, sn, my_id, sid, mac2))) {
         snprintf(why, whylen, "HMAC failed");
         return -KVF_EAUTH;
     }
-    len = kvf__auth_encode(msg, KVF_AUTH_PROOF, mac, sizeof(mac), NULL, 0);
+    len = kvf__auth_encode(msg, KVF_AUTH_PROOF, mac, sizeof(mac), mac2,
+                           key->prev_len ? sizeof(mac2) : 0);
+    OPENSSL_cleanse(mac2, sizeof(mac2));
     rc = stream_io(fd, msg, len, true, deadline_ms);
     if (rc == 0)
         rc = recv_msg(fd, deadline_ms, hdr, &type, body, &len, why, whylen);
@@ -460,8 +559,13 @@ int kvf__auth_client_stream(kvf_stream_t *fd, const kvf_auth_key_t *key, const c
                  (unsigned)type);
         return -KVF_EPROTO;
     }
-    if (!transcript_mac(key, "server", cn, sn, my_id, sid, mac) ||
-        CRYPTO_memcmp(mac, body, KVF_AUTH_MAC_LEN) != 0) {
+    /* The server proves with whichever of this side's keys it shares. */
+    bool ok = transcript_mac(key->bytes, key->len, "server", cn, sn, my_id, sid, mac) &&
+              CRYPTO_memcmp(mac, body, KVF_AUTH_MAC_LEN) == 0;
+    if (!ok && key->prev_len)
+        ok = transcript_mac(key->prev, key->prev_len, "server", cn, sn, my_id, sid, mac) &&
+             CRYPTO_memcmp(mac, body, KVF_AUTH_MAC_LEN) == 0;
+    if (!ok) {
         OPENSSL_cleanse(mac, sizeof(mac));
         snprintf(why, whylen, "wrong key: the peer's proof does not match this side's key");
         len = kvf__auth_encode(msg, KVF_AUTH_REFUSED, "wrong key", 9, NULL, 0);

@@ -50,7 +50,7 @@
 /* Message types. */
 #define KVF_AUTH_HELLO     1 /* client: nonce, identity */
 #define KVF_AUTH_CHALLENGE 2 /* server: nonce, identity */
-#define KVF_AUTH_PROOF     3 /* client: HMAC of the client transcript */
+#define KVF_AUTH_PROOF     3 /* client: HMAC of the client transcript, one per key (1 or 2) */
 #define KVF_AUTH_OK        4 /* server: HMAC of the server transcript */
 #define KVF_AUTH_REFUSED   5 /* either: a reason (printable text); the connection then ends */
 
@@ -62,17 +62,28 @@
 #define KVF_AUTH_ADMIN_ID "kvferry-admin"
 /* The built-in store's identity. */
 #define KVF_AUTH_STORE_ID "kvferry-store"
+/* A store client that speaks for an engine: this prefix and the engine's session id. With a key,
+ * only such a client (or an admin) may change the session's records (docs/security.md). */
+#define KVF_AUTH_SESSION_ID "kvferry-session/"
 
+/* A key file's keys: the current one, which this side proves and accepts, and during a rotation
+ * the previous one, which it accepts and also proves (a client sends one proof per key, so that
+ * a server that has only the previous key yet accepts it too). */
 typedef struct {
     uint8_t bytes[KVF_AUTH_KEY_MAX];
     size_t len; /* 0: no key */
+    uint8_t prev[KVF_AUTH_KEY_MAX];
+    size_t prev_len; /* 0: no previous key */
 } kvf_auth_key_t;
 
 /*
  * kvf__auth_key_resolve - load the key from @path, or when @path is NULL or "" from the file
  * $KVFERRY_AUTH_KEY_FILE names. Leaves @key->len 0 when neither is set.
- * The file holds 32..128 hex digits (16..64 bytes) and surrounding whitespace, and must not be
- * readable or writable by group or others (as ssh requires of its keys).
+ * The file (a symlink to one is followed) holds one key of 32..128 hex digits (16..64 bytes), or
+ * two separated by white space (the current key, then the previous one during a rotation), and
+ * lines starting with '#'. A key whose bytes are all the same is refused. The file must be owned
+ * by this user or root, writable by neither group nor others and not readable by others (group
+ * read is allowed: a key shared with a service group).
  * Returns 0, or -KVF_EINVAL / -errno with a message naming the file and what is wrong.
  */
 int kvf__auth_key_resolve(const char *path, kvf_auth_key_t *key);
@@ -88,7 +99,7 @@ bool kvf__auth_is_magic(const uint8_t *b);
 /*
  * kvf__auth_hdr_parse - check a message header against the limits of its type: magic, version,
  * a known type, and the body length the type allows (HELLO/CHALLENGE: a nonce and a 1..256 byte
- * identity; PROOF/OK: one MAC; REFUSED: 0..256 bytes of text).
+ * identity; PROOF: one or two MACs; OK: one MAC; REFUSED: 0..256 bytes of text).
  * Returns true with *@type and *@body_len set, or false with a reason of numbers only in @why.
  */
 bool kvf__auth_hdr_parse(const uint8_t hdr[KVF_AUTH_HDR_LEN], uint8_t *type, size_t *body_len,

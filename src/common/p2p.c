@@ -157,8 +157,9 @@ static int exchange(int fd, const char *sid, const char *key, uint64_t deadline,
     return 0;
 }
 
-int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const char *key,
-                   uint64_t deadline_ms, void **val, size_t *len)
+int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const kvf_auth_key_t *auth,
+                   const char *my_id, const char *key, uint64_t deadline_ms, void **val,
+                   size_t *len)
 {
     if (!kvf__p2p_key_ok(key, strlen(key)))
         return kvf__err(-KVF_EINVAL, "peer %s: key %.64s is not a record key", sid, key);
@@ -171,7 +172,26 @@ int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const char *key,
     if (fd < 0)
         return kvf__err(fd, "peer %s: cannot connect: %s%s", sid, strerror(-fd),
                         fd == -ECONNREFUSED ? " (no engine listens there yet)" : "");
-    int rc = exchange(fd, sid, key, deadline_ms, val, len);
+    int rc = 0;
+    if (auth && auth->len) {
+        /* The engine with a key reads nothing before the handshake; the server expected is the
+         * engine the key names, spelled as it spells itself. */
+        char want[KVF_SESSION_ID_MAX], reason[400];
+        kvf__hostport_format(hp, want, sizeof(want));
+        rc = kvf__auth_client(fd, auth, my_id && *my_id ? my_id : KVF_P2P_ASKER_ID, deadline_ms,
+                              want, reason, sizeof(reason));
+        if (rc == -KVF_ETIMEDOUT)
+            rc = kvf__err(rc, "peer %s: P2P record request: authentication: %s", sid, reason);
+        else if (rc == -EPIPE || rc == -ECONNRESET)
+            /* An engine of this version answers a handshake, even one without a key. */
+            rc = kvf__err(-KVF_EAUTH, "peer %s: P2P record request: authentication: %s", sid,
+                          reason);
+        else if (rc)
+            rc = kvf__err(rc == -KVF_EPROTO ? -KVF_EPROTO : -KVF_EAUTH,
+                          "peer %s: P2P record request: authentication: %s", sid, reason);
+    }
+    if (rc == 0)
+        rc = exchange(fd, sid, key, deadline_ms, val, len);
     close(fd);
     return rc;
 }

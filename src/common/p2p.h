@@ -19,6 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/auth.h"
 #include "common/url.h"
 #include "kvferry.h"
 
@@ -60,16 +61,24 @@ bool kvf__p2p_ans_decode(const uint8_t *b, uint32_t *status, uint32_t *len, char
  * -KVF_EINVAL (no '/', not a session id, port 0). */
 int kvf__p2p_sid_of_key(const char *key, kvf_hostport_t *hp);
 
+/* The identity an asker that speaks for no session proves (common/auth.h). */
+#define KVF_P2P_ASKER_ID "kvferry-p2p-asker"
+
 /*
  * kvf__p2p_fetch - ask the engine at @hp for the value of @key, once, on a connection of its
  * own that is closed before returning. @sid names the engine in messages.
+ * @auth:        the cluster secret (len 0: none). With one, the asker runs the handshake first
+ *               as @my_id, with the engine's session id (@hp formatted) as the server it expects,
+ *               so an engine with a key answers it, and a relay or another engine is refused.
  * @deadline_ms: kvf__now_ms() bound on connecting and the whole exchange.
  * Returns 0 with a malloc'ed, NUL-terminated copy of the value in *@val and its length in *@len;
  * -KVF_ENOTFOUND when the engine answered that it holds no such record; -ECONNREFUSED (nobody
- * listens there), -KVF_ETIMEDOUT, -KVF_EPROTO (what answered is no kvferry engine), or another
- * negative code, each with a last-error message naming @sid.
+ * listens there), -KVF_ETIMEDOUT, -KVF_EPROTO (what answered is no kvferry engine), -KVF_EAUTH
+ * (the keys differ, one side has none, or another server answered), or another negative code,
+ * each with a last-error message naming @sid.
  */
-int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const char *key,
-                   uint64_t deadline_ms, void **val, size_t *len);
+int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const kvf_auth_key_t *auth,
+                   const char *my_id, const char *key, uint64_t deadline_ms, void **val,
+                   size_t *len);
 
 #endif /* KVF_P2P_H */

@@ -169,10 +169,11 @@ static int session_host_check(const char *session_id, kvf_hostport_t *hp)
 
 /*
  * Publish the engine's records for the first time. Regions first: a peer that sees the session
- * record can then always find its regions. A store with the cluster secret lets only a lease's
- * holder change the keys bound to it, so the records of the previous engine at this session id
- * (dead: this one holds its port) are refused with -EACCES until that engine's lease expires;
- * that is waited for, up to init_timeout_ms.
+ * record can then always find its regions. A store with the cluster secret lets only the client
+ * that names this session change its records, and the previous engine at this session id (dead:
+ * this one holds its port) named the same one, so its records are taken over at once. A store
+ * that still refuses them with -EACCES (records of a client that named no session, e.g. an older
+ * kvferry) is waited out until their lease expires, up to init_timeout_ms.
  */
 static int publish_first(kvf_engine_t *e)
 {
@@ -336,6 +337,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     so.connect_timeout_ms = e->cfg.init_timeout_ms;
     so.auth_key_file = e->cfg.auth_key_file;
     so.tls = e->cfg.tls;
+    /* With a key, the store lets only this client change this session's records. */
+    so.session_id = e->sid;
     rc = kvf_store_open(store_url, &so, &e->store);
     /* The caller's strings are not kept. */
     e->cfg.auth_key_file = NULL;

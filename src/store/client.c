@@ -114,11 +114,26 @@ static int cli_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
         kvf__err_wrap(rc, "store %s", url);
         goto out_free_url;
     }
-    uint64_t inst = 0;
-    if (getrandom(&inst, sizeof(inst), GRND_NONBLOCK) != (ssize_t)sizeof(inst))
-        inst = kvf__now_ns() ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)st;
-    snprintf(st->ident, sizeof(st->ident), "%s/%016" PRIx64,
-             admin ? KVF_AUTH_ADMIN_ID : "kvferry-store-client", inst);
+    const char *sess = opts->session_id;
+    st->opts.session_id = NULL;
+    if (!admin && sess && *sess) {
+        /* An engine's client: its identity names the session, whose records only it may change
+         * (server_ops.c). The proof binds the name, not the key to the session: see security.md. */
+        kvf_hostport_t hp;
+        if (kvf__session_id_parse(sess, &hp) < 0 ||
+            strlen(sess) > KVF_AUTH_MAX_ID - strlen(KVF_AUTH_SESSION_ID)) {
+            rc = kvf__err(-KVF_EINVAL, "store %s: opts.session_id \"%.64s\" is not a session id",
+                          url, sess);
+            goto out_free_url;
+        }
+        snprintf(st->ident, sizeof(st->ident), "%s%s", KVF_AUTH_SESSION_ID, sess);
+    } else {
+        uint64_t inst = 0;
+        if (getrandom(&inst, sizeof(inst), GRND_NONBLOCK) != (ssize_t)sizeof(inst))
+            inst = kvf__now_ns() ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)st;
+        snprintf(st->ident, sizeof(st->ident), "%s/%016" PRIx64,
+                 admin ? KVF_AUTH_ADMIN_ID : "kvferry-store-client", inst);
+    }
     st->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (st->wake_fd < 0) {
         rc = kvf__err(-errno, "store %s: eventfd: %s", url, kvf_strerror(-errno));

@@ -149,8 +149,9 @@ struct kvf_store {
     kvf_store_opts_t opts;
     kvf_auth_key_t auth; /* the cluster secret, or the admin key (len 0: none), proven on every
                             (re)connection */
-    char ident[48];      /* the identity it proves: "kvferry-store-client/<random>" (or
-                            "kvferry-admin/<random>"), the same on every reconnection, so that
+    char ident[KVF_AUTH_MAX_ID + 1]; /* the identity it proves: "kvferry-session/<sid>" for an
+                            engine's client (opts.session_id), else "kvferry-store-client/<random>"
+                            (or "kvferry-admin/<random>"), the same on every reconnection, so that
                             the leases it granted stay its own */
     kvf_tls_ctx_t *tls_ctx; /* TLS for every (re)connection; NULL: plain */
     int wake_fd; /* eventfd: wakes the I/O thread out of poll() */

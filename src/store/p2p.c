@@ -42,6 +42,8 @@ typedef struct {
     char *url;
     uint32_t connect_timeout_ms;
     uint32_t request_timeout_ms;
+    kvf_auth_key_t auth;                  /* the cluster secret the asks prove (len 0: none) */
+    char ident[KVF_AUTH_MAX_ID + 1];      /* the session this handle speaks for, or "" */
     pthread_mutex_t mu; /* keys, nkeys, next_lease */
     p2p_kv_t *keys;
     size_t nkeys;
@@ -67,6 +69,17 @@ static int p2p_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
     s->connect_timeout_ms = opts->connect_timeout_ms;
     s->request_timeout_ms = opts->request_timeout_ms;
     s->next_lease = 1;
+    /* The engines asked have the cluster secret when this one has: asks prove it, as this
+     * session (the engine answering sees whom it answers; nothing is decided by it). */
+    int rc = kvf__auth_key_resolve(opts->auth_key_file, &s->auth);
+    if (rc < 0) {
+        kvf__err_wrap(rc, "store %s", url);
+        free(s->url);
+        free(s);
+        return rc;
+    }
+    if (opts->session_id && strlen(opts->session_id) < sizeof(s->ident))
+        snprintf(s->ident, sizeof(s->ident), "%s", opts->session_id);
     pthread_mutex_init(&s->mu, NULL);
     *out = (kvf_store_t *)(void *)s;
     return 0;
@@ -88,6 +101,7 @@ static void p2p_close(kvf_store_t *st)
         kv_free(kv);
     }
     pthread_mutex_destroy(&s->mu);
+    kvf__auth_key_wipe(&s->auth);
     free(s->url);
     free(s);
 }
@@ -199,8 +213,8 @@ static int p2p_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **va
          * never runs past the end of a wait that is longer. */
         uint64_t bound = now + (s->request_timeout_ms ? s->request_timeout_ms
                                                       : KVF_P2P_REQ_TIMEOUT_MS);
-        rc = kvf__p2p_fetch(&hp, sid, key, wait_ms && end > now && end < bound ? end : bound, val,
-                            len);
+        rc = kvf__p2p_fetch(&hp, sid, &s->auth, s->ident, key,
+                            wait_ms && end > now && end < bound ? end : bound, val, len);
         /* Only "not up yet" and "holds no such record yet" are asked again. */
         bool again = rc == -ECONNREFUSED || rc == -KVF_ENOTFOUND || rc == -KVF_ETIMEDOUT ||
                      rc == -ECONNRESET;

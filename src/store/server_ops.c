@@ -106,6 +106,59 @@ static bool may_change(struct kvf_store_server *srv, struct srv_conn *c, const s
     return false;
 }
 
+/*
+ * The session a key belongs to (with a key; docs/security.md): an engine's records are
+ * "<prefix><ns>/sessions/<sid>" and "<prefix><ns>/regions/<sid>" (core/records.c), whatever the
+ * prefix and namespace, so a key whose next-to-last segment is "sessions" or "regions" and whose
+ * last segment is a session id is that session's. Points *@sid at that segment, of *@n bytes.
+ */
+static bool key_session(const uint8_t *key, uint32_t klen, const char **sid, size_t *n)
+{
+    uint32_t last = klen;
+    while (last > 0 && key[last - 1] != '/')
+        last--;
+    if (last == 0 || last == klen || klen - last >= KVF_SESSION_ID_MAX)
+        return false;
+    uint32_t kind = last - 1;
+    while (kind > 0 && key[kind - 1] != '/')
+        kind--;
+    size_t kl = last - 1 - kind;
+    if (!(kl == 8 && !memcmp(key + kind, "sessions", 8)) &&
+        !(kl == 7 && !memcmp(key + kind, "regions", 7)))
+        return false;
+    char text[KVF_SESSION_ID_MAX];
+    kvf_hostport_t hp;
+    memcpy(text, key + last, klen - last);
+    text[klen - last] = '\0';
+    if (memchr(text, '\0', klen - last) || kvf__session_id_parse(text, &hp) < 0)
+        return false;
+    *sid = (const char *)key + last;
+    *n = klen - last;
+    return true;
+}
+
+/* Whether @c may change the key @key: a session's key only by the client that proved that
+ * session (KVF_AUTH_SESSION_ID + sid) or an admin. Answers FORBIDDEN when not. */
+static bool may_write_key(struct kvf_store_server *srv, struct srv_conn *c,
+                          const struct srv_req *rq, const uint8_t *key, uint32_t klen)
+{
+    const char *sid;
+    size_t n;
+    const size_t pl = strlen(KVF_AUTH_SESSION_ID);
+    if (!c->ident || c->admin || !key_session(key, klen, &sid, &n))
+        return true;
+    if (strlen(c->ident) == pl + n && !strncmp(c->ident, KVF_AUTH_SESSION_ID, pl) &&
+        !memcmp(c->ident + pl, sid, n))
+        return true;
+    KVF_LOG_RATELIMITED(KVF_LOG_INFO, SRV_LOG, "%s (%s): %s refused: a key of session %.*s",
+                        c->peer, c->ident, kvf__srv_op_name(rq->op), (int)n, sid);
+    kvf__srv_reply_err(srv, c, rq, KVF_STORE_ST_FORBIDDEN,
+                       "the key belongs to session %.*s: only that engine or an operator with "
+                       "the admin key may change or delete it",
+                       (int)n, sid);
+    return false;
+}
+
 /* Resolve the lease field of SET/CAS. Returns false after answering LEASE_NOT_FOUND (or
  * FORBIDDEN for another client's lease). */
 static bool resolve_lease(struct kvf_store_server *srv, struct srv_conn *c,
@@ -206,7 +259,8 @@ static void op_set(struct kvf_store_server *srv, struct srv_conn *c, const struc
     rd_blob32(rd, &val, &vlen);
     kvf__rd_u64(rd, &lease_id);
     if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen) ||
-        !check_value(srv, c, rq, vlen) || !resolve_lease(srv, c, rq, lease_id, &lease) ||
+        !check_value(srv, c, rq, vlen) || !may_write_key(srv, c, rq, key, klen) ||
+        !resolve_lease(srv, c, rq, lease_id, &lease) ||
         !may_change(srv, c, rq, kvf__srv_kv_find(srv, key, klen)))
         return;
     if (put_for(srv, c, rq, key, klen, val, vlen, true, lease))
@@ -252,7 +306,8 @@ static void op_del(struct kvf_store_server *srv, struct srv_conn *c, const struc
     uint32_t klen = 0;
 
     rd_blob32(rd, &key, &klen);
-    if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen))
+    if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen) ||
+        !may_write_key(srv, c, rq, key, klen))
         return;
     struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
     if (!e) {
@@ -286,7 +341,8 @@ static void op_cas(struct kvf_store_server *srv, struct srv_conn *c, const struc
                            "expect_present must be 0 (with an empty expected value) or 1");
         return;
     }
-    if (!check_value(srv, c, rq, vlen) || !resolve_lease(srv, c, rq, lease_id, &lease))
+    if (!check_value(srv, c, rq, vlen) || !may_write_key(srv, c, rq, key, klen) ||
+        !resolve_lease(srv, c, rq, lease_id, &lease))
         return;
     struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);
     if (!expect_present && e) {
@@ -319,7 +375,8 @@ static void op_add(struct kvf_store_server *srv, struct srv_conn *c, const struc
 
     rd_blob32(rd, &key, &klen);
     kvf__rd_u64(rd, &udelta);
-    if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen))
+    if (!decode_done(srv, c, rq, rd) || !check_key(srv, c, rq, klen) ||
+        !may_write_key(srv, c, rq, key, klen))
         return;
     memcpy(&delta, &udelta, sizeof(delta)); /* two's complement on the wire and in the host */
     struct srv_entry *e = kvf__srv_kv_find(srv, key, klen);

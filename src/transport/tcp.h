@@ -312,6 +312,12 @@ int tcp_recv_full(int fd, void *buf, size_t len, uint64_t deadline_ms);
 int tcp_p2p_serve(struct tcp_transport *t, int fd, const char *addr, const uint8_t *hdr,
                   char *why, size_t whylen);
 
+/* The answer of an engine with a key to a P2P record request that came without the handshake
+ * (the asker has no key): the request is read (its first KVF_AUTH_HDR_LEN bytes are @first), so
+ * that the close does not overtake the answer, and answered with KVF_EAUTH and a message saying
+ * what is missing. Best effort before @deadline_ms. */
+void tcp_p2p_refuse(struct tcp_transport *t, int fd, const uint8_t *first, uint64_t deadline_ms);
+
 /* ---------------------------------------------------------------------------------------------
  * tcp_target.c: the target side
  * ------------------------------------------------------------------------------------------- */

@@ -73,3 +73,25 @@ int tcp_p2p_serve(struct tcp_transport *t, int fd, const char *addr, const uint8
     }
     return 0;
 }
+
+void tcp_p2p_refuse(struct tcp_transport *t, int fd, const uint8_t *first, uint64_t deadline_ms)
+{
+    uint8_t hdr[KVF_P2P_REQ_LEN];
+    char key[KVF_P2P_MAX_KEY], why[128];
+    uint32_t klen;
+    memcpy(hdr, first, KVF_AUTH_HDR_LEN);
+    if (kvf__auth_io(fd, hdr + KVF_AUTH_HDR_LEN, sizeof(hdr) - KVF_AUTH_HDR_LEN, false,
+                     deadline_ms) ||
+        !kvf__p2p_req_decode(hdr, &klen, why, sizeof(why)) ||
+        kvf__auth_io(fd, key, klen, false, deadline_ms))
+        return;
+    char msg[KVF_P2P_MAX_MSG];
+    int n = snprintf(msg, sizeof(msg),
+                     "engine %s requires the cluster secret: this side has no auth key (set an "
+                     "auth key file, e.g. KVFERRY_AUTH_KEY_FILE)",
+                     t->local_sid);
+    uint8_t ans[KVF_P2P_ANS_LEN];
+    kvf__p2p_ans_encode(ans, KVF_EAUTH, (uint32_t)n);
+    struct iovec iov[2] = {{ans, sizeof(ans)}, {msg, (size_t)n}};
+    (void)tcp_sendv(fd, iov, 2, deadline_ms, KVF_TCP_STALL_TIMEOUT_MS);
+}

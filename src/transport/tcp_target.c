@@ -404,6 +404,9 @@ static const char *tcp_srv_auth(struct tcp_sconn *sc, char *why, size_t whylen)
     if (rc == -KVF_EPROTO && first_len == KVF_AUTH_HDR_LEN &&
         kvf__get_le32(first) == KVF_TCP_MAGIC)
         tcp_srv_refuse_plain(sc, first, deadline);
+    else if (rc == -KVF_EPROTO && first_len == KVF_AUTH_HDR_LEN &&
+             kvf__get_le32(first) == KVF_P2P_MAGIC)
+        tcp_p2p_refuse(t, sc->fd, first, deadline); /* a P2P asker without a key */
     snprintf(why, whylen, "authentication failed: %s", reason);
     return why;
 }

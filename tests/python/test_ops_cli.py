@@ -128,9 +128,12 @@ def test_running_pair_metrics_and_info(cli, run):
     assert doc["stats"]["region_bytes"] == TENSOR_BYTES
 
 
-def test_systemd_unit_command_runs(cli):
-    """contrib/kvferry-store.service's ExecStart, with the build's binary and free loopback ports,
-    serves the store and its metrics and stops cleanly on the unit's KillSignal."""
+def test_systemd_unit_command_runs(cli, tmp_path):
+    """contrib/kvferry-store.service's ExecStart, with the build's binary, free loopback ports and
+    a key in place of the unit's credential, serves the store (to a client with the key only) and
+    its metrics and stops cleanly on the unit's KillSignal. The unit listens on every address, so
+    it requires the key (review finding 8): the credential and the flag are there, uncommented,
+    and without the key file the command does not start."""
     unit = open(os.path.join(os.environ.get("KVF_SOURCE_DIR", ""), "contrib",
                              "kvferry-store.service")).read()
     fields = dict(line.split("=", 1) for line in unit.splitlines()
@@ -138,16 +141,34 @@ def test_systemd_unit_command_runs(cli):
     argv = fields["ExecStart"].split()
     assert argv[0] == "/usr/local/bin/kvferry" and argv[1] == "store"
     assert fields["KillSignal"] == "SIGTERM"
+    assert fields["LoadCredential"] == "cluster.key:/etc/kvferry/cluster.key"
+    listen = argv[argv.index("--listen") + 1]
+    assert listen.startswith("tcp://127.") or argv[argv.index("--auth-key-file") + 1] == \
+        "%d/cluster.key", "the unit serves every address without the cluster secret"
     argv[0] = cli
     argv[argv.index("--listen") + 1] = "tcp://127.0.0.1:0"
     argv[argv.index("--metrics-listen") + 1] = "127.0.0.1:0"
+    cred = tmp_path / "credentials"
+    cred.mkdir()
+    argv = [a.replace("%d", str(cred)) for a in argv]
+    env = dict(os.environ)
+    env.pop("KVFERRY_AUTH_KEY_FILE", None)
+    # No key file (systemd would not start it at all): the store refuses to start.
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode != 0 and "cluster.key" in r.stderr, r.stderr
+    key = str(cred / "cluster.key")
+    assert subprocess.run([cli, "keygen", key], timeout=30).returncode == 0
+    os.chmod(key, 0o400)
     p = Proc(argv)
     try:
         url = p.wait_line(r"listening on (tcp://\S+)").group(1)
         m = scrape(p.wait_line(r"metrics on http://(\S+)/metrics").group(1))
         assert m[("kvferry_store_keys", ())] == 0
         out = subprocess.run([cli, "kv", "--store-url", url, "set", "a", "b"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30, env=env)
+        assert out.returncode == 1 and "requires the cluster secret" in out.stderr, out.stderr
+        out = subprocess.run([cli, "kv", "--store-url", url, "--auth-key-file", key, "set", "a",
+                              "b"], capture_output=True, text=True, timeout=30, env=env)
         assert out.returncode == 0, out.stderr
         os.killpg(p.p.pid, signal.SIGTERM)
         assert p.p.wait(timeout=10) == 0
