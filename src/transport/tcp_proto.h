@@ -43,13 +43,21 @@
  * is the low bits of req_id). A target needs no such limit: it serves one request at a time and
  * TCP flow control holds back the rest. */
 #define KVF_TCP_MAX_INFLIGHT 128u
-/* Connections one target serves at once; more are accepted and closed at once. */
+/* Connections past their HELLO one target serves at once; more are accepted and closed at
+ * once. */
 #define KVF_TCP_MAX_CONNS 1024u
 /* Connections one target serves at once from one remote IP address (a share of
  * KVF_TCP_MAX_CONNS, so that one flooding address cannot lock the others out); more are
  * accepted and closed at once. 128 = 8 engines on one host with the most connections per peer
  * (KVF_MAX_CONNS_PER_PEER, 16) each. */
 #define KVF_TCP_MAX_CONNS_PER_ADDR 128u
+/* Connections one target holds at once that have not finished their HELLO (and, with a cluster
+ * secret, the authentication handshake before it): a share apart from KVF_TCP_MAX_CONNS, so that
+ * unauthenticated sockets cannot take the places of authenticated ones. One more evicts the
+ * oldest of them (the oldest from its address when that address holds
+ * KVF_TCP_MAX_PREAUTH_PER_ADDR). */
+#define KVF_TCP_MAX_PREAUTH          64u
+#define KVF_TCP_MAX_PREAUTH_PER_ADDR 16u
 /* Longest a target waits for progress on a frame it has started to receive or send; a client
  * that stops in the middle of a frame is disconnected after this (its region reference is
  * released). */
