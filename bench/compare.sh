@@ -8,7 +8,8 @@
 # memcpy with one and two threads, process_vm_writev, all in the same process run); iperf3 on
 # loopback for reference; UCX's ucx_perftest (the engine NIXL uses) over tcp (ucp_am_bw,
 # ucp_put_bw) and shared memory (posix, ucp_am_bw); `kvferry bench --procs 1,4,16,64` (N
-# initiator processes into one target); `kvferry bench store`. Each run's CPU seconds per GB
+# initiator processes into one target); `kvferry bench store` on the built-in store, etcd and
+# Redis (bench/store_backends.sh). Each run's CPU seconds per GB
 # (kvferry, raw TCP, UCX under /usr/bin/time), the engine's ready time, RSS and threads are
 # printed beside the bars of DESIGN.md section 4. Writes
 # bench/results/*.json, prints the ratio table (bench/report.py) and draws
@@ -58,6 +59,7 @@ KVF_RUNS=(
     "tcp-window8    --transport tcp --block-size 64K,1M,4M,64M --window 8"
     "tcp-4k         --transport tcp --block-size 4K"
     "tcp-kv         --transport tcp --workload kv"
+    "tcp-pages      --transport tcp --workload pages"
     "shm            --transport shm --block-size 64K,1M,4M,16M,64M"
     "shm-registered --transport shm --memory registered --block-size 16M,64M"
     "shm-2threads   --transport shm --threads 2 --block-size 16M"
@@ -99,8 +101,8 @@ if ! timeout 300 "$KVF" bench --quiet --transport tcp --block-size 1M --procs 1,
     echo "compare: kvferry bench --procs failed" >&2
     exit 1
 fi
-step "kvferry bench store"
-timeout 120 "$KVF" bench store --clients 8 --seconds 1 --json "$OUT/store.json"
+step "kvferry bench store: built-in, etcd and Redis"
+bench/store_backends.sh "$KVF" "$OUT" --clients 8 --seconds 1
 
 # --- cold start: the seed's flow (make demo), first round against the later ones ----------------
 # Also with KVFERRY_NO_WARM=1 (no warming of registered memory and new mappings), to show in the

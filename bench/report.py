@@ -45,6 +45,7 @@ def main():
         with open(os.path.join(out, "external.jsonl")) as f:
             ext = [json.loads(line) for line in f if line.strip()]
     store = load(os.path.join(out, "store.json"))
+    backends = [(b, load(os.path.join(out, "store-%s.json" % b))) for b in ("etcd", "redis")]
 
     def runs(name):
         return kvf.get(name, {}).get("runs", [])
@@ -72,8 +73,9 @@ def main():
 
     def bw_rows(kind, label, name, bnames, targets):
         for r in runs(name):
-            what = "%s %s x%d%s%s" % (label, size_name(r["block_size"]) if r["workload"] != "kv"
-                                      else "kv workload", r["batch"],
+            what = "%s %s x%d%s%s" % (label, size_name(r["block_size"])
+                                      if r["workload"] == "blocks"
+                                      else "%s workload" % r["workload"], r["batch"],
                                       ", %d in flight" % r["window"]
                                       if r.get("window", 1) > 1 else "",
                                       ", %d threads" % r["threads"] if r["threads"] > 1 else "")
@@ -84,7 +86,7 @@ def main():
                 t = targets(r, bname)
                 row(what, r["gbps"], blabel, b["gbps"], "GB/s", t[0] if t else None,
                     t[1] if t else None)
-            if kind == "tcp" and r["workload"] != "kv" and r["batch"] == 1:
+            if kind == "tcp" and r["workload"] == "blocks" and r["batch"] == 1:
                 u = ucx("ucp_am_bw", "tcp", r["block_size"])
                 ut = MIB <= r["block_size"] <= 4 * MIB
                 if u and "gbps" in u:
@@ -95,7 +97,7 @@ def main():
                 p = ucx("ucp_put_bw", "tcp", r["block_size"])
                 if p and "gbps" in p:
                     row(what, r["gbps"], "UCX ucp_put_bw tcp", p["gbps"], "GB/s")
-            if kind == "shm" and r["workload"] != "kv" and r["batch"] == 1 and r["threads"] == 1:
+            if kind == "shm" and r["workload"] == "blocks" and r["batch"] == 1 and r["threads"] == 1:
                 u = ucx("ucp_am_bw", "posix", r["block_size"])
                 if u and "gbps" in u:
                     row(what, r["gbps"], "UCX ucp_am_bw posix", u["gbps"], "GB/s")
@@ -103,8 +105,12 @@ def main():
                     row(what, r["gbps"], "UCX ucp_am_bw posix: n/a (%s)" % u["na"], None, "GB/s")
 
     def tcp_targets(r, bname):
-        if r["workload"] == "kv":
+        if r["workload"] == "kv" and bname == "raw_tcp":
             return ("time <= 1.25x (ratio >= 0.8)", lambda x: x >= 0.8)
+        if r["workload"] == "pages" and bname == "raw_tcp_gather":
+            return (">= 0.8 (issue 14)", lambda x: x >= 0.8)
+        if r["workload"] != "blocks":
+            return None
         if MIB <= r["block_size"] <= 4 * MIB:
             return (">= 0.9", lambda x: x >= 0.9)
         return None
@@ -120,10 +126,13 @@ def main():
         return None
 
     raw = [("raw_tcp", "raw TCP send/recv")]
+    # Calls of many blocks also have the same blocks sent with writev/readv, IOV_MAX per call.
+    gathered = raw + [("raw_tcp_gather", "raw TCP writev/readv")]
     bw_rows("tcp", "tcp write", "tcp", raw, tcp_targets)
-    bw_rows("tcp", "tcp write", "tcp-batch16", raw, tcp_targets)
+    bw_rows("tcp", "tcp write", "tcp-batch16", gathered, tcp_targets)
     bw_rows("tcp", "tcp write", "tcp-window8", raw, tcp_targets)
-    bw_rows("tcp", "tcp write", "tcp-kv", raw, tcp_targets)
+    bw_rows("tcp", "tcp write", "tcp-kv", gathered, tcp_targets)
+    bw_rows("tcp", "tcp write", "tcp-pages", gathered, tcp_targets)
     shm_b = [("memcpy", "memcpy"), ("process_vm_writev", "process_vm_writev")]
     bw_rows("shm", "shm write into kvf_mem_alloc", "shm", shm_b, shm_targets)
     bw_rows("shm", "shm write into registered", "shm-registered", shm_b, shm_targets)
@@ -242,6 +251,23 @@ def main():
         row("store set, %d clients" % n, store["set_per_s_n"], "", None, "ops/s")
         row("store get, %d clients" % n, store["get_per_s_n"], "", None, "ops/s")
         row("store get-with-wait wake-up p50", store["wake"]["p50_us"], "", None, "us")
+    # Every backend in the same run (bench/store_backends.sh): ops/s beside the built-in store,
+    # an engine's registration and a peer's lookup, p50 and p99.
+    for name, d in [("built-in", store)] + [(b, d) for b, d in backends if d]:
+        if not d:
+            continue
+        if name != "built-in" and store:
+            for key, what in (("set_per_s_1", "set, 1 client"), ("get_per_s_1", "get, 1 client"),
+                              ("set_per_s_n", "set, %d clients" % d["clients"]),
+                              ("get_per_s_n", "get, %d clients" % d["clients"])):
+                row("store %s: %s" % (name, what), d[key], "built-in store", store[key], "ops/s")
+        for key, what in (("register", "registration (kvf_mem_register)"),
+                          ("lookup", "lookup (kvf_peer_regions)")):
+            if d.get(key):
+                for q in ("p50_us", "p99_us"):
+                    row("store %s: %s %s" % (name, what, q[:3]), d[key][q],
+                        "built-in store" if name != "built-in" and store else "",
+                        store[key][q] if name != "built-in" and store else None, "us")
 
     def fmt(v, unit):
         if v is None:

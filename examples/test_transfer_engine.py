@@ -13,6 +13,9 @@ tensor with transfer_sync_write. The Decode then prints every slice's sum and ch
         --store-url tcp://127.0.0.1:8000 --npu-id 1 --dst-session-id 127.0.0.1:50051 \\
         --log-level 1
 
+With --store-url p2p:// there is no store at all: start the Decode first; the Prefill finds it
+by --dst-session-id alone (docs/frameworks.md).
+
 Differences from the seed, all because this runs on CPU hosts and must end on its own:
 - The Prefill starts the config store in its process (create_config_store) when the store URL
   names this host and nothing answers there yet; otherwise it uses the store that is running.
@@ -235,7 +238,11 @@ def run_prefill_role(args, session_id):
         print(f"Decode {args.dst_session_id} did not come up within {STORE_WAIT_MS} ms: {ret}: "
               f"{kvferry.get_last_err_msg()}")
         return 1
-    engine.get_peer_events(0)  # subscribe, to see the Decode leave at the end
+    # With a store, subscribe to its session events, to see the Decode leave at the end; with
+    # p2p:// there is no store to watch (and none in this process to keep up).
+    watch = not args.store_url.startswith("p2p://")
+    if watch:
+        engine.get_peer_events(0)
     ret = notify(engine, args.dst_session_id, type="hello")
     if ret != 0:
         print(f"notify {args.dst_session_id} failed: {ret}: {kvferry.get_last_err_msg()}")
@@ -289,7 +296,7 @@ def run_prefill_role(args, session_id):
         print(f"decode read finish, round {r} verified")
     # This process may hold the store: let the Decode withdraw its session before it goes.
     end = time.monotonic() + 10
-    while time.monotonic() < end:
+    while watch and time.monotonic() < end:
         if ("left", args.dst_session_id) in engine.get_peer_events(0.5):
             break
     engine.destroy()

@@ -782,6 +782,9 @@ typedef struct {
  * local memory. On failure returns the first error (-KVF_ENOTREG for a range outside the peer's
  * regions, -KVF_EPEERGONE, -KVF_ETIMEDOUT after op_timeout_ms, ...) with a message naming the
  * element; other elements may or may not have been transferred.
+ * Elements adjacent on both sides (same op, each local and remote range continuing the previous
+ * one, within one region of the peer) travel as one: a message about such a merged element ends
+ * with "(element K as sent is elements I..J of the call, merged because they are adjacent)".
  * Thread-safe: many threads may transfer through one engine at once.
  */
 KVF_API int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *xfers, size_t n);

@@ -181,6 +181,33 @@ static void kv_workload(void **state)
     json_decref(root);
 }
 
+/* 61 layers x 2 x 16 pages of 16 KiB, none adjacent, over tcp: verified, and held against the
+ * same blocks as a raw stream both ways (a send per block, and writev/readv). */
+static void pages_workload_with_gathered_baseline(void **state)
+{
+    (void)state;
+    int rc = bench("--workload", "pages", "--transport", "tcp", "--iterations", "2", "--baseline",
+                   "--quiet", "--json", json_path, NULL);
+    if (rc != 0)
+        fail_msg("exit %d; output:\n%s", rc, out);
+    assert_non_null(strstr(out, "raw TCP writev/readv"));
+    json_t *root = load_json();
+    json_t *r = json_array_get(json_object_get(root, "runs"), 0);
+    assert_non_null(r);
+    assert_string_equal(json_string_value(json_object_get(r, "workload")), "pages");
+    assert_int_equal((int)num(r, "blocks"), 61 * 2 * 16);
+    assert_int_equal((long long)num(r, "bytes_per_call"), 61LL * 2 * 16 * (16 << 10));
+    assert_true(num(r, "verified_blocks") > 0);
+    json_t *bl = json_object_get(r, "baselines");
+    assert_int_equal(json_array_size(bl), 2);
+    assert_string_equal(json_string_value(json_object_get(json_array_get(bl, 0), "name")),
+                        "raw_tcp");
+    assert_string_equal(json_string_value(json_object_get(json_array_get(bl, 1), "name")),
+                        "raw_tcp_gather");
+    assert_true(num(json_array_get(bl, 1), "gbps") > 0);
+    json_decref(root);
+}
+
 static void baseline_tcp(void **state)
 {
     (void)state;
@@ -409,6 +436,7 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(json_shm, setup, teardown),
         cmocka_unit_test_setup_teardown(read_op, setup, teardown),
         cmocka_unit_test_setup_teardown(kv_workload, setup, teardown),
+        cmocka_unit_test_setup_teardown(pages_workload_with_gathered_baseline, setup, teardown),
         cmocka_unit_test_setup_teardown(baseline_tcp, setup, teardown),
         cmocka_unit_test_setup_teardown(baseline_shm, setup, teardown),
         cmocka_unit_test_setup_teardown(bad_flags, setup, teardown),

@@ -522,6 +522,46 @@ static void test_chunked_two_conns(void **state)
     free(back);
 }
 
+/* Established connections of this process to 127.0.0.1:@port, counted at the connecting end
+ * (/proc/self/net/tcp: remote address 0100007F:<port>, state 01). */
+static int conns_to(uint16_t port)
+{
+    FILE *f = fopen("/proc/self/net/tcp", "r");
+    char line[512];
+    int n = 0;
+    assert_non_null(f);
+    while (fgets(line, sizeof(line), f)) {
+        unsigned rip, rport, st;
+        if (sscanf(line, " %*u: %*x:%*x %x:%x %x", &rip, &rport, &st) == 3)
+            n += rip == 0x0100007Fu && rport == port && st == 1;
+    }
+    fclose(f);
+    return n;
+}
+
+/* The first write to a peer opens all of its connections, so that the first call routed to
+ * another one pays no connect, hello and start of serving (issue 17, cold start). */
+static void test_first_write_opens_every_connection(void **state)
+{
+    (void)state;
+    node_t a = {0}, b = {0};
+    node_start(&a, 3, MiB);
+    node_start(&b, 3, MiB);
+    uint8_t *dst = xmalloc(4096), *src = xmalloc(4096);
+    fill(src, 4096, 9);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)dst, 4096, NULL));
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+    assert_int_equal(conns_to(b.port), 0);
+    assert_kvf_ok(xfer1(p, KVF_OP_WRITE, src, dst, 4096, 15000));
+    assert_bytes_eq(dst, src, 4096);
+    assert_int_equal(conns_to(b.port), 3);
+    ops->peer_close(p);
+    node_stop(&a);
+    node_stop(&b);
+    free(dst);
+    free(src);
+}
+
 typedef struct {
     kvf_tpeer_t *p;
     uint8_t *dst;
@@ -1295,6 +1335,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_sizes),
     cmocka_unit_test(test_batch_mixed),
     cmocka_unit_test(test_chunked_two_conns),
+    cmocka_unit_test(test_first_write_opens_every_connection),
     cmocka_unit_test(test_threads),
     cmocka_unit_test(test_write_past_region),
     cmocka_unit_test(test_raw_write_outside),

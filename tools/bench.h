@@ -37,7 +37,8 @@
  * fail. Documented in docs/performance.md. */
 #define BENCH_CORRUPT_ENV "KVFERRY_BENCH_TEST_CORRUPT"
 #define BENCH_LAT_MAX     (1u << 20) /* latency samples kept per thread */
-#define BENCH_MAX_BLOCKS  1024u      /* blocks in one call */
+#define BENCH_MAX_BATCH   1024u      /* --batch */
+#define BENCH_MAX_BLOCKS  2048u      /* blocks in one call (the pages workload has 1,952) */
 #define BENCH_MAX_WINDOW  64u        /* --window: asynchronous batches in flight per thread */
 
 /* The blocks of one call: offsets relative to a base, in a span of bytes; a thread's slice holds
@@ -83,6 +84,7 @@ struct bench_worker {
     pthread_t rx_thread;
     bool rx_started;
     bool pingpong;
+    bool gather; /* raw TCP: writev/readv of the whole layout */
     uint64_t rx_bytes; /* raw TCP: bytes the receiver got */
     int rx_failed;
     /* kvferry with --window N > 1: asynchronous batches in flight, oldest first. */
@@ -145,6 +147,7 @@ extern const bench_method_t bench_pvm_write; /* process_vm_readv for --op read: 
 extern const bench_method_t bench_pvm_read;
 extern const bench_method_t bench_raw_tcp;
 extern const bench_method_t bench_tcp_pingpong;
+extern const bench_method_t bench_raw_tcp_gather; /* layouts of many blocks */
 
 /* Send or receive exactly @len bytes on a blocking socket, retrying on EINTR. bench_send_all
  * returns 0 or -1; bench_recv_all 1 after @len bytes, 0 at end of stream before the first byte,

@@ -16,7 +16,7 @@ static void usage(FILE *f)
         "                     [--block-size SIZE[,SIZE...]] [--batch N] [--window N]\n"
         "                     [--threads N]\n"
         "                     [--duration SEC | --iterations N] [--memory alloc|registered]\n"
-        "                     [--workload kv] [--baseline] [--reps N] [--working-set SIZE]\n"
+        "                     [--workload kv|pages] [--baseline] [--reps N] [--working-set SIZE]\n"
         "                     [--target SESSION --store-url URL] [--json FILE] [--quiet]\n"
         "       kvferry bench --serve --store-url URL [--session-id IP:PORT] [--size SIZE]\n"
         "                     [--memory alloc|registered] [--transport T] [--ns NAME]\n"
@@ -41,6 +41,8 @@ static void usage(FILE *f)
         "                      (ordinary memory passed to kvf_mem_register)\n"
         "  --workload kv       the DeepSeek-R1 layout: 61 x 128 KiB + 61 x 16 KiB discrete\n"
         "                      blocks in one call (replaces --block-size and --batch)\n"
+        "  --workload pages    a paged KV cache as SGLang and vLLM send it: 61 layers x 2 (K, V)\n"
+        "                      x 16 pages of 16 KiB, no two adjacent, 1,952 blocks in one call\n"
         "  --baseline          also move the same blocks without kvferry, in this run: raw TCP\n"
         "                      send/recv (and a ping-pong for calls up to 64 KiB) for tcp;\n"
         "                      memcpy and process_vm_writev/readv for shm. Local target only\n"
@@ -61,7 +63,7 @@ static void usage(FILE *f)
         "                    $KVFERRY_AUTH_KEY_FILE\n"
         "  --log-level N       0 debug, 1 info, 2 warn (default), 3 error\n\n"
         "Exit status: 0 all runs done and verified, 1 failure (a message says why), 2 usage.\n",
-        BENCH_MAX_BLOCKS, BENCH_MAX_WINDOW, BENCH_MAX_THREADS, BENCH_ITER_CAP_S, BENCH_MAX_REPS,
+        BENCH_MAX_BATCH, BENCH_MAX_WINDOW, BENCH_MAX_THREADS, BENCH_ITER_CAP_S, BENCH_MAX_REPS,
         BENCH_MAX_PROCS);
 }
 
@@ -108,11 +110,15 @@ static int parse_duration(const char *cmd, const kvf_cli_opt_t *o, const char *v
 
 static int parse_workload(const char *cmd, const kvf_cli_opt_t *o, const char *value)
 {
-    if (strcasecmp(value, "kv")) {
-        fprintf(stderr, "kvferry %s: --workload %s: the only workload is kv\n", cmd, value);
+    bench_workload_t *w = o->dst;
+    if (!strcasecmp(value, "kv")) {
+        *w = BENCH_WL_KV;
+    } else if (!strcasecmp(value, "pages")) {
+        *w = BENCH_WL_PAGES;
+    } else {
+        fprintf(stderr, "kvferry %s: --workload %s: want kv or pages\n", cmd, value);
         return -1;
     }
-    *(bool *)o->dst = true;
     return 0;
 }
 
@@ -166,13 +172,13 @@ int bench_args_parse(int argc, char **argv, bench_args_t *a)
         KVF_CLI_OPT_TRANSPORT(&a->transport),
         {"op", KVF_CLI_CUSTOM, &a->op, 0, 0, parse_op},
         {"block-size", KVF_CLI_CUSTOM, a, 0, 1ull << 30, parse_block_sizes},
-        {"batch", KVF_CLI_U64, &a->batch, 1, BENCH_MAX_BLOCKS, NULL},
+        {"batch", KVF_CLI_U64, &a->batch, 1, BENCH_MAX_BATCH, NULL},
         {"window", KVF_CLI_U64, &a->window, 1, BENCH_MAX_WINDOW, NULL},
         {"threads", KVF_CLI_U64, &a->threads, 1, BENCH_MAX_THREADS, NULL},
         {"duration", KVF_CLI_CUSTOM, &a->duration, 0, 0, parse_duration},
         {"iterations", KVF_CLI_U64, &a->iterations, 1, 1000000000, NULL},
         {"memory", KVF_CLI_CUSTOM, &a->alloc, 0, 0, bench_opt_memory},
-        {"workload", KVF_CLI_CUSTOM, &a->kv, 0, 0, parse_workload},
+        {"workload", KVF_CLI_CUSTOM, &a->workload, 0, 0, parse_workload},
         {"baseline", KVF_CLI_FLAG, &a->baseline, 0, 0, NULL},
         {"working-set", KVF_CLI_CUSTOM, &a->working_set, 0, 4ull << 30, bench_opt_size},
         {"reps", KVF_CLI_U64, &a->reps, 1, BENCH_MAX_REPS, NULL},
@@ -193,14 +199,16 @@ int bench_args_parse(int argc, char **argv, bench_args_t *a)
     bool batch_given = a->batch != 0;
     if (!batch_given)
         a->batch = 1;
-    if (a->kv && (a->nsizes || batch_given)) {
-        fprintf(stderr, "kvferry " BENCH_CMD ": --workload kv sets the blocks and the batch; drop "
-                        "--block-size and --batch\n");
+    if (a->workload != BENCH_WL_BLOCKS && (a->nsizes || batch_given)) {
+        fprintf(stderr,
+                "kvferry " BENCH_CMD ": --workload %s sets the blocks and the batch; drop "
+                "--block-size and --batch\n",
+                bench_workload_name(a->workload));
         return KVF_CLI_EXIT_USAGE;
     }
-    if (!a->kv && a->nsizes == 0 && a->nprocs) {
+    if (a->workload == BENCH_WL_BLOCKS && a->nsizes == 0 && a->nprocs) {
         a->sizes[a->nsizes++] = 1u << 20;
-    } else if (!a->kv && a->nsizes == 0) {
+    } else if (a->workload == BENCH_WL_BLOCKS && a->nsizes == 0) {
         a->sizes[a->nsizes++] = 64u << 10;
         a->sizes[a->nsizes++] = 1u << 20;
         a->sizes[a->nsizes++] = 4u << 20;
@@ -215,7 +223,7 @@ int bench_args_parse(int argc, char **argv, bench_args_t *a)
                         "the target process with process_vm_writev); drop --target\n");
         return KVF_CLI_EXIT_USAGE;
     }
-    if (a->nprocs && (a->target || a->baseline || a->kv || a->nsizes > 1 || a->op != KVF_OP_WRITE)) {
+    if (a->nprocs && (a->target || a->baseline || a->workload != BENCH_WL_BLOCKS || a->nsizes > 1 || a->op != KVF_OP_WRITE)) {
         fprintf(stderr, "kvferry " BENCH_CMD ": --procs runs writes of one --block-size into "
                         "the local target; drop --target, --baseline, --workload and --op\n");
         return KVF_CLI_EXIT_USAGE;

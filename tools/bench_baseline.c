@@ -9,9 +9,12 @@
  *                      receiver thread doing recv() into the second buffer; no framing at all
  *   tcp_pingpong       the same, but each layout is answered with an 8-byte ack before the next
  *                      is sent: the latency floor of a request over TCP
+ *   raw_tcp_gather     the raw_tcp stream, each layout sent with writev and received with readv
+ *                      (IOV_MAX blocks per call): the best one connection does with scattered blocks
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
@@ -42,23 +45,32 @@ const bench_method_t bench_memcpy = {
 
 /* ---- process_vm_writev / readv ------------------------------------------------------------- */
 
+/* One call per layout, or per IOV_MAX blocks of a layout that has more. */
 static int pvm_call(bench_worker_t *w, size_t base)
 {
     const bench_layout_t *l = w->lay;
+    size_t want = 0;
     for (size_t i = 0; i < l->n; i++) {
         size_t o = base + l->off[i];
         w->liov[i] = (struct iovec){.iov_base = w->local + o, .iov_len = l->len[i]};
         w->riov[i] =
             (struct iovec){.iov_base = (void *)(uintptr_t)(w->remote + o), .iov_len = l->len[i]};
     }
-    ssize_t n = w->op == KVF_OP_WRITE
-                    ? process_vm_writev(w->target_pid, w->liov, l->n, w->riov, l->n, 0)
-                    : process_vm_readv(w->target_pid, w->liov, l->n, w->riov, l->n, 0);
-    if (n != (ssize_t)l->bytes) {
-        snprintf(w->err, sizeof(w->err), "process_vm_%sv into pid %d moved %zd of %zu bytes: %s",
-                 w->op == KVF_OP_WRITE ? "write" : "read", (int)w->target_pid, n, l->bytes,
-                 n < 0 ? strerror(errno) : "short");
-        return -1;
+    for (size_t i = 0; i < l->n; i += IOV_MAX) {
+        unsigned long k = l->n - i < IOV_MAX ? l->n - i : IOV_MAX;
+        want = 0;
+        for (size_t j = i; j < i + k; j++)
+            want += l->len[j];
+        ssize_t n = w->op == KVF_OP_WRITE
+                        ? process_vm_writev(w->target_pid, w->liov + i, k, w->riov + i, k, 0)
+                        : process_vm_readv(w->target_pid, w->liov + i, k, w->riov + i, k, 0);
+        if (n != (ssize_t)want) {
+            snprintf(w->err, sizeof(w->err),
+                     "process_vm_%sv into pid %d moved %zd of %zu bytes: %s",
+                     w->op == KVF_OP_WRITE ? "write" : "read", (int)w->target_pid, n, want,
+                     n < 0 ? strerror(errno) : "short");
+            return -1;
+        }
     }
     return 0;
 }
@@ -109,6 +121,39 @@ int bench_recv_all(int fd, void *buf, size_t len)
     return 1;
 }
 
+/* Move all of @iov (@n entries, changed on the way) with writev or readv, IOV_MAX at a time.
+ * Returns 1 when done, 0 at end of stream before the first byte, -1 on error. */
+static int iov_all(int fd, struct iovec *iov, size_t n, bool out)
+{
+    size_t moved = 0;
+    while (n) {
+        int k = n < IOV_MAX ? (int)n : IOV_MAX;
+        ssize_t r = out ? writev(fd, iov, k) : readv(fd, iov, k);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r == 0 && !out && moved == 0)
+            return 0;
+        if (r <= 0)
+            return -1;
+        moved += (size_t)r;
+        for (size_t got = (size_t)r; got;) {
+            size_t step = got < iov->iov_len ? got : iov->iov_len;
+            iov->iov_base = (uint8_t *)iov->iov_base + step;
+            iov->iov_len -= step;
+            got -= step;
+            if (iov->iov_len == 0) {
+                iov++;
+                n--;
+            }
+        }
+        while (n && iov->iov_len == 0) {
+            iov++;
+            n--;
+        }
+    }
+    return 1;
+}
+
 /* The receiving side: the layout's blocks in order, each at its place in the scratch slice,
  * cycling through the spans like the sender; in ping-pong mode an ack after each layout. */
 static void *tcp_receiver(void *arg)
@@ -118,6 +163,19 @@ static void *tcp_receiver(void *arg)
     uint64_t ack = 0;
     for (size_t c = 0;; c++) {
         size_t base = (c % l->copies) * l->span;
+        if (w->gather) {
+            for (size_t i = 0; i < l->n; i++)
+                w->riov[i] = (struct iovec){w->scratch + base + l->off[i], l->len[i]};
+            int r = iov_all(w->rx_fd, w->riov, l->n, false);
+            if (r == 0)
+                return NULL;
+            if (r < 0) {
+                w->rx_failed = 1;
+                return NULL;
+            }
+            w->rx_bytes += l->bytes;
+            continue;
+        }
         for (size_t i = 0; i < l->n; i++) {
             int r = bench_recv_all(w->rx_fd, w->scratch + base + l->off[i], l->len[i]);
             if (r == 0 && i == 0)
@@ -135,7 +193,7 @@ static void *tcp_receiver(void *arg)
     }
 }
 
-static int tcp_start(bench_worker_t *w, bool pingpong)
+static int tcp_start(bench_worker_t *w, bool pingpong, bool gather)
 {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t alen = sizeof(a);
@@ -143,6 +201,7 @@ static int tcp_start(bench_worker_t *w, bool pingpong)
     int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     w->fd = w->rx_fd = -1;
     w->pingpong = pingpong;
+    w->gather = gather;
     w->rx_bytes = 0;
     w->rx_failed = 0;
     if (ls < 0 || bind(ls, (struct sockaddr *)&a, sizeof(a)) < 0 || listen(ls, 1) < 0 ||
@@ -174,17 +233,31 @@ fail:
 
 static int raw_tcp_start(bench_worker_t *w)
 {
-    return tcp_start(w, false);
+    return tcp_start(w, false, false);
 }
 
 static int pingpong_start(bench_worker_t *w)
 {
-    return tcp_start(w, true);
+    return tcp_start(w, true, false);
+}
+
+static int gather_start(bench_worker_t *w)
+{
+    return tcp_start(w, false, true);
 }
 
 static int tcp_call(bench_worker_t *w, size_t base)
 {
     const bench_layout_t *l = w->lay;
+    if (w->gather) {
+        for (size_t i = 0; i < l->n; i++)
+            w->liov[i] = (struct iovec){w->local + base + l->off[i], l->len[i]};
+        if (iov_all(w->fd, w->liov, l->n, true) < 0) {
+            snprintf(w->err, sizeof(w->err), "writev: %s", strerror(errno));
+            return -1;
+        }
+        return 0;
+    }
     for (size_t i = 0; i < l->n; i++) {
         if (bench_send_all(w->fd, w->local + base + l->off[i], l->len[i]) < 0) {
             snprintf(w->err, sizeof(w->err), "send: %s", strerror(errno));
@@ -243,6 +316,17 @@ const bench_method_t bench_tcp_pingpong = {
     .name = "tcp_pingpong",
     .label = "raw TCP ping-pong",
     .start = pingpong_start,
+    .call = tcp_call,
+    .finish = tcp_finish,
+    .cleanup = tcp_cleanup,
+};
+
+/* The same stream, but each layout sent with writev and received with readv, IOV_MAX blocks
+ * per system call: the best one plain connection does with scattered blocks. */
+const bench_method_t bench_raw_tcp_gather = {
+    .name = "raw_tcp_gather",
+    .label = "raw TCP writev/readv",
+    .start = gather_start,
     .call = tcp_call,
     .finish = tcp_finish,
     .cleanup = tcp_cleanup,

@@ -45,6 +45,27 @@ void bench_layout_kv(bench_layout_t *l, size_t working_set)
     layout_finish(l, pos, working_set);
 }
 
+void bench_layout_pages(bench_layout_t *l, size_t working_set)
+{
+    size_t pos = 0;
+    l->n = 0;
+    l->bytes = 0;
+    for (unsigned layer = 0; layer < BENCH_KV_LAYERS; layer++) {
+        for (unsigned page = 0; page < 2 * BENCH_PAGES_PER_LAYER; page++) {
+            l->off[l->n] = pos;
+            l->len[l->n++] = BENCH_PAGE_BYTES;
+            l->bytes += BENCH_PAGE_BYTES;
+            pos += BENCH_PAGE_BYTES + BENCH_PAGE;
+        }
+    }
+    layout_finish(l, pos, working_set);
+}
+
+const char *bench_workload_name(bench_workload_t w)
+{
+    return w == BENCH_WL_KV ? "kv" : w == BENCH_WL_PAGES ? "pages" : "blocks";
+}
+
 size_t bench_layout_slice(const bench_layout_t *l)
 {
     return l->span * l->copies;

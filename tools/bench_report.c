@@ -30,8 +30,8 @@ void bench_print_header(void)
 void bench_print_run(const bench_t *b, const bench_layout_t *l, const bench_stats_t *s)
 {
     char block[32];
-    if (b->a.kv)
-        snprintf(block, sizeof(block), "kv");
+    if (b->a.workload != BENCH_WL_BLOCKS)
+        snprintf(block, sizeof(block), "%s", bench_workload_name(b->a.workload));
     else
         bench_size_name(l->len[0], block, sizeof(block));
     printf("%-9s %-5s %-9s %5zu %3" PRIu64 " %8.2f %11.0f %9.1f %9.1f %9.1f %10.1f\n",

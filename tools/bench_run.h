@@ -38,10 +38,21 @@
 #define BENCH_KV_BIG            (128u << 10)
 #define BENCH_KV_SMALL          (16u << 10)
 #define BENCH_PAGE              4096u
+#define BENCH_MAX_BASE          3u /* baselines of one layout */
+#define BENCH_PAGES_PER_LAYER   16u         /* --workload pages: pages of K and of V per layer */
+#define BENCH_PAGE_BYTES        (16u << 10) /* --workload pages: one KV page */
 #define BENCH_MAX_PROCS_RUNS    8u            /* values of --procs */
 #define BENCH_MAX_PROCS         64u           /* initiator processes of one --procs run */
 #define BENCH_PROCS_WORKING_SET (8u << 20)  /* --working-set default under --procs */
 #define BENCH_PROCS_READY_MS    120000u     /* bound on N processes setting up, loaded machine */
+
+/* --workload: what one call moves. */
+typedef enum {
+    BENCH_WL_BLOCKS, /* --batch blocks of --block-size, adjacent */
+    BENCH_WL_KV,     /* the DeepSeek-R1 layer layout */
+    BENCH_WL_PAGES,  /* a paged KV cache, 1,952 discrete 16 KiB pages */
+} bench_workload_t;
+
 typedef struct {
     kvf_transport_kind_t transport;
     kvf_op_t op;
@@ -50,7 +61,7 @@ typedef struct {
     uint64_t batch, threads, iterations, reps, window;
     double duration; /* 0 = not given */
     bool alloc;      /* target memory from kvf_mem_alloc */
-    bool kv;
+    bench_workload_t workload;
     bool baseline;
     size_t working_set;
     const char *target;
@@ -121,6 +132,11 @@ int bench_args_parse(int argc, char **argv, bench_args_t *a);
 void bench_layout_blocks(bench_layout_t *l, size_t block, size_t batch, size_t working_set);
 /* The DeepSeek-R1 per-layer layout (--workload kv). */
 void bench_layout_kv(bench_layout_t *l, size_t working_set);
+/* A paged KV cache as the frameworks send it (--workload pages): per layer 16 K pages and 16 V
+ * pages of 16 KiB, no two adjacent. */
+void bench_layout_pages(bench_layout_t *l, size_t working_set);
+/* The workload's name in reports and JSON: "blocks", "kv" or "pages". */
+const char *bench_workload_name(bench_workload_t w);
 /* Bytes of a thread's slice: every copy of the span. */
 size_t bench_layout_slice(const bench_layout_t *l);
 

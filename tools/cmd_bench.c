@@ -31,7 +31,8 @@
 #include "clock.h"
 
 /* The repetition of method @m with the median GB/s. */
-static bench_stats_t *median_rep(bench_stats_t (*all)[3], unsigned reps, size_t m)
+static bench_stats_t *median_rep(bench_stats_t (*all)[1 + BENCH_MAX_BASE], unsigned reps,
+                                 size_t m)
 {
     /* Zeroed only to quiet GCC's maybe-uninitialized: reps >= 1 entries are always set. */
     unsigned idx[BENCH_MAX_REPS] = {0};
@@ -50,16 +51,16 @@ static bench_stats_t *median_rep(bench_stats_t (*all)[3], unsigned reps, size_t 
  * repetition. Returns 0 or 1. */
 static int run_layout(bench_t *b, const bench_layout_t *l)
 {
-    bench_stats_t s, bs[2], all[BENCH_MAX_REPS][3];
-    const bench_method_t *base[2];
+    bench_stats_t s, bs[BENCH_MAX_BASE], all[BENCH_MAX_REPS][1 + BENCH_MAX_BASE];
+    const bench_method_t *base[BENCH_MAX_BASE];
     size_t nbase = 0;
     unsigned reps = (unsigned)b->a.reps;
     char what[128], block[32], err[512];
     int checked = 0;
     bool shm = false, latency = false;
 
-    if (b->a.kv)
-        snprintf(block, sizeof(block), "kv workload");
+    if (b->a.workload != BENCH_WL_BLOCKS)
+        snprintf(block, sizeof(block), "%s workload", bench_workload_name(b->a.workload));
     else
         bench_size_name(l->len[0], block, sizeof(block));
     /* Repetitions alternate kvferry and its baselines, so that a burst of load from elsewhere
@@ -91,6 +92,8 @@ static int run_layout(bench_t *b, const bench_layout_t *l)
                 base[nbase++] = &bench_raw_tcp;
                 if (l->bytes <= BENCH_PINGPONG_MAX)
                     base[nbase++] = &bench_tcp_pingpong;
+                if (l->n > 1)
+                    base[nbase++] = &bench_raw_tcp_gather;
             }
             latency = !shm && l->bytes <= BENCH_PINGPONG_MAX;
             /* Now known for this layout (the guess was one baseline). */
@@ -107,7 +110,7 @@ static int run_layout(bench_t *b, const bench_layout_t *l)
             }
         }
     }
-    json_t *reps_json[3];
+    json_t *reps_json[1 + BENCH_MAX_BASE];
     for (size_t m = 0; m < 1 + nbase; m++) {
         bench_stats_t *pick = median_rep(all, reps, m);
         bench_stats_t *dst = m == 0 ? &s : &bs[m - 1];
@@ -135,7 +138,7 @@ static int run_layout(bench_t *b, const bench_layout_t *l)
         "s:I,s:b,s:i}",
         "transport", b->transport_used, "transport_requested", kvf_cli_transport_name(b->a.transport), "op",
         b->a.op == KVF_OP_WRITE ? "write" : "read", "memory", b->target_memory, "workload",
-        b->a.kv ? "kv" : "blocks", "block_size", (json_int_t)(l->bytes / l->n), "batch",
+        bench_workload_name(b->a.workload), "block_size", (json_int_t)(l->bytes / l->n), "batch",
         (json_int_t)l->n, "blocks", (json_int_t)l->n, "bytes_per_call", (json_int_t)l->bytes,
         "threads", (json_int_t)b->a.threads, "calls", (json_int_t)s.calls, "bytes",
         (json_int_t)(s.calls * l->bytes), "seconds", s.seconds, "gbps", s.gbps, "ops_per_s",
@@ -252,6 +255,14 @@ static int bench_setup(bench_t *b, size_t need)
         return -1;
     }
     b->ready_ms = (double)(cli_now_ns() - t0) / 1e6;
+    /* The source registered too, as the frameworks register their KV cache on the Prefill side
+     * (batch_register_memory): registration is where its pages are first touched by the kernel,
+     * not the first timed call (docs/performance.md, "Cold start"). */
+    rc = kvf_mem_register(b->e, b->local, b->local_len);
+    if (rc < 0) {
+        kvf_cli_fail(BENCH_CMD, rc, "registering the initiator's %zu-byte buffer", b->local_len);
+        return -1;
+    }
     return 0;
 }
 
@@ -326,10 +337,12 @@ int kvf_cli_bench(int argc, char **argv)
     b->tty = !b->a.quiet && isatty(2);
 
     static bench_layout_t layouts[BENCH_MAX_SIZES];
-    size_t nlay = b->a.kv ? 1 : b->a.nsizes;
+    size_t nlay = b->a.workload != BENCH_WL_BLOCKS ? 1 : b->a.nsizes;
     for (size_t i = 0; i < nlay; i++) {
-        if (b->a.kv)
+        if (b->a.workload == BENCH_WL_KV)
             bench_layout_kv(&layouts[i], b->a.working_set);
+        else if (b->a.workload == BENCH_WL_PAGES)
+            bench_layout_pages(&layouts[i], b->a.working_set);
         else
             bench_layout_blocks(&layouts[i], b->a.sizes[i], b->a.batch, b->a.working_set);
         if (bench_layout_slice(&layouts[i]) > b->slice)

@@ -121,6 +121,110 @@ static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, si
     return rc;
 }
 
+/*
+ * Coalescing: the frameworks pass thousands of pages per call, and neighbouring pages are often
+ * adjacent on both sides. A run of elements with the same op whose local and remote ranges each
+ * continue the previous one travels as one element: one frame and one answer over tcp, one copy
+ * over shm. The merged batch is checked against the peer's regions as any batch is, so a run
+ * that would cross from one region into the next is not merged (the whole batch then goes as
+ * given). Per-element results are spread back to the caller's elements, and a failure names the
+ * caller's elements behind the merged one.
+ */
+typedef struct {
+    kvf_xfer_t *x;  /* merged elements */
+    size_t *first;  /* first[k]: the caller's index of merged element k; first[m] = n */
+    int *status;    /* per merged element */
+    size_t m;
+} merged_t;
+
+static bool adjacent(const kvf_xfer_t *a, const kvf_xfer_t *b)
+{
+    return a->op == b->op && (const uint8_t *)a->local + a->len == (const uint8_t *)b->local &&
+           a->remote + a->len == b->remote;
+}
+
+/* Fill @mg when merging shrinks @x by a worthwhile share; returns false (nothing allocated)
+ * when the batch should go as given. */
+static bool merge_build(const kvf_xfer_t *x, size_t n, merged_t *mg)
+{
+    size_t m = 1;
+    for (size_t i = 1; i < n; i++)
+        m += !adjacent(&x[i - 1], &x[i]);
+    if (m == n || m > n - n / 8) /* fewer than 1 in 8 saved: not worth a copy of the batch */
+        return false;
+    mg->x = malloc(m * sizeof(*mg->x));
+    mg->first = malloc((m + 1) * sizeof(*mg->first));
+    mg->status = malloc(m * sizeof(*mg->status));
+    if (!mg->x || !mg->first || !mg->status) {
+        free(mg->x);
+        free(mg->first);
+        free(mg->status);
+        return false;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0 && adjacent(&x[i - 1], &x[i])) {
+            mg->x[k - 1].len += x[i].len;
+            continue;
+        }
+        mg->first[k] = i;
+        mg->x[k++] = x[i];
+    }
+    mg->first[k] = n;
+    mg->m = k;
+    for (size_t j = 0; j < k; j++)
+        mg->status[j] = KVF_XFER_PENDING;
+    return true;
+}
+
+static void merge_free(merged_t *mg)
+{
+    free(mg->x);
+    free(mg->first);
+    free(mg->status);
+}
+
+/* The results of the merged elements as the caller's, and a failure's message naming them. */
+static int merge_finish(merged_t *mg, const kvf_xfer_ctl_t *ctl, int rc)
+{
+    size_t bad = mg->m;
+    for (size_t k = 0; k < mg->m; k++) {
+        if (ctl && ctl->status)
+            for (size_t i = mg->first[k]; i < mg->first[k + 1]; i++)
+                ctl->status[i] = mg->status[k];
+        if (bad == mg->m && mg->status[k] < 0 && mg->status[k] != KVF_XFER_PENDING)
+            bad = k;
+    }
+    if (rc < 0 && bad < mg->m) {
+        char msg[512];
+        snprintf(msg, sizeof(msg), "%s", kvf_last_error());
+        kvf__err(rc, "%s (element %zu as sent is elements %zu..%zu of the call, merged because "
+                     "they are adjacent)",
+                 msg, bad, mg->first[bad], mg->first[bad + 1] - 1);
+    }
+    return rc;
+}
+
+/* peer_transfer() of @x, merged where elements are adjacent on both sides. */
+static int peer_transfer_merged(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, size_t n,
+                                uint64_t deadline, const kvf_xfer_ctl_t *ctl)
+{
+    merged_t mg;
+    size_t bad;
+    if (n < 2 || p->tops->check == KVF_CHECK_DIRECT || !merge_build(x, n, &mg))
+        return peer_transfer(e, p, x, n, deadline, ctl);
+    /* A merged run must lie in one region; if the cache says otherwise (or is stale), the
+     * batch goes as given and meets the usual checks. */
+    if (kvf__peer_check(p, mg.x, mg.m, &bad) < 0) {
+        merge_free(&mg);
+        return peer_transfer(e, p, x, n, deadline, ctl);
+    }
+    kvf_xfer_ctl_t mctl = {.status = mg.status, .cancel = ctl ? ctl->cancel : NULL};
+    int rc = merge_finish(&mg, ctl, peer_transfer(e, p, mg.x, mg.m, deadline, &mctl));
+    merge_free(&mg);
+    return rc;
+}
+
 /* The index in kvf__transports of the path @p uses (held shared), for the statistics. */
 static size_t path_index(const eng_peer_t *p)
 {
@@ -142,7 +246,7 @@ int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, si
     }
     size_t ti = path_index(p);
     eng_count_add(&p->in_flight, 1);
-    rc = kvf__peer_leave(p, peer_transfer(e, p, x, n, deadline, ctl), "transfer");
+    rc = kvf__peer_leave(p, peer_transfer_merged(e, p, x, n, deadline, ctl), "transfer");
     atomic_fetch_sub_explicit(&p->in_flight, 1, memory_order_relaxed);
     /* The peer stays in the cache until destroy, which waits for this busy section. */
     kvf__stats_call(e, p, ti, x, n, rc, (kvf__now_ns() - t0) / 1000u);

@@ -272,6 +272,7 @@ struct tcp_peer {
     pthread_mutex_t mu;
     pthread_cond_t cv; /* active reaching 0 while closing */
     bool closing;
+    bool all_opened; /* every connection was opened once (on the first one's opening) */
     unsigned active; /* transfer() calls inside */
     atomic_uint rr;
     unsigned nconns;

@@ -47,6 +47,26 @@ static int tcp_send_lock(struct tcp_conn *c, uint64_t deadline_ms)
 }
 
 /*
+ * The first connection to a peer opens the others too, so that the first call whose chunk is
+ * routed to another connection does not pay a connect, a hello (and a handshake) and the
+ * target's start of serving it (docs/performance.md, "Cold start"). A connection that fails
+ * here is opened again by the call that needs it. Under peer->mu (dropped while connecting).
+ */
+static void tcp_open_others_locked(struct tcp_peer *p, const struct tcp_conn *first,
+                                   uint64_t deadline_ms)
+{
+    if (p->all_opened)
+        return;
+    p->all_opened = true;
+    for (unsigned i = 0; i < p->nconns && !p->closing; i++) {
+        struct tcp_conn *o = &p->conns[i];
+        if (o != first && o->state == TCP_CONN_DOWN && tcp_conn_open_locked(o, deadline_ms))
+            KVF_DEBUG(TCP_LOG, "opening connection %u to %s ahead of use: %s", i, p->sid,
+                      kvf_last_error());
+    }
+}
+
+/*
  * Post one chunk: find a usable connection and a free slot on it, register the request in the
  * slot (so the receiver can complete it), and send its frame from the caller's memory.
  * Returns 0 when the frame was sent (its completion comes later), or a negative code with the
@@ -77,6 +97,7 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
                                elem, kvf_last_error());
                 goto out_unlock;
             }
+            tcp_open_others_locked(p, c, deadline_ms);
             continue;
         }
         /* Connecting by another thread, or every slot in use: wait for a change. */

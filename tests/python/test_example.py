@@ -24,9 +24,9 @@ ITERATIONS = 2
 TIMEOUT_S = 90
 
 
-def run_seed_flow(procs, decode_first):
+def run_seed_flow(procs, decode_first, p2p=False):
     store_port, decode_port, prefill_port = free_port(), free_port(), free_port()
-    store_url = f"tcp://127.0.0.1:{store_port}"
+    store_url = "p2p://" if p2p else f"tcp://127.0.0.1:{store_port}"
     decode_sid = f"127.0.0.1:{decode_port}"
     common = ["--store-url", store_url, "--log-level", "2", "--iterations", str(ITERATIONS)]
     decode_args = [EXAMPLE, "--role", "Decode", "--src-session-id", decode_sid,
@@ -53,7 +53,10 @@ def run_seed_flow(procs, decode_first):
     assert rc_p == 0, f"prefill exit status {rc_p}"
 
     assert "register success." in out_d
-    assert f"config store created at {store_url}" in out_p
+    if p2p:
+        assert "config store" not in out_p  # no store anywhere
+    else:
+        assert f"config store created at {store_url}" in out_p
     assert out_p.count("write success peer_address=") == 10 * ITERATIONS
     assert out_d.count("-----------------begin read buffer info----------------") == ITERATIONS
     for i in range(10):
@@ -156,3 +159,10 @@ def test_prefill_stops_when_its_decode_dies(store, procs):
     assert rc == 1, f"exit status {rc}"
     assert took < 10, took
     assert f"Decode {decode_sid} went away" in out or "write failed" in out, out
+
+
+def test_seed_flow_p2p_no_store(procs):
+    """The same flow with p2p:// (issue 14): no store process anywhere; the Prefill finds the
+    Decode by its session id alone and the Decode answers the Prefill named by its
+    notifications."""
+    run_seed_flow(procs, decode_first=True, p2p=True)
