@@ -348,7 +348,7 @@ static void preauth_flood_does_not_lock_out_keyed_prefill(void **state)
     assert_int_equal(pthread_create(&th, NULL, flood_main, &f), 0);
     unsigned max_pre = 0;
     uint64_t t0 = kvf_test_now_ms();
-    while (served(&a, NULL) < KVF_TCP_MAX_PREAUTH && kvf_test_now_ms() - t0 < 2000)
+    while (served(&a, NULL) < 2 * KVF_TCP_MAX_PREAUTH_PER_ADDR && kvf_test_now_ms() - t0 < 2000)
         usleep(5000);
     for (unsigned round = 0; round < 5; round++) {
         unsigned pre = 0;
@@ -362,8 +362,9 @@ static void preauth_flood_does_not_lock_out_keyed_prefill(void **state)
     print_message("flood: %u connections opened; pre-auth at most %u; threads %u before, %u "
                   "during\n",
                   f.opened, max_pre, before, during);
-    assert_true(f.opened >= KVF_TCP_MAX_PREAUTH);
-    assert_in_range(max_pre, 0, KVF_TCP_MAX_PREAUTH);
+    /* The flood went past its two addresses' share, so connections were evicted meanwhile. */
+    assert_true(f.opened > 2 * KVF_TCP_MAX_PREAUTH_PER_ADDR);
+    assert_in_range(max_pre, 0, 2 * KVF_TCP_MAX_PREAUTH_PER_ADDR);
     assert_int_equal(during, before);
     node_stop(&b);
     node_stop(&a);

@@ -55,9 +55,11 @@
  * secret, the authentication handshake before it): a share apart from KVF_TCP_MAX_CONNS, so that
  * unauthenticated sockets cannot take the places of authenticated ones. One more evicts the
  * oldest of them (the oldest from its address when that address holds
- * KVF_TCP_MAX_PREAUTH_PER_ADDR). */
-#define KVF_TCP_MAX_PREAUTH          64u
-#define KVF_TCP_MAX_PREAUTH_PER_ADDR 16u
+ * KVF_TCP_MAX_PREAUTH_PER_ADDR). Such a connection costs a socket and a few KiB, no thread; the
+ * per-address share is as large as a host's legitimate burst: 64 engines of one host connecting
+ * at once (each opens its connections one after the other). */
+#define KVF_TCP_MAX_PREAUTH          256u
+#define KVF_TCP_MAX_PREAUTH_PER_ADDR 64u
 /* Longest a target waits for progress on a frame it has started to receive or send; a client
  * that stops in the middle of a frame is disconnected after this (its region reference is
  * released). */
