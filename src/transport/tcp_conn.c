@@ -100,8 +100,14 @@ void tcp_conn_break_locked(struct tcp_conn *c, uint64_t gen, int code, const cha
                                  "connection %u to %s broke with %u request(s) in flight: %s",
                                  c->idx, c->peer->sid, pending, why);
     }
-    if (c->fd >= 0)
+    if (c->fd >= 0) {
+        /* Abort, not just shut down: connect(AF_UNSPEC) drops what the kernel still holds to
+         * send (a withdrawn request's bytes, which would land at the target once a cut link
+         * returns, after the caller was told the call failed) and resets the connection. */
+        struct sockaddr unspec = {.sa_family = AF_UNSPEC};
+        (void)connect(c->fd, &unspec, sizeof(unspec));
         shutdown(c->fd, SHUT_RDWR);
+    }
     tcp_rx_wake(c);
     char msg[TCP_ERRMSG_LEN];
     /* A long reason is cut; the start names the connection and the peer. */

@@ -138,4 +138,40 @@ static inline bool tcp_hdr_common_ok(const tcp_hdr_t *h, char *why, size_t whyle
     return false;
 }
 
+/* The target's check of a request header (docs/protocol.md, "When the target closes a
+ * connection"), before anything is acquired or read for it; @hello_done: the connection's HELLO
+ * was served. Returns NULL, or a reason made of numbers only for closing the connection. */
+static inline const char *tcp_req_hdr_check(const tcp_hdr_t *h, bool hello_done, char *why,
+                                            size_t whylen)
+{
+    if (!tcp_hdr_common_ok(h, why, whylen))
+        return why;
+    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_STATS || h->type == KVF_TCP_RESP)
+        snprintf(why, whylen, "bad frame type %u", (unsigned)h->type);
+    else if (!hello_done && h->type != KVF_TCP_HELLO)
+        snprintf(why, whylen, "first frame is type %u, not HELLO", (unsigned)h->type);
+    else if (hello_done && h->type == KVF_TCP_HELLO)
+        snprintf(why, whylen, "second HELLO");
+    else if (h->status != 0)
+        snprintf(why, whylen, "non-zero status %" PRIu32 " in a request", h->status);
+    else if (h->type == KVF_TCP_HELLO && h->len > KVF_TCP_MAX_MSG)
+        snprintf(why, whylen, "HELLO length %" PRIu64 " over KVF_TCP_MAX_MSG (%u)", h->len,
+                 KVF_TCP_MAX_MSG);
+    else if (h->type == KVF_TCP_WRITEV && (h->addr == 0 || h->addr > KVF_TCP_MAX_SEGS))
+        snprintf(why, whylen, "WRITEV of %" PRIu64 " segments: want 1..KVF_TCP_MAX_SEGS (%u)",
+                 h->addr, KVF_TCP_MAX_SEGS);
+    else if (h->type == KVF_TCP_NOTIFY && h->len > KVF_NOTIFY_MAX)
+        snprintf(why, whylen, "NOTIFY length %" PRIu64 " over KVF_NOTIFY_MAX (%u)", h->len,
+                 KVF_NOTIFY_MAX);
+    else if (h->type == KVF_TCP_STATS && (h->len != 0 || h->addr != 0))
+        snprintf(why, whylen, "STATS with length %" PRIu64 " and address %" PRIu64 ", want 0 and 0",
+                 h->len, h->addr);
+    else if (h->len > KVF_TCP_MAX_CHUNK)
+        snprintf(why, whylen, "length %" PRIu64 " over KVF_TCP_MAX_CHUNK (%u)", h->len,
+                 KVF_TCP_MAX_CHUNK);
+    else
+        return NULL;
+    return why;
+}
+
 #endif /* KVF_TCP_PROTO_H */

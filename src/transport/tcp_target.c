@@ -162,39 +162,6 @@ static void sc_close_after(struct tcp_sconn *sc, const char *reason)
     sc->close_after = true;
 }
 
-/* Validate a request header. Returns NULL, or a reason for closing the connection. */
-static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why, size_t whylen)
-{
-    if (!tcp_hdr_common_ok(h, why, whylen))
-        return why;
-    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_STATS || h->type == KVF_TCP_RESP)
-        snprintf(why, whylen, "bad frame type %u", (unsigned)h->type);
-    else if (!hello_done && h->type != KVF_TCP_HELLO)
-        snprintf(why, whylen, "first frame is type %u, not HELLO", (unsigned)h->type);
-    else if (hello_done && h->type == KVF_TCP_HELLO)
-        snprintf(why, whylen, "second HELLO");
-    else if (h->status != 0)
-        snprintf(why, whylen, "non-zero status %" PRIu32 " in a request", h->status);
-    else if (h->type == KVF_TCP_HELLO && h->len > KVF_TCP_MAX_MSG)
-        snprintf(why, whylen, "HELLO length %" PRIu64 " over KVF_TCP_MAX_MSG (%u)", h->len,
-                 KVF_TCP_MAX_MSG);
-    else if (h->type == KVF_TCP_WRITEV && (h->addr == 0 || h->addr > KVF_TCP_MAX_SEGS))
-        snprintf(why, whylen, "WRITEV of %" PRIu64 " segments: want 1..KVF_TCP_MAX_SEGS (%u)",
-                 h->addr, KVF_TCP_MAX_SEGS);
-    else if (h->type == KVF_TCP_NOTIFY && h->len > KVF_NOTIFY_MAX)
-        snprintf(why, whylen, "NOTIFY length %" PRIu64 " over KVF_NOTIFY_MAX (%u)", h->len,
-                 KVF_NOTIFY_MAX);
-    else if (h->type == KVF_TCP_STATS && (h->len != 0 || h->addr != 0))
-        snprintf(why, whylen, "STATS with length %" PRIu64 " and address %" PRIu64 ", want 0 and 0",
-                 h->len, h->addr);
-    else if (h->len > KVF_TCP_MAX_CHUNK)
-        snprintf(why, whylen, "length %" PRIu64 " over KVF_TCP_MAX_CHUNK (%u)", h->len,
-                 KVF_TCP_MAX_CHUNK);
-    else
-        return NULL;
-    return why;
-}
-
 /* ---------------------------------------------------------------------------------------------
  * The handshake (engines with a key) and the mismatched configurations
  * ------------------------------------------------------------------------------------------- */
@@ -345,7 +312,7 @@ static int sc_header(struct tcp_sconn *sc, const char **reason, char *why, size_
         sc_recv(sc, SC_AUTH_REST, sc->small, rest);
         return 0;
     }
-    *reason = tcp_srv_check(h, sc->hello_done, why, whylen);
+    *reason = tcp_req_hdr_check(h, sc->hello_done, why, whylen);
     if (*reason)
         return -1;
     if (h->type != KVF_TCP_HELLO && h->type != KVF_TCP_NOTIFY &&
@@ -659,10 +626,24 @@ static int sc_sent(struct tcp_sconn *sc, const char **reason)
     return 0;
 }
 
+static const char sc_slow[] = "frame too slow (no progress for KVF_TCP_STALL_TIMEOUT_MS, below the "
+                              "minimum rate, or no hello within KVF_TCP_HELLO_TIMEOUT_MS)";
+
+/* Why an I/O error @err closes the connection. */
 static const char *sc_io_reason(int err, char *why, size_t whylen)
 {
     snprintf(why, whylen, "%s", strerror(err));
     return why;
+}
+
+/* A frame past its rate deadline moves no more bytes (checked before every receive and send, not
+ * only by the timer: bytes a trickling or long-stalled client sends late never land). */
+static bool sc_late(const struct tcp_sconn *sc, const char **reason)
+{
+    if (!sc->deadline_ms || kvf__now_ms() < sc->deadline_ms)
+        return false;
+    *reason = sc_slow;
+    return true;
 }
 
 int tcp_sc_run(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
@@ -681,6 +662,8 @@ int tcp_sc_run(struct tcp_sconn *sc, const char **reason, char *why, size_t whyl
             }
             if (moved >= SC_TURN_BYTES)
                 return 0;
+            if (sc_late(sc, reason))
+                return -1;
             struct msghdr mh = {.msg_iov = sc->wp, .msg_iovlen = (size_t)sc->wcnt};
             ssize_t r = sendmsg(sc->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
             if (r > 0) {
@@ -704,6 +687,8 @@ int tcp_sc_run(struct tcp_sconn *sc, const char **reason, char *why, size_t whyl
         }
         if (moved >= SC_TURN_BYTES)
             return 0;
+        if (sc_late(sc, reason))
+            return -1;
         struct msghdr mh = {.msg_iov = sc->rp, .msg_iovlen = (size_t)sc->rcnt};
         ssize_t r = recvmsg(sc->fd, &mh, MSG_DONTWAIT);
         if (r > 0) {
@@ -741,8 +726,6 @@ int tcp_sc_run(struct tcp_sconn *sc, const char **reason, char *why, size_t whyl
 
 int tcp_sc_tick(struct tcp_sconn *sc, uint64_t now, const char **reason, char *why, size_t whylen)
 {
-    static const char slow[] = "frame too slow (no progress for KVF_TCP_STALL_TIMEOUT_MS, below "
-                               "the minimum rate, or no hello within KVF_TCP_HELLO_TIMEOUT_MS)";
     struct tcp_transport *t = sc->t;
     bool between = !sc->want_out && sc->step == SC_HDR && sc->got == 0;
     *reason = NULL;
@@ -757,7 +740,7 @@ int tcp_sc_tick(struct tcp_sconn *sc, uint64_t now, const char **reason, char *w
             snprintf(why, whylen, "no HELLO within %u ms", sc_hello_ms(sc));
             *reason = why;
         } else {
-            *reason = slow;
+            *reason = sc_slow;
         }
         return -1;
     }
@@ -774,7 +757,7 @@ int tcp_sc_tick(struct tcp_sconn *sc, uint64_t now, const char **reason, char *w
     }
     if ((sc->deadline_ms && now >= sc->deadline_ms) ||
         now - sc->last_ms >= KVF_TCP_STALL_TIMEOUT_MS) {
-        *reason = slow;
+        *reason = sc_slow;
         return -1;
     }
     return 0;
