@@ -63,6 +63,10 @@
 
 /* Elements up to this size are gathered into WRITEVs by the initiator. */
 #define TCP_GATHER_ELEM_MAX (256u << 10)
+/* A connection idle at least this long is checked for the target's close (a FIN already
+ * received) before a request goes out on it; below KVF_MIN_TCP_IDLE_TIMEOUT_MS, so that a
+ * target's idle close is always seen, and long enough to cost the hot path nothing. */
+#define TCP_IDLE_CHECK_MS 50u
 /* A req_id's low bits are the index of its slot (KVF_TCP_MAX_INFLIGHT of them). */
 #define TCP_SLOT_BITS 7
 /* Default of a zero connect_timeout_ms in kvf_transport_params_t (zero conns_per_peer and
@@ -255,6 +259,7 @@ struct tcp_conn {
     pthread_mutex_t send_mu;
     uint8_t *scratch; /* receiver's drain buffer */
     unsigned nfree;
+    uint64_t idle_since_ms; /* when it opened or its last request ended (nfree was full) */
     uint16_t free_slots[KVF_TCP_MAX_INFLIGHT];
     struct tcp_slot slots[KVF_TCP_MAX_INFLIGHT];
 };

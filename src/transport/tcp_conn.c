@@ -50,6 +50,8 @@ void tcp_slot_finish(struct tcp_conn *c, unsigned idx)
     s->req_id = 0;
     s->batch = NULL;
     c->free_slots[c->nfree++] = (uint16_t)idx;
+    if (c->nfree == KVF_TCP_MAX_INFLIGHT)
+        c->idle_since_ms = kvf__now_ms();
     if (c->waiters)
         pthread_cond_broadcast(&c->cv);
     if (--b->outstanding == 0 && b->waiting)
@@ -79,26 +81,46 @@ void tcp_rx_wake(struct tcp_conn *c)
         KVF_DEBUG(TCP_LOG, "connection %u: waking the receiver: %s", c->idx, strerror(errno));
 }
 
+/*
+ * Reset @fd at once: its send queue is dropped and an RST sent. shutdown() alone would send the
+ * queue, then a FIN: after a transfer timed out (a cut link, a stalled target) the target could
+ * still receive, and write into its memory, bytes of a call that has returned with an error,
+ * whenever the path comes back. connect(AF_UNSPEC) disconnects a TCP socket while it stays open
+ * (the receiver may still be in recv() on it); SO_LINGER 0 makes the final close() a reset too.
+ */
+static void tcp_fd_abort(int fd)
+{
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    struct sockaddr sa = {.sa_family = AF_UNSPEC};
+    if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) < 0)
+        KVF_DEBUG(TCP_LOG, "SO_LINGER 0: %s", strerror(errno));
+    if (connect(fd, &sa, sizeof(sa)) < 0)
+        KVF_DEBUG(TCP_LOG, "disconnect (connect AF_UNSPEC): %s", strerror(errno));
+}
+
 void tcp_conn_break_locked(struct tcp_conn *c, uint64_t gen, int code, const char *why)
 {
     if (c->gen != gen)
         return;
+    unsigned in_flight = 0;
+    for (unsigned i = 0; i < KVF_TCP_MAX_INFLIGHT; i++)
+        in_flight += c->slots[i].req_id != 0;
+    /* Requests in flight: nothing of theirs may arrive after they are failed. */
+    if (in_flight && c->fd >= 0)
+        tcp_fd_abort(c->fd);
     if (c->state == TCP_CONN_UP) {
         c->state = TCP_CONN_BROKEN;
         /* An idle connection closed by a peer that shut down is routine; a break that fails
          * requests in flight is worth a warning. */
-        unsigned pending = 0;
-        for (unsigned i = 0; i < KVF_TCP_MAX_INFLIGHT; i++)
-            pending += c->slots[i].req_id != 0;
         if (code == -KVF_ECLOSED)
             KVF_DEBUG(TCP_LOG, "connection %u to %s closed", c->idx, c->peer->sid);
-        else if (pending == 0)
+        else if (in_flight == 0)
             KVF_INFO(TCP_LOG, "connection %u to %s closed while idle: %s", c->idx, c->peer->sid,
                      why);
         else
             KVF_WARN_RATELIMITED(TCP_LOG,
                                  "connection %u to %s broke with %u request(s) in flight: %s",
-                                 c->idx, c->peer->sid, pending, why);
+                                 c->idx, c->peer->sid, in_flight, why);
     }
     if (c->fd >= 0) {
         /* Abort, not just shut down: connect(AF_UNSPEC) drops what the kernel still holds to
@@ -504,6 +526,7 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
     if (rc && fd >= 0 && c->fd != fd)
         close(fd);
     c->state = rc ? TCP_CONN_DOWN : TCP_CONN_UP;
+    c->idle_since_ms = kvf__now_ms();
     pthread_mutex_unlock(&c->send_mu);
     pthread_cond_broadcast(&c->cv);
     if (rc)

@@ -47,6 +47,21 @@ static int tcp_send_lock(struct tcp_conn *c, uint64_t deadline_ms)
 }
 
 /*
+ * Did the target close @c while it was idle (its idle timeout)? Its FIN is then waiting on the
+ * socket: sending on it anyway would fail the request as "closed by the peer", so look first
+ * (a non-blocking peek, only on a connection idle for TCP_IDLE_CHECK_MS). Under peer->mu.
+ */
+static bool tcp_idle_closed_locked(struct tcp_conn *c)
+{
+    if (c->nfree != KVF_TCP_MAX_INFLIGHT || c->reader != TCP_READER_NONE ||
+        kvf__now_ms() - c->idle_since_ms < TCP_IDLE_CHECK_MS)
+        return false;
+    char byte;
+    ssize_t n = recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
+/*
  * The first connection to a peer opens the others too, so that the first call whose chunk is
  * routed to another connection does not pay a connect, a hello (and a handshake) and the
  * target's start of serving it (docs/performance.md, "Cold start"). A connection that fails
@@ -88,8 +103,14 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
             rc = -KVF_ECLOSED;
             goto out_unlock;
         }
-        if (c->state == TCP_CONN_UP && c->nfree > 0)
+        if (c->state == TCP_CONN_UP && c->nfree > 0) {
+            if (tcp_idle_closed_locked(c)) {
+                tcp_conn_break_locked(c, c->gen, -KVF_EPEERGONE,
+                                      "closed by the peer while idle (found before sending)");
+                continue;
+            }
             break;
+        }
         if (c->state == TCP_CONN_DOWN || c->state == TCP_CONN_BROKEN) {
             rc = tcp_conn_open_locked(c, deadline_ms);
             if (rc) {
