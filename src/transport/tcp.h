@@ -452,6 +452,10 @@ void tcp_slot_finish(struct tcp_conn *c, unsigned idx);
 /* Fail one slot with @code, naming its element and @why. */
 void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char *why);
 
+/* Reset @fd at once, dropping its send queue (SO_LINGER 0, connect(AF_UNSPEC)); the fd stays
+ * valid for a receiver still in recv() on it. */
+void tcp_fd_abort(int fd);
+
 /* Wake the receiver thread (after a role change or a break). */
 void tcp_rx_wake(struct tcp_conn *c);
 

@@ -88,7 +88,7 @@ void tcp_rx_wake(struct tcp_conn *c)
  * whenever the path comes back. connect(AF_UNSPEC) disconnects a TCP socket while it stays open
  * (the receiver may still be in recv() on it); SO_LINGER 0 makes the final close() a reset too.
  */
-static void tcp_fd_abort(int fd)
+void tcp_fd_abort(int fd)
 {
     struct linger lg = {.l_onoff = 1, .l_linger = 0};
     struct sockaddr sa = {.sa_family = AF_UNSPEC};
@@ -122,14 +122,8 @@ void tcp_conn_break_locked(struct tcp_conn *c, uint64_t gen, int code, const cha
                                  "connection %u to %s broke with %u request(s) in flight: %s",
                                  c->idx, c->peer->sid, in_flight, why);
     }
-    if (c->fd >= 0) {
-        /* Abort, not just shut down: connect(AF_UNSPEC) drops what the kernel still holds to
-         * send (a withdrawn request's bytes, which would land at the target once a cut link
-         * returns, after the caller was told the call failed) and resets the connection. */
-        struct sockaddr unspec = {.sa_family = AF_UNSPEC};
-        (void)connect(c->fd, &unspec, sizeof(unspec));
+    if (c->fd >= 0)
         shutdown(c->fd, SHUT_RDWR);
-    }
     tcp_rx_wake(c);
     char msg[TCP_ERRMSG_LEN];
     /* A long reason is cut; the start names the connection and the peer. */

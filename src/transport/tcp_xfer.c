@@ -261,9 +261,11 @@ static void tcp_batch_abort(struct tcp_peer *p, struct tcp_batch *b)
         }
         /* A withdrawn write may still be on its way (in this kernel's send queue, or behind a
          * cut link): the connection is aborted, so that none of it lands after we return. */
-        if (cut && c->state == TCP_CONN_UP)
+        if (cut && c->state == TCP_CONN_UP) {
+            tcp_fd_abort(c->fd);
             tcp_conn_break_locked(c, c->gen, -KVF_EPEERGONE,
                                   "a write timed out: its unanswered bytes are cut off");
+        }
     }
 }
 
