@@ -94,6 +94,9 @@ static void io_close(struct tcp_sconn *sc, int rc, const char *reason)
 {
     struct tcp_transport *t = sc->t;
     epoll_ctl(sc->io->ep, EPOLL_CTL_DEL, sc->fd, NULL);
+    /* The peer is told (FIN) before the connection stops being counted: whoever sees it gone
+     * (tcp_holders, the caps, a test) may rely on the peer being able to see it too. */
+    shutdown(sc->fd, SHUT_RDWR);
     tcp_sc_end(sc);
     pthread_mutex_lock(&t->mu);
     for (struct tcp_sconn **pp = &t->sconns; *pp; pp = &(*pp)->next) {
