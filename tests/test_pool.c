@@ -40,8 +40,10 @@ typedef struct {
 /* A transport on 127.0.0.1, any port, with @key (NULL: none). */
 static void node_start(node_t *n, const kvf_auth_key_t *key)
 {
+    /* A Prefill may wait behind a flood in the listen backlog (slowly under ASan): its connect
+     * gets the writes' 10 s. */
     kvf_transport_params_t p = {
-        .local_sid = "127.0.0.1:0", .conns_per_peer = 1, .connect_timeout_ms = 2000, .auth = key};
+        .local_sid = "127.0.0.1:0", .conns_per_peer = 1, .connect_timeout_ms = 10000, .auth = key};
     assert_kvf_ok(kvf__session_id_parse(p.local_sid, &p.listen));
     assert_kvf_ok(kvf__regions_create(&n->rt));
     p.regions = n->rt;

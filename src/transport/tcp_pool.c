@@ -94,10 +94,11 @@ static void io_close(struct tcp_sconn *sc, int rc, const char *reason)
 {
     struct tcp_transport *t = sc->t;
     epoll_ctl(sc->io->ep, EPOLL_CTL_DEL, sc->fd, NULL);
-    /* The peer is told (FIN) before the connection stops being counted: whoever sees it gone
-     * (tcp_holders, the caps, a test) may rely on the peer being able to see it too. */
-    shutdown(sc->fd, SHUT_RDWR);
+    /* Its region references go first, then the peer is told (FIN), then it stops being counted:
+     * a peer that sees the close may unregister at once, and whoever sees it gone may rely on
+     * the peer being able to see it too. */
     tcp_sc_end(sc);
+    shutdown(sc->fd, SHUT_RDWR);
     pthread_mutex_lock(&t->mu);
     for (struct tcp_sconn **pp = &t->sconns; *pp; pp = &(*pp)->next) {
         if (*pp == sc) {
@@ -270,12 +271,20 @@ static struct tcp_sconn *preauth_victim(struct tcp_transport *t, const struct tc
     if (*held >= KVF_TCP_MAX_PREAUTH_PER_ADDR) {
         from = sc;
     } else if (t->npreauth >= KVF_TCP_MAX_PREAUTH) {
+        /* The pre-auth connections only (at most KVF_TCP_MAX_PREAUTH), counted pairwise. */
+        const struct tcp_sconn *pre[KVF_TCP_MAX_PREAUTH];
+        unsigned np = 0;
+        for (const struct tcp_sconn *o = t->sconns; o && np < KVF_TCP_MAX_PREAUTH; o = o->next)
+            if (o->preauth)
+                pre[np++] = o;
         *held = 0;
-        for (const struct tcp_sconn *o = t->sconns; o; o = o->next) {
-            unsigned n = o->preauth ? preauth_from(t, o) : 0;
+        for (unsigned i = 0; i < np; i++) {
+            unsigned n = 0;
+            for (unsigned j = 0; j < np; j++)
+                n += same_ip(pre[i], pre[j]);
             if (n > *held) {
                 *held = n;
-                from = o;
+                from = pre[i];
             }
         }
     }
