@@ -3,7 +3,7 @@
  * specified in docs/protocol.md ("Transfer protocol"); its constants are in tcp_proto.h. tcp.h
  * lists the transport's files and says how its objects are locked.
  *
- * This file holds the transport object: create (the listening socket and the accept thread),
+ * This file holds the transport object: create (the listening socket and the target's threads),
  * destroy, and the ops table.
  */
 #include <errno.h>
@@ -142,11 +142,9 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
         rc = kvf__err(-errno, "tcp create: eventfd: %s", strerror(errno));
         goto out_wake;
     }
-    rc = kvf__thread_start(&t->accept_thread, "kvf-tcp-accept", 0, tcp_accept_main, t);
-    if (rc) {
-        rc = kvf__err(rc, "tcp create: accept thread: %s", strerror(-rc));
+    rc = tcp_pool_start(t);
+    if (rc)
         goto out_reap;
-    }
     KVF_INFO(TCP_LOG, "listening on %s%s", t->listen_str,
              t->auth.len ? " (peers must prove the cluster secret)" : "");
     if (!t->auth.len && !kvf__hostport_is_loopback(&p->listen))
@@ -186,18 +184,11 @@ static void tcp_destroy(kvf_transport_t *tt)
     uint64_t one = 1;
     if (write(t->wake_fd, &one, sizeof(one)) < 0)
         KVF_WARN(TCP_LOG, "destroy %s: eventfd: %s", t->listen_str, strerror(errno));
-    pthread_join(t->accept_thread, NULL);
+    /* The I/O threads cut every served connection, giving back its region references, before
+     * they end: only then may the engine destroy the region table. */
+    tcp_pool_stop(t);
     close(t->listen_fd);
     close(t->wake_fd);
-
-    /* Cut every served connection: a thread blocked in recv() or send() returns at once, gives
-     * back any region reference, and ends. Only then may the engine destroy the region table. */
-    pthread_mutex_lock(&t->mu);
-    for (struct tcp_sconn *sc = t->sconns; sc; sc = sc->next)
-        shutdown(sc->fd, SHUT_RDWR);
-    pthread_mutex_unlock(&t->mu);
-    tcp_reap_sconns(t, true);
-    /* Only now: a serving thread signals it as its last act. */
     close(t->reap_fd);
 
     tcp_peer_detach_all(t);

@@ -8,8 +8,11 @@
  *                 statistics (STATS)
  *   tcp_p2p.c     the target's answer to a P2P record request (common/p2p.h): a connection
  *                 whose first bytes are that request, instead of a HELLO
- *   tcp_target.c  the target side: the accept thread, one serving thread per connection, and
- *                 the authoritative checks of every request against the region table
+ *   tcp_target.c  the target side: one served connection as a state machine over a
+ *                 non-blocking socket, and the authoritative checks of every request against
+ *                 the region table
+ *   tcp_pool.c    the target's threads: the accept thread (caps, eviction of the oldest
+ *                 unauthenticated connection) and a fixed set of I/O threads over epoll
  *   tcp_conn.c    one initiator connection: its slots, breaking it, its receiver thread,
  *                 connecting it with a HELLO
  *   tcp_peer.c    a peer handle: its connections, opened and closed
@@ -71,9 +74,14 @@
 #define TCP_DEFAULT_CONNECT_MS 3000u
 /* Blocking sends wake up this often to check a transfer's deadline (SO_SNDTIMEO). */
 #define TCP_CLIENT_SLICE_MS 50
-/* Serving threads wake up this often to check for stalls, idleness and shutdown
- * (SO_RCVTIMEO/SNDTIMEO). */
+/* The I/O threads check their connections' timers (stalls, rate deadlines, idleness) this
+ * often. */
 #define TCP_SERVER_SLICE_MS 1000
+/* The target's I/O threads: KVFERRY_IO_THREADS=N (1..TCP_MAX_IO_THREADS), else
+ * min(online CPUs, TCP_DEFAULT_IO_THREADS); documented in docs/operations.md. */
+#define TCP_IO_THREADS_ENV     "KVFERRY_IO_THREADS"
+#define TCP_MAX_IO_THREADS     64u
+#define TCP_DEFAULT_IO_THREADS 4u
 /* The accept thread stops polling the listening socket for this long when accept() fails for
  * want of a file descriptor or memory (or until a served connection ends and frees one), rather
  * than spin on a socket that stays readable. */
@@ -93,24 +101,100 @@ _Static_assert((1u << TCP_SLOT_BITS) == KVF_TCP_MAX_INFLIGHT, "slot index bits")
 
 struct tcp_transport;
 
-/* One accepted connection on the target side. */
+/* What the bytes a served connection is receiving now complete (tcp_target.c). */
+typedef enum {
+    SC_AUTH_HDR,    /* an authentication message's header */
+    SC_AUTH_BODY,   /* its body */
+    SC_PLAIN_HDR,   /* the rest of a plain HELLO's header, sent to an engine with a key */
+    SC_PLAIN_SID,   /* and its payload: then a RESP KVF_EAUTH, and close */
+    SC_AUTH_REST,   /* the rest of an auth HELLO sent to an engine without a key: REFUSED */
+    SC_HDR,         /* a frame header */
+    SC_HELLO,       /* a HELLO's payload */
+    SC_NOTIFY,      /* a NOTIFY's payload */
+    SC_WRITE,       /* a WRITE's payload, straight into the region (reference held) */
+    SC_WRITEV_SEGS, /* a WRITEV's segment table */
+    SC_WRITEV_DATA, /* its data, straight into the segments (references held) */
+    SC_DRAIN,       /* a refused write's payload, into scratch: then the refusal */
+    SC_P2P_KEY,     /* a P2P record request's key: then the answer, and close */
+    SC_P2P_BARE,    /* the rest of a P2P request's header sent to an engine with a key without
+                       the handshake: then its key (SC_P2P_KEY), answered KVF_EAUTH */
+} tcp_sc_step_t;
+
+/* One accepted connection on the target side. Owned by one I/O thread (tcp_pool.c), which alone
+ * touches its state; the fields marked "t->mu" are also read by the accept thread and
+ * tcp_holders(). */
 struct tcp_sconn {
-    struct tcp_sconn *next;
+    struct tcp_sconn *next;  /* in t->sconns (t->mu) */
+    struct tcp_sconn *tnext; /* in its I/O thread's list (that thread only; or its incoming list,
+                                under t->mu) */
     struct tcp_transport *t;
-    int fd; /* shut down by the thread when it ends; closed only after it is joined */
-    pthread_t thread;
-    atomic_bool done;
-    uint8_t ip[16]; /* remote address for the per-address cap: 4 bytes (IPv4, IPv4-mapped) or 16 */
+    struct tcp_iothr *io;
+    int fd; /* closed by its I/O thread after unlinking it from t->sconns, so anyone holding t->mu
+               may shutdown() it */
+    bool preauth; /* t->mu: has not finished its HELLO (and handshake), counted in t->npreauth */
+    bool evicted; /* t->mu: shut down by the accept thread as the oldest pre-auth connection */
+    /* How far its handshake got (read by the accept thread to choose whom to evict): 0 nothing
+     * complete, 1 a handshake message's header accepted, 2 proven (HELLO awaited). */
+    _Atomic uint8_t stage;
+    uint64_t born_ms;
+    uint8_t ip[16]; /* remote address for the per-address caps: 4 bytes (IPv4, IPv4-mapped) or 16 */
     uint8_t ip_len;
     char addr[TCP_ADDR_LEN];
     char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO gave it: the sender of its notifications */
     /* The range of the request holding region references now ([lo, hi); hi 0: none), for the
      * message of an unregister that times out (holders()). */
     _Atomic uint64_t hold_lo, hold_hi;
+
+    /* The state machine (tcp_target.c); its I/O thread only. */
+    bool hello_done;
+    bool want_out;     /* an answer is being sent: wait for EPOLLOUT, read nothing */
+    bool ep_out;       /* what its epoll registration waits for (EPOLLOUT, else EPOLLIN) */
+    bool close_after;  /* close once the answer is out */
+    bool out_release;  /* the answer is a READ's: release ref once it is out */
+    bool ref_held;     /* ref is held (a WRITE's payload or a READ's answer is moving) */
+    uint8_t auth_msgs; /* handshake messages received */
+    uint8_t auth_type; /* the one whose body is being received */
+    tcp_sc_step_t step;
+    uint64_t start_ms;    /* the connection's start, for the HELLO and handshake deadlines */
+    uint64_t idle_since;  /* the last answer went out (between frames) */
+    uint64_t last_ms;     /* the last byte moved, for the stall timeout */
+    uint64_t deadline_ms; /* the current frame's (0: none) */
+    size_t got;           /* bytes of the current step received */
+    struct iovec *rp;     /* what is left to receive */
+    int rcnt;
+    struct iovec rio[2];
+    struct iovec *wp; /* what is left to send */
+    int wcnt;
+    struct iovec wio[2];
+    tcp_hdr_t h;                       /* the request being served */
+    kvf_region_ref_t ref;              /* a WRITE's or READ's region reference */
+    uint64_t drain_left;               /* SC_DRAIN: payload bytes still to drop */
+    int refuse_code;                   /* SC_DRAIN: the answer's status once drained */
+    uint64_t refuse_addr;              /* and its addr field */
+    unsigned nrefs;                    /* SC_WRITEV_DATA: references held in refs */
+    kvf_auth_srv_t *auth;              /* the handshake in progress, or NULL */
+    char close_why[160];               /* why it is closed once the answer is out ("" quiet) */
+    uint8_t hbuf[KVF_TCP_HDR_LEN];     /* a frame header (or an auth or P2P request's start) */
+    uint8_t obuf[KVF_TCP_HDR_LEN];     /* an answer's header */
+    uint8_t *obody;                    /* an answer body to free once sent (STATS, P2P), or NULL */
+    uint8_t small[KVF_NOTIFY_MAX + 8]; /* HELLO, NOTIFY and auth payloads; error messages out */
     uint8_t *scratch;                  /* drain buffer for refused writes, allocated on first use */
     uint8_t *segs;                     /* a WRITEV's segment table, allocated on first use */
     kvf_region_ref_t *refs;            /* and the region references of its segments */
     struct iovec *iov;
+};
+
+/* One I/O thread of the target side: an epoll set over its share of the served connections. */
+struct tcp_iothr {
+    struct tcp_transport *t;
+    unsigned idx;
+    int ep;      /* epoll fd */
+    int wake_fd; /* eventfd: new connections in incoming, or stopping */
+    pthread_t thread;
+    bool started;
+    unsigned nconns;            /* t->mu: connections it serves (for the accept thread's choice) */
+    struct tcp_sconn *incoming; /* t->mu: handed over by the accept thread, not yet in ep */
+    struct tcp_sconn *conns;    /* this thread only */
 };
 
 /* A batch: the completion shared by every chunk one transfer() call posts. */
@@ -219,16 +303,19 @@ struct tcp_transport {
     void *record_arg;
     int listen_fd;
     int wake_fd; /* eventfd: wakes the accept thread for shutdown */
-    int reap_fd; /* eventfd: a serving thread ended; the accept thread joins it and closes its fd */
+    int reap_fd; /* eventfd: a served connection was closed (an fd is free again) */
     uint16_t port;
     pthread_t accept_thread;
     atomic_bool stopping;
     /* Test hook (KVFERRY_TCP_TEST_CLOSE_REQUESTS=N): the next N data requests are answered by
      * closing their connection, as an idle close that crossed the request would. */
     atomic_int test_close_left;
-    pthread_mutex_t mu; /* sconns, nsconns, peers */
+    pthread_mutex_t mu; /* sconns, nsconns, npreauth, the I/O threads' nconns and incoming, peers */
     struct tcp_sconn *sconns;
-    unsigned nsconns;
+    unsigned nsconns;  /* all served connections */
+    unsigned npreauth; /* of which before their HELLO (and handshake) */
+    unsigned nio;
+    struct tcp_iothr *io;
     struct tcp_peer *peers;
 };
 
@@ -300,36 +387,61 @@ int tcp_sendv(int fd, struct iovec *iov, int cnt, uint64_t deadline_ms, uint32_t
  * -KVF_ETIMEDOUT at the deadline, or -errno. */
 int tcp_recv_full(int fd, void *buf, size_t len, uint64_t deadline_ms);
 
-
 /* ---------------------------------------------------------------------------------------------
  * tcp_p2p.c: the P2P record request
  * ------------------------------------------------------------------------------------------- */
 
-/* Serve the P2P record request whose KVF_P2P_REQ_LEN-byte header is @hdr on @t's served
- * connection @fd (from @addr): read the key, answer, and return; the caller closes the
- * connection either way. Returns 0 once answered, or -1 with @why set when the request was
- * malformed or did not arrive in time (logged by the caller as the reason for closing). */
-int tcp_p2p_serve(struct tcp_transport *t, int fd, const char *addr, const uint8_t *hdr,
-                  char *why, size_t whylen);
+/* The key length of the P2P record request whose KVF_P2P_REQ_LEN-byte header is @hdr, or -1
+ * with @why set when the header is malformed. */
+int tcp_p2p_key_len(const uint8_t *hdr, char *why, size_t whylen);
+
+/* The answer to a P2P request for @key (@klen bytes, received) from @addr: into *@out (malloc'd,
+ * the caller frees it) and *@out_len. Returns 0, or -1 with @why set when the key is malformed
+ * (the connection is then closed without an answer). */
+int tcp_p2p_answer(struct tcp_transport *t, const char *addr, char *key, size_t klen, uint8_t **out,
+                   size_t *out_len, char *why, size_t whylen);
 
 /* The answer of an engine with a key to a P2P record request that came without the handshake
- * (the asker has no key): the request is read (its first KVF_AUTH_HDR_LEN bytes are @first), so
- * that the close does not overtake the answer, and answered with KVF_EAUTH and a message saying
- * what is missing. Best effort before @deadline_ms. */
-void tcp_p2p_refuse(struct tcp_transport *t, int fd, const uint8_t *first, uint64_t deadline_ms);
+ * (the asker has no key): KVF_EAUTH and a message saying what is missing, into @out (room for
+ * KVF_P2P_ANS_LEN + KVF_P2P_MAX_MSG bytes). Returns its length. */
+size_t tcp_p2p_refusal(const struct tcp_transport *t, uint8_t *out);
 
 /* ---------------------------------------------------------------------------------------------
- * tcp_target.c: the target side
+ * tcp_target.c: serving one connection, a state machine over a non-blocking socket
  * ------------------------------------------------------------------------------------------- */
 
-/* The accept thread (@arg: the transport): accepts connections, each served by a thread of its
- * own, and reaps those that ended (t->reap_fd), until destroy() sets t->stopping and signals
- * t->wake_fd. */
-void *tcp_accept_main(void *arg);
+/* Set up a new connection's state (its fields are zero; t, fd and addr are set). */
+void tcp_sc_begin(struct tcp_sconn *sc);
 
-/* Join and free the connections whose threads have ended (all of them with @all). Called with
- * t->mu NOT held; takes it to unlink. */
-void tcp_reap_sconns(struct tcp_transport *t, bool all);
+/*
+ * Move @sc's bytes as far as the socket allows without blocking: receive, validate and serve
+ * requests, send answers. Returns 0 (sc->want_out says whether it waits to send or to receive),
+ * 1 when the connection is to be closed quietly (end of stream, a P2P request answered), or -1
+ * when it is to be closed with *@reason (a violation, logged by the caller as a warning; an
+ * idle close is logged by tcp_sc_tick()).
+ */
+int tcp_sc_run(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen);
+
+/* Check @sc's timers at @now: HELLO and handshake deadlines, the idle timeout, a frame's rate
+ * deadline and the stall timeout. Returns 0, 1 (close quietly: idle, logged here) or -1 with
+ * *@reason. */
+int tcp_sc_tick(struct tcp_sconn *sc, uint64_t now, const char **reason, char *why, size_t whylen);
+
+/* Release what @sc holds (region references, buffers, the handshake); before closing it. */
+void tcp_sc_end(struct tcp_sconn *sc);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_pool.c: the accept thread and the I/O threads
+ * ------------------------------------------------------------------------------------------- */
+
+/* Start @t's I/O threads (t->nio of them, KVFERRY_IO_THREADS or min(CPUs, 4)) and its accept
+ * thread. Returns 0 or a negative code with the message set (nothing left running). */
+int tcp_pool_start(struct tcp_transport *t);
+
+/* Stop the accept thread, then every I/O thread (each closes its connections, releasing their
+ * region references), and join them. t->stopping is set and t->wake_fd written by the caller. */
+void tcp_pool_stop(struct tcp_transport *t);
+
 /* The holders op: the served connections whose request holds part of [addr, addr+len). */
 size_t tcp_holders(kvf_transport_t *tt, uint64_t addr, uint64_t len, char *buf, size_t buflen);
 
@@ -346,6 +458,10 @@ void tcp_slot_finish(struct tcp_conn *c, unsigned idx);
 
 /* Fail one slot with @code, naming its element and @why. */
 void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char *why);
+
+/* Reset @fd at once, dropping its send queue (SO_LINGER 0, connect(AF_UNSPEC)); the fd stays
+ * valid for a receiver still in recv() on it. */
+void tcp_fd_abort(int fd);
 
 /* Wake the receiver thread (after a role change or a break). */
 void tcp_rx_wake(struct tcp_conn *c);

@@ -88,7 +88,7 @@ void tcp_rx_wake(struct tcp_conn *c)
  * whenever the path comes back. connect(AF_UNSPEC) disconnects a TCP socket while it stays open
  * (the receiver may still be in recv() on it); SO_LINGER 0 makes the final close() a reset too.
  */
-static void tcp_fd_abort(int fd)
+void tcp_fd_abort(int fd)
 {
     struct linger lg = {.l_onoff = 1, .l_linger = 0};
     struct sockaddr sa = {.sa_family = AF_UNSPEC};

@@ -43,13 +43,23 @@
  * is the low bits of req_id). A target needs no such limit: it serves one request at a time and
  * TCP flow control holds back the rest. */
 #define KVF_TCP_MAX_INFLIGHT 128u
-/* Connections one target serves at once; more are accepted and closed at once. */
+/* Connections past their HELLO one target serves at once; more are accepted and closed at
+ * once. */
 #define KVF_TCP_MAX_CONNS 1024u
 /* Connections one target serves at once from one remote IP address (a share of
  * KVF_TCP_MAX_CONNS, so that one flooding address cannot lock the others out); more are
  * accepted and closed at once. 128 = 8 engines on one host with the most connections per peer
  * (KVF_MAX_CONNS_PER_PEER, 16) each. */
 #define KVF_TCP_MAX_CONNS_PER_ADDR 128u
+/* Connections one target holds at once that have not finished their HELLO (and, with a cluster
+ * secret, the authentication handshake before it): a share apart from KVF_TCP_MAX_CONNS, so that
+ * unauthenticated sockets cannot take the places of authenticated ones. One more evicts the
+ * oldest of them (the oldest from its address when that address holds
+ * KVF_TCP_MAX_PREAUTH_PER_ADDR). Such a connection costs a socket and a few KiB, no thread; the
+ * per-address share is as large as a host's legitimate burst: 64 engines of one host connecting
+ * at once (each opens its connections one after the other). */
+#define KVF_TCP_MAX_PREAUTH          256u
+#define KVF_TCP_MAX_PREAUTH_PER_ADDR 64u
 /* Longest a target waits for progress on a frame it has started to receive or send; a client
  * that stops in the middle of a frame is disconnected after this (its region reference is
  * released). */
@@ -126,6 +136,42 @@ static inline bool tcp_hdr_common_ok(const tcp_hdr_t *h, char *why, size_t whyle
     else
         return true;
     return false;
+}
+
+/* The target's check of a request header (docs/protocol.md, "When the target closes a
+ * connection"), before anything is acquired or read for it; @hello_done: the connection's HELLO
+ * was served. Returns NULL, or a reason made of numbers only for closing the connection. */
+static inline const char *tcp_req_hdr_check(const tcp_hdr_t *h, bool hello_done, char *why,
+                                            size_t whylen)
+{
+    if (!tcp_hdr_common_ok(h, why, whylen))
+        return why;
+    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_STATS || h->type == KVF_TCP_RESP)
+        snprintf(why, whylen, "bad frame type %u", (unsigned)h->type);
+    else if (!hello_done && h->type != KVF_TCP_HELLO)
+        snprintf(why, whylen, "first frame is type %u, not HELLO", (unsigned)h->type);
+    else if (hello_done && h->type == KVF_TCP_HELLO)
+        snprintf(why, whylen, "second HELLO");
+    else if (h->status != 0)
+        snprintf(why, whylen, "non-zero status %" PRIu32 " in a request", h->status);
+    else if (h->type == KVF_TCP_HELLO && h->len > KVF_TCP_MAX_MSG)
+        snprintf(why, whylen, "HELLO length %" PRIu64 " over KVF_TCP_MAX_MSG (%u)", h->len,
+                 KVF_TCP_MAX_MSG);
+    else if (h->type == KVF_TCP_WRITEV && (h->addr == 0 || h->addr > KVF_TCP_MAX_SEGS))
+        snprintf(why, whylen, "WRITEV of %" PRIu64 " segments: want 1..KVF_TCP_MAX_SEGS (%u)",
+                 h->addr, KVF_TCP_MAX_SEGS);
+    else if (h->type == KVF_TCP_NOTIFY && h->len > KVF_NOTIFY_MAX)
+        snprintf(why, whylen, "NOTIFY length %" PRIu64 " over KVF_NOTIFY_MAX (%u)", h->len,
+                 KVF_NOTIFY_MAX);
+    else if (h->type == KVF_TCP_STATS && (h->len != 0 || h->addr != 0))
+        snprintf(why, whylen, "STATS with length %" PRIu64 " and address %" PRIu64 ", want 0 and 0",
+                 h->len, h->addr);
+    else if (h->len > KVF_TCP_MAX_CHUNK)
+        snprintf(why, whylen, "length %" PRIu64 " over KVF_TCP_MAX_CHUNK (%u)", h->len,
+                 KVF_TCP_MAX_CHUNK);
+    else
+        return NULL;
+    return why;
 }
 
 #endif /* KVF_TCP_PROTO_H */

@@ -1,20 +1,21 @@
 /*
  * The tcp transport's target side: the engine whose registered memory peers write and read.
  *
- * One accept thread; one serving thread per accepted connection. A serving thread reads a fixed
- * 40-byte header, validates it, takes a reference on the registered region the request falls
- * in, and then recv()s a WRITE's payload straight into that memory (or sends a READ's answer
- * straight from it) with blocking calls: no staging buffer, no event loop between the socket and
- * the destination. It serves its connection's requests one at a time, in order, and holds a
- * region reference only while it moves that request's payload, never while it waits for the next
- * header (so unregistering a region is never held up by an idle connection).
+ * One served connection is a state machine over a non-blocking socket, driven by the I/O thread
+ * that owns it (tcp_pool.c) whenever the socket is ready and once a second for its timers. It
+ * reads a fixed 40-byte header, validates it, takes a reference on the registered region the
+ * request falls in, and then receives a WRITE's payload straight into that memory (or sends a
+ * READ's answer straight from it): no staging buffer, whatever the number of EAGAINs between the
+ * first byte and the last (sc->rp/rcnt and sc->wp/wcnt say what is left). It serves its
+ * connection's requests one at a time, in order: while an answer is being sent nothing more is
+ * read, so answers leave in request order and TCP flow control holds the next requests back. A
+ * region reference is held only while that request's payload moves, never while the connection
+ * waits for the next header (so unregistering a region is never held up by an idle connection).
  *
  * Nothing is held without bound (docs/operations.md, "Limits of the engine port"): a connection
- * must send its HELLO within KVF_TCP_HELLO_TIMEOUT_MS and is closed once it brought no request
- * for the idle timeout; at most KVF_TCP_MAX_CONNS are served, at most KVF_TCP_MAX_CONNS_PER_ADDR
- * of them from one address. When accept() runs out of file descriptors the accept thread stops
- * polling the listening socket for a while instead of spinning, and a serving thread that ends
- * wakes it to join the thread and close its fd, whether or not anything new is accepted.
+ * must finish the handshake within KVF_AUTH_TIMEOUT_MS and its HELLO within
+ * KVF_TCP_HELLO_TIMEOUT_MS, is closed once it brought no request for the idle timeout, and a
+ * frame it started must progress (KVF_TCP_STALL_TIMEOUT_MS) and end by its rate deadline.
  *
  * The checks here are the authoritative ones (docs/protocol.md, "When the target closes a
  * connection"): every length and count is checked against tcp_proto.h's limits before anything
@@ -22,9 +23,6 @@
  */
 #include <errno.h>
 #include <inttypes.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -33,16 +31,13 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
-#include <unistd.h>
 
-#include "common/thread.h"
 #include "common/wire.h"
 #include "common/p2p.h"
 #include "transport/tcp.h"
 
-/* ---------------------------------------------------------------------------------------------
- * Target side: serving one connection
- * ------------------------------------------------------------------------------------------- */
+/* Bytes one connection may move in one turn before its I/O thread serves the others. */
+#define SC_TURN_BYTES (4u << 20)
 
 /* When a frame of @len payload bytes, starting now, must be complete. */
 static uint64_t tcp_frame_deadline(uint64_t len)
@@ -50,159 +45,11 @@ static uint64_t tcp_frame_deadline(uint64_t len)
     return kvf__now_ms() + KVF_TCP_FRAME_BASE_MS + len / KVF_TCP_MIN_RATE_BYTES_PER_MS;
 }
 
-/*
- * Receive exactly @len bytes on a serving socket (SO_RCVTIMEO = TCP_SERVER_SLICE_MS).
- * @idle_ok: the connection may sit idle before the first byte (waiting for a header), up to the
- *           transport's idle timeout.
- * @deadline_ms: absolute kvf__now_ms() bound on the whole receive, 0 for none (checked every
- *               TCP_SERVER_SLICE_MS).
- * Returns 0; 1 for an orderly end of stream before the first byte when @idle_ok; -EPIPE when the
- * stream ends in the middle; -KVF_ETIMEDOUT when a started transfer stalls, the deadline passes,
- * or (nothing received, *@got_out 0) the connection was idle too long; -KVF_ECLOSED when the
- * transport is stopping; -errno.
- */
-static int tcp_srv_recvv(struct tcp_sconn *sc, struct iovec *iov, int cnt, bool idle_ok,
-                         uint64_t deadline_ms, size_t *got_out)
+/* The HELLO must have arrived within this of the connection's start. */
+static uint32_t sc_hello_ms(const struct tcp_sconn *sc)
 {
-    size_t got = 0;
-    uint64_t last = kvf__now_ms();
-    int rc = 0;
-    tcp_iov_advance(&iov, &cnt, 0);
-    while (cnt > 0) {
-        /* Checked before every receive, not only after an idle slice: a trickling client makes
-         * each slice return a few bytes. */
-        if (deadline_ms && kvf__now_ms() >= deadline_ms) {
-            rc = -KVF_ETIMEDOUT;
-            break;
-        }
-        struct msghdr mh = {.msg_iov = iov, .msg_iovlen = (size_t)cnt};
-        ssize_t r = recvmsg(sc->fd, &mh, MSG_WAITALL);
-        if (r > 0) {
-            got += (size_t)r;
-            tcp_iov_advance(&iov, &cnt, (size_t)r);
-            last = kvf__now_ms();
-            continue;
-        }
-        if (r == 0) {
-            rc = (got == 0 && idle_ok) ? 1 : -EPIPE;
-            break;
-        }
-        if (errno == EINTR)
-            continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK) {
-            rc = -errno;
-            break;
-        }
-        if (atomic_load(&sc->t->stopping)) {
-            rc = -KVF_ECLOSED;
-            break;
-        }
-        /* Only a receive that timed out gets here (once per slice), so the idle check costs a
-         * request nothing. */
-        uint64_t limit = got == 0 && idle_ok ? sc->t->idle_timeout_ms : KVF_TCP_STALL_TIMEOUT_MS;
-        if (kvf__now_ms() - last >= limit) {
-            rc = -KVF_ETIMEDOUT;
-            break;
-        }
-    }
-    if (got_out)
-        *got_out = got;
-    return rc;
-}
-
-static int tcp_srv_recv(struct tcp_sconn *sc, void *buf, size_t len, bool idle_ok,
-                        uint64_t deadline_ms, size_t *got_out)
-{
-    struct iovec iov = {buf, len};
-    return tcp_srv_recvv(sc, &iov, 1, idle_ok, deadline_ms, got_out);
-}
-
-static int tcp_srv_drain(struct tcp_sconn *sc, uint64_t len)
-{
-    uint64_t deadline = tcp_frame_deadline(len);
-    if (!sc->scratch) {
-        sc->scratch = malloc(TCP_SCRATCH_LEN);
-        if (!sc->scratch)
-            return -ENOMEM;
-    }
-    while (len > 0) {
-        size_t n = len < TCP_SCRATCH_LEN ? (size_t)len : TCP_SCRATCH_LEN;
-        int rc = tcp_srv_recv(sc, sc->scratch, n, false, deadline, NULL);
-        if (rc)
-            return rc;
-        len -= n;
-    }
-    return 0;
-}
-
-/* Send a frame. @deadline_ms: when all of it must be out (0: only the stall timeout bounds it);
- * a READ's answer, which holds a region reference while it goes, gets the same rate deadline as
- * a received payload, so a reader that drains it slowly cannot stall an unregister. */
-static int tcp_srv_send(struct tcp_sconn *sc, struct iovec *iov, int cnt, uint64_t deadline_ms)
-{
-    return tcp_sendv(sc->fd, iov, cnt, deadline_ms, KVF_TCP_STALL_TIMEOUT_MS);
-}
-
-/* Answer @h with status @code (a negative kvferry code) and this thread's last-error message. */
-static int tcp_srv_send_error(struct tcp_sconn *sc, const tcp_hdr_t *h, int code);
-
-/*
- * Answer a request whose range [@addr, +@len) the region table refused with @code. The table's
- * reason names the exact bounds of the registered region nearby; that stays in this engine's
- * debug log, and the peer learns only which of its own ranges was refused: a peer is not told
- * the layout of this engine's memory.
- */
-static int tcp_srv_refuse(struct tcp_sconn *sc, const tcp_hdr_t *h, int code, const char *op,
-                          uint64_t addr, uint64_t len)
-{
-    if (code == -KVF_ENOTREG)
-        kvf__err(code, "%s [0x%" PRIx64 ", +%" PRIu64 ") is not inside one registered region", op,
-                 addr, len);
-    return tcp_srv_send_error(sc, h, code);
-}
-
-static int tcp_srv_send_error(struct tcp_sconn *sc, const tcp_hdr_t *h, int code)
-{
-    uint8_t hdr[KVF_TCP_HDR_LEN];
-    const char *msg = kvf_last_error();
-    size_t mlen = strnlen(msg, KVF_TCP_MAX_MSG);
-    uint32_t status = code < 0 ? (uint32_t)-code : (uint32_t)KVF_EPROTO;
-    tcp_hdr_encode(hdr, KVF_TCP_RESP, status, h->req_id, h->addr, mlen);
-    struct iovec iov[2] = {{hdr, sizeof(hdr)}, {(void *)msg, mlen}};
-    return tcp_srv_send(sc, iov, 2, 0);
-}
-
-/* Validate a request header. Returns NULL, or a reason for closing the connection. */
-static const char *tcp_srv_check(const tcp_hdr_t *h, bool hello_done, char *why, size_t whylen)
-{
-    if (!tcp_hdr_common_ok(h, why, whylen))
-        return why;
-    if (h->type < KVF_TCP_HELLO || h->type > KVF_TCP_STATS || h->type == KVF_TCP_RESP)
-        snprintf(why, whylen, "bad frame type %u", (unsigned)h->type);
-    else if (!hello_done && h->type != KVF_TCP_HELLO)
-        snprintf(why, whylen, "first frame is type %u, not HELLO", (unsigned)h->type);
-    else if (hello_done && h->type == KVF_TCP_HELLO)
-        snprintf(why, whylen, "second HELLO");
-    else if (h->status != 0)
-        snprintf(why, whylen, "non-zero status %" PRIu32 " in a request", h->status);
-    else if (h->type == KVF_TCP_HELLO && h->len > KVF_TCP_MAX_MSG)
-        snprintf(why, whylen, "HELLO length %" PRIu64 " over KVF_TCP_MAX_MSG (%u)", h->len,
-                 KVF_TCP_MAX_MSG);
-    else if (h->type == KVF_TCP_WRITEV && (h->addr == 0 || h->addr > KVF_TCP_MAX_SEGS))
-        snprintf(why, whylen, "WRITEV of %" PRIu64 " segments: want 1..KVF_TCP_MAX_SEGS (%u)",
-                 h->addr, KVF_TCP_MAX_SEGS);
-    else if (h->type == KVF_TCP_NOTIFY && h->len > KVF_NOTIFY_MAX)
-        snprintf(why, whylen, "NOTIFY length %" PRIu64 " over KVF_NOTIFY_MAX (%u)", h->len,
-                 KVF_NOTIFY_MAX);
-    else if (h->type == KVF_TCP_STATS && (h->len != 0 || h->addr != 0))
-        snprintf(why, whylen, "STATS with length %" PRIu64 " and address %" PRIu64 ", want 0 and 0",
-                 h->len, h->addr);
-    else if (h->len > KVF_TCP_MAX_CHUNK)
-        snprintf(why, whylen, "length %" PRIu64 " over KVF_TCP_MAX_CHUNK (%u)", h->len,
-                 KVF_TCP_MAX_CHUNK);
-    else
-        return NULL;
-    return why;
+    return sc->t->idle_timeout_ms < KVF_TCP_HELLO_TIMEOUT_MS ? sc->t->idle_timeout_ms
+                                                             : KVF_TCP_HELLO_TIMEOUT_MS;
 }
 
 /* Say which range this connection's request holds now (hi 0: none). */
@@ -212,48 +59,420 @@ static void sc_hold(struct tcp_sconn *sc, uint64_t lo, uint64_t hi)
     atomic_store_explicit(&sc->hold_hi, hi, memory_order_relaxed);
 }
 
-size_t tcp_holders(kvf_transport_t *tt, uint64_t addr, uint64_t len, char *buf, size_t buflen)
+/* ---------------------------------------------------------------------------------------------
+ * Receiving and answering
+ * ------------------------------------------------------------------------------------------- */
+
+/* Receive into @cnt iovecs (consumed as bytes arrive) for @step. */
+static void sc_recv_iov(struct tcp_sconn *sc, tcp_sc_step_t step, struct iovec *iov, int cnt)
 {
-    struct tcp_transport *t = tcp_of(tt);
-    size_t n = 0;
-    pthread_mutex_lock(&t->mu);
-    for (struct tcp_sconn *sc = t->sconns; sc; sc = sc->next) {
-        uint64_t lo = atomic_load_explicit(&sc->hold_lo, memory_order_relaxed);
-        uint64_t hi = atomic_load_explicit(&sc->hold_hi, memory_order_relaxed);
-        if (atomic_load(&sc->done) || hi <= addr || lo >= addr + len)
-            continue;
-        char what[KVF_SESSION_ID_MAX + TCP_ADDR_LEN + 16];
-        snprintf(what, sizeof(what), "peer %s (%s)", sc->peer_sid[0] ? sc->peer_sid : "?",
-                 sc->addr);
-        kvf__holders_add(buf, buflen, what);
-        n++;
-    }
-    pthread_mutex_unlock(&t->mu);
-    return n;
+    sc->step = step;
+    sc->got = 0;
+    sc->rp = iov;
+    sc->rcnt = cnt;
+    tcp_iov_advance(&sc->rp, &sc->rcnt, 0);
+}
+
+static void sc_recv(struct tcp_sconn *sc, tcp_sc_step_t step, void *buf, size_t len)
+{
+    sc->rio[0] = (struct iovec){buf, len};
+    sc_recv_iov(sc, step, sc->rio, 1);
+}
+
+/* Wait for the next frame header (between frames: the idle timeout applies). */
+static void sc_next_hdr(struct tcp_sconn *sc)
+{
+    sc->deadline_ms = 0;
+    sc_recv(sc, SC_HDR, sc->hbuf, KVF_TCP_HDR_LEN);
+}
+
+/* Send @a[@alen] then @b[@blen]; nothing is read until both are out. */
+static void sc_send(struct tcp_sconn *sc, const void *a, size_t alen, const void *b, size_t blen)
+{
+    sc->wio[0] = (struct iovec){(void *)a, alen};
+    sc->wio[1] = (struct iovec){(void *)b, blen};
+    sc->wp = sc->wio;
+    sc->wcnt = 2;
+    tcp_iov_advance(&sc->wp, &sc->wcnt, 0);
+    sc->want_out = true;
+}
+
+/* Answer the current request with status 0, echoing @addr, with @body (@len bytes). */
+static void sc_answer(struct tcp_sconn *sc, uint64_t addr, const void *body, size_t len)
+{
+    tcp_hdr_encode(sc->obuf, KVF_TCP_RESP, 0, sc->h.req_id, addr, len);
+    sc_send(sc, sc->obuf, KVF_TCP_HDR_LEN, body, len);
+}
+
+/* Answer the current request with status @code (negative) and the message in sc->small, which
+ * sc_keep_error() filled, echoing @addr. */
+static void sc_answer_error(struct tcp_sconn *sc, int code, uint64_t addr)
+{
+    size_t mlen = strnlen((const char *)sc->small, KVF_TCP_MAX_MSG);
+    uint32_t status = code < 0 ? (uint32_t)-code : (uint32_t)KVF_EPROTO;
+    tcp_hdr_encode(sc->obuf, KVF_TCP_RESP, status, sc->h.req_id, addr, mlen);
+    sc_send(sc, sc->obuf, KVF_TCP_HDR_LEN, sc->small, mlen);
+}
+
+/* Keep this thread's last-error message for an answer sent later (the thread serves others
+ * meanwhile). */
+static void sc_keep_error(struct tcp_sconn *sc)
+{
+    snprintf((char *)sc->small, KVF_TCP_MAX_MSG + 1, "%s", kvf_last_error());
 }
 
 /*
- * Serve a WRITEV: its segment table, then each segment's bytes straight into the region it lies
- * in, under references on all of them. Either every segment is inside a registered region and
- * all are written, or none is: the payload is drained and the answer names the first refused
- * segment in `addr`. Returns 0, a negative I/O code, or 1 with @why set when the frame is
- * malformed (the connection is then closed).
+ * A request whose range [@addr, +@len) the region table refused with @code: the message. The
+ * table's reason names the exact bounds of the registered region nearby; that stays in this
+ * engine's debug log, and the peer learns only which of its own ranges was refused: a peer is
+ * not told the layout of this engine's memory.
  */
-static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, size_t whylen)
+static void sc_refusal(struct tcp_sconn *sc, int code, const char *op, uint64_t addr, uint64_t len)
 {
-    struct tcp_transport *t = sc->t;
-    unsigned n = (unsigned)h->addr;
-    if (!sc->segs) {
-        sc->segs = malloc(KVF_TCP_MAX_SEGS * KVF_TCP_SEG_LEN);
-        sc->refs = calloc(KVF_TCP_MAX_SEGS, sizeof(*sc->refs));
-        sc->iov = malloc(KVF_TCP_MAX_SEGS * sizeof(*sc->iov));
-        if (!sc->segs || !sc->refs || !sc->iov)
+    KVF_DEBUG(TCP_LOG, "%s from %s refused: %s", op, sc->addr, kvf_last_error());
+    if (code == -KVF_ENOTREG)
+        kvf__err(code, "%s [0x%" PRIx64 ", +%" PRIu64 ") is not inside one registered region", op,
+                 addr, len);
+    sc_keep_error(sc);
+}
+
+/* Drop the current frame's payload (sc->drain_left bytes), then answer sc->refuse_code. */
+static int sc_drain(struct tcp_sconn *sc)
+{
+    if (sc->drain_left == 0) {
+        sc_next_hdr(sc);
+        sc_answer_error(sc, sc->refuse_code, sc->refuse_addr);
+        return 0;
+    }
+    if (!sc->scratch) {
+        sc->scratch = malloc(TCP_SCRATCH_LEN);
+        if (!sc->scratch)
             return -ENOMEM;
     }
-    uint64_t deadline = tcp_frame_deadline(h->len);
-    int rc = tcp_srv_recv(sc, sc->segs, (size_t)n * KVF_TCP_SEG_LEN, false, deadline, NULL);
-    if (rc)
-        return rc;
+    size_t n = sc->drain_left < TCP_SCRATCH_LEN ? (size_t)sc->drain_left : TCP_SCRATCH_LEN;
+    sc->drain_left -= n;
+    sc_recv(sc, SC_DRAIN, sc->scratch, n);
+    return 0;
+}
+
+/* Close with @reason after the answer now queued has gone out. */
+static void sc_close_after(struct tcp_sconn *sc, const char *reason)
+{
+    snprintf(sc->close_why, sizeof(sc->close_why), "%s", reason);
+    sc->close_after = true;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The handshake (engines with a key) and the mismatched configurations
+ * ------------------------------------------------------------------------------------------- */
+
+void tcp_sc_begin(struct tcp_sconn *sc)
+{
+    uint64_t now = kvf__now_ms();
+    sc->start_ms = now;
+    sc->last_ms = now;
+    sc->idle_since = now;
+    if (sc->t->auth.len) {
+        sc->auth = malloc(sizeof(*sc->auth));
+        if (sc->auth)
+            kvf__auth_srv_init(sc->auth, &sc->t->auth, sc->t->local_sid);
+        /* Without memory for it the first message fails the connection (SC_AUTH_HDR). */
+        sc_recv(sc, SC_AUTH_HDR, sc->hbuf, KVF_AUTH_HDR_LEN);
+    } else {
+        sc_next_hdr(sc);
+    }
+}
+
+/* Send the handshake message @type with @reason as its body, then close with @why. */
+static void sc_auth_refuse(struct tcp_sconn *sc, const char *reason, const char *why)
+{
+    size_t rl = strnlen(reason, KVF_AUTH_MAX_ID);
+    size_t n = kvf__auth_encode(sc->small, KVF_AUTH_REFUSED, reason, rl, NULL, 0);
+    sc_send(sc, sc->small, n, NULL, 0);
+    sc_close_after(sc, why);
+}
+
+static int sc_auth_hdr(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
+{
+    bool first = sc->auth_msgs++ == 0;
+    if (!sc->auth) {
+        *reason = "authentication failed: out of memory";
+        return -1;
+    }
+    if (first && !kvf__auth_is_magic(sc->hbuf)) {
+        if (kvf__get_le32(sc->hbuf) == KVF_P2P_MAGIC) {
+            /* A P2P asker without a key: read its request, so that it reads the refusal. */
+            sc->deadline_ms = sc->start_ms + KVF_AUTH_TIMEOUT_MS;
+            sc_recv(sc, SC_P2P_BARE, sc->hbuf + KVF_AUTH_HDR_LEN,
+                    KVF_TCP_HDR_LEN - KVF_AUTH_HDR_LEN);
+            return 0;
+        }
+        if (kvf__get_le32(sc->hbuf) == KVF_TCP_MAGIC) {
+            /* A plain HELLO (the client has no key): read the rest of it, so that closing sends
+             * a FIN the client reads after the answer and not a reset that would hide it. */
+            sc->deadline_ms = sc->start_ms + KVF_AUTH_TIMEOUT_MS;
+            sc_recv(sc, SC_PLAIN_HDR, sc->hbuf + KVF_AUTH_HDR_LEN,
+                    KVF_TCP_HDR_LEN - KVF_AUTH_HDR_LEN);
+            return 0;
+        }
+        *reason = "authentication failed: no authentication handshake: the client has no key";
+        return -1;
+    }
+    size_t len;
+    char r[128];
+    if (!kvf__auth_hdr_parse(sc->hbuf, &sc->auth_type, &len, r, sizeof(r))) {
+        snprintf(why, whylen, "authentication failed: %s", r);
+        sc_auth_refuse(sc, "malformed message", why);
+        return 0;
+    }
+    atomic_store_explicit(&sc->stage, 1, memory_order_relaxed);
+    sc_recv(sc, SC_AUTH_BODY, sc->small, len);
+    return 0;
+}
+
+static int sc_auth_body(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
+{
+    uint8_t out[KVF_AUTH_MAX_MSG];
+    size_t out_len = 0;
+    char r[128];
+    int rc = kvf__auth_srv_step(sc->auth, sc->auth_type, sc->small, sc->got, out, &out_len, r,
+                                sizeof(r));
+    if (rc == 1) {
+        size_t keep = strnlen(sc->auth->peer_id, sizeof(sc->peer_sid) - 1);
+        memcpy(sc->peer_sid, sc->auth->peer_id, keep);
+        sc->peer_sid[keep] = '\0';
+        kvf__auth_srv_fini(sc->auth);
+        free(sc->auth);
+        sc->auth = NULL;
+        KVF_DEBUG(TCP_LOG, "%s at %s proved the cluster secret", sc->peer_sid, sc->addr);
+        atomic_store_explicit(&sc->stage, 2, memory_order_relaxed);
+        sc_next_hdr(sc);
+    } else if (rc == 0) {
+        sc_recv(sc, SC_AUTH_HDR, sc->hbuf, KVF_AUTH_HDR_LEN);
+    } else {
+        snprintf(why, whylen, "authentication failed: %s", r);
+        if (!out_len) {
+            *reason = why;
+            return -1;
+        }
+        sc_close_after(sc, why);
+    }
+    if (out_len) {
+        memcpy(sc->small, out, out_len);
+        sc_send(sc, sc->small, out_len, NULL, 0);
+    }
+    return 0;
+}
+
+/* An engine with a key received a plain HELLO: answer it in its protocol with KVF_EAUTH. */
+static int sc_plain(struct tcp_sconn *sc, const char **reason)
+{
+    static const char failed[] =
+        "authentication failed: no authentication handshake: the client has no key";
+    if (sc->step == SC_PLAIN_HDR) {
+        tcp_hdr_decode(sc->hbuf, &sc->h);
+        if (sc->h.type != KVF_TCP_HELLO || sc->h.len > KVF_TCP_MAX_MSG) {
+            *reason = failed;
+            return -1;
+        }
+        sc_recv(sc, SC_PLAIN_SID, sc->small, (size_t)sc->h.len);
+        return 0;
+    }
+    kvf__err(-KVF_EAUTH,
+             "engine %s requires the cluster secret: this side has no auth key "
+             "(set an auth key file, e.g. KVFERRY_AUTH_KEY_FILE)",
+             sc->t->local_sid);
+    sc_keep_error(sc);
+    sc_answer_error(sc, -KVF_EAUTH, 0);
+    sc_close_after(sc, failed);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Requests
+ * ------------------------------------------------------------------------------------------- */
+
+/* A header has arrived: validate it and start serving its request. */
+static int sc_header(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
+{
+    struct tcp_transport *t = sc->t;
+    tcp_hdr_t *h = &sc->h;
+    if (!sc->hello_done && kvf__get_le32(sc->hbuf) == KVF_P2P_MAGIC) {
+        /* A P2P record request instead of a HELLO: answered, then the connection ends. */
+        int klen = tcp_p2p_key_len(sc->hbuf, why, whylen);
+        if (klen < 0) {
+            *reason = why;
+            return -1;
+        }
+        sc->deadline_ms = kvf__now_ms() + KVF_P2P_REQ_TIMEOUT_MS;
+        sc_recv(sc, SC_P2P_KEY, sc->small, (size_t)klen);
+        return 0;
+    }
+    tcp_hdr_decode(sc->hbuf, h);
+    if (!sc->hello_done && h->magic == KVF_AUTH_MAGIC) {
+        /* A client with a key, and none here: tell it so in its protocol. The rest of its hello
+         * is read first, so that it reads the answer and not a reset. */
+        size_t blen = kvf__get_le16(sc->hbuf + 6);
+        size_t rest = blen + KVF_AUTH_HDR_LEN > KVF_TCP_HDR_LEN && blen <= KVF_AUTH_MAX_BODY
+                          ? blen + KVF_AUTH_HDR_LEN - KVF_TCP_HDR_LEN
+                          : 0;
+        sc_recv(sc, SC_AUTH_REST, sc->small, rest);
+        return 0;
+    }
+    *reason = tcp_req_hdr_check(h, sc->hello_done, why, whylen);
+    if (*reason)
+        return -1;
+    if (h->type != KVF_TCP_HELLO && h->type != KVF_TCP_NOTIFY &&
+        atomic_load(&t->test_close_left) > 0 && atomic_fetch_sub(&t->test_close_left, 1) > 0) {
+        KVF_INFO(TCP_LOG, "closing connection from %s at its request (%s)", sc->addr,
+                 TCP_TEST_CLOSE_ENV);
+        return 1;
+    }
+    switch (h->type) {
+    case KVF_TCP_HELLO:
+        sc_recv(sc, SC_HELLO, sc->small, (size_t)h->len);
+        return 0;
+    case KVF_TCP_NOTIFY:
+        sc->deadline_ms = tcp_frame_deadline(h->len);
+        sc_recv(sc, SC_NOTIFY, sc->small, (size_t)h->len);
+        return 0;
+    case KVF_TCP_WRITEV:
+        if (!sc->segs) {
+            sc->segs = malloc(KVF_TCP_MAX_SEGS * KVF_TCP_SEG_LEN);
+            sc->refs = calloc(KVF_TCP_MAX_SEGS, sizeof(*sc->refs));
+            sc->iov = malloc(KVF_TCP_MAX_SEGS * sizeof(*sc->iov));
+            if (!sc->segs || !sc->refs || !sc->iov) {
+                *reason = "out of memory";
+                return -1;
+            }
+        }
+        sc->deadline_ms = tcp_frame_deadline(h->len);
+        sc_recv(sc, SC_WRITEV_SEGS, sc->segs, (size_t)h->addr * KVF_TCP_SEG_LEN);
+        return 0;
+    case KVF_TCP_STATS: {
+        uint8_t *body = NULL;
+        size_t len = 0;
+        int rc = t->stats_cb ? t->stats_cb(t->stats_arg, &body, &len)
+                             : kvf__err(-KVF_ENOTSUP, "%s gives no statistics", t->local_sid);
+        if (rc == 0 && len > KVF_TCP_MAX_STATS)
+            rc = kvf__err(-KVF_ETOOBIG, "statistics of %zu bytes exceed KVF_TCP_MAX_STATS", len);
+        sc_next_hdr(sc);
+        if (rc < 0) {
+            free(body);
+            sc_keep_error(sc);
+            sc_answer_error(sc, rc, h->addr);
+            return 0;
+        }
+        sc->obody = body;
+        sc->deadline_ms = tcp_frame_deadline(len);
+        sc_answer(sc, 0, body, len);
+        return 0;
+    }
+    case KVF_TCP_WRITE: {
+        sc_hold(sc, h->addr, h->addr + h->len);
+        int arc = kvf__regions_acquire(t->regions, h->addr, h->len, &sc->ref);
+        if (arc == 0) {
+            /* Straight into the registered memory: the region reference keeps it registered
+             * until the last byte is in. */
+            sc->ref_held = true;
+            sc->deadline_ms = tcp_frame_deadline(h->len);
+            sc_recv(sc, SC_WRITE, (void *)(uintptr_t)h->addr, (size_t)h->len);
+            return 0;
+        }
+        sc_hold(sc, 0, 0);
+        sc_refusal(sc, arc, "write", h->addr, h->len);
+        sc->refuse_code = arc;
+        sc->refuse_addr = h->addr;
+        sc->drain_left = h->len;
+        sc->deadline_ms = tcp_frame_deadline(h->len);
+        return sc_drain(sc);
+    }
+    default: { /* READ */
+        sc_hold(sc, h->addr, h->addr + h->len);
+        int arc = kvf__regions_acquire(t->regions, h->addr, h->len, &sc->ref);
+        sc_next_hdr(sc);
+        if (arc == 0) {
+            /* Straight from the registered memory, under the reference until the last byte is
+             * out, within the rate deadline (a slow reader cannot stall an unregister). */
+            sc->ref_held = true;
+            sc->out_release = true;
+            sc->deadline_ms = tcp_frame_deadline(h->len);
+            sc_answer(sc, h->addr, (void *)(uintptr_t)h->addr, (size_t)h->len);
+            return 0;
+        }
+        sc_hold(sc, 0, 0);
+        sc_refusal(sc, arc, "read", h->addr, h->len);
+        sc_answer_error(sc, arc, h->addr);
+        return 0;
+    }
+    }
+}
+
+static int sc_hello(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
+{
+    struct tcp_transport *t = sc->t;
+    char *sid = (char *)sc->small;
+    size_t len = (size_t)sc->h.len;
+    if (t->auth.len && (len != strlen(sc->peer_sid) || memcmp(sid, sc->peer_sid, len))) {
+        /* The proven identity is the only one: a HELLO may not claim another. */
+        kvf__err(-KVF_EAUTH, "HELLO claims another session id than the one %s proved",
+                 sc->peer_sid);
+        sc_keep_error(sc);
+        sc_answer_error(sc, -KVF_EAUTH, 0);
+        snprintf(why, whylen,
+                 "authentication failed: HELLO claims another session id than the proven %.64s",
+                 sc->peer_sid);
+        sc_close_after(sc, why);
+        return 0;
+    }
+    /* Without a key the session id is for the log only; keep it printable. */
+    char pr[KVF_TCP_MAX_MSG + 1];
+    kvf__printable(pr, len + 1, sid, len);
+    KVF_DEBUG(TCP_LOG, "hello from %s at %s", pr, sc->addr);
+    /* A longer one is no session id; it is kept cut (for the log) all the same. */
+    size_t keep = strnlen(pr, sizeof(sc->peer_sid) - 1);
+    memcpy(sc->peer_sid, pr, keep);
+    sc->peer_sid[keep] = '\0';
+
+    /* Authenticated now: out of the pre-auth share, into the caps of served connections. */
+    unsigned from = 0, all = 0;
+    pthread_mutex_lock(&t->mu);
+    if (sc->preauth) {
+        sc->preauth = false;
+        t->npreauth--;
+    }
+    for (const struct tcp_sconn *o = t->sconns; o; o = o->next) {
+        if (o->preauth || o->evicted || o == sc)
+            continue;
+        all++;
+        from += o->ip_len == sc->ip_len && memcmp(o->ip, sc->ip, sc->ip_len) == 0;
+    }
+    pthread_mutex_unlock(&t->mu);
+    if (all >= KVF_TCP_MAX_CONNS) {
+        snprintf(why, whylen, "KVF_TCP_MAX_CONNS (%u) reached", KVF_TCP_MAX_CONNS);
+        *reason = why;
+        return -1;
+    }
+    if (from >= KVF_TCP_MAX_CONNS_PER_ADDR) {
+        snprintf(why, whylen,
+                 "KVF_TCP_MAX_CONNS_PER_ADDR (%u) connections from that address are open",
+                 KVF_TCP_MAX_CONNS_PER_ADDR);
+        *reason = why;
+        return -1;
+    }
+    sc->hello_done = true;
+    sc_next_hdr(sc);
+    sc_answer(sc, 0, NULL, 0);
+    return 0;
+}
+
+/* A WRITEV's segment table has arrived: check it, take a reference on every segment's region
+ * and receive the data straight into them; or, if one is refused, drop the data and name it. */
+static int sc_writev(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
+{
+    struct tcp_transport *t = sc->t;
+    const tcp_hdr_t *h = &sc->h;
+    unsigned n = (unsigned)h->addr;
     uint64_t total = 0;
     for (unsigned i = 0; i < n; i++) {
         uint64_t addr = kvf__get_le64(sc->segs + (size_t)i * KVF_TCP_SEG_LEN);
@@ -263,7 +482,8 @@ static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, s
                      "WRITEV segment %u: length %" PRIu64 " where %" PRIu64
                      " of the frame's %" PRIu64 " bytes are left",
                      i, len, h->len - total, h->len);
-            return 1;
+            *reason = why;
+            return -1;
         }
         total += len;
         sc->iov[i].iov_base = (void *)(uintptr_t)addr;
@@ -272,7 +492,8 @@ static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, s
     if (total != h->len) {
         snprintf(why, whylen, "WRITEV segments total %" PRIu64 " bytes, the frame says %" PRIu64,
                  total, h->len);
-        return 1;
+        *reason = why;
+        return -1;
     }
     uint64_t lo = UINT64_MAX, hi = 0;
     for (unsigned i = 0; i < n; i++) {
@@ -293,505 +514,285 @@ static int tcp_srv_writev(struct tcp_sconn *sc, const tcp_hdr_t *h, char *why, s
         for (unsigned j = 0; j < k; j++)
             kvf__regions_release(t->regions, &sc->refs[j]);
         sc_hold(sc, 0, 0);
-        KVF_DEBUG(TCP_LOG, "gathered write from %s refused at segment %u: %s", sc->addr, k,
-                  kvf_last_error());
-        rc = tcp_srv_drain(sc, h->len);
-        if (rc == 0) {
-            tcp_hdr_t e = *h;
-            e.addr = k;
-            rc = tcp_srv_refuse(sc, &e, arc, "write", (uintptr_t)sc->iov[k].iov_base,
-                                sc->iov[k].iov_len);
-        }
-        return rc;
+        KVF_DEBUG(TCP_LOG, "gathered write from %s refused at segment %u", sc->addr, k);
+        sc_refusal(sc, arc, "write", (uintptr_t)sc->iov[k].iov_base, sc->iov[k].iov_len);
+        sc->refuse_code = arc;
+        sc->refuse_addr = k;
+        sc->drain_left = h->len;
+        return sc_drain(sc);
     }
-    rc = tcp_srv_recvv(sc, sc->iov, (int)n, false, deadline, NULL);
-    for (unsigned j = 0; j < n; j++)
-        kvf__regions_release(t->regions, &sc->refs[j]);
+    sc->nrefs = n;
+    sc_recv_iov(sc, SC_WRITEV_DATA, sc->iov, (int)n);
+    return 0;
+}
+
+static void sc_release_all(struct tcp_sconn *sc)
+{
+    if (sc->ref_held)
+        kvf__regions_release(sc->t->regions, &sc->ref);
+    for (unsigned j = 0; j < sc->nrefs; j++)
+        kvf__regions_release(sc->t->regions, &sc->refs[j]);
+    sc->ref_held = false;
+    sc->nrefs = 0;
     sc_hold(sc, 0, 0);
-    if (rc == 0) {
-        uint8_t resp[KVF_TCP_HDR_LEN];
-        tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h->req_id, n, 0);
-        struct iovec iov = {resp, sizeof(resp)};
-        rc = tcp_srv_send(sc, &iov, 1, 0);
-    }
-    return rc;
 }
 
-/* Answer a STATS request with the engine's statistics (or the error the callback gave). */
-static int tcp_srv_stats(struct tcp_sconn *sc, const tcp_hdr_t *h)
+/* The bytes of the current step are all in: act on them. Returns as tcp_sc_run(). */
+static int sc_step_done(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
 {
     struct tcp_transport *t = sc->t;
-    uint8_t *body = NULL;
-    size_t len = 0;
-    int rc = t->stats_cb ? t->stats_cb(t->stats_arg, &body, &len)
-                         : kvf__err(-KVF_ENOTSUP, "%s gives no statistics", t->local_sid);
-    if (rc == 0 && len > KVF_TCP_MAX_STATS)
-        rc = kvf__err(-KVF_ETOOBIG, "statistics of %zu bytes exceed KVF_TCP_MAX_STATS", len);
-    if (rc < 0) {
-        free(body);
-        return tcp_srv_send_error(sc, h, rc);
+    switch (sc->step) {
+    case SC_AUTH_HDR:
+        return sc_auth_hdr(sc, reason, why, whylen);
+    case SC_AUTH_BODY:
+        return sc_auth_body(sc, reason, why, whylen);
+    case SC_PLAIN_HDR:
+    case SC_PLAIN_SID:
+        return sc_plain(sc, reason);
+    case SC_AUTH_REST:
+        sc_auth_refuse(sc,
+                       "this engine has no auth key: the cluster secret is not configured on "
+                       "both sides",
+                       "authentication failed: the client has an auth key, this engine none");
+        return 0;
+    case SC_HDR:
+        return sc_header(sc, reason, why, whylen);
+    case SC_HELLO:
+        return sc_hello(sc, reason, why, whylen);
+    case SC_NOTIFY: {
+        /* The sender sends it only once every request of its batch has been answered, so that
+         * batch's data is in place before the notification is queued. */
+        int nrc = t->notify_cb
+                      ? t->notify_cb(t->notify_arg, sc->peer_sid, sc->small, (size_t)sc->h.len)
+                      : kvf__err(-KVF_ENOTSUP, "%s takes no notifications", t->local_sid);
+        sc_next_hdr(sc);
+        if (nrc == 0) {
+            sc_answer(sc, 0, NULL, 0);
+        } else {
+            sc_keep_error(sc);
+            sc_answer_error(sc, nrc, sc->h.addr);
+        }
+        return 0;
     }
-    uint8_t resp[KVF_TCP_HDR_LEN];
-    tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h->req_id, 0, len);
-    struct iovec iov[2] = {{resp, sizeof(resp)}, {body, len}};
-    rc = tcp_srv_send(sc, iov, 2, tcp_frame_deadline(len));
-    free(body);
-    return rc;
-}
-
-static const char *tcp_io_reason(int rc, char *buf, size_t len)
-{
-    if (rc == -EPIPE)
-        return "connection closed in the middle of a frame";
-    if (rc == -KVF_ETIMEDOUT)
-        return "frame too slow (no progress for KVF_TCP_STALL_TIMEOUT_MS, below the minimum "
-               "rate, or no hello within KVF_TCP_HELLO_TIMEOUT_MS)";
-    snprintf(buf, len, "%s", kvf_strerror(rc));
-    return buf;
-}
-
-/* The answer of an engine with a key to a client that sent a plain HELLO (it has no key): the
- * rest of that HELLO is read, so that closing sends a FIN the client reads after the answer and
- * not a reset that would hide it, and a RESP with KVF_EAUTH says what is missing. */
-static void tcp_srv_refuse_plain(struct tcp_sconn *sc, const uint8_t first[KVF_AUTH_HDR_LEN],
-                                 uint64_t deadline_ms)
-{
-    uint8_t hbuf[KVF_TCP_HDR_LEN], drain[KVF_TCP_MAX_MSG];
-    memcpy(hbuf, first, KVF_AUTH_HDR_LEN);
-    if (kvf__auth_io(sc->fd, hbuf + KVF_AUTH_HDR_LEN, KVF_TCP_HDR_LEN - KVF_AUTH_HDR_LEN, false,
-                     deadline_ms))
-        return;
-    tcp_hdr_t h;
-    tcp_hdr_decode(hbuf, &h);
-    if (h.type != KVF_TCP_HELLO || h.len > KVF_TCP_MAX_MSG ||
-        kvf__auth_io(sc->fd, drain, (size_t)h.len, false, deadline_ms))
-        return;
-    kvf__err(-KVF_EAUTH, "engine %s requires the cluster secret: this side has no auth key "
-                         "(set an auth key file, e.g. KVFERRY_AUTH_KEY_FILE)",
-             sc->t->local_sid);
-    uint8_t hdr[KVF_TCP_HDR_LEN];
-    const char *msg = kvf_last_error();
-    size_t mlen = strnlen(msg, KVF_TCP_MAX_MSG);
-    tcp_hdr_encode(hdr, KVF_TCP_RESP, KVF_EAUTH, h.req_id, 0, mlen);
-    uint8_t out[KVF_TCP_HDR_LEN + KVF_TCP_MAX_MSG];
-    memcpy(out, hdr, sizeof(hdr));
-    memcpy(out + sizeof(hdr), msg, mlen);
-    (void)kvf__auth_io(sc->fd, out, sizeof(hdr) + mlen, true, deadline_ms);
-}
-
-/*
- * The handshake of an engine with a key, before any frame is read: on success sc->peer_sid is
- * the client's proven identity, which its HELLO must repeat. Returns NULL, or the reason the
- * connection is closed (the client has been told, in its protocol, where it can be).
- */
-static const char *tcp_srv_auth(struct tcp_sconn *sc, char *why, size_t whylen)
-{
-    struct tcp_transport *t = sc->t;
-    uint64_t deadline = kvf__now_ms() + KVF_AUTH_TIMEOUT_MS;
-    char id[KVF_AUTH_MAX_ID + 1];
-    uint8_t first[KVF_AUTH_HDR_LEN];
-    size_t first_len = 0;
-    char reason[128];
-    int rc = kvf__auth_server(sc->fd, &t->auth, t->local_sid, deadline, id, first, &first_len,
-                              reason, sizeof(reason));
-    if (rc == 0) {
-        size_t keep = strnlen(id, sizeof(sc->peer_sid) - 1);
-        memcpy(sc->peer_sid, id, keep);
-        sc->peer_sid[keep] = '\0';
-        KVF_DEBUG(TCP_LOG, "%s at %s proved the cluster secret", sc->peer_sid, sc->addr);
-        return NULL;
+    case SC_WRITE:
+        /* Every byte is in the region: only now is the reference dropped and the write
+         * acknowledged. */
+        sc_release_all(sc);
+        sc_next_hdr(sc);
+        sc_answer(sc, sc->h.addr, NULL, 0);
+        return 0;
+    case SC_WRITEV_SEGS:
+        return sc_writev(sc, reason, why, whylen);
+    case SC_WRITEV_DATA:
+        sc_release_all(sc);
+        sc_next_hdr(sc);
+        sc_answer(sc, sc->h.addr, NULL, 0);
+        return 0;
+    case SC_DRAIN:
+        if (sc_drain(sc)) {
+            *reason = "out of memory";
+            return -1;
+        }
+        return 0;
+    case SC_P2P_BARE: /* its whole header: read the key as for any P2P request */
+        return sc_header(sc, reason, why, whylen);
+    case SC_P2P_KEY: {
+        size_t len = 0;
+        if (sc->auth) { /* keyed, and the asker skipped the handshake */
+            _Static_assert(sizeof(sc->small) >= KVF_P2P_ANS_LEN + KVF_P2P_MAX_MSG, "refusal");
+            sc_send(sc, sc->small, tcp_p2p_refusal(t, sc->small), NULL, 0);
+            sc_close_after(sc, "authentication failed: a P2P record request without the "
+                               "handshake: the asker has no key");
+            return 0;
+        }
+        if (tcp_p2p_answer(t, sc->addr, (char *)sc->small, sc->got, &sc->obody, &len, why, whylen) <
+            0) {
+            *reason = why;
+            return -1;
+        }
+        sc->deadline_ms = kvf__now_ms() + KVF_P2P_REQ_TIMEOUT_MS;
+        sc_send(sc, sc->obody, len, NULL, 0);
+        sc_close_after(sc, "");
+        return 0;
     }
-    if (rc == -KVF_EPROTO && first_len == KVF_AUTH_HDR_LEN &&
-        kvf__get_le32(first) == KVF_TCP_MAGIC)
-        tcp_srv_refuse_plain(sc, first, deadline);
-    else if (rc == -KVF_EPROTO && first_len == KVF_AUTH_HDR_LEN &&
-             kvf__get_le32(first) == KVF_P2P_MAGIC)
-        tcp_p2p_refuse(t, sc->fd, first, deadline); /* a P2P asker without a key */
-    snprintf(why, whylen, "authentication failed: %s", reason);
+    }
+    *reason = "internal: unknown state";
+    return -1;
+}
+
+/* The answer is out: release what it held and go on reading (or close). */
+static int sc_sent(struct tcp_sconn *sc, const char **reason)
+{
+    if (sc->out_release) {
+        sc->out_release = false;
+        sc_release_all(sc);
+    }
+    free(sc->obody);
+    sc->obody = NULL;
+    sc->want_out = false;
+    if (sc->step == SC_HDR)
+        sc->deadline_ms = 0;
+    uint64_t now = kvf__now_ms();
+    sc->idle_since = now;
+    sc->last_ms = now;
+    if (sc->close_after) {
+        *reason = sc->close_why;
+        return sc->close_why[0] ? -1 : 1;
+    }
+    return 0;
+}
+
+static const char sc_slow[] = "frame too slow (no progress for KVF_TCP_STALL_TIMEOUT_MS, below the "
+                              "minimum rate, or no hello within KVF_TCP_HELLO_TIMEOUT_MS)";
+
+/* Why an I/O error @err closes the connection. */
+static const char *sc_io_reason(int err, char *why, size_t whylen)
+{
+    snprintf(why, whylen, "%s", strerror(err));
     return why;
 }
 
-static void *tcp_sconn_main(void *arg)
+/* A frame past its rate deadline moves no more bytes (checked before every receive and send, not
+ * only by the timer: bytes a trickling or long-stalled client sends late never land). */
+static bool sc_late(const struct tcp_sconn *sc, const char **reason)
 {
-    struct tcp_sconn *sc = arg;
-    struct tcp_transport *t = sc->t;
-    uint8_t hbuf[KVF_TCP_HDR_LEN];
-    char why[160];
-    const char *reason = NULL;
-    bool hello_done = false;
-    uint64_t hello_deadline = kvf__now_ms() + KVF_TCP_HELLO_TIMEOUT_MS;
-    int rc;
+    if (!sc->deadline_ms || kvf__now_ms() < sc->deadline_ms)
+        return false;
+    *reason = sc_slow;
+    return true;
+}
 
-    /* With a key, nothing but the handshake is read until the client proved it. */
-    if (t->auth.len)
-        reason = tcp_srv_auth(sc, why, sizeof(why));
-    for (; !reason;) {
-        size_t got = 0;
-        tcp_hdr_t h;
-        /* Before the HELLO a connection has a deadline; afterwards it may idle for the idle
-         * timeout between requests. */
-        rc = tcp_srv_recv(sc, hbuf, sizeof(hbuf), true, hello_done ? 0 : hello_deadline, &got);
-        if (rc == 1 || rc == -KVF_ECLOSED) {
-            KVF_DEBUG(TCP_LOG, "connection from %s closed", sc->addr);
-            break;
+int tcp_sc_run(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
+{
+    size_t moved = 0;
+    *reason = NULL;
+    /* A turn ends at EAGAIN or after SC_TURN_BYTES (the socket stays ready, so the I/O thread
+     * comes back to it after the others), never between a step's last byte and its handling. */
+    for (;;) {
+        if (sc->want_out) {
+            if (sc->wcnt == 0) {
+                int rc = sc_sent(sc, reason);
+                if (rc)
+                    return rc;
+                continue;
+            }
+            if (moved >= SC_TURN_BYTES)
+                return 0;
+            if (sc_late(sc, reason))
+                return -1;
+            struct msghdr mh = {.msg_iov = sc->wp, .msg_iovlen = (size_t)sc->wcnt};
+            ssize_t r = sendmsg(sc->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (r > 0) {
+                tcp_iov_advance(&sc->wp, &sc->wcnt, (size_t)r);
+                sc->last_ms = kvf__now_ms();
+                moved += (size_t)r;
+                continue;
+            }
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                return 0;
+            *reason = sc_io_reason(r < 0 ? errno : EPIPE, why, whylen);
+            return -1;
         }
-        if (rc == -KVF_ETIMEDOUT && got == 0 && hello_done) {
+        if (sc->rcnt == 0) {
+            int rc = sc_step_done(sc, reason, why, whylen);
+            if (rc)
+                return rc;
+            continue;
+        }
+        if (moved >= SC_TURN_BYTES)
+            return 0;
+        if (sc_late(sc, reason))
+            return -1;
+        struct msghdr mh = {.msg_iov = sc->rp, .msg_iovlen = (size_t)sc->rcnt};
+        ssize_t r = recvmsg(sc->fd, &mh, MSG_DONTWAIT);
+        if (r > 0) {
+            tcp_iov_advance(&sc->rp, &sc->rcnt, (size_t)r);
+            sc->got += (size_t)r;
+            sc->last_ms = kvf__now_ms();
+            moved += (size_t)r;
+            continue;
+        }
+        if (r == 0) {
+            bool between = sc->got == 0 && (sc->step == SC_HDR || sc->step == SC_AUTH_HDR);
+            if (between && sc->step == SC_HDR) {
+                KVF_DEBUG(TCP_LOG, "connection from %s closed", sc->addr);
+                return 1;
+            }
+            if (between) {
+                *reason = "authentication failed: connection closed";
+            } else if (sc->step == SC_HDR) {
+                snprintf(why, whylen, "truncated header (%zu of %u bytes)", sc->got,
+                         KVF_TCP_HDR_LEN);
+                *reason = why;
+            } else {
+                *reason = "connection closed in the middle of a frame";
+            }
+            return -1;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        *reason = sc_io_reason(errno, why, whylen);
+        return -1;
+    }
+}
+
+int tcp_sc_tick(struct tcp_sconn *sc, uint64_t now, const char **reason, char *why, size_t whylen)
+{
+    struct tcp_transport *t = sc->t;
+    bool between = !sc->want_out && sc->step == SC_HDR && sc->got == 0;
+    *reason = NULL;
+    if (sc->auth && now - sc->start_ms >= KVF_AUTH_TIMEOUT_MS) {
+        snprintf(why, whylen, "authentication failed: not done within KVF_AUTH_TIMEOUT_MS (%u ms)",
+                 KVF_AUTH_TIMEOUT_MS);
+        *reason = why;
+        return -1;
+    }
+    if (!sc->hello_done && now - sc->start_ms >= sc_hello_ms(sc)) {
+        if (between) {
+            snprintf(why, whylen, "no HELLO within %u ms", sc_hello_ms(sc));
+            *reason = why;
+        } else {
+            *reason = sc_slow;
+        }
+        return -1;
+    }
+    if (between) {
+        if (sc->hello_done && now - sc->idle_since >= t->idle_timeout_ms) {
             /* Routine: the initiator reconnects on its next transfer. */
             KVF_LOG_RATELIMITED(KVF_LOG_INFO, TCP_LOG,
                                 "closing connection from %s (%s): no request for %u ms "
                                 "(idle timeout)",
                                 sc->addr, sc->peer_sid, t->idle_timeout_ms);
-            break;
+            return 1;
         }
-        if (rc == -KVF_ETIMEDOUT && got == 0) {
-            snprintf(why, sizeof(why), "no HELLO within %u ms",
-                     t->idle_timeout_ms < KVF_TCP_HELLO_TIMEOUT_MS ? t->idle_timeout_ms
-                                                                   : KVF_TCP_HELLO_TIMEOUT_MS);
-            reason = why;
-            break;
-        }
-        if (rc) {
-            if (rc == -EPIPE) {
-                snprintf(why, sizeof(why), "truncated header (%zu of %u bytes)", got,
-                         KVF_TCP_HDR_LEN);
-                reason = why;
-            } else {
-                reason = tcp_io_reason(rc, why, sizeof(why));
-            }
-            break;
-        }
-        if (!hello_done && kvf__get_le32(hbuf) == KVF_P2P_MAGIC) {
-            /* A P2P record request instead of a HELLO: answered, then the connection ends. */
-            if (tcp_p2p_serve(t, sc->fd, sc->addr, hbuf, why, sizeof(why)) < 0)
-                reason = why;
-            break;
-        }
-        tcp_hdr_decode(hbuf, &h);
-        if (!hello_done && h.magic == KVF_AUTH_MAGIC) {
-            /* A client with a key, and none here: tell it so in its protocol. The rest of its
-             * hello is read first, so that it reads the answer and not a reset. */
-            uint8_t rest[KVF_AUTH_MAX_MSG];
-            size_t blen = kvf__get_le16(hbuf + 6);
-            if (blen + KVF_AUTH_HDR_LEN > KVF_TCP_HDR_LEN && blen <= KVF_AUTH_MAX_BODY)
-                (void)kvf__auth_io(sc->fd, rest, blen + KVF_AUTH_HDR_LEN - KVF_TCP_HDR_LEN,
-                                   false, hello_deadline);
-            kvf__auth_send_refused(sc->fd,
-                                   "this engine has no auth key: the cluster secret is not "
-                                   "configured on both sides",
-                                   hello_deadline);
-            reason = "authentication failed: the client has an auth key, this engine none";
-            break;
-        }
-        reason = tcp_srv_check(&h, hello_done, why, sizeof(why));
-        if (reason)
-            break;
-        if (h.type != KVF_TCP_HELLO && h.type != KVF_TCP_NOTIFY &&
-            atomic_load(&t->test_close_left) > 0 && atomic_fetch_sub(&t->test_close_left, 1) > 0) {
-            KVF_INFO(TCP_LOG, "closing connection from %s at its request (%s)", sc->addr,
-                     TCP_TEST_CLOSE_ENV);
-            break;
-        }
-
-        if (h.type == KVF_TCP_HELLO) {
-            char sid[KVF_TCP_MAX_MSG + 1];
-            rc = tcp_srv_recv(sc, sid, (size_t)h.len, false, hello_deadline, NULL);
-            if (rc) {
-                reason = tcp_io_reason(rc, why, sizeof(why));
-                break;
-            }
-            if (t->auth.len &&
-                (h.len != strlen(sc->peer_sid) || memcmp(sid, sc->peer_sid, (size_t)h.len))) {
-                /* The proven identity is the only one: a HELLO may not claim another. */
-                kvf__err(-KVF_EAUTH, "HELLO claims another session id than the one %s proved",
-                         sc->peer_sid);
-                (void)tcp_srv_send_error(sc, &h, -KVF_EAUTH);
-                snprintf(why, sizeof(why),
-                         "authentication failed: HELLO claims another session id than the "
-                         "proven %.64s",
-                         sc->peer_sid);
-                reason = why;
-                break;
-            }
-            /* Without a key the session id is for the log only; keep it printable. */
-            kvf__printable(sid, (size_t)h.len + 1, sid, (size_t)h.len);
-            KVF_DEBUG(TCP_LOG, "hello from %s at %s", sid, sc->addr);
-            /* A longer one is no session id; it is kept cut (for the log) all the same. */
-            size_t keep = strnlen(sid, sizeof(sc->peer_sid) - 1);
-            memcpy(sc->peer_sid, sid, keep);
-            sc->peer_sid[keep] = '\0';
-            hello_done = true;
-            uint8_t resp[KVF_TCP_HDR_LEN];
-            tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
-            struct iovec iov = {resp, sizeof(resp)};
-            rc = tcp_srv_send(sc, &iov, 1, 0);
-        } else if (h.type == KVF_TCP_WRITEV) {
-            rc = tcp_srv_writev(sc, &h, why, sizeof(why));
-            if (rc == 1) {
-                reason = why;
-                break;
-            }
-        } else if (h.type == KVF_TCP_STATS) {
-            rc = tcp_srv_stats(sc, &h);
-        } else if (h.type == KVF_TCP_NOTIFY) {
-            /* The sender sends it only once every request of its batch has been answered, so
-             * that batch's data is in place before the notification is queued. */
-            uint8_t nbuf[KVF_NOTIFY_MAX];
-            rc = tcp_srv_recv(sc, nbuf, (size_t)h.len, false, tcp_frame_deadline(h.len), NULL);
-            if (rc == 0) {
-                int nrc = t->notify_cb
-                              ? t->notify_cb(t->notify_arg, sc->peer_sid, nbuf, (size_t)h.len)
-                              : kvf__err(-KVF_ENOTSUP, "%s takes no notifications", t->local_sid);
-                if (nrc == 0) {
-                    uint8_t resp[KVF_TCP_HDR_LEN];
-                    tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, 0, 0);
-                    struct iovec iov = {resp, sizeof(resp)};
-                    rc = tcp_srv_send(sc, &iov, 1, 0);
-                } else {
-                    rc = tcp_srv_send_error(sc, &h, nrc);
-                }
-            }
-        } else if (h.type == KVF_TCP_WRITE) {
-            kvf_region_ref_t ref = {0};
-            sc_hold(sc, h.addr, h.addr + h.len);
-            int arc = kvf__regions_acquire(t->regions, h.addr, h.len, &ref);
-            if (arc == 0) {
-                /* Straight into the registered memory: the region reference keeps it registered
-                 * until the last byte is in. */
-                rc = tcp_srv_recv(sc, (void *)(uintptr_t)h.addr, (size_t)h.len, false,
-                                  tcp_frame_deadline(h.len), NULL);
-                kvf__regions_release(t->regions, &ref);
-                sc_hold(sc, 0, 0);
-                if (rc == 0) {
-                    uint8_t resp[KVF_TCP_HDR_LEN];
-                    tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, h.addr, 0);
-                    struct iovec iov = {resp, sizeof(resp)};
-                    rc = tcp_srv_send(sc, &iov, 1, 0);
-                }
-            } else {
-                sc_hold(sc, 0, 0);
-                KVF_DEBUG(TCP_LOG, "write from %s refused: %s", sc->addr, kvf_last_error());
-                rc = tcp_srv_drain(sc, h.len);
-                if (rc == 0)
-                    rc = tcp_srv_refuse(sc, &h, arc, "write", h.addr, h.len);
-            }
-        } else {
-            kvf_region_ref_t ref = {0};
-            sc_hold(sc, h.addr, h.addr + h.len);
-            int arc = kvf__regions_acquire(t->regions, h.addr, h.len, &ref);
-            if (arc == 0) {
-                uint8_t resp[KVF_TCP_HDR_LEN];
-                tcp_hdr_encode(resp, KVF_TCP_RESP, 0, h.req_id, h.addr, h.len);
-                struct iovec iov[2] = {{resp, sizeof(resp)},
-                                       {(void *)(uintptr_t)h.addr, (size_t)h.len}};
-                rc = tcp_srv_send(sc, iov, 2, tcp_frame_deadline(h.len));
-                kvf__regions_release(t->regions, &ref);
-                sc_hold(sc, 0, 0);
-            } else {
-                sc_hold(sc, 0, 0);
-                KVF_DEBUG(TCP_LOG, "read from %s refused: %s", sc->addr, kvf_last_error());
-                rc = tcp_srv_refuse(sc, &h, arc, "read", h.addr, h.len);
-            }
-        }
-        if (rc) {
-            if (rc != -KVF_ECLOSED)
-                reason = tcp_io_reason(rc, why, sizeof(why));
-            break;
-        }
+        return 0;
     }
+    if ((sc->deadline_ms && now >= sc->deadline_ms) ||
+        now - sc->last_ms >= KVF_TCP_STALL_TIMEOUT_MS) {
+        *reason = sc_slow;
+        return -1;
+    }
+    return 0;
+}
 
-    /* A connection cut by destroy() is not the peer's fault: no warning for it. */
-    if (reason && !atomic_load(&t->stopping))
-        KVF_WARN_RATELIMITED(TCP_LOG, "closing connection from %s: %s", sc->addr, reason);
-    /* The fd stays open (only shut down) until the thread is joined, so destroy() may call
-     * shutdown() on it at any time without racing a reuse of the number. */
-    shutdown(sc->fd, SHUT_RDWR);
+void tcp_sc_end(struct tcp_sconn *sc)
+{
+    sc_release_all(sc);
+    if (sc->auth) {
+        kvf__auth_srv_fini(sc->auth);
+        free(sc->auth);
+        sc->auth = NULL;
+    }
+    free(sc->obody);
     free(sc->scratch);
-    sc->scratch = NULL;
     free(sc->segs);
     free(sc->refs);
     free(sc->iov);
-    sc->segs = NULL;
+    sc->obody = sc->scratch = sc->segs = NULL;
     sc->refs = NULL;
     sc->iov = NULL;
-    atomic_store(&sc->done, true);
-    /* The last use of anything the thread shares: the accept thread may free sc once it sees
-     * done, but t lives until every serving thread has been joined. */
-    uint64_t one = 1;
-    if (write(t->reap_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-        KVF_DEBUG(TCP_LOG, "serving thread: waking the accept thread: %s", strerror(errno));
-    return NULL;
-}
-
-/* ---------------------------------------------------------------------------------------------
- * Target side: accepting connections
- * ------------------------------------------------------------------------------------------- */
-
-void tcp_reap_sconns(struct tcp_transport *t, bool all)
-{
-    struct tcp_sconn *dead = NULL;
-    pthread_mutex_lock(&t->mu);
-    for (struct tcp_sconn **pp = &t->sconns; *pp;) {
-        struct tcp_sconn *sc = *pp;
-        if (all || atomic_load(&sc->done)) {
-            *pp = sc->next;
-            sc->next = dead;
-            dead = sc;
-            t->nsconns--;
-        } else {
-            pp = &sc->next;
-        }
-    }
-    pthread_mutex_unlock(&t->mu);
-    while (dead) {
-        struct tcp_sconn *sc = dead;
-        dead = sc->next;
-        pthread_join(sc->thread, NULL);
-        close(sc->fd);
-        free(sc);
-    }
-}
-
-/* The remote IP of @ss into @ip: 4 bytes for IPv4 (and IPv4-mapped IPv6), else 16. */
-static uint8_t tcp_sockaddr_ip(const struct sockaddr_storage *ss, uint8_t ip[16])
-{
-    if (ss->ss_family == AF_INET) {
-        memcpy(ip, &((const struct sockaddr_in *)(const void *)ss)->sin_addr, 4);
-        return 4;
-    }
-    const struct in6_addr *a6 = &((const struct sockaddr_in6 *)(const void *)ss)->sin6_addr;
-    if (IN6_IS_ADDR_V4MAPPED(a6)) {
-        memcpy(ip, a6->s6_addr + 12, 4);
-        return 4;
-    }
-    memcpy(ip, a6->s6_addr, 16);
-    return 16;
-}
-
-/* accept() failed for want of a file descriptor or memory: retrying at once cannot succeed. */
-static bool tcp_accept_starved(int err)
-{
-    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
-}
-
-/* Connections served from @sc's address. Under t->mu. */
-static unsigned tcp_conns_from(const struct tcp_transport *t, const struct tcp_sconn *sc)
-{
-    unsigned n = 0;
-    for (const struct tcp_sconn *o = t->sconns; o; o = o->next)
-        n += o->ip_len == sc->ip_len && memcmp(o->ip, sc->ip, sc->ip_len) == 0;
-    return n;
-}
-
-/* Accept one connection and start its serving thread. Returns 0, or the errno of a failed
- * accept(). Every refusal is logged at most KVF_LOG_RATELIMIT_BURST times a second. */
-static int tcp_accept_one(struct tcp_transport *t)
-{
-    struct sockaddr_storage ss;
-    socklen_t sl = sizeof(ss);
-    int fd = accept4(t->listen_fd, (struct sockaddr *)&ss, &sl, SOCK_CLOEXEC);
-    if (fd < 0) {
-        int err = errno;
-        if (err != EAGAIN && err != EWOULDBLOCK && err != EINTR && err != ECONNABORTED)
-            KVF_WARN_RATELIMITED(
-                TCP_LOG, "accept on %s: %s%s", t->listen_str, strerror(err),
-                tcp_accept_starved(err) ? " (pausing; raise ulimit -n if this persists)" : "");
-        return err;
-    }
-    tcp_reap_sconns(t, false);
-
-    struct tcp_sconn *sc = calloc(1, sizeof(*sc));
-    char addr[TCP_ADDR_LEN];
-    tcp_sockaddr_format(&ss, addr, sizeof(addr));
-    if (!sc) {
-        KVF_WARN_RATELIMITED(TCP_LOG, "refusing connection from %s: out of memory", addr);
-        goto out_close;
-    }
-    sc->t = t;
-    sc->fd = fd;
-    sc->ip_len = tcp_sockaddr_ip(&ss, sc->ip);
-    snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    tcp_set_timeout(fd, SO_RCVTIMEO, TCP_SERVER_SLICE_MS);
-    tcp_set_timeout(fd, SO_SNDTIMEO, TCP_SERVER_SLICE_MS);
-
-    pthread_mutex_lock(&t->mu);
-    if (t->nsconns >= KVF_TCP_MAX_CONNS) {
-        pthread_mutex_unlock(&t->mu);
-        KVF_WARN_RATELIMITED(TCP_LOG, "refusing connection from %s: KVF_TCP_MAX_CONNS (%u) reached",
-                             addr, KVF_TCP_MAX_CONNS);
-        goto out_free;
-    }
-    if (tcp_conns_from(t, sc) >= KVF_TCP_MAX_CONNS_PER_ADDR) {
-        pthread_mutex_unlock(&t->mu);
-        KVF_WARN_RATELIMITED(TCP_LOG,
-                             "refusing connection from %s: KVF_TCP_MAX_CONNS_PER_ADDR (%u) "
-                             "connections from that address are open",
-                             addr, KVF_TCP_MAX_CONNS_PER_ADDR);
-        goto out_free;
-    }
-    int rc =
-        kvf__thread_start(&sc->thread, "kvf-tcp-serve", KVF_THREAD_SMALL_STACK, tcp_sconn_main, sc);
-    if (rc) {
-        pthread_mutex_unlock(&t->mu);
-        KVF_WARN_RATELIMITED(TCP_LOG, "refusing connection from %s: thread: %s", addr,
-                             strerror(-rc));
-        goto out_free;
-    }
-    sc->next = t->sconns;
-    t->sconns = sc;
-    t->nsconns++;
-    pthread_mutex_unlock(&t->mu);
-    KVF_DEBUG(TCP_LOG, "accepted connection from %s on %s", addr, t->listen_str);
-    return 0;
-
-out_free:
-    free(sc);
-out_close:
-    close(fd);
-    return 0;
-}
-
-void *tcp_accept_main(void *arg)
-{
-    struct tcp_transport *t = arg;
-    uint64_t paused_until = 0; /* kvf__now_ms() until which the listening socket is not polled */
-    while (!atomic_load(&t->stopping)) {
-        int timeout = -1;
-        if (paused_until) {
-            uint64_t now = kvf__now_ms();
-            if (now < paused_until)
-                timeout = (int)(paused_until - now);
-            else
-                paused_until = 0;
-        }
-        struct pollfd pf[3] = {{.fd = t->wake_fd, .events = POLLIN},
-                               {.fd = t->reap_fd, .events = POLLIN},
-                               {.fd = t->listen_fd, .events = POLLIN}};
-        int n = poll(pf, paused_until ? 2 : 3, timeout);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            KVF_ERROR(TCP_LOG, "poll on %s: %s", t->listen_str, strerror(errno));
-            break;
-        }
-        if (pf[0].revents)
-            break;
-        if (pf[1].revents) {
-            uint64_t v;
-            if (read(t->reap_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-                KVF_DEBUG(TCP_LOG, "reap eventfd on %s: %s", t->listen_str, strerror(errno));
-            tcp_reap_sconns(t, false);
-            /* Descriptors were freed: try accepting again at once. */
-            paused_until = 0;
-        }
-        if (!paused_until && pf[2].revents) {
-            int err = tcp_accept_one(t);
-            /* The listening socket stays readable while connections wait: polling it again
-             * would spin. Wait for a served connection to end, or a short pause. */
-            if (tcp_accept_starved(err))
-                paused_until = kvf__now_ms() + TCP_ACCEPT_PAUSE_MS;
-        }
-    }
-    return NULL;
 }

@@ -232,6 +232,7 @@ static void tcp_batch_abort(struct tcp_peer *p, struct tcp_batch *b)
 {
     for (unsigned ci = 0; ci < p->nconns; ci++) {
         struct tcp_conn *c = &p->conns[ci];
+        bool cut = false;
         for (unsigned i = 0; i < KVF_TCP_MAX_INFLIGHT; i++) {
             if (!c->slots[i].req_id || c->slots[i].batch != b)
                 continue;
@@ -254,8 +255,16 @@ static void tcp_batch_abort(struct tcp_peer *p, struct tcp_batch *b)
             if (c->slots[i].req_id && c->slots[i].batch == b) {
                 if (b->status && b->status[c->slots[i].elem] >= 0)
                     b->status[c->slots[i].elem] = -KVF_ETIMEDOUT;
+                cut |= c->slots[i].op != KVF_TCP_READ;
                 tcp_slot_finish(c, i);
             }
+        }
+        /* A withdrawn write may still be on its way (in this kernel's send queue, or behind a
+         * cut link): the connection is aborted, so that none of it lands after we return. */
+        if (cut && c->state == TCP_CONN_UP) {
+            tcp_fd_abort(c->fd);
+            tcp_conn_break_locked(c, c->gen, -KVF_EPEERGONE,
+                                  "a write timed out: its unanswered bytes are cut off");
         }
     }
 }

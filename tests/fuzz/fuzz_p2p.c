@@ -1,18 +1,16 @@
 /*
  * Fuzz target: the P2P record request (common/p2p.h), both ends. The input's first
  * KVF_P2P_REQ_LEN bytes are a request header and the rest what follows it on the connection: a
- * real tcp transport's tcp_p2p_serve() reads them from a socket pair and answers, as a target
- * does for a peer. The same bytes go to the asker's answer decoder and, as text, to the key and
- * session-id checks. Invariants: a request is answered only when its header and key are
- * well-formed, and the answer then decodes; an accepted answer header's length is within its
+ * real tcp transport's tcp_p2p_key_len() and tcp_p2p_answer() check them and answer, as a
+ * served connection does for a peer. The same bytes go to the asker's answer decoder and, as text,
+ * to the key and session-id checks. Invariants: a request is answered only when its header and key
+ * are well-formed, and the answer then decodes; an accepted answer header's length is within its
  * limit; a decoded request length is within 1..KVF_P2P_MAX_KEY and encodes back the same.
  */
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include "common/common.h"
 #include "common/p2p.h"
@@ -71,41 +69,41 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         KVF_FUZZ_CHECK(!memcmp(again, hdr, sizeof(hdr)), "accepted header does not re-encode");
     }
 
-    /* The target's side, on a socket pair: the rest of the input, then the end of the stream. */
-    int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv))
-        abort();
-    int buf = 1 << 20;
-    setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
-    setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &buf, sizeof(buf));
-    if (rlen && send(sv[0], rest, rlen, MSG_NOSIGNAL) != (ssize_t)rlen)
-        abort();
-    shutdown(sv[0], SHUT_WR);
+    /* The target's side: the key length the header gives, then the answer to the key that
+     * follows (a served connection receives exactly that many bytes before answering). */
     struct tcp_transport *t = (struct tcp_transport *)(void *)target();
-    int rc = tcp_p2p_serve(t, sv[1], "fuzz", hdr, why, sizeof(why));
+    int kl = tcp_p2p_key_len(hdr, why, sizeof(why));
+    KVF_FUZZ_CHECK((kl >= 0) == req_ok, "key length %d, but header well-formed %d", kl, req_ok);
+    int rc = -1;
+    uint8_t *out = NULL;
+    size_t olen = 0;
+    if (kl >= 0 && rlen >= (size_t)kl) {
+        char key[KVF_P2P_MAX_KEY + 1];
+        memcpy(key, rest, (size_t)kl);
+        rc = tcp_p2p_answer(t, "fuzz", key, (size_t)kl, &out, &olen, why, sizeof(why));
+    }
     bool key_ok = req_ok && rlen >= klen && kvf__p2p_key_ok((const char *)rest, klen);
     KVF_FUZZ_CHECK((rc == 0) == key_ok, "served %d, but request well-formed %d", rc, key_ok);
     if (rc == 0) {
-        uint8_t ans[KVF_P2P_ANS_LEN];
         uint32_t st, len;
-        KVF_FUZZ_CHECK(recv(sv[0], ans, sizeof(ans), MSG_WAITALL) == (ssize_t)sizeof(ans),
-                       "no answer");
-        KVF_FUZZ_CHECK(kvf__p2p_ans_decode(ans, &st, &len, why, sizeof(why)),
+        KVF_FUZZ_CHECK(olen >= KVF_P2P_ANS_LEN, "no answer");
+        KVF_FUZZ_CHECK(kvf__p2p_ans_decode(out, &st, &len, why, sizeof(why)),
                        "own answer refused: %s", why);
+        KVF_FUZZ_CHECK(len == olen - KVF_P2P_ANS_LEN, "answer says %u bytes, carries %zu", len,
+                       olen - KVF_P2P_ANS_LEN);
         bool want = klen == strlen(FUZZ_KEY) && !memcmp(rest, FUZZ_KEY, klen);
         KVF_FUZZ_CHECK((st == 0) == want, "status %u for a key that is %sthe record", st,
                        want ? "" : "not ");
     }
-    close(sv[0]);
-    close(sv[1]);
+    free(out);
 
     /* The asker's side. */
     uint8_t ans[KVF_P2P_ANS_LEN] = {0};
     memcpy(ans, data, size < sizeof(ans) ? size : sizeof(ans));
     uint32_t st = 0, len = 0;
     if (kvf__p2p_ans_decode(ans, &st, &len, why, sizeof(why)))
-        KVF_FUZZ_CHECK(st == 0 ? len <= KVF_P2P_MAX_VALUE : len <= KVF_P2P_MAX_MSG &&
-                                                              st > KVF_ERRNO_OFFSET,
+        KVF_FUZZ_CHECK(st == 0 ? len <= KVF_P2P_MAX_VALUE
+                               : len <= KVF_P2P_MAX_MSG && st > KVF_ERRNO_OFFSET,
                        "answer status %u length %u accepted", st, len);
 
     char *s = malloc(size + 1);

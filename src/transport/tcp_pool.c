@@ -1,0 +1,532 @@
+/*
+ * The tcp transport's target threads: one accept thread and a fixed set of I/O threads, however
+ * many connections are served (docs/architecture.md, "Threads").
+ *
+ * The accept thread accepts, applies the caps and hands each connection to the I/O thread that
+ * serves the fewest; that thread adds it to its epoll set and drives its state machine
+ * (tcp_target.c) whenever the socket is ready, and checks every connection's timers once per
+ * TCP_SERVER_SLICE_MS. A connection is owned by one I/O thread from then on: only that thread
+ * touches its state, releases its region references and closes its fd (after unlinking it from
+ * t->sconns, so anyone holding t->mu may shutdown() it).
+ *
+ * Caps (docs/protocol.md, "Limits"). Connections that have not finished their HELLO (and, with a
+ * key, the handshake before it) are *pre-auth*: at most KVF_TCP_MAX_PREAUTH of them, at most
+ * KVF_TCP_MAX_PREAUTH_PER_ADDR from one address; a new one beyond either evicts the oldest
+ * pre-auth connection (of that address, for the per-address cap), so silent or slow sockets can
+ * neither lock a real peer out nor hold more than that share. Past its HELLO a connection counts
+ * against KVF_TCP_MAX_CONNS and KVF_TCP_MAX_CONNS_PER_ADDR, checked at accept and again at the
+ * HELLO. When accept() runs out of file descriptors the accept thread stops polling the listening
+ * socket for a while instead of spinning, and a closed connection wakes it.
+ */
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/thread.h"
+#include "transport/tcp.h"
+
+/* Events one epoll_wait() takes. */
+#define TCP_IO_EVENTS 64
+
+size_t tcp_holders(kvf_transport_t *tt, uint64_t addr, uint64_t len, char *buf, size_t buflen)
+{
+    struct tcp_transport *t = tcp_of(tt);
+    size_t n = 0;
+    pthread_mutex_lock(&t->mu);
+    for (struct tcp_sconn *sc = t->sconns; sc; sc = sc->next) {
+        uint64_t lo = atomic_load_explicit(&sc->hold_lo, memory_order_relaxed);
+        uint64_t hi = atomic_load_explicit(&sc->hold_hi, memory_order_relaxed);
+        if (hi <= addr || lo >= addr + len)
+            continue;
+        char what[KVF_SESSION_ID_MAX + TCP_ADDR_LEN + 16];
+        snprintf(what, sizeof(what), "peer %s (%s)", sc->peer_sid[0] ? sc->peer_sid : "?",
+                 sc->addr);
+        kvf__holders_add(buf, buflen, what);
+        n++;
+    }
+    pthread_mutex_unlock(&t->mu);
+    return n;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * I/O threads
+ * ------------------------------------------------------------------------------------------- */
+
+/* KVFERRY_IO_THREADS=N (1..TCP_MAX_IO_THREADS), else min(online CPUs, TCP_DEFAULT_IO_THREADS). */
+static unsigned tcp_io_threads_conf(const char *sid)
+{
+    const char *v = getenv(TCP_IO_THREADS_ENV);
+    if (v && *v) {
+        char *end;
+        unsigned long n = strtoul(v, &end, 10);
+        if (*end == '\0' && n >= 1)
+            return n > TCP_MAX_IO_THREADS ? TCP_MAX_IO_THREADS : (unsigned)n;
+        KVF_WARN(TCP_LOG, "%s: %s=%s is not a count >= 1: ignored", sid, TCP_IO_THREADS_ENV, v);
+    }
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    if (cpus < 1)
+        cpus = 1;
+    return cpus < TCP_DEFAULT_IO_THREADS ? (unsigned)cpus : TCP_DEFAULT_IO_THREADS;
+}
+
+static void io_watch(struct tcp_sconn *sc)
+{
+    struct epoll_event ev = {.events = sc->want_out ? EPOLLOUT : EPOLLIN, .data.ptr = sc};
+    if (epoll_ctl(sc->io->ep, EPOLL_CTL_MOD, sc->fd, &ev) == 0)
+        sc->ep_out = sc->want_out;
+}
+
+/* Close @sc (its thread's list keeps it, marked dead, until io_sweep()). @rc and @reason: what
+ * tcp_sc_run() or tcp_sc_tick() said. */
+static void io_close(struct tcp_sconn *sc, int rc, const char *reason)
+{
+    struct tcp_transport *t = sc->t;
+    epoll_ctl(sc->io->ep, EPOLL_CTL_DEL, sc->fd, NULL);
+    /* Its region references go first, then the peer is told (FIN), then it stops being counted:
+     * a peer that sees the close may unregister at once, and whoever sees it gone may rely on
+     * the peer being able to see it too. */
+    tcp_sc_end(sc);
+    shutdown(sc->fd, SHUT_RDWR);
+    pthread_mutex_lock(&t->mu);
+    for (struct tcp_sconn **pp = &t->sconns; *pp; pp = &(*pp)->next) {
+        if (*pp == sc) {
+            *pp = sc->next;
+            break;
+        }
+    }
+    t->nsconns--;
+    if (sc->preauth)
+        t->npreauth--;
+    sc->io->nconns--;
+    bool evicted = sc->evicted;
+    pthread_mutex_unlock(&t->mu);
+    /* A connection cut by destroy() or evicted (logged then) is not reported again. */
+    if (rc < 0 && reason && !evicted && !atomic_load(&t->stopping))
+        KVF_WARN_RATELIMITED(TCP_LOG, "closing connection from %s: %s", sc->addr, reason);
+    close(sc->fd);
+    sc->fd = -1;
+    /* An fd is free again: wake an accept thread that paused for want of one. */
+    uint64_t one = 1;
+    if (write(t->reap_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        KVF_DEBUG(TCP_LOG, "waking the accept thread: %s", strerror(errno));
+}
+
+/* Free the connections closed since the last sweep. */
+static void io_sweep(struct tcp_iothr *io)
+{
+    for (struct tcp_sconn **pp = &io->conns; *pp;) {
+        struct tcp_sconn *sc = *pp;
+        if (sc->fd < 0) {
+            *pp = sc->tnext;
+            free(sc);
+        } else {
+            pp = &sc->tnext;
+        }
+    }
+}
+
+/* Take the connections the accept thread handed over. */
+static void io_adopt(struct tcp_iothr *io)
+{
+    uint64_t v;
+    if (read(io->wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        KVF_DEBUG(TCP_LOG, "I/O thread eventfd: %s", strerror(errno));
+    pthread_mutex_lock(&io->t->mu);
+    struct tcp_sconn *in = io->incoming;
+    io->incoming = NULL;
+    pthread_mutex_unlock(&io->t->mu);
+    while (in) {
+        struct tcp_sconn *sc = in;
+        in = sc->tnext;
+        sc->tnext = io->conns;
+        io->conns = sc;
+        tcp_sc_begin(sc);
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = sc};
+        if (epoll_ctl(io->ep, EPOLL_CTL_ADD, sc->fd, &ev) < 0) {
+            char why[96];
+            snprintf(why, sizeof(why), "epoll: %s", strerror(errno));
+            io_close(sc, -1, why);
+        }
+    }
+}
+
+static void *tcp_io_main(void *arg)
+{
+    struct tcp_iothr *io = arg;
+    struct tcp_transport *t = io->t;
+    struct epoll_event evs[TCP_IO_EVENTS];
+    char why[256];
+    const char *reason;
+    uint64_t next_tick = kvf__now_ms() + TCP_SERVER_SLICE_MS;
+    while (!atomic_load(&t->stopping)) {
+        uint64_t now = kvf__now_ms();
+        int timeout = now >= next_tick ? 0 : (int)(next_tick - now);
+        int n = epoll_wait(io->ep, evs, TCP_IO_EVENTS, timeout);
+        if (n < 0 && errno != EINTR) {
+            KVF_ERROR(TCP_LOG, "epoll_wait on %s: %s", t->listen_str, strerror(errno));
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            struct tcp_sconn *sc = evs[i].data.ptr;
+            if (!sc) {
+                io_adopt(io);
+                continue;
+            }
+            if (sc->fd < 0)
+                continue;
+            int rc = tcp_sc_run(sc, &reason, why, sizeof(why));
+            if (rc)
+                io_close(sc, rc, reason);
+            else if (sc->want_out != sc->ep_out)
+                io_watch(sc);
+        }
+        now = kvf__now_ms();
+        if (now >= next_tick) {
+            next_tick = now + TCP_SERVER_SLICE_MS;
+            for (struct tcp_sconn *sc = io->conns; sc; sc = sc->tnext) {
+                if (sc->fd < 0)
+                    continue;
+                int rc = tcp_sc_tick(sc, now, &reason, why, sizeof(why));
+                if (rc)
+                    io_close(sc, rc, reason);
+            }
+        }
+        io_sweep(io);
+    }
+    /* Stopping: cut every connection, giving back its region references, before the engine
+     * destroys the region table. Connections still handed over are adopted first. */
+    io_adopt(io);
+    for (struct tcp_sconn *sc = io->conns; sc; sc = sc->tnext)
+        if (sc->fd >= 0)
+            io_close(sc, 1, NULL);
+    io_sweep(io);
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Accepting connections
+ * ------------------------------------------------------------------------------------------- */
+
+/* The remote IP of @ss into @ip: 4 bytes for IPv4 (and IPv4-mapped IPv6), else 16. */
+static uint8_t tcp_sockaddr_ip(const struct sockaddr_storage *ss, uint8_t ip[16])
+{
+    if (ss->ss_family == AF_INET) {
+        memcpy(ip, &((const struct sockaddr_in *)(const void *)ss)->sin_addr, 4);
+        return 4;
+    }
+    const struct in6_addr *a6 = &((const struct sockaddr_in6 *)(const void *)ss)->sin6_addr;
+    if (IN6_IS_ADDR_V4MAPPED(a6)) {
+        memcpy(ip, a6->s6_addr + 12, 4);
+        return 4;
+    }
+    memcpy(ip, a6->s6_addr, 16);
+    return 16;
+}
+
+/* accept() failed for want of a file descriptor or memory: retrying at once cannot succeed. */
+static bool tcp_accept_starved(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+static bool same_ip(const struct tcp_sconn *a, const struct tcp_sconn *b)
+{
+    return a->ip_len == b->ip_len && memcmp(a->ip, b->ip, a->ip_len) == 0;
+}
+
+/* Pre-auth connections from @sc's address (with @sc when it is in the list). Under t->mu. */
+static unsigned preauth_from(const struct tcp_transport *t, const struct tcp_sconn *sc)
+{
+    unsigned n = 0;
+    for (const struct tcp_sconn *o = t->sconns; o; o = o->next)
+        n += o->preauth && same_ip(o, sc);
+    return n;
+}
+
+/*
+ * Whom to evict for a new pre-auth connection from @sc's address: when that address holds
+ * KVF_TCP_MAX_PREAUTH_PER_ADDR, one of its own; else, when KVF_TCP_MAX_PREAUTH are held, one of
+ * the address holding the most (so a flood from other addresses never evicts a peer's lone
+ * connection). Within the address, the one whose handshake got least far (a whole first message
+ * waiting to be read counts), the oldest of those: a client proving the key is evicted only after
+ * every silent or half-sent socket of its address. Under t->mu.
+ */
+static struct tcp_sconn *preauth_victim(struct tcp_transport *t, const struct tcp_sconn *sc,
+                                        unsigned *held)
+{
+    const struct tcp_sconn *from = NULL;
+    *held = preauth_from(t, sc);
+    if (*held >= KVF_TCP_MAX_PREAUTH_PER_ADDR) {
+        from = sc;
+    } else if (t->npreauth >= KVF_TCP_MAX_PREAUTH) {
+        /* The pre-auth connections only (at most KVF_TCP_MAX_PREAUTH), counted pairwise. */
+        const struct tcp_sconn *pre[KVF_TCP_MAX_PREAUTH];
+        unsigned np = 0;
+        for (const struct tcp_sconn *o = t->sconns; o && np < KVF_TCP_MAX_PREAUTH; o = o->next)
+            if (o->preauth)
+                pre[np++] = o;
+        *held = 0;
+        for (unsigned i = 0; i < np; i++) {
+            unsigned n = 0;
+            for (unsigned j = 0; j < np; j++)
+                n += same_ip(pre[i], pre[j]);
+            if (n > *held) {
+                *held = n;
+                from = pre[i];
+            }
+        }
+    }
+    if (!from)
+        return NULL;
+    struct tcp_sconn *victim = NULL;
+    unsigned least = UINT32_MAX;
+    /* The list is newest first: among equals the last one seen is the oldest. */
+    for (struct tcp_sconn *o = t->sconns; o; o = o->next) {
+        if (!o->preauth || !same_ip(o, from))
+            continue;
+        /* Progress: the handshake's stage, and whether a whole first message is waiting for its
+         * I/O thread (a client that connected just now, before its hello was read). */
+        int pending = 0;
+        unsigned st = 2u * atomic_load_explicit(&o->stage, memory_order_relaxed);
+        if (st == 0 && ioctl(o->fd, FIONREAD, &pending) == 0 &&
+            (unsigned)pending >=
+                (t->auth.len ? KVF_AUTH_HDR_LEN + KVF_AUTH_NONCE_LEN + 1 : KVF_TCP_HDR_LEN))
+            st = 1;
+        if (st <= least) {
+            least = st;
+            victim = o;
+        }
+    }
+    return victim;
+}
+
+/*
+ * Admit @sc under the caps, evicting a pre-auth connection when the pre-auth share is full.
+ * Under t->mu. Returns NULL, or why @sc is refused (the caps of authenticated connections).
+ */
+static const char *tcp_admit(struct tcp_transport *t, struct tcp_sconn *sc, char *why,
+                             size_t whylen)
+{
+    unsigned all = 0, from = 0;
+    for (struct tcp_sconn *o = t->sconns; o; o = o->next) {
+        if (o->evicted || o->preauth)
+            continue;
+        all++;
+        from += same_ip(o, sc);
+    }
+    if (all >= KVF_TCP_MAX_CONNS) {
+        snprintf(why, whylen, "KVF_TCP_MAX_CONNS (%u) reached", KVF_TCP_MAX_CONNS);
+        return why;
+    }
+    if (from >= KVF_TCP_MAX_CONNS_PER_ADDR) {
+        snprintf(why, whylen,
+                 "KVF_TCP_MAX_CONNS_PER_ADDR (%u) connections from that address are open",
+                 KVF_TCP_MAX_CONNS_PER_ADDR);
+        return why;
+    }
+    unsigned held;
+    struct tcp_sconn *victim = preauth_victim(t, sc, &held);
+    if (victim) {
+        KVF_WARN_RATELIMITED(TCP_LOG,
+                             "closing connection from %s: not authenticated, %u such from its "
+                             "address and %u in all (KVF_TCP_MAX_PREAUTH_PER_ADDR %u, "
+                             "KVF_TCP_MAX_PREAUTH %u); room for one from %s",
+                             victim->addr, held, t->npreauth, KVF_TCP_MAX_PREAUTH_PER_ADDR,
+                             KVF_TCP_MAX_PREAUTH, sc->addr);
+        victim->evicted = true;
+        victim->preauth = false;
+        t->npreauth--;
+        shutdown(victim->fd, SHUT_RDWR);
+    }
+    return NULL;
+}
+
+/* Accept one connection and hand it to an I/O thread. Returns 0, or the errno of a failed
+ * accept(). Every refusal is logged at most KVF_LOG_RATELIMIT_BURST times a second. */
+static int tcp_accept_one(struct tcp_transport *t)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof(ss);
+    int fd = accept4(t->listen_fd, (struct sockaddr *)&ss, &sl, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) {
+        int err = errno;
+        if (err != EAGAIN && err != EWOULDBLOCK && err != EINTR && err != ECONNABORTED)
+            KVF_WARN_RATELIMITED(
+                TCP_LOG, "accept on %s: %s%s", t->listen_str, strerror(err),
+                tcp_accept_starved(err) ? " (pausing; raise ulimit -n if this persists)" : "");
+        return err;
+    }
+    char addr[TCP_ADDR_LEN];
+    tcp_sockaddr_format(&ss, addr, sizeof(addr));
+    struct tcp_sconn *sc = calloc(1, sizeof(*sc));
+    if (!sc) {
+        KVF_WARN_RATELIMITED(TCP_LOG, "refusing connection from %s: out of memory", addr);
+        close(fd);
+        return 0;
+    }
+    sc->t = t;
+    sc->fd = fd;
+    sc->ip_len = tcp_sockaddr_ip(&ss, sc->ip);
+    snprintf(sc->addr, sizeof(sc->addr), "%s", addr);
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+
+    char why[160];
+    pthread_mutex_lock(&t->mu);
+    const char *refused = tcp_admit(t, sc, why, sizeof(why));
+    if (refused) {
+        pthread_mutex_unlock(&t->mu);
+        KVF_WARN_RATELIMITED(TCP_LOG, "refusing connection from %s: %s", addr, refused);
+        free(sc);
+        close(fd);
+        return 0;
+    }
+    struct tcp_iothr *io = &t->io[0];
+    for (unsigned i = 1; i < t->nio; i++)
+        if (t->io[i].nconns < io->nconns)
+            io = &t->io[i];
+    sc->io = io;
+    sc->preauth = true;
+    sc->next = t->sconns;
+    t->sconns = sc;
+    t->nsconns++;
+    t->npreauth++;
+    io->nconns++;
+    sc->tnext = io->incoming;
+    io->incoming = sc;
+    pthread_mutex_unlock(&t->mu);
+    uint64_t v = 1;
+    if (write(io->wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        KVF_WARN(TCP_LOG, "waking I/O thread %u: %s", io->idx, strerror(errno));
+    KVF_DEBUG(TCP_LOG, "accepted connection from %s on %s (I/O thread %u)", addr, t->listen_str,
+              io->idx);
+    return 0;
+}
+
+static void *tcp_accept_main(void *arg)
+{
+    struct tcp_transport *t = arg;
+    uint64_t paused_until = 0; /* kvf__now_ms() until which the listening socket is not polled */
+    while (!atomic_load(&t->stopping)) {
+        int timeout = -1;
+        if (paused_until) {
+            uint64_t now = kvf__now_ms();
+            if (now < paused_until)
+                timeout = (int)(paused_until - now);
+            else
+                paused_until = 0;
+        }
+        struct pollfd pf[3] = {{.fd = t->wake_fd, .events = POLLIN},
+                               {.fd = t->reap_fd, .events = POLLIN},
+                               {.fd = t->listen_fd, .events = POLLIN}};
+        int n = poll(pf, paused_until ? 2 : 3, timeout);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            KVF_ERROR(TCP_LOG, "poll on %s: %s", t->listen_str, strerror(errno));
+            break;
+        }
+        if (pf[0].revents)
+            break;
+        if (pf[1].revents) {
+            uint64_t v;
+            if (read(t->reap_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+                KVF_DEBUG(TCP_LOG, "reap eventfd on %s: %s", t->listen_str, strerror(errno));
+            /* Descriptors were freed: try accepting again at once. */
+            paused_until = 0;
+        }
+        if (!paused_until && pf[2].revents) {
+            int err = tcp_accept_one(t);
+            /* The listening socket stays readable while connections wait: polling it again
+             * would spin. Wait for a served connection to end, or a short pause. */
+            if (tcp_accept_starved(err))
+                paused_until = kvf__now_ms() + TCP_ACCEPT_PAUSE_MS;
+        }
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Start and stop
+ * ------------------------------------------------------------------------------------------- */
+
+static void tcp_io_stop_all(struct tcp_transport *t)
+{
+    for (unsigned i = 0; i < t->nio; i++) {
+        uint64_t one = 1;
+        if (t->io[i].started && write(t->io[i].wake_fd, &one, sizeof(one)) < 0)
+            KVF_WARN(TCP_LOG, "stopping I/O thread %u: %s", i, strerror(errno));
+    }
+    for (unsigned i = 0; i < t->nio; i++) {
+        struct tcp_iothr *io = &t->io[i];
+        if (io->started)
+            pthread_join(io->thread, NULL);
+        if (io->ep >= 0)
+            close(io->ep);
+        if (io->wake_fd >= 0)
+            close(io->wake_fd);
+    }
+    free(t->io);
+    t->io = NULL;
+    t->nio = 0;
+}
+
+int tcp_pool_start(struct tcp_transport *t)
+{
+    unsigned nio = tcp_io_threads_conf(t->local_sid);
+    t->io = calloc(nio, sizeof(*t->io));
+    if (!t->io)
+        return kvf__err(-KVF_ENOMEM, "tcp create: out of memory");
+    t->nio = nio;
+    for (unsigned i = 0; i < nio; i++)
+        t->io[i].ep = t->io[i].wake_fd = -1;
+    int rc = 0;
+    for (unsigned i = 0; i < nio; i++) {
+        struct tcp_iothr *io = &t->io[i];
+        io->t = t;
+        io->idx = i;
+        io->ep = epoll_create1(EPOLL_CLOEXEC);
+        io->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+        if (io->ep < 0 || io->wake_fd < 0 ||
+            epoll_ctl(io->ep, EPOLL_CTL_ADD, io->wake_fd, &ev) < 0) {
+            rc = kvf__err(-errno, "tcp create: I/O thread %u: %s", i, strerror(errno));
+            break;
+        }
+        rc = kvf__thread_start(&io->thread, "kvf-tcp-io", KVF_THREAD_SMALL_STACK, tcp_io_main, io);
+        if (rc) {
+            rc = kvf__err(rc, "tcp create: I/O thread %u: %s", i, strerror(-rc));
+            break;
+        }
+        io->started = true;
+    }
+    if (rc == 0) {
+        rc = kvf__thread_start(&t->accept_thread, "kvf-tcp-accept", 0, tcp_accept_main, t);
+        if (rc)
+            rc = kvf__err(rc, "tcp create: accept thread: %s", strerror(-rc));
+    }
+    if (rc) {
+        atomic_store(&t->stopping, true);
+        tcp_io_stop_all(t);
+        atomic_store(&t->stopping, false);
+    }
+    return rc;
+}
+
+void tcp_pool_stop(struct tcp_transport *t)
+{
+    pthread_join(t->accept_thread, NULL);
+    tcp_io_stop_all(t);
+}

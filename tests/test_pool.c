@@ -1,0 +1,382 @@
+/*
+ * The target's fixed set of I/O threads (issue 17): however many connections arrive, the target
+ * runs the same threads; a connection that stalls in the middle of a frame does not hold up the
+ * others served by the same I/O thread; and unauthenticated connections have their own small
+ * share (KVF_TCP_MAX_PREAUTH, KVF_TCP_MAX_PREAUTH_PER_ADDR) with the oldest evicted, so a flood
+ * of them does not lock a keyed Prefill out. Raw sockets on 127.0.0.x only, bounded in count and
+ * time; every socket is closed.
+ */
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common/common.h"
+#include "common/regions.h"
+#include "common/url.h"
+#include "test_util.h"
+#include "transport/tcp.h"
+#include "transport/tcp_proto.h"
+#include "transport/transport.h"
+
+static const struct kvf_transport_ops *ops = &kvf__tcp_ops;
+
+typedef struct {
+    kvf_transport_t *t;
+    uint16_t port;
+    kvf_region_table_t *rt;
+} node_t;
+
+/* A transport on 127.0.0.1, any port, with @key (NULL: none). */
+static void node_start(node_t *n, const kvf_auth_key_t *key)
+{
+    /* A Prefill may wait behind a flood in the listen backlog (slowly under ASan): its connect
+     * gets the writes' 10 s. */
+    kvf_transport_params_t p = {
+        .local_sid = "127.0.0.1:0", .conns_per_peer = 1, .connect_timeout_ms = 10000, .auth = key};
+    assert_kvf_ok(kvf__session_id_parse(p.local_sid, &p.listen));
+    assert_kvf_ok(kvf__regions_create(&n->rt));
+    p.regions = n->rt;
+    assert_kvf_ok(ops->create(&p, &n->t));
+    n->port = ops->port(n->t);
+}
+
+static void node_stop(node_t *n)
+{
+    ops->destroy(n->t);
+    kvf__regions_destroy(n->rt);
+    memset(n, 0, sizeof(*n));
+}
+
+/* Threads of this process. */
+static unsigned threads_now(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    assert_non_null(d);
+    unsigned n = 0;
+    struct dirent *de;
+    while ((de = readdir(d)))
+        n += de->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+/* Connections the target holds, and how many of them are before their HELLO. */
+static unsigned served(node_t *n, unsigned *preauth)
+{
+    struct tcp_transport *t = tcp_of(n->t);
+    pthread_mutex_lock(&t->mu);
+    unsigned k = t->nsconns;
+    if (preauth)
+        *preauth = t->npreauth;
+    pthread_mutex_unlock(&t->mu);
+    return k;
+}
+
+/* A blocking socket from 127.0.0.@src to 127.0.0.1:@port (I/O bounded by 2 s), or -1. */
+static int raw_connect(unsigned src, uint16_t port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(0x7f000000u | src)};
+    if (bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0)
+        fail_msg("bind to 127.0.0.%u: %s", src, strerror(errno));
+    struct timeval tv = {.tv_sec = 2};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(port);
+    if (connect(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Send a HELLO and read its answer: true when accepted. */
+static bool raw_hello(int fd, const char *sid)
+{
+    uint8_t f[KVF_TCP_HDR_LEN + 64];
+    size_t sl = strlen(sid);
+    tcp_hdr_encode(f, KVF_TCP_HELLO, 0, 1, 0, sl);
+    memcpy(f + KVF_TCP_HDR_LEN, sid, sl);
+    if (send(fd, f, KVF_TCP_HDR_LEN + sl, MSG_NOSIGNAL) != (ssize_t)(KVF_TCP_HDR_LEN + sl))
+        return false;
+    uint8_t b[KVF_TCP_HDR_LEN];
+    if (recv(fd, b, sizeof(b), MSG_WAITALL) != (ssize_t)sizeof(b))
+        return false;
+    tcp_hdr_t h;
+    tcp_hdr_decode(b, &h);
+    return h.type == KVF_TCP_RESP && h.status == 0 && h.req_id == 1;
+}
+
+/* A write of @len bytes from @from to @dst on the transport at @port, checked byte for byte. */
+static void prefill_write(node_t *from, uint16_t port, uint8_t *dst, size_t len, unsigned seed)
+{
+    uint8_t *src = malloc(len);
+    assert_non_null(src);
+    for (size_t i = 0; i < len; i++)
+        src[i] = (uint8_t)(i * 131u + seed);
+    char sid[32];
+    snprintf(sid, sizeof(sid), "127.0.0.1:%u", (unsigned)port);
+    kvf_tpeer_desc_t d = {.sid = sid};
+    assert_kvf_ok(kvf__session_id_parse(sid, &d.addr));
+    kvf_tpeer_t *p = NULL;
+    assert_kvf_ok(ops->peer_open(from->t, &d, &p));
+    kvf_xfer_t x = {.op = KVF_OP_WRITE, .local = src, .remote = (uintptr_t)dst, .len = len};
+    assert_kvf_ok(ops->transfer(p, &x, 1, kvf_test_now_ms() + 10000, NULL));
+    ops->peer_close(p);
+    assert_memory_equal(dst, src, len);
+    free(src);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Threads are fixed
+ * ------------------------------------------------------------------------------------------- */
+
+#define FLOOD_N 1000u
+
+/* 1,000 raw connections from 127.0.0.2..9, each sending nothing or a third of a header, add no
+ * thread to the target; the unauthenticated ones are held to their share, and a Prefill still
+ * writes. */
+static void flood_adds_no_threads(void **state)
+{
+    (void)state;
+    kvf_test_need_fds("a flood of 1,000 connections", 2 * FLOOD_N + 256);
+    node_t a = {0}, b = {0};
+    node_start(&a, NULL);
+    node_start(&b, NULL);
+    static uint8_t dst[64 << 10];
+    assert_kvf_ok(kvf__regions_add(a.rt, (uint64_t)(uintptr_t)dst, sizeof(dst), NULL));
+    unsigned before = threads_now();
+
+    int *fds = calloc(FLOOD_N, sizeof(*fds));
+    assert_non_null(fds);
+    uint8_t part[KVF_TCP_HDR_LEN / 3];
+    memset(part, 0x4b, sizeof(part));
+    unsigned connected = 0;
+    for (unsigned i = 0; i < FLOOD_N; i++) {
+        fds[i] = raw_connect(2 + i % 8, a.port);
+        connected += fds[i] >= 0;
+        if (fds[i] >= 0 && i % 2)
+            (void)send(fds[i], part, sizeof(part), MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
+    unsigned during = threads_now(), pre = 0, held = served(&a, &pre);
+    print_message("flood: %u connected; threads %u before, %u during; target holds %u (%u "
+                  "pre-auth)\n",
+                  connected, before, during, held, pre);
+    assert_true(connected > FLOOD_N / 2);
+    assert_int_equal(during, before);
+    assert_in_range(pre, 0, KVF_TCP_MAX_PREAUTH);
+    prefill_write(&b, a.port, dst, sizeof(dst), 3);
+    assert_int_equal(threads_now(), before);
+
+    for (unsigned i = 0; i < FLOOD_N; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    free(fds);
+    node_stop(&b);
+    node_stop(&a);
+}
+
+#define IDLE_PEERS 200u
+
+/* 200 connections past their HELLO, sitting idle (200 peers of a Decode), cost no thread. */
+static void idle_peers_keep_thread_count(void **state)
+{
+    (void)state;
+    kvf_test_need_fds("200 idle peers", 2 * IDLE_PEERS + 256);
+    node_t a = {0}, b = {0};
+    node_start(&a, NULL);
+    node_start(&b, NULL);
+    static uint8_t dst[64 << 10];
+    assert_kvf_ok(kvf__regions_add(a.rt, (uint64_t)(uintptr_t)dst, sizeof(dst), NULL));
+    unsigned before = threads_now();
+    int fds[IDLE_PEERS];
+    for (unsigned i = 0; i < IDLE_PEERS; i++) {
+        char sid[32];
+        /* Two source addresses: KVF_TCP_MAX_CONNS_PER_ADDR is 128. */
+        fds[i] = raw_connect(2 + i % 2, a.port);
+        assert_true(fds[i] >= 0);
+        snprintf(sid, sizeof(sid), "127.0.0.%u:%u", 2 + i % 2, 1000 + i);
+        if (!raw_hello(fds[i], sid))
+            fail_msg("peer %u: no answer to its HELLO", i);
+    }
+    assert_int_equal(served(&a, NULL), IDLE_PEERS);
+    unsigned during = threads_now();
+    print_message("threads: %u before, %u with %u idle peers\n", before, during, IDLE_PEERS);
+    assert_int_equal(during, before);
+    prefill_write(&b, a.port, dst, sizeof(dst), 5);
+    for (unsigned i = 0; i < IDLE_PEERS; i++)
+        close(fds[i]);
+    node_stop(&b);
+    node_stop(&a);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * A stalled connection does not hold up its I/O thread
+ * ------------------------------------------------------------------------------------------- */
+
+/* With one I/O thread, a peer that sends half a header and stalls, and one that sends a WRITE's
+ * header and half its payload and stalls, leave a Prefill's writes on the same thread served. */
+static void slow_loris_does_not_block_others(void **state)
+{
+    (void)state;
+    setenv("KVFERRY_IO_THREADS", "1", 1);
+    node_t a = {0}, b = {0};
+    node_start(&a, NULL);
+    unsetenv("KVFERRY_IO_THREADS");
+    node_start(&b, NULL);
+    assert_int_equal(tcp_of(a.t)->nio, 1);
+    static uint8_t dst[256 << 10];
+    assert_kvf_ok(kvf__regions_add(a.rt, (uint64_t)(uintptr_t)dst, sizeof(dst), NULL));
+
+    int half_hdr = raw_connect(2, a.port);
+    assert_true(half_hdr >= 0);
+    assert_true(raw_hello(half_hdr, "127.0.0.2:1"));
+    uint8_t h[KVF_TCP_HDR_LEN];
+    tcp_hdr_encode(h, KVF_TCP_WRITE, 0, 2, (uintptr_t)dst, 4096);
+    assert_int_equal(send(half_hdr, h, sizeof(h) / 2, MSG_NOSIGNAL), (ssize_t)sizeof(h) / 2);
+
+    int half_body = raw_connect(3, a.port);
+    assert_true(half_body >= 0);
+    assert_true(raw_hello(half_body, "127.0.0.3:1"));
+    tcp_hdr_encode(h, KVF_TCP_WRITE, 0, 2, (uintptr_t)dst + (128 << 10), 64 << 10);
+    uint8_t body[32 << 10];
+    memset(body, 0xee, sizeof(body));
+    assert_int_equal(send(half_body, h, sizeof(h), MSG_NOSIGNAL), (ssize_t)sizeof(h));
+    assert_int_equal(send(half_body, body, sizeof(body), MSG_NOSIGNAL), (ssize_t)sizeof(body));
+
+    /* Both stall; the Prefill's writes go through the same thread, each well within its own
+     * deadline and long before the stalled frames' rate deadlines (2 s and more). */
+    for (unsigned round = 0; round < 5; round++) {
+        uint64_t t0 = kvf_test_now_ms();
+        prefill_write(&b, a.port, dst, 64 << 10, round);
+        uint64_t took = kvf_test_now_ms() - t0;
+        if (took >= KVF_TCP_FRAME_BASE_MS)
+            fail_msg("round %u: a write beside two stalled connections took %" PRIu64 " ms", round,
+                     took);
+    }
+    /* The stalled connections are still open: nothing closed them to let the others through. */
+    char c;
+    assert_int_equal(recv(half_hdr, &c, 1, MSG_DONTWAIT), -1);
+    assert_int_equal(recv(half_body, &c, 1, MSG_DONTWAIT), -1);
+    close(half_hdr);
+    close(half_body);
+    node_stop(&b);
+    node_stop(&a);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Unauthenticated connections have their own share
+ * ------------------------------------------------------------------------------------------- */
+
+#define PREAUTH_FLOOD    400u
+#define PREAUTH_FLOOD_MS 4000u
+
+typedef struct {
+    uint16_t port;
+    atomic_bool stop;
+    unsigned opened;
+} flood_t;
+
+/* Opens raw connections from 127.0.0.1 (the Prefill's own address) and 127.0.0.2 that send
+ * half an auth header and nothing else, keeping up to PREAUTH_FLOOD open, replacing the ones the
+ * target closed, until told to stop or PREAUTH_FLOOD_MS passed. */
+static void *flood_main(void *arg)
+{
+    flood_t *f = arg;
+    int fds[PREAUTH_FLOOD];
+    for (unsigned i = 0; i < PREAUTH_FLOOD; i++)
+        fds[i] = -1;
+    uint8_t half[4];
+    kvf__put_le32(half, KVF_AUTH_MAGIC);
+    uint64_t until = kvf_test_now_ms() + PREAUTH_FLOOD_MS;
+    while (!atomic_load(&f->stop) && kvf_test_now_ms() < until) {
+        unsigned opened = 0;
+        for (unsigned i = 0; i < PREAUTH_FLOOD && !atomic_load(&f->stop); i++) {
+            if (fds[i] >= 0) {
+                char c;
+                ssize_t r = recv(fds[i], &c, 1, MSG_DONTWAIT);
+                if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                    continue;
+                close(fds[i]);
+            }
+            fds[i] = raw_connect(1 + i % 2, f->port);
+            if (fds[i] >= 0) {
+                (void)send(fds[i], half, 2, MSG_NOSIGNAL | MSG_DONTWAIT);
+                f->opened++;
+                opened++;
+            }
+        }
+        if (opened == 0)
+            usleep(2000);
+    }
+    for (unsigned i = 0; i < PREAUTH_FLOOD; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+    return NULL;
+}
+
+/* A keyed target under a flood of connections that never finish the handshake, from the
+ * Prefill's own address too: the pre-auth share stays within its cap, no thread is added, and a
+ * keyed Prefill connects and writes, several times, during the flood. */
+static void preauth_flood_does_not_lock_out_keyed_prefill(void **state)
+{
+    (void)state;
+    kvf_test_need_fds("a flood of 400 connections", 2 * PREAUTH_FLOOD + 256);
+    kvf_auth_key_t key = {.len = 32};
+    for (unsigned i = 0; i < key.len; i++)
+        key.bytes[i] = (uint8_t)(i * 7 + 1);
+    node_t a = {0}, b = {0};
+    node_start(&a, &key);
+    node_start(&b, &key);
+    static uint8_t dst[64 << 10];
+    assert_kvf_ok(kvf__regions_add(a.rt, (uint64_t)(uintptr_t)dst, sizeof(dst), NULL));
+    unsigned before = threads_now();
+
+    flood_t f = {.port = a.port};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, flood_main, &f), 0);
+    unsigned max_pre = 0;
+    uint64_t t0 = kvf_test_now_ms();
+    while (served(&a, NULL) < 2 * KVF_TCP_MAX_PREAUTH_PER_ADDR && kvf_test_now_ms() - t0 < 2000)
+        usleep(5000);
+    for (unsigned round = 0; round < 5; round++) {
+        unsigned pre = 0;
+        served(&a, &pre);
+        max_pre = pre > max_pre ? pre : max_pre;
+        prefill_write(&b, a.port, dst, sizeof(dst), round + 11);
+    }
+    unsigned during = threads_now() - 1; /* the flood thread */
+    atomic_store(&f.stop, true);
+    pthread_join(th, NULL);
+    print_message("flood: %u connections opened; pre-auth at most %u; threads %u before, %u "
+                  "during\n",
+                  f.opened, max_pre, before, during);
+    /* The flood went past its two addresses' share, so connections were evicted meanwhile. */
+    assert_true(f.opened > 2 * KVF_TCP_MAX_PREAUTH_PER_ADDR);
+    assert_in_range(max_pre, 0, 2 * KVF_TCP_MAX_PREAUTH_PER_ADDR);
+    assert_int_equal(during, before);
+    node_stop(&b);
+    node_stop(&a);
+}
+
+static const struct CMUnitTest tests[] = {
+    cmocka_unit_test(flood_adds_no_threads),
+    cmocka_unit_test(idle_peers_keep_thread_count),
+    cmocka_unit_test(slow_loris_does_not_block_others),
+    cmocka_unit_test(preauth_flood_does_not_lock_out_keyed_prefill),
+};
+
+KVF_TEST_MAIN(tests)
