@@ -45,7 +45,7 @@ bench: build
 # written to $(FUZZ_BUILD)/corpus/crash-*; replay it with build/tests/<target> FILE.
 FUZZ_BUILD   ?= build-fuzz
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := fuzz_tcp fuzz_store fuzz_records fuzz_auth
+FUZZ_TARGETS := fuzz_tcp fuzz_store fuzz_records fuzz_auth fuzz_p2p
 fuzz: build
 	@./scripts/deps.sh clang libclang-rt-14-dev
 	CC=clang cmake -S . -B $(FUZZ_BUILD) -DKVF_FUZZ=ON -DKVF_BUILD_PYTHON=OFF \
