@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "bench_run.h"
 #include "clock.h"
@@ -67,6 +68,21 @@ static void *bench_thread_main(void *arg)
     }
     atomic_fetch_add(t->done, 1);
     return NULL;
+}
+
+/* Room for @n latency samples, mapped rather than malloc'd: glibc keeps a freed block of
+ * megabytes in its heap, resident, and the RSS report would count it as the engine's. */
+static uint64_t *lat_map(size_t n)
+{
+    void *p = mmap(NULL, n * sizeof(uint64_t), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void lat_unmap(uint64_t *p, size_t n)
+{
+    if (p)
+        munmap(p, n * sizeof(uint64_t));
 }
 
 /* Nearest rank: the smallest sample with at least @p of them at or below it. */
@@ -146,7 +162,7 @@ void bench_run_method(bench_t *b, const bench_layout_t *l, const bench_method_t 
         t->done = &done;
         t->iterations = b->a.iterations ? b->a.iterations : BENCH_CALL_CAP;
         t->limit_ns = (uint64_t)(limit * 1e9);
-        t->lat = malloc(BENCH_LAT_MAX * sizeof(uint64_t));
+        t->lat = lat_map(BENCH_LAT_MAX);
         if (!t->lat) {
             st->rc = -ENOMEM;
             snprintf(st->err, sizeof(st->err), "out of memory");
@@ -197,7 +213,7 @@ out_threads:
         if (t->max_ns > max)
             max = t->max_ns;
     }
-    uint64_t *all = nlat ? malloc(nlat * sizeof(uint64_t)) : NULL;
+    uint64_t *all = nlat ? lat_map(nlat) : NULL;
     uint64_t k = 0;
     for (unsigned i = 0; all && i < started; i++) {
         memcpy(all + k, th[i].lat, th[i].nlat * sizeof(uint64_t));
@@ -223,14 +239,14 @@ out_threads:
     /* Every thread's first call ran inside the CPU window too. */
     double moved = (double)(total + started) * (double)l->bytes / 1e9;
     st->cpu_s_per_gb = st->cpu_s >= 0 && moved > 0 ? st->cpu_s / moved : -1;
-    free(all);
+    lat_unmap(all, nlat);
     for (unsigned i = 0; i < started; i++)
         if (m->cleanup)
             m->cleanup(&th[i].w);
 out:
     if (th)
         for (unsigned i = 0; i < n; i++)
-            free(th[i].lat);
+            lat_unmap(th[i].lat, BENCH_LAT_MAX);
     free(th);
     free(tid);
 }
