@@ -152,15 +152,12 @@ static bool merge_build(const kvf_xfer_t *x, size_t n, merged_t *mg)
         m += !adjacent(&x[i - 1], &x[i]);
     if (m == n || m > n - n / 8) /* fewer than 1 in 8 saved: not worth a copy of the batch */
         return false;
-    mg->x = malloc(m * sizeof(*mg->x));
-    mg->first = malloc((m + 1) * sizeof(*mg->first));
-    mg->status = malloc(m * sizeof(*mg->status));
-    if (!mg->x || !mg->first || !mg->status) {
-        free(mg->x);
-        free(mg->first);
-        free(mg->status);
+    /* One allocation for the three arrays (kvf_xfer_t's alignment covers the others). */
+    mg->x = malloc(m * sizeof(*mg->x) + (m + 1) * sizeof(*mg->first) + m * sizeof(*mg->status));
+    if (!mg->x)
         return false;
-    }
+    mg->first = (size_t *)(void *)(mg->x + m);
+    mg->status = (int *)(void *)(mg->first + m + 1);
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
         if (i > 0 && adjacent(&x[i - 1], &x[i])) {
@@ -180,8 +177,6 @@ static bool merge_build(const kvf_xfer_t *x, size_t n, merged_t *mg)
 static void merge_free(merged_t *mg)
 {
     free(mg->x);
-    free(mg->first);
-    free(mg->status);
 }
 
 /* The results of the merged elements as the caller's, and a failure's message naming them. */
