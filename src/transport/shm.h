@@ -34,6 +34,9 @@
 /* Bytes of each mapped region the warmer warms (shm_warm.c), from its start: at about 5 us per
  * page where warming matters, 256 MiB is about 0.3 s of one core, off the transfer path. */
 #define SHM_WARM_MAX ((size_t)256 << 20)
+/* Regions of one peer the warmer asks the target about (one memfd request each, answered by the
+ * target's one socket thread); regions past it are asked about by their first transfer. */
+#define SHM_WARM_REGIONS_MAX 256u
 
 typedef struct {
     uint64_t addr;
@@ -165,9 +168,10 @@ struct shm_peer {
     shm_fence_page_t *fence;
     unsigned fence_slot;
     int fence_conn;
-    /* In the warmer's queue (under the transport's warm_lock). */
+    /* In the warmer's queue (under the transport's warm_lock); regions it took (map_lock). */
     struct shm_peer *warm_next;
     bool warm_queued;
+    unsigned warm_taken;
 };
 
 static inline struct shm_transport *shm_of(kvf_transport_t *t)

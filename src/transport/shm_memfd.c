@@ -2,8 +2,9 @@
  * The memfd socket of the shm transport, both ends.
  *
  * Memory from kvf_mem_alloc() is a memfd. The target serves its fds on an abstract Unix socket
- * (named in its session record, see docs/protocol.md): a sender asks once per region, lazily on
- * the first transfer into it, receives the fd with SCM_RIGHTS, maps it MAP_SHARED and from then
+ * (named in its session record, see docs/protocol.md): a sender asks once per region, when it
+ * learns the region (the warmer, shm_warm.c) or on the first transfer into it if that comes
+ * first, receives the fd with SCM_RIGHTS, maps it MAP_SHARED and from then
  * on copies with a plain memcpy (elements of SHM_COPY_MT_MIN bytes or more split over a small
  * pool of copy threads, see shm_copy()). The bounds stay the same: the core has checked every
  * element against the current published list before it reaches the transport, and a mapping

@@ -9,7 +9,8 @@
  * the first transfer only moved the cost there. So the regions are handed to this thread when
  * shm_regions_changed() learns them (at the peer's open, and whenever its table changes): it
  * asks the target for each region's fd and maps it as a transfer would (shm_resolve_region),
- * then stores an atomic OR 0 into one byte of each page of the first SHM_WARM_MAX bytes. The
+ * then stores an atomic OR 0 into one byte of each page of the first SHM_WARM_MAX bytes (for at
+ * most SHM_WARM_REGIONS_MAX regions per peer: the rest are asked about by a transfer). The
  * stores change no byte, even against the target's or another sender's concurrent writes.
  *
  * What a transfer sees meanwhile: a region whose fd is being fetched is waited for (ask_lock,
@@ -22,17 +23,15 @@
  * change waits at most one chunk. peer_close() takes the peer out of the queue, or cancels and
  * waits out the warmer's work on it; destroy stops and joins the thread. The pages the warmer
  * touches are the peer's shared pages, already counted in the mapping: it allocates nothing in
- * proportion to them.
+ * proportion to them. It does not enter the target's fence: until this sender learns that the
+ * target unregistered a region (its next transfer to the peer reads the new generation), the
+ * warmer may still store into that memory, which is harmless because its stores change no byte.
  *
  * One thread per transport, started by the first region to warm; KVFERRY_NO_WARM=1 turns the
  * warmer off (regions are then mapped by their first transfer, unwarmed, as before).
  */
-#include <errno.h>
-#include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "common/thread.h"
 #include "common/touch.h"
@@ -55,14 +54,16 @@ void shm_warm_init(struct shm_transport *t)
     atomic_init(&t->xfer_maps, 0);
 }
 
-/* The next region of @p still to warm, marked as taken, into @r; false when there is none. */
+/* The next region of @p still to warm, marked as taken, into @r; false when there is none, or
+ * when the warmer already took SHM_WARM_REGIONS_MAX of this peer's. */
 static bool warm_take(struct shm_peer *p, kvf_region_t *r)
 {
     bool found = false;
     pthread_rwlock_wrlock(&p->map_lock);
-    for (size_t i = 0; i < p->nrmaps && !found; i++) {
+    for (size_t i = 0; i < p->nrmaps && !found && p->warm_taken < SHM_WARM_REGIONS_MAX; i++) {
         if (!p->rmaps[i].warm_done) {
             p->rmaps[i].warm_done = true;
+            p->warm_taken++;
             *r = p->rmaps[i].r;
             found = true;
         }
