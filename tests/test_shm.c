@@ -11,6 +11,7 @@
 
 #include "common/host.h"
 #include "core/core.h"
+#include "transport/shm.h"
 #include "transport/transport.h"
 
 #include <errno.h>
@@ -22,7 +23,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <stdatomic.h>
 #include <stddef.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -1220,6 +1223,181 @@ static void *memfd_writer(void *arg)
     return NULL;
 }
 
+/* ---- the warmer: mapping when a region is learned ------------------------------------------ */
+
+/* The shm transport of engine @e (tests see the engine's internals). */
+static struct shm_transport *shm_transport_of(kvf_engine_t *e)
+{
+    for (size_t i = 0; kvf__transports[i]; i++)
+        if (kvf__transports[i] == &kvf__shm_ops)
+            return shm_of(e->tr[i]);
+    fail_msg("no shm transport in the table");
+    return NULL;
+}
+
+static uint64_t ld64(_Atomic uint64_t *c)
+{
+    return atomic_load(c);
+}
+
+/* The peer is opened by a 1-byte read of the child's ordinary memory, which learns the child's
+ * regions: the warmer maps the kvf_mem_alloc region and warms every page of it before any
+ * transfer goes there. The first write into it then maps nothing. */
+static void memfd_mapped_when_learned(void **state)
+{
+    fx_t *fx = *state;
+    size_t n = 2u << 20;
+    child_t c;
+    child_start_memfd(fx->url, n, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    struct shm_transport *t = shm_transport_of(e);
+    uint8_t one;
+    assert_kvf_ok(kvf_read(e, c.sid, &one, c.plain, 1));
+    assert_via(e, c.sid, "shm");
+    assert_kvf_ok(shm_warm_idle(t, kvf_test_now_ms() + 10000));
+    assert_int_equal(memfd_mappings(), 1);
+    assert_int_equal(ld64(&t->warm_regions), 1);
+    assert_int_equal(ld64(&t->warm_pages), n / 4096);
+    assert_int_equal(ld64(&t->xfer_maps), 0);
+    uint8_t *src = alloc_filled(n, 120);
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, n));
+    assert_int_equal(child_sum(&c, 0, n), fnv(src, n));
+    assert_int_equal(ld64(&t->xfer_maps), 0); /* the write found the mapping made */
+    assert_int_equal(memfd_mappings(), 1);
+    free(src);
+    kvf_engine_destroy(e);
+    assert_int_equal(memfd_mappings(), 0);
+    child_stop(&c);
+}
+
+/* A gate the warmer's test hook stops at after its first chunk: until the test releases it, or
+ * (when @until_cancel) until the transport asks the warmer to leave the peer. Bounded: 10 s. */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct shm_transport *t;
+    int entered;
+    bool release, until_cancel, saw_cancel;
+} warm_gate_t;
+
+static void warm_gate_hook(void *arg)
+{
+    warm_gate_t *g = arg;
+    uint64_t deadline = kvf_test_now_ms() + 10000;
+    pthread_mutex_lock(&g->mu);
+    bool first = g->entered++ == 0;
+    pthread_cond_broadcast(&g->cv);
+    while (first && !g->release && kvf_test_now_ms() < deadline) {
+        if (g->until_cancel && atomic_load(&g->t->warm_cancel)) {
+            g->saw_cancel = true;
+            break;
+        }
+        /* The cancel flag is set without a signal to this gate: look at it every few ms. */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 2000000;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&g->cv, &g->mu, &ts);
+    }
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void warm_gate_wait_entered(warm_gate_t *g)
+{
+    uint64_t deadline = kvf_test_now_ms() + 10000;
+    pthread_mutex_lock(&g->mu);
+    while (!g->entered && kvf_test_now_ms() < deadline) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 1;
+        pthread_cond_timedwait(&g->cv, &g->mu, &ts);
+    }
+    int entered = g->entered;
+    pthread_mutex_unlock(&g->mu);
+    assert_true(entered > 0);
+}
+
+/* Engine @e with the gate on its warmer; the peer opened (its regions learned) and the warmer
+ * held after its first chunk of the child's kvf_mem_alloc region. */
+static void warm_gate_start(kvf_engine_t *e, child_t *c, warm_gate_t *g, bool until_cancel)
+{
+    pthread_mutex_init(&g->mu, NULL);
+    pthread_cond_init(&g->cv, NULL);
+    g->t = shm_transport_of(e);
+    g->until_cancel = until_cancel;
+    g->t->test_warm_hook = warm_gate_hook;
+    g->t->test_warm_arg = g;
+    uint8_t one;
+    assert_kvf_ok(kvf_read(e, c->sid, &one, c->plain, 1));
+    assert_via(e, c->sid, "shm");
+    warm_gate_wait_entered(g);
+    assert_int_equal(memfd_mappings(), 1);
+}
+
+/* The target frees its kvf_mem_alloc region while the warmer is inside it: the next transfer
+ * learns the new table and unmaps the region (the warmer holds no lock between chunks), the
+ * warmer finds it gone at its next chunk and stops there, and the engine goes on. */
+static void memfd_warm_cut_by_free(void **state)
+{
+    fx_t *fx = *state;
+    size_t n = 8u << 20;
+    child_t c;
+    child_start_memfd(fx->url, n, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    warm_gate_t g = {0};
+    warm_gate_start(e, &c, &g, false);
+    char ans[64];
+    child_cmd(&c, "free\n", ans, sizeof(ans));
+    assert_string_equal(ans, "ok 0");
+    uint8_t *src = alloc_filled(4096, 121);
+    int rc = kvf_write(e, c.sid, src, c.addr, 4096);
+    assert_true(rc == -KVF_ENOTREG || rc == -KVF_ESTALE);
+    assert_int_equal(memfd_mappings(), 0); /* unmapped while the warmer was held inside it */
+    pthread_mutex_lock(&g.mu);
+    g.release = true;
+    pthread_cond_broadcast(&g.cv);
+    pthread_mutex_unlock(&g.mu);
+    assert_kvf_ok(shm_warm_idle(g.t, kvf_test_now_ms() + 10000));
+    assert_int_equal(g.entered, 1);
+    assert_int_equal(ld64(&g.t->warm_pages), 16); /* one chunk, then it found the region gone */
+    /* The ordinary memory is still written, over shm. */
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.plain, 4096));
+    assert_int_equal(child_sum_of(&c, "psum", 0, 4096), fnv(src, 4096));
+    free(src);
+    kvf_engine_destroy(e);
+    pthread_mutex_destroy(&g.mu);
+    pthread_cond_destroy(&g.cv);
+    child_stop(&c);
+}
+
+/* The engine is destroyed while the warmer is inside a mapping: closing the peer cancels the
+ * warmer and waits for it to leave before unmapping (the gate returns on that cancel, not on its
+ * 10 s bound), and destroy returns with nothing mapped. */
+static void memfd_warm_cut_by_destroy(void **state)
+{
+    fx_t *fx = *state;
+    size_t n = 8u << 20;
+    child_t c;
+    child_start_memfd(fx->url, n, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    warm_gate_t g = {0};
+    warm_gate_start(e, &c, &g, true);
+    uint64_t t0 = kvf_test_now_ms();
+    kvf_engine_destroy(e);
+    assert_true(g.saw_cancel);
+    assert_true(kvf_test_now_ms() - t0 < 9000); /* not the gate's own bound */
+    assert_int_equal(g.entered, 1);              /* no chunk after the cancel */
+    assert_int_equal(memfd_mappings(), 0);
+    pthread_mutex_destroy(&g.mu);
+    pthread_cond_destroy(&g.cv);
+    /* The child is alive, and the warmer's stores changed no byte of its zeroed region. */
+    assert_int_equal(child_sum(&c, 0, n), fnv_zero(n));
+    child_stop(&c);
+}
+
 /* Four threads make their first writes into one region at once: it is asked for and mapped
  * once, and every byte arrives. */
 static void memfd_concurrent_first_writes(void **state)
@@ -1498,6 +1676,9 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(memfd_batch_mixed, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_concurrent_first_writes, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_copy_threads, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(memfd_mapped_when_learned, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(memfd_warm_cut_by_free, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(memfd_warm_cut_by_destroy, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_write_after_free_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(mem_alloc_arguments, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(mem_alloc_huge_pages_or_fallback, fx_setup, fx_teardown),

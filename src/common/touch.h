@@ -9,9 +9,9 @@
  * even when the page is present, dirty and mapped, and every later access is free. A kernel
  * access does not warm user-mode accesses and a read does not warm a later user-mode write.
  * kvf__touch_kernel takes the kernel's share of that cost when memory is registered, not on the
- * first transfer. (Warming a new mapping of a peer's memory the same way, with stores, was tried
- * and dropped: done when the mapping is made, on the first transfer into the region, it only
- * moved the cost, and charged a whole large region to a small first write.)
+ * first transfer. A new mapping of a peer's kvf_mem_alloc memory is warmed with stores by the
+ * shm transport's warmer thread when the region is learned (transport/shm_warm.c): done inside
+ * the first transfer into the region, it only moved the cost there.
  */
 #ifndef KVF_COMMON_TOUCH_H
 #define KVF_COMMON_TOUCH_H

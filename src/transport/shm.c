@@ -73,6 +73,7 @@ static int shm_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     pthread_mutex_init(&t->pool_lock, NULL);
     pthread_cond_init(&t->work_cv, NULL);
     pthread_cond_init(&t->done_cv, NULL);
+    shm_warm_init(t);
     if (p && p->memfd_sock && t->regions && t->word_addr)
         shm_fd_listen(t, p->memfd_sock);
     *out = (kvf_transport_t *)(void *)t;
@@ -91,6 +92,7 @@ static void shm_destroy(kvf_transport_t *tt)
         shm_fence_destroy(t);
     }
     shm_pool_stop(t);
+    shm_warm_stop(t);
     pthread_mutex_destroy(&t->exp_lock);
     free(t->exps);
     free(t);
@@ -248,6 +250,7 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
 static void shm_peer_close(kvf_tpeer_t *pp)
 {
     struct shm_peer *p = shm_peer_of(pp);
+    shm_warm_forget(p); /* before the mappings go: the warmer may be touching one */
     shm_fence_close(p);
     shm_rmaps_free(p->rmaps, p->nrmaps);
     pthread_rwlock_destroy(&p->map_lock);
@@ -260,6 +263,14 @@ static int shm_peer_alive(kvf_tpeer_t *pp, uint64_t deadline_ms)
     kvf_shm_word_t w;
     (void)deadline_ms;
     return shm_word_current(shm_peer_of(pp), &w);
+}
+
+/* The regions_changed op: the new list, and the warmer told of regions it has not taken. This is
+ * where a region is first learned (the peer's open, a refresh after a change of its table). */
+static void shm_regions_learned(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n)
+{
+    if (shm_regions_changed(pp, rs, n))
+        shm_warm_queue(shm_peer_of(pp));
 }
 
 static int shm_regions_gen(kvf_tpeer_t *pp, uint64_t *gen)
@@ -497,7 +508,7 @@ const struct kvf_transport_ops kvf__shm_ops = {
     .notify = kvf__transport_enotsup_notify,
     .regions_gen = shm_regions_gen,
     .regions_read = shm_regions_read,
-    .regions_changed = shm_regions_changed,
+    .regions_changed = shm_regions_learned,
     .mem_export = shm_mem_export,
     .mem_unexport = shm_mem_unexport,
     .mem_sock = shm_mem_sock,

@@ -6,9 +6,12 @@
  *                page of per-sender counters, its slots, the drain, enter and leave
  *   shm_memfd.c  the memfd socket: the target serving the fds of its kvf_mem_alloc memory and
  *                of its fence page, and the sender mapping them
+ *   shm_warm.c   the sender's warmer: maps a peer's kvf_mem_alloc regions when they are learned
+ *                and warms the mappings, off the transfer path
  *   shm.c        the ops: create/destroy, the handshake (peer_open), process_vm transfers
  *
- * shm.c calls the other three; shm_memfd.c calls shm_fence.c; nothing calls back up.
+ * shm.c calls the other four; shm_warm.c calls shm_memfd.c; shm_memfd.c calls shm_fence.c;
+ * nothing calls back up.
  */
 #ifndef KVF_TRANSPORT_SHM_H
 #define KVF_TRANSPORT_SHM_H
@@ -28,6 +31,12 @@
 
 /* Most threads one copy may use, the caller included (see shm_copy.c). */
 #define SHM_COPY_MAX 8
+/* Bytes of each mapped region the warmer warms (shm_warm.c), from its start: at about 5 us per
+ * page where warming matters, 256 MiB is about 0.3 s of one core, off the transfer path. */
+#define SHM_WARM_MAX ((size_t)256 << 20)
+/* Regions of one peer the warmer asks the target about (one memfd request each, answered by the
+ * target's one socket thread); regions past it are asked about by their first transfer. */
+#define SHM_WARM_REGIONS_MAX 256u
 
 typedef struct {
     uint64_t addr;
@@ -113,6 +122,21 @@ struct shm_transport {
     const uint8_t *job_src;
     size_t job_len, job_share;
     unsigned job_nshares, job_next, job_pending;
+    /* The warmer (shm_warm.c): one thread, started by the first region to warm; its queue of
+     * peers with regions to map and warm (linked by warm_next), the peer it works on, and the
+     * flags, all under warm_lock. warm_cancel asks it to leave warm_cur at the next chunk. */
+    pthread_mutex_t warm_lock;
+    pthread_cond_t warm_cv; /* work queued, stop, or the warmer left a peer */
+    pthread_t warm_thread;
+    bool warm_started, warm_failed, warm_stop;
+    struct shm_peer *warm_head, *warm_cur;
+    atomic_bool warm_cancel;
+    /* Counters, for tests and debugging: regions mapped by the warmer, pages it warmed, regions
+     * mapped by a transfer (the warmer had not reached them yet, or is off). */
+    _Atomic uint64_t warm_regions, warm_pages, xfer_maps;
+    /* Test hook: called by the warmer after it warmed each chunk, without locks. */
+    void (*test_warm_hook)(void *arg);
+    void *test_warm_arg;
 };
 
 /* What the sender knows about one of the target's published regions. */
@@ -122,6 +146,7 @@ typedef struct {
     int state;
     uint8_t *map; /* SHM_R_MAPPED: the target's memfd mapped here, map_len bytes */
     size_t map_len;
+    bool warm_done; /* the warmer has taken this region (kept while the region is) */
 } shm_rmap_t;
 
 struct shm_peer {
@@ -143,6 +168,10 @@ struct shm_peer {
     shm_fence_page_t *fence;
     unsigned fence_slot;
     int fence_conn;
+    /* In the warmer's queue (under the transport's warm_lock); regions it took (map_lock). */
+    struct shm_peer *warm_next;
+    bool warm_queued;
+    unsigned warm_taken;
 };
 
 static inline struct shm_transport *shm_of(kvf_transport_t *t)
@@ -204,8 +233,10 @@ const char *shm_mem_sock(const kvf_transport_t *tt);
 
 /* Unmap the mapped entries of @m and free it. */
 void shm_rmaps_free(shm_rmap_t *m, size_t n);
-/* The regions_changed op (transport.h). */
-void shm_regions_changed(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n);
+/* The regions_changed op (transport.h); returns whether a region is left for the warmer. */
+bool shm_regions_changed(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n);
+/* The entry for the region that contains all of [@addr, @addr+@len), or NULL. map_lock held. */
+shm_rmap_t *shm_rmap_find(struct shm_peer *p, uint64_t addr, uint64_t len);
 /* Take a slot of the target's fence page (p->fence, fence_slot, fence_conn), and learn the
  * address of its word (p->word_addr), from the process p->pid only. Returns 0, or -KVF_ENOTSUP
  * with the reason (the target serves no socket, is full, or answered wrongly): without a slot,
@@ -216,6 +247,26 @@ void shm_fence_close(struct shm_peer *p);
 /* Learn, once per region, whether the region containing @x is kvf_mem_alloc memory, and map it
  * if so. Called without map_lock. */
 void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x);
+/* The same for the published region @r: asks the target unless the region is known already (or
+ * no longer published as @r); counts a mapping it made in @made. Returns whether @r is mapped.
+ * Called without map_lock. */
+bool shm_resolve_region(struct shm_peer *p, const kvf_region_t *r, _Atomic uint64_t *made);
+
+/* ---- shm_warm.c: the sender's warmer -------------------------------------------------------- */
+
+/* Create the warmer's lock and counters (create); no thread runs until shm_warm_queue(). */
+void shm_warm_init(struct shm_transport *t);
+/* @p has regions the warmer has not taken: queue it (starting the thread the first time). Does
+ * nothing when KVFERRY_NO_WARM=1 or the target serves no memfds. Cheap; takes no map_lock. */
+void shm_warm_queue(struct shm_peer *p);
+/* @p is being closed: take it out of the queue, or cancel the warmer's work on it and wait until
+ * the warmer has left it (at most one chunk, or a fd request's socket timeouts). */
+void shm_warm_forget(struct shm_peer *p);
+/* Stop and join the thread, destroy the lock (destroy; every peer is closed). */
+void shm_warm_stop(struct shm_transport *t);
+/* For tests: wait until the queue is empty and the warmer idle, or @deadline_ms (kvf__now_ms()
+ * clock). Returns 0 or -KVF_ETIMEDOUT. */
+int shm_warm_idle(struct shm_transport *t, uint64_t deadline_ms);
 /* Where @x's remote range is mapped here, or NULL (use process_vm). map_lock held. */
 uint8_t *shm_mapped(struct shm_peer *p, const kvf_xfer_t *x);
 

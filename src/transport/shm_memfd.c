@@ -2,8 +2,9 @@
  * The memfd socket of the shm transport, both ends.
  *
  * Memory from kvf_mem_alloc() is a memfd. The target serves its fds on an abstract Unix socket
- * (named in its session record, see docs/protocol.md): a sender asks once per region, lazily on
- * the first transfer into it, receives the fd with SCM_RIGHTS, maps it MAP_SHARED and from then
+ * (named in its session record, see docs/protocol.md): a sender asks once per region, when it
+ * learns the region (the warmer, shm_warm.c) or on the first transfer into it if that comes
+ * first, receives the fd with SCM_RIGHTS, maps it MAP_SHARED and from then
  * on copies with a plain memcpy (elements of SHM_COPY_MT_MIN bytes or more split over a small
  * pool of copy threads, see shm_copy()). The bounds stay the same: the core has checked every
  * element against the current published list before it reaches the transport, and a mapping
@@ -21,6 +22,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -299,8 +301,7 @@ void shm_rmaps_free(shm_rmap_t *m, size_t n)
     free(m);
 }
 
-/* The entry for the region that contains all of [@addr, @addr+@len), or NULL. map_lock held. */
-static shm_rmap_t *shm_rmap_find(struct shm_peer *p, uint64_t addr, uint64_t len)
+shm_rmap_t *shm_rmap_find(struct shm_peer *p, uint64_t addr, uint64_t len)
 {
     size_t lo = 0, hi = p->nrmaps;
     while (lo < hi) {
@@ -319,27 +320,33 @@ static shm_rmap_t *shm_rmap_find(struct shm_peer *p, uint64_t addr, uint64_t len
 
 /* The new published list: keep what is known about regions that are still in it (same address,
  * length and generation), unmap the rest. If memory runs out, forget everything: transfers
- * then use process_vm_writev, which needs no list here. */
-void shm_regions_changed(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n)
+ * then use process_vm_writev, which needs no list here. Unmapping takes map_lock exclusively,
+ * which the warmer holds (shared) while it touches a mapping. */
+bool shm_regions_changed(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n)
 {
     struct shm_peer *p = shm_peer_of(pp);
     shm_rmap_t *nm = n ? calloc(n, sizeof(*nm)) : NULL;
+    bool todo = false;
     pthread_rwlock_wrlock(&p->map_lock);
     for (size_t i = 0; nm && i < n; i++) {
         nm[i].r = rs[i];
         shm_rmap_t *o = shm_rmap_find(p, rs[i].addr, 1);
-        if (o && o->r.addr == rs[i].addr && o->r.len == rs[i].len && o->r.gen == rs[i].gen &&
-            o->state != SHM_R_UNKNOWN) {
-            nm[i].state = o->state;
-            nm[i].map = o->map;
-            nm[i].map_len = o->map_len;
-            o->state = SHM_R_UNKNOWN; /* moved, not to be unmapped below */
+        if (o && o->r.addr == rs[i].addr && o->r.len == rs[i].len && o->r.gen == rs[i].gen) {
+            nm[i].warm_done = o->warm_done;
+            if (o->state != SHM_R_UNKNOWN) {
+                nm[i].state = o->state;
+                nm[i].map = o->map;
+                nm[i].map_len = o->map_len;
+                o->state = SHM_R_UNKNOWN; /* moved, not to be unmapped below */
+            }
         }
+        todo |= !nm[i].warm_done;
     }
     shm_rmaps_free(p->rmaps, p->nrmaps);
     p->rmaps = nm;
     p->nrmaps = nm ? n : 0;
     pthread_rwlock_unlock(&p->map_lock);
+    return todo;
 }
 
 /*
@@ -516,6 +523,39 @@ void shm_fence_close(struct shm_peer *p)
     p->fence_conn = -1;
 }
 
+bool shm_resolve_region(struct shm_peer *p, const kvf_region_t *r, _Atomic uint64_t *made)
+{
+    pthread_mutex_lock(&p->ask_lock);
+    pthread_rwlock_rdlock(&p->map_lock);
+    shm_rmap_t *e = shm_rmap_find(p, r->addr, r->len);
+    bool ask = e && e->state == SHM_R_UNKNOWN && e->r.addr == r->addr && e->r.gen == r->gen;
+    bool mapped = e && e->state == SHM_R_MAPPED && e->r.addr == r->addr && e->r.gen == r->gen;
+    pthread_rwlock_unlock(&p->map_lock);
+    if (ask) {
+        char why[200] = "";
+        size_t map_len = 0;
+        uint8_t *map = shm_fd_fetch(p, r, &map_len, why, sizeof(why));
+        pthread_rwlock_wrlock(&p->map_lock);
+        e = shm_rmap_find(p, r->addr, r->len);
+        if (e && e->state == SHM_R_UNKNOWN && e->r.addr == r->addr && e->r.gen == r->gen) {
+            e->state = map ? SHM_R_MAPPED : SHM_R_PLAIN;
+            e->map = map;
+            e->map_len = map_len;
+            mapped = map != NULL;
+            if (mapped)
+                atomic_fetch_add(made, 1);
+            map = NULL;
+        }
+        pthread_rwlock_unlock(&p->map_lock);
+        if (map)
+            munmap(map, map_len);
+        KVF_DEBUG(SHM_LOG, "peer %s: region [0x%" PRIx64 ", +%" PRIu64 "): %s", p->sid, r->addr,
+                  r->len, why[0] ? why : "memfd mapped");
+    }
+    pthread_mutex_unlock(&p->ask_lock);
+    return mapped;
+}
+
 void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x)
 {
     kvf_region_t r;
@@ -525,33 +565,10 @@ void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x)
     if (ask)
         r = e->r;
     pthread_rwlock_unlock(&p->map_lock);
-    if (!ask)
-        return;
-
-    pthread_mutex_lock(&p->ask_lock);
-    pthread_rwlock_rdlock(&p->map_lock);
-    e = shm_rmap_find(p, r.addr, r.len);
-    ask = e && e->state == SHM_R_UNKNOWN && e->r.gen == r.gen;
-    pthread_rwlock_unlock(&p->map_lock);
-    if (ask) {
-        char why[200] = "";
-        size_t map_len = 0;
-        uint8_t *map = shm_fd_fetch(p, &r, &map_len, why, sizeof(why));
-        pthread_rwlock_wrlock(&p->map_lock);
-        e = shm_rmap_find(p, r.addr, r.len);
-        if (e && e->state == SHM_R_UNKNOWN && e->r.addr == r.addr && e->r.gen == r.gen) {
-            e->state = map ? SHM_R_MAPPED : SHM_R_PLAIN;
-            e->map = map;
-            e->map_len = map_len;
-            map = NULL;
-        }
-        pthread_rwlock_unlock(&p->map_lock);
-        if (map)
-            munmap(map, map_len);
-        KVF_DEBUG(SHM_LOG, "peer %s: region [0x%" PRIx64 ", +%" PRIu64 "): %s", p->sid, r.addr,
-                  r.len, why[0] ? why : "memfd mapped");
-    }
-    pthread_mutex_unlock(&p->ask_lock);
+    /* Unknown: not asked yet, or the warmer is asking now (then this waits for its answer on
+     * ask_lock, as for another transfer's, and does not ask again). */
+    if (ask)
+        (void)shm_resolve_region(p, &r, &p->t->xfer_maps);
 }
 
 uint8_t *shm_mapped(struct shm_peer *p, const kvf_xfer_t *x)

@@ -282,8 +282,10 @@ struct kvf_transport_ops {
     /*
      * The core's cached list of the peer's regions was replaced by @rs (sorted, @n entries; not
      * kept after the call). shm uses it to drop mappings of kvf_mem_alloc memory whose region
-     * (address, length, generation) is no longer published. Called with the core's peer lock
-     * held; must not call back into the core. Transports with nothing to drop ignore it.
+     * (address, length, generation) is no longer published, and to hand regions it has not seen
+     * to its warmer thread, which maps them off the transfer path. Called with the core's peer
+     * lock held; must not block or call back into the core. Transports with nothing to drop
+     * ignore it.
      */
     void (*regions_changed)(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n);
 
