@@ -732,7 +732,20 @@ typedef struct {
                                     0 takes it). The caller keeps and closes its own fd. */
     const kvf_tls_opts_t *tls;   /* TLS for the engine's store connection, as
                                     kvf_store_opts_t.tls. NULL [default]: none. The data path
-                                    (engine to engine) is not covered. */
+                                    (engine to engine) is data_tls's. */
+    const kvf_tls_opts_t *data_tls; /* TLS 1.3 on every tcp connection to and from this engine
+                                    (before the secret's handshake, when there is a key). The
+                                    engine is the server of the connections its peers open, so
+                                    cert_file and key_file are required; with ca_file or ca_path
+                                    it requires its peers' certificates too (mutual TLS). As a
+                                    client it verifies each peer's certificate against the CA and
+                                    the address of the peer's session id (an IP SAN or a DNS
+                                    name), or server_name (one name for every engine), or the
+                                    fingerprint. May point to the same options as tls. Both ends
+                                    must agree: a peer without it is refused with -KVF_ETLS.
+                                    Shared memory (shm) is not affected. NULL [default]:
+                                    $KVFERRY_TLS_DATA=1 takes tls (or the KVFERRY_TLS_*
+                                    variables), else none. */
 } kvf_config_t;
 
 /**
@@ -1193,11 +1206,14 @@ KVF_API int kvf_stats_prometheus(const kvf_stats_t *s, char **out, size_t *len);
 /**
  * kvf_engine_stats_fetch - ask the engine listening at @session_id for its statistics, over its
  * tcp port (a STATS frame, docs/protocol.md). Needs no store and no engine of one's own.
+ * The cluster secret comes from $KVFERRY_AUTH_KEY_FILE, and TLS (for an engine with data TLS)
+ * from $KVFERRY_TLS_DATA=1 with the KVFERRY_TLS_* variables, as `kvferry info` sets them.
  * @timeout_ms: bound on connecting and on the answer (0: 5000).
  * @out: filled as by kvf_engine_stats(); release with kvf_stats_free().
  * Returns 0; -KVF_EINVAL for a malformed session id; -ECONNREFUSED (nothing listens there),
- * -KVF_ETIMEDOUT, -KVF_EPROTO (what answered is no kvferry engine, or an older one), each with
- * a message naming the session id.
+ * -KVF_ETIMEDOUT, -KVF_EPROTO (what answered is no kvferry engine, or an older one), -KVF_EAUTH
+ * or -KVF_ETLS (the engine requires the secret or TLS, or refused this side's), each with a
+ * message naming the session id.
  */
 KVF_API int kvf_engine_stats_fetch(const char *session_id, uint32_t timeout_ms, kvf_stats_t *out);
 

@@ -1,7 +1,9 @@
 /*
  * A cut network link, between real "hosts": a store, a Decode and a Prefill in three network
  * namespaces joined through a bridge in a fourth, all with the cluster secret, the store
- * connections over mutual TLS (certificates from tests/tls_certs.sh). The Prefill's link
+ * connections and the data connections over mutual TLS (certificates from tests/tls_certs.sh;
+ * each engine's and the store's carry the name "localhost", checked as their server name
+ * since their addresses here are others). The Prefill's link
  * goes down in the middle of a stream of writes: its call must fail with a timeout naming the
  * peer within op_timeout_ms, nothing may land in the Decode's memory after that call returned
  * (not even bytes the Prefill's kernel still held for the old connection when the link comes
@@ -62,14 +64,14 @@ static uint64_t fnv(const uint8_t *p, size_t n)
 
 /* ---- the Decode, a child in its own namespace ------------------------------------------- */
 
-/* The engines' store TLS: mutual, the store's certificate checked against the test CA under the
- * name it carries (its address here is another). */
+/* The engines' TLS, to the store and between them: mutual, each server's certificate checked
+ * against the test CA under the name it carries (its address here is another). */
 static void tls_client(kvf_tls_opts_t *t, const char *certs)
 {
     static char ca[160], cert[160], key[160];
     snprintf(ca, sizeof(ca), "%s/ca.pem", certs);
-    snprintf(cert, sizeof(cert), "%s/client.pem", certs);
-    snprintf(key, sizeof(key), "%s/client.key", certs);
+    snprintf(cert, sizeof(cert), "%s/server.pem", certs);
+    snprintf(key, sizeof(key), "%s/server.key", certs);
     kvf_tls_opts_init(t);
     t->enable = 1;
     t->ca_file = ca;
@@ -87,6 +89,7 @@ static int decode_child(const char *url, const char *key, const char *certs)
     kvf_config_init(&c);
     tls_client(&tls, certs);
     c.tls = &tls;
+    c.data_tls = &tls;
     c.auth_key_file = key;
     c.transport = KVF_TRANSPORT_TCP;
     kvf_engine_t *e = NULL;
@@ -337,6 +340,7 @@ static void link_cut_mid_transfer(void **state)
     kvf_config_init(&c);
     tls_client(&tls, certs);
     c.tls = &tls;
+    c.data_tls = &tls;
     c.auth_key_file = key;
     c.transport = KVF_TRANSPORT_TCP;
     c.op_timeout_ms = OP_TIMEOUT;

@@ -309,7 +309,7 @@ static void p2p_fetch_from_non_engine(void **state)
     }
     void *val = NULL;
     size_t len = 0;
-    assert_kvf_err(kvf__p2p_fetch(&hp, sid, NULL, NULL, "kvferry/v1/default/sessions/a:1",
+    assert_kvf_err(kvf__p2p_fetch(&hp, sid, NULL, NULL, NULL, "kvferry/v1/default/sessions/a:1",
                                   kvf__now_ms() + 3000, &val, &len),
                    -KVF_EPROTO);
     assert_last_error_contains("malformed P2P answer");
@@ -425,14 +425,14 @@ static void p2p_with_secret(void **state)
     snprintf(key, sizeof(key), "kvferry/v1/default/sessions/%s", sid);
     void *val = NULL;
     size_t len = 0;
-    assert_kvf_err(kvf__p2p_fetch(&hp, sid, NULL, NULL, key, kvf__now_ms() + 3000, &val, &len),
+    assert_kvf_err(kvf__p2p_fetch(&hp, sid, NULL, NULL, NULL, key, kvf__now_ms() + 3000, &val, &len),
                    -KVF_EAUTH);
     assert_last_error_contains(want);
     assert_null(val);
     /* With the key the same request is answered. */
     kvf_auth_key_t k;
     assert_kvf_ok(kvf__auth_key_resolve(ka, &k));
-    assert_kvf_ok(kvf__p2p_fetch(&hp, sid, &k, NULL, key, kvf__now_ms() + 3000, &val, &len));
+    assert_kvf_ok(kvf__p2p_fetch(&hp, sid, &k, NULL, NULL, key, kvf__now_ms() + 3000, &val, &len));
     assert_non_null(strstr(val, "\"session\""));
     free(val);
     kvf_engine_destroy(dec);

@@ -46,15 +46,7 @@ static const char *P(const fx_t *f, const char *name)
 static void certs_make(fx_t *f)
 {
     memset(f, 0, sizeof(*f));
-    snprintf(f->dir, sizeof(f->dir), "/tmp/kvf-tls-XXXXXX");
-    assert_non_null(mkdtemp(f->dir));
-    char script[512];
-    snprintf(script, sizeof(script), "%s/tls_certs.sh", KVF_TEST_SRC_DIR);
-    char *argv[] = {"/bin/sh", script, f->dir, NULL};
-    static char out[8192];
-    int rc = kvf_test_run(argv, out, sizeof(out), 60000);
-    if (rc != 0)
-        fail_msg("tls_certs.sh exited %d: %s (see %s/openssl.log)", rc, out, f->dir);
+    kvf_test_tls_certs(KVF_TEST_SRC_DIR, f->dir, sizeof(f->dir));
 }
 
 static void fx_cleanup(fx_t *f)

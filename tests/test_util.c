@@ -299,6 +299,19 @@ void kvf_test_pattern(uint8_t *p, size_t n, uint32_t seed)
     }
 }
 
+void kvf_test_tls_certs(const char *src_dir, char *dir, size_t len)
+{
+    snprintf(dir, len, "/tmp/kvf-tls-XXXXXX");
+    assert_non_null(mkdtemp(dir));
+    char script[512];
+    snprintf(script, sizeof(script), "%s/tls_certs.sh", src_dir);
+    char *argv[] = {"/bin/sh", script, dir, NULL};
+    static char out[8192];
+    int rc = kvf_test_run(argv, out, sizeof(out), 60000);
+    if (rc != 0)
+        fail_msg("tls_certs.sh exited %d: %s (see %s/openssl.log)", rc, out, dir);
+}
+
 kvf_engine_t *kvf_test_engine(const char *url, kvf_role_t role, const kvf_config_t *cfg)
 {
     kvf_engine_t *e = NULL;

@@ -120,6 +120,10 @@ int kvf_test_reap(pid_t pid, unsigned timeout_ms);
  * or from a wrong buffer shows. */
 void kvf_test_pattern(uint8_t *p, size_t n, uint32_t seed);
 
+/* Make the test certificates of tests/tls_certs.sh (found in @src_dir) in a new temporary
+ * directory, whose name goes to @dir (at least 32 bytes); fails the test otherwise. */
+void kvf_test_tls_certs(const char *src_dir, char *dir, size_t len);
+
 /* Create an engine on 127.0.0.1 with a free port; fails the test (naming the error) otherwise. */
 kvf_engine_t *kvf_test_engine(const char *url, kvf_role_t role, const kvf_config_t *cfg);
 

@@ -135,17 +135,19 @@ static int opt_apply(const char *cmd, const kvf_cli_opt_t *o, const char *value)
  * this process and the processes it starts use them (docs/security.md). */
 static const struct {
     const char *flag, *env;
+    bool arg;
 } tls_flags[] = {
-    {"tls", "KVFERRY_TLS"},
-    {"tls-ca-file", "KVFERRY_TLS_CA_FILE"},
-    {"tls-ca-path", "KVFERRY_TLS_CA_PATH"},
-    {"tls-cert", "KVFERRY_TLS_CERT"},
-    {"tls-key", "KVFERRY_TLS_KEY"},
-    {"tls-key-password-file", "KVFERRY_TLS_KEY_PASSWORD_FILE"},
-    {"tls-crl-file", "KVFERRY_TLS_CRL_FILE"},
-    {"tls-crl-path", "KVFERRY_TLS_CRL_PATH"},
-    {"tls-server-name", "KVFERRY_TLS_SERVER_NAME"},
-    {"tls-fingerprint", "KVFERRY_TLS_FINGERPRINT"},
+    {"tls", "KVFERRY_TLS", false},
+    {"tls-ca-file", "KVFERRY_TLS_CA_FILE", true},
+    {"tls-ca-path", "KVFERRY_TLS_CA_PATH", true},
+    {"tls-cert", "KVFERRY_TLS_CERT", true},
+    {"tls-key", "KVFERRY_TLS_KEY", true},
+    {"tls-key-password-file", "KVFERRY_TLS_KEY_PASSWORD_FILE", true},
+    {"tls-crl-file", "KVFERRY_TLS_CRL_FILE", true},
+    {"tls-crl-path", "KVFERRY_TLS_CRL_PATH", true},
+    {"tls-server-name", "KVFERRY_TLS_SERVER_NAME", true},
+    {"tls-fingerprint", "KVFERRY_TLS_FINGERPRINT", true},
+    {"tls-data", "KVFERRY_TLS_DATA", false},
 };
 #define CLI_TLS_BASE 0x4000
 
@@ -158,7 +160,10 @@ const char *const kvf_cli_tls_usage =
     "  --tls-key-password-file F  the key's password (first line)\n"
     "  --tls-crl-file F   revocation list(s), PEM; --tls-crl-path D a directory of them\n"
     "  --tls-server-name N  the name the store's certificate must carry (default: its host)\n"
-    "  --tls-fingerprint H  accept only this store certificate (SHA-256, hex)\n";
+    "  --tls-fingerprint H  accept only this store certificate (SHA-256, hex)\n"
+    "  --tls-data         TLS on the engines' data connections too, with these options (each\n"
+    "                     engine then needs --tls-cert and --tls-key; peers are checked\n"
+    "                     against the address of their session id)\n";
 
 int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
 {
@@ -180,7 +185,8 @@ int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
     lo[n++] = (struct option){"auth-key-file", required_argument, NULL, 'K'};
     lo[n++] = (struct option){"admin-key-file", required_argument, NULL, 'A'};
     for (size_t i = 0; i < (sizeof(tls_flags) / sizeof(tls_flags[0])); i++)
-        lo[n++] = (struct option){tls_flags[i].flag, i ? required_argument : no_argument, NULL,
+        lo[n++] = (struct option){tls_flags[i].flag,
+                                  tls_flags[i].arg ? required_argument : no_argument, NULL,
                                   CLI_TLS_BASE + (int)i};
     if (cli->verbose)
         lo[n++] = (struct option){"verbose", no_argument, NULL, 'v'};
@@ -220,7 +226,7 @@ int kvf_cli_parse(const kvf_cli_t *cli, int argc, char **argv, int *first)
         }
         if (c >= CLI_TLS_BASE && c < CLI_TLS_BASE + (int)(sizeof(tls_flags) / sizeof(tls_flags[0]))) {
             size_t i = (size_t)(c - CLI_TLS_BASE);
-            const char *v = i ? optarg : "1";
+            const char *v = tls_flags[i].arg ? optarg : "1";
             if (!*v || strchr(v, ';') || setenv(tls_flags[i].env, v, 1)) {
                 fprintf(stderr, "kvferry %s: --%s: want a value without ';' (got \"%s\")\n",
                         cli->cmd, tls_flags[i].flag, v);

@@ -41,6 +41,7 @@ static const char *const config_kwlist[] = {"init_timeout_ms",
                                             "key_prefix",
                                             "metrics_listen",
                                             "auth_key_file",
+                                            "data_tls",
                                             NULL};
 
 static int config_u32(PyObject *v, const char *name, uint32_t *out)
@@ -60,12 +61,12 @@ static int config_u32(PyObject *v, const char *name, uint32_t *out)
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *v[14] = {NULL};
+    PyObject *v[15] = {NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOOOO:TransferEngine",
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOOOOO:TransferEngine",
                                      (char **)config_kwlist, &v[0], &v[1], &v[2], &v[3], &v[4],
                                      &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11],
-                                     &v[12], &v[13]))
+                                     &v[12], &v[13], &v[14]))
         return -1;
     if (kvfpy_guard_enter(&self->guard)) {
         kvfpy_guard_leave(&self->guard);
@@ -137,6 +138,13 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
         }
         snprintf(self->auth_key_file, sizeof(self->auth_key_file), "%s", kf);
         self->cfg.auth_key_file = self->auth_key_file;
+    }
+    self->data_tls = false;
+    if (v[14] && v[14] != Py_None) {
+        int on = PyObject_IsTrue(v[14]);
+        if (on < 0)
+            return -1;
+        self->data_tls = on != 0;
     }
     return 0;
 }
@@ -240,6 +248,15 @@ static PyObject *Engine_initialize(EngineObject *self, PyObject *args, PyObject 
     uint16_t port = 0;
     kvf_config_t cfg = self->cfg;
     cfg.tls = kvfpy_tls_opts();
+    if (self->data_tls) {
+        if (!cfg.tls || !cfg.tls->enable) {
+            kvfpy_guard_fill(&self->guard, NULL);
+            return kvfpy_fail(-KVF_EINVAL,
+                              "initialize: data_tls=True takes the options of "
+                              "set_conf_store_tls(True, ...), which was not called");
+        }
+        cfg.data_tls = cfg.tls;
+    }
     if (self->reserved_fd >= 0 && kvf_session_id_parse(sid, host, sizeof(host), &port) == 0 &&
         (port == self->reserved_port || port == 0) && !strchr(host, ':'))
         cfg.listen_fd = self->reserved_fd;
@@ -499,11 +516,13 @@ PyTypeObject kvfpy_EngineType = {
     .tp_doc = "TransferEngine(*, init_timeout_ms=None, op_timeout_ms=None, lease_ttl_ms=None, "
               "tcp_conns_per_peer=None, tcp_chunk_bytes=None, namespace=None, max_batches=None, "
               "submit_blocks=None, async_threads=None, notify_queue_max=None, "
-              "tcp_idle_timeout_ms=None, key_prefix=None, metrics_listen=None, auth_key_file=None)\n--\n\n"
+              "tcp_idle_timeout_ms=None, key_prefix=None, metrics_listen=None, auth_key_file=None, "
+              "data_tls=None)\n--\n\n"
               "A kvferry node with the seed's (mf_adapter) TransferEngine methods. The "
               "keyword-only arguments override kvf_config_t defaults; metrics_listen=\"host:port\" "
-              "serves get_stats() for Prometheus at http://host:port/metrics. Use as a context "
-              "manager to destroy the engine on exit.",
+              "serves get_stats() for Prometheus at http://host:port/metrics; data_tls=True puts "
+              "the engine's tcp data connections under TLS too, with the set_conf_store_tls() "
+              "options. Use as a context manager to destroy the engine on exit.",
     .tp_basicsize = sizeof(EngineObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = Engine_new,

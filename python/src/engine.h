@@ -14,6 +14,8 @@
 #ifndef KVFERRY_PY_ENGINE_H
 #define KVFERRY_PY_ENGINE_H
 
+#include <stdbool.h>
+
 #include "kvferry_py.h"
 
 typedef struct {
@@ -25,6 +27,7 @@ typedef struct {
     char metrics_listen[KVF_SESSION_ID_MAX];
     char key_prefix[129];
     char auth_key_file[4096];
+    bool data_tls; /* TLS on the data path too, with the set_conf_store_tls() options */
     /* Registration pins: address (int) -> object keeping that memory alive. Touched only with
      * the GIL held. */
     PyObject *pins;

@@ -29,6 +29,9 @@
 /* Prefix the current last-error message with "<prefix>: ", keeping @code. Used by callers that
  * add context ("store tcp://h:p: ") to an error a lower layer already described. */
 int kvf__err_wrap(int code, const char *fmt, ...) KVF__PRINTF(2, 3);
+/* Whether @v is one of kvferry's error codes (KVF_EINVAL ... the last of KVF_ERRNO_MAP): what a
+ * status received from the network may carry. */
+bool kvf__is_kvf_code(uint32_t v);
 
 /* Logging. The level test happens before any argument is evaluated, so a debug line costs one
  * relaxed load when debug is off. @subsys names the part of kvferry ("store", "tcp", ...). */

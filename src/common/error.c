@@ -35,6 +35,18 @@ const char *kvf_strerror(int err)
     return "unknown error";
 }
 
+bool kvf__is_kvf_code(uint32_t v)
+{
+    switch (v) {
+#define KVF__ERR_CASE(name, off, msg) case KVF_ERRNO_OFFSET + (off):
+        KVF_ERRNO_MAP(KVF__ERR_CASE)
+#undef KVF__ERR_CASE
+        return true;
+    default:
+        return false;
+    }
+}
+
 const char *kvf_err_name(int err)
 {
     if (err == INT_MIN)

@@ -84,7 +84,7 @@ bool kvf__p2p_ans_decode(const uint8_t *b, uint32_t *status, uint32_t *len, char
     else if (b[4] != KVF_P2P_VERSION || b[5] != KVF_P2P_OP_ANS || kvf__get_le16(b + 6) != 0)
         snprintf(why, whylen, "version %u, op %u, flags 0x%04x: want %u, %u, 0", (unsigned)b[4],
                  (unsigned)b[5], (unsigned)kvf__get_le16(b + 6), KVF_P2P_VERSION, KVF_P2P_OP_ANS);
-    else if (st != 0 && (st <= KVF_ERRNO_OFFSET || st > KVF_ENOMEM))
+    else if (st != 0 && !kvf__is_kvf_code(st))
         snprintf(why, whylen, "status %" PRIu32 " is no kvferry error code", st);
     else if (st == 0 && n > KVF_P2P_MAX_VALUE)
         snprintf(why, whylen, "value of %" PRIu32 " bytes over KVF_P2P_MAX_VALUE (%u)", n,
@@ -111,17 +111,17 @@ int kvf__p2p_sid_of_key(const char *key, kvf_hostport_t *hp)
     return 0;
 }
 
-static int exchange(int fd, const char *sid, const char *key, uint64_t deadline, void **val,
-                    size_t *len)
+static int exchange(kvf_stream_t *st, const char *sid, const char *key, uint64_t deadline,
+                    void **val, size_t *len)
 {
     size_t klen = strlen(key);
     uint8_t hdr[KVF_P2P_REQ_LEN];
     kvf__p2p_req_encode(hdr, (uint32_t)klen);
-    int rc = kvf__nb_io(fd, hdr, sizeof(hdr), true, deadline);
+    int rc = kvf__stream_io(st, hdr, sizeof(hdr), true, deadline);
     if (rc == 0)
-        rc = kvf__nb_io(fd, (void *)key, klen, true, deadline);
+        rc = kvf__stream_io(st, (void *)key, klen, true, deadline);
     if (rc == 0)
-        rc = kvf__nb_io(fd, hdr, KVF_P2P_ANS_LEN, false, deadline);
+        rc = kvf__stream_io(st, hdr, KVF_P2P_ANS_LEN, false, deadline);
     if (rc == -KVF_ETIMEDOUT)
         return kvf__err(rc, "peer %s: no answer to the P2P record request in time", sid);
     if (rc == -EPIPE || rc == -ECONNRESET)
@@ -139,7 +139,7 @@ static int exchange(int fd, const char *sid, const char *key, uint64_t deadline,
     if (!body)
         return kvf__err(-KVF_ENOMEM, "peer %s: out of memory for a record of %" PRIu32 " bytes",
                         sid, n);
-    rc = kvf__nb_io(fd, body, n, false, deadline);
+    rc = kvf__stream_io(st, body, n, false, deadline);
     if (rc) {
         free(body);
         return kvf__err(rc == -EPIPE ? -KVF_EPROTO : rc, "peer %s: P2P answer cut short (%s)",
@@ -158,8 +158,8 @@ static int exchange(int fd, const char *sid, const char *key, uint64_t deadline,
 }
 
 int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const kvf_auth_key_t *auth,
-                   const char *my_id, const char *key, uint64_t deadline_ms, void **val,
-                   size_t *len)
+                   kvf_tls_ctx_t *tls, const char *my_id, const char *key, uint64_t deadline_ms,
+                   void **val, size_t *len)
 {
     if (!kvf__p2p_key_ok(key, strlen(key)))
         return kvf__err(-KVF_EINVAL, "peer %s: key %.64s is not a record key", sid, key);
@@ -173,13 +173,22 @@ int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const kvf_auth_key
         return kvf__err(fd, "peer %s: cannot connect: %s%s", sid, strerror(-fd),
                         fd == -ECONNREFUSED ? " (no engine listens there yet)" : "");
     int rc = 0;
-    if (auth && auth->len) {
+    kvf_stream_t st = {fd, NULL};
+    if (tls) {
+        char reason[200];
+        st.tls = kvf__tls_new_for(tls, fd, hp->host);
+        rc = st.tls ? kvf__tls_connect(st.tls, deadline_ms, reason, sizeof(reason)) : -KVF_ENOMEM;
+        if (rc)
+            rc = kvf__err(rc, "peer %s: P2P record request: TLS: %s", sid,
+                          st.tls ? reason : "out of memory");
+    }
+    if (rc == 0 && auth && auth->len) {
         /* The engine with a key reads nothing before the handshake; the server expected is the
          * engine the key names, spelled as it spells itself. */
         char want[KVF_SESSION_ID_MAX], reason[400];
         kvf__hostport_format(hp, want, sizeof(want));
-        rc = kvf__auth_client(fd, auth, my_id && *my_id ? my_id : KVF_P2P_ASKER_ID, deadline_ms,
-                              want, reason, sizeof(reason));
+        rc = kvf__auth_client_stream(&st, auth, my_id && *my_id ? my_id : KVF_P2P_ASKER_ID,
+                                     deadline_ms, want, reason, sizeof(reason));
         if (rc == -KVF_ETIMEDOUT)
             rc = kvf__err(rc, "peer %s: P2P record request: authentication: %s", sid, reason);
         else if (rc == -EPIPE || rc == -ECONNRESET)
@@ -191,7 +200,8 @@ int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const kvf_auth_key
                           "peer %s: P2P record request: authentication: %s", sid, reason);
     }
     if (rc == 0)
-        rc = exchange(fd, sid, key, deadline_ms, val, len);
+        rc = exchange(&st, sid, key, deadline_ms, val, len);
+    kvf__tls_free(st.tls);
     close(fd);
     return rc;
 }

@@ -70,15 +70,19 @@ int kvf__p2p_sid_of_key(const char *key, kvf_hostport_t *hp);
  * @auth:        the cluster secret (len 0: none). With one, the asker runs the handshake first
  *               as @my_id, with the engine's session id (@hp formatted) as the server it expects,
  *               so an engine with a key answers it, and a relay or another engine is refused.
+ * @tls:         a client context of common/tls.h (data TLS: the engine answers on its data
+ *               port), or NULL: the request runs inside TLS, the engine's certificate checked
+ *               against @hp's host (or the context's server name or fingerprint).
  * @deadline_ms: kvf__now_ms() bound on connecting and the whole exchange.
  * Returns 0 with a malloc'ed, NUL-terminated copy of the value in *@val and its length in *@len;
  * -KVF_ENOTFOUND when the engine answered that it holds no such record; -ECONNREFUSED (nobody
  * listens there), -KVF_ETIMEDOUT, -KVF_EPROTO (what answered is no kvferry engine), -KVF_EAUTH
- * (the keys differ, one side has none, or another server answered), or another negative code,
+ * (the keys differ, one side has none, or another server answered), -KVF_ETLS (TLS on one side
+ * only, or a certificate refused), or another negative code,
  * each with a last-error message naming @sid.
  */
 int kvf__p2p_fetch(const kvf_hostport_t *hp, const char *sid, const kvf_auth_key_t *auth,
-                   const char *my_id, const char *key, uint64_t deadline_ms, void **val,
-                   size_t *len);
+                   kvf_tls_ctx_t *tls, const char *my_id, const char *key, uint64_t deadline_ms,
+                   void **val, size_t *len);
 
 #endif /* KVF_P2P_H */

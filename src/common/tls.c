@@ -1,6 +1,6 @@
 /*
- * TLS 1.3 for the store's connections over OpenSSL (see tls.h): the context (options read and
- * checked once, with errors naming the file or value), the sessions, and kvf_stream_t.
+ * TLS 1.3 over OpenSSL (see tls.h): the options and the context (read and checked once, with
+ * errors naming the file or value). The sessions and kvf_stream_t are in tls_session.c.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -24,28 +24,9 @@
 
 #include "common/common.h"
 #include "common/tls.h"
+#include "common/tls_private.h"
 
 #define TLS_LIST_MAX 16 /* files in one comma-separated list */
-
-struct kvf_tls_ctx {
-    SSL_CTX *ctx;
-    bool server;
-    bool has_ca;
-    bool has_fp;
-    bool name_is_ip;
-    uint8_t fp[32];
-    char name[256]; /* client: the name the server's certificate must carry ("" none) */
-};
-
-struct kvf_tls {
-    SSL *ssl;
-    kvf_tls_ctx_t *ctx;
-    short wants;       /* the handshake's wait */
-    short rwants;      /* a read's wait after -EAGAIN (0: POLLIN) */
-    short wwants;      /* a write's wait after -EAGAIN (0: POLLOUT) */
-    bool confirmed;    /* client: the server's first post-handshake message arrived */
-    char fp_why[200];  /* client: why the fingerprint check failed */
-};
 
 bool kvf__tls_on(const kvf_tls_opts_t *o)
 {
@@ -83,6 +64,27 @@ const kvf_tls_opts_t *kvf__tls_opts_resolve(const kvf_tls_opts_t *o, kvf_tls_opt
     return env->enable ? env : NULL;
 }
 
+int kvf__tls_data_resolve(const kvf_tls_opts_t *data, const kvf_tls_opts_t *store,
+                          kvf_tls_opts_t *env, const kvf_tls_opts_t **out)
+{
+    *out = NULL;
+    if (data) {
+        *out = data->enable ? data : NULL;
+        return 0;
+    }
+    const char *on = getenv("KVFERRY_TLS_DATA");
+    if (!on || !*on || strcmp(on, "0") == 0)
+        return 0;
+    *out = kvf__tls_opts_resolve(store, env);
+    if (!*out)
+        return kvf__err(-KVF_EINVAL,
+                        "KVFERRY_TLS_DATA=%s asks for TLS on data connections, but no TLS options "
+                        "are set (config.tls or the KVFERRY_TLS_* variables: --tls-cert, "
+                        "--tls-key, --tls-ca-file)",
+                        on);
+    return 0;
+}
+
 void kvf_tls_opts_init(kvf_tls_opts_t *opts)
 {
     if (!opts)
@@ -97,7 +99,7 @@ static bool set(const char *s)
 }
 
 /* OpenSSL's reason for the last failure on this thread ("bad decrypt"), the queue cleared. */
-static void ossl_reason(char *buf, size_t n)
+void kvf__tls_ossl_reason(char *buf, size_t n)
 {
     unsigned long e, last = 0;
     while ((e = ERR_get_error()) != 0)
@@ -247,7 +249,7 @@ static int key_load(SSL_CTX *ctx, const kvf_tls_opts_t *o)
         bio = BIO_new_mem_buf(o->key_pem, -1);
     }
     if (!bio) {
-        ossl_reason(reason, sizeof(reason));
+        kvf__tls_ossl_reason(reason, sizeof(reason));
         rc = kvf__err(-KVF_ETLS, "TLS private key %s: %s", what, reason);
         goto out_wipe;
     }
@@ -256,7 +258,7 @@ static int key_load(SSL_CTX *ctx, const kvf_tls_opts_t *o)
     EVP_PKEY *pk = PEM_read_bio_PrivateKey(bio, NULL, pw_cb, &arg);
     BIO_free(bio);
     if (!pk) {
-        ossl_reason(reason, sizeof(reason));
+        kvf__tls_ossl_reason(reason, sizeof(reason));
         if (arg.asked && !have_pw)
             rc = kvf__err(-KVF_ETLS,
                           "TLS private key %s is encrypted and no password is set "
@@ -271,7 +273,7 @@ static int key_load(SSL_CTX *ctx, const kvf_tls_opts_t *o)
         goto out_wipe;
     }
     if (SSL_CTX_use_PrivateKey(ctx, pk) != 1 || SSL_CTX_check_private_key(ctx) != 1) {
-        ossl_reason(reason, sizeof(reason));
+        kvf__tls_ossl_reason(reason, sizeof(reason));
         rc = kvf__err(-KVF_ETLS, "TLS private key %s does not match the certificate %s (%s)", what,
                       o->cert_file, reason);
     }
@@ -336,6 +338,15 @@ static int ctx_setup(kvf_tls_ctx_t *c, const kvf_tls_opts_t *o)
 
     if (SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) != 1)
         return kvf__err(-KVF_ETLS, "TLS: cannot require TLS 1.3");
+    /* AES-128-GCM first: as safe for this use and faster (AES-NI) than OpenSSL's default first
+     * choice, AES-256-GCM; the data path's cost is mostly this cipher (docs/performance.md). */
+    if (SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
+                                      "TLS_CHACHA20_POLY1305_SHA256") != 1)
+        return kvf__err(-KVF_ETLS, "TLS: cannot set the TLS 1.3 cipher suites");
+    /* Read what the socket has (up to 64 KiB) in one system call, not each record's 5-byte
+     * header and then its body: kvf__tls_pending() tells the callers. */
+    SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_default_read_buffer_len(ctx, 64u << 10);
     /* No automatic chain: a root is never sent (the peer must trust it already), so a client
      * with another CA is told "unable to get local issuer certificate". */
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
@@ -350,7 +361,7 @@ static int ctx_setup(kvf_tls_ctx_t *c, const kvf_tls_opts_t *o)
             if ((rc = path_check("CA file", items[i], false)) < 0)
                 return rc;
             if (SSL_CTX_load_verify_locations(ctx, items[i], NULL) != 1) {
-                ossl_reason(reason, sizeof(reason));
+                kvf__tls_ossl_reason(reason, sizeof(reason));
                 return kvf__err(-KVF_ETLS, "TLS CA file %s: no PEM certificate in it (%s)",
                                 items[i], reason);
             }
@@ -361,7 +372,7 @@ static int ctx_setup(kvf_tls_ctx_t *c, const kvf_tls_opts_t *o)
         if ((rc = path_check("CA directory", o->ca_path, true)) < 0)
             return rc;
         if (SSL_CTX_load_verify_locations(ctx, NULL, o->ca_path) != 1) {
-            ossl_reason(reason, sizeof(reason));
+            kvf__tls_ossl_reason(reason, sizeof(reason));
             return kvf__err(-KVF_ETLS, "TLS CA directory %s: %s", o->ca_path, reason);
         }
         c->has_ca = true;
@@ -375,7 +386,7 @@ static int ctx_setup(kvf_tls_ctx_t *c, const kvf_tls_opts_t *o)
             if ((rc = path_check("CRL file", items[i], false)) < 0)
                 return rc;
             if (!lk || X509_load_crl_file(lk, items[i], X509_FILETYPE_PEM) <= 0) {
-                ossl_reason(reason, sizeof(reason));
+                kvf__tls_ossl_reason(reason, sizeof(reason));
                 return kvf__err(-KVF_ETLS, "TLS CRL file %s: no PEM CRL in it (%s)", items[i],
                                 reason);
             }
@@ -385,7 +396,7 @@ static int ctx_setup(kvf_tls_ctx_t *c, const kvf_tls_opts_t *o)
         if ((rc = path_check("CRL directory", o->crl_path, true)) < 0)
             return rc;
         if (X509_STORE_load_path(store, o->crl_path) != 1) {
-            ossl_reason(reason, sizeof(reason));
+            kvf__tls_ossl_reason(reason, sizeof(reason));
             return kvf__err(-KVF_ETLS, "TLS CRL directory %s: %s", o->crl_path, reason);
         }
     }
@@ -396,7 +407,7 @@ static int ctx_setup(kvf_tls_ctx_t *c, const kvf_tls_opts_t *o)
         if ((rc = path_check("certificate", o->cert_file, false)) < 0)
             return rc;
         if (SSL_CTX_use_certificate_chain_file(ctx, o->cert_file) != 1) {
-            ossl_reason(reason, sizeof(reason));
+            kvf__tls_ossl_reason(reason, sizeof(reason));
             return kvf__err(-KVF_ETLS, "TLS certificate %s: %s", o->cert_file, reason);
         }
         if (!set(o->key_file) && !set(o->key_pem))
@@ -429,7 +440,7 @@ static int ctx_setup(kvf_tls_ctx_t *c, const kvf_tls_opts_t *o)
         c->has_fp = true;
     }
     if (!c->has_ca && !c->has_fp && SSL_CTX_set_default_verify_paths(ctx) != 1) {
-        ossl_reason(reason, sizeof(reason));
+        kvf__tls_ossl_reason(reason, sizeof(reason));
         return kvf__err(-KVF_ETLS, "TLS: cannot load the system's CA certificates (%s)", reason);
     }
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, verify_cb);
@@ -448,6 +459,7 @@ int kvf__tls_ctx_new(const kvf_tls_opts_t *o, bool server, const char *host, kvf
     if (!c)
         return kvf__err(-KVF_ENOMEM, "TLS: out of memory");
     c->server = server;
+    snprintf(c->peer, sizeof(c->peer), "store");
     const char *name = set(o->server_name) ? o->server_name : host;
     if (!server && name) {
         if (strlen(name) >= sizeof(c->name)) {
@@ -471,6 +483,11 @@ int kvf__tls_ctx_new(const kvf_tls_opts_t *o, bool server, const char *host, kvf
     return 0;
 }
 
+void kvf__tls_ctx_set_peer(kvf_tls_ctx_t *c, const char *peer)
+{
+    snprintf(c->peer, sizeof(c->peer), "%s", peer);
+}
+
 void kvf__tls_ctx_free(kvf_tls_ctx_t *c)
 {
     if (!c)
@@ -487,307 +504,4 @@ int kvf_tls_opts_check(const kvf_tls_opts_t *opts, int server)
     int rc = kvf__tls_ctx_new(opts, server != 0, NULL, &c);
     kvf__tls_ctx_free(c);
     return rc;
-}
-
-/* ---- sessions ------------------------------------------------------------------------------- */
-
-/* Sends never raise SIGPIPE: OpenSSL's socket BIO with send(MSG_NOSIGNAL) for writing. */
-static BIO_METHOD *nosig_method;
-static pthread_once_t nosig_once = PTHREAD_ONCE_INIT;
-
-static int nosig_write(BIO *b, const char *buf, int n)
-{
-    int fd = -1;
-    BIO_get_fd(b, &fd);
-    BIO_clear_retry_flags(b);
-    ssize_t w = send(fd, buf, (size_t)(n > 0 ? n : 0), MSG_NOSIGNAL);
-    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
-        BIO_set_retry_write(b);
-    return (int)w;
-}
-
-static void nosig_init(void)
-{
-    const BIO_METHOD *s = BIO_s_socket();
-    BIO_METHOD *m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR,
-                                 "kvferry socket");
-    if (!m)
-        return;
-    if (BIO_meth_set_write(m, nosig_write) != 1 ||
-        BIO_meth_set_read(m, BIO_meth_get_read(s)) != 1 ||
-        BIO_meth_set_ctrl(m, BIO_meth_get_ctrl(s)) != 1 ||
-        BIO_meth_set_create(m, BIO_meth_get_create(s)) != 1 ||
-        BIO_meth_set_destroy(m, BIO_meth_get_destroy(s)) != 1) {
-        BIO_meth_free(m);
-        return;
-    }
-    nosig_method = m;
-}
-
-kvf_tls_t *kvf__tls_new(kvf_tls_ctx_t *c, int fd)
-{
-    pthread_once(&nosig_once, nosig_init);
-    kvf_tls_t *t = calloc(1, sizeof(*t));
-    if (!t || !nosig_method)
-        goto out_free;
-    t->ctx = c;
-    t->ssl = SSL_new(c->ctx);
-    BIO *bio = BIO_new(nosig_method);
-    if (!t->ssl || !bio) {
-        BIO_free(bio);
-        goto out_free;
-    }
-    BIO_set_fd(bio, fd, BIO_NOCLOSE);
-    SSL_set_bio(t->ssl, bio, bio);
-    SSL_set_app_data(t->ssl, t);
-    if (c->server) {
-        SSL_set_accept_state(t->ssl);
-        return t;
-    }
-    SSL_set_connect_state(t->ssl);
-    if (c->name[0] && !c->name_is_ip && SSL_set_tlsext_host_name(t->ssl, c->name) != 1)
-        goto out_free;
-    if (c->name[0] && !c->has_fp) {
-        int ok = c->name_is_ip ? X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(t->ssl), c->name)
-                               : SSL_set1_host(t->ssl, c->name);
-        if (ok != 1)
-            goto out_free;
-    }
-    return t;
-
-out_free:
-    kvf__tls_free(t);
-    return NULL;
-}
-
-void kvf__tls_free(kvf_tls_t *t)
-{
-    if (!t)
-        return;
-    SSL_free(t->ssl);
-    free(t);
-}
-
-/* Why the handshake failed, from this side's certificate check, the fingerprint, or OpenSSL. */
-static void hs_reason(kvf_tls_t *t, int ret, char *why, size_t whylen)
-{
-    long vr = SSL_get_verify_result(t->ssl);
-    unsigned long e = ERR_peek_last_error();
-    if (t->fp_why[0]) {
-        snprintf(why, whylen, "%s", t->fp_why);
-    } else if (vr != X509_V_OK && ERR_GET_REASON(e) == SSL_R_CERTIFICATE_VERIFY_FAILED) {
-        snprintf(why, whylen, "the %s certificate failed verification: %s",
-                 t->ctx->server ? "client" : "server", X509_verify_cert_error_string(vr));
-    } else if (e) {
-        char reason[160];
-        ossl_reason(reason, sizeof(reason));
-        snprintf(why, whylen, "%s%s", reason,
-                 strstr(reason, "wrong version number") || strstr(reason, "http request") ||
-                         strstr(reason, "record layer failure")
-                     ? " (the peer does not speak TLS)"
-                     : "");
-    } else if (ret == 0 || SSL_get_error(t->ssl, ret) == SSL_ERROR_ZERO_RETURN ||
-               SSL_get_error(t->ssl, ret) == SSL_ERROR_SYSCALL) {
-        snprintf(why, whylen, "the %s closed the connection during the TLS handshake%s",
-                 t->ctx->server ? "client" : "store",
-                 t->ctx->server ? "" : " (does the store use TLS?)");
-    } else {
-        snprintf(why, whylen, "TLS error %d", SSL_get_error(t->ssl, ret));
-    }
-    ERR_clear_error();
-}
-
-int kvf__tls_handshake_step(kvf_tls_t *t, char *why, size_t whylen)
-{
-    ERR_clear_error();
-    int r = SSL_do_handshake(t->ssl);
-    if (r == 1)
-        return 1;
-    int e = SSL_get_error(t->ssl, r);
-    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-        t->wants = e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT;
-        return 0;
-    }
-    hs_reason(t, r, why, whylen);
-    return -KVF_ETLS;
-}
-
-static int wait_for(int fd, short ev, uint64_t deadline_ms)
-{
-    for (;;) {
-        uint64_t now = kvf__now_ms();
-        if (now >= deadline_ms)
-            return -KVF_ETIMEDOUT;
-        uint64_t left = deadline_ms - now;
-        struct pollfd p = {.fd = fd, .events = ev};
-        int n = poll(&p, 1, left > INT_MAX ? INT_MAX : (int)left);
-        if (n > 0)
-            return 0;
-        if (n < 0 && errno != EINTR)
-            return -errno;
-    }
-}
-
-int kvf__tls_connect(kvf_tls_t *t, uint64_t deadline_ms, char *why, size_t whylen)
-{
-    int fd = SSL_get_fd(t->ssl);
-    int rc;
-    while ((rc = kvf__tls_handshake_step(t, why, whylen)) == 0)
-        if ((rc = wait_for(fd, t->wants, deadline_ms)) < 0)
-            goto out_wait;
-    if (rc < 0)
-        return rc;
-    /* TLS 1.3 ends the client's handshake before the server has checked the client's
-     * certificate. The server's ticket says it accepted; an alert says why it did not. */
-    while (!t->confirmed) {
-        uint8_t b;
-        ERR_clear_error();
-        int r = SSL_peek(t->ssl, &b, 1);
-        if (r > 0)
-            break; /* the server spoke: it accepted this client */
-        int e = SSL_get_error(t->ssl, r);
-        if (t->confirmed)
-            break;
-        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-            if ((rc = wait_for(fd, e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, deadline_ms)) < 0)
-                goto out_wait;
-            continue;
-        }
-        char reason[160];
-        if (ERR_peek_last_error()) {
-            ossl_reason(reason, sizeof(reason));
-            snprintf(why, whylen, "the store refused this client: %s", reason);
-        } else {
-            snprintf(why, whylen, "the store closed the connection after the TLS handshake");
-        }
-        return -KVF_ETLS;
-    }
-    return 0;
-
-out_wait:
-    snprintf(why, whylen, "%s",
-             rc == -KVF_ETIMEDOUT ? "no TLS handshake within the time limit" : kvf_strerror(rc));
-    return rc == -KVF_ETIMEDOUT ? rc : -KVF_ETLS;
-}
-
-short kvf__tls_wants(const kvf_tls_t *t)
-{
-    return t->wants ? t->wants : POLLIN;
-}
-
-bool kvf__tls_pending(const kvf_tls_t *t)
-{
-    return SSL_pending(t->ssl) > 0;
-}
-
-/* ---- streams -------------------------------------------------------------------------------- */
-
-static ssize_t tls_io(kvf_stream_t *s, void *buf, size_t n, bool out, char *why, size_t whylen)
-{
-    kvf_tls_t *t = s->tls;
-    size_t done = 0;
-    ERR_clear_error();
-    short *w = out ? &t->wwants : &t->rwants;
-    int r = out ? SSL_write_ex(t->ssl, buf, n, &done) : SSL_read_ex(t->ssl, buf, n, &done);
-    if (r == 1) {
-        *w = 0;
-        return (ssize_t)done;
-    }
-    int e = SSL_get_error(t->ssl, 0);
-    switch (e) {
-    case SSL_ERROR_WANT_READ:
-        *w = POLLIN;
-        return -EAGAIN;
-    case SSL_ERROR_WANT_WRITE:
-        *w = POLLOUT;
-        return -EAGAIN;
-    case SSL_ERROR_ZERO_RETURN:
-        if (out && why)
-            snprintf(why, whylen, "send: the peer closed the TLS session");
-        return out ? -EPIPE : 0;
-    case SSL_ERROR_SYSCALL: {
-        int err = errno ? errno : EPIPE;
-        if (why)
-            snprintf(why, whylen, "%s: %s", out ? "send" : "recv", strerror(err));
-        ERR_clear_error();
-        return err == ECONNRESET ? -EPIPE : -err;
-    }
-    default:
-        if (why) {
-            char reason[160];
-            ossl_reason(reason, sizeof(reason));
-            snprintf(why, whylen, "TLS: %s", reason);
-        }
-        ERR_clear_error();
-        return -KVF_ETLS;
-    }
-}
-
-ssize_t kvf__stream_recv(kvf_stream_t *s, void *buf, size_t n, char *why, size_t whylen)
-{
-    if (s->tls)
-        return tls_io(s, buf, n, false, why, whylen);
-    for (;;) {
-        ssize_t r = recv(s->fd, buf, n, MSG_DONTWAIT);
-        if (r >= 0)
-            return r;
-        if (errno == EINTR)
-            continue;
-        if (errno == EWOULDBLOCK)
-            return -EAGAIN;
-        if (why)
-            snprintf(why, whylen, "recv: %s", strerror(errno));
-        return -errno;
-    }
-}
-
-ssize_t kvf__stream_send(kvf_stream_t *s, const void *buf, size_t n, char *why, size_t whylen)
-{
-    if (s->tls)
-        return tls_io(s, (void *)buf, n, true, why, whylen);
-    for (;;) {
-        ssize_t w = send(s->fd, buf, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (w >= 0)
-            return w;
-        if (errno == EINTR)
-            continue;
-        if (errno == EWOULDBLOCK)
-            return -EAGAIN;
-        if (why)
-            snprintf(why, whylen, "send: %s", strerror(errno));
-        return -errno;
-    }
-}
-
-short kvf__stream_wants(const kvf_stream_t *s, bool out)
-{
-    short w = s->tls ? (out ? s->tls->wwants : s->tls->rwants) : 0;
-    return w ? w : (out ? POLLOUT : POLLIN);
-}
-
-bool kvf__stream_pending(const kvf_stream_t *s)
-{
-    return s->tls && kvf__tls_pending(s->tls);
-}
-
-int kvf__stream_io(kvf_stream_t *s, void *buf, size_t len, bool out, uint64_t deadline_ms)
-{
-    uint8_t *p = buf;
-    size_t done = 0;
-    while (done < len) {
-        ssize_t r = out ? kvf__stream_send(s, p + done, len - done, NULL, 0)
-                        : kvf__stream_recv(s, p + done, len - done, NULL, 0);
-        if (r > 0) {
-            done += (size_t)r;
-            continue;
-        }
-        if (r == 0)
-            return -EPIPE;
-        if (r != -EAGAIN)
-            return r == -ECONNRESET ? -EPIPE : (int)r;
-        int rc = wait_for(s->fd, kvf__stream_wants(s, out), deadline_ms);
-        if (rc < 0)
-            return rc;
-    }
-    return 0;
 }

@@ -1,12 +1,14 @@
 /*
- * TLS 1.3 for the store's connections (docs/security.md), over OpenSSL: a context built from the
- * public kvf_tls_opts_t (certificates, key, CA, CRL, name or fingerprint checks), one TLS
- * session per connection driven without blocking, and kvf_stream_t, the tiny I/O interface the
- * store client, the store server and the authentication handshake use, so that a connection is
- * plain or TLS without any #ifdef or branch in their code.
+ * TLS 1.3 for the store's connections and the engines' data connections (docs/security.md),
+ * over OpenSSL: a context built from the public kvf_tls_opts_t (certificates, key, CA, CRL, name
+ * or fingerprint checks), one TLS session per connection driven without blocking, and
+ * kvf_stream_t, the tiny I/O interface the store client, the store server, the tcp transport and
+ * the authentication handshake use, so that a connection is plain or TLS without any #ifdef or
+ * branch in their code.
  *
  * A TLS session is not safe for concurrent use: the callers serialise every call on one
- * session (the store client under its `mu`, the store server on its loop thread).
+ * session (the store client under its `mu`, the store server on its loop thread, a tcp
+ * connection under its tls_mu or on its I/O thread).
  */
 #ifndef KVF_COMMON_TLS_H
 #define KVF_COMMON_TLS_H
@@ -42,6 +44,15 @@ bool kvf__tls_on(const kvf_tls_opts_t *o);
 const kvf_tls_opts_t *kvf__tls_opts_resolve(const kvf_tls_opts_t *o, kvf_tls_opts_t *env);
 
 /*
+ * kvf__tls_data_resolve - an engine's data TLS: @data when the caller gave it, else, when
+ * KVFERRY_TLS_DATA is set (and not "0"), the store's options @store (or the KVFERRY_TLS_*
+ * variables, into @env). Returns the options (NULL: no data TLS) in *@out, or -KVF_EINVAL when
+ * KVFERRY_TLS_DATA asks for TLS that no option describes.
+ */
+int kvf__tls_data_resolve(const kvf_tls_opts_t *data, const kvf_tls_opts_t *store,
+                          kvf_tls_opts_t *env, const kvf_tls_opts_t **out);
+
+/*
  * kvf__tls_ctx_new - a context for clients (@server false) or a server from @o, which must be on.
  * @host: a client's default name to verify (the store URL's host); ignored for a server.
  * Everything is read and checked here, so a bad file or password fails now, naming it.
@@ -50,9 +61,17 @@ const kvf_tls_opts_t *kvf__tls_opts_resolve(const kvf_tls_opts_t *o, kvf_tls_opt
  */
 int kvf__tls_ctx_new(const kvf_tls_opts_t *o, bool server, const char *host, kvf_tls_ctx_t **out);
 void kvf__tls_ctx_free(kvf_tls_ctx_t *c);
+/* What the other end of @c's connections is called in messages: "store" (the default) or
+ * "engine" (at most 15 characters). */
+void kvf__tls_ctx_set_peer(kvf_tls_ctx_t *c, const char *peer);
 
 /* A TLS session over the connected socket @fd (not owned); NULL when out of memory. */
 kvf_tls_t *kvf__tls_new(kvf_tls_ctx_t *c, int fd);
+/* The same, for a client context, with @name (an IP address or a host name) as the name the
+ * server's certificate must carry and the SNI, for this session only, unless the context has a
+ * name of its own (server_name): an engine's data connections verify each peer against its own
+ * address. */
+kvf_tls_t *kvf__tls_new_for(kvf_tls_ctx_t *c, int fd, const char *name);
 void kvf__tls_free(kvf_tls_t *t);
 
 /*
@@ -74,7 +93,7 @@ int kvf__tls_connect(kvf_tls_t *t, uint64_t deadline_ms, char *why, size_t whyle
 
 /* POLLIN or POLLOUT: what the last call that answered -EAGAIN is waiting for. */
 short kvf__tls_wants(const kvf_tls_t *t);
-/* Whether decrypted bytes wait in the session (poll() does not see them). */
+/* Whether received bytes wait in the session, decrypted or not (poll() does not see them). */
 bool kvf__tls_pending(const kvf_tls_t *t);
 
 /* ---- kvf_stream_t: a connection, plain or TLS ----------------------------------------------- */

@@ -277,6 +277,13 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         kvf__err_wrap(rc, "engine create");
         goto out_regions;
     }
+    kvf_tls_opts_t denv;
+    const kvf_tls_opts_t *dtls;
+    rc = kvf__tls_data_resolve(e->cfg.data_tls, e->cfg.tls, &denv, &dtls);
+    if (rc < 0) {
+        kvf__err_wrap(rc, "engine create");
+        goto out_regions;
+    }
 
     /* Listen first: the port is the session's identity, and holding it proves that no live
      * engine on this host owns the session id, so a record left in the store is a dead one's. */
@@ -297,6 +304,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .listen_fd = e->cfg.listen_fd >= 0 ? &e->cfg.listen_fd : NULL,
         .shm_word = &e->shm_word,
         .auth = &auth,
+        .tls = dtls,
     };
     rc = kvf__transports[e->listener]->create(&tp, &e->tr[e->listener]);
     if (rc == -EADDRINUSE) {
@@ -336,13 +344,15 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     kvf_store_opts_init(&so);
     so.connect_timeout_ms = e->cfg.init_timeout_ms;
     so.auth_key_file = e->cfg.auth_key_file;
-    so.tls = e->cfg.tls;
+    /* p2p:// asks the engines' data ports: it takes the data path's TLS. */
+    so.tls = surl.scheme == KVF_STORE_SCHEME_P2P ? dtls : e->cfg.tls;
     /* With a key, the store lets only this client change this session's records. */
     so.session_id = e->sid;
     rc = kvf_store_open(store_url, &so, &e->store);
     /* The caller's strings are not kept. */
     e->cfg.auth_key_file = NULL;
     e->cfg.tls = NULL;
+    e->cfg.data_tls = NULL;
     if (rc < 0)
         goto out_transport;
     rc = kvf_store_lease_grant(e->store, e->cfg.lease_ttl_ms, &e->lease);

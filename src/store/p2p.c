@@ -43,6 +43,7 @@ typedef struct {
     uint32_t connect_timeout_ms;
     uint32_t request_timeout_ms;
     kvf_auth_key_t auth;                  /* the cluster secret the asks prove (len 0: none) */
+    kvf_tls_ctx_t *tls;                   /* TLS to the engines asked (opts->tls), or NULL */
     char ident[KVF_AUTH_MAX_ID + 1];      /* the session this handle speaks for, or "" */
     pthread_mutex_t mu; /* keys, nkeys, next_lease */
     p2p_kv_t *keys;
@@ -78,6 +79,19 @@ static int p2p_open(const char *url, const kvf_store_url_t *addr, const kvf_stor
         free(s);
         return rc;
     }
+    /* The asks go to the engines' data ports: with TLS options they are TLS, as the engines'
+     * data connections (kvf_config_t.data_tls, which an engine gives its p2p:// store). */
+    if (kvf__tls_on(opts->tls)) {
+        rc = kvf__tls_ctx_new(opts->tls, false, NULL, &s->tls);
+        if (rc < 0) {
+            kvf__err_wrap(rc, "store %s", url);
+            kvf__auth_key_wipe(&s->auth);
+            free(s->url);
+            free(s);
+            return rc;
+        }
+        kvf__tls_ctx_set_peer(s->tls, "engine");
+    }
     if (opts->session_id && strlen(opts->session_id) < sizeof(s->ident))
         snprintf(s->ident, sizeof(s->ident), "%s", opts->session_id);
     pthread_mutex_init(&s->mu, NULL);
@@ -102,6 +116,7 @@ static void p2p_close(kvf_store_t *st)
     }
     pthread_mutex_destroy(&s->mu);
     kvf__auth_key_wipe(&s->auth);
+    kvf__tls_ctx_free(s->tls);
     free(s->url);
     free(s);
 }
@@ -213,7 +228,7 @@ static int p2p_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **va
          * never runs past the end of a wait that is longer. */
         uint64_t bound = now + (s->request_timeout_ms ? s->request_timeout_ms
                                                       : KVF_P2P_REQ_TIMEOUT_MS);
-        rc = kvf__p2p_fetch(&hp, sid, &s->auth, s->ident, key,
+        rc = kvf__p2p_fetch(&hp, sid, &s->auth, s->tls, s->ident, key,
                             wait_ms && end > now && end < bound ? end : bound, val, len);
         /* Only "not up yet" and "holds no such record yet" are asked again. */
         bool again = rc == -ECONNREFUSED || rc == -KVF_ENOTFOUND || rc == -KVF_ETIMEDOUT ||

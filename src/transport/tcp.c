@@ -28,6 +28,33 @@
  * Create / destroy
  * ------------------------------------------------------------------------------------------- */
 
+/* Data TLS from @o: a server context for the connections peers open (this engine's certificate
+ * is required) and a client context for those it opens. */
+static int tcp_tls_setup(struct tcp_transport *t, const kvf_tls_opts_t *o)
+{
+    if (!o->cert_file || !*o->cert_file)
+        return kvf__err(-KVF_EINVAL,
+                        "data TLS of engine %s needs this engine's certificate and its key "
+                        "(cert_file and key_file, --tls-cert and --tls-key): it is the server of "
+                        "the connections its peers open",
+                        t->local_sid);
+    int rc = kvf__tls_ctx_new(o, true, NULL, &t->tls_srv);
+    if (rc == 0)
+        rc = kvf__tls_ctx_new(o, false, NULL, &t->tls_cli);
+    if (rc < 0)
+        return kvf__err_wrap(rc, "data TLS of engine %s", t->local_sid);
+    kvf__tls_ctx_set_peer(t->tls_srv, "engine");
+    kvf__tls_ctx_set_peer(t->tls_cli, "engine");
+    return 0;
+}
+
+static void tcp_tls_free(struct tcp_transport *t)
+{
+    kvf__tls_ctx_free(t->tls_srv);
+    kvf__tls_ctx_free(t->tls_cli);
+    t->tls_srv = t->tls_cli = NULL;
+}
+
 /* Listen on a duplicate of the caller's bound socket @given, whose port must be @hp's (any, when
  * that is 0). Returns the new fd or a negative code with the message set. */
 static int tcp_listen_given(struct tcp_transport *t, const kvf_hostport_t *hp, int given)
@@ -122,6 +149,11 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
         rc = kvf__err(rc, "tcp create: mutex: %s", strerror(-rc));
         goto out_free;
     }
+    if (p->tls && p->tls->enable) {
+        rc = tcp_tls_setup(t, p->tls);
+        if (rc)
+            goto out_mutex;
+    }
     rc = tcp_listen(t, &p->listen, p->listen_fd);
     if (rc)
         goto out_mutex;
@@ -145,7 +177,7 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     rc = tcp_pool_start(t);
     if (rc)
         goto out_reap;
-    KVF_INFO(TCP_LOG, "listening on %s%s", t->listen_str,
+    KVF_INFO(TCP_LOG, "listening on %s%s%s", t->listen_str, t->tls_srv ? " (TLS 1.3)" : "",
              t->auth.len ? " (peers must prove the cluster secret)" : "");
     if (!t->auth.len && !kvf__hostport_is_loopback(&p->listen))
         KVF_WARN(TCP_LOG,
@@ -163,6 +195,7 @@ out_wake:
 out_listen:
     close(t->listen_fd);
 out_mutex:
+    tcp_tls_free(t);
     pthread_mutex_destroy(&t->mu);
 out_free:
     kvf__auth_key_wipe(&t->auth);
@@ -192,6 +225,7 @@ static void tcp_destroy(kvf_transport_t *tt)
     close(t->reap_fd);
 
     tcp_peer_detach_all(t);
+    tcp_tls_free(t);
     pthread_mutex_destroy(&t->mu);
     KVF_DEBUG(TCP_LOG, "stopped listening on %s", t->listen_str);
     kvf__auth_key_wipe(&t->auth);

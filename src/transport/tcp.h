@@ -8,6 +8,7 @@
  *                 statistics (STATS)
  *   tcp_p2p.c     the target's answer to a P2P record request (common/p2p.h): a connection
  *                 whose first bytes are that request, instead of a HELLO
+ *   tcp_sc_io.c   a served connection's bytes, plain or TLS, its TLS handshake, and its timers
  *   tcp_target.c  the target side: one served connection as a state machine over a
  *                 non-blocking socket, and the authoritative checks of every request against
  *                 the region table
@@ -52,6 +53,7 @@
 #include "common/common.h"
 #include "common/url.h"
 #include "common/regions.h"
+#include "common/tls.h"
 #include "transport/transport.h"
 #include "transport/tcp_proto.h"
 
@@ -88,6 +90,8 @@
 #define TCP_ACCEPT_PAUSE_MS 100
 /* Test hook: see tcp_transport.test_close_left; documented in docs/operations.md. */
 #define TCP_TEST_CLOSE_ENV "KVFERRY_TCP_TEST_CLOSE_REQUESTS"
+/* The plaintext of one TLS record: what the initiator gathers small pieces of frames into. */
+#define TCP_TLS_RECORD (16u << 10)
 /* Size of the buffer a refused WRITE's payload (or an unwanted answer) is drained into. */
 #define TCP_SCRATCH_LEN (64u << 10)
 #define TCP_ERRMSG_LEN  (KVF_TCP_MAX_MSG + 512)
@@ -103,6 +107,8 @@ struct tcp_transport;
 
 /* What the bytes a served connection is receiving now complete (tcp_target.c). */
 typedef enum {
+    SC_TLS,         /* the TLS handshake (an engine with data TLS): a first byte that is not a
+                       TLS record makes it a plain client, answered KVF_ETLS (need_tls) */
     SC_AUTH_HDR,    /* an authentication message's header */
     SC_AUTH_BODY,   /* its body */
     SC_PLAIN_HDR,   /* the rest of a plain HELLO's header, sent to an engine with a key */
@@ -147,6 +153,8 @@ struct tcp_sconn {
 
     /* The state machine (tcp_target.c); its I/O thread only. */
     bool hello_done;
+    bool need_tls;     /* a plain client of an engine with data TLS: refused in its protocol */
+    bool tls_out;      /* the TLS session waits for the socket to take bytes (EPOLLOUT) */
     bool want_out;     /* an answer is being sent: wait for EPOLLOUT, read nothing */
     bool ep_out;       /* what its epoll registration waits for (EPOLLOUT, else EPOLLIN) */
     bool close_after;  /* close once the answer is out */
@@ -173,6 +181,7 @@ struct tcp_sconn {
     uint64_t refuse_addr;              /* and its addr field */
     unsigned nrefs;                    /* SC_WRITEV_DATA: references held in refs */
     kvf_auth_srv_t *auth;              /* the handshake in progress, or NULL */
+    kvf_tls_t *tls;                    /* its TLS session (data TLS), or NULL: plain */
     char close_why[160];               /* why it is closed once the answer is out ("" quiet) */
     uint8_t hbuf[KVF_TCP_HDR_LEN];     /* a frame header (or an auth or P2P request's start) */
     uint8_t obuf[KVF_TCP_HDR_LEN];     /* an answer's header */
@@ -246,7 +255,9 @@ struct tcp_conn {
     /* All below under peer->mu; fd and gen also under send_mu. */
     tcp_conn_state_t state;
     int fd;
-    uint64_t gen; /* changes whenever fd does */
+    kvf_tls_t *tls; /* fd's TLS session (data TLS), or NULL; changes with fd. Every call on it
+                       is made under tls_mu (a reader and a sender use it at once) */
+    uint64_t gen;   /* changes whenever fd does */
     uint64_t seq;
     bool rx_started;
     pthread_t rx_thread;
@@ -259,6 +270,8 @@ struct tcp_conn {
     unsigned waiters;           /* threads sleeping on cv */
     pthread_cond_t cv;          /* state changes, freed slots, rx_active cleared */
     pthread_mutex_t send_mu;
+    pthread_mutex_t tls_mu;
+    uint8_t *tls_buf; /* TLS: small pieces of frames gathered into one record (send_mu) */
     uint8_t *scratch; /* receiver's drain buffer */
     unsigned nfree;
     uint64_t idle_since_ms; /* when it opened or its last request ended (nfree was full) */
@@ -276,6 +289,8 @@ struct tcp_peer {
     uint32_t chunk;
     uint32_t connect_timeout_ms;
     kvf_auth_key_t auth; /* the transport's key, copied (len 0: none); read-only after open */
+    kvf_tls_ctx_t *tls;  /* the transport's data TLS client context, or NULL (the transport frees
+                            it after it shut its peers down) */
     pthread_mutex_t mu;
     pthread_cond_t cv; /* active reaching 0 while closing */
     bool closing;
@@ -295,6 +310,9 @@ struct tcp_transport {
     uint32_t connect_timeout_ms;
     uint32_t idle_timeout_ms; /* a served connection idle this long after a request is closed */
     kvf_auth_key_t auth;      /* the cluster secret (len 0: none); read-only after create */
+    kvf_tls_ctx_t *tls_srv;   /* data TLS (both NULL: none): served connections */
+    kvf_tls_ctx_t *tls_cli;   /* and the connections to peers, each verified against the peer's
+                                 address unless the options name a server or a fingerprint */
     kvf_notify_cb notify_cb;
     void *notify_arg;
     kvf_stats_cb stats_cb;
@@ -374,18 +392,22 @@ void tcp_set_timeout(int fd, int opt, unsigned ms);
 void tcp_sockaddr_format(const struct sockaddr_storage *ss, char *buf, size_t len);
 
 /*
- * Send all of @iov on a blocking socket that has SO_SNDTIMEO set to a short slice, so that a
- * peer that stops reading is noticed: at @deadline_ms (kvf__now_ms clock, 0 = none), or when
- * nothing moved for @stall_ms (0 = no limit). The array is consumed.
- * Returns 0, -KVF_ETIMEDOUT or -errno.
+ * Send all of @iov on @c's socket (blocking, with SO_SNDTIMEO set to a short slice; or its TLS
+ * session), so that a peer that stops reading is noticed: at @deadline_ms (kvf__now_ms clock,
+ * 0 = none), or when nothing moved for @stall_ms (0 = no limit). The array is consumed. Under
+ * c->send_mu. Returns 0, -KVF_ETIMEDOUT or -errno (-KVF_ETLS).
  */
-int tcp_sendv(int fd, struct iovec *iov, int cnt, uint64_t deadline_ms, uint32_t stall_ms);
+int tcp_conn_sendv(struct tcp_conn *c, struct iovec *iov, int cnt, uint64_t deadline_ms,
+                   uint32_t stall_ms);
 
-/* Receive exactly @len bytes on a blocking socket without a receive timeout (the initiator's
- * reader: the receiver thread is woken by shutdown()). @deadline_ms: 0 for none, else the
+/* Receive exactly @len bytes on @c (by the holder of its reader role), without a receive
+ * timeout: the receiver thread is woken by shutdown(). @deadline_ms: 0 for none, else the
  * receive gives up then (a caller reading its own answer). Returns 0, -EPIPE at end of stream,
- * -KVF_ETIMEDOUT at the deadline, or -errno. */
-int tcp_recv_full(int fd, void *buf, size_t len, uint64_t deadline_ms);
+ * -KVF_ETIMEDOUT at the deadline, or -errno (-KVF_ETLS). */
+int tcp_conn_recv(struct tcp_conn *c, void *buf, size_t len, uint64_t deadline_ms);
+
+/* Whether bytes of @c already wait inside its TLS session, where poll() does not see them. */
+bool tcp_conn_pending(struct tcp_conn *c);
 
 /* ---------------------------------------------------------------------------------------------
  * tcp_p2p.c: the P2P record request
@@ -402,9 +424,31 @@ int tcp_p2p_answer(struct tcp_transport *t, const char *addr, char *key, size_t 
                    size_t *out_len, char *why, size_t whylen);
 
 /* The answer of an engine with a key to a P2P record request that came without the handshake
- * (the asker has no key): KVF_EAUTH and a message saying what is missing, into @out (room for
+ * (the asker has no key), or (@tls) of an engine with data TLS to one that came without TLS:
+ * KVF_EAUTH or KVF_ETLS and a message saying what is missing, into @out (room for
  * KVF_P2P_ANS_LEN + KVF_P2P_MAX_MSG bytes). Returns its length. */
-size_t tcp_p2p_refusal(const struct tcp_transport *t, uint8_t *out);
+size_t tcp_p2p_refusal(const struct tcp_transport *t, bool tls, uint8_t *out);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_sc_io.c: a served connection's bytes, its TLS handshake, its timers
+ * ------------------------------------------------------------------------------------------- */
+
+/* Why a frame is closed for being too slow. */
+extern const char tcp_sc_slow[];
+
+/* Move bytes of @sc's answer being sent (@out) or of its current step's receive, as many as
+ * one call takes without blocking. Returns the bytes moved (> 0), 0 at the end of the stream
+ * (receive), -EAGAIN (sc->tls_out says whether the socket must take bytes first), or another
+ * negative code with the reason in @why. */
+ssize_t tcp_sc_io(struct tcp_sconn *sc, bool out, char *why, size_t whylen);
+
+/* Whether received bytes wait inside @sc's TLS session, which the socket does not show. */
+bool tcp_sc_pending(const struct tcp_sconn *sc);
+
+/* Advance @sc's TLS handshake (step SC_TLS). Returns 1 when done, or when the client turned out
+ * to be plain (sc->need_tls set); 0 to be called again when the socket is ready (sc->tls_out);
+ * -1 with *@reason. */
+int tcp_sc_tls_accept(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen);
 
 /* ---------------------------------------------------------------------------------------------
  * tcp_target.c: serving one connection, a state machine over a non-blocking socket
@@ -495,6 +539,10 @@ int tcp_conn_init(struct tcp_peer *p, struct tcp_conn *c, unsigned idx);
 
 /* Free what tcp_conn_init() set up (the connection is down and its receiver joined). */
 void tcp_conn_fini(struct tcp_conn *c);
+
+/* Close @c's socket and free its TLS session (fd >= 0; the receiver joined, nobody reading; the
+ * caller sets gen as its locking requires). */
+void tcp_conn_close_fd(struct tcp_conn *c);
 
 /* ---------------------------------------------------------------------------------------------
  * tcp_peer.c: peer handles (the ops peer_open and peer_close)

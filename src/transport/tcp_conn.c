@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "common/net.h"
+#include "common/tls.h"
 #include "common/thread.h"
 #include "transport/tcp.h"
 
@@ -145,7 +146,7 @@ static int tcp_rx_drain(struct tcp_conn *c, uint64_t len)
 {
     while (len > 0) {
         size_t n = len < TCP_SCRATCH_LEN ? (size_t)len : TCP_SCRATCH_LEN;
-        int rc = tcp_recv_full(c->fd, c->scratch, n, 0);
+        int rc = tcp_conn_recv(c, c->scratch, n, 0);
         if (rc)
             return rc;
         len -= n;
@@ -162,7 +163,7 @@ int tcp_rx_one(struct tcp_conn *c, char *why, size_t whylen, const struct tcp_ba
     int rc;
 
     tcp_hdr_t h;
-    rc = tcp_recv_full(c->fd, hbuf, sizeof(hbuf), deadline_ms);
+    rc = tcp_conn_recv(c, hbuf, sizeof(hbuf), deadline_ms);
     if (rc) {
         snprintf(why, whylen, "%s",
                  rc == -EPIPE ? "connection closed by the peer" : kvf_strerror(rc));
@@ -194,7 +195,7 @@ int tcp_rx_one(struct tcp_conn *c, char *why, size_t whylen, const struct tcp_ba
     if (h.status != 0) {
         /* The message first, without the lock; then find the request again (it may have
          * been given up meanwhile: its req_id is then free or different). */
-        rc = tcp_recv_full(c->fd, msg, (size_t)h.len, deadline_ms);
+        rc = tcp_conn_recv(c, msg, (size_t)h.len, deadline_ms);
         if (rc) {
             snprintf(why, whylen, "%s", kvf_strerror(rc));
             return -1;
@@ -244,7 +245,7 @@ int tcp_rx_one(struct tcp_conn *c, char *why, size_t whylen, const struct tcp_ba
     uint8_t *dst = s->local;
     uint64_t dl = s->batch == self ? deadline_ms : 0;
     pthread_mutex_unlock(&p->mu);
-    rc = tcp_recv_full(c->fd, dst, (size_t)want, dl);
+    rc = tcp_conn_recv(c, dst, (size_t)want, dl);
     pthread_mutex_lock(&p->mu);
     c->rx_active = -1;
     if (rc) {
@@ -331,12 +332,14 @@ static void *tcp_rx_main(void *arg)
  * Initiator side: connecting
  * ------------------------------------------------------------------------------------------- */
 
-/* Connect to one address and exchange HELLO/RESP, all before @deadline_ms. Returns the fd, or a
- * negative code with @why filled in. */
+/* Connect to one address and exchange HELLO/RESP (after the TLS handshake, with data TLS, and
+ * the secret's handshake, with a key), all before @deadline_ms. Returns the fd, with its TLS
+ * session in *@tls (or NULL), or a negative code with @why filled in. */
 static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint64_t deadline_ms,
-                            char *why, size_t whylen)
+                            kvf_tls_t **tls, char *why, size_t whylen)
 {
     int rc;
+    *tls = NULL;
     int fd = kvf__nb_connect(ai, deadline_ms);
     if (fd < 0) {
         snprintf(why, whylen, "connect: %s",
@@ -345,12 +348,30 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    kvf_stream_t st = {fd, NULL};
 
+    if (p->tls) {
+        char reason[200];
+        uint64_t tdl = kvf__now_ms() + KVF_TLS_HANDSHAKE_MS;
+        /* The peer's certificate must name the address its session id gives, unless the
+         * options name a server (one name for every engine) or pin a fingerprint. */
+        st.tls = kvf__tls_new_for(p->tls, fd, p->addr.host);
+        rc = st.tls ? kvf__tls_connect(st.tls, tdl < deadline_ms ? tdl : deadline_ms, reason,
+                                       sizeof(reason))
+                    : -KVF_ENOMEM;
+        if (rc) {
+            snprintf(why, whylen, "TLS: %s", st.tls ? reason : "out of memory");
+            if (rc != -KVF_ETIMEDOUT)
+                rc = rc == -KVF_ENOMEM ? rc : -KVF_ETLS;
+            goto out_close;
+        }
+    }
     if (p->auth.len) {
         char reason[160];
         uint64_t adl = kvf__now_ms() + KVF_AUTH_TIMEOUT_MS;
-        rc = kvf__auth_client(fd, &p->auth, p->local_sid, adl < deadline_ms ? adl : deadline_ms,
-                              p->sid, reason, sizeof(reason));
+        rc = kvf__auth_client_stream(&st, &p->auth, p->local_sid,
+                                     adl < deadline_ms ? adl : deadline_ms, p->sid, reason,
+                                     sizeof(reason));
         if (rc) {
             snprintf(why, whylen, "authentication: %s", reason);
             /* A handshake that was cut or answered in another protocol is as much a refusal of
@@ -365,9 +386,9 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
     size_t sl = strnlen(p->local_sid, KVF_TCP_MAX_MSG);
     tcp_hdr_encode(frame, KVF_TCP_HELLO, 0, 1, 0, sl);
     memcpy(frame + KVF_TCP_HDR_LEN, p->local_sid, sl);
-    rc = kvf__nb_io(fd, frame, KVF_TCP_HDR_LEN + sl, true, deadline_ms);
+    rc = kvf__stream_io(&st, frame, KVF_TCP_HDR_LEN + sl, true, deadline_ms);
     if (rc == 0)
-        rc = kvf__nb_io(fd, frame, KVF_TCP_HDR_LEN, false, deadline_ms);
+        rc = kvf__stream_io(&st, frame, KVF_TCP_HDR_LEN, false, deadline_ms);
     if (rc) {
         snprintf(why, whylen, "hello: %s",
                  rc == -KVF_ETIMEDOUT ? "no answer in time"
@@ -385,12 +406,25 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
         char msg[KVF_TCP_MAX_MSG + 1] = "", text[KVF_TCP_MAX_MSG + 1];
         size_t n = 0;
         if (!kvf__auth_is_magic(frame) && h.len <= KVF_TCP_MAX_MSG &&
-            kvf__nb_io(fd, msg, (size_t)h.len, false, deadline_ms) == 0)
+            kvf__stream_io(&st, msg, (size_t)h.len, false, deadline_ms) == 0)
             n = (size_t)h.len;
         kvf__printable(text, sizeof(text), msg, n);
         snprintf(why, whylen, "authentication: refused by the peer: %.300s",
                  n ? text : "it requires the cluster secret and this side has no auth key");
         rc = -KVF_EAUTH;
+        goto out_close;
+    }
+    if (tcp_hdr_common_ok(&h, bad, sizeof(bad)) && h.type == KVF_TCP_RESP &&
+        h.status == KVF_ETLS) {
+        /* The peer wants TLS on data connections, and this side has none for them. */
+        char msg[KVF_TCP_MAX_MSG + 1] = "", text[KVF_TCP_MAX_MSG + 1];
+        size_t n = h.len <= KVF_TCP_MAX_MSG &&
+                           kvf__stream_io(&st, msg, (size_t)h.len, false, deadline_ms) == 0
+                       ? (size_t)h.len
+                       : 0;
+        kvf__printable(text, sizeof(text), msg, n);
+        snprintf(why, whylen, "refused by the peer: %.300s", n ? text : "it requires TLS");
+        rc = -KVF_ETLS;
         goto out_close;
     }
     if (!tcp_hdr_common_ok(&h, bad, sizeof(bad)) || h.type != KVF_TCP_RESP || h.req_id != 1 ||
@@ -401,13 +435,18 @@ static int tcp_connect_addr(struct tcp_peer *p, const struct addrinfo *ai, uint6
         goto out_close;
     }
     /* From here on blocking I/O: senders wake every slice to check their deadline; the
-     * receiver blocks until data or shutdown(). */
-    int fl = fcntl(fd, F_GETFL);
-    fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
-    tcp_set_timeout(fd, SO_SNDTIMEO, TCP_CLIENT_SLICE_MS);
+     * receiver blocks until data or shutdown(). A TLS session stays non-blocking: its calls are
+     * made under a lock that a blocked send must not hold (tcp_io.c). */
+    if (!st.tls) {
+        int fl = fcntl(fd, F_GETFL);
+        fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+        tcp_set_timeout(fd, SO_SNDTIMEO, TCP_CLIENT_SLICE_MS);
+    }
+    *tls = st.tls;
     return fd;
 
 out_close:
+    kvf__tls_free(st.tls);
     close(fd);
     return rc;
 }
@@ -417,6 +456,7 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
     struct tcp_peer *p = c->peer;
     char why[TCP_ADDR_LEN + 128] = "";
     int rc, fd = -1;
+    kvf_tls_t *tls = NULL;
 
     c->state = TCP_CONN_CONNECTING;
     bool join = c->rx_started;
@@ -434,8 +474,7 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
     while (c->inline_active)
         pthread_cond_wait(&c->cv, &p->mu);
     if (c->fd >= 0) {
-        close(c->fd);
-        c->fd = -1;
+        tcp_conn_close_fd(c);
         c->gen++;
     }
     if (c->wake_fd >= 0) {
@@ -467,8 +506,8 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
     } else {
         rc = -KVF_EPEERGONE;
         for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-            rc = tcp_connect_addr(p, ai, cdl, why, sizeof(why));
-            if (rc >= 0 || rc == -KVF_ETIMEDOUT || rc == -KVF_EAUTH)
+            rc = tcp_connect_addr(p, ai, cdl, &tls, why, sizeof(why));
+            if (rc >= 0 || rc == -KVF_ETIMEDOUT || rc == -KVF_EAUTH || rc == -KVF_ETLS)
                 break;
         }
         freeaddrinfo(res);
@@ -480,7 +519,7 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
         /* The peer did not answer within connect_timeout_ms: it is not there (as opposed to the
          * transfer running out of time). */
         rc = -KVF_EPEERGONE;
-    } else if (rc != -KVF_ETIMEDOUT && rc != -KVF_EAUTH) {
+    } else if (rc != -KVF_ETIMEDOUT && rc != -KVF_EAUTH && rc != -KVF_ETLS) {
         rc = -KVF_EPEERGONE;
     }
 
@@ -497,8 +536,13 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
             rc = -errno;
         }
     }
+    if (rc == 0 && tls && !c->tls_buf && !(c->tls_buf = malloc(TCP_TLS_RECORD))) {
+        snprintf(why, sizeof(why), "out of memory");
+        rc = -KVF_ENOMEM;
+    }
     if (rc == 0) {
         c->fd = fd;
+        c->tls = tls;
         c->gen++;
         c->rx_gen = c->gen;
         c->rx_active = -1;
@@ -510,6 +554,7 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
             snprintf(why, sizeof(why), "receiver thread: %s", strerror(-prc));
             rc = prc;
             c->fd = -1;
+            c->tls = NULL;
             c->gen++;
             close(c->wake_fd);
             c->wake_fd = -1;
@@ -517,8 +562,10 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
             c->rx_started = true;
         }
     }
-    if (rc && fd >= 0 && c->fd != fd)
+    if (rc && fd >= 0 && c->fd != fd) {
+        kvf__tls_free(tls);
         close(fd);
+    }
     c->state = rc ? TCP_CONN_DOWN : TCP_CONN_UP;
     c->idle_since_ms = kvf__now_ms();
     pthread_mutex_unlock(&c->send_mu);
@@ -554,8 +601,13 @@ int tcp_conn_init(struct tcp_peer *p, struct tcp_conn *c, unsigned idx)
     rc = -pthread_mutex_init(&c->send_mu, NULL);
     if (rc)
         goto out_cv;
+    rc = -pthread_mutex_init(&c->tls_mu, NULL);
+    if (rc)
+        goto out_send;
     return 0;
 
+out_send:
+    pthread_mutex_destroy(&c->send_mu);
 out_cv:
     pthread_cond_destroy(&c->cv);
 out_scratch:
@@ -563,8 +615,18 @@ out_scratch:
     return rc;
 }
 
+void tcp_conn_close_fd(struct tcp_conn *c)
+{
+    kvf__tls_free(c->tls);
+    c->tls = NULL;
+    close(c->fd);
+    c->fd = -1;
+}
+
 void tcp_conn_fini(struct tcp_conn *c)
 {
+    free(c->tls_buf);
+    pthread_mutex_destroy(&c->tls_mu);
     pthread_mutex_destroy(&c->send_mu);
     pthread_cond_destroy(&c->cv);
     free(c->scratch);

@@ -1,6 +1,7 @@
 /*
- * Socket helpers of the tcp transport (tcp.h): whole sends and receives on blocking or
- * non-blocking sockets, each bounded by a deadline or a stall limit so that a peer that stops
+ * Socket helpers of the tcp transport (tcp.h): an initiator connection's whole sends and
+ * receives, plain (blocking socket) or TLS (non-blocking socket, every call on the session under
+ * the connection's tls_mu), each bounded by a deadline or a stall limit so that a peer that stops
  * reading or sending is noticed.
  */
 #include <arpa/inet.h>
@@ -12,6 +13,7 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/uio.h>
+#include <string.h>
 #include <unistd.h>
 #include <netdb.h>
 
@@ -43,8 +45,88 @@ void tcp_sockaddr_format(const struct sockaddr_storage *ss, char *buf, size_t le
     }
 }
 
-int tcp_sendv(int fd, struct iovec *iov, int cnt, uint64_t deadline_ms, uint32_t stall_ms)
+/* Wait for @ev on @fd until @deadline_ms (0: none). Returns 0 (ready, or interrupted) or
+ * -KVF_ETIMEDOUT. */
+static int tcp_wait(int fd, short ev, uint64_t deadline_ms)
 {
+    int ms = -1;
+    if (deadline_ms) {
+        uint64_t now = kvf__now_ms();
+        if (now >= deadline_ms)
+            return -KVF_ETIMEDOUT;
+        ms = deadline_ms - now > INT32_MAX ? INT32_MAX : (int)(deadline_ms - now);
+    }
+    struct pollfd pf = {fd, ev, 0};
+    if (poll(&pf, 1, ms) < 0 && errno != EINTR)
+        return -errno;
+    return 0;
+}
+
+/* One call on @c's TLS session under its lock: a send (@out) or a receive of up to @n bytes. */
+static ssize_t tcp_tls_io(struct tcp_conn *c, void *buf, size_t n, bool out, short *wants)
+{
+    kvf_stream_t s = {c->fd, c->tls};
+    pthread_mutex_lock(&c->tls_mu);
+    ssize_t r = out ? kvf__stream_send(&s, buf, n, NULL, 0) : kvf__stream_recv(&s, buf, n, NULL, 0);
+    *wants = kvf__stream_wants(&s, out);
+    pthread_mutex_unlock(&c->tls_mu);
+    return r;
+}
+
+/*
+ * TLS: records of up to TCP_TLS_RECORD bytes. Pieces smaller than a record (a header, small
+ * writes, the start of a large payload after a header) are gathered into c->tls_buf so that they
+ * travel in one record; the rest of a large piece is encrypted straight from the caller's memory.
+ */
+static int tcp_tls_sendv(struct tcp_conn *c, struct iovec *iov, int cnt, uint64_t deadline_ms,
+                         uint32_t stall_ms)
+{
+    uint64_t last = kvf__now_ms();
+    size_t len = 0, off = 0; /* staged in tls_buf, of which sent */
+    tcp_iov_advance(&iov, &cnt, 0);
+    while (cnt > 0 || off < len) {
+        if (off == len) {
+            len = off = 0;
+            while (cnt > 0 && len < TCP_TLS_RECORD && (len || iov->iov_len < TCP_TLS_RECORD)) {
+                size_t n = iov->iov_len < TCP_TLS_RECORD - len ? iov->iov_len
+                                                               : TCP_TLS_RECORD - len;
+                memcpy(c->tls_buf + len, iov->iov_base, n);
+                len += n;
+                tcp_iov_advance(&iov, &cnt, n);
+            }
+        }
+        bool staged = off < len;
+        short ev;
+        ssize_t w = staged ? tcp_tls_io(c, c->tls_buf + off, len - off, true, &ev)
+                           : tcp_tls_io(c, iov->iov_base, iov->iov_len, true, &ev);
+        if (w > 0) {
+            if (staged)
+                off += (size_t)w;
+            else
+                tcp_iov_advance(&iov, &cnt, (size_t)w);
+            last = kvf__now_ms();
+            if (deadline_ms && last >= deadline_ms && (cnt > 0 || off < len))
+                return -KVF_ETIMEDOUT;
+            continue;
+        }
+        if (w != -EAGAIN)
+            return w == 0 ? -EPIPE : (int)w;
+        uint64_t dl = deadline_ms;
+        if (stall_ms && (!dl || last + stall_ms < dl))
+            dl = last + stall_ms;
+        int rc = tcp_wait(c->fd, ev, dl);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int tcp_conn_sendv(struct tcp_conn *c, struct iovec *iov, int cnt, uint64_t deadline_ms,
+                   uint32_t stall_ms)
+{
+    if (c->tls)
+        return tcp_tls_sendv(c, iov, cnt, deadline_ms, stall_ms);
+    int fd = c->fd;
     uint64_t last = stall_ms ? kvf__now_ms() : 0;
     tcp_iov_advance(&iov, &cnt, 0);
     while (cnt > 0) {
@@ -76,9 +158,25 @@ int tcp_sendv(int fd, struct iovec *iov, int cnt, uint64_t deadline_ms, uint32_t
     return 0;
 }
 
-int tcp_recv_full(int fd, void *buf, size_t len, uint64_t deadline_ms)
+int tcp_conn_recv(struct tcp_conn *c, void *buf, size_t len, uint64_t deadline_ms)
 {
     size_t got = 0;
+    int fd = c->fd;
+    while (c->tls && got < len) {
+        short ev;
+        ssize_t r = tcp_tls_io(c, (uint8_t *)buf + got, len - got, false, &ev);
+        if (r > 0) {
+            got += (size_t)r;
+            continue;
+        }
+        if (r == 0 || r == -ECONNRESET)
+            return -EPIPE;
+        if (r != -EAGAIN)
+            return (int)r;
+        int rc = tcp_wait(fd, ev, deadline_ms);
+        if (rc)
+            return rc;
+    }
     while (got < len) {
         /* With a deadline, take what is there and sleep in poll() only when nothing is. */
         ssize_t r =
@@ -104,3 +202,13 @@ int tcp_recv_full(int fd, void *buf, size_t len, uint64_t deadline_ms)
     return 0;
 }
 
+
+bool tcp_conn_pending(struct tcp_conn *c)
+{
+    if (!c->tls)
+        return false;
+    pthread_mutex_lock(&c->tls_mu);
+    bool p = kvf__tls_pending(c->tls);
+    pthread_mutex_unlock(&c->tls_mu);
+    return p;
+}

@@ -53,7 +53,7 @@ int tcp_p2p_answer(struct tcp_transport *t, const char *addr, char *key, size_t 
     if (rc < 0) {
         const char *msg = kvf_last_error();
         size_t mlen = strnlen(msg, KVF_P2P_MAX_MSG);
-        int code = -rc > KVF_ERRNO_OFFSET && -rc <= KVF_ENOMEM ? -rc : KVF_EPROTO;
+        int code = rc < 0 && kvf__is_kvf_code((uint32_t)-rc) ? -rc : KVF_EPROTO;
         kvf__p2p_ans_encode(ans, (uint32_t)code, (uint32_t)mlen);
         body = msg;
         len = mlen;
@@ -76,13 +76,15 @@ int tcp_p2p_answer(struct tcp_transport *t, const char *addr, char *key, size_t 
     return 0;
 }
 
-size_t tcp_p2p_refusal(const struct tcp_transport *t, uint8_t *out)
+size_t tcp_p2p_refusal(const struct tcp_transport *t, bool tls, uint8_t *out)
 {
     int n = snprintf((char *)out + KVF_P2P_ANS_LEN, KVF_P2P_MAX_MSG,
-                     "engine %s requires the cluster secret: this side has no auth key (set an "
-                     "auth key file, e.g. KVFERRY_AUTH_KEY_FILE)",
+                     tls ? "engine %s requires TLS on data connections: this side has none for "
+                           "them (give the store options the engine's data TLS options)"
+                         : "engine %s requires the cluster secret: this side has no auth key (set "
+                           "an auth key file, e.g. KVFERRY_AUTH_KEY_FILE)",
                      t->local_sid);
     size_t len = n < 0 ? 0 : (size_t)n < KVF_P2P_MAX_MSG ? (size_t)n : KVF_P2P_MAX_MSG - 1;
-    kvf__p2p_ans_encode(out, KVF_EAUTH, (uint32_t)len);
+    kvf__p2p_ans_encode(out, tls ? KVF_ETLS : KVF_EAUTH, (uint32_t)len);
     return KVF_P2P_ANS_LEN + len;
 }

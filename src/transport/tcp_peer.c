@@ -35,6 +35,7 @@ int tcp_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpeer_t **
     snprintf(p->sid, sizeof(p->sid), "%s", peer_sid ? peer_sid : p->addr_str);
     snprintf(p->local_sid, sizeof(p->local_sid), "%s", t->local_sid);
     p->auth = t->auth;
+    p->tls = t->tls_cli;
     p->chunk = t->chunk;
     p->connect_timeout_ms = t->connect_timeout_ms;
     p->nconns = 0;
@@ -88,10 +89,8 @@ static void tcp_peer_shut(struct tcp_peer *p)
             pthread_join(c->rx_thread, NULL);
             c->rx_started = false;
         }
-        if (c->fd >= 0) {
-            close(c->fd);
-            c->fd = -1;
-        }
+        if (c->fd >= 0)
+            tcp_conn_close_fd(c);
         if (c->wake_fd >= 0) {
             close(c->wake_fd);
             c->wake_fd = -1;

@@ -81,11 +81,17 @@ static unsigned tcp_io_threads_conf(const char *sid)
     return cpus < TCP_DEFAULT_IO_THREADS ? (unsigned)cpus : TCP_DEFAULT_IO_THREADS;
 }
 
+/* Whether @sc waits for its socket to take bytes (an answer, or its TLS session's). */
+static bool io_wants_out(const struct tcp_sconn *sc)
+{
+    return sc->want_out || sc->tls_out;
+}
+
 static void io_watch(struct tcp_sconn *sc)
 {
-    struct epoll_event ev = {.events = sc->want_out ? EPOLLOUT : EPOLLIN, .data.ptr = sc};
+    struct epoll_event ev = {.events = io_wants_out(sc) ? EPOLLOUT : EPOLLIN, .data.ptr = sc};
     if (epoll_ctl(sc->io->ep, EPOLL_CTL_MOD, sc->fd, &ev) == 0)
-        sc->ep_out = sc->want_out;
+        sc->ep_out = io_wants_out(sc);
 }
 
 /* Close @sc (its thread's list keeps it, marked dead, until io_sweep()). @rc and @reason: what
@@ -189,7 +195,7 @@ static void *tcp_io_main(void *arg)
             int rc = tcp_sc_run(sc, &reason, why, sizeof(why));
             if (rc)
                 io_close(sc, rc, reason);
-            else if (sc->want_out != sc->ep_out)
+            else if (io_wants_out(sc) != sc->ep_out)
                 io_watch(sc);
         }
         now = kvf__now_ms();

@@ -45,13 +45,6 @@ static uint64_t tcp_frame_deadline(uint64_t len)
     return kvf__now_ms() + KVF_TCP_FRAME_BASE_MS + len / KVF_TCP_MIN_RATE_BYTES_PER_MS;
 }
 
-/* The HELLO must have arrived within this of the connection's start. */
-static uint32_t sc_hello_ms(const struct tcp_sconn *sc)
-{
-    return sc->t->idle_timeout_ms < KVF_TCP_HELLO_TIMEOUT_MS ? sc->t->idle_timeout_ms
-                                                             : KVF_TCP_HELLO_TIMEOUT_MS;
-}
-
 /* Say which range this connection's request holds now (hi 0: none). */
 static void sc_hold(struct tcp_sconn *sc, uint64_t lo, uint64_t hi)
 {
@@ -166,13 +159,15 @@ static void sc_close_after(struct tcp_sconn *sc, const char *reason)
  * The handshake (engines with a key) and the mismatched configurations
  * ------------------------------------------------------------------------------------------- */
 
-void tcp_sc_begin(struct tcp_sconn *sc)
+/* Start the protocol proper (after the TLS handshake, with data TLS): the handshake of the
+ * secret, or the HELLO. A plain client of an engine with data TLS is read as far as its first
+ * message's header, to be refused in its protocol (sc_auth_hdr). */
+static void sc_start(struct tcp_sconn *sc)
 {
-    uint64_t now = kvf__now_ms();
-    sc->start_ms = now;
-    sc->last_ms = now;
-    sc->idle_since = now;
-    if (sc->t->auth.len) {
+    sc->deadline_ms = 0;
+    if (sc->need_tls) {
+        sc_recv(sc, SC_AUTH_HDR, sc->hbuf, KVF_AUTH_HDR_LEN);
+    } else if (sc->t->auth.len) {
         sc->auth = malloc(sizeof(*sc->auth));
         if (sc->auth)
             kvf__auth_srv_init(sc->auth, &sc->t->auth, sc->t->local_sid);
@@ -180,6 +175,20 @@ void tcp_sc_begin(struct tcp_sconn *sc)
         sc_recv(sc, SC_AUTH_HDR, sc->hbuf, KVF_AUTH_HDR_LEN);
     } else {
         sc_next_hdr(sc);
+    }
+}
+
+void tcp_sc_begin(struct tcp_sconn *sc)
+{
+    uint64_t now = kvf__now_ms();
+    sc->start_ms = now;
+    sc->last_ms = now;
+    sc->idle_since = now;
+    if (sc->t->tls_srv) {
+        sc->step = SC_TLS;
+        sc->deadline_ms = now + KVF_TLS_HANDSHAKE_MS;
+    } else {
+        sc_start(sc);
     }
 }
 
@@ -192,14 +201,28 @@ static void sc_auth_refuse(struct tcp_sconn *sc, const char *reason, const char 
     sc_close_after(sc, why);
 }
 
+/* Whether the first bytes in sc->hbuf are a TLS client's, to an engine without data TLS. */
+static bool sc_tls_client(const struct tcp_sconn *sc, const char **reason)
+{
+    if (sc->hbuf[0] != KVF_TLS_RECORD_HANDSHAKE || sc->hbuf[1] != KVF_TLS_RECORD_MAJOR)
+        return false;
+    *reason = "the client speaks TLS and this engine has no TLS on data connections";
+    return true;
+}
+
 static int sc_auth_hdr(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
 {
     bool first = sc->auth_msgs++ == 0;
-    if (!sc->auth) {
+    if (!sc->auth && !sc->need_tls) {
         *reason = "authentication failed: out of memory";
         return -1;
     }
-    if (first && !kvf__auth_is_magic(sc->hbuf)) {
+    if (first && sc->need_tls && kvf__auth_is_magic(sc->hbuf)) {
+        sc_auth_refuse(sc, "this engine requires TLS on data connections, and this side has none",
+                       "a client without TLS, and this engine requires TLS on data connections");
+        return 0;
+    }
+    if (first && (sc->need_tls || !kvf__auth_is_magic(sc->hbuf))) {
         if (kvf__get_le32(sc->hbuf) == KVF_P2P_MAGIC) {
             /* A P2P asker without a key: read its request, so that it reads the refusal. */
             sc->deadline_ms = sc->start_ms + KVF_AUTH_TIMEOUT_MS;
@@ -215,7 +238,11 @@ static int sc_auth_hdr(struct tcp_sconn *sc, const char **reason, char *why, siz
                     KVF_TCP_HDR_LEN - KVF_AUTH_HDR_LEN);
             return 0;
         }
-        *reason = "authentication failed: no authentication handshake: the client has no key";
+        if (sc->need_tls)
+            *reason = "a client without TLS (not a kvferry client?), and this engine requires TLS "
+                      "on data connections";
+        else if (!sc_tls_client(sc, reason))
+            *reason = "authentication failed: no authentication handshake: the client has no key";
         return -1;
     }
     size_t len;
@@ -278,6 +305,17 @@ static int sc_plain(struct tcp_sconn *sc, const char **reason)
         sc_recv(sc, SC_PLAIN_SID, sc->small, (size_t)sc->h.len);
         return 0;
     }
+    if (sc->need_tls) {
+        kvf__err(-KVF_ETLS,
+                 "engine %s requires TLS on data connections: this side has none for them (set "
+                 "kvf_config_t.data_tls, --tls-data or KVFERRY_TLS_DATA=1)",
+                 sc->t->local_sid);
+        sc_keep_error(sc);
+        sc_answer_error(sc, -KVF_ETLS, 0);
+        sc_close_after(sc, "a client without TLS, and this engine requires TLS on data "
+                           "connections");
+        return 0;
+    }
     kvf__err(-KVF_EAUTH,
              "engine %s requires the cluster secret: this side has no auth key "
              "(set an auth key file, e.g. KVFERRY_AUTH_KEY_FILE)",
@@ -309,6 +347,8 @@ static int sc_header(struct tcp_sconn *sc, const char **reason, char *why, size_
         return 0;
     }
     tcp_hdr_decode(sc->hbuf, h);
+    if (!sc->hello_done && sc_tls_client(sc, reason))
+        return -1;
     if (!sc->hello_done && h->magic == KVF_AUTH_MAGIC) {
         /* A client with a key, and none here: tell it so in its protocol. The rest of its hello
          * is read first, so that it reads the answer and not a reset. */
@@ -542,6 +582,8 @@ static int sc_step_done(struct tcp_sconn *sc, const char **reason, char *why, si
 {
     struct tcp_transport *t = sc->t;
     switch (sc->step) {
+    case SC_TLS: /* handled by tcp_sc_run() */
+        break;
     case SC_AUTH_HDR:
         return sc_auth_hdr(sc, reason, why, whylen);
     case SC_AUTH_BODY:
@@ -598,11 +640,13 @@ static int sc_step_done(struct tcp_sconn *sc, const char **reason, char *why, si
         return sc_header(sc, reason, why, whylen);
     case SC_P2P_KEY: {
         size_t len = 0;
-        if (sc->auth) { /* keyed, and the asker skipped the handshake */
+        if (sc->auth || sc->need_tls) { /* keyed, and the asker skipped the handshake */
             _Static_assert(sizeof(sc->small) >= KVF_P2P_ANS_LEN + KVF_P2P_MAX_MSG, "refusal");
-            sc_send(sc, sc->small, tcp_p2p_refusal(t, sc->small), NULL, 0);
-            sc_close_after(sc, "authentication failed: a P2P record request without the "
-                               "handshake: the asker has no key");
+            sc_send(sc, sc->small, tcp_p2p_refusal(t, sc->need_tls, sc->small), NULL, 0);
+            sc_close_after(sc, sc->need_tls ? "a P2P record request without TLS, and this engine "
+                                              "requires TLS on data connections"
+                                            : "authentication failed: a P2P record request "
+                                              "without the handshake: the asker has no key");
             return 0;
         }
         if (tcp_p2p_answer(t, sc->addr, (char *)sc->small, sc->got, &sc->obody, &len, why, whylen) <
@@ -642,24 +686,33 @@ static int sc_sent(struct tcp_sconn *sc, const char **reason)
     return 0;
 }
 
-static const char sc_slow[] = "frame too slow (no progress for KVF_TCP_STALL_TIMEOUT_MS, below the "
-                              "minimum rate, or no hello within KVF_TCP_HELLO_TIMEOUT_MS)";
-
-/* Why an I/O error @err closes the connection. */
-static const char *sc_io_reason(int err, char *why, size_t whylen)
-{
-    snprintf(why, whylen, "%s", strerror(err));
-    return why;
-}
-
 /* A frame past its rate deadline moves no more bytes (checked before every receive and send, not
  * only by the timer: bytes a trickling or long-stalled client sends late never land). */
 static bool sc_late(const struct tcp_sconn *sc, const char **reason)
 {
     if (!sc->deadline_ms || kvf__now_ms() < sc->deadline_ms)
         return false;
-    *reason = sc_slow;
+    *reason = tcp_sc_slow;
     return true;
+}
+
+/* The end of the stream while receiving: why the connection closes (1: quietly). */
+static int sc_eof(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
+{
+    bool between = sc->got == 0 && (sc->step == SC_HDR || sc->step == SC_AUTH_HDR);
+    if (between && sc->step == SC_HDR) {
+        KVF_DEBUG(TCP_LOG, "connection from %s closed", sc->addr);
+        return 1;
+    }
+    if (between) {
+        *reason = "authentication failed: connection closed";
+    } else if (sc->step == SC_HDR) {
+        snprintf(why, whylen, "truncated header (%zu of %u bytes)", sc->got, KVF_TCP_HDR_LEN);
+        *reason = why;
+    } else {
+        *reason = "connection closed in the middle of a frame";
+    }
+    return -1;
 }
 
 int tcp_sc_run(struct tcp_sconn *sc, const char **reason, char *why, size_t whylen)
@@ -667,121 +720,59 @@ int tcp_sc_run(struct tcp_sconn *sc, const char **reason, char *why, size_t whyl
     size_t moved = 0;
     *reason = NULL;
     /* A turn ends at EAGAIN or after SC_TURN_BYTES (the socket stays ready, so the I/O thread
-     * comes back to it after the others), never between a step's last byte and its handling. */
+     * comes back to it after the others; bytes a TLS session holds are read first), never
+     * between a step's last byte and its handling. */
     for (;;) {
-        if (sc->want_out) {
-            if (sc->wcnt == 0) {
-                int rc = sc_sent(sc, reason);
-                if (rc)
-                    return rc;
-                continue;
-            }
-            if (moved >= SC_TURN_BYTES)
-                return 0;
-            if (sc_late(sc, reason))
-                return -1;
-            struct msghdr mh = {.msg_iov = sc->wp, .msg_iovlen = (size_t)sc->wcnt};
-            ssize_t r = sendmsg(sc->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (r > 0) {
-                tcp_iov_advance(&sc->wp, &sc->wcnt, (size_t)r);
-                sc->last_ms = kvf__now_ms();
-                moved += (size_t)r;
-                continue;
-            }
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-                return 0;
-            *reason = sc_io_reason(r < 0 ? errno : EPIPE, why, whylen);
-            return -1;
+        if (sc->step == SC_TLS) {
+            int rc = sc_late(sc, reason) ? -1 : tcp_sc_tls_accept(sc, reason, why, whylen);
+            if (rc <= 0)
+                return rc;
+            sc_start(sc);
+            continue;
         }
-        if (sc->rcnt == 0) {
+        bool out = sc->want_out;
+        if (out && sc->wcnt == 0) {
+            int rc = sc_sent(sc, reason);
+            if (rc)
+                return rc;
+            continue;
+        }
+        if (!out && sc->rcnt == 0) {
             int rc = sc_step_done(sc, reason, why, whylen);
             if (rc)
                 return rc;
             continue;
         }
-        if (moved >= SC_TURN_BYTES)
+        if (moved >= SC_TURN_BYTES && (out || !tcp_sc_pending(sc)))
             return 0;
         if (sc_late(sc, reason))
             return -1;
-        struct msghdr mh = {.msg_iov = sc->rp, .msg_iovlen = (size_t)sc->rcnt};
-        ssize_t r = recvmsg(sc->fd, &mh, MSG_DONTWAIT);
+        ssize_t r = tcp_sc_io(sc, out, why, whylen);
         if (r > 0) {
-            tcp_iov_advance(&sc->rp, &sc->rcnt, (size_t)r);
-            sc->got += (size_t)r;
+            if (out) {
+                tcp_iov_advance(&sc->wp, &sc->wcnt, (size_t)r);
+            } else {
+                tcp_iov_advance(&sc->rp, &sc->rcnt, (size_t)r);
+                sc->got += (size_t)r;
+            }
             sc->last_ms = kvf__now_ms();
             moved += (size_t)r;
             continue;
         }
-        if (r == 0) {
-            bool between = sc->got == 0 && (sc->step == SC_HDR || sc->step == SC_AUTH_HDR);
-            if (between && sc->step == SC_HDR) {
-                KVF_DEBUG(TCP_LOG, "connection from %s closed", sc->addr);
-                return 1;
-            }
-            if (between) {
-                *reason = "authentication failed: connection closed";
-            } else if (sc->step == SC_HDR) {
-                snprintf(why, whylen, "truncated header (%zu of %u bytes)", sc->got,
-                         KVF_TCP_HDR_LEN);
-                *reason = why;
-            } else {
-                *reason = "connection closed in the middle of a frame";
-            }
-            return -1;
-        }
-        if (errno == EINTR)
-            continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
+        if (r == -EAGAIN)
             return 0;
-        *reason = sc_io_reason(errno, why, whylen);
-        return -1;
-    }
-}
-
-int tcp_sc_tick(struct tcp_sconn *sc, uint64_t now, const char **reason, char *why, size_t whylen)
-{
-    struct tcp_transport *t = sc->t;
-    bool between = !sc->want_out && sc->step == SC_HDR && sc->got == 0;
-    *reason = NULL;
-    if (sc->auth && now - sc->start_ms >= KVF_AUTH_TIMEOUT_MS) {
-        snprintf(why, whylen, "authentication failed: not done within KVF_AUTH_TIMEOUT_MS (%u ms)",
-                 KVF_AUTH_TIMEOUT_MS);
+        if (r == 0)
+            return sc_eof(sc, reason, why, whylen);
         *reason = why;
         return -1;
     }
-    if (!sc->hello_done && now - sc->start_ms >= sc_hello_ms(sc)) {
-        if (between) {
-            snprintf(why, whylen, "no HELLO within %u ms", sc_hello_ms(sc));
-            *reason = why;
-        } else {
-            *reason = sc_slow;
-        }
-        return -1;
-    }
-    if (between) {
-        if (sc->hello_done && now - sc->idle_since >= t->idle_timeout_ms) {
-            /* Routine: the initiator reconnects on its next transfer. */
-            KVF_LOG_RATELIMITED(KVF_LOG_INFO, TCP_LOG,
-                                "closing connection from %s (%s): no request for %u ms "
-                                "(idle timeout)",
-                                sc->addr, sc->peer_sid, t->idle_timeout_ms);
-            return 1;
-        }
-        return 0;
-    }
-    if ((sc->deadline_ms && now >= sc->deadline_ms) ||
-        now - sc->last_ms >= KVF_TCP_STALL_TIMEOUT_MS) {
-        *reason = sc_slow;
-        return -1;
-    }
-    return 0;
 }
 
 void tcp_sc_end(struct tcp_sconn *sc)
 {
     sc_release_all(sc);
+    kvf__tls_free(sc->tls);
+    sc->tls = NULL;
     if (sc->auth) {
         kvf__auth_srv_fini(sc->auth);
         free(sc->auth);

@@ -195,7 +195,7 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
         pthread_mutex_unlock(&c->send_mu);
         return -KVF_EPEERGONE;
     }
-    rc = tcp_sendv(c->fd, iov, niov, deadline_ms, 0);
+    rc = tcp_conn_sendv(c, iov, niov, deadline_ms, 0);
     pthread_mutex_unlock(&c->send_mu);
     if (rc == 0)
         return 0;
@@ -311,7 +311,8 @@ static void tcp_read_inline(struct tcp_conn *c, struct tcp_batch *b, uint64_t de
         uint64_t now = kvf__now_ms();
         uint64_t left = deadline_ms > now ? deadline_ms - now : 0;
         struct pollfd pf = {fd, POLLIN, 0};
-        int pr = poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left);
+        /* TLS: a record read before may hold the answer already. */
+        int pr = tcp_conn_pending(c) ? 1 : poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left);
         int rc = pr > 0 ? tcp_rx_one(c, why, sizeof(why), b, deadline_ms) : 0;
         pthread_mutex_lock(&p->mu);
         c->inline_active = false;

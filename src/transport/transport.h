@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "common/auth.h"
+#include "common/tls.h"
 #include "common/url.h"
 #include "common/host.h"
 #include "common/regions.h"
@@ -161,6 +162,9 @@ typedef struct {
     const kvf_auth_key_t *auth;     /* tcp: the cluster secret (copied); NULL or len 0 = none.
                                        With one, every connection in either direction starts
                                        with the handshake of common/auth.h */
+    const kvf_tls_opts_t *tls;      /* tcp: data TLS (kvf_config_t.data_tls, resolved); NULL =
+                                       none. With it every connection in either direction is
+                                       TLS 1.3 first (then the secret's handshake, if any) */
 } kvf_transport_params_t;
 
 /* What sets a transport apart for the core (kvf_transport_ops.caps). */

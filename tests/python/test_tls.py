@@ -103,3 +103,41 @@ def test_wrong_ca_fails_at_once(certs):
     e = kvferry.TransferEngine(init_timeout_ms=10000)
     assert e.initialize(url, "127.0.0.1:0", "Decode", 0) == KVF_ETLS
     assert "unable to get local issuer certificate" in kvferry.get_last_err_msg()
+
+
+def test_data_tls(certs, monkeypatch):
+    """data_tls=True: the engines' tcp data connections are TLS too, with the same options (each
+    engine presents its certificate, and requires its peer's: a CA is set). A peer without it is
+    refused with KVF_ETLS, saying what is missing, and nothing lands."""
+    monkeypatch.setenv("KVFERRY_TRANSPORT", "tcp")
+    assert kvferry.set_conf_store_tls(True, info(certs)) == 0, kvferry.get_last_err_msg()
+    assert kvferry.set_conf_store_tls_key(os.path.join(certs, "server.key")) == 0
+    url = f"tcp://127.0.0.1:{free_port()}"
+    assert kvferry.create_config_store(url) == 0, kvferry.get_last_err_msg()
+    d = kvferry.TransferEngine(data_tls=True)
+    p = kvferry.TransferEngine(data_tls=True)
+    assert d.initialize(url, "127.0.0.1:0", "Decode", 0) == 0, kvferry.get_last_err_msg()
+    assert p.initialize(url, "127.0.0.1:0", "Prefill", 0) == 0, kvferry.get_last_err_msg()
+    dst = np.zeros(4 << 20, dtype=np.uint8)
+    src = np.random.default_rng(5).integers(0, 256, dst.nbytes, dtype=np.uint8)
+    assert d.register_memory(dst.ctypes.data, dst.nbytes) == 0
+    sid = f"127.0.0.1:{d.get_rpc_port()}"
+    assert p.transfer_sync_write(sid, src.ctypes.data, dst.ctypes.data, dst.nbytes) == 0, \
+        kvferry.get_last_err_msg()
+    assert np.array_equal(src, dst)
+    plain = kvferry.TransferEngine()
+    assert plain.initialize(url, "127.0.0.1:0", "Prefill", 0) == 0, kvferry.get_last_err_msg()
+    dst[:] = 0
+    assert plain.transfer_sync_write(sid, src.ctypes.data, dst.ctypes.data, 4096) == KVF_ETLS
+    assert "requires TLS on data connections: this side has none" in kvferry.get_last_err_msg()
+    assert not dst.any()
+    plain.destroy()
+    p.destroy()
+    d.destroy()
+
+
+def test_data_tls_needs_options():
+    e = kvferry.TransferEngine(data_tls=True)
+    assert e.initialize("p2p://", "127.0.0.1:0", "Decode", 0) == KVF_EINVAL
+    assert "data_tls=True takes the options of set_conf_store_tls(True, ...)" in \
+        kvferry.get_last_err_msg()
