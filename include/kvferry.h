@@ -447,8 +447,8 @@ typedef struct {
                                     redis://: refused (-KVF_ENOTSUP: Debian's hiredis has no
                                     TLS). A failed handshake or certificate check (a fingerprint
                                     or name that does not match too) fails the open at once with
-                                    -KVF_ETLS and the reason. NULL
-                                    [default]: plain TCP (http for etcd). */
+                                    -KVF_ETLS and the reason. NULL [default]: plain TCP
+                                    (http for etcd). */
     const char *session_id;      /* tcp:// with a key, and p2p://: the engine session this client
                                     speaks for (kvf_engine_create() sets it to the engine's).
                                     With a key, a built-in store lets only a client that names
