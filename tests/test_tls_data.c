@@ -5,13 +5,15 @@
  * into the Decode's memory: TLS on one side only (either way), a wrong CA on either side, a
  * revoked Prefill certificate, a certificate that does not name the peer's address (and the
  * server name that fixes it), an engine without its certificate. A raw socket that speaks plain
- * to a TLS engine gets KVF_ETLS in its own protocol, and the engine goes on serving.
+ * to a TLS engine gets KVF_ETLS in its own protocol, garbage after a TLS record header and a
+ * connection that never starts its handshake are closed, and the engine goes on serving.
  * Certificates come from tests/tls_certs.sh (the openssl command), made for each case.
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -333,7 +335,8 @@ static void engine_without_certificate_refused(void **state)
 }
 
 /* A raw socket speaking plain to a TLS engine: a HELLO gets KVF_ETLS in the tcp protocol, bytes
- * of no protocol are cut off, and the engine goes on serving TLS peers. */
+ * of no protocol and a broken handshake are cut off, a silent connection is closed at the
+ * handshake's deadline, and the engine goes on serving TLS peers. */
 static void raw_plain_socket_refused(void **state)
 {
     (void)state;
@@ -377,6 +380,35 @@ static void raw_plain_socket_refused(void **state)
     assert_int_equal(poll(&pf, 1, 5000), 1);
     assert_true(recv(fd, ans, sizeof(ans), 0) <= 0);
     close(fd);
+
+    /* A TLS record header followed by garbage: the handshake fails, the connection is closed. */
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    memset(frame, 0xee, sizeof(frame));
+    frame[0] = 0x16;
+    frame[1] = 0x03;
+    frame[2] = 0x01;
+    assert_int_equal(send(fd, frame, sizeof(frame), MSG_NOSIGNAL), (ssize_t)sizeof(frame));
+    pf.fd = fd;
+    bool closed = false;
+    for (int i = 0; i < 10 && !closed && poll(&pf, 1, 5000) == 1; i++)
+        closed = recv(fd, ans, sizeof(ans), 0) <= 0; /* an alert first, then the end */
+    assert_true(closed);
+    close(fd);
+
+    /* A connection that never starts its handshake is closed at KVF_TLS_HANDSHAKE_MS (the I/O
+     * threads check their timers once a second). */
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_int_equal(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    uint64_t t0 = kvf_test_now_ms();
+    pf.fd = fd;
+    assert_int_equal(poll(&pf, 1, 10000), 1);
+    assert_true(recv(fd, ans, sizeof(ans), 0) <= 0);
+    uint64_t took = kvf_test_now_ms() - t0;
+    close(fd);
+    if (took < 2900 || took > 6000)
+        fail_msg("a silent connection was closed after %llu ms, want about 3000 (+ 1 s tick)",
+                 (unsigned long long)took);
 
     kvf_engine_t *pre = fx_prefill(&f, &p, NULL);
     transfers_work(&f, pre);

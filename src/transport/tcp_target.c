@@ -291,7 +291,8 @@ static int sc_auth_body(struct tcp_sconn *sc, const char **reason, char *why, si
     return 0;
 }
 
-/* An engine with a key received a plain HELLO: answer it in its protocol with KVF_EAUTH. */
+/* A plain HELLO to an engine with a key (KVF_EAUTH) or with data TLS (KVF_ETLS): answer it in
+ * its protocol. */
 static int sc_plain(struct tcp_sconn *sc, const char **reason)
 {
     static const char failed[] =
@@ -305,24 +306,23 @@ static int sc_plain(struct tcp_sconn *sc, const char **reason)
         sc_recv(sc, SC_PLAIN_SID, sc->small, (size_t)sc->h.len);
         return 0;
     }
-    if (sc->need_tls) {
-        kvf__err(-KVF_ETLS,
+    /* Without TLS to an engine with data TLS; else without a key to an engine with one. */
+    int code = sc->need_tls ? -KVF_ETLS : -KVF_EAUTH;
+    if (sc->need_tls)
+        kvf__err(code,
                  "engine %s requires TLS on data connections: this side has none for them (set "
                  "kvf_config_t.data_tls, --tls-data or KVFERRY_TLS_DATA=1)",
                  sc->t->local_sid);
-        sc_keep_error(sc);
-        sc_answer_error(sc, -KVF_ETLS, 0);
-        sc_close_after(sc, "a client without TLS, and this engine requires TLS on data "
-                           "connections");
-        return 0;
-    }
-    kvf__err(-KVF_EAUTH,
-             "engine %s requires the cluster secret: this side has no auth key "
-             "(set an auth key file, e.g. KVFERRY_AUTH_KEY_FILE)",
-             sc->t->local_sid);
+    else
+        kvf__err(code,
+                 "engine %s requires the cluster secret: this side has no auth key "
+                 "(set an auth key file, e.g. KVFERRY_AUTH_KEY_FILE)",
+                 sc->t->local_sid);
     sc_keep_error(sc);
-    sc_answer_error(sc, -KVF_EAUTH, 0);
-    sc_close_after(sc, failed);
+    sc_answer_error(sc, code, 0);
+    sc_close_after(sc, sc->need_tls ? "a client without TLS, and this engine requires TLS on "
+                                      "data connections"
+                                    : failed);
     return 0;
 }
 
