@@ -442,10 +442,13 @@ typedef struct {
                                     bound to another client's lease fails with -EACCES. */
     const kvf_tls_opts_t *tls;   /* tcp://: TLS 1.3 to a built-in store started with TLS;
                                     etcd://: https to etcd with these CA, certificate, key and
-                                    CRL files; redis://: refused (-KVF_ENOTSUP: Debian's hiredis
-                                    has no TLS). A failed handshake or certificate check fails
-                                    the open at once with -KVF_ETLS and OpenSSL's reason. NULL
-                                    [default]: plain TCP (http for etcd). */
+                                    CRL files, server name and fingerprint (as for tcp://; a CRL
+                                    directory or several CA or CRL files: -KVF_ENOTSUP);
+                                    redis://: refused (-KVF_ENOTSUP: Debian's hiredis has no
+                                    TLS). A failed handshake or certificate check (a fingerprint
+                                    or name that does not match too) fails the open at once with
+                                    -KVF_ETLS and the reason. NULL [default]: plain TCP
+                                    (http for etcd). */
     const char *session_id;      /* tcp:// with a key, and p2p://: the engine session this client
                                     speaks for (kvf_engine_create() sets it to the engine's).
                                     With a key, a built-in store lets only a client that names

@@ -5,12 +5,15 @@
  * wrong key password, a plain client of a TLS store and a TLS client of a plain store, a name or
  * fingerprint that does not match) failing at once, with the message the user reads on the
  * client's side and the store's log line on the other. Certificates come from tests/tls_certs.sh
- * (the openssl command), made afresh for each case in a temporary directory.
+ * (the openssl command), made afresh for each case in a temporary directory. And etcd:// over
+ * https (a real etcd started with TLS): the same options, server name and fingerprint included,
+ * for requests, watch streams and an engine pair, and their refusals at once.
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -607,14 +610,17 @@ static uint16_t free_port(void)
     return ntohs(a.sin_port);
 }
 
-/* etcd serving https with the test CA's server certificate, requiring client certificates. */
-static void etcd_tls_start(fx_t *f)
+/* etcd serving https with the test CA's certificate @cert ("server": 127.0.0.1 and localhost),
+ * requiring client certificates; @name: the server name to reach it by (NULL: 127.0.0.1). */
+static void etcd_tls_start(fx_t *f, const char *cert, const char *name)
 {
     const char *bin = getenv("KVF_TEST_ETCD") ? getenv("KVF_TEST_ETCD") : "/usr/bin/etcd";
     if (access(bin, X_OK) != 0)
         fail_msg("%s is missing: install etcd-server (make deps)", bin);
     uint16_t port = free_port(), pport = free_port();
-    char client[64], peer[64], cluster[96], data[160];
+    char client[64], peer[64], cluster[96], data[160], pem[32], key[32];
+    snprintf(pem, sizeof(pem), "%s.pem", cert);
+    snprintf(key, sizeof(key), "%s.key", cert);
     snprintf(client, sizeof(client), "https://127.0.0.1:%u", port);
     snprintf(peer, sizeof(peer), "http://127.0.0.1:%u", pport);
     snprintf(cluster, sizeof(cluster), "t=%s", peer);
@@ -623,13 +629,14 @@ static void etcd_tls_start(fx_t *f)
                     "--advertise-client-urls", client, "--listen-peer-urls", peer,
                     "--initial-advertise-peer-urls", peer, "--initial-cluster", cluster,
                     "--heartbeat-interval", "10", "--election-timeout", "100", "--log-level",
-                    "error", "--cert-file", (char *)P(f, "server.pem"), "--key-file",
-                    (char *)P(f, "server.key"), "--trusted-ca-file", (char *)P(f, "ca.pem"),
+                    "error", "--cert-file", (char *)P(f, pem), "--key-file", (char *)P(f, key),
+                    "--trusted-ca-file", (char *)P(f, "ca.pem"),
                     "--client-cert-auth", NULL};
     snprintf(f->log, sizeof(f->log), "%s/etcd.log", f->dir);
     f->store = kvf_test_spawn(argv, f->log);
     snprintf(f->url, sizeof(f->url), "etcd://127.0.0.1:%u", port);
     kvf_tls_opts_t o = client_opts(f, "ca.pem", "client");
+    o.server_name = name;
     kvf_store_opts_t so;
     kvf_store_opts_init(&so);
     so.tls = &o;
@@ -648,23 +655,16 @@ static void etcd_tls_start(fx_t *f)
     }
 }
 
-/* etcd:// with TLS options: https with mutual TLS through libcurl; refusals at once, saying
- * why; and a Redis URL with TLS options refused, saying so. */
-static void etcd_over_tls(void **state)
+/* An engine pair whose store is etcd over https with @tls: a transfer lands. */
+static void etcd_pair_works(const fx_t *f, const kvf_tls_opts_t *tls)
 {
-    fx_t f;
-    certs_make(&f);
-    etcd_tls_start(&f);
-    kvf_tls_opts_t o = client_opts(&f, "ca.pem", "client");
-    open_works(&f, &o);
-    /* An engine pair through it: the records and the lease live in etcd over https. */
     kvf_config_t cfg;
     kvf_config_init(&cfg);
-    cfg.tls = &o;
+    cfg.tls = tls;
     cfg.transport = KVF_TRANSPORT_TCP;
-    kvf_engine_t *d = kvf_test_engine(f.url, KVF_ROLE_DECODE, &cfg);
-    kvf_engine_t *p = kvf_test_engine(f.url, KVF_ROLE_PREFILL, &cfg);
-    uint8_t dst[65536], src[65536];
+    kvf_engine_t *d = kvf_test_engine(f->url, KVF_ROLE_DECODE, &cfg);
+    kvf_engine_t *p = kvf_test_engine(f->url, KVF_ROLE_PREFILL, &cfg);
+    static uint8_t dst[65536], src[65536];
     memset(dst, 0, sizeof(dst));
     kvf_test_pattern(src, sizeof(src), 11);
     assert_kvf_ok(kvf_mem_register(d, dst, sizeof(dst)));
@@ -673,6 +673,46 @@ static void etcd_over_tls(void **state)
     assert_memory_equal(dst, src, sizeof(src));
     kvf_engine_destroy(p);
     kvf_engine_destroy(d);
+}
+
+static void on_put(void *arg, kvf_store_event_type_t type, const kvf_store_kv_t *kv)
+{
+    if (type == KVF_STORE_EVENT_PUT && strcmp(kv->key, "watched/k") == 0)
+        atomic_store((atomic_int *)arg, 1);
+}
+
+/* A watch over etcd's streaming https (etcd_watch.c) with @tls sees a put. */
+static void etcd_watch_works(const fx_t *f, const kvf_tls_opts_t *tls)
+{
+    kvf_store_opts_t so;
+    kvf_store_opts_init(&so);
+    so.tls = tls;
+    kvf_store_t *st = NULL;
+    assert_kvf_ok(kvf_store_open(f->url, &so, &st));
+    atomic_int seen = 0;
+    uint64_t id = 0;
+    assert_kvf_ok(kvf_store_watch(st, "watched/", on_put, &seen, &id));
+    assert_kvf_ok(kvf_store_set(st, "watched/k", "w", 1, 0));
+    uint64_t end = kvf_test_now_ms() + 10000;
+    while (!atomic_load(&seen) && kvf_test_now_ms() < end)
+        usleep(10000);
+    assert_kvf_ok(kvf_store_unwatch(st, id));
+    kvf_store_close(st);
+    if (!atomic_load(&seen))
+        fail_msg("the watch saw no put within 10 s");
+}
+
+/* etcd:// with TLS options: https with mutual TLS through libcurl; refusals at once, saying
+ * why; and a Redis URL with TLS options refused, saying so. */
+static void etcd_over_tls(void **state)
+{
+    fx_t f;
+    certs_make(&f);
+    etcd_tls_start(&f, "server", NULL);
+    kvf_tls_opts_t o = client_opts(&f, "ca.pem", "client");
+    open_works(&f, &o);
+    /* An engine pair through it: the records and the lease live in etcd over https. */
+    etcd_pair_works(&f, &o);
 
     o = client_opts(&f, "wrongca.pem", "client");
     open_fails(&f, &o, -KVF_ETLS, "unable to get local issuer certificate");
@@ -682,8 +722,13 @@ static void etcd_over_tls(void **state)
     o.fingerprint = "00";
     open_fails(&f, &o, -KVF_EINVAL, "not a SHA-256 fingerprint");
     o.fingerprint = NULL;
+    /* The server name, not the URL's host (127.0.0.1, in the certificate), is checked. */
+    o.server_name = "other.example";
+    open_fails(&f, &o, -KVF_ETLS, "(server name other.example) failed: SSL: no alternative "
+                                  "certificate subject name matches target host name "
+                                  "'other.example'");
     o.server_name = "localhost";
-    open_fails(&f, &o, -KVF_ENOTSUP, "etcd over https does not take a server name");
+    open_works(&f, &o);
 
     kvf_store_opts_t so;
     kvf_store_opts_init(&so);
@@ -693,6 +738,56 @@ static void etcd_over_tls(void **state)
     assert_kvf_err(kvf_store_open("redis://127.0.0.1:9", &so, &st), -KVF_ENOTSUP);
     assert_last_error_contains("TLS to Redis is not supported: Debian's hiredis (0.14) is built "
                                "without TLS");
+    fx_cleanup(&f);
+}
+
+/* etcd whose certificate names only other.example, reached at 127.0.0.1: the server name
+ * (SNI and the name checked) and a pinned fingerprint work for requests, watches and an engine
+ * pair, as they do for the built-in store; a wrong one fails at once, saying which. */
+static void etcd_name_and_fingerprint(void **state)
+{
+    fx_t f;
+    certs_make(&f);
+    etcd_tls_start(&f, "otherhost", "other.example");
+    kvf_tls_opts_t o = client_opts(&f, "ca.pem", "client");
+    open_fails(&f, &o, -KVF_ETLS, "SSL: no alternative certificate subject name matches target "
+                                  "host name '127.0.0.1'");
+    o.server_name = "other.example";
+    open_works(&f, &o);
+    etcd_watch_works(&f, &o);
+    etcd_pair_works(&f, &o);
+    o.server_name = "localhost";
+    open_fails(&f, &o, -KVF_ETLS, "TLS with https://127.0.0.1:");
+    assert_last_error_contains("(server name localhost) failed: SSL: no alternative certificate "
+                               "subject name matches target host name 'localhost'");
+
+    /* Pinned, no CA: the name is not checked (127.0.0.1 is not in the certificate). */
+    char fp[160];
+    file_read(P(&f, "otherhost.fp"), fp, sizeof(fp));
+    fp[strcspn(fp, "\n")] = '\0';
+    kvf_tls_opts_t p = client_opts(&f, NULL, "client");
+    p.fingerprint = fp;
+    open_works(&f, &p);
+    etcd_watch_works(&f, &p);
+    etcd_pair_works(&f, &p);
+    /* Pinned with a CA: both checked. */
+    p = client_opts(&f, "ca.pem", "client");
+    p.fingerprint = fp;
+    open_works(&f, &p);
+    p = client_opts(&f, "wrongca.pem", "client");
+    p.fingerprint = fp;
+    open_fails(&f, &p, -KVF_ETLS, "unable to get local issuer certificate");
+    /* Another certificate's fingerprint, with or without a CA. */
+    char other[160];
+    file_read(P(&f, "server.fp"), other, sizeof(other));
+    other[strcspn(other, "\n")] = '\0';
+    p = client_opts(&f, NULL, "client");
+    p.fingerprint = other;
+    open_fails(&f, &p, -KVF_ETLS, "failed: the server certificate's SHA-256 fingerprint ");
+    assert_last_error_contains("is not the one configured");
+    p = client_opts(&f, "ca.pem", "client");
+    p.fingerprint = other;
+    open_fails(&f, &p, -KVF_ETLS, "is not the one configured");
     fx_cleanup(&f);
 }
 
@@ -714,6 +809,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(raw_garbage_closed_store_serves),
         cmocka_unit_test(in_process_large_values),
         cmocka_unit_test(etcd_over_tls),
+        cmocka_unit_test(etcd_name_and_fingerprint),
     };
     return KVF_TEST_RUN(tests, argc, argv);
 }

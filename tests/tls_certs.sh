@@ -1,7 +1,8 @@
 #!/bin/sh
 # Make the certificates the TLS tests use, in the directory $1 (created), with the openssl
-# command: a CA and a second, unrelated one; a server certificate for 127.0.0.1 and localhost;
-# a client certificate; an expired server certificate; a revoked client certificate with the
+# command: a CA and a second, unrelated one; a server certificate for 127.0.0.1 and localhost
+# and one for other.example only (with their SHA-256 fingerprints in NAME.fp); a client
+# certificate; an expired server certificate; a revoked client certificate with the
 # CA's CRL; a server key encrypted with the password in key.pw; and a server certificate of
 # the wrong CA. Every certificate is an EC P-256 key (fast to make). Prints nothing on success.
 set -eu
@@ -80,6 +81,8 @@ openssl ca -batch -config ca.cnf -gencrl -out crl.pem
 printf 'correct horse\n' >key.pw
 printf 'wrong horse\n' >wrong.pw
 openssl pkey -in server.key -aes256 -passout file:key.pw -out server-enc.key
-openssl x509 -in server.pem -noout -fingerprint -sha256 | sed 's/.*=//' >server.fp
+for c in server otherhost; do
+    openssl x509 -in $c.pem -noout -fingerprint -sha256 | sed 's/.*=//' >$c.fp
+done
 chmod 600 ./*.key key.pw wrong.pw
 exec 1>&3

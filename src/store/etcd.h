@@ -14,6 +14,8 @@
  *                 get-with-wait (a watch of the key from now, then a read once it is created)
  *   etcd_list.c   list by prefix, in pages
  *   etcd_http.c   requests with failover, base64, a pool of curl handles
+ *   etcd_tls.c    https: the TLS options on each curl handle, a pinned fingerprint (an OpenSSL
+ *                 verify callback on curl's SSL_CTX) and a server name (CURLOPT_CONNECT_TO)
  *
  * With "etcd://user:password@..." the client authenticates (/v3/auth/authenticate) and sends
  * the token with every request and stream; an expired token ("invalid auth token") is renewed
@@ -26,6 +28,7 @@
 #ifndef KVF_STORE_ETCD_H
 #define KVF_STORE_ETCD_H
 
+#include <curl/curl.h>
 #include <jansson.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -63,7 +66,11 @@ typedef struct kvf_etcd {
     char token[256];               /* from /v3/auth/authenticate; pool_mu */
     /* TLS (https to every endpoint): copies of the caller's options, read-only after open. */
     bool tls;
+    bool tls_has_ca;  /* a CA file or directory is set */
+    bool tls_pin;     /* a fingerprint is set: tls_fp */
+    char tls_fp[65];  /* the pinned SHA-256, 64 lowercase hex digits */
     char *tls_ca, *tls_capath, *tls_cert, *tls_key, *tls_key_pem, *tls_key_pw, *tls_crl;
+    char *tls_name;   /* the server name (SNI, the name checked), NULL: each endpoint's host */
 
     pthread_mutex_t pool_mu;
     void *pool[ETCD_POOL_MAX]; /* idle CURL handles (they keep their connections) */
@@ -109,15 +116,36 @@ void kvf__etcd_auth_header(etcd_t *e, char *buf, size_t n);
 /* Get a new token with the URL's user and password: 0, or -KVF_EAUTH / another code. */
 int kvf__etcd_authenticate(etcd_t *e, uint64_t timeout_ms);
 
+/* ---- etcd_tls.c ----------------------------------------------------------------------------- */
+
 /* Take TLS options @o (the store URL's first host @host): checked as the built-in client
- * checks them (files, key password), copied; options libcurl cannot honour are refused with
- * -KVF_ENOTSUP naming them. Returns 0 or a negative code with the last-error set. */
+ * checks them (files, key password, fingerprint), copied; options libcurl cannot honour are
+ * refused with -KVF_ENOTSUP naming them (a fingerprint, when libcurl is not built with
+ * OpenSSL). Returns 0 or a negative code with the last-error set. */
 int kvf__etcd_tls_setup(etcd_t *e, const kvf_tls_opts_t *o, const char *host);
 void kvf__etcd_tls_free(etcd_t *e);
-/* Set the TLS options on a curl handle (nothing without TLS). */
-void kvf__etcd_curl_tls(etcd_t *e, void *curl);
+
+/* What one request (or watch stream) needs for its TLS: on the caller's stack, alive until the
+ * request's curl handle is done with it (perform returned, the stream ended). */
+typedef struct {
+    etcd_t *e;
+    char why[200];                    /* why the pinned certificate was refused; "" else */
+    char conn_to[KVF_HOST_MAX + 40];  /* with a server name: "::HOST:PORT" of the endpoint */
+    struct curl_slist conn;           /* CURLOPT_CONNECT_TO's list of that one entry */
+} etcd_tls_call_t;
+
+/* Point @curl at @path ("/v3/kv/range") on endpoint @end ("https://host:port"): its URL, and
+ * with TLS every TLS option (with a server name, the URL carries the name and the connection
+ * goes to @end's address). @call is filled here. */
+void kvf__etcd_curl_target(etcd_t *e, void *curl, const char *end, const char *path,
+                           etcd_tls_call_t *call);
+/* Why a TLS request failed: @call's own reason (a fingerprint that does not match) or, when it
+ * has none, @curl_says (curl's message). */
+const char *kvf__etcd_tls_why(const etcd_tls_call_t *call, const char *curl_says);
 /* Whether curl's @code is a TLS failure (a certificate refused, no TLS on the other side). */
 bool kvf__etcd_curl_tls_error(int code);
+
+/* ---- etcd_http.c (the pool) ------------------------------------------------------------------ */
 
 /* curl handles: take one from the pool (or a new one), give it back. */
 void *kvf__etcd_curl_get(etcd_t *e);

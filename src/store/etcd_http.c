@@ -10,7 +10,6 @@
 #include <time.h>
 
 #include "common/common.h"
-#include "common/tls.h"
 #include "store/etcd.h"
 
 /* ---- base64 ---------------------------------------------------------------------------------- */
@@ -204,129 +203,22 @@ void kvf__etcd_auth_header(etcd_t *e, char *buf, size_t n)
     pthread_mutex_unlock(&e->pool_mu);
 }
 
-/* ---- TLS ------------------------------------------------------------------------------------ */
-
-static int tls_dup(char **dst, const char *src)
-{
-    if (!src || !*src)
-        return 0;
-    *dst = strdup(src);
-    return *dst ? 0 : -KVF_ENOMEM;
-}
-
-int kvf__etcd_tls_setup(etcd_t *e, const kvf_tls_opts_t *o, const char *host)
-{
-    kvf_tls_ctx_t *ctx = NULL;
-    int rc = kvf__tls_ctx_new(o, false, host, &ctx);
-    kvf__tls_ctx_free(ctx);
-    if (rc < 0)
-        return kvf__err_wrap(rc, "store %s", e->url);
-    const char *no = o->fingerprint && *o->fingerprint   ? "a fingerprint (--tls-fingerprint)"
-                     : o->server_name && *o->server_name ? "a server name (--tls-server-name)"
-                     : o->crl_path && *o->crl_path       ? "a CRL directory (--tls-crl-path)"
-                     : o->ca_file && strchr(o->ca_file, ',') ? "several CA files"
-                     : o->crl_file && strchr(o->crl_file, ',') ? "several CRL files"
-                                                                : NULL;
-    if (no)
-        return kvf__err(-KVF_ENOTSUP,
-                        "store %s: etcd over https does not take %s: give one CA file (or a CA "
-                        "directory) and at most one CRL file",
-                        e->url, no);
-    char pw[1024] = "";
-    if (o->key_password && *o->key_password) {
-        snprintf(pw, sizeof(pw), "%s", o->key_password);
-    } else if (o->key_password_file && *o->key_password_file) {
-        FILE *f = fopen(o->key_password_file, "re");
-        if (f) {
-            if (!fgets(pw, sizeof(pw), f))
-                pw[0] = '\0';
-            fclose(f);
-        }
-        pw[strcspn(pw, "\r\n")] = '\0';
-    }
-    e->tls = true;
-    if (tls_dup(&e->tls_ca, o->ca_file) || tls_dup(&e->tls_capath, o->ca_path) ||
-        tls_dup(&e->tls_cert, o->cert_file) || tls_dup(&e->tls_key, o->key_file) ||
-        tls_dup(&e->tls_key_pem, o->key_pem) || tls_dup(&e->tls_key_pw, pw) ||
-        tls_dup(&e->tls_crl, o->crl_file))
-        rc = kvf__err(-KVF_ENOMEM, "store %s: out of memory", e->url);
-    explicit_bzero(pw, sizeof(pw));
-    return rc;
-}
-
-void kvf__etcd_tls_free(etcd_t *e)
-{
-    char **all[] = {&e->tls_ca,      &e->tls_capath, &e->tls_cert, &e->tls_key,
-                    &e->tls_key_pem, &e->tls_key_pw, &e->tls_crl};
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
-        if (*all[i])
-            explicit_bzero(*all[i], strlen(*all[i]));
-        free(*all[i]);
-        *all[i] = NULL;
-    }
-}
-
-void kvf__etcd_curl_tls(etcd_t *e, void *curl)
-{
-    CURL *c = curl;
-    if (!e->tls)
-        return;
-    curl_easy_setopt(c, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
-    curl_easy_setopt(c, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(c, CURLOPT_SSL_VERIFYHOST, 2L);
-    if (e->tls_ca)
-        curl_easy_setopt(c, CURLOPT_CAINFO, e->tls_ca);
-    if (e->tls_capath)
-        curl_easy_setopt(c, CURLOPT_CAPATH, e->tls_capath);
-    if (e->tls_cert)
-        curl_easy_setopt(c, CURLOPT_SSLCERT, e->tls_cert);
-    if (e->tls_key)
-        curl_easy_setopt(c, CURLOPT_SSLKEY, e->tls_key);
-    if (e->tls_key_pem) {
-        struct curl_blob blob = {.data = e->tls_key_pem,
-                                 .len = strlen(e->tls_key_pem),
-                                 .flags = CURL_BLOB_COPY};
-        curl_easy_setopt(c, CURLOPT_SSLKEY_BLOB, &blob);
-    }
-    if (e->tls_key_pw)
-        curl_easy_setopt(c, CURLOPT_KEYPASSWD, e->tls_key_pw);
-    if (e->tls_crl)
-        curl_easy_setopt(c, CURLOPT_CRLFILE, e->tls_crl);
-}
-
-bool kvf__etcd_curl_tls_error(int code)
-{
-    switch (code) {
-    case CURLE_SSL_CONNECT_ERROR:
-    case CURLE_PEER_FAILED_VERIFICATION:
-    case CURLE_SSL_CERTPROBLEM:
-    case CURLE_SSL_CIPHER:
-    case CURLE_SSL_CACERT_BADFILE:
-    case CURLE_SSL_CRL_BADFILE:
-    case CURLE_SSL_ISSUER_ERROR:
-    case CURLE_SSL_ENGINE_INITFAILED:
-        return true;
-    default:
-        return false;
-    }
-}
-
 /* One POST to endpoint @end. 0 with *@resp, 1 to try the next endpoint (with @why), 2 when the
  * token was refused (authenticate and retry), or a final negative code (message set). */
 static int post_once(etcd_t *e, CURL *c, const char *end, const char *path, const char *body,
                      uint64_t timeout_ms, const char *what, json_t **resp, char *why, size_t wn)
 {
-    char url[KVF_HOST_MAX + 64], auth[300];
+    char auth[300];
     rbuf_t b = {0};
     struct curl_slist *hdr = NULL;
-    snprintf(url, sizeof(url), "%s%s", end, path);
+    etcd_tls_call_t call;
     curl_easy_reset(c);
     kvf__etcd_auth_header(e, auth, sizeof(auth));
     if (auth[0] && strcmp(path, "/v3/auth/authenticate") != 0) {
         hdr = curl_slist_append(NULL, auth);
         curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
     }
-    curl_easy_setopt(c, CURLOPT_URL, url);
+    kvf__etcd_curl_target(e, c, end, path, &call);
     curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
     curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_data);
     curl_easy_setopt(c, CURLOPT_WRITEDATA, &b);
@@ -339,7 +231,6 @@ static int post_once(etcd_t *e, CURL *c, const char *end, const char *path, cons
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
     char cerr[CURL_ERROR_SIZE] = "";
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, cerr);
-    kvf__etcd_curl_tls(e, c);
     CURLcode cc = curl_easy_perform(c);
     curl_easy_setopt(c, CURLOPT_ERRORBUFFER, NULL);
     curl_slist_free_all(hdr);
@@ -361,8 +252,10 @@ static int post_once(etcd_t *e, CURL *c, const char *end, const char *path, cons
     if (cc != CURLE_OK && kvf__etcd_curl_tls_error((int)cc)) {
         /* A refused certificate is refused again: fail now, with curl's reason. */
         free(b.p);
-        return kvf__err(-KVF_ETLS, "store %s: %s: TLS with %s failed: %s%s", e->url, what, end,
-                        cerr[0] ? cerr : curl_easy_strerror(cc),
+        return kvf__err(-KVF_ETLS, "store %s: %s: TLS with %s%s%s%s failed: %s%s", e->url, what,
+                        end, e->tls_name ? " (server name " : "",
+                        e->tls_name ? e->tls_name : "", e->tls_name ? ")" : "",
+                        kvf__etcd_tls_why(&call, cerr[0] ? cerr : curl_easy_strerror(cc)),
                         cc == CURLE_SSL_CONNECT_ERROR && strstr(cerr, "wrong version number")
                             ? " (does etcd serve https?)"
                             : "");

@@ -96,9 +96,9 @@ static size_t on_stream(char *p, size_t size, size_t nmemb, void *arg)
 static stream_end_t stream_run(etcd_t *e, CURLM *m, const char *end, const char *body,
                                stream_t *s, atomic_bool *stop, uint64_t deadline_ms)
 {
-    char url[KVF_HOST_MAX + 64], auth[300];
+    char auth[300];
     struct curl_slist *hdr = NULL;
-    snprintf(url, sizeof(url), "%s/v3/watch", end);
+    etcd_tls_call_t call;
     CURL *c = curl_easy_init();
     if (!c) {
         snprintf(s->why, sizeof(s->why), "out of memory");
@@ -109,7 +109,7 @@ static stream_end_t stream_run(etcd_t *e, CURLM *m, const char *end, const char 
         hdr = curl_slist_append(NULL, auth);
         curl_easy_setopt(c, CURLOPT_HTTPHEADER, hdr);
     }
-    curl_easy_setopt(c, CURLOPT_URL, url);
+    kvf__etcd_curl_target(e, c, end, "/v3/watch", &call);
     curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
     curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_stream);
     curl_easy_setopt(c, CURLOPT_WRITEDATA, s);
@@ -119,7 +119,6 @@ static stream_end_t stream_run(etcd_t *e, CURLM *m, const char *end, const char 
     curl_easy_setopt(c, CURLOPT_TCP_KEEPIDLE, 5L);
     curl_easy_setopt(c, CURLOPT_TCP_KEEPINTVL, 2L);
     curl_easy_setopt(c, CURLOPT_PROTOCOLS_STR, "http,https");
-    kvf__etcd_curl_tls(e, c);
     curl_multi_add_handle(m, c);
     stream_end_t how = ST_BROKEN;
     for (;;) {
@@ -138,7 +137,8 @@ static stream_end_t stream_run(etcd_t *e, CURLM *m, const char *end, const char 
             CURLMsg *msg = curl_multi_info_read(m, &left);
             if (!s->why[0])
                 snprintf(s->why, sizeof(s->why), "%s: %s", end,
-                         msg ? curl_easy_strerror(msg->data.result) : "stream ended");
+                         kvf__etcd_tls_why(&call, msg ? curl_easy_strerror(msg->data.result)
+                                                      : "stream ended"));
             break;
         }
         uint64_t now = kvf__now_ms();
