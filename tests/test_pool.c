@@ -345,7 +345,12 @@ static void preauth_flood_does_not_lock_out_keyed_prefill(void **state)
     assert_kvf_ok(kvf__regions_add(a.rt, (uint64_t)(uintptr_t)dst, sizeof(dst), NULL));
     unsigned before = threads_now();
 
-    flood_t f = {.port = a.port};
+    /* Static: should an assertion below end the case early, the flood thread (which stops by
+     * itself within PREAUTH_FLOOD_MS) must not read a dead stack frame. */
+    static flood_t f;
+    f.port = a.port;
+    atomic_store(&f.stop, false);
+    f.opened = 0;
     pthread_t th;
     assert_int_equal(pthread_create(&th, NULL, flood_main, &f), 0);
     unsigned max_pre = 0;

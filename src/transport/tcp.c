@@ -141,6 +141,7 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     t->record_cb = p->record_cb;
     t->record_arg = p->record_arg;
     atomic_init(&t->stopping, false);
+    atomic_init(&t->io_stopping, false);
     const char *tc = getenv(TCP_TEST_CLOSE_ENV);
     atomic_init(&t->test_close_left, tc ? atoi(tc) : 0);
 

@@ -324,7 +324,9 @@ struct tcp_transport {
     int reap_fd; /* eventfd: a served connection was closed (an fd is free again) */
     uint16_t port;
     pthread_t accept_thread;
-    atomic_bool stopping;
+    atomic_bool stopping;    /* destroy: the accept thread ends (then the I/O threads) */
+    atomic_bool io_stopping; /* the I/O threads end, after the accept thread was joined: a
+                                connection it handed over late is still adopted and closed */
     /* Test hook (KVFERRY_TCP_TEST_CLOSE_REQUESTS=N): the next N data requests are answered by
      * closing their connection, as an idle close that crossed the request would. */
     atomic_int test_close_left;

@@ -176,7 +176,7 @@ static void *tcp_io_main(void *arg)
     char why[256];
     const char *reason;
     uint64_t next_tick = kvf__now_ms() + TCP_SERVER_SLICE_MS;
-    while (!atomic_load(&t->stopping)) {
+    while (!atomic_load(&t->io_stopping)) {
         uint64_t now = kvf__now_ms();
         int timeout = now >= next_tick ? 0 : (int)(next_tick - now);
         int n = epoll_wait(io->ep, evs, TCP_IO_EVENTS, timeout);
@@ -468,8 +468,11 @@ static void *tcp_accept_main(void *arg)
  * Start and stop
  * ------------------------------------------------------------------------------------------- */
 
+/* Stop the I/O threads; the accept thread has ended (or never started), so their last adoption
+ * takes every connection it handed over, and none is left on an incoming list. */
 static void tcp_io_stop_all(struct tcp_transport *t)
 {
+    atomic_store(&t->io_stopping, true);
     for (unsigned i = 0; i < t->nio; i++) {
         uint64_t one = 1;
         if (t->io[i].started && write(t->io[i].wake_fd, &one, sizeof(one)) < 0)
@@ -524,9 +527,8 @@ int tcp_pool_start(struct tcp_transport *t)
             rc = kvf__err(rc, "tcp create: accept thread: %s", strerror(-rc));
     }
     if (rc) {
-        atomic_store(&t->stopping, true);
         tcp_io_stop_all(t);
-        atomic_store(&t->stopping, false);
+        atomic_store(&t->io_stopping, false);
     }
     return rc;
 }
