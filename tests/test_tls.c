@@ -253,6 +253,24 @@ static void mutual_tls_transfer_works(void **state)
     fx_cleanup(&f);
 }
 
+/* The seed's two processes forced onto tcp with --tls-data: the data connections run mutual TLS
+ * too (each engine presents the test certificate and checks the other's against the CA and its
+ * address), beside the mutual-TLS store. */
+static void data_tls_transfer_works(void **state)
+{
+    (void)state;
+    fx_t f;
+    certs_make(&f);
+    const char *sargs[] = {"--tls-cert", P(&f, "server.pem"), "--tls-key", P(&f, "server.key"),
+                           "--tls-ca-file", P(&f, "ca.pem"), NULL};
+    store_start(&f, sargs);
+    const char *cargs[] = {"--tls-ca-file", P(&f, "ca.pem"), "--tls-cert", P(&f, "server.pem"),
+                           "--tls-key", P(&f, "server.key"), "--tls-data", "--transport", "tcp",
+                           NULL};
+    two_process_flow(&f, cargs);
+    fx_cleanup(&f);
+}
+
 /* TLS and the cluster secret together: the secret's handshake runs inside TLS, and a client
  * with TLS but no key is still refused by the secret. */
 static void tls_and_secret_transfer_works(void **state)
@@ -797,6 +815,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(tls_transfer_works),
         cmocka_unit_test(mutual_tls_transfer_works),
         cmocka_unit_test(tls_and_secret_transfer_works),
+        cmocka_unit_test(data_tls_transfer_works),
         cmocka_unit_test(wrong_ca_fails_at_once),
         cmocka_unit_test(expired_cert_fails_at_once),
         cmocka_unit_test(revoked_cert_fails_at_once),
