@@ -27,17 +27,6 @@ enum { SRV_WANT_HELLO, SRV_WANT_PROOF, SRV_DONE, SRV_FAILED };
 
 /* ---- the key file ---------------------------------------------------------------------------- */
 
-static int hexval(int c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* Decode one key of @n hex digits at @text into @out (KVF_AUTH_KEY_MAX bytes); @which names it
  * in messages ("", or " (its second key)"). Returns its length in bytes or a negative code. */
 static int key_decode(const char *path, const char *which, const char *text, size_t n,
@@ -50,8 +39,8 @@ static int key_decode(const char *path, const char *which, const char *text, siz
                         path, which, n, 2 * KVF_AUTH_KEY_MIN, 2 * KVF_AUTH_KEY_MAX);
     uint8_t same = 0;
     for (size_t i = 0; i < n / 2; i++) {
-        int h = hexval((unsigned char)text[2 * i]);
-        int l = hexval((unsigned char)text[2 * i + 1]);
+        int h = kvf__hexval((unsigned char)text[2 * i]);
+        int l = kvf__hexval((unsigned char)text[2 * i + 1]);
         if (h < 0 || l < 0)
             return kvf__err(-KVF_EINVAL,
                             "auth key file %s%s: character %zu is not a hex digit (make a key "

@@ -102,4 +102,7 @@ uint64_t kvf__now_ms(void);
  */
 char *kvf__printable(char *dst, size_t dstlen, const void *src, size_t len);
 
+/* The value of hex digit @c (either case), or -1 when it is none. */
+int kvf__hexval(int c);
+
 #endif /* KVF_COMMON_H */

@@ -1,5 +1,16 @@
-/* Bytes from the network or a user made safe to print (common.h). */
+/* Text helpers (common.h): bytes from the network or a user made safe to print, hex digits. */
 #include "common/common.h"
+
+int kvf__hexval(int c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
 
 char *kvf__printable(char *dst, size_t dstlen, const void *src, size_t len)
 {

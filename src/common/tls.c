@@ -149,18 +149,7 @@ static int list_split(const char *what, const char *list, char *buf, size_t bufl
     return n;
 }
 
-static int hexval(int c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-static int fp_parse(const char *s, uint8_t out[32])
+int kvf__tls_fp_parse(const char *s, uint8_t out[32])
 {
     const char *p = s;
     if (strncasecmp(p, "sha256:", 7) == 0)
@@ -169,7 +158,7 @@ static int fp_parse(const char *s, uint8_t out[32])
     for (; *p; p++) {
         if (*p == ':')
             continue;
-        int v = hexval((unsigned char)*p);
+        int v = kvf__hexval((unsigned char)*p);
         if (v < 0 || nib == 64)
             goto bad;
         out[nib / 2] = (uint8_t)(nib % 2 ? (out[nib / 2] << 4) | v : v);
@@ -301,32 +290,38 @@ static bool chain_error(int err)
            err == X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE || err == X509_V_ERR_CERT_UNTRUSTED;
 }
 
+int kvf__tls_pin_verify(int ok, struct x509_store_ctx_st *xs, bool has_ca, const uint8_t fp[32],
+                        char *why, size_t whylen)
+{
+    if (!ok && !has_ca && !chain_error(X509_STORE_CTX_get_error(xs)))
+        return 0;
+    if (X509_STORE_CTX_get_error_depth(xs) > 0)
+        return has_ca ? ok : 1;
+    X509 *cert = X509_STORE_CTX_get_current_cert(xs);
+    uint8_t md[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+    if (!cert || X509_digest(cert, EVP_sha256(), md, &n) != 1 || n != 32 ||
+        CRYPTO_memcmp(md, fp, 32) != 0) {
+        char hex[65] = "?";
+        for (unsigned i = 0; i < n && i < 32; i++)
+            snprintf(hex + 2 * i, 3, "%02x", md[i]);
+        snprintf(why, whylen,
+                 "the server certificate's SHA-256 fingerprint %s is not the one configured", hex);
+        X509_STORE_CTX_set_error(xs, X509_V_ERR_APPLICATION_VERIFICATION);
+        return 0;
+    }
+    if (!has_ca)
+        X509_STORE_CTX_set_error(xs, X509_V_OK);
+    return has_ca ? ok : 1;
+}
+
 static int verify_cb(int ok, X509_STORE_CTX *xs)
 {
     SSL *ssl = X509_STORE_CTX_get_ex_data(xs, SSL_get_ex_data_X509_STORE_CTX_idx());
     kvf_tls_t *t = ssl ? SSL_get_app_data(ssl) : NULL;
     if (!t || !t->ctx->has_fp)
         return ok;
-    if (!ok && !t->ctx->has_ca && !chain_error(X509_STORE_CTX_get_error(xs)))
-        return 0;
-    if (X509_STORE_CTX_get_error_depth(xs) > 0)
-        return t->ctx->has_ca ? ok : 1;
-    X509 *cert = X509_STORE_CTX_get_current_cert(xs);
-    uint8_t md[EVP_MAX_MD_SIZE];
-    unsigned n = 0;
-    if (!cert || X509_digest(cert, EVP_sha256(), md, &n) != 1 || n != 32 ||
-        CRYPTO_memcmp(md, t->ctx->fp, 32) != 0) {
-        char hex[65] = "?";
-        for (unsigned i = 0; i < n && i < 32; i++)
-            snprintf(hex + 2 * i, 3, "%02x", md[i]);
-        snprintf(t->fp_why, sizeof(t->fp_why),
-                 "the server certificate's SHA-256 fingerprint %s is not the one configured", hex);
-        X509_STORE_CTX_set_error(xs, X509_V_ERR_APPLICATION_VERIFICATION);
-        return 0;
-    }
-    if (!t->ctx->has_ca)
-        X509_STORE_CTX_set_error(xs, X509_V_OK);
-    return t->ctx->has_ca ? ok : 1;
+    return kvf__tls_pin_verify(ok, xs, t->ctx->has_ca, t->ctx->fp, t->fp_why, sizeof(t->fp_why));
 }
 
 static int ctx_setup(kvf_tls_ctx_t *c, const kvf_tls_opts_t *o)
@@ -435,7 +430,7 @@ static int ctx_setup(kvf_tls_ctx_t *c, const kvf_tls_opts_t *o)
         return 0;
     }
     if (set(o->fingerprint)) {
-        if ((rc = fp_parse(o->fingerprint, c->fp)) < 0)
+        if ((rc = kvf__tls_fp_parse(o->fingerprint, c->fp)) < 0)
             return rc;
         c->has_fp = true;
     }

@@ -52,6 +52,20 @@ const kvf_tls_opts_t *kvf__tls_opts_resolve(const kvf_tls_opts_t *o, kvf_tls_opt
 int kvf__tls_data_resolve(const kvf_tls_opts_t *data, const kvf_tls_opts_t *store,
                           kvf_tls_opts_t *env, const kvf_tls_opts_t **out);
 
+/* Parse a SHA-256 fingerprint (64 hex digits, colons and a "sha256:" prefix allowed) into
+ * @out. Returns 0, or -KVF_EINVAL with a message naming it. */
+int kvf__tls_fp_parse(const char *s, uint8_t out[32]);
+
+/*
+ * kvf__tls_pin_verify - the body of an OpenSSL verify callback for a pinned certificate (for
+ * a context of this file, and for libcurl's, which etcd's client configures itself): the usual
+ * checks, the chain to a root only when @has_ca, and the server's own certificate must have the
+ * SHA-256 @fp, else @why says which fingerprint it has. Returns what the callback returns.
+ */
+struct x509_store_ctx_st;
+int kvf__tls_pin_verify(int ok, struct x509_store_ctx_st *xs, bool has_ca, const uint8_t fp[32],
+                        char *why, size_t whylen);
+
 /*
  * kvf__tls_ctx_new - a context for clients (@server false) or a server from @o, which must be on.
  * @host: a client's default name to verify (the store URL's host); ignored for a server.

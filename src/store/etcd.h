@@ -68,7 +68,7 @@ typedef struct kvf_etcd {
     bool tls;
     bool tls_has_ca;  /* a CA file or directory is set */
     bool tls_pin;     /* a fingerprint is set: tls_fp */
-    char tls_fp[65];  /* the pinned SHA-256, 64 lowercase hex digits */
+    uint8_t tls_fp[32]; /* the pinned SHA-256 */
     char *tls_ca, *tls_capath, *tls_cert, *tls_key, *tls_key_pem, *tls_key_pw, *tls_crl;
     char *tls_name;   /* the server name (SNI, the name checked), NULL: each endpoint's host */
 

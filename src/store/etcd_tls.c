@@ -7,10 +7,7 @@
  * own address. The meaning is the built-in store's (include/kvferry.h, kvf_tls_opts_t). See
  * etcd.h.
  */
-#include <ctype.h>
 #include <curl/curl.h>
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
 #include <openssl/opensslv.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
@@ -18,7 +15,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "common/common.h"
 #include "common/tls.h"
@@ -68,73 +64,16 @@ static const char *curl_not_openssl(char *buf, size_t n)
     return NULL;
 }
 
-/* The fingerprint as given ("sha256:" prefix and colons allowed; kvf__tls_ctx_new has checked
- * its form) as 64 lowercase hex digits into @out. */
-static int fp_normalise(const char *s, char out[65])
-{
-    if (strncasecmp(s, "sha256:", 7) == 0)
-        s += 7;
-    size_t n = 0;
-    for (; *s; s++) {
-        if (*s == ':')
-            continue;
-        if (!isxdigit((unsigned char)*s) || n == 64)
-            return -1;
-        out[n++] = (char)tolower((unsigned char)*s);
-    }
-    out[n] = '\0';
-    return n == 64 ? 0 : -1;
-}
-
-/* Errors that only say the chain does not reach a trusted root: with a pinned certificate and
- * no CA configured there is no root to reach, so these are not failures. */
-static bool no_root(int err)
-{
-    switch (err) {
-    case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
-    case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
-    case X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
-    case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
-    case X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
-    case X509_V_ERR_CERT_UNTRUSTED:
-        return true;
-    default:
-        return false;
-    }
-}
-
-/* OpenSSL's verify callback with a pin: every other check as usual (the chain to a root only
- * when a CA is configured), and the server's own certificate (depth 0) must have the pinned
- * SHA-256, else the handshake ends here and the call says why. */
+/* OpenSSL's verify callback with a pin (common/tls.h, as the built-in store's client checks
+ * one): the handshake ends at a certificate without the pinned SHA-256, and the call says why. */
 static int pin_verify(int ok, X509_STORE_CTX *xs)
 {
     SSL *ssl = X509_STORE_CTX_get_ex_data(xs, SSL_get_ex_data_X509_STORE_CTX_idx());
     etcd_tls_call_t *call = ssl ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), g_slot) : NULL;
     if (!call)
         return 0; /* never skip the pin */
-    const etcd_t *e = call->e;
-    if (!ok && (e->tls_has_ca || !no_root(X509_STORE_CTX_get_error(xs))))
-        return 0;
-    if (X509_STORE_CTX_get_error_depth(xs) > 0)
-        return 1;
-    X509 *cert = X509_STORE_CTX_get_current_cert(xs);
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned n = 0;
-    char hex[65] = "";
-    if (cert && X509_digest(cert, EVP_sha256(), md, &n) == 1 && n == 32)
-        for (unsigned i = 0; i < n; i++)
-            snprintf(hex + 2 * i, 3, "%02x", md[i]);
-    if (strcmp(hex, e->tls_fp) != 0) {
-        snprintf(call->why, sizeof(call->why),
-                 "the server certificate's SHA-256 fingerprint %s is not the one configured "
-                 "(--tls-fingerprint)",
-                 hex[0] ? hex : "(none)");
-        X509_STORE_CTX_set_error(xs, X509_V_ERR_APPLICATION_VERIFICATION);
-        return 0;
-    }
-    if (!e->tls_has_ca)
-        X509_STORE_CTX_set_error(xs, X509_V_OK);
-    return 1;
+    return kvf__tls_pin_verify(ok, xs, call->e->tls_has_ca, call->e->tls_fp, call->why,
+                               sizeof(call->why));
 }
 
 /* CURLOPT_SSL_CTX_FUNCTION: called on each new connection, before its handshake, with a fresh
@@ -175,10 +114,8 @@ int kvf__etcd_tls_setup(etcd_t *e, const kvf_tls_opts_t *o, const char *host)
                             "store %s: etcd over https cannot pin a fingerprint "
                             "(--tls-fingerprint): %s",
                             e->url, why);
-        if (fp_normalise(o->fingerprint, e->tls_fp) < 0)
-            return kvf__err(-KVF_EINVAL, "store %s: TLS fingerprint %.100s: not a SHA-256 "
-                            "fingerprint (64 hex digits, colons allowed)",
-                            e->url, o->fingerprint);
+        if ((rc = kvf__tls_fp_parse(o->fingerprint, e->tls_fp)) < 0)
+            return kvf__err_wrap(rc, "store %s", e->url);
         pthread_once(&g_slot_once, slot_init);
         if (g_slot < 0)
             return kvf__err(-KVF_ENOMEM, "store %s: out of memory", e->url);
