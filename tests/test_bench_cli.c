@@ -113,6 +113,13 @@ static void check_runs(json_t *root, size_t want_runs, const char *transport)
         if (!(num(rs, "before") > 0 && num(rs, "after") > 0 && num(ts, "before") >= 1 &&
               num(ts, "after") >= 1))
             fail_msg("rss_kib or threads of the %s missing", side[k]);
+        /* The engine's figure is VmRSS less shared memory and the bench's buffers (anonymous,
+         * faulted in): the binary and libraries (RssFile) are a part of it, never more. */
+        double eb = num(rs, "engine_before"), ea = num(rs, "engine_after");
+        double fb = num(rs, "file_before"), fa = num(rs, "file_after");
+        if (!(fb > 0 && fa > 0 && fb <= eb && fa <= ea && ea < num(rs, "after")))
+            fail_msg("%s: engine %.0f -> %.0f KiB, of it file %.0f -> %.0f KiB, VmRSS %.0f KiB",
+                     side[k], eb, ea, fb, fa, num(rs, "after"));
     }
     assert_true(num(rss, "initiator_buffers_kib") > 0);
     assert_true(num(rss, "target_buffer_kib") > 0);

@@ -91,7 +91,11 @@ int bench_write_json(const bench_t *b, int argc, char **argv, bool ok)
     json_object_set_new(root, "ready_ms", b->ready_ms > 0 ? json_real(b->ready_ms) : json_null());
     static const char *side[2] = {"initiator", "target"};
     /* The bench's own anonymous buffers; kvf_mem_alloc memory (the target's with --memory
-     * alloc, and its mapping in a shm sender) is shared memory, counted apart. */
+     * alloc, and its mapping in a shm sender) is shared memory, counted apart. What is left
+     * (engine_*) is the binary and the libraries (file_*, a part of it) and the process's other
+     * anonymous memory: the engine's heap and thread stacks, and the little the bench keeps
+     * outside its buffers (its latency samples are mapped and unmapped per run, and sorted
+     * without the heap: bench_sort.c). */
     long own[2] = {(long)(b->local_len * (b->scratch ? 2 : 1) / 1024),
                    strcmp(b->target_memory, "registered") ? 0 : (long)(b->target_len / 1024)};
     json_t *rss = json_object(), *thr = json_object();
@@ -103,10 +107,12 @@ int bench_write_json(const bench_t *b, int argc, char **argv, bool ok)
             rss, side[i],
             b->rss_kib[i][0] < 0
                 ? json_null()
-                : json_pack("{s:I,s:I,s:I,s:I,s:I}", "before", (json_int_t)b->rss_kib[i][0],
-                            "after", (json_int_t)b->rss_kib[i][1], "shmem_after",
-                            (json_int_t)b->shmem_kib[i][1], "engine_before", (json_int_t)eng[0],
-                            "engine_after", (json_int_t)eng[1]));
+                : json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "before",
+                            (json_int_t)b->rss_kib[i][0], "after", (json_int_t)b->rss_kib[i][1],
+                            "shmem_after", (json_int_t)b->shmem_kib[i][1], "engine_before",
+                            (json_int_t)eng[0], "engine_after", (json_int_t)eng[1],
+                            "file_before", (json_int_t)b->file_kib[i][0], "file_after",
+                            (json_int_t)b->file_kib[i][1]));
         json_object_set_new(thr, side[i],
                             b->nthreads[i][0] < 0 ? json_null()
                                                   : json_pack("{s:I,s:I}", "before",

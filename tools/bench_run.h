@@ -112,7 +112,7 @@ typedef struct {
     /* VmRSS (KiB) and threads of [0] this process and [1] a target started here (-1: unknown,
      * a --target elsewhere), [0] after the engine was created, before any transfer, and [1]
      * after the last run. */
-    long rss_kib[2][2], shmem_kib[2][2], nthreads[2][2];
+    long rss_kib[2][2], shmem_kib[2][2], file_kib[2][2], nthreads[2][2];
     /* Where this process's slices start in the target buffer (--slice-index x local_len). */
     size_t base_off;
     bool tty;

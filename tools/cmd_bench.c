@@ -270,12 +270,14 @@ static int bench_setup(bench_t *b, size_t need)
  * runs, 1 after). */
 static void bench_sample(bench_t *b, int when)
 {
-    bench_proc_status(0, &b->rss_kib[0][when], &b->shmem_kib[0][when], &b->nthreads[0][when]);
+    bench_proc_status(0, &b->rss_kib[0][when], &b->shmem_kib[0][when], &b->file_kib[0][when],
+                      &b->nthreads[0][when]);
     if (b->child > 0)
         bench_proc_status(b->child, &b->rss_kib[1][when], &b->shmem_kib[1][when],
-                          &b->nthreads[1][when]);
+                          &b->file_kib[1][when], &b->nthreads[1][when]);
     else
-        b->rss_kib[1][when] = b->shmem_kib[1][when] = b->nthreads[1][when] = -1;
+        b->rss_kib[1][when] = b->shmem_kib[1][when] = b->file_kib[1][when] =
+            b->nthreads[1][when] = -1;
 }
 
 /* Under --procs: say "ready" on the READY pipe, then wait for the GO pipe to close, which the
