@@ -71,6 +71,29 @@ static json_t *machine_json(void)
                      (json_int_t)sysconf(_SC_PHYS_PAGES) * (json_int_t)sysconf(_SC_PAGESIZE));
 }
 
+static json_t *us_array(const double *v, unsigned n)
+{
+    json_t *a = json_array();
+    for (unsigned i = 0; i < n; i++)
+        json_array_append_new(a, json_real(v[i]));
+    return a;
+}
+
+/* The cold-start probe (bench_region.c); null when it did not run or made no probe. */
+static json_t *probe_json(const bench_region_probe_t *r)
+{
+    if (r->n == 0)
+        return r->why[0] ? json_pack("{s:s}", "error", r->why) : json_null();
+    json_t *j = json_pack("{s:I,s:i,s:o,s:o,s:o,s:o,s:f}", "bytes", (json_int_t)r->bytes,
+                          "idle_ms", (int)BENCH_IDLE_MS, "first_us", us_array(r->first_us, r->n),
+                          "repeat_us", us_array(r->repeat_us, r->n), "warm_us",
+                          us_array(r->warm_us, r->n), "after_idle_us", us_array(r->idle_us, r->n),
+                          "first_over_repeat", r->first_over_repeat);
+    if (r->why[0])
+        json_object_set_new(j, "error", json_string(r->why));
+    return j;
+}
+
 int bench_write_json(const bench_t *b, int argc, char **argv, bool ok)
 {
     json_t *cmd = json_array();
@@ -124,6 +147,7 @@ int bench_write_json(const bench_t *b, int argc, char **argv, bool ok)
     json_object_set_new(rss, "target_buffer_kib", json_integer((json_int_t)(b->target_len / 1024)));
     json_object_set_new(root, "rss_kib", rss);
     json_object_set_new(root, "threads", thr);
+    json_object_set_new(root, "fresh_region", probe_json(&b->probe));
     int rc = json_dump_file(root, b->a.json_path, JSON_INDENT(2));
     json_decref(root);
     if (rc < 0) {
