@@ -567,7 +567,7 @@ void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x)
     /* Unknown and not the warmer's to map (it is off, or has no room for it): ask, and wait for
      * another transfer's request under way on ask_lock. A region the warmer has or will take is
      * not waited for: the transfer uses process_vm until the mapping is made and warmed. */
-    bool ask = e && e->state == SHM_R_UNKNOWN && !e->warm_done && !shm_warm_will_take(p);
+    bool ask = e && e->state == SHM_R_UNKNOWN && !e->warm_done && !shm_warm_will_take(p, e);
     if (ask)
         r = e->r;
     pthread_rwlock_unlock(&p->map_lock);
