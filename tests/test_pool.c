@@ -1,6 +1,6 @@
 /*
- * The target's fixed set of I/O threads (issue 17): however many connections arrive, the target
- * runs the same threads; a connection that stalls in the middle of a frame does not hold up the
+ * The fixed set of I/O threads (issue 17): however many connections arrive, the target runs the
+ * same threads, and however many peers an initiator writes to, so does it; a connection that stalls in the middle of a frame does not hold up the
  * others served by the same I/O thread; and unauthenticated connections have their own small
  * share (KVF_TCP_MAX_PREAUTH, KVF_TCP_MAX_PREAUTH_PER_ADDR) with the oldest evicted, so a flood
  * of them does not lock a keyed Prefill out. Raw sockets on 127.0.0.x only, bounded in count and
@@ -120,6 +120,18 @@ static bool raw_hello(int fd, const char *sid)
     return h.type == KVF_TCP_RESP && h.status == 0 && h.req_id == 1;
 }
 
+/* A peer handle to @port whose session id is its address. */
+static kvf_tpeer_t *peer_open_to(node_t *from, uint16_t port)
+{
+    char sid[32];
+    snprintf(sid, sizeof(sid), "127.0.0.1:%u", (unsigned)port);
+    kvf_tpeer_desc_t d = {.sid = sid};
+    assert_kvf_ok(kvf__session_id_parse(sid, &d.addr));
+    kvf_tpeer_t *p = NULL;
+    assert_kvf_ok(ops->peer_open(from->t, &d, &p));
+    return p;
+}
+
 /* A write of @len bytes from @from to @dst on the transport at @port, checked byte for byte. */
 static void prefill_write(node_t *from, uint16_t port, uint8_t *dst, size_t len, unsigned seed)
 {
@@ -127,12 +139,7 @@ static void prefill_write(node_t *from, uint16_t port, uint8_t *dst, size_t len,
     assert_non_null(src);
     for (size_t i = 0; i < len; i++)
         src[i] = (uint8_t)(i * 131u + seed);
-    char sid[32];
-    snprintf(sid, sizeof(sid), "127.0.0.1:%u", (unsigned)port);
-    kvf_tpeer_desc_t d = {.sid = sid};
-    assert_kvf_ok(kvf__session_id_parse(sid, &d.addr));
-    kvf_tpeer_t *p = NULL;
-    assert_kvf_ok(ops->peer_open(from->t, &d, &p));
+    kvf_tpeer_t *p = peer_open_to(from, port);
     kvf_xfer_t x = {.op = KVF_OP_WRITE, .local = src, .remote = (uintptr_t)dst, .len = len};
     assert_kvf_ok(ops->transfer(p, &x, 1, kvf_test_now_ms() + 10000, NULL));
     ops->peer_close(p);
@@ -221,6 +228,44 @@ static void idle_peers_keep_thread_count(void **state)
         close(fds[i]);
     node_stop(&b);
     node_stop(&a);
+}
+
+/* An initiator with 200 peers, each with an open connection that wrote and now sits idle, runs
+ * the threads it ran with none: no thread belongs to a connection on this side either. Two
+ * targets, 100 peers each (KVF_TCP_MAX_CONNS_PER_ADDR is 128 from one address). */
+static void initiator_peers_keep_thread_count(void **state)
+{
+    (void)state;
+    kvf_test_need_fds("200 initiator peers", 4 * IDLE_PEERS + 256);
+    node_t tg[2] = {{0}, {0}}, b = {0};
+    static uint8_t dst[2][IDLE_PEERS / 2][64];
+    for (unsigned k = 0; k < 2; k++) {
+        node_start(&tg[k], NULL);
+        assert_kvf_ok(
+            kvf__regions_add(tg[k].rt, (uint64_t)(uintptr_t)dst[k], sizeof(dst[k]), NULL));
+    }
+    node_start(&b, NULL);
+    unsigned before = threads_now();
+    kvf_tpeer_t *peers[IDLE_PEERS];
+    for (unsigned i = 0; i < IDLE_PEERS; i++) {
+        uint8_t src[64];
+        for (unsigned j = 0; j < sizeof(src); j++)
+            src[j] = (uint8_t)(i * 7u + j);
+        uint8_t *to = dst[i % 2][i / 2];
+        peers[i] = peer_open_to(&b, tg[i % 2].port);
+        kvf_xfer_t x = {.op = KVF_OP_WRITE, .local = src, .remote = (uintptr_t)to, .len = 64};
+        assert_kvf_ok(ops->transfer(peers[i], &x, 1, kvf_test_now_ms() + 10000, NULL));
+        assert_memory_equal(to, src, sizeof(src));
+    }
+    assert_int_equal(served(&tg[0], NULL) + served(&tg[1], NULL), IDLE_PEERS);
+    unsigned during = threads_now();
+    print_message("initiator: threads %u before, %u with %u peers\n", before, during, IDLE_PEERS);
+    assert_int_equal(during, before);
+    for (unsigned i = 0; i < IDLE_PEERS; i++)
+        ops->peer_close(peers[i]);
+    node_stop(&b);
+    node_stop(&tg[1]);
+    node_stop(&tg[0]);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -380,6 +425,7 @@ static void preauth_flood_does_not_lock_out_keyed_prefill(void **state)
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test(flood_adds_no_threads),
     cmocka_unit_test(idle_peers_keep_thread_count),
+    cmocka_unit_test(initiator_peers_keep_thread_count),
     cmocka_unit_test(slow_loris_does_not_block_others),
     cmocka_unit_test(preauth_flood_does_not_lock_out_keyed_prefill),
 };

@@ -9,6 +9,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -23,6 +24,7 @@
 #include "common/wire.h"
 #include "common/regions.h"
 #include "test_util.h"
+#include "transport/tcp.h"
 #include "transport/tcp_proto.h"
 #include "transport/transport.h"
 
@@ -1247,6 +1249,79 @@ static void test_read_timeout_late_answer(void **state)
     free(buf2);
 }
 
+typedef struct {
+    kvf_tpeer_t *p;
+    uint8_t *buf;
+    size_t len;
+    int rc;
+    atomic_bool returned;
+} stalled_read_t;
+
+static void *stalled_read_main(void *arg)
+{
+    stalled_read_t *r = arg;
+    /* Two elements: two requests, whose answers the I/O thread reads. */
+    kvf_xfer_t x[2] = {{KVF_OP_READ, r->buf, 0x10000, r->len / 2},
+                       {KVF_OP_READ, r->buf + r->len / 2, 0x90000, r->len / 2}};
+    r->rc = ops->transfer(r->p, x, 2, dl(4000), NULL);
+    atomic_store(&r->returned, true);
+    return NULL;
+}
+
+/* With one I/O thread reading every connection's answers, a peer that stops in the middle of an
+ * answer holds up no other peer: another peer's batches (read by the same thread) complete while
+ * the stalled read waits for its deadline, which then fails it with -KVF_ETIMEDOUT. */
+static void test_stalled_answer_holds_up_no_other_peer(void **state)
+{
+    (void)state;
+    setenv("KVFERRY_IO_THREADS", "1", 1);
+    node_t a = {0}, b = {0};
+    node_start(&a, 1, 4 * MiB);
+    unsetenv("KVFERRY_IO_THREADS");
+    assert_int_equal(tcp_of(a.t)->nio, 1);
+    node_start(&b, 1, 4 * MiB);
+    const size_t n = MiB;
+    uint8_t *dst = xmalloc(n), *src = xmalloc(n);
+    memset(dst, 0, n);
+    fill(src, n, 7);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)dst, n, NULL));
+
+    rawsrv_t r;
+    rawsrv_start(&r, RAW_READ_HALF);
+    stalled_read_t sr = {.p = peer_to(&a, r.port), .buf = xmalloc(n), .len = n};
+    memset(sr.buf, 0x11, n);
+    atomic_init(&sr.returned, false);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, stalled_read_main, &sr), 0);
+    /* The first half of the first answer lands, then the peer stalls. */
+    uint64_t until = kvf_test_now_ms() + 3000;
+    while (((volatile uint8_t *)sr.buf)[0] != 0x22 && kvf_test_now_ms() < until)
+        sched_yield();
+    assert_int_equal(sr.buf[0], 0x22);
+
+    kvf_tpeer_t *p = peer_to(&a, b.port);
+    for (unsigned round = 0; round < 4; round++) {
+        kvf_xfer_t x[4];
+        for (unsigned k = 0; k < 4; k++)
+            x[k] = (kvf_xfer_t){KVF_OP_WRITE, src + k * (n / 4), (uintptr_t)dst + k * (n / 4),
+                                n / 4};
+        assert_kvf_ok(ops->transfer(p, x, 4, dl(2000), NULL));
+    }
+    assert_bytes_eq(dst, src, n);
+    assert_false(atomic_load(&sr.returned));
+
+    pthread_join(th, NULL);
+    assert_int_equal(sr.rc, -KVF_ETIMEDOUT);
+    rawsrv_stop(&r);
+    ops->peer_close(p);
+    ops->peer_close(sr.p);
+    node_stop(&b);
+    node_stop(&a);
+    free(sr.buf);
+    free(src);
+    free(dst);
+}
+
 /* Nobody listens: a clear error at once, not a hang. */
 static void test_connect_refused(void **state)
 {
@@ -1348,6 +1423,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_stalled_peer),
     cmocka_unit_test(test_read_timeout_mid_answer),
     cmocka_unit_test(test_read_timeout_late_answer),
+    cmocka_unit_test(test_stalled_answer_holds_up_no_other_peer),
     cmocka_unit_test(test_connect_refused),
     cmocka_unit_test(test_trickling_writer_cut_off),
     cmocka_unit_test(test_no_hello_cut_off),

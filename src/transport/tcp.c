@@ -218,6 +218,8 @@ static void tcp_destroy(kvf_transport_t *tt)
     uint64_t one = 1;
     if (write(t->wake_fd, &one, sizeof(one)) < 0)
         KVF_WARN(TCP_LOG, "destroy %s: eventfd: %s", t->listen_str, strerror(errno));
+    /* The peers go first: their connections' watches live on the I/O threads. */
+    tcp_peer_detach_all(t);
     /* The I/O threads cut every served connection, giving back its region references, before
      * they end: only then may the engine destroy the region table. */
     tcp_pool_stop(t);
@@ -225,7 +227,6 @@ static void tcp_destroy(kvf_transport_t *tt)
     close(t->wake_fd);
     close(t->reap_fd);
 
-    tcp_peer_detach_all(t);
     tcp_tls_free(t);
     pthread_mutex_destroy(&t->mu);
     KVF_DEBUG(TCP_LOG, "stopped listening on %s", t->listen_str);

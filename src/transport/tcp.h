@@ -12,10 +12,14 @@
  *   tcp_target.c  the target side: one served connection as a state machine over a
  *                 non-blocking socket, and the authoritative checks of every request against
  *                 the region table
- *   tcp_pool.c    the target's threads: the accept thread (caps, eviction of the oldest
- *                 unauthenticated connection) and a fixed set of I/O threads over epoll
- *   tcp_conn.c    one initiator connection: its slots, breaking it, its receiver thread,
- *                 connecting it with a HELLO
+ *   tcp_pool.c    the transport's threads: the accept thread (caps, eviction of the oldest
+ *                 unauthenticated connection) and a fixed set of I/O threads over epoll, which
+ *                 serve the target's connections and watch the initiator's (tcp_watch_*)
+ *   tcp_conn.c    one initiator connection: its slots, how a request ends, breaking it
+ *   tcp_rx.c      reading an initiator connection's answers: a resumable state machine run by
+ *                 an I/O thread, or by the caller that waits for them
+ *   tcp_connect.c (re)opening an initiator connection: connect, TLS, handshake, HELLO, and
+ *                 handing its socket to an I/O thread
  *   tcp_peer.c    a peer handle: its connections, opened and closed
  *   tcp_xfer.c    transfer() and notify(): posting chunks, gathering small writes, batches,
  *                 waiting for their answers
@@ -25,16 +29,20 @@
  * calls transfer() sends its own requests (header and payload in one sendmsg() straight from the
  * caller's memory; runs of small writes gathered into one WRITEV) and then waits for the
  * answers. Whoever holds a connection's reader role reads them and completes requests by req_id,
- * receiving a READ's payload straight into the caller's buffer: normally the connection's
- * receiver thread, which wakes the waiting callers; but a caller whose whole batch is one request
- * reads its own answer (see tcp_reader_t), which saves a wake-up on small transfers.
+ * receiving a READ's payload straight into the caller's buffer: normally one of the transport's
+ * I/O threads, which wakes the waiting callers; but a caller whose whole batch is one request
+ * reads its own answer (see tcp_reader_t), which saves a wake-up on small transfers. No thread
+ * belongs to a connection: however many peers, the I/O threads are the same few. Reading never
+ * blocks (tcp_rx.c keeps a half-read answer in the connection), so a stalled peer holds up no
+ * other connection, and the role can pass between threads in the middle of an answer.
  *
  * Locking on the initiator side. peer->mu protects every connection's state, its in-flight
  * slot table and every batch's counters. conn->send_mu serialises frames on one socket and is
  * taken before peer->mu when both are needed. conn->fd and conn->gen change only with both held,
  * so a sender that holds send_mu and sees the generation it posted under knows the fd is the one
- * its request belongs to (and still open). A connection's fd is closed only after its receiver
- * thread has been joined, so shutdown() by any thread that sees the fd under the lock is safe.
+ * its request belongs to (and still open). A connection's fd is closed only after its watch was
+ * deleted (no I/O thread runs its handler any more) and no caller reads it (inline_active), so
+ * shutdown() by any thread that sees the fd under the lock is safe.
  *
  * The functions below that are not static inline are the tcp files' private interface; none
  * leaves the library (hidden visibility).
@@ -193,7 +201,8 @@ struct tcp_sconn {
     struct iovec *iov;
 };
 
-/* One I/O thread of the target side: an epoll set over its share of the served connections. */
+/* One I/O thread: an epoll set over its share of the served connections and of the initiator
+ * connections' watches. */
 struct tcp_iothr {
     struct tcp_transport *t;
     unsigned idx;
@@ -204,7 +213,14 @@ struct tcp_iothr {
     unsigned nconns;            /* t->mu: connections it serves (for the accept thread's choice) */
     struct tcp_sconn *incoming; /* t->mu: handed over by the accept thread, not yet in ep */
     struct tcp_sconn *conns;    /* this thread only */
+    bool wmu_init;              /* wmu and wcv are initialised */
+    pthread_mutex_t wmu;        /* the watches' dead and busy flags, and dead */
+    pthread_cond_t wcv;         /* a watch's handler returned */
+    struct tcp_watch *dead;     /* deleted watches, freed by the thread between epoll_wait()s */
 };
+
+/* A watch's handler, run by its I/O thread with the epoll events that fired. */
+typedef void (*tcp_watch_fn)(void *arg, uint32_t events);
 
 /* A batch: the completion shared by every chunk one transfer() call posts. */
 struct tcp_batch {
@@ -231,12 +247,12 @@ struct tcp_slot {
     uint8_t op;
 };
 
-/* Who reads a connection's answers. Normally its receiver thread; but a caller whose whole batch
- * is one request reads its own answer (saving the receiver's wake-up of the caller, the larger
+/* Who reads a connection's answers. Normally an I/O thread; but a caller whose whole batch is
+ * one request reads its own answer (saving the I/O thread's wake-up of the caller, the larger
  * part of small-transfer latency), and hands the role on if other requests are still pending. */
 typedef enum {
-    TCP_READER_NONE,   /* nothing to read: the receiver only watches for the peer closing */
-    TCP_READER_RX,     /* the receiver thread */
+    TCP_READER_NONE,   /* nothing to read: its I/O thread only watches for the peer closing */
+    TCP_READER_IO,     /* its I/O thread (the socket's epoll interest includes EPOLLIN) */
     TCP_READER_INLINE, /* the caller that owns inline_b */
 } tcp_reader_t;
 
@@ -244,10 +260,19 @@ typedef enum {
     TCP_CONN_DOWN,       /* no socket */
     TCP_CONN_CONNECTING, /* a transfer thread is (re)connecting it */
     TCP_CONN_UP,
-    TCP_CONN_BROKEN, /* failed; its receiver may still run; the next transfer reconnects */
+    TCP_CONN_BROKEN, /* failed; the next transfer reconnects */
 } tcp_conn_state_t;
 
+/* What the bytes an initiator connection is receiving now complete (tcp_rx.c). */
+typedef enum {
+    TCP_RX_HDR,   /* an answer's header */
+    TCP_RX_MSG,   /* a refusal's message */
+    TCP_RX_DATA,  /* a READ answer's payload, straight into the caller's buffer */
+    TCP_RX_DRAIN, /* an answer nobody waits for any more (its request was given up) */
+} tcp_rx_state_t;
+
 struct tcp_peer;
+struct tcp_watch;
 
 struct tcp_conn {
     struct tcp_peer *peer;
@@ -259,20 +284,28 @@ struct tcp_conn {
                        is made under tls_mu (a reader and a sender use it at once) */
     uint64_t gen;   /* changes whenever fd does */
     uint64_t seq;
-    bool rx_started;
-    pthread_t rx_thread;
-    uint64_t rx_gen; /* the generation the receiver serves; set before it starts */
-    int rx_active;   /* slot the reader is filling without the lock (READ answer), or -1 */
+    struct tcp_watch *watch; /* fd's registration with an I/O thread, while fd is open */
+    bool ep_in;              /* watch includes EPOLLIN (set whenever reader is IO) */
+    bool rx_missed;          /* the I/O thread had an event while a caller read (INLINE) */
+    int rx_active; /* slot whose READ payload the reader is receiving without the lock, or -1 */
     tcp_reader_t reader;
     struct tcp_batch *inline_b; /* the batch whose caller reads, when reader is INLINE */
     bool inline_active;         /* that caller is reading without the lock: fd must stay open */
-    int wake_fd;                /* eventfd: wakes the receiver thread (role change, break) */
     unsigned waiters;           /* threads sleeping on cv */
     pthread_cond_t cv;          /* state changes, freed slots, rx_active cleared */
     pthread_mutex_t send_mu;
     pthread_mutex_t tls_mu;
     uint8_t *tls_buf; /* TLS: small pieces of frames gathered into one record (send_mu) */
-    uint8_t *scratch; /* receiver's drain buffer */
+    uint8_t *scratch; /* drain buffer for answers nobody waits for */
+    /* The answer being received (tcp_rx.c): by the holder of the reader role only. */
+    tcp_rx_state_t rx_state;
+    size_t rx_got;     /* bytes of the current part received */
+    uint64_t rx_left;  /* TCP_RX_DRAIN: bytes still to drop */
+    unsigned rx_idx;   /* TCP_RX_DATA: the slot, and its request */
+    uint64_t rx_req;
+    tcp_hdr_t rx_h;
+    uint8_t rx_hbuf[KVF_TCP_HDR_LEN];
+    char rx_msg[KVF_TCP_MAX_MSG + 1];
     unsigned nfree;
     uint64_t idle_since_ms; /* when it opened or its last request ended (nfree was full) */
     uint16_t free_slots[KVF_TCP_MAX_INFLIGHT];
@@ -336,6 +369,7 @@ struct tcp_transport {
     unsigned npreauth; /* of which before their HELLO (and handshake) */
     unsigned nio;
     struct tcp_iothr *io;
+    atomic_uint watch_rr; /* spreads the initiator connections' watches over the I/O threads */
     struct tcp_peer *peers;
 };
 
@@ -402,11 +436,10 @@ void tcp_sockaddr_format(const struct sockaddr_storage *ss, char *buf, size_t le
 int tcp_conn_sendv(struct tcp_conn *c, struct iovec *iov, int cnt, uint64_t deadline_ms,
                    uint32_t stall_ms);
 
-/* Receive exactly @len bytes on @c (by the holder of its reader role), without a receive
- * timeout: the receiver thread is woken by shutdown(). @deadline_ms: 0 for none, else the
- * receive gives up then (a caller reading its own answer). Returns 0, -EPIPE at end of stream,
- * -KVF_ETIMEDOUT at the deadline, or -errno (-KVF_ETLS). */
-int tcp_conn_recv(struct tcp_conn *c, void *buf, size_t len, uint64_t deadline_ms);
+/* Receive up to @len bytes on @c without blocking (by the holder of its reader role). Returns
+ * the count (> 0), 0 at the end of the stream, -EAGAIN when nothing is there (nor inside its TLS
+ * session), or -errno (-KVF_ETLS). */
+ssize_t tcp_conn_recv_some(struct tcp_conn *c, void *buf, size_t len);
 
 /* Whether bytes of @c already wait inside its TLS session, where poll() does not see them. */
 bool tcp_conn_pending(struct tcp_conn *c);
@@ -485,8 +518,26 @@ void tcp_sc_end(struct tcp_sconn *sc);
 int tcp_pool_start(struct tcp_transport *t);
 
 /* Stop the accept thread, then every I/O thread (each closes its connections, releasing their
- * region references), and join them. t->stopping is set and t->wake_fd written by the caller. */
+ * region references), and join them. t->stopping is set and t->wake_fd written by the caller;
+ * every watch was deleted (the peers were shut down). */
 void tcp_pool_stop(struct tcp_transport *t);
+
+/*
+ * Watch @fd (an initiator connection's socket) on one of @t's I/O threads: @fn(@arg, events)
+ * runs on that thread whenever @events (epoll flags) fire. Returns 0 with the watch in *@out,
+ * or a negative code (message not set). Handlers of one watch never run at once.
+ */
+int tcp_watch_add(struct tcp_transport *t, int fd, uint32_t events, tcp_watch_fn fn, void *arg,
+                  struct tcp_watch **out);
+
+/* Change what @w waits for (EPOLL_CTL_MOD: an edge-triggered watch fires at once if the new
+ * events are ready). Any thread; @w's fd is open. */
+void tcp_watch_mod(struct tcp_watch *w, uint32_t events);
+
+/* Delete @w (NULL: nothing): once this returns its handler is not running and never runs again,
+ * so its fd may be closed and its argument freed. Not from its own handler, nor holding a lock
+ * the handler takes. */
+void tcp_watch_del(struct tcp_watch *w);
 
 /* The holders op: the served connections whose request holds part of [addr, addr+len). */
 size_t tcp_holders(kvf_transport_t *tt, uint64_t addr, uint64_t len, char *buf, size_t buflen);
@@ -506,45 +557,56 @@ void tcp_slot_finish(struct tcp_conn *c, unsigned idx);
 void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char *why);
 
 /* Reset @fd at once, dropping its send queue (SO_LINGER 0, connect(AF_UNSPEC)); the fd stays
- * valid for a receiver still in recv() on it. */
+ * valid for a reader still using it. */
 void tcp_fd_abort(int fd);
-
-/* Wake the receiver thread (after a role change or a break). */
-void tcp_rx_wake(struct tcp_conn *c);
 
 /*
  * Mark the connection broken (if @gen is still current), shut its socket down so that its
- * receiver and any sender return, and fail every request on it except the one the receiver is
- * filling (the receiver fails that one itself once its recv() returns). Under peer->mu.
+ * reader and any sender return, and fail every request on it except the one whose READ payload
+ * is being received (rx_active: its reader fails it once its recv() returns). Under peer->mu.
  */
 void tcp_conn_break_locked(struct tcp_conn *c, uint64_t gen, int code, const char *why);
 
-/*
- * Read and handle one frame on @c (an answer): complete or fail its request, or drop it when its
- * request was given up. Called by whichever thread holds the connection's reader role, without
- * peer->mu. A caller reading for itself passes its batch as @self and its deadline: the answer
- * to its own request is received no later than that (the receiver thread passes NULL and 0;
- * other requests' answers are bounded by their owners, whose timeout cuts the connection).
- * Returns 0, or -1 with @why set when the connection must be broken.
- */
-int tcp_rx_one(struct tcp_conn *c, char *why, size_t whylen, const struct tcp_batch *self,
-               uint64_t deadline_ms);
+/* Set up connection @idx of peer @p, down, with its slots free. Returns 0 or a negative code. */
+int tcp_conn_init(struct tcp_peer *p, struct tcp_conn *c, unsigned idx);
+
+/* Free what tcp_conn_init() set up (the connection is down, its fd closed). */
+void tcp_conn_fini(struct tcp_conn *c);
+
+/* Close @c's socket and free its TLS session (fd >= 0; its watch deleted, nobody reading it;
+ * the caller sets gen as its locking requires). */
+void tcp_conn_close_fd(struct tcp_conn *c);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_rx.c: reading an initiator connection's answers
+ * ------------------------------------------------------------------------------------------- */
+
+/* A request was registered on @c (UP) for @b: make sure someone will read its answer. @b's
+ * caller does when @only (its whole batch is this request) and nobody reads @c now; else the
+ * I/O thread. Under peer->mu. */
+void tcp_rx_claim_locked(struct tcp_conn *c, struct tcp_batch *b, bool only);
+
+/* If @b's caller holds a connection's reader role, read its answers until @b is complete, the
+ * connection breaks, or @deadline_ms, then hand the role on; returns true. Else false (the I/O
+ * threads read @b's answers). Called and returns with peer->mu held. */
+bool tcp_rx_inline_locked(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadline_ms);
+
+/* Give up the reader role @b's caller holds, if any (its requests failed before their answers
+ * were read). Under peer->mu. */
+void tcp_rx_release_locked(struct tcp_peer *p, const struct tcp_batch *b);
+
+/* The I/O thread's handler of a connection's watch (@arg: the struct tcp_conn). */
+void tcp_rx_event(void *arg, uint32_t events);
+
+/* ---------------------------------------------------------------------------------------------
+ * tcp_connect.c: (re)opening an initiator connection
+ * ------------------------------------------------------------------------------------------- */
 
 /*
  * (Re)open connection @c. Called with peer->mu held and c->state DOWN or BROKEN; returns with it
  * held, the state UP (0) or DOWN (error, message set), and waiters woken.
  */
 int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms);
-
-/* Set up connection @idx of peer @p, down, with its slots free. Returns 0 or a negative code. */
-int tcp_conn_init(struct tcp_peer *p, struct tcp_conn *c, unsigned idx);
-
-/* Free what tcp_conn_init() set up (the connection is down and its receiver joined). */
-void tcp_conn_fini(struct tcp_conn *c);
-
-/* Close @c's socket and free its TLS session (fd >= 0; the receiver joined, nobody reading; the
- * caller sets gen as its locking requires). */
-void tcp_conn_close_fd(struct tcp_conn *c);
 
 /* ---------------------------------------------------------------------------------------------
  * tcp_peer.c: peer handles (the ops peer_open and peer_close)

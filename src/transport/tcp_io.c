@@ -158,50 +158,14 @@ int tcp_conn_sendv(struct tcp_conn *c, struct iovec *iov, int cnt, uint64_t dead
     return 0;
 }
 
-int tcp_conn_recv(struct tcp_conn *c, void *buf, size_t len, uint64_t deadline_ms)
+ssize_t tcp_conn_recv_some(struct tcp_conn *c, void *buf, size_t len)
 {
-    size_t got = 0;
-    int fd = c->fd;
-    while (c->tls && got < len) {
-        short ev;
-        ssize_t r = tcp_tls_io(c, (uint8_t *)buf + got, len - got, false, &ev);
-        if (r > 0) {
-            got += (size_t)r;
-            continue;
-        }
-        if (r == 0 || r == -ECONNRESET)
-            return -EPIPE;
-        if (r != -EAGAIN)
-            return (int)r;
-        int rc = tcp_wait(fd, ev, deadline_ms);
-        if (rc)
-            return rc;
-    }
-    while (got < len) {
-        /* With a deadline, take what is there and sleep in poll() only when nothing is. */
-        ssize_t r =
-            recv(fd, (uint8_t *)buf + got, len - got, deadline_ms ? MSG_DONTWAIT : MSG_WAITALL);
-        if (r > 0) {
-            got += (size_t)r;
-            continue;
-        }
-        if (r == 0)
-            return -EPIPE;
-        if (errno == EINTR || (errno == EAGAIN && !deadline_ms))
-            continue;
-        if (errno != EAGAIN)
-            return -errno;
-        uint64_t now = kvf__now_ms();
-        if (now >= deadline_ms)
-            return -KVF_ETIMEDOUT;
-        uint64_t left = deadline_ms - now;
-        struct pollfd pf = {fd, POLLIN, 0};
-        if (poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left) < 0 && errno != EINTR)
-            return -errno;
-    }
-    return 0;
+    short ev;
+    if (c->tls)
+        return tcp_tls_io(c, buf, len, false, &ev);
+    kvf_stream_t s = {c->fd, NULL};
+    return kvf__stream_recv(&s, buf, len, NULL, 0);
 }
-
 
 bool tcp_conn_pending(struct tcp_conn *c)
 {

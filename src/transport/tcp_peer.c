@@ -71,7 +71,7 @@ out_free:
 }
 
 /* Stop a peer's connections: fail what is pending with -KVF_ECLOSED, refuse new transfers, wait
- * for the running ones to return, then join the receivers. */
+ * for the running ones to return, then stop watching the sockets and close them. */
 static void tcp_peer_shut(struct tcp_peer *p)
 {
     pthread_mutex_lock(&p->mu);
@@ -85,16 +85,13 @@ static void tcp_peer_shut(struct tcp_peer *p)
     pthread_mutex_unlock(&p->mu);
     for (unsigned i = 0; i < p->nconns; i++) {
         struct tcp_conn *c = &p->conns[i];
-        if (c->rx_started) {
-            pthread_join(c->rx_thread, NULL);
-            c->rx_started = false;
-        }
+        pthread_mutex_lock(&p->mu);
+        struct tcp_watch *w = c->watch;
+        c->watch = NULL;
+        pthread_mutex_unlock(&p->mu);
+        tcp_watch_del(w);
         if (c->fd >= 0)
             tcp_conn_close_fd(c);
-        if (c->wake_fd >= 0) {
-            close(c->wake_fd);
-            c->wake_fd = -1;
-        }
     }
 }
 
@@ -136,8 +133,8 @@ void tcp_peer_close(kvf_tpeer_t *pp)
 }
 
 /*
- * A connection that is up says the peer is there: its receiver thread notices the peer closing
- * or resetting it at once (the connection breaks). With none up, connect one now: a refusal (or
+ * A connection that is up says the peer is there: its I/O thread notices the peer closing or
+ * resetting it at once (the connection breaks). With none up, connect one now: a refusal (or
  * no answer within the connect timeout) means nothing listens at the peer's address any more.
  * A peer that only closed idle connections is reconnected, which the next transfer uses.
  */

@@ -40,6 +40,20 @@
 /* Events one epoll_wait() takes. */
 #define TCP_IO_EVENTS 64
 
+/* An initiator connection's socket, watched by one I/O thread. Its epoll entry carries the
+ * watch's address with the low bit set (a served connection's carries its own, the eventfd's
+ * NULL). A deleted watch is freed by its thread after the epoll_wait() whose events may still
+ * name it. */
+struct tcp_watch {
+    struct tcp_iothr *io;
+    int fd;
+    tcp_watch_fn fn;
+    void *arg;
+    bool dead;              /* io->wmu: deleted; its handler is not run again */
+    bool busy;              /* io->wmu: its handler runs now */
+    struct tcp_watch *next; /* in io->dead */
+};
+
 size_t tcp_holders(kvf_transport_t *tt, uint64_t addr, uint64_t len, char *buf, size_t buflen)
 {
     struct tcp_transport *t = tcp_of(tt);
@@ -168,6 +182,78 @@ static void io_adopt(struct tcp_iothr *io)
     }
 }
 
+int tcp_watch_add(struct tcp_transport *t, int fd, uint32_t events, tcp_watch_fn fn, void *arg,
+                  struct tcp_watch **out)
+{
+    struct tcp_watch *w = calloc(1, sizeof(*w));
+    if (!w)
+        return -KVF_ENOMEM;
+    unsigned i = atomic_fetch_add_explicit(&t->watch_rr, 1, memory_order_relaxed) % t->nio;
+    *w = (struct tcp_watch){.io = &t->io[i], .fd = fd, .fn = fn, .arg = arg};
+    struct epoll_event ev = {.events = events, .data.u64 = (uint64_t)(uintptr_t)w | 1u};
+    if (epoll_ctl(w->io->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        int rc = -errno;
+        free(w);
+        return rc;
+    }
+    *out = w;
+    return 0;
+}
+
+void tcp_watch_mod(struct tcp_watch *w, uint32_t events)
+{
+    struct epoll_event ev = {.events = events, .data.u64 = (uint64_t)(uintptr_t)w | 1u};
+    if (epoll_ctl(w->io->ep, EPOLL_CTL_MOD, w->fd, &ev) < 0)
+        KVF_WARN(TCP_LOG, "epoll_ctl MOD of an initiator connection: %s", strerror(errno));
+}
+
+void tcp_watch_del(struct tcp_watch *w)
+{
+    if (!w)
+        return;
+    struct tcp_iothr *io = w->io;
+    pthread_mutex_lock(&io->wmu);
+    epoll_ctl(io->ep, EPOLL_CTL_DEL, w->fd, NULL);
+    w->dead = true;
+    while (w->busy)
+        pthread_cond_wait(&io->wcv, &io->wmu);
+    w->next = io->dead;
+    io->dead = w;
+    pthread_mutex_unlock(&io->wmu);
+}
+
+/* Run @w's handler, unless it was deleted since epoll_wait() returned its events. */
+static void io_watch_run(struct tcp_watch *w, uint32_t events)
+{
+    struct tcp_iothr *io = w->io;
+    pthread_mutex_lock(&io->wmu);
+    bool dead = w->dead;
+    w->busy = !dead;
+    pthread_mutex_unlock(&io->wmu);
+    if (dead)
+        return;
+    w->fn(w->arg, events);
+    pthread_mutex_lock(&io->wmu);
+    w->busy = false;
+    if (w->dead)
+        pthread_cond_broadcast(&io->wcv);
+    pthread_mutex_unlock(&io->wmu);
+}
+
+/* Free the watches deleted so far: no event of a later epoll_wait() names them. */
+static void io_watch_sweep(struct tcp_iothr *io)
+{
+    pthread_mutex_lock(&io->wmu);
+    struct tcp_watch *d = io->dead;
+    io->dead = NULL;
+    pthread_mutex_unlock(&io->wmu);
+    while (d) {
+        struct tcp_watch *next = d->next;
+        free(d);
+        d = next;
+    }
+}
+
 static void *tcp_io_main(void *arg)
 {
     struct tcp_iothr *io = arg;
@@ -185,6 +271,11 @@ static void *tcp_io_main(void *arg)
             break;
         }
         for (int i = 0; i < n; i++) {
+            if (evs[i].data.u64 & 1u) {
+                io_watch_run((struct tcp_watch *)(uintptr_t)(evs[i].data.u64 & ~(uint64_t)1u),
+                             evs[i].events);
+                continue;
+            }
             struct tcp_sconn *sc = evs[i].data.ptr;
             if (!sc) {
                 io_adopt(io);
@@ -210,6 +301,7 @@ static void *tcp_io_main(void *arg)
             }
         }
         io_sweep(io);
+        io_watch_sweep(io);
     }
     /* Stopping: cut every connection, giving back its region references, before the engine
      * destroys the region table. Connections still handed over are adopted first. */
@@ -218,6 +310,7 @@ static void *tcp_io_main(void *arg)
         if (sc->fd >= 0)
             io_close(sc, 1, NULL);
     io_sweep(io);
+    io_watch_sweep(io);
     return NULL;
 }
 
@@ -486,6 +579,10 @@ static void tcp_io_stop_all(struct tcp_transport *t)
             close(io->ep);
         if (io->wake_fd >= 0)
             close(io->wake_fd);
+        if (io->wmu_init) {
+            pthread_cond_destroy(&io->wcv);
+            pthread_mutex_destroy(&io->wmu);
+        }
     }
     free(t->io);
     t->io = NULL;
@@ -506,6 +603,16 @@ int tcp_pool_start(struct tcp_transport *t)
         struct tcp_iothr *io = &t->io[i];
         io->t = t;
         io->idx = i;
+        if (kvf__cond_init_monotonic(&io->wcv) == 0) {
+            if (pthread_mutex_init(&io->wmu, NULL) == 0)
+                io->wmu_init = true;
+            else
+                pthread_cond_destroy(&io->wcv);
+        }
+        if (!io->wmu_init) {
+            rc = kvf__err(-KVF_ENOMEM, "tcp create: I/O thread %u: mutex", i);
+            break;
+        }
         io->ep = epoll_create1(EPOLL_CLOEXEC);
         io->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};

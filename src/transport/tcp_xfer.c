@@ -83,7 +83,7 @@ static void tcp_open_others_locked(struct tcp_peer *p, const struct tcp_conn *fi
 
 /*
  * Post one chunk: find a usable connection and a free slot on it, register the request in the
- * slot (so the receiver can complete it), and send its frame from the caller's memory.
+ * slot (so that its reader can complete it), and send its frame from the caller's memory.
  * Returns 0 when the frame was sent (its completion comes later), or a negative code with the
  * batch's error recorded; a request that was registered is then failed or finished already.
  */
@@ -145,16 +145,8 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
     s->refused = UINT32_MAX;
     s->op = op;
     /* Someone must read the answer: the caller itself when this is its batch's only request and
-     * nobody reads this connection now, else the receiver thread. */
-    if (c->reader == TCP_READER_NONE) {
-        if (only) {
-            c->reader = TCP_READER_INLINE;
-            c->inline_b = b;
-        } else {
-            c->reader = TCP_READER_RX;
-            tcp_rx_wake(c);
-        }
-    }
+     * nobody reads this connection now, else the I/O thread. */
+    tcp_rx_claim_locked(c, b, only);
     s->local = (uint8_t *)x->local + off;
     s->remote = x->remote + off;
     s->len = len;
@@ -224,9 +216,10 @@ out_unlock:
 
 /*
  * Give up on every request of @b still in flight (its deadline passed), so that nothing touches
- * the caller's buffers after transfer() returns. Under peer->mu. A request the receiver is filling
- * right now (a READ answer) cannot be withdrawn: its connection is cut so that the receiver's
- * recv() returns, and we wait for the receiver to let go of the buffer.
+ * the caller's buffers after transfer() returns. Under peer->mu. A request whose READ payload a
+ * reader is receiving right now cannot be withdrawn: its connection is cut, and we wait for the
+ * reader to let go of the buffer (its recv() does not block). A reader that comes back to it
+ * later finds it given up and drops the rest of its answer.
  */
 static void tcp_batch_abort(struct tcp_peer *p, struct tcp_batch *b)
 {
@@ -241,12 +234,12 @@ static void tcp_batch_abort(struct tcp_peer *p, struct tcp_batch *b)
                                       "a read timed out while its answer was arriving");
                 c->waiters++;
                 for (unsigned waited = 0; c->rx_active == (int)i; waited++) {
-                    /* shutdown() makes the recv() return at once; this only logs if it does not. */
+                    /* The recv() does not block; this only logs if it somehow does. */
                     struct timespec ts;
                     kvf__deadline_ts(&ts, kvf__now_ms() + 1000);
                     if (pthread_cond_timedwait(&c->cv, &p->mu, &ts) == ETIMEDOUT)
                         KVF_ERROR(TCP_LOG,
-                                  "waiting %u s for the receiver of connection %u to %s "
+                                  "waiting %u s for the reader of connection %u to %s "
                                   "to leave a timed-out read's buffer",
                                   waited + 1, c->idx, p->sid);
                 }
@@ -267,64 +260,6 @@ static void tcp_batch_abort(struct tcp_peer *p, struct tcp_batch *b)
                                   "a write timed out: its unanswered bytes are cut off");
         }
     }
-}
-
-/* The connection whose answers @b's caller reads itself, or NULL. Under peer->mu. */
-static struct tcp_conn *tcp_inline_conn(struct tcp_peer *p, const struct tcp_batch *b)
-{
-    for (unsigned i = 0; i < p->nconns; i++)
-        if (p->conns[i].reader == TCP_READER_INLINE && p->conns[i].inline_b == b)
-            return &p->conns[i];
-    return NULL;
-}
-
-/* Give the reader role up: to the receiver thread if requests are still pending, else to
- * nobody. Under peer->mu. */
-static void tcp_inline_release(struct tcp_conn *c, const struct tcp_batch *b)
-{
-    if (c->reader != TCP_READER_INLINE || c->inline_b != b)
-        return;
-    c->inline_b = NULL;
-    if (c->state == TCP_CONN_UP && tcp_conn_busy(c) > 0) {
-        c->reader = TCP_READER_RX;
-        tcp_rx_wake(c);
-    } else {
-        c->reader = TCP_READER_NONE;
-    }
-}
-
-/*
- * Read answers on @c in the caller's thread until @b is complete, the connection breaks, or
- * @deadline_ms; then give the role up. Answers to other callers' requests that arrive first are
- * handled as the receiver would. Called and returns with peer->mu held.
- */
-static void tcp_read_inline(struct tcp_conn *c, struct tcp_batch *b, uint64_t deadline_ms)
-{
-    struct tcp_peer *p = c->peer;
-    const uint64_t gen = c->gen;
-    char why[TCP_ERRMSG_LEN];
-    while (b->outstanding > 0 && c->reader == TCP_READER_INLINE && c->inline_b == b &&
-           c->gen == gen && c->state == TCP_CONN_UP) {
-        int fd = c->fd;
-        c->inline_active = true;
-        pthread_mutex_unlock(&p->mu);
-        uint64_t now = kvf__now_ms();
-        uint64_t left = deadline_ms > now ? deadline_ms - now : 0;
-        struct pollfd pf = {fd, POLLIN, 0};
-        /* TLS: a record read before may hold the answer already. */
-        int pr = tcp_conn_pending(c) ? 1 : poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left);
-        int rc = pr > 0 ? tcp_rx_one(c, why, sizeof(why), b, deadline_ms) : 0;
-        pthread_mutex_lock(&p->mu);
-        c->inline_active = false;
-        pthread_cond_broadcast(&c->cv);
-        if (rc) {
-            tcp_conn_break_locked(c, gen, p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
-            break;
-        }
-        if (pr == 0)
-            break; /* the deadline: the caller gives up */
-    }
-    tcp_inline_release(c, b);
 }
 
 /* Enter a batch on @p: refused once the peer handle is closing. */
@@ -354,11 +289,8 @@ static int tcp_batch_end(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadl
     pthread_mutex_lock(&p->mu);
     b->waiting = true;
     while (b->outstanding > 0) {
-        struct tcp_conn *ic = tcp_inline_conn(p, b);
-        if (ic) {
-            tcp_read_inline(ic, b, deadline_ms);
+        if (tcp_rx_inline_locked(p, b, deadline_ms))
             continue;
-        }
         if (!kvf__cond_wait_until(&b->cv, &p->mu, deadline_ms)) {
             tcp_batch_fail(b, -KVF_ETIMEDOUT,
                            "tcp transfer to %s: timed out with %zu "
@@ -370,9 +302,7 @@ static int tcp_batch_end(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadl
     }
     b->waiting = false;
     /* A request that failed before its answer could be read leaves the role with us. */
-    struct tcp_conn *ic = tcp_inline_conn(p, b);
-    if (ic)
-        tcp_inline_release(ic, b);
+    tcp_rx_release_locked(p, b);
     if (--p->active == 0 && p->closing)
         pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);

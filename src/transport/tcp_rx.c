@@ -1,0 +1,380 @@
+/*
+ * Reading an initiator connection's answers (tcp.h): a state machine over the socket that never
+ * blocks, run by whoever holds the connection's reader role. That is its I/O thread (tcp_pool.c
+ * runs tcp_rx_event() when the connection's watch fires), or the caller whose whole batch is one
+ * request and who reads its own answer. A half-read answer stays in the connection, so the role
+ * can pass from one to the other at any byte, and a peer that stops in the middle of an answer
+ * holds up nobody but the callers waiting for it.
+ *
+ * Which events the watch waits for follows the role: always the peer closing the connection
+ * (EPOLLRDHUP; an idle connection the target closed is marked broken at once), and answers
+ * (EPOLLIN) only while the I/O thread reads, so that a caller reading its own answer is not
+ * raced by a woken I/O thread. The watch is edge-triggered: whoever reads goes on until the
+ * socket (and the TLS session) has nothing more, and a role handed to the I/O thread re-arms the
+ * watch, which fires at once for bytes already there. The locking rules are in tcp.h.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+
+#include "common/thread.h"
+#include "transport/tcp.h"
+
+/* What rx_step() returns besides -1 (the connection must be broken, the reason in @why). */
+#define RX_AGAIN 0 /* nothing more to read now */
+#define RX_FRAME 1 /* an answer was handled: a request may have ended */
+#define RX_ON    2 /* (inside rx_step) go on reading */
+
+/* Make @c's watch wait for the peer closing, and for answers when @in. A watch re-armed this way
+ * fires at once for what is already there. Under peer->mu. */
+static void rx_arm(struct tcp_conn *c, bool in)
+{
+    if (!c->watch)
+        return;
+    tcp_watch_mod(c->watch, EPOLLRDHUP | EPOLLET | (in ? EPOLLIN : 0u));
+    c->ep_in = in;
+}
+
+/* Why reading stopped: @r from tcp_conn_recv_some() (0, or a code other than -EAGAIN). */
+static int rx_broken(ssize_t r, const char *where, char *why, size_t whylen)
+{
+    snprintf(why, whylen, "%s%s", r == 0 ? "connection closed by the peer" : kvf_strerror((int)r),
+             where);
+    return -1;
+}
+
+/* A whole header is in c->rx_hbuf: check it and find what follows. Without peer->mu. */
+static int rx_header(struct tcp_conn *c, char *why, size_t whylen)
+{
+    struct tcp_peer *p = c->peer;
+    tcp_hdr_t *h = &c->rx_h;
+    char bad[160];
+    tcp_hdr_decode(c->rx_hbuf, h);
+    c->rx_got = 0;
+    if (!tcp_hdr_common_ok(h, bad, sizeof(bad)) || h->type != KVF_TCP_RESP) {
+        if (h->type != KVF_TCP_RESP && h->magic == KVF_TCP_MAGIC)
+            snprintf(bad, sizeof(bad), "frame type %u where an answer was expected",
+                     (unsigned)h->type);
+        snprintf(why, whylen, "bad frame from the peer: %s", bad);
+        return -1;
+    }
+    if (h->status != 0 && h->len > KVF_TCP_MAX_MSG) {
+        snprintf(why, whylen,
+                 "bad frame from the peer: error message of %" PRIu64 " bytes over KVF_TCP_MAX_MSG",
+                 h->len);
+        return -1;
+    }
+    if (h->len > KVF_TCP_MAX_CHUNK) {
+        snprintf(why, whylen, "bad frame from the peer: length %" PRIu64 " over KVF_TCP_MAX_CHUNK",
+                 h->len);
+        return -1;
+    }
+    if (h->status != 0) {
+        c->rx_state = TCP_RX_MSG; /* the refusal's message, then the request */
+        return RX_ON;
+    }
+
+    unsigned idx = (unsigned)(h->req_id & (KVF_TCP_MAX_INFLIGHT - 1));
+    struct tcp_slot *s = &c->slots[idx];
+    pthread_mutex_lock(&p->mu);
+    if (s->req_id != h->req_id) {
+        /* Its request was given up (timed out): drop the answer. */
+        pthread_mutex_unlock(&p->mu);
+        if (h->len == 0)
+            return RX_FRAME;
+        c->rx_left = h->len;
+        c->rx_state = TCP_RX_DRAIN;
+        return RX_ON;
+    }
+    uint64_t want = s->op == KVF_TCP_READ ? s->len : 0;
+    if (h->len != want) {
+        uint8_t op = s->op;
+        pthread_mutex_unlock(&p->mu);
+        snprintf(why, whylen,
+                 "bad frame from the peer: answer of %" PRIu64 " bytes to a %s of %" PRIu64,
+                 h->len, tcp_op_name(op), want);
+        return -1;
+    }
+    if (want == 0) {
+        tcp_slot_finish(c, idx);
+        pthread_mutex_unlock(&p->mu);
+        return RX_FRAME;
+    }
+    c->rx_idx = idx;
+    c->rx_req = h->req_id;
+    c->rx_state = TCP_RX_DATA;
+    pthread_mutex_unlock(&p->mu);
+    return RX_ON;
+}
+
+/* A refusal's whole message is in c->rx_msg: fail its request, unless it was given up. */
+static void rx_refusal(struct tcp_conn *c)
+{
+    struct tcp_peer *p = c->peer;
+    const tcp_hdr_t *h = &c->rx_h;
+    char text[KVF_TCP_MAX_MSG + 1], m2[TCP_ERRMSG_LEN];
+    kvf__printable(text, sizeof(text), c->rx_msg, (size_t)h->len);
+    snprintf(m2, sizeof(m2), "refused by the target: %s", text);
+    int code = h->status < 65536 ? -(int)h->status : -KVF_EPROTO;
+    unsigned idx = (unsigned)(h->req_id & (KVF_TCP_MAX_INFLIGHT - 1));
+    struct tcp_slot *s = &c->slots[idx];
+    pthread_mutex_lock(&p->mu);
+    if (s->req_id == h->req_id) {
+        if (s->op == KVF_TCP_WRITEV && h->addr < s->nelem)
+            s->refused = (uint32_t)h->addr;
+        tcp_slot_fail(c, idx, code, m2);
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* Receive part of a READ answer's payload straight into its caller's buffer. */
+static int rx_data(struct tcp_conn *c, char *why, size_t whylen)
+{
+    struct tcp_peer *p = c->peer;
+    pthread_mutex_lock(&p->mu);
+    struct tcp_slot *s = &c->slots[c->rx_idx];
+    if (s->req_id != c->rx_req) {
+        /* Given up since its header came: the rest is nobody's. */
+        pthread_mutex_unlock(&p->mu);
+        c->rx_left = c->rx_h.len - c->rx_got;
+        c->rx_state = TCP_RX_DRAIN;
+        return RX_ON;
+    }
+    /* rx_active tells a caller that gives up on this request to cut the connection and wait
+     * for us, rather than return while we may still write into its memory. */
+    c->rx_active = (int)c->rx_idx;
+    uint8_t *dst = s->local + c->rx_got;
+    size_t want = (size_t)(c->rx_h.len - c->rx_got);
+    pthread_mutex_unlock(&p->mu);
+    ssize_t r = tcp_conn_recv_some(c, dst, want);
+    pthread_mutex_lock(&p->mu);
+    c->rx_active = -1;
+    bool done = false;
+    if (r > 0) {
+        c->rx_got += (size_t)r;
+        done = c->rx_got == c->rx_h.len;
+        if (done) {
+            tcp_slot_finish(c, c->rx_idx);
+            c->rx_state = TCP_RX_HDR;
+            c->rx_got = 0;
+        }
+    }
+    if (c->waiters)
+        pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&p->mu);
+    if (r == -EAGAIN)
+        return RX_AGAIN;
+    if (r <= 0)
+        return rx_broken(r, " in the middle of a read answer", why, whylen);
+    return done ? RX_FRAME : RX_ON;
+}
+
+/*
+ * Read what @c's socket holds, without blocking, until an answer was handled (RX_FRAME) or
+ * nothing more is there (RX_AGAIN); -1 with @why when the connection must be broken. By the
+ * holder of the reader role, without peer->mu.
+ */
+static int rx_step(struct tcp_conn *c, char *why, size_t whylen)
+{
+    for (;;) {
+        ssize_t r;
+        int rc;
+        switch (c->rx_state) {
+        case TCP_RX_HDR:
+            r = tcp_conn_recv_some(c, c->rx_hbuf + c->rx_got, KVF_TCP_HDR_LEN - c->rx_got);
+            if (r == -EAGAIN)
+                return RX_AGAIN;
+            if (r <= 0)
+                return rx_broken(r, "", why, whylen);
+            c->rx_got += (size_t)r;
+            if (c->rx_got < KVF_TCP_HDR_LEN)
+                continue;
+            rc = rx_header(c, why, whylen);
+            if (rc != RX_ON)
+                return rc;
+            continue;
+        case TCP_RX_MSG:
+            if (c->rx_got < c->rx_h.len) {
+                r = tcp_conn_recv_some(c, c->rx_msg + c->rx_got, (size_t)c->rx_h.len - c->rx_got);
+                if (r == -EAGAIN)
+                    return RX_AGAIN;
+                if (r <= 0)
+                    return rx_broken(r, "", why, whylen);
+                c->rx_got += (size_t)r;
+                if (c->rx_got < c->rx_h.len)
+                    continue;
+            }
+            rx_refusal(c);
+            c->rx_state = TCP_RX_HDR;
+            c->rx_got = 0;
+            return RX_FRAME;
+        case TCP_RX_DATA:
+            rc = rx_data(c, why, whylen);
+            if (rc != RX_ON)
+                return rc;
+            continue;
+        case TCP_RX_DRAIN:
+            r = tcp_conn_recv_some(c, c->scratch,
+                                   c->rx_left < TCP_SCRATCH_LEN ? (size_t)c->rx_left
+                                                                : TCP_SCRATCH_LEN);
+            if (r == -EAGAIN)
+                return RX_AGAIN;
+            if (r <= 0)
+                return rx_broken(r, "", why, whylen);
+            c->rx_left -= (uint64_t)r;
+            if (c->rx_left > 0)
+                continue;
+            c->rx_state = TCP_RX_HDR;
+            c->rx_got = 0;
+            return RX_FRAME;
+        }
+    }
+}
+
+void tcp_rx_claim_locked(struct tcp_conn *c, struct tcp_batch *b, bool only)
+{
+    if (c->reader != TCP_READER_NONE)
+        return;
+    if (only) {
+        c->reader = TCP_READER_INLINE;
+        c->inline_b = b;
+        if (c->ep_in)
+            rx_arm(c, false);
+    } else {
+        c->reader = TCP_READER_IO;
+        if (!c->ep_in)
+            rx_arm(c, true);
+    }
+}
+
+void tcp_rx_event(void *arg, uint32_t events)
+{
+    (void)events; /* what fired is found by reading */
+    struct tcp_conn *c = arg;
+    struct tcp_peer *p = c->peer;
+    char why[TCP_ERRMSG_LEN];
+    pthread_mutex_lock(&p->mu);
+    if (c->state != TCP_CONN_UP) {
+        pthread_mutex_unlock(&p->mu);
+        return;
+    }
+    if (c->reader == TCP_READER_INLINE) {
+        /* The caller reading meets a close itself; if it stops before, it re-arms the watch. */
+        c->rx_missed = true;
+        pthread_mutex_unlock(&p->mu);
+        return;
+    }
+    /* Answers, or (nothing to read) the peer closing or sending something unasked. */
+    c->reader = TCP_READER_IO;
+    int rc;
+    do {
+        pthread_mutex_unlock(&p->mu);
+        rc = rx_step(c, why, sizeof(why));
+        pthread_mutex_lock(&p->mu);
+    } while (rc == RX_FRAME && c->state == TCP_CONN_UP);
+    if (rc < 0) {
+        tcp_conn_break_locked(c, c->gen, p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
+    } else if (c->state == TCP_CONN_UP) {
+        if (tcp_conn_busy(c) == 0)
+            c->reader = TCP_READER_NONE;
+        else if (!c->ep_in)
+            rx_arm(c, true);
+    }
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* The connection whose answers @b's caller reads itself, or NULL. Under peer->mu. */
+static struct tcp_conn *rx_inline_conn(struct tcp_peer *p, const struct tcp_batch *b)
+{
+    for (unsigned i = 0; i < p->nconns; i++)
+        if (p->conns[i].reader == TCP_READER_INLINE && p->conns[i].inline_b == b)
+            return &p->conns[i];
+    return NULL;
+}
+
+/* Hand the reader role @c's caller held on: to the I/O thread if requests are still pending,
+ * else to nobody. Under peer->mu. */
+static void rx_release(struct tcp_conn *c)
+{
+    c->inline_b = NULL;
+    if (c->state == TCP_CONN_UP && tcp_conn_busy(c) > 0) {
+        c->reader = TCP_READER_IO;
+        rx_arm(c, true);
+    } else {
+        c->reader = TCP_READER_NONE;
+        /* The I/O thread saw an event while we read: the peer may have closed after the last
+         * answer we took. Re-arming lets it find out now. */
+        if (c->state == TCP_CONN_UP && c->rx_missed)
+            rx_arm(c, c->ep_in);
+    }
+    c->rx_missed = false;
+}
+
+void tcp_rx_release_locked(struct tcp_peer *p, const struct tcp_batch *b)
+{
+    struct tcp_conn *c = rx_inline_conn(p, b);
+    if (c)
+        rx_release(c);
+}
+
+/* One turn of the caller's reading: rx_step() without the lock; @wait first polls the socket
+ * until @deadline_ms. Returns rx_step()'s result, or RX_AGAIN with *@late at the deadline. */
+static int rx_turn(struct tcp_conn *c, bool wait, uint64_t deadline_ms, bool *late, char *why,
+                   size_t whylen)
+{
+    struct tcp_peer *p = c->peer;
+    int fd = c->fd, rc = RX_AGAIN;
+    c->inline_active = true;
+    pthread_mutex_unlock(&p->mu);
+    int pr = 1;
+    if (wait && !tcp_conn_pending(c)) { /* TLS: a record read before may hold the answer */
+        uint64_t now = kvf__now_ms();
+        uint64_t left = deadline_ms > now ? deadline_ms - now : 0;
+        struct pollfd pf = {fd, POLLIN, 0};
+        pr = poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left);
+    }
+    if (pr > 0)
+        rc = rx_step(c, why, whylen);
+    pthread_mutex_lock(&p->mu);
+    c->inline_active = false;
+    if (c->waiters)
+        pthread_cond_broadcast(&c->cv);
+    *late = pr == 0;
+    return rc;
+}
+
+bool tcp_rx_inline_locked(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadline_ms)
+{
+    struct tcp_conn *c = rx_inline_conn(p, b);
+    if (!c)
+        return false;
+    const uint64_t gen = c->gen;
+    char why[TCP_ERRMSG_LEN];
+    bool wait = true, late = false;
+    int rc = RX_AGAIN;
+    while (b->outstanding > 0 && c->reader == TCP_READER_INLINE && c->inline_b == b &&
+           c->gen == gen && c->state == TCP_CONN_UP && !late) {
+        rc = rx_turn(c, wait, deadline_ms, &late, why, sizeof(why));
+        if (rc < 0)
+            break;
+        wait = rc == RX_AGAIN; /* after an answer, more may be there already */
+    }
+    /* TLS: records the session read ahead are invisible to the watch; read them before the
+     * I/O thread takes over. */
+    while (rc >= 0 && c->tls && c->gen == gen && c->state == TCP_CONN_UP &&
+           tcp_conn_busy(c) > 0 && c->reader == TCP_READER_INLINE && c->inline_b == b) {
+        rc = rx_turn(c, false, deadline_ms, &late, why, sizeof(why));
+        if (rc == RX_AGAIN)
+            break;
+    }
+    if (rc < 0)
+        tcp_conn_break_locked(c, gen, p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
+    if (c->reader == TCP_READER_INLINE && c->inline_b == b)
+        rx_release(c);
+    return true;
+}
