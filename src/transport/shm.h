@@ -277,9 +277,6 @@ int shm_warm_idle(struct shm_transport *t, uint64_t deadline_ms);
 /* Where @x's remote range is mapped here and ready, or NULL (use process_vm); with @pending,
  * whether it is NULL because the warmer is still to map or warm the region. map_lock held. */
 uint8_t *shm_mapped(struct shm_peer *p, const kvf_xfer_t *x, bool *pending);
-/* Will the warmer map @e, a region of @p it has not taken yet? (It runs, and takes @e before it
- * reaches SHM_WARM_REGIONS_MAX of @p's: it takes them in list order.) map_lock held. */
-bool shm_warm_will_take(struct shm_peer *p, const shm_rmap_t *e);
 
 
 #endif /* KVF_TRANSPORT_SHM_H */

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "common/thread.h"
+#include "common/touch.h"
 #include "transport/shm.h"
 
 /* The memfd socket's one request and one answer (docs/protocol.md, "memfd exchange"). */
@@ -559,6 +560,25 @@ bool shm_resolve_region(struct shm_peer *p, const kvf_region_t *r, _Atomic uint6
     return mapped;
 }
 
+/* Will the warmer (shm_warm.c) map @e, a region of @p it has not taken yet? It runs, and takes
+ * @e before it reaches SHM_WARM_REGIONS_MAX of @p's: it takes them in list order. map_lock
+ * held. */
+static bool warm_will_take(struct shm_peer *p, const shm_rmap_t *e)
+{
+    struct shm_transport *t = p->t;
+    if (!kvf__touch_enabled() || !p->sock[0])
+        return false;
+    size_t ahead = p->warm_taken;
+    for (const shm_rmap_t *m = p->rmaps; m < e && ahead < SHM_WARM_REGIONS_MAX; m++)
+        ahead += !m->warm_done;
+    if (ahead >= SHM_WARM_REGIONS_MAX)
+        return false;
+    pthread_mutex_lock(&t->warm_lock);
+    bool on = t->warm_started && !t->warm_failed && !t->warm_stop;
+    pthread_mutex_unlock(&t->warm_lock);
+    return on;
+}
+
 void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x)
 {
     kvf_region_t r;
@@ -567,7 +587,7 @@ void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x)
     /* Unknown and not the warmer's to map (it is off, or has no room for it): ask, and wait for
      * another transfer's request under way on ask_lock. A region the warmer has or will take is
      * not waited for: the transfer uses process_vm until the mapping is made and warmed. */
-    bool ask = e && e->state == SHM_R_UNKNOWN && !e->warm_done && !shm_warm_will_take(p, e);
+    bool ask = e && e->state == SHM_R_UNKNOWN && !e->warm_done && !warm_will_take(p, e);
     if (ask)
         r = e->r;
     pthread_rwlock_unlock(&p->map_lock);

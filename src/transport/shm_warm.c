@@ -117,22 +117,6 @@ static void warm_ready(struct shm_peer *p, const kvf_region_t *r)
     pthread_rwlock_unlock(&p->map_lock);
 }
 
-bool shm_warm_will_take(struct shm_peer *p, const shm_rmap_t *e)
-{
-    struct shm_transport *t = p->t;
-    if (!kvf__touch_enabled() || !p->sock[0])
-        return false;
-    size_t ahead = p->warm_taken;
-    for (const shm_rmap_t *m = p->rmaps; m < e && ahead < SHM_WARM_REGIONS_MAX; m++)
-        ahead += !m->warm_done;
-    if (ahead >= SHM_WARM_REGIONS_MAX)
-        return false;
-    pthread_mutex_lock(&t->warm_lock);
-    bool on = t->warm_started && !t->warm_failed && !t->warm_stop;
-    pthread_mutex_unlock(&t->warm_lock);
-    return on;
-}
-
 static void *warm_main(void *arg)
 {
     struct shm_transport *t = arg;
