@@ -834,9 +834,12 @@ static void unregister_drains_on(const char *url, bool memfd)
         child_t c;
         char msg[512];
         child_start_mode(NULL, "127.0.0.1:0", url, DRAIN_LEN, memfd, &c);
-        /* The path (and the mapping) first, so the timed write is shm from its first byte. */
+        /* The path (and the mapping, warmed, so that the timed write is a copy through it) first,
+         * so the timed write is shm from its first byte. */
         assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
         assert_via(e, c.sid, "shm");
+        if (memfd)
+            warm_wait(e);
         child_arm_cmd(&c);
         drain_write_t w = {.e = e, .peer = c.sid, .src = src, .dst = c.addr, .len = DRAIN_LEN};
         pthread_t th;
