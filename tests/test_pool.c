@@ -268,6 +268,58 @@ static void initiator_peers_keep_thread_count(void **state)
     node_stop(&tg[0]);
 }
 
+/* Threads of this process named @name. */
+static unsigned threads_named(const char *name)
+{
+    DIR *d = opendir("/proc/self/task");
+    assert_non_null(d);
+    unsigned n = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.')
+            continue;
+        char path[300], comm[32] = "";
+        snprintf(path, sizeof(path), "/proc/self/task/%s/comm", de->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue; /* ended meanwhile */
+        if (fgets(comm, sizeof(comm), f))
+            comm[strcspn(comm, "\n")] = '\0';
+        fclose(f);
+        n += strcmp(comm, name) == 0;
+    }
+    closedir(d);
+    return n;
+}
+
+/* kvf_config_t.io_threads sizes the pool, before $KVFERRY_IO_THREADS; out of range it is refused
+ * with its value named; 0 leaves it to the environment. */
+static void io_threads_from_config(void **state)
+{
+    (void)state;
+    setenv("KVFERRY_IO_THREADS", "1", 1);
+    kvf_config_t c;
+    kvf_config_init(&c);
+    assert_int_equal(c.io_threads, 0);
+    c.io_threads = 65;
+    kvf_engine_t *e = NULL;
+    assert_kvf_err(kvf_engine_create("p2p://", "127.0.0.1:0", KVF_ROLE_DECODE, 0, &c, &e),
+                   -KVF_EINVAL);
+    assert_last_error_contains("config.io_threads 65");
+    assert_null(e);
+    unsigned before = threads_named("kvf-tcp-io");
+    c.io_threads = 3;
+    e = kvf_test_engine("p2p://", KVF_ROLE_DECODE, &c);
+    assert_int_equal(threads_named("kvf-tcp-io") - before, 3);
+    kvf_engine_destroy(e);
+    c.io_threads = 0;
+    e = kvf_test_engine("p2p://", KVF_ROLE_DECODE, &c);
+    assert_int_equal(threads_named("kvf-tcp-io") - before, 1);
+    kvf_engine_destroy(e);
+    unsetenv("KVFERRY_IO_THREADS");
+    assert_int_equal(threads_named("kvf-tcp-io"), before);
+}
+
 /* ---------------------------------------------------------------------------------------------
  * A stalled connection does not hold up its I/O thread
  * ------------------------------------------------------------------------------------------- */
@@ -426,6 +478,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(flood_adds_no_threads),
     cmocka_unit_test(idle_peers_keep_thread_count),
     cmocka_unit_test(initiator_peers_keep_thread_count),
+    cmocka_unit_test(io_threads_from_config),
     cmocka_unit_test(slow_loris_does_not_block_others),
     cmocka_unit_test(preauth_flood_does_not_lock_out_keyed_prefill),
 };

@@ -42,6 +42,7 @@ static const char *const config_kwlist[] = {"init_timeout_ms",
                                             "metrics_listen",
                                             "auth_key_file",
                                             "data_tls",
+                                            "io_threads",
                                             NULL};
 
 static int config_u32(PyObject *v, const char *name, uint32_t *out)
@@ -61,12 +62,12 @@ static int config_u32(PyObject *v, const char *name, uint32_t *out)
 
 static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *v[15] = {NULL};
+    PyObject *v[16] = {NULL};
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOOOOO:TransferEngine",
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$OOOOOOOOOOOOOOOO:TransferEngine",
                                      (char **)config_kwlist, &v[0], &v[1], &v[2], &v[3], &v[4],
                                      &v[5], &v[6], &v[7], &v[8], &v[9], &v[10], &v[11],
-                                     &v[12], &v[13], &v[14]))
+                                     &v[12], &v[13], &v[14], &v[15]))
         return -1;
     if (kvfpy_guard_enter(&self->guard)) {
         kvfpy_guard_leave(&self->guard);
@@ -83,7 +84,8 @@ static int Engine_init(EngineObject *self, PyObject *args, PyObject *kwds)
         config_u32(v[6], "max_batches", &self->cfg.max_batches) < 0 ||
         config_u32(v[8], "async_threads", &self->cfg.async_threads) < 0 ||
         config_u32(v[9], "notify_queue_max", &self->cfg.notify_queue_max) < 0 ||
-        config_u32(v[10], "tcp_idle_timeout_ms", &self->cfg.tcp_idle_timeout_ms) < 0)
+        config_u32(v[10], "tcp_idle_timeout_ms", &self->cfg.tcp_idle_timeout_ms) < 0 ||
+        config_u32(v[15], "io_threads", &self->cfg.io_threads) < 0)
         return -1;
     if (v[7] && v[7] != Py_None) {
         int blocks = PyObject_IsTrue(v[7]);
@@ -517,7 +519,7 @@ PyTypeObject kvfpy_EngineType = {
               "tcp_conns_per_peer=None, tcp_chunk_bytes=None, namespace=None, max_batches=None, "
               "submit_blocks=None, async_threads=None, notify_queue_max=None, "
               "tcp_idle_timeout_ms=None, key_prefix=None, metrics_listen=None, auth_key_file=None, "
-              "data_tls=None)\n--\n\n"
+              "data_tls=None, io_threads=None)\n--\n\n"
               "A kvferry node with the seed's (mf_adapter) TransferEngine methods. The "
               "keyword-only arguments override kvf_config_t defaults; metrics_listen=\"host:port\" "
               "serves get_stats() for Prometheus at http://host:port/metrics; data_tls=True puts "

@@ -25,6 +25,11 @@
 #define KVF_MIN_TCP_IDLE_TIMEOUT_MS     100u
 #define KVF_MAX_TCP_IDLE_TIMEOUT_MS     86400000u
 
+/* config.io_threads: the tcp transport's I/O threads (0: $KVFERRY_IO_THREADS, else
+ * min(online CPUs, KVF_DEFAULT_IO_THREADS)). */
+#define KVF_DEFAULT_IO_THREADS 4u
+#define KVF_MAX_IO_THREADS     64u
+
 /* The other defaults of kvf_config_init() (include/kvferry.h documents each field). */
 #define KVF_DEFAULT_INIT_TIMEOUT_MS 10000u
 #define KVF_DEFAULT_OP_TIMEOUT_MS   30000u

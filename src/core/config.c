@@ -157,6 +157,9 @@ int kvf__eng_config_load(const kvf_config_t *in, kvf_config_t *c)
         return kvf__err(-KVF_EINVAL, "config.tcp_idle_timeout_ms %u: want %u..%u",
                         c->tcp_idle_timeout_ms, KVF_MIN_TCP_IDLE_TIMEOUT_MS,
                         KVF_MAX_TCP_IDLE_TIMEOUT_MS);
+    if (c->io_threads > KVF_MAX_IO_THREADS)
+        return kvf__err(-KVF_EINVAL, "config.io_threads %u: want 1..%u, or 0 for the default",
+                        c->io_threads, KVF_MAX_IO_THREADS);
     if (!c->ns)
         c->ns = "default";
     int rc = check_ns(c->ns);

@@ -295,6 +295,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         .chunk_bytes = e->cfg.tcp_chunk_bytes,
         .connect_timeout_ms = e->cfg.init_timeout_ms,
         .idle_timeout_ms = e->cfg.tcp_idle_timeout_ms,
+        .io_threads = e->cfg.io_threads,
         .notify_cb = kvf__notify_deliver,
         .notify_arg = e,
         .stats_cb = kvf__stats_encoded,

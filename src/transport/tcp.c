@@ -132,6 +132,7 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
         t->chunk = KVF_TCP_MAX_CHUNK;
     t->connect_timeout_ms = p->connect_timeout_ms ? p->connect_timeout_ms : TCP_DEFAULT_CONNECT_MS;
     t->idle_timeout_ms = p->idle_timeout_ms ? p->idle_timeout_ms : KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS;
+    t->io_threads = p->io_threads;
     if (p->auth)
         t->auth = *p->auth;
     t->notify_cb = p->notify_cb;

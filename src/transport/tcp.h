@@ -87,11 +87,10 @@
 /* The I/O threads check their connections' timers (stalls, rate deadlines, idleness) this
  * often. */
 #define TCP_SERVER_SLICE_MS 1000
-/* The target's I/O threads: KVFERRY_IO_THREADS=N (1..TCP_MAX_IO_THREADS), else
- * min(online CPUs, TCP_DEFAULT_IO_THREADS); documented in docs/operations.md. */
-#define TCP_IO_THREADS_ENV     "KVFERRY_IO_THREADS"
-#define TCP_MAX_IO_THREADS     64u
-#define TCP_DEFAULT_IO_THREADS 4u
+/* The I/O threads: kvf_transport_params_t.io_threads, else KVFERRY_IO_THREADS=N
+ * (1..KVF_MAX_IO_THREADS), else min(online CPUs, KVF_DEFAULT_IO_THREADS); documented in
+ * docs/operations.md. */
+#define TCP_IO_THREADS_ENV "KVFERRY_IO_THREADS"
 /* The accept thread stops polling the listening socket for this long when accept() fails for
  * want of a file descriptor or memory (or until a served connection ends and frees one), rather
  * than spin on a socket that stays readable. */
@@ -342,6 +341,7 @@ struct tcp_transport {
     uint32_t chunk;
     uint32_t connect_timeout_ms;
     uint32_t idle_timeout_ms; /* a served connection idle this long after a request is closed */
+    uint32_t io_threads;      /* kvf_transport_params_t.io_threads (0: the environment's) */
     kvf_auth_key_t auth;      /* the cluster secret (len 0: none); read-only after create */
     kvf_tls_ctx_t *tls_srv;   /* data TLS (both NULL: none): served connections */
     kvf_tls_ctx_t *tls_cli;   /* and the connections to peers, each verified against the peer's

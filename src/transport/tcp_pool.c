@@ -1,6 +1,6 @@
 /*
- * The tcp transport's target threads: one accept thread and a fixed set of I/O threads, however
- * many connections are served (docs/architecture.md, "Threads").
+ * The tcp transport's threads: one accept thread and a fixed set of I/O threads, however many
+ * connections are served or opened to peers (docs/architecture.md, "Threads").
  *
  * The accept thread accepts, applies the caps and hands each connection to the I/O thread that
  * serves the fewest; that thread adds it to its epoll set and drives its state machine
@@ -17,6 +17,10 @@
  * against KVF_TCP_MAX_CONNS and KVF_TCP_MAX_CONNS_PER_ADDR, checked at accept and again at the
  * HELLO. When accept() runs out of file descriptors the accept thread stops polling the listening
  * socket for a while instead of spinning, and a closed connection wakes it.
+ *
+ * The same I/O threads watch the initiator's connections (tcp_watch_*): the connection's owner
+ * adds its socket to one thread's epoll set with a handler (tcp_rx.c), and deletes it before it
+ * closes the socket.
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -78,21 +82,25 @@ size_t tcp_holders(kvf_transport_t *tt, uint64_t addr, uint64_t len, char *buf, 
  * I/O threads
  * ------------------------------------------------------------------------------------------- */
 
-/* KVFERRY_IO_THREADS=N (1..TCP_MAX_IO_THREADS), else min(online CPUs, TCP_DEFAULT_IO_THREADS). */
-static unsigned tcp_io_threads_conf(const char *sid)
+/* The configured count (1..KVF_MAX_IO_THREADS), else KVFERRY_IO_THREADS=N, else
+ * min(online CPUs, KVF_DEFAULT_IO_THREADS). */
+static unsigned tcp_io_threads_conf(const struct tcp_transport *t)
 {
+    if (t->io_threads)
+        return t->io_threads > KVF_MAX_IO_THREADS ? KVF_MAX_IO_THREADS : t->io_threads;
+    const char *sid = t->local_sid;
     const char *v = getenv(TCP_IO_THREADS_ENV);
     if (v && *v) {
         char *end;
         unsigned long n = strtoul(v, &end, 10);
         if (*end == '\0' && n >= 1)
-            return n > TCP_MAX_IO_THREADS ? TCP_MAX_IO_THREADS : (unsigned)n;
+            return n > KVF_MAX_IO_THREADS ? KVF_MAX_IO_THREADS : (unsigned)n;
         KVF_WARN(TCP_LOG, "%s: %s=%s is not a count >= 1: ignored", sid, TCP_IO_THREADS_ENV, v);
     }
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     if (cpus < 1)
         cpus = 1;
-    return cpus < TCP_DEFAULT_IO_THREADS ? (unsigned)cpus : TCP_DEFAULT_IO_THREADS;
+    return cpus < KVF_DEFAULT_IO_THREADS ? (unsigned)cpus : KVF_DEFAULT_IO_THREADS;
 }
 
 /* Whether @sc waits for its socket to take bytes (an answer, or its TLS session's). */
@@ -591,7 +599,7 @@ static void tcp_io_stop_all(struct tcp_transport *t)
 
 int tcp_pool_start(struct tcp_transport *t)
 {
-    unsigned nio = tcp_io_threads_conf(t->local_sid);
+    unsigned nio = tcp_io_threads_conf(t);
     t->io = calloc(nio, sizeof(*t->io));
     if (!t->io)
         return kvf__err(-KVF_ENOMEM, "tcp create: out of memory");

@@ -162,6 +162,8 @@ typedef struct {
     const kvf_auth_key_t *auth;     /* tcp: the cluster secret (copied); NULL or len 0 = none.
                                        With one, every connection in either direction starts
                                        with the handshake of common/auth.h */
+    uint32_t io_threads;            /* tcp: its I/O threads (kvf_config_t.io_threads); 0 =
+                                       $KVFERRY_IO_THREADS, else min(online CPUs, 4) */
     const kvf_tls_opts_t *tls;      /* tcp: data TLS (kvf_config_t.data_tls, resolved); NULL =
                                        none. With it every connection in either direction is
                                        TLS 1.3 first (then the secret's handshake, if any) */

@@ -831,13 +831,26 @@ def test_wait_for_peer(store):
 
 def test_config_keywords_reach_the_c_library(store):
     for kw, text in [({"max_batches": 0}, "max_batches"), ({"async_threads": 65}, "async_threads"),
-                     ({"notify_queue_max": 0}, "notify_queue_max")]:
+                     ({"notify_queue_max": 0}, "notify_queue_max"),
+                     ({"io_threads": 65}, "config.io_threads 65")]:
         e = kvferry.TransferEngine(init_timeout_ms=INIT_TIMEOUT_MS, **kw)
         rc = e.initialize(store.url, "127.0.0.1:0", "Both")
         assert rc == -kvferry.KVF_EINVAL, (kw, rc)
         assert text in err(), err()
+    def io_threads():
+        names = []
+        for t in os.listdir("/proc/self/task"):
+            try:
+                with open("/proc/self/task/%s/comm" % t) as f:
+                    names.append(f.read().strip())
+            except FileNotFoundError:
+                pass  # ended meanwhile
+        return names.count("kvf-tcp-io")
+
+    before = io_threads()
     e = make_engine(store.url, "Both", max_batches=1, async_threads=1, notify_queue_max=1,
-                    submit_blocks=False)
+                    submit_blocks=False, io_threads=3)
+    assert io_threads() - before == 3
     try:
         assert e.transfer_submit_write(MISSING, b"x" * 16, 4096) >= 1
         assert e.transfer_submit_write(MISSING, b"x" * 16, 4096) == -kvferry.KVF_EBUSY
