@@ -305,6 +305,7 @@ struct tcp_conn {
     uint8_t *scratch; /* drain buffer for answers nobody waits for */
     /* The answer being received (tcp_rx.c): by the holder of the reader role only. */
     tcp_rx_state_t rx_state;
+    size_t rx_turn_left; /* bytes this reader may still take before it lets others go first */
     size_t rx_got;     /* bytes of the current part received */
     uint64_t rx_left;  /* TCP_RX_DRAIN: bytes still to drop */
     unsigned rx_idx;   /* TCP_RX_DATA: the slot, and its request */

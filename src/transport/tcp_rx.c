@@ -18,6 +18,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -29,6 +30,11 @@
 #define RX_AGAIN 0 /* nothing more to read now */
 #define RX_FRAME 1 /* an answer was handled: a request may have ended */
 #define RX_ON    2 /* (inside rx_step) go on reading */
+#define RX_YIELD 3 /* the turn's budget is spent, bytes may be left: the I/O thread's others go first */
+
+/* Bytes the I/O thread reads from one connection before it lets the others' events go first
+ * (as a served connection's turn, tcp_pool.c). */
+#define RX_TURN_BYTES (4u << 20)
 
 /* Make @c's watch wait for the peer closing, and for answers when @in. A watch re-armed this way
  * fires at once for what is already there. Under peer->mu. */
@@ -36,6 +42,15 @@ static void rx_arm(struct tcp_conn *c, bool in)
 {
     if (c->watch && tcp_watch_mod(c->watch, EPOLLRDHUP | EPOLLET | (in ? EPOLLIN : 0u)))
         c->ep_in = in;
+}
+
+/* Receive up to @len bytes on @c without blocking, counted against the turn's budget. */
+static ssize_t rx_recv(struct tcp_conn *c, void *buf, size_t len)
+{
+    ssize_t r = tcp_conn_recv_some(c, buf, len);
+    if (r > 0)
+        c->rx_turn_left -= (size_t)r < c->rx_turn_left ? (size_t)r : c->rx_turn_left;
+    return r;
 }
 
 /* Why reading stopped: @r from tcp_conn_recv_some() (0, or a code other than -EAGAIN). */
@@ -149,7 +164,7 @@ static int rx_data(struct tcp_conn *c, char *why, size_t whylen)
     uint8_t *dst = s->local + c->rx_got;
     size_t want = (size_t)(c->rx_h.len - c->rx_got);
     pthread_mutex_unlock(&p->mu);
-    ssize_t r = tcp_conn_recv_some(c, dst, want);
+    ssize_t r = rx_recv(c, dst, want);
     pthread_mutex_lock(&p->mu);
     c->rx_active = -1;
     /* A break while we were in recv() skipped this request (rx_active): failing it is ours. */
@@ -185,9 +200,11 @@ static int rx_step(struct tcp_conn *c, char *why, size_t whylen)
     for (;;) {
         ssize_t r;
         int rc;
+        if (c->rx_turn_left == 0)
+            return RX_YIELD;
         switch (c->rx_state) {
         case TCP_RX_HDR:
-            r = tcp_conn_recv_some(c, c->rx_hbuf + c->rx_got, KVF_TCP_HDR_LEN - c->rx_got);
+            r = rx_recv(c, c->rx_hbuf + c->rx_got, KVF_TCP_HDR_LEN - c->rx_got);
             if (r == -EAGAIN)
                 return RX_AGAIN;
             if (r <= 0)
@@ -201,7 +218,7 @@ static int rx_step(struct tcp_conn *c, char *why, size_t whylen)
             continue;
         case TCP_RX_MSG:
             if (c->rx_got < c->rx_h.len) {
-                r = tcp_conn_recv_some(c, c->rx_msg + c->rx_got, (size_t)c->rx_h.len - c->rx_got);
+                r = rx_recv(c, c->rx_msg + c->rx_got, (size_t)c->rx_h.len - c->rx_got);
                 if (r == -EAGAIN)
                     return RX_AGAIN;
                 if (r <= 0)
@@ -220,9 +237,8 @@ static int rx_step(struct tcp_conn *c, char *why, size_t whylen)
                 return rc;
             continue;
         case TCP_RX_DRAIN:
-            r = tcp_conn_recv_some(c, c->scratch,
-                                   c->rx_left < TCP_SCRATCH_LEN ? (size_t)c->rx_left
-                                                                : TCP_SCRATCH_LEN);
+            r = rx_recv(c, c->scratch,
+                        c->rx_left < TCP_SCRATCH_LEN ? (size_t)c->rx_left : TCP_SCRATCH_LEN);
             if (r == -EAGAIN)
                 return RX_AGAIN;
             if (r <= 0)
@@ -278,6 +294,8 @@ void tcp_rx_event(void *arg, uint32_t events)
     }
     /* Answers, or (nothing to read) the peer closing or sending something unasked. */
     c->reader = TCP_READER_IO;
+    /* TLS: bytes a session read ahead would not fire the re-armed watch; it reads to the end. */
+    c->rx_turn_left = c->tls ? SIZE_MAX : RX_TURN_BYTES;
     int rc;
     do {
         pthread_mutex_unlock(&p->mu);
@@ -287,7 +305,9 @@ void tcp_rx_event(void *arg, uint32_t events)
     if (rc < 0) {
         tcp_conn_break_locked(c, c->gen, p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
     } else if (c->state == TCP_CONN_UP) {
-        if (tcp_conn_busy(c) == 0)
+        if (rc == RX_YIELD)
+            rx_arm(c, true); /* fires again at once, after the events already waiting */
+        else if (tcp_conn_busy(c) == 0)
             c->reader = TCP_READER_NONE;
         else if (!c->ep_in)
             rx_arm(c, true);
@@ -358,6 +378,7 @@ static int rx_turn(struct tcp_conn **cs, unsigned k, bool wait, uint64_t deadlin
     for (unsigned i = 0; i < k && pr > 0; i++) {
         if (wait && !pf[i].revents)
             continue;
+        cs[i]->rx_turn_left = SIZE_MAX; /* a caller reads for itself: no one waits behind it */
         int r = rx_step(cs[i], why, sizeof(why));
         if (r == RX_FRAME)
             rc = RX_FRAME;
