@@ -747,10 +747,10 @@ typedef struct {
                                     $KVFERRY_TLS_DATA=1 takes tls (or the KVFERRY_TLS_*
                                     variables), else none. */
     uint32_t io_threads;         /* the tcp transport's I/O threads, 1..64: epoll loops that
-                                    serve the connections peers open to this engine and read the
-                                    answers on the connections it opens to peers, however many
-                                    there are. 0 (default): $KVFERRY_IO_THREADS, else
-                                    min(online CPUs, 4). */
+                                    serve the connections peers open to this engine, and as many
+                                    that read the answers on the connections it opens to peers,
+                                    however many there are. 0 (default): $KVFERRY_IO_THREADS,
+                                    else min(online CPUs, 4). */
 } kvf_config_t;
 
 /**

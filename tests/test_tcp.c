@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/common.h"
@@ -42,7 +43,8 @@ typedef struct {
     uint16_t port;
 } node_t;
 
-static void node_listen(node_t *n, uint16_t port, uint32_t conns, uint32_t chunk)
+/* The parameters of a transport of @n on 127.0.0.1:@port. */
+static kvf_transport_params_t node_params(node_t *n, uint16_t port, uint32_t conns, uint32_t chunk)
 {
     kvf_transport_params_t p;
     memset(&p, 0, sizeof(p));
@@ -54,9 +56,20 @@ static void node_listen(node_t *n, uint16_t port, uint32_t conns, uint32_t chunk
     p.conns_per_peer = conns;
     p.chunk_bytes = chunk;
     p.connect_timeout_ms = 2000;
-    assert_kvf_ok(ops->create(&p, &n->t));
+    return p;
+}
+
+static void node_create(node_t *n, const kvf_transport_params_t *p)
+{
+    assert_kvf_ok(ops->create(p, &n->t));
     n->port = ops->port(n->t);
     assert_true(n->port != 0);
+}
+
+static void node_listen(node_t *n, uint16_t port, uint32_t conns, uint32_t chunk)
+{
+    kvf_transport_params_t p = node_params(n, port, conns, chunk);
+    node_create(n, &p);
 }
 
 static void node_start(node_t *n, uint32_t conns, uint32_t chunk)
@@ -569,6 +582,8 @@ typedef struct {
     uint8_t *dst;
     size_t len;
     unsigned id;
+    unsigned rounds;
+    uint64_t max_ms;   /* the longest call */
     int rc;
     char err[512];
 } writer_t;
@@ -580,9 +595,12 @@ static void *writer_main(void *arg)
     w->rc = -ENOMEM;
     if (!src)
         return NULL;
-    for (unsigned r = 0; r < 8; r++) {
+    for (unsigned r = 0; r < w->rounds; r++) {
         fill(src, w->len, w->id * 100 + r);
+        uint64_t t0 = kvf_test_now_ms();
         w->rc = xfer1(w->p, KVF_OP_WRITE, src, w->dst, w->len, 15000);
+        if (kvf_test_now_ms() - t0 > w->max_ms)
+            w->max_ms = kvf_test_now_ms() - t0;
         if (w->rc) {
             snprintf(w->err, sizeof(w->err), "%s", kvf_last_error());
             break;
@@ -597,33 +615,57 @@ static void *writer_main(void *arg)
     return NULL;
 }
 
-/* Four threads write disjoint ranges through one peer handle at once. */
-static void test_threads(void **state)
+enum { WRITERS = 4 };
+
+/* WRITERS threads each write @rounds calls of one @each-byte block into a slice of their own,
+ * from a transport with @chunk-byte chunks over two connections, through one peer handle at
+ * once; every byte is checked. Returns the longest call in ms. */
+static uint64_t run_writers(size_t each, uint32_t chunk, unsigned rounds)
 {
-    (void)state;
     node_t a = {0}, b = {0};
-    node_start(&a, 2, MiB);
-    node_start(&b, 2, MiB);
-    enum { T = 4 };
-    const size_t each = 3 * MiB + 17;
-    uint8_t *dst = xmalloc(each * T);
-    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)dst, each * T, NULL));
+    node_start(&a, 2, chunk);
+    node_start(&b, 2, chunk);
+    uint8_t *dst = xmalloc(each * WRITERS);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)dst, each * WRITERS, NULL));
     kvf_tpeer_t *p = peer_to(&a, b.port);
-    writer_t w[T];
-    pthread_t th[T];
-    for (unsigned i = 0; i < T; i++) {
-        w[i] = (writer_t){.p = p, .dst = dst + i * each, .len = each, .id = i};
+    writer_t w[WRITERS];
+    pthread_t th[WRITERS];
+    for (unsigned i = 0; i < WRITERS; i++) {
+        w[i] = (writer_t){.p = p, .dst = dst + i * each, .len = each, .id = i, .rounds = rounds};
         assert_int_equal(pthread_create(&th[i], NULL, writer_main, &w[i]), 0);
     }
-    for (unsigned i = 0; i < T; i++)
+    uint64_t longest = 0;
+    for (unsigned i = 0; i < WRITERS; i++)
         pthread_join(th[i], NULL);
-    for (unsigned i = 0; i < T; i++)
+    for (unsigned i = 0; i < WRITERS; i++) {
         if (w[i].rc)
             fail_msg("writer %u: %d (%s): %s", i, w[i].rc, kvf_err_name(w[i].rc), w[i].err);
+        longest = w[i].max_ms > longest ? w[i].max_ms : longest;
+    }
     ops->peer_close(p);
     node_stop(&a);
     node_stop(&b);
     free(dst);
+    return longest;
+}
+
+/* Four threads write disjoint ranges of several chunks each through one peer handle at once. */
+static void test_threads(void **state)
+{
+    (void)state;
+    run_writers(3 * MiB + 17, MiB, 8);
+}
+
+/* Four threads write one 1 MiB block per call through one peer handle at once: each call is
+ * spread over the two connections, whose answers its caller reads itself only when it reads
+ * every one of them (another thread may hold a connection's reader role). Every byte lands, and
+ * no call waits for its 15 s deadline. */
+static void test_threads_split_blocks(void **state)
+{
+    (void)state;
+    uint64_t longest = run_writers(MiB, 4 * MiB, 50);
+    print_message("longest call %" PRIu64 " ms\n", longest);
+    assert_true(longest < 10000);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1322,6 +1364,211 @@ static void test_stalled_answer_holds_up_no_other_peer(void **state)
     free(dst);
 }
 
+/* A notification callback that blocks until the test lets it go, as an engine's delivery waits
+ * up to 2 s for room in a full queue. */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool entered, release;
+} gate_t;
+
+static gate_t notify_gate = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false, false};
+
+static int gated_notify(void *arg, const char *sender, const void *msg, size_t len)
+{
+    (void)arg, (void)sender, (void)msg, (void)len;
+    gate_t *g = &notify_gate;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += 10; /* bound: the test releases it long before */
+    pthread_mutex_lock(&g->mu);
+    g->entered = true;
+    pthread_cond_broadcast(&g->cv);
+    while (!g->release)
+        if (pthread_cond_timedwait(&g->cv, &g->mu, &ts) == ETIMEDOUT)
+            break;
+    pthread_mutex_unlock(&g->mu);
+    return 0;
+}
+
+typedef struct {
+    kvf_tpeer_t *p;
+    int rc;
+} notifier_t;
+
+static void *notifier_main(void *arg)
+{
+    notifier_t *n = arg;
+    n->rc = ops->notify(n->p, "hi", 2, dl(15000));
+    return NULL;
+}
+
+/* An engine's own transfers are not held up by serving its peers: while its (one) serving I/O
+ * thread waits in the notification callback, a batch of two reads from another engine, whose
+ * answers its initiator I/O thread reads, completes well within its 1 s deadline. */
+static void test_own_answers_not_held_by_serving(void **state)
+{
+    (void)state;
+    setenv("KVFERRY_IO_THREADS", "1", 1);
+    node_t a = {0}, b = {0};
+    assert_kvf_ok(kvf__regions_create(&a.rt));
+    kvf_transport_params_t pa = node_params(&a, 0, 1, 4 * MiB);
+    pa.notify_cb = gated_notify;
+    node_create(&a, &pa);
+    unsetenv("KVFERRY_IO_THREADS");
+    node_start(&b, 1, 4 * MiB);
+    uint8_t *src = xmalloc(MiB), *dst = xmalloc(MiB);
+    fill(src, MiB, 3);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)src, MiB, NULL));
+    kvf_tpeer_t *ab = peer_to(&a, b.port), *ba = peer_to(&b, a.port);
+
+    notifier_t n = {.p = ba};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, notifier_main, &n), 0);
+    pthread_mutex_lock(&notify_gate.mu);
+    while (!notify_gate.entered)
+        pthread_cond_wait(&notify_gate.cv, &notify_gate.mu);
+    pthread_mutex_unlock(&notify_gate.mu);
+
+    kvf_xfer_t x[2] = {{KVF_OP_READ, dst, (uintptr_t)src, MiB / 2},
+                       {KVF_OP_READ, dst + MiB / 2, (uintptr_t)src + MiB / 2, MiB / 2}};
+    assert_kvf_ok(ops->transfer(ab, x, 2, dl(1000), NULL));
+    assert_bytes_eq(dst, src, MiB);
+
+    pthread_mutex_lock(&notify_gate.mu);
+    notify_gate.release = true;
+    pthread_cond_broadcast(&notify_gate.cv);
+    pthread_mutex_unlock(&notify_gate.mu);
+    pthread_join(th, NULL);
+    assert_kvf_ok(n.rc);
+    ops->peer_close(ab);
+    ops->peer_close(ba);
+    node_stop(&b);
+    node_stop(&a);
+    free(src);
+    free(dst);
+}
+
+/* A TCP proxy that forwards both ways but lets only @cut bytes through from the target. */
+typedef struct {
+    int lfd, cfd, sfd;
+    uint16_t port, target;
+    size_t cut, down;
+    int stop[2]; /* the test writes a byte: the proxy ends */
+    pthread_t th;
+} cutproxy_t;
+
+static void *cutproxy_main(void *arg)
+{
+    static uint8_t buf[64 << 10];
+    cutproxy_t *x = arg;
+    struct pollfd lp[2] = {{x->lfd, POLLIN, 0}, {x->stop[0], POLLIN, 0}};
+    if (poll(lp, 2, 20000) != 1 || !lp[0].revents)
+        return NULL;
+    x->cfd = accept(x->lfd, NULL, NULL);
+    x->sfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(x->target),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (x->cfd < 0 || connect(x->sfd, (struct sockaddr *)&a, sizeof(a)) < 0)
+        x->down = SIZE_MAX; /* said by the test's check */
+    for (unsigned turns = 0; turns < 2000 && x->down != SIZE_MAX; turns++) {
+        struct pollfd pf[3] = {{x->cfd, POLLIN, 0}, {x->sfd, x->down < x->cut ? POLLIN : 0, 0},
+                               {x->stop[0], POLLIN, 0}};
+        if (poll(pf, 3, 10) <= 0)
+            continue;
+        if (pf[2].revents)
+            break;
+        int from = pf[0].revents ? x->cfd : x->sfd, to = from == x->cfd ? x->sfd : x->cfd;
+        size_t room = from == x->sfd ? x->cut - x->down : sizeof(buf);
+        ssize_t r = recv(from, buf, room < sizeof(buf) ? room : sizeof(buf), 0);
+        if (r <= 0 || send(to, buf, (size_t)r, MSG_NOSIGNAL) != r)
+            break;
+        if (from == x->sfd)
+            x->down += (size_t)r;
+    }
+    close(x->cfd);
+    close(x->sfd);
+    x->cfd = x->sfd = -1;
+    return NULL;
+}
+
+/* With data TLS, a single read whose answer stops in the middle of a TLS record fails with
+ * -KVF_ETIMEDOUT at its deadline: the caller reading its own answer waits in poll() for the
+ * rest of the record, neither spinning nor waiting past the deadline. */
+static void test_tls_answer_stalled_mid_record(void **state)
+{
+    (void)state;
+    char dir[64], cert[128], key[128], ca[128];
+    kvf_test_tls_certs(KVF_TEST_SRC_DIR, dir, sizeof(dir));
+    snprintf(cert, sizeof(cert), "%s/server.pem", dir);
+    snprintf(key, sizeof(key), "%s/server.key", dir);
+    snprintf(ca, sizeof(ca), "%s/ca.pem", dir);
+    kvf_tls_opts_t o;
+    kvf_tls_opts_init(&o);
+    o.enable = 1;
+    o.cert_file = cert;
+    o.key_file = key;
+    o.ca_file = ca;
+    node_t a = {0}, b = {0};
+    assert_kvf_ok(kvf__regions_create(&a.rt));
+    assert_kvf_ok(kvf__regions_create(&b.rt));
+    kvf_transport_params_t p = node_params(&a, 0, 1, 4 * MiB);
+    p.tls = &o;
+    node_create(&a, &p);
+    p = node_params(&b, 0, 1, 4 * MiB);
+    p.tls = &o;
+    node_create(&b, &p);
+    const size_t n = 2 * MiB;
+    uint8_t *src = xmalloc(n), *dst = xmalloc(n);
+    memset(src, 0x5a, n);
+    assert_kvf_ok(kvf__regions_add(b.rt, (uint64_t)(uintptr_t)src, n, NULL));
+
+    cutproxy_t x = {.target = b.port, .cut = 700001}; /* mid-answer, mid-record */
+    x.lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof(sa);
+    assert_int_equal(bind(x.lfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    assert_int_equal(listen(x.lfd, 4), 0);
+    assert_int_equal(getsockname(x.lfd, (struct sockaddr *)&sa, &sl), 0);
+    x.port = ntohs(sa.sin_port);
+    x.cfd = x.sfd = -1;
+    assert_int_equal(pipe(x.stop), 0);
+    assert_int_equal(pthread_create(&x.th, NULL, cutproxy_main, &x), 0);
+
+    /* The proxy's address, under a session id whose address the certificate names. */
+    kvf_tpeer_desc_t d;
+    memset(&d, 0, sizeof(d));
+    snprintf(d.addr.host, sizeof(d.addr.host), "127.0.0.1");
+    d.addr.kind = KVF_HOST_IPV4;
+    d.addr.port = x.port;
+    d.sid = "127.0.0.1:1";
+    kvf_tpeer_t *pr = NULL;
+    assert_kvf_ok(ops->peer_open(a.t, &d, &pr));
+    kvf_xfer_t xf = {KVF_OP_READ, dst, (uintptr_t)src, n};
+    struct timespec c0, c1;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+    uint64_t t0 = kvf_test_now_ms();
+    assert_kvf_err(ops->transfer(pr, &xf, 1, dl(1500), NULL), -KVF_ETIMEDOUT);
+    uint64_t took = kvf_test_now_ms() - t0;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+    double cpu = (double)(c1.tv_sec - c0.tv_sec) + (double)(c1.tv_nsec - c0.tv_nsec) / 1e9;
+    assert_int_equal(write(x.stop[1], "x", 1), 1);
+    pthread_join(x.th, NULL);
+    print_message("stalled TLS read: %" PRIu64 " ms, %.3f s of CPU; the proxy let %zu bytes "
+                  "through\n", took, cpu, x.down);
+    assert_true(x.down == x.cut);
+    assert_true(took >= 1400 && took < 3000);
+    assert_true(cpu < 0.5); /* it waited, it did not spin */
+    ops->peer_close(pr);
+    close(x.lfd);
+    close(x.stop[0]);
+    close(x.stop[1]);
+    node_stop(&b);
+    node_stop(&a);
+    free(src);
+    free(dst);
+}
+
 /* Nobody listens: a clear error at once, not a hang. */
 static void test_connect_refused(void **state)
 {
@@ -1412,6 +1659,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_chunked_two_conns),
     cmocka_unit_test(test_first_write_opens_every_connection),
     cmocka_unit_test(test_threads),
+    cmocka_unit_test(test_threads_split_blocks),
     cmocka_unit_test(test_write_past_region),
     cmocka_unit_test(test_raw_write_outside),
     cmocka_unit_test(test_malformed_frames),
@@ -1424,6 +1672,8 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_read_timeout_mid_answer),
     cmocka_unit_test(test_read_timeout_late_answer),
     cmocka_unit_test(test_stalled_answer_holds_up_no_other_peer),
+    cmocka_unit_test(test_own_answers_not_held_by_serving),
+    cmocka_unit_test(test_tls_answer_stalled_mid_record),
     cmocka_unit_test(test_connect_refused),
     cmocka_unit_test(test_trickling_writer_cut_off),
     cmocka_unit_test(test_no_hello_cut_off),

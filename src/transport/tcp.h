@@ -3,7 +3,7 @@
  * and what one tcp file offers another. The files, each calling only files listed before it:
  *
  *   tcp_proto.h   the wire format and its limits (also included by the tests)
- *   tcp_io.c      socket helpers: whole sends and receives bounded by deadlines
+ *   tcp_io.c      socket helpers: whole sends bounded by deadlines, receives that never block
  *   tcp_stats.c   kvf_engine_stats_fetch(): a short-lived connection asking a target for its
  *                 statistics (STATS)
  *   tcp_p2p.c     the target's answer to a P2P record request (common/p2p.h): a connection
@@ -13,8 +13,9 @@
  *                 non-blocking socket, and the authoritative checks of every request against
  *                 the region table
  *   tcp_pool.c    the transport's threads: the accept thread (caps, eviction of the oldest
- *                 unauthenticated connection) and a fixed set of I/O threads over epoll, which
- *                 serve the target's connections and watch the initiator's (tcp_watch_*)
+ *                 unauthenticated connection) and two fixed sets of I/O threads over epoll: one
+ *                 serves the target's connections, the other watches the initiator's
+ *                 (tcp_watch_*)
  *   tcp_conn.c    one initiator connection: its slots, how a request ends, breaking it
  *   tcp_rx.c      reading an initiator connection's answers: a resumable state machine run by
  *                 an I/O thread, or by the caller that waits for them
@@ -30,7 +31,7 @@
  * caller's memory; runs of small writes gathered into one WRITEV) and then waits for the
  * answers. Whoever holds a connection's reader role reads them and completes requests by req_id,
  * receiving a READ's payload straight into the caller's buffer: normally one of the transport's
- * I/O threads, which wakes the waiting callers; but a caller whose whole batch is one request
+ * initiator I/O threads, which wakes the waiting callers; but a caller whose whole batch is one request
  * reads its own answer (see tcp_reader_t), which saves a wake-up on small transfers. No thread
  * belongs to a connection: however many peers, the I/O threads are the same few. Reading never
  * blocks (tcp_rx.c keeps a half-read answer in the connection), so a stalled peer holds up no
@@ -71,6 +72,10 @@
  * Limits and defaults of this implementation (the wire's own are in tcp_proto.h)
  * ------------------------------------------------------------------------------------------- */
 
+/* A call of one element at least this large is spread over the peer's connections, in parts
+ * that are a multiple of TCP_SPLIT_ALIGN (tcp_xfer.c). */
+#define TCP_SPLIT_MIN   (512u << 10)
+#define TCP_SPLIT_ALIGN (64u << 10)
 /* Elements up to this size are gathered into WRITEVs by the initiator. */
 #define TCP_GATHER_ELEM_MAX (256u << 10)
 /* A connection idle at least this long is checked for the target's close (a FIN already
@@ -229,6 +234,8 @@ struct tcp_batch {
     size_t outstanding; /* posted chunks not yet answered or failed; under peer->mu */
     _Atomic int rc;     /* first error; written under peer->mu, read anywhere */
     bool waiting;       /* the owner sleeps on cv */
+    bool shared;        /* an answer is read by another (its connection's reader was busy):
+                           the owner waits on cv for all of them; under peer->mu */
     pthread_cond_t cv;
     char msg[TCP_ERRMSG_LEN];
 };
@@ -298,6 +305,7 @@ struct tcp_conn {
     uint8_t *scratch; /* drain buffer for answers nobody waits for */
     /* The answer being received (tcp_rx.c): by the holder of the reader role only. */
     tcp_rx_state_t rx_state;
+    size_t rx_turn_left; /* bytes this reader may still take before it lets others go first */
     size_t rx_got;     /* bytes of the current part received */
     uint64_t rx_left;  /* TCP_RX_DRAIN: bytes still to drop */
     unsigned rx_idx;   /* TCP_RX_DATA: the slot, and its request */
@@ -367,7 +375,8 @@ struct tcp_transport {
     struct tcp_sconn *sconns;
     unsigned nsconns;  /* all served connections */
     unsigned npreauth; /* of which before their HELLO (and handshake) */
-    unsigned nio;
+    unsigned nio;         /* I/O threads serving connections: io[0, nio) */
+    unsigned nrx;         /* and watching the initiator's: io[nio, nio + nrx) */
     struct tcp_iothr *io;
     atomic_uint watch_rr; /* spreads the initiator connections' watches over the I/O threads */
     struct tcp_peer *peers;
@@ -440,9 +449,6 @@ int tcp_conn_sendv(struct tcp_conn *c, struct iovec *iov, int cnt, uint64_t dead
  * the count (> 0), 0 at the end of the stream, -EAGAIN when nothing is there (nor inside its TLS
  * session), or -errno (-KVF_ETLS). */
 ssize_t tcp_conn_recv_some(struct tcp_conn *c, void *buf, size_t len);
-
-/* Whether bytes of @c already wait inside its TLS session, where poll() does not see them. */
-bool tcp_conn_pending(struct tcp_conn *c);
 
 /* ---------------------------------------------------------------------------------------------
  * tcp_p2p.c: the P2P record request
@@ -523,7 +529,8 @@ int tcp_pool_start(struct tcp_transport *t);
 void tcp_pool_stop(struct tcp_transport *t);
 
 /*
- * Watch @fd (an initiator connection's socket) on one of @t's I/O threads: @fn(@arg, events)
+ * Watch @fd (an initiator connection's socket) on one of @t's initiator I/O threads (the second
+ * set, kvf-tcp-rx): @fn(@arg, events)
  * runs on that thread whenever @events (epoll flags) fire. Returns 0 with the watch in *@out,
  * or a negative code (message not set). Handlers of one watch never run at once.
  */
@@ -531,8 +538,8 @@ int tcp_watch_add(struct tcp_transport *t, int fd, uint32_t events, tcp_watch_fn
                   struct tcp_watch **out);
 
 /* Change what @w waits for (EPOLL_CTL_MOD: an edge-triggered watch fires at once if the new
- * events are ready). Any thread; @w's fd is open. */
-void tcp_watch_mod(struct tcp_watch *w, uint32_t events);
+ * events are ready). Any thread; @w's fd is open. Returns false (logged) when that failed. */
+bool tcp_watch_mod(struct tcp_watch *w, uint32_t events);
 
 /* Delete @w (NULL: nothing): once this returns its handler is not running and never runs again,
  * so its fd may be closed and its argument freed. Not from its own handler, nor holding a lock
@@ -582,13 +589,15 @@ void tcp_conn_close_fd(struct tcp_conn *c);
  * ------------------------------------------------------------------------------------------- */
 
 /* A request was registered on @c (UP) for @b: make sure someone will read its answer. @b's
- * caller does when @only (its whole batch is this request) and nobody reads @c now; else the
- * I/O thread. Under peer->mu. */
-void tcp_rx_claim_locked(struct tcp_conn *c, struct tcp_batch *b, bool only);
+ * caller does when @mine (its batch puts at most one request on each connection: one element,
+ * in parts) and nobody else reads @c now; else the I/O thread (or the caller already reading
+ * @c). Under peer->mu. */
+void tcp_rx_claim_locked(struct tcp_conn *c, struct tcp_batch *b, bool mine);
 
-/* If @b's caller holds a connection's reader role, read its answers until @b is complete, the
- * connection breaks, or @deadline_ms, then hand the role on; returns true. Else false (the I/O
- * threads read @b's answers). Called and returns with peer->mu held. */
+/* If @b's caller holds the reader role of every connection its answers come on, read them until
+ * @b is complete, the connections break, or @deadline_ms, then hand the roles on; returns true.
+ * Else hands on any it holds and returns false (the I/O threads read @b's answers and wake its
+ * caller). Called and returns with peer->mu held. */
 bool tcp_rx_inline_locked(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadline_ms);
 
 /* Give up the reader role @b's caller holds, if any (its requests failed before their answers

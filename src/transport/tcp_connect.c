@@ -165,8 +165,10 @@ int tcp_conn_open_locked(struct tcp_conn *c, uint64_t deadline_ms)
     pthread_mutex_lock(&p->mu);
     /* A caller reading its own answer uses the fd without the lock; the break that got us here
      * shut the socket down, so it is on its way out. */
+    c->waiters++; /* whoever clears inline_active wakes counted waiters only */
     while (c->inline_active)
         pthread_cond_wait(&c->cv, &p->mu);
+    c->waiters--;
     if (c->fd >= 0) {
         tcp_conn_close_fd(c);
         c->gen++;

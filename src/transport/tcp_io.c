@@ -1,8 +1,8 @@
 /*
- * Socket helpers of the tcp transport (tcp.h): an initiator connection's whole sends and
- * receives, plain (blocking socket) or TLS (non-blocking socket, every call on the session under
- * the connection's tls_mu), each bounded by a deadline or a stall limit so that a peer that stops
- * reading or sending is noticed.
+ * Socket helpers of the tcp transport (tcp.h): an initiator connection's whole sends, bounded by
+ * a deadline or a stall limit so that a peer that stops reading is noticed, and its receives,
+ * which never block; plain (blocking socket, receives with MSG_DONTWAIT) or TLS (non-blocking
+ * socket, every call on the session under the connection's tls_mu).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -165,14 +165,4 @@ ssize_t tcp_conn_recv_some(struct tcp_conn *c, void *buf, size_t len)
         return tcp_tls_io(c, buf, len, false, &ev);
     kvf_stream_t s = {c->fd, NULL};
     return kvf__stream_recv(&s, buf, len, NULL, 0);
-}
-
-bool tcp_conn_pending(struct tcp_conn *c)
-{
-    if (!c->tls)
-        return false;
-    pthread_mutex_lock(&c->tls_mu);
-    bool p = kvf__tls_pending(c->tls);
-    pthread_mutex_unlock(&c->tls_mu);
-    return p;
 }

@@ -1,5 +1,5 @@
 /*
- * The tcp transport's threads: one accept thread and a fixed set of I/O threads, however many
+ * The tcp transport's threads: one accept thread and two fixed sets of I/O threads, however many
  * connections are served or opened to peers (docs/architecture.md, "Threads").
  *
  * The accept thread accepts, applies the caps and hands each connection to the I/O thread that
@@ -18,9 +18,11 @@
  * HELLO. When accept() runs out of file descriptors the accept thread stops polling the listening
  * socket for a while instead of spinning, and a closed connection wakes it.
  *
- * The same I/O threads watch the initiator's connections (tcp_watch_*): the connection's owner
- * adds its socket to one thread's epoll set with a handler (tcp_rx.c), and deletes it before it
- * closes the socket.
+ * A second set of as many I/O threads, the same loop, watches the connections this engine opens
+ * to its peers (tcp_watch_*): the connection's owner adds its socket to one thread's epoll set
+ * with a handler (tcp_rx.c), and deletes it before it closes the socket. Kept apart from the
+ * serving threads, which may wait on the engine's callbacks (a notification's room in a full
+ * queue), so that serving peers never holds up the answers to this engine's own transfers.
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -196,8 +198,8 @@ int tcp_watch_add(struct tcp_transport *t, int fd, uint32_t events, tcp_watch_fn
     struct tcp_watch *w = calloc(1, sizeof(*w));
     if (!w)
         return -KVF_ENOMEM;
-    unsigned i = atomic_fetch_add_explicit(&t->watch_rr, 1, memory_order_relaxed) % t->nio;
-    *w = (struct tcp_watch){.io = &t->io[i], .fd = fd, .fn = fn, .arg = arg};
+    unsigned i = atomic_fetch_add_explicit(&t->watch_rr, 1, memory_order_relaxed) % t->nrx;
+    *w = (struct tcp_watch){.io = &t->io[t->nio + i], .fd = fd, .fn = fn, .arg = arg};
     struct epoll_event ev = {.events = events, .data.u64 = (uint64_t)(uintptr_t)w | 1u};
     if (epoll_ctl(w->io->ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
         int rc = -errno;
@@ -208,11 +210,13 @@ int tcp_watch_add(struct tcp_transport *t, int fd, uint32_t events, tcp_watch_fn
     return 0;
 }
 
-void tcp_watch_mod(struct tcp_watch *w, uint32_t events)
+bool tcp_watch_mod(struct tcp_watch *w, uint32_t events)
 {
     struct epoll_event ev = {.events = events, .data.u64 = (uint64_t)(uintptr_t)w | 1u};
-    if (epoll_ctl(w->io->ep, EPOLL_CTL_MOD, w->fd, &ev) < 0)
-        KVF_WARN(TCP_LOG, "epoll_ctl MOD of an initiator connection: %s", strerror(errno));
+    if (epoll_ctl(w->io->ep, EPOLL_CTL_MOD, w->fd, &ev) == 0)
+        return true;
+    KVF_WARN(TCP_LOG, "epoll_ctl MOD of an initiator connection: %s", strerror(errno));
+    return false;
 }
 
 void tcp_watch_del(struct tcp_watch *w)
@@ -574,12 +578,12 @@ static void *tcp_accept_main(void *arg)
 static void tcp_io_stop_all(struct tcp_transport *t)
 {
     atomic_store(&t->io_stopping, true);
-    for (unsigned i = 0; i < t->nio; i++) {
+    for (unsigned i = 0; i < t->nio + t->nrx; i++) {
         uint64_t one = 1;
         if (t->io[i].started && write(t->io[i].wake_fd, &one, sizeof(one)) < 0)
             KVF_WARN(TCP_LOG, "stopping I/O thread %u: %s", i, strerror(errno));
     }
-    for (unsigned i = 0; i < t->nio; i++) {
+    for (unsigned i = 0; i < t->nio + t->nrx; i++) {
         struct tcp_iothr *io = &t->io[i];
         if (io->started)
             pthread_join(io->thread, NULL);
@@ -594,20 +598,23 @@ static void tcp_io_stop_all(struct tcp_transport *t)
     }
     free(t->io);
     t->io = NULL;
-    t->nio = 0;
+    t->nio = t->nrx = 0;
 }
 
 int tcp_pool_start(struct tcp_transport *t)
 {
+    /* As many threads again watch the connections this engine opens to its peers, so that
+     * what serving its own peers may wait for (a notification's room in a full queue, a record
+     * answer) never holds up the answers to its own transfers. */
     unsigned nio = tcp_io_threads_conf(t);
-    t->io = calloc(nio, sizeof(*t->io));
+    t->io = calloc(2 * nio, sizeof(*t->io));
     if (!t->io)
         return kvf__err(-KVF_ENOMEM, "tcp create: out of memory");
-    t->nio = nio;
-    for (unsigned i = 0; i < nio; i++)
+    t->nio = t->nrx = nio;
+    for (unsigned i = 0; i < 2 * nio; i++)
         t->io[i].ep = t->io[i].wake_fd = -1;
     int rc = 0;
-    for (unsigned i = 0; i < nio; i++) {
+    for (unsigned i = 0; i < 2 * nio; i++) {
         struct tcp_iothr *io = &t->io[i];
         io->t = t;
         io->idx = i;
@@ -629,7 +636,8 @@ int tcp_pool_start(struct tcp_transport *t)
             rc = kvf__err(-errno, "tcp create: I/O thread %u: %s", i, strerror(errno));
             break;
         }
-        rc = kvf__thread_start(&io->thread, "kvf-tcp-io", KVF_THREAD_SMALL_STACK, tcp_io_main, io);
+        rc = kvf__thread_start(&io->thread, i < nio ? "kvf-tcp-io" : "kvf-tcp-rx",
+                               KVF_THREAD_SMALL_STACK, tcp_io_main, io);
         if (rc) {
             rc = kvf__err(rc, "tcp create: I/O thread %u: %s", i, strerror(-rc));
             break;

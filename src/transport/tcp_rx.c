@@ -8,8 +8,8 @@
  *
  * Which events the watch waits for follows the role: always the peer closing the connection
  * (EPOLLRDHUP; an idle connection the target closed is marked broken at once), and answers
- * (EPOLLIN) only while the I/O thread reads, so that a caller reading its own answer is not
- * raced by a woken I/O thread. The watch is edge-triggered: whoever reads goes on until the
+ * (EPOLLIN) from when the I/O thread takes the role until a caller takes it, so that a caller
+ * reading its own answer is not raced by a woken I/O thread. The watch is edge-triggered: whoever reads goes on until the
  * socket (and the TLS session) has nothing more, and a role handed to the I/O thread re-arms the
  * watch, which fires at once for bytes already there. The locking rules are in tcp.h.
  */
@@ -18,6 +18,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -29,22 +30,34 @@
 #define RX_AGAIN 0 /* nothing more to read now */
 #define RX_FRAME 1 /* an answer was handled: a request may have ended */
 #define RX_ON    2 /* (inside rx_step) go on reading */
+#define RX_YIELD 3 /* the turn's budget is spent, bytes may be left: the I/O thread's others go first */
+
+/* Bytes the I/O thread reads from one connection before it lets the others' events go first
+ * (as a served connection's turn, tcp_pool.c). */
+#define RX_TURN_BYTES (4u << 20)
 
 /* Make @c's watch wait for the peer closing, and for answers when @in. A watch re-armed this way
  * fires at once for what is already there. Under peer->mu. */
 static void rx_arm(struct tcp_conn *c, bool in)
 {
-    if (!c->watch)
-        return;
-    tcp_watch_mod(c->watch, EPOLLRDHUP | EPOLLET | (in ? EPOLLIN : 0u));
-    c->ep_in = in;
+    if (c->watch && tcp_watch_mod(c->watch, EPOLLRDHUP | EPOLLET | (in ? EPOLLIN : 0u)))
+        c->ep_in = in;
+}
+
+/* Receive up to @len bytes on @c without blocking, counted against the turn's budget. */
+static ssize_t rx_recv(struct tcp_conn *c, void *buf, size_t len)
+{
+    ssize_t r = tcp_conn_recv_some(c, buf, len);
+    if (r > 0)
+        c->rx_turn_left -= (size_t)r < c->rx_turn_left ? (size_t)r : c->rx_turn_left;
+    return r;
 }
 
 /* Why reading stopped: @r from tcp_conn_recv_some() (0, or a code other than -EAGAIN). */
 static int rx_broken(ssize_t r, const char *where, char *why, size_t whylen)
 {
-    snprintf(why, whylen, "%s%s", r == 0 ? "connection closed by the peer" : kvf_strerror((int)r),
-             where);
+    snprintf(why, whylen, "%s%s",
+             r == 0 || r == -EPIPE ? "connection closed by the peer" : kvf_strerror((int)r), where);
     return -1;
 }
 
@@ -151,10 +164,11 @@ static int rx_data(struct tcp_conn *c, char *why, size_t whylen)
     uint8_t *dst = s->local + c->rx_got;
     size_t want = (size_t)(c->rx_h.len - c->rx_got);
     pthread_mutex_unlock(&p->mu);
-    ssize_t r = tcp_conn_recv_some(c, dst, want);
+    ssize_t r = rx_recv(c, dst, want);
     pthread_mutex_lock(&p->mu);
     c->rx_active = -1;
-    bool done = false;
+    /* A break while we were in recv() skipped this request (rx_active): failing it is ours. */
+    bool done = false, broken = c->state != TCP_CONN_UP;
     if (r > 0) {
         c->rx_got += (size_t)r;
         done = c->rx_got == c->rx_h.len;
@@ -167,6 +181,8 @@ static int rx_data(struct tcp_conn *c, char *why, size_t whylen)
     if (c->waiters)
         pthread_cond_broadcast(&c->cv);
     pthread_mutex_unlock(&p->mu);
+    if (r == -EAGAIN && broken)
+        return rx_broken(0, " in the middle of a read answer", why, whylen);
     if (r == -EAGAIN)
         return RX_AGAIN;
     if (r <= 0)
@@ -184,9 +200,11 @@ static int rx_step(struct tcp_conn *c, char *why, size_t whylen)
     for (;;) {
         ssize_t r;
         int rc;
+        if (c->rx_turn_left == 0)
+            return RX_YIELD;
         switch (c->rx_state) {
         case TCP_RX_HDR:
-            r = tcp_conn_recv_some(c, c->rx_hbuf + c->rx_got, KVF_TCP_HDR_LEN - c->rx_got);
+            r = rx_recv(c, c->rx_hbuf + c->rx_got, KVF_TCP_HDR_LEN - c->rx_got);
             if (r == -EAGAIN)
                 return RX_AGAIN;
             if (r <= 0)
@@ -200,7 +218,7 @@ static int rx_step(struct tcp_conn *c, char *why, size_t whylen)
             continue;
         case TCP_RX_MSG:
             if (c->rx_got < c->rx_h.len) {
-                r = tcp_conn_recv_some(c, c->rx_msg + c->rx_got, (size_t)c->rx_h.len - c->rx_got);
+                r = rx_recv(c, c->rx_msg + c->rx_got, (size_t)c->rx_h.len - c->rx_got);
                 if (r == -EAGAIN)
                     return RX_AGAIN;
                 if (r <= 0)
@@ -219,9 +237,8 @@ static int rx_step(struct tcp_conn *c, char *why, size_t whylen)
                 return rc;
             continue;
         case TCP_RX_DRAIN:
-            r = tcp_conn_recv_some(c, c->scratch,
-                                   c->rx_left < TCP_SCRATCH_LEN ? (size_t)c->rx_left
-                                                                : TCP_SCRATCH_LEN);
+            r = rx_recv(c, c->scratch,
+                        c->rx_left < TCP_SCRATCH_LEN ? (size_t)c->rx_left : TCP_SCRATCH_LEN);
             if (r == -EAGAIN)
                 return RX_AGAIN;
             if (r <= 0)
@@ -236,11 +253,17 @@ static int rx_step(struct tcp_conn *c, char *why, size_t whylen)
     }
 }
 
-void tcp_rx_claim_locked(struct tcp_conn *c, struct tcp_batch *b, bool only)
+void tcp_rx_claim_locked(struct tcp_conn *c, struct tcp_batch *b, bool mine)
 {
-    if (c->reader != TCP_READER_NONE)
+    if (c->reader != TCP_READER_NONE) {
+        /* Someone else reads this answer and wakes the caller through b->cv, which a caller
+         * reading its other answers in poll() would not notice: it leaves them all to the I/O
+         * threads (tcp_rx_inline_locked). */
+        if (c->reader != TCP_READER_INLINE || c->inline_b != b)
+            b->shared = true;
         return;
-    if (only) {
+    }
+    if (mine) {
         c->reader = TCP_READER_INLINE;
         c->inline_b = b;
         if (c->ep_in)
@@ -271,6 +294,8 @@ void tcp_rx_event(void *arg, uint32_t events)
     }
     /* Answers, or (nothing to read) the peer closing or sending something unasked. */
     c->reader = TCP_READER_IO;
+    /* TLS: bytes a session read ahead would not fire the re-armed watch; it reads to the end. */
+    c->rx_turn_left = c->tls ? SIZE_MAX : RX_TURN_BYTES;
     int rc;
     do {
         pthread_mutex_unlock(&p->mu);
@@ -280,21 +305,14 @@ void tcp_rx_event(void *arg, uint32_t events)
     if (rc < 0) {
         tcp_conn_break_locked(c, c->gen, p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
     } else if (c->state == TCP_CONN_UP) {
-        if (tcp_conn_busy(c) == 0)
+        if (rc == RX_YIELD)
+            rx_arm(c, true); /* fires again at once, after the events already waiting */
+        else if (tcp_conn_busy(c) == 0)
             c->reader = TCP_READER_NONE;
         else if (!c->ep_in)
             rx_arm(c, true);
     }
     pthread_mutex_unlock(&p->mu);
-}
-
-/* The connection whose answers @b's caller reads itself, or NULL. Under peer->mu. */
-static struct tcp_conn *rx_inline_conn(struct tcp_peer *p, const struct tcp_batch *b)
-{
-    for (unsigned i = 0; i < p->nconns; i++)
-        if (p->conns[i].reader == TCP_READER_INLINE && p->conns[i].inline_b == b)
-            return &p->conns[i];
-    return NULL;
 }
 
 /* Hand the reader role @c's caller held on: to the I/O thread if requests are still pending,
@@ -317,64 +335,113 @@ static void rx_release(struct tcp_conn *c)
 
 void tcp_rx_release_locked(struct tcp_peer *p, const struct tcp_batch *b)
 {
-    struct tcp_conn *c = rx_inline_conn(p, b);
-    if (c)
-        rx_release(c);
+    for (unsigned i = 0; i < p->nconns; i++)
+        if (p->conns[i].reader == TCP_READER_INLINE && p->conns[i].inline_b == b)
+            rx_release(&p->conns[i]);
 }
 
-/* One turn of the caller's reading: rx_step() without the lock; @wait first polls the socket
- * until @deadline_ms. Returns rx_step()'s result, or RX_AGAIN with *@late at the deadline. */
-static int rx_turn(struct tcp_conn *c, bool wait, uint64_t deadline_ms, bool *late, char *why,
-                   size_t whylen)
+/* Whether the caller of @b still reads @c, as it did at generation @gen. Under peer->mu. */
+static bool rx_held(const struct tcp_conn *c, const struct tcp_batch *b, uint64_t gen)
 {
-    struct tcp_peer *p = c->peer;
-    int fd = c->fd, rc = RX_AGAIN;
-    c->inline_active = true;
-    pthread_mutex_unlock(&p->mu);
-    int pr = 1;
-    if (wait && !tcp_conn_pending(c)) { /* TLS: a record read before may hold the answer */
-        uint64_t now = kvf__now_ms();
-        uint64_t left = deadline_ms > now ? deadline_ms - now : 0;
-        struct pollfd pf = {fd, POLLIN, 0};
-        pr = poll(&pf, 1, left > INT32_MAX ? INT32_MAX : (int)left);
+    return c->reader == TCP_READER_INLINE && c->inline_b == b && c->gen == gen &&
+           c->state == TCP_CONN_UP;
+}
+
+/*
+ * One turn of the caller's reading of the @k connections @cs: without the lock, wait until one
+ * of them has bytes (@wait; not past @deadline_ms), then run rx_step() on each that has (each of
+ * them, without @wait); a connection that fails is broken at once. Returns RX_FRAME when an answer was handled, else
+ * RX_AGAIN, with *@late when the deadline came first. Called and returns with peer->mu held.
+ */
+static int rx_turn(struct tcp_conn **cs, unsigned k, bool wait, uint64_t deadline_ms, bool *late)
+{
+    struct tcp_peer *p = cs[0]->peer;
+    struct pollfd pf[KVF_TCP_MAX_CONNS_PER_PEER];
+    uint64_t gen[KVF_TCP_MAX_CONNS_PER_PEER];
+    char why[TCP_ERRMSG_LEN];
+    for (unsigned i = 0; i < k; i++) {
+        cs[i]->inline_active = true; /* the fd stays open until we are done with it */
+        pf[i] = (struct pollfd){cs[i]->fd, POLLIN, 0};
+        gen[i] = cs[i]->gen;
     }
-    if (pr > 0)
-        rc = rx_step(c, why, whylen);
+    pthread_mutex_unlock(&p->mu);
+    int pr = (int)k, rc = RX_AGAIN;
+    uint64_t now = kvf__now_ms();
+    if (now >= deadline_ms) {
+        pr = 0;
+    } else if (wait) {
+        /* After RX_AGAIN nothing complete waits in a socket or a TLS session (a partial record
+         * may: its rest comes through the socket). */
+        uint64_t left = deadline_ms - now;
+        pr = poll(pf, k, left > INT32_MAX ? INT32_MAX : (int)left);
+    }
+    for (unsigned i = 0; i < k && pr > 0; i++) {
+        if (wait && !pf[i].revents)
+            continue;
+        cs[i]->rx_turn_left = SIZE_MAX; /* a caller reads for itself: no one waits behind it */
+        int r = rx_step(cs[i], why, sizeof(why));
+        if (r == RX_FRAME)
+            rc = RX_FRAME;
+        if (r < 0) {
+            pthread_mutex_lock(&p->mu);
+            tcp_conn_break_locked(cs[i], gen[i], p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
+            pthread_mutex_unlock(&p->mu);
+        }
+    }
     pthread_mutex_lock(&p->mu);
-    c->inline_active = false;
-    if (c->waiters)
-        pthread_cond_broadcast(&c->cv);
+    for (unsigned i = 0; i < k; i++) {
+        cs[i]->inline_active = false;
+        if (cs[i]->waiters)
+            pthread_cond_broadcast(&cs[i]->cv);
+    }
     *late = pr == 0;
     return rc;
 }
 
 bool tcp_rx_inline_locked(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadline_ms)
 {
-    struct tcp_conn *c = rx_inline_conn(p, b);
-    if (!c)
+    struct tcp_conn *mine[KVF_TCP_MAX_CONNS_PER_PEER], *live[KVF_TCP_MAX_CONNS_PER_PEER];
+    uint64_t gen[KVF_TCP_MAX_CONNS_PER_PEER];
+    unsigned k = 0;
+    for (unsigned i = 0; i < p->nconns && k < KVF_TCP_MAX_CONNS_PER_PEER; i++) {
+        struct tcp_conn *c = &p->conns[i];
+        if (c->reader == TCP_READER_INLINE && c->inline_b == b) {
+            gen[k] = c->gen;
+            mine[k++] = c;
+        }
+    }
+    if (k == 0)
         return false;
-    const uint64_t gen = c->gen;
-    char why[TCP_ERRMSG_LEN];
+    if (b->shared) {
+        for (unsigned i = 0; i < k; i++)
+            rx_release(mine[i]);
+        return false;
+    }
+    /* Plain: the answer cannot be there yet, wait for it. TLS: a record the session read ahead
+     * may hold it, where poll() does not look: read first. */
     bool wait = true, late = false;
-    int rc = RX_AGAIN;
-    while (b->outstanding > 0 && c->reader == TCP_READER_INLINE && c->inline_b == b &&
-           c->gen == gen && c->state == TCP_CONN_UP && !late) {
-        rc = rx_turn(c, wait, deadline_ms, &late, why, sizeof(why));
-        if (rc < 0)
+    for (unsigned i = 0; i < k; i++)
+        wait &= !mine[i]->tls;
+    while (b->outstanding > 0 && !late) {
+        unsigned n = 0;
+        for (unsigned i = 0; i < k; i++)
+            if (rx_held(mine[i], b, gen[i]))
+                live[n++] = mine[i];
+        if (n == 0)
             break;
-        wait = rc == RX_AGAIN; /* after an answer, more may be there already */
+        /* after an answer, more may be there already */
+        wait = rx_turn(live, n, wait, deadline_ms, &late) == RX_AGAIN;
     }
-    /* TLS: records the session read ahead are invisible to the watch; read them before the
-     * I/O thread takes over. */
-    while (rc >= 0 && c->tls && c->gen == gen && c->state == TCP_CONN_UP &&
-           tcp_conn_busy(c) > 0 && c->reader == TCP_READER_INLINE && c->inline_b == b) {
-        rc = rx_turn(c, false, deadline_ms, &late, why, sizeof(why));
-        if (rc == RX_AGAIN)
-            break;
+    /* TLS: records a session read ahead are invisible to the watch; read them before the I/O
+     * thread takes over. */
+    for (unsigned i = 0; i < k; i++) {
+        struct tcp_conn *c = mine[i];
+        while (c->tls && rx_held(c, b, gen[i]) && tcp_conn_busy(c) > 0 &&
+               rx_turn(&c, 1, false, deadline_ms, &late) == RX_FRAME) {
+        }
     }
-    if (rc < 0)
-        tcp_conn_break_locked(c, gen, p->closing ? -KVF_ECLOSED : -KVF_EPEERGONE, why);
-    if (c->reader == TCP_READER_INLINE && c->inline_b == b)
-        rx_release(c);
+    for (unsigned i = 0; i < k; i++)
+        if (mine[i]->reader == TCP_READER_INLINE && mine[i]->inline_b == b)
+            rx_release(mine[i]);
     return true;
 }

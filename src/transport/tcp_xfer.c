@@ -88,7 +88,7 @@ static void tcp_open_others_locked(struct tcp_peer *p, const struct tcp_conn *fi
  * batch's error recorded; a request that was registered is then failed or finished already.
  */
 static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t elem,
-                    uint32_t nelem, uint64_t off, uint64_t len, bool only, uint64_t deadline_ms)
+                    uint32_t nelem, uint64_t off, uint64_t len, bool mine, uint64_t deadline_ms)
 {
     const kvf_xfer_t *x = &b->x[elem];
     unsigned ci = atomic_fetch_add_explicit(&p->rr, 1, memory_order_relaxed) % p->nconns;
@@ -144,9 +144,9 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
     s->nelem = nelem;
     s->refused = UINT32_MAX;
     s->op = op;
-    /* Someone must read the answer: the caller itself when this is its batch's only request and
-     * nobody reads this connection now, else the I/O thread. */
-    tcp_rx_claim_locked(c, b, only);
+    /* Someone must read the answer: the caller itself when its batch's requests each have a
+     * connection and nobody reads this one now, else the I/O thread. */
+    tcp_rx_claim_locked(c, b, mine);
     s->local = (uint8_t *)x->local + off;
     s->remote = x->remote + off;
     s->len = len;
@@ -314,6 +314,24 @@ static int tcp_batch_end(struct tcp_peer *p, struct tcp_batch *b, uint64_t deadl
     return 0;
 }
 
+/*
+ * The chunk size of element @x of a batch of @n. A call that moves one large element spreads it
+ * over the peer's connections in equal parts (at most p->chunk each), so that the target's I/O
+ * threads receive the parts at once rather than one after the other, and the caller reads each
+ * part's answer itself (docs/performance.md, "tcp, one block per call").
+ */
+static uint64_t tcp_step(const struct tcp_peer *p, const kvf_xfer_t *x, size_t n)
+{
+    uint64_t step = p->chunk;
+    if (n == 1 && p->nconns > 1 && x->len >= TCP_SPLIT_MIN) {
+        uint64_t part = (x->len + p->nconns - 1) / p->nconns;
+        part = (part + TCP_SPLIT_ALIGN - 1) & ~(uint64_t)(TCP_SPLIT_ALIGN - 1);
+        if (part < step)
+            step = part;
+    }
+    return step;
+}
+
 int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
                  const kvf_xfer_ctl_t *ctl)
 {
@@ -345,8 +363,10 @@ int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadli
         if (!left)
             return kvf__err(-KVF_ENOMEM, "tcp transfer to %s: out of memory for %zu elements",
                             p->sid, n);
-        for (size_t i = 0; i < n; i++)
-            left[i] = (uint32_t)((x[i].len + p->chunk - 1) / p->chunk);
+        for (size_t i = 0; i < n; i++) {
+            uint64_t step = tcp_step(p, &x[i], n);
+            left[i] = (uint32_t)((x[i].len + step - 1) / step);
+        }
     }
     rc = tcp_batch_begin(p, &b, x);
     if (rc) {
@@ -381,7 +401,10 @@ int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadli
             continue;
         }
         uint8_t op = x[i].op == KVF_OP_READ ? KVF_TCP_READ : KVF_TCP_WRITE;
-        for (uint64_t off = 0; off < x[i].len; off += p->chunk) {
+        /* The caller reads the answers itself when each goes to a connection of its own. */
+        uint64_t step = tcp_step(p, &x[i], n);
+        bool mine = n == 1 && (x[i].len + step - 1) / step <= p->nconns;
+        for (uint64_t off = 0; off < x[i].len; off += step) {
             if (off && cancel && atomic_load_explicit(cancel, memory_order_relaxed)) {
                 pthread_mutex_lock(&p->mu);
                 tcp_batch_fail(&b, -KVF_ECANCELED,
@@ -390,8 +413,8 @@ int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadli
                 pthread_mutex_unlock(&p->mu);
                 break;
             }
-            uint64_t len = x[i].len - off < p->chunk ? x[i].len - off : p->chunk;
-            if (tcp_post(p, &b, op, i, 1, off, len, n == 1 && len == x[i].len, deadline_ms))
+            uint64_t len = x[i].len - off < step ? x[i].len - off : step;
+            if (tcp_post(p, &b, op, i, 1, off, len, mine, deadline_ms))
                 break;
             if (atomic_load_explicit(&b.rc, memory_order_relaxed))
                 break;
