@@ -113,9 +113,47 @@ static void check_runs(json_t *root, size_t want_runs, const char *transport)
         if (!(num(rs, "before") > 0 && num(rs, "after") > 0 && num(ts, "before") >= 1 &&
               num(ts, "after") >= 1))
             fail_msg("rss_kib or threads of the %s missing", side[k]);
+        /* The engine's figure is VmRSS less shared memory and the bench's buffers (anonymous,
+         * faulted in): the binary and libraries (RssFile) are a part of it, never more. */
+        double eb = num(rs, "engine_before"), ea = num(rs, "engine_after");
+        double fb = num(rs, "file_before"), fa = num(rs, "file_after");
+        if (!(fb > 0 && fa > 0 && fb <= eb && fa <= ea && ea < num(rs, "after")))
+            fail_msg("%s: engine %.0f -> %.0f KiB, of it file %.0f -> %.0f KiB, VmRSS %.0f KiB",
+                     side[k], eb, ea, fb, fa, num(rs, "after"));
     }
     assert_true(num(rss, "initiator_buffers_kib") > 0);
     assert_true(num(rss, "target_buffer_kib") > 0);
+}
+
+/* The cold-start probe: for each of 3 new target regions, the first write of @bytes into it, the
+ * repeated one, a warm write before them and one after 200 ms asleep; first_over_repeat is the
+ * median of first / repeat over the probes. */
+static void check_fresh_region(json_t *root, double bytes)
+{
+    json_t *fr = json_object_get(root, "fresh_region");
+    if (!json_is_object(fr) || json_object_get(fr, "error"))
+        fail_msg("fresh_region: %s", json_dumps(fr, JSON_COMPACT));
+    assert_true(num(fr, "bytes") == bytes);
+    assert_int_equal((int)num(fr, "idle_ms"), 200);
+    static const char *keys[] = {"first_us", "repeat_us", "warm_us", "after_idle_us"};
+    double ratio[3];
+    for (int k = 0; k < 4; k++) {
+        json_t *a = json_object_get(fr, keys[k]);
+        if (json_array_size(a) != 3)
+            fail_msg("fresh_region.%s: want 3 samples", keys[k]);
+        for (size_t i = 0; i < 3; i++)
+            if (!(json_number_value(json_array_get(a, i)) > 0))
+                fail_msg("fresh_region.%s[%zu] is not a time", keys[k], i);
+    }
+    for (size_t i = 0; i < 3; i++)
+        ratio[i] = json_number_value(json_array_get(json_object_get(fr, "first_us"), i)) /
+                   json_number_value(json_array_get(json_object_get(fr, "repeat_us"), i));
+    /* The median of three. */
+    double lo = ratio[0] < ratio[1] ? ratio[0] : ratio[1], hi = ratio[0] < ratio[1] ? ratio[1] : ratio[0];
+    double med = ratio[2] < lo ? lo : ratio[2] > hi ? hi : ratio[2];
+    double got = num(fr, "first_over_repeat");
+    if (got < med * 0.999 || got > med * 1.001)
+        fail_msg("first_over_repeat %f, the median of first / repeat is %f", got, med);
 }
 
 static void json_run(const char *transport)
@@ -132,6 +170,8 @@ static void json_run(const char *transport)
     assert_int_equal((int)num(r0, "block_size"), 4096);
     assert_int_equal((int)num(r0, "batch"), 2);
     assert_int_equal((int)num(r0, "threads"), 2);
+    check_fresh_region(root, 4096);
+    assert_non_null(strstr(out, "new region, 4096 bytes"));
     json_decref(root);
 }
 
@@ -381,10 +421,19 @@ static void remote_target(void **state)
         sscanf(line, "bench target %299s ready", sid) != 1)
         fail_msg("the target did not report ready: \"%s\"", line);
     close(fd);
-    int rc = bench("--target", sid, "--store-url", url, "--block-size", "4K", "--threads", "2",
-                   "--iterations", "10", "--working-set", "64K", "--quiet", NULL);
-    if (rc != 0)
-        fail_msg("exit %d; output:\n%s", rc, out);
+    /* Six runs against one target: the probe's 18 new regions go past the 16 a target keeps,
+     * so the oldest are freed to make room, and every run still gets its three. */
+    for (int run = 0; run < 6; run++) {
+        int rc = bench("--target", sid, "--store-url", url, "--block-size", "4K", "--threads",
+                       "2", "--iterations", "10", "--working-set", "64K", "--quiet", "--json",
+                       json_path, NULL);
+        if (rc != 0)
+            fail_msg("run %d: exit %d; output:\n%s", run, rc, out);
+        json_t *root = load_json();
+        check_fresh_region(root, 4096);
+        json_decref(root);
+    }
+    int rc;
     /* A target too small for the run is refused, naming its size. */
     rc = bench("--target", sid, "--store-url", url, "--block-size", "4M", "--threads", "2",
                "--iterations", "1", "--quiet", NULL);

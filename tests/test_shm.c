@@ -253,6 +253,8 @@ static int memfd_mappings(void)
     return n;
 }
 
+static void warm_wait(kvf_engine_t *e);
+
 static void child_cmd(child_t *c, const char *cmd, char *ans, size_t len)
 {
     assert_int_equal(write(c->in, cmd, strlen(cmd)), (ssize_t)strlen(cmd));
@@ -832,9 +834,12 @@ static void unregister_drains_on(const char *url, bool memfd)
         child_t c;
         char msg[512];
         child_start_mode(NULL, "127.0.0.1:0", url, DRAIN_LEN, memfd, &c);
-        /* The path (and the mapping) first, so the timed write is shm from its first byte. */
+        /* The path (and the mapping, warmed, so that the timed write is a copy through it) first,
+         * so the timed write is shm from its first byte. */
         assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
         assert_via(e, c.sid, "shm");
+        if (memfd)
+            warm_wait(e);
         child_arm_cmd(&c);
         drain_write_t w = {.e = e, .peer = c.sid, .src = src, .dst = c.addr, .len = DRAIN_LEN};
         pthread_t th;
@@ -1110,7 +1115,10 @@ static void memfd_write_sizes(void **state)
          * read back byte for byte. */
         write_check_read(e, &c, 0, n, 90 + (uint32_t)k);
         assert_via(e, c.sid, "shm");
-        assert_int_equal(memfd_mappings(), before + 1); /* written through the mapping */
+        /* The first write went over process_vm while the warmer mapped and warmed the region;
+         * the next ones are copies through the mapping. */
+        warm_wait(e);
+        assert_int_equal(memfd_mappings(), before + 1);
         write_check_read(e, &c, 1, n - 1, 92 + (uint32_t)k);
         write_check_read(e, &c, n / 2, n - n / 2, 94 + (uint32_t)k);
         /* The bounds are the allocation's exact length, not the mapping's page-rounded one. */
@@ -1142,6 +1150,10 @@ static void memfd_batch_mixed(void **state)
     assert_true(c.plain != 0);
     kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
     uint8_t *src = alloc_filled(2 * n, 97), *back = calloc(1, 2 * n);
+    /* The peer opened and its kvf_mem_alloc region mapped and warmed first, so that the batch's
+     * elements into it are copies through the mapping. */
+    assert_kvf_ok(kvf_read(e, c.sid, back, c.plain, 1));
+    warm_wait(e);
     kvf_xfer_t x[W];
     for (int i = 0; i < W; i++) {
         size_t off = (size_t)(i / 2) * piece;
@@ -1193,6 +1205,7 @@ static void memfd_copy_threads(void **state)
     unsetenv("KVFERRY_SHM_COPY_THREADS");
     write_check_read(e, &c, 3, below, 110);
     assert_via(e, c.sid, "shm");
+    warm_wait(e); /* the copies below go through the mapping */
     assert_int_equal(memfd_mappings(), 1);
     int before = task_count();
     write_check_read(e, &c, 7, below, 111);
@@ -1240,6 +1253,12 @@ static uint64_t ld64(_Atomic uint64_t *c)
     return atomic_load(c);
 }
 
+/* Until the warmer of @e has mapped and warmed what it was given. */
+static void warm_wait(kvf_engine_t *e)
+{
+    assert_kvf_ok(shm_warm_idle(shm_transport_of(e), kvf_test_now_ms() + 10000));
+}
+
 /* The peer is opened by a 1-byte read of the child's ordinary memory, which learns the child's
  * regions: the warmer maps the kvf_mem_alloc region and warms every page of it before any
  * transfer goes there. The first write into it then maps nothing. */
@@ -1260,9 +1279,11 @@ static void memfd_mapped_when_learned(void **state)
     assert_int_equal(ld64(&t->warm_pages), n / 4096);
     assert_int_equal(ld64(&t->xfer_maps), 0);
     uint8_t *src = alloc_filled(n, 120);
+    uint64_t unwarmed = ld64(&t->xfer_unwarmed); /* the read above: its region not asked yet */
     assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, n));
     assert_int_equal(child_sum(&c, 0, n), fnv(src, n));
     assert_int_equal(ld64(&t->xfer_maps), 0); /* the write found the mapping made */
+    assert_int_equal(ld64(&t->xfer_unwarmed), unwarmed); /* and warm: a copy through it */
     assert_int_equal(memfd_mappings(), 1);
     free(src);
     kvf_engine_destroy(e);
@@ -1373,6 +1394,43 @@ static void memfd_warm_cut_by_free(void **state)
     child_stop(&c);
 }
 
+/* A write into a region the warmer is still warming neither waits for it nor copies through the
+ * cold mapping: it goes over process_vm_writev (counted), its bytes arrive, and the transfer
+ * maps nothing itself. Once the warmer is done, writes are copies through the mapping. */
+static void memfd_first_write_while_warming(void **state)
+{
+    fx_t *fx = *state;
+    size_t n = 8u << 20;
+    child_t c;
+    child_start_memfd(fx->url, n, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    warm_gate_t g = {0};
+    warm_gate_start(e, &c, &g, false);
+    uint8_t *src = alloc_filled(n, 122);
+    uint64_t unwarmed = ld64(&g.t->xfer_unwarmed), t0 = kvf_test_now_ms();
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr + 4096, 65536));
+    /* Not held up by the gate (which holds the warmer up to 10 s): it did not wait. */
+    assert_true(kvf_test_now_ms() - t0 < 5000);
+    assert_int_equal(child_sum(&c, 4096, 65536), fnv(src, 65536));
+    assert_int_equal(ld64(&g.t->xfer_unwarmed), unwarmed + 1);
+    assert_int_equal(ld64(&g.t->xfer_maps), 0);
+    pthread_mutex_lock(&g.mu);
+    assert_int_equal(g.entered, 1); /* the warmer is still held after its first chunk */
+    g.release = true;
+    pthread_cond_broadcast(&g.cv);
+    pthread_mutex_unlock(&g.mu);
+    warm_wait(e);
+    assert_int_equal(ld64(&g.t->warm_pages), n / 4096);
+    write_check_read(e, &c, 0, n, 123);
+    assert_int_equal(ld64(&g.t->xfer_unwarmed), unwarmed + 1); /* the mapping, warm now */
+    assert_int_equal(memfd_mappings(), 1);
+    free(src);
+    kvf_engine_destroy(e);
+    pthread_mutex_destroy(&g.mu);
+    pthread_cond_destroy(&g.cv);
+    child_stop(&c);
+}
+
 /* The engine is destroyed while the warmer is inside a mapping: closing the peer cancels the
  * warmer and waits for it to leave before unmapping (the gate returns on that cancel, not on its
  * 10 s bound), and destroy returns with nothing mapped. */
@@ -1423,6 +1481,7 @@ static void memfd_concurrent_first_writes(void **state)
         pthread_join(th[i], NULL);
         assert_kvf_ok(w[i].rc);
     }
+    warm_wait(e);
     assert_int_equal(memfd_mappings(), 1);
     assert_int_equal(child_sum(&c, 0, n), fnv(src, n));
     free(src);
@@ -1439,6 +1498,7 @@ static void memfd_write_after_free_refused(void **state)
     uint8_t *src = alloc_filled(1u << 20, 98);
     assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 1u << 20));
     assert_via(e, c.sid, "shm");
+    warm_wait(e);
     assert_int_equal(memfd_mappings(), 1);
     char ans[64];
     child_cmd(&c, "free\n", ans, sizeof(ans));
@@ -1678,6 +1738,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(memfd_copy_threads, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_mapped_when_learned, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_warm_cut_by_free, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(memfd_first_write_while_warming, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_warm_cut_by_destroy, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(memfd_write_after_free_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(mem_alloc_arguments, fx_setup, fx_teardown),

@@ -122,13 +122,20 @@ void bench_size_name(size_t n, char *buf, size_t len);
 /* qsort() comparison of two uint64_t. */
 int bench_cmp_u64(const void *a, const void *b);
 
+/* Sort @n samples ascending in place, in a scratch mapping unmapped before returning: nothing of
+ * it is left on the heap, where glibc's qsort() leaves its temporary array resident and the RSS
+ * report would count it as the engine's (bench_sort.c). Returns 0, or -1 when the scratch cannot
+ * be mapped (@a is then unchanged). */
+int bench_sort_u64(uint64_t *a, size_t n);
+
 /* Anonymous memory, faulted in; NULL on failure. Free with munmap(). */
 void *bench_map(size_t len);
 
-/* VmRSS and RssShmem (memfd and other shared memory: kvf_mem_alloc buffers, a peer's mapped
- * into a sender) in KiB and the thread count of process @pid (0: this one), from /proc; -1 each
- * when they cannot be read. */
-void bench_proc_status(pid_t pid, long *rss_kib, long *shmem_kib, long *threads);
+/* VmRSS, RssShmem (memfd and other shared memory: kvf_mem_alloc buffers, a peer's mapped into a
+ * sender) and RssFile (the binary and the shared libraries, pages other processes share) in KiB
+ * and the thread count of process @pid (0: this one), from /proc; -1 each when they cannot be
+ * read. @file_kib may be NULL. */
+void bench_proc_status(pid_t pid, long *rss_kib, long *shmem_kib, long *file_kib, long *threads);
 
 /* User + system CPU seconds of process @pid (0: this one), all its threads so far; -1 when it
  * cannot be read. Clock-tick resolution (10 ms) for another process. */

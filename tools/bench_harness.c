@@ -219,8 +219,17 @@ out_threads:
         memcpy(all + k, th[i].lat, th[i].nlat * sizeof(uint64_t));
         k += th[i].nlat;
     }
-    if (all)
-        qsort(all, nlat, sizeof(uint64_t), bench_cmp_u64);
+    /* Not qsort(): see bench_sort.c. */
+    if (nlat && (!all || bench_sort_u64(all, nlat) < 0)) {
+        if (!st->rc) {
+            st->rc = -ENOMEM;
+            snprintf(st->err, sizeof(st->err), "cannot map %" PRIu64 " bytes to sort latencies",
+                     nlat * (uint64_t)sizeof(uint64_t));
+        }
+        lat_unmap(all, nlat);
+        all = NULL;
+        nlat = 0;
+    }
     st->calls = total;
     st->samples = nlat;
     st->seconds = tmax > tmin ? (double)(tmax - tmin) / 1e9 : 0;

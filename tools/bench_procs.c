@@ -110,7 +110,7 @@ static pid_t proc_start(const bench_t *b, const bench_layout_t *l, unsigned k, i
 static void sample_target(const bench_t *b, long *threads_max, long *rss_max)
 {
     long rss, shmem, thr;
-    bench_proc_status(b->child, &rss, &shmem, &thr);
+    bench_proc_status(b->child, &rss, &shmem, NULL, &thr);
     if (thr > *threads_max)
         *threads_max = thr;
     if (rss > *rss_max)
@@ -158,7 +158,7 @@ static json_t *procs_one(bench_t *b, const bench_layout_t *l, unsigned n, const 
     int go[2] = {-1, -1}, ready[2] = {-1, -1};
     json_t *out = NULL;
     long thr_idle, rss_idle, shmem_idle, thr_max = -1, rss_max = -1;
-    bench_proc_status(b->child, &rss_idle, &shmem_idle, &thr_idle);
+    bench_proc_status(b->child, &rss_idle, &shmem_idle, NULL, &thr_idle);
 
     if (!p || pipe2(go, O_CLOEXEC) < 0 || pipe2(ready, O_CLOEXEC) < 0) {
         fprintf(stderr, "kvferry " BENCH_CMD ": --procs: %s\n", strerror(errno));

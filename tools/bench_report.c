@@ -71,6 +71,29 @@ static json_t *machine_json(void)
                      (json_int_t)sysconf(_SC_PHYS_PAGES) * (json_int_t)sysconf(_SC_PAGESIZE));
 }
 
+static json_t *us_array(const double *v, unsigned n)
+{
+    json_t *a = json_array();
+    for (unsigned i = 0; i < n; i++)
+        json_array_append_new(a, json_real(v[i]));
+    return a;
+}
+
+/* The cold-start probe (bench_region.c); null when it did not run or made no probe. */
+static json_t *probe_json(const bench_region_probe_t *r)
+{
+    if (r->n == 0)
+        return r->why[0] ? json_pack("{s:s}", "error", r->why) : json_null();
+    json_t *j = json_pack("{s:I,s:i,s:o,s:o,s:o,s:o,s:f}", "bytes", (json_int_t)r->bytes,
+                          "idle_ms", (int)BENCH_IDLE_MS, "first_us", us_array(r->first_us, r->n),
+                          "repeat_us", us_array(r->repeat_us, r->n), "warm_us",
+                          us_array(r->warm_us, r->n), "after_idle_us", us_array(r->idle_us, r->n),
+                          "first_over_repeat", r->first_over_repeat);
+    if (r->why[0])
+        json_object_set_new(j, "error", json_string(r->why));
+    return j;
+}
+
 int bench_write_json(const bench_t *b, int argc, char **argv, bool ok)
 {
     json_t *cmd = json_array();
@@ -91,7 +114,11 @@ int bench_write_json(const bench_t *b, int argc, char **argv, bool ok)
     json_object_set_new(root, "ready_ms", b->ready_ms > 0 ? json_real(b->ready_ms) : json_null());
     static const char *side[2] = {"initiator", "target"};
     /* The bench's own anonymous buffers; kvf_mem_alloc memory (the target's with --memory
-     * alloc, and its mapping in a shm sender) is shared memory, counted apart. */
+     * alloc, and its mapping in a shm sender) is shared memory, counted apart. What is left
+     * (engine_*) is the binary and the libraries (file_*, a part of it) and the process's other
+     * anonymous memory: the engine's heap and thread stacks, and the little the bench keeps
+     * outside its buffers (its latency samples are mapped and unmapped per run, and sorted
+     * without the heap: bench_sort.c). */
     long own[2] = {(long)(b->local_len * (b->scratch ? 2 : 1) / 1024),
                    strcmp(b->target_memory, "registered") ? 0 : (long)(b->target_len / 1024)};
     json_t *rss = json_object(), *thr = json_object();
@@ -103,10 +130,12 @@ int bench_write_json(const bench_t *b, int argc, char **argv, bool ok)
             rss, side[i],
             b->rss_kib[i][0] < 0
                 ? json_null()
-                : json_pack("{s:I,s:I,s:I,s:I,s:I}", "before", (json_int_t)b->rss_kib[i][0],
-                            "after", (json_int_t)b->rss_kib[i][1], "shmem_after",
-                            (json_int_t)b->shmem_kib[i][1], "engine_before", (json_int_t)eng[0],
-                            "engine_after", (json_int_t)eng[1]));
+                : json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "before",
+                            (json_int_t)b->rss_kib[i][0], "after", (json_int_t)b->rss_kib[i][1],
+                            "shmem_after", (json_int_t)b->shmem_kib[i][1], "engine_before",
+                            (json_int_t)eng[0], "engine_after", (json_int_t)eng[1],
+                            "file_before", (json_int_t)b->file_kib[i][0], "file_after",
+                            (json_int_t)b->file_kib[i][1]));
         json_object_set_new(thr, side[i],
                             b->nthreads[i][0] < 0 ? json_null()
                                                   : json_pack("{s:I,s:I}", "before",
@@ -118,6 +147,7 @@ int bench_write_json(const bench_t *b, int argc, char **argv, bool ok)
     json_object_set_new(rss, "target_buffer_kib", json_integer((json_int_t)(b->target_len / 1024)));
     json_object_set_new(root, "rss_kib", rss);
     json_object_set_new(root, "threads", thr);
+    json_object_set_new(root, "fresh_region", probe_json(&b->probe));
     int rc = json_dump_file(root, b->a.json_path, JSON_INDENT(2));
     json_decref(root);
     if (rc < 0) {

@@ -45,6 +45,9 @@
 #define BENCH_MAX_PROCS         64u           /* initiator processes of one --procs run */
 #define BENCH_PROCS_WORKING_SET (8u << 20)  /* --working-set default under --procs */
 #define BENCH_PROCS_READY_MS    120000u     /* bound on N processes setting up, loaded machine */
+#define BENCH_REGION_PROBES     3u          /* new regions the cold-start probe writes into */
+#define BENCH_REGION_MAX        (16u << 20) /* bytes the probe writes, at most */
+#define BENCH_IDLE_MS           200u        /* the probe's sleep before its after-idle write */
 
 /* --workload: what one call moves. */
 typedef enum {
@@ -92,6 +95,16 @@ typedef struct {
     char err[320]; /* "thread N: " and the worker's message */
 } bench_stats_t;
 
+/* The cold-start probe (bench_region.c): microseconds of each write, per new region. */
+typedef struct {
+    size_t bytes;
+    unsigned n; /* probes done */
+    double warm_us[BENCH_REGION_PROBES], first_us[BENCH_REGION_PROBES];
+    double repeat_us[BENCH_REGION_PROBES], idle_us[BENCH_REGION_PROBES];
+    double first_over_repeat; /* median of first_us / repeat_us over the probes */
+    char why[320];            /* why it stopped early, "" if it did not */
+} bench_region_probe_t;
+
 typedef struct {
     bench_args_t a;
     kvf_store_server_t *srv;
@@ -112,13 +125,14 @@ typedef struct {
     /* VmRSS (KiB) and threads of [0] this process and [1] a target started here (-1: unknown,
      * a --target elsewhere), [0] after the engine was created, before any transfer, and [1]
      * after the last run. */
-    long rss_kib[2][2], shmem_kib[2][2], nthreads[2][2];
+    long rss_kib[2][2], shmem_kib[2][2], file_kib[2][2], nthreads[2][2];
     /* Where this process's slices start in the target buffer (--slice-index x local_len). */
     size_t base_off;
     bool tty;
     unsigned run_no;
     /* Timed runs done and expected in all (the baselines' number is known after the first). */
     unsigned runs_done, runs_total;
+    bench_region_probe_t probe;
 } bench_t;
 
 /* ---- bench_args.c ------------------------------------------------------------------------ */
@@ -159,6 +173,10 @@ int bench_target_info(bench_t *b);
  * @err. */
 int bench_target_request(bench_t *b, const char *cmd, uint64_t seed, json_t *blocks, char *err,
                          size_t errlen);
+/* Ask the target for a new region of @len bytes of its kind of memory (kvf_mem_alloc, or
+ * ordinary memory it registers), registered now; its address in @addr. Returns 0, or -1 with the
+ * reason in @err (an older target answers that the request is malformed). */
+int bench_target_alloc(bench_t *b, size_t len, uint64_t *addr, char *err, size_t errlen);
 
 /* ---- bench_verify.c ---------------------------------------------------------------------- */
 
@@ -170,6 +188,14 @@ int bench_verify_run(bench_t *b, const bench_layout_t *l, char *err, size_t errl
 /* The store (started here unless --store-url) and the target (started here unless --target),
  * its buffer at least @need bytes. Returns 0 or -1 after saying why. */
 int bench_setup_target(bench_t *b, size_t need);
+
+/* ---- bench_region.c ---------------------------------------------------------------------- */
+
+/* The cold-start probe, after the runs: BENCH_REGION_PROBES new regions of the target, the
+ * first write of @len bytes into each against the repeated one, and a warm write after
+ * BENCH_IDLE_MS asleep, into @b->probe (probe.n < BENCH_REGION_PROBES and probe.why say why it
+ * stopped). Prints one line. */
+void bench_region_probe(bench_t *b, size_t len);
 
 /* ---- bench_procs.c ----------------------------------------------------------------------- */
 

@@ -7,10 +7,15 @@
  *   kvferry/v1/<ns>/bench/<sid>/seq      counter; an initiator takes the next request number n
  *   kvferry/v1/<ns>/bench/<sid>/req/<n>  {"cmd": "verify"|"fill", "seed": S,
  *                                         "blocks": [[thread, block, offset, len], ...]}
- *   kvferry/v1/<ns>/bench/<sid>/ans/<n>  {"ok": true} or {"ok": false, "error": "..."}
+ *                                        or {"cmd": "alloc", "len": L}
+ *   kvferry/v1/<ns>/bench/<sid>/ans/<n>  {"ok": true} ("alloc": {"ok": true, "addr": A}) or
+ *                                        {"ok": false, "error": "..."}
  *
  * "verify" compares the given ranges of the buffer with the pattern for S (after a write), "fill"
- * writes the pattern there (before a read). The target handles requests in number order.
+ * writes the pattern there (before a read). "alloc" makes a new region of L bytes of the
+ * target's kind of memory (kvf_mem_alloc, or mapped and registered), kept until the target
+ * stops: the initiator times its first transfer into a region it has never seen
+ * (docs/performance.md, "Cold start"). The target handles requests in number order.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -27,6 +32,8 @@
 
 #define CMD           "bench --serve"
 #define SERVE_POLL_MS 250u /* how often the request wait looks at the stop flag */
+#define SERVE_ALLOCS  16u  /* regions "alloc" may add */
+#define SERVE_ALLOC_MAX (256ull << 20) /* bytes of one */
 
 static volatile sig_atomic_t stop_requested;
 
@@ -35,6 +42,18 @@ static void on_signal(int sig)
     (void)sig;
     stop_requested = 1;
 }
+
+/* What the requests work on: the buffer, and the regions "alloc" added. */
+typedef struct {
+    kvf_engine_t *e;
+    bool alloc; /* kvf_mem_alloc memory, else mapped and registered */
+    uint8_t *buf;
+    size_t len;
+    void *extra[SERVE_ALLOCS];
+    size_t extra_len[SERVE_ALLOCS];
+    unsigned nextra;    /* slots in use */
+    unsigned next_free; /* when all are: the next to free and reuse */
+} serve_mem_t;
 
 typedef struct {
     const char *store_url;
@@ -56,19 +75,68 @@ static void serve_usage(FILE *f)
             "IP:PORT");
 }
 
-/* Answer one request; fills @err (empty when all went well). */
-static void serve_request(uint8_t *buf, size_t len, const char *req, bool corrupt, char *err,
-                          size_t errlen)
+/* "alloc": a new region of @len bytes, registered, kept in @m. Returns its address, or 0
+ * with the reason in @err. */
+static uint64_t serve_alloc(serve_mem_t *m, json_int_t len, char *err, size_t errlen)
+{
+    if (len <= 0 || (uint64_t)len > SERVE_ALLOC_MAX) {
+        snprintf(err, errlen, "alloc of %lld bytes: want 1 to %llu", (long long)len,
+                 (unsigned long long)SERVE_ALLOC_MAX);
+        return 0;
+    }
+    /* A long-lived target serves many runs: the oldest region, written by a run that is over,
+     * makes room. */
+    unsigned slot = m->nextra < SERVE_ALLOCS ? m->nextra : m->next_free++ % SERVE_ALLOCS;
+    if (m->nextra == SERVE_ALLOCS) {
+        if (m->alloc) {
+            kvf_mem_free(m->e, m->extra[slot]);
+        } else {
+            kvf_mem_unregister(m->e, m->extra[slot]);
+            munmap(m->extra[slot], m->extra_len[slot]);
+        }
+        m->extra[slot] = NULL;
+    }
+    void *p = NULL;
+    int rc;
+    if (m->alloc) {
+        rc = kvf_mem_alloc(m->e, (size_t)len, &p);
+    } else {
+        p = bench_map((size_t)len);
+        rc = p ? kvf_mem_register(m->e, p, (size_t)len) : -errno;
+        if (rc < 0 && p)
+            munmap(p, (size_t)len);
+    }
+    if (rc < 0) {
+        snprintf(err, errlen, "alloc of %lld bytes: %s", (long long)len, kvf_last_error());
+        return 0;
+    }
+    m->extra[slot] = p;
+    m->extra_len[slot] = (size_t)len;
+    if (m->nextra < SERVE_ALLOCS)
+        m->nextra++;
+    return (uint64_t)(uintptr_t)p;
+}
+
+/* Answer one request; fills @err (empty when all went well) and, for "alloc", @addr. */
+static void serve_request(serve_mem_t *m, const char *req, bool corrupt, uint64_t *addr,
+                          char *err, size_t errlen)
 {
     json_error_t jerr;
     json_t *root = json_loads(req, 0, &jerr);
     const char *cmd = json_string_value(json_object_get(root, "cmd"));
     json_t *blocks = json_object_get(root, "blocks");
     uint64_t seed = (uint64_t)json_integer_value(json_object_get(root, "seed"));
+    uint8_t *buf = m->buf;
+    size_t len = m->len;
     size_t i;
     json_t *b;
 
     err[0] = '\0';
+    *addr = 0;
+    if (root && cmd && !strcmp(cmd, "alloc")) {
+        *addr = serve_alloc(m, json_integer_value(json_object_get(root, "len")), err, errlen);
+        goto out;
+    }
     if (!root || !cmd || !json_is_array(blocks) ||
         (strcmp(cmd, "verify") != 0 && strcmp(cmd, "fill") != 0)) {
         snprintf(err, errlen, "malformed request: %.100s", req);
@@ -108,7 +176,7 @@ out:
     json_decref(root);
 }
 
-static int serve_loop(kvf_store_t *st, const char *ns, const char *sid, uint8_t *buf, size_t len)
+static int serve_loop(kvf_store_t *st, const char *ns, const char *sid, serve_mem_t *m)
 {
     bool corrupt = getenv(BENCH_CORRUPT_ENV) && !strcmp(getenv(BENCH_CORRUPT_ENV), "1");
     char key[BENCH_KEY_MAX], sub[64], err[512];
@@ -124,11 +192,13 @@ static int serve_loop(kvf_store_t *st, const char *ns, const char *sid, uint8_t 
             kvf_cli_fail("bench", rc, "target: waiting for request %" PRIu64, n);
             return 1;
         }
-        serve_request(buf, len, val, corrupt, err, sizeof(err));
+        uint64_t addr;
+        serve_request(m, val, corrupt, &addr, err, sizeof(err));
         free(val);
         kvf_store_del(st, key);
-        json_t *ans =
-            err[0] ? json_pack("{s:b,s:s}", "ok", 0, "error", err) : json_pack("{s:b}", "ok", 1);
+        json_t *ans = err[0] ? json_pack("{s:b,s:s}", "ok", 0, "error", err)
+                      : addr ? json_pack("{s:b,s:I}", "ok", 1, "addr", (json_int_t)addr)
+                             : json_pack("{s:b}", "ok", 1);
         char *text = json_dumps(ans, JSON_COMPACT);
         json_decref(ans);
         snprintf(sub, sizeof(sub), "ans/%" PRIu64, n);
@@ -184,6 +254,7 @@ int bench_serve_main(int argc, char **argv)
     kvf_engine_t *e = NULL;
     kvf_store_t *st = NULL;
     uint8_t *buf = NULL;
+    serve_mem_t mem = {0};
     uint64_t lease = 0;
     char key[BENCH_KEY_MAX];
 
@@ -237,10 +308,11 @@ int bench_serve_main(int argc, char **argv)
         kvf_cli_fail("bench", rc, "target: cannot publish %s", key);
         goto out_free;
     }
+    mem = (serve_mem_t){.e = e, .alloc = a.alloc, .buf = buf, .len = a.size};
     printf(BENCH_READY_FMT ": %zu bytes of %s memory\n", sid, a.size,
            a.alloc ? "kvf_mem_alloc" : "registered");
     fflush(stdout);
-    status = serve_loop(st, a.ns, sid, buf, a.size);
+    status = serve_loop(st, a.ns, sid, &mem);
     kvf_store_del(st, key);
 
 out_free:
@@ -249,9 +321,15 @@ out_free:
     kvf_store_close(st);
     if (buf && a.alloc)
         kvf_mem_free(e, buf);
+    for (unsigned i = 0; a.alloc && i < mem.nextra; i++)
+        if (mem.extra[i])
+            kvf_mem_free(e, mem.extra[i]);
     /* Registered memory is unmapped only once no engine can write into it. */
     kvf_engine_destroy(e);
     if (buf && !a.alloc)
         munmap(buf, a.size);
+    for (unsigned i = 0; !a.alloc && i < mem.nextra; i++)
+        if (mem.extra[i])
+            munmap(mem.extra[i], mem.extra_len[i]);
     return status;
 }

@@ -162,10 +162,10 @@ int bench_target_info(bench_t *b)
     return 0;
 }
 
-/* Send a verify or fill request to the target and wait for its answer. Returns 0, or -1 with
- * the reason in @err. */
-int bench_target_request(bench_t *b, const char *cmd, uint64_t seed, json_t *blocks, char *err,
-                         size_t errlen)
+/* Send @req (taken) to the target and wait for its answer; @ans gets it (ok) when not NULL.
+ * Returns 0, or -1 with the reason in @err. */
+static int target_ask(bench_t *b, const char *cmd, json_t *req, json_t **ans_out, char *err,
+                      size_t errlen)
 {
     char key[BENCH_KEY_MAX], sub[64];
     int64_t n;
@@ -174,15 +174,13 @@ int bench_target_request(bench_t *b, const char *cmd, uint64_t seed, json_t *blo
     bench_key(b, "seq", key, sizeof(key));
     int rc = kvf_store_add(b->st, key, 1, &n);
     if (rc == 0) {
-        json_t *req =
-            json_pack("{s:s,s:I,s:O}", "cmd", cmd, "seed", (json_int_t)seed, "blocks", blocks);
         char *text = json_dumps(req, JSON_COMPACT);
-        json_decref(req);
         snprintf(sub, sizeof(sub), "req/%" PRId64, n);
         bench_key(b, sub, key, sizeof(key));
         rc = text ? kvf_store_set(b->st, key, text, strlen(text), 0) : -KVF_ENOMEM;
         free(text);
     }
+    json_decref(req);
     if (rc == 0) {
         snprintf(sub, sizeof(sub), "ans/%" PRId64, n);
         bench_key(b, sub, key, sizeof(key));
@@ -202,6 +200,39 @@ int bench_target_request(bench_t *b, const char *cmd, uint64_t seed, json_t *blo
                  json_string_value(json_object_get(ans, "error"))
                      ? json_string_value(json_object_get(ans, "error"))
                      : "the target sent a malformed answer");
-    json_decref(ans);
+    if (ok && ans_out)
+        *ans_out = ans;
+    else
+        json_decref(ans);
     return ok ? 0 : -1;
+}
+
+int bench_target_request(bench_t *b, const char *cmd, uint64_t seed, json_t *blocks, char *err,
+                         size_t errlen)
+{
+    json_t *req = json_pack("{s:s,s:I,s:O}", "cmd", cmd, "seed", (json_int_t)seed, "blocks", blocks);
+    if (!req) {
+        snprintf(err, errlen, "asking the target to %s: out of memory", cmd);
+        return -1;
+    }
+    return target_ask(b, cmd, req, NULL, err, errlen);
+}
+
+int bench_target_alloc(bench_t *b, size_t len, uint64_t *addr, char *err, size_t errlen)
+{
+    json_t *ans = NULL, *req = json_pack("{s:s,s:I}", "cmd", "alloc", "len", (json_int_t)len);
+    if (!req) {
+        snprintf(err, errlen, "asking the target to alloc: out of memory");
+        return -1;
+    }
+    if (target_ask(b, "alloc", req, &ans, err, errlen) < 0)
+        return -1;
+    json_int_t a = json_integer_value(json_object_get(ans, "addr"));
+    json_decref(ans);
+    if (a <= 0) {
+        snprintf(err, errlen, "the target answered alloc without an address");
+        return -1;
+    }
+    *addr = (uint64_t)a;
+    return 0;
 }

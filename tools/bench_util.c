@@ -140,12 +140,15 @@ int bench_cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-void bench_proc_status(pid_t pid, long *rss_kib, long *shmem_kib, long *threads)
+void bench_proc_status(pid_t pid, long *rss_kib, long *shmem_kib, long *file_kib, long *threads)
 {
     char path[64], line[256];
+    long file = -1;
     *rss_kib = -1;
     *shmem_kib = -1;
     *threads = -1;
+    if (file_kib)
+        *file_kib = -1;
     if (pid > 0)
         snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
     else
@@ -158,10 +161,14 @@ void bench_proc_status(pid_t pid, long *rss_kib, long *shmem_kib, long *threads)
             *rss_kib = strtol(line + 6, NULL, 10);
         else if (!strncmp(line, "RssShmem:", 9))
             *shmem_kib = strtol(line + 9, NULL, 10);
+        else if (!strncmp(line, "RssFile:", 8))
+            file = strtol(line + 8, NULL, 10);
         else if (!strncmp(line, "Threads:", 8))
             *threads = strtol(line + 8, NULL, 10);
     }
     fclose(f);
+    if (file_kib)
+        *file_kib = file;
 }
 
 double bench_proc_cpu_s(pid_t pid)

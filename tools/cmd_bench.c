@@ -270,12 +270,14 @@ static int bench_setup(bench_t *b, size_t need)
  * runs, 1 after). */
 static void bench_sample(bench_t *b, int when)
 {
-    bench_proc_status(0, &b->rss_kib[0][when], &b->shmem_kib[0][when], &b->nthreads[0][when]);
+    bench_proc_status(0, &b->rss_kib[0][when], &b->shmem_kib[0][when], &b->file_kib[0][when],
+                      &b->nthreads[0][when]);
     if (b->child > 0)
         bench_proc_status(b->child, &b->rss_kib[1][when], &b->shmem_kib[1][when],
-                          &b->nthreads[1][when]);
+                          &b->file_kib[1][when], &b->nthreads[1][when]);
     else
-        b->rss_kib[1][when] = b->shmem_kib[1][when] = b->nthreads[1][when] = -1;
+        b->rss_kib[1][when] = b->shmem_kib[1][when] = b->file_kib[1][when] =
+            b->nthreads[1][when] = -1;
 }
 
 /* Under --procs: say "ready" on the READY pipe, then wait for the GO pipe to close, which the
@@ -391,6 +393,12 @@ int kvf_cli_bench(int argc, char **argv)
     for (size_t i = 0; i < nlay && status == 0; i++)
         status = run_layout(b, &layouts[i]);
     bench_sample(b, 1);
+    /* After the memory sample: the target's new regions are not the engine's memory. Not in a
+     * --procs child (its parent's run is about many processes, not this). */
+    if (status == 0 && b->a.ready_fd < 0) {
+        size_t len = layouts[0].len[0];
+        bench_region_probe(b, len < BENCH_REGION_MAX ? len : BENCH_REGION_MAX);
+    }
     if (status == 0 && b->tty)
         fprintf(stderr,
                 "all runs verified (a sample of every run's blocks compared at the "

@@ -460,7 +460,10 @@ static int shm_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
                           p->sid, i);
             break;
         }
-        uint8_t *m = shm_mapped(p, &x[i]);
+        bool pending = false;
+        uint8_t *m = shm_mapped(p, &x[i], &pending);
+        if (pending)
+            atomic_fetch_add_explicit(&p->t->xfer_unwarmed, 1, memory_order_relaxed);
         if (m) {
             if (x[i].op == KVF_OP_WRITE)
                 shm_copy(p->t, m, x[i].local, x[i].len);
@@ -472,8 +475,11 @@ static int shm_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t
             continue;
         }
         size_t end = i + 1;
-        while (end < n && x[end].op == x[i].op && !shm_mapped(p, &x[end]))
+        while (end < n && x[end].op == x[i].op && !shm_mapped(p, &x[end], &pending)) {
+            if (pending)
+                atomic_fetch_add_explicit(&p->t->xfer_unwarmed, 1, memory_order_relaxed);
             end++;
+        }
         rc = shm_run(p, x, i, end, x[i].op == KVF_OP_WRITE, deadline_ms, liov, riov, cap,
                      status);
         i = end;

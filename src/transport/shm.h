@@ -132,8 +132,9 @@ struct shm_transport {
     struct shm_peer *warm_head, *warm_cur;
     atomic_bool warm_cancel;
     /* Counters, for tests and debugging: regions mapped by the warmer, pages it warmed, regions
-     * mapped by a transfer (the warmer had not reached them yet, or is off). */
-    _Atomic uint64_t warm_regions, warm_pages, xfer_maps;
+     * mapped by a transfer (the warmer is off, or will not take them), and elements a transfer
+     * moved with process_vm while the warmer had their region still to map or warm. */
+    _Atomic uint64_t warm_regions, warm_pages, xfer_maps, xfer_unwarmed;
     /* Test hook: called by the warmer after it warmed each chunk, without locks. */
     void (*test_warm_hook)(void *arg);
     void *test_warm_arg;
@@ -147,6 +148,10 @@ typedef struct {
     uint8_t *map; /* SHM_R_MAPPED: the target's memfd mapped here, map_len bytes */
     size_t map_len;
     bool warm_done; /* the warmer has taken this region (kept while the region is) */
+    /* Transfers may copy through the mapping: it was made by a transfer, or the warmer has
+     * warmed it. Until then they use process_vm_writev/readv, whose pages are warm already
+     * (registration touched them), rather than wait for the fd or copy through cold pages. */
+    bool ready;
 } shm_rmap_t;
 
 struct shm_peer {
@@ -248,9 +253,11 @@ void shm_fence_close(struct shm_peer *p);
  * if so. Called without map_lock. */
 void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x);
 /* The same for the published region @r: asks the target unless the region is known already (or
- * no longer published as @r); counts a mapping it made in @made. Returns whether @r is mapped.
- * Called without map_lock. */
-bool shm_resolve_region(struct shm_peer *p, const kvf_region_t *r, _Atomic uint64_t *made);
+ * no longer published as @r); counts a mapping it made in @made; a mapping it makes is ready
+ * for transfers at once when @ready (a transfer's), else once the warmer marks it. Returns
+ * whether @r is mapped. Called without map_lock. */
+bool shm_resolve_region(struct shm_peer *p, const kvf_region_t *r, _Atomic uint64_t *made,
+                        bool ready);
 
 /* ---- shm_warm.c: the sender's warmer -------------------------------------------------------- */
 
@@ -267,7 +274,9 @@ void shm_warm_stop(struct shm_transport *t);
 /* For tests: wait until the queue is empty and the warmer idle, or @deadline_ms (kvf__now_ms()
  * clock). Returns 0 or -KVF_ETIMEDOUT. */
 int shm_warm_idle(struct shm_transport *t, uint64_t deadline_ms);
-/* Where @x's remote range is mapped here, or NULL (use process_vm). map_lock held. */
-uint8_t *shm_mapped(struct shm_peer *p, const kvf_xfer_t *x);
+/* Where @x's remote range is mapped here and ready, or NULL (use process_vm); with @pending,
+ * whether it is NULL because the warmer is still to map or warm the region. map_lock held. */
+uint8_t *shm_mapped(struct shm_peer *p, const kvf_xfer_t *x, bool *pending);
+
 
 #endif /* KVF_TRANSPORT_SHM_H */

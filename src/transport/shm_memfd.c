@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "common/thread.h"
+#include "common/touch.h"
 #include "transport/shm.h"
 
 /* The memfd socket's one request and one answer (docs/protocol.md, "memfd exchange"). */
@@ -333,6 +334,7 @@ bool shm_regions_changed(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n)
         shm_rmap_t *o = shm_rmap_find(p, rs[i].addr, 1);
         if (o && o->r.addr == rs[i].addr && o->r.len == rs[i].len && o->r.gen == rs[i].gen) {
             nm[i].warm_done = o->warm_done;
+            nm[i].ready = o->ready;
             if (o->state != SHM_R_UNKNOWN) {
                 nm[i].state = o->state;
                 nm[i].map = o->map;
@@ -523,7 +525,8 @@ void shm_fence_close(struct shm_peer *p)
     p->fence_conn = -1;
 }
 
-bool shm_resolve_region(struct shm_peer *p, const kvf_region_t *r, _Atomic uint64_t *made)
+bool shm_resolve_region(struct shm_peer *p, const kvf_region_t *r, _Atomic uint64_t *made,
+                        bool ready)
 {
     pthread_mutex_lock(&p->ask_lock);
     pthread_rwlock_rdlock(&p->map_lock);
@@ -541,6 +544,7 @@ bool shm_resolve_region(struct shm_peer *p, const kvf_region_t *r, _Atomic uint6
             e->state = map ? SHM_R_MAPPED : SHM_R_PLAIN;
             e->map = map;
             e->map_len = map_len;
+            e->ready = ready;
             mapped = map != NULL;
             if (mapped)
                 atomic_fetch_add(made, 1);
@@ -556,23 +560,49 @@ bool shm_resolve_region(struct shm_peer *p, const kvf_region_t *r, _Atomic uint6
     return mapped;
 }
 
+/* Will the warmer (shm_warm.c) map @e, a region of @p it has not taken yet? It runs, and takes
+ * @e before it reaches SHM_WARM_REGIONS_MAX of @p's: it takes them in list order. map_lock
+ * held. */
+static bool warm_will_take(struct shm_peer *p, const shm_rmap_t *e)
+{
+    struct shm_transport *t = p->t;
+    if (!kvf__touch_enabled() || !p->sock[0])
+        return false;
+    size_t ahead = p->warm_taken;
+    for (const shm_rmap_t *m = p->rmaps; m < e && ahead < SHM_WARM_REGIONS_MAX; m++)
+        ahead += !m->warm_done;
+    if (ahead >= SHM_WARM_REGIONS_MAX)
+        return false;
+    pthread_mutex_lock(&t->warm_lock);
+    bool on = t->warm_started && !t->warm_failed && !t->warm_stop;
+    pthread_mutex_unlock(&t->warm_lock);
+    return on;
+}
+
 void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x)
 {
     kvf_region_t r;
     pthread_rwlock_rdlock(&p->map_lock);
     shm_rmap_t *e = shm_rmap_find(p, x->remote, x->len);
-    bool ask = e && e->state == SHM_R_UNKNOWN;
+    /* Unknown and not the warmer's to map (it is off, or has no room for it): ask, and wait for
+     * another transfer's request under way on ask_lock. A region the warmer has or will take is
+     * not waited for: the transfer uses process_vm until the mapping is made and warmed. */
+    bool ask = e && e->state == SHM_R_UNKNOWN && !e->warm_done && !warm_will_take(p, e);
     if (ask)
         r = e->r;
     pthread_rwlock_unlock(&p->map_lock);
-    /* Unknown: not asked yet, or the warmer is asking now (then this waits for its answer on
-     * ask_lock, as for another transfer's, and does not ask again). */
     if (ask)
-        (void)shm_resolve_region(p, &r, &p->t->xfer_maps);
+        (void)shm_resolve_region(p, &r, &p->t->xfer_maps, true);
 }
 
-uint8_t *shm_mapped(struct shm_peer *p, const kvf_xfer_t *x)
+uint8_t *shm_mapped(struct shm_peer *p, const kvf_xfer_t *x, bool *pending)
 {
     shm_rmap_t *e = p->nrmaps ? shm_rmap_find(p, x->remote, x->len) : NULL;
-    return e && e->state == SHM_R_MAPPED ? e->map + (x->remote - e->r.addr) : NULL;
+    if (e && e->state == SHM_R_MAPPED && e->ready)
+        return e->map + (x->remote - e->r.addr);
+    /* Mapped but not warm yet, or unknown with the warmer to ask (a transfer asks first
+     * otherwise, in shm_resolve, so unknown here means the warmer's). */
+    if (pending)
+        *pending = e && p->sock[0] && (e->state == SHM_R_MAPPED || e->state == SHM_R_UNKNOWN);
+    return NULL;
 }
