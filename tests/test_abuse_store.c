@@ -28,19 +28,7 @@
 #include "store/proto.h"
 #include "test_util.h"
 
-/* GCC says __SANITIZE_ADDRESS__, clang __has_feature(address_sanitizer). */
-#if defined(__SANITIZE_ADDRESS__)
-#define SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define SANITIZED 1
-#endif
-#endif
-#ifndef SANITIZED
-#define SANITIZED 0
-#endif
-
-#define IO_MS (SANITIZED ? 20000u : 5000u)
+#define IO_MS (KVF_TEST_SANITIZED ? 20000u : 5000u)
 
 /* ---------------------------------------------------------------------------------------------
  * A server, raw sockets and frames
@@ -673,7 +661,7 @@ static void one_client_cannot_store_512_mib(void **state)
     if (stored != 3 || first_err != -KVF_EBUSY || !strstr(msg, "max_bytes_per_client (67108864)"))
         fail_msg("one client stored %u values of 16 MiB (want 3); first error %s: %s", stored,
                  kvf_err_name(first_err), msg);
-    if (!SANITIZED && grew > (160u << 20))
+    if (!KVF_TEST_SANITIZED && grew > (160u << 20))
         fail_msg("RSS grew by %" PRIu64 " MiB", grew >> 20);
 }
 

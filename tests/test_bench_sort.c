@@ -12,18 +12,6 @@
 
 #include "bench.h"
 
-/* GCC says __SANITIZE_ADDRESS__, clang __has_feature(address_sanitizer). */
-#if defined(__SANITIZE_ADDRESS__)
-#define SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define SANITIZED 1
-#endif
-#endif
-#ifndef SANITIZED
-#define SANITIZED 0
-#endif
-
 /* A run keeps up to 2^20 samples per thread (BENCH_LAT_MAX). */
 #define N_BIG (1u << 20)
 
@@ -86,7 +74,7 @@ static void orders_as_qsort(void **state)
 static void leaves_nothing_on_the_heap(void **state)
 {
     (void)state;
-    if (SANITIZED)
+    if (KVF_TEST_SANITIZED)
         kvf_test_skip("ASan's allocator is not glibc's; mallinfo2() does not describe it");
     uint64_t *a = malloc(N_BIG * sizeof(uint64_t));
     assert_non_null(a);

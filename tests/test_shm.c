@@ -1326,6 +1326,15 @@ static void warm_gate_hook(void *arg)
     pthread_mutex_unlock(&g->mu);
 }
 
+/* Let the warmer held by @g go on. */
+static void warm_gate_release(warm_gate_t *g)
+{
+    pthread_mutex_lock(&g->mu);
+    g->release = true;
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
 static void warm_gate_wait_entered(warm_gate_t *g)
 {
     uint64_t deadline = kvf_test_now_ms() + 10000;
@@ -1377,10 +1386,7 @@ static void memfd_warm_cut_by_free(void **state)
     int rc = kvf_write(e, c.sid, src, c.addr, 4096);
     assert_true(rc == -KVF_ENOTREG || rc == -KVF_ESTALE);
     assert_int_equal(memfd_mappings(), 0); /* unmapped while the warmer was held inside it */
-    pthread_mutex_lock(&g.mu);
-    g.release = true;
-    pthread_cond_broadcast(&g.cv);
-    pthread_mutex_unlock(&g.mu);
+    warm_gate_release(&g);
     assert_kvf_ok(shm_warm_idle(g.t, kvf_test_now_ms() + 10000));
     assert_int_equal(g.entered, 1);
     assert_int_equal(ld64(&g.t->warm_pages), 16); /* one chunk, then it found the region gone */
@@ -1416,9 +1422,8 @@ static void memfd_first_write_while_warming(void **state)
     assert_int_equal(ld64(&g.t->xfer_maps), 0);
     pthread_mutex_lock(&g.mu);
     assert_int_equal(g.entered, 1); /* the warmer is still held after its first chunk */
-    g.release = true;
-    pthread_cond_broadcast(&g.cv);
     pthread_mutex_unlock(&g.mu);
+    warm_gate_release(&g);
     warm_wait(e);
     assert_int_equal(ld64(&g.t->warm_pages), n / 4096);
     write_check_read(e, &c, 0, n, 123);

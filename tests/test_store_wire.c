@@ -23,18 +23,6 @@
 #include "store/proto.h"
 #include "store/server_internal.h"
 
-/* GCC says __SANITIZE_ADDRESS__, clang __has_feature(address_sanitizer). */
-#if defined(__SANITIZE_ADDRESS__)
-#define KVF_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KVF_TEST_SANITIZED 1
-#endif
-#endif
-#ifndef KVF_TEST_SANITIZED
-#define KVF_TEST_SANITIZED 0
-#endif
-
 /* Longest wait for an answer that should come at once. Generous under the sanitizers: a 16 MiB
  * fan-out is copied many times there, and CI runs tests two at a time on two cores. */
 #define IO_TIMEOUT_MS (KVF_TEST_SANITIZED ? 20000u : 5000u)

@@ -5,6 +5,19 @@
 #ifndef KVF_TEST_UTIL_H
 #define KVF_TEST_UTIL_H
 
+/* 1 in a build with AddressSanitizer (GCC says __SANITIZE_ADDRESS__, clang
+ * __has_feature(address_sanitizer)), else 0: tests give it more time and memory. */
+#if defined(__SANITIZE_ADDRESS__)
+#define KVF_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KVF_TEST_SANITIZED 1
+#endif
+#endif
+#ifndef KVF_TEST_SANITIZED
+#define KVF_TEST_SANITIZED 0
+#endif
+
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
