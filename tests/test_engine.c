@@ -168,23 +168,11 @@ static void session_in_use_refused(void **state)
     assert_string_equal(kvf_last_error(), want);
 }
 
-/* A port nobody listens on right now. */
-static uint16_t free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t l = sizeof(a);
-    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &l), 0);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 static void dead_record_taken_over(void **state)
 {
     fx_t *fx = *state;
     char sid[64], key[128];
-    snprintf(sid, sizeof(sid), "127.0.0.1:%u", free_port());
+    snprintf(sid, sizeof(sid), "127.0.0.1:%u", kvf_test_free_port());
     snprintf(key, sizeof(key), "kvferry/v1/default/sessions/%s", sid);
     kvf_store_t *st;
     assert_kvf_ok(kvf_store_open(fx->url, NULL, &st));

@@ -1,5 +1,6 @@
 #include "test_util.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <fnmatch.h>
@@ -9,8 +10,10 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -319,3 +322,30 @@ kvf_engine_t *kvf_test_engine(const char *url, kvf_role_t role, const kvf_config
     return e;
 }
 
+uint16_t kvf_test_free_port(void)
+{
+    unsigned low = 32768;
+    FILE *f = fopen("/proc/sys/net/ipv4/ip_local_port_range", "r");
+    if (f) {
+        if (fscanf(f, "%u", &low) != 1)
+            low = 32768;
+        fclose(f);
+    }
+    if (low <= 10001)
+        low = 32768;
+    unsigned seed = (unsigned)getpid() ^ (unsigned)kvf_test_now_ms();
+    for (int tries = 0; tries < 200; tries++) {
+        seed = seed * 1103515245u + 12345u;
+        uint16_t port = (uint16_t)(10000 + (seed >> 8) % (low - 10000));
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        assert_true(fd >= 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
+                                .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        int rc = bind(fd, (struct sockaddr *)&a, sizeof(a));
+        close(fd);
+        if (rc == 0)
+            return port;
+    }
+    fail_msg("no free port below %u in 200 tries", low);
+    return 0;
+}

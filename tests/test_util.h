@@ -137,6 +137,10 @@ void kvf_test_pattern(uint8_t *p, size_t n, uint32_t seed);
  * directory, whose name goes to @dir (at least 32 bytes); fails the test otherwise. */
 void kvf_test_tls_certs(const char *src_dir, char *dir, size_t len);
 
+/* A port of 127.0.0.1 nobody listens on now, below the ephemeral range: a port bind() picks (port
+ * 0) is one another test's outgoing connection may take before the caller binds it. */
+uint16_t kvf_test_free_port(void);
+
 /* Create an engine on 127.0.0.1 with a free port; fails the test (naming the error) otherwise. */
 kvf_engine_t *kvf_test_engine(const char *url, kvf_role_t role, const kvf_config_t *cfg);
 

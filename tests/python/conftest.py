@@ -6,6 +6,7 @@ shows up as a failed assertion, not as a CTest timeout.
 """
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -53,9 +54,22 @@ def pair(store):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now, below the ephemeral range: a port bind() picks (port 0) is
+    one an outgoing connection of another test may take before the caller binds it (the seed
+    flow's Prefill once found its session port taken so, with tests opening hundreds of
+    connections beside it)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below %d in 200 tries" % low)
 
 
 class Procs:
