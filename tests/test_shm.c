@@ -1367,6 +1367,24 @@ static void warm_gate_start(kvf_engine_t *e, child_t *c, warm_gate_t *g, bool un
     assert_int_equal(memfd_mappings(), 1);
 }
 
+/* A child with an @n-byte kvf_mem_alloc region, a Prefill engine of it, and @g on the engine's
+ * warmer, held inside the region (warm_gate_start()). Returns the engine. */
+static kvf_engine_t *warm_gate_case(fx_t *fx, size_t n, child_t *c, warm_gate_t *g,
+                                    bool until_cancel)
+{
+    child_start_memfd(fx->url, n, c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
+    warm_gate_start(e, c, g, until_cancel);
+    return e;
+}
+
+/* Free what warm_gate_start() set up in @g (its engine destroyed). */
+static void warm_gate_fini(warm_gate_t *g)
+{
+    pthread_mutex_destroy(&g->mu);
+    pthread_cond_destroy(&g->cv);
+}
+
 /* The target frees its kvf_mem_alloc region while the warmer is inside it: the next transfer
  * learns the new table and unmaps the region (the warmer holds no lock between chunks), the
  * warmer finds it gone at its next chunk and stops there, and the engine goes on. */
@@ -1375,10 +1393,8 @@ static void memfd_warm_cut_by_free(void **state)
     fx_t *fx = *state;
     size_t n = 8u << 20;
     child_t c;
-    child_start_memfd(fx->url, n, &c);
-    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
     warm_gate_t g = {0};
-    warm_gate_start(e, &c, &g, false);
+    kvf_engine_t *e = warm_gate_case(fx, n, &c, &g, false);
     char ans[64];
     child_cmd(&c, "free\n", ans, sizeof(ans));
     assert_string_equal(ans, "ok 0");
@@ -1395,8 +1411,7 @@ static void memfd_warm_cut_by_free(void **state)
     assert_int_equal(child_sum_of(&c, "psum", 0, 4096), fnv(src, 4096));
     free(src);
     kvf_engine_destroy(e);
-    pthread_mutex_destroy(&g.mu);
-    pthread_cond_destroy(&g.cv);
+    warm_gate_fini(&g);
     child_stop(&c);
 }
 
@@ -1408,10 +1423,8 @@ static void memfd_first_write_while_warming(void **state)
     fx_t *fx = *state;
     size_t n = 8u << 20;
     child_t c;
-    child_start_memfd(fx->url, n, &c);
-    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
     warm_gate_t g = {0};
-    warm_gate_start(e, &c, &g, false);
+    kvf_engine_t *e = warm_gate_case(fx, n, &c, &g, false);
     uint8_t *src = alloc_filled(n, 122);
     uint64_t unwarmed = ld64(&g.t->xfer_unwarmed), t0 = kvf_test_now_ms();
     assert_kvf_ok(kvf_write(e, c.sid, src, c.addr + 4096, 65536));
@@ -1431,8 +1444,7 @@ static void memfd_first_write_while_warming(void **state)
     assert_int_equal(memfd_mappings(), 1);
     free(src);
     kvf_engine_destroy(e);
-    pthread_mutex_destroy(&g.mu);
-    pthread_cond_destroy(&g.cv);
+    warm_gate_fini(&g);
     child_stop(&c);
 }
 
@@ -1444,18 +1456,15 @@ static void memfd_warm_cut_by_destroy(void **state)
     fx_t *fx = *state;
     size_t n = 8u << 20;
     child_t c;
-    child_start_memfd(fx->url, n, &c);
-    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_AUTO);
     warm_gate_t g = {0};
-    warm_gate_start(e, &c, &g, true);
+    kvf_engine_t *e = warm_gate_case(fx, n, &c, &g, true);
     uint64_t t0 = kvf_test_now_ms();
     kvf_engine_destroy(e);
     assert_true(g.saw_cancel);
     assert_true(kvf_test_now_ms() - t0 < 9000); /* not the gate's own bound */
     assert_int_equal(g.entered, 1);              /* no chunk after the cancel */
     assert_int_equal(memfd_mappings(), 0);
-    pthread_mutex_destroy(&g.mu);
-    pthread_cond_destroy(&g.cv);
+    warm_gate_fini(&g);
     /* The child is alive, and the warmer's stores changed no byte of its zeroed region. */
     assert_int_equal(child_sum(&c, 0, n), fnv_zero(n));
     child_stop(&c);
