@@ -271,6 +271,7 @@ typedef enum {
     RAW_STALL,     /* answer HELLO, then never read again */
     RAW_READ_HALF, /* answer a READ with half its payload, stall, then send the rest on "go" */
     RAW_READ_LATE, /* answer a READ only after "go", then answer a second READ at once */
+    RAW_FORGED,    /* read nreq READs, then send the test's forged answer (forge()) */
 } raw_mode_t;
 
 typedef struct {
@@ -280,6 +281,11 @@ typedef struct {
     int ctl[2]; /* test -> listener: one byte per step */
     pthread_t th;
     uint64_t req_len; /* READ length the test asks for */
+    unsigned nreq;    /* RAW_FORGED: READs to read first */
+    /* RAW_FORGED: writes the answer into @out (room for 8 KiB) for the first READ (@req, @len);
+     * returns its length */
+    size_t (*forge)(uint8_t *out, uint64_t req, uint64_t len);
+    bool close_after; /* RAW_FORGED: close the connection after the answer */
 } rawsrv_t;
 
 static bool rawsrv_step(rawsrv_t *r)
@@ -363,6 +369,20 @@ static void *rawsrv_main(void *arg)
             goto out;
         rawsrv_send_fill(fd, NULL, 0x33, (size_t)(len - len / 2));
         break;
+    case RAW_FORGED: {
+        uint64_t req0 = 0, len0 = 0;
+        for (unsigned k = 0; k < r->nreq; k++) {
+            if (!rawsrv_read_req(fd, &req, &len))
+                goto out;
+            if (k == 0)
+                req0 = req, len0 = len;
+        }
+        static uint8_t forged[8192];
+        size_t n = r->forge(forged, req0, len0);
+        if (send(fd, forged, n, MSG_NOSIGNAL) != (ssize_t)n || r->close_after)
+            goto out;
+        break;
+    }
     case RAW_READ_LATE:
         if (!rawsrv_read_req(fd, &req, &len) || !rawsrv_step(r))
             goto out;
@@ -393,6 +413,17 @@ static void rawsrv_start(rawsrv_t *r, raw_mode_t mode)
     assert_int_equal(getsockname(r->lfd, (struct sockaddr *)&a, &sl), 0);
     r->port = ntohs(a.sin_port);
     assert_int_equal(pipe(r->ctl), 0);
+    if (mode != RAW_FORGED) /* its script is set first: rawsrv_start_forged() */
+        assert_int_equal(pthread_create(&r->th, NULL, rawsrv_main, r), 0);
+}
+
+static void rawsrv_start_forged(rawsrv_t *r, size_t (*forge)(uint8_t *, uint64_t, uint64_t),
+                                unsigned nreq, bool close_after)
+{
+    rawsrv_start(r, RAW_FORGED);
+    r->forge = forge;
+    r->nreq = nreq;
+    r->close_after = close_after;
     assert_int_equal(pthread_create(&r->th, NULL, rawsrv_main, r), 0);
 }
 
@@ -1291,6 +1322,108 @@ static void test_read_timeout_late_answer(void **state)
     free(buf2);
 }
 
+/* Forged answers of a target to a READ of @len (request @req): each must break the connection,
+ * failing the read with -KVF_EPEERGONE and the reason, and write nothing into the buffer. */
+static size_t forge_type(uint8_t *o, uint64_t req, uint64_t len)
+{
+    w_hdr(o, KVF_TCP_MAGIC, 1, KVF_TCP_HELLO, 0, req, 0, len);
+    return KVF_TCP_HDR_LEN;
+}
+
+static size_t forge_magic(uint8_t *o, uint64_t req, uint64_t len)
+{
+    w_hdr(o, 0x12345678, 1, KVF_TCP_RESP, 0, req, 0, len);
+    return KVF_TCP_HDR_LEN;
+}
+
+static size_t forge_huge(uint8_t *o, uint64_t req, uint64_t len)
+{
+    (void)len;
+    w_hdr(o, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, 0, req, 0, (uint64_t)KVF_TCP_MAX_CHUNK + 1);
+    return KVF_TCP_HDR_LEN;
+}
+
+static size_t forge_long_refusal(uint8_t *o, uint64_t req, uint64_t len)
+{
+    (void)len;
+    w_hdr(o, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, KVF_ENOTREG, req, 0, KVF_TCP_MAX_MSG + 1);
+    return KVF_TCP_HDR_LEN;
+}
+
+static size_t forge_short(uint8_t *o, uint64_t req, uint64_t len)
+{
+    w_hdr(o, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, 0, req, 0, len - 1);
+    return KVF_TCP_HDR_LEN;
+}
+
+/* Not forged but truncated: half a header, then the end of the stream (close_after). */
+static size_t forge_truncated(uint8_t *o, uint64_t req, uint64_t len)
+{
+    w_hdr(o, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, 0, req, 0, len);
+    return KVF_TCP_HDR_LEN / 2;
+}
+
+/* An answer to a request nobody made (with 100 bytes), then the true one: the first is dropped,
+ * the read succeeds. */
+static size_t forge_unasked_first(uint8_t *o, uint64_t req, uint64_t len)
+{
+    w_hdr(o, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, 0, req + (1000u << TCP_SLOT_BITS), 0, 100);
+    memset(o + KVF_TCP_HDR_LEN, 0x66, 100);
+    w_hdr(o + KVF_TCP_HDR_LEN + 100, KVF_TCP_MAGIC, 1, KVF_TCP_RESP, 0, req, 0, len);
+    memset(o + 2 * KVF_TCP_HDR_LEN + 100, 0x77, (size_t)len);
+    return 2 * KVF_TCP_HDR_LEN + 100 + (size_t)len;
+}
+
+/* A target's forged, truncated or unasked answers reach the initiator's reader: read by the
+ * caller (one READ) and by the I/O thread (two READs). Each forged one breaks the connection
+ * with its reason and writes nothing into the caller's buffer; an unasked answer is dropped. */
+static void test_forged_answers(void **state)
+{
+    (void)state;
+    static const struct {
+        size_t (*forge)(uint8_t *, uint64_t, uint64_t);
+        const char *why;
+        bool close_after;
+    } cases[] = {
+        {forge_type, "frame type 1 where an answer was expected", false},
+        {forge_magic, "bad frame from the peer", false},
+        {forge_huge, "over KVF_TCP_MAX_CHUNK", false},
+        {forge_long_refusal, "error message of 1025 bytes over KVF_TCP_MAX_MSG", false},
+        {forge_short, "answer of 4095 bytes to a read of 4096", false},
+        {forge_truncated, "connection closed by the peer", true},
+        {forge_unasked_first, NULL, false},
+    };
+    node_t a = {0};
+    node_start(&a, 1, 4 * MiB);
+    uint8_t buf[2 * 4096];
+    for (size_t i = 0; i < KVF__ARRAY_SIZE(cases); i++) {
+        for (unsigned nreq = 1; nreq <= 2; nreq++) {
+            rawsrv_t r;
+            rawsrv_start_forged(&r, cases[i].forge, nreq, cases[i].close_after);
+            kvf_tpeer_t *p = peer_to(&a, r.port);
+            memset(buf, 0x11, sizeof(buf));
+            kvf_xfer_t x[2] = {{KVF_OP_READ, buf, 0x10000, 4096},
+                               {KVF_OP_READ, buf + 4096, 0x20000, 4096}};
+            int rc = ops->transfer(p, x, nreq, dl(cases[i].why ? 5000 : 1000), NULL);
+            if (!cases[i].why) {
+                /* The true answer came for the first READ; a second one is never answered. */
+                assert_int_equal(rc, nreq == 1 ? 0 : -KVF_ETIMEDOUT);
+                assert_all(buf, 4096, 0x77);
+            } else {
+                if (rc != -KVF_EPEERGONE || !strstr(kvf_last_error(), cases[i].why))
+                    fail_msg("case %zu, %u request(s): %d (%s): %s; want KVF_EPEERGONE and "
+                             "\"%s\"",
+                             i, nreq, rc, kvf_err_name(rc), kvf_last_error(), cases[i].why);
+                assert_all(buf, 4096, 0x11);
+            }
+            assert_all(buf + 4096, 4096, 0x11);
+            ops->peer_close(p);
+            rawsrv_stop(&r);
+        }
+    }
+    node_stop(&a);
+}
+
 typedef struct {
     kvf_tpeer_t *p;
     uint8_t *buf;
@@ -1671,6 +1804,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_stalled_peer),
     cmocka_unit_test(test_read_timeout_mid_answer),
     cmocka_unit_test(test_read_timeout_late_answer),
+    cmocka_unit_test(test_forged_answers),
     cmocka_unit_test(test_stalled_answer_holds_up_no_other_peer),
     cmocka_unit_test(test_own_answers_not_held_by_serving),
     cmocka_unit_test(test_tls_answer_stalled_mid_record),
