@@ -5,6 +5,8 @@
  */
 #include "test_util.h"
 
+#include "core/core.h"
+
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -424,8 +426,9 @@ static void write_past_region_refused(void **state)
 }
 
 /*
- * A region the target registers after this engine cached its list is written at once, without a
- * store request: over tcp the target's own check decides, over shm the target's live table. The
+ * A region the target registers after this engine cached its list (and which no regions watch
+ * reported) is written at once, without a store request: over tcp the target's own check
+ * decides, over shm the target's live table. The
  * store counts the requests it serves; the engines' leases are long, so no keepalive falls
  * between the two counts.
  */
@@ -433,11 +436,14 @@ static void new_region_written_without_the_store(void **state)
 {
     (void)state;
     const size_t small = 64u << 10;
+    /* Without the regions watch, which could tell the sender first (tcp_peer_regions_watched). */
+    setenv("KVFERRY_NO_REGIONS_WATCH", "1", 1);
     kvf_store_server_t *srv = kvf_test_store_start();
     kvf_config_t c = quick_config();
     c.lease_ttl_ms = 3600u * 1000u;
     kvf_engine_t *dec = engine(kvf_store_server_url(srv), KVF_ROLE_DECODE, &c);
     kvf_engine_t *pre = engine(kvf_store_server_url(srv), KVF_ROLE_PREFILL, &c);
+    unsetenv("KVFERRY_NO_REGIONS_WATCH");
     const char *peer = kvf_engine_session_id(dec);
     uint8_t *first = calloc(1, 4096), *fresh = calloc(1, small + 4096);
     uint8_t *src = alloc_filled(small, 21);
@@ -454,6 +460,57 @@ static void new_region_written_without_the_store(void **state)
         assert_int_equal(fresh[i], 0);
     if (after.ops != before.ops)
         fail_msg("the write into the new region made %llu store request(s)",
+                 (unsigned long long)(after.ops - before.ops));
+
+    assert_kvf_ok(kvf_mem_unregister(dec, fresh));
+    assert_kvf_ok(kvf_mem_unregister(dec, first));
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+    kvf_store_server_stop(srv);
+    free(first);
+    free(fresh);
+    free(src);
+}
+
+/*
+ * Over tcp the sender watches the regions record of each peer it talks to: a region the target
+ * registers later reaches the sender's cache without any transfer, and a transfer into it then
+ * neither asks the store nor goes unchecked. 5 MiB is above the bytes a miss may send unchecked,
+ * so without the watch this write would refresh from the store first.
+ */
+static void tcp_peer_regions_watched(void **state)
+{
+    (void)state;
+    const char *forced = getenv("KVFERRY_TRANSPORT");
+    if (!forced || strcmp(forced, "tcp") != 0)
+        skip(); /* shm checks the target's live table; in-process peers need no check */
+    const size_t big = 5u << 20;
+    kvf_store_server_t *srv = kvf_test_store_start();
+    kvf_config_t c = quick_config();
+    c.lease_ttl_ms = 3600u * 1000u;
+    kvf_engine_t *dec = engine(kvf_store_server_url(srv), KVF_ROLE_DECODE, &c);
+    kvf_engine_t *pre = engine(kvf_store_server_url(srv), KVF_ROLE_PREFILL, &c);
+    const char *peer = kvf_engine_session_id(dec);
+    uint8_t *first = calloc(1, 4096), *fresh = calloc(1, big), *src = alloc_filled(big, 22);
+    assert_kvf_ok(kvf_mem_register(dec, first, 4096));
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)first, 4096)); /* caches the list */
+    assert_kvf_ok(kvf_mem_register(dec, fresh, big));
+
+    uint64_t deadline = kvf_test_now_ms() + 5000;
+    while (!kvf__peer_knows(pre, peer, (uintptr_t)fresh, big) && kvf_test_now_ms() < deadline) {
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+    if (!kvf__peer_knows(pre, peer, (uintptr_t)fresh, big))
+        fail_msg("the sender's cache did not learn the new region within 5 s: %s",
+                 kvf_last_error());
+    kvf_store_server_stats_t before, after;
+    assert_kvf_ok(kvf_store_server_stats(srv, &before));
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)fresh, big));
+    assert_kvf_ok(kvf_store_server_stats(srv, &after));
+    assert_landed(fresh, src, big, "write into a region the watch reported");
+    if (after.ops != before.ops)
+        fail_msg("the write made %llu store request(s)",
                  (unsigned long long)(after.ops - before.ops));
 
     assert_kvf_ok(kvf_mem_unregister(dec, fresh));
@@ -749,6 +806,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(write_past_region_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(write_after_unregister_fails, fx_setup, fx_teardown),
     cmocka_unit_test(new_region_written_without_the_store),
+    cmocka_unit_test(tcp_peer_regions_watched),
     cmocka_unit_test_setup_teardown(unknown_session_fails_after_init_timeout, fx_setup,
                                     fx_teardown),
     cmocka_unit_test_setup_teardown(bad_transfer_arguments, fx_setup, fx_teardown),

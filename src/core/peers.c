@@ -15,6 +15,7 @@
 
 static void peer_free(eng_peer_t *p)
 {
+    free(p->pending);
     if (p->tp)
         p->tops->peer_close(p->tp);
     if (p->ntp)
@@ -224,6 +225,75 @@ static int peer_get(kvf_engine_t *e, const char *sid, const atomic_bool *cancel,
     return rc;
 }
 
+
+/* The store client's thread: a regions record of the namespace changed. If it is a watched
+ * peer's, its parsed list waits in the peer for the next check (peer_take_pending). Deletes (the
+ * peer left) are left to the target's answers. */
+static void rwatch_cb(void *arg, kvf_store_event_type_t type, const kvf_store_kv_t *kv)
+{
+    kvf_engine_t *e = arg;
+    eng_rwatch_t *w = &e->rwatch;
+    size_t pl = strlen(w->prefix);
+    if (type != KVF_STORE_EVENT_PUT || strncmp(kv->key, w->prefix, pl) != 0)
+        return;
+    const char *sid = kv->key + pl;
+    pthread_mutex_lock(&w->lock);
+    eng_peer_t *p = NULL;
+    for (size_t i = 0; i < w->n && !p; i++)
+        if (!strcmp(w->peers[i]->sid, sid))
+            p = w->peers[i];
+    kvf_region_t *rs = NULL;
+    size_t n;
+    uint64_t gen;
+    if (p && kvf__eng_parse_regions(p->sid, kv->val, kv->val_len, &rs, &n, &gen) == 0) {
+        pthread_mutex_lock(&p->lock);
+        if (gen > p->gen && (!p->has_pending || gen > p->pending_gen)) {
+            free(p->pending);
+            p->pending = rs;
+            p->npending = n;
+            p->pending_gen = gen;
+            p->has_pending = true;
+            rs = NULL;
+        }
+        pthread_mutex_unlock(&p->lock);
+    }
+    pthread_mutex_unlock(&w->lock);
+    free(rs);
+}
+
+/* Feed @p from the regions watch when its path's target checks every request (tcp), so its
+ * cache learns new regions off the transfer path; the first such peer starts the watch. Best
+ * effort: a store without watches (p2p://) or a failed watch leaves the refresh on a miss. */
+static void peer_watch(kvf_engine_t *e, eng_peer_t *p)
+{
+    eng_rwatch_t *w = &e->rwatch;
+    if (p->tops->check != KVF_CHECK_TARGET)
+        return;
+    pthread_mutex_lock(&w->lock);
+    if (w->n == w->cap) {
+        size_t cap = w->cap ? 2 * w->cap : 16;
+        eng_peer_t **np = realloc(w->peers, cap * sizeof(*np));
+        if (np) {
+            w->peers = np;
+            w->cap = cap;
+        }
+    }
+    if (w->n < w->cap)
+        w->peers[w->n++] = p;
+    pthread_mutex_unlock(&w->lock);
+    /* Not under w->lock: the watch request waits on the thread that runs rwatch_cb. */
+    int off = RWATCH_OFF;
+    if (!atomic_compare_exchange_strong(&w->state, &off, RWATCH_STARTING))
+        return;
+    kvf__eng_make_key(w->prefix, sizeof(w->prefix), e, "regions", "");
+    if (kvf_store_watch(e->store, w->prefix, rwatch_cb, e, &w->id) == 0) {
+        atomic_store(&w->state, RWATCH_ON);
+    } else {
+        KVF_DEBUG(ENG_LOG, "engine %s: not watching its peers' regions: %s", e->sid,
+                  kvf_last_error());
+        atomic_store(&w->state, RWATCH_FAILED);
+    }
+}
 /* peer_get() for a peer not in the cache: its regions and its path. If another thread inserted
  * the peer meanwhile (it gave up waiting on this one's claim), its entry wins. */
 static int peer_get_new(kvf_engine_t *e, const char *sid, const atomic_bool *cancel,
@@ -268,6 +338,8 @@ static int peer_get_new(kvf_engine_t *e, const char *sid, const atomic_bool *can
     if (other) {
         peer_free(p);
         p = other;
+    } else {
+        peer_watch(e, p);
     }
     KVF_DEBUG(ENG_LOG, "engine %s: peer %s found with %zu regions, via %s", e->sid, sid,
               p->nregions, p->via);
@@ -346,10 +418,31 @@ static int peer_reselect(kvf_engine_t *e, eng_peer_t *p, const atomic_bool *canc
     return rc;
 }
 
+/* Take in the list the regions watch left, if it is newer. Under @p->lock, with @p->sel
+ * shared (so @p->tp is stable). */
+static void peer_take_pending(eng_peer_t *p)
+{
+    if (!p->has_pending)
+        return;
+    if (p->pending_gen > p->gen && p->tops && p->tops->check == KVF_CHECK_TARGET) {
+        kvf_region_t *old = p->regions;
+        p->regions = p->pending;
+        p->nregions = p->npending;
+        p->gen = p->pending_gen;
+        p->pending = old;
+        if (p->tp)
+            p->tops->regions_changed(p->tp, p->regions, p->nregions);
+    }
+    free(p->pending);
+    p->pending = NULL;
+    p->has_pending = false;
+}
+
 int kvf__peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad)
 {
     int rc = 0;
     pthread_mutex_lock(&p->lock);
+    peer_take_pending(p);
     for (size_t i = 0; i < n && rc == 0; i++) {
         rc = kvf__regions_check(p->regions, p->nregions, x[i].remote, x[i].len);
         if (rc < 0) {
@@ -525,9 +618,28 @@ int kvf__peer_leave(eng_peer_t *p, int rc, const char *what)
 
 void kvf__peers_fini(kvf_engine_t *e)
 {
+    /* The store client is closed: no watch callback runs any more. */
+    free(e->rwatch.peers);
+    e->rwatch.peers = NULL;
+    e->rwatch.n = e->rwatch.cap = 0;
     for (eng_peer_t *p = e->peers, *next; p; p = next) {
         next = p->next;
         peer_free(p);
     }
     e->peers = NULL;
+}
+
+bool kvf__peer_knows(kvf_engine_t *e, const char *sid, uint64_t addr, uint64_t len)
+{
+    bool known = false;
+    pthread_mutex_lock(&e->peers_lock);
+    eng_peer_t *p = peer_find_locked(e, sid);
+    if (p) {
+        pthread_mutex_lock(&p->lock);
+        known = kvf__regions_check(p->regions, p->nregions, addr, len) == 0 ||
+                (p->has_pending && kvf__regions_check(p->pending, p->npending, addr, len) == 0);
+        pthread_mutex_unlock(&p->lock);
+    }
+    pthread_mutex_unlock(&e->peers_lock);
+    return known;
 }
