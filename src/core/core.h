@@ -108,14 +108,13 @@ typedef struct eng_peer {
     kvf_region_t *regions;
     size_t nregions;
     uint64_t gen;
-    /* On a target-checked path (tcp) the engine's regions watch (eng_rwatch_t) parses each new
+    /* On a target-checked path (tcp) the engine's regions watch (eng_rwatch_t) copies each new
      * regions record of the peer into @pending (under @lock), and the next check, which holds
-     * @sel shared, takes it in: a region registered later is usually known before the first
-     * transfer into it. */
-    kvf_region_t *pending;
+     * @sel shared, parses it and takes it in: a region registered later is usually known before
+     * the first transfer into it. */
+    uint64_t inc; /* the incarnation the cached list came from (kvf__eng_parse_regions) */
+    char *pending; /* the newest record text the watch saw (NUL-terminated), parsed by the check */
     size_t npending;
-    uint64_t pending_gen;
-    bool has_pending;
     /* What this engine did with the peer, by transport index (stats.c). */
     eng_counts_t counts[KVF_TRANSPORTS_MAX];
     _Atomic uint64_t in_flight;
@@ -127,12 +126,12 @@ typedef struct eng_peer {
  * thread and takes only @lock, then a listed peer's lock: never peers_lock or a peer's sel,
  * which are held around store calls that need that thread.
  */
-enum { RWATCH_OFF, RWATCH_STARTING, RWATCH_ON, RWATCH_FAILED };
+enum { RWATCH_OFF, RWATCH_STARTING, RWATCH_ON, RWATCH_DISABLED };
 typedef struct {
     pthread_mutex_t lock;
     eng_peer_t **peers; /* tcp peers, which live until destroy; under @lock */
     size_t n, cap;
-    atomic_int state; /* RWATCH_*; starts FAILED with KVFERRY_NO_REGIONS_WATCH=1 */
+    atomic_int state; /* RWATCH_*; DISABLED with KVFERRY_NO_REGIONS_WATCH=1 */
     uint64_t id;
     char prefix[ENG_KEY_MAX];
 } eng_rwatch_t;
@@ -327,9 +326,11 @@ int kvf__eng_store_get_wait(kvf_engine_t *e, const char *key, uint32_t wait_ms,
                             const atomic_bool *cancel, void **val, size_t *len);
 
 /* Fetch @sid's regions from the store, waiting up to @wait_ms (given up as above) for the record
- * to appear: 0 with a sorted list (malloc'ed), -KVF_ENOTFOUND naming the store, or the error. */
+ * to appear: 0 with a sorted list (malloc'ed), -KVF_ENOTFOUND naming the store, or the error.
+ * @inc (may be NULL): the publishing engine's incarnation (kvf__eng_parse_regions). */
 int kvf__eng_fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
-                           const atomic_bool *cancel, kvf_region_t **out, size_t *n, uint64_t *gen);
+                           const atomic_bool *cancel, kvf_region_t **out, size_t *n, uint64_t *gen,
+                           uint64_t *inc);
 
 /* Fill @d from @sid's session record, waiting up to @wait_ms for it; a missing or malformed
  * record leaves @d as it was. */
@@ -338,10 +339,13 @@ void kvf__eng_fetch_session(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
 
 /* Peers' records as read from the store (untrusted: fuzzed by tests/fuzz/fuzz_records.c).
  * parse_session fills what it understands of @d and ignores the rest; parse_regions returns
- * 0 with a sorted, non-overlapping, non-wrapping list (malloc'ed, @n may be 0) or -KVF_EPROTO. */
+ * 0 with a sorted, non-overlapping, non-wrapping list (malloc'ed, @n may be 0), its generation
+ * (never negative) and, in @inc (may be NULL), the publishing engine's incarnation (a random
+ * number per engine, 0 for a record without one): a restarted engine counts generations from 1
+ * again, so generations compare only within one incarnation. -KVF_EPROTO for anything else. */
 void kvf__eng_parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d);
 int kvf__eng_parse_regions(const char *sid, const void *text, size_t len, kvf_region_t **out,
-                           size_t *n, uint64_t *gen);
+                           size_t *n, uint64_t *gen, uint64_t *inc);
 
 /* ---- peers.c -------------------------------------------------------------------------------- */
 

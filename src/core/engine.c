@@ -256,7 +256,7 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     pthread_mutex_init(&e->rwatch.lock, NULL);
     const char *nowatch = getenv("KVFERRY_NO_REGIONS_WATCH");
     atomic_init(&e->rwatch.state,
-                nowatch && !strcmp(nowatch, "1") ? RWATCH_FAILED : RWATCH_OFF);
+                nowatch && !strcmp(nowatch, "1") ? RWATCH_DISABLED : RWATCH_OFF);
     pthread_mutex_init(&e->busy_lock, NULL);
     pthread_mutex_init(&e->mem_lock, NULL);
     rc = kvf__cond_init_monotonic(&e->busy_cond);
