@@ -693,6 +693,8 @@ typedef struct {
                                     flight: 0 (default) fail at once with -KVF_EBUSY; 1 wait for
                                     one to complete, up to op_timeout_ms, then -KVF_EBUSY. */
     uint32_t async_threads;      /* threads that run asynchronous batches, 1..64. Default 4.
+                                    Started by the first submit, or by kvf_peer_wait() once
+                                    it found its peer (they then open its path).
                                     Each runs one batch at a time; a batch's chunks are
                                     pipelined over the peer's connections all the same. While
                                     batches wait for a peer that has not appeared, more threads
@@ -1054,7 +1056,11 @@ KVF_API int kvf_peer_check(kvf_engine_t *e, const char *peer);
 /**
  * kvf_peer_wait - wait up to @timeout_ms for @peer's session record to be in the store (that is,
  * for an engine with that session id to be up, in this engine's namespace). With "p2p://" the
- * peer itself is asked for its record until it answers.
+ * peer itself is asked for its record until it answers. Once it is there, the engine also starts
+ * its async threads (if no submit did yet) and, on one of them, looks the peer up and opens its
+ * path (as kvf_peer_check() would), so that the first transfer to it does not wait for either;
+ * that runs in the background and is best effort: this call does not wait for it, and a failure
+ * is met and reported by the first transfer, as before.
  * Returns 0; -KVF_ETIMEDOUT naming the peer; -KVF_EINVAL for a malformed session id;
  * -KVF_ECLOSED when the engine is being destroyed.
  */
@@ -1091,7 +1097,8 @@ typedef struct {
 /**
  * kvf_engine_peer_transport - the path this engine uses to @peer: "loop" (an engine of this
  * process: memcpy), "shm" (same host: process_vm_writev/readv) or "tcp". Chosen at the first
- * transfer to the peer and again after the peer process went away.
+ * transfer to the peer (or kvf_peer_check(), or in the background after kvf_peer_wait() found
+ * it) and again after the peer process went away.
  * @name: receives a static string.
  * Returns 0, or -KVF_ENOTFOUND when no transfer to @peer has been made yet.
  */

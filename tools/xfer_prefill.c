@@ -26,11 +26,22 @@ static int find_decode_buffer(const xfer_args_t *a, kvf_engine_t *e, uint64_t *a
 {
     uint64_t deadline = cli_now_ms() + a->timeout_ms;
     unsigned backoff_ms = 1;
-    /* Say what is awaited when it is not there yet, rather than wait in silence. */
+    /* Say what is awaited when it is not there yet, rather than wait in silence. Waiting with
+     * kvf_peer_wait() (not only in kvf_peer_regions() below) is what a Prefill does before it
+     * transfers: the engine then opens the path to the Decode while the first round is being
+     * prepared, not on that round's clock. */
     if (kvf_peer_wait(e, a->dst_sid, 0) < 0) {
         printf("waiting up to %u s for Decode %s to appear in the store %s\n",
                a->timeout_ms / 1000u, a->dst_sid, a->store_url);
         fflush(stdout);
+        int rc = kvf_peer_wait(e, a->dst_sid, a->timeout_ms);
+        if (rc < 0) {
+            kvf_cli_fail(XFER_CMD, rc,
+                         "Decode %s (--dst-session-id) did not appear in the store "
+                         "within %u s",
+                         a->dst_sid, a->timeout_ms / 1000u);
+            return KVF_CLI_EXIT_FAIL;
+        }
     }
     for (;;) {
         kvf_region_info_t *regs;

@@ -3,7 +3,8 @@
  * (kvf__eng_transfer) and of the notifications (notify.c).
  *
  * kvf_transfer_submit() copies the elements into a kvf_batch and queues it on the engine's FIFO;
- * config.async_threads threads (started on the first submit) take batches in order and run each
+ * config.async_threads threads (started on the first submit, or when kvf_peer_wait() found a
+ * peer) take batches in order and run each
  * through the same path as kvf_transfer_sync(), with a per-element status array and a cancel
  * flag the transports honour between chunks (and the peer lookup while it waits for the peer
  * to appear). At most config.max_batches are in flight (submitted and not complete): beyond that
@@ -30,6 +31,7 @@ struct kvf_batch {
     kvf_engine_t *e;
     struct kvf_batch *next; /* in the queue, under batches.lock */
     bool running;           /* taken by a thread; under batches.lock */
+    bool open_only;         /* no owner, not counted in flight: opens the path to peer */
     char peer[KVF_SESSION_ID_MAX];
     kvf_xfer_t *x; /* x, status and msg live in the same allocation, after the struct */
     size_t n;
@@ -89,6 +91,10 @@ static void batch_complete(kvf_batch_t *b, int rc, const char *err)
 /* A batch that never ran (cancelled in the queue, or the engine is closing). */
 static void batch_drop(kvf_batch_t *b, int rc, const char *why)
 {
+    if (b->open_only) {
+        batch_destroy(b);
+        return;
+    }
     if (b->has_msg)
         kvf__notify_order_settle(b->e, b->order, b->seq);
     char err[ERRMSG_MAX];
@@ -128,9 +134,46 @@ static void peer_wait_end(kvf_engine_t *e)
     pthread_mutex_unlock(&e->batches.lock);
 }
 
+static bool peer_wait_begin(kvf_batch_t *b);
+static void peer_wait_end(kvf_engine_t *e);
+
+/*
+ * An open-only job (kvf__batch_open_peer): look the peer up, choose and open its path, and
+ * connect what the path connects on first use (tcp: a connection; shm: the tcp connection its
+ * notifications take), each bounded by init_timeout_ms as the first transfer's would be. A
+ * failure is left for that transfer to meet and report.
+ */
+static void batch_open_run(kvf_batch_t *b)
+{
+    kvf_engine_t *e = b->e;
+    eng_peer_t *p;
+    if (kvf__eng_busy_enter(e) == 0) {
+        bool waits = peer_wait_begin(b);
+        int rc = kvf__peer_enter(e, b->peer, "opening the path", &b->cancel, &p);
+        if (waits)
+            peer_wait_end(e);
+        if (rc == 0) {
+            uint64_t deadline = kvf__now_ms() + e->cfg.init_timeout_ms;
+            rc = p->tops->peer_alive(p->tp, deadline);
+            if (rc == 0 && p->ntp)
+                rc = p->nops->peer_alive(p->ntp, deadline);
+            rc = kvf__peer_leave(p, rc, "opening the path");
+        }
+        if (rc < 0)
+            KVF_DEBUG(BATCH_LOG, "engine %s: opening the path to %s ahead of a transfer: %s",
+                      e->sid, b->peer, kvf_last_error());
+        kvf__eng_busy_leave(e);
+    }
+    batch_destroy(b);
+}
+
 static void batch_run(kvf_batch_t *b)
 {
     kvf_engine_t *e = b->e;
+    if (b->open_only) {
+        batch_open_run(b);
+        return;
+    }
     int rc = kvf__eng_busy_enter(e);
     if (rc < 0) {
         batch_drop(b, rc, "engine is being destroyed");
@@ -189,8 +232,8 @@ static int thread_add(kvf_engine_t *e)
     return 0;
 }
 
-/* Start the threads on the first submit (an engine that never submits has none). Under
- * batches.lock. */
+/* Start the threads on the first submit or kvf__batch_open_peer() (an engine that does neither
+ * has none). Under batches.lock. */
 static int threads_start(kvf_engine_t *e)
 {
     eng_batches_t *a = &e->batches;
@@ -310,6 +353,34 @@ int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, 
     pthread_mutex_unlock(&a->lock);
     *out = b;
     return 0;
+}
+
+void kvf__batch_open_peer(kvf_engine_t *e, const char *peer)
+{
+    if (kvf__eng_peer_known(e, peer))
+        return;
+    kvf_batch_t *b = NULL;
+    if (batch_new(e, peer, NULL, 0, NULL, 0, &b) < 0)
+        return;
+    b->open_only = true;
+    eng_batches_t *a = &e->batches;
+    pthread_mutex_lock(&a->lock);
+    if (a->stopping || kvf__eng_closing(e) || (a->nthreads == 0 && threads_start(e) < 0)) {
+        pthread_mutex_unlock(&a->lock);
+        batch_destroy(b);
+        return;
+    }
+    /* Queued like a batch, so a transfer submitted right after runs behind it and finds the
+     * peer being looked up (it waits for that lookup rather than starting its own). */
+    if (a->tail)
+        a->tail->next = b;
+    else
+        a->head = b;
+    a->tail = b;
+    if (a->waiting_peer >= a->nthreads && a->nthreads < ENG_MAX_ASYNC_THREADS)
+        thread_add(e);
+    pthread_cond_signal(&a->work);
+    pthread_mutex_unlock(&a->lock);
 }
 
 int kvf_batch_status(kvf_batch_t *b, int *elem_status, size_t n)

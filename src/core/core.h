@@ -428,6 +428,9 @@ void kvf__notify_fini(kvf_engine_t *e);
 /* Runs in destroy after shutdown: completes queued batches (-KVF_ECLOSED), joins the threads
  * and waits until no batch is counted. */
 void kvf__batch_stop(kvf_engine_t *e);
+/* Open the path to @peer on an async thread (starting them if need be), so that the first
+ * transfer to it does not: best effort, returns at once, nothing is reported. */
+void kvf__batch_open_peer(kvf_engine_t *e, const char *peer);
 
 /* ---- events.c ------------------------------------------------------------------------------- */
 

@@ -1,5 +1,6 @@
 /*
- * Peer events: kvf_peer_wait() for one session to appear, and kvf_peer_events(), the joins and
+ * Peer events: kvf_peer_wait() for one session to appear (then its path is opened in the
+ * background), and kvf_peer_events(), the joins and
  * leaves of the sessions of this engine's namespace, from a watch on the store's sessions prefix
  * installed by the first call.
  *
@@ -34,9 +35,12 @@ int kvf_peer_wait(kvf_engine_t *e, const char *peer, uint32_t timeout_ms)
     size_t len;
     kvf__eng_make_key(key, sizeof(key), e, "sessions", peer);
     rc = kvf__eng_store_get_wait(e, key, timeout_ms, NULL, &val, &len);
-    if (rc == 0)
+    if (rc == 0) {
         free(val);
-    else if (rc == -KVF_ETIMEDOUT || rc == -KVF_ENOTFOUND)
+        /* A transfer usually follows: open the path now, in the background, rather than on the
+         * first transfer's clock. */
+        kvf__batch_open_peer(e, peer);
+    } else if (rc == -KVF_ETIMEDOUT || rc == -KVF_ENOTFOUND)
         rc = kvf__err(-KVF_ETIMEDOUT, "peer %s did not appear in namespace %s within %u ms", peer,
                       e->ns, timeout_ms);
     kvf__eng_busy_leave(e);
