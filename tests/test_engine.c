@@ -423,6 +423,49 @@ static void write_past_region_refused(void **state)
     free(src);
 }
 
+/*
+ * A region the target registers after this engine cached its list is written at once, without a
+ * store request: over tcp the target's own check decides, over shm the target's live table. The
+ * store counts the requests it serves; the engines' leases are long, so no keepalive falls
+ * between the two counts.
+ */
+static void new_region_written_without_the_store(void **state)
+{
+    (void)state;
+    const size_t small = 64u << 10;
+    kvf_store_server_t *srv = kvf_test_store_start();
+    kvf_config_t c = quick_config();
+    c.lease_ttl_ms = 3600u * 1000u;
+    kvf_engine_t *dec = engine(kvf_store_server_url(srv), KVF_ROLE_DECODE, &c);
+    kvf_engine_t *pre = engine(kvf_store_server_url(srv), KVF_ROLE_PREFILL, &c);
+    const char *peer = kvf_engine_session_id(dec);
+    uint8_t *first = calloc(1, 4096), *fresh = calloc(1, small + 4096);
+    uint8_t *src = alloc_filled(small, 21);
+    assert_kvf_ok(kvf_mem_register(dec, first, 4096));
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)first, 4096)); /* caches the list */
+    assert_kvf_ok(kvf_mem_register(dec, fresh, small));
+
+    kvf_store_server_stats_t before, after;
+    assert_kvf_ok(kvf_store_server_stats(srv, &before));
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)fresh, small));
+    assert_kvf_ok(kvf_store_server_stats(srv, &after));
+    assert_landed(fresh, src, small, "write into a region registered after the cache was filled");
+    for (size_t i = small; i < small + 4096; i++)
+        assert_int_equal(fresh[i], 0);
+    if (after.ops != before.ops)
+        fail_msg("the write into the new region made %llu store request(s)",
+                 (unsigned long long)(after.ops - before.ops));
+
+    assert_kvf_ok(kvf_mem_unregister(dec, fresh));
+    assert_kvf_ok(kvf_mem_unregister(dec, first));
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+    kvf_store_server_stop(srv);
+    free(first);
+    free(fresh);
+    free(src);
+}
+
 static void write_after_unregister_fails(void **state)
 {
     fx_t *fx = *state;
@@ -705,6 +748,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(four_threads_one_peer, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(write_past_region_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(write_after_unregister_fails, fx_setup, fx_teardown),
+    cmocka_unit_test(new_region_written_without_the_store),
     cmocka_unit_test_setup_teardown(unknown_session_fails_after_init_timeout, fx_setup,
                                     fx_teardown),
     cmocka_unit_test_setup_teardown(bad_transfer_arguments, fx_setup, fx_teardown),

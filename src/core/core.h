@@ -53,6 +53,12 @@
  * default); where the default differs, the huge mapping fails and normal pages are used. */
 #define ENG_HUGE_PAGE  (2u << 20)
 #define ENG_EVENTS_MAX 4096u
+/* A target-checked path (tcp) sends a batch whose elements miss the cached regions by at most
+ * this many bytes without asking the store first: the miss may only mean a region registered
+ * since the cache was filled, and the target's check answers in one round trip where a refresh
+ * costs a store round trip first. Above it the refresh comes first, so while the store answers
+ * a wrong address moves at most this much data before it is refused. */
+#define ENG_SEND_ON_MISS_MAX (4u << 20)
 
 /* Counters of calls (kvf_stats_counts_t's fields, same order), added with relaxed atomics: a
  * reader needs each value, not an order between them. */
@@ -329,6 +335,9 @@ int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p);
 /* The sender's fast-fail: every element must lie inside one of the peer's published regions.
  * Returns 0 or -KVF_ENOTREG naming the first element (@bad) that does not. */
 int kvf__peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad);
+/* The bytes of the elements outside the peer's cached regions, or SIZE_MAX when one of them is
+ * not a valid range at all (which no refresh can change). Sets no error. */
+size_t kvf__peer_missed_bytes(eng_peer_t *p, const kvf_xfer_t *x, size_t n);
 /* KVF_CHECK_SENDER paths: make the cached list current with the target's live generation. */
 int kvf__peer_make_current(kvf_engine_t *e, eng_peer_t *p);
 

@@ -361,6 +361,24 @@ int kvf__peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad)
     return rc;
 }
 
+size_t kvf__peer_missed_bytes(eng_peer_t *p, const kvf_xfer_t *x, size_t n)
+{
+    size_t missed = 0;
+    char msg[512];
+    snprintf(msg, sizeof(msg), "%s", kvf_last_error());
+    pthread_mutex_lock(&p->lock);
+    for (size_t i = 0; i < n && missed != SIZE_MAX; i++) {
+        int rc = kvf__regions_check(p->regions, p->nregions, x[i].remote, x[i].len);
+        if (rc == -KVF_ENOTREG)
+            missed = x[i].len > SIZE_MAX - 1 - missed ? SIZE_MAX : missed + x[i].len;
+        else if (rc < 0)
+            missed = SIZE_MAX;
+    }
+    pthread_mutex_unlock(&p->lock);
+    kvf__err(0, "%s", msg); /* the message stays the caller's first check's */
+    return missed;
+}
+
 /*
  * For shm the sender's check is the only one, so make the cached list current first: read the
  * target's live generation and, if the cache is older, re-read the target's own table. Once a

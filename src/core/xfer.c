@@ -4,6 +4,7 @@
  * transport says (kvf_check_t), run, and retried once when a stale cache was the cause.
  */
 #include <inttypes.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "core/core.h"
@@ -101,22 +102,40 @@ static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, si
         p->tops->guard_leave(p->tp, token);
         return rc;
     }
-    /* A miss in the cached regions may only mean the cache is old: refresh once and re-check. */
+    /* A miss in the cached regions may only mean the cache is older than the target's table (a
+     * region registered since). Up to ENG_SEND_ON_MISS_MAX missed bytes go unchecked and the
+     * target's check decides. Above it the store is asked first and a range it does not publish
+     * is refused here; when the store cannot answer, the target decides again. */
+    bool unchecked = false;
     rc = kvf__peer_check(p, x, n, &bad);
-    if (rc == -KVF_ENOTREG && kvf__peer_refresh(e, p) == 0)
-        rc = kvf__peer_check(p, x, n, &bad);
+    if (rc == -KVF_ENOTREG) {
+        size_t missed = kvf__peer_missed_bytes(p, x, n);
+        if (missed > ENG_SEND_ON_MISS_MAX && kvf__peer_refresh(e, p) == 0) {
+            rc = kvf__peer_check(p, x, n, &bad);
+        } else if (missed != SIZE_MAX) {
+            unchecked = true;
+            rc = 0;
+        }
+    }
     if (rc < 0) {
         status_refused(ctl, rc, bad);
         return rc;
     }
     rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
     rc = retry_if_alive(p, x, n, deadline, ctl, rc);
-    /* The target's check is authoritative. If it refused a range our cache allowed, the peer
-     * re-registered since we looked: refresh, and retry once if the range is still published. */
-    if (rc == -KVF_ENOTREG && kvf__now_ms() < deadline && kvf__peer_refresh(e, p) == 0 &&
-        kvf__peer_check(p, x, n, &bad) == 0) {
-        status_reset(ctl, n);
-        rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
+    /* The target's check is authoritative. If it refused a range, the peer re-registered since
+     * the cache was filled: refresh, and retry once if the range is published now. A range the
+     * fresh list does not hold either is refused with the sender's check's message, which names
+     * the element and the nearest region, as if it had been checked before sending. */
+    if (rc == -KVF_ENOTREG && kvf__now_ms() < deadline && kvf__peer_refresh(e, p) == 0) {
+        int again = kvf__peer_check(p, x, n, &bad);
+        if (again == 0) {
+            status_reset(ctl, n);
+            rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
+        } else if (unchecked && again == -KVF_ENOTREG) {
+            status_refused(ctl, again, bad);
+            rc = again;
+        }
     }
     return rc;
 }
