@@ -19,6 +19,12 @@
 # Each kvferry run and each of its baselines is repeated KVF_BENCH_REPS times (default 3),
 # alternating, KVF_BENCH_DURATION seconds each (default 0.5); figures are the median repetition.
 # KVF_BENCH_UCX_PORT is the first port for ucx_perftest and iperf3 (default 13337).
+#
+# Every tool stays on the loopback device: iperf3's server binds 127.0.0.1, and ucx_perftest runs
+# with UCX_NET_DEVICES=lo. Without it UCX opens a second lane to every other interface's address
+# (eth0's own address here) and stripes each message over both connections; that address is
+# still this host, but traffic to it is outside what these runs may use, and the figure would not
+# be "UCX over a loopback TCP connection".
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -159,7 +165,7 @@ na() { printf '{"tool":"%s","test":"%s","tls":"%s","size":%s,"na":"%s"}\n' "$1" 
 
 if command -v iperf3 >/dev/null; then
     step "iperf3 on loopback, 3 s"
-    iperf3 -s -1 -p "$PORT" >"$OUT/iperf3-server.log" 2>&1 &
+    iperf3 -s -1 -B 127.0.0.1 -p "$PORT" >"$OUT/iperf3-server.log" 2>&1 &
     spid=$!
     if wait_listen "$PORT" &&
        timeout 30 iperf3 -c 127.0.0.1 -p "$PORT" -t 3 -J >"$OUT/iperf3.json" 2>"$OUT/iperf3.log"; then
@@ -194,7 +200,7 @@ ucx() { # tls test size
     fi
     # Each side under /usr/bin/time, which writes its CPU seconds ("user system") when it ends.
     rm -f "$log.cpu" "$log.server.cpu"
-    UCX_TLS=$tls timeout 60 /usr/bin/time -f "%U %S" -o "$log.server.cpu" \
+    UCX_TLS=$tls UCX_NET_DEVICES=lo timeout 60 /usr/bin/time -f "%U %S" -o "$log.server.cpu" \
         ucx_perftest -p "$port" >"$log.server" 2>&1 &
     local spid=$!
     if ! wait_listen "$port"; then
@@ -202,7 +208,7 @@ ucx() { # tls test size
         stop_pid "$spid"
         return
     fi
-    if UCX_TLS=$tls timeout 60 /usr/bin/time -f "%U %S" -o "$log.cpu" ucx_perftest 127.0.0.1 -p "$port" -t "$test" -s "$size" -n "$iters" >"$log" 2>&1 &&
+    if UCX_TLS=$tls UCX_NET_DEVICES=lo timeout 60 /usr/bin/time -f "%U %S" -o "$log.cpu" ucx_perftest 127.0.0.1 -p "$port" -t "$test" -s "$size" -n "$iters" >"$log" 2>&1 &&
        grep -q '^Final:' "$log"; then
         # The server ends with its one test; its CPU line appears then (up to 3 s).
         for _ in $(seq 30); do [ -s "$log.server.cpu" ] && break; sleep 0.1; done

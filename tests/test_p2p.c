@@ -144,8 +144,9 @@ static void p2p_namespace_and_events(void **state)
     kvf_engine_t *dec = p2p_engine(KVF_ROLE_DECODE, "blue");
     kvf_config_t cfg;
     kvf_config_init(&cfg);
-    /* Long enough for the answer on a loaded machine (400 ms was not): the write waits it out. */
-    cfg.init_timeout_ms = 2000;
+    /* Long enough for the answer on a loaded machine (400 ms was not, nor was 2 s once under
+     * ASan with a full suite beside it): the write waits it out. */
+    cfg.init_timeout_ms = 5000;
     cfg.ns = "green";
     kvf_engine_t *pre = kvf_test_engine(P2P, KVF_ROLE_PREFILL, &cfg);
     uint8_t buf[64] = {0};
