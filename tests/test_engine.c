@@ -5,6 +5,8 @@
  */
 #include "test_util.h"
 
+#include "core/core.h"
+
 #include <errno.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -424,8 +426,9 @@ static void write_past_region_refused(void **state)
 }
 
 /*
- * A region the target registers after this engine cached its list is written at once, without a
- * store request: over tcp the target's own check decides, over shm the target's live table. The
+ * A region the target registers after this engine cached its list (and which no regions watch
+ * reported) is written at once, without a store request: over tcp the target's own check
+ * decides, over shm the target's live table. The
  * store counts the requests it serves; the engines' leases are long, so no keepalive falls
  * between the two counts.
  */
@@ -433,11 +436,14 @@ static void new_region_written_without_the_store(void **state)
 {
     (void)state;
     const size_t small = 64u << 10;
+    /* Without the regions watch, which could tell the sender first (tcp_peer_regions_watched). */
+    setenv("KVFERRY_NO_REGIONS_WATCH", "1", 1);
     kvf_store_server_t *srv = kvf_test_store_start();
     kvf_config_t c = quick_config();
     c.lease_ttl_ms = 3600u * 1000u;
     kvf_engine_t *dec = engine(kvf_store_server_url(srv), KVF_ROLE_DECODE, &c);
     kvf_engine_t *pre = engine(kvf_store_server_url(srv), KVF_ROLE_PREFILL, &c);
+    unsetenv("KVFERRY_NO_REGIONS_WATCH");
     const char *peer = kvf_engine_session_id(dec);
     uint8_t *first = calloc(1, 4096), *fresh = calloc(1, small + 4096);
     uint8_t *src = alloc_filled(small, 21);
@@ -464,6 +470,147 @@ static void new_region_written_without_the_store(void **state)
     free(first);
     free(fresh);
     free(src);
+}
+
+/*
+ * Over tcp the sender watches the regions record of each peer it talks to: a region the target
+ * registers later reaches the sender's cache without any transfer, and a transfer into it then
+ * neither asks the store nor goes unchecked. 5 MiB is above the bytes a miss may send unchecked,
+ * so without the watch this write would refresh from the store first.
+ */
+static void tcp_peer_regions_watched(void **state)
+{
+    (void)state;
+    const char *forced = getenv("KVFERRY_TRANSPORT");
+    if (!forced || strcmp(forced, "tcp") != 0)
+        skip(); /* shm checks the target's live table; in-process peers need no check */
+    const size_t big = 5u << 20;
+    kvf_store_server_t *srv = kvf_test_store_start();
+    kvf_config_t c = quick_config();
+    c.lease_ttl_ms = 3600u * 1000u;
+    kvf_engine_t *dec = engine(kvf_store_server_url(srv), KVF_ROLE_DECODE, &c);
+    kvf_engine_t *pre = engine(kvf_store_server_url(srv), KVF_ROLE_PREFILL, &c);
+    const char *peer = kvf_engine_session_id(dec);
+    uint8_t *first = calloc(1, 4096), *fresh = calloc(1, big), *src = alloc_filled(big, 22);
+    assert_kvf_ok(kvf_mem_register(dec, first, 4096));
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)first, 4096)); /* caches the list */
+    assert_kvf_ok(kvf_mem_register(dec, fresh, big));
+
+    uint64_t deadline = kvf_test_now_ms() + 5000;
+    while (!kvf__peer_knows(pre, peer, (uintptr_t)fresh, big) && kvf_test_now_ms() < deadline) {
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+    if (!kvf__peer_knows(pre, peer, (uintptr_t)fresh, big))
+        fail_msg("the sender's cache did not learn the new region within 5 s: %s",
+                 kvf_last_error());
+    kvf_store_server_stats_t before, after;
+    assert_kvf_ok(kvf_store_server_stats(srv, &before));
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)fresh, big));
+    assert_kvf_ok(kvf_store_server_stats(srv, &after));
+    assert_landed(fresh, src, big, "write into a region the watch reported");
+    if (after.ops != before.ops)
+        fail_msg("the write made %llu store request(s)",
+                 (unsigned long long)(after.ops - before.ops));
+
+    assert_kvf_ok(kvf_mem_unregister(dec, fresh));
+    assert_kvf_ok(kvf_mem_unregister(dec, first));
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+    kvf_store_server_stop(srv);
+    free(first);
+    free(fresh);
+    free(src);
+}
+
+/*
+ * The Decode restarts under the same session id: its new engine counts region generations from 1
+ * again, below what the sender cached from the old one. The sender must take the new engine's
+ * list (it names its incarnation) and write into its memory, also above the bytes a miss may
+ * send unchecked. Regression: the sender refused every such write with KVF_ENOTREG, pinned to
+ * the old engine's generation.
+ */
+static void restarted_peer_case(bool watch)
+{
+    const size_t big = 5u << 20;
+    if (!watch)
+        setenv("KVFERRY_NO_REGIONS_WATCH", "1", 1);
+    kvf_store_server_t *srv = kvf_test_store_start();
+    kvf_config_t c = quick_config();
+    kvf_engine_t *dec = engine(kvf_store_server_url(srv), KVF_ROLE_DECODE, &c);
+    kvf_engine_t *pre = engine(kvf_store_server_url(srv), KVF_ROLE_PREFILL, &c);
+    unsetenv("KVFERRY_NO_REGIONS_WATCH");
+    char sid[KVF_SESSION_ID_MAX];
+    snprintf(sid, sizeof(sid), "%s", kvf_engine_session_id(dec));
+    uint8_t *a = calloc(1, 4096), *b = calloc(1, big), *d = calloc(1, big);
+    uint8_t *src = alloc_filled(big, 23);
+    assert_kvf_ok(kvf_mem_register(dec, a, 4096));
+    assert_kvf_ok(kvf_write(pre, sid, src, (uintptr_t)a, 4096));
+    /* Generations the new engine will not reach, each learned by the sender (by the watch, or
+     * by the refresh a miss of more than 4 MiB makes). */
+    for (int i = 0; i < 3; i++) {
+        assert_kvf_ok(kvf_mem_register(dec, b, big));
+        assert_kvf_ok(kvf_write(pre, sid, src, (uintptr_t)b, big));
+        assert_kvf_ok(kvf_mem_unregister(dec, b));
+    }
+    kvf_engine_destroy(dec);
+
+    assert_kvf_ok(kvf_engine_create(kvf_store_server_url(srv), sid, KVF_ROLE_DECODE, 0, &c, &dec));
+    assert_kvf_ok(kvf_mem_register(dec, d, big));
+    /* The first write may meet the old connection broken: the peer is then looked up again. */
+    int rc = kvf_write(pre, sid, src, (uintptr_t)d, big);
+    if (rc == -KVF_EPEERGONE)
+        rc = kvf_write(pre, sid, src, (uintptr_t)d, big);
+    if (rc < 0)
+        fail_msg("write into the restarted peer's memory: %s (%s)", kvf_err_name(rc),
+                 kvf_last_error());
+    assert_landed(d, src, big, "write into the restarted peer's memory");
+
+    assert_kvf_ok(kvf_mem_unregister(dec, d));
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+    kvf_store_server_stop(srv);
+    free(a);
+    free(b);
+    free(d);
+    free(src);
+}
+
+static void restarted_peer_new_generations(void **state)
+{
+    (void)state;
+    restarted_peer_case(true);
+}
+
+static void restarted_peer_new_generations_unwatched(void **state)
+{
+    (void)state;
+    restarted_peer_case(false);
+}
+
+/* A regions record is untrusted: a negative generation, which would read as the largest and pin
+ * every later list out, or a malformed incarnation is refused; a good one gives both. */
+static void regions_record_generation_checked(void **state)
+{
+    (void)state;
+    kvf_region_t *rs = NULL;
+    size_t n;
+    uint64_t gen, inc;
+    const char *neg = "{\"gen\": -1, \"regions\": []}";
+    assert_kvf_err(kvf__eng_parse_regions("p:1", neg, strlen(neg), &rs, &n, &gen, &inc),
+                   -KVF_EPROTO);
+    assert_last_error_contains("malformed regions record");
+    const char *badinc = "{\"gen\": 2, \"inc\": \"12zz\", \"regions\": []}";
+    assert_kvf_err(kvf__eng_parse_regions("p:1", badinc, strlen(badinc), &rs, &n, &gen, &inc),
+                   -KVF_EPROTO);
+    const char *good = "{\"gen\": 2, \"inc\": \"fedcba9876543210\", \"regions\": "
+                       "[{\"addr\": \"1000\", \"len\": 4096}]}";
+    assert_kvf_ok(kvf__eng_parse_regions("p:1", good, strlen(good), &rs, &n, &gen, &inc));
+    assert_int_equal(n, 1);
+    assert_int_equal(rs[0].addr, 0x1000);
+    assert_int_equal(gen, 2);
+    assert_true(inc == 0xfedcba9876543210ull);
+    free(rs);
 }
 
 static void write_after_unregister_fails(void **state)
@@ -749,6 +896,10 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(write_past_region_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(write_after_unregister_fails, fx_setup, fx_teardown),
     cmocka_unit_test(new_region_written_without_the_store),
+    cmocka_unit_test(tcp_peer_regions_watched),
+    cmocka_unit_test(restarted_peer_new_generations),
+    cmocka_unit_test(restarted_peer_new_generations_unwatched),
+    cmocka_unit_test(regions_record_generation_checked),
     cmocka_unit_test_setup_teardown(unknown_session_fails_after_init_timeout, fx_setup,
                                     fx_teardown),
     cmocka_unit_test_setup_teardown(bad_transfer_arguments, fx_setup, fx_teardown),

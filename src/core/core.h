@@ -108,10 +108,33 @@ typedef struct eng_peer {
     kvf_region_t *regions;
     size_t nregions;
     uint64_t gen;
+    /* On a target-checked path (tcp) the engine's regions watch (eng_rwatch_t) copies each new
+     * regions record of the peer into @pending (under @lock), and the next check, which holds
+     * @sel shared, parses it and takes it in: a region registered later is usually known before
+     * the first transfer into it. */
+    uint64_t inc; /* the incarnation the cached list came from (kvf__eng_parse_regions) */
+    char *pending; /* the newest record text the watch saw (NUL-terminated), parsed by the check */
+    size_t npending;
     /* What this engine did with the peer, by transport index (stats.c). */
     eng_counts_t counts[KVF_TRANSPORTS_MAX];
     _Atomic uint64_t in_flight;
 } eng_peer_t;
+
+/*
+ * One store watch on the namespace's regions records, started with the first peer on a
+ * target-checked path (tcp), and the peers it feeds. Its callback runs on the store client's
+ * thread and takes only @lock, then a listed peer's lock: never peers_lock or a peer's sel,
+ * which are held around store calls that need that thread.
+ */
+enum { RWATCH_OFF, RWATCH_STARTING, RWATCH_ON, RWATCH_DISABLED };
+typedef struct {
+    pthread_mutex_t lock;
+    eng_peer_t **peers; /* tcp peers, which live until destroy; under @lock */
+    size_t n, cap;
+    atomic_int state; /* RWATCH_*; DISABLED with KVFERRY_NO_REGIONS_WATCH=1 */
+    uint64_t id;
+    char prefix[ENG_KEY_MAX];
+} eng_rwatch_t;
 
 /* The order in which this engine's notifications to one peer go out (see notify.c). */
 typedef struct eng_order {
@@ -207,6 +230,7 @@ struct kvf_engine {
 
     pthread_mutex_t peers_lock;
     eng_peer_t *peers;
+    eng_rwatch_t rwatch;
     /* First lookups in progress (peer_get), each node on its resolver's stack, and the condition
      * the others wait on: a burst of first transfers to one peer (the async threads of ten
      * batches) runs one store lookup and opens one path instead of one each. Under peers_lock. */
@@ -302,9 +326,11 @@ int kvf__eng_store_get_wait(kvf_engine_t *e, const char *key, uint32_t wait_ms,
                             const atomic_bool *cancel, void **val, size_t *len);
 
 /* Fetch @sid's regions from the store, waiting up to @wait_ms (given up as above) for the record
- * to appear: 0 with a sorted list (malloc'ed), -KVF_ENOTFOUND naming the store, or the error. */
+ * to appear: 0 with a sorted list (malloc'ed), -KVF_ENOTFOUND naming the store, or the error.
+ * @inc (may be NULL): the publishing engine's incarnation (kvf__eng_parse_regions). */
 int kvf__eng_fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
-                           const atomic_bool *cancel, kvf_region_t **out, size_t *n, uint64_t *gen);
+                           const atomic_bool *cancel, kvf_region_t **out, size_t *n, uint64_t *gen,
+                           uint64_t *inc);
 
 /* Fill @d from @sid's session record, waiting up to @wait_ms for it; a missing or malformed
  * record leaves @d as it was. */
@@ -313,10 +339,13 @@ void kvf__eng_fetch_session(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
 
 /* Peers' records as read from the store (untrusted: fuzzed by tests/fuzz/fuzz_records.c).
  * parse_session fills what it understands of @d and ignores the rest; parse_regions returns
- * 0 with a sorted, non-overlapping, non-wrapping list (malloc'ed, @n may be 0) or -KVF_EPROTO. */
+ * 0 with a sorted, non-overlapping, non-wrapping list (malloc'ed, @n may be 0), its generation
+ * (never negative) and, in @inc (may be NULL), the publishing engine's incarnation (a random
+ * number per engine, 0 for a record without one): a restarted engine counts generations from 1
+ * again, so generations compare only within one incarnation. -KVF_EPROTO for anything else. */
 void kvf__eng_parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d);
 int kvf__eng_parse_regions(const char *sid, const void *text, size_t len, kvf_region_t **out,
-                           size_t *n, uint64_t *gen);
+                           size_t *n, uint64_t *gen, uint64_t *inc);
 
 /* ---- peers.c -------------------------------------------------------------------------------- */
 
@@ -338,6 +367,9 @@ int kvf__peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad);
 /* The bytes of the elements outside the peer's cached regions, or SIZE_MAX when one of them is
  * not a valid range at all (which no refresh can change). Sets no error. */
 size_t kvf__peer_missed_bytes(eng_peer_t *p, const kvf_xfer_t *x, size_t n);
+/* For tests: whether this engine's cache of @sid's regions (or the list its regions watch left)
+ * holds [@addr, +@len). Sets the last error (a miss's reason) when it does not. */
+bool kvf__peer_knows(kvf_engine_t *e, const char *sid, uint64_t addr, uint64_t len);
 /* KVF_CHECK_SENDER paths: make the cached list current with the target's live generation. */
 int kvf__peer_make_current(kvf_engine_t *e, eng_peer_t *p);
 

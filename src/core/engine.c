@@ -253,6 +253,10 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
         e->shm_word.nonce = kvf__now_ms() ^ ((uint64_t)getpid() << 32) ^ (uintptr_t)e;
     pthread_mutex_init(&e->publish_lock, NULL);
     pthread_mutex_init(&e->peers_lock, NULL);
+    pthread_mutex_init(&e->rwatch.lock, NULL);
+    const char *nowatch = getenv("KVFERRY_NO_REGIONS_WATCH");
+    atomic_init(&e->rwatch.state,
+                nowatch && !strcmp(nowatch, "1") ? RWATCH_DISABLED : RWATCH_OFF);
     pthread_mutex_init(&e->busy_lock, NULL);
     pthread_mutex_init(&e->mem_lock, NULL);
     rc = kvf__cond_init_monotonic(&e->busy_cond);
@@ -402,6 +406,7 @@ out_destroy_locks:
     pthread_mutex_destroy(&e->mem_lock);
     pthread_mutex_destroy(&e->busy_lock);
     pthread_mutex_destroy(&e->peers_lock);
+    pthread_mutex_destroy(&e->rwatch.lock);
     pthread_mutex_destroy(&e->publish_lock);
 out_free:
     kvf__auth_key_wipe(&auth);
@@ -460,6 +465,7 @@ void kvf_engine_destroy(kvf_engine_t *e)
     pthread_cond_destroy(&e->busy_cond);
     pthread_mutex_destroy(&e->busy_lock);
     pthread_mutex_destroy(&e->peers_lock);
+    pthread_mutex_destroy(&e->rwatch.lock);
     pthread_mutex_destroy(&e->publish_lock);
     KVF_INFO(ENG_LOG, "engine %s destroyed", e->sid);
     /* A sender that reads the word after this finds no engine there, whatever reuses the

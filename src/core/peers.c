@@ -15,6 +15,7 @@
 
 static void peer_free(eng_peer_t *p)
 {
+    free(p->pending);
     if (p->tp)
         p->tops->peer_close(p->tp);
     if (p->ntp)
@@ -224,6 +225,75 @@ static int peer_get(kvf_engine_t *e, const char *sid, const atomic_bool *cancel,
     return rc;
 }
 
+
+/* The store client's thread: a regions record of the namespace changed. If it is a watched
+ * peer's, a copy of its text waits in the peer for the next check, which parses it
+ * (peer_take_pending): nothing untrusted is parsed on this thread, which also keeps the
+ * engine's lease alive. Deletes (the peer left) are left to the target's answers. */
+static void rwatch_cb(void *arg, kvf_store_event_type_t type, const kvf_store_kv_t *kv)
+{
+    kvf_engine_t *e = arg;
+    eng_rwatch_t *w = &e->rwatch;
+    size_t pl = strlen(w->prefix);
+    if (type != KVF_STORE_EVENT_PUT || strncmp(kv->key, w->prefix, pl) != 0 || !kv->val ||
+        kv->val_len > KVF_STORE_MAX_VALUE_LEN)
+        return;
+    const char *sid = kv->key + pl;
+    pthread_mutex_lock(&w->lock);
+    eng_peer_t *p = NULL;
+    for (size_t i = 0; i < w->n && !p; i++)
+        if (!strcmp(w->peers[i]->sid, sid))
+            p = w->peers[i];
+    char *copy = p ? malloc(kv->val_len + 1) : NULL;
+    if (copy) {
+        memcpy(copy, kv->val, kv->val_len);
+        copy[kv->val_len] = '\0';
+        pthread_mutex_lock(&p->lock);
+        free(p->pending); /* events come in the store's order: the last one is the newest */
+        p->pending = copy;
+        p->npending = kv->val_len;
+        pthread_mutex_unlock(&p->lock);
+    }
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* Feed @p from the regions watch when its path's target checks every request (@target_checked,
+ * read before @p was listed: tcp), so its cache learns new regions off the transfer path; the
+ * first such peer starts the watch, and a failed start is tried again by the next one. Best
+ * effort: a store without watches (p2p://) leaves the refresh on a miss. */
+static void peer_watch(kvf_engine_t *e, eng_peer_t *p, bool target_checked)
+{
+    eng_rwatch_t *w = &e->rwatch;
+    if (!target_checked || atomic_load(&w->state) == RWATCH_DISABLED)
+        return;
+    pthread_mutex_lock(&w->lock);
+    if (w->n == w->cap) {
+        size_t cap = w->cap ? 2 * w->cap : 16;
+        eng_peer_t **np = realloc(w->peers, cap * sizeof(*np));
+        if (np) {
+            w->peers = np;
+            w->cap = cap;
+        }
+    }
+    if (w->n < w->cap)
+        w->peers[w->n++] = p;
+    pthread_mutex_unlock(&w->lock);
+    /* Not under w->lock: the watch request waits on the thread that runs rwatch_cb. */
+    int off = RWATCH_OFF;
+    if (!atomic_compare_exchange_strong(&w->state, &off, RWATCH_STARTING))
+        return;
+    kvf__eng_make_key(w->prefix, sizeof(w->prefix), e, "regions", "");
+    if (kvf_store_watch(e->store, w->prefix, rwatch_cb, e, &w->id) == 0) {
+        atomic_store(&w->state, RWATCH_ON);
+    } else {
+        KVF_INFO(ENG_LOG,
+                 "engine %s: not watching its peers' regions (a region they register later is "
+                 "learned by the first transfer into it): %s",
+                 e->sid, kvf_last_error());
+        atomic_store(&w->state, RWATCH_OFF);
+    }
+}
+
 /* peer_get() for a peer not in the cache: its regions and its path. If another thread inserted
  * the peer meanwhile (it gave up waiting on this one's claim), its entry wins. */
 static int peer_get_new(kvf_engine_t *e, const char *sid, const atomic_bool *cancel,
@@ -251,12 +321,13 @@ static int peer_get_new(kvf_engine_t *e, const char *sid, const atomic_bool *can
     pthread_rwlockattr_destroy(&ra);
     atomic_init(&p->reselect, false);
     rc = kvf__eng_fetch_regions(e, sid, e->cfg.init_timeout_ms, cancel, &p->regions, &p->nregions,
-                                &p->gen);
+                                &p->gen, &p->inc);
     if (rc < 0)
         goto out_free;
     rc = peer_select(e, p, cancel);
     if (rc < 0)
         goto out_free;
+    bool target_checked = p->tops->check == KVF_CHECK_TARGET;
 
     pthread_mutex_lock(&e->peers_lock);
     eng_peer_t *other = peer_find_locked(e, sid);
@@ -268,6 +339,8 @@ static int peer_get_new(kvf_engine_t *e, const char *sid, const atomic_bool *can
     if (other) {
         peer_free(p);
         p = other;
+    } else {
+        peer_watch(e, p, target_checked);
     }
     KVF_DEBUG(ENG_LOG, "engine %s: peer %s found with %zu regions, via %s", e->sid, sid,
               p->nregions, p->via);
@@ -280,15 +353,19 @@ out_free:
 }
 
 /* Replace the cached regions by @rs (taken over) unless they are older than the cache (two
- * refreshes racing), so the cache never goes back in time. */
-static void peer_regions_replace(eng_peer_t *p, kvf_region_t *rs, size_t n, uint64_t gen)
+ * refreshes racing), so the cache never goes back in time within one incarnation @inc of the
+ * peer; a list from another incarnation (the session's engine restarted, counting generations
+ * from 1 again) replaces it whatever its generation. */
+static void peer_regions_replace(eng_peer_t *p, kvf_region_t *rs, size_t n, uint64_t gen,
+                                 uint64_t inc)
 {
     pthread_mutex_lock(&p->lock);
-    if (gen >= p->gen) {
+    if (gen >= p->gen || inc != p->inc) {
         free(p->regions);
         p->regions = rs;
         p->nregions = n;
         p->gen = gen;
+        p->inc = inc;
         rs = NULL;
         if (p->tp)
             p->tops->regions_changed(p->tp, p->regions, p->nregions);
@@ -302,10 +379,10 @@ static int peer_refresh_store(kvf_engine_t *e, eng_peer_t *p)
 {
     kvf_region_t *rs;
     size_t n;
-    uint64_t gen;
-    int rc = kvf__eng_fetch_regions(e, p->sid, 0, NULL, &rs, &n, &gen);
+    uint64_t gen, inc;
+    int rc = kvf__eng_fetch_regions(e, p->sid, 0, NULL, &rs, &n, &gen, &inc);
     if (rc == 0)
-        peer_regions_replace(p, rs, n, gen);
+        peer_regions_replace(p, rs, n, gen, inc);
     return rc;
 }
 
@@ -322,7 +399,7 @@ int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p)
     uint64_t gen;
     int rc = p->tops->regions_read(p->tp, &rs, &n, &gen);
     if (rc == 0)
-        peer_regions_replace(p, rs, n, gen);
+        peer_regions_replace(p, rs, n, gen, p->inc); /* the live table: this incarnation's */
     return rc;
 }
 
@@ -335,6 +412,8 @@ static int peer_reselect(kvf_engine_t *e, eng_peer_t *p, const atomic_bool *canc
     if (atomic_load(&p->reselect)) {
         pthread_mutex_lock(&p->lock);
         p->gen = 0;
+        free(p->pending); /* the old process's, or read before it went */
+        p->pending = NULL;
         pthread_mutex_unlock(&p->lock);
         rc = peer_refresh_store(e, p);
         if (rc == 0)
@@ -346,9 +425,31 @@ static int peer_reselect(kvf_engine_t *e, eng_peer_t *p, const atomic_bool *canc
     return rc;
 }
 
+/* Take in the record the regions watch left: parsed here, on a transfer's thread, and kept as
+ * a refresh's list is (peer_regions_replace). @p->sel held shared (so @p->tops and @p->tp are
+ * stable); @p->lock not held. */
+static void peer_take_pending(eng_peer_t *p)
+{
+    pthread_mutex_lock(&p->lock);
+    char *text = p->pending;
+    size_t len = p->npending;
+    p->pending = NULL;
+    pthread_mutex_unlock(&p->lock);
+    if (!text)
+        return;
+    kvf_region_t *rs;
+    size_t n;
+    uint64_t gen, inc;
+    if (p->tops && p->tops->check == KVF_CHECK_TARGET &&
+        kvf__eng_parse_regions(p->sid, text, len, &rs, &n, &gen, &inc) == 0)
+        peer_regions_replace(p, rs, n, gen, inc);
+    free(text);
+}
+
 int kvf__peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad)
 {
     int rc = 0;
+    peer_take_pending(p);
     pthread_mutex_lock(&p->lock);
     for (size_t i = 0; i < n && rc == 0; i++) {
         rc = kvf__regions_check(p->regions, p->nregions, x[i].remote, x[i].len);
@@ -525,9 +626,35 @@ int kvf__peer_leave(eng_peer_t *p, int rc, const char *what)
 
 void kvf__peers_fini(kvf_engine_t *e)
 {
+    /* The store client is closed: no watch callback runs any more. */
+    free(e->rwatch.peers);
+    e->rwatch.peers = NULL;
+    e->rwatch.n = e->rwatch.cap = 0;
     for (eng_peer_t *p = e->peers, *next; p; p = next) {
         next = p->next;
         peer_free(p);
     }
     e->peers = NULL;
+}
+
+bool kvf__peer_knows(kvf_engine_t *e, const char *sid, uint64_t addr, uint64_t len)
+{
+    bool known = false;
+    pthread_mutex_lock(&e->peers_lock);
+    eng_peer_t *p = peer_find_locked(e, sid);
+    if (p) {
+        pthread_mutex_lock(&p->lock);
+        kvf_region_t *rs = NULL;
+        size_t n = 0;
+        uint64_t gen;
+        known = kvf__regions_check(p->regions, p->nregions, addr, len) == 0 ||
+                (p->pending &&
+                 kvf__eng_parse_regions(p->sid, p->pending, p->npending, &rs, &n, &gen, NULL) ==
+                     0 &&
+                 kvf__regions_check(rs, n, addr, len) == 0);
+        free(rs);
+        pthread_mutex_unlock(&p->lock);
+    }
+    pthread_mutex_unlock(&e->peers_lock);
+    return known;
 }

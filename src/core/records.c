@@ -142,7 +142,11 @@ int kvf__eng_publish_regions(kvf_engine_t *e)
             list = NULL;
         }
     }
-    json_t *doc = list ? json_pack("{s:I, s:o}", "gen", (json_int_t)gen, "regions", list) : NULL;
+    /* "inc" tells this engine's records from those of an earlier engine under the same session
+     * id, whose generations counted from 1 too (see kvf__eng_parse_regions). */
+    json_t *doc = list ? json_pack("{s:I, s:o, s:o}", "gen", (json_int_t)gen, "inc",
+                                   hex_u64(e->shm_word.nonce), "regions", list)
+                       : NULL;
     rc = store_put_json(e, e->regions_key, doc);
     if (rc < 0)
         kvf__err_wrap(rc, "engine %s: publishing its regions", e->sid);
@@ -175,19 +179,26 @@ void kvf__eng_withdraw_regions(kvf_engine_t *e)
 }
 
 /* Parse a regions record into a sorted array. Untrusted input (anyone may write the store):
- * malformed records are refused, never half-used. */
+ * malformed records are refused, never half-used. A record without "inc" (an older engine's)
+ * has incarnation 0. */
 int kvf__eng_parse_regions(const char *sid, const void *text, size_t len, kvf_region_t **out,
-                           size_t *n, uint64_t *gen)
+                           size_t *n, uint64_t *gen, uint64_t *inc)
 {
     json_error_t jerr;
     json_t *doc = json_loadb(text, len, 0, &jerr);
     json_t *list = doc ? json_object_get(doc, "regions") : NULL;
     json_t *g = doc ? json_object_get(doc, "gen") : NULL;
+    json_t *ij = doc ? json_object_get(doc, "inc") : NULL;
+    const char *is = json_string_value(ij);
     kvf_region_t *rs = NULL;
     size_t count, i;
     int rc = 0;
+    char *iend = NULL;
+    errno = 0;
+    unsigned long long incv = is ? strtoull(is, &iend, 16) : 0;
 
-    if (!doc || !json_is_array(list) || !json_is_integer(g)) {
+    if (!doc || !json_is_array(list) || !json_is_integer(g) || json_integer_value(g) < 0 ||
+        (ij && (!is || !*is || *iend || errno))) {
         rc = kvf__err(-KVF_EPROTO, "peer %s: malformed regions record%s%s", sid, doc ? "" : ": ",
                       doc ? "" : jerr.text);
         goto out;
@@ -222,6 +233,8 @@ int kvf__eng_parse_regions(const char *sid, const void *text, size_t len, kvf_re
     *out = rs;
     *n = count;
     *gen = (uint64_t)json_integer_value(g);
+    if (inc)
+        *inc = incv;
     rs = NULL;
 out:
     free(rs);
@@ -279,7 +292,8 @@ int kvf__eng_store_get_wait(kvf_engine_t *e, const char *key, uint32_t wait_ms,
 
 /* Fetch @sid's regions from the store, waiting up to @wait_ms for the record to appear. */
 int kvf__eng_fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
-                           const atomic_bool *cancel, kvf_region_t **out, size_t *n, uint64_t *gen)
+                           const atomic_bool *cancel, kvf_region_t **out, size_t *n, uint64_t *gen,
+                           uint64_t *inc)
 {
     char key[ENG_KEY_MAX];
     void *val;
@@ -299,7 +313,7 @@ int kvf__eng_fetch_regions(kvf_engine_t *e, const char *sid, uint32_t wait_ms,
     }
     if (rc < 0)
         return kvf__err_wrap(rc, "looking up peer session %s", sid);
-    rc = kvf__eng_parse_regions(sid, val, len, out, n, gen);
+    rc = kvf__eng_parse_regions(sid, val, len, out, n, gen, inc);
     free(val);
     return rc;
 }

@@ -124,15 +124,18 @@ static int peer_transfer(kvf_engine_t *e, eng_peer_t *p, const kvf_xfer_t *x, si
     rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
     rc = retry_if_alive(p, x, n, deadline, ctl, rc);
     /* The target's check is authoritative. If it refused a range, the peer re-registered since
-     * the cache was filled: refresh, and retry once if the range is published now. A range the
-     * fresh list does not hold either is refused with the sender's check's message, which names
-     * the element and the nearest region, as if it had been checked before sending. */
+     * the cache was filled: refresh, and retry once if the range is published now. When an
+     * unchecked batch's element that the fresh list does not hold either was refused by the
+     * target too, the sender's check's message (which names the element and the nearest region)
+     * replaces the target's, as if it had been checked before sending; an element the target
+     * took keeps its result. */
     if (rc == -KVF_ENOTREG && kvf__now_ms() < deadline && kvf__peer_refresh(e, p) == 0) {
         int again = kvf__peer_check(p, x, n, &bad);
         if (again == 0) {
             status_reset(ctl, n);
             rc = p->tops->transfer(p->tp, x, n, deadline, ctl);
-        } else if (unchecked && again == -KVF_ENOTREG) {
+        } else if (unchecked && again == -KVF_ENOTREG &&
+                   !(ctl && ctl->status && ctl->status[bad] == 0)) {
             status_refused(ctl, again, bad);
             rc = again;
         }
@@ -307,7 +310,8 @@ int kvf_peer_regions(kvf_engine_t *e, const char *peer, kvf_region_info_t **out,
     int rc = kvf__eng_busy_enter(e);
     if (rc < 0)
         return rc;
-    rc = kvf__eng_fetch_regions(e, peer, e->cfg.init_timeout_ms, NULL, &rs, &count, &gen);
+    rc = kvf__eng_fetch_regions(e, peer, e->cfg.init_timeout_ms, NULL, &rs, &count, &gen,
+                                NULL);
     if (rc < 0)
         goto out;
     kvf_region_info_t *info = calloc(count ? count : 1, sizeof(*info));

@@ -60,7 +60,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     kvf_region_t *rs = NULL;
     size_t n = 0;
     uint64_t gen = 0;
-    if (kvf__eng_parse_regions("fuzz:1", data, size, &rs, &n, &gen) == 0) {
+    if (kvf__eng_parse_regions("fuzz:1", data, size, &rs, &n, &gen, NULL) == 0) {
         for (size_t i = 0; i < n; i++) {
             KVF_FUZZ_CHECK(rs[i].len > 0, "region %zu empty", i);
             KVF_FUZZ_CHECK(rs[i].len - 1 <= UINT64_MAX - rs[i].addr, "region %zu wraps", i);
