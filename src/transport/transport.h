@@ -63,7 +63,8 @@ typedef struct {
  * session. (From then on a shm sender reads the generation and the table from the shared table
  * that came with its fence slot, src/transport/shm.h, not from the word; the word keeps naming
  * them for a reader with process_vm_readv, e.g. a debugger.)
- * @nonce:  random, never published.
+ * @nonce:  random, chosen at engine create (the regions record's "inc" too); not compared by
+ *          senders any more.
  * @seq:    a seqlock: odd while the target changes @gen, @table and @count, so a reader that
  *          sees it odd, or changed across its read of the table, reads again.
  * @gen:    the generation of the region table; newer than the sender's copy = (un)registered.
