@@ -562,46 +562,7 @@ static void one_process_forced_shm(void **state)
     kvf_engine_destroy(dec);
 }
 
-/* The region table a shm sender reads from the target's memory is input like any other: one
- * that is too long, or not sorted and non-overlapping, is refused and never used. (One process,
- * shm forced: the test owns the target's word, as a hostile target would.) */
-static void hostile_region_table_refused(void **state)
-{
-    fx_t *fx = *state;
-    kvf_engine_t *dec = engine(fx->url, KVF_ROLE_DECODE, KVF_TRANSPORT_AUTO);
-    kvf_engine_t *pre = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_SHM);
-    const char *peer = kvf_engine_session_id(dec);
-    uint8_t *dst = calloc(1, 8192), *src = alloc_filled(8192, 71);
-    assert_kvf_ok(kvf_mem_register(dec, dst, 4096));
-    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)dst, 4096));
-    assert_via(pre, peer, "shm");
-    kvf_shm_word_t *w = &dec->shm_word;
-    const kvf_region_t *real = (const kvf_region_t *)(uintptr_t)w->table;
-    size_t count = (size_t)w->count;
-    uint64_t gen = w->gen;
-
-    kvf__shm_word_set(w, real, (size_t)KVF_SHM_MAX_REGIONS + 1, gen + 1);
-    assert_kvf_err(kvf_write(pre, peer, src, (uintptr_t)dst, 4096), -KVF_EPROTO);
-    assert_last_error_contains("entries, more than");
-
-    /* Two overlapping entries, the first of which would widen the region to 8192 bytes. */
-    static kvf_region_t bad[2];
-    bad[0] = (kvf_region_t){.addr = (uintptr_t)dst, .len = 8192, .gen = 1};
-    bad[1] = (kvf_region_t){.addr = (uintptr_t)dst + 4096, .len = 4096, .gen = 2};
-    kvf__shm_word_set(w, bad, 2, gen + 2);
-    assert_kvf_err(kvf_write(pre, peer, src, (uintptr_t)dst, 8192), -KVF_EPROTO);
-    assert_last_error_contains("not sorted and non-overlapping");
-    for (size_t i = 4096; i < 8192; i++)
-        assert_int_equal(dst[i], 0);
-
-    /* The real table again, under a newer generation: writes work. */
-    kvf__shm_word_set(w, real, count, gen + 3);
-    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)dst, 4096));
-    kvf_engine_destroy(pre);
-    kvf_engine_destroy(dec);
-    free(dst);
-    free(src);
-}
+/* (A hostile region table, as the target publishes it to its shm senders: test_shm_table.) */
 
 static void bad_transport_env_refused(void **state)
 {
@@ -921,7 +882,8 @@ static void unregister_timeout_names_sender(void **state)
 #define FENCE_SLOTS 256 /* SHM_FENCE_SLOTS: what a target hands out at most */
 
 /* One raw fence request (docs/protocol.md, "memfd exchange", kind 1) on a new connection to
- * @sock; returns the connection and the answer's status (the fd that came with it is closed). */
+ * @sock; returns the connection and the answer's status (the fds that came with it, the fence
+ * page's and the region table's, are closed). */
 static int raw_fence_request(const char *sock, int32_t *status)
 {
     struct {
@@ -929,7 +891,7 @@ static int raw_fence_request(const char *sock, int32_t *status)
         uint64_t addr;
         uint32_t kind, zero;
         char sid[KVF_SESSION_ID_MAX];
-    } q = {.magic = 0x6466766bu, .version = 2, .kind = 1};
+    } q = {.magic = 0x6466766bu, .version = 3, .kind = 1};
     struct {
         uint32_t magic;
         int32_t status;
@@ -947,7 +909,7 @@ static int raw_fence_request(const char *sock, int32_t *status)
                      0);
     assert_int_equal(send(c, &q, sizeof(q), MSG_NOSIGNAL), (ssize_t)sizeof(q));
     union {
-        char buf[CMSG_SPACE(sizeof(int))];
+        char buf[CMSG_SPACE(2 * sizeof(int))];
         struct cmsghdr align;
     } u;
     struct iovec iov = {.iov_base = &a, .iov_len = sizeof(a)};
@@ -955,9 +917,12 @@ static int raw_fence_request(const char *sock, int32_t *status)
         .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf)};
     assert_int_equal(recvmsg(c, &m, MSG_WAITALL | MSG_CMSG_CLOEXEC), (ssize_t)sizeof(a));
     for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm)) {
-        int fd;
-        memcpy(&fd, CMSG_DATA(cm), sizeof(fd));
-        close(fd);
+        size_t nfd = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < nfd; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof(fd));
+            close(fd);
+        }
     }
     *status = a.status;
     return c;
@@ -1076,6 +1041,37 @@ static void peer_killed_noticed_at_once(void **state)
         kvf_engine_destroy(e);
         child_stop(&c);
     }
+}
+
+/* A target whose kvf_mem_alloc memory this sender writes through a mapping is killed: the copy
+ * itself would still succeed (the mapping outlives the process), so the check before it must
+ * say the peer is gone, from the target's shared table (its alive mutex, released by the
+ * kernel) and pidfd: -KVF_EPEERGONE with "process N is gone", at once, and no write. */
+static void killed_memfd_peer_gone(void **state)
+{
+    fx_t *fx = *state;
+    child_t c;
+    child_start_memfd(fx->url, 4096, &c);
+    kvf_engine_t *e = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_SHM);
+    uint8_t *src = alloc_filled(4096, 63);
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096));
+    assert_via(e, c.sid, "shm");
+    warm_wait(e);
+    assert_kvf_ok(kvf_write(e, c.sid, src, c.addr, 4096)); /* through the mapping now */
+    assert_int_equal(child_sum(&c, 0, 4096), fnv(src, 4096));
+    pid_t dead = c.pid;
+    assert_int_equal(kill(c.pid, SIGKILL), 0);
+    assert_int_equal(kvf_test_reap(c.pid, 10000), -1);
+    c.pid = 0;
+    uint64_t t0 = kvf_test_now_ms();
+    assert_kvf_err(kvf_write(e, c.sid, src, c.addr, 4096), -KVF_EPEERGONE);
+    char want[600];
+    snprintf(want, sizeof(want), "peer %s: process %d is gone", c.sid, (int)dead);
+    assert_last_error_contains(want);
+    assert_true(kvf_test_now_ms() - t0 < 2000);
+    free(src);
+    kvf_engine_destroy(e);
+    child_stop(&c);
 }
 
 /* A peer whose engine was destroyed (its records withdrawn) and one that never started are gone
@@ -1738,10 +1734,10 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(session_record_publishes_no_nonce, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(one_process_loop_and_self, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(one_process_forced_shm, fx_setup, fx_teardown),
-    cmocka_unit_test_setup_teardown(hostile_region_table_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(bad_transport_env_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(fence_slots_bounded_and_released, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(peer_killed_noticed_at_once, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(killed_memfd_peer_gone, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(peer_check_withdrawn_and_unknown, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(unregister_drains_shm_write, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(unregister_drains_memfd_write, fx_setup, fx_teardown),

@@ -103,6 +103,15 @@ void kvf__eng_parse_session(const void *text, size_t len, kvf_tpeer_desc_t *d)
     json_decref(doc);
 }
 
+/* Give the table to the transports whose senders read it from this process (shm). Under
+ * publish_lock. */
+static void publish_to_transports(kvf_engine_t *e, const kvf_region_t *rs, size_t n, uint64_t gen)
+{
+    for (size_t i = 0; kvf__transports[i]; i++)
+        if (e->tr[i])
+            kvf__transports[i]->regions_published(e->tr[i], rs, n, gen);
+}
+
 /* Publish the current region table. Holding publish_lock across snapshot and set keeps the
  * published generation monotonic when several threads register at once. */
 int kvf__eng_publish_regions(kvf_engine_t *e)
@@ -116,10 +125,12 @@ int kvf__eng_publish_regions(kvf_engine_t *e)
     rc = kvf__regions_snapshot(e->regions, &rs, &n, &gen);
     if (rc < 0)
         goto out_unlock;
-    /* Same-host senders read the table from this process, not from the store: they see the
-     * change from now on, before any store round trip. The previous table goes once the word
-     * no longer names it (a reader still copying it sees the seqlock move and reads again). */
+    /* Same-host senders read the table from this process, not from the store (from the shm
+     * transport's shared table; the word keeps naming it too): they see the change from now
+     * on, before any store round trip. The previous table goes once the word no longer names
+     * it (a reader still copying it sees the seqlock move and reads again). */
     kvf__shm_word_set(&e->shm_word, rs, n, gen);
+    publish_to_transports(e, rs, n, gen);
     free(e->shm_table);
     e->shm_table = rs;
     json_t *list = json_array();
@@ -157,6 +168,7 @@ void kvf__eng_withdraw_regions(kvf_engine_t *e)
     pthread_mutex_lock(&e->publish_lock);
     uint64_t gen = __atomic_load_n(&e->shm_word.gen, __ATOMIC_RELAXED);
     kvf__shm_word_set(&e->shm_word, NULL, 0, gen + 1);
+    publish_to_transports(e, NULL, 0, gen + 1);
     free(e->shm_table);
     e->shm_table = NULL;
     pthread_mutex_unlock(&e->publish_lock);

@@ -298,6 +298,7 @@ const struct kvf_transport_ops kvf__loop_ops = {
     .regions_gen = kvf__transport_enotsup_gen,
     .regions_read = kvf__transport_enotsup_regions,
     .regions_changed = kvf__transport_nop_regions,
+    .regions_published = kvf__transport_nop_published,
     .mem_export = kvf__transport_nop_export,
     .mem_unexport = kvf__transport_nop_unexport,
     .mem_sock = kvf__transport_no_sock,

@@ -5,28 +5,31 @@
  *
  * Because the target's CPU takes no part, there is no target-side bounds check. The sender's
  * check is therefore the authoritative one, so it is made against the target's own region table,
- * read from the target (never from the store, which any client may rewrite). The target keeps a
- * kvf_shm_word_t in its own memory (transport.h): magic, a nonce it never publishes, a seqlock,
- * the table's generation, address and size, and its session id; it replaces the table there
- * before its unregister returns. Before every transfer the core asks this transport for the
- * live generation (one process_vm_readv of the word) and re-reads the table if its copy is
- * older. So once kvf_mem_unregister() has returned on the target, no transfer that starts
- * afterwards can reach the region; and a transfer that read the word before it is waited out by
- * the unregister, through the fence (shm.h, shm_fence.c): the core brackets the generation
- * check, the table check and the copy with guard_enter/guard_leave, which count the transfer in
- * this sender's slot of the target's fence page, and the target's unregister drains those
- * counts after replacing its table. A sender without a slot does not use shm at all. Reading
- * the word also proves, each time, that the pid still belongs to the engine verified: a
- * restarted or reused pid has no matching magic and nonce at that address.
+ * read from the target (never from the store, which any client may rewrite). The target publishes
+ * that table, with its generation, in a sealed memfd that each sender maps read-only when it
+ * takes its fence slot (shm.h, shm_table.c); it replaces the table there before its unregister
+ * returns. Before every transfer the core asks this transport for the live generation (a load
+ * from that mapping, no syscall) and re-reads the table if its copy is older (a seqlocked copy
+ * from the mapping). So once kvf_mem_unregister() has returned on the target, no transfer that
+ * starts afterwards can reach the region; and a transfer that read the generation before it is
+ * waited out by the unregister, through the fence (shm.h, shm_fence.c): the core brackets the
+ * generation check, the table check and the copy with guard_enter/guard_leave, which count the
+ * transfer in this sender's slot of the target's fence page, and the target's unregister drains
+ * those counts after replacing its table. A sender without a slot does not use shm at all. The
+ * same check proves that the target is still the engine verified: the table holds a robust
+ * mutex that the target's memfd socket thread holds while it serves, which the kernel marks
+ * dead when that thread or the process ends (before a pid can be reused), and its magic is
+ * cleared when the engine is destroyed.
  *
  * Memory from kvf_mem_alloc() is a memfd that a sender maps and copies into with memcpy instead
  * (shm_memfd.c; large copies are shared by the pool of shm_copy.c).
  *
  * Opening a peer is the handshake: same boot id and network namespace and the pid visible from
  * here (kill(pid, 0)), all from the session record, then the proof that the pid is the engine of
- * the session (it holds the session port's listening socket), a fence slot and the word's
- * address from that pid's socket, and the word there naming the session. Any failure is -KVF_ENOTSUP with the reason, which the core logs once and answers by
- * falling back to tcp (or reports, when shm was forced).
+ * the session (it holds the session port's listening socket), a fence slot, the shared table and
+ * the word's address from that pid's socket, and the word there (kvf_shm_word_t, transport.h, one
+ * process_vm_readv) naming the session. Any failure is -KVF_ENOTSUP with the reason, which the
+ * core logs once and answers by falling back to tcp (or reports, when shm was forced).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -37,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -118,19 +122,6 @@ static int shm_peek(pid_t pid, uint64_t addr, void *buf, size_t len)
 static int shm_word_read(pid_t pid, uint64_t addr, kvf_shm_word_t *w)
 {
     return shm_peek(pid, addr, w, sizeof(*w));
-}
-
-/* The word of the verified peer, checked to be still its engine's: a dead pid, or one reused by
- * a process without that word, is -KVF_EPEERGONE. */
-static int shm_word_current(struct shm_peer *p, kvf_shm_word_t *w)
-{
-    int rc = shm_word_read(p->pid, p->word_addr, w);
-    if (rc == -ESRCH)
-        return kvf__err(-KVF_EPEERGONE, "peer %s: process %d is gone", p->sid, (int)p->pid);
-    if (rc < 0 || w->magic != KVF_SHM_WORD_MAGIC || w->nonce != p->nonce)
-        return kvf__err(-KVF_EPEERGONE, "peer %s: pid %d no longer holds its engine (%s)",
-                        p->sid, (int)p->pid, rc < 0 ? strerror(-rc) : "word mismatch");
-    return 0;
 }
 
 /*
@@ -224,6 +215,9 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
     p->t = shm_of(tt);
     snprintf(p->sid, sizeof(p->sid), "%s", sid);
     p->pid = d->pid;
+    /* The process verified below (a pid reused meanwhile leaves this pidfd on the old process,
+     * readable: gone); it names the cause once the shared table says the target is gone. */
+    p->pidfd = (int)syscall(SYS_pidfd_open, d->pid, 0);
     snprintf(p->sock, sizeof(p->sock), "%s", d->memfd_sock);
     pthread_rwlockattr_t ra;
     pthread_rwlockattr_init(&ra);
@@ -240,7 +234,6 @@ static int shm_peer_open(kvf_transport_t *tt, const kvf_tpeer_desc_t *d, kvf_tpe
         shm_peer_close((kvf_tpeer_t *)(void *)p);
         return rc;
     }
-    p->nonce = w.nonce; /* read from the verified process; never published */
     KVF_DEBUG(SHM_LOG, "%s: peer %s reachable by shm (pid %d)", shm_of(tt)->local_sid, sid,
               (int)d->pid);
     *out = (kvf_tpeer_t *)(void *)p;
@@ -252,17 +245,19 @@ static void shm_peer_close(kvf_tpeer_t *pp)
     struct shm_peer *p = shm_peer_of(pp);
     shm_warm_forget(p); /* before the mappings go: the warmer may be touching one */
     shm_fence_close(p);
+    if (p->pidfd >= 0)
+        close(p->pidfd);
     shm_rmaps_free(p->rmaps, p->nrmaps);
     pthread_rwlock_destroy(&p->map_lock);
     pthread_mutex_destroy(&p->ask_lock);
     free(p);
 }
 
+/* Is the target still there? Loads from its shared table (shm_table.c), no syscall. */
 static int shm_peer_alive(kvf_tpeer_t *pp, uint64_t deadline_ms)
 {
-    kvf_shm_word_t w;
     (void)deadline_ms;
-    return shm_word_current(shm_peer_of(pp), &w);
+    return shm_table_alive(shm_peer_of(pp));
 }
 
 /* The regions_changed op: the new list, and the warmer told of regions it has not taken. This is
@@ -273,85 +268,17 @@ static void shm_regions_learned(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t 
         shm_warm_queue(shm_peer_of(pp));
 }
 
+/* The live generation: a load from the target's shared table, after the check that it is still
+ * there. */
 static int shm_regions_gen(kvf_tpeer_t *pp, uint64_t *gen)
 {
-    struct shm_peer *p = shm_peer_of(pp);
-    kvf_shm_word_t w;
-    int rc = shm_word_current(p, &w);
-    if (rc == 0)
-        *gen = w.gen;
-    return rc;
+    return shm_table_gen(shm_peer_of(pp), gen);
 }
 
-/* Tries of a table read that keeps meeting the target's updates before giving up. */
-#define SHM_TABLE_TRIES 100
-
-/*
- * The target's region table, read from the target: the word, the table it names, the word
- * again; a seqlock that was odd or moved means the target changed the table meanwhile (the copy
- * may be torn, or of freed memory), so read again.
- */
+/* The target's region table: a seqlocked copy of its shared table (shm_table.c). */
 static int shm_regions_read(kvf_tpeer_t *pp, kvf_region_t **out, size_t *n, uint64_t *gen)
 {
-    struct shm_peer *p = shm_peer_of(pp);
-    kvf_region_t *rs = NULL;
-    kvf_shm_word_t w, again;
-    int rc;
-
-    for (int tries = 0; tries < SHM_TABLE_TRIES; tries++) {
-        rc = shm_word_current(p, &w);
-        if (rc < 0)
-            goto out_free;
-        if (w.seq & 1) {
-            sched_yield();
-            continue;
-        }
-        if (w.count > KVF_SHM_MAX_REGIONS) {
-            rc = kvf__err(-KVF_EPROTO, "peer %s: its region table has %" PRIu64
-                                       " entries, more than %u",
-                          p->sid, w.count, KVF_SHM_MAX_REGIONS);
-            goto out_free;
-        }
-        free(rs);
-        rs = w.count ? malloc((size_t)w.count * sizeof(*rs)) : NULL;
-        if (w.count && !rs) {
-            rc = kvf__err(-KVF_ENOMEM, "peer %s: out of memory for %" PRIu64 " regions", p->sid,
-                          w.count);
-            goto out_free;
-        }
-        rc = w.count ? shm_peek(p->pid, w.table, rs, (size_t)w.count * sizeof(*rs)) : 0;
-        int rc2 = shm_word_current(p, &again);
-        if (rc2 < 0) {
-            rc = rc2;
-            goto out_free;
-        }
-        if (again.seq != w.seq)
-            continue; /* changed under us: whatever was read is not to be used */
-        if (rc < 0) {
-            rc = kvf__err(-KVF_EPROTO, "peer %s: its region table at 0x%" PRIx64 " cannot be "
-                                       "read: %s",
-                          p->sid, w.table, strerror(-rc));
-            goto out_free;
-        }
-        for (size_t i = 0; i < w.count; i++) {
-            bool wraps = rs[i].len == 0 || rs[i].addr + rs[i].len < rs[i].addr;
-            if (wraps || (i && rs[i].addr < rs[i - 1].addr + rs[i - 1].len)) {
-                rc = kvf__err(-KVF_EPROTO, "peer %s: its region table is not sorted and "
-                                           "non-overlapping at entry %zu",
-                              p->sid, i);
-                goto out_free;
-            }
-        }
-        *out = rs;
-        *n = (size_t)w.count;
-        *gen = w.gen;
-        return 0;
-    }
-    rc = kvf__err(-KVF_EBUSY, "peer %s: its region table kept changing during %d reads", p->sid,
-                  SHM_TABLE_TRIES);
-out_free:
-    free(rs);
-    return rc;
+    return shm_table_read(shm_peer_of(pp), out, n, gen);
 }
 
 /* Map a failed process_vm_* call to the transport's error contract. */
@@ -515,6 +442,7 @@ const struct kvf_transport_ops kvf__shm_ops = {
     .regions_gen = shm_regions_gen,
     .regions_read = shm_regions_read,
     .regions_changed = shm_regions_learned,
+    .regions_published = shm_regions_published,
     .mem_export = shm_mem_export,
     .mem_unexport = shm_mem_unexport,
     .mem_sock = shm_mem_sock,

@@ -8,10 +8,12 @@
  *                of its fence page, and the sender mapping them
  *   shm_warm.c   the sender's warmer: maps a peer's kvf_mem_alloc regions when they are learned
  *                and warms the mappings, off the transfer path
+ *   shm_table.c  the region table the target publishes in shared memory, and the sender's
+ *                reads of it (its generation, its entries, whether the target is still there)
  *   shm.c        the ops: create/destroy, the handshake (peer_open), process_vm transfers
  *
- * shm.c calls the other four; shm_warm.c calls shm_memfd.c; shm_memfd.c calls shm_fence.c;
- * nothing calls back up.
+ * shm.c calls the other five; shm_warm.c calls shm_memfd.c; shm_memfd.c calls shm_fence.c and
+ * shm_table.c; nothing calls back up.
  */
 #ifndef KVF_TRANSPORT_SHM_H
 #define KVF_TRANSPORT_SHM_H
@@ -51,7 +53,8 @@ typedef struct {
  * its transfers in and out there, each under the epoch it entered in:
  *
  *   sender:  e = epoch; count[e & 1]++; if epoch != e: count[e & 1]--, again   (enter)
- *            read the target's word and table, check, copy                      (the transfer)
+ *            load the generation (and copy the table) from the shared table,
+ *            check, copy                                                        (the transfer)
  *            count[e & 1]--                                                     (leave)
  *   target:  publish the new table; e = epoch++; wait until every live slot's count[e & 1]
  *            is 0                                                               (drain)
@@ -74,6 +77,39 @@ typedef struct {
     uint64_t pad[6];
     shm_fence_slot_t slot[SHM_FENCE_SLOTS];
 } shm_fence_page_t;
+
+/*
+ * The shared region table (shm_table.c): the target's region table and its generation, in a
+ * memfd the target maps read-write and seals (no shrinking or growing, and no new writable
+ * mapping where the kernel has F_SEAL_FUTURE_WRITE), handed with the fence page to every sender,
+ * which maps it read-only. A seqlock, as the word's was: @seq is odd while the target rewrites
+ * @gen, @count and the entries, so a reader that sees it odd, or moved across its copy, reads
+ * again (a bounded number of times). @count may exceed what the mapping holds (the target has
+ * more regions than fit): senders then refuse the table. @magic is cleared when the engine's
+ * transport is destroyed. The entries are sorted and non-overlapping, as kvf__regions_snapshot
+ * gives them; a sender checks that too.
+ */
+#define SHM_TABLE_MAGIC 0x656c6261746b7662ull /* "bvktable" little-endian */
+typedef struct {
+    uint64_t magic;
+    uint64_t seq;
+    uint64_t gen;
+    uint64_t count;
+    uint64_t pad[4];
+    /* A robust, process-shared mutex that the target's memfd socket thread holds for as long
+     * as it serves. When that thread ends, or the process dies or execs, the kernel marks its
+     * futex word (its owner's TID) dead, with no help from the target: a sender's load of that
+     * word tells a dead target apart without a syscall. */
+    union {
+        pthread_mutex_t m;
+        uint64_t pad[8];
+    } alive;
+    kvf_region_t r[];
+} shm_table_t;
+_Static_assert(sizeof(pthread_mutex_t) <= 64, "shm_table_t.alive holds a pthread_mutex_t");
+/* Entries the target's table holds: as many as a sender ever accepted from the word. */
+#define SHM_TABLE_CAP ((size_t)KVF_SHM_MAX_REGIONS)
+#define SHM_TABLE_BYTES (sizeof(shm_table_t) + SHM_TABLE_CAP * sizeof(kvf_region_t))
 
 /* The target's record of a slot's holder, in its private memory. */
 typedef struct {
@@ -100,6 +136,9 @@ struct shm_transport {
     pthread_mutex_t fence_lock;
     pthread_mutex_t drain_lock;
     shm_fence_holder_t holders[SHM_FENCE_SLOTS];
+    /* The shared region table (NULL when not serving), created and destroyed with the fence. */
+    shm_table_t *table;
+    int table_fd;
     /* The memfd socket: -1 when not serving. */
     char sock[KVF_SHM_SOCK_MAX];
     int lfd;
@@ -159,7 +198,6 @@ struct shm_peer {
     char sid[KVF_SESSION_ID_MAX];
     pid_t pid;
     uint64_t word_addr;
-    uint64_t nonce;
     char sock[KVF_SHM_SOCK_MAX]; /* "" = the target serves no memfds */
     /* The published regions as last given to regions_changed(), with their mappings. Held
      * shared for the whole of a transfer (so a mapping is never unmapped under a memcpy) and
@@ -173,6 +211,12 @@ struct shm_peer {
     shm_fence_page_t *fence;
     unsigned fence_slot;
     int fence_conn;
+    /* The target's shared region table, mapped read-only with table_cap entries (from the
+     * mapping's size); and the target's pidfd, readable once it exited (-1 when pidfd_open
+     * failed), which names the cause once the table says the target is gone. */
+    const shm_table_t *table;
+    size_t table_len, table_cap;
+    int pidfd;
     /* In the warmer's queue (under the transport's warm_lock); regions it took (map_lock). */
     struct shm_peer *warm_next;
     bool warm_queued;
@@ -202,9 +246,11 @@ void shm_pool_stop(struct shm_transport *t);
 
 /* ---- shm_fence.c: the target ---------------------------------------------------------------- */
 
-/* Create the fence page (t->fence, t->fence_fd) and its locks. Returns 0 or -errno. */
+/* Create the fence page (t->fence, t->fence_fd), its locks and the shared region table
+ * (shm_table_create). Returns 0 or -errno. */
 int shm_fence_create(struct shm_transport *t);
-/* Close every holder's connection and unmap the page. No drain may be running. */
+/* Destroy the shared region table, close every holder's connection and unmap the page. No
+ * drain may be running. */
 void shm_fence_destroy(struct shm_transport *t);
 /* Give a slot to the process @pid (from SO_PEERCRED) on connection @conn, which it keeps open
  * while it holds the slot; @sid is its claim, for messages. Returns the slot, or -KVF_EBUSY when
@@ -242,8 +288,9 @@ void shm_rmaps_free(shm_rmap_t *m, size_t n);
 bool shm_regions_changed(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n);
 /* The entry for the region that contains all of [@addr, @addr+@len), or NULL. map_lock held. */
 shm_rmap_t *shm_rmap_find(struct shm_peer *p, uint64_t addr, uint64_t len);
-/* Take a slot of the target's fence page (p->fence, fence_slot, fence_conn), and learn the
- * address of its word (p->word_addr), from the process p->pid only. Returns 0, or -KVF_ENOTSUP
+/* Take a slot of the target's fence page (p->fence, fence_slot, fence_conn), map its shared
+ * region table (p->table) and learn the address of its word (p->word_addr), from the process
+ * p->pid only. Returns 0, or -KVF_ENOTSUP
  * with the reason (the target serves no socket, is full, or answered wrongly): without a slot,
  * shm must not be used to that target. */
 int shm_fence_open(struct shm_peer *p, const char *local_sid);
@@ -258,6 +305,35 @@ void shm_resolve(struct shm_peer *p, const kvf_xfer_t *x);
  * whether @r is mapped. Called without map_lock. */
 bool shm_resolve_region(struct shm_peer *p, const kvf_region_t *r, _Atomic uint64_t *made,
                         bool ready);
+
+/* ---- shm_table.c ---------------------------------------------------------------------------- */
+
+/* The target: create the table (t->table, t->table_fd), empty with generation 0; destroy it
+ * (clears its magic first). shm_table_create returns 0 or -errno. */
+int shm_table_create(struct shm_transport *t);
+void shm_table_destroy(struct shm_transport *t);
+/* The memfd socket thread, first and last: hold the table's alive mutex while serving. */
+void shm_table_hold(struct shm_transport *t);
+void shm_table_release(struct shm_transport *t);
+/* Publish @n regions @rs (sorted) of generation @gen in @h, which holds @cap entries. The caller
+ * serialises calls. Also what a test uses to forge a table. */
+void shm_table_set(shm_table_t *h, size_t cap, const kvf_region_t *rs, size_t n, uint64_t gen);
+/* The regions_published op (transport.h). */
+void shm_regions_published(kvf_transport_t *tt, const kvf_region_t *rs, size_t n, uint64_t gen);
+/* The sender: map the table from @fd (p->table, table_len, table_cap). Returns 0, or -1 with the
+ * reason in @why (not a sealed table of sane size, or no magic). */
+int shm_table_map(struct shm_peer *p, int fd, char *why, size_t whylen);
+void shm_table_unmap(struct shm_peer *p);
+/* Is the target still there (the table's magic set and its alive mutex held: loads, no
+ * syscall)? 0, or -KVF_EPEERGONE naming it ("process N is gone" once its pidfd says so).
+ * p->table is set. */
+int shm_table_alive(struct shm_peer *p);
+/* The live generation (after shm_table_alive), a load from the mapping. */
+int shm_table_gen(struct shm_peer *p, uint64_t *gen);
+/* A consistent copy of the table (regions_read, transport.h): -KVF_EPROTO for a count past the
+ * mapping or entries not sorted and non-overlapping, -KVF_EBUSY when the seqlock stayed odd or
+ * kept moving for a bounded number of tries. */
+int shm_table_read(struct shm_peer *p, kvf_region_t **out, size_t *n, uint64_t *gen);
 
 /* ---- shm_warm.c: the sender's warmer -------------------------------------------------------- */
 

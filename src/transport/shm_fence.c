@@ -30,6 +30,7 @@ int shm_fence_create(struct shm_transport *t)
         t->holders[i] = (shm_fence_holder_t){.conn = -1, .pidfd = -1};
     pthread_mutex_init(&t->fence_lock, NULL);
     pthread_mutex_init(&t->drain_lock, NULL);
+    t->table_fd = -1;
     t->fence_fd = memfd_create("kvf-fence", MFD_CLOEXEC);
     if (t->fence_fd < 0)
         return -errno;
@@ -45,7 +46,7 @@ int shm_fence_create(struct shm_transport *t)
     }
     t->fence = m;
     t->fence->magic = SHM_FENCE_MAGIC;
-    return 0;
+    return shm_table_create(t);
 }
 
 static void holder_clear(struct shm_transport *t, unsigned i)
@@ -62,6 +63,7 @@ static void holder_clear(struct shm_transport *t, unsigned i)
 
 void shm_fence_destroy(struct shm_transport *t)
 {
+    shm_table_destroy(t);
     if (!t->fence)
         return;
     for (unsigned i = 0; i < SHM_FENCE_SLOTS; i++)

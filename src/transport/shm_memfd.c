@@ -41,7 +41,7 @@
 
 /* The memfd socket's one request and one answer (docs/protocol.md, "memfd exchange"). */
 #define SHM_FD_MAGIC   0x6466766bu /* "kvfd" little-endian */
-#define SHM_FD_VERSION 2u
+#define SHM_FD_VERSION 3u /* 3: a fence answer carries the shared region table's fd too */
 /* Bound on each read and write of the exchange, both ends: a silent peer costs at most this. */
 #define SHM_FD_IO_TIMEOUT_MS 1000
 enum { SHM_REQ_MEMFD = 0, SHM_REQ_FENCE = 1 };
@@ -60,7 +60,8 @@ typedef struct {
                        -KVF_EPROTO */
     uint64_t base;  /* MEMFD: the region: its address, length and generation; FENCE: the slot, */
     uint64_t len;   /* the page's size */
-    uint64_t gen;   /* and the address of the target's kvf_shm_word_t */
+    uint64_t gen;   /* and the address of the target's kvf_shm_word_t; FENCE: two fds come,
+                       the page's and the shared region table's */
 } shm_fd_ans_t;
 
 /* ---- the target: serving the fds of exported memory ----------------------------------------- */
@@ -114,25 +115,31 @@ const char *shm_mem_sock(const kvf_transport_t *tt)
     return t && t->lfd >= 0 ? t->sock : "";
 }
 
-static int shm_send_answer(int c, const shm_fd_ans_t *a, int fd)
+/* Send @a with @nfd (0..2) fds @fds. */
+static int shm_send_answer_fds(int c, const shm_fd_ans_t *a, const int *fds, size_t nfd)
 {
     struct iovec iov = {.iov_base = (void *)a, .iov_len = sizeof(*a)};
     union {
-        char buf[CMSG_SPACE(sizeof(int))];
+        char buf[CMSG_SPACE(2 * sizeof(int))];
         struct cmsghdr align;
     } u;
     struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1};
-    if (fd >= 0) {
+    if (nfd > 0) {
         memset(&u, 0, sizeof(u));
         m.msg_control = u.buf;
-        m.msg_controllen = sizeof(u.buf);
+        m.msg_controllen = CMSG_SPACE(nfd * sizeof(int));
         struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
         cm->cmsg_level = SOL_SOCKET;
         cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(sizeof(int));
-        memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+        cm->cmsg_len = CMSG_LEN(nfd * sizeof(int));
+        memcpy(CMSG_DATA(cm), fds, nfd * sizeof(int));
     }
     return sendmsg(c, &m, MSG_NOSIGNAL) == (ssize_t)sizeof(*a) ? 0 : -errno;
+}
+
+static int shm_send_answer(int c, const shm_fd_ans_t *a, int fd)
+{
+    return shm_send_answer_fds(c, a, &fd, fd >= 0 ? 1 : 0);
 }
 
 /* A fence request from @pid: a slot, and the page's fd with it. Returns true when the slot was
@@ -153,7 +160,8 @@ static bool shm_fence_answer(struct shm_transport *t, int c, pid_t pid, shm_fd_r
     a.base = (uint64_t)slot;
     a.len = sizeof(shm_fence_page_t);
     a.gen = t->word_addr;
-    if (shm_send_answer(c, &a, t->fence_fd) < 0) {
+    int fds[2] = {t->fence_fd, t->table_fd};
+    if (shm_send_answer_fds(c, &a, fds, t->table_fd >= 0 ? 2 : 1) < 0) {
         shm_fence_release(t, (unsigned)slot); /* closes @c */
         return true;
     }
@@ -227,6 +235,7 @@ static void *shm_fd_serve(void *arg)
     struct pollfd pf[2 + SHM_FENCE_SLOTS];
     int fds[SHM_FENCE_SLOTS];
     unsigned slots[SHM_FENCE_SLOTS];
+    shm_table_hold(t); /* until it stops serving, or dies: senders see the difference */
     for (;;) {
         size_t nh = shm_fence_conns(t, fds, slots, SHM_FENCE_SLOTS);
         pf[0] = (struct pollfd){.fd = t->lfd, .events = POLLIN};
@@ -252,6 +261,7 @@ static void *shm_fd_serve(void *arg)
         if (!shm_fd_answer(t, c))
             close(c);
     }
+    shm_table_release(t);
     return NULL;
 }
 
@@ -356,8 +366,8 @@ bool shm_regions_changed(kvf_tpeer_t *pp, const kvf_region_t *rs, size_t n)
  * if none). Returns the connected socket (the caller closes it), or -1 with the reason in @why.
  * Only the process validated with the word may answer.
  */
-static int shm_ask(struct shm_peer *p, const shm_fd_req_t *q, shm_fd_ans_t *a, int *fd, char *why,
-                   size_t whylen)
+static int shm_ask_fds(struct shm_peer *p, const shm_fd_req_t *q, shm_fd_ans_t *a, int *fd,
+                       size_t nfds, char *why, size_t whylen)
 {
     struct sockaddr_un sa;
     struct ucred cr = {.pid = 0};
@@ -370,7 +380,8 @@ static int shm_ask(struct shm_peer *p, const shm_fd_req_t *q, shm_fd_ans_t *a, i
     struct msghdr m = {
         .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf)};
 
-    *fd = -1;
+    for (size_t i = 0; i < nfds; i++)
+        fd[i] = -1;
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (s < 0) {
         snprintf(why, whylen, "socket: %s", strerror(errno));
@@ -393,7 +404,9 @@ static int shm_ask(struct shm_peer *p, const shm_fd_req_t *q, shm_fd_ans_t *a, i
     }
     memset(&u, 0, sizeof(u));
     ssize_t got = recvmsg(s, &m, MSG_WAITALL | MSG_CMSG_CLOEXEC);
-    /* Take every fd that came, so that none leaks whatever the answer says. */
+    /* Take every fd that came, so that none leaks whatever the answer says: the first @nfds in
+     * order, the rest closed. */
+    size_t took = 0;
     for (struct cmsghdr *cm = got >= 0 ? CMSG_FIRSTHDR(&m) : NULL; cm; cm = CMSG_NXTHDR(&m, cm)) {
         if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
             continue;
@@ -401,8 +414,8 @@ static int shm_ask(struct shm_peer *p, const shm_fd_req_t *q, shm_fd_ans_t *a, i
         for (size_t i = 0; i < nfd; i++) {
             int f;
             memcpy(&f, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
-            if (*fd < 0)
-                *fd = f;
+            if (took < nfds)
+                fd[took++] = f;
             else
                 close(f);
         }
@@ -410,12 +423,20 @@ static int shm_ask(struct shm_peer *p, const shm_fd_req_t *q, shm_fd_ans_t *a, i
     if (got == (ssize_t)sizeof(*a) && a->magic == SHM_FD_MAGIC)
         return s;
     snprintf(why, whylen, "malformed answer (%zd bytes)", got);
-    if (*fd >= 0)
-        close(*fd);
-    *fd = -1;
+    for (size_t i = 0; i < nfds; i++) {
+        if (fd[i] >= 0)
+            close(fd[i]);
+        fd[i] = -1;
+    }
 out_close:
     close(s);
     return -1;
+}
+
+static int shm_ask(struct shm_peer *p, const shm_fd_req_t *q, shm_fd_ans_t *a, int *fd, char *why,
+                   size_t whylen)
+{
+    return shm_ask_fds(p, q, a, fd, 1, why, whylen);
 }
 
 /* Ask the target for the fd of region @r and map it. Returns the mapping (and its length) or
@@ -473,7 +494,7 @@ int shm_fence_open(struct shm_peer *p, const char *local_sid)
     char why[200] = "";
     struct stat st;
     void *map = MAP_FAILED;
-    int fd;
+    int fds[2], fd;
 
     p->fence_conn = -1;
     if (!p->sock[0])
@@ -481,9 +502,10 @@ int shm_fence_open(struct shm_peer *p, const char *local_sid)
                                       "unregister could wait on)",
                         p->sid);
     snprintf(q.sid, sizeof(q.sid), "%s", local_sid);
-    int s = shm_ask(p, &q, &a, &fd, why, sizeof(why));
+    int s = shm_ask_fds(p, &q, &a, fds, 2, why, sizeof(why));
     if (s < 0)
         return kvf__err(-KVF_ENOTSUP, "peer %s: fence slot: %s", p->sid, why);
+    fd = fds[0];
     if (a.status != 0 || fd < 0 || a.base >= SHM_FENCE_SLOTS || a.len != sizeof(shm_fence_page_t) ||
         a.gen == 0) {
         snprintf(why, sizeof(why), "%s",
@@ -499,10 +521,17 @@ int shm_fence_open(struct shm_peer *p, const char *local_sid)
             snprintf(why, sizeof(why), "mmap: %s", strerror(errno));
         else if (((shm_fence_page_t *)map)->magic != SHM_FENCE_MAGIC)
             snprintf(why, sizeof(why), "the page has no fence magic");
+        else if (fds[1] < 0)
+            snprintf(why, sizeof(why), "no region table came with the fence page");
+        else
+            (void)shm_table_map(p, fds[1], why, sizeof(why));
     }
     if (fd >= 0)
         close(fd);
+    if (fds[1] >= 0)
+        close(fds[1]);
     if (why[0]) {
+        shm_table_unmap(p);
         if (map != MAP_FAILED)
             munmap(map, sizeof(shm_fence_page_t));
         close(s);
@@ -517,6 +546,7 @@ int shm_fence_open(struct shm_peer *p, const char *local_sid)
 
 void shm_fence_close(struct shm_peer *p)
 {
+    shm_table_unmap(p);
     if (p->fence)
         munmap(p->fence, sizeof(*p->fence));
     if (p->fence_conn >= 0)

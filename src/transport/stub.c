@@ -33,6 +33,15 @@ void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n
     (void)n;
 }
 
+void kvf__transport_nop_published(kvf_transport_t *t, const kvf_region_t *rs, size_t n,
+                                  uint64_t gen)
+{
+    (void)t;
+    (void)rs;
+    (void)n;
+    (void)gen;
+}
+
 uint16_t kvf__transport_no_port(const kvf_transport_t *t)
 {
     (void)t;

@@ -60,8 +60,11 @@ typedef struct {
  * session record until it has verified, from the kernel, that the pid it names holds the
  * listening socket of the session's port; it then learns the word's address from that pid's shm
  * socket (SO_PEERCRED-checked), with its fence slot, and requires the word there to name the
- * session. From then on it reads everything from the word:
- * @nonce:  random, never published; it tells a reused pid apart from the engine verified.
+ * session. (From then on a shm sender reads the generation and the table from the shared table
+ * that came with its fence slot, src/transport/shm.h, not from the word; the word keeps naming
+ * them for a reader with process_vm_readv, e.g. a debugger.)
+ * @nonce:  random, chosen at engine create (the regions record's "inc" too); not compared by
+ *          senders any more.
  * @seq:    a seqlock: odd while the target changes @gen, @table and @count, so a reader that
  *          sees it odd, or changed across its read of the table, reads again.
  * @gen:    the generation of the region table; newer than the sender's copy = (un)registered.
@@ -250,8 +253,8 @@ struct kvf_transport_ops {
      * message naming it when the path says it is gone: shm: its process exited, or its pid no
      * longer holds its engine; tcp: no connection to it is up and a new one (tried now, bounded
      * by @deadline_ms and the connect timeout) is refused or unanswered; loop: the engine is
-     * no longer in this process. Cheap while the path is up (no I/O for tcp, one
-     * process_vm_readv for shm). Thread-safe.
+     * no longer in this process. Cheap while the path is up (no I/O for tcp, loads from the
+     * target's shared table for shm). Thread-safe.
      */
     int (*peer_alive)(kvf_tpeer_t *p, uint64_t deadline_ms);
 
@@ -290,6 +293,16 @@ struct kvf_transport_ops {
      * ignore it.
      */
     void (*regions_changed)(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n);
+
+    /*
+     * The target's side: the engine's region table is now @rs (@n entries, sorted, generation
+     * @gen; not kept after the call), published before a kvf_mem_register returns and before
+     * an unregister drains. shm copies it into the table its senders map (shm_table.c).
+     * Called with the engine's publish lock held, so calls never overlap; must not block.
+     * Transports whose target checks each request use kvf__transport_nop_published.
+     */
+    void (*regions_published)(kvf_transport_t *t, const kvf_region_t *rs, size_t n,
+                              uint64_t gen);
 
     /*
      * Memory from kvf_mem_alloc() (a memfd), offered to same-host senders (shm): once exported,
@@ -346,6 +359,8 @@ int kvf__transport_enotsup_regions(kvf_tpeer_t *p, kvf_region_t **out, size_t *n
 int kvf__transport_enotsup_notify(kvf_tpeer_t *p, const void *msg, size_t len,
                                   uint64_t deadline_ms);
 void kvf__transport_nop_regions(kvf_tpeer_t *p, const kvf_region_t *rs, size_t n);
+void kvf__transport_nop_published(kvf_transport_t *t, const kvf_region_t *rs, size_t n,
+                                 uint64_t gen);
 uint16_t kvf__transport_no_port(const kvf_transport_t *t); /* for transports that do not listen */
 void kvf__transport_nop(kvf_transport_t *t);
 int kvf__transport_nop_export(kvf_transport_t *t, void *addr, size_t len, int fd);
