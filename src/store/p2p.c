@@ -223,6 +223,9 @@ static int p2p_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **va
     const char *sid = strrchr(key, '/') + 1;
     uint64_t now = kvf__now_ms();
     uint64_t end = now + wait_ms;
+    /* What the engine itself last answered ("holds no record ..."): the reason a failed wait
+     * gives, even when the ask that the wait's end cut short only timed out. */
+    char answered[512] = "";
     for (;;) {
         /* One ask gets the request timeout (an engine that accepted but does not answer), but
          * never runs past the end of a wait that is longer. */
@@ -236,12 +239,14 @@ static int p2p_get(kvf_store_t *st, const char *key, uint32_t wait_ms, void **va
         now = kvf__now_ms();
         if (rc == 0 || !again)
             return rc;
+        if (rc == -KVF_ENOTFOUND)
+            snprintf(answered, sizeof(answered), "%s", kvf_last_error());
         if (now >= end) {
+            const char *why = answered[0] ? answered : kvf_last_error();
             if (!wait_ms)
-                return kvf__err(-KVF_ENOTFOUND, "store %s: get \"%s\": %s", s->url, key,
-                                kvf_last_error());
+                return kvf__err(-KVF_ENOTFOUND, "store %s: get \"%s\": %s", s->url, key, why);
             return kvf__err(-KVF_ETIMEDOUT, "store %s: get \"%s\": not there within %u ms: %s",
-                            s->url, key, wait_ms, kvf_last_error());
+                            s->url, key, wait_ms, why);
         }
         sleep_ms(end - now < P2P_RETRY_MS ? end - now : P2P_RETRY_MS);
         now = kvf__now_ms();
