@@ -426,48 +426,73 @@ static void write_past_region_refused(void **state)
 }
 
 /*
+ * A pair whose sender has cached the target's regions (one 4 KiB region, written once), on a store
+ * that counts the requests it serves; the engines' leases are long, so no keepalive falls
+ * between two counts. @watch false: the sender does not watch its peers' regions records.
+ */
+typedef struct {
+    kvf_store_server_t *srv;
+    kvf_engine_t *dec, *pre;
+    const char *peer;
+    uint8_t *first;
+} counted_t;
+
+static void counted_open(counted_t *k, bool watch)
+{
+    if (!watch)
+        setenv("KVFERRY_NO_REGIONS_WATCH", "1", 1);
+    k->srv = kvf_test_store_start();
+    kvf_config_t c = quick_config();
+    c.lease_ttl_ms = 3600u * 1000u;
+    k->dec = engine(kvf_store_server_url(k->srv), KVF_ROLE_DECODE, &c);
+    k->pre = engine(kvf_store_server_url(k->srv), KVF_ROLE_PREFILL, &c);
+    unsetenv("KVFERRY_NO_REGIONS_WATCH");
+    k->peer = kvf_engine_session_id(k->dec);
+    k->first = calloc(1, 4096);
+    assert_kvf_ok(kvf_mem_register(k->dec, k->first, 4096));
+    assert_kvf_ok(kvf_write(k->pre, k->peer, k->first, (uintptr_t)k->first, 4096));
+}
+
+/* Write @len bytes of @src at @dst, which must land, and fail if that asked the store. */
+static void counted_write_no_store(counted_t *k, const uint8_t *src, uint8_t *dst, size_t len)
+{
+    kvf_store_server_stats_t before, after;
+    assert_kvf_ok(kvf_store_server_stats(k->srv, &before));
+    assert_kvf_ok(kvf_write(k->pre, k->peer, src, (uintptr_t)dst, len));
+    assert_kvf_ok(kvf_store_server_stats(k->srv, &after));
+    assert_landed(dst, src, len, "write into a region registered after the cache was filled");
+    if (after.ops != before.ops)
+        fail_msg("the write into the new region made %llu store request(s)",
+                 (unsigned long long)(after.ops - before.ops));
+}
+
+static void counted_close(counted_t *k)
+{
+    assert_kvf_ok(kvf_mem_unregister(k->dec, k->first));
+    kvf_engine_destroy(k->pre);
+    kvf_engine_destroy(k->dec);
+    kvf_store_server_stop(k->srv);
+    free(k->first);
+}
+
+/*
  * A region the target registers after this engine cached its list (and which no regions watch
  * reported) is written at once, without a store request: over tcp the target's own check
- * decides, over shm the target's live table. The
- * store counts the requests it serves; the engines' leases are long, so no keepalive falls
- * between the two counts.
+ * decides, over shm the target's live table.
  */
 static void new_region_written_without_the_store(void **state)
 {
     (void)state;
     const size_t small = 64u << 10;
-    /* Without the regions watch, which could tell the sender first (tcp_peer_regions_watched). */
-    setenv("KVFERRY_NO_REGIONS_WATCH", "1", 1);
-    kvf_store_server_t *srv = kvf_test_store_start();
-    kvf_config_t c = quick_config();
-    c.lease_ttl_ms = 3600u * 1000u;
-    kvf_engine_t *dec = engine(kvf_store_server_url(srv), KVF_ROLE_DECODE, &c);
-    kvf_engine_t *pre = engine(kvf_store_server_url(srv), KVF_ROLE_PREFILL, &c);
-    unsetenv("KVFERRY_NO_REGIONS_WATCH");
-    const char *peer = kvf_engine_session_id(dec);
-    uint8_t *first = calloc(1, 4096), *fresh = calloc(1, small + 4096);
-    uint8_t *src = alloc_filled(small, 21);
-    assert_kvf_ok(kvf_mem_register(dec, first, 4096));
-    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)first, 4096)); /* caches the list */
-    assert_kvf_ok(kvf_mem_register(dec, fresh, small));
-
-    kvf_store_server_stats_t before, after;
-    assert_kvf_ok(kvf_store_server_stats(srv, &before));
-    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)fresh, small));
-    assert_kvf_ok(kvf_store_server_stats(srv, &after));
-    assert_landed(fresh, src, small, "write into a region registered after the cache was filled");
+    counted_t k;
+    counted_open(&k, false); /* the watch could tell the sender first: tcp_peer_regions_watched */
+    uint8_t *fresh = calloc(1, small + 4096), *src = alloc_filled(small, 21);
+    assert_kvf_ok(kvf_mem_register(k.dec, fresh, small));
+    counted_write_no_store(&k, src, fresh, small);
     for (size_t i = small; i < small + 4096; i++)
         assert_int_equal(fresh[i], 0);
-    if (after.ops != before.ops)
-        fail_msg("the write into the new region made %llu store request(s)",
-                 (unsigned long long)(after.ops - before.ops));
-
-    assert_kvf_ok(kvf_mem_unregister(dec, fresh));
-    assert_kvf_ok(kvf_mem_unregister(dec, first));
-    kvf_engine_destroy(pre);
-    kvf_engine_destroy(dec);
-    kvf_store_server_stop(srv);
-    free(first);
+    assert_kvf_ok(kvf_mem_unregister(k.dec, fresh));
+    counted_close(&k);
     free(fresh);
     free(src);
 }
@@ -485,40 +510,22 @@ static void tcp_peer_regions_watched(void **state)
     if (!forced || strcmp(forced, "tcp") != 0)
         skip(); /* shm checks the target's live table; in-process peers need no check */
     const size_t big = 5u << 20;
-    kvf_store_server_t *srv = kvf_test_store_start();
-    kvf_config_t c = quick_config();
-    c.lease_ttl_ms = 3600u * 1000u;
-    kvf_engine_t *dec = engine(kvf_store_server_url(srv), KVF_ROLE_DECODE, &c);
-    kvf_engine_t *pre = engine(kvf_store_server_url(srv), KVF_ROLE_PREFILL, &c);
-    const char *peer = kvf_engine_session_id(dec);
-    uint8_t *first = calloc(1, 4096), *fresh = calloc(1, big), *src = alloc_filled(big, 22);
-    assert_kvf_ok(kvf_mem_register(dec, first, 4096));
-    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)first, 4096)); /* caches the list */
-    assert_kvf_ok(kvf_mem_register(dec, fresh, big));
-
+    counted_t k;
+    counted_open(&k, true);
+    uint8_t *fresh = calloc(1, big), *src = alloc_filled(big, 22);
+    assert_kvf_ok(kvf_mem_register(k.dec, fresh, big));
     uint64_t deadline = kvf_test_now_ms() + 5000;
-    while (!kvf__peer_knows(pre, peer, (uintptr_t)fresh, big) && kvf_test_now_ms() < deadline) {
+    while (!kvf__peer_knows(k.pre, k.peer, (uintptr_t)fresh, big) &&
+           kvf_test_now_ms() < deadline) {
         struct timespec ms = {0, 1000000};
         nanosleep(&ms, NULL);
     }
-    if (!kvf__peer_knows(pre, peer, (uintptr_t)fresh, big))
+    if (!kvf__peer_knows(k.pre, k.peer, (uintptr_t)fresh, big))
         fail_msg("the sender's cache did not learn the new region within 5 s: %s",
                  kvf_last_error());
-    kvf_store_server_stats_t before, after;
-    assert_kvf_ok(kvf_store_server_stats(srv, &before));
-    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)fresh, big));
-    assert_kvf_ok(kvf_store_server_stats(srv, &after));
-    assert_landed(fresh, src, big, "write into a region the watch reported");
-    if (after.ops != before.ops)
-        fail_msg("the write made %llu store request(s)",
-                 (unsigned long long)(after.ops - before.ops));
-
-    assert_kvf_ok(kvf_mem_unregister(dec, fresh));
-    assert_kvf_ok(kvf_mem_unregister(dec, first));
-    kvf_engine_destroy(pre);
-    kvf_engine_destroy(dec);
-    kvf_store_server_stop(srv);
-    free(first);
+    counted_write_no_store(&k, src, fresh, big);
+    assert_kvf_ok(kvf_mem_unregister(k.dec, fresh));
+    counted_close(&k);
     free(fresh);
     free(src);
 }

@@ -287,6 +287,21 @@ static int batch_new(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, siz
     return 0;
 }
 
+/* Append @b to the queue and wake a thread; when every thread waits for a peer that has not
+ * appeared, one more for this batch. Under batches.lock. */
+static void queue_push_locked(kvf_engine_t *e, kvf_batch_t *b)
+{
+    eng_batches_t *a = &e->batches;
+    if (a->tail)
+        a->tail->next = b;
+    else
+        a->head = b;
+    a->tail = b;
+    if (a->waiting_peer >= a->nthreads && a->nthreads < ENG_MAX_ASYNC_THREADS)
+        thread_add(e);
+    pthread_cond_signal(&a->work);
+}
+
 int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
                         const void *msg, size_t msg_len, kvf_batch_t **out)
 {
@@ -341,15 +356,7 @@ int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, 
     if (b->has_msg)
         b->seq = kvf__notify_order_take(e, b->order);
     a->inflight++;
-    if (a->tail)
-        a->tail->next = b;
-    else
-        a->head = b;
-    a->tail = b;
-    /* Every thread waits for a peer that has not appeared: one more for this batch. */
-    if (a->waiting_peer >= a->nthreads && a->nthreads < ENG_MAX_ASYNC_THREADS)
-        thread_add(e);
-    pthread_cond_signal(&a->work);
+    queue_push_locked(e, b);
     pthread_mutex_unlock(&a->lock);
     *out = b;
     return 0;
@@ -372,14 +379,7 @@ void kvf__batch_open_peer(kvf_engine_t *e, const char *peer)
     }
     /* Queued like a batch, so a transfer submitted right after runs behind it and finds the
      * peer being looked up (it waits for that lookup rather than starting its own). */
-    if (a->tail)
-        a->tail->next = b;
-    else
-        a->head = b;
-    a->tail = b;
-    if (a->waiting_peer >= a->nthreads && a->nthreads < ENG_MAX_ASYNC_THREADS)
-        thread_add(e);
-    pthread_cond_signal(&a->work);
+    queue_push_locked(e, b);
     pthread_mutex_unlock(&a->lock);
 }
 
