@@ -55,6 +55,7 @@ import ctypes
 import json
 import os
 import signal
+import random
 import socket
 import subprocess
 import sys
@@ -369,9 +370,21 @@ def run_store(args):
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nobody listens on now, below the ephemeral range: a port bind() picks (port 0) is
+    one any outgoing connection on this host may take before the Decode binds it (seen: "session
+    id ... is already in use" when other work opened many connections at the same time)."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below %d in 200 tries" % low)
 
 
 def run_local(args):
