@@ -225,7 +225,6 @@ static int peer_get(kvf_engine_t *e, const char *sid, const atomic_bool *cancel,
     return rc;
 }
 
-
 /* The store client's thread: a regions record of the namespace changed. If it is a watched
  * peer's, a copy of its text waits in the peer for the next check, which parses it
  * (peer_take_pending): nothing untrusted is parsed on this thread, which also keeps the
