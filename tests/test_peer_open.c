@@ -10,6 +10,7 @@
 #include "test_util.h"
 
 #include <dirent.h>
+#include <netinet/in.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -44,7 +45,10 @@ static unsigned threads_named(const char *name)
     return n;
 }
 
-/* Established IPv4 TCP connections of this process's network namespace to 127.0.0.1:@port. */
+/* Established IPv4 TCP connections of this process's network namespace to 127.0.0.1:@port. The
+ * address counts too: a port is shared by sockets on different addresses, and a raw client of a
+ * test running alongside (bound to 127.0.0.2:0) may hold @port; the server end of its connection
+ * then has @port as its remote port (test_many_peers.c). */
 static unsigned tcp_established_to(unsigned port)
 {
     FILE *f = fopen("/proc/net/tcp", "r");
@@ -56,7 +60,7 @@ static unsigned tcp_established_to(unsigned port)
     while (fgets(line, sizeof(line), f)) {
         unsigned sl, laddr, lport, raddr, rport, st;
         if (sscanf(line, " %u: %x:%x %x:%x %x", &sl, &laddr, &lport, &raddr, &rport, &st) == 6 &&
-            rport == port && st == 1 /* TCP_ESTABLISHED */)
+            raddr == htonl(INADDR_LOOPBACK) && rport == port && st == 1 /* TCP_ESTABLISHED */)
             n++;
     }
     fclose(f);

@@ -49,8 +49,9 @@ typedef struct {
 /*
  * The fence (shm_fence.c). A target's CPU takes no part in a shm copy, so its unregister cannot
  * take a reference the copy holds, as tcp's and loop's do. Instead each sender engine holds a
- * slot of a page the target shares with it (a memfd, handed over the memfd socket), and counts
- * its transfers in and out there, each under the epoch it entered in:
+ * slot of a page the target shares with it (a memfd sealed against shrinking, growing and new
+ * seals, handed over the memfd socket; a sender refuses one that could be shrunk under its
+ * mapping), and counts its transfers in and out there, each under the epoch it entered in:
  *
  *   sender:  e = epoch; count[e & 1]++; if epoch != e: count[e & 1]--, again   (enter)
  *            load the generation (and copy the table) from the shared table,
@@ -291,7 +292,8 @@ shm_rmap_t *shm_rmap_find(struct shm_peer *p, uint64_t addr, uint64_t len);
 /* Take a slot of the target's fence page (p->fence, fence_slot, fence_conn), map its shared
  * region table (p->table) and learn the address of its word (p->word_addr), from the process
  * p->pid only. Returns 0, or -KVF_ENOTSUP
- * with the reason (the target serves no socket, is full, or answered wrongly): without a slot,
+ * with the reason (the target serves no socket, is full, answered wrongly, or its page is not
+ * sealed against shrinking): without a slot,
  * shm must not be used to that target. */
 int shm_fence_open(struct shm_peer *p, const char *local_sid);
 /* Give the slot back (close the connection) and unmap the page. */

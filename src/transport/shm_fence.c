@@ -4,6 +4,7 @@
  * leave around each transfer.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <sched.h>
@@ -31,13 +32,26 @@ int shm_fence_create(struct shm_transport *t)
     pthread_mutex_init(&t->fence_lock, NULL);
     pthread_mutex_init(&t->drain_lock, NULL);
     t->table_fd = -1;
-    t->fence_fd = memfd_create("kvf-fence", MFD_CLOEXEC);
+    t->fence_fd = memfd_create("kvf-fence", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (t->fence_fd < 0)
         return -errno;
     void *m = MAP_FAILED;
     if (ftruncate(t->fence_fd, sizeof(shm_fence_page_t)) == 0)
         m = mmap(NULL, sizeof(shm_fence_page_t), PROT_READ | PROT_WRITE, MAP_SHARED, t->fence_fd,
                  0);
+    /* Senders map the page read-write (they count themselves in it), so it is not sealed
+     * against writes; it is sealed against shrinking, under a sender's mapping a SIGBUS on its
+     * fence (shm_fence_open refuses a page without that seal), against growing, as the region
+     * table is, and against further seals, so that no sender can add F_SEAL_FUTURE_WRITE and
+     * keep the next ones from mapping it. */
+    if (m != MAP_FAILED &&
+        fcntl(t->fence_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        int rc = -errno;
+        munmap(m, sizeof(shm_fence_page_t));
+        close(t->fence_fd);
+        t->fence_fd = -1;
+        return rc;
+    }
     if (m == MAP_FAILED) {
         int rc = -errno;
         close(t->fence_fd);

@@ -19,6 +19,7 @@
  * thread watches those connections and frees a slot when its connection ends.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
@@ -494,7 +495,7 @@ int shm_fence_open(struct shm_peer *p, const char *local_sid)
     char why[200] = "";
     struct stat st;
     void *map = MAP_FAILED;
-    int fds[2], fd;
+    int fds[2], fd, seals;
 
     p->fence_conn = -1;
     if (!p->sock[0])
@@ -515,6 +516,9 @@ int shm_fence_open(struct shm_peer *p, const char *local_sid)
     } else if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) ||
                st.st_size < (off_t)sizeof(shm_fence_page_t)) {
         snprintf(why, sizeof(why), "the fd is not a fence page");
+    } else if ((seals = fcntl(fd, F_GET_SEALS)) < 0 || !(seals & F_SEAL_SHRINK)) {
+        /* Unsealed, the target could shrink it under our mapping: a SIGBUS on the next enter. */
+        snprintf(why, sizeof(why), "the fence page's memfd is not sealed against shrinking");
     } else {
         map = mmap(NULL, sizeof(shm_fence_page_t), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (map == MAP_FAILED)
