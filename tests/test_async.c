@@ -14,6 +14,8 @@
  */
 #include "test_util.h"
 
+#include "core/core.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -2070,6 +2072,200 @@ static void notify_wait_closed_on_shutdown(void **state)
     free(n);
 }
 
+/* ---- 12. posted batches: submit sends a small write batch itself (tcp) ---------------------- */
+
+/* The cases of this section are about tcp's posted batches (kvf_transfer_submit() sending a
+ * small write batch from the caller's thread, its answer completing it on the I/O thread that
+ * reads it); other paths run every batch on the async threads. */
+static bool posts(void)
+{
+    const char *t = getenv("KVFERRY_TRANSPORT");
+    return t && !strcmp(t, "tcp");
+}
+
+/* SIGSTOP @c and return once it is stopped (kill() only sends the signal: the child may still
+ * answer a request in between). */
+static void child_stop(child_t *c)
+{
+    assert_int_equal(kill(c->pid, SIGSTOP), 0);
+    char path[64], stat[512];
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)c->pid);
+    for (uint64_t t0 = kvf_test_now_ms(); kvf_test_now_ms() - t0 < 5000; sched_yield()) {
+        FILE *f = fopen(path, "r");
+        assert_non_null(f);
+        size_t n = fread(stat, 1, sizeof(stat) - 1, f);
+        fclose(f);
+        stat[n] = '\0';
+        const char *paren = strrchr(stat, ')'); /* "pid (comm) S ...": comm may hold spaces */
+        if (paren && paren[1] == ' ' && paren[2] == 'T')
+            return;
+    }
+    fail_msg("child %d not stopped 5 s after SIGSTOP", (int)c->pid);
+}
+
+/* Posted batches of one element and of gathered small writes land every byte, report every
+ * element done, and mix with sync calls on the same connections. */
+static void posted_batches_land_every_byte(void **state)
+{
+    fx_t *fx = *state;
+    if (!posts())
+        skip();
+    const char *peer = kvf_engine_session_id(fx->dec);
+    enum { N = 48, SMALL = 8 };
+    const size_t len = 64 * 1024, small = 4096;
+    const size_t size = N * len;
+    uint8_t *dst = map_zeroed(size), *src = malloc(size);
+    assert_non_null(src);
+    assert_kvf_ok(kvf_mem_register(fx->dec, dst, size));
+    pat_fill(src, size, 1201);
+    /* A sync write opens the path and fills the sender's cache of the peer's regions. */
+    assert_kvf_ok(kvf_write(fx->pre, peer, src, (uintptr_t)dst, len));
+    uint64_t posted0 = kvf__batch_posted(fx->pre);
+
+    kvf_batch_t *b[N];
+    kvf_xfer_t xs[N][SMALL];
+    for (int i = 1; i < N; i++) {
+        size_t off = (size_t)i * len;
+        size_t n = i % 2 ? 1 : SMALL; /* odd: one 64 KiB element; even: a WRITEV of 4 KiB ones */
+        for (size_t k = 0; k < n; k++) {
+            size_t o = off + k * (n == 1 ? 0 : small);
+            xs[i][k] = (kvf_xfer_t){KVF_OP_WRITE, src + o, (uintptr_t)(dst + o), n == 1 ? len : small};
+        }
+        assert_kvf_ok(kvf_transfer_submit(fx->pre, peer, xs[i], n, NULL, 0, &b[i]));
+        if (i % 8 == 0) /* and a sync call among them */
+            assert_kvf_ok(kvf_write(fx->pre, peer, src, (uintptr_t)dst, len));
+    }
+    for (int i = 1; i < N; i++) {
+        int st[SMALL];
+        batch_done(b[i], 10000);
+        size_t n = i % 2 ? 1 : SMALL;
+        assert_int_equal(kvf_batch_status(b[i], st, n), KVF_BATCH_DONE);
+        for (size_t k = 0; k < n; k++)
+            assert_int_equal(st[k], 0);
+        kvf_batch_free(b[i]);
+        size_t got = i % 2 ? len : SMALL * small;
+        assert_memory_equal(dst + (size_t)i * len, src + (size_t)i * len, got);
+        assert_true(all_zero(dst + (size_t)i * len + got, len - got));
+    }
+    /* Each was posted unless its connection was busy sending at that moment. */
+    uint64_t posted = kvf__batch_posted(fx->pre) - posted0;
+    print_message("%llu of %d batches posted\n", (unsigned long long)posted, N - 1);
+    assert_true(posted >= 1);
+    /* Reads and larger batches are never posted. */
+    posted0 = kvf__batch_posted(fx->pre);
+    kvf_xfer_t big = {KVF_OP_WRITE, src, (uintptr_t)dst, 4 * len};
+    kvf_xfer_t rd = {KVF_OP_READ, src, (uintptr_t)dst, len};
+    assert_kvf_ok(kvf_transfer_submit(fx->pre, peer, &big, 1, NULL, 0, &b[0]));
+    batch_done(b[0], 10000);
+    kvf_batch_free(b[0]);
+    assert_kvf_ok(kvf_transfer_submit(fx->pre, peer, &rd, 1, NULL, 0, &b[0]));
+    batch_done(b[0], 10000);
+    kvf_batch_free(b[0]);
+    assert_int_equal(kvf__batch_posted(fx->pre), posted0);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
+    munmap(dst, size);
+    free(src);
+}
+
+/* A posted batch whose target stops answering (SIGSTOP) fails with -KVF_ETIMEDOUT at its
+ * deadline, not later than one timer tick after it, with the element's status and a message
+ * naming the peer; and destroy with a posted batch in flight returns once it timed out. */
+static void posted_batch_times_out_on_stopped_target(void **state)
+{
+    fx_t *fx = *state;
+    if (!posts())
+        skip();
+    enum { OP_MS = 1500, TICK_MS = 1000 };
+    const size_t len = 64 * 1024;
+    char size[32];
+    snprintf(size, sizeof(size), "%zu", 4 * len);
+    char *args[] = {"notes", (char *)fx->url, size, "0", NULL};
+    child_t *c = child_spawn(args);
+    child_ready(c);
+    kvf_config_t cfg = quick_config();
+    cfg.op_timeout_ms = OP_MS;
+    kvf_engine_t *pre = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_PREFILL, &cfg);
+    uint8_t *src = malloc(len);
+    assert_non_null(src);
+    pat_fill(src, len, 1202);
+    kvf_xfer_t x = {KVF_OP_WRITE, src, c->addr, len};
+    assert_kvf_ok(kvf_transfer_sync(pre, c->sid, &x, 1));
+
+    child_stop(c);
+    uint64_t posted0 = kvf__batch_posted(pre);
+    kvf_batch_t *b;
+    uint64_t t0 = kvf_test_now_ms();
+    assert_kvf_ok(kvf_transfer_submit(pre, c->sid, &x, 1, NULL, 0, &b));
+    assert_int_equal(kvf__batch_posted(pre), posted0 + 1);
+    int rc = kvf_batch_wait(b, OP_MS + 3 * TICK_MS);
+    uint64_t took = kvf_test_now_ms() - t0;
+    print_message("posted batch to a stopped target: %d after %llu ms: %s\n", rc,
+                  (unsigned long long)took, rc < 0 ? kvf_last_error() : "");
+    if (rc == KVF_BATCH_PENDING)
+        fail_msg("posted batch still pending %u ms after its %u ms deadline", 3 * TICK_MS, OP_MS);
+    assert_int_equal(rc, -KVF_ETIMEDOUT);
+    assert_last_error_contains(c->sid);
+    assert_last_error_contains("timed out");
+    assert_true(took >= OP_MS - 10 && took <= OP_MS + 2 * TICK_MS);
+    int st = 0;
+    assert_int_equal(kvf_batch_status(b, &st, 1), -KVF_ETIMEDOUT);
+    assert_int_equal(st, -KVF_ETIMEDOUT);
+    kvf_batch_free(b);
+
+    /* Destroy waits for a posted batch (bounded by its deadline), which then reads timed out;
+     * the path is reopened first (the timeout cut the connection), so this one is posted too. */
+    assert_int_equal(kill(c->pid, SIGCONT), 0);
+    assert_kvf_ok(kvf_transfer_sync(pre, c->sid, &x, 1));
+    child_stop(c);
+    posted0 = kvf__batch_posted(pre);
+    assert_kvf_ok(kvf_transfer_submit(pre, c->sid, &x, 1, NULL, 0, &b));
+    assert_int_equal(kvf__batch_posted(pre), posted0 + 1);
+    t0 = kvf_test_now_ms();
+    fx_forget(fx, pre);
+    kvf_engine_destroy(pre);
+    took = kvf_test_now_ms() - t0;
+    assert_true(took <= OP_MS + 2 * TICK_MS);
+    assert_int_equal(kvf_batch_wait(b, 0), -KVF_ETIMEDOUT);
+    kvf_batch_free(b);
+    kill(c->pid, SIGCONT);
+    child_kill(c);
+    free(src);
+}
+
+/* A posted batch whose connection the target closes unanswered (as an idle close crossing it
+ * would; the target's test hook) runs once more on a new connection, as a sync call does, and
+ * lands. */
+static void posted_batch_runs_again_after_unanswered_close(void **state)
+{
+    fx_t *fx = *state;
+    if (!posts())
+        skip();
+    const size_t len = 16 * 1024;
+    setenv("KVFERRY_TCP_TEST_CLOSE_REQUESTS", "1", 1);
+    kvf_config_t cfg = quick_config();
+    kvf_engine_t *dec = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_DECODE, &cfg);
+    unsetenv("KVFERRY_TCP_TEST_CLOSE_REQUESTS");
+    const char *peer = kvf_engine_session_id(dec);
+    uint8_t *dst = map_zeroed(len), *src = malloc(len);
+    assert_non_null(src);
+    pat_fill(src, len, 1203);
+    assert_kvf_ok(kvf_mem_register(dec, dst, len));
+    /* Open the path and its connections without a data request (which would meet the hook):
+     * a notification does both. */
+    assert_kvf_ok(kvf_notify_send(fx->pre, peer, "open", 4));
+    kvf_xfer_t x = {KVF_OP_WRITE, src, (uintptr_t)dst, len};
+    uint64_t posted0 = kvf__batch_posted(fx->pre);
+    kvf_batch_t *b = NULL;
+    assert_kvf_ok(kvf_transfer_submit(fx->pre, peer, &x, 1, NULL, 0, &b));
+    assert_int_equal(kvf__batch_posted(fx->pre), posted0 + 1);
+    batch_done(b, 10000);
+    kvf_batch_free(b);
+    assert_memory_equal(dst, src, len);
+    assert_kvf_ok(kvf_mem_unregister(dec, dst));
+    munmap(dst, len);
+    free(src);
+}
+
 /* ---- child processes' side --------------------------------------------------------------- */
 
 static void wait_stdin_eof(void)
@@ -2249,6 +2445,11 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(free_pending_batch_after_destroy, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(notify_wait_closed_on_shutdown, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(shutdown_releases_peer_wait_and_submit, fx_setup,
+                                    fx_teardown),
+    cmocka_unit_test_setup_teardown(posted_batches_land_every_byte, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(posted_batch_times_out_on_stopped_target, fx_setup,
+                                    fx_teardown),
+    cmocka_unit_test_setup_teardown(posted_batch_runs_again_after_unanswered_close, fx_setup,
                                     fx_teardown),
 };
 

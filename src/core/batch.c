@@ -42,6 +42,7 @@ struct kvf_batch {
     eng_order_t *order; /* with has_msg */
     uint64_t seq;
     atomic_bool cancel;
+    eng_post_t post; /* posted from the submitting thread (batch_post) */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -302,6 +303,68 @@ static void queue_push_locked(kvf_engine_t *e, kvf_batch_t *b)
     pthread_cond_signal(&a->work);
 }
 
+/* Queue @b (counted in flight, not in the queue) after all: for the async threads, or dropped
+ * when the engine is being destroyed (which may have emptied the queue already). */
+static void batch_requeue(kvf_engine_t *e, kvf_batch_t *b)
+{
+    eng_batches_t *a = &e->batches;
+    pthread_mutex_lock(&a->lock);
+    if (a->stopping) {
+        pthread_mutex_unlock(&a->lock);
+        batch_drop(b, -KVF_ECLOSED, "engine is being destroyed");
+        return;
+    }
+    b->running = false;
+    queue_push_locked(e, b);
+    pthread_mutex_unlock(&a->lock);
+}
+
+/* A posted batch ended (kvf__eng_post; on the thread that read its last answer, under its
+ * transport's locks). An error the data path would have retried itself runs the batch again on
+ * an async thread, as a queued batch, unless the caller cancelled it. */
+static void batch_post_done(void *arg, int rc, const char *msg)
+{
+    kvf_batch_t *b = arg;
+    if (rc < 0 && kvf__eng_post_rerun(rc) && !atomic_load(&b->cancel)) {
+        KVF_DEBUG(BATCH_LOG, "engine %s: posted batch to %s: %s; running it again", b->e->sid,
+                  b->peer, msg);
+        for (size_t i = 0; i < b->n; i++)
+            b->status[i] = KVF_XFER_PENDING;
+        batch_requeue(b->e, b);
+        return;
+    }
+    char err[ERRMSG_MAX];
+    if (rc < 0)
+        snprintf(err, sizeof(err), "transfer to %s: %s", b->peer, msg);
+    batch_complete(b, rc, rc < 0 ? err : "");
+}
+
+/*
+ * Start @b (counted in flight) from the submitting thread when its path can take it at once
+ * (kvf__eng_post): no hop to an async thread, and its answers complete it where they are read.
+ * Otherwise it is queued for the async threads.
+ */
+static void batch_post(kvf_engine_t *e, kvf_batch_t *b)
+{
+    int rc = 1;
+    if (kvf__eng_busy_enter(e) == 0) {
+        b->post = (eng_post_t){.done = batch_post_done, .arg = b};
+        rc = kvf__eng_post(e, b->peer, b->x, b->n, kvf__now_ms() + e->cfg.op_timeout_ms,
+                           b->status, &b->post);
+        if (rc == 0)
+            atomic_fetch_add_explicit(&e->batches.posted, 1, memory_order_relaxed);
+        kvf__eng_busy_leave(e);
+    }
+    /* Posted, @b may be complete and freed by now. */
+    if (rc != 0)
+        batch_requeue(e, b);
+}
+
+uint64_t kvf__batch_posted(kvf_engine_t *e)
+{
+    return atomic_load_explicit(&e->batches.posted, memory_order_relaxed);
+}
+
 int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
                         const void *msg, size_t msg_len, kvf_batch_t **out)
 {
@@ -356,8 +419,14 @@ int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, 
     if (b->has_msg)
         b->seq = kvf__notify_order_take(e, b->order);
     a->inflight++;
-    queue_push_locked(e, b);
-    pthread_mutex_unlock(&a->lock);
+    if (b->has_msg || !e->submit_posts) {
+        queue_push_locked(e, b);
+        pthread_mutex_unlock(&a->lock);
+    } else {
+        b->running = true; /* not in the queue, for kvf_batch_cancel */
+        pthread_mutex_unlock(&a->lock);
+        batch_post(e, b);
+    }
     *out = b;
     return 0;
 }

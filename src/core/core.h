@@ -171,6 +171,7 @@ typedef struct {
     unsigned nthreads;
     unsigned waiting_peer; /* threads whose batch waits for its peer to appear */
     pthread_t *threads;    /* room for ENG_MAX_ASYNC_THREADS */
+    atomic_uint_fast64_t posted; /* batches submit posted (kvf__eng_post), for the tests */
 } eng_batches_t;
 
 /* Notifications (notify.c): the order of those sent, the queue of those received. */
@@ -227,6 +228,10 @@ struct kvf_engine {
 
     /* Serialises region publication so that an older snapshot never overwrites a newer one. */
     pthread_mutex_t publish_lock;
+
+    /* Whether kvf_transfer_submit() may post a batch from the caller's thread (kvf__eng_post);
+     * off with KVFERRY_SUBMIT_QUEUE=1, read at create. */
+    bool submit_posts;
 
     pthread_mutex_t peers_lock;
     eng_peer_t *peers;
@@ -356,6 +361,9 @@ int kvf__peer_enter(kvf_engine_t *e, const char *peer, const char *what, const a
                     eng_peer_t **out);
 /* Leave what kvf__peer_enter() entered, passing @rc on (wrapped with @what and the peer). */
 int kvf__peer_leave(eng_peer_t *p, int rc, const char *what);
+/* kvf__peer_enter() when it costs no wait: @peer is in the cache, its path needs no new choice
+ * and nobody is choosing it now. NULL otherwise. Leave with kvf__peer_leave(). */
+eng_peer_t *kvf__peer_enter_now(kvf_engine_t *e, const char *peer);
 /* kvf_peer_check() without the argument checks and busy count. */
 int kvf__eng_peer_check(kvf_engine_t *e, const char *peer);
 
@@ -396,6 +404,33 @@ int kvf__eng_check_xfers(const char *peer, const kvf_xfer_t *x, size_t n);
 int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
                       uint64_t deadline_ms, const kvf_xfer_ctl_t *ctl);
 
+/* A batch posted by kvf__eng_post(): where it went, and whom to tell when it ends. */
+typedef struct {
+    kvf_engine_t *e;
+    eng_peer_t *p;
+    size_t ti; /* p's path, for the statistics */
+    uint64_t t0_ns;
+    const kvf_xfer_t *x;
+    size_t n;
+    kvf_post_done_fn done;
+    void *arg;
+} eng_post_t;
+
+/*
+ * Start @x on @peer's path without waiting for it (kvf_transport_ops.post), inside a busy
+ * section, when that costs the caller no wait: the peer is cached with its path open, its
+ * cached regions hold every element, and the transport can send the batch at once. Returns 0
+ * when it was posted: @ps->done(@ps->arg, rc, msg) is then called once, on any thread, with the
+ * call counted in the statistics (unless kvf__eng_post_rerun(rc)). Returns 1 when nothing was
+ * posted: run the batch with kvf__eng_transfer(). @ps must stay valid until done was called.
+ */
+int kvf__eng_post(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
+                  uint64_t deadline_ms, int *status, eng_post_t *ps);
+/* Whether a posted batch that ended with @rc should run again as kvf__eng_transfer() would: the
+ * errors that path retries itself (a connection the target closed, regions re-registered,
+ * the path closed under a new choice). */
+bool kvf__eng_post_rerun(int rc);
+
 /* ---- notify.c ------------------------------------------------------------------------------- */
 
 /* Check the arguments of a transfer with (@has_msg) or without a notification. */
@@ -431,6 +466,8 @@ void kvf__batch_stop(kvf_engine_t *e);
 /* Open the path to @peer on an async thread (starting them if need be), so that the first
  * transfer to it does not: best effort, returns at once, nothing is reported. */
 void kvf__batch_open_peer(kvf_engine_t *e, const char *peer);
+/* For tests: how many batches kvf_transfer_submit() posted from the caller's thread. */
+uint64_t kvf__batch_posted(kvf_engine_t *e);
 
 /* ---- events.c ------------------------------------------------------------------------------- */
 

@@ -254,6 +254,8 @@ int kvf_engine_create(const char *store_url, const char *session_id, kvf_role_t 
     pthread_mutex_init(&e->publish_lock, NULL);
     pthread_mutex_init(&e->peers_lock, NULL);
     pthread_mutex_init(&e->rwatch.lock, NULL);
+    const char *queue_only = getenv("KVFERRY_SUBMIT_QUEUE");
+    e->submit_posts = !(queue_only && !strcmp(queue_only, "1"));
     const char *nowatch = getenv("KVFERRY_NO_REGIONS_WATCH");
     atomic_init(&e->rwatch.state,
                 nowatch && !strcmp(nowatch, "1") ? RWATCH_DISABLED : RWATCH_OFF);

@@ -610,6 +610,16 @@ int kvf__peer_enter(kvf_engine_t *e, const char *peer, const char *what, const a
     return 0;
 }
 
+eng_peer_t *kvf__peer_enter_now(kvf_engine_t *e, const char *peer)
+{
+    pthread_mutex_lock(&e->peers_lock);
+    eng_peer_t *p = peer_find_locked(e, peer);
+    pthread_mutex_unlock(&e->peers_lock);
+    if (!p || atomic_load(&p->reselect) || pthread_rwlock_tryrdlock(&p->sel) != 0)
+        return NULL;
+    return p;
+}
+
 /* Leave what kvf__peer_enter() entered. The process behind the peer is gone: the next call looks it
  * up again, since it may have restarted under the same session id (another pid, other memory,
  * maybe another host). */

@@ -270,6 +270,45 @@ int kvf__eng_transfer(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, si
     return rc;
 }
 
+bool kvf__eng_post_rerun(int rc)
+{
+    return rc == -KVF_EPEERGONE || rc == -KVF_ENOTREG || rc == -KVF_ECLOSED;
+}
+
+/* The transport's end of a posted batch: count it (a batch that runs again is counted then). */
+static void post_done(void *arg, int rc, const char *msg)
+{
+    eng_post_t *ps = arg;
+    atomic_fetch_sub_explicit(&ps->p->in_flight, 1, memory_order_relaxed);
+    if (!kvf__eng_post_rerun(rc))
+        kvf__stats_call(ps->e, ps->p, ps->ti, ps->x, ps->n, rc,
+                        (kvf__now_ns() - ps->t0_ns) / 1000u);
+    ps->done(ps->arg, rc, msg);
+}
+
+int kvf__eng_post(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
+                  uint64_t deadline_ms, int *status, eng_post_t *ps)
+{
+    size_t bad;
+    eng_peer_t *p = kvf__peer_enter_now(e, peer);
+    if (!p)
+        return 1;
+    int rc = 1;
+    /* Only where the target checks every request (tcp): the batch must hit the cached regions,
+     * so that a miss keeps the checks and messages of kvf__eng_transfer(). */
+    if (p->tops->check == KVF_CHECK_TARGET && kvf__peer_check(p, x, n, &bad) == 0) {
+        *ps = (eng_post_t){.e = e, .p = p, .ti = path_index(p), .t0_ns = kvf__now_ns(), .x = x,
+                           .n = n, .done = ps->done, .arg = ps->arg};
+        eng_count_add(&p->in_flight, 1);
+        rc = p->tops->post(p->tp, x, n, deadline_ms, status, post_done, ps);
+        if (rc != 0)
+            atomic_fetch_sub_explicit(&p->in_flight, 1, memory_order_relaxed);
+    }
+    /* Not a failure: the batch is posted, or runs the usual way. */
+    kvf__peer_leave(p, 0, "transfer");
+    return rc;
+}
+
 int kvf_transfer_sync(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n)
 {
     if (!e)

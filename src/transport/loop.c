@@ -293,6 +293,7 @@ const struct kvf_transport_ops kvf__loop_ops = {
     .peer_open = loop_peer_open,
     .peer_close = loop_peer_close,
     .transfer = loop_transfer,
+    .post = kvf__transport_no_post,
     .peer_alive = loop_peer_alive,
     .notify = loop_notify,
     .regions_gen = kvf__transport_enotsup_gen,

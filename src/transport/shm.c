@@ -437,6 +437,7 @@ const struct kvf_transport_ops kvf__shm_ops = {
     .peer_open = shm_peer_open,
     .peer_close = shm_peer_close,
     .transfer = shm_transfer,
+    .post = kvf__transport_no_post,
     .peer_alive = shm_peer_alive,
     .notify = kvf__transport_enotsup_notify,
     .regions_gen = shm_regions_gen,

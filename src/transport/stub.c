@@ -94,6 +94,19 @@ int kvf__transport_no_drain(kvf_transport_t *t, uint64_t deadline_ms)
     return 0;
 }
 
+int kvf__transport_no_post(kvf_tpeer_t *p, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                           int *status, kvf_post_done_fn done, void *arg)
+{
+    (void)p;
+    (void)x;
+    (void)n;
+    (void)deadline_ms;
+    (void)status;
+    (void)done;
+    (void)arg;
+    return 1;
+}
+
 size_t kvf__transport_no_holders(kvf_transport_t *t, uint64_t addr, uint64_t len, char *buf,
                                  size_t buflen)
 {

@@ -133,6 +133,7 @@ static int tcp_create(const kvf_transport_params_t *p, kvf_transport_t **out)
     t->connect_timeout_ms = p->connect_timeout_ms ? p->connect_timeout_ms : TCP_DEFAULT_CONNECT_MS;
     t->idle_timeout_ms = p->idle_timeout_ms ? p->idle_timeout_ms : KVF_DEFAULT_TCP_IDLE_TIMEOUT_MS;
     t->io_threads = p->io_threads;
+    t->on_tick = tcp_posted_expire;
     if (p->auth)
         t->auth = *p->auth;
     t->notify_cb = p->notify_cb;
@@ -249,6 +250,7 @@ const struct kvf_transport_ops kvf__tcp_ops = {
     .peer_open = tcp_peer_open,
     .peer_close = tcp_peer_close,
     .transfer = tcp_transfer,
+    .post = tcp_post_batch,
     .peer_alive = tcp_peer_alive,
     .notify = tcp_notify,
     .regions_gen = kvf__transport_enotsup_gen,

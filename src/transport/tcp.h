@@ -76,6 +76,9 @@
  * that are a multiple of TCP_SPLIT_ALIGN (tcp_xfer.c). */
 #define TCP_SPLIT_MIN   (512u << 10)
 #define TCP_SPLIT_ALIGN (64u << 10)
+/* A batch of at most this many bytes in one request may be posted: sent by the thread that
+ * submits it, its answer completing it where it is read (tcp_post_batch). */
+#define TCP_POST_MAX (128u << 10)
 /* Elements up to this size are gathered into WRITEVs by the initiator. */
 #define TCP_GATHER_ELEM_MAX (256u << 10)
 /* A connection idle at least this long is checked for the target's close (a FIN already
@@ -238,6 +241,13 @@ struct tcp_batch {
                            the owner waits on cv for all of them; under peer->mu */
     pthread_cond_t cv;
     char msg[TCP_ERRMSG_LEN];
+    /* A posted batch (tcp_post_batch): nobody waits on cv; whoever ends its last request (an
+     * answer's reader, a break, the expiry sweep) calls done and frees it, once the poster has
+     * let go (posting false). Under peer->mu. */
+    kvf_post_done_fn done;
+    void *done_arg;
+    bool posting;
+    uint64_t deadline_ms;
 };
 
 /* One request in flight on a connection. req_id 0 = free. */
@@ -380,6 +390,9 @@ struct tcp_transport {
     struct tcp_iothr *io;
     atomic_uint watch_rr; /* spreads the initiator connections' watches over the I/O threads */
     struct tcp_peer *peers;
+    /* Run by the first initiator I/O thread on every timer tick (tcp_posted_expire), set by
+     * create: a call up the file order that tcp_pool.c cannot make directly. */
+    void (*on_tick)(struct tcp_transport *t, uint64_t now_ms);
 };
 
 static inline struct tcp_transport *tcp_of(kvf_transport_t *t)
@@ -559,6 +572,9 @@ void tcp_batch_fail(struct tcp_batch *b, int code, const char *fmt, ...) KVF__PR
 /* Give a slot back and count its chunk as done for its batch (whose error, if any, the caller
  * recorded already). */
 void tcp_slot_finish(struct tcp_conn *c, unsigned idx);
+/* End posted batch @b, whose last request ended: leave the peer, call its done, free it. Under
+ * peer->mu. */
+void tcp_posted_end_locked(struct tcp_peer *p, struct tcp_batch *b);
 
 /* Fail one slot with @code, naming its element and @why. */
 void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char *why);
@@ -637,5 +653,9 @@ void tcp_peer_detach_all(struct tcp_transport *t);
 int tcp_transfer(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
                  const kvf_xfer_ctl_t *ctl);
 int tcp_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t deadline_ms);
+int tcp_post_batch(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                   int *status, kvf_post_done_fn done, void *arg);
+/* Time out the posted batches of @t's peers whose deadline passed (the I/O threads' timer). */
+void tcp_posted_expire(struct tcp_transport *t, uint64_t now_ms);
 
 #endif /* KVF_TCP_H */

@@ -48,8 +48,21 @@ void tcp_slot_finish(struct tcp_conn *c, unsigned idx)
         c->idle_since_ms = kvf__now_ms();
     if (c->waiters)
         pthread_cond_broadcast(&c->cv);
-    if (--b->outstanding == 0 && b->waiting)
+    if (--b->outstanding > 0)
+        return;
+    if (b->waiting)
         pthread_cond_signal(&b->cv);
+    else if (b->done && !b->posting)
+        tcp_posted_end_locked(c->peer, b);
+}
+
+void tcp_posted_end_locked(struct tcp_peer *p, struct tcp_batch *b)
+{
+    if (--p->active == 0 && p->closing)
+        pthread_cond_broadcast(&p->cv);
+    int rc = atomic_load(&b->rc);
+    b->done(b->done_arg, rc, rc ? b->msg : "");
+    free(b);
 }
 
 void tcp_slot_fail(struct tcp_conn *c, unsigned idx, int code, const char *why)

@@ -311,6 +311,8 @@ static void *tcp_io_main(void *arg)
                 if (rc)
                     io_close(sc, rc, reason);
             }
+            if (io->idx == t->nio && t->on_tick)
+                t->on_tick(t, now);
         }
         io_sweep(io);
         io_watch_sweep(io);

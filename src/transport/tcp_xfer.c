@@ -12,7 +12,10 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
+#include <linux/sockios.h>
 #include <time.h>
 
 #include "common/thread.h"
@@ -82,6 +85,63 @@ static void tcp_open_others_locked(struct tcp_peer *p, const struct tcp_conn *fi
 }
 
 /*
+ * Register a request in a free slot of @c (there is one): @len bytes at @off of element @elem
+ * of @b, or the WRITEV of elements elem..elem+nelem-1. Someone must read its answer: the caller
+ * itself (@mine) when its batch's requests each have a connection and nobody reads this one
+ * now, else the I/O thread. Returns its req_id, its slot in *@idx. Under peer->mu.
+ */
+static uint64_t tcp_slot_take_locked(struct tcp_conn *c, struct tcp_batch *b, uint8_t op,
+                                     size_t elem, uint32_t nelem, uint64_t off, uint64_t len,
+                                     bool mine, unsigned *idx)
+{
+    const kvf_xfer_t *x = &b->x[elem];
+    *idx = c->free_slots[--c->nfree];
+    struct tcp_slot *s = &c->slots[*idx];
+    uint64_t req_id = (++c->seq << TCP_SLOT_BITS) | *idx;
+    s->req_id = req_id;
+    s->batch = b;
+    s->elem = elem;
+    s->nelem = nelem;
+    s->refused = UINT32_MAX;
+    s->op = op;
+    tcp_rx_claim_locked(c, b, mine);
+    s->local = (uint8_t *)x->local + off;
+    s->remote = x->remote + off;
+    s->len = len;
+    b->outstanding++;
+    return req_id;
+}
+
+/* A request's frame, sent from the caller's memory: header, WRITEV segments, payload. */
+typedef struct {
+    uint8_t hdr[KVF_TCP_HDR_LEN];
+    uint8_t segs[KVF_TCP_MAX_SEGS * KVF_TCP_SEG_LEN];
+    struct iovec iov[TCP_WRITEV_IOV];
+} tcp_frame_t;
+
+/* Fill @f for request @req_id (as tcp_slot_take_locked() registered it, @x its first element);
+ * returns the number of iovecs. */
+static int tcp_frame_build(tcp_frame_t *f, uint8_t op, uint64_t req_id, const kvf_xfer_t *x,
+                           uint32_t nelem, uint64_t off, uint64_t len)
+{
+    int niov = op == KVF_TCP_READ ? 1 : 2;
+    f->iov[0] = (struct iovec){f->hdr, sizeof(f->hdr)};
+    if (op == KVF_TCP_WRITEV) {
+        tcp_hdr_encode(f->hdr, op, 0, req_id, nelem, len);
+        f->iov[1] = (struct iovec){f->segs, (size_t)nelem * KVF_TCP_SEG_LEN};
+        for (uint32_t k = 0; k < nelem; k++) {
+            kvf__put_le64(f->segs + (size_t)k * KVF_TCP_SEG_LEN, x[k].remote);
+            kvf__put_le64(f->segs + (size_t)k * KVF_TCP_SEG_LEN + 8, x[k].len);
+            f->iov[niov++] = (struct iovec){x[k].local, x[k].len};
+        }
+    } else {
+        tcp_hdr_encode(f->hdr, op, 0, req_id, x->remote + off, len);
+        f->iov[1] = (struct iovec){(uint8_t *)x->local + off, (size_t)len};
+    }
+    return niov;
+}
+
+/*
  * Post one chunk: find a usable connection and a free slot on it, register the request in the
  * slot (so that its reader can complete it), and send its frame from the caller's memory.
  * Returns 0 when the frame was sent (its completion comes later), or a negative code with the
@@ -135,49 +195,20 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
         }
     }
 
-    unsigned idx = c->free_slots[--c->nfree];
-    struct tcp_slot *s = &c->slots[idx];
-    uint64_t req_id = (++c->seq << TCP_SLOT_BITS) | idx;
-    s->req_id = req_id;
-    s->batch = b;
-    s->elem = elem;
-    s->nelem = nelem;
-    s->refused = UINT32_MAX;
-    s->op = op;
-    /* Someone must read the answer: the caller itself when its batch's requests each have a
-     * connection and nobody reads this one now, else the I/O thread. */
-    tcp_rx_claim_locked(c, b, mine);
-    s->local = (uint8_t *)x->local + off;
-    s->remote = x->remote + off;
-    s->len = len;
-    b->outstanding++;
+    unsigned idx;
+    uint64_t req_id = tcp_slot_take_locked(c, b, op, elem, nelem, off, len, mine, &idx);
     uint64_t gen = c->gen;
     pthread_mutex_unlock(&p->mu);
 
-    uint8_t hdr[KVF_TCP_HDR_LEN];
-    uint8_t segs[KVF_TCP_MAX_SEGS * KVF_TCP_SEG_LEN];
-    struct iovec iov[TCP_WRITEV_IOV];
-    int niov = op == KVF_TCP_READ ? 1 : 2;
-    iov[0] = (struct iovec){hdr, sizeof(hdr)};
-    if (op == KVF_TCP_WRITEV) {
-        tcp_hdr_encode(hdr, op, 0, req_id, nelem, len);
-        iov[1] = (struct iovec){segs, (size_t)nelem * KVF_TCP_SEG_LEN};
-        for (uint32_t k = 0; k < nelem; k++) {
-            kvf__put_le64(segs + (size_t)k * KVF_TCP_SEG_LEN, x[k].remote);
-            kvf__put_le64(segs + (size_t)k * KVF_TCP_SEG_LEN + 8, x[k].len);
-            iov[niov++] = (struct iovec){x[k].local, x[k].len};
-        }
-    } else {
-        tcp_hdr_encode(hdr, op, 0, req_id, s->remote, len);
-        iov[1] = (struct iovec){s->local, (size_t)len};
-    }
+    tcp_frame_t f;
+    int niov = tcp_frame_build(&f, op, req_id, x, nelem, off, len);
 
     int lrc = tcp_send_lock(c, deadline_ms);
     if (lrc) {
         /* Never sent: take the request back ourselves (unless the connection broke and failed
          * it meanwhile). */
         pthread_mutex_lock(&p->mu);
-        if (c->gen == gen && s->req_id == req_id)
+        if (c->gen == gen && c->slots[idx].req_id == req_id)
             tcp_slot_fail(c, idx, -KVF_ETIMEDOUT, "timed out waiting to send");
         pthread_mutex_unlock(&p->mu);
         return -KVF_ETIMEDOUT;
@@ -187,7 +218,7 @@ static int tcp_post(struct tcp_peer *p, struct tcp_batch *b, uint8_t op, size_t 
         pthread_mutex_unlock(&c->send_mu);
         return -KVF_EPEERGONE;
     }
-    rc = tcp_conn_sendv(c, iov, niov, deadline_ms, 0);
+    rc = tcp_conn_sendv(c, f.iov, niov, deadline_ms, 0);
     pthread_mutex_unlock(&c->send_mu);
     if (rc == 0)
         return 0;
@@ -445,4 +476,145 @@ int tcp_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t deadline_m
         return rc;
     tcp_post(p, &b, KVF_TCP_NOTIFY, 0, 1, 0, len, true, deadline_ms);
     return tcp_batch_end(p, &b, deadline_ms);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Initiator side: posted batches (the op post)
+ * ------------------------------------------------------------------------------------------- */
+
+/* Whether @fd's send buffer takes @len more bytes at once. Only half of SO_SNDBUF counts: the
+ * kernel charges a segment's overhead to the buffer as well. */
+static bool tcp_sock_room(int fd, size_t len)
+{
+    int sndbuf = 0, queued = 0;
+    socklen_t sl = sizeof(sndbuf);
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &sl) < 0 || ioctl(fd, SIOCOUTQ, &queued) < 0)
+        return false;
+    return sndbuf > 0 && queued >= 0 && (size_t)queued + len <= (size_t)sndbuf / 2;
+}
+
+/* Whether a frame of @len bytes can go out on @c without waiting: it is up and not found closed
+ * by the target, a slot is free, nobody sends on it and its socket has room. Then send_mu is
+ * held. Under peer->mu (send_mu only tried, so the lock order does not matter). */
+static bool tcp_conn_take_now_locked(struct tcp_conn *c, size_t len)
+{
+    if (c->state != TCP_CONN_UP || c->nfree == 0 || tcp_idle_closed_locked(c))
+        return false;
+    if (pthread_mutex_trylock(&c->send_mu) != 0)
+        return false;
+    if (tcp_sock_room(c->fd, len))
+        return true;
+    pthread_mutex_unlock(&c->send_mu);
+    return false;
+}
+
+int tcp_post_batch(kvf_tpeer_t *pp, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                   int *status, kvf_post_done_fn done, void *arg)
+{
+    struct tcp_peer *p = tcp_peer_of(pp);
+    if (!p || !x || n == 0 || n > KVF_TCP_MAX_SEGS || !done)
+        return 1;
+    /* One request of writes only, as transfer() would send it: one element, or a WRITEV of
+     * small ones (a read's payload would land in the caller's memory after it stopped waiting).
+     * Up to TCP_POST_MAX bytes: a larger batch goes faster spread over the async threads and
+     * the peer's connections. Anything else takes transfer(). */
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (x[i].op != KVF_OP_WRITE || x[i].len == 0 || !x[i].local ||
+            x[i].remote + x[i].len < x[i].remote)
+            return 1;
+        total += x[i].len;
+    }
+    if (total > TCP_POST_MAX || total > p->chunk)
+        return 1;
+    uint8_t op = n > 1 ? KVF_TCP_WRITEV : KVF_TCP_WRITE;
+
+    struct tcp_batch *b = calloc(1, sizeof(*b) + n * sizeof(uint32_t));
+    if (!b)
+        return 1;
+    b->x = x;
+    b->status = status;
+    b->left = (uint32_t *)(void *)(b + 1);
+    for (size_t i = 0; i < n; i++)
+        b->left[i] = 1;
+    atomic_init(&b->rc, 0);
+    b->done = done;
+    b->done_arg = arg;
+    b->posting = true;
+    b->deadline_ms = deadline_ms;
+
+    struct tcp_conn *c = NULL;
+    pthread_mutex_lock(&p->mu);
+    unsigned start = atomic_fetch_add_explicit(&p->rr, 1, memory_order_relaxed);
+    for (unsigned j = 0; j < p->nconns && !c && !p->closing; j++) {
+        c = &p->conns[(start + j) % p->nconns];
+        if (!tcp_conn_take_now_locked(c, (size_t)total + KVF_TCP_HDR_LEN + n * KVF_TCP_SEG_LEN))
+            c = NULL;
+    }
+    if (!c) {
+        pthread_mutex_unlock(&p->mu);
+        free(b);
+        return 1;
+    }
+    unsigned idx;
+    uint64_t req_id = tcp_slot_take_locked(c, b, op, 0, (uint32_t)n, 0, total, false, &idx);
+    uint64_t gen = c->gen;
+    p->active++;
+    pthread_mutex_unlock(&p->mu);
+
+    tcp_frame_t f;
+    int niov = tcp_frame_build(&f, op, req_id, x, (uint32_t)n, 0, total);
+    int rc = tcp_conn_sendv(c, f.iov, niov, deadline_ms, 0);
+    pthread_mutex_unlock(&c->send_mu);
+
+    pthread_mutex_lock(&p->mu);
+    if (rc) {
+        /* As in tcp_post(): a frame may have gone out in part, so the connection is done for,
+         * and its break fails this request with every other on it. */
+        tcp_batch_fail(b, rc == -KVF_ETIMEDOUT ? rc : -KVF_EPEERGONE,
+                       "tcp %s to %s, element 0 [0x%" PRIx64 ", +%zu): %s", tcp_op_name(op),
+                       p->sid, x->remote, x->len,
+                       rc == -KVF_ETIMEDOUT ? "timed out sending (the peer stopped reading)"
+                                            : kvf_strerror(rc));
+        tcp_conn_break_locked(c, gen, -KVF_EPEERGONE, "send of a posted batch failed");
+    }
+    b->posting = false;
+    if (b->outstanding == 0)
+        tcp_posted_end_locked(p, b);
+    pthread_mutex_unlock(&p->mu);
+    return 0;
+}
+
+/* Time out the posted requests on @p whose batch's deadline passed. A write that timed out may
+ * still be on its way, so its connection is cut (as tcp_batch_abort() does), which fails the
+ * other requests on it as a broken connection. Under peer->mu. */
+static void tcp_posted_expire_peer_locked(struct tcp_peer *p, uint64_t now_ms)
+{
+    for (unsigned ci = 0; ci < p->nconns; ci++) {
+        struct tcp_conn *c = &p->conns[ci];
+        bool cut = false;
+        for (unsigned i = 0; i < KVF_TCP_MAX_INFLIGHT; i++) {
+            struct tcp_batch *b = c->slots[i].batch;
+            if (!c->slots[i].req_id || !b || !b->done || b->deadline_ms > now_ms)
+                continue;
+            tcp_slot_fail(c, i, -KVF_ETIMEDOUT, "timed out unanswered");
+            cut = true;
+        }
+        if (cut && c->state == TCP_CONN_UP) {
+            tcp_fd_abort(c->fd);
+            tcp_conn_break_locked(c, c->gen, -KVF_EPEERGONE,
+                                  "a posted write timed out: its unanswered bytes are cut off");
+        }
+    }
+}
+
+void tcp_posted_expire(struct tcp_transport *t, uint64_t now_ms)
+{
+    pthread_mutex_lock(&t->mu);
+    for (struct tcp_peer *p = t->peers; p; p = p->next) {
+        pthread_mutex_lock(&p->mu);
+        tcp_posted_expire_peer_locked(p, now_ms);
+        pthread_mutex_unlock(&p->mu);
+    }
+    pthread_mutex_unlock(&t->mu);
 }

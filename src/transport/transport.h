@@ -138,6 +138,9 @@ typedef struct {
     const atomic_bool *cancel;
 } kvf_xfer_ctl_t;
 
+/* How a posted batch (kvf_transport_ops.post) ends: @rc 0, or its first error and @msg. */
+typedef void (*kvf_post_done_fn)(void *arg, int rc, const char *msg);
+
 typedef struct {
     const char *local_sid;          /* for logs and the hello; tcp replaces a port 0 in it with
                                        the port it listens on */
@@ -247,6 +250,21 @@ struct kvf_transport_ops {
      */
     int (*transfer)(kvf_tpeer_t *p, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
                     const kvf_xfer_ctl_t *ctl);
+
+    /*
+     * Start @n write elements without waiting for them, when that costs the caller no wait:
+     * the path is open, a connection is free to send on at once and its socket has room for the
+     * whole frame. Returns 0 when the batch was posted: @done(@arg, rc, msg) is then called
+     * exactly once, from whichever thread reads the last answer (or times the batch out at
+     * @deadline_ms, or closes the peer), with rc 0 or the batch's first error as transfer()
+     * would return it and its message, and @status (per element, as kvf_xfer_ctl_t's) filled;
+     * @done may run before post returns, and must not call into this peer. Returns 1 when
+     * nothing was posted (the batch is not one the transport starts this way, or it would have
+     * to wait): the caller runs it with transfer(). Transports without such a path use
+     * kvf__transport_no_post.
+     */
+    int (*post)(kvf_tpeer_t *p, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                int *status, kvf_post_done_fn done, void *arg);
 
     /*
      * Is the peer still there? 0: alive as far as its path can tell; -KVF_EPEERGONE with a
@@ -369,6 +387,8 @@ const char *kvf__transport_no_sock(const kvf_transport_t *t);
 int kvf__transport_no_guard_enter(kvf_tpeer_t *p, uint64_t *token);
 void kvf__transport_no_guard_leave(kvf_tpeer_t *p, uint64_t token);
 int kvf__transport_no_drain(kvf_transport_t *t, uint64_t deadline_ms);
+int kvf__transport_no_post(kvf_tpeer_t *p, const kvf_xfer_t *x, size_t n, uint64_t deadline_ms,
+                           int *status, kvf_post_done_fn done, void *arg);
 size_t kvf__transport_no_holders(kvf_transport_t *t, uint64_t addr, uint64_t len, char *buf,
                                  size_t buflen);
 
