@@ -1,8 +1,11 @@
 /*
- * The shm target's shared region table (src/transport/shm_table.c): what a sender reads before
- * every transfer instead of the target's private word. One process, shm forced: the test holds
- * the target engine, so it can write that table as a hostile target (or anyone who can write its
- * memfd) would, and spoil the target's word to show that no transfer reads it.
+ * The memfds an shm target shares with its senders. Its region table (src/transport/shm_table.c):
+ * what a sender reads before every transfer instead of the target's private word. Its fence page
+ * (src/transport/shm_fence.c), shared read-write: shrunk under a sender's mapping it would make
+ * that sender's next count a SIGBUS, so the target seals it and a sender refuses a page without
+ * the seal. One process, shm forced for the sender: the test holds the target engine, so it can
+ * write that table, or hand out a fence page, as a hostile target (or anyone who can write its
+ * memfds) would, and spoil the target's word to show that no transfer reads it.
  */
 #include "test_util.h"
 
@@ -10,9 +13,12 @@
 #include "transport/shm.h"
 #include "transport/transport.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 typedef struct {
@@ -65,6 +71,26 @@ static void assert_via(kvf_engine_t *e, const char *peer, const char *want)
     const char *got = NULL;
     assert_kvf_ok(kvf_engine_peer_transport(e, peer, &got));
     assert_string_equal(got, want);
+}
+
+/* A zeroed 4 KiB buffer the Decode @dec registers (*@dst) and a source of as much filled from
+ * @seed (*@src); the caller frees both. */
+static void page_pair(kvf_engine_t *dec, uint32_t seed, uint8_t **dst, uint8_t **src)
+{
+    *dst = calloc(1, 4096);
+    *src = malloc(4096);
+    assert_true(*dst && *src);
+    fill(*src, 4096, seed);
+    assert_kvf_ok(kvf_mem_register(dec, *dst, 4096));
+}
+
+/* A 4 KiB write from @src lands in @dst, over shm. */
+static void write_lands_via_shm(kvf_engine_t *pre, const char *peer, const uint8_t *src,
+                                uint8_t *dst)
+{
+    assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)dst, 4096));
+    assert_memory_equal(dst, src, 4096);
+    assert_via(pre, peer, "shm");
 }
 
 /* The shared table engine @e publishes (its shm transport's). */
@@ -211,10 +237,8 @@ static void withdrawn_table_is_peer_gone(void **state)
     kvf_engine_t *dec = engine(fx->url, KVF_ROLE_DECODE, KVF_TRANSPORT_AUTO);
     kvf_engine_t *pre = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_SHM);
     const char *peer = kvf_engine_session_id(dec);
-    uint8_t *dst = calloc(1, 4096), *src = malloc(4096);
-    assert_true(dst && src);
-    fill(src, 4096, 73);
-    assert_kvf_ok(kvf_mem_register(dec, dst, 4096));
+    uint8_t *dst, *src;
+    page_pair(dec, 73, &dst, &src);
     assert_kvf_ok(kvf_write(pre, peer, src, (uintptr_t)dst, 4096));
     assert_via(pre, peer, "shm");
     memset(dst, 0, 4096);
@@ -236,10 +260,101 @@ static void withdrawn_table_is_peer_gone(void **state)
     free(src);
 }
 
+/* The shm transport of engine @e, which serves the fence. */
+static struct shm_transport *shm_transport_of(kvf_engine_t *e)
+{
+    for (size_t i = 0; kvf__transports[i]; i++)
+        if (kvf__transports[i] == &kvf__shm_ops) {
+            struct shm_transport *t = shm_of(e->tr[i]);
+            assert_non_null(t->fence);
+            assert_true(t->fence_fd >= 0);
+            return t;
+        }
+    fail_msg("no shm transport in the table");
+    return NULL;
+}
+
+/* The target's fence page is sealed against shrinking, growing and further seals (nobody, the
+ * target included, can truncate it, and no sender can add F_SEAL_FUTURE_WRITE to keep the next
+ * ones from mapping it writable), and not against writes: a sender counts itself in it, and
+ * its write through shm lands. */
+static void fence_page_sealed(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_t *dec = engine(fx->url, KVF_ROLE_DECODE, KVF_TRANSPORT_AUTO);
+    struct shm_transport *t = shm_transport_of(dec);
+    int seals = fcntl(t->fence_fd, F_GET_SEALS);
+    assert_true(seals >= 0);
+    assert_int_equal(seals & (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL),
+                     F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+    assert_int_equal(seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE), 0);
+    assert_int_equal(ftruncate(t->fence_fd, 0), -1);
+    assert_int_equal(errno, EPERM);
+    assert_int_equal(ftruncate(t->fence_fd, 2 * (off_t)sizeof(shm_fence_page_t)), -1);
+    assert_int_equal(errno, EPERM);
+    assert_int_equal(fcntl(t->fence_fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE), -1);
+    assert_int_equal(errno, EPERM);
+
+    kvf_engine_t *pre = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_SHM);
+    const char *peer = kvf_engine_session_id(dec);
+    uint8_t *dst, *src;
+    page_pair(dec, 81, &dst, &src);
+    write_lands_via_shm(pre, peer, src, dst);
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+    free(dst);
+    free(src);
+}
+
+/* A target that hands out a fence page it could still shrink (a memfd without F_SEAL_SHRINK,
+ * otherwise a valid page: its size, its magic) is refused before the sender maps it: forced shm
+ * fails with KVF_ENOTSUP naming the peer and the missing seal, and no byte is written. With the
+ * target's own page again, a new sender writes through shm. */
+static void unsealed_fence_refused(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_t *dec = engine(fx->url, KVF_ROLE_DECODE, KVF_TRANSPORT_AUTO);
+    const char *peer = kvf_engine_session_id(dec);
+    uint8_t *dst, *src;
+    page_pair(dec, 82, &dst, &src);
+
+    /* The shm socket thread reads fence_fd only to answer a fence request, and no sender asks
+     * before the engine below is created (after this store). */
+    struct shm_transport *t = shm_transport_of(dec);
+    int real = t->fence_fd;
+    int bad = memfd_create("hostile-fence", MFD_CLOEXEC);
+    assert_true(bad >= 0);
+    assert_int_equal(ftruncate(bad, sizeof(shm_fence_page_t)), 0);
+    uint64_t magic = SHM_FENCE_MAGIC;
+    assert_int_equal(pwrite(bad, &magic, sizeof(magic), 0), (ssize_t)sizeof(magic));
+    t->fence_fd = bad;
+
+    kvf_engine_t *pre = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_SHM);
+    assert_kvf_err(kvf_write(pre, peer, src, (uintptr_t)dst, 4096), -KVF_ENOTSUP);
+    char want[400];
+    snprintf(want, sizeof(want),
+             "peer %s: fence slot: the fence page's memfd is not sealed against shrinking", peer);
+    assert_last_error_contains(want);
+    for (size_t i = 0; i < 4096; i++)
+        assert_int_equal(dst[i], 0);
+    kvf_engine_destroy(pre);
+
+    t->fence_fd = real;
+    close(bad);
+    pre = engine(fx->url, KVF_ROLE_PREFILL, KVF_TRANSPORT_SHM);
+    write_lands_via_shm(pre, peer, src, dst);
+    kvf_engine_destroy(pre);
+    kvf_engine_destroy(dec);
+    free(dst);
+    free(src);
+}
+
 static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(hostile_shared_table_refused, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(fresh_region_written_without_the_word, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(withdrawn_table_is_peer_gone, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(fence_page_sealed, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(unsealed_fence_refused, fx_setup, fx_teardown),
 };
 
 KVF_TEST_MAIN(tests)
