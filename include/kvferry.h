@@ -963,7 +963,8 @@ KVF_API int kvf_notify_send(kvf_engine_t *e, const char *peer, const void *msg, 
  * engine's async threads, bounded by op_timeout_ms from when the batch starts running; the
  * peer is looked up as by kvf_transfer_sync() (waiting up to init_timeout_ms for it to appear).
  * A small batch of writes without a message (up to 128 KiB, one request) to a peer whose tcp
- * path is open and whose cached regions hold every element is posted instead: this call sends
+ * path is open and whose cached regions hold every element, submitted while no batch is queued
+ * and with more than one async thread, is posted instead: this call sends
  * it on a connection that can take it without waiting (socket room, nobody sending) and returns,
  * and the answer completes it on the I/O thread that reads it, with no hop to an async thread
  * (its op_timeout_ms counts from the submit, checked once a second).

@@ -2162,6 +2162,16 @@ static void posted_batches_land_every_byte(void **state)
     batch_done(b[0], 10000);
     kvf_batch_free(b[0]);
     assert_int_equal(kvf__batch_posted(fx->pre), posted0);
+    /* A batch the cache does not hold is queued (and fails there): its submit succeeds and
+     * leaves the caller's last error alone. */
+    assert_kvf_err(kvf_batch_wait(NULL, 0), -KVF_EINVAL);
+    char before[256];
+    snprintf(before, sizeof(before), "%s", kvf_last_error());
+    kvf_xfer_t miss = {KVF_OP_WRITE, src, (uintptr_t)dst + size, len};
+    assert_kvf_ok(kvf_transfer_submit(fx->pre, peer, &miss, 1, NULL, 0, &b[0]));
+    assert_string_equal(kvf_last_error(), before);
+    assert_int_equal(kvf_batch_wait(b[0], 10000), -KVF_ENOTREG);
+    kvf_batch_free(b[0]);
     assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
     munmap(dst, size);
     free(src);
@@ -2264,6 +2274,93 @@ static void posted_batch_runs_again_after_unanswered_close(void **state)
     assert_kvf_ok(kvf_mem_unregister(dec, dst));
     munmap(dst, len);
     free(src);
+}
+
+/* A posted batch that a break fails (here: another posted batch's expiry cuts the connection
+ * they share) runs again only within its own deadline, counted from its submit: the call ends
+ * by op_timeout_ms plus the timer's tick, not after a second op_timeout_ms. */
+static void posted_rerun_keeps_its_deadline(void **state)
+{
+    fx_t *fx = *state;
+    if (!posts())
+        skip();
+    enum { OP_MS = 4000, TICK_MS = 1000, GAP_MS = 1100 };
+    const size_t len = 16 * 1024;
+    char size[32];
+    snprintf(size, sizeof(size), "%zu", 4 * len);
+    char *args[] = {"notes", (char *)fx->url, size, "0", NULL};
+    child_t *c = child_spawn(args);
+    child_ready(c);
+    kvf_config_t cfg = quick_config();
+    cfg.op_timeout_ms = OP_MS;
+    cfg.tcp_conns_per_peer = 1;
+    kvf_engine_t *pre = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_PREFILL, &cfg);
+    uint8_t *src = malloc(2 * len);
+    assert_non_null(src);
+    pat_fill(src, 2 * len, 1301);
+    kvf_xfer_t xa = {KVF_OP_WRITE, src, c->addr, len};
+    kvf_xfer_t xb = {KVF_OP_WRITE, src + len, c->addr + len, len};
+    assert_kvf_ok(kvf_transfer_sync(pre, c->sid, &xa, 1));
+    child_stop(c);
+    uint64_t posted0 = kvf__batch_posted(pre);
+    kvf_batch_t *a, *b;
+    assert_kvf_ok(kvf_transfer_submit(pre, c->sid, &xa, 1, NULL, 0, &a));
+    /* B's deadline comes GAP_MS after A's (more than a tick): A's expiry breaks B first. */
+    nap_ms(GAP_MS);
+    uint64_t t0 = kvf_test_now_ms();
+    assert_kvf_ok(kvf_transfer_submit(pre, c->sid, &xb, 1, NULL, 0, &b));
+    assert_int_equal(kvf__batch_posted(pre), posted0 + 2);
+    assert_int_equal(kvf_batch_wait(a, 3 * OP_MS), -KVF_ETIMEDOUT);
+    int rb = kvf_batch_wait(b, 3 * OP_MS);
+    uint64_t took = kvf_test_now_ms() - t0;
+    print_message("B: %d after %llu ms (op_timeout_ms %u): %s\n", rb, (unsigned long long)took,
+                  OP_MS, rb < 0 ? kvf_last_error() : "");
+    /* As a sync call would end: timed out, or the peer unanswering on a new connection. */
+    assert_true(rb == -KVF_ETIMEDOUT || rb == -KVF_EPEERGONE);
+    assert_true(took <= OP_MS + 2 * TICK_MS);
+    kvf_batch_free(a);
+    kvf_batch_free(b);
+    kill(c->pid, SIGCONT);
+    child_kill(c);
+    free(src);
+}
+
+/* With one async thread batches run one at a time in submission order, so nothing is posted: a
+ * small write submitted after a large one (too large to post) to the same place lands after it,
+ * every time. */
+static void one_async_thread_keeps_order(void **state)
+{
+    fx_t *fx = *state;
+    kvf_config_t cfg = quick_config();
+    cfg.async_threads = 1;
+    kvf_engine_t *pre = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_PREFILL, &cfg);
+    const char *peer = kvf_engine_session_id(fx->dec);
+    const size_t big = 256 * 1024, small = 4096;
+    uint8_t *dst = map_zeroed(big), *s1 = malloc(big), *s2 = malloc(small);
+    assert_true(s1 && s2);
+    pat_fill(s1, big, 1401);
+    pat_fill(s2, small, 1402);
+    assert_kvf_ok(kvf_mem_register(fx->dec, dst, big));
+    assert_kvf_ok(kvf_write(pre, peer, s2, (uintptr_t)dst + big - small, small)); /* open */
+    kvf_xfer_t xa = {KVF_OP_WRITE, s1, (uintptr_t)dst, big};
+    kvf_xfer_t xb = {KVF_OP_WRITE, s2, (uintptr_t)dst, small};
+    uint64_t posted0 = kvf__batch_posted(pre);
+    for (int r = 0; r < 50; r++) {
+        kvf_batch_t *a, *b;
+        assert_kvf_ok(kvf_transfer_submit(pre, peer, &xa, 1, NULL, 0, &a));
+        assert_kvf_ok(kvf_transfer_submit(pre, peer, &xb, 1, NULL, 0, &b));
+        batch_done(a, 10000);
+        batch_done(b, 10000);
+        kvf_batch_free(a);
+        kvf_batch_free(b);
+        if (memcmp(dst, s2, small) != 0)
+            fail_msg("round %d: the later batch's bytes were overwritten by the earlier one's", r);
+    }
+    assert_int_equal(kvf__batch_posted(pre), posted0);
+    assert_kvf_ok(kvf_mem_unregister(fx->dec, dst));
+    munmap(dst, big);
+    free(s1);
+    free(s2);
 }
 
 /* ---- child processes' side --------------------------------------------------------------- */
@@ -2451,6 +2548,8 @@ static const struct CMUnitTest tests[] = {
                                     fx_teardown),
     cmocka_unit_test_setup_teardown(posted_batch_runs_again_after_unanswered_close, fx_setup,
                                     fx_teardown),
+    cmocka_unit_test_setup_teardown(posted_rerun_keeps_its_deadline, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(one_async_thread_keeps_order, fx_setup, fx_teardown),
 };
 
 int main(int argc, char **argv)

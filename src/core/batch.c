@@ -11,8 +11,13 @@
  * submit fails with -KVF_EBUSY or waits. A batch with a notification sends it after its data, in
  * the order of submission (see notify.c).
  *
- * Lock order: batch->mu before batches.lock; batches.lock before notify.order_lock; the engine's
- * busy_lock (closing) is taken inside batches.lock, never the other way round.
+ * A small write batch may be posted instead (batch_post, kvf__eng_post): sent from the
+ * submitting thread and ended by whoever reads its answer, with no async thread; only when no
+ * batch is queued (they still start in submission order) and with more than one async thread.
+ *
+ * Lock order: a tcp peer's mu (a posted batch ends under it) before batch->mu; batch->mu before
+ * batches.lock; batches.lock before notify.order_lock; the engine's busy_lock (closing) is taken
+ * inside batches.lock, never the other way round.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -42,7 +47,8 @@ struct kvf_batch {
     eng_order_t *order; /* with has_msg */
     uint64_t seq;
     atomic_bool cancel;
-    eng_post_t post; /* posted from the submitting thread (batch_post) */
+    eng_post_t post;   /* posted from the submitting thread (batch_post) */
+    uint64_t deadline; /* a posted batch's, from its submit (kept if it runs again); else 0 */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -180,7 +186,7 @@ static void batch_run(kvf_batch_t *b)
         batch_drop(b, rc, "engine is being destroyed");
         return;
     }
-    uint64_t deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
+    uint64_t deadline = b->deadline ? b->deadline : kvf__now_ms() + e->cfg.op_timeout_ms;
     kvf_xfer_ctl_t ctl = {.status = b->status, .cancel = &b->cancel};
     if (atomic_load(&b->cancel))
         rc = kvf__err(-KVF_ECANCELED, "batch to %s cancelled before it started", b->peer);
@@ -288,22 +294,30 @@ static int batch_new(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, siz
     return 0;
 }
 
-/* Append @b to the queue and wake a thread; when every thread waits for a peer that has not
- * appeared, one more for this batch. Under batches.lock. */
-static void queue_push_locked(kvf_engine_t *e, kvf_batch_t *b)
+/* Add @b to the queue (at its head when @front, else its tail) and wake a thread; when every
+ * thread waits for a peer that has not appeared, one more for this batch. Under batches.lock. */
+static void queue_push_locked(kvf_engine_t *e, kvf_batch_t *b, bool front)
 {
     eng_batches_t *a = &e->batches;
-    if (a->tail)
-        a->tail->next = b;
-    else
+    if (front) {
+        b->next = a->head;
         a->head = b;
-    a->tail = b;
+        if (!a->tail)
+            a->tail = b;
+    } else {
+        if (a->tail)
+            a->tail->next = b;
+        else
+            a->head = b;
+        a->tail = b;
+    }
     if (a->waiting_peer >= a->nthreads && a->nthreads < ENG_MAX_ASYNC_THREADS)
         thread_add(e);
     pthread_cond_signal(&a->work);
 }
 
-/* Queue @b (counted in flight, not in the queue) after all: for the async threads, or dropped
+/* Queue @b (counted in flight, not in the queue) after all, for the async threads: at the head,
+ * since it was posted when nothing was queued, so whatever is queued now came after it. Dropped
  * when the engine is being destroyed (which may have emptied the queue already). */
 static void batch_requeue(kvf_engine_t *e, kvf_batch_t *b)
 {
@@ -315,7 +329,7 @@ static void batch_requeue(kvf_engine_t *e, kvf_batch_t *b)
         return;
     }
     b->running = false;
-    queue_push_locked(e, b);
+    queue_push_locked(e, b, true);
     pthread_mutex_unlock(&a->lock);
 }
 
@@ -325,7 +339,8 @@ static void batch_requeue(kvf_engine_t *e, kvf_batch_t *b)
 static void batch_post_done(void *arg, int rc, const char *msg)
 {
     kvf_batch_t *b = arg;
-    if (rc < 0 && kvf__eng_post_rerun(rc) && !atomic_load(&b->cancel)) {
+    if (rc < 0 && kvf__eng_post_rerun(rc) && !atomic_load(&b->cancel) &&
+        kvf__now_ms() < b->deadline) {
         KVF_DEBUG(BATCH_LOG, "engine %s: posted batch to %s: %s; running it again", b->e->sid,
                   b->peer, msg);
         for (size_t i = 0; i < b->n; i++)
@@ -349,8 +364,8 @@ static void batch_post(kvf_engine_t *e, kvf_batch_t *b)
     int rc = 1;
     if (kvf__eng_busy_enter(e) == 0) {
         b->post = (eng_post_t){.done = batch_post_done, .arg = b};
-        rc = kvf__eng_post(e, b->peer, b->x, b->n, kvf__now_ms() + e->cfg.op_timeout_ms,
-                           b->status, &b->post);
+        b->deadline = kvf__now_ms() + e->cfg.op_timeout_ms;
+        rc = kvf__eng_post(e, b->peer, b->x, b->n, b->deadline, b->status, &b->post);
         if (rc == 0)
             atomic_fetch_add_explicit(&e->batches.posted, 1, memory_order_relaxed);
         kvf__eng_busy_leave(e);
@@ -418,9 +433,12 @@ int kvf_transfer_submit(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, 
     /* Numbered under the queue lock, so numbers follow queue (= start) order. */
     if (b->has_msg)
         b->seq = kvf__notify_order_take(e, b->order);
+    /* Posted only when nothing is queued, so that batches still start in submission order,
+     * and not with one async thread, where batches run one at a time, in order. */
+    bool post = !b->has_msg && e->submit_posts && e->cfg.async_threads > 1 && !a->head;
     a->inflight++;
-    if (b->has_msg || !e->submit_posts) {
-        queue_push_locked(e, b);
+    if (!post) {
+        queue_push_locked(e, b, false);
         pthread_mutex_unlock(&a->lock);
     } else {
         b->running = true; /* not in the queue, for kvf_batch_cancel */
@@ -448,7 +466,7 @@ void kvf__batch_open_peer(kvf_engine_t *e, const char *peer)
     }
     /* Queued like a batch, so a transfer submitted right after runs behind it and finds the
      * peer being looked up (it waits for that lookup rather than starting its own). */
-    queue_push_locked(e, b);
+    queue_push_locked(e, b, false);
     pthread_mutex_unlock(&a->lock);
 }
 

@@ -600,12 +600,21 @@ int kvf__peer_enter(kvf_engine_t *e, const char *peer, const char *what, const a
     int rc = peer_get(e, peer, cancel, &p);
     if (rc < 0)
         return rc;
-    if (atomic_load(&p->reselect)) {
-        rc = peer_reselect(e, p, cancel);
-        if (rc < 0)
-            return kvf__err_wrap(rc, "%s to %s", what, peer);
+    for (;;) {
+        if (atomic_load(&p->reselect)) {
+            rc = peer_reselect(e, p, cancel);
+            if (rc < 0)
+                return kvf__err_wrap(rc, "%s to %s", what, peer);
+        }
+        pthread_rwlock_rdlock(&p->sel);
+        /* Another thread's choice may have failed between the look and the lock, leaving no
+         * path: choose again (or meet its error). */
+        if (!atomic_load(&p->reselect) && p->tp)
+            break;
+        if (!p->tp)
+            atomic_store(&p->reselect, true);
+        pthread_rwlock_unlock(&p->sel);
     }
-    pthread_rwlock_rdlock(&p->sel);
     *out = p;
     return 0;
 }
@@ -617,6 +626,11 @@ eng_peer_t *kvf__peer_enter_now(kvf_engine_t *e, const char *peer)
     pthread_mutex_unlock(&e->peers_lock);
     if (!p || atomic_load(&p->reselect) || pthread_rwlock_tryrdlock(&p->sel) != 0)
         return NULL;
+    /* A choice that failed since the first look leaves no path (and reselect set). */
+    if (atomic_load(&p->reselect) || !p->tp) {
+        pthread_rwlock_unlock(&p->sel);
+        return NULL;
+    }
     return p;
 }
 

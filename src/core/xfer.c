@@ -295,8 +295,14 @@ int kvf__eng_post(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t
         return 1;
     int rc = 1;
     /* Only where the target checks every request (tcp): the batch must hit the cached regions,
-     * so that a miss keeps the checks and messages of kvf__eng_transfer(). */
-    if (p->tops->check == KVF_CHECK_TARGET && kvf__peer_check(p, x, n, &bad) == 0) {
+     * so that a miss keeps the checks and messages of kvf__eng_transfer(). A miss is no error of
+     * this call (the batch is queued): the caller's last error stays as it was. */
+    char msg[512];
+    snprintf(msg, sizeof(msg), "%s", kvf_last_error());
+    bool hit = p->tops->check == KVF_CHECK_TARGET && kvf__peer_check(p, x, n, &bad) == 0;
+    if (!hit)
+        kvf__err(0, "%s", msg);
+    if (hit) {
         *ps = (eng_post_t){.e = e, .p = p, .ti = path_index(p), .t0_ns = kvf__now_ns(), .x = x,
                            .n = n, .done = ps->done, .arg = ps->arg};
         eng_count_add(&p->in_flight, 1);

@@ -43,7 +43,11 @@
  * so a sender that holds send_mu and sees the generation it posted under knows the fd is the one
  * its request belongs to (and still open). A connection's fd is closed only after its watch was
  * deleted (no I/O thread runs its handler any more) and no caller reads it (inline_active), so
- * shutdown() by any thread that sees the fd under the lock is safe.
+ * shutdown() by any thread that sees the fd under the lock is safe. A posted batch
+ * (tcp_post_batch) ends under peer->mu: its done callback runs there (the engine completes the
+ * batch, or queues it to run again, which may start an async thread), so nothing it calls may
+ * take a peer's mu. The posted batches' timer (tcp_posted_expire) takes the transport's mu, then
+ * each peer's mu; nothing takes them the other way round.
  *
  * The functions below that are not static inline are the tcp files' private interface; none
  * leaves the library (hidden visibility).
