@@ -2103,6 +2103,22 @@ static void child_stop(child_t *c)
     fail_msg("child %d not stopped 5 s after SIGSTOP", (int)c->pid);
 }
 
+/* A Decode child with @size bytes registered and a new Prefill (@cfg) whose path to it is open
+ * (one sync write of @src's first bytes): the set-up of the cases that stop the child. */
+static child_t *child_with_open_path(fx_t *fx, size_t size, const kvf_config_t *cfg,
+                                     const uint8_t *src, kvf_engine_t **pre)
+{
+    char sz[32];
+    snprintf(sz, sizeof(sz), "%zu", size);
+    char *args[] = {"notes", (char *)fx->url, sz, "0", NULL};
+    child_t *c = child_spawn(args);
+    child_ready(c);
+    *pre = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_PREFILL, cfg);
+    kvf_xfer_t x = {KVF_OP_WRITE, (void *)src, c->addr, 4096};
+    assert_kvf_ok(kvf_transfer_sync(*pre, c->sid, &x, 1));
+    return c;
+}
+
 /* Posted batches of one element and of gathered small writes land every byte, report every
  * element done, and mix with sync calls on the same connections. */
 static void posted_batches_land_every_byte(void **state)
@@ -2187,19 +2203,14 @@ static void posted_batch_times_out_on_stopped_target(void **state)
         skip();
     enum { OP_MS = 1500, TICK_MS = 1000 };
     const size_t len = 64 * 1024;
-    char size[32];
-    snprintf(size, sizeof(size), "%zu", 4 * len);
-    char *args[] = {"notes", (char *)fx->url, size, "0", NULL};
-    child_t *c = child_spawn(args);
-    child_ready(c);
     kvf_config_t cfg = quick_config();
     cfg.op_timeout_ms = OP_MS;
-    kvf_engine_t *pre = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_PREFILL, &cfg);
     uint8_t *src = malloc(len);
     assert_non_null(src);
     pat_fill(src, len, 1202);
+    kvf_engine_t *pre;
+    child_t *c = child_with_open_path(fx, 4 * len, &cfg, src, &pre);
     kvf_xfer_t x = {KVF_OP_WRITE, src, c->addr, len};
-    assert_kvf_ok(kvf_transfer_sync(pre, c->sid, &x, 1));
 
     child_stop(c);
     uint64_t posted0 = kvf__batch_posted(pre);
@@ -2286,21 +2297,16 @@ static void posted_rerun_keeps_its_deadline(void **state)
         skip();
     enum { OP_MS = 4000, TICK_MS = 1000, GAP_MS = 1100 };
     const size_t len = 16 * 1024;
-    char size[32];
-    snprintf(size, sizeof(size), "%zu", 4 * len);
-    char *args[] = {"notes", (char *)fx->url, size, "0", NULL};
-    child_t *c = child_spawn(args);
-    child_ready(c);
     kvf_config_t cfg = quick_config();
     cfg.op_timeout_ms = OP_MS;
     cfg.tcp_conns_per_peer = 1;
-    kvf_engine_t *pre = fx_engine(fx, "127.0.0.1:0", KVF_ROLE_PREFILL, &cfg);
     uint8_t *src = malloc(2 * len);
     assert_non_null(src);
     pat_fill(src, 2 * len, 1301);
+    kvf_engine_t *pre;
+    child_t *c = child_with_open_path(fx, 4 * len, &cfg, src, &pre);
     kvf_xfer_t xa = {KVF_OP_WRITE, src, c->addr, len};
     kvf_xfer_t xb = {KVF_OP_WRITE, src + len, c->addr + len, len};
-    assert_kvf_ok(kvf_transfer_sync(pre, c->sid, &xa, 1));
     child_stop(c);
     uint64_t posted0 = kvf__batch_posted(pre);
     kvf_batch_t *a, *b;
