@@ -3,7 +3,9 @@
  * its region table and generation in a sealed memfd that every sender holding a fence slot maps
  * read-only, so a sender's check before each transfer is a load from shared memory and a
  * refresh is a seqlock copy, with no process_vm_readv of the target's word. Whether the target
- * is still there is a poll of its pidfd (and the table's magic, cleared when the engine goes).
+ * is still there is a load too: the table's magic (cleared when the engine goes) and the futex
+ * word of its alive mutex (marked dead by the kernel when the serving thread ends); only once
+ * those say it is gone does a poll of its pidfd tell an exited process from a withdrawn engine.
  *
  * The sender treats the mapping as hostile input: the count is bounded by what its own mapping
  * holds (from fstat at open, never from the page), every read is a bounded number of tries, and

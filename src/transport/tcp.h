@@ -329,6 +329,8 @@ struct tcp_conn {
     char rx_msg[KVF_TCP_MAX_MSG + 1];
     unsigned nfree;
     uint64_t idle_since_ms; /* when it opened or its last request ended (nfree was full) */
+    int sndbuf;             /* SO_SNDBUF of fd at generation sndbuf_gen, as last read by a post */
+    uint64_t sndbuf_gen;
     uint16_t free_slots[KVF_TCP_MAX_INFLIGHT];
     struct tcp_slot slots[KVF_TCP_MAX_INFLIGHT];
 };

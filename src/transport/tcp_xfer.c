@@ -482,15 +482,24 @@ int tcp_notify(kvf_tpeer_t *pp, const void *msg, size_t len, uint64_t deadline_m
  * Initiator side: posted batches (the op post)
  * ------------------------------------------------------------------------------------------- */
 
-/* Whether @fd's send buffer takes @len more bytes at once. Only half of SO_SNDBUF counts: the
- * kernel charges a segment's overhead to the buffer as well. */
-static bool tcp_sock_room(int fd, size_t len)
+/* Whether @c's send buffer takes @len more bytes at once. Only half of SO_SNDBUF counts: the
+ * kernel charges a segment's overhead to the buffer as well. The buffer's size is kept per
+ * socket and read again only when the frame does not fit what was read last (autotuning grows
+ * it), so a post costs one ioctl. Under peer->mu and send_mu. */
+static bool tcp_sock_room(struct tcp_conn *c, size_t len)
 {
-    int sndbuf = 0, queued = 0;
-    socklen_t sl = sizeof(sndbuf);
-    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &sl) < 0 || ioctl(fd, SIOCOUTQ, &queued) < 0)
+    int queued = 0;
+    if (ioctl(c->fd, SIOCOUTQ, &queued) < 0 || queued < 0)
         return false;
-    return sndbuf > 0 && queued >= 0 && (size_t)queued + len <= (size_t)sndbuf / 2;
+    if (c->sndbuf_gen != c->gen || (size_t)queued + len > (size_t)c->sndbuf / 2) {
+        int sndbuf = 0;
+        socklen_t sl = sizeof(sndbuf);
+        if (getsockopt(c->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &sl) < 0 || sndbuf <= 0)
+            return false;
+        c->sndbuf = sndbuf;
+        c->sndbuf_gen = c->gen;
+    }
+    return (size_t)queued + len <= (size_t)c->sndbuf / 2;
 }
 
 /* Whether a frame of @len bytes can go out on @c without waiting: it is up and not found closed
@@ -502,7 +511,7 @@ static bool tcp_conn_take_now_locked(struct tcp_conn *c, size_t len)
         return false;
     if (pthread_mutex_trylock(&c->send_mu) != 0)
         return false;
-    if (tcp_sock_room(c->fd, len))
+    if (tcp_sock_room(c, len))
         return true;
     pthread_mutex_unlock(&c->send_mu);
     return false;
