@@ -375,6 +375,115 @@ static void slow_loris_does_not_block_others(void **state)
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * A peer's connections are spread over the I/O threads
+ * ------------------------------------------------------------------------------------------- */
+
+/* The I/O thread driving each served connection of @sid, into @idx (up to 4); returns how many
+ * connections @sid has. */
+static unsigned threads_of(node_t *n, const char *sid, unsigned idx[4])
+{
+    struct tcp_transport *t = tcp_of(n->t);
+    unsigned k = 0;
+    pthread_mutex_lock(&t->mu);
+    for (struct tcp_sconn *sc = t->sconns; sc; sc = sc->next)
+        if (strcmp(sc->peer_sid, sid) == 0 && k < 4)
+            idx[k++] = sc->io->idx;
+    pthread_mutex_unlock(&t->mu);
+    return k;
+}
+
+/* A WRITE frame's header and @len payload bytes from @src, whose first @first bytes are sent
+ * after @pre (a HELLO to pipeline before it, or none) and the rest only once @pre's answer is
+ * read: the answer to the write is then read and checked. */
+static void raw_write_split(int fd, const char *hello_sid, uint64_t dst, const uint8_t *src,
+                            size_t len, size_t first)
+{
+    static uint8_t buf[KVF_TCP_HDR_LEN * 2 + 64 + (256 << 10)];
+    size_t n = 0, sl = hello_sid ? strlen(hello_sid) : 0;
+    assert_true(first <= len && KVF_TCP_HDR_LEN * 2 + sl + first <= sizeof(buf));
+    if (hello_sid) {
+        tcp_hdr_encode(buf, KVF_TCP_HELLO, 0, 1, 0, sl);
+        memcpy(buf + KVF_TCP_HDR_LEN, hello_sid, sl);
+        n = KVF_TCP_HDR_LEN + sl;
+    }
+    tcp_hdr_encode(buf + n, KVF_TCP_WRITE, 0, 2, dst, len);
+    n += KVF_TCP_HDR_LEN;
+    memcpy(buf + n, src, first);
+    n += first;
+    assert_int_equal(send(fd, buf, n, MSG_NOSIGNAL), (ssize_t)n);
+    uint8_t b[KVF_TCP_HDR_LEN];
+    tcp_hdr_t h;
+    if (hello_sid) {
+        assert_int_equal(recv(fd, b, sizeof(b), MSG_WAITALL), (ssize_t)sizeof(b));
+        tcp_hdr_decode(b, &h);
+        assert_true(h.type == KVF_TCP_RESP && h.status == 0 && h.req_id == 1);
+    }
+    assert_int_equal(send(fd, src + first, len - first, MSG_NOSIGNAL), (ssize_t)(len - first));
+    assert_int_equal(recv(fd, b, sizeof(b), MSG_WAITALL), (ssize_t)sizeof(b));
+    tcp_hdr_decode(b, &h);
+    assert_true(h.type == KVF_TCP_RESP && h.req_id == 2);
+    assert_int_equal(h.status, 0);
+}
+
+/* Each of a peer's connections is served by another I/O thread, whichever thread the accept
+ * thread gave it: a call split over them then waits for the same threads whoever sends it. (With
+ * the accept thread's choice alone, of 16 processes writing 1 MiB calls over two connections
+ * each, those whose connections shared a thread moved 2-3 x the bytes of the others.) Accepted in
+ * the order A, B, A, B, the second A lands on thread 0 beside the first and is moved, here with a
+ * WRITE pipelined behind its HELLO and half its payload still to come: every byte lands. */
+static void peer_connections_spread_over_io_threads(void **state)
+{
+    (void)state;
+    setenv("KVFERRY_IO_THREADS", "2", 1);
+    node_t a = {0};
+    node_start(&a, NULL);
+    unsetenv("KVFERRY_IO_THREADS");
+    struct tcp_transport *t = tcp_of(a.t);
+    assert_int_equal(t->nio, 2);
+    enum { LEN = 256 << 10 };
+    static uint8_t dst[4][LEN], src[4][LEN];
+    assert_kvf_ok(kvf__regions_add(a.rt, (uint64_t)(uintptr_t)dst, sizeof(dst), NULL));
+    for (unsigned k = 0; k < 4; k++)
+        for (size_t i = 0; i < LEN; i++)
+            src[k][i] = (uint8_t)(i * 31u + k * 7u + 1);
+
+    const char *sid[4] = {"127.0.0.2:1", "127.0.0.2:2", "127.0.0.2:1", "127.0.0.2:2"};
+    int fd[4];
+    for (unsigned k = 0; k < 4; k++) {
+        fd[k] = raw_connect(2, a.port);
+        assert_true(fd[k] >= 0);
+        if (k < 2)
+            assert_true(raw_hello(fd[k], sid[k]));
+        else
+            raw_write_split(fd[k], sid[k], (uintptr_t)dst[k], src[k], LEN, LEN / 2);
+    }
+    /* Every connection writes once more (and the first two for the first time), each write
+     * answered after the connection reached the thread it stays on. */
+    for (unsigned k = 0; k < 4; k++) {
+        if (k < 2)
+            raw_write_split(fd[k], NULL, (uintptr_t)dst[k], src[k], LEN, 0);
+        assert_memory_equal(dst[k], src[k], LEN);
+        memset(dst[k], 0, LEN);
+        raw_write_split(fd[k], NULL, (uintptr_t)dst[k], src[k], LEN, LEN / 3);
+        assert_memory_equal(dst[k], src[k], LEN);
+    }
+    for (unsigned p = 0; p < 2; p++) {
+        unsigned idx[4];
+        assert_int_equal(threads_of(&a, sid[p], idx), 2);
+        print_message("%s: I/O threads %u and %u\n", sid[p], idx[0], idx[1]);
+        assert_int_not_equal(idx[0], idx[1]);
+    }
+    pthread_mutex_lock(&t->mu);
+    unsigned on0 = t->io[0].nconns, on1 = t->io[1].nconns;
+    pthread_mutex_unlock(&t->mu);
+    assert_int_equal(on0, 2);
+    assert_int_equal(on1, 2);
+    for (unsigned k = 0; k < 4; k++)
+        close(fd[k]);
+    node_stop(&a);
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Unauthenticated connections have their own share
  * ------------------------------------------------------------------------------------------- */
 
@@ -480,6 +589,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(initiator_peers_keep_thread_count),
     cmocka_unit_test(io_threads_from_config),
     cmocka_unit_test(slow_loris_does_not_block_others),
+    cmocka_unit_test(peer_connections_spread_over_io_threads),
     cmocka_unit_test(preauth_flood_does_not_lock_out_keyed_prefill),
 };
 

@@ -8,7 +8,8 @@
  *                 statistics (STATS)
  *   tcp_p2p.c     the target's answer to a P2P record request (common/p2p.h): a connection
  *                 whose first bytes are that request, instead of a HELLO
- *   tcp_sc_io.c   a served connection's bytes, plain or TLS, its TLS handshake, and its timers
+ *   tcp_sc_io.c   a served connection's bytes, plain or TLS, its TLS handshake, its timers and
+ *                 its placement on an I/O thread
  *   tcp_target.c  the target side: one served connection as a state machine over a
  *                 non-blocking socket, and the authoritative checks of every request against
  *                 the region table
@@ -153,7 +154,11 @@ struct tcp_sconn {
     struct tcp_sconn *tnext; /* in its I/O thread's list (that thread only; or its incoming list,
                                 under t->mu) */
     struct tcp_transport *t;
-    struct tcp_iothr *io;
+    struct tcp_iothr *io;   /* the I/O thread that drives it now */
+    struct tcp_iothr *home; /* t->mu: the one it is counted on; at its HELLO the one it should
+                               be on (tcp_sc_place_locked()), and it moves there */
+    bool placed;            /* t->mu: its HELLO placed it (peer_sid is set for good) */
+    bool begun;             /* tcp_sc_begin() ran: an adoption after a move only watches it */
     int fd; /* closed by its I/O thread after unlinking it from t->sconns, so anyone holding t->mu
                may shutdown() it */
     bool preauth; /* t->mu: has not finished its HELLO (and handshake), counted in t->npreauth */
@@ -221,7 +226,8 @@ struct tcp_iothr {
     int wake_fd; /* eventfd: new connections in incoming, or stopping */
     pthread_t thread;
     bool started;
-    unsigned nconns;            /* t->mu: connections it serves (for the accept thread's choice) */
+    unsigned nconns;            /* t->mu: connections whose home it is (for the choices) */
+    bool retired;               /* t->mu: stopping, it adopts no more connections */
     struct tcp_sconn *incoming; /* t->mu: handed over by the accept thread, not yet in ep */
     struct tcp_sconn *conns;    /* this thread only */
     bool wmu_init;              /* wmu and wcv are initialised */
@@ -492,6 +498,11 @@ size_t tcp_p2p_refusal(const struct tcp_transport *t, bool tls, uint8_t *out);
 /* ---------------------------------------------------------------------------------------------
  * tcp_sc_io.c: a served connection's bytes, its TLS handshake, its timers
  * ------------------------------------------------------------------------------------------- */
+
+/* Under t->mu, at @sc's HELLO (peer_sid set): choose its home, the I/O thread to serve it (the
+ * thread it is on moves it there once its current turn ends, tcp_pool.c): the one serving the
+ * fewest of the same peer's connections, then the fewest in all, then the one it is on. */
+void tcp_sc_place_locked(struct tcp_transport *t, struct tcp_sconn *sc);
 
 /* Why a frame is closed for being too slow. */
 extern const char tcp_sc_slow[];

@@ -5,8 +5,10 @@
  * The accept thread accepts, applies the caps and hands each connection to the I/O thread that
  * serves the fewest; that thread adds it to its epoll set and drives its state machine
  * (tcp_target.c) whenever the socket is ready, and checks every connection's timers once per
- * TCP_SERVER_SLICE_MS. A connection is owned by one I/O thread from then on: only that thread
- * touches its state, releases its region references and closes its fd (after unlinking it from
+ * TCP_SERVER_SLICE_MS. At its HELLO the connection is placed (tcp_sc_place_locked(): a peer's
+ * connections spread over the threads) and, if that is another thread, moved there between two
+ * turns (io_move()). A connection is owned by one I/O thread at a time: only that thread touches
+ * its state, releases its region references and closes its fd (after unlinking it from
  * t->sconns, so anyone holding t->mu may shutdown() it).
  *
  * Caps (docs/protocol.md, "Limits"). Connections that have not finished their HELLO (and, with a
@@ -139,7 +141,7 @@ static void io_close(struct tcp_sconn *sc, int rc, const char *reason)
     t->nsconns--;
     if (sc->preauth)
         t->npreauth--;
-    sc->io->nconns--;
+    sc->home->nconns--;
     bool evicted = sc->evicted;
     pthread_mutex_unlock(&t->mu);
     /* A connection cut by destroy() or evicted (logged then) is not reported again. */
@@ -167,8 +169,9 @@ static void io_sweep(struct tcp_iothr *io)
     }
 }
 
-/* Take the connections the accept thread handed over. */
-static void io_adopt(struct tcp_iothr *io)
+/* Take the connections handed over: new ones from the accept thread, and ones another I/O
+ * thread moved here at their HELLO. @last: stopping, none is handed over after these. */
+static void io_adopt(struct tcp_iothr *io, bool last)
 {
     uint64_t v;
     if (read(io->wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
@@ -176,20 +179,59 @@ static void io_adopt(struct tcp_iothr *io)
     pthread_mutex_lock(&io->t->mu);
     struct tcp_sconn *in = io->incoming;
     io->incoming = NULL;
+    io->retired = last;
     pthread_mutex_unlock(&io->t->mu);
     while (in) {
         struct tcp_sconn *sc = in;
         in = sc->tnext;
         sc->tnext = io->conns;
         io->conns = sc;
-        tcp_sc_begin(sc);
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = sc};
+        if (!sc->begun) {
+            tcp_sc_begin(sc);
+            sc->begun = true;
+        }
+        /* Level-triggered: bytes that arrived during a move wake this thread at once. */
+        struct epoll_event ev = {.events = io_wants_out(sc) ? EPOLLOUT : EPOLLIN, .data.ptr = sc};
+        sc->ep_out = io_wants_out(sc);
         if (epoll_ctl(io->ep, EPOLL_CTL_ADD, sc->fd, &ev) < 0) {
             char why[96];
             snprintf(why, sizeof(why), "epoll: %s", strerror(errno));
             io_close(sc, -1, why);
         }
     }
+}
+
+/* Move @sc, between two turns, from its thread (the caller) to its home. A home that no longer
+ * adopts (stopping) keeps it here. */
+static void io_move(struct tcp_iothr *io, struct tcp_sconn *sc)
+{
+    struct tcp_transport *t = io->t;
+    pthread_mutex_lock(&t->mu);
+    struct tcp_iothr *to = sc->home;
+    if (to->retired) {
+        to->nconns--;
+        io->nconns++;
+        sc->home = io;
+        pthread_mutex_unlock(&t->mu);
+        return;
+    }
+    epoll_ctl(io->ep, EPOLL_CTL_DEL, sc->fd, NULL);
+    for (struct tcp_sconn **pp = &io->conns; *pp; pp = &(*pp)->tnext) {
+        if (*pp == sc) {
+            *pp = sc->tnext;
+            break;
+        }
+    }
+    /* Once it is on the other list, that thread may close and free it: told before. */
+    KVF_DEBUG(TCP_LOG, "connection from %s (%s) moves from I/O thread %u to %u", sc->addr,
+              sc->peer_sid, io->idx, to->idx);
+    sc->io = to;
+    sc->tnext = to->incoming;
+    to->incoming = sc;
+    pthread_mutex_unlock(&t->mu);
+    uint64_t v = 1;
+    if (write(to->wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        KVF_WARN(TCP_LOG, "waking I/O thread %u: %s", to->idx, strerror(errno));
 }
 
 int tcp_watch_add(struct tcp_transport *t, int fd, uint32_t events, tcp_watch_fn fn, void *arg,
@@ -290,7 +332,7 @@ static void *tcp_io_main(void *arg)
             }
             struct tcp_sconn *sc = evs[i].data.ptr;
             if (!sc) {
-                io_adopt(io);
+                io_adopt(io, false);
                 continue;
             }
             if (sc->fd < 0)
@@ -298,6 +340,8 @@ static void *tcp_io_main(void *arg)
             int rc = tcp_sc_run(sc, &reason, why, sizeof(why));
             if (rc)
                 io_close(sc, rc, reason);
+            else if (sc->home != io && sc->placed)
+                io_move(io, sc);
             else if (io_wants_out(sc) != sc->ep_out)
                 io_watch(sc);
         }
@@ -319,7 +363,7 @@ static void *tcp_io_main(void *arg)
     }
     /* Stopping: cut every connection, giving back its region references, before the engine
      * destroys the region table. Connections still handed over are adopted first. */
-    io_adopt(io);
+    io_adopt(io, true);
     for (struct tcp_sconn *sc = io->conns; sc; sc = sc->tnext)
         if (sc->fd >= 0)
             io_close(sc, 1, NULL);
@@ -510,7 +554,7 @@ static int tcp_accept_one(struct tcp_transport *t)
     for (unsigned i = 1; i < t->nio; i++)
         if (t->io[i].nconns < io->nconns)
             io = &t->io[i];
-    sc->io = io;
+    sc->io = sc->home = io;
     sc->preauth = true;
     sc->next = t->sconns;
     t->sconns = sc;

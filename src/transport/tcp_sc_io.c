@@ -2,7 +2,8 @@
  * A served connection's bytes (tcp.h, struct tcp_sconn): moved plain, with one recvmsg() or
  * sendmsg() over what is left of the current step, or through its TLS session (data TLS), one
  * record at a time straight into or out of the step's buffers; the TLS handshake that starts
- * such a connection; and the connection's timers, checked by its I/O thread.
+ * such a connection; the connection's timers, checked by its I/O thread; and, at its HELLO,
+ * which I/O thread is to serve it.
  *
  * A TLS session holds bytes it decrypted and the caller has not taken yet, which the socket's
  * readiness does not show: tcp_sc_run() goes on reading while tcp_sc_pending() says so.
@@ -129,4 +130,31 @@ int tcp_sc_tick(struct tcp_sconn *sc, uint64_t now, const char **reason, char *w
         return -1;
     }
     return 0;
+}
+
+void tcp_sc_place_locked(struct tcp_transport *t, struct tcp_sconn *sc)
+{
+    /* Each of the peer's connections on another thread than its others, as far as there are
+     * threads: every I/O thread takes a share of each call split over the connections, so the
+     * call waits for the same threads whoever sends it (a peer served by one thread while
+     * another's calls wait for two gets a multiple of its share). Then the least loaded
+     * thread, then the one it is on. */
+    unsigned mine[KVF_MAX_IO_THREADS] = {0};
+    for (const struct tcp_sconn *o = t->sconns; o; o = o->next)
+        if (o != sc && o->placed && strcmp(o->peer_sid, sc->peer_sid) == 0)
+            mine[o->home->idx]++;
+    struct tcp_iothr *best = sc->home;
+    unsigned best_load = best->nconns - 1;
+    for (unsigned i = 0; i < t->nio; i++) {
+        struct tcp_iothr *io = &t->io[i];
+        unsigned load = io->nconns - (io == sc->home);
+        if (mine[i] < mine[best->idx] || (mine[i] == mine[best->idx] && load < best_load)) {
+            best = io;
+            best_load = load;
+        }
+    }
+    sc->home->nconns--;
+    best->nconns++;
+    sc->home = best;
+    sc->placed = true;
 }

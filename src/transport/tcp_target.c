@@ -474,7 +474,8 @@ static int sc_hello(struct tcp_sconn *sc, const char **reason, char *why, size_t
     memcpy(sc->peer_sid, pr, keep);
     sc->peer_sid[keep] = '\0';
 
-    /* Authenticated now: out of the pre-auth share, into the caps of served connections. */
+    /* Authenticated now: out of the pre-auth share, into the caps of served connections, and
+     * onto the I/O thread its peer's connections call for. */
     unsigned from = 0, all = 0;
     pthread_mutex_lock(&t->mu);
     if (sc->preauth) {
@@ -487,16 +488,18 @@ static int sc_hello(struct tcp_sconn *sc, const char **reason, char *why, size_t
         all++;
         from += o->ip_len == sc->ip_len && memcmp(o->ip, sc->ip, sc->ip_len) == 0;
     }
-    pthread_mutex_unlock(&t->mu);
     if (all >= KVF_TCP_MAX_CONNS) {
         snprintf(why, whylen, "KVF_TCP_MAX_CONNS (%u) reached", KVF_TCP_MAX_CONNS);
-        *reason = why;
-        return -1;
-    }
-    if (from >= KVF_TCP_MAX_CONNS_PER_ADDR) {
+    } else if (from >= KVF_TCP_MAX_CONNS_PER_ADDR) {
         snprintf(why, whylen,
                  "KVF_TCP_MAX_CONNS_PER_ADDR (%u) connections from that address are open",
                  KVF_TCP_MAX_CONNS_PER_ADDR);
+    } else {
+        tcp_sc_place_locked(t, sc);
+        why = NULL;
+    }
+    pthread_mutex_unlock(&t->mu);
+    if (why) {
         *reason = why;
         return -1;
     }
