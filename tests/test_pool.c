@@ -375,7 +375,7 @@ static void slow_loris_does_not_block_others(void **state)
 }
 
 /* ---------------------------------------------------------------------------------------------
- * A peer's connections are spread over the I/O threads
+ * A peer's connections share one I/O thread, the peers are spread over them
  * ------------------------------------------------------------------------------------------- */
 
 /* The I/O thread driving each served connection of @sid, into @idx (up to 4); returns how many
@@ -425,13 +425,14 @@ static void raw_write_split(int fd, const char *hello_sid, uint64_t dst, const u
     assert_int_equal(h.status, 0);
 }
 
-/* Each of a peer's connections is served by another I/O thread, whichever thread the accept
- * thread gave it: a call split over them then waits for the same threads whoever sends it. (With
- * the accept thread's choice alone, of 16 processes writing 1 MiB calls over two connections
- * each, those whose connections shared a thread moved 2-3 x the bytes of the others.) Accepted in
- * the order A, B, A, B, the second A lands on thread 0 beside the first and is moved, here with a
- * WRITE pipelined behind its HELLO and half its payload still to come: every byte lands. */
-static void peer_connections_spread_over_io_threads(void **state)
+/* All of a peer's connections are served by one I/O thread, whichever threads the accept thread
+ * gave them, and the peers by different threads: a call split over the connections then waits
+ * for one thread's turn whoever sends it. (With the accept thread's choice alone, of 16
+ * processes writing 1 MiB calls over two connections each, those whose connections shared a
+ * thread moved 2-3 x the bytes of those split over two.) Accepted in the order A, A, B, B, the
+ * second A lands on thread 1 and is moved to the first, here with a WRITE pipelined behind its
+ * HELLO and half its payload still to come: every byte lands. */
+static void peer_connections_share_one_io_thread(void **state)
 {
     (void)state;
     setenv("KVFERRY_IO_THREADS", "2", 1);
@@ -447,32 +448,35 @@ static void peer_connections_spread_over_io_threads(void **state)
         for (size_t i = 0; i < LEN; i++)
             src[k][i] = (uint8_t)(i * 31u + k * 7u + 1);
 
-    const char *sid[4] = {"127.0.0.2:1", "127.0.0.2:2", "127.0.0.2:1", "127.0.0.2:2"};
+    const char *sid[4] = {"127.0.0.2:1", "127.0.0.2:1", "127.0.0.2:2", "127.0.0.2:2"};
     int fd[4];
     for (unsigned k = 0; k < 4; k++) {
         fd[k] = raw_connect(2, a.port);
         assert_true(fd[k] >= 0);
-        if (k < 2)
+        if (k % 2 == 0)
             assert_true(raw_hello(fd[k], sid[k]));
         else
             raw_write_split(fd[k], sid[k], (uintptr_t)dst[k], src[k], LEN, LEN / 2);
     }
-    /* Every connection writes once more (and the first two for the first time), each write
-     * answered after the connection reached the thread it stays on. */
+    /* Every connection writes once more (and the first of each peer for the first time), each
+     * write answered after the connection reached the thread it stays on. */
     for (unsigned k = 0; k < 4; k++) {
-        if (k < 2)
+        if (k % 2 == 0)
             raw_write_split(fd[k], NULL, (uintptr_t)dst[k], src[k], LEN, 0);
         assert_memory_equal(dst[k], src[k], LEN);
         memset(dst[k], 0, LEN);
         raw_write_split(fd[k], NULL, (uintptr_t)dst[k], src[k], LEN, LEN / 3);
         assert_memory_equal(dst[k], src[k], LEN);
     }
+    unsigned on[2];
     for (unsigned p = 0; p < 2; p++) {
         unsigned idx[4];
-        assert_int_equal(threads_of(&a, sid[p], idx), 2);
-        print_message("%s: I/O threads %u and %u\n", sid[p], idx[0], idx[1]);
-        assert_int_not_equal(idx[0], idx[1]);
+        assert_int_equal(threads_of(&a, sid[2 * p], idx), 2);
+        print_message("%s: I/O threads %u and %u\n", sid[2 * p], idx[0], idx[1]);
+        assert_int_equal(idx[0], idx[1]);
+        on[p] = idx[0];
     }
+    assert_int_not_equal(on[0], on[1]);
     pthread_mutex_lock(&t->mu);
     unsigned on0 = t->io[0].nconns, on1 = t->io[1].nconns;
     pthread_mutex_unlock(&t->mu);
@@ -589,7 +593,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test(initiator_peers_keep_thread_count),
     cmocka_unit_test(io_threads_from_config),
     cmocka_unit_test(slow_loris_does_not_block_others),
-    cmocka_unit_test(peer_connections_spread_over_io_threads),
+    cmocka_unit_test(peer_connections_share_one_io_thread),
     cmocka_unit_test(preauth_flood_does_not_lock_out_keyed_prefill),
 };
 

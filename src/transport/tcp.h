@@ -501,7 +501,8 @@ size_t tcp_p2p_refusal(const struct tcp_transport *t, bool tls, uint8_t *out);
 
 /* Under t->mu, at @sc's HELLO (peer_sid set): choose its home, the I/O thread to serve it (the
  * thread it is on moves it there once its current turn ends, tcp_pool.c): the one serving the
- * fewest of the same peer's connections, then the fewest in all, then the one it is on. */
+ * most of the same peer's connections, then the fewest placed connections in all, then the one
+ * it is on. */
 void tcp_sc_place_locked(struct tcp_transport *t, struct tcp_sconn *sc);
 
 /* Why a frame is closed for being too slow. */

@@ -5,9 +5,9 @@
  * The accept thread accepts, applies the caps and hands each connection to the I/O thread that
  * serves the fewest; that thread adds it to its epoll set and drives its state machine
  * (tcp_target.c) whenever the socket is ready, and checks every connection's timers once per
- * TCP_SERVER_SLICE_MS. At its HELLO the connection is placed (tcp_sc_place_locked(): a peer's
- * connections spread over the threads) and, if that is another thread, moved there between two
- * turns (io_move()). A connection is owned by one I/O thread at a time: only that thread touches
+ * TCP_SERVER_SLICE_MS. At its HELLO the connection is placed (tcp_sc_place_locked(): all of a
+ * peer's connections on one thread, the peers spread over them) and, if that is another thread,
+ * moved there between two turns (io_move()). A connection is owned by one I/O thread at a time: only that thread touches
  * its state, releases its region references and closes its fd (after unlinking it from
  * t->sconns, so anyone holding t->mu may shutdown() it).
  *

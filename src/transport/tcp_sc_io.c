@@ -134,24 +134,23 @@ int tcp_sc_tick(struct tcp_sconn *sc, uint64_t now, const char **reason, char *w
 
 void tcp_sc_place_locked(struct tcp_transport *t, struct tcp_sconn *sc)
 {
-    /* Each of the peer's connections on another thread than its others, as far as there are
-     * threads: every I/O thread takes a share of each call split over the connections, so the
-     * call waits for the same threads whoever sends it (a peer served by one thread while
-     * another's calls wait for two gets a multiple of its share). Then the least loaded
-     * thread, then the one it is on. */
-    unsigned mine[KVF_MAX_IO_THREADS] = {0};
-    for (const struct tcp_sconn *o = t->sconns; o; o = o->next)
-        if (o != sc && o->placed && strcmp(o->peer_sid, sc->peer_sid) == 0)
-            mine[o->home->idx]++;
+    /* All of a peer's connections on one thread, the peers spread over the threads: a call split
+     * over the connections then waits for one thread's turn, whoever sends it (a peer served by
+     * one thread while another's calls waited for two got a multiple of its share), and no call
+     * waits for two threads. The peer's first connection goes to the thread serving the fewest
+     * placed connections, then stays where it is. */
+    unsigned mine[KVF_MAX_IO_THREADS] = {0}, load[KVF_MAX_IO_THREADS] = {0};
+    for (const struct tcp_sconn *o = t->sconns; o; o = o->next) {
+        if (o == sc || !o->placed)
+            continue;
+        load[o->home->idx]++;
+        mine[o->home->idx] += strcmp(o->peer_sid, sc->peer_sid) == 0;
+    }
     struct tcp_iothr *best = sc->home;
-    unsigned best_load = best->nconns - 1;
     for (unsigned i = 0; i < t->nio; i++) {
-        struct tcp_iothr *io = &t->io[i];
-        unsigned load = io->nconns - (io == sc->home);
-        if (mine[i] < mine[best->idx] || (mine[i] == mine[best->idx] && load < best_load)) {
-            best = io;
-            best_load = load;
-        }
+        unsigned b = best->idx;
+        if (mine[i] > mine[b] || (mine[i] == mine[b] && load[i] < load[b]))
+            best = &t->io[i];
     }
     sc->home->nconns--;
     best->nconns++;
