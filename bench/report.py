@@ -310,7 +310,8 @@ def main():
             return "%.2f" % v
         return "%.2f" % v
 
-    machine = next(iter(kvf.values()), {}).get("machine", {})
+    # (the --procs file has none)
+    machine = next((k["machine"] for k in kvf.values() if "machine" in k), {})
     print()
     print("kvferry beside its baselines, same run; %s, %s cores, kernel %s; GB/s = 10^9 B/s"
           % (machine.get("cpu_model", "?"), machine.get("cores", "?"), machine.get("kernel", "?")))
