@@ -201,6 +201,19 @@ static void io_adopt(struct tcp_iothr *io, bool last)
     }
 }
 
+/* Put @sc on @to's hand-over list, release t->mu (held by the caller) and wake @to. From then
+ * on @to owns @sc and may close and free it. */
+static void io_hand_over_unlock(struct tcp_transport *t, struct tcp_iothr *to,
+                                struct tcp_sconn *sc)
+{
+    sc->tnext = to->incoming;
+    to->incoming = sc;
+    pthread_mutex_unlock(&t->mu);
+    uint64_t v = 1;
+    if (write(to->wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+        KVF_WARN(TCP_LOG, "waking I/O thread %u: %s", to->idx, strerror(errno));
+}
+
 /* Move @sc, between two turns, from its thread (the caller) to its home. A home that no longer
  * adopts (stopping) keeps it here. */
 static void io_move(struct tcp_iothr *io, struct tcp_sconn *sc)
@@ -226,12 +239,7 @@ static void io_move(struct tcp_iothr *io, struct tcp_sconn *sc)
     KVF_DEBUG(TCP_LOG, "connection from %s (%s) moves from I/O thread %u to %u", sc->addr,
               sc->peer_sid, io->idx, to->idx);
     sc->io = to;
-    sc->tnext = to->incoming;
-    to->incoming = sc;
-    pthread_mutex_unlock(&t->mu);
-    uint64_t v = 1;
-    if (write(to->wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-        KVF_WARN(TCP_LOG, "waking I/O thread %u: %s", to->idx, strerror(errno));
+    io_hand_over_unlock(t, to, sc);
 }
 
 int tcp_watch_add(struct tcp_transport *t, int fd, uint32_t events, tcp_watch_fn fn, void *arg,
@@ -561,12 +569,7 @@ static int tcp_accept_one(struct tcp_transport *t)
     t->nsconns++;
     t->npreauth++;
     io->nconns++;
-    sc->tnext = io->incoming;
-    io->incoming = sc;
-    pthread_mutex_unlock(&t->mu);
-    uint64_t v = 1;
-    if (write(io->wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-        KVF_WARN(TCP_LOG, "waking I/O thread %u: %s", io->idx, strerror(errno));
+    io_hand_over_unlock(t, io, sc);
     KVF_DEBUG(TCP_LOG, "accepted connection from %s on %s (I/O thread %u)", addr, t->listen_str,
               io->idx);
     return 0;
