@@ -228,7 +228,8 @@ struct tcp_iothr {
     bool started;
     unsigned nconns;            /* t->mu: connections whose home it is (for the choices) */
     bool retired;               /* t->mu: stopping, it adopts no more connections */
-    struct tcp_sconn *incoming; /* t->mu: handed over by the accept thread, not yet in ep */
+    struct tcp_sconn *incoming; /* t->mu: handed over (by the accept thread, or moved here by
+                                   another I/O thread at its HELLO), not yet in ep */
     struct tcp_sconn *conns;    /* this thread only */
     bool wmu_init;              /* wmu and wcv are initialised */
     pthread_mutex_t wmu;        /* the watches' dead and busy flags, and dead */
@@ -393,7 +394,8 @@ struct tcp_transport {
     /* Test hook (KVFERRY_TCP_TEST_CLOSE_REQUESTS=N): the next N data requests are answered by
      * closing their connection, as an idle close that crossed the request would. */
     atomic_int test_close_left;
-    pthread_mutex_t mu; /* sconns, nsconns, npreauth, the I/O threads' nconns and incoming, peers */
+    pthread_mutex_t mu; /* sconns, nsconns, npreauth, each connection's home and placed, the I/O
+                           threads' nconns, incoming and retired, peers */
     struct tcp_sconn *sconns;
     unsigned nsconns;  /* all served connections */
     unsigned npreauth; /* of which before their HELLO (and handshake) */

@@ -632,10 +632,13 @@ static void tcp_io_stop_all(struct tcp_transport *t)
         if (t->io[i].started && write(t->io[i].wake_fd, &one, sizeof(one)) < 0)
             KVF_WARN(TCP_LOG, "stopping I/O thread %u: %s", i, strerror(errno));
     }
+    /* Every thread joined before any thread's descriptors close: a running one may still be
+     * waking another (a connection moved at its HELLO) after that one ended. */
+    for (unsigned i = 0; i < t->nio + t->nrx; i++)
+        if (t->io[i].started)
+            pthread_join(t->io[i].thread, NULL);
     for (unsigned i = 0; i < t->nio + t->nrx; i++) {
         struct tcp_iothr *io = &t->io[i];
-        if (io->started)
-            pthread_join(io->thread, NULL);
         if (io->ep >= 0)
             close(io->ep);
         if (io->wake_fd >= 0)
