@@ -429,7 +429,7 @@ static void raw_write_split(int fd, const char *hello_sid, uint64_t dst, const u
  * gave them, and the peers by different threads: a call split over the connections then waits
  * for one thread's turn whoever sends it. (With the accept thread's choice alone, of 16
  * processes writing 1 MiB calls over two connections each, those whose connections shared a
- * thread moved 2-3 x the bytes of those split over two.) Accepted in the order A, A, B, B, the
+ * thread moved 1.3-2.9 x the bytes of those split over two.) Accepted in the order A, A, B, B, the
  * second A lands on thread 1 and is moved to the first, here with a WRITE pipelined behind its
  * HELLO and half its payload still to come: every byte lands. */
 static void peer_connections_share_one_io_thread(void **state)
