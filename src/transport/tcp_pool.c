@@ -7,9 +7,9 @@
  * (tcp_target.c) whenever the socket is ready, and checks every connection's timers once per
  * TCP_SERVER_SLICE_MS. At its HELLO the connection is placed (tcp_sc_place_locked(): all of a
  * peer's connections on one thread, the peers spread over them) and, if that is another thread,
- * moved there between two turns (io_move()). A connection is owned by one I/O thread at a time: only that thread touches
- * its state, releases its region references and closes its fd (after unlinking it from
- * t->sconns, so anyone holding t->mu may shutdown() it).
+ * moved there between two turns (io_move()). A connection is owned by one I/O thread at a time:
+ * only that thread touches its state, releases its region references and closes its fd (after
+ * unlinking it from t->sconns, so anyone holding t->mu may shutdown() it).
  *
  * Caps (docs/protocol.md, "Limits"). Connections that have not finished their HELLO (and, with a
  * key, the handshake before it) are *pre-auth*: at most KVF_TCP_MAX_PREAUTH of them, at most
