@@ -281,6 +281,26 @@ static void env_sets_initial_level(void **state)
     }
 }
 
+/* KVFERRY_LOG_LEVEL holds in a program that references nothing but logging: tests/log_env_probe.c,
+ * linked with the static library, which leaves out every object a program does not reference
+ * (the variable used to be read in settings.c, which such a program never linked). */
+static void env_read_in_any_program(void **state)
+{
+    (void)state;
+    const char *dir = getenv("KVF_TEST_BIN_DIR");
+    if (!dir)
+        skip();
+    char path[4096], out[1024];
+    snprintf(path, sizeof(path), "%s/tests/log_env_probe", dir);
+    char *argv[] = {path, NULL};
+    assert_int_equal(setenv("KVFERRY_LOG_LEVEL", "debug", 1), 0);
+    int status = kvf_test_run(argv, out, sizeof(out), 5000);
+    assert_int_equal(unsetenv("KVFERRY_LOG_LEVEL"), 0);
+    assert_int_equal(status, 0);
+    if (!strstr(out, "level=0\n") || !strstr(out, "a debug line"))
+        fail_msg("%s with KVFERRY_LOG_LEVEL=debug printed \"%s\"", path, out);
+}
+
 /* ----------------------------------------------------------------------------------------------
  * kvf__log_level_parse
  * -------------------------------------------------------------------------------------------- */
@@ -388,6 +408,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(line_format, reset_level, reset_level),
     cmocka_unit_test_setup_teardown(line_names_the_calling_thread, reset_level, reset_level),
     cmocka_unit_test_setup_teardown(env_sets_initial_level, reset_level, reset_level),
+    cmocka_unit_test_setup_teardown(env_read_in_any_program, reset_level, reset_level),
     cmocka_unit_test_setup_teardown(level_parse, reset_level, reset_level),
     cmocka_unit_test_setup_teardown(ratelimit_counts_what_it_drops, reset_level, reset_level),
     cmocka_unit_test_setup_teardown(ratelimited_macro_prints_burst_then_summary, reset_level,

@@ -2,6 +2,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <strings.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -27,6 +28,23 @@ int kvf__log_level_parse(const char *s)
         if (strcasecmp(s, names[i].name) == 0)
             return names[i].level;
     return -1;
+}
+
+/* Read KVFERRY_LOG_LEVEL when the library is loaded, before any thread of ours exists. Here, in
+ * the object every logging call needs: a program linked with the static library gets only the
+ * objects it references, and may reference nothing of settings.c. */
+__attribute__((constructor)) static void log_init_from_env(void)
+{
+    const char *env = getenv("KVFERRY_LOG_LEVEL");
+    if (!env || !*env)
+        return;
+    int level = kvf__log_level_parse(env);
+    if (level < 0) {
+        fprintf(stderr, "kvferry: ignoring KVFERRY_LOG_LEVEL=%s (want 0..3 or debug/info/warn/error)\n",
+                env);
+        return;
+    }
+    atomic_store(&kvf__log_level, level);
 }
 
 void kvf__log_write(int level, const char *subsys, const char *fmt, ...)
