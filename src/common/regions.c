@@ -636,6 +636,14 @@ int kvf__regions_snapshot(kvf_region_table_t *t, kvf_region_t **out, size_t *n,
     return 0;
 }
 
+bool kvf__regions_holds(const kvf_region_t *sorted, size_t n, uint64_t addr, uint64_t len)
+{
+    if (range_invalid(addr, len))
+        return false;
+    size_t i = regions_upper_bound(sorted, n, addr);
+    return i > 0 && span_contains(sorted[i - 1].addr, sorted[i - 1].len, addr, len);
+}
+
 int kvf__regions_check(const kvf_region_t *sorted, size_t n, uint64_t addr, uint64_t len)
 {
     struct span below = {0}, next = {0};
@@ -644,9 +652,9 @@ int kvf__regions_check(const kvf_region_t *sorted, size_t n, uint64_t addr, uint
 
     if (why)
         return kvf__err(-KVF_EINVAL, RANGE_FMT ": %s", addr, len, why);
-    i = regions_upper_bound(sorted, n, addr);
-    if (i > 0 && span_contains(sorted[i - 1].addr, sorted[i - 1].len, addr, len))
+    if (kvf__regions_holds(sorted, n, addr, len))
         return 0;
+    i = regions_upper_bound(sorted, n, addr);
     if (i > 0)
         below = (struct span){true, sorted[i - 1].addr, sorted[i - 1].len};
     if (i < n)

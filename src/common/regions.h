@@ -15,6 +15,7 @@
 #ifndef KVF_COMMON_REGIONS_H
 #define KVF_COMMON_REGIONS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -105,5 +106,9 @@ int kvf__regions_snapshot(kvf_region_table_t *t, kvf_region_t **out, size_t *n,
  * acceptable because this is only the sender's fast-fail; the target's check is authoritative.
  */
 int kvf__regions_check(const kvf_region_t *sorted, size_t n, uint64_t addr, uint64_t len);
+
+/* kvf__regions_check()'s answer alone: whether [@addr, @addr+@len) is a valid range inside one
+ * element of @sorted. Sets no error message (for callers to whom a miss is no error). */
+bool kvf__regions_holds(const kvf_region_t *sorted, size_t n, uint64_t addr, uint64_t len);
 
 #endif /* KVF_COMMON_REGIONS_H */

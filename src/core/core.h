@@ -372,6 +372,8 @@ int kvf__peer_refresh(kvf_engine_t *e, eng_peer_t *p);
 /* The sender's fast-fail: every element must lie inside one of the peer's published regions.
  * Returns 0 or -KVF_ENOTREG naming the first element (@bad) that does not. */
 int kvf__peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad);
+/* Whether the peer's cached regions hold every element, without an error message on a miss. */
+bool kvf__peer_holds(eng_peer_t *p, const kvf_xfer_t *x, size_t n);
 /* The bytes of the elements outside the peer's cached regions, or SIZE_MAX when one of them is
  * not a valid range at all (which no refresh can change). Sets no error. */
 size_t kvf__peer_missed_bytes(eng_peer_t *p, const kvf_xfer_t *x, size_t n);

@@ -461,6 +461,17 @@ int kvf__peer_check(eng_peer_t *p, const kvf_xfer_t *x, size_t n, size_t *bad)
     return rc;
 }
 
+bool kvf__peer_holds(eng_peer_t *p, const kvf_xfer_t *x, size_t n)
+{
+    bool all = true;
+    peer_take_pending(p);
+    pthread_mutex_lock(&p->lock);
+    for (size_t i = 0; i < n && all; i++)
+        all = kvf__regions_holds(p->regions, p->nregions, x[i].remote, x[i].len);
+    pthread_mutex_unlock(&p->lock);
+    return all;
+}
+
 size_t kvf__peer_missed_bytes(eng_peer_t *p, const kvf_xfer_t *x, size_t n)
 {
     size_t missed = 0;

@@ -289,7 +289,6 @@ static void post_done(void *arg, int rc, const char *msg)
 int kvf__eng_post(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t n,
                   uint64_t deadline_ms, int *status, eng_post_t *ps)
 {
-    size_t bad;
     eng_peer_t *p = kvf__peer_enter_now(e, peer);
     if (!p)
         return 1;
@@ -297,12 +296,7 @@ int kvf__eng_post(kvf_engine_t *e, const char *peer, const kvf_xfer_t *x, size_t
     /* Only where the target checks every request (tcp): the batch must hit the cached regions,
      * so that a miss keeps the checks and messages of kvf__eng_transfer(). A miss is no error of
      * this call (the batch is queued): the caller's last error stays as it was. */
-    char msg[512];
-    snprintf(msg, sizeof(msg), "%s", kvf_last_error());
-    bool hit = p->tops->check == KVF_CHECK_TARGET && kvf__peer_check(p, x, n, &bad) == 0;
-    if (!hit)
-        kvf__err(0, "%s", msg);
-    if (hit) {
+    if (p->tops->check == KVF_CHECK_TARGET && kvf__peer_holds(p, x, n)) {
         *ps = (eng_post_t){.e = e, .p = p, .ti = path_index(p), .t0_ns = kvf__now_ns(), .x = x,
                            .n = n, .done = ps->done, .arg = ps->arg};
         eng_count_add(&p->in_flight, 1);

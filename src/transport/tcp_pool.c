@@ -348,7 +348,7 @@ static void *tcp_io_main(void *arg)
             int rc = tcp_sc_run(sc, &reason, why, sizeof(why));
             if (rc)
                 io_close(sc, rc, reason);
-            else if (sc->home != io && sc->placed)
+            else if (sc->home != io)
                 io_move(io, sc);
             else if (io_wants_out(sc) != sc->ep_out)
                 io_watch(sc);
