@@ -544,11 +544,14 @@ static void restarted_peer_case(bool watch)
         setenv("KVFERRY_NO_REGIONS_WATCH", "1", 1);
     kvf_store_server_t *srv = kvf_test_store_start();
     kvf_config_t c = quick_config();
-    kvf_engine_t *dec = engine(kvf_store_server_url(srv), KVF_ROLE_DECODE, &c);
+    /* The Decode restarts on its port: one below the ephemeral range, which no other test's
+     * outgoing connection takes while it is free. */
+    char sid[KVF_SESSION_ID_MAX];
+    snprintf(sid, sizeof(sid), "127.0.0.1:%u", kvf_test_free_port());
+    kvf_engine_t *dec = NULL;
+    assert_kvf_ok(kvf_engine_create(kvf_store_server_url(srv), sid, KVF_ROLE_DECODE, 0, &c, &dec));
     kvf_engine_t *pre = engine(kvf_store_server_url(srv), KVF_ROLE_PREFILL, &c);
     unsetenv("KVFERRY_NO_REGIONS_WATCH");
-    char sid[KVF_SESSION_ID_MAX];
-    snprintf(sid, sizeof(sid), "%s", kvf_engine_session_id(dec));
     uint8_t *a = calloc(1, 4096), *b = calloc(1, big), *d = calloc(1, big);
     uint8_t *src = alloc_filled(big, 23);
     assert_kvf_ok(kvf_mem_register(dec, a, 4096));
@@ -790,7 +793,10 @@ static void killed_peer_fails_then_restart_works(void **state)
     char sid[128];
     uint64_t addr;
     int fd;
-    pid_t child = start_decode_child(fx->url, "127.0.0.1:0", size, &fd, sid, &addr);
+    /* The Decode restarts on its port: one below the ephemeral range (see restarted_peer_case). */
+    char want[64];
+    snprintf(want, sizeof(want), "127.0.0.1:%u", kvf_test_free_port());
+    pid_t child = start_decode_child(fx->url, want, size, &fd, sid, &addr);
 
     killer_t k = {.e = fx->pre, .peer = sid, .src = alloc_filled(size, 11), .dst = addr,
                   .len = size};

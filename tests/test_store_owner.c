@@ -266,8 +266,12 @@ static void engine_records_owned_and_taken_over(void **state)
     fixture_t f;
     fixture_start(&f, false);
     setenv(KVF_AUTH_KEY_ENV, f.key, 1);
+    /* The new engine takes the port over: one below the ephemeral range, which no other
+     * test's outgoing connection takes while it is free. */
+    char want[64];
+    snprintf(want, sizeof(want), "127.0.0.1:%u", kvf_test_free_port());
     char *argv[] = {(char *)kvf_test_cli_path(), "transfer", "--role", "Decode",
-                    "--src-session-id", "127.0.0.1:0", "--store-url", (char *)f.url,
+                    "--src-session-id", want, "--store-url", (char *)f.url,
                     "--iterations", "0", NULL};
     int out = -1;
     pid_t pid = kvf_test_spawn_pipe(argv, &out);
