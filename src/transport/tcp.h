@@ -170,7 +170,9 @@ struct tcp_sconn {
     uint8_t ip[16]; /* remote address for the per-address caps: 4 bytes (IPv4, IPv4-mapped) or 16 */
     uint8_t ip_len;
     char addr[TCP_ADDR_LEN];
-    char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO gave it: the sender of its notifications */
+    char peer_sid[KVF_SESSION_ID_MAX]; /* as the HELLO (or the auth proof) gave it: the sender
+                                          of its notifications; written under t->mu, read by its
+                                          thread or under t->mu */
     /* The range of the request holding region references now ([lo, hi); hi 0: none), for the
      * message of an unregister that times out (holders()). */
     _Atomic uint64_t hold_lo, hold_hi;

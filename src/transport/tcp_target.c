@@ -266,8 +266,10 @@ static int sc_auth_body(struct tcp_sconn *sc, const char **reason, char *why, si
                                 sizeof(r));
     if (rc == 1) {
         size_t keep = strnlen(sc->auth->peer_id, sizeof(sc->peer_sid) - 1);
+        pthread_mutex_lock(&sc->t->mu); /* tcp_holders() reads peer_sid under it */
         memcpy(sc->peer_sid, sc->auth->peer_id, keep);
         sc->peer_sid[keep] = '\0';
+        pthread_mutex_unlock(&sc->t->mu);
         kvf__auth_srv_fini(sc->auth);
         free(sc->auth);
         sc->auth = NULL;
@@ -469,15 +471,16 @@ static int sc_hello(struct tcp_sconn *sc, const char **reason, char *why, size_t
     char pr[KVF_TCP_MAX_MSG + 1];
     kvf__printable(pr, len + 1, sid, len);
     KVF_DEBUG(TCP_LOG, "hello from %s at %s", pr, sc->addr);
-    /* A longer one is no session id; it is kept cut (for the log) all the same. */
+    /* A longer one is no session id; it is kept cut (for the log) all the same. Written under
+     * t->mu, where tcp_holders() reads it. */
     size_t keep = strnlen(pr, sizeof(sc->peer_sid) - 1);
+    unsigned from = 0, all = 0;
+    pthread_mutex_lock(&t->mu);
     memcpy(sc->peer_sid, pr, keep);
     sc->peer_sid[keep] = '\0';
 
     /* Authenticated now: out of the pre-auth share, into the caps of served connections, and
      * onto the I/O thread its peer's connections call for. */
-    unsigned from = 0, all = 0;
-    pthread_mutex_lock(&t->mu);
     if (sc->preauth) {
         sc->preauth = false;
         t->npreauth--;
