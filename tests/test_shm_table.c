@@ -306,6 +306,28 @@ static void fence_page_sealed(void **state)
     free(src);
 }
 
+/* The target's region table is sealed for good against shrinking, growing and writes through
+ * any new mapping: a sender (who gets the same fd) can neither map it writable, nor truncate it
+ * under the others' mappings, nor change the seals. */
+static void region_table_sealed(void **state)
+{
+    fx_t *fx = *state;
+    kvf_engine_t *dec = engine(fx->url, KVF_ROLE_DECODE, KVF_TRANSPORT_AUTO);
+    struct shm_transport *t = shm_transport_of(dec);
+    const int want = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL;
+    int seals = fcntl(t->table_fd, F_GET_SEALS);
+    assert_true(seals >= 0);
+    assert_int_equal(seals & want, want);
+    assert_true(mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, t->table_fd, 0) ==
+                MAP_FAILED);
+    assert_int_equal(errno, EPERM);
+    assert_int_equal(ftruncate(t->table_fd, 0), -1);
+    assert_int_equal(errno, EPERM);
+    assert_int_equal(fcntl(t->table_fd, F_ADD_SEALS, F_SEAL_WRITE), -1);
+    assert_int_equal(errno, EPERM);
+    kvf_engine_destroy(dec);
+}
+
 /* A target that hands out a fence page it could still shrink (a memfd without F_SEAL_SHRINK,
  * otherwise a valid page: its size, its magic) is refused before the sender maps it: forced shm
  * fails with KVF_ENOTSUP naming the peer and the missing seal, and no byte is written. With the
@@ -354,6 +376,7 @@ static const struct CMUnitTest tests[] = {
     cmocka_unit_test_setup_teardown(fresh_region_written_without_the_word, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(withdrawn_table_is_peer_gone, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(fence_page_sealed, fx_setup, fx_teardown),
+    cmocka_unit_test_setup_teardown(region_table_sealed, fx_setup, fx_teardown),
     cmocka_unit_test_setup_teardown(unsealed_fence_refused, fx_setup, fx_teardown),
 };
 

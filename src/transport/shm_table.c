@@ -50,9 +50,11 @@ int shm_table_create(struct shm_transport *t)
         return rc;
     }
     /* Senders may neither write the table (they map it from an fd that forbids new writable
-     * mappings) nor shrink it under one another's mappings. FUTURE_WRITE needs Linux 5.1. */
-    if (fcntl(t->table_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE) < 0 &&
-        fcntl(t->table_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) < 0) {
+     * mappings) nor shrink it under one another's mappings, and the seals are final (as the
+     * fence page's). FUTURE_WRITE needs Linux 5.1. */
+    if (fcntl(t->table_fd, F_ADD_SEALS,
+              F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) < 0 &&
+        fcntl(t->table_fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
         int rc = -errno;
         munmap(m, SHM_TABLE_BYTES);
         close(t->table_fd);
