@@ -36,10 +36,7 @@ static uint16_t free_port(void)
     static uint16_t used[16];
     static int nused;
     for (;;) {
-        kvf_store_server_t *srv = kvf_test_store_start();
-        const char *u = kvf_store_server_url(srv);
-        uint16_t p = (uint16_t)atoi(strrchr(u, ':') + 1);
-        kvf_store_server_stop(srv);
+        uint16_t p = kvf_test_free_port(); /* below the ephemeral range */
         bool dup = false;
         for (int i = 0; i < nused; i++)
             dup |= used[i] == p;

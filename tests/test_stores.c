@@ -22,18 +22,6 @@ const char *kvf_test_store_kind(void)
     return k && *k ? k : "builtin";
 }
 
-static uint16_t free_port(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t al = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &al) < 0)
-        fail_msg("free port: %s", strerror(errno));
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
 static const char *find_binary(const char *name, const char *package)
 {
     static char path[256];
@@ -146,8 +134,12 @@ void kvf_test_backend_start_with(kvf_test_backend_t *b, const char *kind,
              access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp", kind);
     if (!mkdtemp(b->dir))
         fail_msg("mkdtemp %s: %s", b->dir, strerror(errno));
-    b->port = free_port();
-    b->peer_port = free_port();
+    /* Below the ephemeral range: nobody's outgoing connection takes them before the server
+     * binds them (nor while it is killed and restarted on them). */
+    b->port = kvf_test_free_port();
+    do
+        b->peer_port = kvf_test_free_port();
+    while (b->peer_port == b->port);
     snprintf(b->url, sizeof(b->url), "%s://127.0.0.1:%u", kind, b->port);
     spawn(b);
     if (wait)

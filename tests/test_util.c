@@ -138,8 +138,15 @@ uint64_t kvf_test_now_ms(void)
 
 kvf_store_server_t *kvf_test_store_start(void)
 {
+    /* On a port below the ephemeral range, which tests restart the store on: a port bind()
+     * picks (port 0) could be taken by another test's outgoing connection while it is free. */
     kvf_store_server_t *srv = NULL;
-    int rc = kvf_store_server_start("tcp://127.0.0.1:0", &srv);
+    int rc = -EADDRINUSE;
+    for (int tries = 0; tries < 5 && rc == -EADDRINUSE; tries++) {
+        char url[64];
+        snprintf(url, sizeof(url), "tcp://127.0.0.1:%u", kvf_test_free_port());
+        rc = kvf_store_server_start(url, &srv);
+    }
     if (rc < 0)
         fail_msg("kvf_store_server_start: %s: %s", kvf_err_name(rc), kvf_last_error());
     return srv;

@@ -84,7 +84,7 @@ void kvf_test_need_fds(const char *what, unsigned long need);
 /* Monotonic milliseconds. */
 uint64_t kvf_test_now_ms(void);
 
-/* Start an in-process store on 127.0.0.1 with a free port. */
+/* Start an in-process store on 127.0.0.1 with a free port below the ephemeral range. */
 kvf_store_server_t *kvf_test_store_start(void);
 
 /* Path of the `kvferry` binary under test (from $KVFERRY_BIN). */
