@@ -214,12 +214,16 @@ def main():
         with open(os.path.join(out, "coldstart.jsonl")) as f:
             cold = [json.loads(line) for line in f if line.strip()]
     for c in cold:
-        what = "seed's 48 MB transfer, %s, first round / later rounds%s" % (
-            c["transport"], "" if c["warm"] else " (KVFERRY_NO_WARM=1)")
+        demos = c.get("demos", [])
+        what = "seed's 48 MB transfer, %s, first round / later rounds%s%s" % (
+            c["transport"], "" if c["warm"] else " (KVFERRY_NO_WARM=1)",
+            ", median of %d demos (%s)" % (len(demos), ", ".join("%.2f" % d["ratio"]
+                                                                for d in demos))
+            if len(demos) > 1 else "")
         if "na" in c:
             row(what, None, "n/a (%s)" % c["na"], None, "ms")
             continue
-        ratio = c["first_ms"] / c["later_ms"] if c["later_ms"] > 0 else None
+        ratio = c.get("ratio") or (c["first_ms"] / c["later_ms"] if c["later_ms"] > 0 else None)
         row(what, c["first_ms"], "later rounds (median)", c["later_ms"], "ms",
             "<= 1.5" if c["warm"] else None, (lambda x: x <= 1.5) if c["warm"] else None,
             ratio=ratio)
