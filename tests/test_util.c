@@ -340,7 +340,11 @@ uint16_t kvf_test_free_port(void)
     }
     if (low <= 10001)
         low = 32768;
-    unsigned seed = (unsigned)getpid() ^ (unsigned)kvf_test_now_ms();
+    /* Seeded once per thread and carried on, so that calls within one millisecond (a store and
+     * its peer port) draw different ports. */
+    static _Thread_local unsigned seed;
+    if (!seed)
+        seed = ((unsigned)getpid() << 16) ^ (unsigned)kvf_test_now_ms() ^ (unsigned)(uintptr_t)&seed;
     for (int tries = 0; tries < 200; tries++) {
         seed = seed * 1103515245u + 12345u;
         uint16_t port = (uint16_t)(10000 + (seed >> 8) % (low - 10000));
